@@ -1,0 +1,352 @@
+"""
+dfget: download a file through the Dragonfly swarm.
+
+    dfget -u URL -o PATH [--node HOST:PORT,...] [--home DIR] [--header 'K: V']...
+          [--digest sha256:HEX | --md5 HEX] [--identifier ID] [--filter KEYS]
+          [--timeout 5m] [--notbs] [--showbar]
+
+dfget asks the dfpeer daemon of C{--home} (found through C{HOME/peer.json}) to
+download; when none runs it starts one that keeps serving what it fetched for
+a while afterwards (C{--idle-exit}).  The bytes are copied to a temporary file
+beside PATH and renamed into place only after the whole-file check, so on any
+failure nothing is left at PATH.  When no daemon can be started and the
+SuperNode is gone dfget fetches from the origin itself, unless C{--notbs}.
+
+Exit codes: 0 done; 2 bad usage or input; 3 download failed (origin or swarm);
+4 the content failed its digest check; 5 timed out; 6 local I/O error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any, NoReturn
+
+from ..core.ids import BadInput, check_url, parse_digest, parse_filter, parse_header
+from ..core.units import human_bytes, parse_duration
+from ..peer.client import parse_nodes
+
+EXIT_OK, EXIT_USAGE, EXIT_FAILED, EXIT_DIGEST, EXIT_TIMEOUT, EXIT_IO = 0, 2, 3, 4, 5, 6
+DEFAULT_HOME = os.path.expanduser("~/.small-dragonfly")
+DEFAULT_NODE = "127.0.0.1:8002"
+CHUNK = 1 << 20
+
+
+class Failure(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dfget", description="Download a file through the Dragonfly P2P swarm.")
+    p.add_argument("-u", "--url", required=True, help="the origin URL (http or https)")
+    p.add_argument("-o", "--output", "-O", required=True, help="where to write the file")
+    p.add_argument("-n", "--node", default=None, help="SuperNodes, host[:port][=weight],... (default: the running dfpeer's, else 127.0.0.1:8002)")
+    p.add_argument("--home", default=os.environ.get("DFGET_HOME", DEFAULT_HOME), help="work home of the dfpeer to use")
+    p.add_argument("--header", action="append", default=[], help="'Name: value' passed to the origin (repeatable)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--digest", help="expected content digest, sha256:<hex>; also names the swarm")
+    group.add_argument("-m", "--md5", help="expected MD5 of the content (hex)")
+    p.add_argument("-i", "--identifier", help="extra task identity (different content behind one URL)")
+    p.add_argument("-f", "--filter", help="query keys left out of the task id, separated by &")
+    p.add_argument("-e", "--timeout", default="30m", help="give up after this long (e.g. 300s, 5m)")
+    p.add_argument("--notbs", "--disable-back-to-source", action="store_true", dest="notbs", help="never download from the origin directly")
+    p.add_argument("-b", "--showbar", action="store_true", help="show a progress bar (the default on a terminal)")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
+    p.add_argument("--idle-exit", default="300s", help="how long a dfpeer started by dfget keeps serving when idle")
+    p.add_argument("--verbose", action="store_true", help="say where the bytes came from")
+    return p
+
+
+def fail(message: str, code: int) -> NoReturn:
+    raise Failure(code, message)
+
+
+def validate(args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        check_url(args.url)
+        headers = dict(parse_header(h) for h in args.header)
+        digest = None
+        if args.digest:
+            algo, hexd = parse_digest(args.digest)
+            if algo != "sha256":
+                raise BadInput("--digest takes sha256:<hex>")
+            digest = f"sha256:{hexd}"
+        md5 = None
+        if args.md5:
+            _, md5 = parse_digest("md5:" + args.md5)
+        timeout = parse_duration(args.timeout)
+        idle = parse_duration(args.idle_exit)
+        nodes = parse_nodes(args.node) if args.node else None
+    except (BadInput, ValueError) as e:
+        fail(str(e), EXIT_USAGE)
+    output = os.path.abspath(args.output)
+    if os.path.isdir(output):
+        fail(f"output {output} is a directory", EXIT_USAGE)
+    if not os.path.isdir(os.path.dirname(output)):
+        fail(f"output directory {os.path.dirname(output)} does not exist", EXIT_USAGE)
+    return {
+        "url": args.url, "headers": headers, "digest": digest, "md5": md5, "identifier": args.identifier,
+        "filter": parse_filter(args.filter), "timeout": timeout, "idle": idle, "nodes": nodes,
+        "output": output, "notbs": args.notbs, "home": os.path.abspath(args.home),
+    }
+
+
+# -- talking to the dfpeer ---------------------------------------------------------
+
+
+def _call(api: str, method: str, path: str, body: Any = None, timeout: float = 10.0) -> dict[str, Any]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(api + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            err = json.loads(e.read()).get("error", {})
+        except ValueError:
+            err = {}
+        raise Failure(EXIT_USAGE if e.code == 400 else EXIT_FAILED, err.get("message") or f"dfpeer answered {e.code}") from None
+
+
+def _running_api(home: str) -> str | None:
+    try:
+        with open(os.path.join(home, "peer.json")) as f:
+            info = json.load(f)
+        api = info["api"]
+        _call(api, "GET", "/healthz", timeout=2.0)
+        return api
+    except (OSError, ValueError, KeyError, Failure):
+        return None
+
+
+def _twistd() -> list[str]:
+    exe = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(exe):
+        return [exe]
+    found = shutil.which("twistd")
+    return [found] if found else [sys.executable, "-m", "twisted.scripts.twistd"]
+
+
+def start_daemon(home: str, nodes: list[str] | None, idle: float) -> str:
+    """Start a dfpeer for C{home} in the background and wait for its local API."""
+    os.makedirs(home, exist_ok=True)
+    info_path = os.path.join(home, "peer.json")
+    if os.path.exists(info_path):
+        os.unlink(info_path)
+    cmd = _twistd() + [
+        "--pidfile", os.path.join(home, "dfpeer.pid"),
+        "--logfile", os.path.join(home, "dfpeer.log"),
+        "dfpeer", "--home", home, "--supernode", ",".join(nodes or [DEFAULT_NODE]),
+        "--idle-exit", str(idle),
+    ]
+    pid_path = os.path.join(home, "dfpeer.pid")
+    if os.path.exists(pid_path):
+        os.unlink(pid_path)  # a stale pid file from a dead daemon would stop twistd
+    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
+    if result.returncode != 0:
+        raise Failure(EXIT_FAILED, f"cannot start dfpeer: {result.stderr.decode(errors='replace').strip()[:300]}")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        api = _running_api(home)
+        if api is not None:
+            return api
+        time.sleep(0.1)
+    raise Failure(EXIT_FAILED, f"dfpeer did not come up (see {os.path.join(home, 'dfpeer.log')})")
+
+
+# -- progress ------------------------------------------------------------------------
+
+
+class Bar:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.start = time.monotonic()
+        self.width = 30
+
+    def show(self, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        elapsed = max(time.monotonic() - self.start, 1e-6)
+        rate = human_bytes(done / elapsed) + "/s"
+        if total:
+            frac = min(done / total, 1.0)
+            filled = int(frac * self.width)
+            bar = "=" * filled + (">" if filled < self.width else "") + " " * (self.width - filled - 1)
+            line = f"\r[{bar[:self.width]}] {frac * 100:5.1f}% {human_bytes(done)}/{human_bytes(total)} {rate}"
+        else:
+            line = f"\r{human_bytes(done)} {rate}"
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+# -- writing the output ----------------------------------------------------------------
+
+
+def _tmp_path(output: str) -> str:
+    d, name = os.path.split(output)
+    return os.path.join(d, f".{name}.dfget-{os.getpid()}.tmp")
+
+
+def _check(sha: str, md5: str | None, length: int, opts: dict[str, Any], expect_length: int | None, expect_sha: str | None) -> None:
+    if expect_length is not None and length != expect_length:
+        fail(f"got {length} bytes, expected {expect_length}", EXIT_DIGEST)
+    if expect_sha and sha != expect_sha:
+        fail(f"content has sha256:{sha}, the supernode published sha256:{expect_sha}", EXIT_DIGEST)
+    if opts["digest"] and sha != opts["digest"].split(":", 1)[1]:
+        fail(f"content has sha256:{sha}, expected {opts['digest']}", EXIT_DIGEST)
+    if opts["md5"] and md5 != opts["md5"]:
+        fail(f"content has md5 {md5}, expected {opts['md5']}", EXIT_DIGEST)
+
+
+def install(src_path: str, opts: dict[str, Any], expect_length: int | None, expect_sha: str | None) -> int:
+    """Copy the finished task into a temp file, check it whole, rename it to the output."""
+    tmp = _tmp_path(opts["output"])
+    sha, md5 = hashlib.sha256(), hashlib.md5() if opts["md5"] else None
+    length = 0
+    try:
+        with open(src_path, "rb") as src, open(tmp, "wb") as dst:
+            while True:
+                chunk = src.read(CHUNK)
+                if not chunk:
+                    break
+                sha.update(chunk)
+                if md5 is not None:
+                    md5.update(chunk)
+                dst.write(chunk)
+                length += len(chunk)
+        _check(sha.hexdigest(), md5.hexdigest() if md5 else None, length, opts, expect_length, expect_sha)
+        os.replace(tmp, opts["output"])
+    except OSError as e:
+        _unlink(tmp)
+        fail(f"cannot write {opts['output']}: {e.strerror or e}", EXIT_IO)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    return length
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def direct_download(opts: dict[str, Any], bar: Bar, deadline: float) -> int:
+    """Fetch from the origin with no daemon at all (the last resort)."""
+    tmp = _tmp_path(opts["output"])
+    req = urllib.request.Request(opts["url"], headers=opts["headers"])
+    sha, md5 = hashlib.sha256(), hashlib.md5() if opts["md5"] else None
+    length = 0
+    try:
+        with urllib.request.urlopen(req, timeout=max(deadline - time.monotonic(), 1)) as resp, open(tmp, "wb") as dst:
+            total = resp.headers.get("Content-Length")
+            total = int(total) if total and total.isdigit() else None
+            while True:
+                if time.monotonic() > deadline:
+                    fail("timed out", EXIT_TIMEOUT)
+                chunk = resp.read(CHUNK)
+                if not chunk:
+                    break
+                sha.update(chunk)
+                if md5 is not None:
+                    md5.update(chunk)
+                dst.write(chunk)
+                length += len(chunk)
+                bar.show(length, total)
+        _check(sha.hexdigest(), md5.hexdigest() if md5 else None, length, opts, total, None)
+        os.replace(tmp, opts["output"])
+        return length
+    except urllib.error.HTTPError as e:
+        _unlink(tmp)
+        fail(f"origin returned {e.code} {e.reason} for {opts['url']}", EXIT_FAILED)
+    except (urllib.error.URLError, OSError) as e:
+        _unlink(tmp)
+        reason = getattr(e, "reason", None) or e
+        fail(f"origin {opts['url']} unreachable: {reason}", EXIT_FAILED)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
+    deadline = time.monotonic() + opts["timeout"]
+    api = _running_api(opts["home"])
+    if api is None:
+        try:
+            api = start_daemon(opts["home"], opts["nodes"], opts["idle"])
+        except (Failure, OSError, subprocess.SubprocessError) as e:
+            if opts["notbs"]:
+                fail(f"no dfpeer: {getattr(e, 'message', e)}; not going to the origin (--notbs)", EXIT_FAILED)
+            print(f"dfget: no dfpeer ({getattr(e, 'message', e)}); downloading from the origin", file=sys.stderr)
+            return direct_download(opts, bar, deadline)
+    body = {k: opts[k] for k in ("url", "headers", "digest", "identifier", "filter", "notbs")}
+    started = _call(api, "POST", "/api/v1/downloads", body)
+    task_id = started["taskId"]
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            fail(f"timed out after {opts['timeout']:.0f}s", EXIT_TIMEOUT)
+        try:
+            view = _call(api, "GET", f"/api/v1/downloads/{task_id}?wait={min(0.5, left):.2f}", timeout=left + 5)
+        except Failure:
+            raise
+        except (urllib.error.URLError, OSError) as e:
+            fail(f"lost the dfpeer: {getattr(e, 'reason', e)}", EXIT_FAILED)
+        bar.show(view.get("completedBytes", 0), view.get("contentLength"))
+        if view["status"] == "success":
+            break
+        if view["status"] == "failed":
+            err = view.get("error") or {}
+            code = EXIT_DIGEST if err.get("code") == "DIGEST_MISMATCH" else EXIT_FAILED
+            fail(err.get("message") or "download failed", code)
+    length = install(view["dataPath"], opts, view.get("contentLength"), view.get("sha256"))
+    bar.show(length, length)
+    if verbose:
+        bar.close()
+        t = view["traffic"]
+        print(
+            f"dfget: {length} bytes in {view['elapsed']:.2f}s; from origin {t['back_to_source']}, "
+            f"supernode {t['supernode']}, peers {t['remote_peer']}",
+            file=sys.stderr,
+        )
+    return length
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    bar = Bar(False)
+    try:
+        opts = validate(args)
+        bar = Bar(not args.no_progress and (args.showbar or sys.stderr.isatty()))
+        run(opts, bar, args.verbose)
+    except Failure as e:
+        bar.close()
+        print(f"dfget: error: {e.message}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        bar.close()
+        print("dfget: interrupted", file=sys.stderr)
+        return 130
+    bar.close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

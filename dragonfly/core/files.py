@@ -1,0 +1,25 @@
+"""Blocking file helpers, called in the worker pool only."""
+
+from __future__ import annotations
+
+import os
+
+
+def pread_exact(path: str, offset: int, size: int) -> bytes:
+    """Read exactly C{size} bytes at C{offset} of C{path}."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise IOError(f"{path}: short read at {offset}: {len(data)} of {size} bytes")
+    return data
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of C{data} at C{offset} of C{fd}."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n

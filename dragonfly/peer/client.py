@@ -1,0 +1,96 @@
+"""
+A dfpeer's client of the SuperNode REST API, with fail-over across the
+SuperNodes it was given (C{--supernode a:8002,b:8002}).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class SupernodeUnavailable(Exception):
+    """No SuperNode answered."""
+
+
+class SupernodeError(Exception):
+    """A SuperNode answered with an error."""
+
+    def __init__(self, status: int, code: str, message: str, body: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.body = body or {}
+
+
+def parse_nodes(text: str, default_port: int = 8002) -> list[str]:
+    """C{host[:port][=weight],...} to a list of C{host:port} (weights are ignored)."""
+    nodes = []
+    for part in text.split(","):
+        part = part.strip().split("=", 1)[0]
+        if not part:
+            continue
+        host, sep, port = part.rpartition(":")
+        if not sep or "]" in port:
+            host, port = part, str(default_port)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"supernode address {part!r} is not host[:port]")
+        nodes.append(f"{host}:{int(port)}")
+    if not nodes:
+        raise ValueError("no supernode given")
+    return nodes
+
+
+class SupernodeClient:
+    """
+    @param http: a treq C{HTTPClient}.
+    @param nodes: C{host:port} of each SuperNode, tried in turn.
+    """
+
+    def __init__(self, http: Any, nodes: list[str], clock: Any, timeout: float = 10.0) -> None:
+        self._http = http
+        self.nodes = list(nodes)
+        self._current = 0
+        self._clock = clock
+        self._timeout = timeout
+
+    @property
+    def current(self) -> str:
+        return self.nodes[self._current]
+
+    async def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """One API call, failing over to the next SuperNode on connection errors."""
+        last: Exception | None = None
+        for attempt in range(len(self.nodes)):
+            node = self.nodes[(self._current + attempt) % len(self.nodes)]
+            url = f"http://{node}{path}"
+            try:
+                d: Deferred = self._http.request(
+                    method, url,
+                    data=json.dumps(body).encode() if body is not None else None,
+                    headers={"Content-Type": ["application/json"]},
+                )
+                d.addTimeout(self._timeout, self._clock)
+                response = await d
+                cd: Deferred = response.content()
+                cd.addTimeout(self._timeout, self._clock)
+                raw = await cd
+            except Exception as e:  # connection refused, timeout, reset
+                last = e
+                continue
+            self._current = (self._current + attempt) % len(self.nodes)
+            try:
+                data = json.loads(raw or b"{}")
+            except ValueError:
+                raise SupernodeError(response.code, "BAD_RESPONSE", f"supernode {node} sent no JSON") from None
+            if response.code >= 400:
+                err = data.get("error", {}) if isinstance(data, dict) else {}
+                raise SupernodeError(response.code, err.get("code", "HTTP_ERROR"), err.get("message", ""), data)
+            return data
+        raise SupernodeUnavailable(f"no supernode answered ({', '.join(self.nodes)}): {last}")

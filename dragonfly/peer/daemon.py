@@ -1,0 +1,304 @@
+"""
+The dfpeer daemon: one per host (per C{--home}).
+
+It listens for block connections from other peers, registers with the
+SuperNode and heartbeats, runs downloads for dfget (and dfdaemon) through its
+local API, and keeps serving what it has.  Its local API address is written to
+C{<home>/peer.json} so that C{dfget --home DIR} finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
+from ..core.ids import task_id as make_task_id
+from ..core.threads import WorkerPool
+from ..protocol.block import BlockFactory
+from .client import SupernodeClient, SupernodeError, SupernodeUnavailable
+from .store import PieceStore
+from .task import PeerTask, TaskFailed
+
+log = Logger()
+
+
+def make_peer_id(ip: str, port: int) -> str:
+    host = re.sub(r"[^A-Za-z0-9.\-]", "-", socket.gethostname())[:24] or "host"
+    return f"{host}-{ip}-{port}"[:64]
+
+
+class PeerDaemon:
+    """
+    @param nodes: SuperNode addresses (C{host:port}).
+    @param ip: the address other peers reach our block port at.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        home: str,
+        nodes: list[str],
+        ip: str,
+        pool: WorkerPool,
+        http: Any,
+    ) -> None:
+        self.reactor = reactor
+        self.clock = reactor
+        self.home = home
+        self.ip = ip
+        self.pool = pool
+        self.http = http
+        self.store = PieceStore(home, pool)
+        self.client = SupernodeClient(http, nodes, reactor)
+        self.block_port = 0
+        self.peer_id = ""
+        self.block_factory = BlockFactory("unregistered", self.side_for)
+        self.tasks: dict[str, PeerTask] = {}
+        self.last_activity = reactor.seconds()
+        self.registered = False
+
+    def listening(self, block_port: int) -> None:
+        """The block port is bound: we know who we are."""
+        self.block_port = block_port
+        self.peer_id = make_peer_id(self.ip, block_port)
+        self.block_factory.peer_id = self.peer_id
+
+    # -- SuperNode -------------------------------------------------------------
+
+    async def register(self) -> None:
+        await self.client.call(
+            "POST", "/api/v1/peers",
+            {"peerId": self.peer_id, "ip": self.ip, "port": self.block_port, "hostname": socket.gethostname()},
+        )
+        if not self.registered:
+            log.info("registered as {peer} with supernode {node}", peer=self.peer_id, node=self.client.current)
+        self.registered = True
+
+    async def heartbeat(self) -> None:
+        try:
+            await self.client.call("POST", f"/api/v1/peers/{self.peer_id}/heartbeat", {})
+        except SupernodeError as e:
+            if e.code == "PEER_UNKNOWN":
+                await self.register()
+                await self.announce()
+        except SupernodeUnavailable:
+            self.registered = False
+
+    async def announce(self) -> None:
+        """Tell the SuperNode about every finished task we serve (after a restart of either)."""
+        for task in list(self.tasks.values()):
+            if task.status != "success" or not task.digests:
+                continue
+            try:
+                await task._register()
+                await self.client.call(
+                    "POST", f"/api/v1/tasks/{task.task_id}/sync",
+                    {"peerId": self.peer_id, "have": list(task.have), "digestsFrom": task.count},
+                )
+            except (SupernodeError, SupernodeUnavailable) as e:
+                log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
+
+    async def leave(self) -> None:
+        try:
+            await self.client.call("DELETE", f"/api/v1/peers/{self.peer_id}")
+        except (SupernodeError, SupernodeUnavailable):
+            pass
+
+    # -- tasks -----------------------------------------------------------------
+
+    def restore(self) -> int:
+        for meta in self.store.load_finished():
+            task = PeerTask(self, meta["taskId"], dict(meta.get("request") or {"url": meta.get("url")}))
+            task.restore(meta)
+            self.tasks[task.task_id] = task
+        return len(self.tasks)
+
+    def download(self, request: dict[str, Any]) -> PeerTask:
+        """Start (or join) the download C{request} describes."""
+        tid = make_task_id(
+            request["url"], digest=request.get("digest"), identifier=request.get("identifier"),
+            filter_keys=request.get("filter") or (),
+        )
+        task = self.tasks.get(tid)
+        if task is not None and task.status in ("waiting", "running", "success"):
+            return task
+        task = PeerTask(self, tid, request)
+        self.tasks[tid] = task
+        self.note_activity()
+        task.start()
+        return task
+
+    def side_for(self, task_id: str) -> PeerTask | None:
+        task = self.tasks.get(task_id)
+        if task is None or task.have is None or not task.ready_for_io or task.status == "failed":
+            return None
+        return task
+
+    def task_ended(self, task: PeerTask) -> None:
+        self.note_activity()
+
+    def note_activity(self) -> None:
+        self.last_activity = self.reactor.seconds()
+
+    def busy(self) -> bool:
+        return any(t.status in ("waiting", "running") for t in self.tasks.values()) or any(
+            c.requested or c._queue for c in self.block_factory.connections
+        )
+
+    async def fetch_from_source(self, task: PeerTask) -> tuple[int, str]:
+        """Download the task's URL straight from the origin into its file."""
+        url = task.request["url"]
+        headers = {k: [v] for k, v in (task.request.get("headers") or {}).items()}
+        try:
+            response = await self.http.get(url, headers=headers, unbuffered=True)
+        except Exception as e:
+            raise TaskFailed("SOURCE_UNREACHABLE", f"origin {url} unreachable: {e}") from None
+        if response.code != 200:
+            response.deliverBody(DiscardBody())
+            phrase = response.phrase.decode("latin-1", "replace") if isinstance(response.phrase, bytes) else response.phrase
+            raise TaskFailed("SOURCE_ERROR", f"origin returned {response.code} {phrase} for {url}", response.code)
+        length = response.length if isinstance(response.length, int) else None
+        path = self.store.data_path(task.task_id)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+        def count(n: int) -> None:
+            task.traffic["back_to_source"] += n
+            self.note_activity()
+
+        writer = ChunkedFileWriter(self.pool, self.clock, fd, 1 << 20, length, on_bytes=count)
+        response.deliverBody(writer)
+        try:
+            total, sha = await writer.done
+        except BodyError as e:
+            raise TaskFailed(e.code, e.message) from None
+        task.traffic["back_to_source"] -= total  # the caller adds the total once
+        return total, sha
+
+
+class PeerService(Service):
+    """Binds the ports, writes peer.json, registers and heartbeats."""
+
+    def __init__(
+        self,
+        daemon: PeerDaemon,
+        block_endpoint: Any,
+        api_endpoint: Any,
+        api_site: Any,
+        idle_exit: float = 0.0,
+        heartbeat: float = 10.0,
+    ) -> None:
+        self.daemon = daemon
+        self._block_endpoint = block_endpoint
+        self._api_endpoint = api_endpoint
+        self._api_site = api_site
+        self._idle_exit = idle_exit
+        self._heartbeat = heartbeat
+        self._ports: list[Any] = []
+        self._loops: list[LoopingCall] = []
+        self.ready: Deferred = Deferred()
+
+    @property
+    def info_path(self) -> str:
+        return os.path.join(self.daemon.home, "peer.json")
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+        d.addErrback(self._start_failed)
+
+    def _start_failed(self, f: Any) -> None:
+        log.failure("dfpeer could not start", f)
+        self.daemon.reactor.stop()
+
+    async def _start(self) -> None:
+        daemon = self.daemon
+        block = await self._block_endpoint.listen(daemon.block_factory)
+        self._ports.append(block)
+        daemon.listening(block.getHost().port)
+        api = await self._api_endpoint.listen(self._api_site)
+        self._ports.append(api)
+        host = api.getHost()
+        restored = daemon.restore()
+        info = {
+            "pid": os.getpid(),
+            "api": f"http://{host.host}:{host.port}",
+            "peerId": daemon.peer_id,
+            "blockPort": daemon.block_port,
+            "ip": daemon.ip,
+            "supernodes": daemon.client.nodes,
+        }
+        tmp = self.info_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, self.info_path)
+        log.info(
+            "dfpeer {peer} serving blocks on {port}, local API {api}, {n} finished tasks",
+            peer=daemon.peer_id, port=daemon.block_port, api=info["api"], n=restored,
+        )
+        self._loop(self._heartbeat, self._beat)
+        if self._idle_exit > 0:
+            self._loop(min(5.0, self._idle_exit), self._check_idle)
+        self.ready.callback(info)
+
+    def _loop(self, interval: float, f: Any) -> None:
+        lc = LoopingCall(f)
+        lc.clock = self.daemon.reactor
+        self._loops.append(lc)
+        lc.start(interval, now=True).addErrback(lambda fl: log.failure("periodic task failed", fl))
+
+    def _beat(self) -> Deferred:
+        daemon = self.daemon
+
+        async def beat() -> None:
+            if not daemon.registered:
+                try:
+                    await daemon.register()
+                    await daemon.announce()
+                except (SupernodeError, SupernodeUnavailable) as e:
+                    log.info("supernode not reachable yet: {why}", why=str(e))
+            else:
+                await daemon.heartbeat()
+
+        return Deferred.fromCoroutine(beat())
+
+    def _check_idle(self) -> None:
+        daemon = self.daemon
+        if daemon.busy():
+            daemon.note_activity()
+        elif daemon.reactor.seconds() - daemon.last_activity > self._idle_exit:
+            log.info("idle for {t:.0f}s: exiting", t=self._idle_exit)
+            daemon.reactor.stop()
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        for lc in self._loops:
+            if lc.running:
+                lc.stop()
+        try:
+            with open(self.info_path) as f:
+                if json.load(f).get("pid") == os.getpid():
+                    os.unlink(self.info_path)
+        except (OSError, ValueError):
+            pass
+
+        async def stop() -> None:
+            if self.daemon.registered:
+                d = Deferred.fromCoroutine(self.daemon.leave())
+                d.addTimeout(2.0, self.daemon.reactor)
+                try:
+                    await d
+                except Exception:
+                    pass
+            for port in self._ports:
+                await port.stopListening()
+
+        return Deferred.fromCoroutine(stop())

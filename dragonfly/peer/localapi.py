@@ -1,0 +1,86 @@
+"""
+The dfpeer local API, for dfget and dfdaemon on the same host (loopback only).
+
+  POST /api/v1/downloads        start or join a download; answers its task id
+  GET  /api/v1/downloads/<id>   its progress; C{?wait=SECONDS} long-polls until it ends
+  GET  /api/v1/tasks            every task this peer holds
+  GET  /healthz
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.web.iweb import IRequest
+
+from ..core.httpapi import ApiError, field, install_error_handlers, json_response, read_json, str_dict
+from ..core.ids import BadInput, check_url, is_task_id, parse_digest
+from .daemon import PeerDaemon
+
+
+class LocalApi:
+    app = Klein()
+    install_error_handlers(app)
+
+    def __init__(self, daemon: PeerDaemon) -> None:
+        self.daemon = daemon
+
+    def resource(self) -> Any:
+        return self.app.resource()
+
+    @app.route("/healthz", methods=["GET"])
+    def healthz(self, request: IRequest) -> bytes:
+        d = self.daemon
+        return json_response(
+            request,
+            {"ok": True, "peerId": d.peer_id, "registered": d.registered, "supernode": d.client.current},
+        )
+
+    @app.route("/api/v1/downloads", methods=["POST"])
+    def start(self, request: IRequest) -> bytes:
+        body = read_json(request)
+        url = field(body, "url", str)
+        digest = field(body, "digest", str, required=False)
+        identifier = field(body, "identifier", str, required=False)
+        keys = field(body, "filter", list, required=False, default=[])
+        notbs = field(body, "notbs", bool, required=False, default=False)
+        headers = str_dict(body, "headers")
+        try:
+            check_url(url)
+            if digest:
+                parse_digest(digest)
+        except BadInput as e:
+            raise ApiError(400, "BAD_INPUT", str(e)) from None
+        if not all(isinstance(k, str) for k in keys):
+            raise ApiError(400, "BAD_FIELD", "field 'filter' must be a list of strings")
+        task = self.daemon.download(
+            {"url": url, "digest": digest, "identifier": identifier, "filter": keys, "notbs": notbs, "headers": headers}
+        )
+        return json_response(request, {"taskId": task.task_id, "status": task.status})
+
+    @app.route("/api/v1/downloads/<task_id>", methods=["GET"])
+    async def progress(self, request: IRequest, task_id: str) -> bytes:
+        if not is_task_id(task_id):
+            raise ApiError(400, "BAD_TASK_ID", "task ids are 64 lowercase hex digits")
+        task = self.daemon.tasks.get(task_id)
+        if task is None:
+            raise ApiError(404, "TASK_UNKNOWN", f"no download {task_id} here")
+        wait = request.args.get(b"wait")
+        if wait and task.status in ("waiting", "running"):
+            try:
+                seconds = min(float(wait[0]), 60.0)
+            except ValueError:
+                raise ApiError(400, "BAD_FIELD", "wait must be a number of seconds") from None
+            d: Deferred = task.wait()
+            d.addTimeout(seconds, self.daemon.reactor)
+            try:
+                await d
+            except Exception:
+                pass
+        return json_response(request, task.to_json())
+
+    @app.route("/api/v1/tasks", methods=["GET"])
+    def tasks(self, request: IRequest) -> bytes:
+        return json_response(request, {"tasks": [t.to_json() for t in self.daemon.tasks.values()]})

@@ -1,0 +1,76 @@
+"""
+C{twistd dfpeer}: the peer daemon on every host.
+
+    twistd -n dfpeer --supernode HOST:PORT[,HOST:PORT...] --home DIR [--port BLOCKPORT] [--ip ADVERTISE_IP]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import treq
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from ..core.threads import WorkerPool
+from ..supernode.tap import QuietSite, detect_ip
+from .client import parse_nodes
+from .daemon import PeerDaemon, PeerService
+from .localapi import LocalApi
+
+DEFAULT_HOME = os.path.expanduser("~/.small-dragonfly")
+
+
+class Options(usage.Options):
+    synopsis = "--supernode HOST:PORT[,...] [options]"
+    longdesc = (
+        "Run the Dragonfly peer daemon: downloads pieces from the parents the "
+        "SuperNode assigns, verifies each against the SuperNode's digest, and "
+        "serves verified pieces to other peers.  dfget finds it through HOME/peer.json."
+    )
+    optParameters = [
+        ["supernode", "s", "127.0.0.1:8002", "SuperNode(s), host[:port][,host[:port]...]."],
+        ["home", None, DEFAULT_HOME, "Work home: pieces in HOME/data, the local API address in HOME/peer.json."],
+        ["port", "p", 0, "Block protocol port (0: any free port).", int],
+        ["ip", None, None, "Address other peers reach us at (default: the route to the SuperNode)."],
+        ["listen", None, "0.0.0.0", "Interface for the block port."],
+        ["api", None, "tcp:0:interface=127.0.0.1", "Endpoint of the local API (dfget talks to it)."],
+        ["idle-exit", None, 0.0, "Exit after this many seconds with nothing to do (0: never).", float],
+        ["workers", None, 4, "Threads for hashing and disk I/O.", int],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            self["nodes"] = parse_nodes(self["supernode"])
+        except ValueError as e:
+            raise usage.UsageError(f"--supernode: {e}") from None
+        if not 0 <= self["port"] < 65536:
+            raise usage.UsageError("--port must be 0..65535")
+        if self["ip"] is None:
+            self["ip"] = detect_ip(self["nodes"][0].rpartition(":")[0])
+        self["home"] = os.path.abspath(self["home"])
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    os.makedirs(options["home"], exist_ok=True)
+    top = MultiService()
+    pool = WorkerPool(reactor, size=options["workers"], name="dfpeer-io")
+    pool.setServiceParent(top)
+    http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    daemon = PeerDaemon(reactor, options["home"], options["nodes"], options["ip"], pool, http)
+    api = LocalApi(daemon)
+    PeerService(
+        daemon,
+        serverFromString(reactor, f"tcp:{options['port']}:interface={options['listen']}"),
+        serverFromString(reactor, options["api"]),
+        QuietSite(api.resource()),
+        idle_exit=options["idle-exit"],
+    ).setServiceParent(top)
+    return top

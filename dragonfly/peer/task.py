@@ -1,0 +1,593 @@
+"""
+One download on a dfpeer, and the serving of it afterwards.
+
+The task registers with the SuperNode, then syncs every half second: it
+reports the pieces it verified and the failures it saw, and learns the task's
+length, the piece digests, its parents and its seed allowance (see
+L{dragonfly.supernode.scheduler}).  Pieces move over block connections:
+
+  - to every parent (and the seed) it opens one connection; peers that chose
+    it as their parent connect to it; all connections are symmetric;
+  - pieces are chosen rarest-first among the neighbours' bitfields, ties at
+    random; from the seed only the pieces of the allowance;
+  - each connection keeps a few requests in flight to cover the link's
+    bandwidth-delay product;
+  - at the end (endgame) a missing piece may be asked from a second
+    neighbour, and the loser is cancelled;
+  - every piece is checked against the SuperNode's SHA-256 before it is
+    written, and served to the neighbours (HAVE) as soon as it is written;
+  - a piece that fails (bad digest, reject, connection lost, no bytes for
+    C{stall_timeout}) is asked again at once from another holder, and the
+    failure is reported so the scheduler can block a bad parent.
+
+When the SuperNode cannot be reached the task goes back to the origin, unless
+told not to (C{notbs}).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ..core.bitmap import Bitmap
+from ..core.pieces import piece_count, piece_span
+from ..protocol.block import BlockProtocol
+from .client import SupernodeError, SupernodeUnavailable
+
+log = Logger()
+
+SEED_ID = "supernode"
+
+
+class TaskFailed(Exception):
+    """A download failed; C{code} is stable, C{message} for humans."""
+
+    def __init__(self, code: str, message: str, origin_status: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.origin_status = origin_status
+
+
+class PeerTask:
+    """
+    @param daemon: the L{PeerDaemon} (store, client, block factory, clock).
+    @param request: what dfget asked: url, headers, digest, identifier, filter, notbs.
+    """
+
+    #: target bytes in flight per connection
+    IN_FLIGHT_BYTES = 8 << 20
+    #: a connection with requests out and no bytes for this long is abandoned
+    stall_timeout = 5.0
+    #: without a SuperNode and without progress for this long, go to the origin
+    orphan_timeout = 10.0
+
+    accepts_pieces = True
+
+    def __init__(self, daemon: Any, task_id: str, request: dict[str, Any]) -> None:
+        self.daemon = daemon
+        self.clock = daemon.clock
+        self.task_id = task_id
+        self.request = request
+        self.status = "waiting"
+        self.error: TaskFailed | None = None
+        self.length: int | None = None
+        self.piece_size = 0
+        self.count: int | None = None
+        self.digests: list[bytes | None] = []
+        self.sha256: str | None = None
+        self.have: Bitmap | None = None
+        self.ready_for_io = False
+        self.conns: set[BlockProtocol] = set()
+        self.seed_conn: BlockProtocol | None = None
+        self._connecting: set[str] = set()
+        self.avail: list[int] = []
+        self.pending: dict[int, list[BlockProtocol]] = {}
+        self.verifying: set[int] = set()
+        self.seed_allowed: set[int] = set()
+        self._report_have: list[int] = []
+        self._report_failed: list[dict[str, Any]] = []
+        self._digests_from = 0
+        self._wake: Deferred | None = None
+        self._last_progress = self.clock.seconds()
+        self.started = self.clock.seconds()
+        self.finished_at: float | None = None
+        self.traffic = {"back_to_source": 0, "supernode": 0, "remote_peer": 0}
+        self.uploaded = 0
+        self.waiters: list[Deferred] = []
+        self._checker = LoopingCall(self._check_stalls)
+        self._checker.clock = self.clock
+        self._rng = random.Random()
+
+    # -- views -------------------------------------------------------------------
+
+    @property
+    def completed_bytes(self) -> int:
+        if self.have is None or self.length is None:
+            return 0
+        if self.have.complete:
+            return self.length
+        return sum(piece_span(i, self.length, self.piece_size)[1] for i in self.have)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "taskId": self.task_id,
+            "url": self.request.get("url"),
+            "status": self.status,
+            "contentLength": self.length,
+            "completedBytes": self.completed_bytes,
+            "pieceCount": self.count,
+            "piecesDone": len(self.have) if self.have is not None else 0,
+            "sha256": self.sha256,
+            "dataPath": self.daemon.store.data_path(self.task_id),
+            "traffic": dict(self.traffic),
+            "uploaded": self.uploaded,
+            "connections": len(self.conns),
+            "elapsed": (self.finished_at or self.clock.seconds()) - self.started,
+        }
+        if self.error is not None:
+            out["error"] = {"code": self.error.code, "message": self.error.message}
+            if self.error.origin_status is not None:
+                out["error"]["originStatus"] = self.error.origin_status
+        return out
+
+    def wait(self) -> Deferred:
+        """Fires with this task when it ends, either way."""
+        d: Deferred = Deferred()
+        if self.status in ("success", "failed"):
+            d.callback(self)
+        else:
+            self.waiters.append(d)
+        return d
+
+    # -- life --------------------------------------------------------------------
+
+    def restore(self, meta: dict[str, Any]) -> None:
+        """A task finished before a restart: serve it again."""
+        self._set_length(meta["length"], meta["pieceSize"])
+        self.digests = [bytes.fromhex(d) for d in meta["digests"]]
+        for i in range(self.count or 0):
+            self.have.set(i)
+        self.sha256 = meta.get("sha256")
+        self.ready_for_io = True
+        self.status = "success"
+        self.finished_at = self.started = self.clock.seconds()
+
+    def start(self) -> None:
+        self.status = "running"
+        d = Deferred.fromCoroutine(self._run())
+        d.addErrback(self._crashed)
+
+    def _crashed(self, f: Any) -> None:
+        if isinstance(f.value, TaskFailed):
+            self._finish_failed(f.value)
+        else:
+            log.failure("task {task} crashed", f, task=self.task_id)
+            self._finish_failed(TaskFailed("INTERNAL", f.getErrorMessage()))
+
+    async def _run(self) -> None:
+        client = self.daemon.client
+        try:
+            reply = await self._register()
+        except SupernodeUnavailable as e:
+            log.warn("task {task}: {why}", task=self.task_id, why=str(e))
+            await self._back_to_source(f"supernode unreachable ({e})")
+            return
+        except SupernodeError as e:
+            raise TaskFailed(e.code, e.message) from None
+        if reply["taskId"] != self.task_id:
+            raise TaskFailed("INTERNAL", f"supernode computed task id {reply['taskId']}, we {self.task_id}")
+        self._checker.start(1.0, now=False)
+        unreachable_since: float | None = None
+        while self.status == "running":
+            try:
+                reply = await self._sync()
+                unreachable_since = None
+            except SupernodeUnavailable as e:
+                now = self.clock.seconds()
+                unreachable_since = unreachable_since or now
+                if now - self._last_progress > self.orphan_timeout and now - unreachable_since > self.orphan_timeout:
+                    await self._back_to_source(f"supernode lost and no progress for {self.orphan_timeout:.0f}s ({e})")
+                    return
+                await self._sleep(1.0)
+                continue
+            interval = float(reply.get("syncInterval", 0.5))
+            if self.status != "running":
+                break
+            await self._sleep(interval)
+        # one last report so the scheduler knows we hold everything
+        if self.status == "success" and self._report_have:
+            try:
+                await self._sync()
+            except (SupernodeUnavailable, SupernodeError):
+                pass
+
+    async def _register(self) -> dict[str, Any]:
+        body = {
+            "peerId": self.daemon.peer_id,
+            "url": self.request["url"],
+            "headers": self.request.get("headers") or {},
+            "digest": self.request.get("digest"),
+            "identifier": self.request.get("identifier"),
+            "filter": self.request.get("filter") or [],
+        }
+        try:
+            return await self.daemon.client.call("POST", "/api/v1/tasks", body)
+        except SupernodeError as e:
+            if e.code != "PEER_UNKNOWN":
+                raise
+            await self.daemon.register()
+            return await self.daemon.client.call("POST", "/api/v1/tasks", body)
+
+    async def _sync(self) -> dict[str, Any]:
+        have, self._report_have = self._report_have, []
+        failed, self._report_failed = self._report_failed, []
+        body = {"peerId": self.daemon.peer_id, "have": have, "failed": failed, "digestsFrom": self._digests_from}
+        try:
+            reply = await self.daemon.client.call("POST", f"/api/v1/tasks/{self.task_id}/sync", body)
+        except SupernodeError as e:
+            if e.code in ("PEER_UNKNOWN", "TASK_UNKNOWN"):
+                # the SuperNode restarted: register again and re-announce all we hold
+                if e.code == "PEER_UNKNOWN":
+                    await self.daemon.register()
+                await self._register()
+                self._report_have = list(self.have) if self.have is not None else []
+                self._report_failed = failed
+                return {"syncInterval": 0.1}
+            self._report_have = have + self._report_have
+            raise TaskFailed(e.code, e.message) from None
+        except SupernodeUnavailable:
+            self._report_have = have + self._report_have
+            self._report_failed = failed + self._report_failed
+            raise
+        self._apply(reply)
+        return reply
+
+    def _apply(self, reply: dict[str, Any]) -> None:
+        task = reply["task"]
+        if task["status"] == "failed":
+            err = task.get("error") or {}
+            code = err.get("code", "SOURCE_ERROR")
+            if code == "SOURCE_UNREACHABLE" and not self.request.get("notbs"):
+                self._start_back_to_source("supernode cannot reach the origin")
+                return
+            raise TaskFailed(code, err.get("message", "task failed at the supernode"), err.get("originStatus"))
+        if self.length is None and task.get("contentLength") is not None and task.get("pieceCount") is not None:
+            self._set_length(task["contentLength"], task["pieceSize"])
+            self._allocate()
+        first = reply.get("digestsFrom", 0)
+        for k, hexd in enumerate(reply.get("digests", [])):
+            self._set_digest(first + k, bytes.fromhex(hexd))
+        if task.get("sha256"):
+            self.sha256 = task["sha256"]
+        self.seed_allowed = set(reply.get("seedPieces", []))
+        if self.have is not None and self.ready_for_io:
+            for parent in reply.get("parents", []):
+                self._connect(parent)
+        self._fill()
+
+    def _set_length(self, length: int, piece_size: int) -> None:
+        self.length, self.piece_size = length, piece_size
+        self.count = piece_count(length, piece_size)
+        self.have = Bitmap(self.count)
+        self.avail = [0] * self.count
+        self.digests = [None] * self.count
+
+    def _set_digest(self, index: int, digest: bytes) -> None:
+        if self.count is None or not 0 <= index < self.count:
+            return
+        self.digests[index] = digest
+        while self._digests_from < self.count and self.digests[self._digests_from] is not None:
+            self._digests_from += 1
+
+    def _allocate(self) -> None:
+        d = self.daemon.store.prepare(self.task_id, self.length)
+
+        def ready(_: Any) -> None:
+            self.ready_for_io = True
+            if self.count == 0:
+                self._complete()
+            else:
+                self._kick()
+
+        d.addCallbacks(ready, lambda f: self._finish_failed(TaskFailed("STORE_FAILED", f"cannot create the task's file: {f.getErrorMessage()}")))
+
+    # -- connections -------------------------------------------------------------
+
+    def _connect(self, parent: dict[str, Any]) -> None:
+        remote = parent["peerId"]
+        if remote == self.daemon.peer_id or remote in self._connecting:
+            return
+        if any(c.remote_id == remote for c in self.conns):
+            return
+        self._connecting.add(remote)
+        endpoint = TCP4ClientEndpoint(self.daemon.reactor, parent["ip"], int(parent["port"]), timeout=5)
+        proto = self.daemon.block_factory.client(self, self.task_id, remote)
+        d = connectProtocol(endpoint, proto)
+
+        def failed(f: Any) -> None:
+            self._connecting.discard(remote)
+            log.info("task {task}: cannot reach parent {parent}: {why}", task=self.task_id, parent=remote, why=f.getErrorMessage())
+            if remote != SEED_ID:
+                self._report_failed.append({"index": -1, "parent": remote})
+
+        d.addCallbacks(lambda _: self._connecting.discard(remote), failed)
+
+    def local_bitmap(self) -> Bitmap | None:
+        return self.have
+
+    def piece_length(self, index: int) -> int | None:
+        if self.length is None or not 0 <= index < (self.count or 0):
+            return None
+        return piece_span(index, self.length, self.piece_size)[1]
+
+    def read_piece(self, index: int) -> Deferred:
+        offset, size = piece_span(index, self.length, self.piece_size)
+        return self.daemon.store.read(self.task_id, offset, size)
+
+    def attached(self, conn: BlockProtocol) -> None:
+        if self.have is None or not self.ready_for_io:
+            conn.abort("task not ready yet", 503)
+            return
+        self.conns.add(conn)
+        if conn.remote_id == SEED_ID and conn.initiator:
+            self.seed_conn = conn
+
+    def detached(self, conn: BlockProtocol, reason: str) -> None:
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        was_seed = conn is self.seed_conn
+        if was_seed:
+            self.seed_conn = None
+        elif conn.remote_have is not None:
+            for i in conn.remote_have:
+                self.avail[i] -= 1
+        lost = list(conn.requested)
+        for i in lost:
+            self._drop_pending(i, conn)
+        if self.status == "running":
+            if lost:
+                log.info("task {task}: lost {remote} ({why}) with {n} pieces in flight", task=self.task_id, remote=conn.remote_id, why=reason, n=len(lost))
+            if conn.remote_id and conn.remote_id != SEED_ID and (lost or conn.initiator):
+                self._report_failed.append({"index": lost[0] if lost else -1, "parent": conn.remote_id})
+            self._fill()
+
+    def on_bitfield(self, conn: BlockProtocol) -> None:
+        if conn.remote_id != SEED_ID:
+            for i in conn.remote_have:
+                self.avail[i] += 1
+        self._fill()
+
+    def on_have(self, conn: BlockProtocol, index: int) -> None:
+        if conn.remote_id != SEED_ID:
+            self.avail[index] += 1
+        self._fill()
+
+    def on_digests(self, conn: BlockProtocol, first: int, digests: list[bytes]) -> None:
+        if conn is not self.seed_conn:
+            conn.abort("DIGESTS are accepted from the seed only")
+            return
+        for k, digest in enumerate(digests):
+            self._set_digest(first + k, digest)
+        self._fill()
+
+    def on_reject(self, conn: BlockProtocol, index: int, reason: int) -> None:
+        self._drop_pending(index, conn)
+        if conn.remote_have is not None and index in conn.remote_have and conn is not self.seed_conn:
+            # it said it had the piece; believe it less
+            conn.remote_have.clear(index)
+            self.avail[index] -= 1
+        self._fill()
+
+    def on_uploaded(self, conn: BlockProtocol, nbytes: int) -> None:
+        self.uploaded += nbytes
+        self.daemon.note_activity()
+
+    # -- pieces ----------------------------------------------------------------
+
+    def _drop_pending(self, index: int, conn: BlockProtocol) -> None:
+        holders = self.pending.get(index)
+        if holders is None:
+            return
+        if conn in holders:
+            holders.remove(conn)
+        if not holders:
+            del self.pending[index]
+
+    def on_piece(self, conn: BlockProtocol, index: int, data: bytearray) -> None:
+        kind = "supernode" if conn is self.seed_conn else "remote_peer"
+        self.traffic[kind] += len(data)
+        self.daemon.note_activity()
+        for other in self.pending.pop(index, []):
+            if other is not conn:
+                other.cancel(index)
+        if self.have.__contains__(index) or index in self.verifying or self.status != "running":
+            self._fill()
+            return
+        digest = self.digests[index]
+        if digest is None:
+            # cannot happen: we only request pieces whose digest we know
+            self._fill()
+            return
+        self.verifying.add(index)
+        offset = index * self.piece_size
+        d = self.daemon.store.write_verified(self.task_id, offset, data, digest)
+        d.addCallbacks(self._stored, self._store_failed, callbackArgs=(index, conn), errbackArgs=(index,))
+        self._fill()
+
+    def _stored(self, ok: bool, index: int, conn: BlockProtocol) -> None:
+        self.verifying.discard(index)
+        if self.status != "running":
+            return
+        if not ok:
+            log.warn(
+                "task {task}: piece {index} from {remote} failed its SHA-256 check",
+                task=self.task_id, index=index, remote=conn.remote_id,
+            )
+            self._report_failed.append({"index": index, "parent": conn.remote_id or "?"})
+            if conn.remote_have is not None and index in conn.remote_have and conn is not self.seed_conn:
+                conn.remote_have.clear(index)
+                self.avail[index] -= 1
+            self._fill()
+            return
+        self.have.set(index)
+        self._last_progress = self.clock.seconds()
+        self._report_have.append(index)
+        for c in list(self.conns):
+            c.send_have(index)
+        if self.have.complete:
+            self._complete()
+        else:
+            self._fill()
+
+    def _store_failed(self, f: Any, index: int) -> None:
+        self.verifying.discard(index)
+        self._finish_failed(TaskFailed("STORE_FAILED", f"cannot write piece {index}: {f.getErrorMessage()}"))
+
+    def _depth(self) -> int:
+        if not self.piece_size:
+            return 2
+        return max(2, min(16, self.IN_FLIGHT_BYTES // self.piece_size))
+
+    def _fill(self) -> None:
+        """Keep every connection's pipeline full (see the module docstring)."""
+        if self.status != "running" or self.have is None or not self.ready_for_io:
+            return
+        depth = self._depth()
+        now = self.clock.seconds()
+        conns = list(self.conns)
+        self._rng.shuffle(conns)
+        for conn in conns:
+            if conn.closed or conn.remote_have is None:
+                continue
+            while len(conn.requested) < depth:
+                index = self._choose(conn)
+                if index is None:
+                    break
+                conn.request(index, now)
+                self.pending.setdefault(index, []).append(conn)
+
+    def _choose(self, conn: BlockProtocol) -> int | None:
+        have, remote = self.have, conn.remote_have
+        is_seed = conn is self.seed_conn
+        best: int | None = None
+        best_key = None
+        candidates = self.seed_allowed if is_seed else range(self.count or 0)
+        for i in candidates:
+            if i in have or i in self.pending or i in self.verifying or i not in remote or self.digests[i] is None:
+                continue
+            key = (self.avail[i], self._rng.random())
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        if best is not None or is_seed:
+            return best
+        # endgame: every missing piece is out; ask a second holder for one
+        for i, holders in self.pending.items():
+            if len(holders) == 1 and holders[0] is not conn and i in remote and i not in self.verifying:
+                return i
+        return None
+
+    def _check_stalls(self) -> None:
+        now = self.clock.seconds()
+        for conn in list(self.conns):
+            if not conn.requested:
+                continue
+            since = max(conn.last_rx, min(conn.requested.values()))
+            if now - since > self.stall_timeout:
+                log.info(
+                    "task {task}: {remote} sent nothing for {t:.1f}s with {n} requests out; abandoning it",
+                    task=self.task_id, remote=conn.remote_id, t=now - since, n=len(conn.requested),
+                )
+                conn.abort("stalled", 408)
+                self.detached(conn, "stalled")
+
+    def _kick(self) -> None:
+        """Sync now instead of at the next interval."""
+        if self._wake is not None and not self._wake.called:
+            self._wake.callback(None)
+
+    async def _sleep(self, seconds: float) -> None:
+        self._wake = Deferred()
+        timer = self.clock.callLater(seconds, self._kick)
+        await self._wake
+        if timer.active():
+            timer.cancel()
+
+    # -- the end -----------------------------------------------------------------
+
+    def _complete(self) -> None:
+        self.status = "success"
+        self.finished_at = self.clock.seconds()
+        if self._checker.running:
+            self._checker.stop()
+        self.daemon.store.save_meta(
+            self.task_id,
+            {
+                "taskId": self.task_id, "url": self.request.get("url"), "length": self.length,
+                "pieceSize": self.piece_size, "digests": [d.hex() for d in self.digests], "sha256": self.sha256,
+                "request": {k: v for k, v in self.request.items() if k != "headers"},
+            },
+        )
+        log.info(
+            "task {task}: complete, {length} bytes in {t:.2f}s (source {src}, supernode {sn}, peers {peers})",
+            task=self.task_id, length=self.length, t=self.finished_at - self.started,
+            src=self.traffic["back_to_source"], sn=self.traffic["supernode"], peers=self.traffic["remote_peer"],
+        )
+        self._kick()
+        self._notify()
+
+    def _finish_failed(self, error: TaskFailed) -> None:
+        if self.status in ("success", "failed"):
+            return
+        log.warn("task {task} failed: {code} {message}", task=self.task_id, code=error.code, message=error.message)
+        self.status = "failed"
+        self.error = error
+        self.finished_at = self.clock.seconds()
+        if self._checker.running:
+            self._checker.stop()
+        for conn in list(self.conns):
+            conn.transport.loseConnection()
+        self.daemon.store.remove(self.task_id)
+        self._kick()
+        self._notify()
+
+    def _notify(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for d in waiters:
+            d.callback(self)
+        self.daemon.task_ended(self)
+
+    # -- back to source ---------------------------------------------------------
+
+    def _start_back_to_source(self, why: str) -> None:
+        d = Deferred.fromCoroutine(self._back_to_source(why))
+        d.addErrback(self._crashed)
+
+    async def _back_to_source(self, why: str) -> None:
+        if self.request.get("notbs"):
+            raise TaskFailed("P2P_FAILED", f"{why}; not going back to the origin (--notbs)")
+        if self.status != "running" or getattr(self, "_bts", False):
+            return
+        self._bts = True
+        log.info("task {task}: back to source: {why}", task=self.task_id, why=why)
+        for conn in list(self.conns):
+            conn.transport.loseConnection()
+        if self._checker.running:
+            self._checker.stop()
+        length, sha = await self.daemon.fetch_from_source(self)
+        self.traffic["back_to_source"] += length
+        self.have = None
+        self._set_length(length, self.piece_size or (4 << 20))
+        for i in range(self.count):
+            self.have.set(i)
+        self.sha256 = sha
+        self.ready_for_io = True
+        self.status = "success"
+        self.finished_at = self.clock.seconds()
+        self._notify()

@@ -1,0 +1,344 @@
+"""
+The scheduler: who fetches which pieces from whom.
+
+A pure module: no sockets, no reactor.  Every call takes C{now} (seconds), so
+tests drive it with a fake clock and a simulator can drive thousands of peers.
+
+The SuperNode is not in the per-piece path.  Each peer calls L{Scheduler.sync}
+every half second or so with the pieces it finished and the failures it saw
+since its last call, and gets back:
+
+  - a few I{parents}: other peers of the task to connect to.  Connections are
+    symmetric, so a peer also serves the peers that picked it.  Peers then learn
+    exactly what each neighbour holds from bitfield/have frames and choose
+    pieces rarest-first themselves;
+  - its I{seed allowance}: the pieces it may fetch from the SuperNode's seed.
+    The seed hands out each piece once before it hands out any piece twice
+    (super-seeding), and never a piece that one of the peer's parents holds or
+    is already fetching from the seed, so the origin's copy spreads through
+    the swarm instead of being sent again and again by the seed.
+
+Failures are local first (the peer re-requests elsewhere at once); the
+scheduler counts them per pair of peers and blocks a bad parent for a while.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterable
+
+from attrs import define, field
+
+from ..core.bitmap import Bitmap
+
+SEED_ID = "supernode"
+
+
+@define
+class PeerInfo:
+    """A registered dfpeer: where other peers reach its block port."""
+
+    peer_id: str
+    ip: str
+    port: int
+    hostname: str = ""
+    last_seen: float = 0.0
+
+
+@define
+class Assignment:
+    """A piece a peer may fetch from the seed, until C{expires}."""
+
+    index: int
+    expires: float
+
+
+@define
+class Member:
+    """One peer's part in one task."""
+
+    peer_id: str
+    have: Bitmap | None = None
+    parents: list[str] = field(factory=list)
+    seed: dict[int, Assignment] = field(factory=dict)
+    last_sync: float = 0.0
+    done: bool = False
+    # failures this peer saw, by parent id
+    failures: dict[str, int] = field(factory=dict)
+    # parent id -> blocked until
+    blocked: dict[str, float] = field(factory=dict)
+
+
+@define
+class TaskSwarm:
+    """What the scheduler knows of one task's swarm."""
+
+    task_id: str
+    piece_count: int | None = None
+    # pieces the seed can serve (the CDN has them verified)
+    seed_has: Bitmap | None = None
+    members: dict[str, Member] = field(factory=dict)
+    # copies of each piece the seed has handed out so far
+    seed_sends: list[int] = field(factory=list)
+    # holders per piece, kept in step with the members' bitmaps
+    holders: list[int] = field(factory=list)
+
+
+@define(frozen=True)
+class Decision:
+    """The answer to one L{Scheduler.sync}."""
+
+    parents: list[PeerInfo]
+    seed_pieces: list[int]
+
+
+class UnknownPeer(KeyError):
+    """The peer id is not registered (it should register again)."""
+
+
+class UnknownTask(KeyError):
+    """The task id is not known to the scheduler."""
+
+
+@define
+class Scheduler:
+    """
+    Soft state of every swarm.
+
+    @ivar max_parents: parents handed to each peer.
+    @ivar seed_window: seed pieces a peer may have outstanding at once.
+    @ivar assign_ttl: seconds after which an unreported seed allowance lapses.
+    @ivar block_after: failures from one parent before it is blocked.
+    @ivar block_for: seconds a bad parent stays blocked for one child.
+    @ivar peer_ttl: seconds without a call before a peer is dropped.
+    """
+
+    max_parents: int = 6
+    seed_window: int = 4
+    assign_ttl: float = 20.0
+    block_after: int = 2
+    block_for: float = 30.0
+    peer_ttl: float = 60.0
+    rng: random.Random = field(factory=random.Random)
+    peers: dict[str, PeerInfo] = field(factory=dict)
+    tasks: dict[str, TaskSwarm] = field(factory=dict)
+
+    # -- peers -------------------------------------------------------------
+
+    def register_peer(self, info: PeerInfo, now: float) -> None:
+        """Add or refresh a peer (a re-registration after a restart keeps its tasks)."""
+        info.last_seen = now
+        self.peers[info.peer_id] = info
+
+    def touch(self, peer_id: str, now: float) -> None:
+        """A heartbeat: the peer is alive."""
+        peer = self.peers.get(peer_id)
+        if peer is None:
+            raise UnknownPeer(peer_id)
+        peer.last_seen = now
+
+    def remove_peer(self, peer_id: str) -> None:
+        """The peer left (or died): forget it everywhere."""
+        self.peers.pop(peer_id, None)
+        for swarm in self.tasks.values():
+            self._drop_member(swarm, peer_id)
+
+    def expire(self, now: float) -> list[str]:
+        """Drop peers not heard from within C{peer_ttl}; return their ids."""
+        dead = [p.peer_id for p in self.peers.values() if now - p.last_seen > self.peer_ttl]
+        for peer_id in dead:
+            self.remove_peer(peer_id)
+        return dead
+
+    # -- tasks -------------------------------------------------------------
+
+    def task(self, task_id: str) -> TaskSwarm:
+        """The swarm of C{task_id}, made on first use."""
+        swarm = self.tasks.get(task_id)
+        if swarm is None:
+            swarm = self.tasks[task_id] = TaskSwarm(task_id)
+        return swarm
+
+    def forget_task(self, task_id: str) -> None:
+        self.tasks.pop(task_id, None)
+
+    def set_piece_count(self, task_id: str, count: int) -> None:
+        """The CDN learnt the task's length: size every bitmap."""
+        swarm = self.task(task_id)
+        if swarm.piece_count == count:
+            return
+        swarm.piece_count = count
+        swarm.seed_has = Bitmap(count)
+        swarm.seed_sends = [0] * count
+        swarm.holders = [0] * count
+        for member in swarm.members.values():
+            member.have = Bitmap(count)
+            member.seed.clear()
+
+    def seed_piece_ready(self, task_id: str, index: int) -> None:
+        """The CDN verified piece C{index}: the seed can serve it."""
+        swarm = self.task(task_id)
+        if swarm.seed_has is not None:
+            swarm.seed_has.set(index)
+
+    def join(self, task_id: str, peer_id: str, now: float) -> Member:
+        """Peer C{peer_id} takes part in C{task_id}."""
+        if peer_id not in self.peers:
+            raise UnknownPeer(peer_id)
+        swarm = self.task(task_id)
+        member = swarm.members.get(peer_id)
+        if member is None:
+            member = swarm.members[peer_id] = Member(peer_id)
+            if swarm.piece_count is not None:
+                member.have = Bitmap(swarm.piece_count)
+        member.last_sync = now
+        return member
+
+    def leave(self, task_id: str, peer_id: str) -> None:
+        swarm = self.tasks.get(task_id)
+        if swarm is not None:
+            self._drop_member(swarm, peer_id)
+
+    def _drop_member(self, swarm: TaskSwarm, peer_id: str) -> None:
+        member = swarm.members.pop(peer_id, None)
+        if member is None:
+            return
+        if member.have is not None:
+            for i in member.have:
+                swarm.holders[i] -= 1
+        for a in member.seed.values():
+            swarm.seed_sends[a.index] -= 1
+        for other in swarm.members.values():
+            if peer_id in other.parents:
+                other.parents.remove(peer_id)
+
+    # -- the per-peer call ---------------------------------------------------
+
+    def report(
+        self,
+        task_id: str,
+        peer_id: str,
+        now: float,
+        have: Iterable[int] = (),
+        failed: Iterable[tuple[int, str]] = (),
+        bitmap: Bitmap | None = None,
+    ) -> None:
+        """
+        Take a peer's batch: pieces it verified (C{have}, or a whole C{bitmap}
+        when it re-announces after a restart) and C{(piece, parent id)} failures.
+        """
+        if task_id not in self.tasks:
+            raise UnknownTask(task_id)
+        swarm = self.tasks[task_id]
+        member = swarm.members.get(peer_id)
+        if member is None:
+            member = self.join(task_id, peer_id, now)
+        self.peers[peer_id].last_seen = now
+        if member.have is not None:
+            if bitmap is not None and bitmap.count == member.have.count:
+                have = list(have) + [i for i in bitmap if i not in member.have]
+            for i in have:
+                if 0 <= i < member.have.count and i not in member.have:
+                    member.have.set(i)
+                    swarm.holders[i] += 1
+                    if member.seed.pop(i, None) is not None:
+                        # the allowance became a real copy: seed_sends keeps it
+                        pass
+            member.done = member.have.complete
+        for index, parent in failed:
+            if parent == SEED_ID:
+                a = member.seed.pop(index, None)
+                if a is not None:
+                    swarm.seed_sends[index] -= 1
+                continue
+            n = member.failures.get(parent, 0) + 1
+            member.failures[parent] = n
+            if n >= self.block_after:
+                member.blocked[parent] = now + self.block_for
+                member.failures[parent] = 0
+                if parent in member.parents:
+                    member.parents.remove(parent)
+
+    def sync(self, task_id: str, peer_id: str, now: float) -> Decision:
+        """Choose parents and a seed allowance for C{peer_id}."""
+        swarm = self.tasks.get(task_id)
+        if swarm is None:
+            raise UnknownTask(task_id)
+        member = swarm.members.get(peer_id) or self.join(task_id, peer_id, now)
+        member.last_sync = now
+        self._expire_assignments(swarm, member, now)
+        parents = self._choose_parents(swarm, member, now)
+        seed = self._assign_seed(swarm, member, now) if not member.done else []
+        return Decision(parents=[self.peers[p] for p in parents], seed_pieces=seed)
+
+    def _expire_assignments(self, swarm: TaskSwarm, member: Member, now: float) -> None:
+        for index, a in list(member.seed.items()):
+            if a.expires <= now:
+                del member.seed[index]
+                swarm.seed_sends[index] -= 1
+        for parent, until in list(member.blocked.items()):
+            if until <= now:
+                del member.blocked[parent]
+
+    def _choose_parents(self, swarm: TaskSwarm, member: Member, now: float) -> list[str]:
+        me = member.peer_id
+        keep = [
+            p for p in member.parents
+            if p in swarm.members and p in self.peers and p not in member.blocked
+        ]
+        if len(keep) < self.max_parents:
+            # how many children each candidate already serves
+            load: dict[str, int] = {}
+            for other in swarm.members.values():
+                for p in other.parents:
+                    load[p] = load.get(p, 0) + 1
+            candidates = [
+                p for p in swarm.members
+                if p != me and p not in keep and p not in member.blocked and p in self.peers
+            ]
+
+            def score(p: str) -> tuple[float, float, float]:
+                held = swarm.members[p].have
+                pieces = len(held) if held is not None else 0
+                return (-pieces, load.get(p, 0), self.rng.random())
+
+            candidates.sort(key=score)
+            keep.extend(candidates[: self.max_parents - len(keep)])
+        member.parents = keep
+        return list(keep)
+
+    def _assign_seed(self, swarm: TaskSwarm, member: Member, now: float) -> list[int]:
+        if member.have is None or swarm.seed_has is None:
+            return []
+        free = self.seed_window - len(member.seed)
+        if free > 0:
+            nearby = Bitmap(swarm.piece_count or 0)
+            for p in member.parents:
+                other = swarm.members.get(p)
+                if other is None:
+                    continue
+                if other.have is not None:
+                    for i in other.have:
+                        nearby.set(i)
+                for i in other.seed:
+                    nearby.set(i)
+            candidates = [
+                i for i in swarm.seed_has
+                if i not in member.have and i not in member.seed and i not in nearby
+            ]
+            if candidates:
+                keyed = sorted(
+                    candidates,
+                    key=lambda i: (swarm.seed_sends[i] + swarm.holders[i], self.rng.random()),
+                )
+                for i in keyed[:free]:
+                    member.seed[i] = Assignment(i, now + self.assign_ttl)
+                    swarm.seed_sends[i] += 1
+        return sorted(member.seed)
+
+    # -- views -------------------------------------------------------------
+
+    def availability(self, task_id: str) -> list[int]:
+        """Holders per piece (not counting the seed)."""
+        swarm = self.tasks.get(task_id)
+        return list(swarm.holders) if swarm is not None else []

@@ -1,0 +1,137 @@
+"""
+C{twistd supernode}: the REST API, the scheduler and the CDN seed.
+
+    twistd -n supernode --port 8002 --block-port 8001 --home DIR [--advertise-ip IP]
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+import treq
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from ..core.ids import BadInput
+from ..core.pieces import MIN_PIECE_SIZE, MAX_PIECE_SIZE
+from ..core.threads import WorkerPool
+from ..core.units import parse_rate
+from ..protocol.block import BlockFactory
+from .api import SupernodeApi
+from .cdn import Cdn
+from .node import SuperNode
+from .scheduler import SEED_ID, Scheduler
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port < 65536:
+        raise ValueError(port)
+    return port
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a Dragonfly SuperNode: the REST API peers register with (--port), "
+        "the scheduler, and the CDN seed that fetches each origin file once and "
+        "serves its pieces over the block protocol (--block-port)."
+    )
+    optParameters = [
+        ["port", "p", 8002, "REST API port.", _port],
+        ["block-port", "b", 8001, "Block protocol (piece download) port.", _port],
+        ["listen", None, "0.0.0.0", "Interface to listen on."],
+        ["home", None, os.path.expanduser("~/.dragonfly-supernode"), "Home directory; the CDN cache lives in HOME/repo."],
+        ["advertise-ip", None, None, "Address peers use to reach this SuperNode's block port (default: detected)."],
+        ["piece-size", None, "auto", "Piece size: 'auto' (Dragonfly's rule: 4M up to 15M) or a size such as 1M."],
+        ["max-parents", None, 6, "Parents handed to each peer.", int],
+        ["seed-window", None, 4, "Seed pieces a peer may have outstanding at once.", int],
+        ["peer-ttl", None, 60.0, "Seconds without a heartbeat before a peer is dropped.", float],
+        ["workers", None, 4, "Threads for hashing and disk I/O.", int],
+    ]
+
+    def postOptions(self) -> None:
+        if self["piece-size"] == "auto":
+            self["piece-size"] = None
+        else:
+            try:
+                size = parse_rate(self["piece-size"])
+            except BadInput as e:
+                raise usage.UsageError(f"--piece-size: {e}") from None
+            if not MIN_PIECE_SIZE <= size <= MAX_PIECE_SIZE * 4:
+                raise usage.UsageError(f"--piece-size must be between 64K and 60M, got {size}")
+            self["piece-size"] = size
+        for name in ("max-parents", "seed-window", "workers"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
+        if self["advertise-ip"] is None:
+            listen = self["listen"]
+            self["advertise-ip"] = listen if listen not in ("0.0.0.0", "::") else detect_ip(None)
+
+
+class QuietSite(Site):
+    """A Site without a line in the log per request (peers sync twice a second)."""
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def detect_ip(target: str | None) -> str:
+    """
+    The address other hosts reach us at: the source address of the route to
+    C{target} (no packet is sent: connect() on UDP only picks a route), or the
+    host name's address when there is no target.
+    """
+    try:
+        if target:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                s.connect((socket.gethostbyname(target), 9))
+                return s.getsockname()[0]
+            finally:
+                s.close()
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    home = os.path.abspath(options["home"])
+    os.makedirs(home, exist_ok=True)
+    top = MultiService()
+    pool = WorkerPool(reactor, size=options["workers"], name="supernode-io")
+    pool.setServiceParent(top)
+    http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    scheduler = Scheduler(
+        max_parents=options["max-parents"], seed_window=options["seed-window"], peer_ttl=options["peer-ttl"]
+    )
+    node = SuperNode(
+        lambda track: Cdn(home, http, pool, reactor, piece_size=options["piece-size"], on_new_task=track),
+        scheduler,
+        reactor,
+        options["advertise-ip"],
+        options["block-port"],
+    )
+    node.cdn.load()
+    api = SupernodeApi(node)
+    iface = options["listen"]
+    StreamServerEndpointService(
+        serverFromString(reactor, f"tcp:{options['block-port']}:interface={iface}"),
+        BlockFactory(SEED_ID, node.seed_side),
+    ).setServiceParent(top)
+    StreamServerEndpointService(
+        serverFromString(reactor, f"tcp:{options['port']}:interface={iface}"),
+        QuietSite(api.resource()),
+    ).setServiceParent(top)
+    TimerService(5.0, lambda: scheduler.expire(reactor.seconds())).setServiceParent(top)
+    return top
