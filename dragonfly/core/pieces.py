@@ -2,7 +2,7 @@
 Piece maths: how a task of a given length is cut into pieces.
 
 The default follows Dragonfly 1.x: 4 MiB pieces for files up to 200 MiB, then
-1 MiB more for every further 100 MiB, capped at 15 MiB.  A SuperNode may be
+1 MiB more for every further full 100 MiB, capped at 15 MiB.  A SuperNode may be
 configured with a fixed piece size instead (see C{supernode --piece-size}).
 """
 
@@ -21,8 +21,9 @@ def piece_size_for(length: int | None) -> int:
     """
     if length is None or length <= 200 * MiB:
         return DEFAULT_PIECE_SIZE
-    extra = (length - 200 * MiB) // (100 * MiB)
-    return min(DEFAULT_PIECE_SIZE + (extra + 1) * MiB, MAX_PIECE_SIZE)
+    # Dragonfly 1.x: (length // 100 MiB - 2) MiB on top of the default
+    extra = length // (100 * MiB) - 2
+    return min(DEFAULT_PIECE_SIZE + extra * MiB, MAX_PIECE_SIZE)
 
 
 def piece_count(length: int, piece_size: int) -> int:

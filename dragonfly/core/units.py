@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from .ids import BadInput
@@ -17,7 +18,10 @@ def parse_rate(text: str) -> int:
     m = _RATE.match(str(text).strip())
     if m is None:
         raise BadInput(f"rate {text!r} is not of the form 20M (N, NK, NM or NG bytes/s)")
-    return int(float(m.group("n")) * _RATE_UNITS[m.group("unit").lower()])
+    value = float(m.group("n")) * _RATE_UNITS[m.group("unit").lower()]
+    if not math.isfinite(value):
+        raise BadInput(f"rate {text!r} is too large")
+    return int(value)
 
 
 def parse_duration(text: str) -> float:
@@ -25,7 +29,10 @@ def parse_duration(text: str) -> float:
     m = _DURATION.match(str(text).strip())
     if m is None:
         raise BadInput(f"duration {text!r} is not of the form 30s, 5m or 1h")
-    return float(m.group("n")) * _DURATION_UNITS[m.group("unit")]
+    value = float(m.group("n")) * _DURATION_UNITS[m.group("unit")]
+    if not math.isfinite(value):
+        raise BadInput(f"duration {text!r} is too large")
+    return value
 
 
 def human_bytes(n: float) -> str:

@@ -158,7 +158,8 @@ class SupernodeApi:
                 raise ApiError(400, "BAD_FIELD", "entries of 'failed' must be objects")
             index = field(item, "index", int)
             parent = field(item, "parent", str)
-            if count and not 0 <= index < count:
+            # -1: the peer could not connect to that parent at all
+            if index < -1 or (count and index >= count):
                 raise ApiError(400, "BAD_FIELD", f"failed piece {index} out of range")
             failed.append((index, parent))
         digests_from = field(body, "digestsFrom", int, required=False, default=0)

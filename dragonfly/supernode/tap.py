@@ -6,13 +6,16 @@ C{twistd supernode}: the REST API, the scheduler and the CDN seed.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Any
 
 import treq
-from twisted.application.internet import StreamServerEndpointService, TimerService
-from twisted.application.service import MultiService
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -27,6 +30,8 @@ from .api import SupernodeApi
 from .cdn import Cdn
 from .node import SuperNode
 from .scheduler import SEED_ID, Scheduler
+
+log = Logger()
 
 
 def _port(value: str) -> int:
@@ -73,6 +78,62 @@ class Options(usage.Options):
         if self["advertise-ip"] is None:
             listen = self["listen"]
             self["advertise-ip"] = listen if listen not in ("0.0.0.0", "::") else detect_ip(None)
+
+
+class SupernodeService(Service):
+    """
+    Binds the block port first (the seed advertises its real port, so port 0
+    works), then the API, and writes C{HOME/supernode.json} with both.
+    """
+
+    def __init__(self, node: SuperNode, home: str, block_endpoint: Any, api_endpoint: Any, site: Site) -> None:
+        self.node = node
+        self.info_path = os.path.join(home, "supernode.json")
+        self._block_endpoint = block_endpoint
+        self._api_endpoint = api_endpoint
+        self._site = site
+        self._ports: list[Any] = []
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+        d.addErrback(self._failed)
+
+    def _failed(self, f: Any) -> None:
+        log.failure("supernode could not start", f)
+        from twisted.internet import reactor
+
+        reactor.stop()
+
+    async def _start(self) -> None:
+        block = await self._block_endpoint.listen(BlockFactory(SEED_ID, self.node.seed_side))
+        self._ports.append(block)
+        self.node.block_port = block.getHost().port
+        api = await self._api_endpoint.listen(self._site)
+        self._ports.append(api)
+        info = {
+            "pid": os.getpid(), "port": api.getHost().port, "blockPort": self.node.block_port,
+            "advertiseIp": self.node.advertise_ip,
+        }
+        with open(self.info_path + ".tmp", "w") as f:
+            json.dump(info, f)
+        os.replace(self.info_path + ".tmp", self.info_path)
+        log.info(
+            "supernode API on port {port}, seed block port {block}, advertised as {ip}",
+            port=info["port"], block=info["blockPort"], ip=info["advertiseIp"],
+        )
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        for port in self._ports:
+            await port.stopListening()
+        try:
+            os.unlink(self.info_path)
+        except OSError:
+            pass
 
 
 class QuietSite(Site):
@@ -125,11 +186,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     node.cdn.load()
     api = SupernodeApi(node)
     iface = options["listen"]
-    StreamServerEndpointService(
+    SupernodeService(
+        node,
+        home,
         serverFromString(reactor, f"tcp:{options['block-port']}:interface={iface}"),
-        BlockFactory(SEED_ID, node.seed_side),
-    ).setServiceParent(top)
-    StreamServerEndpointService(
         serverFromString(reactor, f"tcp:{options['port']}:interface={iface}"),
         QuietSite(api.resource()),
     ).setServiceParent(top)

@@ -35,6 +35,7 @@ from dragonfly.protocol.frames import (
     FrameDecoder,
     Have,
     Hello,
+    Digests,
     KeepAlive,
     PieceData,
     PieceEnd,
@@ -47,6 +48,7 @@ from dragonfly.protocol.frames import (
     encode_error,
     encode_have,
     encode_hello,
+    encode_digests,
     encode_keepalive,
     encode_reject,
     encode_request,
@@ -138,6 +140,14 @@ def piece_msgs(draw: st.DrawFn, max_size: int = 200 * 1024) -> tuple[bytes, list
     return piece_header(index, size) + body, [("piece", index, body)]
 
 
+@st.composite
+def digests_msgs(draw: st.DrawFn) -> tuple[bytes, list[Any]]:
+    first = draw(st.integers(0, 1 << 20))
+    n = draw(st.integers(1, 40))
+    digests = [_random_bytes(draw(st.integers(0, 2**32)), 32) for _ in range(n)]
+    return b"".join(encode_digests(first, digests)), [Digests(first, digests)]
+
+
 def keepalive_msgs() -> st.SearchStrategy[tuple[bytes, list[Any]]]:
     return st.just((encode_keepalive(), [KeepAlive()]))
 
@@ -151,6 +161,7 @@ def any_msg(max_piece: int = 200 * 1024) -> st.SearchStrategy[tuple[bytes, list[
         error_msgs(),
         piece_msgs(max_piece),
         keepalive_msgs(),
+        digests_msgs(),
     )
 
 
@@ -220,7 +231,7 @@ class Collector:
         else:
             assert self.current is None, "control event inside a piece"
             assert isinstance(
-                ev, (Hello, BitfieldMsg, Have, Request, Cancel, Reject, ErrorMsg, KeepAlive)
+                ev, (Hello, BitfieldMsg, Have, Request, Cancel, Reject, ErrorMsg, KeepAlive, Digests)
             )
             self.out.append(ev)
 
@@ -442,7 +453,7 @@ def test_bad_control_length_rejected_from_header(ftype: int, length: int) -> Non
     assert_rejected(header(ftype, length), frames.FRAME_NAMES[ftype])
 
 
-@pytest.mark.parametrize("ftype", [0x00, 0x0A, 0x2A, 0xFF])
+@pytest.mark.parametrize("ftype", [0x00, 0x0B, 0x2A, 0xFF])
 def test_unknown_type_rejected_from_header(ftype: int) -> None:
     """Unknown frame types fail on the header alone."""
     assert_rejected(header(ftype, 4), f"frame type 0x{ftype:02x} is unknown")
@@ -597,3 +608,14 @@ def test_large_piece_is_streamed_as_slices() -> None:
     assert b"".join(bytes(p.data) for p in pieces) == body
     assert tail == [PieceStart(42, size), PieceEnd(42), Have(1)]
     assert d.idle
+
+
+def test_digests_frame_bounds() -> None:
+    """DIGESTS bodies must be 4 + n*32 bytes with 1..4096 digests."""
+    assert_rejected(header(frames.DIGESTS, 4 + 31) + bytes(35), "DIGESTS")
+    assert_rejected(header(frames.DIGESTS, 4), "DIGESTS")
+    many = [bytes([i % 256]) * 32 for i in range(5000)]
+    encoded = encode_digests(7, many)
+    assert len(encoded) == 2
+    events = decode([b"".join(encoded)])
+    assert events == [Digests(7, many[:4096]), Digests(7 + 4096, many[4096:])]

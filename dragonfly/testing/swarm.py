@@ -1,0 +1,159 @@
+"""
+Run a local swarm of real processes on loopback: an origin, a SuperNode and
+dfpeers, started the documented way (C{twistd -n ...}, C{dfget}).
+
+Used by the integration tests and C{make demo}.  Blocking code on purpose:
+it drives processes, it is not one of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+BIN = os.path.dirname(sys.executable)
+
+
+def _bin(name: str) -> str:
+    path = os.path.join(BIN, name)
+    return path if os.path.exists(path) else name
+
+
+def wait_for_file(path: str, timeout: float, proc: subprocess.Popen | None = None) -> dict[str, Any]:
+    """Wait for a JSON file a process writes once it listens."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before writing {path}")
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            time.sleep(0.05)
+    raise TimeoutError(f"{path} did not appear within {timeout}s")
+
+
+def get_json(url: str, timeout: float = 10.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_random_file(path: str, size: int) -> str:
+    """A file of C{size} random bytes; returns its SHA-256."""
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 1 << 20))
+            f.write(chunk)
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
+class Swarm:
+    """A directory with the homes and logs of one local swarm."""
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = os.path.abspath(workdir)
+        os.makedirs(self.workdir, exist_ok=True)
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.origin_url = ""
+        self.supernode_api = ""
+        self.supernode_addr = ""
+        self.peers: dict[str, dict[str, Any]] = {}
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log = open(os.path.join(self.workdir, f"{name}.log"), "ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir)
+        log.close()
+        self.procs.append((name, proc))
+        return proc
+
+    def start_origin(self, root: str) -> str:
+        info = os.path.join(self.workdir, "origin.json")
+        proc = self._spawn("origin", [sys.executable, "-m", "dragonfly.testing.origin", "--root", root, "--info", info])
+        port = wait_for_file(info, 20, proc)["port"]
+        self.origin_url = f"http://127.0.0.1:{port}"
+        return self.origin_url
+
+    def start_supernode(self, *extra: str) -> str:
+        home = os.path.join(self.workdir, "supernode")
+        os.makedirs(home, exist_ok=True)
+        info_path = os.path.join(home, "supernode.json")
+        if os.path.exists(info_path):
+            os.unlink(info_path)
+        proc = self._spawn(
+            "supernode",
+            [_bin("twistd"), "-n", "--pidfile=", "supernode", "--port", "0", "--block-port", "0",
+             "--listen", "127.0.0.1", "--home", home, *extra],
+        )
+        info = wait_for_file(info_path, 30, proc)
+        self.supernode_addr = f"127.0.0.1:{info['port']}"
+        self.supernode_api = f"http://{self.supernode_addr}"
+        return self.supernode_addr
+
+    def start_peer(self, name: str, *extra: str) -> dict[str, Any]:
+        home = os.path.join(self.workdir, name)
+        os.makedirs(home, exist_ok=True)
+        proc = self._spawn(
+            name,
+            [_bin("twistd"), "-n", "--pidfile=", "dfpeer", "--supernode", self.supernode_addr,
+             "--home", home, "--listen", "127.0.0.1", "--ip", "127.0.0.1", *extra],
+        )
+        info = wait_for_file(os.path.join(home, "peer.json"), 30, proc)
+        info["home"] = home
+        info["proc"] = proc
+        self.peers[name] = info
+        return info
+
+    def dfget(self, url: str, output: str, peer: str | None = None, *extra: str) -> subprocess.Popen:
+        """Start dfget (using C{peer}'s home when given)."""
+        home = self.peers[peer]["home"] if peer else os.path.join(self.workdir, "dfget-home")
+        cmd = [_bin("dfget"), "-u", url, "-o", output, "--home", home, "--no-progress", *extra]
+        if self.supernode_addr and "--node" not in extra:
+            cmd += ["--node", self.supernode_addr]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+
+    def origin_stats(self) -> dict[str, Any]:
+        return get_json(self.origin_url + "/_stats")
+
+    def supernode_task(self, task_id: str) -> dict[str, Any]:
+        return get_json(f"{self.supernode_api}/api/v1/tasks/{task_id}")
+
+    def peer_tasks(self, peer: str) -> list[dict[str, Any]]:
+        return get_json(self.peers[peer]["api"] + "/api/v1/tasks")["tasks"]
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, proc in self.procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> "Swarm":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
