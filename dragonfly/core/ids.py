@@ -14,6 +14,9 @@ import hashlib
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+#: the peer id of the seed (the SuperNode) in HELLO and in parent lists
+SEED_ID = "supernode"
+
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 _DIGEST = re.compile(r"(?P<algo>sha256|sha512|md5):(?P<hex>[0-9a-fA-F]+)\Z")
 _HEX_LENGTHS = {"sha256": 64, "sha512": 128, "md5": 32}

@@ -36,13 +36,11 @@ from twisted.logger import Logger
 
 from ..core.bitmap import Bitmap
 from ..core.pieces import piece_count, piece_span
+from ..core.ids import SEED_ID
 from ..protocol.block import BlockProtocol
 from .client import SupernodeError, SupernodeUnavailable
 
 log = Logger()
-
-SEED_ID = "supernode"
-
 
 class TaskFailed(Exception):
     """A download failed; C{code} is stable, C{message} for humans."""
@@ -85,6 +83,7 @@ class PeerTask:
         self.ready_for_io = False
         self.conns: set[BlockProtocol] = set()
         self.seed_conn: BlockProtocol | None = None
+        self._seed_proto: BlockProtocol | None = None
         self._connecting: set[str] = set()
         self.avail: list[int] = []
         self.pending: dict[int, list[BlockProtocol]] = {}
@@ -308,6 +307,10 @@ class PeerTask:
         self._connecting.add(remote)
         endpoint = TCP4ClientEndpoint(self.daemon.reactor, parent["ip"], int(parent["port"]), timeout=5)
         proto = self.daemon.block_factory.client(self, self.task_id, remote)
+        if parent.get("seed"):
+            # only the connection we opened to the seed the SuperNode named
+            # may send DIGESTS; a peer calling itself "supernode" may not
+            self._seed_proto = proto
         d = connectProtocol(endpoint, proto)
 
         def failed(f: Any) -> None:
@@ -335,7 +338,7 @@ class PeerTask:
             conn.abort("task not ready yet", 503)
             return
         self.conns.add(conn)
-        if conn.remote_id == SEED_ID and conn.initiator:
+        if conn is self._seed_proto:
             self.seed_conn = conn
 
     def detached(self, conn: BlockProtocol, reason: str) -> None:
@@ -359,13 +362,13 @@ class PeerTask:
             self._fill()
 
     def on_bitfield(self, conn: BlockProtocol) -> None:
-        if conn.remote_id != SEED_ID:
+        if conn is not self.seed_conn:
             for i in conn.remote_have:
                 self.avail[i] += 1
         self._fill()
 
     def on_have(self, conn: BlockProtocol, index: int) -> None:
-        if conn.remote_id != SEED_ID:
+        if conn is not self.seed_conn:
             self.avail[index] += 1
         self._fill()
 
@@ -407,7 +410,7 @@ class PeerTask:
         for other in self.pending.pop(index, []):
             if other is not conn:
                 other.cancel(index)
-        if self.have.__contains__(index) or index in self.verifying or self.status != "running":
+        if index in self.have or index in self.verifying or self.status != "running":
             self._fill()
             return
         digest = self.digests[index]

@@ -263,7 +263,8 @@ class BlockProtocol(Protocol):
             if task_id != self.task_id:
                 raise F.ProtocolError("HELLO answered for another task")
             if self.remote_id is not None and ev.peer_id != self.remote_id:
-                log.info("peer at {addr} is {got}, expected {want}", addr=self.peer_address(), got=ev.peer_id, want=self.remote_id)
+                self.abort(f"peer at {self.peer_address()} says it is {ev.peer_id}, expected {self.remote_id}")
+                return
         else:
             side = self._factory.resolve(task_id)
             if side is None:

@@ -30,8 +30,7 @@ from typing import Iterable
 from attrs import define, field
 
 from ..core.bitmap import Bitmap
-
-SEED_ID = "supernode"
+from ..core.ids import SEED_ID
 
 
 @define
@@ -317,6 +316,8 @@ class Scheduler:
                 other = swarm.members.get(p)
                 if other is None:
                     continue
+                # a parent that stopped syncing must not hold pieces back forever
+                self._expire_assignments(swarm, other, now)
                 if other.have is not None:
                     for i in other.have:
                         nearby.set(i)
