@@ -53,6 +53,8 @@ class LocalApi:
                 parse_digest(digest)
         except BadInput as e:
             raise ApiError(400, "BAD_INPUT", str(e)) from None
+        if identifier is not None and len(identifier) > 1024:
+            raise ApiError(400, "BAD_FIELD", "field 'identifier' is longer than 1024 characters")
         if not all(isinstance(k, str) for k in keys):
             raise ApiError(400, "BAD_FIELD", "field 'filter' must be a list of strings")
         task = self.daemon.download(
@@ -70,9 +72,11 @@ class LocalApi:
         wait = request.args.get(b"wait")
         if wait and task.status in ("waiting", "running"):
             try:
-                seconds = min(float(wait[0]), 60.0)
+                seconds = float(wait[0])
             except ValueError:
-                raise ApiError(400, "BAD_FIELD", "wait must be a number of seconds") from None
+                seconds = -1.0
+            if not 0.0 <= seconds <= 60.0:  # also refuses nan
+                raise ApiError(400, "BAD_FIELD", "wait must be a number of seconds from 0 to 60")
             d: Deferred = task.wait()
             d.addTimeout(seconds, self.daemon.reactor)
             try:

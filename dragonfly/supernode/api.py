@@ -15,7 +15,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from ..core.httpapi import ApiError, field, install_error_handlers, int_list, json_response, read_json, str_dict
-from ..core.ids import BadInput, check_url, is_peer_id, is_task_id, parse_digest, task_id
+from ..core.ids import SEED_ID, BadInput, check_url, is_peer_id, is_task_id, parse_digest, task_id
 from .node import SuperNode
 from .scheduler import PeerInfo, UnknownPeer, UnknownTask
 
@@ -27,6 +27,12 @@ MAX_FAILED = 4096
 def _peer_id(value: str) -> str:
     if not is_peer_id(value):
         raise ApiError(400, "BAD_PEER_ID", "peer ids are 1 to 64 of [A-Za-z0-9._:-]")
+    return value
+
+
+def _new_peer_id(value: str) -> str:
+    if _peer_id(value) == SEED_ID:
+        raise ApiError(400, "BAD_PEER_ID", f"peer id {SEED_ID!r} is reserved for the seed")
     return value
 
 
@@ -61,7 +67,7 @@ class SupernodeApi:
     @app.route("/api/v1/peers", methods=["POST"])
     def register_peer(self, request: IRequest) -> bytes:
         body = read_json(request)
-        peer_id = _peer_id(field(body, "peerId", str))
+        peer_id = _new_peer_id(field(body, "peerId", str))
         ip = field(body, "ip", str)
         port = field(body, "port", int)
         if not 0 < port < 65536:

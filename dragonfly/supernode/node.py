@@ -102,7 +102,7 @@ class _SchedulerFeed:
         self.scheduler.seed_piece_ready(task.task_id, index)
 
     def task_failed(self, task: CdnTask) -> None:
-        pass
+        self.scheduler.seed_lost(task.task_id)
 
     def task_done(self, task: CdnTask) -> None:
         pass

@@ -180,6 +180,17 @@ class Scheduler:
         if swarm.seed_has is not None:
             swarm.seed_has.set(index)
 
+    def seed_lost(self, task_id: str) -> None:
+        """The CDN task failed (its data is gone): the seed serves nothing until pieces are ready again."""
+        swarm = self.tasks.get(task_id)
+        if swarm is None or swarm.seed_has is None:
+            return
+        swarm.seed_has = Bitmap(swarm.seed_has.count)
+        for member in swarm.members.values():
+            for index in member.seed:
+                swarm.seed_sends[index] -= 1
+            member.seed.clear()
+
     def join(self, task_id: str, peer_id: str, now: float) -> Member:
         """Peer C{peer_id} takes part in C{task_id}."""
         if peer_id not in self.peers:
