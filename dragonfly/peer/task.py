@@ -30,7 +30,7 @@ import random
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -311,7 +311,7 @@ class PeerTask:
             # only the connection we opened to the seed the SuperNode named
             # may send DIGESTS; a peer calling itself "supernode" may not
             self._seed_proto = proto
-        d = connectProtocol(endpoint, proto)
+        d = self.daemon.block_factory.connect(endpoint, proto)
 
         def failed(f: Any) -> None:
             self._connecting.discard(remote)

@@ -87,6 +87,8 @@ class BlockFactory(Factory):
     @param max_piece: the largest piece frame accepted.
     """
 
+    noisy = False
+
     def __init__(self, peer_id: str, resolve: Resolver, max_piece: int = F.MAX_PIECE_SIZE) -> None:
         self.peer_id = peer_id
         self.resolve = resolve
@@ -103,6 +105,22 @@ class BlockFactory(Factory):
         p = BlockProtocol(self, side=side, task_id=task_id, remote_id=remote_id)
         p.factory = self
         return p
+
+    def connect(self, endpoint: Any, proto: "BlockProtocol") -> "Deferred[BlockProtocol]":
+        """Open an outgoing connection on C{endpoint} for a L{client} protocol."""
+        return endpoint.connect(_OneShot(proto))
+
+
+class _OneShot(Factory):
+    """Hands one prepared protocol to an endpoint, without a log line."""
+
+    noisy = False
+
+    def __init__(self, proto: "BlockProtocol") -> None:
+        self._proto = proto
+
+    def buildProtocol(self, addr: Any) -> "BlockProtocol":
+        return self._proto
 
 
 @implementer(IPushProducer)
