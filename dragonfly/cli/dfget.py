@@ -214,23 +214,30 @@ def _check(sha: str, md5: str | None, length: int, opts: dict[str, Any], expect_
         fail(f"content has md5 {md5}, expected {opts['md5']}", EXIT_DIGEST)
 
 
+def _copy_hashing(src: Any, dst: Any, opts: dict[str, Any], progress: Any = None, deadline: float | None = None) -> tuple[int, str, str | None]:
+    """Copy C{src} to C{dst} in 1 MiB chunks; return the length, SHA-256 and MD5 (if asked)."""
+    sha, md5 = hashlib.sha256(), hashlib.md5() if opts["md5"] else None
+    length = 0
+    while chunk := src.read(CHUNK):
+        if deadline is not None and time.monotonic() > deadline:
+            fail("timed out", EXIT_TIMEOUT)
+        sha.update(chunk)
+        if md5 is not None:
+            md5.update(chunk)
+        dst.write(chunk)
+        length += len(chunk)
+        if progress is not None:
+            progress(length)
+    return length, sha.hexdigest(), md5.hexdigest() if md5 else None
+
+
 def install(src_path: str, opts: dict[str, Any], expect_length: int | None, expect_sha: str | None) -> int:
     """Copy the finished task into a temp file, check it whole, rename it to the output."""
     tmp = _tmp_path(opts["output"])
-    sha, md5 = hashlib.sha256(), hashlib.md5() if opts["md5"] else None
-    length = 0
     try:
         with open(src_path, "rb") as src, open(tmp, "wb") as dst:
-            while True:
-                chunk = src.read(CHUNK)
-                if not chunk:
-                    break
-                sha.update(chunk)
-                if md5 is not None:
-                    md5.update(chunk)
-                dst.write(chunk)
-                length += len(chunk)
-        _check(sha.hexdigest(), md5.hexdigest() if md5 else None, length, opts, expect_length, expect_sha)
+            length, sha, md5 = _copy_hashing(src, dst, opts)
+        _check(sha, md5, length, opts, expect_length, expect_sha)
         os.replace(tmp, opts["output"])
     except OSError as e:
         _unlink(tmp)
@@ -252,25 +259,12 @@ def direct_download(opts: dict[str, Any], bar: Bar, deadline: float) -> int:
     """Fetch from the origin with no daemon at all (the last resort)."""
     tmp = _tmp_path(opts["output"])
     req = urllib.request.Request(opts["url"], headers=opts["headers"])
-    sha, md5 = hashlib.sha256(), hashlib.md5() if opts["md5"] else None
-    length = 0
     try:
         with urllib.request.urlopen(req, timeout=max(deadline - time.monotonic(), 1)) as resp, open(tmp, "wb") as dst:
             total = resp.headers.get("Content-Length")
             total = int(total) if total and total.isdigit() else None
-            while True:
-                if time.monotonic() > deadline:
-                    fail("timed out", EXIT_TIMEOUT)
-                chunk = resp.read(CHUNK)
-                if not chunk:
-                    break
-                sha.update(chunk)
-                if md5 is not None:
-                    md5.update(chunk)
-                dst.write(chunk)
-                length += len(chunk)
-                bar.show(length, total)
-        _check(sha.hexdigest(), md5.hexdigest() if md5 else None, length, opts, total, None)
+            length, sha, md5 = _copy_hashing(resp, dst, opts, lambda n: bar.show(n, total), deadline)
+        _check(sha, md5, length, opts, total, None)
         os.replace(tmp, opts["output"])
         return length
     except urllib.error.HTTPError as e:

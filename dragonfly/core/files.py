@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 
 def pread_exact(path: str, offset: int, size: int) -> bytes:
@@ -23,3 +25,11 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Write C{obj} as JSON to C{path} so that readers never see half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)

@@ -8,7 +8,7 @@ Every error is a JSON body C{{"error": {"code": ..., "message": ...}}} with a
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from klein import Klein
 from twisted.logger import Logger

@@ -21,6 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
+from ..core.files import write_json_atomic
 from ..core.ids import task_id as make_task_id
 from ..core.threads import WorkerPool
 from ..protocol.block import BlockFactory
@@ -236,10 +237,7 @@ class PeerService(Service):
             "ip": daemon.ip,
             "supernodes": daemon.client.nodes,
         }
-        tmp = self.info_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(info, f)
-        os.replace(tmp, self.info_path)
+        write_json_atomic(self.info_path, info)
         log.info(
             "dfpeer {peer} serving blocks on {port}, local API {api}, {n} finished tasks",
             peer=daemon.peer_id, port=daemon.block_port, api=info["api"], n=restored,

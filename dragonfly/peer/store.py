@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from ..core.files import pread_exact, pwrite_all
+from ..core.files import pread_exact, pwrite_all, write_json_atomic
 from ..core.ids import is_task_id
 from ..core.threads import WorkerPool
 
@@ -46,9 +46,7 @@ class PieceStore:
 
     def save_meta(self, task_id: str, meta: dict[str, Any]) -> None:
         path = self.meta_path(task_id)
-        with open(path + ".tmp", "w") as f:
-            json.dump(meta, f)
-        os.replace(path + ".tmp", path)
+        write_json_atomic(path, meta)
 
     def load_finished(self) -> list[dict[str, Any]]:
         """Metas of completed tasks whose data file is intact; removes the rest."""

@@ -170,7 +170,6 @@ class PeerTask:
             self._finish_failed(TaskFailed("INTERNAL", f.getErrorMessage()))
 
     async def _run(self) -> None:
-        client = self.daemon.client
         try:
             reply = await self._register()
         except SupernodeUnavailable as e:

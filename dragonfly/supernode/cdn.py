@@ -29,7 +29,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ..core.bitmap import Bitmap
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
-from ..core.files import pread_exact
+from ..core.files import pread_exact, write_json_atomic
 from ..core.ids import is_task_id, parse_digest
 from ..core.pieces import piece_count, piece_size_for, piece_span
 from ..core.threads import WorkerPool
@@ -337,10 +337,7 @@ class Cdn:
             "url": task.url, "length": task.length, "pieceSize": task.piece_size,
             "digests": task.digests, "sha256": file_hash,
         }
-        tmp = task.meta_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, task.meta_path)
+        write_json_atomic(task.meta_path, meta)
         task.status = "success"
         log.info(
             "task {task}: origin fetch complete, {length} bytes in {count} pieces",

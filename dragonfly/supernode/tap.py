@@ -6,7 +6,6 @@ C{twistd supernode}: the REST API, the scheduler and the CDN seed.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from typing import Any
@@ -22,6 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from ..core.ids import BadInput
+from ..core.files import write_json_atomic
 from ..core.pieces import MIN_PIECE_SIZE, MAX_PIECE_SIZE
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
@@ -115,9 +115,7 @@ class SupernodeService(Service):
             "pid": os.getpid(), "port": api.getHost().port, "blockPort": self.node.block_port,
             "advertiseIp": self.node.advertise_ip,
         }
-        with open(self.info_path + ".tmp", "w") as f:
-            json.dump(info, f)
-        os.replace(self.info_path + ".tmp", self.info_path)
+        write_json_atomic(self.info_path, info)
         log.info(
             "supernode API on port {port}, seed block port {block}, advertised as {ip}",
             port=info["port"], block=info["blockPort"], ip=info["advertiseIp"],

@@ -22,6 +22,8 @@ from twisted.protocols.basic import FileSender
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from ..core.files import write_json_atomic
+
 
 class BigChunkSender(FileSender):
     CHUNK_SIZE = 256 * 1024
@@ -77,9 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     site.log = lambda request: None  # type: ignore[method-assign]
     port = reactor.listenTCP(args.port, site, interface=args.interface)
     if args.info:
-        with open(args.info + ".tmp", "w") as f:
-            json.dump({"port": port.getHost().port}, f)
-        os.replace(args.info + ".tmp", args.info)
+        write_json_atomic(args.info, {"port": port.getHost().port})
     reactor.run()
 
 

@@ -14,7 +14,7 @@ from twisted.internet.testing import StringTransport
 
 from dragonfly.core.bitmap import Bitmap
 from dragonfly.protocol import frames as F
-from dragonfly.protocol.block import BlockFactory, BlockProtocol
+from dragonfly.protocol.block import BlockFactory
 
 TASK = hashlib.sha256(b"task").hexdigest()
 PIECE = 1000
