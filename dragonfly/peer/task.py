@@ -10,10 +10,10 @@ L{dragonfly.supernode.scheduler}).  Pieces move over block connections:
     it as their parent connect to it; all connections are symmetric;
   - pieces are chosen rarest-first among the neighbours' bitfields, ties at
     random; from the seed only the pieces of the allowance;
-  - each connection keeps a few requests in flight to cover the link's
-    bandwidth-delay product;
-  - at the end (endgame) a missing piece may be asked from a second
-    neighbour, and the loser is cancelled;
+  - each connection has at most two requests out, and the task a bounded
+    number (about 8 MiB), so each piece arrives quickly and can be passed on;
+  - for the last few pieces (endgame) a piece out for over a second may be
+    asked from a second neighbour, and the loser is cancelled;
   - every piece is checked against the SuperNode's SHA-256 before it is
     written, and served to the neighbours (HAVE) as soon as it is written;
   - a piece that fails (bad digest, reject, connection lost, no bytes for
@@ -58,8 +58,14 @@ class PeerTask:
     @param request: what dfget asked: url, headers, digest, identifier, filter, notbs.
     """
 
-    #: target bytes in flight per connection
+    #: requests outstanding on one connection
+    PER_CONNECTION = 2
+    #: bytes of pieces in flight for one task (at least MIN_IN_FLIGHT pieces)
     IN_FLIGHT_BYTES = 8 << 20
+    MIN_IN_FLIGHT = 4
+    #: endgame: duplicate requests only for the last few pieces, out this long
+    ENDGAME_PIECES = 4
+    ENDGAME_AFTER = 1.0
     #: a connection with requests out and no bytes for this long is abandoned
     stall_timeout = 5.0
     #: without a SuperNode and without progress for this long, go to the origin
@@ -93,6 +99,7 @@ class PeerTask:
         self._report_failed: list[dict[str, Any]] = []
         self._digests_from = 0
         self._wake: Deferred | None = None
+        self._kicked = False
         self._last_progress = self.clock.seconds()
         self.started = self.clock.seconds()
         self.finished_at: float | None = None
@@ -441,6 +448,9 @@ class PeerTask:
         self.have.set(index)
         self._last_progress = self.clock.seconds()
         self._report_have.append(index)
+        if conn is self.seed_conn:
+            # a seed piece is done: report it and ask for the next one now
+            self._kick()
         for c in list(self.conns):
             c.send_have(index)
         if self.have.complete:
@@ -452,30 +462,40 @@ class PeerTask:
         self.verifying.discard(index)
         self._finish_failed(TaskFailed("STORE_FAILED", f"cannot write piece {index}: {f.getErrorMessage()}"))
 
-    def _depth(self) -> int:
-        if not self.piece_size:
-            return 2
-        return max(2, min(16, self.IN_FLIGHT_BYTES // self.piece_size))
+    def _limits(self) -> tuple[int, int]:
+        """(requests per connection, pieces in flight for the whole task)."""
+        size = self.piece_size or (4 << 20)
+        return self.PER_CONNECTION, max(self.MIN_IN_FLIGHT, self.IN_FLIGHT_BYTES // size)
 
     def _fill(self) -> None:
-        """Keep every connection's pipeline full (see the module docstring)."""
+        """
+        Keep requests going (see the module docstring): a few per connection
+        and a bounded number for the task, so that each piece completes fast
+        and can be passed on, rather than many pieces crawling in parallel.
+        """
         if self.status != "running" or self.have is None or not self.ready_for_io:
             return
-        depth = self._depth()
+        per_conn, limit = self._limits()
+        in_flight = sum(len(c.requested) for c in self.conns)
         now = self.clock.seconds()
-        conns = list(self.conns)
+        conns = [c for c in self.conns if not c.closed and c.remote_have is not None and len(c.requested) < per_conn]
         self._rng.shuffle(conns)
-        for conn in conns:
-            if conn.closed or conn.remote_have is None:
-                continue
-            while len(conn.requested) < depth:
-                index = self._choose(conn)
+        progress = True
+        while progress and in_flight < limit:
+            progress = False
+            # one request per connection per round spreads the load
+            for conn in conns:
+                if in_flight >= limit or len(conn.requested) >= per_conn:
+                    continue
+                index = self._choose(conn, now)
                 if index is None:
-                    break
+                    continue
                 conn.request(index, now)
                 self.pending.setdefault(index, []).append(conn)
+                in_flight += 1
+                progress = True
 
-    def _choose(self, conn: BlockProtocol) -> int | None:
+    def _choose(self, conn: BlockProtocol, now: float) -> int | None:
         have, remote = self.have, conn.remote_have
         is_seed = conn is self.seed_conn
         best: int | None = None
@@ -489,9 +509,16 @@ class PeerTask:
                 best, best_key = i, key
         if best is not None or is_seed:
             return best
-        # endgame: every missing piece is out; ask a second holder for one
+        # endgame: only the last few pieces, all already asked for; ask a
+        # second holder for one that has been out for a while
+        missing = (self.count or 0) - len(have)
+        if missing > self.ENDGAME_PIECES or missing > len(self.pending) + len(self.verifying):
+            return None
         for i, holders in self.pending.items():
-            if len(holders) == 1 and holders[0] is not conn and i in remote and i not in self.verifying:
+            if (
+                len(holders) == 1 and holders[0] is not conn and i in remote and i not in self.verifying
+                and now - holders[0].requested.get(i, now) >= self.ENDGAME_AFTER
+            ):
                 return i
         return None
 
@@ -508,16 +535,24 @@ class PeerTask:
                 )
                 conn.abort("stalled", 408)
                 self.detached(conn, "stalled")
+        # the endgame waits for requests to age: look again once a second
+        self._fill()
 
     def _kick(self) -> None:
         """Sync now instead of at the next interval."""
         if self._wake is not None and not self._wake.called:
             self._wake.callback(None)
+        else:
+            self._kicked = True
 
     async def _sleep(self, seconds: float) -> None:
+        if self._kicked:
+            self._kicked = False
+            return
         self._wake = Deferred()
         timer = self.clock.callLater(seconds, self._kick)
         await self._wake
+        self._kicked = False
         if timer.active():
             timer.cancel()
 

@@ -81,6 +81,8 @@ class TaskSwarm:
     seed_sends: list[int] = field(factory=list)
     # holders per piece, kept in step with the members' bitmaps
     holders: list[int] = field(factory=list)
+    # seed allowances outstanding over all members
+    seed_out: int = 0
 
 
 @define(frozen=True)
@@ -106,15 +108,18 @@ class Scheduler:
 
     @ivar max_parents: parents handed to each peer.
     @ivar seed_window: seed pieces a peer may have outstanding at once.
+    @ivar seed_slots: seed pieces outstanding over the whole swarm: few, so
+        each one arrives quickly and spreads, instead of all crawling at once.
     @ivar assign_ttl: seconds after which an unreported seed allowance lapses.
     @ivar block_after: failures from one parent before it is blocked.
     @ivar block_for: seconds a bad parent stays blocked for one child.
     @ivar peer_ttl: seconds without a call before a peer is dropped.
     """
 
-    max_parents: int = 6
-    seed_window: int = 4
-    assign_ttl: float = 20.0
+    max_parents: int = 8
+    seed_window: int = 2
+    seed_slots: int = 8
+    assign_ttl: float = 10.0
     block_after: int = 2
     block_for: float = 30.0
     peer_ttl: float = 60.0
@@ -173,6 +178,7 @@ class Scheduler:
         for member in swarm.members.values():
             member.have = Bitmap(count)
             member.seed.clear()
+        swarm.seed_out = 0
 
     def seed_piece_ready(self, task_id: str, index: int) -> None:
         """The CDN verified piece C{index}: the seed can serve it."""
@@ -190,6 +196,7 @@ class Scheduler:
             for index in member.seed:
                 swarm.seed_sends[index] -= 1
             member.seed.clear()
+        swarm.seed_out = 0
 
     def join(self, task_id: str, peer_id: str, now: float) -> Member:
         """Peer C{peer_id} takes part in C{task_id}."""
@@ -218,6 +225,7 @@ class Scheduler:
                 swarm.holders[i] -= 1
         for a in member.seed.values():
             swarm.seed_sends[a.index] -= 1
+        swarm.seed_out -= len(member.seed)
         for other in swarm.members.values():
             if peer_id in other.parents:
                 other.parents.remove(peer_id)
@@ -253,13 +261,14 @@ class Scheduler:
                     swarm.holders[i] += 1
                     if member.seed.pop(i, None) is not None:
                         # the allowance became a real copy: seed_sends keeps it
-                        pass
+                        swarm.seed_out -= 1
             member.done = member.have.complete
         for index, parent in failed:
             if parent == SEED_ID:
                 a = member.seed.pop(index, None)
                 if a is not None:
                     swarm.seed_sends[index] -= 1
+                    swarm.seed_out -= 1
                 continue
             n = member.failures.get(parent, 0) + 1
             member.failures[parent] = n
@@ -286,6 +295,7 @@ class Scheduler:
             if a.expires <= now:
                 del member.seed[index]
                 swarm.seed_sends[index] -= 1
+                swarm.seed_out -= 1
         for parent, until in list(member.blocked.items()):
             if until <= now:
                 del member.blocked[parent]
@@ -320,10 +330,13 @@ class Scheduler:
     def _assign_seed(self, swarm: TaskSwarm, member: Member, now: float) -> list[int]:
         if member.have is None or swarm.seed_has is None:
             return []
-        free = self.seed_window - len(member.seed)
+        free = min(self.seed_window - len(member.seed), self.seed_slots - swarm.seed_out)
         if free > 0:
             nearby = Bitmap(swarm.piece_count or 0)
-            for p in member.parents:
+            # neighbours: the parents we gave it and the peers that chose it
+            neighbours = set(member.parents)
+            neighbours.update(m.peer_id for m in swarm.members.values() if member.peer_id in m.parents)
+            for p in neighbours:
                 other = swarm.members.get(p)
                 if other is None:
                     continue
@@ -346,6 +359,7 @@ class Scheduler:
                 for i in keyed[:free]:
                     member.seed[i] = Assignment(i, now + self.assign_ttl)
                     swarm.seed_sends[i] += 1
+                    swarm.seed_out += 1
         return sorted(member.seed)
 
     # -- views -------------------------------------------------------------

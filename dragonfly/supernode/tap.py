@@ -55,8 +55,9 @@ class Options(usage.Options):
         ["home", None, os.path.expanduser("~/.dragonfly-supernode"), "Home directory; the CDN cache lives in HOME/repo."],
         ["advertise-ip", None, None, "Address peers use to reach this SuperNode's block port (default: detected)."],
         ["piece-size", None, "auto", "Piece size: 'auto' (Dragonfly's rule: 4M up to 15M) or a size such as 1M."],
-        ["max-parents", None, 6, "Parents handed to each peer.", int],
-        ["seed-window", None, 4, "Seed pieces a peer may have outstanding at once.", int],
+        ["max-parents", None, 8, "Parents handed to each peer.", int],
+        ["seed-window", None, 2, "Seed pieces a peer may have outstanding at once.", int],
+        ["seed-slots", None, 8, "Seed pieces outstanding over a task's whole swarm.", int],
         ["peer-ttl", None, 60.0, "Seconds without a heartbeat before a peer is dropped.", float],
         ["workers", None, 4, "Threads for hashing and disk I/O.", int],
     ]
@@ -72,7 +73,7 @@ class Options(usage.Options):
             if not MIN_PIECE_SIZE <= size <= MAX_PIECE_SIZE * 4:
                 raise usage.UsageError(f"--piece-size must be between 64K and 60M, got {size}")
             self["piece-size"] = size
-        for name in ("max-parents", "seed-window", "workers"):
+        for name in ("max-parents", "seed-window", "seed-slots", "workers"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
         if self["advertise-ip"] is None:
@@ -172,7 +173,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     pool.setServiceParent(top)
     http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
     scheduler = Scheduler(
-        max_parents=options["max-parents"], seed_window=options["seed-window"], peer_ttl=options["peer-ttl"]
+        max_parents=options["max-parents"], seed_window=options["seed-window"],
+        seed_slots=options["seed-slots"], peer_ttl=options["peer-ttl"],
     )
     node = SuperNode(
         lambda track: Cdn(home, http, pool, reactor, piece_size=options["piece-size"], on_new_task=track),

@@ -70,6 +70,7 @@ def check_holders(s: Scheduler) -> None:
             for i in m.seed:
                 outstanding[i] += 1
         assert all(sent >= out >= 0 for sent, out in zip(sw.seed_sends, outstanding))
+        assert sw.seed_out == sum(outstanding)
 
 
 # -- peers and parents ------------------------------------------------------------
@@ -201,13 +202,29 @@ def test_super_seeding_each_piece_once_before_twice(peers: int, max_parents: int
 
 def test_small_swarm_allowances_are_disjoint() -> None:
     """When everyone is everyone's parent, no two peers are given the same piece."""
-    s = make(count=12, peers=4, max_parents=6, seed_window=3)
+    s = make(count=12, peers=4, max_parents=6, seed_window=3, seed_slots=12)
     # first everyone picks parents, then the allowances go out
     for n in range(4):
         s.sync(TASK, f"p{n}", 0)
     allowances = [set(swarm(s).members[f"p{n}"].seed) for n in range(4)]
     assert sorted(i for a in allowances for i in a) == list(range(12))
     assert swarm(s).seed_sends == [1] * 12
+
+
+def test_seed_slots_cap_the_whole_swarm() -> None:
+    """The seed has few pieces out at once, so each arrives fast and spreads."""
+    s = make(count=40, peers=10, max_parents=2, seed_window=2, seed_slots=5)
+    for n in range(10):
+        s.sync(TASK, f"p{n}", 0)
+    assert swarm(s).seed_out == 5
+    assert sum(len(m.seed) for m in swarm(s).members.values()) == 5
+    # a finished seed piece frees a slot for the next peer that syncs
+    holder = next(m for m in swarm(s).members.values() if m.seed)
+    s.report(TASK, holder.peer_id, 1, have=[next(iter(holder.seed))])
+    assert swarm(s).seed_out == 4
+    for n in range(10):
+        s.sync(TASK, f"p{n}", 1)
+    assert swarm(s).seed_out == 5
 
 
 def test_no_allowance_for_pieces_a_parent_holds() -> None:
