@@ -1,9 +1,18 @@
 """
 Piece maths: how a task of a given length is cut into pieces.
 
-The default follows Dragonfly 1.x: 4 MiB pieces for files up to 200 MiB, then
-1 MiB more for every further full 100 MiB, capped at 15 MiB.  A SuperNode may be
-configured with a fixed piece size instead (see C{supernode --piece-size}).
+Two rules, chosen with C{supernode --piece-size}:
+
+  - C{auto} (the default, L{swarm_piece_size}): about 128 pieces per file,
+    a power of two from 1 MiB up to 15 MiB.  Measured on emulated hosts
+    (docs/benchmarks.md): a piece can be passed on only once it is whole, so
+    smaller pieces spread sooner; below 1 MiB the per-piece costs (requests,
+    HAVEs, hashing calls, syncs) start to show.
+  - C{dragonfly} (L{dragonfly_piece_size}): Dragonfly 1.x's rule, 4 MiB for
+    files up to 200 MiB, then 1 MiB more for every further full 100 MiB,
+    capped at 15 MiB.
+
+or a fixed size.
 """
 
 from __future__ import annotations
@@ -14,10 +23,28 @@ MAX_PIECE_SIZE = 15 * MiB
 MIN_PIECE_SIZE = 64 * 1024
 
 
-def piece_size_for(length: int | None) -> int:
+#: pieces per file the C{auto} rule aims at
+TARGET_PIECES = 128
+AUTO_MIN_PIECE = 1 * MiB
+
+
+def swarm_piece_size(length: int | None) -> int:
     """
-    The Dragonfly piece size for a file of C{length} bytes (C{None} when the
-    origin did not say).
+    The C{auto} piece size for a file of C{length} bytes (C{None} when the
+    origin did not say): the power of two nearest above C{length / 128},
+    within 1 MiB .. 15 MiB.
+    """
+    if length is None:
+        return DEFAULT_PIECE_SIZE
+    want = max(-(-length // TARGET_PIECES), 1)
+    size = 1 << (want - 1).bit_length()
+    return max(AUTO_MIN_PIECE, min(size, MAX_PIECE_SIZE))
+
+
+def dragonfly_piece_size(length: int | None) -> int:
+    """
+    Dragonfly 1.x's piece size for a file of C{length} bytes (C{None} when
+    the origin did not say).
     """
     if length is None or length <= 200 * MiB:
         return DEFAULT_PIECE_SIZE

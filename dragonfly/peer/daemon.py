@@ -51,8 +51,13 @@ class PeerDaemon:
         ip: str,
         pool: WorkerPool,
         http: Any,
+        per_connection: int = 1,
+        in_flight_bytes: int = 6 << 20,
     ) -> None:
         self.reactor = reactor
+        self.per_connection = per_connection
+        self.in_flight_bytes = in_flight_bytes
+        self.trace = bool(os.environ.get("DRAGONFLY_TRACE"))
         self.clock = reactor
         self.home = home
         self.ip = ip

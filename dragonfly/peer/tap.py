@@ -15,7 +15,9 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from ..core.ids import BadInput
 from ..core.threads import WorkerPool
+from ..core.units import parse_rate
 from ..supernode.tap import QuietSite, detect_ip
 from .client import parse_nodes
 from .daemon import PeerDaemon, PeerService
@@ -40,6 +42,8 @@ class Options(usage.Options):
         ["api", None, "tcp:0:interface=127.0.0.1", "Endpoint of the local API (dfget talks to it)."],
         ["idle-exit", None, 0.0, "Exit after this many seconds with nothing to do (0: never).", float],
         ["workers", None, 4, "Threads for hashing and disk I/O.", int],
+        ["pipeline", None, 1, "Requests outstanding on one connection.", int],
+        ["in-flight", None, "6M", "Bytes of pieces requested and not yet received, per download."],
     ]
 
     def postOptions(self) -> None:
@@ -52,6 +56,12 @@ class Options(usage.Options):
         if self["ip"] is None:
             self["ip"] = detect_ip(self["nodes"][0].rpartition(":")[0])
         self["home"] = os.path.abspath(self["home"])
+        if self["pipeline"] < 1:
+            raise usage.UsageError("--pipeline must be at least 1")
+        try:
+            self["in-flight"] = parse_rate(self["in-flight"])
+        except BadInput as e:
+            raise usage.UsageError(f"--in-flight: {e}") from None
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -64,7 +74,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     pool = WorkerPool(reactor, size=options["workers"], name="dfpeer-io")
     pool.setServiceParent(top)
     http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
-    daemon = PeerDaemon(reactor, options["home"], options["nodes"], options["ip"], pool, http)
+    daemon = PeerDaemon(
+        reactor, options["home"], options["nodes"], options["ip"], pool, http,
+        per_connection=options["pipeline"], in_flight_bytes=options["in-flight"],
+    )
     api = LocalApi(daemon)
     PeerService(
         daemon,

@@ -10,8 +10,9 @@ L{dragonfly.supernode.scheduler}).  Pieces move over block connections:
     it as their parent connect to it; all connections are symmetric;
   - pieces are chosen rarest-first among the neighbours' bitfields, ties at
     random; from the seed only the pieces of the allowance;
-  - each connection has at most two requests out, and the task a bounded
-    number (about 8 MiB), so each piece arrives quickly and can be passed on;
+  - each connection has one request out (C{--pipeline}), and the task a
+    bounded number (C{--in-flight}, about 6 MiB), so each piece arrives
+    quickly and can be passed on;
   - for the last few pieces (endgame) a piece out for over a second may be
     asked from a second neighbour, and the loser is cancelled;
   - every piece is checked against the SuperNode's SHA-256 before it is
@@ -58,10 +59,9 @@ class PeerTask:
     @param request: what dfget asked: url, headers, digest, identifier, filter, notbs.
     """
 
-    #: requests outstanding on one connection
-    PER_CONNECTION = 2
-    #: bytes of pieces in flight for one task (at least MIN_IN_FLIGHT pieces)
-    IN_FLIGHT_BYTES = 8 << 20
+    #: sync interval while the task is starting
+    STARTUP_SYNC = 0.05
+    #: pieces in flight for one task at the least (see dfpeer --in-flight)
     MIN_IN_FLIGHT = 4
     #: endgame: duplicate requests only for the last few pieces, out this long
     ENDGAME_PIECES = 4
@@ -130,6 +130,8 @@ class PeerTask:
             "pieceCount": self.count,
             "piecesDone": len(self.have) if self.have is not None else 0,
             "sha256": self.sha256,
+            # every piece checked against the SuperNode's SHA-256
+            "piecesVerified": self.status == "success" and self.traffic["back_to_source"] == 0,
             "dataPath": self.daemon.store.data_path(self.task_id),
             "traffic": dict(self.traffic),
             "uploaded": self.uploaded,
@@ -166,6 +168,8 @@ class PeerTask:
 
     def start(self) -> None:
         self.status = "running"
+        if self.daemon.trace:
+            log.info("trace {task} start at {t:.3f}", task=self.task_id[:12], t=self.clock.seconds())
         d = Deferred.fromCoroutine(self._run())
         d.addErrback(self._crashed)
 
@@ -202,6 +206,10 @@ class PeerTask:
                 await self._sleep(1.0)
                 continue
             interval = float(reply.get("syncInterval", 0.5))
+            if self.have is None or not self.ready_for_io or self.seed_conn is None:
+                # starting: the length, the seed and the first parents come
+                # in the next few answers; ask again soon
+                interval = min(interval, self.STARTUP_SYNC)
             if self.status != "running":
                 break
             await self._sleep(interval)
@@ -374,9 +382,28 @@ class PeerTask:
         self._fill()
 
     def on_have(self, conn: BlockProtocol, index: int) -> None:
-        if conn is not self.seed_conn:
-            self.avail[index] += 1
-        self._fill()
+        if conn is self.seed_conn:
+            self._fill()
+            return
+        self.avail[index] += 1
+        # HAVEs are the most frequent event: only this connection's choice can
+        # change, and a piece just announced is among the rarest anyway
+        if not self._wanted(index) or self.status != "running" or not self.ready_for_io:
+            return
+        per_conn, limit = self._limits()
+        if len(conn.requested) >= per_conn or conn.closed:
+            return
+        if sum(len(c.requested) for c in self.conns if c is not self.seed_conn) >= limit:
+            return
+        conn.request(index, self.clock.seconds())
+        self.pending.setdefault(index, []).append(conn)
+
+    def _wanted(self, index: int) -> bool:
+        """Missing, not asked for, not being checked, and its digest is known."""
+        return (
+            index not in self.have and index not in self.pending and index not in self.verifying
+            and self.digests[index] is not None
+        )
 
     def on_digests(self, conn: BlockProtocol, first: int, digests: list[bytes]) -> None:
         if conn is not self.seed_conn:
@@ -448,6 +475,11 @@ class PeerTask:
         self.have.set(index)
         self._last_progress = self.clock.seconds()
         self._report_have.append(index)
+        if self.daemon.trace:
+            log.info(
+                "trace {task} piece {index} from {remote} at {t:.3f}",
+                task=self.task_id[:12], index=index, remote=conn.remote_id, t=self.clock.seconds(),
+            )
         if conn is self.seed_conn:
             # a seed piece is done: report it and ask for the next one now
             self._kick()
@@ -465,7 +497,8 @@ class PeerTask:
     def _limits(self) -> tuple[int, int]:
         """(requests per connection, pieces in flight for the whole task)."""
         size = self.piece_size or (4 << 20)
-        return self.PER_CONNECTION, max(self.MIN_IN_FLIGHT, self.IN_FLIGHT_BYTES // size)
+        d = self.daemon
+        return d.per_connection, max(self.MIN_IN_FLIGHT, d.in_flight_bytes // size)
 
     def _fill(self) -> None:
         """
@@ -476,9 +509,22 @@ class PeerTask:
         if self.status != "running" or self.have is None or not self.ready_for_io:
             return
         per_conn, limit = self._limits()
-        in_flight = sum(len(c.requested) for c in self.conns)
         now = self.clock.seconds()
-        conns = [c for c in self.conns if not c.closed and c.remote_have is not None and len(c.requested) < per_conn]
+        seed = self.seed_conn
+        if seed is not None and not seed.closed and seed.remote_have is not None:
+            # the seed allowance goes first and apart from the budget: it is
+            # the swarm's only supply of pieces nobody holds yet
+            while len(seed.requested) < max(per_conn, len(self.seed_allowed)):
+                index = self._choose(seed, now)
+                if index is None:
+                    break
+                seed.request(index, now)
+                self.pending.setdefault(index, []).append(seed)
+        in_flight = sum(len(c.requested) for c in self.conns if c is not seed)
+        conns = [
+            c for c in self.conns
+            if c is not seed and not c.closed and c.remote_have is not None and len(c.requested) < per_conn
+        ]
         self._rng.shuffle(conns)
         progress = True
         while progress and in_flight < limit:
@@ -502,7 +548,7 @@ class PeerTask:
         best_key = None
         candidates = self.seed_allowed if is_seed else range(self.count or 0)
         for i in candidates:
-            if i in have or i in self.pending or i in self.verifying or i not in remote or self.digests[i] is None:
+            if i not in remote or not self._wanted(i):
                 continue
             key = (self.avail[i], self._rng.random())
             if best_key is None or key < best_key:

@@ -445,6 +445,11 @@ class FrameDecoder:
         return self._error is not None
 
     @property
+    def body_remaining(self) -> int:
+        """Bytes of the current piece body still to come (0 outside a piece body)."""
+        return self._remaining if self._state == _S_BODY else 0
+
+    @property
     def idle(self) -> bool:
         """True when no partial frame is pending (a clean place to stop)."""
         return self._state == _S_HEADER and not self._buf

@@ -31,7 +31,7 @@ from ..core.bitmap import Bitmap
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.files import pread_exact, write_json_atomic
 from ..core.ids import is_task_id, parse_digest
-from ..core.pieces import piece_count, piece_size_for, piece_span
+from ..core.pieces import piece_count, piece_span, swarm_piece_size
 from ..core.threads import WorkerPool
 
 log = Logger()
@@ -132,7 +132,7 @@ class Cdn:
     The cache of origin files under C{<home>/repo}.
 
     @param http: a treq-like client with C{get(url, headers=..., unbuffered=True)}.
-    @param piece_size: a fixed piece size, or C{None} for Dragonfly's rule.
+    @param piece_size: a fixed piece size, or a rule: length (or None) to piece size.
     """
 
     def __init__(
@@ -141,7 +141,7 @@ class Cdn:
         http: Any,
         pool: WorkerPool,
         clock: Any,
-        piece_size: int | None = None,
+        piece_size: int | Callable[[int | None], int] = swarm_piece_size,
         idle_timeout: float = 60.0,
         on_new_task: Callable[[CdnTask], None] | None = None,
     ) -> None:
@@ -281,7 +281,8 @@ class Cdn:
             return
         length = response.length if response.length is not UNKNOWN_LENGTH else None
         task.length = length
-        task.piece_size = self._piece_size or piece_size_for(length)
+        rule = self._piece_size
+        task.piece_size = rule(length) if callable(rule) else rule
         fd = os.open(task.data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         if length is not None:
             self._publish_length(task, length)

@@ -117,8 +117,8 @@ class Scheduler:
     """
 
     max_parents: int = 8
-    seed_window: int = 2
-    seed_slots: int = 8
+    seed_window: int = 1
+    seed_slots: int = 16
     assign_ttl: float = 10.0
     block_after: int = 2
     block_for: float = 30.0

@@ -22,7 +22,7 @@ from twisted.web.server import Site
 
 from ..core.ids import BadInput
 from ..core.files import write_json_atomic
-from ..core.pieces import MIN_PIECE_SIZE, MAX_PIECE_SIZE
+from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
 from ..protocol.block import BlockFactory
@@ -54,17 +54,19 @@ class Options(usage.Options):
         ["listen", None, "0.0.0.0", "Interface to listen on."],
         ["home", None, os.path.expanduser("~/.dragonfly-supernode"), "Home directory; the CDN cache lives in HOME/repo."],
         ["advertise-ip", None, None, "Address peers use to reach this SuperNode's block port (default: detected)."],
-        ["piece-size", None, "auto", "Piece size: 'auto' (Dragonfly's rule: 4M up to 15M) or a size such as 1M."],
+        ["piece-size", None, "auto", "Piece size: 'auto' (about 128 pieces, 1M to 15M), 'dragonfly' (1.x's rule: 4M up to 15M) or a size such as 1M."],
         ["max-parents", None, 8, "Parents handed to each peer.", int],
-        ["seed-window", None, 2, "Seed pieces a peer may have outstanding at once.", int],
-        ["seed-slots", None, 8, "Seed pieces outstanding over a task's whole swarm.", int],
+        ["seed-window", None, 1, "Seed pieces a peer may have outstanding at once.", int],
+        ["seed-slots", None, 16, "Seed pieces outstanding over a task's whole swarm.", int],
         ["peer-ttl", None, 60.0, "Seconds without a heartbeat before a peer is dropped.", float],
         ["workers", None, 4, "Threads for hashing and disk I/O.", int],
     ]
 
     def postOptions(self) -> None:
         if self["piece-size"] == "auto":
-            self["piece-size"] = None
+            self["piece-size"] = swarm_piece_size
+        elif self["piece-size"] == "dragonfly":
+            self["piece-size"] = dragonfly_piece_size
         else:
             try:
                 size = parse_rate(self["piece-size"])

@@ -28,7 +28,8 @@ from dragonfly.core.pieces import (
     MAX_PIECE_SIZE,
     MiB,
     piece_count,
-    piece_size_for,
+    dragonfly_piece_size,
+    swarm_piece_size,
     piece_span,
 )
 from dragonfly.core.units import human_bytes, parse_duration, parse_rate
@@ -61,16 +62,16 @@ OTHER_SHA = "cd" * 32
 )
 def test_piece_size_dragonfly_rule(length: int | None, expected_mib: int) -> None:
     """4 MiB up to 200 MiB, then +1 MiB per full 100 MiB (Dragonfly 1.x), capped at 15 MiB."""
-    assert piece_size_for(length) == expected_mib * MiB
+    assert dragonfly_piece_size(length) == expected_mib * MiB
 
 
 @given(st.integers(min_value=0, max_value=1 << 45))
 def test_piece_size_bounds_and_monotonic(length: int) -> None:
     """Always between 4 and 15 MiB, a whole number of MiB, never shrinking with length."""
-    size = piece_size_for(length)
+    size = dragonfly_piece_size(length)
     assert DEFAULT_PIECE_SIZE <= size <= MAX_PIECE_SIZE
     assert size % MiB == 0
-    assert piece_size_for(length + 100 * MiB) >= size
+    assert dragonfly_piece_size(length + 100 * MiB) >= size
 
 
 def test_piece_count_basics() -> None:
@@ -434,3 +435,32 @@ def test_task_id_matches_documented_material() -> None:
     """The id is a SHA-256 (stable across releases: peers and CDN caches rely on it)."""
     assert task_id("http://h/f") == hashlib.sha256(b"url\0http://h/f\0").hexdigest()
     assert task_id("u", digest=f"sha256:{SHA}") == hashlib.sha256(f"digest\0sha256:{SHA}".encode()).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("length", "expected"),
+    [
+        (None, 4 * MiB),
+        (0, 1 * MiB),
+        (1, 1 * MiB),
+        (64 * MiB, 1 * MiB),
+        (128 * MiB, 1 * MiB),
+        (128 * MiB + 1, 2 * MiB),
+        (256 * MiB, 2 * MiB),
+        (1 << 30, 8 * MiB),
+        (10 << 30, 15 * MiB),
+    ],
+)
+def test_auto_piece_size(length, expected):
+    assert swarm_piece_size(length) == expected
+
+
+@given(st.integers(0, 1 << 40))
+def test_auto_piece_size_bounds(length):
+    size = swarm_piece_size(length)
+    assert 1 * MiB <= size <= 15 * MiB
+    if size < 8 * MiB:
+        assert size & (size - 1) == 0
+    # at most 128 pieces until the cap
+    if size < 15 * MiB and length:
+        assert piece_count(length, size) <= 128

@@ -1,0 +1,837 @@
+"""
+The swarm benchmark (C{make bench}, needs root): N emulated hosts fetch the
+same file at the same moment, through Dragonfly and, as the baseline, each
+straight from the origin over plain HTTP.
+
+    python -m bench.swarm [--peers 5,10,20] [--file-size 64M] [--peer-rate 80]
+                          [--origin-rate 160] [--supernode-rate 160]
+                          [--piece-size auto] [--systems dragonfly,http]
+                          [--out docs/bench] [--smoke] [--report]
+
+For every N a fresh emulated network (L{bench.netem}): the hosts C{origin}
+(the counting origin of L{dragonfly.testing.origin}), C{supernode} and
+C{peer1..N}, each in its own namespace with shaped links (rates in Mbit/s).
+Then one round per system:
+
+  - dragonfly: a fresh SuperNode and N fresh dfpeers (new homes: nothing is
+    cached), then C{dfget} on every peer;
+  - http: C{curl -o} (or C{wget -O}) on every peer, straight from the origin.
+
+All downloads of a round are held at a start line (L{bench.gate}) and
+released together; a host's time runs from that common start to the exit of
+its process.  Every output's SHA-256 is checked.  Per round: mean, p50, p90
+and max time, each also as a ratio to the physical limit F/B; bytes the
+origin sent (its C{/_stats} counter) and the SuperNode seeded, in copies of
+F; the share of the peers' bytes that came from other peers; the CPU use of
+the whole machine (from C{/proc/stat}), flagged when above 90%: then the
+machine, not the emulated network, was the limit.
+
+Results are merged per N into OUT/results.json; OUT/swarm.png plots mean time
+against N for both systems (with matplotlib, the C{bench} extra) and
+OUT/results.md holds the table.  Exit status: 0 all rounds passed, 1 some
+download failed or was corrupt, 75 another run holds the emulated network,
+77 this machine cannot run it (not root, no C{ip netns}).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import math
+import os
+import platform
+import select
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator
+
+from dragonfly.core.units import parse_rate
+from dragonfly.testing.swarm import sha256_file, wait_for_file, write_random_file
+
+from . import netem
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+FILE_NAME = "payload.bin"
+API_PORT, BLOCK_PORT, ORIGIN_PORT = 8002, 8001, 80
+SYSTEMS = ("dragonfly", "http")
+# A round was limited by the machine's CPUs, not by the emulated network, when
+# they were more than CPU_BUSY busy on average or during most of the round.
+CPU_BUSY = 0.90
+EXIT_FAILED, EXIT_BUSY, EXIT_UNAVAILABLE = 1, 75, 77
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", flush=True)
+
+
+# -- the scenario ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What one run measures (rates in Mbit/s, sizes in bytes)."""
+
+    peers: tuple[int, ...]
+    file_size: int
+    peer_mbit: float
+    origin_mbit: float
+    supernode_mbit: float
+    piece_size: str
+    systems: tuple[str, ...]
+    timeout: float
+    supernode_args: str = ""
+    peer_args: str = ""
+
+    def params(self) -> dict[str, Any]:
+        """What must match for results of two runs to be merged."""
+        p = asdict(self)
+        for key in ("peers", "systems", "timeout"):
+            del p[key]
+        return p
+
+    @property
+    def fb_seconds(self) -> float:
+        """F/B: nobody can finish sooner (the physical limit)."""
+        return self.file_size * 8 / (self.peer_mbit * 1e6)
+
+    def fluid_bound(self, n: int) -> float:
+        """max(F/S, F/B, N*F/(S + N*B)): the bound for any swarm of N peers."""
+        f, s, b = self.file_size * 8, self.origin_mbit * 1e6, self.peer_mbit * 1e6
+        return max(f / s, f / b, n * f / (s + n * b))
+
+    def http_bound(self, n: int) -> float:
+        """max(F/B, N*F/S): the bound when every host fetches from the origin."""
+        return max(self.fb_seconds, n * self.file_size * 8 / (self.origin_mbit * 1e6))
+
+
+def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
+    p = argparse.ArgumentParser(prog="bench.swarm", description=__doc__.split("\n\n")[1])
+    p.add_argument("--peers", help="numbers of peers, comma separated (default 5,10,20)")
+    p.add_argument("--file-size", help="file size, e.g. 64M (default 64M)")
+    p.add_argument("--peer-rate", type=float, help="peer link, up and down, Mbit/s (default 80)")
+    p.add_argument("--origin-rate", type=float, help="origin link, Mbit/s (default 160)")
+    p.add_argument("--supernode-rate", type=float, help="supernode link, Mbit/s (default 160)")
+    p.add_argument("--piece-size", help="the SuperNode's --piece-size: auto or a size such as 1M (default auto)")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="dragonfly,http (default both)")
+    p.add_argument("--supernode-args", default="", help="more options for twistd supernode, e.g. '--seed-slots 4'")
+    p.add_argument("--peer-args", default="", help="more options for twistd dfpeer, e.g. '--in-flight 16M'")
+    p.add_argument("--out", help="results directory (default docs/bench; with --smoke a new temp dir)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds one round may take (default 900)")
+    p.add_argument("--workdir", help="homes, downloads and logs (default a temp dir in /dev/shm, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the workdir (logs) afterwards")
+    p.add_argument("--no-plot", action="store_true", help="do not draw OUT/swarm.png")
+    p.add_argument("--report", action="store_true",
+                   help="run nothing: redraw OUT/swarm.png and OUT/results.md from OUT/results.json")
+    p.add_argument("--smoke", action="store_true",
+                   help="a quick check: 3 peers, a 4 MiB file, 200 Mbit/s links, 1M pieces")
+    args = p.parse_args(argv)
+    defaults = dict(peers="5,10,20", file_size="64M", peer_rate=80.0, origin_rate=160.0,
+                    supernode_rate=160.0, piece_size="auto")
+    if args.smoke:
+        defaults = dict(peers="3", file_size="4M", peer_rate=200.0, origin_rate=200.0,
+                        supernode_rate=200.0, piece_size="1M")
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out is None and not args.smoke:  # a smoke run gets a temp dir once it can run
+        args.out = os.path.join(REPO, "docs", "bench")
+    try:
+        peers = tuple(int(x) for x in args.peers.split(","))
+        size = parse_rate(args.file_size)
+    except ValueError as e:
+        p.error(str(e))
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    if not peers or min(peers) < 1:
+        p.error("--peers: at least one number, each at least 1")
+    if size < 1:
+        p.error("--file-size must be at least 1 byte")
+    if not systems or set(systems) - set(SYSTEMS):
+        p.error(f"--systems: a comma-separated subset of {','.join(SYSTEMS)}")
+    for name in ("peer_rate", "origin_rate", "supernode_rate"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    scenario = Scenario(peers, size, args.peer_rate, args.origin_rate, args.supernode_rate,
+                        args.piece_size, systems, args.timeout, args.supernode_args, args.peer_args)
+    return scenario, args
+
+
+# -- measuring -------------------------------------------------------------------------
+
+
+_CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_times() -> dict[str, int]:
+    """Jiffies of all CPUs since boot, by kind (guest time is inside user)."""
+    with open("/proc/stat") as f:
+        return dict(zip(_CPU_FIELDS, (int(x) for x in f.readline().split()[1:9])))
+
+
+def busy_share(a: dict[str, int], b: dict[str, int], kinds: tuple[str, ...] | None = None) -> float:
+    """The share of CPU time between C{a} and C{b} spent busy (or in C{kinds})."""
+    delta = {k: b[k] - a[k] for k in _CPU_FIELDS}
+    total = max(sum(delta.values()), 1)
+    if kinds is None:
+        return (total - delta["idle"] - delta["iowait"]) / total
+    return sum(delta[k] for k in kinds) / total
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds a live process has used (0 when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+class CpuMeter:
+    """
+    The busy share of the whole machine while entered, sampled every
+    C{interval}, split into user, system and interrupt time; and the CPU
+    seconds of the long-running processes in C{watch} (name -> pids).
+    """
+
+    def __init__(self, watch: dict[str, list[int]] | None = None, interval: float = 0.25) -> None:
+        self.interval = interval
+        self.watch = watch or {}
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+        self._first = self._last = cpu_times()
+        self._proc_first: dict[str, float] = {}
+        self._proc_last: dict[str, float] = {}
+
+    def _process_seconds(self) -> dict[str, float]:
+        return {name: sum(process_cpu_seconds(pid) for pid in pids) for name, pids in self.watch.items()}
+
+    def _run(self) -> None:
+        prev = self._first
+        while not self._stop.wait(self.interval):
+            now = cpu_times()
+            self.samples.append(busy_share(prev, now))
+            prev = now
+
+    def __enter__(self) -> "CpuMeter":
+        self._proc_first = self._process_seconds()
+        self._first = cpu_times()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._last = cpu_times()
+        self._proc_last = self._process_seconds()
+
+    def summary(self) -> dict[str, Any]:
+        mean = busy_share(self._first, self._last)
+        summary = {
+            "cpus": os.cpu_count(),
+            "busyMean": round(mean, 3),
+            "busyMax": round(max(self.samples, default=mean), 3),
+            "samplesOver90": round(sum(s > CPU_BUSY for s in self.samples) / max(len(self.samples), 1), 3),
+            "user": round(busy_share(self._first, self._last, ("user", "nice")), 3),
+            "system": round(busy_share(self._first, self._last, ("system",)), 3),
+            "interrupts": round(busy_share(self._first, self._last, ("irq", "softirq")), 3),
+            "processSeconds": {name: round(self._proc_last[name] - self._proc_first[name], 2) for name in self.watch},
+        }
+        summary["cpuBound"] = cpu_bound(summary)
+        return summary
+
+
+def cpu_bound(cpu: dict[str, Any]) -> bool:
+    """Was the round limited by the CPUs (see L{CPU_BUSY})?"""
+    return cpu["busyMean"] > CPU_BUSY or cpu["samplesOver90"] > 0.5
+
+
+def wait_for_quiet_cpu(threshold: float = 0.3, timeout: float = 20.0) -> float:
+    """Let start-up work (imports, registrations) finish before a round starts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        a = cpu_times()
+        time.sleep(0.5)
+        share = busy_share(a, cpu_times())
+        if share < threshold or time.monotonic() > deadline:
+            return share
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The C{q} quantile (0..1) with linear interpolation between ranks."""
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = math.floor(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def time_stats(times: list[float], unit: float) -> tuple[dict[str, float], dict[str, float]]:
+    """(seconds, ratios to C{unit}) for mean, p50, p90 and max of C{times}."""
+    if not times:
+        return {}, {}
+    seconds = {
+        "mean": sum(times) / len(times), "p50": percentile(times, 0.5),
+        "p90": percentile(times, 0.9), "max": max(times), "min": min(times),
+    }
+    return ({k: round(v, 3) for k, v in seconds.items()},
+            {k: round(v / unit, 3) for k, v in seconds.items()})
+
+
+# -- one network ------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """How one host's download process ended."""
+
+    seconds: float | None
+    exit: int | None
+    error: str = ""
+
+
+class Testbed:
+    """The hosts of one N on one L{netem.Network}, and the rounds run on them."""
+
+    def __init__(self, net: netem.Network, scenario: Scenario, n: int, www: str, want: str, workdir: str) -> None:
+        self.net = net
+        self.sc = scenario
+        self.n = n
+        self.want = want
+        self.workdir = workdir
+        self.logdir = os.path.join(workdir, "logs", f"n{n}")
+        os.makedirs(self.logdir, exist_ok=True)
+        self.origin = net.add_host("origin", scenario.origin_mbit, scenario.origin_mbit)
+        self.supernode = net.add_host("supernode", scenario.supernode_mbit, scenario.supernode_mbit)
+        self.peers = [net.add_host(f"peer{i}", scenario.peer_mbit, scenario.peer_mbit) for i in range(1, n + 1)]
+        self.url = f"http://{self.origin.ip}:{ORIGIN_PORT}/{FILE_NAME}"
+        self._www = www
+        self.origin_proc: subprocess.Popen | None = None
+
+    # processes
+
+    def spawn(self, host: netem.Host, tag: str, argv: list[str], **kwargs: Any) -> subprocess.Popen:
+        """Start a long-running program in C{host}, its output in the log dir."""
+        with open(os.path.join(self.logdir, f"{tag}.log"), "ab") as out:
+            return self.net.popen(host, argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, **kwargs)
+
+    def start_origin(self) -> None:
+        """The counting origin, serving the payload (for both systems, all rounds of this N)."""
+        info = os.path.join(self.workdir, f"origin-n{self.n}.json")
+        self.origin_proc = self.spawn(self.origin, "origin", [
+            sys.executable, "-m", "dragonfly.testing.origin", "--root", self._www,
+            "--port", str(ORIGIN_PORT), "--interface", self.origin.ip, "--info", info,
+        ])
+        wait_for_file(info, 30, self.origin_proc)
+
+    def origin_bytes(self) -> int:
+        (stats,) = self.net.get_json([(self.origin, f"http://{self.origin.ip}:{ORIGIN_PORT}/_stats")])
+        if stats is None:
+            raise RuntimeError("the origin's /_stats did not answer")
+        return int(stats["bytesSent"])
+
+    def race(self, tag: str, commands: dict[netem.Host, list[str]], call: str | None = None,
+             watch: dict[str, list[int]] | None = None) -> tuple[dict[str, Outcome], dict[str, Any]]:
+        """
+        Run one command per host, all released at one moment (L{bench.gate});
+        each host's time runs from that moment to its process's exit.
+        Returns the outcomes by host name, and what was measured meanwhile:
+        the CPU use (with the CPU seconds of the processes in C{watch}) and
+        each link's counters.
+        """
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        procs: dict[str, subprocess.Popen] = {}
+        errs: dict[str, str] = {}
+        try:
+            for host, argv in commands.items():
+                gate = [sys.executable, "-m", "bench.gate", str(ready_w), str(go_r)]
+                gate += ["--call", call] if call else []
+                errs[host.name] = os.path.join(self.logdir, f"{tag}-{host.name}.err")
+                with open(errs[host.name], "wb") as err:
+                    procs[host.name] = self.net.popen(host, [*gate, "--", *argv], pass_fds=(ready_w, go_r),
+                                                      stdout=subprocess.DEVNULL, stderr=err, cwd=REPO)
+            os.close(ready_w)
+            ready_w = -1
+            os.close(go_r)
+            go_r = -1
+            self._wait_ready(ready_r, procs)
+            wait_for_quiet_cpu()
+            links_before = self.net.link_counters()
+            ends: dict[str, float] = {}
+            with CpuMeter(watch) as cpu:
+                start = time.monotonic()
+                os.write(go_w, b"g" * len(procs))
+                deadline = start + self.sc.timeout
+                while len(ends) < len(procs) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                    now = time.monotonic()
+                    for name, proc in procs.items():
+                        if name not in ends and proc.poll() is not None:
+                            ends[name] = now - start
+            links = link_deltas(links_before, self.net.link_counters())
+        finally:
+            for fd in (ready_r, ready_w, go_r, go_w):
+                if fd >= 0:
+                    os.close(fd)
+            self.net.stop(list(procs.values()), grace=2.0)
+        outcomes = {}
+        for name, proc in procs.items():
+            if name in ends:
+                outcomes[name] = Outcome(round(ends[name], 3), proc.returncode, _tail(errs[name]) if proc.returncode else "")
+            else:
+                outcomes[name] = Outcome(None, None, f"still running after {self.sc.timeout:.0f}s")
+        return outcomes, {"cpu": cpu.summary(), "links": links}
+
+    @staticmethod
+    def _wait_ready(ready_r: int, procs: dict[str, subprocess.Popen], timeout: float = 120.0) -> None:
+        got = 0
+        deadline = time.monotonic() + timeout
+        while got < len(procs):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {got} of {len(procs)} downloads got to the start line in {timeout:.0f}s")
+            readable, _, _ = select.select([ready_r], [], [], 0.5)
+            if readable:
+                data = os.read(ready_r, len(procs))
+                if not data:
+                    dead = {n: p.returncode for n, p in procs.items() if p.poll() is not None}
+                    raise RuntimeError(f"downloads died before the start: exit codes {dead}")
+                got += len(data)
+
+    def verify(self, outputs: dict[str, str]) -> dict[str, bool]:
+        """SHA-256 of every host's output against the origin file's."""
+        return {name: os.path.isfile(path) and sha256_file(path) == self.want for name, path in outputs.items()}
+
+    def round_dir(self, system: str) -> str:
+        path = os.path.join(self.workdir, f"n{self.n}-{system}")
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(os.path.join(path, "out"))
+        return path
+
+    # the rounds
+
+    def run_dragonfly(self) -> dict[str, Any]:
+        """Fresh SuperNode and dfpeers, then dfget on every peer at once."""
+        rdir = self.round_dir("dragonfly")
+        twistd = os.path.join(BIN, "twistd")
+        sn_home = os.path.join(rdir, "supernode")
+        os.makedirs(sn_home)
+        sn_ip = self.supernode.ip
+        started: list[subprocess.Popen] = []
+        try:
+            sn_argv = [twistd, "-n", "--pidfile=", "supernode", "--port", str(API_PORT),
+                       "--block-port", str(BLOCK_PORT), "--listen", sn_ip, "--advertise-ip", sn_ip,
+                       "--home", sn_home, "--piece-size", self.sc.piece_size, *shlex.split(self.sc.supernode_args)]
+            started.append(self.spawn(self.supernode, "dragonfly-supernode", sn_argv))
+            wait_for_file(os.path.join(sn_home, "supernode.json"), 60, started[0])
+            homes = {p.name: os.path.join(rdir, p.name) for p in self.peers}
+            for peer in self.peers:
+                os.makedirs(homes[peer.name])
+                started.append(self.spawn(peer, f"dragonfly-{peer.name}", [
+                    twistd, "-n", "--pidfile=", "dfpeer", "--supernode", f"{sn_ip}:{API_PORT}",
+                    "--home", homes[peer.name], "--ip", peer.ip, "--listen", peer.ip, "--port", str(BLOCK_PORT),
+                    *shlex.split(self.sc.peer_args),
+                ]))
+            apis = {}
+            for peer, proc in zip(self.peers, started[1:]):
+                apis[peer.name] = wait_for_file(os.path.join(homes[peer.name], "peer.json"), 60 + 2 * self.n, proc)["api"]
+            outputs = {p.name: os.path.join(rdir, "out", p.name) for p in self.peers}
+            before = self.origin_bytes()
+            outcomes, measured = self.race("dragonfly", {
+                p: ["-u", self.url, "-o", outputs[p.name], "--home", homes[p.name],
+                    "--node", f"{sn_ip}:{API_PORT}", "--no-progress"]
+                for p in self.peers
+            }, call="dragonfly.cli.dfget:main", watch={
+                "origin": [self.origin_proc.pid], "supernode": [started[0].pid],
+                "dfpeers": [p.pid for p in started[1:]],
+            })
+            origin = self.origin_bytes() - before
+            ok = self.verify(outputs)
+            replies = self.net.get_json(
+                [(self.supernode, f"http://{sn_ip}:{API_PORT}/api/v1/tasks")]
+                + [(p, f"{apis[p.name]}/api/v1/tasks") for p in self.peers]
+            )
+            seed = sum(t.get("seedBytes", 0) for t in (replies[0] or {}).get("tasks", []))
+            traffic = {}
+            for peer, reply in zip(self.peers, replies[1:]):
+                mine = [t for t in (reply or {}).get("tasks", []) if t.get("url") == self.url]
+                traffic[peer.name] = mine[0].get("traffic", {}) if mine else {}
+            return self.record("dragonfly", outcomes, ok, measured, origin, seed, traffic)
+        finally:
+            self.net.stop(started)
+            shutil.rmtree(rdir, ignore_errors=True)
+
+    def run_http(self) -> dict[str, Any]:
+        """Every peer fetches the file from the origin itself, all at once."""
+        rdir = self.round_dir("http")
+        outputs = {p.name: os.path.join(rdir, "out", p.name) for p in self.peers}
+        try:
+            before = self.origin_bytes()
+            outcomes, measured = self.race("http", {p: http_client(self.url, outputs[p.name]) for p in self.peers},
+                                           watch={"origin": [self.origin_proc.pid]})
+            origin = self.origin_bytes() - before
+            ok = self.verify(outputs)
+            return self.record("http", outcomes, ok, measured, origin, 0, {})
+        finally:
+            shutil.rmtree(rdir, ignore_errors=True)
+
+    def record(self, system: str, outcomes: dict[str, Outcome], ok: dict[str, bool], measured: dict[str, Any],
+               origin: int, seed: int, traffic: dict[str, dict[str, int]]) -> dict[str, Any]:
+        """The JSON record of one round."""
+        links = measured["links"]
+        f = self.sc.file_size
+        hosts = {}
+        for name, outcome in outcomes.items():
+            hosts[name] = {"seconds": outcome.seconds, "exit": outcome.exit, "sha256Ok": ok[name]}
+            if outcome.error:
+                hosts[name]["error"] = outcome.error
+            if traffic.get(name):
+                hosts[name]["traffic"] = traffic[name]
+            hosts[name]["link"] = links.get(name, {})
+        passed = {n for n, o in outcomes.items() if o.exit == 0 and ok[n] and o.seconds is not None}
+        good = [outcomes[n].seconds for n in passed]
+        seconds, ratios = time_stats(good, self.sc.fb_seconds)
+        totals: dict[str, int] = {}
+        for t in traffic.values():
+            for kind, n in t.items():
+                totals[kind] = totals.get(kind, 0) + int(n)
+        received = sum(totals.values())
+        return {
+            "system": system,
+            "n": self.n,
+            "ok": len(passed) == self.n,
+            "failed": sorted(set(outcomes) - passed),
+            "seconds": seconds,
+            "xFB": ratios,
+            "originBytes": origin,
+            "originCopies": round(origin / f, 3),
+            "supernodeBytes": seed,
+            "supernodeCopies": round(seed / f, 3),
+            "p2pShare": round(totals.get("remote_peer", 0) / received, 3) if received else 0.0,
+            "traffic": totals,
+            "cpu": measured["cpu"],
+            "link": {
+                "drops": sum(c["drops"] for c in links.values()),
+                "originUpBytes": links.get("origin", {}).get("upBytes", 0),
+                "supernodeUpBytes": links.get("supernode", {}).get("upBytes", 0),
+                "peersUpBytes": sum(links[p.name]["upBytes"] for p in self.peers if p.name in links),
+                "peersDownBytes": sum(links[p.name]["downBytes"] for p in self.peers if p.name in links),
+            },
+            # what the peers' links carried, per peer, in copies of F (headers included: ~1.05 is ideal)
+            "wireCopiesPerPeer": round(sum(links[p.name]["downBytes"] for p in self.peers if p.name in links)
+                                       / (self.n * f), 3),
+            "hosts": hosts,
+            "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def link_deltas(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Per host and counter, C{after - before}."""
+    return {host: {k: v - before.get(host, {}).get(k, 0) for k, v in counters.items()} for host, counters in after.items()}
+
+
+def http_client(url: str, output: str) -> list[str]:
+    """The plain-HTTP download command: curl, else wget."""
+    if shutil.which("curl"):
+        return ["curl", "-sS", "--fail", "-o", output, url]
+    if shutil.which("wget"):
+        return ["wget", "-q", "-O", output, url]
+    raise RuntimeError("the http baseline needs curl or wget (apt-get install curl)")
+
+
+def _tail(path: str, limit: int = 400) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read()[-limit:].decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+# -- results -----------------------------------------------------------------------------
+
+
+def git_version() -> str:
+    try:
+        out = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def load_results(path: str, scenario: Scenario) -> dict[str, Any]:
+    """The results file to merge into: the old one if it measured the same scenario."""
+    fresh = {
+        "benchmark": "bench.swarm", "params": scenario.params(), "fbSeconds": round(scenario.fb_seconds, 3),
+        "runs": {},
+    }
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return fresh
+    if old.get("params") != fresh["params"]:
+        say(f"{path} holds another scenario ({old.get('params')}); starting it afresh")
+        return fresh
+    old.setdefault("runs", {})
+    return old
+
+
+def save_results(path: str, results: dict[str, Any], scenario: Scenario) -> None:
+    results["machine"] = {
+        "cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+        "dragonfly": git_version(),
+    }
+    results["bounds"] = {
+        str(n): {"fbSeconds": round(scenario.fb_seconds, 3), "fluidSeconds": round(scenario.fluid_bound(n), 3),
+                 "httpSeconds": round(scenario.http_bound(n), 3)}
+        for n in sorted(int(k) for k in results["runs"])
+    }
+    results["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    write_json(path, results)
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write C{path} whole or not at all."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def rows(results: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    for n in sorted(results["runs"], key=int):
+        for system in SYSTEMS:
+            if system in results["runs"][n]:
+                yield results["runs"][n][system]
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as a fixed-width table (times in seconds and x F/B)."""
+    p = results["params"]
+    head = (f"F = {p['file_size'] / (1 << 20):g} MiB, B = {p['peer_mbit']:g} Mbit/s, "
+            f"S = {p['origin_mbit']:g} Mbit/s, supernode {p['supernode_mbit']:g} Mbit/s, "
+            f"pieces {p['piece_size']}; F/B = {results['fbSeconds']:.2f} s")
+    cols = f"{'N':>3} {'system':<9} " + " ".join(f"{c:>13}" for c in ("mean", "p50", "p90", "max")) + \
+        f" {'origin':>7} {'seed':>6} {'p2p':>5} {'wire':>5} {'cpu':>9}  ok"
+    lines = [head, "", cols, "-" * len(cols)]
+    for r in rows(results):
+        times = " ".join(
+            f"{r['seconds'][k]:6.2f}s {r['xFB'][k]:5.2f}x" if r["seconds"] else f"{'-':>13}"
+            for k in ("mean", "p50", "p90", "max")
+        )
+        cpu = f"{r['cpu']['busyMean'] * 100:3.0f}%" + (" CPU!" if r["cpu"]["cpuBound"] else "     ")
+        seed = f"{r['supernodeCopies']:6.2f}" if r["system"] == "dragonfly" else f"{'-':>6}"
+        ok = "yes" if r["ok"] else f"NO: {', '.join(r['failed'])}"
+        lines.append(f"{r['n']:>3} {r['system']:<9} {times} {r['originCopies']:7.2f} {seed} "
+                     f"{r['p2pShare']:5.2f} {r.get('wireCopiesPerPeer', math.nan):5.2f} {cpu:>9}  {ok}")
+    cpus = results.get("machine", {}).get("cpus", os.cpu_count())
+    lines += [
+        "",
+        "times: seconds from the common start, and x F/B",
+        "origin, seed: bytes sent by the origin and by the SuperNode, in copies of F",
+        "p2p: share of the peers' bytes that came from other peers",
+        "wire: bytes each peer's link carried down, in copies of F (TCP/IP headers make 1.05 the ideal)",
+        f"cpu: mean busy share of the machine's {cpus} CPUs during the round; CPU! when above {CPU_BUSY:.0%}",
+        "     on average or during more than half of it: then the machine, not the network, was the limit",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: str) -> bool:
+    """Mean time against N for both systems, with F/B and the HTTP limit N*F/S."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say("matplotlib is not installed (pip install -e '.[bench]'): no plot")
+        return False
+    fb = results["fbSeconds"]
+    p = results["params"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ns_all: list[int] = []
+    for system, color in zip(SYSTEMS, ("tab:blue", "tab:red")):
+        data = [r for r in rows(results) if r["system"] == system and r["seconds"]]
+        if not data:
+            continue
+        ns = [r["n"] for r in data]
+        ns_all += ns
+        mean = [r["seconds"]["mean"] for r in data]
+        err = [[m - r["seconds"]["min"] for m, r in zip(mean, data)], [r["seconds"]["max"] - m for m, r in zip(mean, data)]]
+        ax.errorbar(ns, mean, yerr=err, marker="o", capsize=4, color=color,
+                    label=f"{system}: mean (bars: min to max)")
+        for r in data:
+            if r["cpu"]["cpuBound"]:
+                ax.annotate("CPU-bound", (r["n"], r["seconds"]["mean"]), textcoords="offset points",
+                            xytext=(-8, 8), ha="right", fontsize=8, color=color)
+    if not ns_all:
+        plt.close(fig)
+        return False
+    ax.axhline(fb, color="black", linestyle=":", label=f"F/B = {fb:.1f} s (physical limit)")
+    xs = sorted(set(ns_all))
+    ax.plot(xs, [max(fb, n * p["file_size"] * 8 / (p["origin_mbit"] * 1e6)) for n in xs], color="tab:red",
+            linestyle="--", linewidth=1, label="HTTP: the last host cannot finish before max(F/B, N*F/S)")
+    ax.set_xlabel("N (peers downloading at once)")
+    ax.set_ylabel("completion time (s)")
+    ax.set_xticks(sorted(set(ns_all)))
+    ax.set_ylim(bottom=0)
+    secondary = ax.secondary_yaxis("right", functions=(lambda s: s / fb, lambda x: x * fb))
+    secondary.set_ylabel("x F/B")
+    ax.set_title(f"{p['file_size'] / (1 << 20):g} MiB to N peers: B = {p['peer_mbit']:g} Mbit/s, "
+                 f"S = {p['origin_mbit']:g} Mbit/s", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_outputs(out: str, results: dict[str, Any], scenario: Scenario, draw: bool) -> None:
+    save_results(os.path.join(out, "results.json"), results, scenario)
+    write_report(out, results, draw)
+
+
+def write_report(out: str, results: dict[str, Any], draw: bool) -> None:
+    """OUT/results.md (the table) and, if asked, OUT/swarm.png."""
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("<!-- written by python -m bench.swarm -->\n```\n" + table(results) + "\n```\n")
+    if draw:
+        plot(results, os.path.join(out, "swarm.png"))
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def round_line(r: dict[str, Any]) -> str:
+    if not r["seconds"]:
+        return f"N={r['n']} {r['system']}: every download failed: {r['failed']}"
+    s, x = r["seconds"], r["xFB"]
+    extra = f", seed {r['supernodeCopies']:.2f} copies, p2p {r['p2pShare']:.2f}" if r["system"] == "dragonfly" else ""
+    cpu = r["cpu"]
+    return (f"N={r['n']} {r['system']}: mean {s['mean']:.2f}s ({x['mean']:.2f}x F/B), p50 {x['p50']:.2f}x, "
+            f"p90 {x['p90']:.2f}x, max {x['max']:.2f}x; origin {r['originCopies']:.2f} copies{extra}; "
+            f"CPU {cpu['busyMean']:.0%} busy{' (CPU-bound)' if cpu['cpuBound'] else ''}"
+            f"{'' if r['ok'] else '; FAILED: ' + ', '.join(r['failed'])}")
+
+
+def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
+    """Every N, every system; results written after each round.  True if all passed."""
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    results = load_results(os.path.join(out, "results.json"), scenario)
+    www = os.path.join(workdir, "www")
+    os.makedirs(www, exist_ok=True)
+    want = write_random_file(os.path.join(www, FILE_NAME), scenario.file_size)
+    rounds: dict[str, Callable[[Testbed], dict[str, Any]]] = {"dragonfly": Testbed.run_dragonfly, "http": Testbed.run_http}
+    passed = True
+    for n in scenario.peers:
+        say(f"N={n}: building {n + 2} hosts")
+        with netem.Network() as net:
+            bed = Testbed(net, scenario, n, www, want, workdir)
+            bed.start_origin()
+            for system in scenario.systems:
+                say(f"N={n}: {system} round")
+                record = rounds[system](bed)
+                results["runs"].setdefault(str(n), {})[system] = record
+                passed = passed and record["ok"]
+                write_outputs(out, results, scenario, draw=False)
+                say(round_line(record))
+    write_outputs(out, results, scenario, draw=not args.no_plot)
+    print()
+    print(table(results))
+    print()
+    say(f"results in {out}")
+    return passed
+
+
+def make_workdir(args: argparse.Namespace) -> tuple[str, bool]:
+    """C{--workdir}, or a new temp dir in /dev/shm (no disk writeback in the timings); (path, is it temporary)."""
+    if args.workdir:
+        os.makedirs(args.workdir, exist_ok=True)
+        return os.path.abspath(args.workdir), False
+    return tempfile.mkdtemp(prefix="dfb-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None), True
+
+
+def sweep_workdirs() -> None:
+    """
+    Free what runs that were killed left in /dev/shm (payloads, homes, downloads:
+    RAM), keeping their logs.  Called under the lock, so none of them is live.
+    """
+    for stale in glob.glob("/dev/shm/dfb-bench-*/"):
+        for entry in os.listdir(stale):
+            if entry != "logs":
+                shutil.rmtree(os.path.join(stale, entry), ignore_errors=True)
+
+
+def finish_workdir(workdir: str, temporary: bool, keep: bool) -> None:
+    """Keep the logs (not the payload) when asked or after a failure; else remove a temp workdir."""
+    if keep:
+        shutil.rmtree(os.path.join(workdir, "www"), ignore_errors=True)
+        say(f"logs kept in {workdir}")
+    elif temporary:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(out: str, draw: bool) -> int:
+    """C{--report}: the table and plot again from the results file."""
+    path = os.path.join(out, "results.json")
+    try:
+        with open(path) as f:
+            results = json.load(f)
+    except (OSError, ValueError) as e:
+        say(f"cannot read {path}: {e}")
+        return EXIT_FAILED
+    for record in rows(results):
+        record["cpu"]["cpuBound"] = cpu_bound(record["cpu"])  # the rule may have changed since the run
+    write_json(path, results)
+    write_report(out, results, draw)
+    print(table(results))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    scenario, args = parse_args(argv)
+    if args.report:
+        return report(os.path.abspath(args.out or os.path.join(REPO, "docs", "bench")), draw=not args.no_plot)
+    reason = netem.unavailable()
+    if reason:
+        say(f"cannot run here: {reason}")
+        return EXIT_UNAVAILABLE
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="dfb-smoke-")
+    passed = False
+    try:
+        with netem.SignalGuard(), netem.bench_lock():
+            sweep_workdirs()
+            workdir, temporary = make_workdir(args)
+            try:
+                passed = run(scenario, args, workdir)
+            finally:
+                finish_workdir(workdir, temporary, keep=args.keep or not passed)
+    except netem.Busy as e:
+        say(str(e))
+        return EXIT_BUSY
+    except KeyboardInterrupt:
+        say("interrupted; everything is torn down")
+        return 130
+    except SystemExit as e:
+        say(f"terminated ({e.code}); everything is torn down")
+        raise
+    return 0 if passed else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
