@@ -31,6 +31,7 @@ import urllib.error
 import urllib.request
 from typing import Any, NoReturn
 
+from ..core.files import unlink_quietly
 from ..core.ids import BadInput, check_url, parse_digest, parse_filter, parse_header
 from ..core.units import human_bytes, parse_duration
 from ..peer.client import parse_nodes
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--showbar", action="store_true", help="show a progress bar (the default on a terminal)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
     p.add_argument("--idle-exit", default="300s", help="how long a dfpeer started by dfget keeps serving when idle")
+    p.add_argument("--copy", action="store_true", help="always copy the file out of the dfpeer's store (default: a hard link when on the same filesystem)")
     p.add_argument("--verbose", action="store_true", help="say where the bytes came from")
     return p
 
@@ -99,7 +101,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "url": args.url, "headers": headers, "digest": digest, "md5": md5, "identifier": args.identifier,
         "filter": parse_filter(args.filter), "timeout": timeout, "idle": idle, "nodes": nodes,
-        "output": output, "notbs": args.notbs, "home": os.path.abspath(args.home),
+        "output": output, "notbs": args.notbs, "home": os.path.abspath(args.home), "copy": args.copy,
     }
 
 
@@ -246,6 +248,24 @@ def _kernel_copy(src: Any, dst: Any) -> int:
     return dst.tell()
 
 
+def _link_or_copy(src_path: str, tmp: str, src: Any, dst: Any, copy: bool) -> int:
+    """
+    A hard link to the dfpeer's finished (read-only) file where both are on
+    one filesystem: no second copy of the data to write.  Else, or with
+    C{--copy}, a copy made in the kernel.
+    """
+    if not copy:
+        try:
+            os.unlink(tmp)
+            os.link(src_path, tmp)
+            return os.fstat(src.fileno()).st_size
+        except OSError:
+            # another filesystem, or links not allowed: copy instead
+            with open(tmp, "wb") as fresh:
+                return _kernel_copy(src, fresh)
+    return _kernel_copy(src, dst)
+
+
 def install(
     src_path: str, opts: dict[str, Any], expect_length: int | None, expect_sha: str | None, verified: bool = False
 ) -> int:
@@ -263,26 +283,19 @@ def install(
     try:
         with open(src_path, "rb") as src, open(tmp, "wb") as dst:
             if verified and not opts["digest"] and not opts["md5"]:
-                length = _kernel_copy(src, dst)
+                length = _link_or_copy(src_path, tmp, src, dst, opts.get("copy", False))
                 sha, md5, expect_sha = "", None, None
             else:
                 length, sha, md5 = _copy_hashing(src, dst, opts)
         _check(sha, md5, length, opts, expect_length, expect_sha)
         os.replace(tmp, opts["output"])
     except OSError as e:
-        _unlink(tmp)
+        unlink_quietly(tmp)
         fail(f"cannot write {opts['output']}: {e.strerror or e}", EXIT_IO)
     except BaseException:
-        _unlink(tmp)
+        unlink_quietly(tmp)
         raise
     return length
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def direct_download(opts: dict[str, Any], bar: Bar, deadline: float) -> int:
@@ -298,14 +311,14 @@ def direct_download(opts: dict[str, Any], bar: Bar, deadline: float) -> int:
         os.replace(tmp, opts["output"])
         return length
     except urllib.error.HTTPError as e:
-        _unlink(tmp)
+        unlink_quietly(tmp)
         fail(f"origin returned {e.code} {e.reason} for {opts['url']}", EXIT_FAILED)
     except (urllib.error.URLError, OSError) as e:
-        _unlink(tmp)
+        unlink_quietly(tmp)
         reason = getattr(e, "reason", None) or e
         fail(f"origin {opts['url']} unreachable: {reason}", EXIT_FAILED)
     except BaseException:
-        _unlink(tmp)
+        unlink_quietly(tmp)
         raise
 
 
@@ -335,7 +348,9 @@ def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
         if left <= 0:
             fail(f"timed out after {opts['timeout']:.0f}s", EXIT_TIMEOUT)
         try:
-            view = _call(api, "GET", f"/api/v1/downloads/{task_id}?wait={min(0.5, left):.2f}", timeout=left + 5)
+            # the answer comes at once when the download ends; a shorter wait only feeds the bar
+            wait = min(0.5 if bar.enabled else 10.0, left)
+            view = _call(api, "GET", f"/api/v1/downloads/{task_id}?wait={wait:.2f}", timeout=left + 5)
         except Failure:
             raise
         except (urllib.error.URLError, OSError) as e:

@@ -33,3 +33,11 @@ def write_json_atomic(path: str, obj: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f)
     os.replace(tmp, path)
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove C{path} if it exists."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

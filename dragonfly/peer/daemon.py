@@ -21,7 +21,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
-from ..core.files import write_json_atomic
+from ..core.files import unlink_quietly, write_json_atomic
 from ..core.ids import task_id as make_task_id
 from ..core.threads import WorkerPool
 from ..protocol.block import BlockFactory
@@ -174,7 +174,8 @@ class PeerDaemon:
             raise TaskFailed("SOURCE_ERROR", f"origin returned {response.code} {phrase} for {url}", response.code)
         length = response.length if isinstance(response.length, int) else None
         path = self.store.data_path(task.task_id)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        unlink_quietly(path)  # never truncate a file a user's output may link to
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
 
         def count(n: int) -> None:
             task.traffic["back_to_source"] += n

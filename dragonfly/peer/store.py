@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from ..core.files import pread_exact, pwrite_all, write_json_atomic
+from ..core.files import pread_exact, pwrite_all, unlink_quietly, write_json_atomic
 from ..core.ids import is_task_id
 from ..core.threads import WorkerPool
 
@@ -75,16 +75,15 @@ class PieceStore:
 
     def remove(self, task_id: str) -> None:
         for p in (self.data_path(task_id), self.meta_path(task_id)):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-
+            unlink_quietly(p)
 
 def _prepare(data_path: str, meta_path: str, length: int) -> None:
     if os.path.exists(meta_path):
         os.unlink(meta_path)
-    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    # a new file, never the old one truncated: a finished file may be hard
+    # linked to a user's output (dfget), which must not change under them
+    unlink_quietly(data_path)
+    fd = os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, length)
     finally:

@@ -27,6 +27,7 @@ told not to (C{notbs}).
 
 from __future__ import annotations
 
+import os
 import random
 from typing import Any
 
@@ -240,7 +241,10 @@ class PeerTask:
     async def _sync(self) -> dict[str, Any]:
         have, self._report_have = self._report_have, []
         failed, self._report_failed = self._report_failed, []
-        body = {"peerId": self.daemon.peer_id, "have": have, "failed": failed, "digestsFrom": self._digests_from}
+        body = {
+            "peerId": self.daemon.peer_id, "have": have, "failed": failed,
+            "digestsFrom": self._digests_from, "starving": self._starving(),
+        }
         try:
             reply = await self.daemon.client.call("POST", f"/api/v1/tasks/{self.task_id}/sync", body)
         except SupernodeError as e:
@@ -398,6 +402,15 @@ class PeerTask:
         conn.request(index, self.clock.seconds())
         self.pending.setdefault(index, []).append(conn)
 
+    def _starving(self) -> bool:
+        """Nothing to fetch from any neighbour but the seed (the scheduler may then send a second copy)."""
+        if self.have is None or self.have.complete:
+            return False
+        peers = [c for c in self.conns if c is not self.seed_conn and c.remote_have is not None]
+        if any(c.requested for c in peers):
+            return False
+        return not any(self._wanted(i) for c in peers for i in c.remote_have)
+
     def _wanted(self, index: int) -> bool:
         """Missing, not asked for, not being checked, and its digest is known."""
         return (
@@ -443,19 +456,23 @@ class PeerTask:
         for other in self.pending.pop(index, []):
             if other is not conn:
                 other.cancel(index)
-        if index in self.have or index in self.verifying or self.status != "running":
-            self._fill()
-            return
         digest = self.digests[index]
-        if digest is None:
-            # cannot happen: we only request pieces whose digest we know
+        if index in self.have or index in self.verifying or self.status != "running" or digest is None:
+            # a duplicate from the endgame, or too late; (a digest is always
+            # known: only pieces with one are requested)
+            self.daemon.block_factory.release(data)
             self._fill()
             return
         self.verifying.add(index)
         offset = index * self.piece_size
         d = self.daemon.store.write_verified(self.task_id, offset, data, digest)
+        d.addBoth(self._release, data)
         d.addCallbacks(self._stored, self._store_failed, callbackArgs=(index, conn), errbackArgs=(index,))
         self._fill()
+
+    def _release(self, result: Any, data: bytearray) -> Any:
+        self.daemon.block_factory.release(data)
+        return result
 
     def _stored(self, ok: bool, index: int, conn: BlockProtocol) -> None:
         self.verifying.discard(index)
@@ -484,7 +501,9 @@ class PeerTask:
             # a seed piece is done: report it and ask for the next one now
             self._kick()
         for c in list(self.conns):
-            c.send_have(index)
+            # a neighbour that holds the piece has no use for our HAVE
+            if c.remote_have is None or index not in c.remote_have:
+                c.send_have(index)
         if self.have.complete:
             self._complete()
         else:
@@ -606,6 +625,11 @@ class PeerTask:
 
     def _complete(self) -> None:
         self.status = "success"
+        # read-only from now on: dfget hands it out as a hard link
+        try:
+            os.chmod(self.daemon.store.data_path(self.task_id), 0o444)
+        except OSError:
+            pass
         self.finished_at = self.clock.seconds()
         if self._checker.running:
             self._checker.stop()

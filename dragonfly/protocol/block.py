@@ -70,7 +70,8 @@ class TaskSide(TypingProtocol):
 
     def on_have(self, conn: "BlockProtocol", index: int) -> None: ...
 
-    def on_piece(self, conn: "BlockProtocol", index: int, data: bytearray) -> None: ...
+    def on_piece(self, conn: "BlockProtocol", index: int, data: bytearray) -> None:
+        """A requested piece arrived; give C{data} back with C{factory.release} when done with it."""
 
     def on_reject(self, conn: "BlockProtocol", index: int, reason: int) -> None: ...
 
@@ -98,6 +99,18 @@ class BlockFactory(Factory):
         self.resolve = resolve
         self.max_piece = max_piece
         self.connections: set[BlockProtocol] = set()
+        self._free: dict[int, list[bytearray]] = {}
+
+    def buffer(self, size: int) -> bytearray:
+        """A receive buffer of C{size} bytes, reused when one is free (no fresh pages per piece)."""
+        free = self._free.get(size)
+        return free.pop() if free else bytearray(size)
+
+    def release(self, buf: bytearray) -> None:
+        """Give back a buffer from L{buffer} once its piece is stored or dropped."""
+        free = self._free.setdefault(len(buf), [])
+        if len(free) < 16:
+            free.append(buf)
 
     def buildProtocol(self, addr: Any) -> "BlockProtocol":
         p = BlockProtocol(self)
@@ -361,7 +374,7 @@ class BlockProtocol(Protocol):
             want = side.piece_length(ev.index)
             if want != ev.length:
                 raise F.ProtocolError(f"PIECE {ev.index} has {ev.length} bytes, expected {want}")
-            self._rx_buf = bytearray(ev.length)
+            self._rx_buf = self._factory.buffer(ev.length)
             self._rx_discard = False
         elif ev.index in self._cancelled:
             self._rx_buf = None

@@ -169,6 +169,7 @@ class SupernodeApi:
                 raise ApiError(400, "BAD_FIELD", f"failed piece {index} out of range")
             failed.append((index, parent))
         digests_from = field(body, "digestsFrom", int, required=False, default=0)
+        starving = field(body, "starving", bool, required=False, default=True)
         if digests_from < 0:
             raise ApiError(400, "BAD_FIELD", "field 'digestsFrom' must be >= 0")
         sched = self.node.scheduler
@@ -176,7 +177,7 @@ class SupernodeApi:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
         try:
             sched.report(task_id, peer_id, self._now, have=have, failed=failed)
-            decision = self.node.decide(task_id, peer_id)
+            decision = self.node.decide(task_id, peer_id, starving)
         except UnknownTask:
             raise ApiError(404, "TASK_UNKNOWN", f"task {task_id} is not known") from None
         parents: list[dict[str, Any]] = []

@@ -144,5 +144,5 @@ class SuperNode:
     def seed_parent(self) -> dict[str, Any]:
         return {"peerId": SEED_ID, "ip": self.advertise_ip, "port": self.block_port, "seed": True}
 
-    def decide(self, task_id: str, peer_id: str) -> Decision:
-        return self.scheduler.sync(task_id, peer_id, self.clock.seconds())
+    def decide(self, task_id: str, peer_id: str, starving: bool = True) -> Decision:
+        return self.scheduler.sync(task_id, peer_id, self.clock.seconds(), starving)

@@ -278,8 +278,15 @@ class Scheduler:
                 if parent in member.parents:
                     member.parents.remove(parent)
 
-    def sync(self, task_id: str, peer_id: str, now: float) -> Decision:
-        """Choose parents and a seed allowance for C{peer_id}."""
+    def sync(self, task_id: str, peer_id: str, now: float, starving: bool = True) -> Decision:
+        """
+        Choose parents and a seed allowance for C{peer_id}.
+
+        @param starving: the peer has nothing to fetch from its neighbours.
+            Only a starving peer is given a piece the seed already sent; the
+            others get pieces nobody holds yet, so the seed sends each piece
+            once and the swarm passes it on.
+        """
         swarm = self.tasks.get(task_id)
         if swarm is None:
             raise UnknownTask(task_id)
@@ -287,7 +294,7 @@ class Scheduler:
         member.last_sync = now
         self._expire_assignments(swarm, member, now)
         parents = self._choose_parents(swarm, member, now)
-        seed = self._assign_seed(swarm, member, now) if not member.done else []
+        seed = self._assign_seed(swarm, member, now, starving) if not member.done else []
         return Decision(parents=[self.peers[p] for p in parents], seed_pieces=seed)
 
     def _expire_assignments(self, swarm: TaskSwarm, member: Member, now: float) -> None:
@@ -327,7 +334,7 @@ class Scheduler:
         member.parents = keep
         return list(keep)
 
-    def _assign_seed(self, swarm: TaskSwarm, member: Member, now: float) -> list[int]:
+    def _assign_seed(self, swarm: TaskSwarm, member: Member, now: float, starving: bool) -> list[int]:
         if member.have is None or swarm.seed_has is None:
             return []
         free = min(self.seed_window - len(member.seed), self.seed_slots - swarm.seed_out)
@@ -350,6 +357,7 @@ class Scheduler:
             candidates = [
                 i for i in swarm.seed_has
                 if i not in member.have and i not in member.seed and i not in nearby
+                and (starving or swarm.seed_sends[i] + swarm.holders[i] == 0)
             ]
             if candidates:
                 keyed = sorted(

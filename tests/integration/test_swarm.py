@@ -123,3 +123,19 @@ def test_back_to_source_without_supernode(swarm, files, tmp_path):
     assert "--notbs" in err
     assert not out2.exists()
     assert leftovers(str(tmp_path)) == []
+
+
+def test_output_is_a_link_to_the_verified_file_unless_copy(swarm, files, tmp_path):
+    _, digests = files
+    linked, copied = tmp_path / "linked.bin", tmp_path / "copied.bin"
+    code, err = _wait(swarm.dfget(swarm.origin_url + "/odd.bin", str(linked), "peer5"))
+    assert code == 0, err
+    code, err = _wait(swarm.dfget(swarm.origin_url + "/odd.bin", str(copied), "peer5", "--copy"))
+    assert code == 0, err
+    (task,) = [t for t in swarm.peer_tasks("peer5") if t["url"].endswith("/odd.bin")]
+    store = os.stat(task["dataPath"])
+    assert os.stat(linked).st_ino == store.st_ino
+    assert os.stat(copied).st_ino != store.st_ino
+    # the dfpeer's finished file is read-only, so the link is too
+    assert store.st_mode & 0o222 == 0
+    assert sha256_file(str(linked)) == sha256_file(str(copied)) == digests["odd.bin"]

@@ -567,3 +567,14 @@ def test_random_walk_keeps_counts_consistent(steps: list[tuple], known_length: b
         for m in sw.members.values():
             assert m.peer_id not in m.parents
             assert set(m.parents) <= set(sw.members)
+
+
+def test_only_starving_peers_get_a_second_seed_copy() -> None:
+    """A piece the seed already sent goes out again only to a peer with nothing else to fetch."""
+    s = make(count=2, peers=3, max_parents=0, seed_window=2, seed_slots=10)
+    first = s.sync(TASK, "p0", 0, starving=False).seed_pieces
+    assert first == [0, 1]
+    # p1 is not a neighbour of p0 (no parents at all): both pieces were sent once
+    assert s.sync(TASK, "p1", 0, starving=False).seed_pieces == []
+    assert sorted(s.sync(TASK, "p2", 0, starving=True).seed_pieces) == [0, 1]
+    assert swarm(s).seed_sends == [2, 2]
