@@ -9,19 +9,18 @@ C{<home>/peer.json} so that C{dfget --home DIR} finds it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
-from ..core.files import unlink_quietly, write_json_atomic
+from ..core.files import unlink_quietly
+from ..core.service import ListeningService
 from ..core.ids import task_id as make_task_id
 from ..core.threads import WorkerPool
 from ..protocol.block import BlockFactory
@@ -191,8 +190,10 @@ class PeerDaemon:
         return total, sha
 
 
-class PeerService(Service):
+class PeerService(ListeningService):
     """Binds the ports, writes peer.json, registers and heartbeats."""
+
+    what = "dfpeer"
 
     def __init__(
         self,
@@ -203,47 +204,31 @@ class PeerService(Service):
         idle_exit: float = 0.0,
         heartbeat: float = 10.0,
     ) -> None:
+        super().__init__(daemon.reactor, os.path.join(daemon.home, "peer.json"))
         self.daemon = daemon
         self._block_endpoint = block_endpoint
         self._api_endpoint = api_endpoint
         self._api_site = api_site
         self._idle_exit = idle_exit
         self._heartbeat = heartbeat
-        self._ports: list[Any] = []
         self._loops: list[LoopingCall] = []
         self.ready: Deferred = Deferred()
 
-    @property
-    def info_path(self) -> str:
-        return os.path.join(self.daemon.home, "peer.json")
-
-    def startService(self) -> None:
-        super().startService()
-        d = Deferred.fromCoroutine(self._start())
-        d.addErrback(self._start_failed)
-
-    def _start_failed(self, f: Any) -> None:
-        log.failure("dfpeer could not start", f)
-        self.daemon.reactor.stop()
-
     async def _start(self) -> None:
         daemon = self.daemon
-        block = await self._block_endpoint.listen(daemon.block_factory)
-        self._ports.append(block)
+        block = await self.listen(self._block_endpoint, daemon.block_factory)
         daemon.listening(block.getHost().port)
-        api = await self._api_endpoint.listen(self._api_site)
-        self._ports.append(api)
+        api = await self.listen(self._api_endpoint, self._api_site)
         host = api.getHost()
         restored = daemon.restore()
         info = {
-            "pid": os.getpid(),
             "api": f"http://{host.host}:{host.port}",
             "peerId": daemon.peer_id,
             "blockPort": daemon.block_port,
             "ip": daemon.ip,
             "supernodes": daemon.client.nodes,
         }
-        write_json_atomic(self.info_path, info)
+        self.publish(info)
         log.info(
             "dfpeer {peer} serving blocks on {port}, local API {api}, {n} finished tasks",
             peer=daemon.peer_id, port=daemon.block_port, api=info["api"], n=restored,
@@ -282,27 +267,14 @@ class PeerService(Service):
             log.info("idle for {t:.0f}s: exiting", t=self._idle_exit)
             daemon.reactor.stop()
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    async def _before_stop(self) -> None:
         for lc in self._loops:
             if lc.running:
                 lc.stop()
-        try:
-            with open(self.info_path) as f:
-                if json.load(f).get("pid") == os.getpid():
-                    os.unlink(self.info_path)
-        except (OSError, ValueError):
-            pass
-
-        async def stop() -> None:
-            if self.daemon.registered:
-                d = Deferred.fromCoroutine(self.daemon.leave())
-                d.addTimeout(2.0, self.daemon.reactor)
-                try:
-                    await d
-                except Exception:
-                    pass
-            for port in self._ports:
-                await port.stopListening()
-
-        return Deferred.fromCoroutine(stop())
+        if self.daemon.registered:
+            d = Deferred.fromCoroutine(self.daemon.leave())
+            d.addTimeout(2.0, self.daemon.reactor)
+            try:
+                await d
+            except Exception:
+                pass

@@ -12,8 +12,7 @@ from typing import Any
 
 import treq
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
@@ -21,7 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from ..core.ids import BadInput
-from ..core.files import write_json_atomic
+from ..core.service import ListeningService
 from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
@@ -83,58 +82,30 @@ class Options(usage.Options):
             self["advertise-ip"] = listen if listen not in ("0.0.0.0", "::") else detect_ip(None)
 
 
-class SupernodeService(Service):
+class SupernodeService(ListeningService):
     """
     Binds the block port first (the seed advertises its real port, so port 0
     works), then the API, and writes C{HOME/supernode.json} with both.
     """
 
-    def __init__(self, node: SuperNode, home: str, block_endpoint: Any, api_endpoint: Any, site: Site) -> None:
+    what = "supernode"
+
+    def __init__(self, reactor: Any, node: SuperNode, home: str, block_endpoint: Any, api_endpoint: Any, site: Site) -> None:
+        super().__init__(reactor, os.path.join(home, "supernode.json"))
         self.node = node
-        self.info_path = os.path.join(home, "supernode.json")
         self._block_endpoint = block_endpoint
         self._api_endpoint = api_endpoint
         self._site = site
-        self._ports: list[Any] = []
-
-    def startService(self) -> None:
-        super().startService()
-        d = Deferred.fromCoroutine(self._start())
-        d.addErrback(self._failed)
-
-    def _failed(self, f: Any) -> None:
-        log.failure("supernode could not start", f)
-        from twisted.internet import reactor
-
-        reactor.stop()
 
     async def _start(self) -> None:
-        block = await self._block_endpoint.listen(BlockFactory(SEED_ID, self.node.seed_side))
-        self._ports.append(block)
+        block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side))
         self.node.block_port = block.getHost().port
-        api = await self._api_endpoint.listen(self._site)
-        self._ports.append(api)
-        info = {
-            "pid": os.getpid(), "port": api.getHost().port, "blockPort": self.node.block_port,
-            "advertiseIp": self.node.advertise_ip,
-        }
-        write_json_atomic(self.info_path, info)
+        api = await self.listen(self._api_endpoint, self._site)
+        self.publish({"port": api.getHost().port, "blockPort": self.node.block_port, "advertiseIp": self.node.advertise_ip})
         log.info(
             "supernode API on port {port}, seed block port {block}, advertised as {ip}",
-            port=info["port"], block=info["blockPort"], ip=info["advertiseIp"],
+            port=api.getHost().port, block=self.node.block_port, ip=self.node.advertise_ip,
         )
-
-    def stopService(self) -> Deferred:
-        super().stopService()
-        return Deferred.fromCoroutine(self._stop())
-
-    async def _stop(self) -> None:
-        for port in self._ports:
-            await port.stopListening()
-        try:
-            os.unlink(self.info_path)
-        except OSError:
-            pass
 
 
 class QuietSite(Site):
@@ -189,6 +160,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     api = SupernodeApi(node)
     iface = options["listen"]
     SupernodeService(
+        reactor,
         node,
         home,
         serverFromString(reactor, f"tcp:{options['block-port']}:interface={iface}"),
