@@ -747,3 +747,38 @@ def test_random_bodies_never_500(tmp_path: Any, data: st.DataObject) -> None:
         body = data.draw(bodies, label=path)
         code, _ = e.post(path, body)  # post() checks the JSON error shape
         assert code in (200, 400, 404), (path, body)
+
+
+def test_pieces_are_served_while_the_origin_fetch_runs(env: Env) -> None:
+    """The seed publishes each piece (digest, HAVE) as soon as it is on disk, before the body ends."""
+    body = bytes(range(256)) * (PIECE * 5 // 256 + 1)
+    body = body[: PIECE * 5]
+    env.register_peer()
+    code, data = env.register_task()
+    tid = data["taskId"]
+    # the origin answers with headers and the first two and a half pieces only
+    transport = FakeTransport()
+    task = env.node.cdn.tasks[tid]
+    holder: list[Any] = []
+
+    class Partial(FakeResponse):
+        def deliverBody(self, protocol: Any) -> None:
+            protocol.makeConnection(transport)
+            protocol.dataReceived(self.body[: PIECE * 2 + PIECE // 2])
+            holder.append(protocol)
+
+    env.http.serve(Partial(body=body))
+    code, data = env.sync(tid)
+    assert data["task"]["status"] == "running"
+    assert data["task"]["piecesReady"] == 2
+    assert data["digests"] == [hashlib.sha256(body[i * PIECE:(i + 1) * PIECE]).hexdigest() for i in range(2)]
+    seed = env.node.seed_side(tid)
+    assert sorted(seed.local_bitmap()) == [0, 1]
+    assert result(seed.read_piece(1)) == body[PIECE:2 * PIECE]
+    # the rest arrives: the task completes with all five
+    holder[0].dataReceived(body[PIECE * 2 + PIECE // 2:])
+    holder[0].connectionLost(Failure(ResponseDone()))
+    code, data = env.sync(tid)
+    assert data["task"]["status"] == "success"
+    assert data["task"]["sha256"] == hashlib.sha256(body).hexdigest()
+    assert task.origin_bytes == len(body)
