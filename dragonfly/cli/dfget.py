@@ -289,6 +289,9 @@ def install(
                 length, sha, md5 = _copy_hashing(src, dst, opts)
         _check(sha, md5, length, opts, expect_length, expect_sha)
         os.replace(tmp, opts["output"])
+        # renaming a link onto another link of the same file does nothing
+        # (POSIX): the output already is that file, so drop the temp name
+        unlink_quietly(tmp)
     except OSError as e:
         unlink_quietly(tmp)
         fail(f"cannot write {opts['output']}: {e.strerror or e}", EXIT_IO)

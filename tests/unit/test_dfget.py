@@ -96,3 +96,12 @@ def test_install_hashes_when_asked_and_leaves_nothing_on_mismatch(tmp_path):
     with pytest.raises(dfget.Failure):
         dfget.install(str(src), _opts(tmp_path, output=str(tmp_path / "b2.bin")), 3, "f" * 64, verified=False)
     assert not (tmp_path / "b2.bin").exists()
+
+
+def test_installing_the_same_file_twice_leaves_no_temp_name(tmp_path):
+    src = tmp_path / "store.data"
+    src.write_bytes(b"same")
+    o = _opts(tmp_path)
+    dfget.install(str(src), o, 4, None, verified=True)
+    dfget.install(str(src), o, 4, None, verified=True)
+    assert sorted(os.listdir(tmp_path)) == ["out.bin", "store.data"]
