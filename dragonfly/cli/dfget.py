@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 from ..core.files import unlink_quietly
 from ..core.ids import BadInput, check_url, parse_digest, parse_filter, parse_header
-from ..core.units import human_bytes, parse_duration
+from ..core.units import human_bytes, parse_duration, parse_rate
 from ..peer.client import parse_nodes
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED, EXIT_DIGEST, EXIT_TIMEOUT, EXIT_IO = 0, 2, 3, 4, 5, 6
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--identifier", help="extra task identity (different content behind one URL)")
     p.add_argument("-f", "--filter", help="query keys left out of the task id, separated by &")
     p.add_argument("-e", "--timeout", default="30m", help="give up after this long (e.g. 300s, 5m)")
+    p.add_argument("-s", "--locallimit", help="download rate for this file, e.g. 20M (N, NK, NM, NG bytes/s)")
+    p.add_argument("--totallimit", help="download rate for the whole host (the dfpeer's), e.g. 50M")
     p.add_argument("--notbs", "--disable-back-to-source", action="store_true", dest="notbs", help="never download from the origin directly")
     p.add_argument("-b", "--showbar", action="store_true", help="show a progress bar (the default on a terminal)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress bar")
@@ -91,6 +93,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         timeout = parse_duration(args.timeout)
         idle = parse_duration(args.idle_exit)
         nodes = parse_nodes(args.node) if args.node else None
+        local_limit = parse_rate(args.locallimit) if args.locallimit else 0
+        total_limit = parse_rate(args.totallimit) if args.totallimit else 0
     except (BadInput, ValueError) as e:
         fail(str(e), EXIT_USAGE)
     output = os.path.abspath(args.output)
@@ -102,6 +106,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         "url": args.url, "headers": headers, "digest": digest, "md5": md5, "identifier": args.identifier,
         "filter": parse_filter(args.filter), "timeout": timeout, "idle": idle, "nodes": nodes,
         "output": output, "notbs": args.notbs, "home": os.path.abspath(args.home), "copy": args.copy,
+        "localLimit": local_limit, "totalLimit": total_limit,
     }
 
 
@@ -342,7 +347,7 @@ def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
                 fail(f"no dfpeer: {getattr(e, 'message', e)}; not going to the origin (--notbs)", EXIT_FAILED)
             print(f"dfget: no dfpeer ({getattr(e, 'message', e)}); downloading from the origin", file=sys.stderr)
             return direct_download(opts, bar, deadline)
-    body = {k: opts[k] for k in ("url", "headers", "digest", "identifier", "filter", "notbs")}
+    body = {k: opts[k] for k in ("url", "headers", "digest", "identifier", "filter", "notbs", "localLimit", "totalLimit")}
     started = _call(api, "POST", "/api/v1/downloads", body)
     task_id = started["taskId"]
     _trace("posted")

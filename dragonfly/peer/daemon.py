@@ -22,6 +22,7 @@ from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.files import unlink_quietly
 from ..core.service import ListeningService
 from ..core.ids import task_id as make_task_id
+from ..core.ratelimit import TokenBucket
 from ..core.threads import WorkerPool
 from ..protocol.block import BlockFactory
 from .client import SupernodeClient, SupernodeError, SupernodeUnavailable
@@ -52,6 +53,8 @@ class PeerDaemon:
         http: Any,
         per_connection: int = 1,
         in_flight_bytes: int = 6 << 20,
+        upload_limit: int = 0,
+        total_limit: int = 0,
     ) -> None:
         self.reactor = reactor
         self.per_connection = per_connection
@@ -66,7 +69,11 @@ class PeerDaemon:
         self.client = SupernodeClient(http, nodes, reactor)
         self.block_port = 0
         self.peer_id = ""
-        self.block_factory = BlockFactory("unregistered", self.side_for)
+        self.block_factory = BlockFactory(
+            "unregistered", self.side_for, clock=reactor,
+            upload_limit=TokenBucket(upload_limit, reactor) if upload_limit else None,
+        )
+        self.total_limit = TokenBucket(total_limit, reactor) if total_limit else None
         self.tasks: dict[str, PeerTask] = {}
         self.last_activity = reactor.seconds()
         self.registered = False
@@ -129,6 +136,9 @@ class PeerDaemon:
 
     def download(self, request: dict[str, Any]) -> PeerTask:
         """Start (or join) the download C{request} describes."""
+        if request.get("totalLimit"):
+            # dfget --totallimit: the host's download rate, for every task
+            self.total_limit = TokenBucket(request["totalLimit"], self.reactor)
         tid = make_task_id(
             request["url"], digest=request.get("digest"), identifier=request.get("identifier"),
             filter_keys=request.get("filter") or (),

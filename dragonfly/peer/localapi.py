@@ -46,6 +46,12 @@ class LocalApi:
         identifier = field(body, "identifier", str, required=False)
         keys = field(body, "filter", list, required=False, default=[])
         notbs = field(body, "notbs", bool, required=False, default=False)
+        limits = {}
+        for name in ("localLimit", "totalLimit"):
+            rate = field(body, name, int, required=False, default=0)
+            if rate < 0:
+                raise ApiError(400, "BAD_FIELD", f"field {name!r} must be bytes per second, 0 for none")
+            limits[name] = rate
         headers = str_dict(body, "headers")
         try:
             check_url(url)
@@ -58,7 +64,8 @@ class LocalApi:
         if not all(isinstance(k, str) for k in keys):
             raise ApiError(400, "BAD_FIELD", "field 'filter' must be a list of strings")
         task = self.daemon.download(
-            {"url": url, "digest": digest, "identifier": identifier, "filter": keys, "notbs": notbs, "headers": headers}
+            {"url": url, "digest": digest, "identifier": identifier, "filter": keys, "notbs": notbs, "headers": headers,
+             **limits}
         )
         return json_response(request, {"taskId": task.task_id, "status": task.status})
 

@@ -44,6 +44,8 @@ class Options(usage.Options):
         ["workers", None, 4, "Threads for hashing and disk I/O.", int],
         ["pipeline", None, 1, "Requests outstanding on one connection.", int],
         ["in-flight", None, "6M", "Bytes of pieces requested and not yet received, per download."],
+        ["upload-limit", None, "0", "Upload rate for the whole host, e.g. 20M (0: none)."],
+        ["total-limit", None, "0", "Download rate for the whole host, e.g. 50M (0: none; dfget --totallimit sets it too)."],
     ]
 
     def postOptions(self) -> None:
@@ -58,10 +60,11 @@ class Options(usage.Options):
         self["home"] = os.path.abspath(self["home"])
         if self["pipeline"] < 1:
             raise usage.UsageError("--pipeline must be at least 1")
-        try:
-            self["in-flight"] = parse_rate(self["in-flight"])
-        except BadInput as e:
-            raise usage.UsageError(f"--in-flight: {e}") from None
+        for name in ("in-flight", "upload-limit", "total-limit"):
+            try:
+                self[name] = parse_rate(self[name])
+            except BadInput as e:
+                raise usage.UsageError(f"--{name}: {e}") from None
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -77,6 +80,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     daemon = PeerDaemon(
         reactor, options["home"], options["nodes"], options["ip"], pool, http,
         per_connection=options["pipeline"], in_flight_bytes=options["in-flight"],
+        upload_limit=options["upload-limit"], total_limit=options["total-limit"],
     )
     api = LocalApi(daemon)
     PeerService(

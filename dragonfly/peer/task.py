@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from ..core.bitmap import Bitmap
 from ..core.pieces import piece_count, piece_span
 from ..core.ids import SEED_ID
+from ..core.ratelimit import TokenBucket
 from ..protocol.block import BlockProtocol
 from .client import SupernodeError, SupernodeUnavailable
 
@@ -110,6 +111,8 @@ class PeerTask:
         self._checker = LoopingCall(self._check_stalls)
         self._checker.clock = self.clock
         self._rng = random.Random()
+        rate = request.get("localLimit")
+        self.local_limit = TokenBucket(rate, self.clock) if rate else None
 
     # -- views -------------------------------------------------------------------
 
@@ -433,6 +436,9 @@ class PeerTask:
             conn.remote_have.clear(index)
             self.avail[index] -= 1
         self._fill()
+
+    def download_limits(self) -> list[TokenBucket | None]:
+        return [self.local_limit, self.daemon.total_limit]
 
     def on_uploaded(self, conn: BlockProtocol, nbytes: int) -> None:
         self.uploaded += nbytes

@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..core.bitmap import Bitmap
+from ..core.ratelimit import TokenBucket, delay_for
 from . import frames as F
 
 log = Logger()
@@ -79,6 +80,9 @@ class TaskSide(TypingProtocol):
 
     def on_uploaded(self, conn: "BlockProtocol", nbytes: int) -> None: ...
 
+    def download_limits(self) -> "list[TokenBucket | None]":
+        """The rate limits that pace what this side receives (none: [])."""
+
 
 Resolver = Callable[[str], "TaskSide | None"]
 
@@ -94,8 +98,17 @@ class BlockFactory(Factory):
 
     noisy = False
 
-    def __init__(self, peer_id: str, resolve: Resolver, max_piece: int = F.MAX_PIECE_SIZE) -> None:
+    def __init__(
+        self,
+        peer_id: str,
+        resolve: Resolver,
+        max_piece: int = F.MAX_PIECE_SIZE,
+        clock: Any = None,
+        upload_limit: TokenBucket | None = None,
+    ) -> None:
         self.peer_id = peer_id
+        self.clock = clock
+        self.upload_limit = upload_limit
         self.resolve = resolve
         self.max_piece = max_piece
         self.connections: set[BlockProtocol] = set()
@@ -176,6 +189,9 @@ class BlockProtocol(Protocol):
         self._reading: int | None = None
         self._ready_piece: tuple[int, bytes] | None = None
         self._paused = False
+        self._upload_due: float | None = None
+        self._upload_timer: Any = None
+        self._read_paused = False
         self.bytes_out = 0
 
     def __repr__(self) -> str:
@@ -203,6 +219,8 @@ class BlockProtocol(Protocol):
         self._factory.connections.discard(self)
         self._queue.clear()
         self._ready_piece = None
+        if self._upload_timer is not None and self._upload_timer.active():
+            self._upload_timer.cancel()
         if self.side is not None and self.ready:
             self.side.detached(self, reason.getErrorMessage() if reason is not None else "closed")
 
@@ -236,6 +254,21 @@ class BlockProtocol(Protocol):
                 self.abort(str(e))
                 return
         self._set_lowat(self._decoder.body_remaining)
+        if self.side is not None and self._factory.clock is not None:
+            self._pace_download(len(data))
+
+    def _pace_download(self, nbytes: int) -> None:
+        """Hold reading while the side's download limits (per task, per host) say so."""
+        delay = delay_for(self.side.download_limits(), nbytes)
+        if delay > 0 and not self._read_paused and not self.closed:
+            self._read_paused = True
+            self.transport.pauseProducing()
+            self._factory.clock.callLater(delay, self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        self._read_paused = False
+        if not self.closed:
+            self.transport.resumeProducing()
 
     def _set_lowat(self, remaining: int) -> None:
         """
@@ -427,6 +460,18 @@ class BlockProtocol(Protocol):
             return
         if self._ready_piece is not None and not self._paused:
             index, data = self._ready_piece
+            limit = self._factory.upload_limit
+            if limit is not None:
+                # pace uploads: the piece waits until the host's upload
+                # limit allows it (reserved once, then held)
+                now = self._factory.clock.seconds()
+                if self._upload_due is None:
+                    self._upload_due = now + limit.reserve(len(data))
+                if now < self._upload_due:
+                    if self._upload_timer is None:
+                        self._upload_timer = self._factory.clock.callLater(self._upload_due - now, self._upload_ready)
+                    return
+                self._upload_due = None
             self._ready_piece = None
             self.transport.writeSequence([F.piece_header(index, len(data)), data])
             self.bytes_out += len(data)
@@ -436,6 +481,10 @@ class BlockProtocol(Protocol):
             self._reading = index
             d = self.side.read_piece(index)
             d.addCallbacks(self._piece_read, self._read_failed, callbackArgs=(index,), errbackArgs=(index,))
+
+    def _upload_ready(self) -> None:
+        self._upload_timer = None
+        self._pump()
 
     def _piece_read(self, data: bytes, index: int) -> None:
         self._reading = None

@@ -66,6 +66,9 @@ class SeedSide:
     def on_digests(self, conn: BlockProtocol, first: int, digests: list[bytes]) -> None:
         conn.abort("DIGESTS are sent by the seed only")
 
+    def download_limits(self) -> list:
+        return []
+
     def on_uploaded(self, conn: BlockProtocol, nbytes: int) -> None:
         self.task.seed_bytes += nbytes
         self.node.seed_bytes += nbytes

@@ -72,6 +72,9 @@ class Side:
     def on_uploaded(self, conn, n):
         self.events.append(("uploaded", n))
 
+    def download_limits(self):
+        return []
+
 
 def server(side, transport=None):
     factory = BlockFactory("server-peer", lambda tid: side if tid == TASK else None)
@@ -248,3 +251,44 @@ def test_random_bytes_after_handshake_never_raise(garbage, cuts):
     # either still open or closed with an ERROR frame, never an exception
     if proto.closed:
         assert t.disconnecting
+
+
+def test_upload_limit_paces_pieces():
+    from dragonfly.core.ratelimit import TokenBucket
+
+    side = Side(held=(0, 1, 2))
+    clock = Clock()
+    factory = BlockFactory("server-peer", lambda tid: side, clock=clock,
+                           upload_limit=TokenBucket(PIECE, clock, burst=PIECE))
+    proto = factory.buildProtocol(None)
+    t = StringTransport()
+    proto.makeConnection(t)
+    proto.dataReceived(hello())
+    t.clear()
+    proto.dataReceived(F.encode_request(0) + F.encode_request(1) + F.encode_request(2))
+    sent = lambda: sum(1 for e in frames_of(t.value()) if isinstance(e, F.PieceStart))  # noqa: E731
+    assert sent() == 1  # the burst
+    clock.advance(0.5)
+    assert sent() == 1
+    clock.advance(0.5)
+    assert sent() == 2  # one piece a second
+    clock.advance(1.0)
+    assert sent() == 3
+    proto.connectionLost(None)
+
+
+def test_download_limit_pauses_reading():
+    from dragonfly.core.ratelimit import TokenBucket
+
+    clock = Clock()
+    side = Side(held=())
+    bucket = TokenBucket(1000, clock, burst=0)
+    side.download_limits = lambda: [bucket]
+    factory = BlockFactory("client-peer", lambda tid: None, clock=clock)
+    cli = factory.client(side, TASK, "server-peer")
+    t = StringTransport()
+    cli.makeConnection(t)
+    cli.dataReceived(F.encode_hello(bytes.fromhex(TASK), "server-peer"))
+    assert t.producerState == "paused"
+    clock.advance(1.0)
+    assert t.producerState == "producing"

@@ -1,0 +1,34 @@
+from hypothesis import given, strategies as st
+from twisted.internet.task import Clock
+
+from dragonfly.core.ratelimit import TokenBucket, delay_for
+
+
+def test_burst_then_rate():
+    clock = Clock()
+    b = TokenBucket(1000, clock, burst=500)
+    assert b.reserve(500) == 0
+    assert b.reserve(1000) == 1.0
+    clock.advance(1.0)
+    # the debt is paid: the next 1000 bytes wait one more second
+    assert b.reserve(1000) == 1.0
+
+
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=200))
+def test_paced_transfer_runs_at_the_rate(chunks):
+    """Sending each chunk after the wait reserve() asks for moves rate bytes a second."""
+    clock = Clock()
+    rate = 10_000
+    b = TokenBucket(rate, clock, burst=1000)
+    for n in chunks:
+        clock.advance(b.reserve(n))
+    total = sum(chunks)
+    # all but the first burst at exactly the rate
+    assert abs(clock.seconds() - max(total - 1000, 0) / rate) < 1e-6
+
+
+def test_longest_wait_of_several_buckets():
+    clock = Clock()
+    slow, fast = TokenBucket(100, clock, burst=0), TokenBucket(1000, clock, burst=0)
+    assert delay_for([slow, None, fast], 100) == 1.0
+    assert delay_for([None], 100) == 0.0
