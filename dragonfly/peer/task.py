@@ -379,7 +379,8 @@ class PeerTask:
             if lost:
                 log.info("task {task}: lost {remote} ({why}) with {n} pieces in flight", task=self.task_id, remote=conn.remote_id, why=reason, n=len(lost))
             if conn.remote_id and conn.remote_id != SEED_ID and (lost or conn.initiator):
-                self._report_failed.append({"index": lost[0] if lost else -1, "parent": conn.remote_id})
+                # -1: the connection itself broke (see the scheduler's dead_after)
+                self._report_failed.append({"index": -1, "parent": conn.remote_id})
             self._fill()
 
     def on_bitfield(self, conn: BlockProtocol) -> None:

@@ -114,6 +114,8 @@ class Scheduler:
     @ivar block_after: failures from one parent before it is blocked.
     @ivar block_for: seconds a bad parent stays blocked for one child.
     @ivar peer_ttl: seconds without a call before a peer is dropped.
+    @ivar dead_after: peers reporting a broken connection to a peer before it
+        is dropped at once.
     """
 
     max_parents: int = 8
@@ -123,15 +125,19 @@ class Scheduler:
     block_after: int = 2
     block_for: float = 30.0
     peer_ttl: float = 60.0
+    dead_after: int = 2
     rng: random.Random = field(factory=random.Random)
     peers: dict[str, PeerInfo] = field(factory=dict)
     tasks: dict[str, TaskSwarm] = field(factory=dict)
+    # peer id -> the peers that reported its connection failing
+    unreachable: dict[str, set[str]] = field(factory=dict)
 
     # -- peers -------------------------------------------------------------
 
     def register_peer(self, info: PeerInfo, now: float) -> None:
         """Add or refresh a peer (a re-registration after a restart keeps its tasks)."""
         info.last_seen = now
+        self.unreachable.pop(info.peer_id, None)
         self.peers[info.peer_id] = info
 
     def touch(self, peer_id: str, now: float) -> None:
@@ -144,6 +150,7 @@ class Scheduler:
     def remove_peer(self, peer_id: str) -> None:
         """The peer left (or died): forget it everywhere."""
         self.peers.pop(peer_id, None)
+        self.unreachable.pop(peer_id, None)
         for swarm in self.tasks.values():
             self._drop_member(swarm, peer_id)
 
@@ -270,6 +277,15 @@ class Scheduler:
                     swarm.seed_sends[index] -= 1
                     swarm.seed_out -= 1
                 continue
+            if index == -1 and parent in self.peers:
+                # the connection failed or broke: when two peers say so the
+                # peer is taken for dead, everywhere, at once (it registers
+                # again with its next heartbeat if it was not)
+                reporters = self.unreachable.setdefault(parent, set())
+                reporters.add(peer_id)
+                if len(reporters) >= self.dead_after:
+                    self.remove_peer(parent)
+                    continue
             n = member.failures.get(parent, 0) + 1
             member.failures[parent] = n
             if n >= self.block_after:
@@ -345,7 +361,7 @@ class Scheduler:
             neighbours.update(m.peer_id for m in swarm.members.values() if member.peer_id in m.parents)
             for p in neighbours:
                 other = swarm.members.get(p)
-                if other is None:
+                if other is None or p in member.blocked:
                     continue
                 # a parent that stopped syncing must not hold pieces back forever
                 self._expire_assignments(swarm, other, now)

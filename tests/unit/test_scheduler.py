@@ -578,3 +578,18 @@ def test_only_starving_peers_get_a_second_seed_copy() -> None:
     assert s.sync(TASK, "p1", 0, starving=False).seed_pieces == []
     assert sorted(s.sync(TASK, "p2", 0, starving=True).seed_pieces) == [0, 1]
     assert swarm(s).seed_sends == [2, 2]
+
+
+def test_a_peer_two_others_cannot_reach_is_dropped_at_once() -> None:
+    s = make(count=4, peers=3, max_parents=2)
+    s.report(TASK, "p1", 0, have=[0, 1, 2, 3])
+    s.report(TASK, "p0", 1, failed=[(-1, "p1")])
+    assert "p1" in s.peers  # one report is not enough
+    s.report(TASK, "p2", 1, failed=[(-1, "p1")])
+    assert "p1" not in s.peers and "p1" not in swarm(s).members
+    assert swarm(s).holders == [0, 0, 0, 0]
+    # its pieces are given out by the seed again
+    assert s.sync(TASK, "p0", 2, starving=False).seed_pieces
+    # it comes back with its next heartbeat: registering clears the reports
+    add_peer(s, "p1")
+    assert "p1" not in s.unreachable

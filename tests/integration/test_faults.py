@@ -1,0 +1,132 @@
+"""
+Faults with real processes on loopback: peers killed mid-download, and the
+SuperNode killed and started again on the same home.  Downloads are slowed
+with --locallimit so that the faults land in the middle of them.
+"""
+
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from dragonfly.testing.swarm import Swarm, get_json, sha256_file, write_random_file
+
+pytestmark = pytest.mark.integration
+
+MiB = 1 << 20
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def task_view(swarm, peer, url):
+    for t in swarm.peer_tasks(peer):
+        if t["url"] == url:
+            return t
+    return None
+
+
+def wait_until(predicate, timeout, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+@pytest.fixture()
+def origin_file(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    digest = write_random_file(str(root / "f.bin"), 48 * MiB)
+    return str(root), digest
+
+
+def test_peers_killed_mid_download(tmp_path, origin_file):
+    """Kill -9 three of eight peers after they served pieces: the rest finish, correct, without long waits."""
+    root, digest = origin_file
+    with Swarm(str(tmp_path / "swarm")) as swarm:
+        swarm.start_origin(root)
+        swarm.start_supernode()
+        names = [f"p{i}" for i in range(8)]
+        for name in names:
+            swarm.start_peer(name)
+        url = swarm.origin_url + "/f.bin"
+        # 12 MiB/s each: about 4 s for the file
+        procs = {n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n, "--locallimit", "12M") for n in names}
+        # wait until at least three peers have served pieces to others
+        def uploaders():
+            served = []
+            for n in names:
+                t = task_view(swarm, n, url)
+                if t and t["uploaded"] > 0 and t["status"] == "running":
+                    served.append(n)
+            return served
+        assert wait_until(lambda: len(uploaders()) >= 3, 20)
+        victims = uploaders()[:3]
+        killed_at = time.monotonic()
+        for n in victims:
+            os.kill(swarm.peers[n]["proc"].pid, signal.SIGKILL)
+        survivors = [n for n in names if n not in victims]
+        finished = {}
+        for n in survivors:
+            out, err = procs[n].communicate(timeout=120)
+            assert procs[n].returncode == 0, err
+            finished[n] = time.monotonic() - killed_at
+            assert sha256_file(str(tmp_path / f"{n}.out")) == digest
+        for n in victims:
+            procs[n].communicate(timeout=60)
+        # each survivor needed at most the whole file after the kill at its
+        # limit (4 s), plus a bounded wait on dead parents
+        slowest = max(finished.values())
+        print(f"\nsurvivors finished {slowest:.2f}s after the kill")
+        assert slowest < 4.0 + 5.0
+        assert swarm.origin_stats()["requests"]["/f.bin"] == 1
+
+
+def test_supernode_restart_mid_download(tmp_path, origin_file):
+    """Kill -9 the SuperNode mid-download and start it again on the same home and ports."""
+    root, digest = origin_file
+    port, block = free_port(), free_port()
+    args = ("--port", str(port), "--block-port", str(block))
+    with Swarm(str(tmp_path / "swarm")) as swarm:
+        swarm.start_origin(root)
+        swarm.start_supernode(*args)
+        names = [f"p{i}" for i in range(4)]
+        for name in names:
+            swarm.start_peer(name)
+        url = swarm.origin_url + "/f.bin"
+        procs = {n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n, "--locallimit", "8M") for n in names}
+        # the CDN has the whole file, the peers are part way
+        tid = None
+
+        def cached():
+            nonlocal tid
+            tasks = get_json(swarm.supernode_api + "/api/v1/tasks")["tasks"]
+            if tasks and tasks[0]["status"] == "success":
+                tid = tasks[0]["taskId"]
+                return True
+            return False
+
+        assert wait_until(cached, 20)
+        sn_name, sn_proc = [(n, p) for n, p in swarm.procs if n == "supernode"][0]
+        sn_proc.send_signal(signal.SIGKILL)
+        sn_proc.wait()
+        time.sleep(1.0)
+        swarm.start_supernode(*args)
+        for n in names:
+            out, err = procs[n].communicate(timeout=120)
+            assert procs[n].returncode == 0, err
+            assert sha256_file(str(tmp_path / f"{n}.out")) == digest
+        # the cache survived the restart: the origin sent the file once
+        assert swarm.origin_stats()["requests"]["/f.bin"] == 1
+        # and the swarm was rebuilt: the peers re-registered and re-announced
+        view = swarm.supernode_task(tid)
+        assert sorted(view["peers"]) == sorted(swarm.peers[n]["peerId"] for n in names)
+        assert all(a == len(names) for a in view["availability"])
