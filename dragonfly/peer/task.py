@@ -61,6 +61,9 @@ class PeerTask:
     @param request: what dfget asked: url, headers, digest, identifier, filter, notbs.
     """
 
+    #: a neighbour whose pieces failed their SHA-256 this often is banned
+    BAN_AFTER = 2
+    BAN_FOR = 60.0
     #: sync interval while the task is starting
     STARTUP_SYNC = 0.05
     #: pieces in flight for one task at the least (see dfpeer --in-flight)
@@ -111,6 +114,9 @@ class PeerTask:
         self._checker = LoopingCall(self._check_stalls)
         self._checker.clock = self.clock
         self._rng = random.Random()
+        self.bad_pieces = 0
+        self._bad_from: dict[str, int] = {}
+        self._banned: dict[str, float] = {}
         rate = request.get("localLimit")
         self.local_limit = TokenBucket(rate, self.clock) if rate else None
 
@@ -139,6 +145,7 @@ class PeerTask:
             "dataPath": self.daemon.store.data_path(self.task_id),
             "traffic": dict(self.traffic),
             "uploaded": self.uploaded,
+            "badPieces": self.bad_pieces,
             "connections": len(self.conns),
             "elapsed": (self.finished_at or self.clock.seconds()) - self.started,
         }
@@ -323,7 +330,7 @@ class PeerTask:
         remote = parent["peerId"]
         if remote == self.daemon.peer_id or remote in self._connecting:
             return
-        if any(c.remote_id == remote for c in self.conns):
+        if any(c.remote_id == remote for c in self.conns) or self._is_banned(remote):
             return
         self._connecting.add(remote)
         endpoint = TCP4ClientEndpoint(self.daemon.reactor, parent["ip"], int(parent["port"]), timeout=5)
@@ -354,9 +361,16 @@ class PeerTask:
         offset, size = piece_span(index, self.length, self.piece_size)
         return self.daemon.store.read(self.task_id, offset, size)
 
+    def _is_banned(self, remote: str | None) -> bool:
+        until = self._banned.get(remote or "")
+        return until is not None and until > self.clock.seconds()
+
     def attached(self, conn: BlockProtocol) -> None:
         if self.have is None or not self.ready_for_io:
             conn.abort("task not ready yet", 503)
+            return
+        if self._is_banned(conn.remote_id):
+            conn.abort("banned: sent pieces that failed their SHA-256", 403)
             return
         self.conns.add(conn)
         if conn is self._seed_proto:
@@ -490,10 +504,20 @@ class PeerTask:
                 "task {task}: piece {index} from {remote} failed its SHA-256 check",
                 task=self.task_id, index=index, remote=conn.remote_id,
             )
+            self.bad_pieces += 1
             self._report_failed.append({"index": index, "parent": conn.remote_id or "?"})
             if conn.remote_have is not None and index in conn.remote_have and conn is not self.seed_conn:
                 conn.remote_have.clear(index)
                 self.avail[index] -= 1
+            remote = conn.remote_id or "?"
+            self._bad_from[remote] = self._bad_from.get(remote, 0) + 1
+            if self._bad_from[remote] >= self.BAN_AFTER and conn is not self.seed_conn:
+                # failure is local first: stop talking to it now, whatever
+                # the scheduler decides for the others
+                log.warn("task {task}: banning {remote} for {t:.0f}s after bad pieces", task=self.task_id, remote=remote, t=self.BAN_FOR)
+                self._banned[remote] = self.clock.seconds() + self.BAN_FOR
+                conn.abort("sent pieces that fail their SHA-256", 403)
+                self.detached(conn, "banned")
             self._fill()
             return
         self.have.set(index)

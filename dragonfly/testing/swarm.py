@@ -108,12 +108,14 @@ class Swarm:
         self.supernode_api = f"http://{self.supernode_addr}"
         return self.supernode_addr
 
-    def start_peer(self, name: str, *extra: str) -> dict[str, Any]:
+    def start_peer(self, name: str, *extra: str, liar: bool = False) -> dict[str, Any]:
+        """A dfpeer; with C{liar}, one that corrupts every piece it serves (L{dragonfly.testing.liar})."""
         home = os.path.join(self.workdir, name)
         os.makedirs(home, exist_ok=True)
+        program = [sys.executable, "-m", "dragonfly.testing.liar"] if liar else [_bin("twistd"), "-n", "--pidfile=", "dfpeer"]
         proc = self._spawn(
             name,
-            [_bin("twistd"), "-n", "--pidfile=", "dfpeer", "--supernode", self.supernode_addr,
+            [*program, "--supernode", self.supernode_addr,
              "--home", home, "--listen", "127.0.0.1", "--ip", "127.0.0.1", *extra],
         )
         info = wait_for_file(os.path.join(home, "peer.json"), 30, proc)

@@ -1,0 +1,34 @@
+"""
+A dfpeer that lies, for fault tests: it downloads honestly, but every piece
+it serves to others has its first byte flipped.
+
+    python -m dragonfly.testing.liar --supernode HOST:PORT --home DIR [dfpeer options]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.scripts.twistd import run
+
+from ..peer import task as task_module
+
+
+def _flip(data: bytes) -> bytes:
+    return bytes([data[0] ^ 0xFF]) + data[1:] if data else data
+
+
+def main() -> None:
+    honest = task_module.PeerTask.read_piece
+
+    def lying_read(self: Any, index: int) -> Any:
+        return honest(self, index).addCallback(_flip)
+
+    task_module.PeerTask.read_piece = lying_read  # type: ignore[method-assign]
+    sys.argv = ["twistd", "-n", "--pidfile=", "dfpeer", *sys.argv[1:]]
+    run()
+
+
+if __name__ == "__main__":
+    main()
