@@ -254,6 +254,7 @@ class PeerTask:
         body = {
             "peerId": self.daemon.peer_id, "have": have, "failed": failed,
             "digestsFrom": self._digests_from, "starving": self._starving(),
+            "banned": [p for p in self._banned if self._is_banned(p)],
         }
         try:
             reply = await self.daemon.client.call("POST", f"/api/v1/tasks/{self.task_id}/sync", body)
@@ -631,6 +632,8 @@ class PeerTask:
                 )
                 conn.abort("stalled", 408)
                 self.detached(conn, "stalled")
+                # useless for now: do not reconnect to it for a while
+                self._banned[conn.remote_id or "?"] = now + self.BAN_FOR
         # the endgame waits for requests to age: look again once a second
         self._fill()
 

@@ -169,14 +169,17 @@ class SupernodeApi:
                 raise ApiError(400, "BAD_FIELD", f"failed piece {index} out of range")
             failed.append((index, parent))
         digests_from = field(body, "digestsFrom", int, required=False, default=0)
-        starving = field(body, "starving", bool, required=False, default=True)
+        starving = field(body, "starving", bool, required=False, default=False)
+        banned = field(body, "banned", list, required=False, default=[])
+        if len(banned) > 1024 or not all(isinstance(p, str) and is_peer_id(p) for p in banned):
+            raise ApiError(400, "BAD_FIELD", "field 'banned' must list at most 1024 peer ids")
         if digests_from < 0:
             raise ApiError(400, "BAD_FIELD", "field 'digestsFrom' must be >= 0")
         sched = self.node.scheduler
         if peer_id not in sched.peers:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
         try:
-            sched.report(task_id, peer_id, self._now, have=have, failed=failed)
+            sched.report(task_id, peer_id, self._now, have=have, failed=failed, banned=banned)
             decision = self.node.decide(task_id, peer_id, starving)
         except UnknownTask:
             raise ApiError(404, "TASK_UNKNOWN", f"task {task_id} is not known") from None

@@ -247,6 +247,7 @@ class Scheduler:
         have: Iterable[int] = (),
         failed: Iterable[tuple[int, str]] = (),
         bitmap: Bitmap | None = None,
+        banned: Iterable[str] = (),
     ) -> None:
         """
         Take a peer's batch: pieces it verified (C{have}, or a whole C{bitmap}
@@ -270,6 +271,12 @@ class Scheduler:
                         # the allowance became a real copy: seed_sends keeps it
                         swarm.seed_out -= 1
             member.done = member.have.complete
+        for parent in banned:
+            # the peer will not talk to it (bad pieces, silence): it must not
+            # count as a neighbour that holds pieces for this peer
+            member.blocked[parent] = now + self.block_for
+            if parent in member.parents:
+                member.parents.remove(parent)
         for index, parent in failed:
             if parent == SEED_ID:
                 a = member.seed.pop(index, None)
@@ -294,7 +301,7 @@ class Scheduler:
                 if parent in member.parents:
                     member.parents.remove(parent)
 
-    def sync(self, task_id: str, peer_id: str, now: float, starving: bool = True) -> Decision:
+    def sync(self, task_id: str, peer_id: str, now: float, starving: bool = False) -> Decision:
         """
         Choose parents and a seed allowance for C{peer_id}.
 

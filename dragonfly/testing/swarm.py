@@ -108,11 +108,17 @@ class Swarm:
         self.supernode_api = f"http://{self.supernode_addr}"
         return self.supernode_addr
 
-    def start_peer(self, name: str, *extra: str, liar: bool = False) -> dict[str, Any]:
-        """A dfpeer; with C{liar}, one that corrupts every piece it serves (L{dragonfly.testing.liar})."""
+    def start_peer(self, name: str, *extra: str, liar: bool = False, silent: bool = False) -> dict[str, Any]:
+        """
+        A dfpeer; with C{liar}, one that corrupts every piece it serves, with
+        C{silent} one that never answers a request (L{dragonfly.testing.liar}).
+        """
         home = os.path.join(self.workdir, name)
         os.makedirs(home, exist_ok=True)
-        program = [sys.executable, "-m", "dragonfly.testing.liar"] if liar else [_bin("twistd"), "-n", "--pidfile=", "dfpeer"]
+        if liar or silent:
+            program = [sys.executable, "-m", "dragonfly.testing.liar", *(["--silent"] if silent else [])]
+        else:
+            program = [_bin("twistd"), "-n", "--pidfile=", "dfpeer"]
         proc = self._spawn(
             name,
             [*program, "--supernode", self.supernode_addr,

@@ -159,3 +159,29 @@ def test_a_lying_peer_is_caught_and_banned(tmp_path, origin_file):
         # banned after 2 bad pieces; requests already out may add a few
         assert all(b <= 2 + 4 for b in bad.values())
         assert swarm.origin_stats()["requests"]["/f.bin"] == 1
+
+
+def test_a_silent_parent_is_abandoned(tmp_path, origin_file):
+    """A parent that takes requests and sends nothing is left after the stall timeout; the pieces come from elsewhere."""
+    root, digest = origin_file
+    with Swarm(str(tmp_path / "swarm")) as swarm:
+        swarm.start_origin(root)
+        swarm.start_supernode()
+        swarm.start_peer("silent", silent=True)
+        url = swarm.origin_url + "/f.bin"
+        proc = swarm.dfget(url, str(tmp_path / "silent.out"), "silent")
+        assert proc.communicate(timeout=120) and proc.returncode == 0
+        names = [f"p{i}" for i in range(3)]
+        for name in names:
+            swarm.start_peer(name)
+        started = time.monotonic()
+        procs = {n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n) for n in names}
+        for n in names:
+            out, err = procs[n].communicate(timeout=120)
+            assert procs[n].returncode == 0, err
+            assert sha256_file(str(tmp_path / f"{n}.out")) == digest
+        took = time.monotonic() - started
+        print(f"\nwith a silent parent, three peers finished in {took:.2f}s")
+        # a request to the silent parent is given up after 5 s of silence
+        # (checked every second), then fetched elsewhere
+        assert took < 5.0 + 1.0 + 6.0

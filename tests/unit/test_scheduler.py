@@ -593,3 +593,14 @@ def test_a_peer_two_others_cannot_reach_is_dropped_at_once() -> None:
     # it comes back with its next heartbeat: registering clears the reports
     add_peer(s, "p1")
     assert "p1" not in s.unreachable
+
+
+def test_a_banned_neighbour_no_longer_hides_pieces() -> None:
+    """A peer's banned neighbour (bad pieces, silence) stops counting as a holder for it."""
+    s = make(count=2, peers=2, max_parents=1)
+    s.report(TASK, "p1", 0, have=[0, 1])
+    assert s.sync(TASK, "p0", 0, starving=True).seed_pieces == []  # p1 holds both
+    s.report(TASK, "p0", 1, banned=["p1"])
+    d = s.sync(TASK, "p0", 1, starving=True)
+    assert parent_ids(d) == []
+    assert len(d.seed_pieces) == 1 and d.seed_pieces[0] in (0, 1)  # one at a time (seed_window 1)
