@@ -108,12 +108,14 @@ class Swarm:
         self.supernode_api = f"http://{self.supernode_addr}"
         return self.supernode_addr
 
-    def start_peer(self, name: str, *extra: str, liar: bool = False, silent: bool = False) -> dict[str, Any]:
+    def start_peer(
+        self, name: str, *extra: str, liar: bool = False, silent: bool = False, home: str | None = None
+    ) -> dict[str, Any]:
         """
         A dfpeer; with C{liar}, one that corrupts every piece it serves, with
         C{silent} one that never answers a request (L{dragonfly.testing.liar}).
         """
-        home = os.path.join(self.workdir, name)
+        home = home or os.path.join(self.workdir, name)
         os.makedirs(home, exist_ok=True)
         if liar or silent:
             program = [sys.executable, "-m", "dragonfly.testing.liar", *(["--silent"] if silent else [])]

@@ -185,3 +185,49 @@ def test_a_silent_parent_is_abandoned(tmp_path, origin_file):
         # a request to the silent parent is given up after 5 s of silence
         # (checked every second), then fetched elsewhere
         assert took < 5.0 + 1.0 + 6.0
+
+
+def _mount_tmpfs(path, size):
+    import subprocess
+
+    path.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+
+
+def test_disk_full_is_a_clear_error_and_the_peer_keeps_serving(tmp_path, origin_file):
+    """A peer whose home fills up fails that download cleanly and keeps serving what it has."""
+    import subprocess
+
+    root, digest = origin_file
+    small = write_random_file(os.path.join(root, "small.bin"), 4 * MiB)
+    home = tmp_path / "full"
+    _mount_tmpfs(home, "12m")
+    try:
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_origin(root)
+            swarm.start_supernode()
+            swarm.start_peer("full", home=str(home))
+            ok = tmp_path / "small.out"
+            proc = swarm.dfget(swarm.origin_url + "/small.bin", str(ok), "full")
+            assert proc.communicate(timeout=60) and proc.returncode == 0
+            assert sha256_file(str(ok)) == small
+            big = tmp_path / "big.out"
+            proc = swarm.dfget(swarm.origin_url + "/f.bin", str(big), "full")
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 3
+            assert "No space left on device" in err.decode()
+            assert len(err.decode().strip().splitlines()) == 1
+            assert not big.exists()
+            # nothing half-written stays in the store, and the small file is still served
+            tasks = {t["url"].rsplit("/", 1)[1]: t for t in swarm.peer_tasks("full")}
+            assert tasks["small.bin"]["status"] == "success"
+            assert not os.path.exists(tasks["f.bin"]["dataPath"])
+            swarm.start_peer("other")
+            other = tmp_path / "other.out"
+            proc = swarm.dfget(swarm.origin_url + "/small.bin", str(other), "other")
+            assert proc.communicate(timeout=60) and proc.returncode == 0
+            assert sha256_file(str(other)) == small
+    finally:
+        subprocess.run(["umount", "-l", str(home)], capture_output=True)
