@@ -24,6 +24,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
 from .files import pwrite_all
+from .ratelimit import TokenBucket
 from .threads import WorkerPool
 
 
@@ -63,6 +64,7 @@ class ChunkedFileWriter(Protocol):
         idle_timeout: float = 60.0,
         on_chunk: Callable[[int, str], None] | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        limit: TokenBucket | None = None,
     ) -> None:
         self._pool = pool
         self._clock = clock
@@ -77,6 +79,9 @@ class ChunkedFileWriter(Protocol):
         self.total = 0
         self._pending = 0
         self._paused = False
+        self._holds = 0
+        self._limit = limit
+        self._rate_held = False
         self._chain: Deferred = succeed(None)
         self._hash = hashlib.sha256()
         self._idle: IDelayedCall | None = None
@@ -96,6 +101,21 @@ class ChunkedFileWriter(Protocol):
         if self.transport is not None:
             self.transport.stopProducing()
 
+    def _hold(self) -> None:
+        """Pause the body for one more reason (pool back-pressure, rate)."""
+        self._holds += 1
+        if self._holds == 1 and self.transport is not None:
+            self.transport.pauseProducing()
+
+    def _release(self) -> None:
+        self._holds -= 1
+        if self._holds == 0 and self.transport is not None and self._error is None:
+            self.transport.resumeProducing()
+
+    def _rate_ok(self) -> None:
+        self._rate_held = False
+        self._release()
+
     def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
             return
@@ -104,6 +124,12 @@ class ChunkedFileWriter(Protocol):
         self.total += len(data)
         if self._on_bytes is not None:
             self._on_bytes(len(data))
+        if self._limit is not None and not self._rate_held:
+            delay = self._limit.reserve(len(data))
+            if delay > 0:
+                self._rate_held = True
+                self._hold()
+                self._clock.callLater(delay, self._rate_ok)
         if self._expected is not None and self.total > self._expected:
             self.abort(BodyError("SOURCE_TOO_LONG", f"origin sent more than its Content-Length of {self._expected} bytes"))
             return
@@ -119,9 +145,9 @@ class ChunkedFileWriter(Protocol):
         self._index += 1
         offset = index * self._chunk
         self._pending += 1
-        if self._pending >= self.MAX_PENDING and not self._paused and self.transport is not None:
+        if self._pending >= self.MAX_PENDING and not self._paused:
             self._paused = True
-            self.transport.pauseProducing()
+            self._hold()
 
         def store(_: Any) -> Any:
             if self._error is not None:
@@ -132,9 +158,9 @@ class ChunkedFileWriter(Protocol):
             self._pending -= 1
             if digest is not None and self._error is None and self._on_chunk is not None:
                 self._on_chunk(index, digest)
-            if self._paused and self._pending <= self.MAX_PENDING // 2 and self.transport is not None:
+            if self._paused and self._pending <= self.MAX_PENDING // 2:
                 self._paused = False
-                self.transport.resumeProducing()
+                self._release()
 
         def failed(f: Failure) -> None:
             self._pending -= 1

@@ -31,6 +31,7 @@ from ..core.bitmap import Bitmap
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.files import pread_exact, write_json_atomic
 from ..core.ids import is_task_id, parse_digest
+from ..core.ratelimit import TokenBucket
 from ..core.pieces import piece_count, piece_span, swarm_piece_size
 from ..core.threads import WorkerPool
 
@@ -144,7 +145,9 @@ class Cdn:
         piece_size: int | Callable[[int | None], int] = swarm_piece_size,
         idle_timeout: float = 60.0,
         on_new_task: Callable[[CdnTask], None] | None = None,
+        origin_limit: TokenBucket | None = None,
     ) -> None:
+        self._origin_limit = origin_limit
         self.repo = os.path.join(home, "repo")
         os.makedirs(self.repo, exist_ok=True)
         self._http = http
@@ -295,7 +298,8 @@ class Cdn:
             task.origin_bytes += n
 
         writer = ChunkedFileWriter(
-            self._pool, self._clock, fd, task.piece_size, length, self._idle_timeout, stored, counted
+            self._pool, self._clock, fd, task.piece_size, length, self._idle_timeout, stored, counted,
+            limit=self._origin_limit,
         )
         response.deliverBody(writer)
         writer.done.addCallbacks(

@@ -22,6 +22,7 @@ from twisted.web.server import Site
 from ..core.ids import BadInput
 from ..core.service import ListeningService
 from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
+from ..core.ratelimit import TokenBucket
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
 from ..protocol.block import BlockFactory
@@ -59,6 +60,7 @@ class Options(usage.Options):
         ["seed-slots", None, 16, "Seed pieces outstanding over a task's whole swarm.", int],
         ["peer-ttl", None, 60.0, "Seconds without a heartbeat before a peer is dropped.", float],
         ["workers", None, 4, "Threads for hashing and disk I/O.", int],
+        ["origin-limit", None, "0", "Rate of all origin fetches together, e.g. 100M (0: none)."],
     ]
 
     def postOptions(self) -> None:
@@ -74,6 +76,10 @@ class Options(usage.Options):
             if not MIN_PIECE_SIZE <= size <= MAX_PIECE_SIZE * 4:
                 raise usage.UsageError(f"--piece-size must be between 64K and 60M, got {size}")
             self["piece-size"] = size
+        try:
+            self["origin-limit"] = parse_rate(self["origin-limit"])
+        except BadInput as e:
+            raise usage.UsageError(f"--origin-limit: {e}") from None
         for name in ("max-parents", "seed-window", "seed-slots", "workers"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
@@ -150,7 +156,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         seed_slots=options["seed-slots"], peer_ttl=options["peer-ttl"],
     )
     node = SuperNode(
-        lambda track: Cdn(home, http, pool, reactor, piece_size=options["piece-size"], on_new_task=track),
+        lambda track: Cdn(
+            home, http, pool, reactor, piece_size=options["piece-size"], on_new_task=track,
+            origin_limit=TokenBucket(options["origin-limit"], reactor) if options["origin-limit"] else None,
+        ),
         scheduler,
         reactor,
         options["advertise-ip"],

@@ -32,3 +32,41 @@ def test_longest_wait_of_several_buckets():
     slow, fast = TokenBucket(100, clock, burst=0), TokenBucket(1000, clock, burst=0)
     assert delay_for([slow, None, fast], 100) == 1.0
     assert delay_for([None], 100) == 0.0
+
+
+def test_origin_body_is_paused_by_the_limit(tmp_path):
+    """The CDN's body writer pauses the origin response while the origin limit says so."""
+    import os
+
+    from twisted.internet import defer
+
+    from dragonfly.core.bodywriter import ChunkedFileWriter
+
+    class Pool:
+        def run(self, f, *a, **kw):
+            return defer.maybeDeferred(f, *a, **kw)
+
+    class Transport:
+        paused = False
+
+        def pauseProducing(self):
+            self.paused = True
+
+        def resumeProducing(self):
+            self.paused = False
+
+        def stopProducing(self):
+            pass
+
+    clock = Clock()
+    fd = os.open(str(tmp_path / "body"), os.O_WRONLY | os.O_CREAT)
+    writer = ChunkedFileWriter(Pool(), clock, fd, 1000, None, limit=TokenBucket(1000, clock, burst=0))
+    t = Transport()
+    writer.makeConnection(t)
+    writer.dataReceived(b"x" * 500)
+    assert t.paused
+    clock.advance(0.4)
+    assert t.paused
+    clock.advance(0.2)
+    assert not t.paused
+    os.close(fd)
