@@ -132,6 +132,15 @@ class Swarm:
         self.peers[name] = info
         return info
 
+    def start_all(self, root: str, peers: int, *supernode_args: str) -> list[str]:
+        """An origin serving C{root}, a SuperNode and C{peers} dfpeers named p0, p1, ...; their names."""
+        self.start_origin(root)
+        self.start_supernode(*supernode_args)
+        names = [f"p{i}" for i in range(peers)]
+        for name in names:
+            self.start_peer(name)
+        return names
+
     def dfget(self, url: str, output: str, peer: str | None = None, *extra: str) -> subprocess.Popen:
         """Start dfget (using C{peer}'s home when given)."""
         home = self.peers[peer]["home"] if peer else os.path.join(self.workdir, "dfget-home")

@@ -52,11 +52,7 @@ def test_peers_killed_mid_download(tmp_path, origin_file):
     """Kill -9 three of eight peers after they served pieces: the rest finish, correct, without long waits."""
     root, digest = origin_file
     with Swarm(str(tmp_path / "swarm")) as swarm:
-        swarm.start_origin(root)
-        swarm.start_supernode()
-        names = [f"p{i}" for i in range(8)]
-        for name in names:
-            swarm.start_peer(name)
+        names = swarm.start_all(root, 8)
         url = swarm.origin_url + "/f.bin"
         # 12 MiB/s each: about 4 s for the file
         procs = {n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n, "--locallimit", "12M") for n in names}
@@ -96,11 +92,7 @@ def test_supernode_restart_mid_download(tmp_path, origin_file):
     port, block = free_port(), free_port()
     args = ("--port", str(port), "--block-port", str(block))
     with Swarm(str(tmp_path / "swarm")) as swarm:
-        swarm.start_origin(root)
-        swarm.start_supernode(*args)
-        names = [f"p{i}" for i in range(4)]
-        for name in names:
-            swarm.start_peer(name)
+        names = swarm.start_all(root, 4, *args)
         url = swarm.origin_url + "/f.bin"
         procs = {n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n, "--locallimit", "8M") for n in names}
         # the CDN has the whole file, the peers are part way
@@ -237,11 +229,7 @@ def test_supernode_gone_for_good(tmp_path, origin_file):
     """Kill -9 the SuperNode mid-download for good: peers finish from each other or the origin; --notbs fails cleanly; nobody hangs."""
     root, digest = origin_file
     with Swarm(str(tmp_path / "swarm")) as swarm:
-        swarm.start_origin(root)
-        swarm.start_supernode()
-        names = [f"p{i}" for i in range(4)]
-        for name in names:
-            swarm.start_peer(name)
+        names = swarm.start_all(root, 4)
         url = swarm.origin_url + "/f.bin"
         extra = {n: ("--locallimit", "8M", "--timeout", "60s") for n in names}
         extra["p3"] += ("--notbs",)
