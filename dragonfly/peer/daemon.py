@@ -196,7 +196,6 @@ class PeerDaemon:
             total, sha = await writer.done
         except BodyError as e:
             raise TaskFailed(e.code, e.message) from None
-        task.traffic["back_to_source"] -= total  # the caller adds the total once
         return total, sha
 
 

@@ -722,7 +722,6 @@ class PeerTask:
         if self._checker.running:
             self._checker.stop()
         length, sha = await self.daemon.fetch_from_source(self)
-        self.traffic["back_to_source"] += length
         self.have = None
         self._set_length(length, self.piece_size or (4 << 20))
         for i in range(self.count):

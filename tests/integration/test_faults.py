@@ -124,59 +124,55 @@ def test_supernode_restart_mid_download(tmp_path, origin_file):
         assert all(a == len(names) for a in view["availability"])
 
 
-def test_a_lying_peer_is_caught_and_banned(tmp_path, origin_file):
-    """A peer that corrupts what it serves: every bad piece is caught by its SHA-256, fetched elsewhere, the liar banned."""
-    root, digest = origin_file
+def _bad_parent_then_peers(tmp_path, root, digest, peers, **bad):
+    """
+    A bad peer (C{liar=True} or C{silent=True}) gets the whole file first,
+    honestly, so it is everyone's best-stocked parent; then C{peers} peers
+    download at once.  Checks every output; returns the swarm's task views of
+    the peers and how long their downloads took.
+    """
     with Swarm(str(tmp_path / "swarm")) as swarm:
         swarm.start_origin(root)
         swarm.start_supernode()
-        swarm.start_peer("liar", liar=True)
+        swarm.start_peer("bad", **bad)
         url = swarm.origin_url + "/f.bin"
-        # the liar gets the whole file first (honestly), so it is everyone's best parent
-        liar_out = tmp_path / "liar.out"
-        proc = swarm.dfget(url, str(liar_out), "liar")
+        proc = swarm.dfget(url, str(tmp_path / "bad.out"), "bad")
         assert proc.communicate(timeout=120) and proc.returncode == 0
-        names = [f"p{i}" for i in range(4)]
+        names = [f"p{i}" for i in range(peers)]
         for name in names:
             swarm.start_peer(name)
+        started = time.monotonic()
         procs = {n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n) for n in names}
-        bad = {}
+        views = {}
         for n in names:
             out, err = procs[n].communicate(timeout=120)
             assert procs[n].returncode == 0, err
             assert sha256_file(str(tmp_path / f"{n}.out")) == digest
-            bad[n] = task_view(swarm, n, url)["badPieces"]
-        print(f"\nbad pieces caught per peer: {bad}")
-        assert sum(bad.values()) >= 1  # the liar was asked, and caught
-        # banned after 2 bad pieces; requests already out may add a few
-        assert all(b <= 2 + 4 for b in bad.values())
+            views[n] = task_view(swarm, n, url)
+        took = time.monotonic() - started
         assert swarm.origin_stats()["requests"]["/f.bin"] == 1
+        return views, took
+
+
+def test_a_lying_peer_is_caught_and_banned(tmp_path, origin_file):
+    """A peer that corrupts what it serves: every bad piece is caught by its SHA-256, fetched elsewhere, the liar banned."""
+    root, digest = origin_file
+    views, _ = _bad_parent_then_peers(tmp_path, root, digest, 4, liar=True)
+    bad = {n: v["badPieces"] for n, v in views.items()}
+    print(f"\nbad pieces caught per peer: {bad}")
+    assert sum(bad.values()) >= 1  # the liar was asked, and caught
+    # banned after 2 bad pieces; requests already out may add a few
+    assert all(b <= 2 + 4 for b in bad.values())
 
 
 def test_a_silent_parent_is_abandoned(tmp_path, origin_file):
     """A parent that takes requests and sends nothing is left after the stall timeout; the pieces come from elsewhere."""
     root, digest = origin_file
-    with Swarm(str(tmp_path / "swarm")) as swarm:
-        swarm.start_origin(root)
-        swarm.start_supernode()
-        swarm.start_peer("silent", silent=True)
-        url = swarm.origin_url + "/f.bin"
-        proc = swarm.dfget(url, str(tmp_path / "silent.out"), "silent")
-        assert proc.communicate(timeout=120) and proc.returncode == 0
-        names = [f"p{i}" for i in range(3)]
-        for name in names:
-            swarm.start_peer(name)
-        started = time.monotonic()
-        procs = {n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n) for n in names}
-        for n in names:
-            out, err = procs[n].communicate(timeout=120)
-            assert procs[n].returncode == 0, err
-            assert sha256_file(str(tmp_path / f"{n}.out")) == digest
-        took = time.monotonic() - started
-        print(f"\nwith a silent parent, three peers finished in {took:.2f}s")
-        # a request to the silent parent is given up after 5 s of silence
-        # (checked every second), then fetched elsewhere
-        assert took < 5.0 + 1.0 + 6.0
+    _, took = _bad_parent_then_peers(tmp_path, root, digest, 3, silent=True)
+    print(f"\nwith a silent parent, three peers finished in {took:.2f}s")
+    # a request to the silent parent is given up after 5 s of silence
+    # (checked every second), then fetched elsewhere
+    assert took < 5.0 + 1.0 + 6.0
 
 
 def _mount_tmpfs(path, size):
