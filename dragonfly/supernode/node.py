@@ -147,5 +147,5 @@ class SuperNode:
     def seed_parent(self) -> dict[str, Any]:
         return {"peerId": SEED_ID, "ip": self.advertise_ip, "port": self.block_port, "seed": True}
 
-    def decide(self, task_id: str, peer_id: str, starving: bool = False) -> Decision:
-        return self.scheduler.sync(task_id, peer_id, self.clock.seconds(), starving)
+    def decide(self, task_id: str, peer_id: str, starving: bool = False, want: int | None = None) -> Decision:
+        return self.scheduler.sync(task_id, peer_id, self.clock.seconds(), starving, want)
