@@ -127,7 +127,7 @@ def _call(api: str, method: str, path: str, body: Any = None, timeout: float = 1
         raise Failure(EXIT_USAGE if e.code == 400 else EXIT_FAILED, err.get("message") or f"dfpeer answered {e.code}") from None
 
 
-def _running_api(home: str) -> str | None:
+def running_api(home: str) -> str | None:
     try:
         with open(os.path.join(home, "peer.json")) as f:
             info = json.load(f)
@@ -166,7 +166,7 @@ def start_daemon(home: str, nodes: list[str] | None, idle: float) -> str:
         raise Failure(EXIT_FAILED, f"cannot start dfpeer: {result.stderr.decode(errors='replace').strip()[:300]}")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        api = _running_api(home)
+        api = running_api(home)
         if api is not None:
             return api
         time.sleep(0.1)
@@ -338,7 +338,7 @@ def _trace(what: str) -> None:
 def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
     _trace("start")
     deadline = time.monotonic() + opts["timeout"]
-    api = _running_api(opts["home"])
+    api = running_api(opts["home"])
     if api is None:
         try:
             api = start_daemon(opts["home"], opts["nodes"], opts["idle"])

@@ -113,13 +113,15 @@ class CertificateAuthority:
             raise CaError(f"cannot read the CA: {e}") from None
         return cls(cert, key)
 
-    def mint(self, host: str, days: int = 30) -> tuple[bytes, bytes]:
-        """A leaf certificate for C{host} (a name or an IP address): (cert PEM, key PEM)."""
+    def mint(self, host: str, *more: str, days: int = 30) -> tuple[bytes, bytes]:
+        """A leaf certificate for C{host} and C{more} (names or IP addresses): (cert PEM, key PEM)."""
         key = ec.generate_private_key(ec.SECP256R1())
-        try:
-            alt: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
-        except ValueError:
-            alt = x509.DNSName(host)
+        alts: list[x509.GeneralName] = []
+        for name in (host, *more):
+            try:
+                alts.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alts.append(x509.DNSName(name))
         now = _now()
         cert = (
             x509.CertificateBuilder()
@@ -129,7 +131,7 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(min(now + datetime.timedelta(days=days), self.cert.not_valid_after_utc))
-            .add_extension(x509.SubjectAlternativeName([alt]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(alts), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(

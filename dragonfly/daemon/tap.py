@@ -1,28 +1,231 @@
 """
-C{twistd dfdaemon}: the registry mirror and HTTP(S) proxy.
+C{twistd dfdaemon}: the registry mirror and HTTP(S) proxy on every host.
 
-Not built yet: it refuses to start with a clear message rather than pretend.
+    twistd -n dfdaemon --port 65001 --registry https://registry.example --home DIR [--supernode HOST:PORT,...]
+
+Registry blobs go through the host's dfpeer (the one for C{--home}, started
+if none runs); everything else straight to the registry.  See
+L{dragonfly.daemon.proxy} and docs/dfdaemon.md.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
+from urllib.parse import urlsplit
 
+import treq
+import yaml
+from twisted.application.service import MultiService
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from ..core.service import ListeningService
+from ..core.threads import WorkerPool
+from ..core.tls import https_policy
+from ..peer.client import parse_nodes
+from ..peer.tap import DEFAULT_HOME
+from ..supernode.tap import QuietSite
+from .ca import CaError, CertificateAuthority, LeafMinter
+from .front import FrontFactory
+from .peerlink import PeerLink
+from .proxy import DaemonCore, ProxyResource
+from .rules import DEFAULT_RULES, Rule, RuleError, compile_hosts
+
+log = Logger()
 
 
 class Options(usage.Options):
-    synopsis = "[options]"
-    longdesc = "Registry mirror / HTTP(S) proxy that pulls image blobs through the swarm (not built yet)."
+    synopsis = "[--registry URL] [--home DIR] [options]"
+    longdesc = (
+        "Run dfdaemon, the registry mirror and HTTP(S) proxy: GETs of registry blobs "
+        "(/v2/<name>/blobs/sha256:<hex>) go through the host's dfpeer and the swarm, "
+        "everything else straight upstream.  Point containerd (hosts.toml), docker "
+        "(registry-mirrors) or HTTP(S)_PROXY at it.  'dfdaemon gen-ca' makes the CA "
+        "for --hijack.  See docs/dfdaemon.md."
+    )
     optParameters = [
         ["port", "p", 65001, "Port to listen on.", int],
-        ["registry", None, None, "Upstream registry URL."],
-        ["home", None, None, "Work home shared with the host's dfpeer."],
+        ["listen", None, "127.0.0.1", "Interface to listen on (a proxy: keep it on loopback or a trusted network)."],
+        ["registry", None, None, "Upstream registry of mirror requests, e.g. https://index.docker.io."],
+        ["home", None, DEFAULT_HOME, "Work home shared with the host's dfpeer (HOME/peer.json); dfdaemon.json goes there too."],
+        ["supernode", "s", "127.0.0.1:8002", "SuperNode(s) for a dfpeer that dfdaemon starts, host[:port][,...]."],
+        ["config", None, None, "YAML file with the same keys as the flags, plus 'proxies' (rules) and 'hijack_https'."],
+        ["ca-cert", None, None, "CA certificate (PEM) for --hijack, from 'dfdaemon gen-ca'."],
+        ["ca-key", None, None, "The CA's private key (PEM)."],
+        ["registry-ca", None, None, "CA bundle (PEM) that upstream HTTPS servers are verified with, instead of the system's."],
+        ["workers", None, 2, "Threads for minting certificates and finding the dfpeer.", int],
+    ]
+    optFlags = [
+        ["no-start-peer", None, "Do not start a dfpeer when none runs for --home (blobs then go direct)."],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["rules"] = []
+        self["hijack"] = []
+        self._given: set[str] = set()
+
+    def opt_rule(self, regex: str) -> None:
+        """A URL regex whose GETs go through the swarm (repeatable; first match wins; replaces the default)."""
+        self["rules"].append({"regx": regex})
+
+    def opt_direct(self, regex: str) -> None:
+        """A URL regex that always goes straight upstream (repeatable, in order with --rule)."""
+        self["rules"].append({"regx": regex, "direct": True})
+
+    def opt_hijack(self, regex: str) -> None:
+        """A host regex whose CONNECTs are intercepted with a certificate from --ca-cert (repeatable)."""
+        self["hijack"].append(regex)
+
+    def parseArgs(self) -> None:
+        pass
+
     def postOptions(self) -> None:
-        raise usage.UsageError("dfdaemon is not built yet in this version; use dfget or the dfpeer local API")
+        if self["config"]:
+            self._load_config(self["config"])
+        if self["registry"]:
+            parts = urlsplit(self["registry"])
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise usage.UsageError(f"--registry must be an http(s) URL, not {self['registry']!r}")
+        if not 0 <= self["port"] < 65536:
+            raise usage.UsageError("--port must be 0..65535")
+        try:
+            self["nodes"] = parse_nodes(self["supernode"])
+        except ValueError as e:
+            raise usage.UsageError(f"--supernode: {e}") from None
+        try:
+            rules = [Rule.from_dict(r) for r in self["rules"]]
+            self["compiled-rules"] = tuple(rules) if rules else DEFAULT_RULES
+            self["compiled-hijack"] = compile_hosts(self["hijack"])
+        except RuleError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["hijack"] and not (self["ca-cert"] and self["ca-key"]):
+            raise usage.UsageError("--hijack needs --ca-cert and --ca-key (make them with 'dfdaemon gen-ca')")
+        self["ca"] = None
+        if self["ca-cert"] or self["ca-key"]:
+            if not (self["ca-cert"] and self["ca-key"]):
+                raise usage.UsageError("--ca-cert and --ca-key go together")
+            try:
+                self["ca"] = CertificateAuthority.load(self["ca-cert"], self["ca-key"])
+            except CaError as e:
+                raise usage.UsageError(f"--ca-cert/--ca-key: {e}") from None
+        try:
+            self["https-policy"] = https_policy(self["registry-ca"])
+        except ValueError as e:
+            raise usage.UsageError(f"--registry-ca: {e}") from None
+        self["home"] = os.path.abspath(os.path.expanduser(self["home"]))
+
+    def _load_config(self, path: str) -> None:
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except OSError as e:
+            raise usage.UsageError(f"--config: {e}") from None
+        except yaml.YAMLError as e:
+            raise usage.UsageError(f"--config {path}: not YAML: {e}") from None
+        if data is None:
+            return
+        if not isinstance(data, dict):
+            raise usage.UsageError(f"--config {path}: must be a mapping of option names to values")
+        flags = {o[0] for o in self.optParameters}
+        for key, value in data.items():
+            name = str(key).replace("_", "-")
+            if key == "proxies":
+                if not isinstance(value, list):
+                    raise usage.UsageError(f"--config {path}: 'proxies' must be a list of rules")
+                if not self["rules"]:  # rules on the command line win
+                    self["rules"] = list(value)
+            elif key == "hijack_https":
+                self._load_hijack(path, value)
+            elif name in flags and name != "config":
+                if self._default(name) == self[name]:  # flags win
+                    kind = self._coerce(name)
+                    try:
+                        self[name] = kind(value) if kind is not None else str(value)
+                    except (TypeError, ValueError):
+                        raise usage.UsageError(f"--config {path}: bad value for {key!r}: {value!r}") from None
+            elif name == "no-start-peer":
+                if not isinstance(value, bool):
+                    raise usage.UsageError(f"--config {path}: {key!r} must be true or false")
+                self["no-start-peer"] = self["no-start-peer"] or value
+            else:
+                raise usage.UsageError(f"--config {path}: unknown key {key!r}")
+
+    def _load_hijack(self, path: str, value: Any) -> None:
+        if not isinstance(value, dict):
+            raise usage.UsageError(f"--config {path}: 'hijack_https' must be a mapping (cert, key, hosts)")
+        for key, item in value.items():
+            if key in ("cert", "key"):
+                flag = "ca-" + key
+                if self[flag] is None:
+                    self[flag] = str(item)
+            elif key == "hosts":
+                if not isinstance(item, list):
+                    raise usage.UsageError(f"--config {path}: 'hijack_https.hosts' must be a list")
+                for host in item:
+                    regex = host.get("regx") if isinstance(host, dict) else host
+                    if not isinstance(regex, str):
+                        raise usage.UsageError(f"--config {path}: bad hijack host {host!r}")
+                    self["hijack"].append(regex)
+            else:
+                raise usage.UsageError(f"--config {path}: unknown key 'hijack_https.{key}'")
+
+    def _default(self, name: str) -> Any:
+        for o in self.optParameters:
+            if o[0] == name:
+                return o[2]
+        return None
+
+    def _coerce(self, name: str) -> Any:
+        for o in self.optParameters:
+            if o[0] == name:
+                return o[4] if len(o) > 4 else None
+        return None
 
 
-def makeService(options: Options) -> Any:  # pragma: no cover - postOptions refuses first
-    raise SystemExit("dfdaemon is not built yet")
+class DaemonService(ListeningService):
+    what = "dfdaemon"
+
+    def __init__(self, reactor: Any, endpoint: Any, factory: FrontFactory, info_path: str) -> None:
+        super().__init__(reactor, info_path)
+        self.endpoint = endpoint
+        self.factory = factory
+
+    async def _start(self) -> None:
+        port = await self.listen(self.endpoint, self.factory)
+        address = port.getHost()
+        self.publish({"port": address.port, "host": address.host})
+        log.info("dfdaemon listening on {host}:{port}", host=address.host, port=address.port)
+
+
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    os.makedirs(options["home"], exist_ok=True)
+    top = MultiService()
+    pool = WorkerPool(reactor, size=options["workers"], name="dfdaemon")
+    pool.setServiceParent(top)
+    upstream = treq.client.HTTPClient(
+        Agent(reactor, contextFactory=options["https-policy"], pool=HTTPConnectionPool(reactor))
+    )
+    local = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    peer = PeerLink(options["home"], options["nodes"], pool, start=not options["no-start-peer"])
+    core = DaemonCore(reactor, options["registry"], options["compiled-rules"], peer, upstream, local)
+
+    def status(request: Any) -> bytes:
+        import json
+
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"counters": core.counters.to_json(), "registry": options["registry"]}).encode()
+
+    site = QuietSite(ProxyResource(core, status))
+    minter = LeafMinter(options["ca"], pool) if options["ca"] is not None else None
+    factory = FrontFactory(reactor, site, core, options["compiled-hijack"], minter)
+    endpoint = serverFromString(reactor, f"tcp:{options['port']}:interface={options['listen']}")
+    DaemonService(reactor, endpoint, factory, os.path.join(options["home"], "dfdaemon.json")).setServiceParent(top)
+    return top

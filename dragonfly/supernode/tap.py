@@ -24,6 +24,7 @@ from ..core.service import ListeningService
 from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
 from ..core.ratelimit import TokenBucket
 from ..core.threads import WorkerPool
+from ..core.tls import https_policy
 from ..core.units import parse_rate
 from ..protocol.block import BlockFactory
 from .api import SupernodeApi
@@ -61,6 +62,7 @@ class Options(usage.Options):
         ["peer-ttl", None, 60.0, "Seconds without a heartbeat before a peer is dropped.", float],
         ["workers", None, 4, "Threads for hashing and disk I/O.", int],
         ["origin-limit", None, "0", "Rate of all origin fetches together, e.g. 100M (0: none)."],
+        ["origin-ca", None, None, "CA bundle (PEM) that HTTPS origins are verified with, instead of the system's roots."],
     ]
 
     def postOptions(self) -> None:
@@ -78,8 +80,11 @@ class Options(usage.Options):
             self["piece-size"] = size
         try:
             self["origin-limit"] = parse_rate(self["origin-limit"])
+            self["https-policy"] = https_policy(self["origin-ca"])
         except BadInput as e:
             raise usage.UsageError(f"--origin-limit: {e}") from None
+        except ValueError as e:
+            raise usage.UsageError(f"--origin-ca: {e}") from None
         for name in ("max-parents", "seed-window", "seed-slots", "workers"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
@@ -150,7 +155,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = MultiService()
     pool = WorkerPool(reactor, size=options["workers"], name="supernode-io")
     pool.setServiceParent(top)
-    http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    http = treq.client.HTTPClient(
+        Agent(reactor, contextFactory=options["https-policy"], pool=HTTPConnectionPool(reactor))
+    )
     scheduler = Scheduler(
         max_parents=options["max-parents"], seed_window=options["seed-window"],
         seed_slots=options["seed-slots"], peer_ttl=options["peer-ttl"],

@@ -195,7 +195,9 @@ class Registry:
             from ..daemon.ca import CertificateAuthority, make_ca
 
             ca_cert, ca_key = make_ca("Dragonfly test registry CA")
-            cert, key = CertificateAuthority(ca_cert, ca_key).mint(self.host)
+            # also for 127.0.0.1: skopeo pushes there (Go never proxies loopback
+            # addresses, so proxy tests name the registry 127.1)
+            cert, key = CertificateAuthority(ca_cert, ca_key).mint(self.host, "127.0.0.1")
             self.ca_dir = os.path.join(self.root, "certs")
             os.makedirs(self.ca_dir, exist_ok=True)
             self.ca_cert = os.path.join(self.ca_dir, "ca.crt")
@@ -246,7 +248,7 @@ class Registry:
 
     def push(self, image: Image, name: str, tag: str | None = None) -> str:
         """skopeo copy the OCI layout into this registry; answers the image reference."""
-        ref = f"{self.netloc}/{name}:{tag or image.tag}"
+        ref = f"127.0.0.1:{self.port}/{name}:{tag or image.tag}"
         cmd = ["skopeo", "copy", "--quiet", "--preserve-digests", f"oci:{image.layout}:{image.tag}", f"docker://{ref}"]
         if self.tls:
             cmd[2:2] = ["--dest-cert-dir", self.ca_dir or ""]
@@ -257,7 +259,7 @@ class Registry:
         out = subprocess.run(cmd, capture_output=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"skopeo push failed: {out.stderr.decode(errors='replace')[-1500:]}")
-        return ref
+        return f"{self.netloc}/{name}:{tag or image.tag}"
 
     def responses(self) -> list[dict[str, Any]]:
         """Every response the registry logged: method, uri, status, bytes written."""

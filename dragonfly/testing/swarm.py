@@ -132,6 +132,19 @@ class Swarm:
         self.peers[name] = info
         return info
 
+    def start_dfdaemon(self, name: str, home: str, *extra: str) -> str:
+        """A C{twistd dfdaemon} on a free loopback port for C{home}; its base URL."""
+        info_path = os.path.join(home, "dfdaemon.json")
+        if os.path.exists(info_path):
+            os.unlink(info_path)
+        proc = self._spawn(
+            name,
+            [_bin("twistd"), "-n", "--pidfile=", "dfdaemon", "--port", "0", "--home", home,
+             "--supernode", self.supernode_addr, *extra],
+        )
+        info = wait_for_file(info_path, 30, proc)
+        return f"http://127.0.0.1:{info['port']}"
+
     def start_all(self, root: str, peers: int, *supernode_args: str) -> list[str]:
         """An origin serving C{root}, a SuperNode and C{peers} dfpeers named p0, p1, ...; their names."""
         self.start_origin(root)

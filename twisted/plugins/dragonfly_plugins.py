@@ -25,6 +25,6 @@ dfpeer = ServiceMaker(
 dfdaemon = ServiceMaker(
     "Dragonfly dfdaemon",
     "dragonfly.daemon.tap",
-    "Dragonfly registry mirror and HTTP(S) proxy (not built yet)",
+    "Dragonfly dfdaemon: registry mirror and HTTP(S) proxy that pulls image blobs through the swarm",
     "dfdaemon",
 )

@@ -1,0 +1,325 @@
+"""
+dfdaemon's request handling: registry mirror, HTTP proxy, and the requests
+that arrive inside intercepted TLS, all through one leaf resource.
+
+A request's upstream URL is:
+  - its absolute URI (a proxy client: C{GET http://host/path});
+  - C{https://<host>} plus its path inside an intercepted CONNECT;
+  - C{--registry} plus its path otherwise (a registry mirror).
+
+L{dragonfly.daemon.rules} then sends GETs of registry blobs through the
+local dfpeer and everything else straight upstream.  Both paths stream:
+
+  - P2P: ask the dfpeer to download the blob (its task id is the blob's
+    digest, so one swarm per layer whatever repository or mirror names it)
+    and relay C{GET /api/v1/downloads/<id>/content}, which answers once the
+    length is known and sends bytes in order as pieces are verified.  The
+    client gets the registry's Content-Type, Content-Length and
+    Docker-Content-Digest.  The dfpeer holds the last bytes until the whole
+    blob matches its digest; if it does not, both connections are cut short
+    of Content-Length and the client retries.
+  - Direct: the request goes upstream with its headers (Authorization
+    included) and the answer comes back as it is (a 401 with its
+    WWW-Authenticate challenge too, so the client can authenticate).
+
+If the P2P path fails before the first byte (no dfpeer, no SuperNode, the
+origin refused the SuperNode, ...), the request goes direct and the log and
+the counters say so.  Back-pressure holds both ways: the upstream response is
+the client transport's producer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from ..core.bodywriter import DiscardBody
+from .rules import Decision, Rule, decide
+
+log = Logger()
+
+#: headers that belong to one connection, never passed on (RFC 9110 7.6.1)
+HOP_BY_HOP = frozenset(
+    h.encode() for h in (
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+        "te", "trailer", "transfer-encoding", "upgrade",
+    )
+)
+#: request headers passed to the SuperNode's origin fetch of a blob
+ORIGIN_HEADERS = ("authorization", "user-agent", "accept")
+#: seconds to wait for the dfpeer's stream to start (the origin answering the SuperNode)
+P2P_START_TIMEOUT = 60.0
+
+
+class P2PUnavailable(Exception):
+    """The swarm could not start the download; the request goes direct."""
+
+
+class Counters:
+    """What dfdaemon did, for its log line, its status file and the tests."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.p2p = 0
+        self.p2p_bytes = 0
+        self.direct = 0
+        self.direct_bytes = 0
+        self.fallbacks = 0
+        self.p2p_cut = 0
+        self.tunnels = 0
+        self.intercepted = 0
+
+    def to_json(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+def _passable(headers: Headers) -> list[tuple[bytes, list[bytes]]]:
+    out = []
+    for name, values in headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower == b"host":
+            continue
+        out.append((name, values))
+    return out
+
+
+class DaemonCore:
+    """
+    @param registry: the upstream of mirror requests (C{--registry}), or None.
+    @param peer: a L{dragonfly.daemon.peerlink.PeerLink} to the host's dfpeer.
+    @param http: a treq HTTPClient for upstream requests (its agent verifies TLS).
+    """
+
+    def __init__(
+        self, reactor: Any, registry: str | None, rules: tuple[Rule, ...], peer: Any, http: Any, local_http: Any
+    ) -> None:
+        self.reactor = reactor
+        self.registry = registry.rstrip("/") if registry else None
+        self.rules = rules
+        self.peer = peer
+        self.http = http
+        self.local_http = local_http
+        self.counters = Counters()
+
+    # -- entry ---------------------------------------------------------------------
+
+    def target(self, request: Any) -> str | None:
+        """The absolute upstream URL of C{request}, or None if it has none."""
+        uri = request.uri.decode("latin-1")
+        base = getattr(request.channel, "dfd_base", None)
+        if base is not None:
+            return base + uri if uri.startswith("/") else None
+        if uri.startswith(("http://", "https://")):
+            return uri
+        if self.registry is not None and uri.startswith("/"):
+            return self.registry + uri
+        return None
+
+    async def handle(self, request: Any) -> None:
+        self.counters.requests += 1
+        method = request.method.decode("latin-1")
+        url = self.target(request)
+        if url is None:
+            _error(request, 400, "NO_UPSTREAM", "a relative URI needs dfdaemon --registry; use it as a proxy with absolute URIs")
+            return
+        if method == "CONNECT":
+            _error(request, 400, "BAD_CONNECT", "CONNECT must be the first request on a connection")
+            return
+        decision = decide(self.rules, method, url)
+        if decision.p2p:
+            try:
+                await self._p2p(request, decision)
+                return
+            except P2PUnavailable as e:
+                self.counters.fallbacks += 1
+                log.warn("p2p unavailable for {url}, going direct: {why}", url=decision.url, why=str(e))
+            except CancelledError:
+                return
+        await self._direct(request, method, decision.url)
+
+    # -- direct --------------------------------------------------------------------
+
+    async def _direct(self, request: Any, method: str, url: str) -> None:
+        self.counters.direct += 1
+        headers = Headers(dict(_passable(request.requestHeaders)))
+        body = request.content if method not in ("GET", "HEAD") else None
+        if body is not None:
+            body.seek(0)
+        try:
+            response = await self.http.request(
+                method, url, headers=headers, data=body, unbuffered=True, allow_redirects=False
+            )
+        except CancelledError:
+            return
+        except Exception as e:
+            log.warn("upstream {url} unreachable: {why}", url=url, why=str(e))
+            _error(request, 502, "UPSTREAM_UNREACHABLE", f"{url}: {e}")
+            return
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in _passable(response.headers):
+            request.responseHeaders.setRawHeaders(name, values)
+        if response.length != 0 and method != "HEAD":
+            await _relay(request, response, lambda n: self._count_direct(n))
+        else:
+            response.deliverBody(DiscardBody())
+            _finish(request)
+
+    def _count_direct(self, n: int) -> None:
+        self.counters.direct_bytes += n
+
+    # -- through the swarm -------------------------------------------------------------
+
+    async def _p2p(self, request: Any, decision: Decision) -> None:
+        try:
+            api = await self.peer.api()
+        except Exception as e:
+            raise P2PUnavailable(f"no dfpeer: {e}") from None
+        headers = {}
+        for name in ORIGIN_HEADERS:
+            value = request.getHeader(name)
+            if value is not None:
+                headers[name.title()] = value.decode("latin-1") if isinstance(value, bytes) else value
+        body: dict[str, Any] = {"url": decision.url, "headers": headers, "notbs": True}
+        if decision.digest:
+            body["digest"] = decision.digest
+        try:
+            response = await self.local_http.post(
+                api + "/api/v1/downloads", json=body, timeout=10
+            )
+            answer = await response.json()
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.peer.forget()
+            raise P2PUnavailable(f"dfpeer at {api}: {e}") from None
+        if response.code != 200:
+            raise P2PUnavailable(f"dfpeer refused: {answer.get('error', {}).get('message', response.code)}")
+        task_id = answer["taskId"]
+        try:
+            stream = await self.local_http.get(
+                f"{api}/api/v1/downloads/{task_id}/content", unbuffered=True, timeout=P2P_START_TIMEOUT
+            )
+        except CancelledError:
+            raise
+        except Exception as e:
+            raise P2PUnavailable(f"dfpeer stream: {e}") from None
+        if stream.code != 200:
+            try:
+                err = json.loads(await stream.content()).get("error", {})
+            except Exception:
+                err = {}
+            raise P2PUnavailable(f"{err.get('code', stream.code)}: {err.get('message', '')}")
+        self.counters.p2p += 1
+        log.info("p2p {url} as task {task}", url=decision.url, task=task_id)
+        request.setResponseCode(200)
+        for name in (b"content-length", b"content-type"):
+            request.responseHeaders.setRawHeaders(name, stream.headers.getRawHeaders(name, []))
+        if decision.digest:
+            request.setHeader(b"docker-content-digest", decision.digest.encode())
+            request.setHeader(b"etag", f'"{decision.digest}"'.encode())
+        request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
+        request.setHeader(b"x-dragonfly-task-id", task_id.encode())
+        complete = await _relay(request, stream, self._count_p2p)
+        if not complete:
+            self.counters.p2p_cut += 1
+            log.warn("p2p {url}: stream cut short; the client's connection was cut too", url=decision.url)
+
+    def _count_p2p(self, n: int) -> None:
+        self.counters.p2p_bytes += n
+
+
+class _Relay(Protocol):
+    """An upstream body into a client's request, paced by the client's transport."""
+
+    def __init__(self, request: Any, count: Any, done: Deferred) -> None:
+        self.request = request
+        self.count = count
+        self.done = done
+        self.registered = False
+
+    def connectionMade(self) -> None:
+        self.request.registerProducer(self.transport, True)
+        self.registered = True
+        self.request.notifyFinish().addErrback(self._client_gone)
+
+    def _client_gone(self, _: Any) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count(len(data))
+        self.request.write(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.registered:
+            try:
+                self.request.unregisterProducer()
+            except RuntimeError:
+                pass
+        complete = reason.check(ResponseDone, PotentialDataLoss) is not None
+        if self.request.finished or getattr(self.request, "_disconnected", False):
+            pass
+        elif complete:
+            self.request.finish()
+        else:
+            # short of Content-Length: the client must see the body cut, not complete
+            self.request.channel.transport.abortConnection()
+        self.done.callback(complete)
+
+
+def _relay(request: Any, response: Any, count: Any) -> Deferred:
+    done: Deferred = Deferred()
+    response.deliverBody(_Relay(request, count, done))
+    return done
+
+
+def _finish(request: Any) -> None:
+    if not request.finished and not getattr(request, "_disconnected", False):
+        request.finish()
+
+
+def _error(request: Any, status: int, code: str, message: str) -> None:
+    if request.finished or getattr(request, "_disconnected", False):
+        return
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    request.write(json.dumps({"error": {"code": code, "message": message}}).encode())
+    request.finish()
+
+
+class ProxyResource(Resource):
+    """Every request, whatever its path, to L{DaemonCore.handle}."""
+
+    isLeaf = True
+
+    def __init__(self, core: DaemonCore, status: Any = None) -> None:
+        super().__init__()
+        self.core = core
+        self.status = status
+
+    def render(self, request: Any) -> Any:
+        if self.status is not None and request.uri == b"/_dfdaemon/status" and request.method == b"GET":
+            return self.status(request)
+        d = Deferred.fromCoroutine(self.core.handle(request))
+
+        def crashed(f: Any) -> None:
+            log.failure("request {uri} crashed", f, uri=request.uri)
+            if not request.startedWriting:
+                _error(request, 500, "INTERNAL", f.getErrorMessage())
+            else:
+                request.channel.transport.abortConnection()
+
+        d.addErrback(crashed)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        return NOT_DONE_YET
