@@ -22,6 +22,12 @@ local dfpeer and everything else straight upstream.  Both paths stream:
     included) and the answer comes back as it is (a 401 with its
     WWW-Authenticate challenge too, so the client can authenticate).
 
+Before a blob is served from the swarm, the registry is asked (HEAD with
+the client's headers) whether this client may read it: the swarm holds each
+blob once for everybody, so the registry's auth must be checked per client.
+A 401 (with its challenge), 403 or 404 goes back to the client as the
+registry gave it.  C{--no-access-check} skips this for open registries.
+
 If the P2P path fails before the first byte (no dfpeer, no SuperNode, the
 origin refused the SuperNode, ...), the request goes direct and the log and
 the counters say so.  Back-pressure holds both ways: the upstream response is
@@ -30,13 +36,14 @@ the client transport's producer.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
-import treq
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
@@ -78,6 +85,7 @@ class Counters:
         self.p2p_cut = 0
         self.tunnels = 0
         self.intercepted = 0
+        self.denied = 0
 
     def to_json(self) -> dict[str, int]:
         return dict(vars(self))
@@ -110,6 +118,8 @@ class DaemonCore:
         self.http = http
         self.local_http = local_http
         self.counters = Counters()
+        #: ask the registry whether the client may read a blob before serving it from the swarm
+        self.check_access = True
 
     # -- entry ---------------------------------------------------------------------
 
@@ -136,6 +146,11 @@ class DaemonCore:
             _error(request, 400, "BAD_CONNECT", "CONNECT must be the first request on a connection")
             return
         decision = decide(self.rules, method, url)
+        if decision.p2p and self.check_access and not await self._allowed(request, decision.url):
+            # the registry says no (401 with its challenge, 403, 404): the
+            # client gets the registry's own answer, never the swarm's copy
+            await self._direct(request, method, decision.url)
+            return
         if decision.p2p:
             try:
                 await self._p2p(request, decision)
@@ -145,11 +160,38 @@ class DaemonCore:
                 log.warn("p2p unavailable for {url}, going direct: {why}", url=decision.url, why=str(e))
             except CancelledError:
                 return
-        await self._direct(request, method, decision.url)
+        await self._direct(request, method, decision.url, decision.digest if decision.p2p else None)
+
+    async def _allowed(self, request: Any, url: str) -> bool:
+        """
+        Ask the registry (HEAD, no body) whether this client may read the
+        blob: the swarm serves any blob it holds to whoever asks for its
+        digest, so the registry's auth is checked here, per request.  An
+        unreachable registry counts as a no (the direct path then says why).
+        """
+        headers = Headers(dict(_passable(request.requestHeaders)))
+        try:
+            response = await self.http.request("HEAD", url, headers=headers, allow_redirects=False)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.warn("access check for {url} failed: {why}", url=url, why=str(e))
+            return False
+        response.deliverBody(DiscardBody())
+        if response.code >= 400:
+            self.counters.denied += 1
+            return False
+        return True
 
     # -- direct --------------------------------------------------------------------
 
-    async def _direct(self, request: Any, method: str, url: str) -> None:
+    async def _direct(self, request: Any, method: str, url: str, decision_digest: str | None = None) -> None:
+        """
+        Pass the request upstream and the answer back.  A blob named by its
+        digest (a P2P request gone direct) is checked on the way: its last
+        bytes are held until the SHA-256 matches, else the client's
+        connection is cut short of them.
+        """
         self.counters.direct += 1
         headers = Headers(dict(_passable(request.requestHeaders)))
         body = request.content if method not in ("GET", "HEAD") else None
@@ -168,8 +210,14 @@ class DaemonCore:
         request.setResponseCode(response.code, response.phrase)
         for name, values in _passable(response.headers):
             request.responseHeaders.setRawHeaders(name, values)
+        if method != "HEAD" and response.code not in (204, 304):
+            # (a HEAD's Content-Length is in the headers, as the upstream gave it)
+            _set_length(request, response)
         if response.length != 0 and method != "HEAD":
-            await _relay(request, response, lambda n: self._count_direct(n))
+            digest = decision_digest if response.code == 200 else None
+            complete = await _relay(request, response, self._count_direct, digest)
+            if digest and not complete:
+                log.warn("{url}: the registry's bytes do not match {digest}; the client's connection was cut", url=url, digest=digest)
         else:
             response.deliverBody(DiscardBody())
             _finish(request)
@@ -222,8 +270,8 @@ class DaemonCore:
         self.counters.p2p += 1
         log.info("p2p {url} as task {task}", url=decision.url, task=task_id)
         request.setResponseCode(200)
-        for name in (b"content-length", b"content-type"):
-            request.responseHeaders.setRawHeaders(name, stream.headers.getRawHeaders(name, []))
+        _set_length(request, stream)
+        request.responseHeaders.setRawHeaders(b"content-type", stream.headers.getRawHeaders(b"content-type", []))
         if decision.digest:
             request.setHeader(b"docker-content-digest", decision.digest.encode())
             request.setHeader(b"etag", f'"{decision.digest}"'.encode())
@@ -277,10 +325,51 @@ class _Relay(Protocol):
         self.done.callback(complete)
 
 
-def _relay(request: Any, response: Any, count: Any) -> Deferred:
+class _VerifyingRelay(_Relay):
+    """
+    A relay that holds the latest chunk back until the next one comes, and
+    the last one until the whole body matches C{digest}: a wrong body never
+    reaches the client complete.  (Only the fallback path uses it; the hash
+    runs here, on the reactor thread, in the chunks the transport delivers.)
+    """
+
+    def __init__(self, request: Any, count: Any, done: Deferred, digest: str) -> None:
+        super().__init__(request, count, done)
+        self.want = digest.split(":", 1)[1]
+        self.hash = hashlib.sha256()
+        self.held = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.count(len(data))
+        self.hash.update(data)
+        if self.held:
+            self.request.write(self.held)
+        self.held = data
+
+    def connectionLost(self, reason: Any) -> None:
+        if reason.check(ResponseDone, PotentialDataLoss) is not None:
+            if self.hash.hexdigest() == self.want:
+                if self.held and not self.request.finished and not getattr(self.request, "_disconnected", False):
+                    self.request.write(self.held)
+            else:
+                reason = Failure(ValueError("digest mismatch"))
+        self.held = b""
+        super().connectionLost(reason)
+
+
+def _relay(request: Any, response: Any, count: Any, digest: str | None = None) -> Deferred:
     done: Deferred = Deferred()
-    response.deliverBody(_Relay(request, count, done))
+    if digest is not None and digest.startswith("sha256:"):
+        response.deliverBody(_VerifyingRelay(request, count, done, digest))
+    else:
+        response.deliverBody(_Relay(request, count, done))
     return done
+
+
+def _set_length(request: Any, response: Any) -> None:
+    """Twisted's client keeps Content-Length out of the headers, in C{length}: pass it on."""
+    if isinstance(response.length, int):
+        request.setHeader(b"content-length", str(response.length).encode())
 
 
 def _finish(request: Any) -> None:

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http import HTTPChannel
 
 from ..core.service import ListeningService
 from ..core.threads import WorkerPool
@@ -60,6 +61,7 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["no-start-peer", None, "Do not start a dfpeer when none runs for --home (blobs then go direct)."],
+        ["no-access-check", None, "Serve blobs from the swarm without first asking the registry (HEAD) whether the client may read them: only for registries open to all."],
     ]
 
     def __init__(self) -> None:
@@ -147,10 +149,10 @@ class Options(usage.Options):
                         self[name] = kind(value) if kind is not None else str(value)
                     except (TypeError, ValueError):
                         raise usage.UsageError(f"--config {path}: bad value for {key!r}: {value!r}") from None
-            elif name == "no-start-peer":
+            elif name in ("no-start-peer", "no-access-check"):
                 if not isinstance(value, bool):
                     raise usage.UsageError(f"--config {path}: {key!r} must be true or false")
-                self["no-start-peer"] = self["no-start-peer"] or value
+                self[name] = self[name] or value
             else:
                 raise usage.UsageError(f"--config {path}: unknown key {key!r}")
 
@@ -216,6 +218,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     local = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
     peer = PeerLink(options["home"], options["nodes"], pool, start=not options["no-start-peer"])
     core = DaemonCore(reactor, options["registry"], options["compiled-rules"], peer, upstream, local)
+    core.check_access = not options["no-access-check"]
 
     def status(request: Any) -> bytes:
         import json
@@ -224,6 +227,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         return json.dumps({"counters": core.counters.to_json(), "registry": options["registry"]}).encode()
 
     site = QuietSite(ProxyResource(core, status))
+    # plain HTTP/1.1 channels: the front protocol hands each one its connection
+    # (and, inside intercepted TLS, the https origin it stands for)
+    site.protocol = HTTPChannel
     minter = LeafMinter(options["ca"], pool) if options["ca"] is not None else None
     factory = FrontFactory(reactor, site, core, options["compiled-hijack"], minter)
     endpoint = serverFromString(reactor, f"tcp:{options['port']}:interface={options['listen']}")

@@ -64,15 +64,6 @@ class Image:
         with open(os.path.join(self.layout, "blobs", "sha256", digest.split(":", 1)[1]), "rb") as f:
             return f.read()
 
-    def corrupt(self, digest: str) -> None:
-        """Flip a byte of a blob in the layout (push it to get a corrupt registry blob)."""
-        path = os.path.join(self.layout, "blobs", "sha256", digest.split(":", 1)[1])
-        with open(path, "r+b") as f:
-            f.seek(os.path.getsize(path) // 2)
-            b = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([b[0] ^ 0xFF]))
-
 
 def make_image(layout: str, layer_sizes: list[int], tag: str = "latest", seed: int = 0) -> Image:
     """
@@ -260,6 +251,16 @@ class Registry:
         if out.returncode != 0:
             raise RuntimeError(f"skopeo push failed: {out.stderr.decode(errors='replace')[-1500:]}")
         return f"{self.netloc}/{name}:{tag or image.tag}"
+
+    def corrupt_blob(self, digest: str) -> None:
+        """Flip a byte of a stored blob: the registry serves it with the same digest (it does not check)."""
+        hexd = digest.split(":", 1)[1]
+        path = os.path.join(self.root, "data", "docker", "registry", "v2", "blobs", "sha256", hexd[:2], hexd, "data")
+        with open(path, "r+b") as f:
+            f.seek(os.path.getsize(path) // 2)
+            b = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([b[0] ^ 0xFF]))
 
     def responses(self) -> list[dict[str, Any]]:
         """Every response the registry logged: method, uri, status, bytes written."""

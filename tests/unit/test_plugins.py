@@ -1,5 +1,7 @@
 import subprocess
 import sys
+
+import pytest
 import os
 
 from twisted.application.service import IServiceMaker
@@ -11,8 +13,19 @@ def test_three_plugins_are_discovered():
     assert {"supernode", "dfpeer", "dfdaemon"} <= names
 
 
-def test_dfdaemon_says_it_is_not_built():
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--registry", "ftp://registry.example"], b"--registry must be an http(s) URL"),
+        (["--hijack", "registry"], b"--hijack needs --ca-cert and --ca-key"),
+        (["--rule", "blobs/(unclosed"], b"bad regex"),
+    ],
+)
+def test_dfdaemon_refuses_bad_options(args, message, tmp_path):
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    result = subprocess.run([twistd, "-n", "--pidfile=", "dfdaemon"], capture_output=True, timeout=60)
+    result = subprocess.run(
+        [twistd, "-n", "--pidfile=", "dfdaemon", "--home", str(tmp_path), *args], capture_output=True, timeout=60
+    )
     assert result.returncode != 0
-    assert b"not built yet" in result.stdout + result.stderr
+    assert message in result.stdout + result.stderr
+    assert not os.path.exists(tmp_path / "dfdaemon.json")

@@ -1,0 +1,262 @@
+"""
+Images through the swarm, with real components: Debian's docker-registry on
+loopback, images of random layers pushed by skopeo, containerd pulling with
+a hosts.toml that names dfdaemon as its mirror, and skopeo through dfdaemon
+as an HTTPS proxy that intercepts the registry's host.
+
+Each emulated host is a dfpeer, a dfdaemon and a containerd of its own
+(loopback, distinct ports and homes).  The registry's log says how often it
+sent each blob's body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+import pytest
+
+from dragonfly.testing.containerd import Containerd, have_containerd, write_hosts_toml
+from dragonfly.testing.registry import Registry, have_tools, make_image
+from dragonfly.testing.swarm import Swarm, get_json
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+LAYERS = [6 * MiB, 5 * MiB, 4 * MiB, 3000]
+
+missing = have_tools() or have_containerd()
+if missing:
+    pytest.skip(missing, allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    return make_image(str(tmp_path_factory.mktemp("oci")), LAYERS, tag="v1", seed=7)
+
+
+def dfdaemon_status(url):
+    return get_json(url + "/_dfdaemon/status")["counters"]
+
+
+def hosts(swarm, n, workdir, *dfdaemon_args):
+    """n emulated hosts: (dfpeer info, dfdaemon URL, containerd)."""
+    out = []
+    for i in range(n):
+        peer = swarm.start_peer(f"host{i}")
+        url = swarm.start_dfdaemon(f"dfdaemon{i}", peer["home"], *dfdaemon_args)
+        out.append((peer, url, Containerd(os.path.join(workdir, f"containerd{i}")).start()))
+    return out
+
+
+def check_pulled(ctr, image):
+    """Every blob of the image in containerd's store, and every file unpacked, byte for byte."""
+    for digest in image.layers + [image.config_digest]:
+        data = subprocess.run(ctr.ctr("content", "get", digest), capture_output=True, check=True, timeout=60).stdout
+        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+    snapshots = os.path.join(ctr.root, "root", "io.containerd.snapshotter.v1.native", "snapshots")
+    found = {}
+    for top in os.listdir(snapshots):
+        for path, want in image.files.items():
+            full = os.path.join(snapshots, top, path)
+            if os.path.exists(full):
+                with open(full, "rb") as f:
+                    found[path] = hashlib.sha256(f.read()).hexdigest()
+    assert found == image.files
+
+
+def pull_everywhere(swarm, registry, image, ref, workdir, user=None):
+    machines = hosts(swarm, 3, workdir, "--registry", registry.url)
+    try:
+        commands = []
+        for i, (_, url, ctr) in enumerate(machines):
+            hosts_dir = os.path.join(workdir, f"hosts{i}")
+            write_hosts_toml(hosts_dir, registry.netloc, url, registry.url)
+            commands.append(ctr.pull_command(ref, hosts_dir, user))
+        started = time.monotonic()
+        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in commands]
+        times = []
+        for p in procs:
+            out, _ = p.communicate(timeout=180)
+            times.append(time.monotonic() - started)
+            assert p.returncode == 0, out.decode(errors="replace")[-2000:]
+        for _, _, ctr in machines:
+            check_pulled(ctr, image)
+        blobs = registry.blob_gets()
+        # each layer's body left the registry once, however many hosts pulled it
+        for digest in image.layers:
+            assert blobs.get(digest) == 1, blobs
+        counters = [dfdaemon_status(url) for _, url, _ in machines]
+        assert all(c["p2p"] >= len(image.layers) and c["fallbacks"] == 0 for c in counters), counters
+        print(f"pull times {[round(t, 2) for t in times]} s; registry blob GETs {blobs}")
+        return times
+    finally:
+        for _, _, ctr in machines:
+            ctr.stop()
+
+
+def test_three_containerd_hosts_pull_through_the_swarm(tmp_path, image):
+    registry = Registry(str(tmp_path / "registry")).start()
+    try:
+        ref = registry.push(image, "team/app")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode()
+            pull_everywhere(swarm, registry, image, ref, str(tmp_path))
+    finally:
+        registry.stop()
+
+
+def test_basic_auth_registry(tmp_path, image):
+    registry = Registry(str(tmp_path / "registry"), user="alice", password="s3cret").start()
+    try:
+        ref = registry.push(image, "team/private")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode()
+            pull_everywhere(swarm, registry, image, ref, str(tmp_path), user="alice:s3cret")
+            # no credentials: the registry's 401 comes back as it is, and nothing is pulled
+            machine = hosts(swarm, 1, str(tmp_path / "anon"), "--registry", registry.url)[0]
+            try:
+                _, url, ctr = machine
+                write_hosts_toml(str(tmp_path / "anon-hosts"), registry.netloc, url, registry.url)
+                r = subprocess.run(ctr.pull_command(ref, str(tmp_path / "anon-hosts")), capture_output=True, timeout=60)
+                assert r.returncode != 0
+                blob = f"{url}/v2/team/private/blobs/{image.layers[0]}"
+                with pytest.raises(urllib.error.HTTPError) as e:
+                    urllib.request.urlopen(blob, timeout=30)
+                assert e.value.code == 401
+                assert "Basic" in e.value.headers.get("WWW-Authenticate", "")
+            finally:
+                machine[2].stop()
+    finally:
+        registry.stop()
+
+
+def test_skopeo_through_the_https_proxy_with_interception(tmp_path, image):
+    # Go never proxies loopback addresses, so the registry is named 127.1
+    registry = Registry(str(tmp_path / "registry"), host="127.1", tls=True).start()
+    try:
+        ref = registry.push(image, "team/app")
+        ca_dir = tmp_path / "dfdaemon-ca"
+        ca_dir.mkdir()
+        subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "dfdaemon"), "gen-ca",
+             "--cert", str(ca_dir / "ca.crt"), "--key", str(tmp_path / "ca.key")],
+            check=True, capture_output=True, timeout=60,
+        )
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode("--origin-ca", registry.ca_cert)
+            peer = swarm.start_peer("host0")
+            url = swarm.start_dfdaemon(
+                "dfdaemon0", peer["home"], "--hijack", r"^127\.1$", "--ca-cert", str(ca_dir / "ca.crt"),
+                "--ca-key", str(tmp_path / "ca.key"), "--registry-ca", registry.ca_cert,
+            )
+            env = dict(os.environ, HTTPS_PROXY=url, HTTP_PROXY=url, NO_PROXY="")
+            out = tmp_path / "copy"
+            r = subprocess.run(
+                ["skopeo", "copy", "--src-cert-dir", str(ca_dir), f"docker://{ref}", f"oci:{out}:v1"],
+                env=env, capture_output=True, timeout=180,
+            )
+            assert r.returncode == 0, r.stderr.decode(errors="replace")[-2000:]
+            for digest in image.layers:
+                with open(out / "blobs" / "sha256" / digest.split(":")[1], "rb") as f:
+                    assert "sha256:" + hashlib.sha256(f.read()).hexdigest() == digest
+                assert registry.blob_gets().get(digest) == 1
+            counters = dfdaemon_status(url)
+            assert counters["intercepted"] >= 1 and counters["p2p"] >= len(image.layers), counters
+            # the same client without our CA refuses the minted certificate
+            r = subprocess.run(
+                ["skopeo", "inspect", "--raw", f"docker://{ref}"], env=env, capture_output=True, timeout=60
+            )
+            assert r.returncode != 0
+            assert b"certificate" in r.stderr
+    finally:
+        registry.stop()
+
+
+def _read_all(url, path):
+    """GET path; (status, Content-Length, bytes read, complete?)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    length = resp.getheader("Content-Length")
+    got = b""
+    try:
+        while True:
+            chunk = resp.read1(1 << 16)
+            if not chunk:
+                break
+            got += chunk
+        complete = True
+    except (http.client.IncompleteRead, ConnectionError) as e:
+        complete = False
+        got += getattr(e, "partial", b"")
+    conn.close()
+    complete = complete and length is not None and len(got) == int(length)
+    return resp.status, length, got, complete
+
+
+def test_a_corrupt_blob_is_never_delivered_complete(tmp_path, image):
+    registry = Registry(str(tmp_path / "registry")).start()
+    try:
+        registry.push(image, "team/app")
+        bad = image.layers[0]
+        registry.corrupt_blob(bad)
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode()
+            peer = swarm.start_peer("host0")
+            url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url)
+            path = f"/v2/team/app/blobs/{bad}"
+            # through the swarm, then (the task failed) the direct fallback: both cut short
+            for attempt in range(2):
+                status, length, got, complete = _read_all(url, path)
+                assert not (status == 200 and complete), (attempt, status, length, len(got))
+                assert "sha256:" + hashlib.sha256(got).hexdigest() != bad
+            # a good blob still flows
+            good = image.layers[1]
+            status, length, got, complete = _read_all(url, f"/v2/team/app/blobs/{good}")
+            assert status == 200 and complete
+            assert "sha256:" + hashlib.sha256(got).hexdigest() == good
+            counters = dfdaemon_status(url)
+            assert counters["p2p_cut"] + counters["fallbacks"] >= 2, counters
+    finally:
+        registry.stop()
+
+
+def test_the_response_streams_before_the_swarm_finishes(tmp_path, tmp_path_factory):
+    big = make_image(str(tmp_path_factory.mktemp("oci-big")), [24 * MiB], tag="v1", seed=11)
+    registry = Registry(str(tmp_path / "registry")).start()
+    try:
+        registry.push(big, "team/big")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            # the origin fetch at 8 MiB/s: about 3 s for the layer
+            swarm.start_supernode("--origin-limit", "8M")
+            peer = swarm.start_peer("host0")
+            url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url)
+            parts = urlsplit(url)
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            started = time.monotonic()
+            conn.request("GET", f"/v2/team/big/blobs/{big.layers[0]}")
+            resp = conn.getresponse()
+            assert resp.status == 200
+            assert resp.getheader("Docker-Content-Digest") == big.layers[0]
+            assert resp.getheader("Content-Type") == "application/octet-stream"  # the registry's
+            first = resp.read1(1 << 16)
+            first_at = time.monotonic() - started
+            body = first + resp.read()
+            total = time.monotonic() - started
+            assert int(resp.getheader("Content-Length")) == len(body)
+            assert "sha256:" + hashlib.sha256(body).hexdigest() == big.layers[0]
+            print(f"first bytes after {first_at:.2f} s, all {len(body)} after {total:.2f} s")
+            assert total > 2.0
+            assert first_at < total / 2
+    finally:
+        registry.stop()
