@@ -604,3 +604,17 @@ def test_a_banned_neighbour_no_longer_hides_pieces() -> None:
     d = s.sync(TASK, "p0", 1, starving=True)
     assert parent_ids(d) == []
     assert len(d.seed_pieces) == 1 and d.seed_pieces[0] in (0, 1)  # one at a time (seed_window 1)
+
+
+def test_a_wanted_piece_goes_first_even_if_the_seed_sent_it_before() -> None:
+    s = make(count=16, peers=2, seed_window=1)
+    first = s.sync(TASK, "p0", 0).seed_pieces
+    s.report(TASK, "p0", 1, have=first)
+    s.remove_peer("p0")  # the only holder leaves: the piece was sent, nobody holds it
+    # an in-order reader on p1 waits for that piece: it (or one of the next three) comes first
+    d = s.sync(TASK, "p1", 2, want=first[0])
+    assert d.seed_pieces and first[0] <= d.seed_pieces[0] < first[0] + s.WANT_WINDOW
+    # in a fresh swarm too, the reader's window goes before the rest
+    s2 = make(count=16, peers=1, seed_window=1)
+    d2 = s2.sync(TASK, "p0", 0, want=12)
+    assert 12 <= d2.seed_pieces[0] < 16
