@@ -126,7 +126,7 @@ class SupernodeApi:
         # the origin is fetched with the URL as given: filtered keys (signatures,
         # tokens) only leave the task id
         task = self.node.cdn.ensure(tid, url, headers, digest)
-        self.node.scheduler.join(tid, peer_id, self._now)
+        self.node.join(tid, peer_id)
         return json_response(request, {"taskId": tid, "task": task.to_json()})
 
     @app.route("/api/v1/tasks", methods=["GET"])
@@ -178,6 +178,10 @@ class SupernodeApi:
         sched = self.node.scheduler
         if peer_id not in sched.peers:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
+        task.last_access = self._now
+        if task_id not in sched.tasks:
+            # the swarm was dropped as idle (--task-expire): rebuild it
+            self.node.join(task_id, peer_id)
         try:
             sched.report(task_id, peer_id, self._now, have=have, failed=failed, banned=banned)
             decision = self.node.decide(task_id, peer_id, starving)
