@@ -30,6 +30,7 @@ from ..protocol.block import BlockFactory
 from .api import SupernodeApi
 from .cdn import Cdn
 from .node import SuperNode
+from .preheat import Preheater
 from .scheduler import SEED_ID, Scheduler
 
 log = Logger()
@@ -189,7 +190,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         options["block-port"],
     )
     node.cdn.load()
-    api = SupernodeApi(node)
+    api = SupernodeApi(node, Preheater(node, http, reactor))
     iface = options["listen"]
     SupernodeService(
         reactor,
