@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import hashlib
 import os
 from typing import Any
 
@@ -41,3 +42,17 @@ def unlink_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """The hex SHA-256 of a file, read in large blocks (run it in a worker pool)."""
+    h = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            block = os.read(fd, chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+    finally:
+        os.close(fd)

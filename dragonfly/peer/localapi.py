@@ -3,6 +3,8 @@ The dfpeer local API, for dfget and dfdaemon on the same host (loopback only).
 
   POST /api/v1/downloads        start or join a download; answers its task id
   GET  /api/v1/downloads/<id>   its progress; C{?wait=SECONDS} long-polls until it ends
+  GET  /api/v1/downloads/<id>/content
+                                its bytes in order while they arrive (L{dragonfly.peer.stream})
   GET  /api/v1/tasks            every task this peer holds
   GET  /healthz
 """
@@ -18,6 +20,7 @@ from twisted.web.iweb import IRequest
 from ..core.httpapi import ApiError, field, install_error_handlers, json_response, read_json, str_dict
 from ..core.ids import BadInput, check_url, is_task_id, parse_digest
 from .daemon import PeerDaemon
+from .stream import TaskStream
 
 
 class LocalApi:
@@ -69,13 +72,17 @@ class LocalApi:
         )
         return json_response(request, {"taskId": task.task_id, "status": task.status})
 
-    @app.route("/api/v1/downloads/<task_id>", methods=["GET"])
-    async def progress(self, request: IRequest, task_id: str) -> bytes:
+    def _task(self, task_id: str) -> Any:
         if not is_task_id(task_id):
             raise ApiError(400, "BAD_TASK_ID", "task ids are 64 lowercase hex digits")
         task = self.daemon.tasks.get(task_id)
         if task is None:
             raise ApiError(404, "TASK_UNKNOWN", f"no download {task_id} here")
+        return task
+
+    @app.route("/api/v1/downloads/<task_id>", methods=["GET"])
+    async def progress(self, request: IRequest, task_id: str) -> bytes:
+        task = self._task(task_id)
         wait = request.args.get(b"wait")
         if wait and task.status in ("waiting", "running"):
             try:
@@ -95,3 +102,21 @@ class LocalApi:
     @app.route("/api/v1/tasks", methods=["GET"])
     def tasks(self, request: IRequest) -> bytes:
         return json_response(request, {"tasks": [t.to_json() for t in self.daemon.tasks.values()]})
+
+    @app.route("/api/v1/downloads/<task_id>/content", methods=["GET"])
+    async def content(self, request: IRequest, task_id: str) -> bytes:
+        """
+        The task's bytes in order while the swarm downloads them.  Answers
+        once the length is known; an error before that is a JSON 502.  If
+        the task fails later the connection is cut short of Content-Length.
+        """
+        task = self._task(task_id)
+        stream = TaskStream(task, request)
+        await stream.ready()
+        if task.status == "failed":
+            err = task.error
+            raise ApiError(502, err.code if err else "FAILED", err.message if err else "the download failed")
+        request.setHeader(b"content-length", str(task.length).encode())
+        request.setHeader(b"content-type", (task.content_type or "application/octet-stream").encode("latin-1"))
+        request.setHeader(b"x-dragonfly-task-id", task.task_id.encode())
+        return await stream.run()

@@ -37,6 +37,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..core.bitmap import Bitmap
+from ..core.files import file_sha256
+from ..core.ids import BadInput, parse_digest
 from ..core.pieces import piece_count, piece_span
 from ..core.ids import SEED_ID
 from ..core.ratelimit import TokenBucket
@@ -113,6 +115,12 @@ class PeerTask:
         self.traffic = {"back_to_source": 0, "supernode": 0, "remote_peer": 0}
         self.uploaded = 0
         self.waiters: list[Deferred] = []
+        #: called with no arguments whenever a piece is stored or the task ends
+        #: (the local API's in-order stream, L{dragonfly.peer.stream})
+        self.watchers: list[Any] = []
+        #: pieces from here on are preferred while a stream reads them in order
+        self.stream_from: int | None = None
+        self.content_type: str | None = None
         self._checker = LoopingCall(self._check_stalls)
         self._checker.clock = self.clock
         self._rng = random.Random()
@@ -138,6 +146,7 @@ class PeerTask:
             "url": self.request.get("url"),
             "status": self.status,
             "contentLength": self.length,
+            "contentType": self.content_type,
             "completedBytes": self.completed_bytes,
             "pieceCount": self.count,
             "piecesDone": len(self.have) if self.have is not None else 0,
@@ -157,6 +166,17 @@ class PeerTask:
                 out["error"]["originStatus"] = self.error.origin_status
         return out
 
+    def watch(self, callback: Any) -> None:
+        self.watchers.append(callback)
+
+    def unwatch(self, callback: Any) -> None:
+        if callback in self.watchers:
+            self.watchers.remove(callback)
+
+    def _changed(self) -> None:
+        for callback in list(self.watchers):
+            callback()
+
     def wait(self) -> Deferred:
         """Fires with this task when it ends, either way."""
         d: Deferred = Deferred()
@@ -175,6 +195,7 @@ class PeerTask:
         for i in range(self.count or 0):
             self.have.set(i)
         self.sha256 = meta.get("sha256")
+        self.content_type = meta.get("contentType")
         self.ready_for_io = True
         self.status = "success"
         self.finished_at = self.started = self.clock.seconds()
@@ -256,7 +277,7 @@ class PeerTask:
         failed, self._report_failed = self._report_failed, []
         body = {
             "peerId": self.daemon.peer_id, "have": have, "failed": failed,
-            "digestsFrom": self._digests_from, "starving": self._starving(),
+            "digestsFrom": self._digests_from, "starving": self._starving(), "want": self.stream_from,
             "banned": [p for p in self._banned if self._is_banned(p)],
         }
         try:
@@ -296,6 +317,8 @@ class PeerTask:
             self._set_digest(first + k, bytes.fromhex(hexd))
         if task.get("sha256"):
             self.sha256 = task["sha256"]
+        if task.get("contentType") and self.content_type is None:
+            self.content_type = task["contentType"]
         self.seed_allowed = set(reply.get("seedPieces", []))
         if self.have is not None and self.ready_for_io:
             for parent in reply.get("parents", []):
@@ -321,6 +344,7 @@ class PeerTask:
 
         def ready(_: Any) -> None:
             self.ready_for_io = True
+            self._changed()
             if self.count == 0:
                 self._complete()
             else:
@@ -530,6 +554,7 @@ class PeerTask:
             self._fill()
             return
         self.have.set(index)
+        self._changed()
         self._last_progress = self.clock.seconds()
         self._report_have.append(index)
         if self.daemon.trace:
@@ -609,7 +634,7 @@ class PeerTask:
         for i in candidates:
             if i not in remote or not self._wanted(i):
                 continue
-            key = (self.avail[i], self._rng.random())
+            key = (self._far(i), self.avail[i], self._rng.random())
             if best_key is None or key < best_key:
                 best, best_key = i, key
         if best is not None or is_seed:
@@ -626,6 +651,19 @@ class PeerTask:
             ):
                 return i
         return None
+
+    #: pieces ahead of an in-order stream that go before the rarest
+    STREAM_WINDOW = 4
+
+    def want_now(self) -> None:
+        """An in-order reader moved on to C{stream_from}: ask for it now."""
+        self._kick()
+        self._fill()
+
+    def _far(self, index: int) -> bool:
+        """False for pieces an in-order reader needs next (they go first)."""
+        s = self.stream_from
+        return s is None or not s <= index < s + self.STREAM_WINDOW
 
     def _check_stalls(self) -> None:
         now = self.clock.seconds()
@@ -665,7 +703,41 @@ class PeerTask:
 
     # -- the end -----------------------------------------------------------------
 
+    def _wanted_sha256(self) -> str | None:
+        """The whole-file SHA-256 the request names (C{--digest sha256:...}), if any."""
+        digest = self.request.get("digest")
+        if not digest:
+            return None
+        try:
+            algo, value = parse_digest(digest)
+        except BadInput:
+            return None
+        return value if algo == "sha256" else None
+
     def _complete(self) -> None:
+        """Every piece is verified; with a requested digest, check the whole file too."""
+        want = self._wanted_sha256()
+        if want is None:
+            self._succeed()
+            return
+        if self._checker.running:
+            self._checker.stop()
+        d = self.daemon.pool.run(file_sha256, self.daemon.store.data_path(self.task_id))
+
+        def checked(sha: str) -> None:
+            if self.status != "running":
+                return
+            if sha != want:
+                self._finish_failed(
+                    TaskFailed("DIGEST_MISMATCH", f"content has sha256:{sha}, expected sha256:{want}")
+                )
+                return
+            self.sha256 = sha
+            self._succeed()
+
+        d.addCallbacks(checked, lambda f: self._finish_failed(TaskFailed("STORE_FAILED", f.getErrorMessage())))
+
+    def _succeed(self) -> None:
         self.status = "success"
         self.last_access = self.clock.seconds()
         # read-only from now on: dfget hands it out as a hard link
@@ -681,6 +753,7 @@ class PeerTask:
             {
                 "taskId": self.task_id, "url": self.request.get("url"), "length": self.length,
                 "pieceSize": self.piece_size, "digests": [d.hex() for d in self.digests], "sha256": self.sha256,
+                "contentType": self.content_type,
                 "request": {k: v for k, v in self.request.items() if k != "headers"},
             },
         )
@@ -708,6 +781,7 @@ class PeerTask:
         self._notify()
 
     def _notify(self) -> None:
+        self._changed()
         waiters, self.waiters = self.waiters, []
         for d in waiters:
             d.callback(self)
@@ -731,6 +805,10 @@ class PeerTask:
         if self._checker.running:
             self._checker.stop()
         length, sha = await self.daemon.fetch_from_source(self)
+        want = self._wanted_sha256()
+        if want is not None and sha != want:
+            self.daemon.store.remove(self.task_id)
+            raise TaskFailed("DIGEST_MISMATCH", f"origin content has sha256:{sha}, expected sha256:{want}")
         self.have = None
         self._set_length(length, self.piece_size or (4 << 20))
         for i in range(self.count):

@@ -186,6 +186,9 @@ class SupernodeApi:
             raise ApiError(400, "BAD_FIELD", "field 'banned' must list at most 1024 peer ids")
         if digests_from < 0:
             raise ApiError(400, "BAD_FIELD", "field 'digestsFrom' must be >= 0")
+        want = field(body, "want", int, required=False, default=None)
+        if want is not None and not 0 <= want < max(count, 1):
+            raise ApiError(400, "BAD_FIELD", f"field 'want' must be a piece index below {count}")
         sched = self.node.scheduler
         if peer_id not in sched.peers:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
@@ -195,7 +198,7 @@ class SupernodeApi:
             self.node.join(task_id, peer_id)
         try:
             sched.report(task_id, peer_id, self._now, have=have, failed=failed, banned=banned)
-            decision = self.node.decide(task_id, peer_id, starving)
+            decision = self.node.decide(task_id, peer_id, starving, want)
         except UnknownTask:
             raise ApiError(404, "TASK_UNKNOWN", f"task {task_id} is not known") from None
         parents: list[dict[str, Any]] = []

@@ -97,6 +97,7 @@ class CdnTask:
     digests: list[str] = field(factory=list)
     available: Bitmap | None = None
     sha256: str | None = None
+    content_type: str | None = None  # the origin's, passed on (dfdaemon answers with it)
     error: TaskError | None = None
     origin_bytes: int = 0
     seed_bytes: int = 0
@@ -120,6 +121,7 @@ class CdnTask:
             "pieceCount": self.piece_count,
             "piecesReady": len(self.available) if self.available is not None else 0,
             "sha256": self.sha256,
+            "contentType": self.content_type,
             "originBytes": self.origin_bytes,
             "seedBytes": self.seed_bytes,
         }
@@ -208,7 +210,7 @@ class Cdn:
                 task_id=stem, url=meta["url"], data_path=data_path, meta_path=meta_path,
                 status="success", length=meta["length"], piece_size=meta["pieceSize"],
                 piece_count=count, digests=list(meta["digests"]), sha256=meta["sha256"],
-                available=Bitmap(count),
+                content_type=meta.get("contentType"), available=Bitmap(count),
             )
             for i in range(count):
                 task.available.set(i)
@@ -307,6 +309,7 @@ class Cdn:
             return
         length = response.length if response.length is not UNKNOWN_LENGTH else None
         task.length = length
+        task.content_type = _content_type(response.headers.getRawHeaders(b"content-type"))
         rule = self._piece_size
         task.piece_size = rule(length) if callable(rule) else rule
         fd = os.open(task.data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -363,7 +366,7 @@ class Cdn:
         task.sha256 = file_hash
         meta = {
             "url": task.url, "length": task.length, "pieceSize": task.piece_size,
-            "digests": task.digests, "sha256": file_hash,
+            "digests": task.digests, "sha256": file_hash, "contentType": task.content_type,
         }
         write_json_atomic(task.meta_path, meta)
         task.status = "success"
@@ -423,3 +426,13 @@ def _remove_files(*paths: str) -> None:
 
 def _to_header_lists(headers: dict[str, str]) -> dict[str, list[str]]:
     return {k: [v] for k, v in headers.items()}
+
+
+def _content_type(values: list[bytes] | None) -> str | None:
+    """The origin's Content-Type if it is one short printable token, else None."""
+    if not values:
+        return None
+    value = values[0].decode("latin-1").strip()
+    if not 0 < len(value) <= 128 or not all(" " <= c <= "~" for c in value):
+        return None
+    return value

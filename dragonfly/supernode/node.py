@@ -148,8 +148,8 @@ class SuperNode:
     def seed_parent(self) -> dict[str, Any]:
         return {"peerId": SEED_ID, "ip": self.advertise_ip, "port": self.block_port, "seed": True}
 
-    def decide(self, task_id: str, peer_id: str, starving: bool = False) -> Decision:
-        return self.scheduler.sync(task_id, peer_id, self.clock.seconds(), starving)
+    def decide(self, task_id: str, peer_id: str, starving: bool = False, want: int | None = None) -> Decision:
+        return self.scheduler.sync(task_id, peer_id, self.clock.seconds(), starving, want)
 
     def join(self, task_id: str, peer_id: str) -> None:
         """

@@ -316,7 +316,12 @@ class Scheduler:
                 if parent in member.parents:
                     member.parents.remove(parent)
 
-    def sync(self, task_id: str, peer_id: str, now: float, starving: bool = False) -> Decision:
+    #: pieces from C{want} on that go to the seed allowance first
+    WANT_WINDOW = 4
+
+    def sync(
+        self, task_id: str, peer_id: str, now: float, starving: bool = False, want: int | None = None
+    ) -> Decision:
         """
         Choose parents and a seed allowance for C{peer_id}.
 
@@ -324,6 +329,8 @@ class Scheduler:
             Only a starving peer is given a piece the seed already sent; the
             others get pieces nobody holds yet, so the seed sends each piece
             once and the swarm passes it on.
+        @param want: the piece an in-order reader on the peer waits for
+            (dfdaemon streaming a blob): it and the next few go first.
         """
         swarm = self.tasks.get(task_id)
         if swarm is None:
@@ -333,7 +340,7 @@ class Scheduler:
         member.last_sync = now
         self._expire_assignments(swarm, member, now)
         parents = self._choose_parents(swarm, member, now)
-        seed = self._assign_seed(swarm, member, now, starving) if not member.done else []
+        seed = self._assign_seed(swarm, member, now, starving, want) if not member.done else []
         return Decision(parents=[self.peers[p] for p in parents], seed_pieces=seed)
 
     def _expire_assignments(self, swarm: TaskSwarm, member: Member, now: float) -> None:
@@ -373,7 +380,9 @@ class Scheduler:
         member.parents = keep
         return list(keep)
 
-    def _assign_seed(self, swarm: TaskSwarm, member: Member, now: float, starving: bool) -> list[int]:
+    def _assign_seed(
+        self, swarm: TaskSwarm, member: Member, now: float, starving: bool, want: int | None = None
+    ) -> list[int]:
         if member.have is None or swarm.seed_has is None:
             return []
         free = min(self.seed_window - len(member.seed), self.seed_slots - swarm.seed_out)
@@ -396,18 +405,21 @@ class Scheduler:
             candidates = [
                 i for i in swarm.seed_has
                 if i not in member.have and i not in member.seed and i not in nearby
-                and (starving or swarm.seed_sends[i] + swarm.holders[i] == 0)
+                and (starving or swarm.seed_sends[i] + swarm.holders[i] == 0 or self._wanted(i, want))
             ]
             if candidates:
                 keyed = sorted(
                     candidates,
-                    key=lambda i: (swarm.seed_sends[i] + swarm.holders[i], self.rng.random()),
+                    key=lambda i: (not self._wanted(i, want), swarm.seed_sends[i] + swarm.holders[i], self.rng.random()),
                 )
                 for i in keyed[:free]:
                     member.seed[i] = Assignment(i, now + self.assign_ttl)
                     swarm.seed_sends[i] += 1
                     swarm.seed_out += 1
         return sorted(member.seed)
+
+    def _wanted(self, index: int, want: int | None) -> bool:
+        return want is not None and want <= index < want + self.WANT_WINDOW
 
     # -- views -------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.web.http_headers import Headers
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH
@@ -77,6 +78,7 @@ class FakeResponse:
     length: Any = None  # None: len(body); UNKNOWN_LENGTH: no Content-Length
     chunk: int = 700
     delivered: bool = False
+    headers: Headers = field(factory=lambda: Headers({b"content-type": [b"application/x-test"]}))
 
     def __attrs_post_init__(self) -> None:
         if self.length is None:
@@ -394,6 +396,7 @@ def test_happy_path(env: Env) -> None:
     assert task["piecesReady"] == 6
     assert task["sha256"] == hashlib.sha256(BODY).hexdigest()
     assert task["originBytes"] == len(BODY)
+    assert task["contentType"] == "application/x-test"  # the origin's, passed on
     assert data["digestsFrom"] == 0
     assert data["digests"] == piece_digests(BODY)
     assert {"peerId": "supernode", "ip": "10.0.0.9", "port": 8001, "seed": True} in data["parents"]

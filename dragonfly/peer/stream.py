@@ -1,0 +1,150 @@
+"""
+A task's bytes in order, as its pieces are verified: the body of the local
+API's C{GET /api/v1/downloads/<id>/content} (dfdaemon relays it to the
+container runtime while the swarm is still downloading).
+
+While a stream waits for a piece, the task fetches the next few pieces
+before rarer ones (L{PeerTask.stream_from}).  Bytes are read from the store
+in the worker pool, 1 MiB at a time, and written as the client's transport
+asks for them (a push producer).  The last chunk is held until the task has
+succeeded, which with a requested digest means the whole file matched it:
+if it fails instead, the connection is cut before the last byte, so a client
+never takes a wrong body for a complete one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+log = Logger()
+
+
+@implementer(IPushProducer)
+class TaskStream:
+    CHUNK = 1 << 20
+
+    def __init__(self, task: Any, request: Any) -> None:
+        self.task = task
+        self.request = request
+        self.offset = 0
+        self._paused = False
+        self._reading = False
+        self._ended = False
+        self._ready: Deferred | None = None
+        self._done: Deferred | None = None
+
+    # -- waiting for the length -----------------------------------------------------
+
+    def _known(self) -> bool:
+        t = self.task
+        return t.status == "failed" or (t.length is not None and t.have is not None and t.ready_for_io)
+
+    def ready(self) -> Deferred:
+        """Fires when the task's length is known (or it failed); cancellable."""
+        self._ready = Deferred(lambda _: self._end())
+        if self.task.stream_from is None:
+            self.task.stream_from = 0
+        self.task.watch(self._poke)
+        self._poke()
+        return self._ready
+
+    # -- streaming ------------------------------------------------------------------
+
+    def run(self) -> Deferred:
+        """Send the body; fires with C{b""} when every byte is written."""
+        self._done = Deferred(lambda _: self._end())
+        self.request.registerProducer(self, True)
+        self._poke()
+        return self._done
+
+    def _poke(self) -> None:
+        if self._ended:
+            return
+        t = self.task
+        if self._ready is not None and not self._ready.called:
+            if self._known():
+                self._ready.callback(None)
+            return
+        if self._done is None or self._paused or self._reading:
+            return
+        if t.status == "failed":
+            self._abort(f"{t.error.code if t.error else 'FAILED'}: {t.error.message if t.error else ''}")
+            return
+        length = t.length
+        if self.offset >= length:
+            if t.status == "success":
+                self._finish()
+            return
+        index = self.offset // t.piece_size
+        if index not in t.have:
+            if t.stream_from != index:
+                t.stream_from = index
+                t.want_now()
+            return
+        end = min(self.offset + self.CHUNK, (index + 1) * t.piece_size, length)
+        if end == length and t.status != "success":
+            # the last bytes wait for the whole-file check
+            return
+        self._reading = True
+        d = t.daemon.store.read(t.task_id, self.offset, end - self.offset)
+        d.addCallbacks(self._got, self._read_failed)
+
+    def _got(self, data: bytes) -> None:
+        self._reading = False
+        if self._ended:
+            return
+        self.offset += len(data)
+        self.request.write(data)
+        self._poke()
+
+    def _read_failed(self, f: Any) -> None:
+        self._reading = False
+        self._abort(f"cannot read the task's file: {f.getErrorMessage()}")
+
+    def _finish(self) -> None:
+        done = self._done
+        self._end()
+        if done is not None and not done.called:
+            done.callback(b"")
+
+    def _abort(self, why: str) -> None:
+        log.warn(
+            "task {task}: stream cut at byte {offset}: {why}", task=self.task.task_id, offset=self.offset, why=why
+        )
+        self._end()
+        transport = getattr(self.request, "channel", None)
+        transport = getattr(transport, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        # the request's end cancels the pending Deferred (see L{_end})
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self.task.unwatch(self._poke)
+        if self.task.stream_from is not None:
+            self.task.stream_from = None
+        if self._done is not None:
+            try:
+                self.request.unregisterProducer()
+            except (RuntimeError, AttributeError):
+                pass
+
+    # -- IPushProducer -----------------------------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._poke()
+
+    def stopProducing(self) -> None:
+        self._end()
+
