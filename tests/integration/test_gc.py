@@ -69,3 +69,32 @@ def test_supernode_disk_gc_evicts_lru_keeps_in_use_and_refetches(tmp_path):
         assert swarm.origin_stats()["requests"]["/b.bin"] == 2
         for n in names:
             assert sha256_file(str(tmp_path / f"{n}.out")) == digests[n]
+
+
+def test_dfpeer_disk_gc_removes_lru_tasks_and_tells_the_supernode(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    names = ["x", "y", "z"]
+    digests = {n: write_random_file(str(root / f"{n}.bin"), MiB) for n in names}
+    with Swarm(str(tmp_path / "swarm")) as swarm:
+        swarm.start_origin(str(root))
+        swarm.start_supernode()
+        # three 1 MiB tasks (and their small meta files) against 2500K high, 2100K low
+        swarm.start_peer("p0", "--gc-interval", "0.5s", "--gc-disk-high", "2500K", "--gc-disk-low", "2100K")
+        urls = {n: f"{swarm.origin_url}/{n}.bin" for n in names}
+        ids = {n: task_id(urls[n]) for n in names}
+        for n in names:
+            code, err = _wait(swarm.dfget(urls[n], str(tmp_path / f"{n}.out"), "p0"))
+            assert code == 0, err
+        deadline = time.monotonic() + 10
+        while {t["taskId"] for t in swarm.peer_tasks("p0")} != {ids["y"], ids["z"]}:
+            assert time.monotonic() < deadline, [t["taskId"] for t in swarm.peer_tasks("p0")]
+            time.sleep(0.1)
+        data = sorted(os.listdir(os.path.join(swarm.peers["p0"]["home"], "data")))
+        assert data == sorted(f"{ids[n]}.{ext}" for n in ("y", "z") for ext in ("data", "json"))
+        # the SuperNode was told: p0 is no longer in x's swarm, still in z's
+        assert swarm.peers["p0"]["peerId"] not in swarm.supernode_task(ids["x"])["peers"]
+        assert swarm.peers["p0"]["peerId"] in swarm.supernode_task(ids["z"])["peers"]
+        # what dfget handed out is the user's: untouched
+        for n in names:
+            assert sha256_file(str(tmp_path / f"{n}.out")) == digests[n]
