@@ -20,11 +20,12 @@ from twisted.logger import Logger
 
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.files import unlink_quietly
+from ..core.gc import GcEntry
 from ..core.service import ListeningService
 from ..core.ids import task_id as make_task_id
 from ..core.ratelimit import TokenBucket
 from ..core.threads import WorkerPool
-from ..protocol.block import BlockFactory
+from ..protocol.block import E_NO_TASK, BlockFactory
 from .client import SupernodeClient, SupernodeError, SupernodeUnavailable
 from .store import PieceStore
 from .task import PeerTask, TaskFailed
@@ -145,12 +146,55 @@ class PeerDaemon:
         )
         task = self.tasks.get(tid)
         if task is not None and task.status in ("waiting", "running", "success"):
+            task.last_access = self.reactor.seconds()
             return task
         task = PeerTask(self, tid, request)
         self.tasks[tid] = task
         self.note_activity()
         task.start()
         return task
+
+    # -- garbage collection ----------------------------------------------------
+
+    def gc_entries(self) -> list[GcEntry]:
+        """The tasks in the store, for the disk collector."""
+        return [
+            GcEntry(t.task_id, t.length or 0 if t.status == "success" else 0, t.last_access, t.in_use())
+            for t in self.tasks.values()
+            if t.status in ("success", "failed")
+        ]
+
+    def evictable(self, task_id: str) -> bool:
+        task = self.tasks.get(task_id)
+        return task is not None and not task.in_use()
+
+    def expire_tasks(self, ttl: float) -> list[str]:
+        """The finished tasks nobody asked for or fetched a piece of within C{ttl} seconds."""
+        now = self.reactor.seconds()
+        return [
+            t.task_id for t in self.tasks.values()
+            if now - t.last_access > ttl and not t.in_use()
+        ]
+
+    async def evict(self, task_id: str) -> None:
+        """
+        Remove a task from the store: its connections close, its files are
+        deleted in the pool, and the SuperNode is told we no longer hold it.
+        A dfget that linked or copied the file keeps its copy.
+        """
+        task = self.tasks.pop(task_id, None)
+        if task is None:
+            return
+        log.info("removing task {task} from the store", task=task_id)
+        task.ready_for_io = False
+        for conn in list(task.conns):
+            conn.abort("task removed from this peer's store", E_NO_TASK)
+        await self.store.remove_in_pool(task_id)
+        if self.registered and task.status == "success":
+            try:
+                await self.client.call("DELETE", f"/api/v1/tasks/{task_id}/peers/{self.peer_id}")
+            except (SupernodeError, SupernodeUnavailable) as e:
+                log.info("could not tell the supernode we dropped {task}: {why}", task=task_id, why=str(e))
 
     def side_for(self, task_id: str) -> PeerTask | None:
         task = self.tasks.get(task_id)

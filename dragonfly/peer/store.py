@@ -65,6 +65,8 @@ class PieceStore:
                     meta = json.load(f)
                 if meta.get("taskId") != stem or os.path.getsize(data_path) != meta["length"]:
                     raise ValueError("inconsistent")
+                # least-recently-used order survives a restart, roughly
+                meta["lastAccess"] = max(os.path.getatime(data_path), os.path.getmtime(meta_path))
             except (OSError, ValueError, KeyError):
                 for p in (meta_path, data_path):
                     if os.path.exists(p):
@@ -76,6 +78,15 @@ class PieceStore:
     def remove(self, task_id: str) -> None:
         for p in (self.data_path(task_id), self.meta_path(task_id)):
             unlink_quietly(p)
+
+    def remove_in_pool(self, task_id: str) -> Any:
+        """L{remove} in the worker pool (the meta first: a crash leaves no half task)."""
+        return self._pool.run(_remove, self.meta_path(task_id), self.data_path(task_id))
+
+
+def _remove(*paths: str) -> None:
+    for p in paths:
+        unlink_quietly(p)
 
 def _prepare(data_path: str, meta_path: str, length: int) -> None:
     if os.path.exists(meta_path):

@@ -18,9 +18,11 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from ..core.ids import BadInput
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
-from ..supernode.tap import QuietSite, detect_ip
+from ..core.gc import DiskGc
+from ..supernode.tap import QuietSite, detect_ip, parse_gc_options
 from .client import parse_nodes
 from .daemon import PeerDaemon, PeerService
+from .gc import PeerGc
 from .localapi import LocalApi
 
 DEFAULT_HOME = os.path.expanduser("~/.small-dragonfly")
@@ -46,6 +48,10 @@ class Options(usage.Options):
         ["in-flight", None, "6M", "Bytes of pieces requested and not yet received, per download."],
         ["upload-limit", None, "0", "Upload rate for the whole host, e.g. 20M (0: none)."],
         ["total-limit", None, "0", "Download rate for the whole host, e.g. 50M (0: none; dfget --totallimit sets it too)."],
+        ["gc-interval", None, "60s", "How often expired tasks are removed and the disk is checked (also once at start-up)."],
+        ["task-expire", None, "6h", "A finished task nobody downloaded or fetched a piece of for this long is removed from HOME/data."],
+        ["gc-disk-high", None, "80%", "Remove least-recently-used tasks when disk use exceeds this: a percentage of the filesystem holding HOME/data, or a size of HOME/data itself such as 10G."],
+        ["gc-disk-low", None, "60%", "...until disk use is at or below this (same form as --gc-disk-high)."],
     ]
 
     def postOptions(self) -> None:
@@ -58,6 +64,7 @@ class Options(usage.Options):
         if self["ip"] is None:
             self["ip"] = detect_ip(self["nodes"][0].rpartition(":")[0])
         self["home"] = os.path.abspath(self["home"])
+        parse_gc_options(self)
         if self["pipeline"] < 1:
             raise usage.UsageError("--pipeline must be at least 1")
         for name in ("in-flight", "upload-limit", "total-limit"):
@@ -83,11 +90,17 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         upload_limit=options["upload-limit"], total_limit=options["total-limit"],
     )
     api = LocalApi(daemon)
-    PeerService(
+    service = PeerService(
         daemon,
         serverFromString(reactor, f"tcp:{options['port']}:interface={options['listen']}"),
         serverFromString(reactor, options["api"]),
         QuietSite(api.resource()),
         idle_exit=options["idle-exit"],
-    ).setServiceParent(top)
+    )
+    service.setServiceParent(top)
+    disk = DiskGc(
+        daemon.store.root, pool, options["gc-disk-high"], options["gc-disk-low"],
+        candidates=daemon.gc_entries, evict=daemon.evict, still_evictable=daemon.evictable, what="the dfpeer store",
+    )
+    PeerGc(daemon, reactor, options["gc-interval"], options["task-expire"], disk, ready=service.ready).setServiceParent(top)
     return top

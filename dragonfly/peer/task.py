@@ -109,6 +109,8 @@ class PeerTask:
         self._kicked = False
         self._last_progress = self.clock.seconds()
         self.started = self.clock.seconds()
+        # when it was last asked for or served a piece (for GC)
+        self.last_access = self.started
         self.finished_at: float | None = None
         self.traffic = {"back_to_source": 0, "supernode": 0, "remote_peer": 0}
         self.uploaded = 0
@@ -197,6 +199,7 @@ class PeerTask:
         self.ready_for_io = True
         self.status = "success"
         self.finished_at = self.started = self.clock.seconds()
+        self.last_access = meta.get("lastAccess", self.started)
 
     def start(self) -> None:
         self.status = "running"
@@ -382,7 +385,12 @@ class PeerTask:
             return None
         return piece_span(index, self.length, self.piece_size)[1]
 
+    def in_use(self) -> bool:
+        """Downloading, or a piece of it being sent to a peer: never evicted."""
+        return self.status in ("waiting", "running") or any(c.uploading for c in self.conns)
+
     def read_piece(self, index: int) -> Deferred:
+        self.last_access = self.clock.seconds()
         offset, size = piece_span(index, self.length, self.piece_size)
         return self.daemon.store.read(self.task_id, offset, size)
 
@@ -731,6 +739,7 @@ class PeerTask:
 
     def _succeed(self) -> None:
         self.status = "success"
+        self.last_access = self.clock.seconds()
         # read-only from now on: dfget hands it out as a hard link
         try:
             os.chmod(self.daemon.store.data_path(self.task_id), 0o444)
@@ -807,5 +816,5 @@ class PeerTask:
         self.sha256 = sha
         self.ready_for_io = True
         self.status = "success"
-        self.finished_at = self.clock.seconds()
+        self.finished_at = self.last_access = self.clock.seconds()
         self._notify()

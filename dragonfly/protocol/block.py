@@ -197,6 +197,11 @@ class BlockProtocol(Protocol):
     def __repr__(self) -> str:
         return f"<BlockProtocol {self.remote_id or '?'} {self.peer_address()}>"
 
+    @property
+    def uploading(self) -> bool:
+        """A piece is queued, being read or being sent on this connection."""
+        return bool(self._queue) or self._reading is not None or self._ready_piece is not None
+
     def peer_address(self) -> str:
         if self.transport is None:
             return "-"

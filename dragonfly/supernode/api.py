@@ -15,8 +15,9 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from ..core.httpapi import ApiError, field, install_error_handlers, int_list, json_response, read_json, str_dict
-from ..core.ids import SEED_ID, BadInput, check_url, is_peer_id, is_task_id, parse_digest, task_id
+from ..core.ids import SEED_ID, BadInput, check_url, is_peer_id, is_task_id, parse_digest, parse_filter, task_id
 from .node import SuperNode
+from .preheat import Preheater
 from .scheduler import PeerInfo, UnknownPeer, UnknownTask
 
 HEARTBEAT_INTERVAL = 10.0
@@ -48,11 +49,21 @@ class SupernodeApi:
     app = Klein()
     install_error_handlers(app)
 
-    def __init__(self, node: SuperNode) -> None:
+    def __init__(self, node: SuperNode, preheater: Preheater | None = None) -> None:
         self.node = node
+        self.preheater = preheater
 
     def resource(self) -> Any:
         return self.app.resource()
+
+    # -- access ----------------------------------------------------------------
+
+    def require_admin(self, request: IRequest) -> None:
+        """
+        One line at the top of every admin route (preheat, ...).  There is no
+        C{--admin-token} yet: when it comes, its check goes here (401 unless
+        the request carries the token), and every admin route has it.
+        """
 
     @property
     def _now(self) -> float:
@@ -126,7 +137,7 @@ class SupernodeApi:
         # the origin is fetched with the URL as given: filtered keys (signatures,
         # tokens) only leave the task id
         task = self.node.cdn.ensure(tid, url, headers, digest)
-        self.node.scheduler.join(tid, peer_id, self._now)
+        self.node.join(tid, peer_id)
         return json_response(request, {"taskId": tid, "task": task.to_json()})
 
     @app.route("/api/v1/tasks", methods=["GET"])
@@ -181,6 +192,10 @@ class SupernodeApi:
         sched = self.node.scheduler
         if peer_id not in sched.peers:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
+        task.last_access = self._now
+        if task_id not in sched.tasks:
+            # the swarm was dropped as idle (--task-expire): rebuild it
+            self.node.join(task_id, peer_id)
         try:
             sched.report(task_id, peer_id, self._now, have=have, failed=failed, banned=banned)
             decision = self.node.decide(task_id, peer_id, starving, want)
@@ -206,3 +221,55 @@ class SupernodeApi:
     def leave_task(self, request: IRequest, task_id: str, peer_id: str) -> bytes:
         self.node.scheduler.leave(_task_id(task_id), _peer_id(peer_id))
         return json_response(request, {})
+
+    # -- preheat ---------------------------------------------------------------
+
+    def _preheater(self) -> Preheater:
+        if self.preheater is None:
+            raise ApiError(503, "PREHEAT_DISABLED", "this SuperNode runs no preheat jobs")
+        return self.preheater
+
+    @app.route("/api/v1/preheats", methods=["POST"])
+    def create_preheat(self, request: IRequest) -> bytes:
+        self.require_admin(request)
+        preheater = self._preheater()
+        body = read_json(request)
+        kind = field(body, "type", str)
+        url = field(body, "url", str)
+        headers = str_dict(body, "headers")
+        raw_filter = field(body, "filter", (str, list), required=False, default=[])
+        if isinstance(raw_filter, str):
+            keys = parse_filter(raw_filter)
+        elif all(isinstance(k, str) for k in raw_filter):
+            keys = list(raw_filter)
+        else:
+            raise ApiError(400, "BAD_FIELD", "field 'filter' must be a string (keys joined by &) or a list of strings")
+        identifier = field(body, "identifier", str, required=False)
+        if identifier is not None and len(identifier) > 1024:
+            raise ApiError(400, "BAD_FIELD", "field 'identifier' is too long")
+        if kind not in ("file", "image"):
+            raise ApiError(400, "BAD_FIELD", "field 'type' must be 'file' or 'image'")
+        try:
+            job, created = preheater.create(kind, url, headers, keys, identifier)
+        except BadInput as e:
+            raise ApiError(400, "BAD_INPUT", str(e)) from None
+        except OverflowError as e:
+            raise ApiError(503, "TOO_MANY_JOBS", str(e)) from None
+        return json_response(request, {"ID": job.id}, 201 if created else 200)
+
+    @app.route("/api/v1/preheats", methods=["GET"])
+    def list_preheats(self, request: IRequest) -> bytes:
+        preheater = self._preheater()
+        preheater.prune()
+        return json_response(request, {"preheats": [j.to_json() for j in preheater.jobs.values()]})
+
+    @app.route("/api/v1/preheats/<preheat_id>", methods=["GET"])
+    def get_preheat(self, request: IRequest, preheat_id: str) -> bytes:
+        preheater = self._preheater()
+        preheater.prune()
+        job = preheater.jobs.get(preheat_id)
+        if job is None:
+            raise ApiError(
+                404, "PREHEAT_UNKNOWN", f"preheat job {preheat_id[:64]} is not known (finished jobs are kept for {preheater.keep_finished:.0f}s)",
+            )
+        return json_response(request, job.to_json())

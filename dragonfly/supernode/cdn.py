@@ -103,6 +103,13 @@ class CdnTask:
     seed_bytes: int = 0
     listeners: list[Any] = field(factory=list)
     done: Deferred | None = None  # fires when the fetch ends, either way
+    # when a peer last registered, synced or was sent a piece of it (for GC)
+    last_access: float = 0.0
+
+    @property
+    def disk_size(self) -> int:
+        """Bytes of its data file (a failed task has none)."""
+        return (self.length or 0) if self.status == "success" else 0
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -160,6 +167,8 @@ class Cdn:
         self._on_new_task = on_new_task
         self.tasks: dict[str, CdnTask] = {}
         self.origin_fetches = 0
+        # task id -> the deletion of its evicted files, still running in the pool
+        self._deleting: dict[str, Deferred] = {}
 
     # -- cache on disk -----------------------------------------------------
 
@@ -206,6 +215,11 @@ class Cdn:
             for i in range(count):
                 task.available.set(i)
             task.done = succeed(task)
+            try:
+                # least-recently-used order survives a restart, roughly
+                task.last_access = max(os.path.getatime(data_path), os.path.getmtime(meta_path))
+            except OSError:
+                pass
             self.tasks[stem] = task
             loaded += 1
             if self._on_new_task is not None:
@@ -227,6 +241,7 @@ class Cdn:
         """
         task = self.tasks.get(task_id)
         if task is not None and task.status in ("waiting", "running", "success"):
+            task.last_access = self._clock.seconds()
             return task
         data_path, meta_path = self._paths(task_id)
         clean = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
@@ -241,9 +256,17 @@ class Cdn:
             task.length, task.piece_count, task.available = None, None, None
             task.digests = []
         task.url, task.headers, task.expected_digest = url, clean, digest
+        task.last_access = self._clock.seconds()
         task.done = Deferred()
         self.origin_fetches += 1
-        self._fetch(task)
+        deleting = self._deleting.get(task_id)
+        if deleting is not None:
+            # the evicted copy's files are still being removed: fetch after that
+            after: Deferred = Deferred()
+            after.addCallback(lambda _: self._fetch(task))
+            deleting.addBoth(lambda r: (after.callback(None), r)[1])
+        else:
+            self._fetch(task)
         return task
 
     def _fail(self, task: CdnTask, error: TaskError) -> None:
@@ -360,8 +383,45 @@ class Cdn:
     def read_piece(self, task: CdnTask, index: int) -> "Deferred[bytes]":
         """Read a verified piece in the worker pool."""
         assert task.length is not None
+        task.last_access = self._clock.seconds()
         offset, size = piece_span(index, task.length, task.piece_size)
         return self._pool.run(pread_exact, task.data_path, offset, size)
+
+    # -- garbage collection --------------------------------------------------
+
+    def evict(self, task_id: str) -> "Deferred[None]":
+        """
+        Forget a finished (or failed) task and delete its files in the pool.
+        The next peer that asks for it has it fetched from the origin again.
+        """
+        task = self.tasks.get(task_id)
+        if task is None:
+            return succeed(None)
+        if task.status in ("waiting", "running"):
+            raise ValueError(f"task {task_id} is being fetched; it cannot be evicted")
+        del self.tasks[task_id]
+        task.listeners.clear()
+        d = self._pool.run(_remove_files, task.meta_path, task.data_path)
+        self._deleting[task_id] = d
+
+        def removed(result: Any) -> Any:
+            if self._deleting.get(task_id) is d:
+                del self._deleting[task_id]
+            return result
+
+        d.addBoth(removed)
+        done: Deferred = Deferred()
+        d.addBoth(lambda r: (done.callback(None), r)[1])
+        d.addErrback(lambda f: log.failure("removing evicted task {task}", f, task=task_id))
+        return done
+
+
+def _remove_files(*paths: str) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _to_header_lists(headers: dict[str, str]) -> dict[str, list[str]]:

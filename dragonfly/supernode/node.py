@@ -12,6 +12,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from ..core.bitmap import Bitmap
+from ..core.gc import GcEntry
 from ..core.pieces import piece_span
 from ..protocol.block import E_TASK_FAILED, BlockProtocol
 from .cdn import Cdn, CdnTask
@@ -149,3 +150,68 @@ class SuperNode:
 
     def decide(self, task_id: str, peer_id: str, starving: bool = False, want: int | None = None) -> Decision:
         return self.scheduler.sync(task_id, peer_id, self.clock.seconds(), starving, want)
+
+    def join(self, task_id: str, peer_id: str) -> None:
+        """
+        Peer C{peer_id} takes part in the CDN task C{task_id}.  A swarm the
+        scheduler dropped as idle (C{--task-expire}) is rebuilt from the CDN's
+        state, so the seed serves it again.
+        """
+        task = self.cdn.tasks.get(task_id)
+        swarm = self.scheduler.tasks.get(task_id)
+        if task is not None:
+            task.last_access = self.clock.seconds()
+            if task.piece_count is not None and (swarm is None or swarm.seed_has is None):
+                self.scheduler.set_piece_count(task_id, task.piece_count)
+                if task.available is not None:
+                    for i in task.available:
+                        self.scheduler.seed_piece_ready(task_id, i)
+        self.scheduler.join(task_id, peer_id, self.clock.seconds())
+
+    # -- garbage collection --------------------------------------------------
+
+    def in_use(self, task_id: str) -> bool:
+        """
+        Being fetched from the origin, sent to a peer, or downloaded by a
+        live peer that does not hold it whole yet: never evicted.
+        """
+        task = self.cdn.tasks.get(task_id)
+        if task is None:
+            return False
+        if task.status in ("waiting", "running"):
+            return True
+        seed = self._seeds.get(task_id)
+        if seed is not None and any(c.uploading for c in seed.conns):
+            return True
+        swarm = self.scheduler.tasks.get(task_id)
+        if swarm is not None:
+            for member in swarm.members.values():
+                if not member.done and member.peer_id in self.scheduler.peers:
+                    return True
+        return False
+
+    def gc_entries(self) -> list[GcEntry]:
+        """The CDN tasks on disk, for the disk collector."""
+        return [
+            GcEntry(t.task_id, t.disk_size, t.last_access, self.in_use(t.task_id))
+            for t in self.cdn.tasks.values()
+            if t.status in ("success", "failed")
+        ]
+
+    def evictable(self, task_id: str) -> bool:
+        return task_id in self.cdn.tasks and not self.in_use(task_id)
+
+    def evict(self, task_id: str) -> Any:
+        """
+        Drop a cached task: its seed connections close, the scheduler stops
+        handing out its pieces from the seed, its files are deleted in the
+        pool.  Peers that hold it keep serving it; the next new peer has the
+        CDN fetch it from the origin again.
+        """
+        log.info("evicting task {task} from the CDN cache", task=task_id)
+        seed = self._seeds.pop(task_id, None)
+        if seed is not None:
+            for conn in list(seed.conns):
+                conn.abort("task evicted from the CDN cache", E_TASK_FAILED)
+        self.scheduler.seed_lost(task_id)
+        return self.cdn.evict(task_id)

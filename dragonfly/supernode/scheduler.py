@@ -83,6 +83,8 @@ class TaskSwarm:
     holders: list[int] = field(factory=list)
     # seed allowances outstanding over all members
     seed_out: int = 0
+    # when a peer last registered, reported or synced for this task
+    last_touch: float = 0.0
 
 
 @define(frozen=True)
@@ -173,6 +175,17 @@ class Scheduler:
     def forget_task(self, task_id: str) -> None:
         self.tasks.pop(task_id, None)
 
+    def expire_tasks(self, now: float, ttl: float) -> list[str]:
+        """
+        Drop the swarms no peer has registered, reported or synced for within
+        C{ttl} seconds (a downloading peer syncs twice a second, so only idle
+        swarms go); return their ids.  The CDN's cached file is not touched.
+        """
+        idle = [t.task_id for t in self.tasks.values() if now - t.last_touch > ttl]
+        for task_id in idle:
+            del self.tasks[task_id]
+        return idle
+
     def set_piece_count(self, task_id: str, count: int) -> None:
         """The CDN learnt the task's length: size every bitmap."""
         swarm = self.task(task_id)
@@ -210,6 +223,7 @@ class Scheduler:
         if peer_id not in self.peers:
             raise UnknownPeer(peer_id)
         swarm = self.task(task_id)
+        swarm.last_touch = now
         member = swarm.members.get(peer_id)
         if member is None:
             member = swarm.members[peer_id] = Member(peer_id)
@@ -256,6 +270,7 @@ class Scheduler:
         if task_id not in self.tasks:
             raise UnknownTask(task_id)
         swarm = self.tasks[task_id]
+        swarm.last_touch = now
         member = swarm.members.get(peer_id)
         if member is None:
             member = self.join(task_id, peer_id, now)
@@ -320,6 +335,7 @@ class Scheduler:
         swarm = self.tasks.get(task_id)
         if swarm is None:
             raise UnknownTask(task_id)
+        swarm.last_touch = now
         member = swarm.members.get(peer_id) or self.join(task_id, peer_id, now)
         member.last_sync = now
         self._expire_assignments(swarm, member, now)

@@ -11,7 +11,6 @@ import socket
 from typing import Any
 
 import treq
-from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.logger import Logger
 from twisted.internet.endpoints import serverFromString
@@ -25,11 +24,14 @@ from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, 
 from ..core.ratelimit import TokenBucket
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
-from ..core.units import parse_rate
+from ..core.units import parse_duration, parse_rate
+from ..core.gc import DiskGc, check_watermarks, parse_watermark
+from .gc import SupernodeGc
 from ..protocol.block import BlockFactory
 from .api import SupernodeApi
 from .cdn import Cdn
 from .node import SuperNode
+from .preheat import Preheater
 from .scheduler import SEED_ID, Scheduler
 
 log = Logger()
@@ -63,6 +65,10 @@ class Options(usage.Options):
         ["workers", None, 4, "Threads for hashing and disk I/O.", int],
         ["origin-limit", None, "0", "Rate of all origin fetches together, e.g. 100M (0: none)."],
         ["origin-ca", None, None, "CA bundle (PEM) that HTTPS origins are verified with, instead of the system's roots."],
+        ["gc-interval", None, "60s", "How often idle swarms are expired and the disk is checked (also once at start-up)."],
+        ["task-expire", None, "3m", "A swarm no peer registered or synced for this long is dropped from the scheduler (the cached file stays until disk GC)."],
+        ["gc-disk-high", None, "80%", "Evict least-recently-used cached tasks when disk use exceeds this: a percentage of the filesystem holding HOME/repo, or a size of HOME/repo itself such as 10G."],
+        ["gc-disk-low", None, "60%", "...until disk use is at or below this (same form as --gc-disk-high)."],
     ]
 
     def postOptions(self) -> None:
@@ -85,12 +91,30 @@ class Options(usage.Options):
             raise usage.UsageError(f"--origin-limit: {e}") from None
         except ValueError as e:
             raise usage.UsageError(f"--origin-ca: {e}") from None
+        parse_gc_options(self)
         for name in ("max-parents", "seed-window", "seed-slots", "workers"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
         if self["advertise-ip"] is None:
             listen = self["listen"]
             self["advertise-ip"] = listen if listen not in ("0.0.0.0", "::") else detect_ip(None)
+
+
+def parse_gc_options(options: usage.Options) -> None:
+    """Parse the GC flags shared by supernode and dfpeer in place."""
+    for name in ("gc-interval", "task-expire"):
+        try:
+            options[name] = parse_duration(options[name])
+        except BadInput as e:
+            raise usage.UsageError(f"--{name}: {e}") from None
+        if options[name] <= 0:
+            raise usage.UsageError(f"--{name} must be positive")
+    try:
+        options["gc-disk-high"] = parse_watermark(options["gc-disk-high"])
+        options["gc-disk-low"] = parse_watermark(options["gc-disk-low"])
+        check_watermarks(options["gc-disk-high"], options["gc-disk-low"])
+    except BadInput as e:
+        raise usage.UsageError(f"--gc-disk-high/--gc-disk-low: {e}") from None
 
 
 class SupernodeService(ListeningService):
@@ -173,7 +197,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         options["block-port"],
     )
     node.cdn.load()
-    api = SupernodeApi(node)
+    api = SupernodeApi(node, Preheater(node, http, reactor))
     iface = options["listen"]
     SupernodeService(
         reactor,
@@ -183,5 +207,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         serverFromString(reactor, f"tcp:{options['port']}:interface={iface}"),
         QuietSite(api.resource()),
     ).setServiceParent(top)
-    TimerService(5.0, lambda: scheduler.expire(reactor.seconds())).setServiceParent(top)
+    disk = DiskGc(
+        node.cdn.repo, pool, options["gc-disk-high"], options["gc-disk-low"],
+        candidates=node.gc_entries, evict=node.evict, still_evictable=node.evictable, what="the CDN cache",
+    )
+    SupernodeGc(
+        node, reactor, options["gc-interval"], options["task-expire"], disk,
+        peer_interval=min(5.0, options["peer-ttl"] / 4),
+    ).setServiceParent(top)
     return top

@@ -1,0 +1,94 @@
+"""
+The SuperNode's garbage collection, run periodically and once at start-up.
+
+  - peers that stopped heartbeating for C{--peer-ttl} are dropped from
+    scheduling (checked every few seconds, whether or not anyone syncs);
+  - swarms no peer touched for C{--task-expire} are dropped from the
+    scheduler (the CDN keeps the cached file for the next peer);
+  - the CDN cache (C{HOME/repo}) is kept between C{--gc-disk-low} and
+    C{--gc-disk-high} by evicting least-recently-used tasks that are not in use
+    (see L{dragonfly.core.gc}).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from ..core.gc import DiskGc
+from .node import SuperNode
+
+log = Logger()
+
+
+class SupernodeGc(Service):
+    """
+    @param interval: seconds between task-expiry and disk collections.
+    @param peer_interval: seconds between peer-liveness checks.
+    @param task_expire: seconds a swarm may stay untouched.
+    @param disk: the CDN cache's disk collector, or None.
+    """
+
+    def __init__(
+        self,
+        node: SuperNode,
+        clock: Any,
+        interval: float,
+        task_expire: float,
+        disk: DiskGc | None,
+        peer_interval: float = 5.0,
+    ) -> None:
+        self.node = node
+        self.clock = clock
+        self.interval = interval
+        self.task_expire = task_expire
+        self.peer_interval = peer_interval
+        self.disk = disk
+        self.expired_peers = 0
+        self.expired_tasks = 0
+        self._loops: list[LoopingCall] = []
+
+    def startService(self) -> None:
+        super().startService()
+        for interval, f in ((self.peer_interval, self.expire_peers), (self.interval, self.run)):
+            lc = LoopingCall(f)
+            lc.clock = self.clock
+            self._loops.append(lc)
+            lc.start(interval, now=True).addErrback(lambda fl: log.failure("GC loop stopped", fl))
+
+    def stopService(self) -> None:
+        super().stopService()
+        for lc in self._loops:
+            if lc.running:
+                lc.stop()
+        self._loops.clear()
+
+    def expire_peers(self) -> list[str]:
+        dead = self.node.scheduler.expire(self.clock.seconds())
+        if dead:
+            self.expired_peers += len(dead)
+            log.info("dropped {n} peers that stopped heartbeating: {peers}", n=len(dead), peers=dead)
+        return dead
+
+    def expire_tasks(self) -> list[str]:
+        idle = self.node.scheduler.expire_tasks(self.clock.seconds(), self.task_expire)
+        if idle:
+            self.expired_tasks += len(idle)
+            log.info("dropped {n} idle swarms from the scheduler", n=len(idle), tasks=idle)
+        return idle
+
+    def run(self) -> Deferred:
+        """One collection: idle swarms, then the disk.  Errors are logged, the loop goes on."""
+
+        async def collect() -> None:
+            self.expire_tasks()
+            if self.disk is not None:
+                await self.disk.run()
+
+        d = Deferred.fromCoroutine(collect())
+        d.addErrback(lambda f: log.failure("garbage collection failed", f))
+        return d

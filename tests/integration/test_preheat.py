@@ -1,0 +1,96 @@
+"""
+Preheat against a real registry: docker-registry on loopback behind htpasswd
+Basic auth, an image of random layers pushed with skopeo, a real SuperNode.
+Every blob must land in the CDN with its digest, the registry must send each
+blob once, and a later dfget of a blob must be served from the cache.
+"""
+
+import base64
+import json
+import time
+import urllib.request
+
+import pytest
+
+from dragonfly.supernode.preheat import blob_task_id
+from dragonfly.testing.registry import Registry, have_tools, make_image
+from dragonfly.testing.swarm import Swarm, get_json, sha256_file
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(have_tools() is not None, reason=str(have_tools())),
+]
+
+KiB = 1 << 10
+
+
+def _post(url, body):
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _wait_job(api, job_id, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = get_json(f"{api}/api/v1/preheats/{job_id}")
+        if job["status"] in ("SUCCESS", "FAILED"):
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
+def test_image_preheat_from_a_registry_with_auth(tmp_path):
+    image = make_image(str(tmp_path / "layout"), [300 * KiB, 1500 * KiB, 2 * 1024 * KiB], tag="v1", seed=7)
+    registry = Registry(str(tmp_path / "registry"), user="alice", password="wonderland").start()
+    try:
+        registry.push(image, "team/app")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode()
+            api = swarm.supernode_api
+            manifest_url = f"{registry.url}/v2/team/app/manifests/v1"
+            # without credentials: FAILED with a clear error
+            code, data = _post(api + "/api/v1/preheats", {"type": "image", "url": manifest_url})
+            assert code == 201, data
+            job = _wait_job(api, data["ID"])
+            assert job["status"] == "FAILED" and "credentials" in job["error"], job
+            # with them: every blob warmed
+            auth = "Basic " + base64.b64encode(b"alice:wonderland").decode()
+            code, data = _post(
+                api + "/api/v1/preheats", {"type": "image", "url": manifest_url, "headers": {"Authorization": auth}}
+            )
+            assert code == 201, data
+            job = _wait_job(api, data["ID"])
+            assert job["status"] == "SUCCESS", job
+            blobs = [image.config_digest, *image.layers]
+            assert [t["digest"] for t in job["tasks"]] == blobs
+            cached = {t["taskId"]: t for t in get_json(api + "/api/v1/tasks")["tasks"]}
+            for digest in blobs:
+                blob_url = f"{registry.url}/v2/team/app/blobs/{digest}"
+                task = cached[blob_task_id(blob_url, digest)]
+                assert task["status"] == "success"
+                assert "sha256:" + task["sha256"] == digest
+                assert task["contentLength"] == len(image.blob(digest))
+            assert registry.blob_gets() == {d: 1 for d in blobs}
+            # a second preheat of the same image fetches nothing more
+            code, data = _post(
+                api + "/api/v1/preheats", {"type": "image", "url": manifest_url, "headers": {"Authorization": auth}}
+            )
+            assert _wait_job(api, data["ID"])["status"] == "SUCCESS"
+            # a peer downloading the biggest layer as a blob task finds it cached
+            swarm.start_peer("p0")
+            layer = image.layers[-1]
+            out = tmp_path / "layer.tgz"
+            proc = swarm.dfget(
+                f"{registry.url}/v2/team/app/blobs/{layer}", str(out), "p0",
+                "--digest", layer, "--header", f"Authorization: {auth}",
+            )
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err.decode()
+            assert "sha256:" + sha256_file(str(out)) == layer
+            assert registry.blob_gets() == {d: 1 for d in blobs}
+    finally:
+        registry.stop()
