@@ -32,6 +32,9 @@ do exactly this; so can dfdaemon)::
         def resource(self):
             return self.http.wrap(self.app.resource(), self.app)
 
+A program whose API must stay on loopback can serve the same registry on a
+port of its own: C{Site(metrics_only_root(registry))} (dfpeer C{--metrics}).
+
 C{handler} is the Klein endpoint (the route function's name), never the raw
 path, and C{code} the HTTP status, so label sets stay bounded.  Label values
 taken from anything a client controls must go through L{bounded}.
@@ -177,6 +180,47 @@ def metrics_route(app: Klein, registry_of: Callable[[Any], CollectorRegistry], p
     @app.route(path, methods=["GET"])
     def metrics(self: Any, request: IRequest) -> bytes:
         return render_metrics(request, registry_of(self))
+
+
+class MetricsResource(Resource):
+    """C{registry}'s metrics as a plain twisted.web resource (GET and HEAD)."""
+
+    isLeaf = True
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._registry = registry
+
+    def render_GET(self, request: IRequest) -> bytes:
+        return render_metrics(request, self._registry)
+
+    render_HEAD = render_GET
+
+
+class _NotFound(Resource):
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"error": {"code": "NOT_FOUND", "message": "only /metrics is served here"}}'
+
+
+class _MetricsOnly(Resource):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self._metrics = MetricsResource(registry)
+
+    def getChild(self, path: bytes, request: IRequest) -> Resource:
+        return self._metrics if path == b"metrics" and not request.postpath else _NotFound()
+
+    def render(self, request: IRequest) -> bytes:
+        return _NotFound().render(request)
+
+
+def metrics_only_root(registry: CollectorRegistry) -> Resource:
+    """A site root serving C{/metrics} and nothing else (a scrape port apart from an API)."""
+    return _MetricsOnly(registry)
 
 
 class HttpMetrics:

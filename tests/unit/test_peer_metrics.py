@@ -274,3 +274,25 @@ def test_supernode_events_follow_the_task(tmp_path: Any) -> None:
     (holds,) = [e for e in mine if "holds all" in e["log_format"]]
     assert holds["peerId"] == "peer-1" and holds["seconds"] == pytest.approx(2.0)
     assert all(e["task"] == tid[:12] for e in mine)
+
+
+def test_a_metrics_only_port_serves_the_same_registry(tmp_path: Any) -> None:
+    from twisted.web.server import Site  # noqa: F401 (what the tap wraps it in)
+
+    from dragonfly.core.metrics import metrics_only_root
+
+    peer = Peer(str(tmp_path))
+    api = LocalApi(peer.daemon, process_metrics=False)
+    peer.daemon.stats.upload_pieces = 7
+    stub = StubTreq(metrics_only_root(api.registry))
+    d = stub.get("http://scrape.test/metrics")
+    stub.flush()
+    response = result(d)
+    assert response.code == 200
+    text = result(response.content()).decode()
+    assert "dragonfly_dfpeer_upload_pieces_total 7.0" in text
+    assert "process_" not in text
+    for path in ("/", "/api/v1/tasks", "/healthz", "/metrics/x"):
+        d = stub.get("http://scrape.test" + path)
+        stub.flush()
+        assert result(d).code == 404, path
