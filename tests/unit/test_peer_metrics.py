@@ -18,7 +18,6 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 
-from dragonfly.core.bitmap import Bitmap
 from dragonfly.core.ids import task_id
 from dragonfly.peer.daemon import PeerDaemon
 from dragonfly.peer.localapi import LocalApi
@@ -277,8 +276,6 @@ def test_supernode_events_follow_the_task(tmp_path: Any) -> None:
 
 
 def test_a_metrics_only_port_serves_the_same_registry(tmp_path: Any) -> None:
-    from twisted.web.server import Site  # noqa: F401 (what the tap wraps it in)
-
     from dragonfly.core.metrics import metrics_only_root
 
     peer = Peer(str(tmp_path))
