@@ -27,6 +27,7 @@ from ..core.ratelimit import TokenBucket
 from ..core.threads import WorkerPool
 from ..protocol.block import E_NO_TASK, BlockFactory
 from .client import SupernodeClient, SupernodeError, SupernodeUnavailable
+from .metrics import PeerStats, failure_reason
 from .store import PieceStore
 from .task import PeerTask, TaskFailed
 
@@ -76,6 +77,7 @@ class PeerDaemon:
         )
         self.total_limit = TokenBucket(total_limit, reactor) if total_limit else None
         self.tasks: dict[str, PeerTask] = {}
+        self.stats = PeerStats()
         self.last_activity = reactor.seconds()
         self.registered = False
 
@@ -204,6 +206,12 @@ class PeerDaemon:
 
     def task_ended(self, task: PeerTask) -> None:
         self.note_activity()
+        if task.status == "success":
+            self.stats.count(self.stats.downloads, "success")
+            self.stats.durations.observe((task.finished_at or task.started) - task.started)
+        elif task.status == "failed":
+            self.stats.count(self.stats.downloads, "failed")
+            self.stats.count(self.stats.failures, failure_reason(task.error.code if task.error else "INTERNAL"))
 
     def note_activity(self) -> None:
         self.last_activity = self.reactor.seconds()
@@ -232,6 +240,7 @@ class PeerDaemon:
 
         def count(n: int) -> None:
             task.traffic["back_to_source"] += n
+            self.stats.traffic["back_to_source"] += n
             self.note_activity()
 
         writer = ChunkedFileWriter(self.pool, self.clock, fd, 1 << 20, length, on_bytes=count)

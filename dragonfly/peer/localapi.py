@@ -7,11 +7,13 @@ The dfpeer local API, for dfget and dfdaemon on the same host (loopback only).
                                 its bytes in order while they arrive (L{dragonfly.peer.stream})
   GET  /api/v1/tasks            every task this peer holds
   GET  /healthz
+  GET  /metrics                 Prometheus metrics (L{dragonfly.peer.metrics})
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -19,19 +21,29 @@ from twisted.web.iweb import IRequest
 
 from ..core.httpapi import ApiError, field, install_error_handlers, json_response, read_json, str_dict
 from ..core.ids import BadInput, check_url, is_task_id, parse_digest
+from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
+from . import metrics
 from .daemon import PeerDaemon
 from .stream import TaskStream
 
 
 class LocalApi:
+    """
+    @param timer: monotonic seconds for request durations (a fake in tests).
+    """
+
     app = Klein()
     install_error_handlers(app)
+    metrics_route(app, lambda self: self.registry)
 
-    def __init__(self, daemon: PeerDaemon) -> None:
+    def __init__(self, daemon: PeerDaemon, timer: Callable[[], float] = time.monotonic, process_metrics: bool = True) -> None:
         self.daemon = daemon
+        self.registry = new_registry(process_metrics)
+        self.http = HttpMetrics(self.registry, "dragonfly_dfpeer", timer)
+        self.registry.register(collector(lambda: metrics.collect(daemon)))
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return self.http.wrap(self.app.resource(), self.app)
 
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:

@@ -10,12 +10,14 @@ import os
 from typing import Any
 
 import treq
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from ..core.ids import BadInput
+from ..core.metrics import metrics_only_root
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
 from ..core.gc import DiskGc
@@ -42,6 +44,8 @@ class Options(usage.Options):
         ["ip", None, None, "Address other peers reach us at (default: the route to the SuperNode)."],
         ["listen", None, "0.0.0.0", "Interface for the block port."],
         ["api", None, "tcp:0:interface=127.0.0.1", "Endpoint of the local API (dfget talks to it)."],
+        ["metrics", None, None, "Endpoint serving only GET /metrics for Prometheus, e.g. tcp:65002 (default: none; "
+         "the local API serves /metrics too)."],
         ["idle-exit", None, 0.0, "Exit after this many seconds with nothing to do (0: never).", float],
         ["workers", None, 4, "Threads for hashing and disk I/O.", int],
         ["pipeline", None, 1, "Requests outstanding on one connection.", int],
@@ -67,6 +71,11 @@ class Options(usage.Options):
         parse_gc_options(self)
         if self["pipeline"] < 1:
             raise usage.UsageError("--pipeline must be at least 1")
+        if self["metrics"]:
+            try:
+                serverFromString(None, self["metrics"])  # checks the description only
+            except (ValueError, KeyError, TypeError) as e:
+                raise usage.UsageError(f"--metrics: not a server endpoint: {e}") from None
         for name in ("in-flight", "upload-limit", "total-limit"):
             try:
                 self[name] = parse_rate(self[name])
@@ -103,4 +112,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         candidates=daemon.gc_entries, evict=daemon.evict, still_evictable=daemon.evictable, what="the dfpeer store",
     )
     PeerGc(daemon, reactor, options["gc-interval"], options["task-expire"], disk, ready=service.ready).setServiceParent(top)
+    if options["metrics"]:
+        # a scrape port apart from the local API, which must stay on loopback
+        StreamServerEndpointService(
+            serverFromString(reactor, options["metrics"]), QuietSite(metrics_only_root(api.registry)),
+        ).setServiceParent(top)
     return top

@@ -34,13 +34,14 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
 from ..core.files import file_sha256
 from ..core.ids import BadInput, parse_digest
 from ..core.pieces import piece_count, piece_span
 from ..core.ids import SEED_ID
+from ..core.logs import safe_url, task_log
 from ..core.ratelimit import TokenBucket
 from ..protocol.block import BlockProtocol
 from .client import SupernodeError, SupernodeUnavailable
@@ -130,6 +131,10 @@ class PeerTask:
         rate = request.get("localLimit")
         self.local_limit = TokenBucket(rate, self.clock) if rate else None
 
+    def _log(self, level: LogLevel, fmt: str, **fields: Any) -> None:
+        """A log event with C{taskId}, C{task} (shown in the text) and our C{peerId}."""
+        task_log(log, level, self.task_id, fmt, peerId=self.daemon.peer_id, **fields)
+
     # -- views -------------------------------------------------------------------
 
     @property
@@ -212,20 +217,27 @@ class PeerTask:
         if isinstance(f.value, TaskFailed):
             self._finish_failed(f.value)
         else:
-            log.failure("task {task} crashed", f, task=self.task_id)
+            log.failure(
+                "task {task} crashed", f, task=self.task_id[:12], taskId=self.task_id, peerId=self.daemon.peer_id,
+            )
             self._finish_failed(TaskFailed("INTERNAL", f.getErrorMessage()))
 
     async def _run(self) -> None:
         try:
             reply = await self._register()
         except SupernodeUnavailable as e:
-            log.warn("task {task}: {why}", task=self.task_id, why=str(e))
-            await self._back_to_source(f"supernode unreachable ({e})")
+            self._log(LogLevel.warn, "{why}", why=str(e))
+            await self._back_to_source(f"supernode unreachable ({e})", "supernode_unreachable")
             return
         except SupernodeError as e:
             raise TaskFailed(e.code, e.message) from None
         if reply["taskId"] != self.task_id:
             raise TaskFailed("INTERNAL", f"supernode computed task id {reply['taskId']}, we {self.task_id}")
+        self._log(
+            LogLevel.info, "registered with supernode {node} for {url} (CDN {status})",
+            node=self.daemon.client.current, url=safe_url(self.request["url"]),
+            status=(reply.get("task") or {}).get("status"),
+        )
         self._checker.start(1.0, now=False)
         unreachable_since: float | None = None
         while self.status == "running":
@@ -236,7 +248,9 @@ class PeerTask:
                 now = self.clock.seconds()
                 unreachable_since = unreachable_since or now
                 if now - self._last_progress > self.orphan_timeout and now - unreachable_since > self.orphan_timeout:
-                    await self._back_to_source(f"supernode lost and no progress for {self.orphan_timeout:.0f}s ({e})")
+                    await self._back_to_source(
+                        f"supernode lost and no progress for {self.orphan_timeout:.0f}s ({e})", "supernode_lost",
+                    )
                     return
                 await self._sleep(1.0)
                 continue
@@ -306,11 +320,15 @@ class PeerTask:
             err = task.get("error") or {}
             code = err.get("code", "SOURCE_ERROR")
             if code == "SOURCE_UNREACHABLE" and not self.request.get("notbs"):
-                self._start_back_to_source("supernode cannot reach the origin")
+                self._start_back_to_source("supernode cannot reach the origin", "supernode_cannot_reach_origin")
                 return
             raise TaskFailed(code, err.get("message", "task failed at the supernode"), err.get("originStatus"))
         if self.length is None and task.get("contentLength") is not None and task.get("pieceCount") is not None:
             self._set_length(task["contentLength"], task["pieceSize"])
+            self._log(
+                LogLevel.info, "{bytes} bytes in {pieces} pieces of {pieceSize}",
+                bytes=self.length, pieces=self.count, pieceSize=self.piece_size,
+            )
             self._allocate()
         first = reply.get("digestsFrom", 0)
         for k, hexd in enumerate(reply.get("digests", [])):
@@ -371,7 +389,7 @@ class PeerTask:
 
         def failed(f: Any) -> None:
             self._connecting.discard(remote)
-            log.info("task {task}: cannot reach parent {parent}: {why}", task=self.task_id, parent=remote, why=f.getErrorMessage())
+            self._log(LogLevel.info, "cannot reach parent {parent}: {why}", parent=remote, why=f.getErrorMessage())
             if remote != SEED_ID:
                 self._report_failed.append({"index": -1, "parent": remote})
 
@@ -424,7 +442,10 @@ class PeerTask:
             self._drop_pending(i, conn)
         if self.status == "running":
             if lost:
-                log.info("task {task}: lost {remote} ({why}) with {n} pieces in flight", task=self.task_id, remote=conn.remote_id, why=reason, n=len(lost))
+                self._log(
+                    LogLevel.info, "lost {remote} ({why}) with {n} pieces in flight",
+                    remote=conn.remote_id, why=reason, n=len(lost),
+                )
             if conn.remote_id and conn.remote_id != SEED_ID and (lost or conn.initiator):
                 # -1: the connection itself broke (see the scheduler's dead_after)
                 self._report_failed.append({"index": -1, "parent": conn.remote_id})
@@ -490,6 +511,9 @@ class PeerTask:
 
     def on_uploaded(self, conn: BlockProtocol, nbytes: int) -> None:
         self.uploaded += nbytes
+        stats = self.daemon.stats
+        stats.upload_pieces += 1
+        stats.upload_bytes += nbytes
         self.daemon.note_activity()
 
     # -- pieces ----------------------------------------------------------------
@@ -514,6 +538,7 @@ class PeerTask:
         if index in self.have or index in self.verifying or self.status != "running" or digest is None:
             # a duplicate from the endgame, or too late; (a digest is always
             # known: only pieces with one are requested)
+            self.daemon.stats.count(self.daemon.stats.discarded, "duplicate", len(data))
             self.daemon.block_factory.release(data)
             self._fill()
             return
@@ -521,21 +546,24 @@ class PeerTask:
         offset = index * self.piece_size
         d = self.daemon.store.write_verified(self.task_id, offset, data, digest)
         d.addBoth(self._release, data)
-        d.addCallbacks(self._stored, self._store_failed, callbackArgs=(index, conn), errbackArgs=(index,))
+        d.addCallbacks(self._stored, self._store_failed, callbackArgs=(index, conn, kind, len(data)), errbackArgs=(index,))
         self._fill()
 
     def _release(self, result: Any, data: bytearray) -> Any:
         self.daemon.block_factory.release(data)
         return result
 
-    def _stored(self, ok: bool, index: int, conn: BlockProtocol) -> None:
+    def _stored(self, ok: bool, index: int, conn: BlockProtocol, kind: str, nbytes: int) -> None:
         self.verifying.discard(index)
+        stats = self.daemon.stats
         if self.status != "running":
+            stats.count(stats.discarded, "duplicate" if ok else "corrupt", nbytes)
             return
         if not ok:
-            log.warn(
-                "task {task}: piece {index} from {remote} failed its SHA-256 check",
-                task=self.task_id, index=index, remote=conn.remote_id,
+            stats.count(stats.discarded, "corrupt", nbytes)
+            self._log(
+                LogLevel.warn, "piece {index} from {remote} failed its SHA-256 check",
+                index=index, remote=conn.remote_id, bytes=nbytes,
             )
             self.bad_pieces += 1
             self._report_failed.append({"index": index, "parent": conn.remote_id or "?"})
@@ -547,7 +575,11 @@ class PeerTask:
             if self._bad_from[remote] >= self.BAN_AFTER and conn is not self.seed_conn:
                 # failure is local first: stop talking to it now, whatever
                 # the scheduler decides for the others
-                log.warn("task {task}: banning {remote} for {t:.0f}s after bad pieces", task=self.task_id, remote=remote, t=self.BAN_FOR)
+                self._log(
+                    LogLevel.warn, "banning {remote} for {t:.0f}s after {n} bad pieces",
+                    remote=remote, t=self.BAN_FOR, n=self._bad_from[remote], reason="corrupt",
+                )
+                stats.count(stats.bans, "corrupt")
                 self._banned[remote] = self.clock.seconds() + self.BAN_FOR
                 conn.abort("sent pieces that fail their SHA-256", 403)
                 self.detached(conn, "banned")
@@ -555,6 +587,12 @@ class PeerTask:
             return
         self.have.set(index)
         self._changed()
+        stats.count(stats.traffic, kind, nbytes)
+        if len(self.have) == 1:
+            self._log(
+                LogLevel.info, "first piece ({index}) from {remote} after {seconds:.3f}s",
+                index=index, remote=conn.remote_id, seconds=self.clock.seconds() - self.started, pieces=1, bytes=nbytes,
+            )
         self._last_progress = self.clock.seconds()
         self._report_have.append(index)
         if self.daemon.trace:
@@ -672,10 +710,11 @@ class PeerTask:
                 continue
             since = max(conn.last_rx, min(conn.requested.values()))
             if now - since > self.stall_timeout:
-                log.info(
-                    "task {task}: {remote} sent nothing for {t:.1f}s with {n} requests out; abandoning it",
-                    task=self.task_id, remote=conn.remote_id, t=now - since, n=len(conn.requested),
+                self._log(
+                    LogLevel.info, "{remote} sent nothing for {t:.1f}s with {n} requests out; abandoning it",
+                    remote=conn.remote_id, t=now - since, n=len(conn.requested), reason="stalled",
                 )
+                self.daemon.stats.count(self.daemon.stats.bans, "stalled")
                 conn.abort("stalled", 408)
                 self.detached(conn, "stalled")
                 # useless for now: do not reconnect to it for a while
@@ -757,10 +796,11 @@ class PeerTask:
                 "request": {k: v for k, v in self.request.items() if k != "headers"},
             },
         )
-        log.info(
-            "task {task}: complete, {length} bytes in {t:.2f}s (source {src}, supernode {sn}, peers {peers})",
-            task=self.task_id, length=self.length, t=self.finished_at - self.started,
+        self._log(
+            LogLevel.info, "complete, {bytes} bytes in {seconds:.2f}s (source {src}, supernode {sn}, peers {peers})",
+            bytes=self.length, pieces=self.count, seconds=self.finished_at - self.started,
             src=self.traffic["back_to_source"], sn=self.traffic["supernode"], peers=self.traffic["remote_peer"],
+            uploaded=self.uploaded,
         )
         self._kick()
         self._notify()
@@ -768,10 +808,14 @@ class PeerTask:
     def _finish_failed(self, error: TaskFailed) -> None:
         if self.status in ("success", "failed"):
             return
-        log.warn("task {task} failed: {code} {message}", task=self.task_id, code=error.code, message=error.message)
         self.status = "failed"
         self.error = error
         self.finished_at = self.clock.seconds()
+        self._log(
+            LogLevel.warn, "failed after {seconds:.2f}s: {code} {message}",
+            code=error.code, message=error.message, seconds=self.finished_at - self.started,
+            bytes=self.completed_bytes,
+        )
         if self._checker.running:
             self._checker.stop()
         for conn in list(self.conns):
@@ -789,17 +833,19 @@ class PeerTask:
 
     # -- back to source ---------------------------------------------------------
 
-    def _start_back_to_source(self, why: str) -> None:
-        d = Deferred.fromCoroutine(self._back_to_source(why))
+    def _start_back_to_source(self, why: str, reason: str) -> None:
+        d = Deferred.fromCoroutine(self._back_to_source(why, reason))
         d.addErrback(self._crashed)
 
-    async def _back_to_source(self, why: str) -> None:
+    async def _back_to_source(self, why: str, reason: str) -> None:
+        """Fetch the whole file from the origin; C{reason} is one of L{metrics.BACK_TO_SOURCE}."""
         if self.request.get("notbs"):
             raise TaskFailed("P2P_FAILED", f"{why}; not going back to the origin (--notbs)")
         if self.status != "running" or getattr(self, "_bts", False):
             return
         self._bts = True
-        log.info("task {task}: back to source: {why}", task=self.task_id, why=why)
+        self.daemon.stats.count(self.daemon.stats.back_to_source, reason)
+        self._log(LogLevel.info, "back to source: {why}", why=why, reason=reason, url=safe_url(self.request["url"]))
         for conn in list(self.conns):
             conn.transport.loseConnection()
         if self._checker.running:
@@ -817,4 +863,9 @@ class PeerTask:
         self.ready_for_io = True
         self.status = "success"
         self.finished_at = self.last_access = self.clock.seconds()
+        self._log(
+            LogLevel.info, "complete from the origin, {bytes} bytes in {seconds:.2f}s",
+            bytes=length, pieces=self.count, seconds=self.finished_at - self.started,
+            src=self.traffic["back_to_source"], sn=self.traffic["supernode"], peers=self.traffic["remote_peer"],
+        )
         self._notify()

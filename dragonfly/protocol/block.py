@@ -233,7 +233,10 @@ class BlockProtocol(Protocol):
         """Close with a logged reason, telling the other side why."""
         if self.closed:
             return
-        log.info("closing block connection {conn}: {why}", conn=self, why=why)
+        log.info(
+            "closing block connection {conn}: {why}", conn=self, why=why,
+            taskId=self.task_id, peerId=self.remote_id, code=code,
+        )
         self.closed = True
         try:
             self.transport.write(F.encode_error(code, why))

@@ -9,16 +9,23 @@ L{dragonfly.supernode.scheduler} for how those are chosen.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
 from klein import Klein
+from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
 
 from ..core.httpapi import ApiError, field, install_error_handlers, int_list, json_response, read_json, str_dict
 from ..core.ids import SEED_ID, BadInput, check_url, is_peer_id, is_task_id, parse_digest, parse_filter, task_id
+from ..core.logs import safe_url, task_log
+from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
+from . import metrics
 from .node import SuperNode
 from .preheat import Preheater
 from .scheduler import PeerInfo, UnknownPeer, UnknownTask
+
+log = Logger()
 
 HEARTBEAT_INTERVAL = 10.0
 SYNC_INTERVAL = 0.5
@@ -44,17 +51,29 @@ def _task_id(value: str) -> str:
 
 
 class SupernodeApi:
-    """The Klein app over a L{SuperNode}."""
+    """
+    The Klein app over a L{SuperNode}, with its own metrics registry
+    (C{GET /metrics}; see L{dragonfly.supernode.metrics}).
+
+    @param timer: monotonic seconds for request durations (a fake in tests).
+    """
 
     app = Klein()
     install_error_handlers(app)
+    metrics_route(app, lambda self: self.registry)
 
-    def __init__(self, node: SuperNode, preheater: Preheater | None = None) -> None:
+    def __init__(
+        self, node: SuperNode, preheater: Preheater | None = None,
+        timer: Callable[[], float] = time.monotonic, process_metrics: bool = True,
+    ) -> None:
         self.node = node
         self.preheater = preheater
+        self.registry = new_registry(process_metrics)
+        self.http = HttpMetrics(self.registry, "dragonfly_supernode", timer)
+        self.registry.register(collector(lambda: metrics.collect(node)))
 
     def resource(self) -> Any:
-        return self.app.resource()
+        return self.http.wrap(self.app.resource(), self.app)
 
     # -- access ----------------------------------------------------------------
 
@@ -107,7 +126,7 @@ class SupernodeApi:
 
     @app.route("/api/v1/peers/<peer_id>", methods=["DELETE"])
     def remove_peer(self, request: IRequest, peer_id: str) -> bytes:
-        self.node.scheduler.remove_peer(_peer_id(peer_id))
+        self.node.scheduler.remove_peer(_peer_id(peer_id), "left")
         return json_response(request, {})
 
     # -- tasks -----------------------------------------------------------------
@@ -136,7 +155,13 @@ class SupernodeApi:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
         # the origin is fetched with the URL as given: filtered keys (signatures,
         # tokens) only leave the task id
+        fetches = self.node.cdn.origin_fetches
         task = self.node.cdn.ensure(tid, url, headers, digest)
+        task_log(
+            log, LogLevel.info, tid, "registered by {peerId} ({cache}, CDN {status})",
+            peerId=peer_id, cache="cache miss" if self.node.cdn.origin_fetches > fetches else "cache hit",
+            status=task.status, url=safe_url(url),
+        )
         self.node.join(tid, peer_id)
         return json_response(request, {"taskId": tid, "task": task.to_json()})
 
@@ -197,8 +222,7 @@ class SupernodeApi:
             # the swarm was dropped as idle (--task-expire): rebuild it
             self.node.join(task_id, peer_id)
         try:
-            sched.report(task_id, peer_id, self._now, have=have, failed=failed, banned=banned)
-            decision = self.node.decide(task_id, peer_id, starving, want)
+            decision = self.node.sync(task_id, peer_id, have, failed, banned, starving, want)
         except UnknownTask:
             raise ApiError(404, "TASK_UNKNOWN", f"task {task_id} is not known") from None
         parents: list[dict[str, Any]] = []

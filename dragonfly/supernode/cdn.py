@@ -24,13 +24,14 @@ from typing import Any, Callable, Protocol as TypingProtocol
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ..core.bitmap import Bitmap
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.files import pread_exact, write_json_atomic
 from ..core.ids import is_task_id, parse_digest
+from ..core.logs import safe_url, task_log
 from ..core.ratelimit import TokenBucket
 from ..core.pieces import piece_count, piece_span, swarm_piece_size
 from ..core.threads import WorkerPool
@@ -105,6 +106,8 @@ class CdnTask:
     done: Deferred | None = None  # fires when the fetch ends, either way
     # when a peer last registered, synced or was sent a piece of it (for GC)
     last_access: float = 0.0
+    fetch_started: float = 0.0
+    fetch_start_bytes: int = 0
 
     @property
     def disk_size(self) -> int:
@@ -166,9 +169,13 @@ class Cdn:
         self._idle_timeout = idle_timeout
         self._on_new_task = on_new_task
         self.tasks: dict[str, CdnTask] = {}
-        self.origin_fetches = 0
         # task id -> the deletion of its evicted files, still running in the pool
         self._deleting: dict[str, Deferred] = {}
+        # totals for /metrics (see dragonfly.supernode.metrics)
+        self.origin_fetches = 0  # cache misses: registrations that started an origin fetch
+        self.cache_hits = 0  # registrations served from the cache or a fetch under way
+        self.origin_bytes = 0
+        self.fetch_failures: dict[str, int] = {}
 
     # -- cache on disk -----------------------------------------------------
 
@@ -242,6 +249,7 @@ class Cdn:
         task = self.tasks.get(task_id)
         if task is not None and task.status in ("waiting", "running", "success"):
             task.last_access = self._clock.seconds()
+            self.cache_hits += 1
             return task
         data_path, meta_path = self._paths(task_id)
         clean = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
@@ -272,7 +280,12 @@ class Cdn:
     def _fail(self, task: CdnTask, error: TaskError) -> None:
         if task.status == "failed":
             return
-        log.warn("task {task} failed: {message}", task=task.task_id, message=error.message)
+        task_log(
+            log, LogLevel.warn, task.task_id, "origin fetch failed after {seconds:.2f}s and {bytes} bytes: {code} {message}",
+            code=error.code, message=error.message, bytes=task.origin_bytes - task.fetch_start_bytes,
+            seconds=self._clock.seconds() - task.fetch_started,
+        )
+        self.fetch_failures[error.code] = self.fetch_failures.get(error.code, 0) + 1
         task.status, task.error = "failed", error
         for path in (task.data_path, task.meta_path):
             try:
@@ -285,7 +298,9 @@ class Cdn:
 
     def _fetch(self, task: CdnTask) -> None:
         task.status = "running"
-        log.info("task {task}: fetching {url} from the origin", task=task.task_id, url=task.url)
+        task.fetch_started = self._clock.seconds()
+        task.fetch_start_bytes = task.origin_bytes
+        task_log(log, LogLevel.info, task.task_id, "fetching {url} from the origin", url=safe_url(task.url))
         d = self._http.get(task.url, headers=_to_header_lists(task.headers), unbuffered=True)
         d.addTimeout(self._idle_timeout, self._clock)
         d.addCallbacks(
@@ -322,6 +337,7 @@ class Cdn:
 
         def counted(n: int) -> None:
             task.origin_bytes += n
+            self.origin_bytes += n
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, fd, task.piece_size, length, self._idle_timeout, stored, counted,
@@ -343,6 +359,11 @@ class Cdn:
     def _piece_stored(self, task: CdnTask, index: int, digest: str) -> None:
         task.digests.append(digest)
         assert len(task.digests) == index + 1
+        if index == 0:
+            task_log(
+                log, LogLevel.info, task.task_id, "first piece ready after {seconds:.3f}s",
+                seconds=self._clock.seconds() - task.fetch_started, pieces=1,
+            )
         if task.available is not None:
             task.available.set(index)
             task.notify("piece_ready", index)
@@ -370,9 +391,9 @@ class Cdn:
         }
         write_json_atomic(task.meta_path, meta)
         task.status = "success"
-        log.info(
-            "task {task}: origin fetch complete, {length} bytes in {count} pieces",
-            task=task.task_id, length=task.length, count=task.piece_count,
+        task_log(
+            log, LogLevel.info, task.task_id, "origin fetch complete: {bytes} bytes in {pieces} pieces in {seconds:.2f}s",
+            bytes=task.length, pieces=task.piece_count, seconds=self._clock.seconds() - task.fetch_started,
         )
         task.notify("task_done")
         if task.done is not None and not task.done.called:

@@ -7,12 +7,15 @@ the seed's block connections resolve tasks through L{SuperNode.seed_side}.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
 from ..core.gc import GcEntry
+from ..core.logs import task_log
+from ..core.metrics import FAST_SECONDS, Distribution
 from ..core.pieces import piece_span
 from ..protocol.block import E_TASK_FAILED, BlockProtocol
 from .cdn import Cdn, CdnTask
@@ -51,6 +54,11 @@ class SeedSide:
 
     def detached(self, conn: BlockProtocol, reason: str) -> None:
         self.conns.discard(conn)
+        if conn.bytes_out:
+            task_log(
+                log, LogLevel.info, self.task.task_id, "seed sent {bytes} bytes to {peerId} ({why})",
+                peerId=conn.remote_id, bytes=conn.bytes_out, why=reason,
+            )
 
     def on_bitfield(self, conn: BlockProtocol) -> None:
         pass
@@ -73,6 +81,7 @@ class SeedSide:
     def on_uploaded(self, conn: BlockProtocol, nbytes: int) -> None:
         self.task.seed_bytes += nbytes
         self.node.seed_bytes += nbytes
+        self.node.seed_pieces += 1
 
     # CDN listener
     def length_known(self, task: CdnTask) -> None:
@@ -116,14 +125,22 @@ class SuperNode:
     """
     @param advertise_ip: the address peers use to reach the seed.
     @param block_port: the seed's block port (set once listening).
+    @param timer: seconds for measuring the scheduler (a fake in tests).
     """
 
-    def __init__(self, cdn_factory: Any, scheduler: Scheduler, clock: Any, advertise_ip: str, block_port: int) -> None:
+    def __init__(
+        self, cdn_factory: Any, scheduler: Scheduler, clock: Any, advertise_ip: str, block_port: int,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.clock = clock
+        self.timer = timer
         self.scheduler = scheduler
         self.advertise_ip = advertise_ip
         self.block_port = block_port
+        # totals for /metrics (dragonfly.supernode.metrics)
         self.seed_bytes = 0
+        self.seed_pieces = 0
+        self.schedule_seconds = Distribution(FAST_SECONDS)
         self._feed = _SchedulerFeed(scheduler)
         self._seeds: dict[str, SeedSide] = {}
         self.cdn: Cdn = cdn_factory(self._track)
@@ -150,6 +167,18 @@ class SuperNode:
 
     def decide(self, task_id: str, peer_id: str, starving: bool = False, want: int | None = None) -> Decision:
         return self.scheduler.sync(task_id, peer_id, self.clock.seconds(), starving, want)
+
+    def sync(
+        self, task_id: str, peer_id: str, have: list[int], failed: list[tuple[int, str]], banned: list[str],
+        starving: bool = False, want: int | None = None,
+    ) -> Decision:
+        """A peer's sync: take its report, then choose its parents and seed allowance (timed)."""
+        start = self.timer()
+        try:
+            self.scheduler.report(task_id, peer_id, self.clock.seconds(), have=have, failed=failed, banned=banned)
+            return self.decide(task_id, peer_id, starving, want)
+        finally:
+            self.schedule_seconds.observe(self.timer() - start)
 
     def join(self, task_id: str, peer_id: str) -> None:
         """

@@ -28,9 +28,17 @@ import random
 from typing import Iterable
 
 from attrs import define, field
+from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
+from ..core.logs import task_log
 from ..core.ids import SEED_ID
+
+log = Logger()
+
+#: why a peer left the scheduler: it said so, it missed its heartbeats, or
+#: other peers could not reach it
+DROP_REASONS = ("left", "expired", "unreachable")
 
 
 @define
@@ -61,6 +69,7 @@ class Member:
     parents: list[str] = field(factory=list)
     seed: dict[int, Assignment] = field(factory=dict)
     last_sync: float = 0.0
+    joined: float = 0.0
     done: bool = False
     # failures this peer saw, by parent id
     failures: dict[str, int] = field(factory=dict)
@@ -133,6 +142,9 @@ class Scheduler:
     tasks: dict[str, TaskSwarm] = field(factory=dict)
     # peer id -> the peers that reported its connection failing
     unreachable: dict[str, set[str]] = field(factory=dict)
+    # totals for /metrics: parents blocked for a child, peers dropped by reason
+    blocks: int = 0
+    drops: dict[str, int] = field(factory=lambda: dict.fromkeys(DROP_REASONS, 0))
 
     # -- peers -------------------------------------------------------------
 
@@ -149,9 +161,14 @@ class Scheduler:
             raise UnknownPeer(peer_id)
         peer.last_seen = now
 
-    def remove_peer(self, peer_id: str) -> None:
+    def remove_peer(self, peer_id: str, reason: str = "left") -> None:
         """The peer left (or died): forget it everywhere."""
-        self.peers.pop(peer_id, None)
+        if self.peers.pop(peer_id, None) is not None:
+            self.drops[reason] = self.drops.get(reason, 0) + 1
+            log.emit(
+                LogLevel.info if reason == "left" else LogLevel.warn,
+                "peer {peerId} dropped: {reason}", peerId=peer_id, reason=reason,
+            )
         self.unreachable.pop(peer_id, None)
         for swarm in self.tasks.values():
             self._drop_member(swarm, peer_id)
@@ -160,7 +177,7 @@ class Scheduler:
         """Drop peers not heard from within C{peer_ttl}; return their ids."""
         dead = [p.peer_id for p in self.peers.values() if now - p.last_seen > self.peer_ttl]
         for peer_id in dead:
-            self.remove_peer(peer_id)
+            self.remove_peer(peer_id, "expired")
         return dead
 
     # -- tasks -------------------------------------------------------------
@@ -226,7 +243,8 @@ class Scheduler:
         swarm.last_touch = now
         member = swarm.members.get(peer_id)
         if member is None:
-            member = swarm.members[peer_id] = Member(peer_id)
+            member = swarm.members[peer_id] = Member(peer_id, joined=now)
+            task_log(log, LogLevel.info, task_id, "peer {peerId} joined ({peers} peers)", peerId=peer_id, peers=len(swarm.members))
             if swarm.piece_count is not None:
                 member.have = Bitmap(swarm.piece_count)
         member.last_sync = now
@@ -285,10 +303,17 @@ class Scheduler:
                     if member.seed.pop(i, None) is not None:
                         # the allowance became a real copy: seed_sends keeps it
                         swarm.seed_out -= 1
+            if member.have.complete and not member.done:
+                task_log(
+                    log, LogLevel.info, task_id, "peer {peerId} holds all {pieces} pieces, {seconds:.2f}s after joining",
+                    peerId=peer_id, pieces=member.have.count, seconds=now - member.joined,
+                )
             member.done = member.have.complete
         for parent in banned:
             # the peer will not talk to it (bad pieces, silence): it must not
             # count as a neighbour that holds pieces for this peer
+            if member.blocked.get(parent, 0.0) <= now:
+                task_log(log, LogLevel.info, task_id, "peer {peerId} banned {parent}", peerId=peer_id, parent=parent)
             member.blocked[parent] = now + self.block_for
             if parent in member.parents:
                 member.parents.remove(parent)
@@ -306,11 +331,20 @@ class Scheduler:
                 reporters = self.unreachable.setdefault(parent, set())
                 reporters.add(peer_id)
                 if len(reporters) >= self.dead_after:
-                    self.remove_peer(parent)
+                    task_log(
+                        log, LogLevel.warn, task_id, "{n} peers cannot reach {parent}; taking it for dead",
+                        n=len(reporters), parent=parent, peerId=peer_id,
+                    )
+                    self.remove_peer(parent, "unreachable")
                     continue
             n = member.failures.get(parent, 0) + 1
             member.failures[parent] = n
             if n >= self.block_after:
+                task_log(
+                    log, LogLevel.warn, task_id, "blocking parent {parent} for {peerId} for {seconds:.0f}s after {n} failures",
+                    parent=parent, peerId=peer_id, seconds=self.block_for, n=n,
+                )
+                self.blocks += 1
                 member.blocked[parent] = now + self.block_for
                 member.failures[parent] = 0
                 if parent in member.parents:

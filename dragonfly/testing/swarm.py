@@ -69,7 +69,12 @@ def write_random_file(path: str, size: int) -> str:
 class Swarm:
     """A directory with the homes and logs of one local swarm."""
 
-    def __init__(self, workdir: str) -> None:
+    def __init__(self, workdir: str, twistd_args: tuple[str, ...] = ()) -> None:
+        """
+        @param twistd_args: options for twistd itself, before the program's
+            name (e.g. C{--logger=dragonfly.core.logs.json_stdout}).
+        """
+        self.twistd_args = tuple(twistd_args)
         self.workdir = os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -100,7 +105,7 @@ class Swarm:
             os.unlink(info_path)
         proc = self._spawn(
             "supernode",
-            [_bin("twistd"), "-n", "--pidfile=", "supernode", "--port", "0", "--block-port", "0",
+            [_bin("twistd"), "-n", "--pidfile=", *self.twistd_args, "supernode", "--port", "0", "--block-port", "0",
              "--listen", "127.0.0.1", "--home", home, *extra],
         )
         info = wait_for_file(info_path, 30, proc)
@@ -120,7 +125,7 @@ class Swarm:
         if liar or silent:
             program = [sys.executable, "-m", "dragonfly.testing.liar", *(["--silent"] if silent else [])]
         else:
-            program = [_bin("twistd"), "-n", "--pidfile=", "dfpeer"]
+            program = [_bin("twistd"), "-n", "--pidfile=", *self.twistd_args, "dfpeer"]
         proc = self._spawn(
             name,
             [*program, "--supernode", self.supernode_addr,
@@ -167,6 +172,19 @@ class Swarm:
 
     def supernode_task(self, task_id: str) -> dict[str, Any]:
         return get_json(f"{self.supernode_api}/api/v1/tasks/{task_id}")
+
+    def metrics(self, peer: str | None = None) -> dict[tuple[str, frozenset], float]:
+        """The Prometheus samples of a peer's local API (or the SuperNode's): (name, labels) to value."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        base = self.peers[peer]["api"] if peer else self.supernode_api
+        with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
 
     def peer_tasks(self, peer: str) -> list[dict[str, Any]]:
         return get_json(self.peers[peer]["api"] + "/api/v1/tasks")["tasks"]
