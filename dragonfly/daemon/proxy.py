@@ -90,6 +90,34 @@ class Counters:
     def to_json(self) -> dict[str, int]:
         return dict(vars(self))
 
+    def metrics(self) -> list[Any]:
+        """The counters as Prometheus families (read at each scrape)."""
+        from ..core.metrics import counter
+
+        return [
+            counter("dragonfly_dfdaemon_requests_total", "Requests handled (mirror, proxy and intercepted).", self.requests),
+            counter(
+                "dragonfly_dfdaemon_blob_requests_total",
+                "Blob requests by how they were served: p2p (through the swarm), fallback (P2P failed before the "
+                "first byte, served direct), denied (the registry refused the client).",
+                {"p2p": self.p2p, "fallback": self.fallbacks, "denied": self.denied}, "path",
+            ),
+            counter(
+                "dragonfly_dfdaemon_response_bytes_total", "Body bytes sent to clients, by path.",
+                {"p2p": self.p2p_bytes, "direct": self.direct_bytes}, "path",
+            ),
+            counter("dragonfly_dfdaemon_direct_requests_total", "Requests passed straight upstream.", self.direct),
+            counter(
+                "dragonfly_dfdaemon_p2p_cut_total",
+                "Blob responses cut short (the swarm's download failed, or the blob did not match its digest).",
+                self.p2p_cut,
+            ),
+            counter(
+                "dragonfly_dfdaemon_connect_total", "CONNECT requests, by what became of them.",
+                {"tunnel": self.tunnels, "intercepted": self.intercepted}, "mode",
+            ),
+        ]
+
 
 def _passable(headers: Headers) -> list[tuple[bytes, list[bytes]]]:
     out = []
@@ -392,14 +420,21 @@ class ProxyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, core: DaemonCore, status: Any = None) -> None:
+    def __init__(self, core: DaemonCore, status: Any = None, registry: Any = None) -> None:
         super().__init__()
         self.core = core
         self.status = status
+        self.registry = registry
 
     def render(self, request: Any) -> Any:
-        if self.status is not None and request.uri == b"/_dfdaemon/status" and request.method == b"GET":
+        # dfdaemon's own pages: relative URIs only, never inside intercepted TLS
+        own = request.method == b"GET" and getattr(request.channel, "dfd_base", None) is None
+        if own and self.status is not None and request.uri == b"/_dfdaemon/status":
             return self.status(request)
+        if own and self.registry is not None and request.uri == b"/metrics":
+            from ..core.metrics import render_metrics
+
+            return render_metrics(request, self.registry)
         d = Deferred.fromCoroutine(self.core.handle(request))
 
         def crashed(f: Any) -> None:

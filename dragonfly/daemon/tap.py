@@ -23,6 +23,7 @@ from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel
 
+from ..core.metrics import collector, new_registry
 from ..core.service import ListeningService
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
@@ -226,7 +227,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"counters": core.counters.to_json(), "registry": options["registry"]}).encode()
 
-    site = QuietSite(ProxyResource(core, status))
+    registry = new_registry()
+    registry.register(collector(core.counters.metrics))
+    site = QuietSite(ProxyResource(core, status, registry))
     # plain HTTP/1.1 channels: the front protocol hands each one its connection
     # (and, inside intercepted TLS, the https origin it stands for)
     site.protocol = HTTPChannel

@@ -96,6 +96,9 @@ def pull_everywhere(swarm, registry, image, ref, workdir, user=None):
             assert blobs.get(digest) == 1, blobs
         counters = [dfdaemon_status(url) for _, url, _ in machines]
         assert all(c["p2p"] >= len(image.layers) and c["fallbacks"] == 0 for c in counters), counters
+        with urllib.request.urlopen(machines[0][1] + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert f'dragonfly_dfdaemon_blob_requests_total{{path="p2p"}} {float(counters[0]["p2p"])}' in text
         print(f"pull times {[round(t, 2) for t in times]} s; registry blob GETs {blobs}")
         return times
     finally:
