@@ -15,6 +15,7 @@ import hashlib
 import http.client
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from dragonfly.testing.containerd import Containerd, have_containerd, write_hosts_toml
-from dragonfly.testing.registry import Registry, have_tools, make_image
+from dragonfly.testing.registry import Registry, free_port, have_tools, make_image
 from dragonfly.testing.swarm import Swarm, get_json
 
 pytestmark = pytest.mark.e2e
@@ -261,5 +262,54 @@ def test_the_response_streams_before_the_swarm_finishes(tmp_path, tmp_path_facto
             print(f"first bytes after {first_at:.2f} s, all {len(body)} after {total:.2f} s")
             assert total > 2.0
             assert first_at < total / 2
+    finally:
+        registry.stop()
+
+
+def _get(url, path):
+    status, length, body, complete = _read_all(url, path)
+    assert status == 200 and complete, (status, length, len(body))
+    return body
+
+
+def test_without_a_swarm_blobs_go_direct_and_say_so(tmp_path, image):
+    registry = Registry(str(tmp_path / "registry")).start()
+    try:
+        registry.push(image, "team/app")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            # a dfpeer whose SuperNode does not answer: the swarm fails before the first byte
+            swarm.supernode_addr = f"127.0.0.1:{free_port()}"
+            peer = swarm.start_peer("host0")
+            url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url)
+            body = _get(url, f"/v2/team/app/blobs/{image.layers[1]}")
+            assert "sha256:" + hashlib.sha256(body).hexdigest() == image.layers[1]
+            counters = dfdaemon_status(url)
+            assert counters["fallbacks"] == 1 and counters["p2p"] == 0, counters
+            with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+                assert 'dragonfly_dfdaemon_blob_requests_total{path="fallback"} 1.0' in r.read().decode()
+    finally:
+        registry.stop()
+
+
+def test_dfdaemon_starts_a_dfpeer_for_its_home_when_none_runs(tmp_path, image):
+    registry = Registry(str(tmp_path / "registry")).start()
+    home = tmp_path / "home"
+    home.mkdir()
+    try:
+        registry.push(image, "team/app")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode()
+            url = swarm.start_dfdaemon("dfdaemon0", str(home), "--registry", registry.url)
+            try:
+                body = _get(url, f"/v2/team/app/blobs/{image.layers[0]}")
+                assert "sha256:" + hashlib.sha256(body).hexdigest() == image.layers[0]
+                info = json.load(open(home / "peer.json"))
+                assert dfdaemon_status(url)["p2p"] == 1
+                tasks = get_json(info["api"] + "/api/v1/tasks")["tasks"]
+                assert [t["status"] for t in tasks] == ["success"]
+            finally:
+                pid_file = home / "dfpeer.pid"
+                if pid_file.exists():
+                    os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
     finally:
         registry.stop()
