@@ -142,7 +142,7 @@ def _random_bytes(size: int, seed: int) -> bytes:
 class Registry:
     """
     A C{docker-registry} on C{host} (loopback), optionally behind htpasswd
-    Basic auth (C{user}/C{password}) and TLS (a certificate for C{host}
+    Basic auth (C{user}/C{password}) or a Bearer token service (C{tokens}), and TLS (a certificate for C{host}
     signed by a test CA whose certificate is C{ca_dir}/ca.crt).
     """
 
@@ -151,6 +151,7 @@ class Registry:
     user: str | None = None
     password: str | None = None
     tls: bool = False
+    tokens: Any = None  # a L{dragonfly.testing.tokens.TokenService}: Bearer auth instead of htpasswd
     port: int = 0
     proc: Any = None
     ca_dir: str | None = None
@@ -182,6 +183,8 @@ class Registry:
             with open(htpasswd, "wb") as f:
                 f.write(out.stdout)
             config["auth"] = {"htpasswd": {"realm": "dragonfly-test", "path": htpasswd}}
+        if self.tokens is not None:
+            config["auth"] = self.tokens.registry_auth()
         if self.tls:
             from ..daemon.ca import CertificateAuthority, make_ca
 
@@ -247,6 +250,8 @@ class Registry:
             cmd[2:2] = ["--dest-tls-verify=false"]
         if self.user:
             cmd[2:2] = ["--dest-creds", f"{self.user}:{self.password}"]
+        elif self.tokens is not None:
+            cmd[2:2] = ["--dest-creds", f"{self.tokens.user}:{self.tokens.password}"]
         out = subprocess.run(cmd, capture_output=True, timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"skopeo push failed: {out.stderr.decode(errors='replace')[-1500:]}")

@@ -28,6 +28,7 @@ import pytest
 from dragonfly.testing.containerd import Containerd, have_containerd, write_hosts_toml
 from dragonfly.testing.registry import Registry, free_port, have_tools, make_image
 from dragonfly.testing.swarm import Swarm, get_json
+from dragonfly.testing.tokens import TokenService
 
 pytestmark = pytest.mark.e2e
 
@@ -118,8 +119,14 @@ def test_three_containerd_hosts_pull_through_the_swarm(tmp_path, image):
         registry.stop()
 
 
-def test_basic_auth_registry(tmp_path, image):
-    registry = Registry(str(tmp_path / "registry"), user="alice", password="s3cret").start()
+@pytest.mark.parametrize("auth", ["Basic", "Bearer"])
+def test_registry_with_auth(tmp_path, image, auth):
+    """htpasswd Basic auth, or Bearer tokens from the registry's token service: the clients authenticate as usual."""
+    tokens = TokenService(str(tmp_path / "tokens"), "alice", "s3cret").start() if auth == "Bearer" else None
+    if tokens is None:
+        registry = Registry(str(tmp_path / "registry"), user="alice", password="s3cret").start()
+    else:
+        registry = Registry(str(tmp_path / "registry"), tokens=tokens).start()
     try:
         ref = registry.push(image, "team/private")
         with Swarm(str(tmp_path / "swarm")) as swarm:
@@ -136,11 +143,17 @@ def test_basic_auth_registry(tmp_path, image):
                 with pytest.raises(urllib.error.HTTPError) as e:
                     urllib.request.urlopen(blob, timeout=30)
                 assert e.value.code == 401
-                assert "Basic" in e.value.headers.get("WWW-Authenticate", "")
+                assert e.value.headers.get("WWW-Authenticate", "").startswith(auth)
+                assert dfdaemon_status(url)["denied"] >= 1
             finally:
                 machine[2].stop()
+            if tokens is not None:
+                # every token the service issued (to skopeo, ctr) was for this repository only
+                assert all(a["name"] == "team/private" for t in tokens.issued for a in t["access"])
     finally:
         registry.stop()
+        if tokens is not None:
+            tokens.stop()
 
 
 def test_skopeo_through_the_https_proxy_with_interception(tmp_path, image):
