@@ -2,6 +2,9 @@
 C{twistd dfpeer}: the peer daemon on every host.
 
     twistd -n dfpeer --supernode HOST:PORT[,HOST:PORT...] --home DIR [--port BLOCKPORT] [--ip ADVERTISE_IP]
+    twistd -n dfpeer --config dfpeer.yaml     # the same options in YAML
+
+Every option is documented in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from ..core.config import ConfigFileOptions
 from ..core.ids import BadInput
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
@@ -26,7 +30,7 @@ from .localapi import LocalApi
 DEFAULT_HOME = os.path.expanduser("~/.small-dragonfly")
 
 
-class Options(usage.Options):
+class Options(ConfigFileOptions):
     synopsis = "--supernode HOST:PORT[,...] [options]"
     longdesc = (
         "Run the Dragonfly peer daemon: downloads pieces from the parents the "
@@ -34,18 +38,18 @@ class Options(usage.Options):
         "serves verified pieces to other peers.  dfget finds it through HOME/peer.json."
     )
     optParameters = [
-        ["supernode", "s", "127.0.0.1:8002", "SuperNode(s), host[:port][,host[:port]...]."],
+        ["supernode", "s", "127.0.0.1:8002", "SuperNode(s) to register with, host[:port][,host[:port]...] (port 8002 when left out)."],
         ["home", None, DEFAULT_HOME, "Work home: pieces in HOME/data, the local API address in HOME/peer.json."],
-        ["port", "p", 0, "Block protocol port (0: any free port).", int],
-        ["ip", None, None, "Address other peers reach us at (default: the route to the SuperNode)."],
-        ["listen", None, "0.0.0.0", "Interface for the block port."],
-        ["api", None, "tcp:0:interface=127.0.0.1", "Endpoint of the local API (dfget talks to it)."],
+        ["port", "p", 0, "Block protocol port other peers download from (0: any free port).", int],
+        ["ip", None, None, "Address other peers reach us at (default: the source address of the route to the first SuperNode)."],
+        ["listen", None, "0.0.0.0", "Interface (IP address) the block port listens on."],
+        ["api", None, "tcp:0:interface=127.0.0.1", "Endpoint of the local API dfget talks to (a Twisted endpoint: tcp:PORT:interface=IP or unix:PATH)."],
         ["idle-exit", None, 0.0, "Exit after this many seconds with nothing to do (0: never).", float],
-        ["workers", None, 4, "Threads for hashing and disk I/O.", int],
-        ["pipeline", None, 1, "Requests outstanding on one connection.", int],
-        ["in-flight", None, "6M", "Bytes of pieces requested and not yet received, per download."],
-        ["upload-limit", None, "0", "Upload rate for the whole host, e.g. 20M (0: none)."],
-        ["total-limit", None, "0", "Download rate for the whole host, e.g. 50M (0: none; dfget --totallimit sets it too)."],
+        ["workers", None, 4, "Threads for hashing and disk I/O, at least 1.", int],
+        ["pipeline", None, 1, "Piece requests outstanding on one connection, at least 1.", int],
+        ["in-flight", None, "6M", "Bytes of pieces requested and not yet received, per download (N, NK, NM or NG)."],
+        ["upload-limit", None, "0", "Upload rate for the whole host in bytes/s: N, NK, NM or NG, e.g. 20M (0: no limit)."],
+        ["total-limit", None, "0", "Download rate for the whole host in bytes/s, e.g. 50M (0: no limit; dfget --totallimit sets it too)."],
     ]
 
     def postOptions(self) -> None:
@@ -58,8 +62,9 @@ class Options(usage.Options):
         if self["ip"] is None:
             self["ip"] = detect_ip(self["nodes"][0].rpartition(":")[0])
         self["home"] = os.path.abspath(self["home"])
-        if self["pipeline"] < 1:
-            raise usage.UsageError("--pipeline must be at least 1")
+        for name in ("pipeline", "workers"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
         for name in ("in-flight", "upload-limit", "total-limit"):
             try:
                 self[name] = parse_rate(self[name])
