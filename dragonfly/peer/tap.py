@@ -43,7 +43,7 @@ class Options(ConfigFileOptions):
         ["port", "p", 0, "Block protocol port other peers download from (0: any free port).", int],
         ["ip", None, None, "Address other peers reach us at (default: the source address of the route to the first SuperNode)."],
         ["listen", None, "0.0.0.0", "Interface (IP address) the block port listens on."],
-        ["api", None, "tcp:0:interface=127.0.0.1", "Endpoint of the local API dfget talks to (a Twisted endpoint: tcp:PORT:interface=IP or unix:PATH)."],
+        ["api", None, "tcp:0:interface=127.0.0.1", "Endpoint of the local API dfget talks to: tcp:PORT:interface=IP (PORT 0: any free port)."],
         ["idle-exit", None, 0.0, "Exit after this many seconds with nothing to do (0: never).", float],
         ["workers", None, 4, "Threads for hashing and disk I/O, at least 1.", int],
         ["pipeline", None, 1, "Piece requests outstanding on one connection, at least 1.", int],
@@ -62,6 +62,8 @@ class Options(ConfigFileOptions):
         if self["ip"] is None:
             self["ip"] = detect_ip(self["nodes"][0].rpartition(":")[0])
         self["home"] = os.path.abspath(self["home"])
+        if not self["api"].startswith("tcp:"):
+            raise usage.UsageError(f"--api must be a TCP endpoint such as tcp:0:interface=127.0.0.1, not {self['api']!r}")
         for name in ("pipeline", "workers"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
