@@ -124,9 +124,11 @@ class ChunkedFileWriter(Protocol):
         self.total += len(data)
         if self._on_bytes is not None:
             self._on_bytes(len(data))
-        if self._limit is not None and not self._rate_held:
+        if self._limit is not None:
+            # every byte is charged, also bytes that were already on their
+            # way when the body was paused: their debt delays the next hold
             delay = self._limit.reserve(len(data))
-            if delay > 0:
+            if delay > 0 and not self._rate_held:
                 self._rate_held = True
                 self._hold()
                 self._clock.callLater(delay, self._rate_ok)

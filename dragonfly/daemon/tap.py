@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import treq
-import yaml
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -23,6 +22,7 @@ from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel
 
+from ..core.config import ConfigFileOptions
 from ..core.metrics import collector, new_registry
 from ..core.service import ListeningService
 from ..core.threads import WorkerPool
@@ -39,7 +39,7 @@ from .rules import DEFAULT_RULES, Rule, RuleError, compile_hosts
 log = Logger()
 
 
-class Options(usage.Options):
+class Options(ConfigFileOptions):
     synopsis = "[--registry URL] [--home DIR] [options]"
     longdesc = (
         "Run dfdaemon, the registry mirror and HTTP(S) proxy: GETs of registry blobs "
@@ -51,15 +51,15 @@ class Options(usage.Options):
     optParameters = [
         ["port", "p", 65001, "Port to listen on.", int],
         ["listen", None, "127.0.0.1", "Interface to listen on (a proxy: keep it on loopback or a trusted network)."],
-        ["registry", None, None, "Upstream registry of mirror requests, e.g. https://index.docker.io."],
+        ["registry", None, None, "Upstream registry of mirror requests, e.g. https://index.docker.io (default: none, proxy only)."],
         ["home", None, DEFAULT_HOME, "Work home shared with the host's dfpeer (HOME/peer.json); dfdaemon.json goes there too."],
         ["supernode", "s", "127.0.0.1:8002", "SuperNode(s) for a dfpeer that dfdaemon starts, host[:port][,...]."],
-        ["config", None, None, "YAML file with the same keys as the flags, plus 'proxies' (rules) and 'hijack_https'."],
-        ["ca-cert", None, None, "CA certificate (PEM) for --hijack, from 'dfdaemon gen-ca'."],
-        ["ca-key", None, None, "The CA's private key (PEM)."],
-        ["registry-ca", None, None, "CA bundle (PEM) that upstream HTTPS servers are verified with, instead of the system's."],
+        ["ca-cert", None, None, "CA certificate (PEM) for --hijack, from 'dfdaemon gen-ca' (default: none)."],
+        ["ca-key", None, None, "The CA's private key (PEM) (default: none)."],
+        ["registry-ca", None, None, "CA bundle (PEM) that upstream HTTPS servers are verified with (default: the system's roots)."],
         ["workers", None, 2, "Threads for minting certificates and finding the dfpeer.", int],
     ]
+    structured_keys = {"proxies": "_load_proxies", "hijack_https": "_load_hijack"}
     optFlags = [
         ["no-start-peer", None, "Do not start a dfpeer when none runs for --home (blobs then go direct)."],
         ["no-access-check", None, "Serve blobs from the swarm without first asking the registry (HEAD) whether the client may read them: only for registries open to all."],
@@ -69,26 +69,32 @@ class Options(usage.Options):
         super().__init__()
         self["rules"] = []
         self["hijack"] = []
+        self._file_lists: set[str] = set()  # lists set by --config, until the command line adds to them
         self._given: set[str] = set()
+
+    def _command_line(self, name: str) -> list[Any]:
+        """The list an option adds to; the first one from the command line replaces the file's."""
+        if name in self._file_lists:
+            self._file_lists.discard(name)
+            self[name] = []
+        return self[name]
 
     def opt_rule(self, regex: str) -> None:
         """A URL regex whose GETs go through the swarm (repeatable; first match wins; replaces the default)."""
-        self["rules"].append({"regx": regex})
+        self._command_line("rules").append({"regx": regex})
 
     def opt_direct(self, regex: str) -> None:
         """A URL regex that always goes straight upstream (repeatable, in order with --rule)."""
-        self["rules"].append({"regx": regex, "direct": True})
+        self._command_line("rules").append({"regx": regex, "direct": True})
 
     def opt_hijack(self, regex: str) -> None:
         """A host regex whose CONNECTs are intercepted with a certificate from --ca-cert (repeatable)."""
-        self["hijack"].append(regex)
+        self._command_line("hijack").append(regex)
 
     def parseArgs(self) -> None:
         pass
 
     def postOptions(self) -> None:
-        if self["config"]:
-            self._load_config(self["config"])
         if self["registry"]:
             parts = urlsplit(self["registry"])
             if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -121,45 +127,15 @@ class Options(usage.Options):
             raise usage.UsageError(f"--registry-ca: {e}") from None
         self["home"] = os.path.abspath(os.path.expanduser(self["home"]))
 
-    def _load_config(self, path: str) -> None:
-        try:
-            with open(path) as f:
-                data = yaml.safe_load(f)
-        except OSError as e:
-            raise usage.UsageError(f"--config: {e}") from None
-        except yaml.YAMLError as e:
-            raise usage.UsageError(f"--config {path}: not YAML: {e}") from None
-        if data is None:
-            return
-        if not isinstance(data, dict):
-            raise usage.UsageError(f"--config {path}: must be a mapping of option names to values")
-        flags = {o[0] for o in self.optParameters}
-        for key, value in data.items():
-            name = str(key).replace("_", "-")
-            if key == "proxies":
-                if not isinstance(value, list):
-                    raise usage.UsageError(f"--config {path}: 'proxies' must be a list of rules")
-                if not self["rules"]:  # rules on the command line win
-                    self["rules"] = list(value)
-            elif key == "hijack_https":
-                self._load_hijack(path, value)
-            elif name in flags and name != "config":
-                if self._default(name) == self[name]:  # flags win
-                    kind = self._coerce(name)
-                    try:
-                        self[name] = kind(value) if kind is not None else str(value)
-                    except (TypeError, ValueError):
-                        raise usage.UsageError(f"--config {path}: bad value for {key!r}: {value!r}") from None
-            elif name in ("no-start-peer", "no-access-check"):
-                if not isinstance(value, bool):
-                    raise usage.UsageError(f"--config {path}: {key!r} must be true or false")
-                self[name] = self[name] or value
-            else:
-                raise usage.UsageError(f"--config {path}: unknown key {key!r}")
+    def _load_proxies(self, value: Any, path: str) -> None:
+        if not isinstance(value, list):
+            raise usage.UsageError(f"'proxies' in {path} must be a list of rules")
+        self["rules"] = list(value)
+        self._file_lists.add("rules")
 
-    def _load_hijack(self, path: str, value: Any) -> None:
+    def _load_hijack(self, value: Any, path: str) -> None:
         if not isinstance(value, dict):
-            raise usage.UsageError(f"--config {path}: 'hijack_https' must be a mapping (cert, key, hosts)")
+            raise usage.UsageError(f"'hijack_https' in {path} must be a mapping (cert, key, hosts)")
         for key, item in value.items():
             if key in ("cert", "key"):
                 flag = "ca-" + key
@@ -167,26 +143,15 @@ class Options(usage.Options):
                     self[flag] = str(item)
             elif key == "hosts":
                 if not isinstance(item, list):
-                    raise usage.UsageError(f"--config {path}: 'hijack_https.hosts' must be a list")
+                    raise usage.UsageError(f"'hijack_https.hosts' in {path} must be a list")
                 for host in item:
                     regex = host.get("regx") if isinstance(host, dict) else host
                     if not isinstance(regex, str):
-                        raise usage.UsageError(f"--config {path}: bad hijack host {host!r}")
+                        raise usage.UsageError(f"bad hijack host {host!r} in {path}")
                     self["hijack"].append(regex)
+                    self._file_lists.add("hijack")
             else:
-                raise usage.UsageError(f"--config {path}: unknown key 'hijack_https.{key}'")
-
-    def _default(self, name: str) -> Any:
-        for o in self.optParameters:
-            if o[0] == name:
-                return o[2]
-        return None
-
-    def _coerce(self, name: str) -> Any:
-        for o in self.optParameters:
-            if o[0] == name:
-                return o[4] if len(o) > 4 else None
-        return None
+                raise usage.UsageError(f"unknown key 'hijack_https.{key}' in {path}")
 
 
 class DaemonService(ListeningService):

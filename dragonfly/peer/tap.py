@@ -2,6 +2,9 @@
 C{twistd dfpeer}: the peer daemon on every host.
 
     twistd -n dfpeer --supernode HOST:PORT[,HOST:PORT...] --home DIR [--port BLOCKPORT] [--ip ADVERTISE_IP]
+    twistd -n dfpeer --config dfpeer.yaml     # the same options in YAML
+
+Every option is documented in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from ..core.config import ConfigFileOptions
 from ..core.ids import BadInput
 from ..core.metrics import metrics_only_root
 from ..core.threads import WorkerPool
@@ -30,7 +34,7 @@ from .localapi import LocalApi
 DEFAULT_HOME = os.path.expanduser("~/.small-dragonfly")
 
 
-class Options(usage.Options):
+class Options(ConfigFileOptions):
     synopsis = "--supernode HOST:PORT[,...] [options]"
     longdesc = (
         "Run the Dragonfly peer daemon: downloads pieces from the parents the "
@@ -38,20 +42,20 @@ class Options(usage.Options):
         "serves verified pieces to other peers.  dfget finds it through HOME/peer.json."
     )
     optParameters = [
-        ["supernode", "s", "127.0.0.1:8002", "SuperNode(s), host[:port][,host[:port]...]."],
+        ["supernode", "s", "127.0.0.1:8002", "SuperNode(s) to register with, host[:port][,host[:port]...] (port 8002 when left out)."],
         ["home", None, DEFAULT_HOME, "Work home: pieces in HOME/data, the local API address in HOME/peer.json."],
-        ["port", "p", 0, "Block protocol port (0: any free port).", int],
-        ["ip", None, None, "Address other peers reach us at (default: the route to the SuperNode)."],
-        ["listen", None, "0.0.0.0", "Interface for the block port."],
-        ["api", None, "tcp:0:interface=127.0.0.1", "Endpoint of the local API (dfget talks to it)."],
+        ["port", "p", 0, "Block protocol port other peers download from (0: any free port).", int],
+        ["ip", None, None, "Address other peers reach us at (default: the source address of the route to the first SuperNode)."],
+        ["listen", None, "0.0.0.0", "Interface (IP address) the block port listens on."],
+        ["api", None, "tcp:0:interface=127.0.0.1", "Endpoint of the local API dfget talks to: tcp:PORT:interface=IP (PORT 0: any free port)."],
         ["metrics", None, None, "Endpoint serving only GET /metrics for Prometheus, e.g. tcp:65002 (default: none; "
          "the local API serves /metrics too)."],
         ["idle-exit", None, 0.0, "Exit after this many seconds with nothing to do (0: never).", float],
-        ["workers", None, 4, "Threads for hashing and disk I/O.", int],
-        ["pipeline", None, 1, "Requests outstanding on one connection.", int],
-        ["in-flight", None, "6M", "Bytes of pieces requested and not yet received, per download."],
-        ["upload-limit", None, "0", "Upload rate for the whole host, e.g. 20M (0: none)."],
-        ["total-limit", None, "0", "Download rate for the whole host, e.g. 50M (0: none; dfget --totallimit sets it too)."],
+        ["workers", None, 4, "Threads for hashing and disk I/O, at least 1.", int],
+        ["pipeline", None, 1, "Piece requests outstanding on one connection, at least 1.", int],
+        ["in-flight", None, "6M", "Bytes of pieces requested and not yet received, per download (N, NK, NM or NG)."],
+        ["upload-limit", None, "0", "Upload rate for the whole host in bytes/s: N, NK, NM or NG, e.g. 20M (0: no limit)."],
+        ["total-limit", None, "0", "Download rate for the whole host in bytes/s, e.g. 50M (0: no limit; dfget --totallimit sets it too)."],
         ["gc-interval", None, "60s", "How often expired tasks are removed and the disk is checked (also once at start-up)."],
         ["task-expire", None, "6h", "A finished task nobody downloaded or fetched a piece of for this long is removed from HOME/data."],
         ["gc-disk-high", None, "80%", "Remove least-recently-used tasks when disk use exceeds this: a percentage of the filesystem holding HOME/data, or a size of HOME/data itself such as 10G."],
@@ -69,8 +73,11 @@ class Options(usage.Options):
             self["ip"] = detect_ip(self["nodes"][0].rpartition(":")[0])
         self["home"] = os.path.abspath(self["home"])
         parse_gc_options(self)
-        if self["pipeline"] < 1:
-            raise usage.UsageError("--pipeline must be at least 1")
+        if not self["api"].startswith("tcp:"):
+            raise usage.UsageError(f"--api must be a TCP endpoint such as tcp:0:interface=127.0.0.1, not {self['api']!r}")
+        for name in ("pipeline", "workers"):
+            if self[name] < 1:
+                raise usage.UsageError(f"--{name} must be at least 1")
         if self["metrics"]:
             try:
                 serverFromString(None, self["metrics"])  # checks the description only

@@ -2,6 +2,9 @@
 C{twistd supernode}: the REST API, the scheduler and the CDN seed.
 
     twistd -n supernode --port 8002 --block-port 8001 --home DIR [--advertise-ip IP]
+    twistd -n supernode --config supernode.yaml     # the same options in YAML
+
+Every option is documented in docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
+from ..core.config import ConfigFileOptions
 from ..core.ids import BadInput
 from ..core.service import ListeningService
 from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
@@ -44,7 +48,7 @@ def _port(value: str) -> int:
     return port
 
 
-class Options(usage.Options):
+class Options(ConfigFileOptions):
     synopsis = "[options]"
     longdesc = (
         "Run a Dragonfly SuperNode: the REST API peers register with (--port), "
@@ -52,19 +56,19 @@ class Options(usage.Options):
         "serves its pieces over the block protocol (--block-port)."
     )
     optParameters = [
-        ["port", "p", 8002, "REST API port.", _port],
-        ["block-port", "b", 8001, "Block protocol (piece download) port.", _port],
-        ["listen", None, "0.0.0.0", "Interface to listen on."],
+        ["port", "p", 8002, "REST API port (0: any free port; the bound port is written to HOME/supernode.json).", _port],
+        ["block-port", "b", 8001, "Block protocol (piece download) port of the CDN seed (0: any free port).", _port],
+        ["listen", None, "0.0.0.0", "Interface (IP address) both ports listen on."],
         ["home", None, os.path.expanduser("~/.dragonfly-supernode"), "Home directory; the CDN cache lives in HOME/repo."],
-        ["advertise-ip", None, None, "Address peers use to reach this SuperNode's block port (default: detected)."],
-        ["piece-size", None, "auto", "Piece size: 'auto' (about 128 pieces, 1M to 15M), 'dragonfly' (1.x's rule: 4M up to 15M) or a size such as 1M."],
-        ["max-parents", None, 8, "Parents handed to each peer.", int],
-        ["seed-window", None, 1, "Seed pieces a peer may have outstanding at once.", int],
-        ["seed-slots", None, 16, "Seed pieces outstanding over a task's whole swarm.", int],
+        ["advertise-ip", None, None, "Address peers use to reach the block port (default: --listen, or this host's address when listening on all interfaces)."],
+        ["piece-size", None, "auto", "Piece size in bytes: 'auto' (about 128 pieces, 1M to 15M), 'dragonfly' (1.x's rule: 4M up to 15M) or a size such as 1M (64K to 60M)."],
+        ["max-parents", None, 8, "Parents (other peers) handed to each peer, at least 1.", int],
+        ["seed-window", None, 1, "Seed pieces one peer may have outstanding at once, at least 1.", int],
+        ["seed-slots", None, 16, "Seed pieces outstanding over a task's whole swarm, at least 1.", int],
         ["peer-ttl", None, 60.0, "Seconds without a heartbeat before a peer is dropped.", float],
-        ["workers", None, 4, "Threads for hashing and disk I/O.", int],
-        ["origin-limit", None, "0", "Rate of all origin fetches together, e.g. 100M (0: none)."],
-        ["origin-ca", None, None, "CA bundle (PEM) that HTTPS origins are verified with, instead of the system's roots."],
+        ["workers", None, 4, "Threads for hashing and disk I/O, at least 1.", int],
+        ["origin-limit", None, "0", "Rate of all origin fetches together in bytes/s: N, NK, NM or NG, e.g. 100M (0: no limit)."],
+        ["origin-ca", None, None, "CA bundle (PEM) that HTTPS origins are verified with (default: the system's roots)."],
         ["gc-interval", None, "60s", "How often idle swarms are expired and the disk is checked (also once at start-up)."],
         ["task-expire", None, "3m", "A swarm no peer registered or synced for this long is dropped from the scheduler (the cached file stays until disk GC)."],
         ["gc-disk-high", None, "80%", "Evict least-recently-used cached tasks when disk use exceeds this: a percentage of the filesystem holding HOME/repo, or a size of HOME/repo itself such as 10G."],

@@ -5,7 +5,9 @@ benchmark's checks).
     python -m dragonfly.testing.origin --root DIR [--port 0] [--info FILE]
 
 Serves the files of DIR with Content-Length, streaming them with a producer;
-C{GET /_stats} answers C{{"requests": {path: n}, "bytesSent": n}}.
+C{GET /_stats} answers C{{"requests": {path: n}, "bytesSent": n}}, where
+C{bytesSent} counts every chunk as it is handed to a connection (so it can
+be sampled during a transfer to measure its rate).
 """
 
 from __future__ import annotations
@@ -52,15 +54,18 @@ class CountingOrigin(Resource):
         request.setHeader(b"content-length", str(size).encode())
         request.setHeader(b"content-type", b"application/octet-stream")
         f = open(full, "rb")
-        d = BigChunkSender().beginFileTransfer(f, request)
+
+        def count(chunk: bytes) -> bytes:
+            self.bytes_sent += len(chunk)
+            return chunk
+
+        d = BigChunkSender().beginFileTransfer(f, request, count)
 
         def done(last: Any) -> None:
-            self.bytes_sent += f.tell()
             f.close()
             request.finish()
 
         def lost(failure: Any) -> None:
-            self.bytes_sent += f.tell()
             f.close()
 
         d.addCallbacks(done, lost)

@@ -16,7 +16,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 BIN = os.path.dirname(sys.executable)
 
@@ -64,6 +65,71 @@ def write_random_file(path: str, size: int) -> str:
             h.update(chunk)
             left -= len(chunk)
     return h.hexdigest()
+
+
+@dataclass
+class RateMeasurement:
+    """
+    A transfer's rate over its steady part: the least-squares slope of the
+    byte counter against time, between C{skip_start} seconds after the
+    first byte and C{skip_end} seconds before the last.
+    """
+
+    rate: float  # bytes per second
+    seconds: float  # length of the steady window
+    nbytes: int  # bytes moved in the window
+    total_seconds: float  # first byte to last
+    samples: list[tuple[float, int]] = field(repr=False, default_factory=list)
+
+    def within(self, target: float, tolerance: float = 0.10) -> bool:
+        return abs(self.rate - target) <= tolerance * target
+
+    def __str__(self) -> str:
+        mib = 1 << 20
+        return (f"{self.rate / mib:.2f} MiB/s over the steady {self.seconds:.2f} s "
+                f"({self.nbytes / mib:.1f} MiB; whole transfer {self.total_seconds:.2f} s)")
+
+
+def measure_rate(
+    read: Callable[[], int],
+    total: int,
+    timeout: float = 60.0,
+    interval: float = 0.1,
+    skip_start: float = 1.0,
+    skip_end: float = 0.5,
+) -> RateMeasurement:
+    """
+    Sample the byte counter C{read()} (0 while the transfer has not begun)
+    until it reaches C{total}, and measure the steady rate.  Each sample is
+    stamped at the middle of its read, so a slow read does not skew it.
+    """
+    samples: list[tuple[float, int]] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        before = time.monotonic()
+        n = read()
+        now = (before + time.monotonic()) / 2
+        samples.append((now, n))
+        if n >= total:
+            break
+        if now > deadline:
+            raise TimeoutError(f"counter at {n} of {total} bytes after {timeout}s")
+        time.sleep(interval)
+    moving = [i for i, (_, n) in enumerate(samples) if n > 0]
+    # the transfer began between the last zero sample and the first non-zero one
+    first = moving[0]
+    start = (samples[first - 1][0] + samples[first][0]) / 2 if first > 0 else samples[first][0]
+    end = next(t for t, n in samples if n >= total)
+    window = [(t, n) for t, n in samples if start + skip_start <= t <= end - skip_end]
+    if len(window) < 10:
+        raise ValueError(f"a transfer of {end - start:.2f}s leaves too few samples to measure; make it longer")
+    mt = sum(t for t, _ in window) / len(window)
+    mn = sum(n for _, n in window) / len(window)
+    slope = sum((t - mt) * (n - mn) for t, n in window) / sum((t - mt) ** 2 for t, _ in window)
+    return RateMeasurement(
+        rate=slope, seconds=window[-1][0] - window[0][0], nbytes=window[-1][1] - window[0][1],
+        total_seconds=end - start, samples=samples,
+    )
 
 
 class Swarm:
@@ -188,6 +254,14 @@ class Swarm:
 
     def peer_tasks(self, peer: str) -> list[dict[str, Any]]:
         return get_json(self.peers[peer]["api"] + "/api/v1/tasks")["tasks"]
+
+    def peer_task(self, peer: str, url: str) -> dict[str, Any] | None:
+        """The peer's newest task for C{url}, or None."""
+        tasks = [t for t in self.peer_tasks(peer) if t["url"] == url]
+        return tasks[-1] if tasks else None
+
+    def supernode_tasks(self) -> list[dict[str, Any]]:
+        return get_json(f"{self.supernode_api}/api/v1/tasks")["tasks"]
 
     def stop(self) -> None:
         for _, proc in reversed(self.procs):

@@ -11,7 +11,7 @@ MiB = 1 << 20
 def files(tmp_path_factory):
     """Origin files: name -> sha256."""
     root = tmp_path_factory.mktemp("www")
-    sizes = {"big.bin": 64 * MiB, "empty.bin": 0, "one.bin": 1, "odd.bin": 10 * MiB + 7, "rate.bin": 24 * MiB}
+    sizes = {"big.bin": 64 * MiB, "empty.bin": 0, "one.bin": 1, "odd.bin": 10 * MiB + 7}
     digests = {name: write_random_file(str(root / name), size) for name, size in sizes.items()}
     return str(root), digests
 

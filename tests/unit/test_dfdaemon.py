@@ -329,17 +329,21 @@ hijack_https:
     assert [r.regex for r in o["compiled-rules"]] == [r"internal\.example", "blobs/sha256.*"]
     assert o["compiled-rules"][0].direct
     assert o["ca"] is not None and o["compiled-hijack"][0].pattern == r"registry\.example"
+    # rules on the command line replace the file's
+    o = tap.Options()
+    o.parseOptions(["--config", str(config), "--rule", "only-this", "--home", str(tmp_path)])
+    assert [r.regex for r in o["compiled-rules"]] == ["only-this"]
 
 
 @pytest.mark.parametrize(
     "text, message",
     [
         ("colour: blue\n", "unknown key 'colour'"),
-        ("port: [1]\n", "bad value for 'port'"),
+        ("port: [1]\n", "'port' in .* takes a string or a number"),
         ("proxies: blobs\n", "must be a list"),
         ("hijack_https: {certs: x}\n", "unknown key 'hijack_https.certs'"),
-        ("- a\n", "must be a mapping"),
-        ("port: 1\n  bad: [\n", "not YAML"),
+        ("- a\n", "mapping"),
+        ("port: 1\n  bad: [\n", "bad YAML"),
     ],
 )
 def test_bad_config_files_name_the_problem(tmp_path, text, message):

@@ -34,30 +34,33 @@ def test_longest_wait_of_several_buckets():
     assert delay_for([None], 100) == 0.0
 
 
+class _Pool:
+    def run(self, f, *a, **kw):
+        from twisted.internet import defer
+
+        return defer.maybeDeferred(f, *a, **kw)
+
+
+class _Transport:
+    paused = False
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def stopProducing(self):
+        pass
+
+
 def test_origin_body_is_paused_by_the_limit(tmp_path):
     """The CDN's body writer pauses the origin response while the origin limit says so."""
     import os
 
-    from twisted.internet import defer
-
     from dragonfly.core.bodywriter import ChunkedFileWriter
 
-    class Pool:
-        def run(self, f, *a, **kw):
-            return defer.maybeDeferred(f, *a, **kw)
-
-    class Transport:
-        paused = False
-
-        def pauseProducing(self):
-            self.paused = True
-
-        def resumeProducing(self):
-            self.paused = False
-
-        def stopProducing(self):
-            pass
-
+    Pool, Transport = _Pool, _Transport
     clock = Clock()
     fd = os.open(str(tmp_path / "body"), os.O_WRONLY | os.O_CREAT)
     writer = ChunkedFileWriter(Pool(), clock, fd, 1000, None, limit=TokenBucket(1000, clock, burst=0))
@@ -68,5 +71,29 @@ def test_origin_body_is_paused_by_the_limit(tmp_path):
     clock.advance(0.4)
     assert t.paused
     clock.advance(0.2)
+    assert not t.paused
+    os.close(fd)
+
+
+def test_bytes_arriving_while_paused_are_charged(tmp_path):
+    """Bytes already on their way when the body was paused count against the limit too."""
+    import os
+
+    from dragonfly.core.bodywriter import ChunkedFileWriter
+
+    clock = Clock()
+    fd = os.open(str(tmp_path / "body"), os.O_WRONLY | os.O_CREAT)
+    writer = ChunkedFileWriter(_Pool(), clock, fd, 1000, None, limit=TokenBucket(1000, clock, burst=0))
+    t = _Transport()
+    writer.makeConnection(t)
+    writer.dataReceived(b"x" * 500)  # pauses for 0.5 s
+    writer.dataReceived(b"x" * 500)  # was in flight: charged, not free
+    clock.advance(0.5)
+    assert not t.paused
+    writer.dataReceived(b"x" * 500)
+    # 1500 bytes at 1000 bytes/s: nothing more before t = 1.5 s
+    clock.advance(0.99)
+    assert t.paused
+    clock.advance(0.02)
     assert not t.paused
     os.close(fd)
