@@ -351,3 +351,45 @@ def test_bad_config_files_name_the_problem(tmp_path, text, message):
     config.write_text(text)
     with pytest.raises(usage.UsageError, match=message):
         tap.Options().parseOptions(["--config", str(config), "--home", str(tmp_path)])
+
+
+# -- bad requests ------------------------------------------------------------------------
+
+
+def proxy_front(registry=None):
+    from dragonfly.daemon.proxy import DaemonCore, ProxyResource
+
+    class NoHttp:
+        def request(self, *a, **kw):
+            raise AssertionError("nothing may go upstream")
+
+    core = DaemonCore(None, registry, DEFAULT_RULES, peer=None, http=NoHttp(), local_http=NoHttp())
+    site = Site(ProxyResource(core))
+    site.protocol = HTTPChannel
+    proto = FrontFactory(None, site, core).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+@pytest.mark.parametrize(
+    "request_line, code",
+    [
+        (b"GET ftp://registry.example/v2/ HTTP/1.1", b"NO_UPSTREAM"),  # unsupported scheme
+        (b"GET file:///etc/passwd HTTP/1.1", b"NO_UPSTREAM"),
+        (b"GET /v2/team/app/manifests/v1 HTTP/1.1", b"NO_UPSTREAM"),  # a mirror request without --registry
+    ],
+)
+def test_requests_dfdaemon_cannot_place_get_a_json_400(request_line, code):
+    proto, transport = proxy_front()
+    proto.dataReceived(request_line + b"\r\nHost: x\r\n\r\n")
+    assert status_of(transport) == 400
+    assert b'"code": "' + code + b'"' in transport.value()
+    assert b"application/json" in transport.value()
+
+
+def test_a_malformed_request_line_is_refused_by_the_web_server():
+    proto, transport = proxy_front("http://registry.example")
+    proto.dataReceived(b"GARBAGE\r\n\r\n")
+    assert status_of(transport) == 400
+    assert transport.disconnecting
