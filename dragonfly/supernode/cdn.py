@@ -158,6 +158,8 @@ class Cdn:
         self._on_new_task = on_new_task
         self.tasks: dict[str, CdnTask] = {}
         self.origin_fetches = 0
+        #: bytes received from origins, all tasks together
+        self.origin_bytes = 0
 
     # -- cache on disk -----------------------------------------------------
 
@@ -296,6 +298,7 @@ class Cdn:
 
         def counted(n: int) -> None:
             task.origin_bytes += n
+            self.origin_bytes += n
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, fd, task.piece_size, length, self._idle_timeout, stored, counted,

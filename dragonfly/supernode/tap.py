@@ -177,4 +177,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         QuietSite(api.resource()),
     ).setServiceParent(top)
     TimerService(5.0, lambda: scheduler.expire(reactor.seconds())).setServiceParent(top)
+    # the dashboard's traffic chart (GET /api/v1/dashboard, /ui)
+    node.traffic_sampler().setServiceParent(top)
     return top
