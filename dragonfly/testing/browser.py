@@ -56,6 +56,24 @@ def find_chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def group_alive(pgid: int) -> list[int]:
+    """The processes of group C{pgid} that still run (zombies do not count)."""
+    alive = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid pgrp ...: comm may hold spaces and parentheses
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(name))
+    return alive
+
+
 class BrowserError(Exception):
     """A DevTools command failed, timed out, or the browser went away."""
 
@@ -180,6 +198,10 @@ class Chromium:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             pass
+        # the killed children are reaped by init: wait until none runs
+        deadline = time.monotonic() + 10
+        while group_alive(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         for fd in (self._cmd_w, self._out_r):
             try:
                 os.close(fd)

@@ -129,7 +129,7 @@
       ctx.moveTo(pad.left, yy);
       ctx.lineTo(w - pad.right, yy);
       ctx.stroke();
-      ctx.fillText(i === 0 ? "0" : fmtRate(v), pad.left - 8, yy);
+      ctx.fillText(i === 0 ? "0" : fmtRate(v).replace(".0 ", " "), pad.left - 8, yy);
     }
     // x labels: seconds before the newest sample
     ctx.textAlign = "center";
@@ -141,6 +141,11 @@
       ctx.fillText(label, Math.min(Math.max(xx, pad.left + 14), w - pad.right - 14), h - pad.bottom + 7);
     }
 
+    if (rs.length >= 1 && peak === 0) {
+      ctx.textAlign = "center";
+      ctx.textBaseline = "middle";
+      ctx.fillText("no piece traffic in this window", pad.left + pw / 2, pad.top + ph / 2);
+    }
     if (rs.length < 1) {
       ctx.textAlign = "center";
       ctx.textBaseline = "middle";
@@ -196,7 +201,8 @@
 
   // one cell per piece; on very large files one cell per group of pieces
   // ("part" when the group is partly held)
-  function renderBitmap(grid, b64, count) {
+  function renderBitmap(grid, b64, count, note) {
+    grid.dataset.note = note;  // shown (by the stylesheet) when there is no cell
     count = count || 0;
     const bytes = decodeBitmap(b64);
     const per = Math.max(1, Math.ceil(count / MAX_CELLS));
@@ -268,21 +274,32 @@
     return tr;
   }
 
-  function updateRow(tr, label, title, done, total, b64, finished) {
+  function updateRow(tr, label, title, done, total, b64, finished, note) {
     tr._who.replaceChildren(el("span", tr.classList.contains("seed") ? "" : "mono", label));
     if (finished) tr._who.appendChild(el("span", "done-mark", "✓"));
     tr._who.title = title;
-    tr._count.textContent = total ? `${done} / ${total}` : `${done} / ?`;
+    tr._count.textContent = total === null ? `${done} / ?` : `${done} / ${total}`;
     const p = total ? (100 * done) / total : 0;
     tr._fill.style.width = `${p}%`;
     tr._pct.textContent = total ? `${Math.floor(p)}%` : "";
-    return renderBitmap(tr._grid, b64, total);
+    return renderBitmap(tr._grid, b64, total, note);
+  }
+
+  // the swarm's state: the CDN's status says only whether the origin fetch is done
+  function taskState(task) {
+    if (task.status === "failed") return ["failed", "failed"];
+    if (task.status !== "success") return ["fetching", "fetching origin"];
+    if (task.members.length === 0) return ["cached", "cached"];
+    if (task.members.every((m) => m.done)) return ["done", "done"];
+    return ["downloading", "downloading"];
   }
 
   function updateTask(card, task) {
     const status = task.status || "waiting";
-    card._badge.className = `badge ${status}`;
-    card._badge.textContent = status;
+    const [state, label] = taskState(task);
+    card._badge.className = `badge ${state}`;
+    card._badge.textContent = label;
+    card._badge.title = `origin fetch: ${status}`;
     card._name.textContent = fileName(task.url);
     card._name.title = task.url;
     const meta = [];
@@ -306,7 +323,9 @@
       ` · ${pct(task.peerBytes, task.seedBytes + task.peerBytes)}% of pieces from peers`,
     );
 
-    const count = task.pieceCount || 0;
+    const count = task.pieceCount;
+    const note = count === 0 ? "empty file" : count !== null ? ""
+      : task.status === "failed" ? "no pieces" : "piece count not known yet";
     const keys = new Set(["\u0000seed"]);
     let seedRow = card._rowMap.get("\u0000seed");
     if (!seedRow) {
@@ -314,7 +333,7 @@
       card._rowMap.set("\u0000seed", seedRow);
     }
     const per = updateRow(seedRow, "SuperNode seed (CDN)", "pieces fetched from the origin, verified and servable",
-      task.piecesReady, count, task.seedBitmap, status === "success");
+      task.piecesReady, count, task.seedBitmap, status === "success", note);
     const rows = [seedRow];
     for (const m of task.members) {
       keys.add(m.peerId);
@@ -324,7 +343,7 @@
         card._rowMap.set(m.peerId, tr);
       }
       updateRow(tr, m.peerId, `${m.peerId}: ${m.parents} parents, ${m.seedPieces} seed pieces allowed`,
-        m.piecesDone, count, m.bitmap, m.done);
+        m.piecesDone, count, m.bitmap, m.done, note);
       rows.push(tr);
     }
     for (const [key, tr] of card._rowMap) {
@@ -385,12 +404,15 @@
 
   function renderSummary(data) {
     const t = data.totals;
-    const running = data.tasks.filter((x) => x.status === "running" || x.status === "waiting").length;
+    const active = data.tasks.filter((x) => ["fetching", "downloading"].includes(taskState(x)[0])).length;
     $("sum-tasks").textContent = String(data.taskCount);
-    $("sum-tasks-hint").textContent = `${running} fetching from the origin`;
+    $("sum-tasks-hint").textContent = `${active} in progress`;
     $("sum-peers").textContent = String(data.peers.length);
     const downloading = new Set();
-    for (const task of data.tasks) for (const m of task.members) if (!m.done) downloading.add(m.peerId);
+    for (const task of data.tasks) {
+      if (!["fetching", "downloading"].includes(taskState(task)[0])) continue;
+      for (const m of task.members) if (!m.done) downloading.add(m.peerId);
+    }
     $("sum-peers-hint").textContent = `${downloading.size} downloading`;
     $("sum-origin").textContent = fmtBytes(t.originBytes);
     $("sum-seed").textContent = fmtBytes(t.seedBytes);
