@@ -4,8 +4,9 @@ Take a screenshot of the SuperNode dashboard during a real swarm download
 
 Starts an origin, a SuperNode and five dfpeers on loopback; the peers fetch
 a 48 MiB file at 12 MiB/s each, and a while later a 128 MiB file at rates of
-8 to 16 MiB/s, starting a moment apart; a few seconds into the second
-download headless Chromium photographs C{http://SUPERNODE/ui}.
+8 to 16 MiB/s, starting a moment apart; a few seconds after every peer has
+joined the second download headless Chromium photographs
+C{http://SUPERNODE/ui}.
 
     python -m dragonfly.testing.dashboard_shot OUT.png [--delay 5] [--width 1280]
 """
@@ -20,7 +21,7 @@ import tempfile
 import time
 
 from .browser import Chromium, find_chromium
-from .swarm import Swarm, write_random_file
+from .swarm import Swarm, get_json, write_random_file
 
 MiB = 1 << 20
 
@@ -28,7 +29,7 @@ MiB = 1 << 20
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dragonfly.testing.dashboard_shot", description=__doc__.split("\n\n")[1])
     p.add_argument("output", help="the PNG to write")
-    p.add_argument("--delay", type=float, default=5.0, help="seconds into the second download (default 5)")
+    p.add_argument("--delay", type=float, default=4.0, help="seconds after every peer joined the second download (default 4)")
     p.add_argument("--width", type=int, default=1280)
     p.add_argument("--peers", type=int, default=5)
     args = p.parse_args(argv)
@@ -58,6 +59,13 @@ def main(argv: list[str] | None = None) -> int:
                 out = os.path.join(workdir, f"{n}.2")
                 second.append(swarm.dfget(swarm.origin_url + "/model-weights.bin", out, n, "--locallimit", rate))
                 time.sleep(0.5)
+            # every peer in the second swarm, then a few seconds of traffic
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                tasks = get_json(swarm.supernode_api + "/api/v1/dashboard")["tasks"]
+                if tasks and len(tasks[0]["members"]) == len(names):
+                    break
+                time.sleep(0.2)
             time.sleep(args.delay)
             page.screenshot(args.output)
             for proc in second:
