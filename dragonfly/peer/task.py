@@ -115,6 +115,8 @@ class PeerTask:
         self.finished_at: float | None = None
         self.traffic = {"back_to_source": 0, "supernode": 0, "remote_peer": 0}
         self.uploaded = 0
+        # traffic["remote_peer"] the SuperNode has been told of (see _sync)
+        self._peer_bytes_reported = 0
         self.waiters: list[Deferred] = []
         #: called with no arguments whenever a piece is stored or the task ends
         #: (the local API's in-order stream, L{dragonfly.peer.stream})
@@ -262,8 +264,10 @@ class PeerTask:
             if self.status != "running":
                 break
             await self._sleep(interval)
-        # one last report so the scheduler knows we hold everything
-        if self.status == "success" and self._report_have:
+        # one last report so the scheduler knows we hold everything (and the
+        # SuperNode counts the last bytes from peers)
+        unreported = self.traffic["remote_peer"] > self._peer_bytes_reported
+        if self.status == "success" and (self._report_have or unreported):
             try:
                 await self._sync()
             except (SupernodeUnavailable, SupernodeError):
@@ -289,10 +293,13 @@ class PeerTask:
     async def _sync(self) -> dict[str, Any]:
         have, self._report_have = self._report_have, []
         failed, self._report_failed = self._report_failed, []
+        peer_bytes = self.traffic["remote_peer"]
         body = {
             "peerId": self.daemon.peer_id, "have": have, "failed": failed,
             "digestsFrom": self._digests_from, "starving": self._starving(), "want": self.stream_from,
             "banned": [p for p in self._banned if self._is_banned(p)],
+            # bytes from other peers since the last sync the SuperNode took
+            "peerBytes": peer_bytes - self._peer_bytes_reported,
         }
         try:
             reply = await self.daemon.client.call("POST", f"/api/v1/tasks/{self.task_id}/sync", body)
@@ -311,6 +318,7 @@ class PeerTask:
             self._report_have = have + self._report_have
             self._report_failed = failed + self._report_failed
             raise
+        self._peer_bytes_reported = peer_bytes
         self._apply(reply)
         return reply
 

@@ -10,6 +10,7 @@ L{dragonfly.supernode.scheduler} for how those are chosen.
 from __future__ import annotations
 
 import time
+from importlib import resources
 from typing import Any, Callable
 
 from klein import Klein
@@ -21,6 +22,7 @@ from ..core.ids import SEED_ID, BadInput, check_url, is_peer_id, is_task_id, par
 from ..core.logs import safe_url, task_log
 from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
 from . import metrics
+from .dashboard import DEFAULT_TASKS, MAX_TASKS, dashboard_view
 from .node import SuperNode
 from .preheat import Preheater
 from .scheduler import PeerInfo, UnknownPeer, UnknownTask
@@ -30,6 +32,25 @@ log = Logger()
 HEARTBEAT_INTERVAL = 10.0
 SYNC_INTERVAL = 0.5
 MAX_FAILED = 4096
+#: a sync's peerBytes above this is nonsense (and beyond what JavaScript counts exactly)
+MAX_PEER_BYTES = 1 << 50
+
+#: the dashboard's files (package data under dragonfly/supernode/ui/) and their types
+UI_FILES = {
+    "index.html": "text/html; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+}
+#: the page loads nothing from anywhere but this SuperNode
+UI_CSP = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _load_ui() -> dict[str, bytes]:
+    folder = resources.files("dragonfly.supernode") / "ui"
+    return {name: (folder / name).read_bytes() for name in UI_FILES}
 
 
 def _peer_id(value: str) -> str:
@@ -71,6 +92,8 @@ class SupernodeApi:
         self.registry = new_registry(process_metrics)
         self.http = HttpMetrics(self.registry, "dragonfly_supernode", timer)
         self.registry.register(collector(lambda: metrics.collect(node)))
+        # a few KiB, read once at start-up rather than on the reactor per request
+        self._ui = _load_ui()
 
     def resource(self) -> Any:
         return self.http.wrap(self.app.resource(), self.app)
@@ -91,6 +114,42 @@ class SupernodeApi:
     @app.route("/healthz", methods=["GET"])
     def healthz(self, request: IRequest) -> bytes:
         return json_response(request, {"ok": True, "tasks": len(self.node.cdn.tasks), "peers": len(self.node.scheduler.peers)})
+
+    # -- the dashboard -----------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    def root(self, request: IRequest) -> bytes:
+        # relative, so that it also works behind a proxy that adds a prefix
+        request.setHeader(b"location", b"ui")
+        return json_response(request, {"location": "ui"}, 302)
+
+    @app.route("/ui", methods=["GET"])
+    def ui_page(self, request: IRequest) -> bytes:
+        return self._ui_file(request, "index.html")
+
+    @app.route("/ui/<name>", methods=["GET"])
+    def ui_file(self, request: IRequest, name: str) -> bytes:
+        if name not in UI_FILES or name == "index.html":
+            raise ApiError(404, "NOT_FOUND", f"the dashboard has no file {name!r}")
+        return self._ui_file(request, name)
+
+    def _ui_file(self, request: IRequest, name: str) -> bytes:
+        request.setHeader(b"content-type", UI_FILES[name].encode("ascii"))
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"content-security-policy", UI_CSP.encode("ascii"))
+        return self._ui[name]
+
+    @app.route("/api/v1/dashboard", methods=["GET"])
+    def dashboard(self, request: IRequest) -> bytes:
+        raw = request.args.get(b"tasks", [str(DEFAULT_TASKS).encode()])[-1]
+        try:
+            max_tasks = int(raw)
+        except ValueError:
+            max_tasks = -1
+        if not 0 <= max_tasks <= MAX_TASKS:
+            raise ApiError(400, "BAD_QUERY", f"query parameter 'tasks' must be an integer in 0..{MAX_TASKS}")
+        return json_response(request, dashboard_view(self.node, max_tasks))
 
     # -- peers -----------------------------------------------------------------
 
@@ -214,6 +273,9 @@ class SupernodeApi:
         want = field(body, "want", int, required=False, default=None)
         if want is not None and not 0 <= want < max(count, 1):
             raise ApiError(400, "BAD_FIELD", f"field 'want' must be a piece index below {count}")
+        peer_bytes = field(body, "peerBytes", int, required=False, default=0)
+        if not 0 <= peer_bytes <= MAX_PEER_BYTES:
+            raise ApiError(400, "BAD_FIELD", f"field 'peerBytes' must be in 0..{MAX_PEER_BYTES}")
         sched = self.node.scheduler
         if peer_id not in sched.peers:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
@@ -225,6 +287,9 @@ class SupernodeApi:
             decision = self.node.sync(task_id, peer_id, have, failed, banned, starving, want)
         except UnknownTask:
             raise ApiError(404, "TASK_UNKNOWN", f"task {task_id} is not known") from None
+        # counted only once the report is taken: a peer told to register
+        # again sends these bytes again with its next sync
+        self.node.note_peer_bytes(task_id, peer_bytes)
         parents: list[dict[str, Any]] = []
         if task.status != "failed":
             parents.append(self.node.seed_parent())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from twisted.application.internet import TimerService
 from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
@@ -19,6 +20,7 @@ from ..core.metrics import FAST_SECONDS, Distribution
 from ..core.pieces import piece_span
 from ..protocol.block import E_TASK_FAILED, BlockProtocol
 from .cdn import Cdn, CdnTask
+from .dashboard import SAMPLE_INTERVAL, TrafficHistory
 from .scheduler import SEED_ID, Decision, Scheduler
 
 log = Logger()
@@ -141,6 +143,10 @@ class SuperNode:
         self.seed_bytes = 0
         self.seed_pieces = 0
         self.schedule_seconds = Distribution(FAST_SECONDS)
+        #: piece bytes peers received from other peers, as they report in sync
+        self.peer_bytes = 0
+        self.task_peer_bytes: dict[str, int] = {}
+        self.traffic = TrafficHistory()
         self._feed = _SchedulerFeed(scheduler)
         self._seeds: dict[str, SeedSide] = {}
         self.cdn: Cdn = cdn_factory(self._track)
@@ -244,3 +250,19 @@ class SuperNode:
                 conn.abort("task evicted from the CDN cache", E_TASK_FAILED)
         self.scheduler.seed_lost(task_id)
         return self.cdn.evict(task_id)
+
+    def note_peer_bytes(self, task_id: str, nbytes: int) -> None:
+        """A peer received C{nbytes} of C{task_id} from other peers since its last sync."""
+        if nbytes > 0:
+            self.peer_bytes += nbytes
+            self.task_peer_bytes[task_id] = self.task_peer_bytes.get(task_id, 0) + nbytes
+
+    def sample_traffic(self) -> None:
+        """Add the traffic counters, as they are now, to the history."""
+        self.traffic.add(self.clock.seconds(), self.cdn.origin_bytes, self.seed_bytes, self.peer_bytes)
+
+    def traffic_sampler(self, interval: float = SAMPLE_INTERVAL) -> TimerService:
+        """A service that samples the traffic every C{interval} seconds on our clock."""
+        service = TimerService(interval, self.sample_traffic)
+        service.clock = self.clock
+        return service

@@ -219,4 +219,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         node, reactor, options["gc-interval"], options["task-expire"], disk,
         peer_interval=min(5.0, options["peer-ttl"] / 4),
     ).setServiceParent(top)
+    # the dashboard's traffic chart (GET /api/v1/dashboard, /ui)
+    node.traffic_sampler().setServiceParent(top)
     return top
