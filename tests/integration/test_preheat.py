@@ -15,6 +15,7 @@ import pytest
 from dragonfly.supernode.preheat import blob_task_id
 from dragonfly.testing.registry import Registry, have_tools, make_image
 from dragonfly.testing.swarm import Swarm, get_json, sha256_file
+from dragonfly.testing.tokens import TokenService
 
 pytestmark = [
     pytest.mark.integration,
@@ -43,9 +44,16 @@ def _wait_job(api, job_id, timeout=60):
         time.sleep(0.1)
 
 
-def test_image_preheat_from_a_registry_with_auth(tmp_path):
+@pytest.mark.parametrize("auth_kind", ["Basic", "Bearer"])
+def test_image_preheat_from_a_registry_with_auth(tmp_path, auth_kind):
+    """htpasswd Basic auth, or Bearer tokens from a token service (the challenge is followed)."""
     image = make_image(str(tmp_path / "layout"), [300 * KiB, 1500 * KiB, 2 * 1024 * KiB], tag="v1", seed=7)
-    registry = Registry(str(tmp_path / "registry"), user="alice", password="wonderland").start()
+    tokens = None
+    if auth_kind == "Basic":
+        registry = Registry(str(tmp_path / "registry"), user="alice", password="wonderland").start()
+    else:
+        tokens = TokenService(str(tmp_path / "tokens"), "alice", "wonderland").start()
+        registry = Registry(str(tmp_path / "registry"), tokens=tokens).start()
     try:
         registry.push(image, "team/app")
         with Swarm(str(tmp_path / "swarm")) as swarm:
@@ -56,7 +64,8 @@ def test_image_preheat_from_a_registry_with_auth(tmp_path):
             code, data = _post(api + "/api/v1/preheats", {"type": "image", "url": manifest_url})
             assert code == 201, data
             job = _wait_job(api, data["ID"])
-            assert job["status"] == "FAILED" and "credentials" in job["error"], job
+            # (Basic: the registry's 401; Bearer: the token service's)
+            assert job["status"] == "FAILED" and ("credentials" in job["error"] or "401" in job["error"]), job
             # with them: every blob warmed
             auth = "Basic " + base64.b64encode(b"alice:wonderland").decode()
             code, data = _post(
@@ -94,3 +103,5 @@ def test_image_preheat_from_a_registry_with_auth(tmp_path):
             assert registry.blob_gets() == {d: 1 for d in blobs}
     finally:
         registry.stop()
+        if tokens is not None:
+            tokens.stop()
