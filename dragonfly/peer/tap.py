@@ -13,13 +13,15 @@ import treq
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
+from OpenSSL.crypto import Error as OpenSSLError
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from ..core.ids import BadInput
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
-from ..supernode.tap import QuietSite, detect_ip
-from .client import parse_nodes
+from ..supernode.tap import QuietSite, _token, detect_ip
+from .client import node_host, parse_nodes
 from .daemon import PeerDaemon, PeerService
 from .localapi import LocalApi
 
@@ -46,6 +48,9 @@ class Options(usage.Options):
         ["in-flight", None, "6M", "Bytes of pieces requested and not yet received, per download."],
         ["upload-limit", None, "0", "Upload rate for the whole host, e.g. 20M (0: none)."],
         ["total-limit", None, "0", "Download rate for the whole host, e.g. 50M (0: none; dfget --totallimit sets it too)."],
+        ["cluster-token", None, None, "Bearer token the SuperNode requires (its --cluster-token)."],
+        ["cluster-token-file", None, None, "Read the cluster token from this file."],
+        ["supernode-ca", None, None, "PEM file of the CA(s) that sign https:// SuperNodes' certificates (default: the system's)."],
     ]
 
     def postOptions(self) -> None:
@@ -56,7 +61,16 @@ class Options(usage.Options):
         if not 0 <= self["port"] < 65536:
             raise usage.UsageError("--port must be 0..65535")
         if self["ip"] is None:
-            self["ip"] = detect_ip(self["nodes"][0].rpartition(":")[0])
+            self["ip"] = detect_ip(node_host(self["nodes"][0]))
+        self["cluster-token"] = _token(self["cluster-token"], self["cluster-token-file"], "cluster")
+        if self["supernode-ca"] is not None:
+            try:
+                with open(self["supernode-ca"], "rb") as f:
+                    self["supernode-ca-certs"] = [Certificate.loadPEM(pem) for pem in _pems(f.read())]
+            except (OSError, ValueError, OpenSSLError) as e:
+                raise usage.UsageError(f"--supernode-ca {self['supernode-ca']}: {e}") from None
+            if not self["supernode-ca-certs"]:
+                raise usage.UsageError(f"--supernode-ca {self['supernode-ca']}: no PEM certificate in it")
         self["home"] = os.path.abspath(self["home"])
         if self["pipeline"] < 1:
             raise usage.UsageError("--pipeline must be at least 1")
@@ -65,6 +79,21 @@ class Options(usage.Options):
                 self[name] = parse_rate(self[name])
             except BadInput as e:
                 raise usage.UsageError(f"--{name}: {e}") from None
+
+
+def _pems(data: bytes) -> list[bytes]:
+    """The PEM certificate blocks of a CA file."""
+    end = b"-----END CERTIFICATE-----"
+    return [block + end for block in data.split(end) if b"-----BEGIN CERTIFICATE-----" in block]
+
+
+def supernode_http(reactor: Any, ca_certs: list[Any] | None) -> Any:
+    """The HTTP client for the SuperNode API: https:// SuperNodes are checked against C{ca_certs} (or the system's CAs)."""
+    if ca_certs:
+        policy = BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(ca_certs))
+    else:
+        policy = BrowserLikePolicyForHTTPS()
+    return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=HTTPConnectionPool(reactor)))
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -81,6 +110,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor, options["home"], options["nodes"], options["ip"], pool, http,
         per_connection=options["pipeline"], in_flight_bytes=options["in-flight"],
         upload_limit=options["upload-limit"], total_limit=options["total-limit"],
+        supernode_http=supernode_http(reactor, options.get("supernode-ca-certs")),
+        cluster_token=options["cluster-token"],
     )
     api = LocalApi(daemon)
     PeerService(

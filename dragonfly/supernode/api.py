@@ -14,7 +14,10 @@ from typing import Any
 from klein import Klein
 from twisted.web.iweb import IRequest
 
-from ..core.httpapi import ApiError, field, install_error_handlers, int_list, json_response, read_json, str_dict
+from ..core.httpapi import (
+    ApiError, field, install_error_handlers, int_list, json_response, read_json, require_bearer, str_dict,
+)
+from ..core.security import OriginDenied, OriginPolicy
 from ..core.ids import SEED_ID, BadInput, check_url, is_peer_id, is_task_id, parse_digest, task_id
 from .node import SuperNode
 from .scheduler import PeerInfo, UnknownPeer, UnknownTask
@@ -48,11 +51,44 @@ class SupernodeApi:
     app = Klein()
     install_error_handlers(app)
 
-    def __init__(self, node: SuperNode) -> None:
+    def __init__(
+        self,
+        node: SuperNode,
+        admin_token: str | None = None,
+        cluster_token: str | None = None,
+        origin_policy: OriginPolicy | None = None,
+        resolver_pool: Any = None,
+    ) -> None:
+        """
+        @param admin_token: when set, admin operations need it as a bearer token.
+        @param cluster_token: when set, every peer call (and every read) needs
+            it or the admin token as a bearer token.
+        @param origin_policy: which origin hosts tasks may name.
+        @param resolver_pool: a worker pool to resolve origin host names in.
+        """
         self.node = node
+        self.admin_token = admin_token
+        self.cluster_token = cluster_token
+        self.origin_policy = origin_policy
+        self._resolver_pool = resolver_pool
 
     def resource(self) -> Any:
         return self.app.resource()
+
+    # -- access ----------------------------------------------------------------
+
+    def require_admin(self, request: IRequest) -> None:
+        """
+        One line at the top of every admin route (deleting tasks, preheat, ...):
+        401 C{UNAUTHORIZED} unless the request carries the admin token, when
+        C{--admin-token} is set.
+        """
+        require_bearer(request, self.admin_token, what="this admin operation")
+
+    def require_peer(self, request: IRequest) -> None:
+        """401 unless the request carries the cluster token (or the admin token), when C{--cluster-token} is set."""
+        if self.cluster_token:
+            require_bearer(request, self.cluster_token, self.admin_token, what="this cluster operation")
 
     @property
     def _now(self) -> float:
@@ -66,6 +102,7 @@ class SupernodeApi:
 
     @app.route("/api/v1/peers", methods=["POST"])
     def register_peer(self, request: IRequest) -> bytes:
+        self.require_peer(request)
         body = read_json(request)
         peer_id = _new_peer_id(field(body, "peerId", str))
         ip = field(body, "ip", str)
@@ -80,6 +117,7 @@ class SupernodeApi:
 
     @app.route("/api/v1/peers", methods=["GET"])
     def list_peers(self, request: IRequest) -> bytes:
+        self.require_peer(request)
         peers = [
             {"peerId": p.peer_id, "ip": p.ip, "port": p.port, "hostname": p.hostname, "lastSeen": p.last_seen}
             for p in self.node.scheduler.peers.values()
@@ -88,6 +126,7 @@ class SupernodeApi:
 
     @app.route("/api/v1/peers/<peer_id>/heartbeat", methods=["POST"])
     def heartbeat(self, request: IRequest, peer_id: str) -> bytes:
+        self.require_peer(request)
         try:
             self.node.scheduler.touch(_peer_id(peer_id), self._now)
         except UnknownPeer:
@@ -96,13 +135,15 @@ class SupernodeApi:
 
     @app.route("/api/v1/peers/<peer_id>", methods=["DELETE"])
     def remove_peer(self, request: IRequest, peer_id: str) -> bytes:
+        self.require_peer(request)
         self.node.scheduler.remove_peer(_peer_id(peer_id))
         return json_response(request, {})
 
     # -- tasks -----------------------------------------------------------------
 
     @app.route("/api/v1/tasks", methods=["POST"])
-    def register_task(self, request: IRequest) -> bytes:
+    async def register_task(self, request: IRequest) -> bytes:
+        self.require_peer(request)
         body = read_json(request)
         peer_id = _peer_id(field(body, "peerId", str))
         url = field(body, "url", str)
@@ -123,14 +164,24 @@ class SupernodeApi:
         tid = task_id(url, digest=digest, identifier=identifier, filter_keys=keys)
         if peer_id not in self.node.scheduler.peers:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
+        if self.origin_policy is not None and not self.origin_policy.open:
+            try:
+                await self.origin_policy.check_url(url, self._resolver_pool, self.node.clock)
+            except OriginDenied as e:
+                raise ApiError(403, "ORIGIN_DENIED", str(e)) from None
+            except OSError as e:
+                raise ApiError(400, "BAD_INPUT", f"origin host of {url} cannot be resolved: {e}") from None
         # the origin is fetched with the URL as given: filtered keys (signatures,
-        # tokens) only leave the task id
-        task = self.node.cdn.ensure(tid, url, headers, digest)
+        # tokens) only leave the task id; a cached file is revalidated first
+        task = await self.node.cdn.fresh(tid, url, headers, digest)
+        if peer_id not in self.node.scheduler.peers:
+            raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
         self.node.scheduler.join(tid, peer_id, self._now)
         return json_response(request, {"taskId": tid, "task": task.to_json()})
 
     @app.route("/api/v1/tasks", methods=["GET"])
     def list_tasks(self, request: IRequest) -> bytes:
+        self.require_peer(request)
         return json_response(request, {"tasks": [t.to_json() for t in self.node.cdn.tasks.values()]})
 
     def _task(self, task_id: str) -> Any:
@@ -141,6 +192,7 @@ class SupernodeApi:
 
     @app.route("/api/v1/tasks/<task_id>", methods=["GET"])
     def get_task(self, request: IRequest, task_id: str) -> bytes:
+        self.require_peer(request)
         task = self._task(task_id)
         swarm = self.node.scheduler.tasks.get(task_id)
         view = task.to_json()
@@ -148,8 +200,17 @@ class SupernodeApi:
         view["availability"] = self.node.scheduler.availability(task_id)
         return json_response(request, view)
 
+    @app.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
+    def delete_task(self, request: IRequest, task_id: str) -> bytes:
+        self.require_admin(request)
+        task = self.node.remove_task(_task_id(task_id))
+        if task is None:
+            raise ApiError(404, "TASK_UNKNOWN", f"task {task_id} is not known")
+        return json_response(request, {"taskId": task_id, "removed": True})
+
     @app.route("/api/v1/tasks/<task_id>/sync", methods=["POST"])
     def sync(self, request: IRequest, task_id: str) -> bytes:
+        self.require_peer(request)
         task = self._task(task_id)
         body = read_json(request)
         peer_id = _peer_id(field(body, "peerId", str))
@@ -175,6 +236,11 @@ class SupernodeApi:
             raise ApiError(400, "BAD_FIELD", "field 'banned' must list at most 1024 peer ids")
         if digests_from < 0:
             raise ApiError(400, "BAD_FIELD", "field 'digestsFrom' must be >= 0")
+        version = field(body, "version", str, required=False)
+        if version is not None and task.version is not None and version != task.version:
+            raise ApiError(
+                409, "TASK_CHANGED", f"the origin content of task {task_id} changed: version {task.version}, not {version}"
+            )
         sched = self.node.scheduler
         if peer_id not in sched.peers:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
@@ -201,5 +267,6 @@ class SupernodeApi:
 
     @app.route("/api/v1/tasks/<task_id>/peers/<peer_id>", methods=["DELETE"])
     def leave_task(self, request: IRequest, task_id: str, peer_id: str) -> bytes:
+        self.require_peer(request)
         self.node.scheduler.leave(_task_id(task_id), _peer_id(peer_id))
         return json_response(request, {})
