@@ -172,7 +172,7 @@ class Cdn:
         idle_timeout: float = 60.0,
         on_new_task: Callable[[CdnTask], None] | None = None,
         origin_limit: TokenBucket | None = None,
-        revalidate_after: float | None = 0.0,
+        revalidate_after: float | None = None,
         origin_check: Callable[[str], Any] | None = None,
     ) -> None:
         """
