@@ -114,10 +114,7 @@ class PeerDaemon:
                 continue
             try:
                 await task._register()
-                body: dict[str, Any] = {"peerId": self.peer_id, "have": list(task.have), "digestsFrom": task.count}
-                if task.version is not None:
-                    body["version"] = task.version
-                await self.client.call("POST", f"/api/v1/tasks/{task.task_id}/sync", body)
+                await self._announce_pieces(task)
             except SupernodeError as e:
                 if e.code == "TASK_CHANGED":
                     # the origin changed since we fetched it: what we hold is not that task any more
@@ -142,6 +139,13 @@ class PeerDaemon:
             task.restore(meta)
             self.tasks[task.task_id] = task
         return len(self.tasks)
+
+    async def _announce_pieces(self, task: PeerTask) -> None:
+        """Tell the SuperNode every piece we hold of a finished task."""
+        body: dict[str, Any] = {"peerId": self.peer_id, "have": list(task.have), "digestsFrom": task.count}
+        if task.version is not None:
+            body["version"] = task.version
+        await self.client.call("POST", f"/api/v1/tasks/{task.task_id}/sync", body)
 
     def drop(self, task: PeerTask) -> None:
         """Forget a finished task and remove its file (its content is no longer the origin's)."""
@@ -171,6 +175,12 @@ class PeerDaemon:
                 if current is not None and current != task.version and self.tasks.get(tid) is task:
                     log.info("task {task}: the origin changed since we fetched it; fetching it again", task=tid)
                     self.drop(task)
+                else:
+                    # the registration reset our part of the swarm: say again what we hold
+                    try:
+                        await self._announce_pieces(task)
+                    except (SupernodeError, SupernodeUnavailable) as e:
+                        log.info("could not announce {task}: {why}", task=tid, why=str(e))
         return self.download(request)
 
     def _task_id(self, request: dict[str, Any]) -> str:

@@ -176,6 +176,10 @@ class SupernodeApi:
         task = await self.node.cdn.fresh(tid, url, headers, digest)
         if peer_id not in self.node.scheduler.peers:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
+        # a registration starts the peer's part afresh: what it reported
+        # before (pieces of a download that failed and was deleted) is gone;
+        # a peer that still holds pieces reports them in its next sync
+        self.node.scheduler.leave(tid, peer_id)
         self.node.scheduler.join(tid, peer_id, self._now)
         return json_response(request, {"taskId": tid, "task": task.to_json()})
 
