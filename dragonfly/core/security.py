@@ -142,6 +142,12 @@ class OriginPolicy:
             literal = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
             literal = None
+        if literal is None and (self.allow_names or self.allow_nets) and not self.allow_nets:
+            # only names are allowed: a name not among them is refused without asking DNS
+            if not any(_name_matches(host.lower().rstrip("."), p) for p in self.allow_names):
+                d0: Deferred = Deferred()
+                d0.errback(OriginDenied(f"origin host {host} is not in --origin-allow"))
+                return d0
         if literal is not None:
             try:
                 self.check_addresses(host, [literal])
