@@ -142,6 +142,11 @@ class OriginPolicy:
             literal = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
             literal = None
+        if literal is None:
+            name = host.lower().rstrip(".")
+            for pattern in self.deny_names:
+                if _name_matches(name, pattern):
+                    return _failed(OriginDenied(f"origin host {host} is denied (--origin-deny {pattern})"))
         if literal is None and (self.allow_names or self.allow_nets) and not self.allow_nets:
             # only names are allowed: a name not among them is refused without asking DNS
             if not any(_name_matches(host.lower().rstrip("."), p) for p in self.allow_names):
@@ -168,6 +173,12 @@ class OriginPolicy:
             return addresses
 
         return d.addCallback(check)
+
+
+def _failed(e: Exception) -> Deferred:
+    d: Deferred = Deferred()
+    d.errback(e)
+    return d
 
 
 def _getaddrinfo(host: str, port: int) -> list[Address]:
