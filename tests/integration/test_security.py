@@ -365,3 +365,10 @@ def test_tls_supernode_api(world, tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert sha256_file(str(out)) == digests["b.bin"]
+    # dfget with no dfpeer running starts one that trusts --cacerts
+    out2 = tmp_path / "a.bin"
+    proc = swarm.dfget(swarm.origin_url + "/a.bin", str(out2), None, "--home", str(tmp_path / "home"),
+                       "--node", base, "--cacerts", ca_pem, "--notbs", "--idle-exit", "3")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert sha256_file(str(out2)) == digests["a.bin"]

@@ -21,6 +21,16 @@ def test_good_arguments(tmp_path):
     assert o["filter"] == ["sig"]
     assert o["timeout"] == 300
     assert o["nodes"] == ["sn1:8002", "sn2:9000"]
+    assert o["daemonArgs"] == []
+
+
+def test_token_file_and_ca_go_to_the_dfpeer_dfget_starts(tmp_path):
+    (tmp_path / "t").write_text("cluster-token\n")
+    (tmp_path / "ca.pem").write_text("pem")
+    o = opts_for("-u", "http://origin/x", "-o", str(tmp_path / "x"), "--node", "https://sn:8443",
+                 "--cluster-token-file", str(tmp_path / "t"), "--cacerts", str(tmp_path / "ca.pem"))
+    assert o["nodes"] == ["https://sn:8443"]
+    assert o["daemonArgs"] == ["--cluster-token-file", str(tmp_path / "t"), "--supernode-ca", str(tmp_path / "ca.pem")]
 
 
 @pytest.mark.parametrize(
@@ -135,6 +145,8 @@ def test_installing_the_same_file_twice_leaves_no_temp_name(tmp_path):
         (["--totallimit", "10Q"], ""),
         (["--timeout=-5s"], ""),
         (["--node", "sn:0"], "host[:port]"),
+        (["--cluster-token-file", "/nonexistent/token"], "not a readable file"),
+        (["--cacerts", "/nonexistent/ca.pem"], "not a readable file"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, says):
