@@ -169,8 +169,10 @@ class SupernodeApi:
                 await self.origin_policy.check_url(url, self._resolver_pool, self.node.clock)
             except OriginDenied as e:
                 raise ApiError(403, "ORIGIN_DENIED", str(e)) from None
-            except OSError as e:
-                raise ApiError(400, "BAD_INPUT", f"origin host of {url} cannot be resolved: {e}") from None
+            except OSError:
+                # not resolvable from here: the fetch reports SOURCE_UNREACHABLE
+                # (and checks the address again if it ever connects)
+                pass
         # the origin is fetched with the URL as given: filtered keys (signatures,
         # tokens) only leave the task id; a cached file is revalidated first
         task = await self.node.cdn.fresh(tid, url, headers, digest)

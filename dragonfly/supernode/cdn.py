@@ -44,6 +44,7 @@ from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.files import pread_exact, write_json_atomic
 from ..core.ids import is_task_id, parse_digest
 from ..core.ratelimit import TokenBucket
+from ..core.security import OriginDenied
 from ..core.pieces import piece_count, piece_span, swarm_piece_size
 from ..core.threads import WorkerPool
 
@@ -347,7 +348,6 @@ class Cdn:
             )
             settle(self._replace(task, response))
 
-        self.origin_fetches += 1
         d = self._http.get(task.url, headers=_to_header_lists(conditional), unbuffered=True)
         d.addTimeout(self._idle_timeout, self._clock)
         d.addCallbacks(answered, lambda f: keep(f"origin unreachable: {f.getErrorMessage()}"))
@@ -370,6 +370,7 @@ class Cdn:
             headers=dict(old.headers),
         )
         new.done = Deferred()
+        self.origin_fetches += 1
         self.tasks[old.task_id] = new
         if self._on_new_task is not None:
             self._on_new_task(new)
@@ -406,14 +407,18 @@ class Cdn:
         log.info("task {task}: fetching {url} from the origin", task=task.task_id, url=task.url)
         d = self._http.get(task.url, headers=_to_header_lists(task.headers), unbuffered=True)
         d.addTimeout(self._idle_timeout, self._clock)
-        d.addCallbacks(
-            lambda response: self._got_response(task, response),
-            lambda f: self._fail(
+        d.addCallbacks(lambda response: self._got_response(task, response), lambda f: self._unreachable(task, f))
+        d.addErrback(lambda f: self._fail(task, TaskError("INTERNAL", f.getErrorMessage())))
+
+    def _unreachable(self, task: CdnTask, f: Any) -> None:
+        if f.check(OriginDenied):
+            # the host resolved into a denied network when connecting
+            self._fail(task, TaskError("ORIGIN_DENIED", str(f.value)))
+        else:
+            self._fail(
                 task,
                 TaskError("SOURCE_UNREACHABLE", f"origin {task.url} unreachable: {f.getErrorMessage()}", DF_SOURCE_UNREACHABLE),
-            ),
-        )
-        d.addErrback(lambda f: self._fail(task, TaskError("INTERNAL", f.getErrorMessage())))
+            )
 
     def _got_response(self, task: CdnTask, response: Any) -> None:
         if response.code != 200:

@@ -295,3 +295,29 @@ def test_supernode_addresses():
     assert parse_nodes("http://sn:1") == ["sn:1"]
     assert node_url("https://sn:1") == "https://sn:1" and node_url("sn:1") == "http://sn:1"
     assert node_host("https://sn.example:8443") == "sn.example" and node_host("sn:1") == "sn"
+
+
+def test_an_address_denied_at_connect_time_fails_the_task_as_origin_denied(tmp_path):
+    env = make_env(str(tmp_path))
+    env.register_peer()
+    code, data = env.register_task()
+    env.http.calls[-1].d.errback(OriginDenied("origin host origin.test has address 169.254.169.254, in denied network"))
+    code, data = env.sync(data["taskId"])
+    assert data["task"]["status"] == "failed"
+    assert data["task"]["error"]["code"] == "ORIGIN_DENIED"
+
+
+def test_policy_endpoint_checks_before_connecting():
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.web.client import URI
+
+    from dragonfly.core.security import PolicyEndpointFactory
+
+    reactor = MemoryReactorClock()
+    factory = PolicyEndpointFactory(reactor, OriginPolicy("", "127.0.0.0/8", resolve=DNS))
+    d = factory.endpointForURI(URI.fromBytes(b"http://evil.example.net:8080/x")).connect(object())
+    assert failure_of(d).check(OriginDenied)
+    assert reactor.tcpClients == []
+    factory.endpointForURI(URI.fromBytes(b"https://files.example.com/x")).connect(object())
+    [(host, port, *_)] = reactor.tcpClients
+    assert (host, port) == ("93.184.216.34", 443)
