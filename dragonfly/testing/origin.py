@@ -99,6 +99,7 @@ class CountingOrigin(Resource):
         self.root = os.path.realpath(root)
         self.clock = clock
         self.requests: dict[str, int] = {}
+        self.not_modified: dict[str, int] = {}
         self.bytes_sent = 0
         self.faults: dict[str, dict[str, Any]] = {}
 
@@ -134,9 +135,12 @@ class CountingOrigin(Resource):
         path = request.path.decode("utf-8", "replace")
         if path == "/_stats":
             request.setHeader(b"content-type", b"application/json")
-            return json.dumps({"requests": self.requests, "bytesSent": self.bytes_sent}).encode()
-        self.requests[path] = self.requests.get(path, 0) + 1
+            return json.dumps(
+                {"requests": self.requests, "notModified": self.not_modified, "bytesSent": self.bytes_sent}
+            ).encode()
         fault = self._fault(path)
+        if not (fault is None and _is_file(self.root, path) and _not_modified_path(request, self.root, path)):
+            self.requests[path] = self.requests.get(path, 0) + 1
         if fault is not None and fault["mode"] == "status":
             request.setResponseCode(int(fault.get("status", 500)))
             return b"fault injected\n"
@@ -150,6 +154,7 @@ class CountingOrigin(Resource):
         request.setHeader(b"etag", etag)
         request.setHeader(b"last-modified", formatdate(st.st_mtime, usegmt=True).encode())
         if _not_modified(request, etag, st.st_mtime):
+            self.not_modified[path] = self.not_modified.get(path, 0) + 1
             request.setResponseCode(304)
             return b""
         request.setHeader(b"content-length", str(size).encode())
@@ -192,12 +197,20 @@ class CountingOrigin(Resource):
         return NOT_DONE_YET
 
 
+def _is_file(root: str, path: str) -> bool:
+    full = os.path.realpath(os.path.join(root, path.lstrip("/")))
+    return full.startswith(root + os.sep) and os.path.isfile(full)
+
+
+def _not_modified_path(request: Any, root: str, path: str) -> bool:
+    st = os.stat(os.path.realpath(os.path.join(root, path.lstrip("/"))))
+    return _not_modified(request, f'"{st.st_size:x}-{st.st_mtime_ns:x}"'.encode(), st.st_mtime)
+
+
 def _not_modified(request: Any, etag: bytes, mtime: float) -> bool:
     inm = request.getHeader(b"if-none-match")
     if inm is not None:
-        return etag in [t.strip() for t in inm.encode().split(b",")] if isinstance(inm, str) else etag in [
-            t.strip() for t in inm.split(b",")
-        ]
+        return etag in [t.strip() for t in inm.split(b",")]
     ims = request.getHeader(b"if-modified-since")
     if ims is not None:
         try:
