@@ -23,7 +23,8 @@ entry; a changed file (or a 4xx: the origin no longer has it) replaces the
 entry under the same task id with a new C{version}, and the response already
 in hand becomes the new fetch.  Peers notice the new version and never mix
 pieces of two versions.  An origin that does not answer (5xx, unreachable,
-timeout) leaves the cached entry in use.  Content-addressed tasks (a digest
+timeout) or asks for credentials (401, 403, 407) leaves the cached entry in
+use.  Content-addressed tasks (a digest
 was given) are never revalidated: the digest pins the bytes.
 """
 
@@ -174,17 +175,13 @@ class Cdn:
         on_new_task: Callable[[CdnTask], None] | None = None,
         origin_limit: TokenBucket | None = None,
         revalidate_after: float | None = None,
-        origin_check: Callable[[str], Any] | None = None,
     ) -> None:
         """
         @param revalidate_after: seconds a cached file is trusted without
             asking the origin again (C{None}: never revalidate).
-        @param origin_check: called with each origin URL before it is
-            fetched; returns a Deferred that fails to refuse it.
         """
         self._origin_limit = origin_limit
         self._revalidate_after = revalidate_after
-        self._origin_check = origin_check
         self.repo = os.path.join(home, "repo")
         os.makedirs(self.repo, exist_ok=True)
         self._http = http
@@ -309,11 +306,14 @@ class Cdn:
             task.revalidating.append(d)
             return d
         task.revalidating = [d]
-        self._revalidate(task)
+        # the registering peer's headers (its credentials), else the stored ones
+        # (none after a restart: headers are never written to disk)
+        clean = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
+        self._revalidate(task, clean or task.headers)
         return d
 
-    def _revalidate(self, task: CdnTask) -> None:
-        conditional = dict(task.headers)
+    def _revalidate(self, task: CdnTask, headers: dict[str, str]) -> None:
+        conditional = dict(headers)
         if task.validators.get("etag"):
             conditional["If-None-Match"] = task.validators["etag"]
         if task.validators.get("lastModified"):
@@ -333,7 +333,9 @@ class Cdn:
             if response.code == 304:
                 response.deliverBody(DiscardBody())
                 return keep("origin: not modified")
-            if response.code >= 500:
+            if response.code >= 500 or response.code in (401, 403, 407):
+                # the origin is in trouble, or wants credentials this
+                # request lacks: it did not say the file changed
                 response.deliverBody(DiscardBody())
                 return keep(f"origin answered {response.code}")
             if response.code == 200:
@@ -346,14 +348,14 @@ class Cdn:
                 "task {task}: origin content changed (status {code}); fetching it as a new entry",
                 task=task.task_id, code=response.code,
             )
-            settle(self._replace(task, response))
+            settle(self._replace(task, response, headers))
 
         d = self._http.get(task.url, headers=_to_header_lists(conditional), unbuffered=True)
         d.addTimeout(self._idle_timeout, self._clock)
         d.addCallbacks(answered, lambda f: keep(f"origin unreachable: {f.getErrorMessage()}"))
         d.addErrback(lambda f: (log.failure("revalidating {task}", f, task=task.task_id), settle(task)))
 
-    def _replace(self, old: CdnTask, response: Any) -> CdnTask:
+    def _replace(self, old: CdnTask, response: Any, headers: dict[str, str]) -> CdnTask:
         """The origin changed under C{old}: drop it and fetch the new content from C{response}."""
         old.status = "failed"
         old.error = TaskError("SOURCE_CHANGED", f"the origin content of {old.url} changed")
@@ -367,7 +369,7 @@ class Cdn:
             old.done.callback(old)
         new = CdnTask(
             task_id=old.task_id, url=old.url, data_path=old.data_path, meta_path=old.meta_path,
-            headers=dict(old.headers),
+            headers=dict(headers),
         )
         new.done = Deferred()
         self.origin_fetches += 1

@@ -220,12 +220,12 @@ def test_origin_that_ignores_conditions_but_sends_the_same_validators(cached):
     assert env.node.cdn.tasks[tid].version == v1 and env.node.cdn.tasks[tid].status == "success"
 
 
-@pytest.mark.parametrize("failure", ["5xx", "unreachable"])
+@pytest.mark.parametrize("failure", ["5xx", "401", "unreachable"])
 def test_an_origin_in_trouble_leaves_the_cache_in_use(cached, failure):
     env, tid = cached
     d = env.stub.request("POST", BASE + "/api/v1/tasks", json={"peerId": "peer-1", "url": URL})
-    if failure == "5xx":
-        env.http.calls[-1].d.callback(response(b"oops", '"x"', code=503))
+    if failure in ("5xx", "401"):
+        env.http.calls[-1].d.callback(response(b"oops", '"x"', code=503 if failure == "5xx" else 401))
     else:
         env.http.calls[-1].d.errback(ConnectionRefusedError())
     env.stub.flush()
@@ -254,6 +254,19 @@ def test_changed_file_becomes_a_new_version(cached):
     assert code == 409 and data["error"]["code"] == "TASK_CHANGED"
     code, data = env.sync(tid, "peer-2", version=new.version)
     assert code == 200
+
+
+def test_a_file_gone_at_the_origin_is_not_served_from_the_cache(cached):
+    env, tid = cached
+    d = env.stub.request("POST", BASE + "/api/v1/tasks", json={"peerId": "peer-1", "url": URL, "headers": {"X-Auth": "k"}})
+    call = env.http.calls[-1]
+    assert call.headers["X-Auth"] == ["k"]  # revalidated with the registering peer's headers
+    call.d.callback(response(b"gone", '"x"', code=404))
+    env.stub.flush()
+    assert result(d).code == 200
+    task = env.node.cdn.tasks[tid]
+    assert task.status == "failed" and task.error.http_status == 404
+    assert env.repo_files() == []
 
 
 def test_content_addressed_tasks_are_not_revalidated(tmp_path):
