@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-exit", default="300s", help="how long a dfpeer started by dfget keeps serving when idle")
     p.add_argument("--copy", action="store_true", help="always copy the file out of the dfpeer's store (default: a hard link when on the same filesystem)")
     p.add_argument("--verbose", action="store_true", help="say where the bytes came from")
+    p.add_argument("--cluster-token-file", help="file holding the SuperNode's cluster token, for a dfpeer dfget starts")
+    p.add_argument("--cacerts", help="PEM CA file for https:// SuperNodes, for a dfpeer dfget starts")
     return p
 
 
@@ -97,6 +99,9 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         total_limit = parse_rate(args.totallimit) if args.totallimit else 0
     except (BadInput, ValueError) as e:
         fail(str(e), EXIT_USAGE)
+    for name, path in (("--cluster-token-file", args.cluster_token_file), ("--cacerts", args.cacerts)):
+        if path is not None and not os.path.isfile(path):
+            fail(f"{name} {path} is not a readable file", EXIT_USAGE)
     output = os.path.abspath(args.output)
     if os.path.isdir(output):
         fail(f"output {output} is a directory", EXIT_USAGE)
@@ -107,6 +112,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         "filter": parse_filter(args.filter), "timeout": timeout, "idle": idle, "nodes": nodes,
         "output": output, "notbs": args.notbs, "home": os.path.abspath(args.home), "copy": args.copy,
         "localLimit": local_limit, "totalLimit": total_limit,
+        "daemonArgs": (["--cluster-token-file", os.path.abspath(args.cluster_token_file)] if args.cluster_token_file else [])
+        + (["--supernode-ca", os.path.abspath(args.cacerts)] if args.cacerts else []),
     }
 
 
@@ -146,7 +153,7 @@ def _twistd() -> list[str]:
     return [found] if found else [sys.executable, "-m", "twisted.scripts.twistd"]
 
 
-def start_daemon(home: str, nodes: list[str] | None, idle: float) -> str:
+def start_daemon(home: str, nodes: list[str] | None, idle: float, extra: list[str] | None = None) -> str:
     """Start a dfpeer for C{home} in the background and wait for its local API."""
     os.makedirs(home, exist_ok=True)
     info_path = os.path.join(home, "peer.json")
@@ -156,7 +163,7 @@ def start_daemon(home: str, nodes: list[str] | None, idle: float) -> str:
         "--pidfile", os.path.join(home, "dfpeer.pid"),
         "--logfile", os.path.join(home, "dfpeer.log"),
         "dfpeer", "--home", home, "--supernode", ",".join(nodes or [DEFAULT_NODE]),
-        "--idle-exit", str(idle),
+        "--idle-exit", str(idle), *(extra or []),
     ]
     pid_path = os.path.join(home, "dfpeer.pid")
     if os.path.exists(pid_path):
@@ -341,7 +348,7 @@ def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
     api = running_api(opts["home"])
     if api is None:
         try:
-            api = start_daemon(opts["home"], opts["nodes"], opts["idle"])
+            api = start_daemon(opts["home"], opts["nodes"], opts["idle"], opts.get("daemonArgs"))
         except (Failure, OSError, subprocess.SubprocessError) as e:
             if opts["notbs"]:
                 fail(f"no dfpeer: {getattr(e, 'message', e)}; not going to the origin (--notbs)", EXIT_FAILED)

@@ -41,6 +41,29 @@ def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
     return json.dumps(body).encode("utf-8")
 
 
+def require_bearer(request: IRequest, *tokens: str | None, what: str = "this operation") -> None:
+    """
+    Refuse the request (L{ApiError} 401 C{UNAUTHORIZED}) unless it carries
+    C{Authorization: Bearer T} with T one of C{tokens}; the tokens that are
+    None are not configured, and when none is, every request passes.
+    Compared in constant time.
+    """
+    configured = [t for t in tokens if t]
+    if not configured:
+        return
+    from .security import bearer, tokens_equal
+
+    given = bearer(request.getHeader(b"authorization"))
+    # compare against every token, so the time does not tell which one matched
+    ok = False
+    for token in configured:
+        ok |= tokens_equal(given, token)
+    if not ok:
+        request.setHeader(b"www-authenticate", b'Bearer realm="dragonfly"')
+        reason = "no bearer token" if given is None else "a wrong bearer token"
+        raise ApiError(401, "UNAUTHORIZED", f"{what} needs a valid bearer token; the request carried {reason}")
+
+
 def read_json(request: IRequest, max_body: int = MAX_BODY) -> dict[str, Any]:
     """The request body as a JSON object, or L{ApiError} 400/413."""
     length = request.getHeader(b"content-length")

@@ -15,8 +15,11 @@ log = Logger()
 
 
 class PeerLink:
-    def __init__(self, home: str, nodes: list[str] | None, pool: Any, start: bool = True) -> None:
+    def __init__(
+        self, home: str, nodes: list[str] | None, pool: Any, start: bool = True, extra: list[str] | None = None
+    ) -> None:
         self.home = home
+        self.extra = extra or []
         self.nodes = nodes
         self._pool = pool
         self._start = start
@@ -58,6 +61,6 @@ class PeerLink:
             raise RuntimeError(f"no dfpeer answers for {self.home}")
         log.info("starting a dfpeer for {home}", home=self.home)
         try:
-            return start_daemon(self.home, self.nodes, 0.0)
+            return start_daemon(self.home, self.nodes, 0.0, self.extra)
         except Failure as e:
             raise RuntimeError(e.message) from None

@@ -58,6 +58,8 @@ class Options(ConfigFileOptions):
         ["ca-key", None, None, "The CA's private key (PEM) (default: none)."],
         ["registry-ca", None, None, "CA bundle (PEM) that upstream HTTPS servers are verified with (default: the system's roots)."],
         ["workers", None, 2, "Threads for minting certificates and finding the dfpeer.", int],
+        ["cluster-token-file", None, None, "For a dfpeer that dfdaemon starts: the file of the SuperNode's cluster token (default: none)."],
+        ["supernode-ca", None, None, "For a dfpeer that dfdaemon starts: the CA of https:// SuperNodes (default: the system's)."],
     ]
     structured_keys = {"proxies": "_load_proxies", "hijack_https": "_load_hijack"}
     optFlags = [
@@ -182,7 +184,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         Agent(reactor, contextFactory=options["https-policy"], pool=HTTPConnectionPool(reactor))
     )
     local = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
-    peer = PeerLink(options["home"], options["nodes"], pool, start=not options["no-start-peer"])
+    peer_args = []
+    for name in ("cluster-token-file", "supernode-ca"):
+        if options[name]:
+            peer_args += [f"--{name}", os.path.abspath(options[name])]
+    peer = PeerLink(options["home"], options["nodes"], pool, start=not options["no-start-peer"], extra=peer_args)
     core = DaemonCore(reactor, options["registry"], options["compiled-rules"], peer, upstream, local)
     core.check_access = not options["no-access-check"]
 

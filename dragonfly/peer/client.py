@@ -30,30 +30,49 @@ class SupernodeError(Exception):
 
 
 def parse_nodes(text: str, default_port: int = 8002) -> list[str]:
-    """C{host[:port][=weight],...} to a list of C{host:port} (weights are ignored)."""
+    """
+    C{[https://]host[:port][=weight],...} to a list of C{host:port}, or
+    C{https://host:port} for a SuperNode whose API speaks TLS (weights are ignored).
+    """
     nodes = []
     for part in text.split(","):
         part = part.strip().split("=", 1)[0]
         if not part:
             continue
+        scheme = ""
+        for prefix in ("https://", "http://"):
+            if part.lower().startswith(prefix):
+                scheme, part = prefix.lower(), part[len(prefix):].rstrip("/")
         host, sep, port = part.rpartition(":")
         if not sep or "]" in port:
             host, port = part, str(default_port)
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"supernode address {part!r} is not host[:port]")
-        nodes.append(f"{host}:{int(port)}")
+        nodes.append(f"{'https://' if scheme == 'https://' else ''}{host}:{int(port)}")
     if not nodes:
         raise ValueError("no supernode given")
     return nodes
 
 
+def node_host(node: str) -> str:
+    """The host of a L{parse_nodes} entry."""
+    return node.split("://", 1)[-1].rpartition(":")[0].strip("[]")
+
+
+def node_url(node: str) -> str:
+    return node if "://" in node else f"http://{node}"
+
+
 class SupernodeClient:
     """
-    @param http: a treq C{HTTPClient}.
-    @param nodes: C{host:port} of each SuperNode, tried in turn.
+    @param http: a treq C{HTTPClient} (for C{https://} SuperNodes, one whose
+        agent checks their certificates).
+    @param nodes: C{host:port} (or C{https://host:port}) of each SuperNode, tried in turn.
+    @param token: the cluster token, sent as C{Authorization: Bearer}.
     """
 
-    def __init__(self, http: Any, nodes: list[str], clock: Any, timeout: float = 10.0) -> None:
+    def __init__(self, http: Any, nodes: list[str], clock: Any, timeout: float = 10.0, token: str | None = None) -> None:
+        self._token = token
         self._http = http
         self.nodes = list(nodes)
         self._current = 0
@@ -69,20 +88,24 @@ class SupernodeClient:
         last: Exception | None = None
         for attempt in range(len(self.nodes)):
             node = self.nodes[(self._current + attempt) % len(self.nodes)]
-            url = f"http://{node}{path}"
+            url = node_url(node) + path
+            headers = {"Content-Type": ["application/json"]}
+            if self._token:
+                headers["Authorization"] = [f"Bearer {self._token}"]
             try:
                 d: Deferred = self._http.request(
                     method, url,
                     data=json.dumps(body).encode() if body is not None else None,
-                    headers={"Content-Type": ["application/json"]},
+                    headers=headers,
                 )
                 d.addTimeout(self._timeout, self._clock)
                 response = await d
                 cd: Deferred = response.content()
                 cd.addTimeout(self._timeout, self._clock)
                 raw = await cd
-            except Exception as e:  # connection refused, timeout, reset
+            except Exception as e:  # connection refused, timeout, reset, a refused certificate
                 last = e
+                log.debug("supernode {node}: {why!r}", node=node, why=e)
                 continue
             self._current = (self._current + attempt) % len(self.nodes)
             try:

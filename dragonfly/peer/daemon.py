@@ -57,6 +57,8 @@ class PeerDaemon:
         in_flight_bytes: int = 6 << 20,
         upload_limit: int = 0,
         total_limit: int = 0,
+        supernode_http: Any = None,
+        cluster_token: str | None = None,
     ) -> None:
         self.reactor = reactor
         self.per_connection = per_connection
@@ -68,7 +70,7 @@ class PeerDaemon:
         self.pool = pool
         self.http = http
         self.store = PieceStore(home, pool)
-        self.client = SupernodeClient(http, nodes, reactor)
+        self.client = SupernodeClient(supernode_http or http, nodes, reactor, token=cluster_token)
         self.block_port = 0
         self.peer_id = ""
         self.block_factory = BlockFactory(
@@ -115,11 +117,15 @@ class PeerDaemon:
                 continue
             try:
                 await task._register()
-                await self.client.call(
-                    "POST", f"/api/v1/tasks/{task.task_id}/sync",
-                    {"peerId": self.peer_id, "have": list(task.have), "digestsFrom": task.count},
-                )
-            except (SupernodeError, SupernodeUnavailable) as e:
+                await self._announce_pieces(task)
+            except SupernodeError as e:
+                if e.code == "TASK_CHANGED":
+                    # the origin changed since we fetched it: what we hold is not that task any more
+                    log.info("task {task}: the origin changed, dropping our copy", task=task.task_id)
+                    self.drop(task)
+                else:
+                    log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
+            except SupernodeUnavailable as e:
                 log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
 
     async def leave(self) -> None:
@@ -137,15 +143,61 @@ class PeerDaemon:
             self.tasks[task.task_id] = task
         return len(self.tasks)
 
+    async def _announce_pieces(self, task: PeerTask) -> None:
+        """Tell the SuperNode every piece we hold of a finished task."""
+        body: dict[str, Any] = {"peerId": self.peer_id, "have": list(task.have), "digestsFrom": task.count}
+        if task.version is not None:
+            body["version"] = task.version
+        await self.client.call("POST", f"/api/v1/tasks/{task.task_id}/sync", body)
+
+    def drop(self, task: PeerTask) -> None:
+        """Forget a finished task and remove its file (its content is no longer the origin's)."""
+        if self.tasks.get(task.task_id) is task:
+            del self.tasks[task.task_id]
+        for conn in list(task.conns):
+            conn.transport.loseConnection()
+        self.store.remove(task.task_id)
+
+    async def download_checked(self, request: dict[str, Any]) -> PeerTask:
+        """
+        L{download}, but a finished copy of a URL task (not pinned by a
+        digest) is first checked with the SuperNode, which revalidates it
+        with the origin: a copy of content the origin no longer has is
+        dropped and downloaded again.  When the SuperNode cannot be asked,
+        the copy we verified is used.
+        """
+        tid = self._task_id(request)
+        task = self.tasks.get(tid)
+        if task is not None and task.status == "success" and not request.get("digest") and task.version is not None:
+            try:
+                reply = await task._register()
+            except (SupernodeError, SupernodeUnavailable) as e:
+                log.info("task {task}: cannot check our copy with the supernode ({why}); using it", task=tid, why=str(e))
+            else:
+                current = (reply.get("task") or {}).get("version")
+                if current is not None and current != task.version and self.tasks.get(tid) is task:
+                    log.info("task {task}: the origin changed since we fetched it; fetching it again", task=tid)
+                    self.drop(task)
+                else:
+                    # the registration reset our part of the swarm: say again what we hold
+                    try:
+                        await self._announce_pieces(task)
+                    except (SupernodeError, SupernodeUnavailable) as e:
+                        log.info("could not announce {task}: {why}", task=tid, why=str(e))
+        return self.download(request)
+
+    def _task_id(self, request: dict[str, Any]) -> str:
+        return make_task_id(
+            request["url"], digest=request.get("digest"), identifier=request.get("identifier"),
+            filter_keys=request.get("filter") or (),
+        )
+
     def download(self, request: dict[str, Any]) -> PeerTask:
         """Start (or join) the download C{request} describes."""
         if request.get("totalLimit"):
             # dfget --totallimit: the host's download rate, for every task
             self.total_limit = TokenBucket(request["totalLimit"], self.reactor)
-        tid = make_task_id(
-            request["url"], digest=request.get("digest"), identifier=request.get("identifier"),
-            filter_keys=request.get("filter") or (),
-        )
+        tid = self._task_id(request)
         task = self.tasks.get(tid)
         if task is not None and task.status in ("waiting", "running", "success"):
             task.last_access = self.reactor.seconds()

@@ -54,7 +54,7 @@ class LocalApi:
         )
 
     @app.route("/api/v1/downloads", methods=["POST"])
-    def start(self, request: IRequest) -> bytes:
+    async def start(self, request: IRequest) -> bytes:
         body = read_json(request)
         url = field(body, "url", str)
         digest = field(body, "digest", str, required=False)
@@ -78,7 +78,7 @@ class LocalApi:
             raise ApiError(400, "BAD_FIELD", "field 'identifier' is longer than 1024 characters")
         if not all(isinstance(k, str) for k in keys):
             raise ApiError(400, "BAD_FIELD", "field 'filter' must be a list of strings")
-        task = self.daemon.download(
+        task = await self.daemon.download_checked(
             {"url": url, "digest": digest, "identifier": identifier, "filter": keys, "notbs": notbs, "headers": headers,
              **limits}
         )

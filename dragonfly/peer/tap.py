@@ -17,7 +17,9 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
+from OpenSSL.crypto import Error as OpenSSLError
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from ..core.config import ConfigFileOptions
 from ..core.ids import BadInput
@@ -25,8 +27,8 @@ from ..core.metrics import metrics_only_root
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
 from ..core.gc import DiskGc
-from ..supernode.tap import QuietSite, detect_ip, parse_gc_options
-from .client import parse_nodes
+from ..supernode.tap import QuietSite, _token, detect_ip, parse_gc_options
+from .client import node_host, parse_nodes
 from .daemon import PeerDaemon, PeerService
 from .gc import PeerGc
 from .localapi import LocalApi
@@ -60,6 +62,9 @@ class Options(ConfigFileOptions):
         ["task-expire", None, "6h", "A finished task nobody downloaded or fetched a piece of for this long is removed from HOME/data."],
         ["gc-disk-high", None, "80%", "Remove least-recently-used tasks when disk use exceeds this: a percentage of the filesystem holding HOME/data, or a size of HOME/data itself such as 10G."],
         ["gc-disk-low", None, "60%", "...until disk use is at or below this (same form as --gc-disk-high)."],
+        ["cluster-token", None, None, "Bearer token the SuperNode requires (its --cluster-token; default: none)."],
+        ["cluster-token-file", None, None, "Read the cluster token from this file (default: none)."],
+        ["supernode-ca", None, None, "PEM file of the CA(s) that sign https:// SuperNodes' certificates (default: the system's)."],
     ]
 
     def postOptions(self) -> None:
@@ -70,7 +75,16 @@ class Options(ConfigFileOptions):
         if not 0 <= self["port"] < 65536:
             raise usage.UsageError("--port must be 0..65535")
         if self["ip"] is None:
-            self["ip"] = detect_ip(self["nodes"][0].rpartition(":")[0])
+            self["ip"] = detect_ip(node_host(self["nodes"][0]))
+        self["cluster-token"] = _token(self["cluster-token"], self["cluster-token-file"], "cluster")
+        if self["supernode-ca"] is not None:
+            try:
+                with open(self["supernode-ca"], "rb") as f:
+                    self["supernode-ca-certs"] = [Certificate.loadPEM(pem) for pem in _pems(f.read())]
+            except (OSError, ValueError, OpenSSLError) as e:
+                raise usage.UsageError(f"--supernode-ca {self['supernode-ca']}: {e}") from None
+            if not self["supernode-ca-certs"]:
+                raise usage.UsageError(f"--supernode-ca {self['supernode-ca']}: no PEM certificate in it")
         self["home"] = os.path.abspath(self["home"])
         parse_gc_options(self)
         if not self["api"].startswith("tcp:"):
@@ -90,6 +104,21 @@ class Options(ConfigFileOptions):
                 raise usage.UsageError(f"--{name}: {e}") from None
 
 
+def _pems(data: bytes) -> list[bytes]:
+    """The PEM certificate blocks of a CA file."""
+    end = b"-----END CERTIFICATE-----"
+    return [block + end for block in data.split(end) if b"-----BEGIN CERTIFICATE-----" in block]
+
+
+def supernode_http(reactor: Any, ca_certs: list[Any] | None) -> Any:
+    """The HTTP client for the SuperNode API: https:// SuperNodes are checked against C{ca_certs} (or the system's CAs)."""
+    if ca_certs:
+        policy = BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(ca_certs))
+    else:
+        policy = BrowserLikePolicyForHTTPS()
+    return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=HTTPConnectionPool(reactor)))
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor as _reactor
@@ -104,6 +133,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor, options["home"], options["nodes"], options["ip"], pool, http,
         per_connection=options["pipeline"], in_flight_bytes=options["in-flight"],
         upload_limit=options["upload-limit"], total_limit=options["total-limit"],
+        supernode_http=supernode_http(reactor, options.get("supernode-ca-certs")),
+        cluster_token=options["cluster-token"],
     )
     api = LocalApi(daemon)
     service = PeerService(

@@ -93,6 +93,8 @@ class PeerTask:
         self.count: int | None = None
         self.digests: list[bytes | None] = []
         self.sha256: str | None = None
+        # the SuperNode's name for the origin content we download (see L{_check_version})
+        self.version: str | None = None
         self.have: Bitmap | None = None
         self.ready_for_io = False
         self.conns: set[BlockProtocol] = set()
@@ -203,6 +205,7 @@ class PeerTask:
             self.have.set(i)
         self.sha256 = meta.get("sha256")
         self.content_type = meta.get("contentType")
+        self.version = meta.get("version")
         self.ready_for_io = True
         self.status = "success"
         self.finished_at = self.started = self.clock.seconds()
@@ -235,6 +238,7 @@ class PeerTask:
             raise TaskFailed(e.code, e.message) from None
         if reply["taskId"] != self.task_id:
             raise TaskFailed("INTERNAL", f"supernode computed task id {reply['taskId']}, we {self.task_id}")
+        self._check_version(reply["task"])
         self._log(
             LogLevel.info, "registered with supernode {node} for {url} (CDN {status})",
             node=self.daemon.client.current, url=safe_url(self.request["url"]),
@@ -290,6 +294,22 @@ class PeerTask:
             await self.daemon.register()
             return await self.daemon.client.call("POST", "/api/v1/tasks", body)
 
+    def _check_version(self, task: dict[str, Any]) -> None:
+        """
+        The origin content must stay the one we started with: the SuperNode
+        fetches a changed origin file as a new version of the task, and the
+        pieces of two versions must never meet in one file.
+        """
+        version = task.get("version")
+        if version is None:
+            return
+        if self.version is None:
+            self.version = version
+        elif version != self.version:
+            raise TaskFailed(
+                "SOURCE_CHANGED", f"the origin file {self.request.get('url')} changed during the download; run it again"
+            )
+
     async def _sync(self) -> dict[str, Any]:
         have, self._report_have = self._report_have, []
         failed, self._report_failed = self._report_failed, []
@@ -301,14 +321,20 @@ class PeerTask:
             # bytes from other peers since the last sync the SuperNode took
             "peerBytes": peer_bytes - self._peer_bytes_reported,
         }
+        if self.version is not None:
+            body["version"] = self.version
         try:
             reply = await self.daemon.client.call("POST", f"/api/v1/tasks/{self.task_id}/sync", body)
         except SupernodeError as e:
+            if e.code == "TASK_CHANGED":
+                raise TaskFailed(
+                    "SOURCE_CHANGED", f"the origin file {self.request.get('url')} changed during the download; run it again"
+                ) from None
             if e.code in ("PEER_UNKNOWN", "TASK_UNKNOWN"):
                 # the SuperNode restarted: register again and re-announce all we hold
                 if e.code == "PEER_UNKNOWN":
                     await self.daemon.register()
-                await self._register()
+                self._check_version((await self._register())["task"])
                 self._report_have = list(self.have) if self.have is not None else []
                 self._report_failed = failed
                 return {"syncInterval": 0.1}
@@ -324,6 +350,7 @@ class PeerTask:
 
     def _apply(self, reply: dict[str, Any]) -> None:
         task = reply["task"]
+        self._check_version(task)
         if task["status"] == "failed":
             err = task.get("error") or {}
             code = err.get("code", "SOURCE_ERROR")
@@ -801,6 +828,7 @@ class PeerTask:
                 "taskId": self.task_id, "url": self.request.get("url"), "length": self.length,
                 "pieceSize": self.piece_size, "digests": [d.hex() for d in self.digests], "sha256": self.sha256,
                 "contentType": self.content_type,
+                "version": self.version,
                 "request": {k: v for k, v in self.request.items() if k != "headers"},
             },
         )

@@ -17,7 +17,11 @@ from klein import Klein
 from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
 
-from ..core.httpapi import ApiError, field, install_error_handlers, int_list, json_response, read_json, str_dict
+from ..core.httpapi import (
+    ApiError, field, install_error_handlers, int_list, json_response, read_json, require_bearer, str_dict,
+)
+from ..core.security import OriginDenied, OriginPolicy
+from ..core.ids import SEED_ID, BadInput, check_url, is_peer_id, is_task_id, parse_digest, task_id
 from ..core.ids import SEED_ID, BadInput, check_url, is_peer_id, is_task_id, parse_digest, parse_filter, task_id
 from ..core.logs import safe_url, task_log
 from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
@@ -84,9 +88,25 @@ class SupernodeApi:
     metrics_route(app, lambda self: self.registry)
 
     def __init__(
-        self, node: SuperNode, preheater: Preheater | None = None,
-        timer: Callable[[], float] = time.monotonic, process_metrics: bool = True,
+        self,
+        node: SuperNode,
+        preheater: Preheater | None = None,
+        timer: Callable[[], float] = time.monotonic,
+        process_metrics: bool = True,
+        admin_token: str | None = None,
+        cluster_token: str | None = None,
+        origin_policy: OriginPolicy | None = None,
+        resolver_pool: Any = None,
     ) -> None:
+        """
+        @param preheater: runs preheat jobs (C{POST /api/v1/preheats}).
+        @param timer: seconds for the request-duration metrics (a fake in tests).
+        @param admin_token: when set, admin operations need it as a bearer token.
+        @param cluster_token: when set, every peer call (and every read) needs
+            it or the admin token as a bearer token.
+        @param origin_policy: which origin hosts tasks may name.
+        @param resolver_pool: a worker pool to resolve origin host names in.
+        """
         self.node = node
         self.preheater = preheater
         self.registry = new_registry(process_metrics)
@@ -94,6 +114,10 @@ class SupernodeApi:
         self.registry.register(collector(lambda: metrics.collect(node)))
         # a few KiB, read once at start-up rather than on the reactor per request
         self._ui = _load_ui()
+        self.admin_token = admin_token
+        self.cluster_token = cluster_token
+        self.origin_policy = origin_policy
+        self._resolver_pool = resolver_pool
 
     def resource(self) -> Any:
         return self.http.wrap(self.app.resource(), self.app)
@@ -102,10 +126,16 @@ class SupernodeApi:
 
     def require_admin(self, request: IRequest) -> None:
         """
-        One line at the top of every admin route (preheat, ...).  There is no
-        C{--admin-token} yet: when it comes, its check goes here (401 unless
-        the request carries the token), and every admin route has it.
+        One line at the top of every admin route (deleting tasks, preheat, ...):
+        401 C{UNAUTHORIZED} unless the request carries the admin token, when
+        C{--admin-token} is set.
         """
+        require_bearer(request, self.admin_token, what="this admin operation")
+
+    def require_peer(self, request: IRequest) -> None:
+        """401 unless the request carries the cluster token (or the admin token), when C{--cluster-token} is set."""
+        if self.cluster_token:
+            require_bearer(request, self.cluster_token, self.admin_token, what="this cluster operation")
 
     @property
     def _now(self) -> float:
@@ -155,6 +185,7 @@ class SupernodeApi:
 
     @app.route("/api/v1/peers", methods=["POST"])
     def register_peer(self, request: IRequest) -> bytes:
+        self.require_peer(request)
         body = read_json(request)
         peer_id = _new_peer_id(field(body, "peerId", str))
         ip = field(body, "ip", str)
@@ -169,6 +200,7 @@ class SupernodeApi:
 
     @app.route("/api/v1/peers", methods=["GET"])
     def list_peers(self, request: IRequest) -> bytes:
+        self.require_peer(request)
         peers = [
             {"peerId": p.peer_id, "ip": p.ip, "port": p.port, "hostname": p.hostname, "lastSeen": p.last_seen}
             for p in self.node.scheduler.peers.values()
@@ -177,6 +209,7 @@ class SupernodeApi:
 
     @app.route("/api/v1/peers/<peer_id>/heartbeat", methods=["POST"])
     def heartbeat(self, request: IRequest, peer_id: str) -> bytes:
+        self.require_peer(request)
         try:
             self.node.scheduler.touch(_peer_id(peer_id), self._now)
         except UnknownPeer:
@@ -185,13 +218,15 @@ class SupernodeApi:
 
     @app.route("/api/v1/peers/<peer_id>", methods=["DELETE"])
     def remove_peer(self, request: IRequest, peer_id: str) -> bytes:
+        self.require_peer(request)
         self.node.scheduler.remove_peer(_peer_id(peer_id), "left")
         return json_response(request, {})
 
     # -- tasks -----------------------------------------------------------------
 
     @app.route("/api/v1/tasks", methods=["POST"])
-    def register_task(self, request: IRequest) -> bytes:
+    async def register_task(self, request: IRequest) -> bytes:
+        self.require_peer(request)
         body = read_json(request)
         peer_id = _peer_id(field(body, "peerId", str))
         url = field(body, "url", str)
@@ -212,20 +247,36 @@ class SupernodeApi:
         tid = task_id(url, digest=digest, identifier=identifier, filter_keys=keys)
         if peer_id not in self.node.scheduler.peers:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
+        if self.origin_policy is not None and not self.origin_policy.open:
+            try:
+                await self.origin_policy.check_url(url, self._resolver_pool, self.node.clock)
+            except OriginDenied as e:
+                raise ApiError(403, "ORIGIN_DENIED", str(e)) from None
+            except OSError:
+                # not resolvable from here: the fetch reports SOURCE_UNREACHABLE
+                # (and checks the address again if it ever connects)
+                pass
         # the origin is fetched with the URL as given: filtered keys (signatures,
-        # tokens) only leave the task id
+        # tokens) only leave the task id; a cached file is revalidated first
         fetches = self.node.cdn.origin_fetches
-        task = self.node.cdn.ensure(tid, url, headers, digest)
+        task = await self.node.cdn.fresh(tid, url, headers, digest)
+        if peer_id not in self.node.scheduler.peers:
+            raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
         task_log(
             log, LogLevel.info, tid, "registered by {peerId} ({cache}, CDN {status})",
             peerId=peer_id, cache="cache miss" if self.node.cdn.origin_fetches > fetches else "cache hit",
             status=task.status, url=safe_url(url),
         )
+        # a registration starts the peer's part afresh: what it reported
+        # before (pieces of a download that failed and was deleted) is gone;
+        # a peer that still holds pieces reports them in its next sync
+        self.node.scheduler.leave(tid, peer_id)
         self.node.join(tid, peer_id)
         return json_response(request, {"taskId": tid, "task": task.to_json()})
 
     @app.route("/api/v1/tasks", methods=["GET"])
     def list_tasks(self, request: IRequest) -> bytes:
+        self.require_peer(request)
         return json_response(request, {"tasks": [t.to_json() for t in self.node.cdn.tasks.values()]})
 
     def _task(self, task_id: str) -> Any:
@@ -236,6 +287,7 @@ class SupernodeApi:
 
     @app.route("/api/v1/tasks/<task_id>", methods=["GET"])
     def get_task(self, request: IRequest, task_id: str) -> bytes:
+        self.require_peer(request)
         task = self._task(task_id)
         swarm = self.node.scheduler.tasks.get(task_id)
         view = task.to_json()
@@ -243,8 +295,17 @@ class SupernodeApi:
         view["availability"] = self.node.scheduler.availability(task_id)
         return json_response(request, view)
 
+    @app.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
+    def delete_task(self, request: IRequest, task_id: str) -> bytes:
+        self.require_admin(request)
+        task = self.node.remove_task(_task_id(task_id))
+        if task is None:
+            raise ApiError(404, "TASK_UNKNOWN", f"task {task_id} is not known")
+        return json_response(request, {"taskId": task_id, "removed": True})
+
     @app.route("/api/v1/tasks/<task_id>/sync", methods=["POST"])
     def sync(self, request: IRequest, task_id: str) -> bytes:
+        self.require_peer(request)
         task = self._task(task_id)
         body = read_json(request)
         peer_id = _peer_id(field(body, "peerId", str))
@@ -276,6 +337,11 @@ class SupernodeApi:
         peer_bytes = field(body, "peerBytes", int, required=False, default=0)
         if not 0 <= peer_bytes <= MAX_PEER_BYTES:
             raise ApiError(400, "BAD_FIELD", f"field 'peerBytes' must be in 0..{MAX_PEER_BYTES}")
+        version = field(body, "version", str, required=False)
+        if version is not None and task.version is not None and version != task.version:
+            raise ApiError(
+                409, "TASK_CHANGED", f"the origin content of task {task_id} changed: version {task.version}, not {version}"
+            )
         sched = self.node.scheduler
         if peer_id not in sched.peers:
             raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
@@ -308,6 +374,7 @@ class SupernodeApi:
 
     @app.route("/api/v1/tasks/<task_id>/peers/<peer_id>", methods=["DELETE"])
     def leave_task(self, request: IRequest, task_id: str, peer_id: str) -> bytes:
+        self.require_peer(request)
         self.node.scheduler.leave(_task_id(task_id), _peer_id(peer_id))
         return json_response(request, {})
 
@@ -348,12 +415,14 @@ class SupernodeApi:
 
     @app.route("/api/v1/preheats", methods=["GET"])
     def list_preheats(self, request: IRequest) -> bytes:
+        self.require_peer(request)
         preheater = self._preheater()
         preheater.prune()
         return json_response(request, {"preheats": [j.to_json() for j in preheater.jobs.values()]})
 
     @app.route("/api/v1/preheats/<preheat_id>", methods=["GET"])
     def get_preheat(self, request: IRequest, preheat_id: str) -> bytes:
+        self.require_peer(request)
         preheater = self._preheater()
         preheater.prune()
         job = preheater.jobs.get(preheat_id)

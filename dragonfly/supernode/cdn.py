@@ -14,10 +14,23 @@ only when the byte count matches the origin's C{Content-Length} (and the
 digest the client asked for, if any), and only then is its meta file written.
 On start-up completed tasks are reloaded from their meta files; data files
 without one are removed.
+
+A cached file is revalidated against the origin when a peer registers the
+task again (L{Cdn.fresh}): a conditional GET (C{If-None-Match} with the
+stored C{ETag}, C{If-Modified-Since} with the stored C{Last-Modified}).  A
+304, or a 200 whose validators and length match the cached ones, keeps the
+entry; a changed file (or a 4xx: the origin no longer has it) replaces the
+entry under the same task id with a new C{version}, and the response already
+in hand becomes the new fetch.  Peers notice the new version and never mix
+pieces of two versions.  An origin that does not answer (5xx, unreachable,
+timeout) or asks for credentials (401, 403, 407) leaves the cached entry in
+use.  Content-addressed tasks (a digest
+was given) are never revalidated: the digest pins the bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any, Callable, Protocol as TypingProtocol
@@ -33,6 +46,7 @@ from ..core.files import pread_exact, write_json_atomic
 from ..core.ids import is_task_id, parse_digest
 from ..core.logs import safe_url, task_log
 from ..core.ratelimit import TokenBucket
+from ..core.security import OriginDenied
 from ..core.pieces import piece_count, piece_span, swarm_piece_size
 from ..core.threads import WorkerPool
 
@@ -109,10 +123,25 @@ class CdnTask:
     fetch_started: float = 0.0
     fetch_start_bytes: int = 0
 
+    # the origin's validators of the cached bytes: etag, lastModified, length
+    validators: dict[str, Any] = field(factory=dict)
+    validated_at: float = 0.0
+    revalidating: list[Deferred] | None = None
+
+
     @property
     def disk_size(self) -> int:
         """Bytes of its data file (a failed task has none)."""
         return (self.length or 0) if self.status == "success" else 0
+
+    @property
+    def version(self) -> str | None:
+        """Names the origin content this entry holds (from its validators), once the origin answered."""
+        if not self.validators:
+            return None
+        v = self.validators
+        material = f"{v.get('etag') or ''}\0{v.get('lastModified') or ''}\0{v.get('length')}"
+        return hashlib.sha256(material.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -127,6 +156,7 @@ class CdnTask:
             "contentType": self.content_type,
             "originBytes": self.origin_bytes,
             "seedBytes": self.seed_bytes,
+            "version": self.version,
         }
         if self.error is not None:
             out["error"] = self.error.to_json()
@@ -158,8 +188,14 @@ class Cdn:
         idle_timeout: float = 60.0,
         on_new_task: Callable[[CdnTask], None] | None = None,
         origin_limit: TokenBucket | None = None,
+        revalidate_after: float | None = None,
     ) -> None:
+        """
+        @param revalidate_after: seconds a cached file is trusted without
+            asking the origin again (C{None}: never revalidate).
+        """
         self._origin_limit = origin_limit
+        self._revalidate_after = revalidate_after
         self.repo = os.path.join(home, "repo")
         os.makedirs(self.repo, exist_ok=True)
         self._http = http
@@ -218,6 +254,7 @@ class Cdn:
                 status="success", length=meta["length"], piece_size=meta["pieceSize"],
                 piece_count=count, digests=list(meta["digests"]), sha256=meta["sha256"],
                 content_type=meta.get("contentType"), available=Bitmap(count),
+                validators=dict(meta.get("validators") or {}), expected_digest=meta.get("digest"),
             )
             for i in range(count):
                 task.available.set(i)
@@ -277,6 +314,117 @@ class Cdn:
             self._fetch(task)
         return task
 
+    def fresh(
+        self,
+        task_id: str,
+        url: str,
+        headers: dict[str, str] | None = None,
+        digest: str | None = None,
+    ) -> "Deferred[CdnTask]":
+        """
+        Like L{ensure}, but a cached file not checked for C{revalidate_after}
+        seconds is first revalidated against the origin (see the module
+        docstring).  Registrations arriving while a check runs share it.
+        """
+        task = self.tasks.get(task_id)
+        if (
+            task is None
+            or task.status != "success"
+            or digest
+            or task.expected_digest
+            or self._revalidate_after is None
+            or self._clock.seconds() - task.validated_at < self._revalidate_after
+        ):
+            return succeed(self.ensure(task_id, url, headers, digest))
+        d: Deferred = Deferred()
+        if task.revalidating is not None:
+            task.revalidating.append(d)
+            return d
+        task.revalidating = [d]
+        # the registering peer's headers (its credentials), else the stored ones
+        # (none after a restart: headers are never written to disk)
+        clean = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
+        self._revalidate(task, clean or task.headers)
+        return d
+
+    def _revalidate(self, task: CdnTask, headers: dict[str, str]) -> None:
+        conditional = dict(headers)
+        if task.validators.get("etag"):
+            conditional["If-None-Match"] = task.validators["etag"]
+        if task.validators.get("lastModified"):
+            conditional["If-Modified-Since"] = task.validators["lastModified"]
+
+        def settle(current: CdnTask) -> None:
+            waiters, task.revalidating = task.revalidating or [], None
+            for w in waiters:
+                w.callback(current)
+
+        def keep(why: str) -> None:
+            log.info("task {task}: cached copy kept ({why})", task=task.task_id, why=why)
+            task.validated_at = self._clock.seconds()
+            settle(task)
+
+        def answered(response: Any) -> None:
+            if response.code == 304:
+                response.deliverBody(DiscardBody())
+                return keep("origin: not modified")
+            if response.code >= 500 or response.code in (401, 403, 407):
+                # the origin is in trouble, or wants credentials this
+                # request lacks: it did not say the file changed
+                response.deliverBody(DiscardBody())
+                return keep(f"origin answered {response.code}")
+            if response.code == 200:
+                length = response.length if response.length is not UNKNOWN_LENGTH else None
+                now = {**_validators(response), "length": length}
+                if _same_content(task.validators, now):
+                    response.deliverBody(_Abort())
+                    return keep("origin: same validators")
+            log.info(
+                "task {task}: origin content changed (status {code}); fetching it as a new entry",
+                task=task.task_id, code=response.code,
+            )
+            settle(self._replace(task, response, headers))
+
+        d = self._http.get(task.url, headers=_to_header_lists(conditional), unbuffered=True)
+        d.addTimeout(self._idle_timeout, self._clock)
+        d.addCallbacks(answered, lambda f: keep(f"origin unreachable: {f.getErrorMessage()}"))
+        d.addErrback(lambda f: (log.failure("revalidating {task}", f, task=task.task_id), settle(task)))
+
+    def _replace(self, old: CdnTask, response: Any, headers: dict[str, str]) -> CdnTask:
+        """The origin changed under C{old}: drop it and fetch the new content from C{response}."""
+        old.status = "failed"
+        old.error = TaskError("SOURCE_CHANGED", f"the origin content of {old.url} changed")
+        for path in (old.data_path, old.meta_path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        old.notify("task_failed")
+        if old.done is not None and not old.done.called:
+            old.done.callback(old)
+        new = CdnTask(
+            task_id=old.task_id, url=old.url, data_path=old.data_path, meta_path=old.meta_path,
+            headers=dict(headers),
+        )
+        new.done = Deferred()
+        self.origin_fetches += 1
+        self.tasks[old.task_id] = new
+        if self._on_new_task is not None:
+            self._on_new_task(new)
+        new.status = "running"
+        self._got_response(new, response)
+        return new
+
+    def remove(self, task_id: str) -> CdnTask | None:
+        """Drop a task and its files (a running fetch is abandoned); the task, or None."""
+        task = self.tasks.pop(task_id, None)
+        if task is None:
+            return None
+        if task.status == "failed":
+            return task
+        self._fail(task, TaskError("REMOVED", f"task {task_id} was removed from the cache"))
+        return task
+
     def _fail(self, task: CdnTask, error: TaskError) -> None:
         if task.status == "failed":
             return
@@ -303,14 +451,18 @@ class Cdn:
         task_log(log, LogLevel.info, task.task_id, "fetching {url} from the origin", url=safe_url(task.url))
         d = self._http.get(task.url, headers=_to_header_lists(task.headers), unbuffered=True)
         d.addTimeout(self._idle_timeout, self._clock)
-        d.addCallbacks(
-            lambda response: self._got_response(task, response),
-            lambda f: self._fail(
+        d.addCallbacks(lambda response: self._got_response(task, response), lambda f: self._unreachable(task, f))
+        d.addErrback(lambda f: self._fail(task, TaskError("INTERNAL", f.getErrorMessage())))
+
+    def _unreachable(self, task: CdnTask, f: Any) -> None:
+        if f.check(OriginDenied):
+            # the host resolved into a denied network when connecting
+            self._fail(task, TaskError("ORIGIN_DENIED", str(f.value)))
+        else:
+            self._fail(
                 task,
                 TaskError("SOURCE_UNREACHABLE", f"origin {task.url} unreachable: {f.getErrorMessage()}", DF_SOURCE_UNREACHABLE),
-            ),
-        )
-        d.addErrback(lambda f: self._fail(task, TaskError("INTERNAL", f.getErrorMessage())))
+            )
 
     def _got_response(self, task: CdnTask, response: Any) -> None:
         if response.code != 200:
@@ -323,6 +475,7 @@ class Cdn:
             response.deliverBody(DiscardBody())
             return
         length = response.length if response.length is not UNKNOWN_LENGTH else None
+        task.validators = {**_validators(response), "length": length}
         task.length = length
         task.content_type = _content_type(response.headers.getRawHeaders(b"content-type"))
         rule = self._piece_size
@@ -388,9 +541,11 @@ class Cdn:
         meta = {
             "url": task.url, "length": task.length, "pieceSize": task.piece_size,
             "digests": task.digests, "sha256": file_hash, "contentType": task.content_type,
+            "validators": task.validators, "digest": task.expected_digest,
         }
         write_json_atomic(task.meta_path, meta)
         task.status = "success"
+        task.validated_at = self._clock.seconds()
         task_log(
             log, LogLevel.info, task.task_id, "origin fetch complete: {bytes} bytes in {pieces} pieces in {seconds:.2f}s",
             bytes=task.length, pieces=task.piece_count, seconds=self._clock.seconds() - task.fetch_started,
@@ -457,3 +612,36 @@ def _content_type(values: list[bytes] | None) -> str | None:
     if not 0 < len(value) <= 128 or not all(" " <= c <= "~" for c in value):
         return None
     return value
+
+
+def _validators(response: Any) -> dict[str, str | None]:
+    """The C{ETag} and C{Last-Modified} of an origin response (None when absent)."""
+    headers = getattr(response, "headers", None)
+    out: dict[str, str | None] = {"etag": None, "lastModified": None}
+    if headers is None:
+        return out
+    for key, name in (("etag", b"etag"), ("lastModified", b"last-modified")):
+        values = headers.getRawHeaders(name)
+        if values:
+            out[key] = values[0].decode("latin-1") if isinstance(values[0], bytes) else values[0]
+    return out
+
+
+def _same_content(cached: dict[str, Any], now: dict[str, Any]) -> bool:
+    """Whether two sets of validators name the same content (each one present on both sides must match)."""
+    if cached.get("length") != now.get("length"):
+        return False
+    for key in ("etag", "lastModified"):
+        if cached.get(key) and now.get(key) and cached[key] != now[key]:
+            return False
+        if bool(cached.get(key)) != bool(now.get(key)):
+            return False
+    return True
+
+
+class _Abort(DiscardBody):
+    """Take no body: close the connection at once (the origin sent the whole file again)."""
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        transport.stopProducing()

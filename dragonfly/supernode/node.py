@@ -117,7 +117,11 @@ class _SchedulerFeed:
         self.scheduler.seed_piece_ready(task.task_id, index)
 
     def task_failed(self, task: CdnTask) -> None:
-        self.scheduler.seed_lost(task.task_id)
+        if task.error is not None and task.error.code == "SOURCE_CHANGED":
+            # the members hold pieces of the old content: a new swarm starts
+            self.scheduler.forget_task(task.task_id)
+        else:
+            self.scheduler.seed_lost(task.task_id)
 
     def task_done(self, task: CdnTask) -> None:
         pass
@@ -167,6 +171,14 @@ class SuperNode:
         if task is None or task.status == "failed":
             return None
         return self._seeds.get(task_id)
+
+    def remove_task(self, task_id: str) -> CdnTask | None:
+        """Drop a task from the cache and its swarm (an admin's C{DELETE}); the task, or None if unknown."""
+        task = self.cdn.remove(task_id)
+        if task is not None:
+            self.scheduler.forget_task(task_id)
+            self._seeds.pop(task_id, None)
+        return task
 
     def seed_parent(self) -> dict[str, Any]:
         return {"peerId": SEED_ID, "ip": self.advertise_ip, "port": self.block_port, "seed": True}

@@ -23,6 +23,7 @@ from twisted.web.server import Site
 
 from ..core.config import ConfigFileOptions
 from ..core.ids import BadInput
+from ..core.security import DEFAULT_DENY, OriginPolicy, PolicyEndpointFactory
 from ..core.service import ListeningService
 from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
 from ..core.ratelimit import TokenBucket
@@ -73,6 +74,15 @@ class Options(ConfigFileOptions):
         ["task-expire", None, "3m", "A swarm no peer registered or synced for this long is dropped from the scheduler (the cached file stays until disk GC)."],
         ["gc-disk-high", None, "80%", "Evict least-recently-used cached tasks when disk use exceeds this: a percentage of the filesystem holding HOME/repo, or a size of HOME/repo itself such as 10G."],
         ["gc-disk-low", None, "60%", "...until disk use is at or below this (same form as --gc-disk-high)."],
+        ["api-listen", None, None, "Endpoint of the REST API instead of --port/--listen, e.g. "
+         "ssl:8002:privateKey=key.pem:certKey=cert.pem for TLS (default: tcp on --port and --listen)."],
+        ["admin-token", None, None, "Bearer token admin operations (deleting tasks, preheat) need (default: none, open)."],
+        ["admin-token-file", None, None, "Read the admin token from this file (default: none)."],
+        ["cluster-token", None, None, "Bearer token every peer call needs (default: none, open)."],
+        ["cluster-token-file", None, None, "Read the cluster token from this file (default: none)."],
+        ["origin-allow", None, "", "Origin hosts allowed, comma-separated host names (.suffix for subdomains) and CIDRs (default: all)."],
+        ["origin-deny", None, DEFAULT_DENY, "Origin hosts denied, comma-separated host names and CIDRs ('none': deny nothing)."],
+        ["revalidate", None, "0", "Seconds a cached file is served without asking the origin whether it changed ('never': not at all)."],
     ]
 
     def postOptions(self) -> None:
@@ -96,6 +106,21 @@ class Options(ConfigFileOptions):
         except ValueError as e:
             raise usage.UsageError(f"--origin-ca: {e}") from None
         parse_gc_options(self)
+        for name in ("admin", "cluster"):
+            self[f"{name}-token"] = _token(self[f"{name}-token"], self[f"{name}-token-file"], name)
+        try:
+            self["origin-policy"] = OriginPolicy(self["origin-allow"], self["origin-deny"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["revalidate"] == "never":
+            self["revalidate"] = None
+        else:
+            try:
+                self["revalidate"] = float(self["revalidate"])
+                if not self["revalidate"] >= 0:
+                    raise ValueError
+            except ValueError:
+                raise usage.UsageError("--revalidate takes seconds (>= 0) or 'never'") from None
         for name in ("max-parents", "seed-window", "seed-slots", "workers"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
@@ -119,6 +144,22 @@ def parse_gc_options(options: usage.Options) -> None:
         check_watermarks(options["gc-disk-high"], options["gc-disk-low"])
     except BadInput as e:
         raise usage.UsageError(f"--gc-disk-high/--gc-disk-low: {e}") from None
+
+
+def _token(value: str | None, path: str | None, name: str) -> str | None:
+    if value and path:
+        raise usage.UsageError(f"give --{name}-token or --{name}-token-file, not both")
+    if path:
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError as e:
+            raise usage.UsageError(f"--{name}-token-file: {e.strerror}: {path}") from None
+        if not value:
+            raise usage.UsageError(f"--{name}-token-file {path} is empty")
+    if value is not None and (len(value) < 8 or any(c.isspace() or not c.isprintable() for c in value)):
+        raise usage.UsageError(f"the {name} token must be at least 8 printable characters without spaces")
+    return value or None
 
 
 class SupernodeService(ListeningService):
@@ -183,9 +224,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = MultiService()
     pool = WorkerPool(reactor, size=options["workers"], name="supernode-io")
     pool.setServiceParent(top)
-    http = treq.client.HTTPClient(
-        Agent(reactor, contextFactory=options["https-policy"], pool=HTTPConnectionPool(reactor))
+    policy = options["origin-policy"]
+    # every origin connection passes the allow/deny policy, by resolved address
+    agent = Agent.usingEndpointFactory(
+        reactor, PolicyEndpointFactory(reactor, policy, pool, tls_policy=options["https-policy"]),
+        pool=HTTPConnectionPool(reactor),
     )
+    http = treq.client.HTTPClient(agent)
     scheduler = Scheduler(
         max_parents=options["max-parents"], seed_window=options["seed-window"],
         seed_slots=options["seed-slots"], peer_ttl=options["peer-ttl"],
@@ -194,6 +239,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         lambda track: Cdn(
             home, http, pool, reactor, piece_size=options["piece-size"], on_new_task=track,
             origin_limit=TokenBucket(options["origin-limit"], reactor) if options["origin-limit"] else None,
+            revalidate_after=options["revalidate"],
         ),
         scheduler,
         reactor,
@@ -201,14 +247,18 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         options["block-port"],
     )
     node.cdn.load()
-    api = SupernodeApi(node, Preheater(node, http, reactor))
+    api = SupernodeApi(
+        node, Preheater(node, http, reactor), admin_token=options["admin-token"],
+        cluster_token=options["cluster-token"], origin_policy=policy, resolver_pool=pool,
+    )
     iface = options["listen"]
+    api_endpoint = options["api-listen"] or f"tcp:{options['port']}:interface={iface}"
     SupernodeService(
         reactor,
         node,
         home,
         serverFromString(reactor, f"tcp:{options['block-port']}:interface={iface}"),
-        serverFromString(reactor, f"tcp:{options['port']}:interface={iface}"),
+        serverFromString(reactor, api_endpoint),
         QuietSite(api.resource()),
     ).setServiceParent(top)
     disk = DiskGc(

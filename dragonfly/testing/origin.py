@@ -1,13 +1,25 @@
 """
-A plain HTTP origin that counts what it serves (for tests, the demo and the
-benchmark's checks).
+A plain HTTP origin that counts what it serves and can be told to misbehave
+(for tests, the demo and the benchmark's checks).
 
     python -m dragonfly.testing.origin --root DIR [--port 0] [--info FILE]
 
-Serves the files of DIR with Content-Length, streaming them with a producer;
-C{GET /_stats} answers C{{"requests": {path: n}, "bytesSent": n}}, where
-C{bytesSent} counts every chunk as it is handed to a connection (so it can
-be sampled during a transfer to measure its rate).
+Serves the files of DIR with Content-Length, an C{ETag} (size and mtime) and
+C{Last-Modified}, streaming them with a producer; a matching C{If-None-Match}
+or C{If-Modified-Since} answers 304.  C{GET /_stats} answers
+C{{"requests": {path: n}, "bytesSent": n}}, where C{bytesSent} counts
+every chunk as it is handed to a connection (so it can be sampled during a
+transfer to measure its rate).
+
+Faults: C{POST /_fault} with C{{"path": "/f.bin", "mode": MODE, "times": N}}
+makes the next N requests for that path (every one when N is 0) misbehave:
+
+  - C{status}: answer C{"status"} (e.g. 404, 500) with no file;
+  - C{reset}: send the headers and C{"cut"} bytes (default half), then reset the connection;
+  - C{short}: send the headers and C{"cut"} bytes, then close the connection cleanly;
+  - C{slow}: send the whole file at C{"rate"} bytes per second.
+
+C{POST /_fault} with C{{"path": ..., "mode": "none"}} clears the path's fault.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+from email.utils import formatdate, parsedate_to_datetime
 from typing import Any
 
 from twisted.internet import reactor
@@ -26,34 +39,133 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from ..core.files import write_json_atomic
 
+MODES = ("none", "status", "reset", "short", "slow")
+
 
 class BigChunkSender(FileSender):
     CHUNK_SIZE = 256 * 1024
 
 
+class PacedSender:
+    """Send C{limit} bytes of a file in 64 KiB chunks, at C{rate} bytes/s (0: as fast as the transport takes them)."""
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, clock: Any, f: Any, request: Any, limit: int, rate: int, then: Any) -> None:
+        self.clock, self.f, self.request = clock, f, request
+        self.left, self.rate, self.then = limit, rate, then
+        self.paused = False
+        self.timer: Any = None
+        self.stopped = False
+        request.registerProducer(self, True)
+        request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self.clock.callLater(0, self._send)
+
+    def _send(self) -> None:
+        self.timer = None
+        if self.stopped or self.paused:
+            return
+        if self.left <= 0:
+            self.stopped = True
+            self.request.unregisterProducer()
+            self.then()
+            return
+        chunk = self.f.read(min(self.CHUNK, self.left))
+        if not chunk:
+            self.left = 0
+        else:
+            self.left -= len(chunk)
+            self.request.write(chunk)
+        self.timer = self.clock.callLater(len(chunk) / self.rate if self.rate and chunk else 0, self._send)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        if self.paused and not self.stopped:
+            self.paused = False
+            if self.timer is None:
+                self._send()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+
+
 class CountingOrigin(Resource):
     isLeaf = True
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, clock: Any = reactor) -> None:
         super().__init__()
         self.root = os.path.realpath(root)
+        self.clock = clock
         self.requests: dict[str, int] = {}
+        self.not_modified: dict[str, int] = {}
         self.bytes_sent = 0
+        self.faults: dict[str, dict[str, Any]] = {}
+
+    def render_POST(self, request: Any) -> Any:
+        if request.path != b"/_fault":
+            request.setResponseCode(405)
+            return b"method not allowed\n"
+        spec = json.loads(request.content.read())
+        if spec.get("mode") not in MODES:
+            request.setResponseCode(400)
+            return b"unknown mode\n"
+        if spec["mode"] == "none":
+            self.faults.pop(spec["path"], None)
+        else:
+            self.faults[spec["path"]] = {"times": 0, **spec}
+        request.setHeader(b"content-type", b"application/json")
+        return b"{}"
+
+    def _fault(self, path: str) -> dict[str, Any] | None:
+        fault = self.faults.get(path)
+        if fault is None:
+            return None
+        if fault["times"]:
+            fault["times"] -= 1
+            if fault["times"] == 0:
+                del self.faults[path]
+        return fault
+
+    def render_HEAD(self, request: Any) -> Any:
+        return self.render_GET(request)
 
     def render_GET(self, request: Any) -> Any:
         path = request.path.decode("utf-8", "replace")
         if path == "/_stats":
             request.setHeader(b"content-type", b"application/json")
-            return json.dumps({"requests": self.requests, "bytesSent": self.bytes_sent}).encode()
-        self.requests[path] = self.requests.get(path, 0) + 1
+            return json.dumps(
+                {"requests": self.requests, "notModified": self.not_modified, "bytesSent": self.bytes_sent}
+            ).encode()
+        fault = self._fault(path)
+        if not (fault is None and _is_file(self.root, path) and _not_modified_path(request, self.root, path)):
+            self.requests[path] = self.requests.get(path, 0) + 1
+        if fault is not None and fault["mode"] == "status":
+            request.setResponseCode(int(fault.get("status", 500)))
+            return b"fault injected\n"
         full = os.path.realpath(os.path.join(self.root, path.lstrip("/")))
         if not full.startswith(self.root + os.sep) or not os.path.isfile(full):
             request.setResponseCode(404)
             return b"not found\n"
-        size = os.path.getsize(full)
+        st = os.stat(full)
+        size = st.st_size
+        etag = f'"{size:x}-{st.st_mtime_ns:x}"'.encode()
+        request.setHeader(b"etag", etag)
+        request.setHeader(b"last-modified", formatdate(st.st_mtime, usegmt=True).encode())
+        if _not_modified(request, etag, st.st_mtime):
+            self.not_modified[path] = self.not_modified.get(path, 0) + 1
+            request.setResponseCode(304)
+            return b""
         request.setHeader(b"content-length", str(size).encode())
         request.setHeader(b"content-type", b"application/octet-stream")
+        if request.method == b"HEAD":
+            return b""
         f = open(full, "rb")
+        if fault is not None:
+            return self._send_faulty(request, f, size, fault)
 
         def count(chunk: bytes) -> bytes:
             self.bytes_sent += len(chunk)
@@ -70,6 +182,47 @@ class CountingOrigin(Resource):
 
         d.addCallbacks(done, lost)
         return NOT_DONE_YET
+
+    def _send_faulty(self, request: Any, f: Any, size: int, fault: dict[str, Any]) -> Any:
+        mode = fault["mode"]
+        limit = size if mode == "slow" else int(fault.get("cut", size // 2))
+        rate = int(fault.get("rate", 0)) if mode == "slow" else 0
+
+        def then() -> None:
+            self.bytes_sent += f.tell()
+            f.close()
+            if mode == "slow":
+                request.finish()
+            elif mode == "reset":
+                request.channel.transport.abortConnection()
+            else:  # short: a clean close with the body cut
+                request.channel.transport.loseConnection()
+
+        PacedSender(self.clock, f, request, limit, rate, then)
+        return NOT_DONE_YET
+
+
+def _is_file(root: str, path: str) -> bool:
+    full = os.path.realpath(os.path.join(root, path.lstrip("/")))
+    return full.startswith(root + os.sep) and os.path.isfile(full)
+
+
+def _not_modified_path(request: Any, root: str, path: str) -> bool:
+    st = os.stat(os.path.realpath(os.path.join(root, path.lstrip("/"))))
+    return _not_modified(request, f'"{st.st_size:x}-{st.st_mtime_ns:x}"'.encode(), st.st_mtime)
+
+
+def _not_modified(request: Any, etag: bytes, mtime: float) -> bool:
+    inm = request.getHeader(b"if-none-match")
+    if inm is not None:
+        return etag in [t.strip() for t in inm.split(b",")]
+    ims = request.getHeader(b"if-modified-since")
+    if ims is not None:
+        try:
+            return int(mtime) <= parsedate_to_datetime(ims.decode() if isinstance(ims, bytes) else ims).timestamp()
+        except (TypeError, ValueError):
+            return False
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,6 +21,16 @@ def test_good_arguments(tmp_path):
     assert o["filter"] == ["sig"]
     assert o["timeout"] == 300
     assert o["nodes"] == ["sn1:8002", "sn2:9000"]
+    assert o["daemonArgs"] == []
+
+
+def test_token_file_and_ca_go_to_the_dfpeer_dfget_starts(tmp_path):
+    (tmp_path / "t").write_text("cluster-token\n")
+    (tmp_path / "ca.pem").write_text("pem")
+    o = opts_for("-u", "http://origin/x", "-o", str(tmp_path / "x"), "--node", "https://sn:8443",
+                 "--cluster-token-file", str(tmp_path / "t"), "--cacerts", str(tmp_path / "ca.pem"))
+    assert o["nodes"] == ["https://sn:8443"]
+    assert o["daemonArgs"] == ["--cluster-token-file", str(tmp_path / "t"), "--supernode-ca", str(tmp_path / "ca.pem")]
 
 
 @pytest.mark.parametrize(
@@ -105,3 +115,48 @@ def test_installing_the_same_file_twice_leaves_no_temp_name(tmp_path):
     dfget.install(str(src), o, 4, None, verified=True)
     dfget.install(str(src), o, 4, None, verified=True)
     assert sorted(os.listdir(tmp_path)) == ["out.bin", "store.data"]
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["-u", "file:///etc/passwd"], "only http and https"),
+        (["-u", "ftp://origin/x"], "only http and https"),
+        (["-u", "gopher://origin/x"], "only http and https"),
+        (["-u", "javascript:alert(1)"], "only http and https"),
+        (["-u", "origin/x"], "only http and https"),
+        (["-u", ""], "only http and https"),
+        (["-u", "http://"], "no host"),
+        (["-u", "http://origin:port/x"], "bad port"),
+        (["-u", "http://origin:70000/x"], "bad port"),
+        (["-u", "http://origin/a b"], "whitespace"),
+        (["-u", "http://origin/x\r\nHost: evil"], "whitespace"),
+        (["-u", "http://[::1/x"], "cannot be parsed"),
+        (["--header", "Name: a\r\nX-Injected: 1"], "Name: value"),
+        (["--header", ": value"], "Name: value"),
+        (["--header", "Bad Name: v"], "Name: value"),
+        (["--header", "NoColon"], "Name: value"),
+        (["--digest", "sha256:" + "g" * 64], "sha256:<hex>"),
+        (["--digest", "sha1:" + "0" * 40], "sha256:<hex>"),
+        (["--digest", "0" * 64], "sha256:<hex>"),
+        (["--digest", "sha512:" + "0" * 128], "--digest takes sha256"),
+        (["--md5", "0" * 31], "md5"),
+        (["--locallimit", "fast"], ""),
+        (["--totallimit", "10Q"], ""),
+        (["--timeout=-5s"], ""),
+        (["--node", "sn:0"], "host[:port]"),
+        (["--cluster-token-file", "/nonexistent/token"], "not a readable file"),
+        (["--cacerts", "/nonexistent/ca.pem"], "not a readable file"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, says):
+    """Through main(): exit 2, one line 'dfget: error: ...' naming the problem, nothing written."""
+    if argv[0] != "-u":
+        argv = ["-u", "http://origin/x", *argv]
+    code = dfget.main([*argv, "-o", str(tmp_path / "out"), "--home", str(tmp_path / "home"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == dfget.EXIT_USAGE, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dfget: error: "), err
+    assert says in lines[0]
+    assert os.listdir(tmp_path) == []
