@@ -362,6 +362,8 @@ class Cdn:
         def keep(why: str) -> None:
             log.info("task {task}: cached copy kept ({why})", task=task.task_id, why=why)
             task.validated_at = self._clock.seconds()
+            # each registration waiting on the check is served from the cache
+            self.cache_hits += len(task.revalidating or [])
             settle(task)
 
         def answered(response: Any) -> None:
