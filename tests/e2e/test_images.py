@@ -194,6 +194,18 @@ def test_skopeo_through_the_https_proxy_with_interception(tmp_path, image):
             )
             assert r.returncode != 0
             assert b"certificate" in r.stderr
+            # a host no --hijack rule names is a plain tunnel: the client talks
+            # TLS with the registry itself (its own certificate, its CA)
+            plain = swarm.start_dfdaemon("dfdaemon1", peer["home"] + "-tunnel", "--no-start-peer")
+            tunnel_env = dict(os.environ, HTTPS_PROXY=plain, HTTP_PROXY=plain, NO_PROXY="")
+            r = subprocess.run(
+                ["skopeo", "inspect", "--raw", "--cert-dir", registry.ca_dir, f"docker://{ref}"],
+                env=tunnel_env, capture_output=True, timeout=60,
+            )
+            assert r.returncode == 0, r.stderr.decode(errors="replace")[-1500:]
+            assert json.loads(r.stdout) == json.loads(image.manifest)
+            counters = dfdaemon_status(plain)
+            assert counters["tunnels"] >= 1 and counters["intercepted"] == 0, counters
     finally:
         registry.stop()
 
