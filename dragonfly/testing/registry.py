@@ -134,8 +134,9 @@ def make_image(layout: str, layer_sizes: list[int], tag: str = "latest", seed: i
 
 
 def _random_bytes(size: int, seed: int) -> bytes:
-    # incompressible, and the same for the same seed
-    return random.Random(seed).randbytes(size)
+    # incompressible, and the same for the same seed (randbytes takes at most 256 MiB at once)
+    rng = random.Random(seed)
+    return b"".join(rng.randbytes(min(16 << 20, size - i)) for i in range(0, size, 16 << 20))
 
 
 @define
