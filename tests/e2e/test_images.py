@@ -210,11 +210,11 @@ def test_skopeo_through_the_https_proxy_with_interception(tmp_path, image):
         registry.stop()
 
 
-def _read_all(url, path):
+def _read_all(url, path, headers=None):
     """GET path; (status, Content-Length, bytes read, complete?)."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    conn.request("GET", path)
+    conn.request("GET", path, headers=headers or {})
     resp = conn.getresponse()
     length = resp.getheader("Content-Length")
     got = b""
@@ -291,8 +291,8 @@ def test_the_response_streams_before_the_swarm_finishes(tmp_path, tmp_path_facto
         registry.stop()
 
 
-def _get(url, path):
-    status, length, body, complete = _read_all(url, path)
+def _get(url, path, headers=None):
+    status, length, body, complete = _read_all(url, path, headers)
     assert status == 200 and complete, (status, length, len(body))
     return body
 
@@ -336,5 +336,29 @@ def test_dfdaemon_starts_a_dfpeer_for_its_home_when_none_runs(tmp_path, image):
                 pid_file = home / "dfpeer.pid"
                 if pid_file.exists():
                     os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+    finally:
+        registry.stop()
+
+
+def test_http_proxy_mode_sends_absolute_uri_blob_requests_through_the_swarm(tmp_path, image):
+    registry = Registry(str(tmp_path / "registry")).start()
+    try:
+        registry.push(image, "team/app")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode()
+            peer = swarm.start_peer("host0")
+            url = swarm.start_dfdaemon("dfdaemon0", peer["home"])  # no --registry: a proxy only
+            # an HTTP_PROXY client: absolute URIs, the same rules as the mirror
+            blob = f"{registry.url}/v2/team/app/blobs/{image.layers[2]}"
+            body = _get(url, blob)
+            assert "sha256:" + hashlib.sha256(body).hexdigest() == image.layers[2]
+            manifest = _get(
+                url, f"{registry.url}/v2/team/app/manifests/v1",
+                {"Accept": "application/vnd.oci.image.manifest.v1+json"},
+            )
+            assert json.loads(manifest) == json.loads(image.manifest)
+            counters = dfdaemon_status(url)
+            assert counters["p2p"] == 1 and counters["direct"] >= 1, counters
+            assert registry.blob_gets() == {image.layers[2]: 1}
     finally:
         registry.stop()
