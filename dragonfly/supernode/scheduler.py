@@ -118,7 +118,10 @@ class Scheduler:
     Soft state of every swarm.
 
     @ivar max_parents: parents handed to each peer.
-    @ivar seed_window: seed pieces a peer may have outstanding at once.
+    @ivar seed_window: seed pieces a peer may have outstanding at once.  In a
+        swarm of a few peers the seed's slots would sit idle, so a peer may
+        have up to C{small_window} out there (see L{_window}).
+    @ivar small_window: the largest seed window in a small swarm (1: none larger).
     @ivar seed_slots: seed pieces outstanding over the whole swarm: few, so
         each one arrives quickly and spreads, instead of all crawling at once.
     @ivar assign_ttl: seconds after which an unreported seed allowance lapses.
@@ -131,6 +134,7 @@ class Scheduler:
 
     max_parents: int = 8
     seed_window: int = 1
+    small_window: int = 4
     seed_slots: int = 16
     assign_ttl: float = 10.0
     block_after: int = 2
@@ -419,7 +423,7 @@ class Scheduler:
     ) -> list[int]:
         if member.have is None or swarm.seed_has is None:
             return []
-        free = min(self.seed_window - len(member.seed), self.seed_slots - swarm.seed_out)
+        free = min(self._window(swarm) - len(member.seed), self.seed_slots - swarm.seed_out)
         if free > 0:
             nearby = Bitmap(swarm.piece_count or 0)
             # neighbours: the parents we gave it and the peers that chose it
@@ -451,6 +455,24 @@ class Scheduler:
                     swarm.seed_sends[i] += 1
                     swarm.seed_out += 1
         return sorted(member.seed)
+
+    def _window(self, swarm: TaskSwarm) -> int:
+        """
+        The seed window for a member of C{swarm}: C{seed_window}, or more when
+        so few peers are downloading that they could not fill the seed's
+        slots with it (a lone host pulling an image waits a sync round trip
+        between seed pieces otherwise).  With four or more downloading peers
+        at the defaults it is C{seed_window}: spreading the seed's pieces
+        matters more there.
+        """
+        downloading = 0
+        for m in swarm.members.values():
+            if not m.done:
+                downloading += 1
+                if downloading * self.small_window > self.seed_slots:
+                    return self.seed_window  # a real swarm: stop counting
+        spare = self.seed_slots // (max(downloading, 1) * self.small_window)
+        return max(self.seed_window, min(self.small_window, spare))
 
     def _wanted(self, index: int, want: int | None) -> bool:
         return want is not None and want <= index < want + self.WANT_WINDOW

@@ -26,7 +26,8 @@ TASK = "a" * 64
 
 def make(count: int | None = 8, peers: int = 0, seed_all: bool = True, **kw: object) -> Scheduler:
     """A scheduler with a task of C{count} pieces, the seed holding them all, and C{peers} members."""
-    s = Scheduler(rng=random.Random(1234), **kw)  # type: ignore[arg-type]
+    # small_window 1: these tests are about the seed window itself (see the small-swarm test)
+    s = Scheduler(rng=random.Random(1234), **{"small_window": 1, **kw})  # type: ignore[arg-type]
     s.task(TASK)
     if count is not None:
         s.set_piece_count(TASK, count)
@@ -618,3 +619,21 @@ def test_a_wanted_piece_goes_first_even_if_the_seed_sent_it_before() -> None:
     s2 = make(count=16, peers=1, seed_window=1)
     d2 = s2.sync(TASK, "p0", 0, want=12)
     assert 12 <= d2.seed_pieces[0] < 16
+
+
+def test_a_small_swarm_gets_a_larger_seed_window_a_real_one_does_not() -> None:
+    # a lone peer: the seed's slots would sit idle with one piece at a time
+    s = make(count=32, peers=1, small_window=4)
+    assert len(s.sync(TASK, "p0", 0).seed_pieces) == 4
+    # two peers: 16 slots / (2 * 4) = 2 each
+    s = make(count=32, peers=2, small_window=4)
+    assert len(s.sync(TASK, "p0", 0).seed_pieces) == 2
+    # four or more downloading: the configured window, 1
+    s = make(count=32, peers=4, small_window=4)
+    assert [len(s.sync(TASK, f"p{n}", 0).seed_pieces) for n in range(4)] == [1, 1, 1, 1]
+    # finished members do not count: with one left downloading the window is 4 again
+    s = make(count=8, peers=4, small_window=4)
+    assert s._window(swarm(s)) == 1
+    for n in range(3):
+        s.report(TASK, f"p{n}", 0, have=list(range(8)))
+    assert s._window(swarm(s)) == 4
