@@ -261,6 +261,7 @@ class SuperNode:
             for conn in list(seed.conns):
                 conn.abort("task evicted from the CDN cache", E_TASK_FAILED)
         self.scheduler.seed_lost(task_id)
+        self.task_peer_bytes.pop(task_id, None)  # the dashboard's per-task total goes with it
         return self.cdn.evict(task_id)
 
     def note_peer_bytes(self, task_id: str, nbytes: int) -> None:
