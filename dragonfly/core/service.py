@@ -15,6 +15,15 @@ from .files import write_json_atomic
 log = Logger()
 
 
+def default_reactor(reactor: Any = None) -> Any:
+    """C{reactor}, or the global one (only a program's C{makeService} reaches for it)."""
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    return reactor
+
+
 class ListeningService(Service):
     """
     Binds its ports in order when started (C{_start}, written by a subclass

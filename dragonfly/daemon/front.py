@@ -16,6 +16,7 @@ and headers of a CONNECT (bounded) and takes the connection over.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -23,6 +24,7 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from ..core.httpapi import ApiError
 from .rules import hijacks
 
 log = Logger()
@@ -169,7 +171,7 @@ class FrontProtocol(Protocol):
     def _refuse(self, status: int, why: str) -> None:
         log.info("refusing a proxy connection from {peer}: {why}", peer=self.transport.getPeer(), why=why)
         reason = {400: b"Bad Request", 431: b"Request Header Fields Too Large", 502: b"Bad Gateway"}.get(status, b"Error")
-        body = ('{"error": {"code": "BAD_CONNECT", "message": %s}}' % _json_str(why)).encode()
+        body = json.dumps(ApiError(status, "BAD_CONNECT", why).body()).encode()
         self.mode = "closed"
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
@@ -194,12 +196,6 @@ class _Forward:
 
     def connectionLost(self, reason: Any) -> None:
         self.pipe.transport.loseConnection()
-
-
-def _json_str(text: str) -> str:
-    import json
-
-    return json.dumps(text)
 
 
 class FrontFactory(Factory):

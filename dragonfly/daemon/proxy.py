@@ -51,6 +51,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from ..core.bodywriter import DiscardBody
+from ..core.httpapi import ApiError, json_response
+from ..core.metrics import counter, render_metrics
 from .rules import Decision, Rule, decide
 
 log = Logger()
@@ -92,8 +94,6 @@ class Counters:
 
     def metrics(self) -> list[Any]:
         """The counters as Prometheus families (read at each scrape)."""
-        from ..core.metrics import counter
-
         return [
             counter("dragonfly_dfdaemon_requests_total", "Requests handled (mirror, proxy and intercepted).", self.requests),
             counter(
@@ -406,12 +406,10 @@ def _finish(request: Any) -> None:
 
 
 def _error(request: Any, status: int, code: str, message: str) -> None:
+    """The API's JSON error envelope (L{dragonfly.core.httpapi}), unless the client left."""
     if request.finished or getattr(request, "_disconnected", False):
         return
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    request.write(json.dumps({"error": {"code": code, "message": message}}).encode())
+    request.write(json_response(request, ApiError(status, code, message).body(), status))
     request.finish()
 
 
@@ -432,8 +430,6 @@ class ProxyResource(Resource):
         if own and self.status is not None and request.uri == b"/_dfdaemon/status":
             return self.status(request)
         if own and self.registry is not None and request.uri == b"/metrics":
-            from ..core.metrics import render_metrics
-
             return render_metrics(request, self.registry)
         d = Deferred.fromCoroutine(self.core.handle(request))
 

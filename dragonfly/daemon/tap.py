@@ -10,6 +10,7 @@ L{dragonfly.daemon.proxy} and docs/dfdaemon.md.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,7 +25,7 @@ from twisted.web.http import HTTPChannel
 
 from ..core.config import ConfigFileOptions
 from ..core.metrics import collector, new_registry
-from ..core.service import ListeningService
+from ..core.service import ListeningService, default_reactor
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
 from ..peer.client import parse_nodes
@@ -172,10 +173,7 @@ class DaemonService(ListeningService):
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor
+    reactor = default_reactor(reactor)
     os.makedirs(options["home"], exist_ok=True)
     top = MultiService()
     pool = WorkerPool(reactor, size=options["workers"], name="dfdaemon")
@@ -193,8 +191,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     core.check_access = not options["no-access-check"]
 
     def status(request: Any) -> bytes:
-        import json
-
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"counters": core.counters.to_json(), "registry": options["registry"]}).encode()
 

@@ -24,6 +24,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from ..core.config import ConfigFileOptions
 from ..core.ids import BadInput
 from ..core.metrics import metrics_only_root
+from ..core.service import default_reactor
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
 from ..core.gc import DiskGc
@@ -120,10 +121,7 @@ def supernode_http(reactor: Any, ca_certs: list[Any] | None) -> Any:
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor
+    reactor = default_reactor(reactor)
     os.makedirs(options["home"], exist_ok=True)
     top = MultiService()
     pool = WorkerPool(reactor, size=options["workers"], name="dfpeer-io")

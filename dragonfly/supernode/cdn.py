@@ -289,7 +289,7 @@ class Cdn:
             self.cache_hits += 1
             return task
         data_path, meta_path = self._paths(task_id)
-        clean = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
+        clean = _end_to_end(headers)
         if task is None:
             task = CdnTask(task_id=task_id, url=url, data_path=data_path, meta_path=meta_path)
             self.tasks[task_id] = task
@@ -343,7 +343,7 @@ class Cdn:
         task.revalidating = [d]
         # the registering peer's headers (its credentials), else the stored ones
         # (none after a restart: headers are never written to disk)
-        clean = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
+        clean = _end_to_end(headers)
         self._revalidate(task, clean or task.headers)
         return d
 
@@ -647,3 +647,8 @@ class _Abort(DiscardBody):
     def makeConnection(self, transport: Any) -> None:
         super().makeConnection(transport)
         transport.stopProducing()
+
+
+def _end_to_end(headers: dict[str, str] | None) -> dict[str, str]:
+    """The headers an origin fetch may carry: the client's, less the hop-by-hop ones."""
+    return {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}

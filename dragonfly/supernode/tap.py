@@ -24,7 +24,7 @@ from twisted.web.server import Site
 from ..core.config import ConfigFileOptions
 from ..core.ids import BadInput
 from ..core.security import DEFAULT_DENY, OriginPolicy, PolicyEndpointFactory
-from ..core.service import ListeningService
+from ..core.service import ListeningService, default_reactor
 from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
 from ..core.ratelimit import TokenBucket
 from ..core.threads import WorkerPool
@@ -215,10 +215,7 @@ def detect_ip(target: str | None) -> str:
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor
+    reactor = default_reactor(reactor)
     home = os.path.abspath(options["home"])
     os.makedirs(home, exist_ok=True)
     top = MultiService()

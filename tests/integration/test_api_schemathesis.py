@@ -28,6 +28,8 @@ pytestmark = pytest.mark.integration
 
 SCHEMA = schemathesis.openapi.from_path(SPEC)
 OPERATIONS = [r.ok() for r in SCHEMA.get_all_operations()]
+with open(SPEC) as _f:
+    RAW_SPEC = yaml.safe_load(_f)
 EXAMPLES = 40  # per operation, valid and invalid requests mixed
 
 
@@ -71,8 +73,7 @@ def test_no_server_errors_and_every_answer_is_json(supernode, operation):
 
 def _declared_types(operation, status):
     """The media types the spec declares for this operation's answer with C{status}."""
-    with open(SPEC) as f:
-        spec = yaml.safe_load(f)
+    spec = RAW_SPEC
     responses = spec["paths"][operation.path][operation.method.lower()]["responses"]
     answer = responses.get(str(status)) or {}
     if "$ref" in answer:
