@@ -29,6 +29,7 @@ from . import metrics
 from .dashboard import DEFAULT_TASKS, MAX_TASKS, dashboard_view
 from .node import SuperNode
 from .preheat import Preheater
+from . import oapi
 from .scheduler import PeerInfo, UnknownPeer, UnknownTask
 
 log = Logger()
@@ -86,6 +87,7 @@ class SupernodeApi:
     app = Klein()
     install_error_handlers(app)
     metrics_route(app, lambda self: self.registry)
+    oapi.mount(app)  # Harbor's preheat: Dragonfly's manager open API (dragonfly/supernode/oapi.py)
 
     def __init__(
         self,
