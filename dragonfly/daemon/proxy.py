@@ -51,7 +51,7 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any, Sequence
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
@@ -111,7 +111,7 @@ def split_ns(uri: str) -> tuple[str, str | None]:
     for part in query.split("&"):
         key, _, value = part.partition("=")
         if key == "ns":
-            ns = value
+            ns = unquote_plus(value)  # containerd sends ns=127.0.0.1%3A5000
         else:
             kept.append(part)
     rest = "&".join(kept)

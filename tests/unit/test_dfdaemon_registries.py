@@ -30,6 +30,7 @@ REGISTRIES = ("https://registry.example", "http://127.0.0.1:5000", "https://regi
     [
         ("/v2/a/blobs/x?ns=registry.example", "/v2/a/blobs/x", "registry.example"),
         ("/v2/a/blobs/x?foo=1&ns=h:5000&bar=2", "/v2/a/blobs/x?foo=1&bar=2", "h:5000"),
+        ("/v2/a/manifests/v1?ns=127.0.0.1%3A5000", "/v2/a/manifests/v1", "127.0.0.1:5000"),  # as containerd sends it
         ("/v2/a/blobs/x?nsx=1", "/v2/a/blobs/x?nsx=1", None),
         ("/v2/", "/v2/", None),
         ("/v2/?ns=", "/v2/", ""),
