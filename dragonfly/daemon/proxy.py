@@ -65,6 +65,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from ..core.bodywriter import DiscardBody
 from ..core.httpapi import ApiError, json_response
+from ..core.ids import task_id
 from ..core.metrics import counter, render_metrics
 from ..core.ranges import MULTIPLE, BadRange, ByteRange, parse_range
 from .rules import Decision, Rule, decide
@@ -152,6 +153,7 @@ class Counters:
         self.denied = 0
         self.unlisted = 0
         self.ranges = 0
+        self.ranges_direct = 0
 
     def to_json(self) -> dict[str, int]:
         return dict(vars(self))
@@ -173,7 +175,9 @@ class Counters:
             counter("dragonfly_dfdaemon_direct_requests_total", "Requests passed straight upstream.", self.direct),
             counter(
                 "dragonfly_dfdaemon_range_requests_total",
-                "Blob requests with one Range answered 206 from the swarm.", self.ranges,
+                "Blob requests with one Range, by where they were answered: swarm (206 from the dfpeer), direct "
+                "(--cold-range direct: the blob was not on this host yet; the swarm prefetches it).",
+                {"swarm": self.ranges, "direct": self.ranges_direct}, "path",
             ),
             counter(
                 "dragonfly_dfdaemon_unlisted_registry_total",
@@ -229,6 +233,9 @@ class DaemonCore:
         self.counters = Counters()
         #: ask the registry whether the client may read a blob before serving it from the swarm
         self.check_access = True
+        #: a Range on a blob the dfpeer does not hold yet goes straight to the
+        #: registry (the swarm still prefetches the whole blob) (--cold-range direct)
+        self.cold_range_direct = False
 
     # -- entry ---------------------------------------------------------------------
 
@@ -279,6 +286,10 @@ class DaemonCore:
                 # several ranges: the whole blob, 200 (RFC 9110 14.2 lets a server ignore Range)
                 request.requestHeaders.removeHeader(b"range")
                 spec = None
+        if isinstance(spec, ByteRange) and self.cold_range_direct and await self._cold(request, decision):
+            self.counters.ranges_direct += 1
+            await self._direct(request, method, decision.url)
+            return
         if decision.p2p and self.check_access and not await self._allowed(request, decision.url):
             # the registry says no (401 with its challenge, 403, 404): the
             # client gets the registry's own answer, never the swarm's copy
@@ -361,11 +372,8 @@ class DaemonCore:
 
     # -- through the swarm -------------------------------------------------------------
 
-    async def _p2p(self, request: Any, decision: Decision, span: ByteRange | None = None) -> None:
-        try:
-            api = await self.peer.api()
-        except Exception as e:
-            raise P2PUnavailable(f"no dfpeer: {e}") from None
+    def _download_body(self, request: Any, decision: Decision) -> dict[str, Any]:
+        """The dfpeer's download request for a blob, with the client's origin headers."""
         headers = {}
         for name in ORIGIN_HEADERS:
             value = request.getHeader(name)
@@ -374,6 +382,36 @@ class DaemonCore:
         body: dict[str, Any] = {"url": decision.url, "headers": headers, "notbs": True}
         if decision.digest:
             body["digest"] = decision.digest
+        return body
+
+    async def _cold(self, request: Any, decision: Decision) -> bool:
+        """
+        With C{--cold-range direct}: True if this host's dfpeer does not hold
+        the blob yet, after starting its download in the background (the
+        prefetch); the range then goes straight to the registry, which
+        checks the client's access itself.
+        """
+        if not decision.digest:
+            return False
+        try:
+            api = await self.peer.api()
+        except CancelledError:
+            raise
+        except Exception:
+            return False  # no dfpeer: the usual path falls back and says so
+        if await self._held(api, decision.digest):
+            return False
+        prefetch = self.local_http.post(api + "/api/v1/downloads", json=self._download_body(request, decision), timeout=10)
+        prefetch.addCallback(lambda r: r.json())
+        prefetch.addErrback(lambda f: log.warn("prefetch of {url} failed: {why}", url=decision.url, why=f.getErrorMessage()))
+        return True
+
+    async def _p2p(self, request: Any, decision: Decision, span: ByteRange | None = None) -> None:
+        try:
+            api = await self.peer.api()
+        except Exception as e:
+            raise P2PUnavailable(f"no dfpeer: {e}") from None
+        body = self._download_body(request, decision)
         try:
             response = await self.local_http.post(
                 api + "/api/v1/downloads", json=body, timeout=10
@@ -427,6 +465,18 @@ class DaemonCore:
         if not complete:
             self.counters.p2p_cut += 1
             log.warn("p2p {url}: stream cut short; the client's connection was cut too", url=decision.url)
+
+    async def _held(self, api: str, digest: str) -> bool:
+        """Whether this host's dfpeer holds the whole blob (its task id is the digest's), asked locally."""
+        try:
+            tid = task_id("", digest=digest)
+            response = await self.local_http.get(f"{api}/api/v1/downloads/{tid}", timeout=5)
+            answer = await response.json()
+        except CancelledError:
+            raise
+        except Exception:
+            return False
+        return response.code == 200 and answer.get("status") == "success"
 
     def _count_p2p(self, n: int) -> None:
         self.counters.p2p_bytes += n

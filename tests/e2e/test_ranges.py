@@ -84,3 +84,36 @@ def test_range_requests_are_answered_from_the_swarm(tmp_path, tmp_path_factory):
             assert counters["ranges"] >= 5 and counters["fallbacks"] == 0, counters
     finally:
         registry.stop()
+
+
+def test_cold_range_direct_answers_from_the_registry_while_the_swarm_prefetches(tmp_path, tmp_path_factory):
+    image = make_image(str(tmp_path_factory.mktemp("oci")), [16 * MiB], tag="v1", seed=22)
+    digest = image.layers[0]
+    data = image.blob(digest)
+    size = len(data)
+    registry = Registry(str(tmp_path / "registry")).start()
+    try:
+        registry.push(image, "team/app")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode()
+            peer = swarm.start_peer("host0")
+            url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url, "--cold-range", "direct")
+            path = f"/v2/team/app/blobs/{digest}"
+            status, headers, body = fetch(url, path, {"Range": f"bytes={size - MiB}-"})
+            assert status == 206 and body == data[size - MiB:]
+            assert headers["Content-Range"] == f"bytes {size - MiB}-{size - 1}/{size}"
+            # the range came from the registry (its own 206); the whole blob is on its way through the swarm
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                tasks = get_json(peer["api"] + "/api/v1/tasks")["tasks"]
+                if tasks and tasks[0]["status"] == "success":
+                    break
+                time.sleep(0.2)
+            assert tasks and tasks[0]["status"] == "success", tasks
+            status, headers, body = fetch(url, path, {"Range": "bytes=100-199"})
+            assert status == 206 and body == data[100:200]
+            counters = get_json(url + "/_dfdaemon/status")["counters"]
+            assert counters["ranges_direct"] == 1 and counters["ranges"] == 1, counters
+            assert registry.blob_gets() == {digest: 1}  # the whole blob once (the 206 is not a whole send)
+    finally:
+        registry.stop()

@@ -227,3 +227,55 @@ def test_several_ranges_are_dropped_for_the_whole_blob():
     method, url, headers = http.urls[0]
     assert url == f"https://registry.example/v2/a/blobs/sha256:{HEX}"
     assert b"Range" not in headers
+
+
+class FakePeerHttp:
+    """The dfpeer's local API: a download that has just started (status running)."""
+
+    def __init__(self):
+        self.posts = []
+
+    def post(self, url, json=None, timeout=None):
+        from twisted.internet.defer import succeed
+
+        self.posts.append(json)
+
+        class R:
+            code = 200
+
+            def json(self):
+                return succeed({"taskId": "ab" * 32, "status": "running"})
+
+        return succeed(R())
+
+    def get(self, *a, **kw):
+        raise AssertionError("a cold range must not wait for the swarm")
+
+
+def test_a_cold_range_goes_direct_with_its_range_while_the_swarm_prefetches():
+    from twisted.internet.defer import succeed
+
+    upstream = Recorder()
+    local = FakePeerHttp()
+    core = DaemonCore(None, REGISTRIES, DEFAULT_RULES, peer=None, http=upstream, local_http=local)
+    core.check_access = False
+    core.cold_range_direct = True
+    core.peer = type("Peer", (), {"api": lambda self: succeed("http://127.0.0.1:1")})()
+    site = Site(ProxyResource(core))
+    site.protocol = HTTPChannel
+    proto = FrontFactory(None, site, core).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(f"GET /v2/a/blobs/sha256:{HEX} HTTP/1.1\r\nHost: x\r\nRange: bytes=-1048576\r\n\r\n".encode())
+    assert local.posts and local.posts[0]["digest"] == f"sha256:{HEX}"  # the prefetch started
+    method, url, headers = upstream.urls[0]
+    assert url == f"https://registry.example/v2/a/blobs/sha256:{HEX}" and headers[b"Range"] == [b"bytes=-1048576"]
+    assert core.counters.ranges_direct == 1
+
+
+def test_cold_range_option(tmp_path):
+    o = tap.Options()
+    o.parseOptions(["--cold-range", "direct", "--home", str(tmp_path)])
+    assert o["cold-range"] == "direct"
+    with pytest.raises(usage.UsageError, match="--cold-range"):
+        tap.Options().parseOptions(["--cold-range", "sometimes", "--home", str(tmp_path)])
