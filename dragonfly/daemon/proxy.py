@@ -263,9 +263,10 @@ class DaemonCore:
             url = self.target(request)
         except UnlistedRegistry as e:
             self.counters.unlisted += 1
+            ns = str(e)[:255]
             _error(
                 request, 403, "REGISTRY_NOT_LISTED",
-                f"ns={e} names no registry of this dfdaemon: add it with --registry https://{e} (or 'registry' in its config file)",
+                f"ns={ns} names no registry of this dfdaemon: add it with --registry https://{ns} (or 'registry' in its config file)",
             )
             return
         if url is None:
@@ -288,7 +289,8 @@ class DaemonCore:
                 spec = None
         if isinstance(spec, ByteRange) and self.cold_range_direct and await self._cold(request, decision):
             self.counters.ranges_direct += 1
-            await self._direct(request, method, decision.url)
+            # (a registry that ignores Range answers 200 with the whole blob: checked against its digest)
+            await self._direct(request, method, decision.url, decision.digest)
             return
         if decision.p2p and self.check_access and not await self._allowed(request, decision.url):
             # the registry says no (401 with its challenge, 403, 404): the
