@@ -24,13 +24,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel
 
 from ..core.config import ConfigFileOptions
+from ..core.defaults import DEFAULT_HOME
 from ..core.metrics import collector, new_registry
 from ..core.service import ListeningService, default_reactor
+from ..core.tapkit import QuietSite
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
 from ..peer.client import parse_nodes
-from ..peer.tap import DEFAULT_HOME
-from ..supernode.tap import QuietSite
 from .ca import CaError, CertificateAuthority, LeafMinter
 from .front import FrontFactory
 from .peerlink import PeerLink

@@ -15,12 +15,12 @@ import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.files import unlink_quietly
 from ..core.gc import GcEntry
+from ..core.periodic import periodic
 from ..core.service import ListeningService
 from ..core.ids import task_id as make_task_id
 from ..core.ratelimit import TokenBucket
@@ -321,7 +321,7 @@ class PeerService(ListeningService):
         self._api_site = api_site
         self._idle_exit = idle_exit
         self._heartbeat = heartbeat
-        self._loops: list[LoopingCall] = []
+        self._loops: list[Any] = []
         self.ready: Deferred = Deferred()
 
     async def _start(self) -> None:
@@ -343,16 +343,15 @@ class PeerService(ListeningService):
             "dfpeer {peer} serving blocks on {port}, local API {api}, {n} finished tasks",
             peer=daemon.peer_id, port=daemon.block_port, api=info["api"], n=restored,
         )
-        self._loop(self._heartbeat, self._beat)
+        self._loop(self._heartbeat, self._beat, "heartbeat")
         if self._idle_exit > 0:
-            self._loop(min(5.0, self._idle_exit), self._check_idle)
+            self._loop(min(5.0, self._idle_exit), self._check_idle, "idle check")
         self.ready.callback(info)
 
-    def _loop(self, interval: float, f: Any) -> None:
-        lc = LoopingCall(f)
-        lc.clock = self.daemon.reactor
-        self._loops.append(lc)
-        lc.start(interval, now=True).addErrback(lambda fl: log.failure("periodic task failed", fl))
+    def _loop(self, interval: float, f: Any, what: str) -> None:
+        service = periodic(interval, f, self.daemon.reactor, what)
+        self._loops.append(service)
+        service.startService()
 
     def _beat(self) -> Deferred:
         daemon = self.daemon
@@ -378,9 +377,10 @@ class PeerService(ListeningService):
             daemon.reactor.stop()
 
     async def _before_stop(self) -> None:
-        for lc in self._loops:
-            if lc.running:
-                lc.stop()
+        for service in self._loops:
+            if service.running:
+                # not awaited: a heartbeat in flight must not hold up the leave
+                service.stopService()
         if self.daemon.registered:
             d = Deferred.fromCoroutine(self.daemon.leave())
             d.addTimeout(2.0, self.daemon.reactor)

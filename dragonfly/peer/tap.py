@@ -22,19 +22,18 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from ..core.config import ConfigFileOptions
+from ..core.defaults import DEFAULT_HOME
 from ..core.ids import BadInput
 from ..core.metrics import metrics_only_root
 from ..core.service import default_reactor
+from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
 from ..core.gc import DiskGc
-from ..supernode.tap import QuietSite, _token, detect_ip, parse_gc_options
 from .client import node_host, parse_nodes
 from .daemon import PeerDaemon, PeerService
 from .gc import PeerGc
 from .localapi import LocalApi
-
-DEFAULT_HOME = os.path.expanduser("~/.small-dragonfly")
 
 
 class Options(ConfigFileOptions):
@@ -77,7 +76,7 @@ class Options(ConfigFileOptions):
             raise usage.UsageError("--port must be 0..65535")
         if self["ip"] is None:
             self["ip"] = detect_ip(node_host(self["nodes"][0]))
-        self["cluster-token"] = _token(self["cluster-token"], self["cluster-token-file"], "cluster")
+        self["cluster-token"] = read_token(self["cluster-token"], self["cluster-token-file"], "cluster")
         if self["supernode-ca"] is not None:
             try:
                 with open(self["supernode-ca"], "rb") as f:
