@@ -186,7 +186,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     for name in ("cluster-token-file", "supernode-ca"):
         if options[name]:
             peer_args += [f"--{name}", os.path.abspath(options[name])]
-    peer = PeerLink(options["home"], options["nodes"], pool, start=not options["no-start-peer"], extra=peer_args)
+    peer = PeerLink(options["home"], options["nodes"], reactor, local, start=not options["no-start-peer"], extra=peer_args)
     core = DaemonCore(reactor, options["registry"], options["compiled-rules"], peer, upstream, local)
     core.check_access = not options["no-access-check"]
 
