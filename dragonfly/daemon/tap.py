@@ -58,7 +58,7 @@ class Options(ConfigFileOptions):
         ["ca-cert", None, None, "CA certificate (PEM) for --hijack, from 'dfdaemon gen-ca' (default: none)."],
         ["ca-key", None, None, "The CA's private key (PEM) (default: none)."],
         ["registry-ca", None, None, "CA bundle (PEM) that upstream HTTPS servers are verified with (default: the system's roots)."],
-        ["workers", None, 2, "Threads for minting certificates and finding the dfpeer.", int],
+        ["workers", None, 2, "Threads for minting certificates.", int],
         ["cluster-token-file", None, None, "For a dfpeer that dfdaemon starts: the file of the SuperNode's cluster token (default: none)."],
         ["supernode-ca", None, None, "For a dfpeer that dfdaemon starts: the CA of https:// SuperNodes (default: the system's)."],
     ]
