@@ -12,3 +12,8 @@ HOP_BY_HOP_BYTES: frozenset[bytes] = frozenset(h.encode("ascii") for h in HOP_BY
 #: request headers a peer's task may not hand to the CDN's origin fetch: the
 #: hop-by-hop ones and those the fetch sets itself (framing, ranges, encoding)
 NOT_TO_ORIGIN: frozenset[str] = HOP_BY_HOP | {"host", "content-length", "range", "accept-encoding"}
+
+
+def safe_header_map(headers: dict[str, str]) -> bool:
+    """Header names and values a request may carry on: no CR, LF or NUL to split or end a header line."""
+    return not any(c in k or c in v for k, v in headers.items() for c in "\r\n\x00")

@@ -28,6 +28,7 @@ from klein import Klein
 from twisted.web.iweb import IRequest
 
 from ..core.bodies import Schemas
+from ..core.headers import safe_header_map
 from ..core.httpapi import ApiError, install_error_handlers, json_response, read_json, require_bearer
 from ..core.ids import BadInput, is_peer_id, is_task_id, parse_filter
 from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
@@ -318,7 +319,7 @@ class SupernodeApi:
     def create_preheat(self, request: IRequest, body: dict[str, Any]) -> bytes:
         preheater = self._preheater()
         headers = body.get("headers") or {}
-        if any(c in k + v for k, v in headers.items() for c in "\r\n\x00"):
+        if not safe_header_map(headers):
             raise ApiError(400, "BAD_FIELD", "field 'headers' must map header names to strings")
         raw_filter = body.get("filter") or []
         keys = parse_filter(raw_filter) if isinstance(raw_filter, str) else list(raw_filter)

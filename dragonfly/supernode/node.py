@@ -21,6 +21,7 @@ from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
 from ..core.gc import GcEntry
+from ..core.headers import safe_header_map
 from ..core.ids import BadInput, check_url, parse_digest, task_id as make_task_id
 from ..core.logs import safe_url, task_log
 from ..core.metrics import FAST_SECONDS, Distribution
@@ -281,9 +282,8 @@ class SuperNode:
         checked against C{origin_policy}, the CDN starts (or revalidates)
         its fetch, and the peer joins the swarm afresh.
         """
-        for k, v in req.headers.items():
-            if any(c in k + v for c in "\r\n\x00"):
-                raise Refused("BAD_FIELD", "field 'headers' must map header names to strings")
+        if not safe_header_map(req.headers):
+            raise Refused("BAD_FIELD", "field 'headers' must map header names to strings")
         try:
             check_url(req.url)
             if req.digest:
