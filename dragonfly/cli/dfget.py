@@ -37,7 +37,7 @@ from ..core.nodes import parse_nodes
 from ..core.units import human_bytes, parse_duration, parse_rate
 from ..peer import launch
 
-__all__ = ["DEFAULT_HOME", "DEFAULT_NODE", "Failure", "main", "running_api", "start_daemon"]
+__all__ = ["DEFAULT_HOME", "DEFAULT_NODE", "Failure", "main", "start_daemon"]
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED, EXIT_DIGEST, EXIT_TIMEOUT, EXIT_IO = 0, 2, 3, 4, 5, 6
 CHUNK = 1 << 20
@@ -139,11 +139,6 @@ def _call(
         code = EXIT_USAGE if status == 400 else EXIT_FAILED
         raise Failure(code, err.get("message") or f"dfpeer answered {status}")
     return answer
-
-
-def running_api(home: str) -> str | None:
-    """The local API of the dfpeer running for C{home}, or None (L{dragonfly.peer.launch})."""
-    return launch.run_blocking(launch.find_running(home, launch.BlockingIO()))
 
 
 def start_daemon(home: str, nodes: list[str] | None, idle: float, extra: list[str] | None = None) -> str:
