@@ -7,7 +7,7 @@ parsed with ast; imports inside functions count too):
 A module imports only from its own layer or the layers below it; the two
 middle packages (supernode, peer) do not import each other; and no set of
 modules imports itself around in a cycle.  The tools at the top
-(dragonfly.testing, dragonfly.demo, dragonfly.openapi_doc) may import
+(dragonfly.testing, dragonfly.sim, dragonfly.demo, dragonfly.openapi_doc) may import
 anything, and nothing may import them.
 """
 
@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.abspath(dragonfly.__file__))
 #: the rank of each part; a module may import ranks <= its own
 RANKS = {"core": 0, "protocol": 1, "supernode": 2, "peer": 2, "daemon": 3, "cli": 4}
 #: top-level tools: import anything, imported by nothing but themselves
-TOOLS = {"testing", "demo", "openapi_doc"}
+TOOLS = {"testing", "demo", "openapi_doc", "sim"}
 
 
 def modules() -> dict[str, str]:
