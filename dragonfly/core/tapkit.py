@@ -71,7 +71,7 @@ def detect_ip(target: str | None) -> str:
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             try:
                 s.connect((socket.gethostbyname(target), 9))
-                return s.getsockname()[0]
+                return str(s.getsockname()[0])
             finally:
                 s.close()
         return socket.gethostbyname(socket.gethostname())

@@ -143,7 +143,7 @@ class PeerDaemon:
 
     async def _announce_pieces(self, task: PeerTask) -> None:
         """Tell the SuperNode every piece we hold of a finished task."""
-        report = SyncReport(self.peer_id, have=task.have, digests_from=task.count, version=task.version)
+        report = SyncReport(self.peer_id, have=task.have or (), digests_from=task.count or 0, version=task.version)
         await self.client.sync(task.task_id, report)
 
     def drop(self, task: PeerTask) -> None:

@@ -224,12 +224,14 @@ class ReactorIO:
         from twisted.internet.error import ProcessDone
         from twisted.internet.protocol import ProcessProtocol
 
-        ended: Deferred = Deferred()
+        ended: Deferred[int] = Deferred()
         err = bytearray()
 
         class Watch(ProcessProtocol):
             def connectionMade(self) -> None:
-                self.transport.closeStdin()
+                transport: Any = self.transport
+                if transport is not None:
+                    transport.closeStdin()
 
             def errReceived(self, data: bytes) -> None:
                 if len(err) < 4096:

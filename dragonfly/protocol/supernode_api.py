@@ -12,9 +12,21 @@ when they were built by hand.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from attrs import field, frozen
+
+def _ints(values: Iterable[int]) -> tuple[int, ...]:
+    return tuple(values)
+
+
+def _strs(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
+
+
+def _failures(values: Iterable["FailedPiece"]) -> tuple["FailedPiece", ...]:
+    return tuple(values)
+
 
 #: seconds between heartbeats and between syncs the SuperNode asks for
 HEARTBEAT_INTERVAL = 10.0
@@ -50,7 +62,7 @@ class TaskRequest:
     headers: dict[str, str] = field(factory=dict)
     digest: str | None = None
     identifier: str | None = None
-    filter: tuple[str, ...] = field(default=(), converter=tuple)
+    filter: tuple[str, ...] = field(default=(), converter=_strs)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"peerId": self.peer_id, "url": self.url}
@@ -88,12 +100,12 @@ class SyncReport:
     """C{POST /api/v1/tasks/{taskId}/sync}: what a peer did since its last sync."""
 
     peer_id: str
-    have: tuple[int, ...] = field(default=(), converter=tuple)
-    failed: tuple[FailedPiece, ...] = field(default=(), converter=tuple)
+    have: tuple[int, ...] = field(default=(), converter=_ints)
+    failed: tuple[FailedPiece, ...] = field(default=(), converter=_failures)
     digests_from: int = 0
     starving: bool = False
     want: int | None = None
-    banned: tuple[str, ...] = field(default=(), converter=tuple)
+    banned: tuple[str, ...] = field(default=(), converter=_strs)
     peer_bytes: int = 0
     version: str | None = None
 
@@ -118,7 +130,7 @@ class SyncReport:
         return cls(
             body["peerId"],
             body.get("have") or (),
-            [FailedPiece(f["index"], f["parent"]) for f in body.get("failed") or ()],
+            tuple(FailedPiece(f["index"], f["parent"]) for f in body.get("failed") or ()),
             body.get("digestsFrom") or 0,
             bool(body.get("starving")),
             body.get("want"),
