@@ -213,7 +213,8 @@ class SupernodeApi:
 
     @route("/healthz", "GET", OPEN)
     def healthz(self, request: IRequest) -> bytes:
-        return json_response(request, {"ok": True, "tasks": len(self.node.cdn.tasks), "peers": len(self.node.scheduler.peers)})
+        health = self.node.health()
+        return json_response(request, {"ok": True, "tasks": health.tasks, "peers": health.peers})
 
     # -- the dashboard -----------------------------------------------------------
 
@@ -284,7 +285,7 @@ class SupernodeApi:
 
     @route("/api/v1/tasks", "GET")
     def list_tasks(self, request: IRequest) -> bytes:
-        return json_response(request, {"tasks": [t.to_json() for t in self.node.cdn.tasks.values()]})
+        return json_response(request, {"tasks": [t.to_json() for t in self.node.tasks()]})
 
     @route("/api/v1/tasks/<task_id>", "GET")
     def get_task(self, request: IRequest, task_id: str) -> bytes:

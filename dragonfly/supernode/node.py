@@ -75,6 +75,14 @@ class SyncResult:
 
 
 @frozen
+class Health:
+    """L{SuperNode.health}'s result: how many tasks and peers it knows."""
+
+    tasks: int
+    peers: int
+
+
+@frozen
 class TaskDetail:
     """L{SuperNode.task_detail}'s result."""
 
@@ -264,7 +272,15 @@ class SuperNode:
         self.scheduler.remove_peer(peer_id, "left")
 
     def peers(self) -> list[PeerInfo]:
+        """The registered peers."""
         return list(self.scheduler.peers.values())
+
+    def tasks(self) -> list[CdnTask]:
+        """The CDN's tasks, oldest first."""
+        return list(self.cdn.tasks.values())
+
+    def health(self) -> Health:
+        return Health(len(self.cdn.tasks), len(self.scheduler.peers))
 
     def _known_peer(self, peer_id: str) -> None:
         if peer_id not in self.scheduler.peers:
