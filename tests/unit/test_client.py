@@ -206,3 +206,36 @@ peer_ids = st.from_regex(r"\A[A-Za-z0-9._:-]{1,64}\Z")
 )
 def test_sync_report_json_round_trip(report: SyncReport) -> None:
     assert SyncReport.from_json(report.to_json()) == report
+
+
+# -- a real dfpeer's session with the real SuperNode --------------------------------------
+
+
+def test_a_dfpeers_session_register_heartbeat_register_again_leave(env: Env, tmp_path: Any) -> None:
+    from twisted.internet.testing import MemoryReactorClock
+
+    from dragonfly.peer.daemon import PeerDaemon
+
+    from .test_supernode_api import SyncPool
+
+    daemon = PeerDaemon(
+        MemoryReactorClock(), str(tmp_path / "peer"), [NODE], "10.0.0.7", SyncPool(), http=None,
+        supernode_http=env.stub,
+    )
+    daemon.listening(40007)
+    run(env, daemon.register())
+    assert daemon.registered
+    info = env.node.scheduler.peers[daemon.peer_id]
+    assert (info.ip, info.port) == ("10.0.0.7", 40007)
+
+    env.clock.advance(4)
+    run(env, daemon.heartbeat())
+    assert env.node.scheduler.peers[daemon.peer_id].last_seen == 4
+
+    # the SuperNode forgot it (a restart, a TTL): the next heartbeat registers again
+    env.node.remove_peer(daemon.peer_id)
+    run(env, daemon.heartbeat())
+    assert daemon.peer_id in env.node.scheduler.peers
+
+    run(env, daemon.leave())
+    assert env.node.scheduler.peers == {}
