@@ -81,8 +81,8 @@ class MemorySwarm:
         return self.reactor.seconds() - start
 
 
-def test_a_swarm_in_memory_fetches_the_origin_once_and_shares(tmp_path: Any) -> None:
-    swarm = MemorySwarm(str(tmp_path), peers=4)
+def downloaded(swarm: MemorySwarm) -> tuple[list[Any], float]:
+    """Every dfpeer registers and downloads URL: the tasks, and the seconds once the origin answered."""
     for daemon in swarm.peers:
         Deferred.fromCoroutine(daemon.register())
     swarm.run_until(lambda: all(d.registered for d in swarm.peers), 5)
@@ -90,6 +90,12 @@ def test_a_swarm_in_memory_fetches_the_origin_once_and_shares(tmp_path: Any) -> 
     swarm.run_until(lambda: len(swarm.origin.calls) == 1, 5)
     swarm.origin.serve(FakeResponse(body=BODY))
     elapsed = swarm.run_until(lambda: all(t.status in ("success", "failed") for t in tasks))
+    return tasks, elapsed
+
+
+def test_a_swarm_in_memory_fetches_the_origin_once_and_shares(tmp_path: Any) -> None:
+    swarm = MemorySwarm(str(tmp_path), peers=4)
+    tasks, elapsed = downloaded(swarm)
 
     assert [t.status for t in tasks] == ["success"] * 4, [t.error for t in tasks]
     for daemon, task in zip(swarm.peers, tasks):
@@ -104,3 +110,24 @@ def test_a_swarm_in_memory_fetches_the_origin_once_and_shares(tmp_path: Any) -> 
         assert task.traffic["supernode"] + task.traffic["remote_peer"] == len(BODY)
     assert sum(t.traffic["remote_peer"] for t in tasks) > 2 * len(BODY)
     assert elapsed < 30
+
+
+def test_a_forgotten_dfpeer_registers_again_and_announces_what_it_holds(tmp_path: Any) -> None:
+    swarm = MemorySwarm(str(tmp_path), peers=2)
+    tasks, _ = downloaded(swarm)
+    tid = tasks[0].task_id
+    first, second = swarm.peers
+    pieces = len(swarm.node.scheduler.availability(tid))
+    assert swarm.node.scheduler.availability(tid) == [2] * pieces
+
+    # the SuperNode lost the first peer (a TTL, a restart): its next heartbeat
+    # registers it again and re-announces the finished task, piece by piece
+    swarm.node.remove_peer(first.peer_id)
+    assert swarm.node.scheduler.availability(tid) == [1] * pieces
+    Deferred.fromCoroutine(first.heartbeat())
+    swarm.run_until(lambda: swarm.node.scheduler.availability(tid) == [2] * pieces, 5)
+
+    # the second evicts the task: the SuperNode is told it no longer holds it
+    Deferred.fromCoroutine(second.evict(tid))
+    swarm.run_until(lambda: swarm.node.scheduler.availability(tid) == [1] * pieces, 5)
+    assert second.peer_id not in swarm.node.task_detail(tid).peers
