@@ -98,7 +98,7 @@ def test_a_swarm_in_memory_fetches_the_origin_once_and_shares(tmp_path: Any) -> 
     tasks, elapsed = downloaded(swarm)
 
     assert [t.status for t in tasks] == ["success"] * 4, [t.error for t in tasks]
-    for daemon, task in zip(swarm.peers, tasks):
+    for daemon, task in zip(swarm.peers, tasks, strict=True):
         with open(daemon.store.data_path(task.task_id), "rb") as f:
             assert hashlib.sha256(f.read()).digest() == hashlib.sha256(BODY).digest()
     # the origin once; the seed about one copy (super-seeding), not one per
