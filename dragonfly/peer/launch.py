@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from typing import Any, Coroutine, Protocol, TypeVar
 
@@ -87,6 +86,8 @@ def twistd_command() -> list[str]:
     exe = os.path.join(os.path.dirname(sys.executable), "twistd")
     if os.path.exists(exe):
         return [exe]
+    import shutil
+
     found = shutil.which("twistd")
     return [found] if found else [sys.executable, "-m", "twisted.scripts.twistd"]
 
