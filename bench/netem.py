@@ -374,10 +374,10 @@ class Network:
             with contextlib.suppress(ValueError):
                 self._procs.remove(proc)
 
-    def get_json(self, requests: Sequence[tuple[Host, str]], timeout: float = 15.0) -> list[Any]:
+    def get(self, requests: Sequence[tuple[Host, str]], timeout: float = 15.0) -> list[bytes | None]:
         """
-        GET each URL from inside its host (all at once) and parse the JSON;
-        C{None} for a request that failed.
+        GET each URL from inside its host (all at once); the bodies, C{None}
+        for a request that failed.
         """
         code = ("import sys, urllib.request;"
                 "sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1], timeout=%r).read())" % timeout)
@@ -386,19 +386,30 @@ class Network:
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for host, url in requests
         ]
-        results: list[Any] = []
+        results: list[bytes | None] = []
         for proc, (host, url) in zip(procs, requests):
             try:
                 out, err = proc.communicate(timeout=timeout + 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, err = proc.communicate()
-            try:
-                results.append(json.loads(out) if proc.returncode == 0 else None)
-            except ValueError:
-                results.append(None)
+            results.append(out if proc.returncode == 0 else None)
             if results[-1] is None:
                 log(f"GET {url} in {host.netns} failed: {err.decode(errors='replace').strip()[-300:]}")
+        return results
+
+    def get_json(self, requests: Sequence[tuple[Host, str]], timeout: float = 15.0) -> list[Any]:
+        """
+        GET each URL from inside its host (all at once) and parse the JSON;
+        C{None} for a request that failed.
+        """
+        results: list[Any] = []
+        for body, (host, url) in zip(self.get(requests, timeout), requests):
+            try:
+                results.append(None if body is None else json.loads(body))
+            except ValueError:
+                log(f"GET {url} in {host.netns}: not JSON")
+                results.append(None)
         return results
 
     def link_counters(self) -> dict[str, dict[str, int]]:
