@@ -56,7 +56,10 @@ def unavailable() -> str | None:
 
 def bdecode(data: bytes) -> Any:
     """Decode one bencoded value that fills C{data} (ValueError when it does not)."""
-    value, end = _decode(data, 0)
+    try:
+        value, end = _decode(data, 0)
+    except RecursionError:
+        raise ValueError("bencoded value nested too deep") from None
     if end != len(data):
         raise ValueError(f"{len(data) - end} bytes after the bencoded value")
     return value

@@ -346,16 +346,15 @@ class DataPath:
         os.makedirs(self.www)
         say(f"writing {human_size(self.size)} of random bytes")
         self.want = write_random_file(self.payload, self.size)
-        for path in (self.work, self.www):
-            os.chmod(path, 0o755)  # nginx's workers run as nobody
-        os.chmod(self.payload, 0o644)
         os.sync()
 
     def start_nginx(self) -> None:
         conf_dir = os.path.join(self.work, "nginx")
         os.makedirs(conf_dir)
         port = free_port()
-        user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
+        # the workers run as the benchmark's user (as root, nginx would pick nobody, who may not
+        # reach the workdir); it listens on loopback only
+        user = "user root root;\n" if os.geteuid() == 0 else ""
         temp = "".join(f"  {kind}_temp_path {conf_dir}/{kind};\n"
                        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         with open(os.path.join(conf_dir, "nginx.conf"), "w") as f:
@@ -376,7 +375,7 @@ class DataPath:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 length = int(resp.headers["Content-Length"])
         except OSError as e:
-            raise RuntimeError(f"nginx does not serve {self.payload} ({e}); the workdir must be readable by all") from e
+            raise RuntimeError(f"nginx does not serve {self.payload} ({e})") from e
         if length != self.size:
             raise RuntimeError(f"nginx serves {length} bytes, not {self.size}")
 
@@ -788,8 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] | None = None
     try:
         with SignalGuard(), run_lock():  # SIGTERM/SIGHUP become SystemExit: every finally runs
-            if not args.workdir:
-                sweep_workdirs(base)
+            sweep_workdirs(base)
             os.makedirs(base, exist_ok=True)
             work = tempfile.mkdtemp(prefix=WORK_PREFIX, dir=base)
             logs = os.path.join(work, "logs")

@@ -103,11 +103,12 @@ class Scenario:
     supernode_args: str = ""
     peer_args: str = ""
     bt_args: str = ""
+    quiet_wait: float = 20.0  # seconds a round may wait for the machine to calm down before it starts
 
     def params(self) -> dict[str, Any]:
         """What must match for results of two runs to be merged."""
         p = asdict(self)
-        for key in ("peers", "systems", "timeout"):
+        for key in ("peers", "systems", "timeout", "quiet_wait"):
             del p[key]
         if not p["bt_args"]:  # results from before the BitTorrent baseline still merge
             del p["bt_args"]
@@ -148,7 +149,8 @@ def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
     p.add_argument("--report", action="store_true",
                    help="run nothing: redraw the plots and OUT/results.md from OUT/results.json")
     p.add_argument("--smoke", action="store_true",
-                   help="a quick check: 3 peers, a 4 MiB file, 200 Mbit/s links, 1M pieces, no BitTorrent unless --systems")
+                   help="a quick check: 3 peers, a 4 MiB file, 200 Mbit/s links, 1M pieces; no BitTorrent unless"
+                        " --systems, no plots")
     args = p.parse_args(argv)
     defaults = dict(peers="5,10,20,40", file_size="64M", peer_rate=80.0, origin_rate=160.0,
                     supernode_rate=160.0, piece_size="auto", systems=",".join(SYSTEMS))
@@ -176,7 +178,8 @@ def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     scenario = Scenario(peers, size, args.peer_rate, args.origin_rate, args.supernode_rate,
-                        args.piece_size, systems, args.timeout, args.supernode_args, args.peer_args, args.bt_args)
+                        args.piece_size, systems, args.timeout, args.supernode_args, args.peer_args, args.bt_args,
+                        quiet_wait=3.0 if args.smoke else 20.0)
     return scenario, args
 
 
@@ -363,7 +366,7 @@ class Testbed:
             os.close(go_r)
             go_r = -1
             self._wait_ready(ready_r, procs)
-            wait_for_quiet_cpu()
+            wait_for_quiet_cpu(timeout=self.sc.quiet_wait)
             links_before = self.net.link_counters()
             ends: dict[str, float] = {}
             with CpuMeter(watch, late=late) as cpu:
@@ -954,7 +957,7 @@ def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
                 passed = passed and record["ok"]
                 write_outputs(out, results, scenario, draw=False)
                 say(round_line(record))
-    write_outputs(out, results, scenario, draw=not args.no_plot)
+    write_outputs(out, results, scenario, draw=not (args.no_plot or args.smoke))  # a smoke run is quick: no plots
     print()
     print(table(results))
     print()
