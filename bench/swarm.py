@@ -473,7 +473,7 @@ class Testbed:
             for peer, reply in zip(self.peers, replies[1:]):
                 mine = [t for t in (reply or {}).get("tasks", []) if t.get("url") == self.url]
                 traffic[peer.name] = mine[0].get("traffic", {}) if mine else {}
-            return self.record("dragonfly", outcomes, ok, measured, origin, seed, traffic, daemons="dfpeers")
+            return self.record("dragonfly", outcomes, ok, measured, origin, seed, traffic)
         finally:
             self.net.stop(started)
             shutil.rmtree(rdir, ignore_errors=True)
@@ -543,8 +543,7 @@ class Testbed:
             seed_wire = links.get("origin", {}).get("upBytes", 0)
             down = sum(links.get(p.name, {}).get("downBytes", 0) for p in self.peers)
             p2p = round(max(down - seed_wire, 0) / down, 3) if down else 0.0
-            return self.record("bittorrent", outcomes, ok, measured, seed_wire, 0, {}, p2p=p2p,
-                               daemons="aria2c")
+            return self.record("bittorrent", outcomes, ok, measured, seed_wire, 0, {}, p2p=p2p)
         finally:
             self._kill(self._pids(pidfiles.values()))
             self.net.stop(started)
@@ -587,12 +586,10 @@ class Testbed:
             shutil.rmtree(rdir, ignore_errors=True)
 
     def record(self, system: str, outcomes: dict[str, Outcome], ok: dict[str, bool], measured: dict[str, Any],
-               origin: int, seed: int, traffic: dict[str, dict[str, int]], p2p: float | None = None,
-               daemons: str | None = None) -> dict[str, Any]:
+               origin: int, seed: int, traffic: dict[str, dict[str, int]], p2p: float | None = None) -> dict[str, Any]:
         """
         The JSON record of one round.  C{p2p}: the share of the peers' bytes
-        from other peers, when C{traffic} cannot tell; C{daemons}: the name
-        in C{processSeconds} of the peers' long-running processes.
+        from other peers, when C{traffic} cannot tell.
         """
         links = measured["links"]
         f = self.sc.file_size
@@ -615,8 +612,6 @@ class Testbed:
         if p2p is None:
             p2p = round(totals.get("remote_peer", 0) / received, 3) if received else 0.0
         cpu = measured["cpu"]
-        peer_cpu = cpu["processSeconds"].get(daemons, 0.0) if daemons else 0.0
-        per_peer_gib = (peer_cpu + cpu.get("clientSeconds", 0.0)) / self.n / (f / GIB)
         return {
             "system": system,
             "n": self.n,
@@ -632,7 +627,7 @@ class Testbed:
             "traffic": totals,
             "cpu": cpu,
             # CPU seconds per peer per GiB: its daemon (dfpeer, aria2c) during the round and its download process
-            "cpuPerPeerPerGiB": round(per_peer_gib, 3),
+            **cpu_per_peer(system, self.n, f, cpu),
             "link": {
                 "drops": sum(c["drops"] for c in links.values()),
                 "originUpBytes": links.get("origin", {}).get("upBytes", 0),
@@ -646,6 +641,26 @@ class Testbed:
             "hosts": hosts,
             "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+# the name in a round's cpu.processSeconds of the peers' long-running processes
+DAEMONS = {"dragonfly": "dfpeers", "bittorrent": "aria2c"}
+
+
+def cpu_per_peer(system: str, n: int, file_size: int, cpu: dict[str, Any]) -> dict[str, Any]:
+    """
+    CPU seconds per peer per GiB: the peers' daemons during the round plus
+    the download processes (C{clientSeconds}), split too; nothing for a
+    record from before C{clientSeconds} was measured.
+    """
+    if "clientSeconds" not in cpu:
+        return {}
+    gib = n * file_size / GIB
+    daemon = cpu["processSeconds"].get(DAEMONS.get(system, ""), 0.0)
+    return {
+        "cpuPerPeerPerGiB": round((daemon + cpu["clientSeconds"]) / gib, 3),
+        "cpuPerPeerPerGiBSplit": {"daemon": round(daemon / gib, 3), "client": round(cpu["clientSeconds"] / gib, 3)},
+    }
 
 
 def link_deltas(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -775,8 +790,9 @@ def comparison(results: dict[str, Any]) -> str:
     if len(present) < 2:
         return ""
     head = f"{'N':>3}" + "".join(f" {s + ' mean':>16}" for s in present) + \
-        "".join(f" {s + ' cpu/GiB':>19}" for s in present if s != "http")
-    lines = ["mean x F/B and CPU seconds per peer per GiB, side by side:", "", head, "-" * len(head)]
+        "".join(f" {s + ' cpu/GiB':>25}" for s in present if s != "http")
+    lines = ["mean x F/B, and CPU seconds per peer per GiB = daemon + download process, side by side:", "",
+             head, "-" * len(head)]
     for n in sorted(runs, key=int):
         row = f"{n:>3}"
         for s in present:
@@ -786,7 +802,12 @@ def comparison(results: dict[str, Any]) -> str:
             if s == "http":
                 continue
             r = runs[n].get(s)
-            row += f" {r['cpuPerPeerPerGiB']:19.2f}" if r and "cpuPerPeerPerGiB" in r else f" {'-':>19}"
+            if r and "cpuPerPeerPerGiBSplit" in r:
+                split = r["cpuPerPeerPerGiBSplit"]
+                cell = f"{r['cpuPerPeerPerGiB']:.2f} = {split['daemon']:.2f} + {split['client']:.2f}"
+                row += f" {cell:>25}"
+            else:
+                row += f" {'-':>25}"
         lines.append(row)
     return "\n".join(lines)
 
@@ -1004,6 +1025,7 @@ def report(out: str, draw: bool) -> int:
         return EXIT_FAILED
     for record in rows(results):
         record["cpu"]["cpuBound"] = cpu_bound(record["cpu"])  # the rule may have changed since the run
+        record.update(cpu_per_peer(record["system"], record["n"], results["params"]["file_size"], record["cpu"]))
     write_json(path, results)
     write_report(out, results, draw)
     print(table(results))
