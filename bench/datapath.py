@@ -150,7 +150,7 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} before listening on {port}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
             return
         time.sleep(0.05)
@@ -401,9 +401,13 @@ class DataPath:
         if length != self.size:
             raise RuntimeError(f"nginx serves {length} bytes, not {self.size}")
 
-    def nginx_pids(self) -> list[int]:
+    @property
+    def nginx_pid(self) -> int:
         assert self.nginx is not None
-        return [self.nginx.pid, *measure.children_of(self.nginx.pid)]
+        return self.nginx.pid
+
+    def nginx_pids(self) -> list[int]:
+        return [self.nginx_pid, *measure.children_of(self.nginx_pid)]
 
     # recording
 
@@ -450,7 +454,7 @@ class DataPath:
                 os.unlink(target)
             self.add(key, label, fin, ok, busy, [
                 self.role("curl", fin.cpu, fin.max_rss_mib),
-                self.role("nginx", used["nginx"], peak_rss_mib(self.nginx.pid)),
+                self.role("nginx", used["nginx"], peak_rss_mib(self.nginx_pid)),
             ], sha256Ok=ok if target != os.devnull else None)
 
     def run_dragonfly(self) -> None:
@@ -513,7 +517,7 @@ class DataPath:
                 self.role("SuperNode (fetch, hash, write, seed)", used["supernode"], peak_rss_mib(sn.pid)),
                 self.role("receiving dfpeer (A)", used["A"], peak_rss_mib(peers["A"].pid)),
                 self.role("dfget (A)", fin.cpu, fin.max_rss_mib),
-                self.role("nginx", used["nginx"], peak_rss_mib(self.nginx.pid)),
+                self.role("nginx", used["nginx"], peak_rss_mib(self.nginx_pid)),
             ], supernodeSeedBytes=seed_a, **extra)
             if not ok:
                 self.skipped["peer-peer"] = "the first download failed"
@@ -521,7 +525,8 @@ class DataPath:
 
             say("peer A -> peer B")
             fin, used, busy, ok, extra = transfer("B")
-            seed_b = self.seed_bytes(sn_port) - seed_a
+            seed_now = self.seed_bytes(sn_port)
+            seed_b = None if seed_now is None or seed_a is None else seed_now - seed_a
             self.add("peer-peer", "Dragonfly: peer A (+ seed) -> peer B", fin, ok, busy, [
                 self.role("receiving dfpeer (B)", used["B"], peak_rss_mib(peers["B"].pid)),
                 self.role("uploading dfpeer (A)", used["A"], peak_rss_mib(peers["A"].pid)),
@@ -559,7 +564,7 @@ class DataPath:
             if not fin.ok:
                 continue
             got = self.first_request(relay, fin)
-            if got["any"] is not None:
+            if got["any"] is not None and fin.seconds is not None:
                 firsts.append(got["any"])
                 walls.append(fin.seconds)
             if got["ask"] is not None:

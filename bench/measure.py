@@ -19,7 +19,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,7 +124,7 @@ class Sample:
     seconds: dict[str, float]
 
     @classmethod
-    def take(cls, pids: dict[str, Sequence[int]]) -> "Sample":
+    def take(cls, pids: Mapping[str, Sequence[int]]) -> "Sample":
         return cls({name: sum(process_cpu_seconds(p) for p in ps) for name, ps in pids.items()})
 
     def until(self, later: "Sample") -> dict[str, float]:

@@ -494,6 +494,7 @@ class Testbed:
         host, then aria2c on every peer at once; a peer is done when its
         aria2c has the file (it seeds on until the round ends).
         """
+        assert self.origin_proc is not None
         rdir = self.round_dir("bittorrent")
         sn_ip = self.supernode.ip
         announce = f"http://{sn_ip}:{TRACKER_PORT}/announce"
