@@ -85,13 +85,19 @@ def test_bench_smoke_bittorrent(tmp_path):
     reason = _cannot_run() or bittorrent.unavailable()
     if reason:
         pytest.skip(reason)
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "bench.swarm", "--smoke", "--systems", "bittorrent", "--no-plot", "--out", str(tmp_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=140,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=140)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if proc.returncode == EXIT_BUSY:
         pytest.skip("another benchmark run holds the dfb-* namespaces")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.returncode == 0, stdout + stderr
     with open(tmp_path / "results.json") as f:
         results = json.load(f)
     (run,) = results["runs"].values()
@@ -103,15 +109,23 @@ def test_bench_smoke_bittorrent(tmp_path):
     assert record["cpu"]["processSeconds"]["aria2c"] > 0
     assert record["cpuPerPeerPerGiB"] > 0
     assert _our_namespaces() == []
-    assert not [p for p in _aria2c_pids() if p not in _aria2c_before]
+    assert _aria2c_started_by(proc.pid) == []  # every aria2c of the run is gone
 
 
-def _aria2c_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-x", "aria2c"], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-_aria2c_before = _aria2c_pids() if shutil.which("pgrep") else []
+def _aria2c_started_by(pid: int) -> list[int]:
+    """The live aria2c processes that a benchmark process C{pid} started (they name it in --stop-with-process)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"aria2c") and f"--stop-with-process={pid}".encode() in argv:
+            found.append(int(entry))
+    return found
 
 
 # -- the data-path benchmark ------------------------------------------------------------
