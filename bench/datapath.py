@@ -409,6 +409,11 @@ class DataPath:
     def nginx_pids(self) -> list[int]:
         return [self.nginx_pid, *measure.children_of(self.nginx_pid)]
 
+    def nginx_peak(self) -> float | None:
+        """The largest peak RSS among nginx's master and worker."""
+        peaks = [p for p in map(peak_rss_mib, self.nginx_pids()) if p is not None]
+        return max(peaks) if peaks else None
+
     # recording
 
     def role(self, role: str, cpu: float, rss: float | None, **extra: Any) -> dict[str, Any]:
@@ -454,7 +459,7 @@ class DataPath:
                 os.unlink(target)
             self.add(key, label, fin, ok, busy, [
                 self.role("curl", fin.cpu, fin.max_rss_mib),
-                self.role("nginx", used["nginx"], peak_rss_mib(self.nginx_pid)),
+                self.role("nginx", used["nginx"], self.nginx_peak()),
             ], sha256Ok=ok if target != os.devnull else None)
 
     def run_dragonfly(self) -> None:
@@ -517,7 +522,7 @@ class DataPath:
                 self.role("SuperNode (fetch, hash, write, seed)", used["supernode"], peak_rss_mib(sn.pid)),
                 self.role("receiving dfpeer (A)", used["A"], peak_rss_mib(peers["A"].pid)),
                 self.role("dfget (A)", fin.cpu, fin.max_rss_mib),
-                self.role("nginx", used["nginx"], peak_rss_mib(self.nginx_pid)),
+                self.role("nginx", used["nginx"], self.nginx_peak()),
             ], supernodeSeedBytes=seed_a, **extra)
             if not ok:
                 self.skipped["peer-peer"] = "the first download failed"
