@@ -193,8 +193,15 @@ def run_lock(path: str = LOCK_PATH) -> Iterator[None]:
 
 
 def sweep_workdirs(base: str) -> None:
-    """Remove what killed runs left (large files); called under the lock, so none is live."""
+    """
+    Remove what killed runs left: processes no death signal reached (see
+    L{measure.kill_recorded}) and large files.  Called under the lock, so
+    none of these runs is live.
+    """
     for stale in glob.glob(os.path.join(base, WORK_PREFIX + "*")):
+        killed = measure.kill_recorded(os.path.join(stale, "logs", "pids"))
+        if killed:
+            say(f"stopped {len(killed)} process(es) a killed run left: {killed}")
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -841,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
             logs = os.path.join(work, "logs")
             os.makedirs(logs)
             try:
-                with Children(logs) as children:
+                with Children(logs, registry=os.path.join(logs, "pids")) as children:
                     record = DataPath(args, work, children).run()
             finally:
                 if args.keep or record is None or not record["ok"]:

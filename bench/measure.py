@@ -34,7 +34,7 @@ except OSError:  # not glibc/Linux: children simply get no death signal
     _libc = None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """
     preexec_fn: SIGTERM this child when the process that started it dies.
     Safe with threads around: it takes no lock, only calls prctl(2) through
@@ -99,6 +99,39 @@ def peak_rss_mib(pid: int) -> float | None:
     """The peak resident set size (C{VmHWM}) of a live process, MiB."""
     kib = status_kib(pid, "VmHWM")
     return None if kib is None else round(kib / 1024, 1)
+
+
+def start_time(pid: int) -> int | None:
+    """When C{pid} started (clock ticks since boot): with the pid, it names one process for good."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_recorded(path: str) -> list[int]:
+    """
+    SIGKILL the processes listed in C{path} (by L{Children}) that still run:
+    those a killed run left, which no death signal reached (a child that
+    changed its user, as opentracker does, loses it).
+    """
+    killed: list[int] = []
+    try:
+        with open(path) as f:
+            entries = [line.split() for line in f if line.strip()]
+    except OSError:
+        return killed
+    for entry in entries:
+        try:
+            pid, started = int(entry[0]), int(entry[1])
+        except (IndexError, ValueError):
+            continue
+        if start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
 
 
 def children_of(pid: int) -> list[int]:
@@ -172,9 +205,15 @@ class Children:
     still running is sent SIGTERM, then SIGKILL after a grace period.
     """
 
-    def __init__(self, logdir: str) -> None:
+    def __init__(self, logdir: str, registry: str | None = None) -> None:
         self.logdir = logdir
+        self.registry = registry  # a file listing every child (pid, start time): see kill_recorded
         self._procs: list[subprocess.Popen] = []
+
+    def _record(self, proc: subprocess.Popen) -> None:
+        if self.registry is not None:
+            with open(self.registry, "a") as f:
+                f.write(f"{proc.pid} {start_time(proc.pid)}\n")
 
     def __enter__(self) -> "Children":
         return self
@@ -190,9 +229,10 @@ class Children:
         with self._log(tag) as out:
             kwargs.setdefault("stdout", out)
             kwargs.setdefault("stderr", subprocess.STDOUT)
-            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,  # noqa: PLW1509
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,  # noqa: PLW1509
                                     **kwargs)
         self._procs.append(proc)
+        self._record(proc)
         return proc
 
     def run(self, tag: str, argv: Sequence[str], timeout: float, **kwargs: Any) -> Finished:
@@ -205,9 +245,10 @@ class Children:
             kwargs.setdefault("stdout", out)
             kwargs.setdefault("stderr", subprocess.STDOUT)
             started = time.monotonic()
-            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent,  # noqa: PLW1509
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, preexec_fn=die_with_parent,  # noqa: PLW1509
                                     **kwargs)
         self._procs.append(proc)
+        self._record(proc)
         done: dict[str, Any] = {}
 
         def reap() -> None:

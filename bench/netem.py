@@ -22,7 +22,8 @@ deleted (which destroys its veths, and the bridge with C{dfb-core}): on a
 normal exit, on an exception, on SIGINT, SIGTERM or SIGHUP, which are turned
 into exceptions while a L{Network} is open and held back while it tears down.
 A run that died anyway (SIGKILL, a crash of the machine) leaves C{dfb-*}
-namespaces behind: the next run sweeps them before it builds anything.  A
+namespaces behind: the next run sweeps them before it builds anything (the
+processes it started directly got SIGTERM from the kernel when it died).  A
 lock file keeps two runs from sweeping each other's namespaces.
 """
 
@@ -43,6 +44,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
+
+from .measure import die_with_parent
 
 PREFIX = "dfb-"
 CORE_NS = PREFIX + "core"
@@ -351,8 +354,13 @@ class Network:
     # processes
 
     def popen(self, host: Host, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
-        """Start C{argv} inside C{host}; it is stopped at teardown if still running."""
+        """
+        Start C{argv} inside C{host}; it is stopped at teardown if still
+        running, and gets SIGTERM if the benchmark dies (C{ip netns exec}
+        execs it in place, so the death signal set here reaches it).
+        """
         kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("preexec_fn", die_with_parent)
         proc = subprocess.Popen(["ip", "netns", "exec", host.netns, *argv], **kwargs)
         self._procs.append(proc)
         return proc
