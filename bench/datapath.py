@@ -608,14 +608,15 @@ class DataPath:
         say(f"dfget start-up: asks for the file after {self.dfget['askMedian']} s (median of {len(asks)}), "
             f"imports {imports['totalSeconds']} s in {imports['modules']} modules")
 
-    @staticmethod
-    def peer_task(api: str) -> dict[str, Any]:
+    def peer_task(self, api: str) -> dict[str, Any]:
+        """The dfpeer's view of the payload's task (its traffic by source, its own elapsed time)."""
         try:
             tasks = get_json(f"{api}/api/v1/tasks").get("tasks", [])
         except (OSError, ValueError) as e:
             say(f"cannot read {api}/api/v1/tasks: {e}")
             return {}
-        return tasks[-1] if tasks else {}
+        mine = [t for t in tasks if t.get("url") == self.url]
+        return mine[-1] if mine else {}
 
     @staticmethod
     def seed_bytes(port: int) -> int | None:
