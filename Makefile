@@ -22,7 +22,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# the swarm benchmark on emulated hosts (network namespaces + tc; needs root)
+# the data-path benchmark (1 GiB on loopback: nginx, curl, Dragonfly, aria2c),
+# then the swarm benchmark on emulated hosts (network namespaces + tc; needs root)
 BENCH_STAMP := $(VENV)/.installed-bench
 
 $(BENCH_STAMP): $(STAMP)
@@ -30,6 +31,7 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench.datapath
 	$(BIN)/python -m bench.swarm
 
 clean:
