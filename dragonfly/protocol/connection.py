@@ -5,7 +5,8 @@ L{BlockConnection} takes events (bytes received, the connection made, a timer
 fired, a piece sent, the local side's calls) and answers with I{actions}: bytes
 to send (L{Send}), timers to set or cancel (L{SetTimer}, L{CancelTimer}), a
 piece to upload (L{Upload}) and a close with its reason (L{Close}).  It holds
-the connection's state explicitly (L{State}): awaiting HELLO, ready, closed.
+the connection's state explicitly (L{State}): awaiting HELLO, ready, closing
+(decided, the transport not gone yet), closed.
 L{dragonfly.protocol.block.BlockProtocol} is its Twisted adapter; tests drive
 it with no transport at all.
 
@@ -21,7 +22,8 @@ Shedding idle and hostile connections (see docs/protocol.md):
  - a connection with nothing requested in either direction and no frame
    received for C{idle_timeout} is closed; KEEPALIVE is sent when we have sent
    nothing for half of it, so healthy idle neighbours stay;
- - at most C{max_queued_requests} REQUESTs wait on one connection.
+ - at most C{max_queued_requests} REQUESTs wait on one connection, besides the
+   piece being sent.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ MAX_QUEUED_REQUESTS = 64
 class State(enum.Enum):
     AWAIT_HELLO = "awaiting HELLO"
     READY = "ready"
+    CLOSING = "closing"  # we or the remote decided to close; the transport is not gone yet
     CLOSED = "closed"
 
 
@@ -144,6 +147,7 @@ class BlockConnection:
         self.remote_id = remote_id
         self.remote_have: Bitmap | None = None
         self.state = State.AWAIT_HELLO
+        self._attached = False  # the side was told attached(): it is told detached() once
         self.limits = limits
         self._buffer = buffer
         self._now = now
@@ -165,7 +169,7 @@ class BlockConnection:
 
     @property
     def closed(self) -> bool:
-        return self.state is State.CLOSED
+        return self.state is State.CLOSING or self.state is State.CLOSED
 
     @property
     def ready(self) -> bool:
@@ -190,9 +194,9 @@ class BlockConnection:
         self._last_tx = self._now()
 
     def _close(self, reason: str, code: int | None) -> None:
-        if self.state is State.CLOSED:
+        if self.closed:
             return
-        self.state = State.CLOSED
+        self.state = State.CLOSING
         self._out += [CancelTimer(HANDSHAKE), CancelTimer(IDLE), CancelTimer(KEEPALIVE), Close(reason, code)]
 
     # -- events --------------------------------------------------------------
@@ -209,16 +213,16 @@ class BlockConnection:
 
     def connection_lost(self, reason: str) -> list[Action]:
         """The transport closed (either way); tells the side once, if it was attached."""
-        was_ready = self.state is State.READY
         self.state = State.CLOSED
         self.queue.clear()
         self._out += [CancelTimer(HANDSHAKE), CancelTimer(IDLE), CancelTimer(KEEPALIVE)]
-        if was_ready and self.side is not None:
+        if self._attached:
+            self._attached = False
             self.side.detached(self.handle, reason)
         return self._take()
 
     def data_received(self, data: bytes | memoryview) -> list[Action]:
-        if self.state is State.CLOSED:
+        if self.closed:
             return self._take()
         try:
             events = self._decoder.feed(data)
@@ -247,7 +251,7 @@ class BlockConnection:
         return self._take()
 
     def timer_fired(self, name: str) -> list[Action]:
-        if self.state is State.CLOSED:
+        if self.closed:
             return self._take()
         now = self._now()
         if name == HANDSHAKE:
@@ -283,12 +287,12 @@ class BlockConnection:
         self.requested[index] = now
         self._cancelled.discard(index)
         self._last_active = self._now()
-        if self.state is not State.CLOSED:
+        if not self.closed:
             self._send(F.encode_request(index))
         return self._take()
 
     def cancel(self, index: int) -> list[Action]:
-        if self.requested.pop(index, None) is not None and self.state is not State.CLOSED:
+        if self.requested.pop(index, None) is not None and not self.closed:
             self._cancelled.add(index)
             self._send(F.encode_cancel(index))
         return self._take()
@@ -299,7 +303,7 @@ class BlockConnection:
         return self._take()
 
     def send_bitfield(self, bitmap: Bitmap) -> list[Action]:
-        if self.state is not State.CLOSED:
+        if not self.closed:
             self._send(F.encode_bitfield(bitmap))
         return self._take()
 
@@ -322,7 +326,7 @@ class BlockConnection:
         if self.sending == index:
             self.sending = None
         self._last_tx = self._last_active = self._now()
-        if self.state is not State.CLOSED and nbytes and self.side is not None:
+        if not self.closed and nbytes and self.side is not None:
             self.side.on_uploaded(self.handle, nbytes)
         if self.queue:
             self._out.append(Upload())
@@ -332,7 +336,7 @@ class BlockConnection:
         """Piece C{index} could not be read: the remote is told it is not held."""
         if self.sending == index:
             self.sending = None
-        if self.state is not State.CLOSED:
+        if not self.closed:
             self._send(F.encode_reject(index, F.REJECT_NOT_HELD))
             if self.queue:
                 self._out.append(Upload())
@@ -342,7 +346,7 @@ class BlockConnection:
 
     def _handle(self, events: list[F.Event]) -> None:
         for ev in events:
-            if self.state is State.CLOSED:
+            if self.closed:
                 return
             if type(ev) is F.PieceData:
                 self._on_piece_data(ev)
@@ -438,6 +442,7 @@ class BlockConnection:
         mine = self.side.local_bitmap()
         if mine is not None:
             self._send(F.encode_bitfield(mine))
+        self._attached = True
         self.side.attached(self.handle)
 
     def _on_request(self, index: int) -> None:
@@ -447,7 +452,7 @@ class BlockConnection:
             return
         if index in self.queue or self.sending == index:
             return
-        if len(self.queue) >= self.limits.max_queued_requests:
+        if len(self.queue) - (self.sending is None) >= self.limits.max_queued_requests:
             raise F.ProtocolError(f"more than {self.limits.max_queued_requests} requests queued")
         self.queue.append(index)
         self._out.append(Upload())

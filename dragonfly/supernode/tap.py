@@ -178,7 +178,7 @@ class SupernodeService(ListeningService):
         self._site = site
 
     async def _start(self) -> None:
-        block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side))
+        block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side, clock=self.node.clock))
         self.node.block_port = block.getHost().port
         api = await self.listen(self._api_endpoint, self._site)
         self.publish({"port": api.getHost().port, "blockPort": self.node.block_port, "advertiseIp": self.node.advertise_ip})
