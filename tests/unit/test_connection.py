@@ -231,7 +231,7 @@ def test_keepalive_not_sent_while_we_talk():
 
 
 def test_request_queue_limit_is_configurable():
-    conn, _, _ = make(server_side=Side(), limits=Limits(max_queued_requests=2))
+    conn, _, _ = make(server_side=Side(held=range(5)), limits=Limits(max_queued_requests=2))
     conn.connection_made()
     conn.data_received(hello())
     # one to send next and two waiting
