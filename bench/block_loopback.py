@@ -64,14 +64,24 @@ class _Base:
 class Seed(_Base):
     accepts_pieces = False
 
-    def __init__(self, path: str, count: int, piece: int, zero_copy: bool) -> None:
+    def __init__(self, path: str, count: int, piece: int, zero_copy: bool, fault: str | None = None) -> None:
         super().__init__(count, piece)
         self.fd = os.open(path, os.O_RDONLY)
         self.bitmap = Bitmap(count)
         for i in range(count):
             self.bitmap.set(i)
+        send_fd = self.fd
+        if fault == "short":
+            # sendfile reads from a copy cut in the middle of a piece
+            short = tempfile.TemporaryFile()
+            short.write(os.pread(self.fd, count * piece // 2 + piece // 3, 0))
+            short.flush()
+            self._short = short
+            send_fd = short.fileno()
+        elif fault == "badfd":
+            send_fd = os.open(os.devnull, os.O_WRONLY)  # sendfile cannot read it
         if zero_copy:
-            self.piece_file = lambda i: (self.fd, i * piece, piece)
+            self.piece_file = lambda i: (send_fd, i * piece, piece)
 
     def local_bitmap(self):
         return self.bitmap
@@ -92,8 +102,10 @@ class Seed(_Base):
 class Sink(_Base):
     accepts_pieces = True
 
-    def __init__(self, count: int, piece: int, window: int, factory: BlockFactory) -> None:
+    def __init__(self, count: int, piece: int, window: int, factory: BlockFactory, verify: str | None = None) -> None:
         super().__init__(count, piece)
+        self.verify_fd = os.open(verify, os.O_RDONLY) if verify else None
+        self.wrong = 0
         self.window = window
         self.factory = factory
         self.next = 0
@@ -118,6 +130,8 @@ class Sink(_Base):
             self.next += 1
 
     def on_piece(self, conn, index, data):
+        if self.verify_fd is not None and os.pread(self.verify_fd, self.piece, index * self.piece) != data:
+            self.wrong += 1
         self.factory.release(data)
         self.got += 1
         if self.got == self.count:
@@ -131,8 +145,8 @@ class Sink(_Base):
         reactor.stop()
 
 
-def serve(path: str, count: int, piece: int, zero_copy: bool) -> None:
-    seed = Seed(path, count, piece, zero_copy)
+def serve(path: str, count: int, piece: int, zero_copy: bool, fault: str | None) -> None:
+    seed = Seed(path, count, piece, zero_copy, fault)
     factory = BlockFactory("seed", lambda tid: seed, clock=reactor)
 
     def listening(port):
@@ -148,12 +162,14 @@ def main() -> None:
     ap.add_argument("--piece-mib", type=int, default=4)
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--no-zero-copy", action="store_true", help="the seed offers no piece_file")
+    ap.add_argument("--verify", action="store_true", help="compare every piece received with the file")
+    ap.add_argument("--fault", choices=["short", "badfd"], help="make the seed's sendfile fail (tests the fallback)")
     ap.add_argument("--serve", nargs=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     piece = args.piece_mib << 20
     count = args.size_mib // args.piece_mib
     if args.serve:
-        serve(args.serve[0], count, piece, not args.no_zero_copy)
+        serve(args.serve[0], count, piece, not args.no_zero_copy, args.fault)
         return
     with tempfile.NamedTemporaryFile(prefix="block-bench-") as f:
         for _ in range(count):
@@ -166,10 +182,12 @@ def main() -> None:
                "--piece-mib", str(args.piece_mib), "--serve", f.name]
         if args.no_zero_copy:
             cmd.append("--no-zero-copy")
+        if args.fault:
+            cmd += ["--fault", args.fault]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         port = json.loads(proc.stdout.readline())["port"]
         factory = BlockFactory("sink", lambda tid: None, clock=reactor)
-        sink = Sink(count, piece, args.window, factory)
+        sink = Sink(count, piece, args.window, factory, f.name if args.verify else None)
         conn = factory.client(sink, TASK, "seed")
         factory.connect(TCP4ClientEndpoint(reactor, "127.0.0.1", port), conn)
         reactor.run()
@@ -182,7 +200,10 @@ def main() -> None:
         "receiver_cpu_s_per_gib": round(sink.cpu_used / gib, 3),
         "sender_cpu_s_per_gib": round(sender_cpu / gib, 3),
         "zero_copy_offered": not args.no_zero_copy,
+        **({"wrong_pieces": sink.wrong} if args.verify else {}),
     }))
+    if args.verify and (sink.wrong or sink.got != count):
+        sys.exit(1)
 
 
 if __name__ == "__main__":
