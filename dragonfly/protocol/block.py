@@ -51,7 +51,7 @@ from .connection import (
 )
 
 __all__ = [
-    "BlockFactory", "BlockProtocol", "TaskSide", "E_BUSY", "E_NO_TASK", "E_PROTOCOL", "E_TASK_FAILED", "E_TIMEOUT",
+    "BLOCK_PORT_OPTIONS", "block_port_limits", "BlockFactory", "BlockProtocol", "TaskSide", "E_BUSY", "E_NO_TASK", "E_PROTOCOL", "E_TASK_FAILED", "E_TIMEOUT",
 ]
 
 log = Logger()
@@ -63,6 +63,38 @@ PACED_READ = 256 * 1024
 #: defaults of the connection limits of a block port
 MAX_CONNECTIONS = 1024
 MAX_PER_ADDRESS = 64
+
+
+#: twistd options of a block port, shared by dfpeer and supernode (see docs/configuration.md)
+BLOCK_PORT_OPTIONS: list[list[Any]] = [
+    ["block-handshake-timeout", None, HANDSHAKE_TIMEOUT,
+     "Seconds a block connection has to say HELLO before it is closed (0: no limit).", float],
+    ["block-idle-timeout", None, IDLE_TIMEOUT,
+     "Seconds of silence after which a block connection with nothing requested either way is closed; "
+     "KEEPALIVE is sent every half of it (0: never).", float],
+    ["block-max-connections", None, MAX_CONNECTIONS, "Block connections accepted at once; more are refused.", int],
+    ["block-max-per-address", None, MAX_PER_ADDRESS, "Block connections accepted at once from one address.", int],
+    ["block-max-requests", None, MAX_QUEUED_REQUESTS,
+     "Piece requests that may wait on one block connection (more closes it).", int],
+]
+
+
+def block_port_limits(options: Any) -> dict[str, Any]:
+    """BlockFactory's keyword arguments from parsed L{BLOCK_PORT_OPTIONS}; ValueError when out of range."""
+    limits = {
+        "handshake_timeout": options["block-handshake-timeout"],
+        "idle_timeout": options["block-idle-timeout"],
+        "max_connections": options["block-max-connections"],
+        "max_per_address": options["block-max-per-address"],
+        "max_queued_requests": options["block-max-requests"],
+    }
+    for name in ("handshake-timeout", "idle-timeout"):
+        if options[f"block-{name}"] < 0:
+            raise ValueError(f"--block-{name} must be 0 or more")
+    for name in ("max-connections", "max-per-address", "max-requests"):
+        if options[f"block-{name}"] < 1:
+            raise ValueError(f"--block-{name} must be at least 1")
+    return limits
 
 
 class TaskSide(TypingProtocol):
@@ -145,13 +177,24 @@ class BlockFactory(Factory):
         self.upload_limit = upload_limit
         self.resolve = resolve
         self.max_piece = max_piece
-        self.limits = Limits(handshake_timeout, idle_timeout, max_queued_requests)
-        self.max_connections = max_connections
-        self.max_per_address = max_per_address
+        self.set_limits(handshake_timeout, idle_timeout, max_queued_requests, max_connections, max_per_address)
         self.connections: set[BlockProtocol] = set()
         self.accepted: dict[str, int] = {}
         self.refused = 0
         self._free: dict[int, list[bytearray]] = {}
+
+    def set_limits(
+        self,
+        handshake_timeout: float | None = HANDSHAKE_TIMEOUT,
+        idle_timeout: float | None = IDLE_TIMEOUT,
+        max_queued_requests: int = MAX_QUEUED_REQUESTS,
+        max_connections: int = MAX_CONNECTIONS,
+        max_per_address: int = MAX_PER_ADDRESS,
+    ) -> None:
+        """Set the limits (see the class docstring) of the connections made from now on."""
+        self.limits = Limits(handshake_timeout, idle_timeout, max_queued_requests)
+        self.max_connections = max_connections
+        self.max_per_address = max_per_address
 
     def buffer(self, size: int) -> bytearray:
         """A receive buffer of C{size} bytes, reused when one is free (no fresh pages per piece)."""
