@@ -42,6 +42,10 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def user_cpu() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+
+
 class _Base:
     clock = reactor
 
@@ -87,7 +91,7 @@ class Seed(_Base):
         return self.bitmap
 
     def attached(self, conn):
-        self.cpu0 = cpu()
+        self.cpu0, self.user0 = cpu(), user_cpu()
 
     def read_piece(self, index: int):
         return deferToThread(os.pread, self.fd, self.piece, index * self.piece)
@@ -95,7 +99,7 @@ class Seed(_Base):
     def on_piece(self, conn, index, data): ...
 
     def detached(self, conn, reason):
-        print(json.dumps({"cpu": cpu() - self.cpu0}), flush=True)
+        print(json.dumps({"cpu": cpu() - self.cpu0, "user": user_cpu() - self.user0}), flush=True)
         reactor.stop()
 
 
@@ -120,7 +124,7 @@ class Sink(_Base):
         return succeed(b"")
 
     def on_bitfield(self, conn):
-        self.start, self.cpu0 = time.perf_counter(), cpu()
+        self.start, self.cpu0, self.user0 = time.perf_counter(), cpu(), user_cpu()
         for _ in range(self.window):
             self._ask(conn)
 
@@ -137,6 +141,7 @@ class Sink(_Base):
         if self.got == self.count:
             self.elapsed = time.perf_counter() - self.start
             self.cpu_used = cpu() - self.cpu0
+            self.user_used = user_cpu() - self.user0
             conn.transport.loseConnection()
         else:
             self._ask(conn)
@@ -191,7 +196,8 @@ def main() -> None:
         conn = factory.client(sink, TASK, "seed")
         factory.connect(TCP4ClientEndpoint(reactor, "127.0.0.1", port), conn)
         reactor.run()
-        sender_cpu = json.loads(proc.stdout.readline())["cpu"]
+        sender = json.loads(proc.stdout.readline())
+        sender_cpu = sender["cpu"]
         proc.wait()
     gib = count * piece / (1 << 30)
     nbytes = count * piece
@@ -199,6 +205,8 @@ def main() -> None:
         "bytes": nbytes, "seconds": round(sink.elapsed, 3), "GBps": round(nbytes / sink.elapsed / 1e9, 3),
         "receiver_cpu_s_per_gib": round(sink.cpu_used / gib, 3),
         "sender_cpu_s_per_gib": round(sender_cpu / gib, 3),
+        "receiver_user_s_per_gib": round(sink.user_used / gib, 3),
+        "sender_user_s_per_gib": round(sender["user"] / gib, 3),
         "zero_copy_offered": not args.no_zero_copy,
         **({"wrong_pieces": sink.wrong} if args.verify else {}),
     }))
