@@ -515,3 +515,53 @@ def test_iosim_seed_refuses_over_the_address_limit(limit):
     assert all(("attached", "srv") in s.events for _, s in clients[:limit])
     last, last_side = clients[-1]
     assert last.closed and not any(e[0] == "attached" for e in last_side.events)
+
+
+# -- the seed's zero-copy pieces (SeedSide.piece_file) ------------------------------------------
+
+
+class SyncPool:
+    """A WorkerPool that runs the function at once."""
+
+    def run(self, f, *a, **kw):
+        from twisted.internet.defer import maybeDeferred
+
+        return maybeDeferred(f, *a, **kw)
+
+
+def test_seed_piece_file_serves_published_pieces_only(tmp_path):
+    import os
+
+    from dragonfly.supernode.cdn import Cdn, CdnTask
+    from dragonfly.supernode.node import SuperNode
+    from dragonfly.supernode.scheduler import Scheduler
+
+    clock = Clock()
+    node = SuperNode(
+        lambda track: Cdn(str(tmp_path), None, SyncPool(), clock, piece_size=PIECE, on_new_task=track),
+        Scheduler(), clock, "10.0.0.9", 8001,
+    )
+    body = os.urandom(2 * PIECE + PIECE // 2)
+    data_path = os.path.join(node.cdn.repo, TASK + ".data")
+    with open(data_path, "wb") as f:
+        f.write(body)
+    task = CdnTask(
+        task_id=TASK, url="http://origin/f", data_path=data_path, meta_path=data_path[:-5] + ".meta",
+        status="running", length=len(body), piece_size=PIECE, piece_count=3, available=Bitmap(3),
+    )
+    node.cdn.tasks[TASK] = task
+    node._track(task)
+    seed = node.seed_side(TASK)
+    assert seed.piece_file(0) is None  # the file opens (in the pool) on the first call
+    assert seed.piece_file(0) is None  # not published yet
+    task.available.set(0)
+    task.available.set(2)
+    fd, offset, length = seed.piece_file(0)
+    assert os.pread(fd, length, offset) == body[:PIECE]
+    fd, offset, length = seed.piece_file(2)
+    assert length == PIECE // 2 and os.pread(fd, length, offset) == body[2 * PIECE:]
+    assert seed.piece_file(1) is None
+    seed.task_failed(task)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with the task
+    assert seed.piece_file(0) is None
