@@ -257,6 +257,8 @@ class _OneShot(Factory):
 class _Refuse(Protocol):
     """Answers a connection over the limits with ERROR, then closes."""
 
+    transport: Any
+
     def __init__(self, why: str) -> None:
         self.why = why
 
@@ -283,6 +285,7 @@ class BlockProtocol(Protocol):
     """One block-protocol connection (see the module docstring)."""
 
     accepted_from: str | None = None
+    transport: Any  # a tcp.Connection in production (see _direct), any ITransport in tests
 
     def __init__(
         self,
@@ -371,18 +374,17 @@ class BlockProtocol(Protocol):
 
     def _do(self, actions: list[Action]) -> None:
         for a in actions:
-            kind = type(a)
-            if kind is Send:
+            if isinstance(a, Send):
                 self._write(a.data)
-            elif kind is Upload:
+            elif isinstance(a, Upload):
                 self._pump()
-            elif kind is SetTimer:
+            elif isinstance(a, SetTimer):
                 self._set_timer(a.name, a.delay)
-            elif kind is CancelTimer:
+            elif isinstance(a, CancelTimer):
                 timer = self._timers.pop(a.name, None)
                 if timer is not None and timer.active():
                     timer.cancel()
-            elif kind is Close:
+            else:
                 self._close(a)
 
     def _write(self, data: bytes) -> None:
@@ -437,7 +439,7 @@ class BlockProtocol(Protocol):
         self.transport.registerProducer(self, True)
         self._do(self._conn.connection_made())
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._factory.connections.discard(self)
         if self.accepted_from is not None:
             self._factory._accepted(self.accepted_from, -1)
@@ -468,6 +470,7 @@ class BlockProtocol(Protocol):
     def _read_into_piece(self, most: int) -> int:
         """Read what the socket holds of the piece body arriving, straight into its buffer."""
         conn, sock, total = self._conn, self._sock, 0
+        assert sock is not None
         while total < most and not conn.closed:
             window = conn.rx_window()
             if window is None:
@@ -551,9 +554,10 @@ class BlockProtocol(Protocol):
             self.bytes_out += len(data)
             self._do(conn.upload_done(index, len(data)))
         if self._reading is None and self._ready is None and self._body is None:
-            index = conn.next_upload()
-            if index is None:
+            next_index = conn.next_upload()
+            if next_index is None:
                 return
+            index = next_index
             span = self._piece_file(index)
             if span is not None:
                 if not self._upload_allowed(span[2]):
@@ -632,8 +636,8 @@ class BlockProtocol(Protocol):
         self.transport.startWriting()
 
     def _send_body(self) -> None:
-        body = self._body
-        assert body is not None
+        body, sock = self._body, self._sock
+        assert body is not None and sock is not None
         if not self._transport_idle():
             self._wake_when_writable()
             return
@@ -641,7 +645,7 @@ class BlockProtocol(Protocol):
             body.header = True
             header = F.piece_header(body.index, body.length)
             try:
-                n = self._sock.send(header, socket.MSG_MORE)
+                n = sock.send(header, socket.MSG_MORE)
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError:
@@ -650,7 +654,7 @@ class BlockProtocol(Protocol):
                 self.transport.write(header[n:])
                 self._wake_when_writable()
                 return
-        out = self._sock.fileno()
+        out = sock.fileno()
         while body.sent < body.length:
             try:
                 n = os.sendfile(out, body.fd, body.offset + body.sent, body.length - body.sent)

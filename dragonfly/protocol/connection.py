@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any
 
 from attrs import frozen
 
@@ -105,7 +106,9 @@ class Close:
     code: int | None
 
 
-Action = Union[Send, Upload, SetTimer, CancelTimer, Close]
+Action = Send | Upload | SetTimer | CancelTimer | Close
+
+DEFAULT_LIMITS = Limits()
 
 HANDSHAKE, IDLE, KEEPALIVE = "handshake", "idle", "keepalive"
 
@@ -136,7 +139,7 @@ class BlockConnection:
         max_piece: int = F.MAX_PIECE_SIZE,
         buffer: Callable[[int], bytearray] = bytearray,
         now: Callable[[], float] = lambda: 0.0,
-        limits: Limits = Limits(),
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.handle = handle
         self.peer_id = peer_id

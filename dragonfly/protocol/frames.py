@@ -337,7 +337,7 @@ _S_CONTROL = 2  # buffering a control frame body
 _S_BODY = 3  # streaming a piece body out
 
 
-def _decode_control(ftype: int, body: Union[bytes, memoryview]) -> Event:
+def _decode_control(ftype: int, body: Union[bytes, bytearray, memoryview]) -> Event:
     """Decode a complete control frame body, whose length is pre-checked."""
     if ftype == HAVE:
         return Have(_U32.unpack(body)[0])

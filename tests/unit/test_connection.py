@@ -20,7 +20,17 @@ from dragonfly.core.bitmap import Bitmap
 from dragonfly.protocol import frames as F
 from dragonfly.protocol.block import BlockFactory
 from dragonfly.protocol.connection import (
-    HANDSHAKE, IDLE, KEEPALIVE, BlockConnection, CancelTimer, Close, Limits, Send, SetTimer, State, Upload,
+    HANDSHAKE,
+    IDLE,
+    KEEPALIVE,
+    BlockConnection,
+    CancelTimer,
+    Close,
+    Limits,
+    Send,
+    SetTimer,
+    State,
+    Upload,
 )
 
 TASK = hashlib.sha256(b"task").hexdigest()
@@ -124,7 +134,7 @@ def hello(peer="them") -> bytes:
 
 def test_server_handshake_actions_in_order():
     side = Side()
-    conn, handle, _ = make(server_side=side)
+    conn, _handle, _ = make(server_side=side)
     assert conn.connection_made() == [SetTimer(HANDSHAKE, 10.0)]
     actions = conn.data_received(hello())
     assert conn.state is State.READY and conn.remote_id == "them"
@@ -318,7 +328,7 @@ def frames_of(t) -> list:
 def test_adapter_handshake_timeout():
     clock = Clock()
     factory = BlockFactory("srv", lambda tid: Side(), clock=clock, handshake_timeout=5)
-    proto, t = accepted(factory)
+    _proto, t = accepted(factory)
     clock.advance(4.9)
     assert not t.disconnecting
     clock.advance(0.1)
@@ -347,7 +357,7 @@ def test_adapter_idle_timeout_and_keepalive():
 def test_adapter_timers_cancelled_on_close():
     clock = Clock()
     factory = BlockFactory("srv", lambda tid: Side(clock=clock), clock=clock)
-    proto, t = accepted(factory)
+    proto, _t = accepted(factory)
     proto.dataReceived(hello())
     assert clock.getDelayedCalls()
     proto.connectionLost(None)
@@ -358,13 +368,13 @@ def test_connections_per_address_are_limited():
     factory = BlockFactory("srv", lambda tid: None, clock=Clock(), max_per_address=2)
     a, _ = accepted(factory, port=1)
     accepted(factory, port=2)
-    refused, t = accepted(factory, port=3)
+    _refused, t = accepted(factory, port=3)
     (err,) = frames_of(t)
     assert err.code == 429 and "10.0.0.1" in err.message and t.disconnecting
-    other, t2 = accepted(factory, host="10.0.0.2")
+    _other, t2 = accepted(factory, host="10.0.0.2")
     assert t2.value() == b"" and not t2.disconnecting
     a.connectionLost(None)
-    again, t3 = accepted(factory, port=4)
+    _again, t3 = accepted(factory, port=4)
     assert t3.value() == b"" and not t3.disconnecting
     assert factory.refused == 1
 
@@ -453,7 +463,7 @@ def test_iosim_cancel_before_the_piece_is_read():
 
 
 def test_iosim_unknown_task_is_refused():
-    cli, cli_side, srv, srv_side, pump, _ = pair()
+    cli, cli_side, srv, _srv_side, pump, _ = pair()
     srv._conn.resolve = lambda tid: None
     pump.flush()
     assert cli.closed and srv.closed
@@ -470,7 +480,7 @@ def test_iosim_protocol_error_closes_both_ends():
 
 
 def test_iosim_healthy_idle_neighbours_stay_silent_ones_go():
-    cli, cli_side, srv, srv_side, pump, clock = pair(idle_timeout=20)
+    cli, _cli_side, srv, _srv_side, pump, clock = pair(idle_timeout=20)
     pump.flush()
     for _ in range(30):  # 300 s of nothing requested: KEEPALIVEs keep both ends
         clock.advance(10)
