@@ -20,6 +20,7 @@ from dragonfly.core.bitmap import Bitmap
 from dragonfly.protocol import frames as F
 from dragonfly.protocol.block import BlockFactory
 from dragonfly.protocol.connection import (
+    DEFAULT_LIMITS,
     HANDSHAKE,
     IDLE,
     KEEPALIVE,
@@ -112,7 +113,7 @@ def sent(actions) -> list:
     return F.FrameDecoder().feed(data)
 
 
-def make(side=None, server_side=None, limits=Limits(), clock=None):
+def make(side=None, server_side=None, limits=DEFAULT_LIMITS, clock=None):
     """A BlockConnection: a server resolving TASK to C{server_side}, or a client for C{side}."""
     clock = clock or Clock()
     handle = Handle()
