@@ -32,6 +32,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint  #
 from twisted.internet.threads import deferToThread  # noqa: E402
 
 from dragonfly.core.bitmap import Bitmap  # noqa: E402
+from dragonfly.core.ratelimit import TokenBucket  # noqa: E402
 from dragonfly.protocol.block import BlockFactory  # noqa: E402
 
 TASK = "ab" * 32
@@ -150,9 +151,10 @@ class Sink(_Base):
         reactor.stop()
 
 
-def serve(path: str, count: int, piece: int, zero_copy: bool, fault: str | None) -> None:
+def serve(path: str, count: int, piece: int, zero_copy: bool, fault: str | None, upload_limit: int = 0) -> None:
     seed = Seed(path, count, piece, zero_copy, fault)
-    factory = BlockFactory("seed", lambda tid: seed, clock=reactor)
+    limit = TokenBucket(upload_limit, reactor) if upload_limit else None
+    factory = BlockFactory("seed", lambda tid: seed, clock=reactor, upload_limit=limit)
 
     def listening(port):
         print(json.dumps({"port": port.getHost().port}), flush=True)
@@ -169,12 +171,13 @@ def main() -> None:
     ap.add_argument("--no-zero-copy", action="store_true", help="the seed offers no piece_file")
     ap.add_argument("--verify", action="store_true", help="compare every piece received with the file")
     ap.add_argument("--fault", choices=["short", "badfd"], help="make the seed's sendfile fail (tests the fallback)")
+    ap.add_argument("--upload-limit", type=int, default=0, help="the seed's upload limit, bytes/s (0: none)")
     ap.add_argument("--serve", nargs=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     piece = args.piece_mib << 20
     count = args.size_mib // args.piece_mib
     if args.serve:
-        serve(args.serve[0], count, piece, not args.no_zero_copy, args.fault)
+        serve(args.serve[0], count, piece, not args.no_zero_copy, args.fault, args.upload_limit)
         return
     with tempfile.NamedTemporaryFile(prefix="block-bench-") as f:
         for _ in range(count):
@@ -189,6 +192,8 @@ def main() -> None:
             cmd.append("--no-zero-copy")
         if args.fault:
             cmd += ["--fault", args.fault]
+        if args.upload_limit:
+            cmd += ["--upload-limit", str(args.upload_limit)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         port = json.loads(proc.stdout.readline())["port"]
         factory = BlockFactory("sink", lambda tid: None, clock=reactor)

@@ -388,7 +388,7 @@ class BlockProtocol(Protocol):
                 self._close(a)
 
     def _write(self, data: bytes) -> None:
-        if self._body is not None:
+        if self._body is not None and self._body.header:
             self._body.held.append(data)  # nothing may cut into a body on the wire
         elif self.transport is not None:
             self.transport.write(data)
@@ -410,7 +410,7 @@ class BlockProtocol(Protocol):
         else:
             log.info("closing block connection {conn}: {why}", conn=self, why=a.reason,
                      taskId=self.task_id, peerId=self.remote_id, code=a.code)
-        mid_body = self._body is not None
+        mid_body = self._body is not None and self._body.header
         self._drop_uploads()
         if self.transport is None:
             return
@@ -541,8 +541,11 @@ class BlockProtocol(Protocol):
         conn = self._conn
         if conn.closed:
             return
-        if self._body is not None:
-            if not self._body.fallback:
+        body = self._body
+        if body is not None:
+            if not body.header and (self._paused or not self._upload_allowed(body.length)):
+                return
+            if not body.fallback:
                 self._send_body()
             return
         if self._ready is not None and not self._paused:
@@ -560,12 +563,8 @@ class BlockProtocol(Protocol):
             index = next_index
             span = self._piece_file(index)
             if span is not None:
-                if not self._upload_allowed(span[2]):
-                    self._conn.queue.appendleft(index)
-                    self._conn.sending = None
-                    return
                 self._body = _Body(index, *span)
-                self._send_body()
+                self._repump = True  # paced like a piece read
                 return
             self._reading = index
             d = conn.side.read_piece(index)

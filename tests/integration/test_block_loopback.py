@@ -28,6 +28,20 @@ def test_pieces_arrive_whole(extra):
     assert result["wrong_pieces"] == 0 and result["bytes"] == 24 << 20
 
 
+@pytest.mark.parametrize("extra", [[], ["--no-zero-copy"]])
+def test_upload_limit_paces_zero_copy_and_copied_pieces(extra):
+    """16 MiB at 16 MiB/s (a burst of 1 MiB): about a second, whichever way the pieces go out."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.block_loopback", "--size-mib", "16", "--piece-mib", "1", "--verify",
+         "--upload-limit", str(16 << 20), *extra],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["wrong_pieces"] == 0
+    assert 0.8 <= result["seconds"] <= 3.0, result
+
+
 FLOOD_SERVER = r"""
 import json, os, sys
 from twisted.internet import reactor
