@@ -186,7 +186,7 @@ def main() -> None:
         with open(f.name, "rb") as r:  # into the page cache
             while r.read(1 << 24):
                 pass
-        cmd = [sys.executable, "-m", "bench.block_loopback", "--size-mib", str(args.size_mib),
+        cmd = [*os.environ.get("BENCH_SENDER_WRAP", "").split(), sys.executable, "-m", "bench.block_loopback", "--size-mib", str(args.size_mib),
                "--piece-mib", str(args.piece_mib), "--serve", f.name]
         if args.no_zero_copy:
             cmd.append("--no-zero-copy")
