@@ -270,11 +270,12 @@ class _Refuse(Protocol):
 class _Body:
     """A piece body going out with sendfile: C{sent} of C{length} bytes from C{fd} at C{offset}."""
 
-    __slots__ = ("index", "fd", "offset", "length", "sent", "header", "held", "fallback")
+    __slots__ = ("index", "fd", "offset", "length", "sent", "paced", "header", "held", "fallback")
 
     def __init__(self, index: int, fd: int, offset: int, length: int) -> None:
         self.index, self.fd, self.offset, self.length = index, fd, offset, length
         self.sent = 0
+        self.paced = False  # the upload limit let it go
         self.header = False
         self.held: list[bytes] = []
         self.fallback = False
@@ -543,8 +544,10 @@ class BlockProtocol(Protocol):
             return
         body = self._body
         if body is not None:
-            if not body.header and (self._paused or not self._upload_allowed(body.length)):
-                return
+            if not body.paced:
+                if self._paused or not self._upload_allowed(body.length):
+                    return
+                body.paced = True
             if not body.fallback:
                 self._send_body()
             return
