@@ -113,7 +113,10 @@ class TaskSide(TypingProtocol):
         """Read a verified piece."""
 
     # optional: piece_file(index) -> (fd, offset, length) | None, a verified
-    # piece in a file the side keeps open, for zero-copy uploads
+    # piece in a file the side keeps open, for zero-copy uploads.  The fd
+    # must stay open while any of the side's connections may be sending
+    # from it: abort them (conn.abort) before closing it, or a body waiting
+    # for the socket could be sent from whatever file reuses the number.
 
     def attached(self, conn: "BlockProtocol") -> None:
         """A connection finished its handshake for this task."""
