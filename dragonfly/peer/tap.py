@@ -24,6 +24,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from ..core.config import ConfigFileOptions
 from ..core.defaults import DEFAULT_HOME
 from ..core.ids import BadInput
+from ..protocol.block import BLOCK_PORT_OPTIONS, block_port_limits
 from ..core.metrics import metrics_only_root
 from ..core.service import default_reactor
 from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
@@ -65,6 +66,7 @@ class Options(ConfigFileOptions):
         ["cluster-token", None, None, "Bearer token the SuperNode requires (its --cluster-token; default: none)."],
         ["cluster-token-file", None, None, "Read the cluster token from this file (default: none)."],
         ["supernode-ca", None, None, "PEM file of the CA(s) that sign https:// SuperNodes' certificates (default: the system's)."],
+        *BLOCK_PORT_OPTIONS,
     ]
 
     def postOptions(self) -> None:
@@ -97,6 +99,10 @@ class Options(ConfigFileOptions):
                 serverFromString(None, self["metrics"])  # checks the description only
             except (ValueError, KeyError, TypeError) as e:
                 raise usage.UsageError(f"--metrics: not a server endpoint: {e}") from None
+        try:
+            self["block-limits"] = block_port_limits(self)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         for name in ("in-flight", "upload-limit", "total-limit"):
             try:
                 self[name] = parse_rate(self[name])
@@ -133,6 +139,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         supernode_http=supernode_http(reactor, options.get("supernode-ca-certs")),
         cluster_token=options["cluster-token"],
     )
+    daemon.block_factory.set_limits(**options["block-limits"])
     api = LocalApi(daemon)
     service = PeerService(
         daemon,

@@ -101,6 +101,9 @@ class SeedSide:
         self.task = task
         self.clock = node.clock
         self.conns: set[BlockProtocol] = set()
+        self._fd: int | None = None  # the data file, read-only, for zero-copy uploads
+        self._opening = False
+        self._closed = False
 
     # TaskSide
     def local_bitmap(self) -> Bitmap | None:
@@ -113,6 +116,46 @@ class SeedSide:
 
     def read_piece(self, index: int) -> Any:
         return self.node.cdn.read_piece(self.task, index)
+
+    def piece_file(self, index: int) -> tuple[int, int, int] | None:
+        """
+        (fd, offset, length) of a verified piece in the CDN's data file, for
+        sendfile; None until the file is open (it opens in the pool on the
+        first call) or when the piece is not published.
+        """
+        task = self.task
+        if self._fd is None:
+            self._open()
+            return None
+        if task.status == "failed" or task.length is None or task.available is None or index not in task.available:
+            return None
+        task.last_access = self.clock.seconds()
+        offset, size = piece_span(index, task.length, task.piece_size)
+        return (self._fd, offset, size)
+
+    def _open(self) -> None:
+        if self._opening or self._closed:
+            return
+        self._opening = True
+
+        def opened(fd: int) -> None:
+            self._opening = False
+            if self._closed:
+                self.node.cdn.close_data(fd)
+            else:
+                self._fd = fd
+
+        def failed(f: Any) -> None:
+            self._opening = False  # not there yet: read_piece serves, the next call tries again
+
+        self.node.cdn.open_data(self.task).addCallbacks(opened, failed)
+
+    def close(self) -> None:
+        """The task is gone from the seed: its connections are closed first, then its file."""
+        self._closed = True
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            self.node.cdn.close_data(fd)
 
     def attached(self, conn: BlockProtocol) -> None:
         self.conns.add(conn)
@@ -164,6 +207,7 @@ class SeedSide:
     def task_failed(self, task: CdnTask) -> None:
         for conn in list(self.conns):
             conn.abort(f"task failed: {task.error.message if task.error else 'unknown'}", E_TASK_FAILED)
+        self.close()
 
     def task_done(self, task: CdnTask) -> None:
         pass
@@ -242,7 +286,9 @@ class SuperNode:
         task = self.cdn.remove(task_id)
         if task is not None:
             self.scheduler.forget_task(task_id)
-            self._seeds.pop(task_id, None)
+            seed = self._seeds.pop(task_id, None)
+            if seed is not None:
+                seed.close()
         return task
 
     def seed_parent(self) -> Parent:
@@ -455,6 +501,7 @@ class SuperNode:
         if seed is not None:
             for conn in list(seed.conns):
                 conn.abort("task evicted from the CDN cache", E_TASK_FAILED)
+            seed.close()
         self.scheduler.seed_lost(task_id)
         self.task_peer_bytes.pop(task_id, None)  # the dashboard's per-task total goes with it
         return self.cdn.evict(task_id)

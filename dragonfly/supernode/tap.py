@@ -33,7 +33,7 @@ from ..core.tls import https_policy
 from ..core.units import parse_rate
 from ..core.gc import DiskGc
 from .gc import SupernodeGc
-from ..protocol.block import BlockFactory
+from ..protocol.block import BLOCK_PORT_OPTIONS, BlockFactory, block_port_limits
 from .api import SupernodeApi
 from .cdn import Cdn
 from .node import SuperNode
@@ -84,9 +84,14 @@ class Options(ConfigFileOptions):
         ["origin-allow", None, "", "Origin hosts allowed, comma-separated host names (.suffix for subdomains) and CIDRs (default: all)."],
         ["origin-deny", None, DEFAULT_DENY, "Origin hosts denied, comma-separated host names and CIDRs ('none': deny nothing)."],
         ["revalidate", None, "0", "Seconds a cached file is served without asking the origin whether it changed ('never': not at all)."],
+        *BLOCK_PORT_OPTIONS,
     ]
 
     def postOptions(self) -> None:
+        try:
+            self["block-limits"] = block_port_limits(self)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if self["piece-size"] == "auto":
             self["piece-size"] = swarm_piece_size
         elif self["piece-size"] == "dragonfly":
@@ -138,15 +143,19 @@ class SupernodeService(ListeningService):
 
     what = "supernode"
 
-    def __init__(self, reactor: Any, node: SuperNode, home: str, block_endpoint: Any, api_endpoint: Any, site: Site) -> None:
+    def __init__(
+        self, reactor: Any, node: SuperNode, home: str, block_endpoint: Any, api_endpoint: Any, site: Site,
+        block_limits: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(reactor, os.path.join(home, "supernode.json"))
+        self._block_limits = block_limits or {}
         self.node = node
         self._block_endpoint = block_endpoint
         self._api_endpoint = api_endpoint
         self._site = site
 
     async def _start(self) -> None:
-        block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side))
+        block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side, clock=self.node.clock, **self._block_limits))
         self.node.block_port = block.getHost().port
         api = await self.listen(self._api_endpoint, self._site)
         self.publish({"port": api.getHost().port, "blockPort": self.node.block_port, "advertiseIp": self.node.advertise_ip})
@@ -199,6 +208,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         serverFromString(reactor, f"tcp:{options['block-port']}:interface={iface}"),
         serverFromString(reactor, api_endpoint),
         QuietSite(api.resource()),
+        block_limits=options["block-limits"],
     ).setServiceParent(top)
     disk = DiskGc(
         node.cdn.repo, pool, options["gc-disk-high"], options["gc-disk-low"],
