@@ -24,13 +24,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http import HTTPChannel
 
 from ..core.config import ConfigFileOptions
+from ..core.defaults import DEFAULT_HOME
 from ..core.metrics import collector, new_registry
 from ..core.service import ListeningService, default_reactor
+from ..core.tapkit import QuietSite
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
 from ..peer.client import parse_nodes
-from ..peer.tap import DEFAULT_HOME
-from ..supernode.tap import QuietSite
 from .ca import CaError, CertificateAuthority, LeafMinter
 from .front import FrontFactory
 from .peerlink import PeerLink
@@ -61,7 +61,7 @@ class Options(ConfigFileOptions):
          "A Range request on a blob this host does not hold yet: 'swarm' (206 from the swarm once the SuperNode "
          "has those pieces; verified per piece) or 'direct' (the registry's own 206 at once; the swarm prefetches "
          "the blob for later requests)."],
-        ["workers", None, 2, "Threads for minting certificates and finding the dfpeer.", int],
+        ["workers", None, 2, "Threads for minting certificates.", int],
         ["cluster-token-file", None, None, "For a dfpeer that dfdaemon starts: the file of the SuperNode's cluster token (default: none)."],
         ["supernode-ca", None, None, "For a dfpeer that dfdaemon starts: the CA of https:// SuperNodes (default: the system's)."],
     ]
@@ -209,7 +209,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     for name in ("cluster-token-file", "supernode-ca"):
         if options[name]:
             peer_args += [f"--{name}", os.path.abspath(options[name])]
-    peer = PeerLink(options["home"], options["nodes"], pool, start=not options["no-start-peer"], extra=peer_args)
+    peer = PeerLink(options["home"], options["nodes"], reactor, local, start=not options["no-start-peer"], extra=peer_args)
     core = DaemonCore(reactor, options["registries"], options["compiled-rules"], peer, upstream, local)
     core.check_access = not options["no-access-check"]
     core.cold_range_direct = options["cold-range"] == "direct"
