@@ -29,6 +29,7 @@ from ..protocol.block import E_NO_TASK, BlockFactory
 from .client import SupernodeClient, SupernodeError, SupernodeUnavailable
 from .lifecycle import State
 from .metrics import PeerStats, failure_reason
+from .neighbours import Neighbours
 from .session import TaskSession
 from .store import PieceStore
 from .task import PeerTask, TaskFailed
@@ -166,8 +167,7 @@ class PeerDaemon:
         if self.tasks.get(task.task_id) is task:
             del self.tasks[task.task_id]
         task.removed()
-        for conn in list(task.conns):
-            conn.transport.loseConnection()
+        task.neighbours.close()
         d = self.store.remove(task.task_id)
         d.addErrback(lambda f: log.failure("cannot remove task {task}", f, task=task.task_id))
 
@@ -254,8 +254,7 @@ class PeerDaemon:
             return
         log.info("removing task {task} from the store", task=task_id)
         task.removed()
-        for conn in list(task.conns):
-            conn.abort("task removed from this peer's store", E_NO_TASK)
+        task.neighbours.abort("task removed from this peer's store", E_NO_TASK)
         await self.store.remove(task_id)
         if self.registered and task.state is State.DONE:
             try:
@@ -263,11 +262,12 @@ class PeerDaemon:
             except (SupernodeError, SupernodeUnavailable) as e:
                 log.info("could not tell the supernode we dropped {task}: {why}", task=task_id, why=str(e))
 
-    def side_for(self, task_id: str) -> PeerTask | None:
+    def side_for(self, task_id: str) -> Neighbours | None:
+        """The side block connections for C{task_id} talk to, while it has pieces to serve."""
         task = self.tasks.get(task_id)
         if task is None or task.have is None or not task.ready_for_io:
             return None
-        return task
+        return task.neighbours
 
     def task_ended(self, task: PeerTask) -> None:
         self.note_activity()

@@ -37,13 +37,14 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
-from ..core.ids import SEED_ID, BadInput, parse_digest
+from ..core.ids import BadInput, parse_digest
 from ..core.logs import safe_url, task_log
 from ..core.pieces import piece_count, piece_span
 from ..core.ratelimit import TokenBucket
 from .client import SupernodeError, SupernodeUnavailable
 from .interfaces import TaskHost
 from .lifecycle import Lifecycle, State
+from .neighbours import Neighbours
 from .picker import Picker
 
 log = Logger()
@@ -77,24 +78,15 @@ class PeerTask:
     @param request: what dfget asked: url, headers, digest, identifier, filter, notbs.
     """
 
-    #: a neighbour whose pieces failed their SHA-256 this often is banned
-    BAN_AFTER = 2
-    BAN_FOR = 60.0
     #: sync interval while the task is starting
     STARTUP_SYNC = 0.05
-    #: pieces in flight for one task at the least (see dfpeer --in-flight)
-    MIN_IN_FLIGHT = 4
     #: endgame: duplicate requests only for the last few pieces, out this long
     ENDGAME_PIECES = 4
     ENDGAME_AFTER = 1.0
     #: pieces ahead of an in-order stream that go before the rarest
     STREAM_WINDOW = 4
-    #: a connection with requests out and no bytes for this long is abandoned
-    stall_timeout = 5.0
     #: without a SuperNode and without progress for this long, go to the origin
     orphan_timeout = 10.0
-
-    accepts_pieces = True
 
     def __init__(self, daemon: TaskHost, task_id: str, request: dict[str, Any], rng: random.Random | None = None) -> None:
         self.daemon = daemon
@@ -115,10 +107,8 @@ class PeerTask:
         self.version: str | None = None
         self.have: Bitmap | None = None
         self.picker: Picker[Any] | None = None
-        self.conns: set[Any] = set()
-        self.seed_conn: Any = None
-        self._seed_proto: Any = None
-        self._connecting: set[str] = set()
+        #: the block connections (the side the block protocol talks to)
+        self.neighbours = Neighbours(self)
         self._report_have: list[int] = []
         self._report_failed: list[dict[str, Any]] = []
         self._digests_from = 0
@@ -141,11 +131,9 @@ class PeerTask:
         #: (the local API's in-order stream, L{dragonfly.peer.stream})
         self.watchers: list[Callable[[], None]] = []
         self.content_type: str | None = None
-        self._checker = LoopingCall(self._check_stalls)
+        self._checker = LoopingCall(self.neighbours.check_stalls)
         self._checker.clock = self.clock
         self.bad_pieces = 0
-        self._bad_from: dict[str, int] = {}
-        self._banned: dict[str, float] = {}
         rate = request.get("localLimit")
         self.local_limit = TokenBucket(rate, self.clock) if rate else None
 
@@ -168,6 +156,24 @@ class PeerTask:
     def ready_for_io(self) -> bool:
         """The task's file holds verified pieces to serve (and, downloading, takes more)."""
         return not self._removed and (self.lifecycle.transferring or self.state is State.DONE)
+
+    @property
+    def downloading(self) -> bool:
+        return self.state is State.DOWNLOADING
+
+    @property
+    def conns(self) -> set[Any]:
+        """The open block connections of this task."""
+        return self.neighbours.conns
+
+    @property
+    def seed_conn(self) -> Any:
+        """The connection to the seed, if open."""
+        return self.neighbours.seed_conn
+
+    @seed_conn.setter
+    def seed_conn(self, conn: Any) -> None:
+        self.neighbours.seed_conn = conn
 
     @property
     def stream_from(self) -> int | None:
@@ -321,7 +327,7 @@ class PeerTask:
                 await self._sleep(1.0)
                 continue
             interval = float(reply.get("syncInterval", 0.5))
-            if self.state is not State.DOWNLOADING or self.seed_conn is None:
+            if not self.lifecycle.transferring or self.seed_conn is None:
                 # starting: the length, the seed and the first parents come
                 # in the next few answers; ask again soon
                 interval = min(interval, self.STARTUP_SYNC)
@@ -352,7 +358,7 @@ class PeerTask:
         body = {
             "have": have, "failed": failed,
             "digestsFrom": self._digests_from, "starving": self._starving(), "want": self.stream_from,
-            "banned": [p for p in self._banned if self._is_banned(p)],
+            "banned": self.neighbours.banned(),
             # bytes from other peers since the last sync the SuperNode took
             "peerBytes": peer_bytes - self._peer_bytes_reported,
         }
@@ -402,7 +408,7 @@ class PeerTask:
             self._allocate()
         first = reply.get("digestsFrom", 0)
         for k, hexd in enumerate(reply.get("digests", [])):
-            self._set_digest(first + k, bytes.fromhex(hexd))
+            self.set_digest(first + k, bytes.fromhex(hexd))
         if task.get("sha256"):
             self.sha256 = task["sha256"]
         if task.get("contentType") and self.content_type is None:
@@ -411,8 +417,8 @@ class PeerTask:
             self.picker.seed_allowed = set(reply.get("seedPieces", []))
         if self.lifecycle.transferring:
             for parent in reply.get("parents", []):
-                self._connect(parent)
-        self._fill()
+                self.neighbours.connect(parent)
+        self.neighbours.fill()
 
     def _set_length(self, length: int, piece_size: int) -> None:
         self.length, self.piece_size = length, piece_size
@@ -430,7 +436,7 @@ class PeerTask:
         for i in range(self.count):
             self.have.set(i)
 
-    def _set_digest(self, index: int, digest: bytes) -> None:
+    def set_digest(self, index: int, digest: bytes) -> None:
         if self.count is None or not 0 <= index < self.count:
             return
         self.digests[index] = digest
@@ -464,55 +470,15 @@ class PeerTask:
         d = self.store.serve(self.task_id)
         d.addErrback(lambda f: self._log(LogLevel.warn, "cannot open the task's file: {why}", why=f.getErrorMessage()))
 
-    # -- connections -------------------------------------------------------------
+    # -- pieces ----------------------------------------------------------------
 
-    def _connect(self, parent: dict[str, Any]) -> None:
-        remote = parent["peerId"]
-        if remote == self.daemon.peer_id or remote in self._connecting:
-            return
-        if any(c.remote_id == remote for c in self.conns) or self._is_banned(remote):
-            return
-        self._connecting.add(remote)
-        endpoint = self.daemon.endpoint(parent["ip"], int(parent["port"]))
-        proto = self.daemon.block_factory.client(self, self.task_id, remote)
-        if parent.get("seed"):
-            # only the connection we opened to the seed the SuperNode named
-            # may send DIGESTS; a peer calling itself "supernode" may not
-            self._seed_proto = proto
-        d = self.daemon.block_factory.connect(endpoint, proto)
-
-        def failed(f: Any) -> None:
-            self._connecting.discard(remote)
-            self._log(LogLevel.info, "cannot reach parent {parent}: {why}", parent=remote, why=f.getErrorMessage())
-            if remote != SEED_ID:
-                self._report_failed.append({"index": -1, "parent": remote})
-
-        d.addCallbacks(lambda _: self._connecting.discard(remote), failed)
-
-    def _is_banned(self, remote: str | None) -> bool:
-        until = self._banned.get(remote or "")
-        return until is not None and until > self.clock.seconds()
-
-    def _ban(self, conn: Any, reason: str, why: str, code: int) -> None:
-        """Stop talking to C{conn} now and not again for L{BAN_FOR}, whatever the scheduler decides."""
-        self.stats.count(self.stats.bans, reason)
-        self._banned[conn.remote_id or "?"] = self.clock.seconds() + self.BAN_FOR
-        conn.abort(why, code)
-        self.detached(conn, reason)
-
-    # -- the block connection's side (TaskSide) -------------------------------------
-
-    def local_bitmap(self) -> Bitmap | None:
-        return self.have
-
-    def piece_length(self, index: int) -> int | None:
-        if self.length is None or not 0 <= index < (self.count or 0):
-            return None
-        return piece_span(index, self.length, self.piece_size)[1]
+    def report_failure(self, index: int, parent: str) -> None:
+        """Tell the SuperNode at the next sync (C{index} -1: the connection broke)."""
+        self._report_failed.append({"index": index, "parent": parent})
 
     def in_use(self) -> bool:
         """Downloading, or a piece of it being sent to a peer: never evicted."""
-        return not self.lifecycle.ended or any(c.uploading for c in self.conns)
+        return not self.lifecycle.ended or self.neighbours.uploading()
 
     def read_piece(self, index: int) -> Deferred:
         self.last_access = self.clock.seconds()
@@ -530,107 +496,29 @@ class PeerTask:
         offset, size = piece_span(index, self.length, self.piece_size)
         return fd, offset, size
 
-    def attached(self, conn: Any) -> None:
-        if self.have is None or not self.ready_for_io:
-            conn.abort("task not ready yet", 503)
-            return
-        if self._is_banned(conn.remote_id):
-            conn.abort("banned: sent pieces that failed their SHA-256", 403)
-            return
-        self.conns.add(conn)
-        if conn is self._seed_proto:
-            self.seed_conn = conn
-        if self.picker is not None:
-            self.picker.add(conn, seed=conn is self.seed_conn)
-
-    def detached(self, conn: Any, reason: str) -> None:
-        if conn not in self.conns:
-            return
-        self.conns.discard(conn)
-        if conn is self.seed_conn:
-            self.seed_conn = None
-        lost = self.picker.remove(conn) if self.picker is not None else []
-        if self.lifecycle.active:
-            if lost:
-                self._log(
-                    LogLevel.info, "lost {remote} ({why}) with {n} pieces in flight",
-                    remote=conn.remote_id, why=reason, n=len(lost),
-                )
-            if conn.remote_id and conn.remote_id != SEED_ID and (lost or conn.initiator):
-                # -1: the connection itself broke (see the scheduler's dead_after)
-                self._report_failed.append({"index": -1, "parent": conn.remote_id})
-            self._fill()
-
-    def on_bitfield(self, conn: Any) -> None:
-        if self.picker is not None:
-            self.picker.bitfield(conn, conn.remote_have)
-        self._fill()
-
-    def on_have(self, conn: Any, index: int) -> None:
-        picker = self.picker
-        if picker is None:
-            return
-        picker.have(conn, index)
-        if conn is self.seed_conn:
-            self._fill()
-            return
-        # HAVEs are the most frequent event: only this connection's choice can change
-        if self.state is not State.DOWNLOADING or conn.closed:
-            return
-        per_conn, limit = self._limits()
-        if picker.offer(conn, index, self.clock.seconds(), per_conn, limit):
-            conn.request(index, self.clock.seconds())
-
-    def on_digests(self, conn: Any, first: int, digests: list[bytes]) -> None:
-        if conn is not self.seed_conn:
-            conn.abort("DIGESTS are accepted from the seed only")
-            return
-        for k, digest in enumerate(digests):
-            self._set_digest(first + k, digest)
-        self._fill()
-
-    def on_reject(self, conn: Any, index: int, reason: int) -> None:
-        if self.picker is not None:
-            self.picker.rejected(conn, index)
-        self._believe_less(conn, index)
-        self._fill()
-
-    def _believe_less(self, conn: Any, index: int) -> None:
-        """C{conn} said it had C{index} and did not (or sent it wrong): let its HAVE count again."""
-        if conn.remote_have is not None and index in conn.remote_have and conn is not self.seed_conn:
-            conn.remote_have.clear(index)
-
-    def download_limits(self) -> list[TokenBucket | None]:
-        return [self.local_limit, self.daemon.total_limit]
+    def on_piece(self, conn: Any, index: int, data: bytearray) -> None:
+        """A piece arrived on one of our connections (see L{Neighbours.on_piece})."""
+        self.neighbours.on_piece(conn, index, data)
 
     def on_uploaded(self, conn: Any, nbytes: int) -> None:
-        self.uploaded += nbytes
-        self.stats.upload_pieces += 1
-        self.stats.upload_bytes += nbytes
-        self.daemon.note_activity()
+        self.neighbours.on_uploaded(conn, nbytes)
 
-    # -- pieces ----------------------------------------------------------------
-
-    def on_piece(self, conn: Any, index: int, data: bytearray) -> None:
-        kind = "supernode" if conn is self.seed_conn else "remote_peer"
+    def piece_arrived(self, conn: Any, index: int, data: bytearray, kind: str) -> None:
+        """Piece C{index} came from C{conn} (C{kind}: supernode or remote_peer): verify and store it."""
         self.traffic[kind] += len(data)
         self.daemon.note_activity()
         picker = self.picker
         assert picker is not None
-        for other in picker.received(conn, index):
-            other.cancel(index)
         digest = self.digests[index]
         if self.state is not State.DOWNLOADING or digest is None or not picker.verify(index):
             # a duplicate from the endgame, or too late; (a digest is always
             # known: only pieces with one are requested)
             self.stats.count(self.stats.discarded, "duplicate", len(data))
             self.daemon.block_factory.release(data)
-            self._fill()
             return
         d = self.store.write_verified(self.task_id, index * self.piece_size, data, digest)
         d.addBoth(self._release, data)
         d.addCallbacks(self._stored, self._store_failed, callbackArgs=(index, conn, kind, len(data)), errbackArgs=(index,))
-        self._fill()
 
     def _release(self, result: Any, data: bytearray) -> Any:
         self.daemon.block_factory.release(data)
@@ -646,7 +534,7 @@ class PeerTask:
             return
         if not ok:
             self._corrupt(conn, index, nbytes)
-            self._fill()
+            self.neighbours.fill()
             return
         picker.stored(index)
         self._changed()
@@ -666,81 +554,36 @@ class PeerTask:
         if conn is self.seed_conn:
             # a seed piece is done: report it and ask for the next one now
             self._kick()
-        for c in list(self.conns):
-            # a neighbour that holds the piece has no use for our HAVE
-            if c.remote_have is None or index not in c.remote_have:
-                c.send_have(index)
+        self.neighbours.stored(conn, index)
         if self.have.complete:
             self._complete()
         else:
-            self._fill()
+            self.neighbours.fill()
 
     def _corrupt(self, conn: Any, index: int, nbytes: int) -> None:
         """Piece C{index} from C{conn} failed its SHA-256: ask it elsewhere, report it, ban a repeat offender."""
-        assert self.picker is not None
         self.stats.count(self.stats.discarded, "corrupt", nbytes)
         self._log(
             LogLevel.warn, "piece {index} from {remote} failed its SHA-256 check",
             index=index, remote=conn.remote_id, bytes=nbytes,
         )
         self.bad_pieces += 1
-        self._report_failed.append({"index": index, "parent": conn.remote_id or "?"})
-        self.picker.corrupt(conn, index)
-        self._believe_less(conn, index)
-        remote = conn.remote_id or "?"
-        self._bad_from[remote] = self._bad_from.get(remote, 0) + 1
-        if self._bad_from[remote] >= self.BAN_AFTER and conn is not self.seed_conn:
-            # failure is local first: stop talking to it now, whatever
-            # the scheduler decides for the others
-            self._log(
-                LogLevel.warn, "banning {remote} for {t:.0f}s after {n} bad pieces",
-                remote=remote, t=self.BAN_FOR, n=self._bad_from[remote], reason="corrupt",
-            )
-            self._ban(conn, "corrupt", "sent pieces that fail their SHA-256", 403)
+        self.report_failure(index, conn.remote_id or "?")
+        self.neighbours.bad_piece(conn, index)
 
     def _store_failed(self, f: Any, index: int) -> None:
         if self.picker is not None:
             self.picker.unverified(index)
         self._fail(TaskFailed("STORE_FAILED", f"cannot write piece {index}: {f.getErrorMessage()}"))
 
-    def _limits(self) -> tuple[int, int]:
-        """(requests per connection, pieces in flight for the whole task)."""
-        size = self.piece_size or (4 << 20)
-        return self.daemon.per_connection, max(self.MIN_IN_FLIGHT, self.daemon.in_flight_bytes // size)
-
-    def _fill(self) -> None:
-        """Send the requests the picker chooses (see the module docstring)."""
-        if self.state is not State.DOWNLOADING or self.picker is None:
-            return
-        per_conn, limit = self._limits()
-        now = self.clock.seconds()
-        for conn, index in self.picker.fill(now, per_conn, limit, usable=_open):
-            conn.request(index, now)
-
     def want_now(self) -> None:
         """An in-order reader moved on to C{stream_from}: ask for it now."""
         self._kick()
-        self._fill()
+        self.neighbours.fill()
 
     def _starving(self) -> bool:
         """Nothing to fetch from any neighbour but the seed (the scheduler may then send a second copy)."""
         return self.picker is not None and self.picker.starving()
-
-    def _check_stalls(self) -> None:
-        now = self.clock.seconds()
-        for conn in list(self.conns):
-            if not conn.requested:
-                continue
-            since = max(conn.last_rx, min(conn.requested.values()))
-            if now - since > self.stall_timeout:
-                self._log(
-                    LogLevel.info, "{remote} sent nothing for {t:.1f}s with {n} requests out; abandoning it",
-                    remote=conn.remote_id, t=now - since, n=len(conn.requested), reason="stalled",
-                )
-                # useless for now: do not reconnect to it for a while
-                self._ban(conn, "stalled", "stalled", 408)
-        # the endgame waits for requests to age: look again once a second
-        self._fill()
 
     def _kick(self) -> None:
         """Sync now instead of at the next interval."""
@@ -859,8 +702,7 @@ class PeerTask:
             bytes=self.completed_bytes,
         )
         self._stop_checker()
-        for conn in list(self.conns):
-            conn.transport.loseConnection()
+        self.neighbours.close()
         d = self.store.remove(self.task_id)
         d.addErrback(lambda f: self._log(LogLevel.warn, "cannot remove the task's files: {why}", why=f.getErrorMessage()))
         self._kick()
@@ -884,8 +726,7 @@ class PeerTask:
         self.lifecycle.move(State.BACK_TO_SOURCE)
         self.stats.count(self.stats.back_to_source, reason)
         self._log(LogLevel.info, "back to source: {why}", why=why, reason=reason, url=safe_url(self.request["url"]))
-        for conn in list(self.conns):
-            conn.transport.loseConnection()
+        self.neighbours.close()
         self._stop_checker()
         # the origin's bytes go to a new file: what was served from the old one stops
         self.store.forget(self.task_id)
@@ -898,6 +739,3 @@ class PeerTask:
         self.sha256 = sha
         self._succeed(from_source=True)
 
-
-def _open(conn: Any) -> bool:
-    return not conn.closed

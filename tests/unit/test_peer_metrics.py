@@ -155,7 +155,7 @@ def p2p_task(peer: Peer) -> tuple[PeerTask, list[bytes]]:
     task.lifecycle.state = State.SIZING
     task._set_length(len(body), PIECE)
     for i, piece in enumerate(pieces):
-        task._set_digest(i, hashlib.sha256(piece).digest())
+        task.set_digest(i, hashlib.sha256(piece).digest())
     task._allocate()
     assert task.ready_for_io
     return task, pieces
