@@ -29,7 +29,13 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
 
-from .files import file_sha256, pread_exact, pwrite_all, unlink_quietly, write_json_atomic
+from .files import (
+    file_sha256,
+    pread_exact,
+    pwrite_all,
+    unlink_quietly,
+    write_json_atomic,
+)
 from .ids import is_task_id
 
 log = Logger()

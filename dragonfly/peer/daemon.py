@@ -21,9 +21,9 @@ from twisted.logger import Logger
 
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.gc import GcEntry
-from ..core.service import ListeningService
 from ..core.ids import task_id as make_task_id
 from ..core.ratelimit import TokenBucket
+from ..core.service import ListeningService
 from ..core.threads import WorkerPool
 from ..protocol.block import E_NO_TASK, BlockFactory
 from .client import SupernodeClient, SupernodeError, SupernodeUnavailable

@@ -382,7 +382,9 @@ class PeerTask:
             self._report_have = have + self._report_have
             raise TaskFailed(e.code, e.message) from None
         except SupernodeUnavailable:
-            self._report_have = have + self._report_have
+            # it may come back restarted, its swarm rebuilt by other peers
+            # (it then takes our next sync as a join): say all we hold again
+            self._report_have = list(self.have) if self.have is not None else have + self._report_have
             self._report_failed = failed + self._report_failed
             raise
         self._peer_bytes_reported = peer_bytes
@@ -446,6 +448,7 @@ class PeerTask:
             self._digests_from += 1
 
     def _allocate(self) -> None:
+        assert self.length is not None
         self.lifecycle.move(State.ALLOCATING)
         d = self.store.prepare(self.task_id, self.length)
 
@@ -481,6 +484,8 @@ class PeerTask:
         return not self.lifecycle.ended or self.neighbours.uploading()
 
     def read_piece(self, index: int) -> Deferred:
+        """The bytes of piece C{index} (held: the block protocol checks), read in the pool."""
+        assert self.length is not None
         self.last_access = self.clock.seconds()
         offset, size = piece_span(index, self.length, self.piece_size)
         return self.store.read(self.task_id, offset, size)

@@ -421,7 +421,7 @@ def test_supernode_unreachable_goes_back_to_source() -> None:
 
 
 def test_notbs_fails_instead() -> None:
-    host, task, session = make({"url": URL, "notbs": True})
+    _, task, session = make({"url": URL, "notbs": True})
     session.register_replies = [SupernodeUnavailable("no supernode")]
     task.start()
     assert task.state is State.FAILED and task.error is not None and task.error.code == "P2P_FAILED"
@@ -443,7 +443,7 @@ def test_origin_error_at_the_supernode_fails() -> None:
 
 
 def test_register_refused() -> None:
-    host, task, session = make()
+    _, task, session = make()
     session.register_replies = [SupernodeError(403, "FORBIDDEN", "no")]
     task.start()
     assert task.state is State.FAILED and task.error is not None and task.error.code == "FORBIDDEN"
@@ -463,7 +463,7 @@ def test_a_supernode_restart_re_announces_what_we_hold() -> None:
 
 
 def test_origin_changed_during_the_download() -> None:
-    host, task, session = make(replies=[sized(version="v1"), sized(version="v2")])
+    host, task, _ = make(replies=[sized(version="v1"), sized(version="v2")])
     task.start()
     host.clock.advance(0.5)
     assert task.state is State.FAILED and task.error is not None and task.error.code == "SOURCE_CHANGED"
@@ -471,7 +471,7 @@ def test_origin_changed_during_the_download() -> None:
 
 
 def test_lost_supernode_without_progress_goes_to_the_origin() -> None:
-    host, task, session = make(replies=[sized()] + [SupernodeUnavailable("gone")] * 100)
+    host, task, _ = make(replies=[sized()] + [SupernodeUnavailable("gone")] * 100)
     task.start()
     for _ in range(25):
         host.clock.advance(1.0)
@@ -492,3 +492,19 @@ def test_restore_serves_a_finished_task() -> None:
 def test_task_failed_is_an_exception_with_a_code() -> None:
     e = TaskFailed("X", "y", 500)
     assert (e.code, e.message, e.origin_status) == ("X", "y", 500)
+
+
+def test_after_an_outage_the_next_sync_says_all_we_hold() -> None:
+    host, task, session = make(replies=[sized()])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    deliver(task, seed, 0)  # a seed piece: reported at once
+    assert session.bodies[-1]["have"] == [0]
+    # the SuperNode restarts; its swarm may be rebuilt without us, and our
+    # next sync then taken as a join: it must not miss piece 0
+    session.replies = [SupernodeUnavailable("restarting")]
+    deliver(task, seed, 1)
+    assert session.bodies[-1]["have"] == [1]
+    host.clock.advance(1.0)
+    assert sorted(session.bodies[-1]["have"]) == [0, 1]

@@ -108,7 +108,8 @@ def test_reload_without_task_ids_in_metas(tmp_path: Any) -> None:
     result(store.finish(TID, {"length": 2, "url": "u"}))
     assert os.path.exists(os.path.join(str(tmp_path), TID + ".meta"))
     assert [m["url"] for m in result(store.reload())] == ["u"]
-    assert json.load(open(store.meta_path(TID)))["length"] == 2
+    with open(store.meta_path(TID)) as f:
+        assert json.load(f)["length"] == 2
 
 
 def test_served_descriptor_lingers_after_removal(tmp_path: Any) -> None:
