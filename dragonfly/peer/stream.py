@@ -77,6 +77,9 @@ class TaskStream:
         if t.state is State.FAILED:
             self._abort(f"{t.error.code if t.error else 'FAILED'}: {t.error.message if t.error else ''}")
             return
+        if not t.ready_for_io:
+            # going back to the origin: its file is being written anew
+            return
         length = t.length
         if self.offset >= length:
             if t.state is State.DONE:

@@ -508,3 +508,46 @@ def test_after_an_outage_the_next_sync_says_all_we_hold() -> None:
     assert session.bodies[-1]["have"] == [1]
     host.clock.advance(1.0)
     assert sorted(session.bodies[-1]["have"]) == [0, 1]
+
+
+class FakeRequest:
+    def __init__(self) -> None:
+        self.body = bytearray()
+        self.producer: Any = None
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+
+def test_stream_in_order_while_downloading() -> None:
+    from dragonfly.peer.stream import TaskStream
+
+    host, task, _ = make(replies=[sized(seed_pieces=[])])
+    request = FakeRequest()
+    stream = TaskStream(task, request)
+    ready = stream.ready()
+    assert task.stream_from == 0
+    task.start()
+    assert ready.called
+    done = stream.run()
+    peer = FakeConn("peer")
+    host.per_connection = 4
+    attach(task, peer, range(len(PIECES)))
+    # the stream window: the first pieces go first
+    assert sorted(peer.requested) == [0, 1, 2, 3]
+    deliver(task, peer, 1)
+    assert request.body == b""  # piece 0 first
+    deliver(task, peer, 0)
+    assert bytes(request.body) == BODY[: 2 * PIECE]
+    for i in (2, 3):
+        deliver(task, peer, i)
+    deliver(task, peer, 4)
+    assert task.state is State.DONE and done.called
+    assert bytes(request.body) == BODY
+    assert task.stream_from is None
