@@ -46,8 +46,15 @@ Usage::
     for key, i in p.fill(now, per_conn, limit):
         send REQUEST i to key         # already recorded as requested
     others = p.received(key, i)       # the piece arrived: cancel it at others
+    if p.verify(i): ...               # False: a duplicate, drop it; else check it
     p.stored(i) / p.corrupt(key, i)   # verified and written / failed its digest
-    lost = p.remove(key)              # the neighbour left; lost requests
+    p.rejected(key, i)                # REJECT: ask elsewhere
+    lost = p.remove(key)              # the neighbour left; its requests are wanted again
+    p.offer(key, i, now, per_conn, limit)   # after a HAVE: ask it at once if worth it
+    p.seed_allowed = {...}; p.stream_from = i; p.starving()
+
+Requests chosen by L{Picker.fill} and L{Picker.offer} are recorded as
+pending at once; the caller sends them.
 """
 
 from __future__ import annotations
