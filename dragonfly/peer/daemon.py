@@ -157,7 +157,7 @@ class PeerDaemon:
 
     async def _announce_pieces(self, task: PeerTask) -> None:
         """Tell the SuperNode every piece we hold of a finished task."""
-        body: dict[str, Any] = {"peerId": self.peer_id, "have": list(task.have), "digestsFrom": task.count}
+        body: dict[str, Any] = {"peerId": self.peer_id, "have": list(task.have or ()), "digestsFrom": task.count}
         if task.version is not None:
             body["version"] = task.version
         await self.client.call("POST", f"/api/v1/tasks/{task.task_id}/sync", body)

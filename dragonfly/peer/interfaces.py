@@ -86,13 +86,22 @@ class TaskHost(Protocol):
     peer_id: str
     clock: Any
     trace: bool
-    store: Store
-    block_factory: Connections
-    stats: Stats
     #: requests per connection, and bytes in flight for one task (--pipeline, --in-flight)
     per_connection: int
     in_flight_bytes: int
-    total_limit: TokenBucket | None
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def block_factory(self) -> Connections: ...
+
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def total_limit(self) -> TokenBucket | None:
+        """The host's download rate limit (dfget --totallimit), if any."""
 
     def session(self, task_id: str, request: dict[str, Any]) -> Session: ...
 
