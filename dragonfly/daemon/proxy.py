@@ -67,18 +67,12 @@ from ..core.bodywriter import DiscardBody
 from ..core.httpapi import ApiError, json_response
 from ..core.ids import task_id
 from ..core.metrics import counter, render_metrics
+from ..core.headers import HOP_BY_HOP_BYTES
 from ..core.ranges import MULTIPLE, BadRange, ByteRange, parse_range
 from .rules import Decision, Rule, decide
 
 log = Logger()
 
-#: headers that belong to one connection, never passed on (RFC 9110 7.6.1)
-HOP_BY_HOP = frozenset(
-    h.encode() for h in (
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-        "te", "trailer", "transfer-encoding", "upgrade",
-    )
-)
 #: request headers passed to the SuperNode's origin fetch of a blob
 ORIGIN_HEADERS = ("authorization", "user-agent", "accept")
 #: seconds to wait for the dfpeer's stream to start (the origin answering the SuperNode)
@@ -199,7 +193,7 @@ def _passable(headers: Headers) -> list[tuple[bytes, list[bytes]]]:
     out = []
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower == b"host":
+        if lower in HOP_BY_HOP_BYTES or lower == b"host":
             continue
         out.append((name, values))
     return out

@@ -183,7 +183,7 @@ class PeerDaemon:
             except (SupernodeError, SupernodeUnavailable) as e:
                 log.info("task {task}: cannot check our copy with the supernode ({why}); using it", task=tid, why=str(e))
             else:
-                current = (reply.get("task") or {}).get("version")
+                current = reply.task.version
                 if current is not None and current != task.version and self.tasks.get(tid) is task:
                     log.info("task {task}: the origin changed since we fetched it; fetching it again", task=tid)
                     self.drop(task)

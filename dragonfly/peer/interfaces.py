@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet.defer import Deferred
 
 if TYPE_CHECKING:
+    from ..protocol.supernode_api import SyncAnswer, SyncReport, TaskRegistered
     from ..core.ratelimit import TokenBucket
     from .task import PeerTask
 
@@ -23,10 +24,14 @@ class Session(Protocol):
     def node(self) -> str:
         """The SuperNode it talks to now (for logs)."""
 
-    async def register(self) -> dict[str, Any]:
+    @property
+    def peer_id(self) -> str:
+        """This dfpeer's id."""
+
+    async def register(self) -> "TaskRegistered":
         """Register the task (the peer first, if the SuperNode forgot it); the reply."""
 
-    async def sync(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def sync(self, report: "SyncReport") -> "SyncAnswer":
         """One sync: what we did since the last, and what to do next."""
 
     async def register_peer(self) -> None:

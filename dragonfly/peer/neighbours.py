@@ -21,6 +21,7 @@ from ..core.bitmap import Bitmap
 from ..core.ids import SEED_ID
 from ..core.pieces import piece_span
 from ..core.ratelimit import TokenBucket
+from ..protocol.supernode_api import Parent
 
 if TYPE_CHECKING:
     from .task import PeerTask
@@ -54,17 +55,17 @@ class Neighbours:
 
     # -- opening ------------------------------------------------------------------
 
-    def connect(self, parent: dict[str, Any]) -> None:
+    def connect(self, parent: Parent) -> None:
         """Open a connection to C{parent} (a SuperNode C{parents} entry) unless we have one."""
-        remote = parent["peerId"]
+        remote = parent.peer_id
         if remote == self.daemon.peer_id or remote in self._connecting:
             return
         if any(c.remote_id == remote for c in self.conns) or self.is_banned(remote):
             return
         self._connecting.add(remote)
-        endpoint = self.daemon.endpoint(parent["ip"], int(parent["port"]))
+        endpoint = self.daemon.endpoint(parent.ip, parent.port)
         proto = self.daemon.block_factory.client(self, self.task.task_id, remote)
-        if parent.get("seed"):
+        if parent.seed:
             # only the connection we opened to the seed the SuperNode named
             # may send DIGESTS; a peer calling itself "supernode" may not
             self._seed_proto = proto

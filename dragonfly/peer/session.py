@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ..protocol.supernode_api import SyncAnswer, SyncReport, TaskRegistered, TaskRequest
 from .client import SupernodeError
 
 
@@ -34,25 +35,28 @@ class TaskSession:
     def node(self) -> str:
         return str(self._client.current)
 
-    async def register(self) -> dict[str, Any]:
-        body = {
-            "peerId": self._peer_id(),
-            "url": self.request["url"],
-            "headers": self.request.get("headers") or {},
-            "digest": self.request.get("digest"),
-            "identifier": self.request.get("identifier"),
-            "filter": self.request.get("filter") or [],
-        }
+    @property
+    def peer_id(self) -> str:
+        """This dfpeer's id, as the SuperNode knows it."""
+        return self._peer_id()
+
+    async def register(self) -> TaskRegistered:
+        """Register the task (and this dfpeer first, when the SuperNode forgot it)."""
+        req = TaskRequest(
+            self._peer_id(), self.request["url"], dict(self.request.get("headers") or {}),
+            self.request.get("digest"), self.request.get("identifier"), self.request.get("filter") or (),
+        )
         try:
-            return await self._client.call("POST", "/api/v1/tasks", body)
+            return await self._client.register_task(req)
         except SupernodeError as e:
             if e.code != "PEER_UNKNOWN":
                 raise
             await self._register_peer()
-            return await self._client.call("POST", "/api/v1/tasks", body)
+            return await self._client.register_task(req)
 
-    async def sync(self, body: dict[str, Any]) -> dict[str, Any]:
-        return await self._client.call("POST", f"/api/v1/tasks/{self.task_id}/sync", {"peerId": self._peer_id(), **body})
+    async def sync(self, report: SyncReport) -> SyncAnswer:
+        """One sync of this task."""
+        return await self._client.sync(self.task_id, report)
 
     async def register_peer(self) -> None:
         await self._register_peer()

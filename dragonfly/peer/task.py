@@ -41,6 +41,7 @@ from ..core.ids import BadInput, parse_digest
 from ..core.logs import safe_url, task_log
 from ..core.pieces import piece_count, piece_span
 from ..core.ratelimit import TokenBucket
+from ..protocol.supernode_api import FailedPiece, SyncAnswer, SyncReport, TaskView
 from .client import SupernodeError, SupernodeUnavailable
 from .interfaces import TaskHost
 from .lifecycle import Lifecycle, State
@@ -110,7 +111,7 @@ class PeerTask:
         #: the block connections (the side the block protocol talks to)
         self.neighbours = Neighbours(self)
         self._report_have: list[int] = []
-        self._report_failed: list[dict[str, Any]] = []
+        self._report_failed: list[FailedPiece] = []
         self._digests_from = 0
         self._wake: Deferred | None = None
         self._kicked = False
@@ -288,13 +289,12 @@ class PeerTask:
                 raise _BackToSource(f"supernode unreachable ({e})", "supernode_unreachable") from None
             except SupernodeError as e:
                 raise TaskFailed(e.code, e.message) from None
-            if reply["taskId"] != self.task_id:
-                raise TaskFailed("INTERNAL", f"supernode computed task id {reply['taskId']}, we {self.task_id}")
-            self._check_version(reply["task"])
+            if reply.task_id != self.task_id:
+                raise TaskFailed("INTERNAL", f"supernode computed task id {reply.task_id}, we {self.task_id}")
+            self._check_version(reply.task)
             self._log(
                 LogLevel.info, "registered with supernode {node} for {url} (CDN {status})",
-                node=self.session.node, url=safe_url(self.request["url"]),
-                status=(reply.get("task") or {}).get("status"),
+                node=self.session.node, url=safe_url(self.request["url"]), status=reply.task.status,
             )
             self.lifecycle.move(State.SIZING)
             self._checker.start(1.0, now=False)
@@ -315,7 +315,7 @@ class PeerTask:
         unreachable_since: float | None = None
         while self.state in _SYNCING:
             try:
-                reply = await self._sync()
+                interval = await self._sync()
                 unreachable_since = None
             except SupernodeUnavailable as e:
                 now = self.clock.seconds()
@@ -326,7 +326,6 @@ class PeerTask:
                     ) from None
                 await self._sleep(1.0)
                 continue
-            interval = float(reply.get("syncInterval", 0.5))
             if not self.lifecycle.transferring or self.seed_conn is None:
                 # starting: the length, the seed and the first parents come
                 # in the next few answers; ask again soon
@@ -335,13 +334,13 @@ class PeerTask:
                 break
             await self._sleep(interval)
 
-    def _check_version(self, task: dict[str, Any]) -> None:
+    def _check_version(self, task: TaskView) -> None:
         """
         The origin content must stay the one we started with: the SuperNode
         fetches a changed origin file as a new version of the task, and the
         pieces of two versions must never meet in one file.
         """
-        version = task.get("version")
+        version = task.version
         if version is None:
             return
         if self.version is None:
@@ -351,21 +350,19 @@ class PeerTask:
                 "SOURCE_CHANGED", f"the origin file {self.request.get('url')} changed during the download; run it again"
             )
 
-    async def _sync(self) -> dict[str, Any]:
+    async def _sync(self) -> float:
+        """One sync; the seconds until the next."""
         have, self._report_have = self._report_have, []
         failed, self._report_failed = self._report_failed, []
         peer_bytes = self.traffic["remote_peer"]
-        body = {
-            "have": have, "failed": failed,
-            "digestsFrom": self._digests_from, "starving": self._starving(), "want": self.stream_from,
-            "banned": self.neighbours.banned(),
+        report = SyncReport(
+            self.session.peer_id, have=have, failed=failed, digests_from=self._digests_from,
+            starving=self._starving(), want=self.stream_from, banned=self.neighbours.banned(),
             # bytes from other peers since the last sync the SuperNode took
-            "peerBytes": peer_bytes - self._peer_bytes_reported,
-        }
-        if self.version is not None:
-            body["version"] = self.version
+            peer_bytes=peer_bytes - self._peer_bytes_reported, version=self.version,
+        )
         try:
-            reply = await self.session.sync(body)
+            reply = await self.session.sync(report)
         except SupernodeError as e:
             if e.code == "TASK_CHANGED":
                 raise TaskFailed(
@@ -375,10 +372,10 @@ class PeerTask:
                 # the SuperNode restarted: register again and re-announce all we hold
                 if e.code == "PEER_UNKNOWN":
                     await self.session.register_peer()
-                self._check_version((await self.session.register())["task"])
+                self._check_version((await self.session.register()).task)
                 self._report_have = list(self.have) if self.have is not None else []
                 self._report_failed = failed
-                return {"syncInterval": 0.1}
+                return 0.1
             self._report_have = have + self._report_have
             raise TaskFailed(e.code, e.message) from None
         except SupernodeUnavailable:
@@ -390,35 +387,37 @@ class PeerTask:
         self._peer_bytes_reported = peer_bytes
         if self.state in _SYNCING:
             self._apply(reply)
-        return reply
+        return reply.sync_interval
 
-    def _apply(self, reply: dict[str, Any]) -> None:
-        task = reply["task"]
+    def _apply(self, reply: SyncAnswer) -> None:
+        task = reply.task
         self._check_version(task)
-        if task["status"] == "failed":
-            err = task.get("error") or {}
+        if task.status == "failed":
+            err = task.error or {}
             code = err.get("code", "SOURCE_ERROR")
             if code == "SOURCE_UNREACHABLE" and not self.request.get("notbs"):
                 raise _BackToSource("supernode cannot reach the origin", "supernode_cannot_reach_origin")
             raise TaskFailed(code, err.get("message", "task failed at the supernode"), err.get("originStatus"))
-        if self.state is State.SIZING and task.get("contentLength") is not None and task.get("pieceCount") is not None:
-            self._set_length(task["contentLength"], task["pieceSize"])
+        if self.state is State.SIZING and task.content_length is not None and task.piece_count is not None:
+            assert task.piece_size is not None
+            self._set_length(task.content_length, task.piece_size)
             self._log(
                 LogLevel.info, "{bytes} bytes in {pieces} pieces of {pieceSize}",
                 bytes=self.length, pieces=self.count, pieceSize=self.piece_size,
             )
             self._allocate()
-        first = reply.get("digestsFrom", 0)
-        for k, hexd in enumerate(reply.get("digests", [])):
+        first = reply.digests_from
+        for k, hexd in enumerate(reply.digests):
             self.set_digest(first + k, bytes.fromhex(hexd))
-        if task.get("sha256"):
-            self.sha256 = task["sha256"]
-        if task.get("contentType") and self.content_type is None:
-            self.content_type = task["contentType"]
+        if task.sha256:
+            self.sha256 = task.sha256
+        content_type = task.raw.get("contentType")
+        if content_type and self.content_type is None:
+            self.content_type = content_type
         if self.picker is not None:
-            self.picker.seed_allowed = set(reply.get("seedPieces", []))
+            self.picker.seed_allowed = set(reply.seed_pieces)
         if self.lifecycle.transferring:
-            for parent in reply.get("parents", []):
+            for parent in reply.parents:
                 self.neighbours.connect(parent)
         self.neighbours.fill()
 
@@ -477,7 +476,7 @@ class PeerTask:
 
     def report_failure(self, index: int, parent: str) -> None:
         """Tell the SuperNode at the next sync (C{index} -1: the connection broke)."""
-        self._report_failed.append({"index": index, "parent": parent})
+        self._report_failed.append(FailedPiece(index, parent))
 
     def in_use(self) -> bool:
         """Downloading, or a piece of it being sent to a peer: never evicted."""

@@ -6,7 +6,9 @@ parsed with ast; imports inside functions count too):
 
 A module imports only from its own layer or the layers below it; the two
 middle packages (supernode, peer) do not import each other; and no set of
-modules imports itself around in a cycle.  The tools at the top
+modules imports itself around in a cycle when run (imports under
+C{if TYPE_CHECKING:} are never executed: they count for the layers, not
+for cycles).  The tools at the top
 (dragonfly.testing, dragonfly.sim, dragonfly.demo, dragonfly.openapi_doc) may import
 anything, and nothing may import them.
 """
@@ -44,13 +46,26 @@ def modules() -> dict[str, str]:
     return found
 
 
-def imports(name: str, path: str, known: set[str]) -> set[str]:
-    """The dragonfly modules C{name} imports."""
+def _type_only(tree: ast.AST) -> set[ast.AST]:
+    """The import statements under C{if TYPE_CHECKING:}."""
+    out: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                out.update(ast.walk(child))
+    return out
+
+
+def imports(name: str, path: str, known: set[str], runtime: bool = False) -> set[str]:
+    """The dragonfly modules C{name} imports (C{runtime}: leave out type-only imports)."""
     with open(path) as f:
         tree = ast.parse(f.read(), path)
     package = name.split(".") if path.endswith("__init__.py") else name.split(".")[:-1]
+    skip = _type_only(tree) if runtime else set()
     out = set()
     for node in ast.walk(tree):
+        if node in skip:
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -68,9 +83,9 @@ def imports(name: str, path: str, known: set[str]) -> set[str]:
     return out
 
 
-def graph() -> dict[str, set[str]]:
+def graph(runtime: bool = False) -> dict[str, set[str]]:
     found = modules()
-    return {name: imports(name, path, set(found)) for name, path in found.items()}
+    return {name: imports(name, path, set(found), runtime) for name, path in found.items()}
 
 
 def part(module: str) -> str | None:
@@ -106,7 +121,7 @@ def test_no_module_imports_from_a_layer_above_it() -> None:
 
 
 def test_no_import_cycles() -> None:
-    g = graph()
+    g = graph(runtime=True)
     cycles = []
     index: dict[str, int] = {}
     low: dict[str, int] = {}
@@ -148,6 +163,9 @@ def test_the_checker_sees_upward_imports_and_cycles(tmp_path) -> None:
     assert "dragonfly.peer.launch" in g["dragonfly.daemon.peerlink"]
     assert "dragonfly.supernode.metrics" in g["dragonfly.supernode.api"]  # from . import metrics
     assert "dragonfly.cli.dfget" not in g["dragonfly.daemon.peerlink"]
+    # a type-only import counts for the layers, not for cycles
+    assert "dragonfly.peer.task" in g["dragonfly.peer.interfaces"]
+    assert "dragonfly.peer.task" not in graph(runtime=True)["dragonfly.peer.interfaces"]
 
 
 def test_dfget_loads_no_twisted() -> None:

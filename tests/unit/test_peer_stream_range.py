@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from twisted.internet.defer import succeed
 
+from dragonfly.peer.lifecycle import State
 from dragonfly.peer.stream import TaskStream
 
 DATA = bytes(range(40))
@@ -29,6 +30,10 @@ class Task:
         self.daemon = type("D", (), {"store": Store()})()
         self.wanted = []
 
+    @property
+    def state(self):
+        return {"running": State.DOWNLOADING, "success": State.DONE, "failed": State.FAILED}[self.status]
+
     def watch(self, cb):
         self.watchers.append(cb)
 
@@ -37,6 +42,9 @@ class Task:
 
     def want_now(self):
         self.wanted.append(self.stream_from)
+
+    def read(self, offset, size):
+        return self.daemon.store.read(self.task_id, offset, size)
 
     def arrive(self, index):
         self.have.add(index)

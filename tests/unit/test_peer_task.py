@@ -19,6 +19,7 @@ from dragonfly.peer.client import SupernodeError, SupernodeUnavailable
 from dragonfly.peer.lifecycle import BadMove, Lifecycle, State
 from dragonfly.peer.metrics import PeerStats
 from dragonfly.peer.task import PeerTask, TaskFailed
+from dragonfly.protocol.supernode_api import SyncAnswer, SyncReport, TaskRegistered
 
 URL = "http://origin.test/file"
 TID = task_id(URL)
@@ -44,18 +45,25 @@ class FakeSession:
         #: the answer once the queue is empty
         self.default: dict[str, Any] = {"task": {"status": "running"}, "syncInterval": 0.5}
 
-    async def register(self) -> dict[str, Any]:
+    peer_id = "peer-under-test"
+
+    async def register(self) -> TaskRegistered:
         reply = self.register_replies.pop(0) if self.register_replies else {"taskId": TID, "task": {"status": "running"}}
         if isinstance(reply, Exception):
             raise reply
-        return reply
+        return TaskRegistered.from_json(reply)
 
-    async def sync(self, body: dict[str, Any]) -> dict[str, Any]:
-        self.bodies.append(body)
+    async def sync(self, report: SyncReport) -> SyncAnswer:
+        # the whole report, every field present (the wire form leaves out defaults)
+        self.bodies.append({
+            "have": list(report.have), "failed": [f.to_json() for f in report.failed],
+            "digestsFrom": report.digests_from, "starving": report.starving, "want": report.want,
+            "banned": list(report.banned), "peerBytes": report.peer_bytes, "version": report.version,
+        })
         reply = self.replies.pop(0) if self.replies else self.default
         if isinstance(reply, Exception):
             raise reply
-        return reply
+        return SyncAnswer.from_json(reply)
 
     async def register_peer(self) -> None:
         self.peer_registrations += 1
