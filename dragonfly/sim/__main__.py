@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-mbit", type=float, default=2000.0, help="the SuperNode's uplink, Mbit/s")
     p.add_argument("--origin-mbit", type=float, default=2000.0, help="the CDN's fetch from the origin, Mbit/s")
     p.add_argument("--spread", type=float, default=0.0, help="peers arrive uniformly within this many seconds")
-    p.add_argument("--dt", type=float, default=0.001, help="the shortest network step, seconds (events are handled up to this late)")
+    p.add_argument("--dt", type=float, default=0.005, help="the shortest network step, seconds (flows started within a step catch up on the next)")
     p.add_argument("--json", action="store_true", help="the last line is one JSON object")
     a = p.parse_args(argv)
     try:

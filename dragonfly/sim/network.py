@@ -48,6 +48,9 @@ class Flow:
     tag: Any = None
     done: float = 0.0
     rate: float = 0.0
+    #: seconds the flow ran before the network's clock caught up with it (it
+    #: started within a step): credited at its rate on the next advance
+    lag: float = 0.0
 
     @property
     def remaining(self) -> float:
@@ -81,40 +84,54 @@ class FluidNetwork:
         """Give every flow its max-min fair rate."""
         self.dirty = False
         self.allocations += 1
-        # a link is (host, is_up); remaining capacity and unfrozen flows per link
-        cap: dict[tuple[Host, bool], float] = {}
-        left: dict[tuple[Host, bool], int] = {}
+        # links: a host's uplink is 2k, its downlink 2k+1 (k its place here);
+        # remaining capacity and unfrozen flows per link
+        place: dict[Host, int] = {}
+        hosts: list[Host] = []
+        cap: list[float] = []
+        left: list[int] = []
         for f in self.flows:
             f.rate = -1.0
-            for link in ((f.src, True), (f.dst, False)):
-                if link in left:
-                    left[link] += 1
-                else:
-                    left[link] = 1
-                    cap[link] = link[0].up if link[1] else link[0].down
-        heap = [(cap[link] / n, k, link[1], link) for k, (link, n) in enumerate(left.items())]
-        order = {link: k for k, link in enumerate(left)}
+            for h in (f.src, f.dst):
+                if h not in place:
+                    place[h] = len(hosts)
+                    hosts.append(h)
+                    cap += (h.up, h.down)
+                    left += (0, 0)
+            left[2 * place[f.src]] += 1
+            left[2 * place[f.dst] + 1] += 1
+        heap = [(cap[k] / n, k) for k, n in enumerate(left) if n]
         heapq.heapify(heap)
+        pop, push = heapq.heappop, heapq.heappush
         while heap:
-            share, _, _, link = heapq.heappop(heap)
-            n = left[link]
+            share, k = pop(heap)
+            n = left[k]
             if n == 0:
                 continue
-            current = cap[link] / n
+            current = cap[k] / n
             if current > share * (1 + 1e-12) + 1e-9:
-                heapq.heappush(heap, (current, order[link], link[1], link))  # stale entry
+                push(heap, (current, k))  # stale entry
                 continue
-            host, is_up = link
-            for f in list(host.out if is_up else host.into):
-                if f.rate >= 0.0:
-                    continue
-                f.rate = current
-                other = (f.dst, False) if is_up else (f.src, True)
-                cap[other] = max(0.0, cap[other] - current)
-                left[other] -= 1
-                if left[other]:
-                    heapq.heappush(heap, (cap[other] / left[other], order[other], other[1], other))
-            left[link] = 0
+            host = hosts[k >> 1]
+            if k & 1:
+                for f in host.into:
+                    if f.rate < 0.0:
+                        f.rate = current
+                        o = 2 * place[f.src]
+                        cap[o] = max(0.0, cap[o] - current)
+                        left[o] -= 1
+                        if left[o]:
+                            push(heap, (cap[o] / left[o], o))
+            else:
+                for f in host.out:
+                    if f.rate < 0.0:
+                        f.rate = current
+                        o = 2 * place[f.dst] + 1
+                        cap[o] = max(0.0, cap[o] - current)
+                        left[o] -= 1
+                        if left[o]:
+                            push(heap, (cap[o] / left[o], o))
+            left[k] = 0
 
     def next_completion(self) -> float:
         """Seconds until the first flow finishes at the current rates (inf: none)."""
@@ -123,7 +140,7 @@ class FluidNetwork:
         best = float("inf")
         for f in self.flows:
             if f.rate > 0:
-                t = f.remaining / f.rate
+                t = f.remaining / f.rate - f.lag
                 if t < best:
                     best = t
         return best
@@ -132,7 +149,8 @@ class FluidNetwork:
         """
         Move every flow on by C{dt} seconds at its current rate; the flows
         that finished, each with the seconds into the step it finished at,
-        in that order (they are removed).
+        in that order (they are removed).  A flow with a C{lag} moves on by
+        that much more (at 0 s at the earliest, if it finished within its lag).
         """
         if self.dirty:
             self.allocate()
@@ -140,11 +158,12 @@ class FluidNetwork:
         for f in self.flows:
             if f.rate <= 0:
                 continue
-            moved = f.rate * dt
+            moved = f.rate * (dt + f.lag)
             if moved >= f.remaining - 1e-6:
-                at = f.remaining / f.rate
+                at = max(0.0, f.remaining / f.rate - f.lag)
                 moved = f.remaining
                 finished.append((at, f))
+            f.lag = 0.0
             f.done += moved
             f.src.bytes_up += moved
             f.dst.bytes_down += moved
