@@ -175,3 +175,4 @@ class FluidNetwork:
     def stop_all(self, flows: Iterable[Flow]) -> None:
         for f in list(flows):
             self.stop(f)
+

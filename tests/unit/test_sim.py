@@ -109,3 +109,4 @@ def test_link_mix_parsing() -> None:
     for bad in ("1000@5:1", "1000/200:1", "0/10@1:1", "x/1@1:1"):
         with pytest.raises(ValueError, match="link"):
             parse_links(bad)
+
