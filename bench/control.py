@@ -89,9 +89,8 @@ class Bench:
         self.procs: list[subprocess.Popen] = []
 
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        log = open(os.path.join(self.workdir, f"{name}.log"), "ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir)
-        log.close()
+        with open(os.path.join(self.workdir, f"{name}.log"), "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir)
         self.procs.append(proc)
         return proc
 
@@ -101,8 +100,7 @@ class Bench:
         os.makedirs(www)
         with open(os.path.join(www, "file.bin"), "wb") as f:
             chunk = random.Random(1).randbytes(1 << 20)
-            for _ in range(a.pieces):
-                f.write(chunk)
+            f.writelines(chunk for _ in range(a.pieces))
         info = os.path.join(self.workdir, "origin.json")
         origin = self.spawn("origin", [sys.executable, "-m", "dragonfly.testing.origin", "--root", www, "--info", info])
         self.origin_port = wait_for_file(info, 20, origin)["port"]

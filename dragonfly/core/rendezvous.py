@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from attrs import frozen
 
-__all__ = ["Node", "parse_nodes", "rank", "owner", "score"]
+__all__ = ["Node", "owner", "parse_nodes", "rank", "score"]
 
 #: the SuperNode API port when an address names none
 DEFAULT_PORT = 8002

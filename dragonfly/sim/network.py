@@ -17,7 +17,8 @@ reached; repeat.  Done with a heap of links keyed by their fair share
 from __future__ import annotations
 
 import heapq
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from attrs import define, field
 
@@ -141,8 +142,7 @@ class FluidNetwork:
         for f in self.flows:
             if f.rate > 0:
                 t = f.remaining / f.rate - f.lag
-                if t < best:
-                    best = t
+                best = min(best, t)
         return best
 
     def advance(self, dt: float) -> list[tuple[float, Flow]]:
@@ -175,4 +175,3 @@ class FluidNetwork:
     def stop_all(self, flows: Iterable[Flow]) -> None:
         for f in list(flows):
             self.stop(f)
-

@@ -35,7 +35,8 @@ import heapq
 import math
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from attrs import define, field
 
@@ -43,7 +44,7 @@ from ..core.bitmap import Bitmap
 from ..core.pieces import swarm_piece_size
 from ..peer.picker import Picker
 from ..supernode.scheduler import PeerInfo, Scheduler
-from .network import FluidNetwork, Flow, Host
+from .network import Flow, FluidNetwork, Host
 
 TASK = "sim" + "0" * 61
 SEED = -1

@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import heapq
 import random
+from collections.abc import Iterable, Iterator
 from itertools import count as _counter
-from typing import Iterable, Iterator
 
 from attrs import define, field
 from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
-from ..core.logs import task_log
 from ..core.ids import SEED_ID
+from ..core.logs import task_log
 
 log = Logger()
 

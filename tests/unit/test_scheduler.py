@@ -9,6 +9,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from dragonfly.core.bitmap import Bitmap
 from dragonfly.supernode.scheduler import (
@@ -640,8 +641,6 @@ def test_a_small_swarm_gets_a_larger_seed_window_a_real_one_does_not() -> None:
 
 
 # -- the incremental indexes against a recount ----------------------------------------
-
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
 
 
 def recount(s: Scheduler) -> None:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dragonfly.sim.__main__ import main
-from dragonfly.sim.network import FluidNetwork, Flow, Host
+from dragonfly.sim.network import Flow, FluidNetwork, Host
 from dragonfly.sim.swarm import Config, Simulation, parse_links
 
 # -- the network ------------------------------------------------------------------------
@@ -109,4 +109,3 @@ def test_link_mix_parsing() -> None:
     for bad in ("1000@5:1", "1000/200:1", "0/10@1:1", "x/1@1:1"):
         with pytest.raises(ValueError, match="link"):
             parse_links(bad)
-
