@@ -14,6 +14,11 @@ downloading peers do), the rest heartbeats.  It prints one line per run:
 requests/s, syncs/s, mean and p99 latency, non-2xx answers.  It runs the mix
 given and then syncs only (the form of the 593 syncs/s measured before).
 
+With C{--procs K} it starts K SuperNodes on K ports, peer n registering
+with node n % K (as rendezvous hashing would spread tasks over nodes; each
+node has its own swarm of the file), and runs one wrk per node at once with
+the connections split between them: the rate of one host.
+
 With C{--profile FILE} it runs the mixed load a second time under py-spy
 (C{pip install py-spy}) attached to the SuperNode and writes the collapsed
 stacks to FILE (see docs/scale.md for reading them).
@@ -40,6 +45,8 @@ from dragonfly.testing.swarm import _bin, wait_for_file
 
 WRK_SCRIPT = r"""
 local peers = {PEERS}
+local procs = {PROCS}
+local proc = {PROC}
 local pieces = {PIECES}
 local mix = {MIX}
 local task = "{TASK}"
@@ -50,7 +57,7 @@ math.randomseed(os.time() + {SEED})
 local hdr = {{ ["Content-Type"] = "application/json" }}
 
 request = function()
-  local p = math.random(peers) - 1
+  local p = procs * (math.random(peers) - 1) + proc
   if math.random() < mix then
     local have = ""
     if math.random() < 0.25 then have = tostring(math.random(pieces) - 1) end
@@ -104,52 +111,72 @@ class Bench:
         info = os.path.join(self.workdir, "origin.json")
         origin = self.spawn("origin", [sys.executable, "-m", "dragonfly.testing.origin", "--root", www, "--info", info])
         self.origin_port = wait_for_file(info, 20, origin)["port"]
-        home = os.path.join(self.workdir, "supernode")
-        os.makedirs(home)
-        self.supernode = self.spawn("supernode", [
-            _bin("twistd"), "-n", "--pidfile=", "--logfile", os.path.join(self.workdir, "twistd.log"), "supernode",
-            "--port", "0", "--block-port", "0", "--listen", "127.0.0.1", "--home", home,
-            "--origin-deny", "none", "--piece-size", "1M", "--peer-ttl", "3600",
-        ])
-        self.port = wait_for_file(os.path.join(home, "supernode.json"), 60, self.supernode)["port"]
+        # one SuperNode per --procs, each with its own port, home and swarm
+        self.nodes: list[dict[str, Any]] = []
+        for j in range(a.procs):
+            home = os.path.join(self.workdir, f"supernode{j}")
+            os.makedirs(home)
+            proc = self.spawn(f"supernode{j}", [
+                _bin("twistd"), "-n", "--pidfile=", "--logfile", os.path.join(self.workdir, f"twistd{j}.log"),
+                "supernode", "--port", "0", "--block-port", "0", "--listen", "127.0.0.1", "--home", home,
+                "--origin-deny", "none", "--piece-size", "1M", "--peer-ttl", "3600",
+            ])
+            self.nodes.append({"proc": proc, "home": home})
+        for node in self.nodes:
+            node["port"] = wait_for_file(os.path.join(node["home"], "supernode.json"), 60, node["proc"])["port"]
+        self.supernode = self.nodes[0]["proc"]
 
     def populate(self) -> None:
+        """Peer n registers with SuperNode n % procs and joins that node's swarm of the file."""
         a = self.args
         rng = random.Random(2)
-        for n in range(a.peers):
-            call(self.port, "POST", "/api/v1/peers", {"peerId": f"bench-{n}", "ip": "127.0.0.1", "port": 20000 + n})
         url = f"http://127.0.0.1:{self.origin_port}/file.bin"
-        reply = call(self.port, "POST", "/api/v1/tasks", {"peerId": "bench-0", "url": url})
-        self.task = reply["taskId"]
-        deadline = time.monotonic() + 120
-        while call(self.port, "GET", f"/api/v1/tasks/{self.task}")["status"] != "success":
-            if time.monotonic() > deadline:
-                raise RuntimeError("the CDN did not cache the file")
-            time.sleep(0.2)
-        pieces = a.pieces
-        for n in range(a.peers):
-            have = sorted(rng.sample(range(pieces), pieces // 2))
-            call(self.port, "POST", f"/api/v1/tasks/{self.task}/sync", {"peerId": f"bench-{n}", "have": have})
+        for j, node in enumerate(self.nodes):
+            port = node["port"]
+            mine = range(j, a.peers, a.procs)
+            for n in mine:
+                call(port, "POST", "/api/v1/peers", {"peerId": f"bench-{n}", "ip": "127.0.0.1", "port": 20000 + n})
+            node["task"] = call(port, "POST", "/api/v1/tasks", {"peerId": f"bench-{j}", "url": url})["taskId"]
+            node["peers"] = len(mine)
+            deadline = time.monotonic() + 120
+            while call(port, "GET", f"/api/v1/tasks/{node['task']}")["status"] != "success":
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the CDN did not cache the file")
+                time.sleep(0.2)
+            pieces = a.pieces
+            for n in mine:
+                have = sorted(rng.sample(range(pieces), pieces // 2))
+                call(port, "POST", f"/api/v1/tasks/{node['task']}/sync", {"peerId": f"bench-{n}", "have": have})
 
     def wrk(self, mix: float, duration: float) -> dict[str, Any]:
+        """One wrk per SuperNode, all at once, the connections split between them."""
         a = self.args
-        script = os.path.join(self.workdir, "load.lua")
-        with open(script, "w") as f:
-            f.write(WRK_SCRIPT.format(PEERS=a.peers, PIECES=a.pieces, MIX=mix, TASK=self.task, SEED=random.randrange(1000)))
-        out = subprocess.run(
-            ["wrk", "-t1", f"-c{a.connections}", f"-d{duration:g}s", "--timeout", "5s", "-s", script,
-             f"http://127.0.0.1:{self.port}"],
-            capture_output=True, text=True, check=True,
-        ).stdout
-        line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
-        r = json.loads(line[len("RESULT "):])
-        secs = r["duration_us"] / 1e6
-        errors = r["status"] + r["connect"] + r["read"] + r["write"] + r["timeout"]
+        runs = []
+        for j, node in enumerate(self.nodes):
+            script = os.path.join(self.workdir, f"load{j}.lua")
+            with open(script, "w") as f:
+                f.write(WRK_SCRIPT.format(PEERS=node["peers"], PROCS=a.procs, PROC=j, PIECES=a.pieces, MIX=mix,
+                                          TASK=node["task"], SEED=random.randrange(1000)))
+            runs.append(subprocess.Popen(
+                ["wrk", "-t1", f"-c{max(1, a.connections // a.procs)}", f"-d{duration:g}s", "--timeout", "5s",
+                 "-s", script, f"http://127.0.0.1:{node['port']}"],
+                stdout=subprocess.PIPE, text=True,
+            ))
+        results = []
+        for run in runs:
+            out, _ = run.communicate()
+            line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
+            results.append(json.loads(line[len("RESULT "):]))
+        rate = sum(r["requests"] / (r["duration_us"] / 1e6) for r in results)
+        total = sum(r["requests"] for r in results)
+        mean_us = sum(r["mean_us"] * r["requests"] for r in results) / max(total, 1)
+        errors = sum(r["status"] + r["connect"] + r["read"] + r["write"] + r["timeout"] for r in results)
         return {
-            "mix": mix, "requests_per_s": round(r["requests"] / secs, 1),
-            "syncs_per_s": round(r["requests"] * mix / secs, 1),
-            "mean_ms": round(r["mean_us"] / 1000, 2), "p99_ms": round(r["p99_us"] / 1000, 2),
-            "max_ms": round(r["max_us"] / 1000, 2), "errors": errors, "peers": a.peers,
+            "procs": a.procs, "mix": mix, "requests_per_s": round(rate, 1), "syncs_per_s": round(rate * mix, 1),
+            "mean_ms": round(mean_us / 1000, 2),
+            # the p99 of the slowest process (the p99 of all requests is at most this)
+            "p99_ms": round(max(r["p99_us"] for r in results) / 1000, 2),
+            "max_ms": round(max(r["max_us"] for r in results) / 1000, 2), "errors": errors, "peers": a.peers,
             "connections": a.connections,
         }
 
@@ -184,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--mix", type=float, default=0.9, help="fraction of requests that are syncs (the rest heartbeats)")
+    p.add_argument("--procs", type=int, default=1,
+                   help="SuperNode processes, each with its share of the peers and its own swarm (one wrk each)")
     p.add_argument("--profile", help="also profile the SuperNode under the mixed load (py-spy raw output here)")
     p.add_argument("--json", action="store_true", help="one JSON object per run")
     args = p.parse_args(argv)
@@ -202,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(r), flush=True)
             else:
-                print(f"syncs {mix:.0%}: {r['requests_per_s']:8.1f} req/s  {r['syncs_per_s']:8.1f} syncs/s  "
+                print(f"{args.procs} proc syncs {mix:.0%}: {r['requests_per_s']:8.1f} req/s  {r['syncs_per_s']:8.1f} syncs/s  "
                       f"mean {r['mean_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}", flush=True)
         if args.profile:
             bench.profile(args.profile, args.mix, args.duration)
