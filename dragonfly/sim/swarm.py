@@ -161,7 +161,9 @@ class Result:
 class Simulation:
     """One file, one SuperNode, C{config.peers} peers arriving together (a flash crowd)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, progress: Callable[[str], None] | None = None) -> None:
+        #: called with a line of progress about once a simulated second
+        self.progress = progress
         self.c = config
         self.rng = random.Random(config.seed)
         self.now = 0.0
@@ -345,6 +347,7 @@ class Simulation:
         gc.collect()
         gc.freeze()
         remaining = self.remaining
+        next_report = 0.0
         c = self.c
         while remaining:
             if self.now > c.time_limit:
@@ -372,6 +375,12 @@ class Simulation:
             self.now = base + step
             self.steps += 1
             remaining = self.remaining
+            if self.progress is not None and self.now >= next_report:
+                next_report = self.now + 1.0
+                self.progress(
+                    f"t={self.now:7.2f}s done {len(self.peers) - remaining}/{len(self.peers)} "
+                    f"flows {len(self.net.flows)} wall {time.perf_counter() - wall:7.1f}s"
+                )
         seed_bytes = self.seed_host.bytes_up
         total_down = sum(p.host.bytes_down for p in self.peers)
         s = c.seed_mbit * MBIT
