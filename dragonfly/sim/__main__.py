@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--links", default=DEFAULT_LINKS, help="peer link mix: down/up@latency_ms:share,... in Mbit/s")
     p.add_argument("--seed-mbit", type=float, default=2000.0, help="the SuperNode's uplink, Mbit/s")
     p.add_argument("--origin-mbit", type=float, default=2000.0, help="the CDN's fetch from the origin, Mbit/s")
+    p.add_argument("--in-flight", default="6M", help="pieces in flight per peer, in bytes (the dfpeer's --in-flight; at least 4 pieces)")
     p.add_argument("--spread", type=float, default=0.0, help="peers arrive uniformly within this many seconds")
     p.add_argument("--dt", type=float, default=0.005, help="the shortest network step, seconds (flows started within a step catch up on the next)")
     p.add_argument("--json", action="store_true", help="the last line is one JSON object")
@@ -31,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
         parse_links(a.links)
         size = parse_rate(a.size)
         piece = parse_rate(a.piece_size) if a.piece_size else None
+        in_flight = parse_rate(a.in_flight)
     except ValueError as e:
         p.error(str(e))
     if a.peers < 1:
         p.error("--peers must be at least 1")
     config = Config(peers=a.peers, file_size=size, piece_size=piece, links=a.links, seed_mbit=a.seed_mbit,
-                    origin_mbit=a.origin_mbit, arrival_spread=a.spread, dt=a.dt, seed=a.seed)
+                    origin_mbit=a.origin_mbit, in_flight_bytes=in_flight, arrival_spread=a.spread, dt=a.dt, seed=a.seed)
     progress = (lambda line: print(line, file=sys.stderr, flush=True)) if a.progress else None
     result = Simulation(config, progress).run().summary()
     if a.json:
