@@ -197,6 +197,8 @@ class Scheduler:
     # totals for /metrics: parents blocked for a child, peers dropped by reason
     blocks: int = 0
     drops: dict[str, int] = field(factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    # orders the allowances of one expiry time in the swarms' heaps
+    _seq: Iterator[int] = field(factory=_counter, init=False, repr=False, eq=False)
 
     # -- peers -------------------------------------------------------------
 
@@ -592,8 +594,6 @@ class Scheduler:
             swarm.seed_out += 1
         return sorted(member.seed)
 
-    _seq = _counter()
-
     def _by_copies(self, swarm: TaskSwarm, pieces: list[int]) -> list[int]:
         """C{pieces}, fewest copies out first, ties at random."""
         return sorted(pieces, key=lambda i: (swarm.seed_sends[i] + swarm.holders[i], self.rng.random()))
@@ -644,9 +644,6 @@ class Scheduler:
             return self.seed_window
         spare = self.seed_slots // (max(downloading, 1) * self.small_window)
         return max(self.seed_window, min(self.small_window, spare))
-
-    def _wanted(self, index: int, want: int | None) -> bool:
-        return want is not None and want <= index < want + self.WANT_WINDOW
 
     # -- views -------------------------------------------------------------
 
