@@ -20,19 +20,30 @@ since its last call, and gets back:
 
 Failures are local first (the peer re-requests elsewhere at once); the
 scheduler counts them per pair of peers and blocks a bad parent for a while.
+
+A sync costs the same in a swarm of ten peers or ten thousand: the swarm keeps
+incremental indexes (the children of each parent, the number of peers still
+downloading, a bit set of the pieces with no copy out at all, each member's
+pieces as an integer bit set, the outstanding allowances by expiry), parents
+are topped up from a random sample of the members, and a sync returns early
+when the seed has nothing the peer could take.  Bit sets are Python integers
+in the wire order of L{Bitmap} (piece 0 is the most significant bit of
+C{width} bits), so one is made from a bitmap's bytes in one call.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
-from typing import Iterable
+from collections.abc import Iterable, Iterator
+from itertools import count as _counter
 
 from attrs import define, field
 from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
-from ..core.logs import task_log
 from ..core.ids import SEED_ID
+from ..core.logs import task_log
 
 log = Logger()
 
@@ -75,6 +86,8 @@ class Member:
     failures: dict[str, int] = field(factory=dict)
     # parent id -> blocked until
     blocked: dict[str, float] = field(factory=dict)
+    # C{have} as a bit set (see the module docstring), kept in step with it
+    have_bits: int = 0
 
 
 @define
@@ -94,6 +107,37 @@ class TaskSwarm:
     seed_out: int = 0
     # when a peer last registered, reported or synced for this task
     last_touch: float = 0.0
+    # -- incremental indexes (kept in step by the Scheduler) --
+    # bits of a piece bit set: 8 * ceil(piece_count / 8)
+    width: int = 0
+    # pieces with no copy out (seed_sends + holders == 0), as a bit set
+    fresh: int = 0
+    # members that are not done
+    downloading: int = 0
+    # parent id -> the members that have it among their parents
+    children: dict[str, set[str]] = field(factory=dict)
+    # the member ids in a list (for sampling) and each one's place in it
+    order: list[str] = field(factory=list)
+    slot: dict[str, int] = field(factory=dict)
+    # (expires, n, peer id, assignment) for every allowance handed out; an
+    # entry whose allowance was reported or withdrawn since is skipped
+    expiries: list[tuple[float, int, str, Assignment]] = field(factory=list)
+
+    def bit(self, index: int) -> int:
+        """The bit of piece C{index} in this swarm's bit sets."""
+        return 1 << (self.width - 1 - index)
+
+    def bits_of(self, bitmap: Bitmap) -> int:
+        """C{bitmap} as a bit set."""
+        return int.from_bytes(bitmap.to_bytes(), "big")
+
+    def indices(self, bits: int) -> Iterator[int]:
+        """The pieces of bit set C{bits}, in ascending order."""
+        width = self.width
+        while bits:
+            top = bits.bit_length()
+            yield width - top
+            bits ^= 1 << (top - 1)
 
 
 @define(frozen=True)
@@ -130,6 +174,9 @@ class Scheduler:
     @ivar peer_ttl: seconds without a call before a peer is dropped.
     @ivar dead_after: peers reporting a broken connection to a peer before it
         is dropped at once.
+    @ivar parent_sample: members looked at when a peer's parents are topped
+        up: all of them in a swarm this small, else a random sample of this
+        many (a sync must not cost more in a larger swarm).
     """
 
     max_parents: int = 8
@@ -141,6 +188,7 @@ class Scheduler:
     block_for: float = 30.0
     peer_ttl: float = 60.0
     dead_after: int = 2
+    parent_sample: int = 32
     rng: random.Random = field(factory=random.Random)
     peers: dict[str, PeerInfo] = field(factory=dict)
     tasks: dict[str, TaskSwarm] = field(factory=dict)
@@ -149,6 +197,8 @@ class Scheduler:
     # totals for /metrics: parents blocked for a child, peers dropped by reason
     blocks: int = 0
     drops: dict[str, int] = field(factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    # orders the allowances of one expiry time in the swarms' heaps
+    _seq: Iterator[int] = field(factory=_counter, init=False, repr=False, eq=False)
 
     # -- peers -------------------------------------------------------------
 
@@ -216,10 +266,14 @@ class Scheduler:
         swarm.seed_has = Bitmap(count)
         swarm.seed_sends = [0] * count
         swarm.holders = [0] * count
+        swarm.width = 8 * ((count + 7) >> 3)
+        swarm.fresh = ((1 << count) - 1) << (swarm.width - count)
         for member in swarm.members.values():
             member.have = Bitmap(count)
+            member.have_bits = 0
             member.seed.clear()
         swarm.seed_out = 0
+        swarm.expiries.clear()
 
     def seed_piece_ready(self, task_id: str, index: int) -> None:
         """The CDN verified piece C{index}: the seed can serve it."""
@@ -235,9 +289,10 @@ class Scheduler:
         swarm.seed_has = Bitmap(swarm.seed_has.count)
         for member in swarm.members.values():
             for index in member.seed:
-                swarm.seed_sends[index] -= 1
+                self._add_sends(swarm, index, -1)
             member.seed.clear()
         swarm.seed_out = 0
+        swarm.expiries.clear()
 
     def join(self, task_id: str, peer_id: str, now: float) -> Member:
         """Peer C{peer_id} takes part in C{task_id}."""
@@ -248,6 +303,9 @@ class Scheduler:
         member = swarm.members.get(peer_id)
         if member is None:
             member = swarm.members[peer_id] = Member(peer_id, joined=now)
+            swarm.slot[peer_id] = len(swarm.order)
+            swarm.order.append(peer_id)
+            swarm.downloading += 1
             task_log(log, LogLevel.info, task_id, "peer {peerId} joined ({peers} peers)", peerId=peer_id, peers=len(swarm.members))
             if swarm.piece_count is not None:
                 member.have = Bitmap(swarm.piece_count)
@@ -263,15 +321,60 @@ class Scheduler:
         member = swarm.members.pop(peer_id, None)
         if member is None:
             return
+        # out of the sampling list: the last id takes its place
+        place = swarm.slot.pop(peer_id)
+        last = swarm.order.pop()
+        if last != peer_id:
+            swarm.order[place] = last
+            swarm.slot[last] = place
+        if not member.done:
+            swarm.downloading -= 1
         if member.have is not None:
             for i in member.have:
                 swarm.holders[i] -= 1
+                self._recheck(swarm, i)
         for a in member.seed.values():
-            swarm.seed_sends[a.index] -= 1
+            self._add_sends(swarm, a.index, -1)
         swarm.seed_out -= len(member.seed)
-        for other in swarm.members.values():
-            if peer_id in other.parents:
+        member.seed.clear()
+        for p in member.parents:
+            kids = swarm.children.get(p)
+            if kids is not None:
+                kids.discard(peer_id)
+                if not kids:
+                    del swarm.children[p]
+        for child in swarm.children.pop(peer_id, ()):
+            other = swarm.members.get(child)
+            if other is not None and peer_id in other.parents:
                 other.parents.remove(peer_id)
+
+    # -- index upkeep ------------------------------------------------------------
+
+    def _recheck(self, swarm: TaskSwarm, index: int) -> None:
+        """Piece C{index}'s copies changed: keep C{fresh} in step."""
+        if swarm.seed_sends[index] + swarm.holders[index] == 0:
+            swarm.fresh |= swarm.bit(index)
+        else:
+            swarm.fresh &= ~swarm.bit(index)
+
+    def _add_sends(self, swarm: TaskSwarm, index: int, delta: int) -> None:
+        swarm.seed_sends[index] += delta
+        self._recheck(swarm, index)
+
+    def _unparent(self, swarm: TaskSwarm, member: Member, parent: str) -> None:
+        """C{parent} is no longer one of C{member}'s parents."""
+        if parent in member.parents:
+            member.parents.remove(parent)
+            kids = swarm.children.get(parent)
+            if kids is not None:
+                kids.discard(member.peer_id)
+                if not kids:
+                    del swarm.children[parent]
+
+    def _set_done(self, swarm: TaskSwarm, member: Member, done: bool) -> None:
+        if done != member.done:
+            swarm.downloading += -1 if done else 1
+            member.done = done
 
     # -- the per-peer call ---------------------------------------------------
 
@@ -303,29 +406,30 @@ class Scheduler:
             for i in have:
                 if 0 <= i < member.have.count and i not in member.have:
                     member.have.set(i)
+                    member.have_bits |= swarm.bit(i)
                     swarm.holders[i] += 1
                     if member.seed.pop(i, None) is not None:
                         # the allowance became a real copy: seed_sends keeps it
                         swarm.seed_out -= 1
+                    self._recheck(swarm, i)
             if member.have.complete and not member.done:
                 task_log(
                     log, LogLevel.info, task_id, "peer {peerId} holds all {pieces} pieces, {seconds:.2f}s after joining",
                     peerId=peer_id, pieces=member.have.count, seconds=now - member.joined,
                 )
-            member.done = member.have.complete
+            self._set_done(swarm, member, member.have.complete)
         for parent in banned:
             # the peer will not talk to it (bad pieces, silence): it must not
             # count as a neighbour that holds pieces for this peer
             if member.blocked.get(parent, 0.0) <= now:
                 task_log(log, LogLevel.info, task_id, "peer {peerId} banned {parent}", peerId=peer_id, parent=parent)
             member.blocked[parent] = now + self.block_for
-            if parent in member.parents:
-                member.parents.remove(parent)
+            self._unparent(swarm, member, parent)
         for index, parent in failed:
             if parent == SEED_ID:
                 a = member.seed.pop(index, None)
                 if a is not None:
-                    swarm.seed_sends[index] -= 1
+                    self._add_sends(swarm, index, -1)
                     swarm.seed_out -= 1
                 continue
             if index == -1 and parent in self.peers:
@@ -351,11 +455,14 @@ class Scheduler:
                 self.blocks += 1
                 member.blocked[parent] = now + self.block_for
                 member.failures[parent] = 0
-                if parent in member.parents:
-                    member.parents.remove(parent)
+                self._unparent(swarm, member, parent)
 
     #: pieces from C{want} on that go to the seed allowance first
     WANT_WINDOW = 4
+
+    #: at most this many candidate pieces are enumerated and sorted by copies
+    #: for a starving peer once every piece has a copy out
+    STARVING_SCAN = 64
 
     def sync(
         self, task_id: str, peer_id: str, now: float, starving: bool = False, want: int | None = None
@@ -382,39 +489,62 @@ class Scheduler:
         return Decision(parents=[self.peers[p] for p in parents], seed_pieces=seed)
 
     def _expire_assignments(self, swarm: TaskSwarm, member: Member, now: float) -> None:
-        for index, a in list(member.seed.items()):
-            if a.expires <= now:
-                del member.seed[index]
-                swarm.seed_sends[index] -= 1
+        """
+        Take back every allowance in the swarm whose time is up (a silent
+        peer's too: it must not hold pieces or seed slots back), and lift
+        C{member}'s blocks that ran out.
+        """
+        heap = swarm.expiries
+        while heap and heap[0][0] <= now:
+            _, _, holder, a = heapq.heappop(heap)
+            other = swarm.members.get(holder)
+            if other is not None and other.seed.get(a.index) is a:
+                del other.seed[a.index]
+                self._add_sends(swarm, a.index, -1)
                 swarm.seed_out -= 1
-        for parent, until in list(member.blocked.items()):
-            if until <= now:
-                del member.blocked[parent]
+        if member.blocked:
+            for parent, until in list(member.blocked.items()):
+                if until <= now:
+                    del member.blocked[parent]
 
     def _choose_parents(self, swarm: TaskSwarm, member: Member, now: float) -> list[str]:
         me = member.peer_id
+        for p in member.parents:
+            if p not in swarm.members or p not in self.peers or p in member.blocked:
+                break
+        else:
+            if len(member.parents) >= self.max_parents:
+                return list(member.parents)
         keep = [
             p for p in member.parents
             if p in swarm.members and p in self.peers and p not in member.blocked
         ]
-        if len(keep) < self.max_parents:
-            # how many children each candidate already serves
-            load: dict[str, int] = {}
-            for other in swarm.members.values():
-                for p in other.parents:
-                    load[p] = load.get(p, 0) + 1
+        for p in member.parents:
+            if p not in keep:
+                self._unparent(swarm, member, p)
+        need = self.max_parents - len(keep)
+        if need > 0:
+            pool: list[str] = swarm.order
+            if len(pool) > self.parent_sample:
+                pool = self.rng.sample(pool, self.parent_sample)
             candidates = [
-                p for p in swarm.members
+                p for p in pool
                 if p != me and p not in keep and p not in member.blocked and p in self.peers
             ]
+            children = swarm.children
+            members = swarm.members
 
             def score(p: str) -> tuple[float, float, float]:
-                held = swarm.members[p].have
+                # more pieces first, then fewer children served, then at random
+                held = members[p].have
                 pieces = len(held) if held is not None else 0
-                return (-pieces, load.get(p, 0), self.rng.random())
+                kids = children.get(p)
+                return (-pieces, len(kids) if kids else 0, self.rng.random())
 
             candidates.sort(key=score)
-            keep.extend(candidates[: self.max_parents - len(keep)])
+            for p in candidates[:need]:
+                keep.append(p)
+                children.setdefault(p, set()).add(me)
         member.parents = keep
         return list(keep)
 
@@ -424,37 +554,81 @@ class Scheduler:
         if member.have is None or swarm.seed_has is None:
             return []
         free = min(self._window(swarm) - len(member.seed), self.seed_slots - swarm.seed_out)
-        if free > 0:
-            nearby = Bitmap(swarm.piece_count or 0)
-            # neighbours: the parents we gave it and the peers that chose it
-            neighbours = set(member.parents)
-            neighbours.update(m.peer_id for m in swarm.members.values() if member.peer_id in m.parents)
-            for p in neighbours:
-                other = swarm.members.get(p)
-                if other is None or p in member.blocked:
-                    continue
-                # a parent that stopped syncing must not hold pieces back forever
-                self._expire_assignments(swarm, other, now)
-                if other.have is not None:
-                    for i in other.have:
-                        nearby.set(i)
-                for i in other.seed:
-                    nearby.set(i)
-            candidates = [
-                i for i in swarm.seed_has
-                if i not in member.have and i not in member.seed and i not in nearby
-                and (starving or swarm.seed_sends[i] + swarm.holders[i] == 0 or self._wanted(i, want))
-            ]
-            if candidates:
-                keyed = sorted(
-                    candidates,
-                    key=lambda i: (not self._wanted(i, want), swarm.seed_sends[i] + swarm.holders[i], self.rng.random()),
-                )
-                for i in keyed[:free]:
-                    member.seed[i] = Assignment(i, now + self.assign_ttl)
-                    swarm.seed_sends[i] += 1
-                    swarm.seed_out += 1
+        if free <= 0:
+            return sorted(member.seed)
+        mine = member.have_bits
+        for i in member.seed:
+            mine |= swarm.bit(i)
+        wanted = 0
+        if want is not None:
+            for i in range(max(want, 0), min(want + self.WANT_WINDOW, swarm.piece_count or 0)):
+                wanted |= swarm.bit(i)
+        # pieces the seed has and the peer neither holds nor is fetching
+        base = swarm.bits_of(swarm.seed_has) & ~mine
+        if not starving:
+            base &= swarm.fresh | wanted
+        if not base:
+            return sorted(member.seed)  # the seed has nothing for it: no need to look further
+        # neighbours: the parents we gave it and the peers that chose it
+        nearby = 0
+        for p in (*member.parents, *swarm.children.get(member.peer_id, ())):
+            other = swarm.members.get(p)
+            if other is None or p in member.blocked:
+                continue
+            nearby |= other.have_bits
+            for i in other.seed:
+                nearby |= swarm.bit(i)
+        candidates = base & ~nearby
+        chosen: list[int] = []
+        if candidates & wanted:
+            chosen += self._by_copies(swarm, list(swarm.indices(candidates & wanted)))[:free]
+        rest = candidates & ~wanted
+        if len(chosen) < free and rest & swarm.fresh:
+            chosen += self._at_random(swarm, rest & swarm.fresh, free - len(chosen))
+        if len(chosen) < free and starving and rest & ~swarm.fresh:
+            chosen += self._by_copies(swarm, self._some(swarm, rest & ~swarm.fresh))[: free - len(chosen)]
+        for i in chosen:
+            a = member.seed[i] = Assignment(i, now + self.assign_ttl)
+            heapq.heappush(swarm.expiries, (a.expires, next(self._seq), member.peer_id, a))
+            self._add_sends(swarm, i, 1)
+            swarm.seed_out += 1
         return sorted(member.seed)
+
+    def _by_copies(self, swarm: TaskSwarm, pieces: list[int]) -> list[int]:
+        """C{pieces}, fewest copies out first, ties at random."""
+        return sorted(pieces, key=lambda i: (swarm.seed_sends[i] + swarm.holders[i], self.rng.random()))
+
+    def _at_random(self, swarm: TaskSwarm, bits: int, n: int) -> list[int]:
+        """
+        Up to C{n} pieces of bit set C{bits} at random: uniformly among a few,
+        else each the first piece at or after a random place (a bounded cost,
+        whatever the number of pieces).
+        """
+        if bits.bit_count() <= self.STARVING_SCAN:
+            pieces = list(swarm.indices(bits))
+            return self.rng.sample(pieces, min(n, len(pieces)))
+        width = swarm.width
+        out: list[int] = []
+        while bits and len(out) < n:
+            start = self.rng.randrange(swarm.piece_count or 1)
+            after = bits & ((1 << (width - start)) - 1)
+            i = width - (after or bits).bit_length()
+            out.append(i)
+            bits &= ~swarm.bit(i)
+        return out
+
+    def _some(self, swarm: TaskSwarm, bits: int) -> list[int]:
+        """At most C{STARVING_SCAN} pieces of C{bits}, from a random place on."""
+        if bits.bit_count() > self.STARVING_SCAN:
+            start = self.rng.randrange(swarm.piece_count or 1)
+            low = (1 << (swarm.width - start)) - 1
+            bits = (bits & low) or bits
+        out = []
+        for i in swarm.indices(bits):
+            out.append(i)
+            if len(out) == self.STARVING_SCAN:
+                break
+        return out
 
     def _window(self, swarm: TaskSwarm) -> int:
         """
@@ -465,17 +639,11 @@ class Scheduler:
         at the defaults it is C{seed_window}: spreading the seed's pieces
         matters more there.
         """
-        downloading = 0
-        for m in swarm.members.values():
-            if not m.done:
-                downloading += 1
-                if downloading * self.small_window > self.seed_slots:
-                    return self.seed_window  # a real swarm: stop counting
+        downloading = swarm.downloading
+        if downloading * self.small_window > self.seed_slots:
+            return self.seed_window
         spare = self.seed_slots // (max(downloading, 1) * self.small_window)
         return max(self.seed_window, min(self.small_window, spare))
-
-    def _wanted(self, index: int, want: int | None) -> bool:
-        return want is not None and want <= index < want + self.WANT_WINDOW
 
     # -- views -------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from dragonfly.core.bitmap import Bitmap
 from dragonfly.supernode.scheduler import (
@@ -637,3 +638,151 @@ def test_a_small_swarm_gets_a_larger_seed_window_a_real_one_does_not() -> None:
     for n in range(3):
         s.report(TASK, f"p{n}", 0, have=list(range(8)))
     assert s._window(swarm(s)) == 4
+
+
+# -- the incremental indexes against a recount ----------------------------------------
+
+
+def recount(s: Scheduler) -> None:
+    """Every index the scheduler keeps incrementally equals a brute-force recount."""
+    check_holders(s)
+    for sw in s.tasks.values():
+        # children per parent
+        children: dict[str, set[str]] = {}
+        for m in sw.members.values():
+            for p in m.parents:
+                children.setdefault(p, set()).add(m.peer_id)
+        assert sw.children == children
+        # downloading count
+        assert sw.downloading == sum(1 for m in sw.members.values() if not m.done)
+        # the sampling list
+        assert sorted(sw.order) == sorted(sw.members)
+        assert all(sw.order[sw.slot[p]] == p for p in sw.members)
+        assert len(sw.slot) == len(sw.members)
+        if sw.piece_count is None:
+            continue
+        # each member's bit set, and the pieces with no copy out
+        for m in sw.members.values():
+            assert m.have is not None
+            assert m.have_bits == sw.bits_of(m.have)
+        fresh = Bitmap(sw.piece_count)
+        for i in range(sw.piece_count):
+            if sw.seed_sends[i] + sw.holders[i] == 0:
+                fresh.set(i)
+        assert sw.fresh == sw.bits_of(fresh)
+        # every outstanding allowance will lapse: it is in the expiry heap
+        queued = {id(entry[3]) for entry in sw.expiries}
+        for m in sw.members.values():
+            for a in m.seed.values():
+                assert id(a) in queued
+
+
+class SchedulerIndexes(RuleBasedStateMachine):
+    """Random registrations, reports, failures, syncs, departures and clock ticks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = Scheduler(max_parents=3, seed_window=2, assign_ttl=10.0, block_after=2, block_for=15.0,
+                           peer_ttl=60.0, parent_sample=4, rng=random.Random(0))
+        self.s.task(TASK)
+        self.now = 0.0
+
+    def members(self) -> dict:
+        return self.s.tasks[TASK].members
+
+    @rule(peer=st.sampled_from(PEERS + ["q0", "q1", "q2"]))
+    def join(self, peer: str) -> None:
+        self.s.register_peer(PeerInfo(peer, "10.0.0.1", 1000), self.now)
+        self.s.join(TASK, peer, self.now)
+
+    @rule(peer=st.sampled_from(PEERS), have=st.lists(st.integers(-1, 40), max_size=8), whole=st.booleans())
+    def report(self, peer: str, have: list[int], whole: bool) -> None:
+        if peer in self.s.peers:
+            count = self.s.tasks[TASK].piece_count
+            bitmap = None
+            if whole and count is not None:
+                bitmap = Bitmap(count)
+                for i in have:
+                    if 0 <= i < count:
+                        bitmap.set(i)
+            self.s.report(TASK, peer, self.now, have=have, bitmap=bitmap)
+
+    @rule(peer=st.sampled_from(PEERS), index=st.integers(-1, 40), parent=st.sampled_from(PEERS + [SEED_ID]))
+    def fail(self, peer: str, index: int, parent: str) -> None:
+        if peer in self.s.peers:
+            self.s.report(TASK, peer, self.now, failed=[(index, parent)])
+
+    @rule(peer=st.sampled_from(PEERS), other=st.sampled_from(PEERS))
+    def ban(self, peer: str, other: str) -> None:
+        if peer in self.s.peers:
+            self.s.report(TASK, peer, self.now, banned=[other])
+
+    @rule(peer=st.sampled_from(PEERS + ["q0", "q1", "q2"]), starving=st.booleans(),
+          want=st.none() | st.integers(0, 40))
+    def sync(self, peer: str, starving: bool, want: int | None) -> None:
+        if peer in self.s.peers:
+            d = self.s.sync(TASK, peer, self.now, starving=starving, want=want)
+            m = self.members()[peer]
+            assert peer not in parent_ids(d)
+            assert not set(d.seed_pieces) & set(m.have or ())
+            assert not set(parent_ids(d)) & set(m.blocked)
+
+    @rule(peer=st.sampled_from(PEERS))
+    def leave(self, peer: str) -> None:
+        self.s.leave(TASK, peer)
+
+    @rule(peer=st.sampled_from(PEERS))
+    def remove(self, peer: str) -> None:
+        self.s.remove_peer(peer)
+
+    @rule(dt=st.floats(0, 25))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule()
+    def expire(self) -> None:
+        self.s.expire(self.now)
+
+    @precondition(lambda self: self.s.tasks[TASK].piece_count is not None)
+    @rule(index=st.integers(0, 40))
+    def ready(self, index: int) -> None:
+        if index < (self.s.tasks[TASK].piece_count or 0):
+            self.s.seed_piece_ready(TASK, index)
+
+    @rule(count=st.sampled_from([5, 12, 40]))
+    def count(self, count: int) -> None:
+        self.s.set_piece_count(TASK, count)
+
+    @rule()
+    def lost(self) -> None:
+        self.s.seed_lost(TASK)
+
+    @invariant()
+    def indexes_match_a_recount(self) -> None:
+        recount(self.s)
+
+
+SchedulerIndexes.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
+test_incremental_indexes = SchedulerIndexes.TestCase
+
+
+def test_top_up_samples_a_large_swarm() -> None:
+    """In a swarm larger than the sample, parents still come from the members and respect the cap."""
+    s = make(count=16, peers=200, max_parents=4, parent_sample=8)
+    for n in range(200):
+        ids = parent_ids(s.sync(TASK, f"p{n}", 1.0))
+        assert len(ids) == 4 and f"p{n}" not in ids and len(set(ids)) == 4
+    recount(s)
+
+
+def test_seed_allowances_lapse_for_silent_peers_too() -> None:
+    """An allowance of a peer that never syncs again frees its seed slot at anyone's next sync."""
+    s = make(count=40, peers=10, max_parents=1, seed_window=1, seed_slots=3, assign_ttl=5.0)
+    for n in range(3):
+        s.sync(TASK, f"p{n}", 0)
+    assert swarm(s).seed_out == 3
+    assert s.sync(TASK, "p9", 1).seed_pieces == []  # no slot free
+    # p0..p2 go silent; p9's sync after the ttl takes their allowances back
+    assert len(s.sync(TASK, "p9", 5.0).seed_pieces) == 1
+    assert swarm(s).seed_out == 1
+    recount(s)

@@ -1,0 +1,404 @@
+"""
+The swarm simulation: the real L{Scheduler} and the real L{Picker} on a
+fluid network, with an injected clock.
+
+Time is simulated; nothing sleeps and nothing touches a socket.  The loop
+moves the clock by steps of at most C{dt} seconds (further at once when no
+data moves): the network advances its flows (L{FluidNetwork.advance}), then
+every event due is handled in time order (a sync answered, a connection
+opened, a request reaching its uploader), then each peer whose neighbours'
+holdings changed asks its picker for more requests.
+
+What a peer does (the dfpeer's rules, simplified):
+
+  - it syncs with the SuperNode every C{sync_interval} seconds, and at once
+    after a seed piece arrived, reporting the pieces it stored since its last
+    sync and whether its picker is starving; the answer (parents, seed
+    allowance) takes effect one round trip later;
+  - it connects to each new parent (one round trip); both ends then know
+    each other's bitfield, and every piece stored later is announced (HAVE)
+    to every neighbour at once;
+  - it asks pieces through L{Picker.fill} (C{per_conn} per neighbour,
+    C{limit} in all, the seed apart); a request reaches the uploader after
+    the one-way latency and its data flows from then on, at the max-min fair
+    rate of the uploader's uplink and the downloader's downlink;
+  - a finished peer stays and serves until the end.
+
+The SuperNode's CDN fetches the file from the origin once, at C{origin_rate},
+in order; a piece becomes ready for the seed when it is fully fetched.
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import math
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from attrs import define, field
+
+from ..core.bitmap import Bitmap
+from ..core.pieces import swarm_piece_size
+from ..peer.picker import Picker
+from ..supernode.scheduler import PeerInfo, Scheduler
+from .network import Flow, FluidNetwork, Host
+
+TASK = "sim" + "0" * 61
+SEED = -1
+
+MBIT = 1e6 / 8
+
+
+@define(frozen=True)
+class LinkClass:
+    """A kind of host link: Mbit/s down and up, one-way latency in ms, share of the peers."""
+
+    down_mbit: float
+    up_mbit: float
+    latency_ms: float
+    share: float
+
+
+#: the default mix: mostly 1 Gbit/s hosts, some 10 Gbit/s, some asymmetric and slow ones
+DEFAULT_LINKS = "1000/1000@0.5:0.6,10000/10000@0.2:0.1,1000/200@5:0.2,100/100@20:0.1"
+
+
+def parse_links(text: str) -> list[LinkClass]:
+    """C{down/up@latency_ms:share,...} (shares are normalised)."""
+    out = []
+    for part in text.split(","):
+        try:
+            speeds, rest = part.strip().split("@")
+            down, up = speeds.split("/")
+            latency, share = rest.split(":")
+            out.append(LinkClass(float(down), float(up), float(latency), float(share)))
+        except ValueError:
+            raise ValueError(f"link class {part!r} is not down/up@latency_ms:share") from None
+    total = sum(c.share for c in out)
+    if not out or total <= 0 or any(c.down_mbit <= 0 or c.up_mbit <= 0 or c.share < 0 for c in out):
+        raise ValueError(f"link mix {text!r} needs positive speeds and shares")
+    return [LinkClass(c.down_mbit, c.up_mbit, c.latency_ms, c.share / total) for c in out]
+
+
+@define(frozen=True)
+class Config:
+    peers: int = 100
+    file_size: int = 1 << 30
+    piece_size: int | None = None  # None: the SuperNode's auto rule
+    links: str = DEFAULT_LINKS
+    seed_mbit: float = 2000.0  # the SuperNode's uplink (S)
+    origin_mbit: float = 2000.0  # the CDN's fetch from the origin
+    supernode_latency_ms: float = 0.5
+    sync_interval: float = 0.5
+    startup_sync: float = 0.05
+    per_conn: int = 1
+    in_flight_bytes: int = 6 << 20
+    min_in_flight: int = 4
+    arrival_spread: float = 0.0  # peers start uniformly within this many seconds
+    dt: float = 0.005  # the shortest network step (see Flow.lag)
+    seed: int = 1
+    time_limit: float = 3600.0
+
+
+@define(eq=False)
+class SimPeer:
+    index: int
+    peer_id: str
+    host: Host
+    picker: Picker[int]
+    start: float
+    done_at: float | None = None
+    reported: list[int] = field(factory=list)
+    neighbours: set[int] = field(factory=set)
+    connecting: set[int] = field(factory=set)
+    # (neighbour key, piece) -> flow or None while the request travels
+    requests: dict[tuple[int, int], Flow | None] = field(factory=dict)
+    next_sync: float = 0.0
+    sync_pending: bool = False
+    answers: int = 0
+    final_sync_done: bool = False
+
+
+@define
+class Result:
+    peers: int
+    file_size: int
+    piece_size: int
+    pieces: int
+    completion: list[float]
+    bounds: list[float]
+    seed_copies: float
+    origin_copies: float
+    p2p_share: float
+    syncs: int
+    us_per_sync: float
+    sim_s: float
+    wall_s: float
+    events: int
+
+    def ratios(self) -> list[float]:
+        return sorted(c / b for c, b in zip(self.completion, self.bounds))
+
+    def summary(self) -> dict[str, Any]:
+        r = self.ratios()
+
+        def q(p: float) -> float:
+            return round(r[min(len(r) - 1, max(0, math.ceil(p * len(r)) - 1))], 4)
+
+        return {
+            "peers": self.peers, "file_bytes": self.file_size, "piece_bytes": self.piece_size, "pieces": self.pieces,
+            "p50_over_bound": q(0.5), "p99_over_bound": q(0.99), "max_over_bound": round(r[-1], 4),
+            "p50_s": round(sorted(self.completion)[len(r) // 2], 3), "last_s": round(max(self.completion), 3),
+            "origin_copies": round(self.origin_copies, 3), "seed_copies": round(self.seed_copies, 3),
+            "p2p_share": round(self.p2p_share, 4), "syncs": self.syncs, "us_per_sync": round(self.us_per_sync, 1),
+            "events": self.events, "sim_s": round(self.sim_s, 3), "wall_s": round(self.wall_s, 2),
+        }
+
+
+class Simulation:
+    """One file, one SuperNode, C{config.peers} peers arriving together (a flash crowd)."""
+
+    def __init__(self, config: Config, progress: Callable[[str], None] | None = None) -> None:
+        #: called with a line of progress about once a simulated second
+        self.progress = progress
+        self.c = config
+        self.rng = random.Random(config.seed)
+        self.now = 0.0
+        self.net = FluidNetwork()
+        self.piece_size = config.piece_size or swarm_piece_size(config.file_size)
+        self.count = -(-config.file_size // self.piece_size)
+        self.scheduler = Scheduler(rng=random.Random(config.seed + 1))
+        self.scheduler.task(TASK)
+        self.scheduler.set_piece_count(TASK, self.count)
+        self.seed_host = Host("seed", up=config.seed_mbit * MBIT, down=math.inf, latency=config.supernode_latency_ms / 1000)
+        self.seed_has = Bitmap(self.count)
+        self.limit = max(config.min_in_flight, config.in_flight_bytes // self.piece_size)
+        self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
+        self._seq = 0
+        self.events = 0
+        self.dirty: set[int] = set()
+        self.sync_cpu = 0.0
+        self.syncs = 0
+        self.origin_bytes = 0.0
+        self.steps = 0
+        self._clock = 0.0
+        self.remaining = config.peers
+        classes = parse_links(config.links)
+        self.peers: list[SimPeer] = []
+        for n in range(config.peers):
+            cls = self._draw(classes)
+            host = Host(f"p{n}", up=cls.up_mbit * MBIT, down=cls.down_mbit * MBIT, latency=cls.latency_ms / 1000)
+            picker: Picker[int] = Picker(self.count, rng=random.Random(self.rng.random()))
+            for i in range(self.count):
+                picker.digest_known(i)
+            start = self.rng.uniform(0, config.arrival_spread) if config.arrival_spread else 0.0
+            peer = SimPeer(n, f"sim-{n}", host, picker, start)
+            self.peers.append(peer)
+            self.at(start, self._arrive, peer)
+        # the CDN's fetch: piece i is ready when its last byte came from the origin
+        rate = config.origin_mbit * MBIT
+        for i in range(self.count):
+            end = min(config.file_size, (i + 1) * self.piece_size)
+            self.at(end / rate, self._seed_ready, i)
+
+    def _draw(self, classes: list[LinkClass]) -> LinkClass:
+        x = self.rng.random()
+        for c in classes:
+            x -= c.share
+            if x < 0:
+                return c
+        return classes[-1]
+
+    # -- events -------------------------------------------------------------------------------
+
+    def at(self, when: float, fn: Callable[..., None], *args: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (when, self._seq, fn, args))
+
+    def latency(self, a: Host, b: Host) -> float:
+        return a.latency + b.latency
+
+    def _seed_ready(self, index: int) -> None:
+        self.seed_has.set(index)
+        self.scheduler.seed_piece_ready(TASK, index)
+        self.origin_bytes += min(self.piece_size, self.c.file_size - index * self.piece_size)
+
+    def _arrive(self, peer: SimPeer) -> None:
+        self.scheduler.register_peer(PeerInfo(peer.peer_id, "198.18.0.1", 65001), self.now)
+        self.scheduler.join(TASK, peer.peer_id, self.now)
+        peer.picker.add(SEED, seed=True)
+        peer.picker.bitfield(SEED, Bitmap(self.count))
+        self._sync(peer)
+
+    def _sync(self, peer: SimPeer) -> None:
+        """The peer's sync reaches the SuperNode now; the answer arrives a round trip later."""
+        peer.sync_pending = False
+        if peer.final_sync_done:
+            return
+        starving = peer.picker.starving()
+        t0 = time.thread_time()  # CPU time: other processes on the machine do not count
+        if peer.reported:
+            self.scheduler.report(TASK, peer.peer_id, self.now, have=peer.reported)
+            peer.reported = []
+        d = self.scheduler.sync(TASK, peer.peer_id, self.now, starving=starving)
+        self.sync_cpu += time.thread_time() - t0
+        self.syncs += 1
+        if peer.done_at is not None:
+            peer.final_sync_done = True
+            return
+        back = self.now + 2 * self.latency(peer.host, self.seed_host)
+        self.at(back, self._decision, peer, [int(p.peer_id[4:]) for p in d.parents], d.seed_pieces)
+
+    def _decision(self, peer: SimPeer, parents: list[int], seed_pieces: list[int]) -> None:
+        for i in seed_pieces:
+            peer.picker.have(SEED, i)
+        peer.picker.seed_allowed = set(seed_pieces)
+        for p in parents:
+            if p not in peer.neighbours and p not in peer.connecting:
+                other = self.peers[p]
+                peer.connecting.add(p)
+                other.connecting.add(peer.index)
+                self.at(self.now + 2 * self.latency(peer.host, other.host), self._connected, peer, other)
+        self.dirty.add(peer.index)
+        peer.answers += 1
+        # starting (the seed connection comes with the first answers): the dfpeer asks again soon
+        interval = self.c.startup_sync if peer.answers < 2 else self.c.sync_interval
+        self._plan_sync(peer, self.now + interval)
+
+    def _plan_sync(self, peer: SimPeer, when: float) -> None:
+        if peer.final_sync_done:
+            return
+        if not peer.sync_pending or when < peer.next_sync:
+            peer.sync_pending = True
+            peer.next_sync = when
+            self.at(when, self._sync_due, peer, when)
+
+    def _sync_due(self, peer: SimPeer, when: float) -> None:
+        if peer.sync_pending and peer.next_sync == when:
+            self.at(self.now + self.latency(peer.host, self.seed_host), self._sync, peer)
+
+    def _connected(self, a: SimPeer, b: SimPeer) -> None:
+        a.connecting.discard(b.index)
+        b.connecting.discard(a.index)
+        if b.index in a.neighbours:
+            return
+        a.neighbours.add(b.index)
+        b.neighbours.add(a.index)
+        a.picker.add(b.index)
+        a.picker.bitfield(b.index, b.picker.have_bits)
+        b.picker.add(a.index)
+        b.picker.bitfield(a.index, a.picker.have_bits)
+        self.dirty.add(a.index)
+        self.dirty.add(b.index)
+
+    def _fill(self, peer: SimPeer) -> None:
+        if peer.done_at is not None:
+            return
+        picker = peer.picker
+        if picker.in_flight >= self.limit and len(picker.outstanding(SEED)) >= len(picker.seed_allowed):
+            return  # nothing the picker could add (its own checks, made cheap)
+        for key, index in peer.picker.fill(self.now, self.c.per_conn, self.limit):
+            src = self.seed_host if key == SEED else self.peers[key].host
+            peer.requests[(key, index)] = None
+            self.at(self.now + self.latency(peer.host, src), self._request_arrives, peer, key, index)
+
+    def _request_arrives(self, peer: SimPeer, key: int, index: int) -> None:
+        if (key, index) not in peer.requests:
+            return  # cancelled on the way
+        src = self.seed_host if key == SEED else self.peers[key].host
+        size = min(self.piece_size, self.c.file_size - index * self.piece_size)
+        # it started at this event's time: the network catches up with it on its next step
+        flow = Flow(src, peer.host, size, (peer, key, index), lag=self._clock - self.now)
+        peer.requests[(key, index)] = self.net.start(flow)
+
+    def _piece_arrived(self, flow: Flow) -> None:
+        peer, key, index = flow.tag
+        peer.requests.pop((key, index), None)
+        for other in peer.picker.received(key, index):
+            f = peer.requests.pop((other, index), None)
+            if f is not None:
+                self.net.stop(f)
+        if peer.picker.verify(index):
+            peer.picker.stored(index)
+            peer.reported.append(index)
+            for n in peer.neighbours:
+                other = self.peers[n]
+                other.picker.have(peer.index, index)
+                if other.done_at is None:
+                    self.dirty.add(n)
+            if peer.picker.have_bits.complete:
+                peer.done_at = self.now
+                self.remaining -= 1
+                self._plan_sync(peer, self.now)
+            elif key == SEED:
+                self._plan_sync(peer, self.now)  # a finished seed piece: sync at once for the next
+        self.dirty.add(peer.index)
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> Result:
+        wall = time.perf_counter()
+        # the peers, pickers and bitmaps live to the end: keep the cyclic
+        # collector from scanning them over and over (its pauses would land
+        # in whatever is being timed, the scheduler's calls included)
+        gc.collect()
+        gc.freeze()
+        remaining = self.remaining
+        next_report = 0.0
+        c = self.c
+        while remaining:
+            if self.now > c.time_limit:
+                raise RuntimeError(f"not finished after {c.time_limit}s of simulated time")
+            # every event due, at its own time (never later than a quantum)
+            # (events are handled at their own time, up to a step after the
+            # network's clock passed it; flows they start catch up: Flow.lag)
+            clock = self._clock = self.now
+            while self._events and self._events[0][0] <= clock:
+                when, _, fn, args = heapq.heappop(self._events)
+                self.events += 1
+                self.now = when
+                fn(*args)
+                if self.dirty:
+                    self._flush()
+            self.now = clock
+            # then the network, to the next completion or event (at least a quantum)
+            next_event = self._events[0][0] - self.now if self._events else math.inf
+            step = max(c.dt, min(self.net.next_completion(), next_event))
+            if step == math.inf:
+                raise RuntimeError("the swarm is stuck: no flow and no event")
+            base = self.now
+            for at, flow in self.net.advance(step):
+                self.at(base + at, self._piece_arrived, flow)
+            self.now = base + step
+            self.steps += 1
+            remaining = self.remaining
+            if self.progress is not None and self.now >= next_report:
+                next_report = self.now + 1.0
+                self.progress(
+                    f"t={self.now:7.2f}s done {len(self.peers) - remaining}/{len(self.peers)} "
+                    f"flows {len(self.net.flows)} wall {time.perf_counter() - wall:7.1f}s"
+                )
+        seed_bytes = self.seed_host.bytes_up
+        total_down = sum(p.host.bytes_down for p in self.peers)
+        s = c.seed_mbit * MBIT
+        uploads = sum(p.host.up for p in self.peers)
+        f = c.file_size
+        n = len(self.peers)
+        bounds = [max(f / p.host.down, f / s, n * f / (s + uploads)) for p in self.peers]
+        return Result(
+            peers=n, file_size=f, piece_size=self.piece_size, pieces=self.count,
+            completion=[(p.done_at or 0.0) - p.start for p in self.peers], bounds=bounds,
+            seed_copies=seed_bytes / f, origin_copies=self.origin_bytes / f,
+            p2p_share=1 - seed_bytes / total_down if total_down else 0.0,
+            syncs=self.syncs, us_per_sync=1e6 * self.sync_cpu / max(1, self.syncs),
+            sim_s=self.now, wall_s=time.perf_counter() - wall, events=self.events,
+        )
+
+    def _flush(self) -> None:
+        while self.dirty:
+            dirty, self.dirty = self.dirty, set()
+            for n in dirty:
+                self._fill(self.peers[n])

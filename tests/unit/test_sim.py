@@ -1,0 +1,111 @@
+"""
+Tests for L{dragonfly.sim}: the fluid network's max-min fair rates, and a
+small simulated swarm driving the real Scheduler and Picker.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dragonfly.sim.__main__ import main
+from dragonfly.sim.network import Flow, FluidNetwork, Host
+from dragonfly.sim.swarm import Config, Simulation, parse_links
+
+# -- the network ------------------------------------------------------------------------
+
+
+def test_max_min_shares() -> None:
+    n = FluidNetwork()
+    a, b, c = Host("a", 100, 100), Host("b", 100, 30), Host("c", 100, 100)
+    f1 = n.start(Flow(a, b, 1000))
+    f2 = n.start(Flow(a, c, 1000))
+    f3 = n.start(Flow(c, b, 1000))
+    n.allocate()
+    # b's downlink (30) is shared by f1 and f3; f2 takes what is left of a's uplink
+    assert (f1.rate, f2.rate, f3.rate) == (15.0, 85.0, 15.0)
+
+
+def test_advance_reports_exact_finish_times() -> None:
+    n = FluidNetwork()
+    a, b = Host("a", 10, 100), Host("b", 100, 100)
+    small = n.start(Flow(a, b, 10))
+    big = n.start(Flow(a, b, 100))
+    assert n.next_completion() == 2.0  # 5 bytes/s each
+    done = n.advance(3.0)
+    assert [(at, f) for at, f in done] == [(2.0, small)]
+    assert big.done == 15.0 and a.bytes_up == 25.0
+    assert n.next_completion() == 8.5  # alone now: 10 bytes/s for the 85 left
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 50), st.integers(1, 50)), min_size=2, max_size=8),
+    st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=1, max_size=30),
+)
+def test_rates_are_max_min_fair(caps: list[tuple[int, int]], pairs: list[tuple[int, int]]) -> None:
+    hosts = [Host(str(k), up, down) for k, (up, down) in enumerate(caps)]
+    n = FluidNetwork()
+    flows = [n.start(Flow(hosts[s % len(hosts)], hosts[d % len(hosts)], 1.0)) for s, d in pairs if s % len(hosts) != d % len(hosts)]
+    n.allocate()
+    eps = 1e-6
+    for h in hosts:
+        assert sum(f.rate for f in h.out) <= h.up + eps
+        assert sum(f.rate for f in h.into) <= h.down + eps
+    # every flow has a bottleneck: a full link on which no flow gets more than it
+    for f in flows:
+        assert f.rate > 0
+        up_full = sum(g.rate for g in f.src.out) >= f.src.up - eps and all(g.rate <= f.rate + eps for g in f.src.out)
+        down_full = sum(g.rate for g in f.dst.into) >= f.dst.down - eps and all(g.rate <= f.rate + eps for g in f.dst.into)
+        assert up_full or down_full
+
+
+# -- the swarm --------------------------------------------------------------------------
+
+SMALL = Config(peers=12, file_size=16 << 20, piece_size=1 << 20, links="1000/1000@0.5:0.5,100/50@10:0.5",
+               seed_mbit=400.0, origin_mbit=400.0, seed=3)
+
+
+def test_a_small_swarm_completes_within_reason() -> None:
+    result = Simulation(SMALL).run()
+    summary = result.summary()
+    assert summary["peers"] == 12 and summary["pieces"] == 16
+    assert len(result.completion) == 12 and all(c > 0 for c in result.completion)
+    # nobody beats the bound, and the origin was read exactly once
+    assert min(result.ratios()) >= 0.999
+    assert summary["origin_copies"] == 1.0
+    # every piece left the seed at least once; most bytes came from peers
+    assert summary["seed_copies"] >= 0.999
+    assert summary["p2p_share"] > 0.5
+    assert summary["max_over_bound"] < 10
+    assert 0 < summary["us_per_sync"] < 5000
+
+
+def test_the_same_seed_gives_the_same_run() -> None:
+    a = Simulation(SMALL).run()
+    b = Simulation(SMALL).run()
+    assert a.completion == b.completion
+    assert a.seed_copies == b.seed_copies
+
+
+def test_cli_json_last_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--peers", "6", "--size", "8M", "--piece-size", "1M", "--seed", "2", "--json"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    out = json.loads(last)
+    for key in ("peers", "p50_over_bound", "p99_over_bound", "max_over_bound", "origin_copies", "seed_copies",
+                "us_per_sync", "wall_s"):
+        assert key in out
+    assert out["peers"] == 6
+    assert out["p50_over_bound"] <= out["p99_over_bound"] <= out["max_over_bound"]
+
+
+def test_link_mix_parsing() -> None:
+    (a, b) = parse_links("1000/200@5:3,100/100@20:1")
+    assert (a.down_mbit, a.up_mbit, a.latency_ms, a.share) == (1000, 200, 5, 0.75)
+    assert b.share == 0.25
+    for bad in ("1000@5:1", "1000/200:1", "0/10@1:1", "x/1@1:1"):
+        with pytest.raises(ValueError, match="link"):
+            parse_links(bad)
