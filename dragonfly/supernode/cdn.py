@@ -770,12 +770,22 @@ def _park_or_remove(task_id: str, repo: str, parked: str, keep: bool) -> None:
     parked_data, parked_part = os.path.join(parked, task_id + ".data"), os.path.join(parked, task_id + ".part")
     unlink_quietly(os.path.join(repo, task_id + ".meta"))
     header = _read_header(part) if keep and os.path.exists(data) else None
-    if header is not None and resume_headers(header["validators"], os.path.getsize(data)) is not None:
+    if header is not None and resume_headers(header["validators"], _resume_offset(header, os.path.getsize(data))) is not None:
         os.replace(data, parked_data)
         os.replace(part, parked_part)
         return
     for path in (data, part, parked_data, parked_part):
         unlink_quietly(path)
+
+
+def _resume_offset(header: dict[str, Any], size: int) -> int:
+    """
+    Where a resume of C{size} stored bytes starts.  The last byte is always
+    asked again: the origin's answer then says whether the stored bytes are
+    still its current version.
+    """
+    length = header["validators"].get("length")
+    return min(size, length - 1) if isinstance(length, int) and length > 0 else 0
 
 
 def _take_parked(task_id: str, repo: str, parked: str) -> "tuple[dict[str, Any], ResumePoint] | None":
@@ -792,10 +802,7 @@ def _take_parked(task_id: str, repo: str, parked: str) -> "tuple[dict[str, Any],
         size = os.path.getsize(parked_data)
     except OSError:
         size = 0
-    length = header["validators"].get("length") if header is not None else None
-    # the last byte is always asked again: the origin's answer then says
-    # whether the stored bytes are still its current version
-    offset = min(size, length - 1) if isinstance(length, int) and length > 0 else 0
+    offset = _resume_offset(header, size) if header is not None else 0
     if header is None or resume_headers(header["validators"], offset) is None:
         _remove_files(parked_data, parked_part)
         return None
