@@ -22,6 +22,7 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from ..core.config import ConfigFileOptions
+from ..core.httpapi import guard_site
 from ..core.ids import BadInput
 from ..core.metrics import metrics_only_root
 from ..core.service import default_reactor
@@ -139,7 +140,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         daemon,
         serverFromString(reactor, f"tcp:{options['port']}:interface={options['listen']}"),
         serverFromString(reactor, options["api"]),
-        QuietSite(api.resource()),
+        guard_site(QuietSite(api.resource())),
         idle_exit=options["idle-exit"],
     )
     service.setServiceParent(top)

@@ -22,6 +22,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from ..core.config import ConfigFileOptions
+from ..core.httpapi import HttpLimits, guard_site
 from ..core.ids import BadInput
 from ..core.security import DEFAULT_DENY, OriginPolicy, PolicyEndpointFactory
 from ..core.service import ListeningService, default_reactor
@@ -256,7 +257,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         home,
         serverFromString(reactor, f"tcp:{options['block-port']}:interface={iface}"),
         serverFromString(reactor, api_endpoint),
-        QuietSite(api.resource()),
+        guard_site(QuietSite(api.resource()), HttpLimits(max_connections=4096)),
     ).setServiceParent(top)
     disk = DiskGc(
         node.cdn.repo, pool, options["gc-disk-high"], options["gc-disk-low"],
