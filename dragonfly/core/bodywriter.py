@@ -33,7 +33,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from .files import pwrite_all
 from .ratelimit import TokenBucket
 from .threads import WorkerPool
 
@@ -85,11 +84,25 @@ def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 <<
     return point
 
 
-def _store_block(fd: int, offset: int, buf: bytearray, file_hash: Any, chunk_hash: Any, last: bool) -> str | None:
-    file_hash.update(buf)
-    chunk_hash.update(buf)
-    pwrite_all(fd, buf, offset)
+def _store_block(fd: int, offset: int, parts: list[Any], file_hash: Any, chunk_hash: Any, last: bool) -> str | None:
+    for part in parts:
+        file_hash.update(part)
+        chunk_hash.update(part)
+    pwritev_all(fd, parts, offset)
     return chunk_hash.hexdigest() if last else None
+
+
+def pwritev_all(fd: int, parts: list[Any], offset: int) -> None:
+    """Write the buffers C{parts} one after another at C{offset} of C{fd}, whole."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.pwritev(fd, views[:1024], offset)
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 class ChunkedFileWriter(Protocol):
@@ -109,6 +122,8 @@ class ChunkedFileWriter(Protocol):
 
     #: pause the body while this many bytes wait for the pool; resume at half
     MAX_PENDING_BYTES = 8 << 20
+    #: bytes asked of the socket per read (Twisted's default is 64 KiB)
+    READ_SIZE = 1 << 20
     #: hand a block over once it is this big ...
     BLOCK = 1 << 20
     #: ... or this big, when the pool has nothing to do
@@ -140,8 +155,11 @@ class ChunkedFileWriter(Protocol):
         self._hash = start.file_hash
         self._chunk_hash = start.chunk_hash
         self.total = start.offset  # bytes received, the resumed prefix included
-        self._buf = bytearray()
-        self._buf_at = start.offset  # the file offset of _buf[0]
+        # the bytes received and not yet handed to the pool: the buffers the
+        # transport gave (or slices of them), never copied
+        self._parts: list[Any] = []
+        self._buffered = 0
+        self._buf_at = start.offset  # the file offset of the first buffered byte
         self._pending = 0  # bytes handed to the pool, not yet written
         self._paused = False
         self._holds = 0
@@ -158,6 +176,11 @@ class ChunkedFileWriter(Protocol):
 
     def connectionMade(self) -> None:
         self._idle = self._clock.callLater(self._idle_timeout, self._stalled)
+        # read the socket in large blocks: the cost of a body is per read as
+        # much as per byte (the transport given is a proxy of the connection's)
+        tcp = getattr(self.transport, "_producer", None)
+        if isinstance(getattr(tcp, "bufferSize", None), int) and tcp.bufferSize < self.READ_SIZE:
+            tcp.bufferSize = self.READ_SIZE
         if self._holds:
             self.transport.pauseProducing()
 
@@ -217,27 +240,30 @@ class ChunkedFileWriter(Protocol):
         if self._expected is not None and self.total > self._expected:
             self.abort(BodyError("SOURCE_TOO_LONG", f"origin sent more than its Content-Length of {self._expected} bytes"))
             return
-        view = memoryview(data)
-        while view:
-            room = self._chunk - (self._buf_at + len(self._buf)) % self._chunk
-            take = view[:room]
-            self._buf += take
-            view = view[len(take):]
-            if len(take) == room:
-                self._submit(last=True)
-        if len(self._buf) >= self.BLOCK or (self._pending == 0 and len(self._buf) >= self.MIN_BLOCK):
+        while data:
+            room = self._chunk - (self._buf_at + self._buffered) % self._chunk
+            if len(data) < room:
+                self._parts.append(data)
+                self._buffered += len(data)
+                break
+            view = memoryview(data)
+            self._parts.append(view[:room])
+            self._buffered += room
+            data = view[room:]
+            self._submit(last=True)
+        if self._buffered >= self.BLOCK or (self._pending == 0 and self._buffered >= self.MIN_BLOCK):
             self._submit(last=False)
 
     def _submit(self, last: bool) -> None:
         """Hand the gathered bytes to the pool; C{last}: they end a chunk."""
-        buf, self._buf = self._buf, bytearray()
+        parts, self._parts = self._parts, []
+        size, self._buffered = self._buffered, 0
         offset = self._buf_at
-        self._buf_at += len(buf)
+        self._buf_at += size
         index, chunk_hash = self._index, self._chunk_hash
         if last:
             self._index += 1
             self._chunk_hash = hashlib.sha256()
-        size = len(buf)
         self._pending += size
         if self._pending >= self.MAX_PENDING_BYTES and not self._paused:
             self._paused = True
@@ -246,7 +272,7 @@ class ChunkedFileWriter(Protocol):
         def store(_: Any) -> Any:
             if self._error is not None:
                 return None
-            return self._pool.run(_store_block, self._fd, offset, buf, self._hash, chunk_hash, last)
+            return self._pool.run(_store_block, self._fd, offset, parts, self._hash, chunk_hash, last)
 
         def stored(digest: str | None) -> None:
             self._pending -= size
@@ -269,7 +295,7 @@ class ChunkedFileWriter(Protocol):
         complete = bool(reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self._expected is None))
         if complete and self._expected is not None and self.total != self._expected:
             complete = False
-        if self._error is None and (self._buf or (complete and self.total % self._chunk)):
+        if self._error is None and (self._buffered or (complete and self.total % self._chunk)):
             # the rest: the last chunk when the body is whole, else bytes a
             # resumed fetch will not need again
             self._submit(last=complete)

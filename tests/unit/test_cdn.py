@@ -477,3 +477,43 @@ def test_a_resumed_fetch_s_meta_matches_a_plain_one(env: Env, tmp_path: Any) -> 
     plain.cdn.ensure(TID, URL)
     plain.http.serve(whole())
     assert json.load(open(os.path.join(plain.home, "repo", TID + ".meta"))) == resumed
+
+
+@settings(max_examples=50, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(st.lists(st.binary(max_size=300), max_size=12), st.integers(1, 200), st.integers(0, 50))
+def test_pwritev_all_writes_every_part_despite_short_writes(tmp_path: Any, parts: list[bytes], most: int, offset: int) -> None:
+    from dragonfly.core import bodywriter
+
+    real = os.pwritev
+
+    def short(fd: int, views: Any, at: int) -> int:
+        # the kernel may take fewer bytes than offered
+        return real(fd, [bytes(b"".join(bytes(v) for v in views)[:most])], at)
+
+    path = str(tmp_path / f"v-{most}-{offset}-{len(parts)}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        bodywriter.os.pwritev = short  # type: ignore[attr-defined]
+        bodywriter.pwritev_all(fd, [memoryview(p) for p in parts], offset)
+    finally:
+        bodywriter.os.pwritev = real  # type: ignore[attr-defined]
+        os.close(fd)
+    data = open(path, "rb").read()
+    assert data[offset:] == b"".join(parts)
+
+
+def test_the_origin_connection_is_read_in_large_blocks(tmp_path: Any) -> None:
+    class Tcp:
+        bufferSize = 65536
+
+    class Proxy(FakeTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self._producer = Tcp()
+
+    fd = os.open(str(tmp_path / "b"), os.O_WRONLY | os.O_CREAT, 0o644)
+    writer = ChunkedFileWriter(SyncPool(), Clock(), fd, PIECE)
+    proxy = Proxy()
+    writer.makeConnection(proxy)
+    assert proxy._producer.bufferSize == ChunkedFileWriter.READ_SIZE
+    os.close(fd)
