@@ -10,9 +10,12 @@ or C{If-Modified-Since} answers 304.  A single C{Range: bytes=N-} or
 C{bytes=N-M} answers 206 with C{Content-Range} (416 past the end), unless an
 C{If-Range} names another version (neither the current ETag nor the current
 Last-Modified): then the whole file, 200.  C{GET /_stats} answers
-C{{"requests": {path: n}, "ranges": {path: n}, "bytesSent": n}}, where
-C{bytesSent} counts every chunk as it is handed to a connection (so it can
-be sampled during a transfer to measure its rate).
+C{{"requests": {path: n}, "ranges": {path: n}, "bytesSent": n, "bytesOut": n}}.
+C{bytesOut} counts every chunk as it is handed to a connection, whatever
+becomes of the response (so it can be sampled during a transfer to measure
+its rate, and a cut response counts what it sent).  C{bytesSent} counts the
+same for plain responses, but a paced one (a fault, or a range) only once it
+ended, whole or cut by the fault, and not at all when the client went away.
 
 Faults: C{POST /_fault} with C{{"path": "/f.bin", "mode": MODE, "times": N}}
 makes the next N requests for that path (every one when N is 0) misbehave:
@@ -110,6 +113,7 @@ class CountingOrigin(Resource):
         self.requests: dict[str, int] = {}
         self.not_modified: dict[str, int] = {}
         self.bytes_sent = 0
+        self.bytes_out = 0
         self.ranges: dict[str, int] = {}
         self.faults: dict[str, dict[str, Any]] = {}
 
@@ -146,7 +150,8 @@ class CountingOrigin(Resource):
         if path == "/_stats":
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(
-                {"requests": self.requests, "notModified": self.not_modified, "ranges": self.ranges, "bytesSent": self.bytes_sent}
+                {"requests": self.requests, "notModified": self.not_modified, "ranges": self.ranges, "bytesSent": self.bytes_sent,
+                 "bytesOut": self.bytes_out}
             ).encode()
         fault = self._fault(path)
         if not (fault is None and _is_file(self.root, path) and _not_modified_path(request, self.root, path)):
@@ -189,12 +194,13 @@ class CountingOrigin(Resource):
         f = open(full, "rb")
         f.seek(first)
         if fault is not None and fault["mode"] != "norange":
-            return self._send_faulty(request, f, count, fault)
+            return self._send_faulty(request, f, first, count, fault)
         if count != size:
-            return self._send_faulty(request, f, count, {"mode": "slow", "rate": 0})
+            return self._send_faulty(request, f, first, count, {"mode": "slow", "rate": 0})
 
         def count(chunk: bytes) -> bytes:
             self.bytes_sent += len(chunk)
+            self.bytes_out += len(chunk)
             return chunk
 
         d = BigChunkSender().beginFileTransfer(f, request, count)
@@ -209,15 +215,16 @@ class CountingOrigin(Resource):
         d.addCallbacks(done, lost)
         return NOT_DONE_YET
 
-    def _send_faulty(self, request: Any, f: Any, size: int, fault: dict[str, Any]) -> Any:
+    def _send_faulty(self, request: Any, f: Any, first: int, size: int, fault: dict[str, Any]) -> Any:
         mode = fault["mode"]
         limit = size if mode == "slow" else min(size, int(fault.get("cut", size // 2)))
         rate = int(fault.get("rate", 0)) if mode == "slow" else 0
 
         def count(n: int) -> None:
-            self.bytes_sent += n
+            self.bytes_out += n
 
         def then() -> None:
+            self.bytes_sent += f.tell() - first
             f.close()
             if mode == "slow":
                 request.finish()

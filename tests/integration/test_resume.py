@@ -69,11 +69,11 @@ def test_supernode_killed_at_30_60_90_percent_resumes(tmp_path, origin_file):
         procs = {n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n, "--timeout", "120s") for n in names}
         kills = []
         for share in (0.3, 0.6, 0.9):
-            assert wait_until(lambda: swarm.origin_stats()["bytesSent"] >= share * SIZE, 60), swarm.origin_stats()
+            assert wait_until(lambda: swarm.origin_stats()["bytesOut"] >= share * SIZE, 60), swarm.origin_stats()
             sn = [p for n, p in swarm.procs if n == "supernode"][-1]
             sn.send_signal(signal.SIGKILL)
             sn.wait()
-            sent = swarm.origin_stats()["bytesSent"]
+            sent = swarm.origin_stats()["bytesOut"]
             kills.append(sent / SIZE)
             swarm.start_supernode(*args)
         times = {}
@@ -83,7 +83,7 @@ def test_supernode_killed_at_30_60_90_percent_resumes(tmp_path, origin_file):
             assert procs[n].returncode == 0, err.decode()
             assert sha256_file(str(tmp_path / f"{n}.out")) == digest
         stats = swarm.origin_stats()
-        copies = stats["bytesSent"] / SIZE
+        copies = stats["bytesOut"] / SIZE
         tasks = get_json(swarm.supernode_api + "/api/v1/tasks")["tasks"]
         print(
             f"\nkills at {', '.join(f'{k:.0%}' for k in kills)} of the origin's bytes; origin sent {copies:.3f} copies "
@@ -117,14 +117,14 @@ def test_a_cut_origin_connection_resumes_on_the_next_try(tmp_path, origin_file, 
         [task] = get_json(swarm.supernode_api + "/api/v1/tasks")["tasks"]
         print(
             f"\n{mode} at {cut} bytes: the CDN received {task['originBytes'] / SIZE:.3f} copies "
-            f"(the origin handed {stats['bytesSent'] / SIZE:.3f} to its connections)"
+            f"(the origin handed {stats['bytesOut'] / SIZE:.3f} to its connections)"
         )
         assert stats["ranges"]["/f.bin"] == 1
         # both tries together: one copy and the bytes in flight at the cut
         assert task["originBytes"] <= SIZE * 1.05
         if mode == "short":
             # (a reset drops what sat in the origin's socket buffers: counted as handed over, never sent)
-            assert stats["bytesSent"] <= SIZE * 1.05
+            assert stats["bytesOut"] <= SIZE * 1.05
 
 
 def test_an_origin_ignoring_ranges_gives_the_whole_file_again(tmp_path, origin_file):
@@ -142,5 +142,5 @@ def test_an_origin_ignoring_ranges_gives_the_whole_file_again(tmp_path, origin_f
         assert sha256_file(str(tmp_path / "b.out")) == digest
         stats = swarm.origin_stats()
         assert stats["ranges"].get("/f.bin", 0) == 0
-        assert stats["bytesSent"] == SIZE // 2 + SIZE
+        assert stats["bytesOut"] == SIZE // 2 + SIZE
         assert not os.listdir(os.path.join(swarm.workdir, "supernode", "resume"))

@@ -517,3 +517,22 @@ def test_the_origin_connection_is_read_in_large_blocks(tmp_path: Any) -> None:
     writer.makeConnection(proxy)
     assert proxy._producer.bufferSize == ChunkedFileWriter.READ_SIZE
     os.close(fd)
+
+
+def test_the_supernode_gc_deletes_old_parked_prefixes(env: Env) -> None:
+    import random as _random
+
+    from dragonfly.supernode.gc import SupernodeGc
+    from dragonfly.supernode.node import SuperNode
+    from dragonfly.supernode.scheduler import Scheduler
+
+    node = SuperNode(lambda track: env.cdn, Scheduler(rng=_random.Random(0)), env.clock, "10.0.0.9", 8001)
+    env.cdn.ensure(TID, URL)
+    env.http.serve(cut_at(4 * PIECE))
+    gc = SupernodeGc(node, env.clock, 60.0, 3600.0, None)
+    gc.run()
+    assert env.files("resume") == [TID + ".data", TID + ".part"]
+    for name in env.files("resume"):
+        os.utime(os.path.join(env.home, "resume", name), (1.0, 1.0))
+    gc.run()
+    assert env.files("resume") == []
