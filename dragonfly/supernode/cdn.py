@@ -12,8 +12,20 @@ is still running.  A whole-file SHA-256 is computed in the same pass.
 Nothing half-fetched is ever served as complete: a task becomes C{success}
 only when the byte count matches the origin's C{Content-Length} (and the
 digest the client asked for, if any), and only then is its meta file written.
-On start-up completed tasks are reloaded from their meta files; data files
-without one are removed.
+On start-up completed tasks are reloaded from their meta files.
+
+Fetches resume (see L{dragonfly.supernode.resume}).  Before the body, a
+fetch writes its header, C{<task id>.part} (the origin's validators and
+length, the piece size); the body is written in order without holes, so the
+data file's size is always the count of bytes that reached the disk whole.
+A fetch cut by the origin (a reset, a short body, silence, a 5xx) or by the
+process dying leaves data and header; they are parked in C{<home>/resume}
+(never in the cache proper) and the next fetch of the task rehashes that
+prefix in the pool and asks only for the rest, with C{Range} and
+C{If-Range}.  The GC deletes parked prefixes after C{--task-expire}.
+
+Every file operation after start-up runs in the worker pool, one after
+another per task (L{Cdn._disk}); the reactor thread only moves bytes.
 
 A cached file is revalidated against the origin when a peer registers the
 task again (L{Cdn.fresh}): a conditional GET (C{If-None-Match} with the
