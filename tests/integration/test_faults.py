@@ -308,3 +308,51 @@ def test_http_hygiene_on_the_supernode_and_dfpeer_apis(tmp_path):
         assert 9.5 < took < 15
         # the API still answers
         assert get_json(swarm.supernode_api + "/healthz")["ok"] is True
+
+
+def test_churn_30_percent_of_peers_killed_at_random_moments(tmp_path):
+    """
+    Ten peers at 8 MiB/s download a 24 MiB file together, undisturbed; then
+    another 24 MiB file while three of them (30 %) are killed at seeded
+    random moments mid-download.  The slowest survivor stays within 1.5 x of
+    the slowest peer of the undisturbed run.
+    """
+    import random
+
+    rng = random.Random(14)
+    root = tmp_path / "www"
+    root.mkdir()
+    size = 24 * MiB
+    digests = {name: write_random_file(str(root / name), size) for name in ("calm.bin", "churn.bin")}
+    with Swarm(str(tmp_path / "swarm")) as swarm:
+        names = swarm.start_all(str(root), 10)
+
+        def run(name, victims=(), span=0.0):
+            url = swarm.origin_url + "/" + name
+            started = time.monotonic()
+            procs = {n: swarm.dfget(url, str(tmp_path / f"{n}-{name}"), n, "--locallimit", "8M") for n in names}
+            # the kills land between 10 % and 80 % of the undisturbed run's time
+            kills = sorted((rng.uniform(0.1, 0.8) * span, v) for v in victims)
+            for at, victim in kills:
+                time.sleep(max(0.0, started + at - time.monotonic()))
+                os.kill(swarm.peers[victim]["proc"].pid, signal.SIGKILL)
+            took = {}
+            for n in names:
+                out, err = procs[n].communicate(timeout=180)
+                if n in victims:
+                    continue
+                assert procs[n].returncode == 0, (n, err)
+                took[n] = time.monotonic() - started
+                assert sha256_file(str(tmp_path / f"{n}-{name}")) == digests[name]
+            return max(took.values()), [round(at, 2) for at, _ in kills]
+
+        calm, _ = run("calm.bin")
+        victims = rng.sample(names, 3)
+        churn, moments = run("churn.bin", victims, calm)
+        alone = size / (8 * MiB)
+        print(
+            f"\nundisturbed: slowest {calm:.2f}s ({calm / alone:.2f} x F/B); 3 of 10 killed at {moments}s: "
+            f"slowest survivor {churn:.2f}s ({churn / alone:.2f} x F/B, {churn / calm:.2f} x undisturbed)"
+        )
+        assert churn <= 1.5 * calm
+        assert swarm.origin_stats()["requests"]["/churn.bin"] == 1
