@@ -22,7 +22,8 @@ deleted (which destroys its veths, and the bridge with C{dfb-core}): on a
 normal exit, on an exception, on SIGINT, SIGTERM or SIGHUP, which are turned
 into exceptions while a L{Network} is open and held back while it tears down.
 A run that died anyway (SIGKILL, a crash of the machine) leaves C{dfb-*}
-namespaces behind: the next run sweeps them before it builds anything.  A
+namespaces behind: the next run sweeps them before it builds anything (the
+processes it started directly got SIGTERM from the kernel when it died).  A
 lock file keeps two runs from sweeping each other's namespaces.
 """
 
@@ -43,6 +44,8 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
+
+from .measure import die_with_parent
 
 PREFIX = "dfb-"
 CORE_NS = PREFIX + "core"
@@ -351,8 +354,13 @@ class Network:
     # processes
 
     def popen(self, host: Host, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen:
-        """Start C{argv} inside C{host}; it is stopped at teardown if still running."""
+        """
+        Start C{argv} inside C{host}; it is stopped at teardown if still
+        running, and gets SIGTERM if the benchmark dies (C{ip netns exec}
+        execs it in place, so the death signal set here reaches it).
+        """
         kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("preexec_fn", die_with_parent)
         proc = subprocess.Popen(["ip", "netns", "exec", host.netns, *argv], **kwargs)
         self._procs.append(proc)
         return proc
@@ -374,10 +382,10 @@ class Network:
             with contextlib.suppress(ValueError):
                 self._procs.remove(proc)
 
-    def get_json(self, requests: Sequence[tuple[Host, str]], timeout: float = 15.0) -> list[Any]:
+    def get(self, requests: Sequence[tuple[Host, str]], timeout: float = 15.0) -> list[bytes | None]:
         """
-        GET each URL from inside its host (all at once) and parse the JSON;
-        C{None} for a request that failed.
+        GET each URL from inside its host (all at once); the bodies, C{None}
+        for a request that failed.
         """
         code = ("import sys, urllib.request;"
                 "sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1], timeout=%r).read())" % timeout)
@@ -386,19 +394,30 @@ class Network:
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for host, url in requests
         ]
-        results: list[Any] = []
+        results: list[bytes | None] = []
         for proc, (host, url) in zip(procs, requests):
             try:
                 out, err = proc.communicate(timeout=timeout + 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, err = proc.communicate()
-            try:
-                results.append(json.loads(out) if proc.returncode == 0 else None)
-            except ValueError:
-                results.append(None)
+            results.append(out if proc.returncode == 0 else None)
             if results[-1] is None:
                 log(f"GET {url} in {host.netns} failed: {err.decode(errors='replace').strip()[-300:]}")
+        return results
+
+    def get_json(self, requests: Sequence[tuple[Host, str]], timeout: float = 15.0) -> list[Any]:
+        """
+        GET each URL from inside its host (all at once) and parse the JSON;
+        C{None} for a request that failed.
+        """
+        results: list[Any] = []
+        for body, (host, url) in zip(self.get(requests, timeout), requests):
+            try:
+                results.append(None if body is None else json.loads(body))
+            except ValueError:
+                log(f"GET {url} in {host.netns}: not JSON")
+                results.append(None)
         return results
 
     def link_counters(self) -> dict[str, dict[str, int]]:

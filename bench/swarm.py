@@ -1,11 +1,11 @@
 """
 The swarm benchmark (C{make bench}, needs root): N emulated hosts fetch the
-same file at the same moment, through Dragonfly and, as the baseline, each
-straight from the origin over plain HTTP.
+same file at the same moment, through Dragonfly and, as the baselines,
+through BitTorrent and each straight from the origin over plain HTTP.
 
-    python -m bench.swarm [--peers 5,10,20] [--file-size 64M] [--peer-rate 80]
+    python -m bench.swarm [--peers 5,10,20,40] [--file-size 64M] [--peer-rate 80]
                           [--origin-rate 160] [--supernode-rate 160]
-                          [--piece-size auto] [--systems dragonfly,http]
+                          [--piece-size auto] [--systems dragonfly,bittorrent,http]
                           [--out docs/bench] [--smoke] [--report]
 
 For every N a fresh emulated network (L{bench.netem}): the hosts C{origin}
@@ -15,6 +15,11 @@ Then one round per system:
 
   - dragonfly: a fresh SuperNode and N fresh dfpeers (new homes: nothing is
     cached), then C{dfget} on every peer;
+  - bittorrent: C{opentracker} on the SuperNode's host, an C{aria2c} seeding
+    the file on the origin's host, then an C{aria2c} on every peer (a host is
+    done when aria2c has the whole file verified; it keeps seeding, as a
+    dfpeer keeps serving, until the round ends); skipped with a reason when
+    aria2c, opentracker or mktorrent is missing (L{bench.bittorrent});
   - http: C{curl -o} (or C{wget -O}) on every peer, straight from the origin.
 
 All downloads of a round are held at a start line (L{bench.gate}) and
@@ -24,11 +29,14 @@ and max time, each also as a ratio to the physical limit F/B; bytes the
 origin sent (its C{/_stats} counter) and the SuperNode seeded, in copies of
 F; the share of the peers' bytes that came from other peers; the CPU use of
 the whole machine (from C{/proc/stat}), flagged when above 90%: then the
-machine, not the emulated network, was the limit.
+machine, not the emulated network, was the limit; and the CPU seconds per
+peer per GiB (the peers' daemons during the round, dfpeer or aria2c, plus
+each download process, dfget or curl, from C{wait4}).
 
 Results are merged per N into OUT/results.json; OUT/swarm.png plots mean time
-against N for both systems (with matplotlib, the C{bench} extra) and
-OUT/results.md holds the table.  Exit status: 0 all rounds passed, 1 some
+against N for every system, OUT/swarm-cpu.png the two swarms' x F/B and every
+system's CPU per peer per GiB (with matplotlib, the C{bench} extra) and
+OUT/results.md holds the tables.  Exit status: 0 all rounds passed, 1 some
 download failed or was corrupt, 75 another run holds the emulated network,
 77 this machine cannot run it (not root, no C{ip netns}).
 """
@@ -36,6 +44,7 @@ download failed or was corrupt, 75 another run holds the emulated network,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -45,6 +54,7 @@ import platform
 import select
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,13 +66,15 @@ from typing import Any, Callable, Iterator
 from dragonfly.core.units import parse_rate
 from dragonfly.testing.swarm import sha256_file, wait_for_file, write_random_file
 
-from . import netem
+from . import bittorrent, netem
+from .measure import GIB, busy_share, cpu_times, process_cpu_seconds
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 FILE_NAME = "payload.bin"
 API_PORT, BLOCK_PORT, ORIGIN_PORT = 8002, 8001, 80
-SYSTEMS = ("dragonfly", "http")
+SYSTEMS = ("dragonfly", "bittorrent", "http")
+TRACKER_PORT, BT_PORT = 6969, 6881
 # A round was limited by the machine's CPUs, not by the emulated network, when
 # they were more than CPU_BUSY busy on average or during most of the round.
 CPU_BUSY = 0.90
@@ -90,12 +102,16 @@ class Scenario:
     timeout: float
     supernode_args: str = ""
     peer_args: str = ""
+    bt_args: str = ""
+    quiet_wait: float = 20.0  # seconds a round may wait for the machine to calm down before it starts
 
     def params(self) -> dict[str, Any]:
         """What must match for results of two runs to be merged."""
         p = asdict(self)
-        for key in ("peers", "systems", "timeout"):
+        for key in ("peers", "systems", "timeout", "quiet_wait"):
             del p[key]
+        if not p["bt_args"]:  # results from before the BitTorrent baseline still merge
+            del p["bt_args"]
         return p
 
     @property
@@ -115,30 +131,32 @@ class Scenario:
 
 def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
     p = argparse.ArgumentParser(prog="bench.swarm", description=__doc__.split("\n\n")[1])
-    p.add_argument("--peers", help="numbers of peers, comma separated (default 5,10,20)")
+    p.add_argument("--peers", help="numbers of peers, comma separated (default 5,10,20,40)")
     p.add_argument("--file-size", help="file size, e.g. 64M (default 64M)")
     p.add_argument("--peer-rate", type=float, help="peer link, up and down, Mbit/s (default 80)")
     p.add_argument("--origin-rate", type=float, help="origin link, Mbit/s (default 160)")
     p.add_argument("--supernode-rate", type=float, help="supernode link, Mbit/s (default 160)")
     p.add_argument("--piece-size", help="the SuperNode's --piece-size: auto or a size such as 1M (default auto)")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="dragonfly,http (default both)")
+    p.add_argument("--systems", help="dragonfly,bittorrent,http (default all three; with --smoke dragonfly,http)")
     p.add_argument("--supernode-args", default="", help="more options for twistd supernode, e.g. '--seed-slots 4'")
     p.add_argument("--peer-args", default="", help="more options for twistd dfpeer, e.g. '--in-flight 16M'")
+    p.add_argument("--bt-args", default="", help="more options for every aria2c, e.g. '--bt-max-peers=80'")
     p.add_argument("--out", help="results directory (default docs/bench; with --smoke a new temp dir)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one round may take (default 900)")
     p.add_argument("--workdir", help="homes, downloads and logs (default a temp dir in /dev/shm, removed)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (logs) afterwards")
     p.add_argument("--no-plot", action="store_true", help="do not draw OUT/swarm.png")
     p.add_argument("--report", action="store_true",
-                   help="run nothing: redraw OUT/swarm.png and OUT/results.md from OUT/results.json")
+                   help="run nothing: redraw the plots and OUT/results.md from OUT/results.json")
     p.add_argument("--smoke", action="store_true",
-                   help="a quick check: 3 peers, a 4 MiB file, 200 Mbit/s links, 1M pieces")
+                   help="a quick check: 3 peers, a 4 MiB file, 200 Mbit/s links, 1M pieces; no BitTorrent unless"
+                        " --systems, no plots")
     args = p.parse_args(argv)
-    defaults = dict(peers="5,10,20", file_size="64M", peer_rate=80.0, origin_rate=160.0,
-                    supernode_rate=160.0, piece_size="auto")
+    defaults = dict(peers="5,10,20,40", file_size="64M", peer_rate=80.0, origin_rate=160.0,
+                    supernode_rate=160.0, piece_size="auto", systems=",".join(SYSTEMS))
     if args.smoke:
         defaults = dict(peers="3", file_size="4M", peer_rate=200.0, origin_rate=200.0,
-                        supernode_rate=200.0, piece_size="1M")
+                        supernode_rate=200.0, piece_size="1M", systems="dragonfly,http")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -160,52 +178,28 @@ def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be positive")
     scenario = Scenario(peers, size, args.peer_rate, args.origin_rate, args.supernode_rate,
-                        args.piece_size, systems, args.timeout, args.supernode_args, args.peer_args)
+                        args.piece_size, systems, args.timeout, args.supernode_args, args.peer_args, args.bt_args,
+                        quiet_wait=3.0 if args.smoke else 20.0)
     return scenario, args
 
 
 # -- measuring -------------------------------------------------------------------------
 
 
-_CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_times() -> dict[str, int]:
-    """Jiffies of all CPUs since boot, by kind (guest time is inside user)."""
-    with open("/proc/stat") as f:
-        return dict(zip(_CPU_FIELDS, (int(x) for x in f.readline().split()[1:9])))
-
-
-def busy_share(a: dict[str, int], b: dict[str, int], kinds: tuple[str, ...] | None = None) -> float:
-    """The share of CPU time between C{a} and C{b} spent busy (or in C{kinds})."""
-    delta = {k: b[k] - a[k] for k in _CPU_FIELDS}
-    total = max(sum(delta.values()), 1)
-    if kinds is None:
-        return (total - delta["idle"] - delta["iowait"]) / total
-    return sum(delta[k] for k in kinds) / total
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds a live process has used (0 when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 class CpuMeter:
     """
     The busy share of the whole machine while entered, sampled every
     C{interval}, split into user, system and interrupt time; and the CPU
-    seconds of the long-running processes in C{watch} (name -> pids).
+    seconds of the long-running processes in C{watch} (name -> pids), and
+    of those C{late()} names when it is left: processes started after the
+    meter, whose whole lives count.
     """
 
-    def __init__(self, watch: dict[str, list[int]] | None = None, interval: float = 0.25) -> None:
+    def __init__(self, watch: dict[str, list[int]] | None = None, interval: float = 0.25,
+                 late: Callable[[], dict[str, list[int]]] | None = None) -> None:
         self.interval = interval
         self.watch = watch or {}
+        self.late = late
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
@@ -234,6 +228,9 @@ class CpuMeter:
         self._thread.join()
         self._last = cpu_times()
         self._proc_last = self._process_seconds()
+        for name, pids in (self.late() if self.late else {}).items():
+            self._proc_first[name] = 0.0
+            self._proc_last[name] = sum(process_cpu_seconds(pid) for pid in pids)
 
     def summary(self) -> dict[str, Any]:
         mean = busy_share(self._first, self._last)
@@ -245,7 +242,7 @@ class CpuMeter:
             "user": round(busy_share(self._first, self._last, ("user", "nice")), 3),
             "system": round(busy_share(self._first, self._last, ("system",)), 3),
             "interrupts": round(busy_share(self._first, self._last, ("irq", "softirq")), 3),
-            "processSeconds": {name: round(self._proc_last[name] - self._proc_first[name], 2) for name in self.watch},
+            "processSeconds": {name: round(self._proc_last[name] - self._proc_first[name], 2) for name in self._proc_last},
         }
         summary["cpuBound"] = cpu_bound(summary)
         return summary
@@ -341,18 +338,21 @@ class Testbed:
         return int(stats["bytesSent"])
 
     def race(self, tag: str, commands: dict[netem.Host, list[str]], call: str | None = None,
-             watch: dict[str, list[int]] | None = None) -> tuple[dict[str, Outcome], dict[str, Any]]:
+             watch: dict[str, list[int]] | None = None,
+             late: Callable[[], dict[str, list[int]]] | None = None) -> tuple[dict[str, Outcome], dict[str, Any]]:
         """
         Run one command per host, all released at one moment (L{bench.gate});
         each host's time runs from that moment to its process's exit.
         Returns the outcomes by host name, and what was measured meanwhile:
-        the CPU use (with the CPU seconds of the processes in C{watch}) and
-        each link's counters.
+        the CPU use (with the CPU seconds of the processes in C{watch} and
+        C{late}, see L{CpuMeter}, and C{clientSeconds}: the user and system
+        time of the download processes, from C{wait4}) and each link's counters.
         """
         ready_r, ready_w = os.pipe()
         go_r, go_w = os.pipe()
         procs: dict[str, subprocess.Popen] = {}
         errs: dict[str, str] = {}
+        client_cpu: dict[str, float] = {}
         try:
             for host, argv in commands.items():
                 gate = [sys.executable, "-m", "bench.gate", str(ready_w), str(go_r)]
@@ -366,10 +366,10 @@ class Testbed:
             os.close(go_r)
             go_r = -1
             self._wait_ready(ready_r, procs)
-            wait_for_quiet_cpu()
+            wait_for_quiet_cpu(timeout=self.sc.quiet_wait)
             links_before = self.net.link_counters()
             ends: dict[str, float] = {}
-            with CpuMeter(watch) as cpu:
+            with CpuMeter(watch, late=late) as cpu:
                 start = time.monotonic()
                 os.write(go_w, b"g" * len(procs))
                 deadline = start + self.sc.timeout
@@ -377,8 +377,13 @@ class Testbed:
                     time.sleep(0.01)
                     now = time.monotonic()
                     for name, proc in procs.items():
-                        if name not in ends and proc.poll() is not None:
+                        if name in ends:
+                            continue
+                        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                        if pid:  # reaped here for its rusage: Popen learns the exit code from us
+                            proc.returncode = os.waitstatus_to_exitcode(status)
                             ends[name] = now - start
+                            client_cpu[name] = usage.ru_utime + usage.ru_stime
             links = link_deltas(links_before, self.net.link_counters())
         finally:
             for fd in (ready_r, ready_w, go_r, go_w):
@@ -391,7 +396,9 @@ class Testbed:
                 outcomes[name] = Outcome(round(ends[name], 3), proc.returncode, _tail(errs[name]) if proc.returncode else "")
             else:
                 outcomes[name] = Outcome(None, None, f"still running after {self.sc.timeout:.0f}s")
-        return outcomes, {"cpu": cpu.summary(), "links": links}
+        summary = cpu.summary()
+        summary["clientSeconds"] = round(sum(client_cpu.values()), 2)
+        return outcomes, {"cpu": summary, "links": links}
 
     @staticmethod
     def _wait_ready(ready_r: int, procs: dict[str, subprocess.Popen], timeout: float = 120.0) -> None:
@@ -471,6 +478,100 @@ class Testbed:
             self.net.stop(started)
             shutil.rmtree(rdir, ignore_errors=True)
 
+    def torrent(self, announce: str) -> tuple[str, bytes]:
+        """The .torrent of the payload for C{announce} (made once per run), and its info hash."""
+        path = os.path.join(self.workdir, "payload-" + announce.split("/")[2].replace(":", "-") + ".torrent")
+        if not os.path.exists(path + ".hash"):
+            ih = bittorrent.make_torrent(os.path.join(self._www, FILE_NAME), announce, path)
+            with open(path + ".hash", "w") as f:
+                f.write(ih.hex())
+        with open(path + ".hash") as f:
+            return path, bytes.fromhex(f.read())
+
+    def run_bittorrent(self) -> dict[str, Any]:
+        """
+        opentracker on the SuperNode's host, an aria2c seed on the origin's
+        host, then aria2c on every peer at once; a peer is done when its
+        aria2c has the file (it seeds on until the round ends).
+        """
+        assert self.origin_proc is not None
+        rdir = self.round_dir("bittorrent")
+        sn_ip = self.supernode.ip
+        announce = f"http://{sn_ip}:{TRACKER_PORT}/announce"
+        torrent, ih = self.torrent(announce)
+        extra = shlex.split(self.sc.bt_args)
+        started: list[subprocess.Popen] = []
+        pidfiles = {p.name: os.path.join(rdir, f"{p.name}.aria2c.pid") for p in self.peers}
+        try:
+            tracker = self.spawn(self.supernode, "bittorrent-tracker", bittorrent.tracker_argv(
+                sn_ip, TRACKER_PORT, TRACKER_PORT, os.path.join(rdir, "tracker"), [ih]))
+            started.append(tracker)
+            seed = self.spawn(self.origin, "bittorrent-seed", bittorrent.aria2_argv(
+                torrent, self._www, self.origin.ip, BT_PORT, seed=True, stop_with=os.getpid(), extra=extra))
+            started.append(seed)
+            deadline = time.monotonic() + 60
+            while True:
+                (reply,) = self.net.get([(self.supernode, bittorrent.scrape_url(announce, ih))], timeout=5)
+                try:
+                    if reply is not None and bittorrent.seeders(reply, ih) >= 1:
+                        break
+                except ValueError:
+                    pass
+                for proc, what in ((tracker, "opentracker"), (seed, "the aria2c seed")):
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{what} exited with {proc.returncode} (see {self.logdir})")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the aria2c seed did not announce itself to opentracker (see {self.logdir})")
+                time.sleep(0.3)
+            outputs = {p.name: os.path.join(rdir, "out", p.name, FILE_NAME) for p in self.peers}
+            commands = {}
+            for p in self.peers:
+                os.makedirs(os.path.dirname(outputs[p.name]))
+                commands[p] = [
+                    "--done", os.path.join(rdir, f"{p.name}.done"), "--pidfile", pidfiles[p.name],
+                    "--log", os.path.join(self.logdir, f"bittorrent-{p.name}.log"), "--",
+                    *bittorrent.aria2_argv(torrent, os.path.dirname(outputs[p.name]), p.ip, BT_PORT,
+                                           stop_with=os.getpid(), extra=extra),
+                ]
+            outcomes, measured = self.race(
+                "bittorrent", commands, call="bench.bittorrent:leech",
+                watch={"origin": [self.origin_proc.pid], "seed": [seed.pid], "tracker": [tracker.pid]},
+                late=lambda: {"aria2c": self._pids(pidfiles.values())},
+            )
+            measured["cpu"]["clientSeconds"] = 0.0  # the leech wrapper is the bench's, not BitTorrent's: not counted
+            ok = self.verify(outputs)
+            links = measured["links"]
+            seed_wire = links.get("origin", {}).get("upBytes", 0)
+            down = sum(links.get(p.name, {}).get("downBytes", 0) for p in self.peers)
+            p2p = round(max(down - seed_wire, 0) / down, 3) if down else 0.0
+            return self.record("bittorrent", outcomes, ok, measured, seed_wire, 0, {}, p2p=p2p)
+        finally:
+            self._kill(self._pids(pidfiles.values()))
+            self.net.stop(started)
+            shutil.rmtree(rdir, ignore_errors=True)
+
+    @staticmethod
+    def _pids(pidfiles: Any) -> list[int]:
+        pids = []
+        for path in pidfiles:
+            try:
+                with open(path) as f:
+                    pids.append(int(f.read().strip()))
+            except (OSError, ValueError):
+                pass
+        return pids
+
+    @staticmethod
+    def _kill(pids: list[int], grace: float = 5.0) -> None:
+        """Stop processes that are not our children (the leechers' aria2c): TERM, then KILL."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in pids):
+                time.sleep(0.05)
+
     def run_http(self) -> dict[str, Any]:
         """Every peer fetches the file from the origin itself, all at once."""
         rdir = self.round_dir("http")
@@ -486,8 +587,11 @@ class Testbed:
             shutil.rmtree(rdir, ignore_errors=True)
 
     def record(self, system: str, outcomes: dict[str, Outcome], ok: dict[str, bool], measured: dict[str, Any],
-               origin: int, seed: int, traffic: dict[str, dict[str, int]]) -> dict[str, Any]:
-        """The JSON record of one round."""
+               origin: int, seed: int, traffic: dict[str, dict[str, int]], p2p: float | None = None) -> dict[str, Any]:
+        """
+        The JSON record of one round.  C{p2p}: the share of the peers' bytes
+        from other peers, when C{traffic} cannot tell.
+        """
         links = measured["links"]
         f = self.sc.file_size
         hosts = {}
@@ -506,6 +610,9 @@ class Testbed:
             for kind, n in t.items():
                 totals[kind] = totals.get(kind, 0) + int(n)
         received = sum(totals.values())
+        if p2p is None:
+            p2p = round(totals.get("remote_peer", 0) / received, 3) if received else 0.0
+        cpu = measured["cpu"]
         return {
             "system": system,
             "n": self.n,
@@ -517,9 +624,11 @@ class Testbed:
             "originCopies": round(origin / f, 3),
             "supernodeBytes": seed,
             "supernodeCopies": round(seed / f, 3),
-            "p2pShare": round(totals.get("remote_peer", 0) / received, 3) if received else 0.0,
+            "p2pShare": p2p,
             "traffic": totals,
-            "cpu": measured["cpu"],
+            "cpu": cpu,
+            # CPU seconds per peer per GiB: its daemon (dfpeer, aria2c) during the round and its download process
+            **cpu_per_peer(system, self.n, f, cpu),
             "link": {
                 "drops": sum(c["drops"] for c in links.values()),
                 "originUpBytes": links.get("origin", {}).get("upBytes", 0),
@@ -533,6 +642,26 @@ class Testbed:
             "hosts": hosts,
             "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+
+
+# the name in a round's cpu.processSeconds of the peers' long-running processes
+DAEMONS = {"dragonfly": "dfpeers", "bittorrent": "aria2c"}
+
+
+def cpu_per_peer(system: str, n: int, file_size: int, cpu: dict[str, Any]) -> dict[str, Any]:
+    """
+    CPU seconds per peer per GiB: the peers' daemons during the round plus
+    the download processes (C{clientSeconds}), split too; nothing for a
+    record from before C{clientSeconds} was measured.
+    """
+    if "clientSeconds" not in cpu:
+        return {}
+    gib = n * file_size / GIB
+    daemon = cpu["processSeconds"].get(DAEMONS.get(system, ""), 0.0)
+    return {
+        "cpuPerPeerPerGiB": round((daemon + cpu["clientSeconds"]) / gib, 3),
+        "cpuPerPeerPerGiBSplit": {"daemon": round(daemon / gib, 3), "client": round(cpu["clientSeconds"] / gib, 3)},
+    }
 
 
 def link_deltas(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
@@ -622,8 +751,8 @@ def table(results: dict[str, Any]) -> str:
     head = (f"F = {p['file_size'] / (1 << 20):g} MiB, B = {p['peer_mbit']:g} Mbit/s, "
             f"S = {p['origin_mbit']:g} Mbit/s, supernode {p['supernode_mbit']:g} Mbit/s, "
             f"pieces {p['piece_size']}; F/B = {results['fbSeconds']:.2f} s")
-    cols = f"{'N':>3} {'system':<9} " + " ".join(f"{c:>13}" for c in ("mean", "p50", "p90", "max")) + \
-        f" {'origin':>7} {'seed':>6} {'p2p':>5} {'wire':>5} {'cpu':>9}  ok"
+    cols = f"{'N':>3} {'system':<10} " + " ".join(f"{c:>13}" for c in ("mean", "p50", "p90", "max")) + \
+        f" {'origin':>7} {'seed':>6} {'p2p':>5} {'wire':>5} {'cpu':>9} {'cpu/GiB':>7}  ok"
     lines = [head, "", cols, "-" * len(cols)]
     for r in rows(results):
         times = " ".join(
@@ -633,23 +762,59 @@ def table(results: dict[str, Any]) -> str:
         cpu = f"{r['cpu']['busyMean'] * 100:3.0f}%" + (" CPU!" if r["cpu"]["cpuBound"] else "     ")
         seed = f"{r['supernodeCopies']:6.2f}" if r["system"] == "dragonfly" else f"{'-':>6}"
         ok = "yes" if r["ok"] else f"NO: {', '.join(r['failed'])}"
-        lines.append(f"{r['n']:>3} {r['system']:<9} {times} {r['originCopies']:7.2f} {seed} "
-                     f"{r['p2pShare']:5.2f} {r.get('wireCopiesPerPeer', math.nan):5.2f} {cpu:>9}  {ok}")
+        per_gib = f"{r['cpuPerPeerPerGiB']:7.2f}" if "cpuPerPeerPerGiB" in r else f"{'-':>7}"
+        lines.append(f"{r['n']:>3} {r['system']:<10} {times} {r['originCopies']:7.2f} {seed} "
+                     f"{r['p2pShare']:5.2f} {r.get('wireCopiesPerPeer', math.nan):5.2f} {cpu:>9} {per_gib}  {ok}")
     cpus = results.get("machine", {}).get("cpus", os.cpu_count())
     lines += [
         "",
         "times: seconds from the common start, and x F/B",
-        "origin, seed: bytes sent by the origin and by the SuperNode, in copies of F",
+        "origin, seed: bytes sent by the origin and by the SuperNode, in copies of F; for bittorrent,",
+        "     origin is what the seed's link (on the origin's host) carried up, headers included",
         "p2p: share of the peers' bytes that came from other peers",
         "wire: bytes each peer's link carried down, in copies of F (TCP/IP headers make 1.05 the ideal)",
         f"cpu: mean busy share of the machine's {cpus} CPUs during the round; CPU! when above {CPU_BUSY:.0%}",
         "     on average or during more than half of it: then the machine, not the network, was the limit",
+        "cpu/GiB: CPU seconds per peer per GiB: its daemon (dfpeer, aria2c) during the round plus its",
+        "     download process (dfget, curl; start-up included)",
     ]
+    summary = comparison(results)
+    if summary:
+        lines += ["", summary]
+    return "\n".join(lines)
+
+
+def comparison(results: dict[str, Any]) -> str:
+    """Mean x F/B and CPU per peer per GiB side by side, one line per N."""
+    runs = results["runs"]
+    present = [s for s in SYSTEMS if any(s in runs[n] for n in runs)]
+    if len(present) < 2:
+        return ""
+    head = f"{'N':>3}" + "".join(f" {s + ' mean':>16}" for s in present) + \
+        "".join(f" {s + ' cpu/GiB':>25}" for s in present if s != "http")
+    lines = ["mean x F/B, and CPU seconds per peer per GiB = daemon + download process, side by side:", "",
+             head, "-" * len(head)]
+    for n in sorted(runs, key=int):
+        row = f"{n:>3}"
+        for s in present:
+            r = runs[n].get(s)
+            row += f" {r['xFB']['mean']:15.2f}x" if r and r["seconds"] else f" {'-':>16}"
+        for s in present:
+            if s == "http":
+                continue
+            r = runs[n].get(s)
+            if r and "cpuPerPeerPerGiBSplit" in r:
+                split = r["cpuPerPeerPerGiBSplit"]
+                cell = f"{r['cpuPerPeerPerGiB']:.2f} = {split['daemon']:.2f} + {split['client']:.2f}"
+                row += f" {cell:>25}"
+            else:
+                row += f" {'-':>25}"
+        lines.append(row)
     return "\n".join(lines)
 
 
 def plot(results: dict[str, Any], path: str) -> bool:
-    """Mean time against N for both systems, with F/B and the HTTP limit N*F/S."""
+    """Mean time against N for every system, with F/B and the HTTP limit N*F/S."""
     try:
         import matplotlib
 
@@ -662,7 +827,7 @@ def plot(results: dict[str, Any], path: str) -> bool:
     p = results["params"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ns_all: list[int] = []
-    for system, color in zip(SYSTEMS, ("tab:blue", "tab:red")):
+    for system, color in zip(SYSTEMS, ("tab:blue", "tab:green", "tab:red")):
         data = [r for r in rows(results) if r["system"] == system and r["seconds"]]
         if not data:
             continue
@@ -699,17 +864,73 @@ def plot(results: dict[str, Any], path: str) -> bool:
     return True
 
 
+def plot_swarms(results: dict[str, Any], path: str) -> bool:
+    """
+    The two swarms up close: mean x F/B of Dragonfly and BitTorrent against
+    N (left), and the CPU seconds per peer per GiB of every system (right).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    colors = dict(zip(SYSTEMS, ("tab:blue", "tab:green", "tab:red")))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    drawn = False
+    for system in SYSTEMS:
+        data = [r for r in rows(results) if r["system"] == system and r["seconds"]]
+        if not data:
+            continue
+        ns = [r["n"] for r in data]
+        if system != "http":
+            left.plot(ns, [r["xFB"]["mean"] for r in data], marker="o", color=colors[system], label=f"{system}: mean")
+            left.plot(ns, [r["xFB"]["max"] for r in data], marker="v", linestyle=":", color=colors[system],
+                      label=f"{system}: max")
+            drawn = True
+        cpu = [(r["n"], r["cpuPerPeerPerGiB"]) for r in data if "cpuPerPeerPerGiB" in r]
+        if cpu:
+            right.plot(*zip(*cpu), marker="o", color=colors[system], label=system)
+    if not drawn:
+        plt.close(fig)
+        return False
+    left.axhline(1.0, color="black", linestyle=":", linewidth=1, label="F/B")
+    left.axhline(1.25, color="grey", linestyle="--", linewidth=1, label="1.25 x F/B (issue 11's target)")
+    left.set_xlabel("N (peers downloading at once)")
+    left.set_ylabel("completion time, x F/B")
+    left.set_ylim(bottom=0)
+    left.grid(alpha=0.3)
+    left.legend(fontsize=8, loc="lower right")
+    right.set_xlabel("N")
+    right.set_ylabel("CPU seconds per peer per GiB")
+    right.set_ylim(bottom=0)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    ns = sorted({r["n"] for r in rows(results)})
+    left.set_xticks(ns)
+    right.set_xticks(ns)
+    p = results["params"]
+    fig.suptitle(f"{p['file_size'] / (1 << 20):g} MiB to N peers, B = {p['peer_mbit']:g} Mbit/s: "
+                 "Dragonfly and BitTorrent in the same run", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def write_outputs(out: str, results: dict[str, Any], scenario: Scenario, draw: bool) -> None:
     save_results(os.path.join(out, "results.json"), results, scenario)
     write_report(out, results, draw)
 
 
 def write_report(out: str, results: dict[str, Any], draw: bool) -> None:
-    """OUT/results.md (the table) and, if asked, OUT/swarm.png."""
+    """OUT/results.md (the tables) and, if asked, OUT/swarm.png and OUT/swarm-cpu.png."""
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("<!-- written by python -m bench.swarm -->\n```\n" + table(results) + "\n```\n")
     if draw:
         plot(results, os.path.join(out, "swarm.png"))
+        plot_swarms(results, os.path.join(out, "swarm-cpu.png"))
 
 
 # -- main ----------------------------------------------------------------------------------
@@ -720,9 +941,12 @@ def round_line(r: dict[str, Any]) -> str:
         return f"N={r['n']} {r['system']}: every download failed: {r['failed']}"
     s, x = r["seconds"], r["xFB"]
     extra = f", seed {r['supernodeCopies']:.2f} copies, p2p {r['p2pShare']:.2f}" if r["system"] == "dragonfly" else ""
+    if r["system"] == "bittorrent":
+        extra = f" (the seed's wire bytes), p2p {r['p2pShare']:.2f}"
     cpu = r["cpu"]
     return (f"N={r['n']} {r['system']}: mean {s['mean']:.2f}s ({x['mean']:.2f}x F/B), p50 {x['p50']:.2f}x, "
             f"p90 {x['p90']:.2f}x, max {x['max']:.2f}x; origin {r['originCopies']:.2f} copies{extra}; "
+            f"{r.get('cpuPerPeerPerGiB', math.nan):.2f} CPU s per peer per GiB; "
             f"CPU {cpu['busyMean']:.0%} busy{' (CPU-bound)' if cpu['cpuBound'] else ''}"
             f"{'' if r['ok'] else '; FAILED: ' + ', '.join(r['failed'])}")
 
@@ -735,21 +959,27 @@ def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
     www = os.path.join(workdir, "www")
     os.makedirs(www, exist_ok=True)
     want = write_random_file(os.path.join(www, FILE_NAME), scenario.file_size)
-    rounds: dict[str, Callable[[Testbed], dict[str, Any]]] = {"dragonfly": Testbed.run_dragonfly, "http": Testbed.run_http}
+    rounds: dict[str, Callable[[Testbed], dict[str, Any]]] = {
+        "dragonfly": Testbed.run_dragonfly, "bittorrent": Testbed.run_bittorrent, "http": Testbed.run_http,
+    }
+    systems = list(scenario.systems)
+    if "bittorrent" in systems and bittorrent.unavailable():
+        say(f"no BitTorrent baseline: {bittorrent.unavailable()}")
+        systems.remove("bittorrent")
     passed = True
     for n in scenario.peers:
         say(f"N={n}: building {n + 2} hosts")
         with netem.Network() as net:
             bed = Testbed(net, scenario, n, www, want, workdir)
             bed.start_origin()
-            for system in scenario.systems:
+            for system in systems:
                 say(f"N={n}: {system} round")
                 record = rounds[system](bed)
                 results["runs"].setdefault(str(n), {})[system] = record
                 passed = passed and record["ok"]
                 write_outputs(out, results, scenario, draw=False)
                 say(round_line(record))
-    write_outputs(out, results, scenario, draw=not args.no_plot)
+    write_outputs(out, results, scenario, draw=not (args.no_plot or args.smoke))  # a smoke run is quick: no plots
     print()
     print(table(results))
     print()
@@ -796,6 +1026,7 @@ def report(out: str, draw: bool) -> int:
         return EXIT_FAILED
     for record in rows(results):
         record["cpu"]["cpuBound"] = cpu_bound(record["cpu"])  # the rule may have changed since the run
+        record.update(cpu_per_peer(record["system"], record["n"], results["params"]["file_size"], record["cpu"]))
     write_json(path, results)
     write_report(out, results, draw)
     print(table(results))

@@ -18,27 +18,28 @@ Exit codes: 0 done; 2 bad usage or input; 3 download failed (origin or swarm);
 
 from __future__ import annotations
 
+# dfget should ask its dfpeer for the file a blink after it starts: it
+# imports no Twisted and no treq, and loads what only some runs need (the
+# origin fallback's urllib, hashing for --digest/--md5) where it is used.
+# tests/unit/test_layering.py keeps Twisted out of this path.
 import argparse
-import errno
-import hashlib
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any, NoReturn
 
+from ..core.defaults import DEFAULT_HOME, DEFAULT_NODE
+from ..core import localhttp
 from ..core.files import unlink_quietly
 from ..core.ids import BadInput, check_url, parse_digest, parse_filter, parse_header
+from ..core.nodes import parse_nodes
 from ..core.units import human_bytes, parse_duration, parse_rate
-from ..peer.client import parse_nodes
+from ..peer import launch
+
+__all__ = ["DEFAULT_HOME", "DEFAULT_NODE", "Failure", "main", "start_daemon"]
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED, EXIT_DIGEST, EXIT_TIMEOUT, EXIT_IO = 0, 2, 3, 4, 5, 6
-DEFAULT_HOME = os.path.expanduser("~/.small-dragonfly")
-DEFAULT_NODE = "127.0.0.1:8002"
 CHUNK = 1 << 20
 
 
@@ -120,64 +121,32 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
 # -- talking to the dfpeer ---------------------------------------------------------
 
 
-def _call(api: str, method: str, path: str, body: Any = None, timeout: float = 10.0) -> dict[str, Any]:
+def _call(
+    api: str, method: str, path: str, body: Any = None, timeout: float = 10.0, connect_timeout: float | None = None
+) -> dict[str, Any]:
+    """
+    One call to the dfpeer's local API (loopback): its JSON answer, or
+    L{Failure} when it refuses; L{localhttp.NotListening} when nothing listens.
+    """
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(api + path, data=data, method=method, headers={"Content-Type": "application/json"})
+    status, raw = localhttp.request(api, method, path, data, timeout, connect_timeout)
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read() or b"{}")
-    except urllib.error.HTTPError as e:
-        try:
-            err = json.loads(e.read()).get("error", {})
-        except ValueError:
-            err = {}
-        raise Failure(EXIT_USAGE if e.code == 400 else EXIT_FAILED, err.get("message") or f"dfpeer answered {e.code}") from None
-
-
-def running_api(home: str) -> str | None:
-    try:
-        with open(os.path.join(home, "peer.json")) as f:
-            info = json.load(f)
-        api = info["api"]
-        _call(api, "GET", "/healthz", timeout=2.0)
-        return api
-    except (OSError, ValueError, KeyError, Failure):
-        return None
-
-
-def _twistd() -> list[str]:
-    exe = os.path.join(os.path.dirname(sys.executable), "twistd")
-    if os.path.exists(exe):
-        return [exe]
-    found = shutil.which("twistd")
-    return [found] if found else [sys.executable, "-m", "twisted.scripts.twistd"]
+        answer = json.loads(raw or b"{}")
+    except ValueError:
+        raise ConnectionError(f"the dfpeer at {api} sent no JSON") from None
+    if status >= 400:
+        err = answer.get("error", {}) if isinstance(answer, dict) else {}
+        code = EXIT_USAGE if status == 400 else EXIT_FAILED
+        raise Failure(code, err.get("message") or f"dfpeer answered {status}")
+    return answer
 
 
 def start_daemon(home: str, nodes: list[str] | None, idle: float, extra: list[str] | None = None) -> str:
     """Start a dfpeer for C{home} in the background and wait for its local API."""
-    os.makedirs(home, exist_ok=True)
-    info_path = os.path.join(home, "peer.json")
-    if os.path.exists(info_path):
-        os.unlink(info_path)
-    cmd = _twistd() + [
-        "--pidfile", os.path.join(home, "dfpeer.pid"),
-        "--logfile", os.path.join(home, "dfpeer.log"),
-        "dfpeer", "--home", home, "--supernode", ",".join(nodes or [DEFAULT_NODE]),
-        "--idle-exit", str(idle), *(extra or []),
-    ]
-    pid_path = os.path.join(home, "dfpeer.pid")
-    if os.path.exists(pid_path):
-        os.unlink(pid_path)  # a stale pid file from a dead daemon would stop twistd
-    result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=30)
-    if result.returncode != 0:
-        raise Failure(EXIT_FAILED, f"cannot start dfpeer: {result.stderr.decode(errors='replace').strip()[:300]}")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        api = running_api(home)
-        if api is not None:
-            return api
-        time.sleep(0.1)
-    raise Failure(EXIT_FAILED, f"dfpeer did not come up (see {os.path.join(home, 'dfpeer.log')})")
+    try:
+        return launch.run_blocking(launch.start(home, launch.BlockingIO(), nodes, idle, extra))
+    except launch.LaunchError as e:
+        raise Failure(EXIT_FAILED, e.message) from None
 
 
 # -- progress ------------------------------------------------------------------------
@@ -231,6 +200,8 @@ def _check(sha: str, md5: str | None, length: int, opts: dict[str, Any], expect_
 
 def _copy_hashing(src: Any, dst: Any, opts: dict[str, Any], progress: Any = None, deadline: float | None = None) -> tuple[int, str, str | None]:
     """Copy C{src} to C{dst} in 1 MiB chunks; return the length, SHA-256 and MD5 (if asked)."""
+    import hashlib
+
     sha, md5 = hashlib.sha256(), hashlib.md5() if opts["md5"] else None
     length = 0
     while chunk := src.read(CHUNK):
@@ -248,6 +219,9 @@ def _copy_hashing(src: Any, dst: Any, opts: dict[str, Any], progress: Any = None
 
 def _kernel_copy(src: Any, dst: Any) -> int:
     """Copy a whole file inside the kernel (copy_file_range; a reflink where the filesystem can)."""
+    import errno
+    import shutil
+
     length = 0
     try:
         while n := os.copy_file_range(src.fileno(), dst.fileno(), 1 << 30):
@@ -315,6 +289,9 @@ def install(
 
 def direct_download(opts: dict[str, Any], bar: Bar, deadline: float) -> int:
     """Fetch from the origin with no daemon at all (the last resort)."""
+    import urllib.error
+    import urllib.request
+
     tmp = _tmp_path(opts["output"])
     req = urllib.request.Request(opts["url"], headers=opts["headers"])
     try:
@@ -345,17 +322,27 @@ def _trace(what: str) -> None:
 def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
     _trace("start")
     deadline = time.monotonic() + opts["timeout"]
-    api = running_api(opts["home"])
-    if api is None:
+    body = {k: opts[k] for k in ("url", "headers", "digest", "identifier", "filter", "notbs", "localLimit", "totalLimit")}
+    # the request itself tells whether the dfpeer of peer.json runs: no
+    # separate health check before it (a round trip more before any byte)
+    api = launch.read_api(opts["home"])
+    started = None
+    if api is not None:
+        _trace("asking")
+        try:
+            started = _call(api, "POST", "/api/v1/downloads", body, connect_timeout=launch.HEALTH_TIMEOUT)
+        except localhttp.NotListening:
+            api = None  # a stale peer.json
+    if started is None:
         try:
             api = start_daemon(opts["home"], opts["nodes"], opts["idle"], opts.get("daemonArgs"))
-        except (Failure, OSError, subprocess.SubprocessError) as e:
+        except (Failure, OSError) as e:
             if opts["notbs"]:
                 fail(f"no dfpeer: {getattr(e, 'message', e)}; not going to the origin (--notbs)", EXIT_FAILED)
             print(f"dfget: no dfpeer ({getattr(e, 'message', e)}); downloading from the origin", file=sys.stderr)
             return direct_download(opts, bar, deadline)
-    body = {k: opts[k] for k in ("url", "headers", "digest", "identifier", "filter", "notbs", "localLimit", "totalLimit")}
-    started = _call(api, "POST", "/api/v1/downloads", body)
+        _trace("asking")
+        started = _call(api, "POST", "/api/v1/downloads", body)
     task_id = started["taskId"]
     _trace("posted")
     while True:
@@ -368,7 +355,7 @@ def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
             view = _call(api, "GET", f"/api/v1/downloads/{task_id}?wait={wait:.2f}", timeout=left + 5)
         except Failure:
             raise
-        except (urllib.error.URLError, OSError) as e:
+        except (OSError, ValueError) as e:
             fail(f"lost the dfpeer: {getattr(e, 'reason', e)}", EXIT_FAILED)
         bar.show(view.get("completedBytes", 0), view.get("contentLength"))
         if view["status"] == "success":

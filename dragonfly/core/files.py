@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import hashlib
 import os
 from typing import Any
 
@@ -46,6 +45,8 @@ def unlink_quietly(path: str) -> None:
 
 def file_sha256(path: str, chunk: int = 1 << 20) -> str:
     """The hex SHA-256 of a file, read in large blocks (run it in a worker pool)."""
+    import hashlib  # here: dfget loads this module and must start fast
+
     h = hashlib.sha256()
     fd = os.open(path, os.O_RDONLY)
     try:

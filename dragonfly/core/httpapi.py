@@ -23,6 +23,8 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException
 
+from .headers import safe_header_map
+
 log = Logger()
 
 MAX_BODY = 1 << 20
@@ -108,22 +110,10 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, req
     return value
 
 
-def int_list(body: dict[str, Any], name: str, limit: int) -> list[int]:
-    """A list of non-negative ints below C{limit}."""
-    values = field(body, name, list, required=False, default=[])
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < limit:
-            raise ApiError(400, "BAD_FIELD", f"field {name!r} must hold integers in 0..{limit - 1}")
-        out.append(v)
-    return out
-
-
 def str_dict(body: dict[str, Any], name: str) -> dict[str, str]:
     value = field(body, name, dict, required=False, default={})
-    for k, v in value.items():
-        if not isinstance(v, str) or any(c in k + v for c in "\r\n\x00"):
-            raise ApiError(400, "BAD_FIELD", f"field {name!r} must map header names to strings")
+    if not all(isinstance(v, str) for v in value.values()) or not safe_header_map(value):
+        raise ApiError(400, "BAD_FIELD", f"field {name!r} must map header names to strings")
     return value
 
 

@@ -10,7 +10,6 @@ the optional C{--identifier}.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -92,6 +91,8 @@ def task_id(
         material = f"digest\0{algo}:{hexpart}"
     else:
         material = f"url\0{filter_url(url, filter_keys)}\0{identifier or ''}"
+    import hashlib  # here: dfget loads this module and must start fast
+
     return hashlib.sha256(material.encode("utf-8")).hexdigest()
 
 

@@ -1,7 +1,10 @@
 """
 dfdaemon's link to the host's dfpeer: the one running for the same home
 (found through C{<home>/peer.json}, as dfget finds it), started in the
-background like dfget starts one when none answers.
+background like dfget starts one when none answers.  Both go through
+L{dragonfly.peer.launch}; here on the reactor (L{ReactorIO}: the process is
+spawned with C{spawnProcess}, its API polled with timers), so no thread
+waits for it.
 """
 
 from __future__ import annotations
@@ -11,17 +14,27 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from ..peer.launch import LaunchError, ReactorIO, find_running, start as start_dfpeer
+
 log = Logger()
 
 
 class PeerLink:
+    """
+    @param reactor: spawns the dfpeer and times the waits.
+    @param http: a treq C{HTTPClient} for the dfpeer's loopback API.
+    @param start: start a dfpeer when none answers (else L{api} fails).
+    @param extra: more C{twistd dfpeer} arguments (token file, CA).
+    """
+
     def __init__(
-        self, home: str, nodes: list[str] | None, pool: Any, start: bool = True, extra: list[str] | None = None
+        self, home: str, nodes: list[str] | None, reactor: Any, http: Any, start: bool = True,
+        extra: list[str] | None = None,
     ) -> None:
         self.home = home
         self.extra = extra or []
         self.nodes = nodes
-        self._pool = pool
+        self._io = ReactorIO(reactor, http)
         self._start = start
         self._api: str | None = None
         self._waiters: list[Deferred] | None = None
@@ -32,9 +45,9 @@ class PeerLink:
             return self._api
         waiter: Deferred = Deferred()
         if self._waiters is None:
-            # the first asker looks (in the pool); the others wait for its answer
+            # the first asker looks; the others wait for its answer
             self._waiters = [waiter]
-            self._pool.run(self._find_or_start).addBoth(self._found)
+            Deferred.fromCoroutine(self._find_or_start()).addBoth(self._found)
         else:
             self._waiters.append(waiter)
         return await waiter
@@ -50,17 +63,14 @@ class PeerLink:
         """The dfpeer stopped answering: look for it (or start one) next time."""
         self._api = None
 
-    def _find_or_start(self) -> str:
-        # blocking: runs in the worker pool
-        from ..cli.dfget import Failure, running_api, start_daemon
-
-        api = running_api(self.home)
+    async def _find_or_start(self) -> str:
+        api = await find_running(self.home, self._io)
         if api is not None:
             return api
         if not self._start:
             raise RuntimeError(f"no dfpeer answers for {self.home}")
         log.info("starting a dfpeer for {home}", home=self.home)
         try:
-            return start_daemon(self.home, self.nodes, 0.0, self.extra)
-        except Failure as e:
+            return await start_dfpeer(self.home, self._io, self.nodes, 0.0, self.extra)
+        except LaunchError as e:
             raise RuntimeError(e.message) from None

@@ -5,7 +5,19 @@ that arrive inside intercepted TLS, all through one leaf resource.
 A request's upstream URL is:
   - its absolute URI (a proxy client: C{GET http://host/path});
   - C{https://<host>} plus its path inside an intercepted CONNECT;
-  - C{--registry} plus its path otherwise (a registry mirror).
+  - a C{--registry} plus its path otherwise (a registry mirror): the one
+    whose host is the request's C{ns=HOST[:PORT]} query (containerd names
+    the registry it means that way; C{ns} is dropped from the upstream URL),
+    or the first one without C{ns}.  An C{ns} naming a host no
+    C{--registry} lists gets a JSON 403 and no fetch: dfdaemon is no open
+    relay.  (Task ids of blobs are their digests, so C{ns} changes no task.)
+
+A blob GET with one C{Range} is answered 206 from the swarm: the dfpeer
+fetches the pieces covering the range first and the rest of the blob after
+(each piece verified by SHA-256 against the SuperNode's digests; a partial
+body cannot be checked against the whole blob's digest).  An unsatisfiable
+range gets 416; several ranges in one header get the whole blob with 200;
+a malformed C{bytes=} range gets 416.
 
 L{dragonfly.daemon.rules} then sends GETs of registry blobs through the
 local dfpeer and everything else straight upstream.  Both paths stream:
@@ -38,7 +50,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Sequence
+from urllib.parse import unquote_plus, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
@@ -52,7 +65,9 @@ from twisted.web.server import NOT_DONE_YET
 
 from ..core.bodywriter import DiscardBody
 from ..core.httpapi import ApiError, json_response
+from ..core.ids import task_id
 from ..core.metrics import counter, render_metrics
+from ..core.ranges import MULTIPLE, BadRange, ByteRange, parse_range
 from .rules import Decision, Rule, decide
 
 log = Logger()
@@ -70,8 +85,56 @@ ORIGIN_HEADERS = ("authorization", "user-agent", "accept")
 P2P_START_TIMEOUT = 60.0
 
 
+#: names containerd gives Docker Hub in C{ns}, and the hosts that serve it
+DOCKER_HUB = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+
+
 class P2PUnavailable(Exception):
     """The swarm could not start the download; the request goes direct."""
+
+
+class UnlistedRegistry(Exception):
+    """A mirror request's C{ns} names a registry that no C{--registry} lists."""
+
+
+def registry_host(url: str) -> str:
+    """The C{host[:port]} of a registry URL, lower case (the form of containerd's C{ns})."""
+    return urlsplit(url).netloc.lower()
+
+
+def split_ns(uri: str) -> tuple[str, str | None]:
+    """C{uri} without its C{ns=} query parameter, and that parameter's value (None if absent)."""
+    path, sep, query = uri.partition("?")
+    if not sep:
+        return uri, None
+    ns = None
+    kept = []
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == "ns":
+            ns = unquote_plus(value)  # containerd sends ns=127.0.0.1%3A5000
+        else:
+            kept.append(part)
+    rest = "&".join(kept)
+    return (path + "?" + rest if rest else path), ns
+
+
+def pick_registry(registries: Sequence[str], ns: str | None) -> str | None:
+    """
+    The registry (an entry of C{registries}) a mirror request with C{ns}
+    goes to: the first one without C{ns}, else the one of that host
+    (Docker Hub's names count as one host).  Raises L{UnlistedRegistry}.
+    """
+    if not registries:
+        return None
+    if ns is None or ns == "":
+        return registries[0]
+    want = ns.lower()
+    for url in registries:
+        host = registry_host(url)
+        if host == want or (want in DOCKER_HUB and host in DOCKER_HUB):
+            return url
+    raise UnlistedRegistry(ns)
 
 
 class Counters:
@@ -88,6 +151,9 @@ class Counters:
         self.tunnels = 0
         self.intercepted = 0
         self.denied = 0
+        self.unlisted = 0
+        self.ranges = 0
+        self.ranges_direct = 0
 
     def to_json(self) -> dict[str, int]:
         return dict(vars(self))
@@ -107,6 +173,16 @@ class Counters:
                 {"p2p": self.p2p_bytes, "direct": self.direct_bytes}, "path",
             ),
             counter("dragonfly_dfdaemon_direct_requests_total", "Requests passed straight upstream.", self.direct),
+            counter(
+                "dragonfly_dfdaemon_range_requests_total",
+                "Blob requests with one Range, by where they were answered: swarm (206 from the dfpeer), direct "
+                "(--cold-range direct: the blob was not on this host yet; the swarm prefetches it).",
+                {"swarm": self.ranges, "direct": self.ranges_direct}, "path",
+            ),
+            counter(
+                "dragonfly_dfdaemon_unlisted_registry_total",
+                "Mirror requests refused (403) because their ns= names no --registry.", self.unlisted,
+            ),
             counter(
                 "dragonfly_dfdaemon_p2p_cut_total",
                 "Blob responses cut short (the swarm's download failed, or the blob did not match its digest).",
@@ -131,16 +207,25 @@ def _passable(headers: Headers) -> list[tuple[bytes, list[bytes]]]:
 
 class DaemonCore:
     """
-    @param registry: the upstream of mirror requests (C{--registry}), or None.
+    @param registry: the upstream(s) of mirror requests (C{--registry}: one
+        URL or a list, the first is the default), or None.
     @param peer: a L{dragonfly.daemon.peerlink.PeerLink} to the host's dfpeer.
     @param http: a treq HTTPClient for upstream requests (its agent verifies TLS).
     """
 
     def __init__(
-        self, reactor: Any, registry: str | None, rules: tuple[Rule, ...], peer: Any, http: Any, local_http: Any
+        self,
+        reactor: Any,
+        registry: str | Sequence[str] | None,
+        rules: tuple[Rule, ...],
+        peer: Any,
+        http: Any,
+        local_http: Any,
     ) -> None:
         self.reactor = reactor
-        self.registry = registry.rstrip("/") if registry else None
+        listed = [registry] if isinstance(registry, str) else list(registry or ())
+        self.registries = tuple(r.rstrip("/") for r in listed)
+        self.registry = self.registries[0] if self.registries else None
         self.rules = rules
         self.peer = peer
         self.http = http
@@ -148,25 +233,42 @@ class DaemonCore:
         self.counters = Counters()
         #: ask the registry whether the client may read a blob before serving it from the swarm
         self.check_access = True
+        #: a Range on a blob the dfpeer does not hold yet goes straight to the
+        #: registry (the swarm still prefetches the whole blob) (--cold-range direct)
+        self.cold_range_direct = False
 
     # -- entry ---------------------------------------------------------------------
 
     def target(self, request: Any) -> str | None:
-        """The absolute upstream URL of C{request}, or None if it has none."""
+        """
+        The absolute upstream URL of C{request}, or None if it has none;
+        raises L{UnlistedRegistry} for an C{ns} no C{--registry} lists.
+        """
         uri = request.uri.decode("latin-1")
         base = getattr(request.channel, "dfd_base", None)
         if base is not None:
             return base + uri if uri.startswith("/") else None
         if uri.startswith(("http://", "https://")):
             return uri
-        if self.registry is not None and uri.startswith("/"):
-            return self.registry + uri
+        if self.registries and uri.startswith("/"):
+            path, ns = split_ns(uri)
+            registry = pick_registry(self.registries, ns)
+            return None if registry is None else registry + path
         return None
 
     async def handle(self, request: Any) -> None:
         self.counters.requests += 1
         method = request.method.decode("latin-1")
-        url = self.target(request)
+        try:
+            url = self.target(request)
+        except UnlistedRegistry as e:
+            self.counters.unlisted += 1
+            ns = str(e)[:255]
+            _error(
+                request, 403, "REGISTRY_NOT_LISTED",
+                f"ns={ns} names no registry of this dfdaemon: add it with --registry https://{ns} (or 'registry' in its config file)",
+            )
+            return
         if url is None:
             _error(request, 400, "NO_UPSTREAM", "a relative URI needs dfdaemon --registry; use it as a proxy with absolute URIs")
             return
@@ -174,6 +276,22 @@ class DaemonCore:
             _error(request, 400, "BAD_CONNECT", "CONNECT must be the first request on a connection")
             return
         decision = decide(self.rules, method, url)
+        spec = None
+        if decision.p2p:
+            try:
+                spec = parse_range(request.getHeader(b"range"))
+            except BadRange as e:
+                _error(request, 416, "BAD_RANGE", str(e))
+                return
+            if spec is MULTIPLE:
+                # several ranges: the whole blob, 200 (RFC 9110 14.2 lets a server ignore Range)
+                request.requestHeaders.removeHeader(b"range")
+                spec = None
+        if isinstance(spec, ByteRange) and self.cold_range_direct and await self._cold(request, decision):
+            self.counters.ranges_direct += 1
+            # (a registry that ignores Range answers 200 with the whole blob: checked against its digest)
+            await self._direct(request, method, decision.url, decision.digest)
+            return
         if decision.p2p and self.check_access and not await self._allowed(request, decision.url):
             # the registry says no (401 with its challenge, 403, 404): the
             # client gets the registry's own answer, never the swarm's copy
@@ -181,7 +299,7 @@ class DaemonCore:
             return
         if decision.p2p:
             try:
-                await self._p2p(request, decision)
+                await self._p2p(request, decision, spec if isinstance(spec, ByteRange) else None)
                 return
             except P2PUnavailable as e:
                 self.counters.fallbacks += 1
@@ -198,6 +316,7 @@ class DaemonCore:
         unreachable registry counts as a no (the direct path then says why).
         """
         headers = Headers(dict(_passable(request.requestHeaders)))
+        headers.removeHeader(b"range")  # the question is the blob, not a part of it
         try:
             response = await self.http.request("HEAD", url, headers=headers, allow_redirects=False)
         except CancelledError:
@@ -255,11 +374,8 @@ class DaemonCore:
 
     # -- through the swarm -------------------------------------------------------------
 
-    async def _p2p(self, request: Any, decision: Decision) -> None:
-        try:
-            api = await self.peer.api()
-        except Exception as e:
-            raise P2PUnavailable(f"no dfpeer: {e}") from None
+    def _download_body(self, request: Any, decision: Decision) -> dict[str, Any]:
+        """The dfpeer's download request for a blob, with the client's origin headers."""
         headers = {}
         for name in ORIGIN_HEADERS:
             value = request.getHeader(name)
@@ -268,6 +384,36 @@ class DaemonCore:
         body: dict[str, Any] = {"url": decision.url, "headers": headers, "notbs": True}
         if decision.digest:
             body["digest"] = decision.digest
+        return body
+
+    async def _cold(self, request: Any, decision: Decision) -> bool:
+        """
+        With C{--cold-range direct}: True if this host's dfpeer does not hold
+        the blob yet, after starting its download in the background (the
+        prefetch); the range then goes straight to the registry, which
+        checks the client's access itself.
+        """
+        if not decision.digest:
+            return False
+        try:
+            api = await self.peer.api()
+        except CancelledError:
+            raise
+        except Exception:
+            return False  # no dfpeer: the usual path falls back and says so
+        if await self._held(api, decision.digest):
+            return False
+        prefetch = self.local_http.post(api + "/api/v1/downloads", json=self._download_body(request, decision), timeout=10)
+        prefetch.addCallback(lambda r: r.json())
+        prefetch.addErrback(lambda f: log.warn("prefetch of {url} failed: {why}", url=decision.url, why=f.getErrorMessage()))
+        return True
+
+    async def _p2p(self, request: Any, decision: Decision, span: ByteRange | None = None) -> None:
+        try:
+            api = await self.peer.api()
+        except Exception as e:
+            raise P2PUnavailable(f"no dfpeer: {e}") from None
+        body = self._download_body(request, decision)
         try:
             response = await self.local_http.post(
                 api + "/api/v1/downloads", json=body, timeout=10
@@ -281,15 +427,23 @@ class DaemonCore:
         if response.code != 200:
             raise P2PUnavailable(f"dfpeer refused: {answer.get('error', {}).get('message', response.code)}")
         task_id = answer["taskId"]
+        # a range: the dfpeer streams those bytes first, the whole blob follows (prefetch)
+        want = {"Range": span.header()} if span is not None else None
         try:
             stream = await self.local_http.get(
-                f"{api}/api/v1/downloads/{task_id}/content", unbuffered=True, timeout=P2P_START_TIMEOUT
+                f"{api}/api/v1/downloads/{task_id}/content", headers=want, unbuffered=True, timeout=P2P_START_TIMEOUT
             )
         except CancelledError:
             raise
         except Exception as e:
             raise P2PUnavailable(f"dfpeer stream: {e}") from None
-        if stream.code != 200:
+        if stream.code == 416 and span is not None:
+            # the length is known now, and the range is outside it
+            await stream.content()
+            request.setHeader(b"content-range", (stream.headers.getRawHeaders(b"content-range") or [b"bytes */*"])[0])
+            _error(request, 416, "RANGE_NOT_SATISFIABLE", f"{span.header()} is outside the blob")
+            return
+        if stream.code not in (200, 206) or (stream.code == 206) != (span is not None):
             try:
                 err = json.loads(await stream.content()).get("error", {})
             except Exception:
@@ -297,7 +451,11 @@ class DaemonCore:
             raise P2PUnavailable(f"{err.get('code', stream.code)}: {err.get('message', '')}")
         self.counters.p2p += 1
         log.info("p2p {url} as task {task}", url=decision.url, task=task_id)
-        request.setResponseCode(200)
+        request.setResponseCode(stream.code)
+        if span is not None:
+            self.counters.ranges += 1
+            request.setHeader(b"content-range", stream.headers.getRawHeaders(b"content-range")[0])
+        request.setHeader(b"accept-ranges", b"bytes")
         _set_length(request, stream)
         request.responseHeaders.setRawHeaders(b"content-type", stream.headers.getRawHeaders(b"content-type", []))
         if decision.digest:
@@ -309,6 +467,18 @@ class DaemonCore:
         if not complete:
             self.counters.p2p_cut += 1
             log.warn("p2p {url}: stream cut short; the client's connection was cut too", url=decision.url)
+
+    async def _held(self, api: str, digest: str) -> bool:
+        """Whether this host's dfpeer holds the whole blob (its task id is the digest's), asked locally."""
+        try:
+            tid = task_id("", digest=digest)
+            response = await self.local_http.get(f"{api}/api/v1/downloads/{tid}", timeout=5)
+            answer = await response.json()
+        except CancelledError:
+            raise
+        except Exception:
+            return False
+        return response.code == 200 and answer.get("status") == "success"
 
     def _count_p2p(self, n: int) -> None:
         self.counters.p2p_bytes += n

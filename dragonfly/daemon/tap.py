@@ -1,7 +1,7 @@
 """
 C{twistd dfdaemon}: the registry mirror and HTTP(S) proxy on every host.
 
-    twistd -n dfdaemon --port 65001 --registry https://registry.example --home DIR [--supernode HOST:PORT,...]
+    twistd -n dfdaemon --port 65001 --registry https://registry.example [--registry URL ...] --home DIR [--supernode HOST:PORT,...]
 
 Registry blobs go through the host's dfpeer (the one for C{--home}, started
 if none runs); everything else straight to the registry.  See
@@ -23,18 +23,18 @@ from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from ..core.config import ConfigFileOptions
+from ..core.defaults import DEFAULT_HOME
 from ..core.httpapi import HttpLimits, guard_site
 from ..core.metrics import collector, new_registry
 from ..core.service import ListeningService, default_reactor
+from ..core.tapkit import QuietSite
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
 from ..peer.client import parse_nodes
-from ..peer.tap import DEFAULT_HOME
-from ..supernode.tap import QuietSite
 from .ca import CaError, CertificateAuthority, LeafMinter
 from .front import FrontFactory
 from .peerlink import PeerLink
-from .proxy import DaemonCore, ProxyResource
+from .proxy import DaemonCore, ProxyResource, registry_host
 from .rules import DEFAULT_RULES, Rule, RuleError, compile_hosts
 
 log = Logger()
@@ -52,13 +52,16 @@ class Options(ConfigFileOptions):
     optParameters = [
         ["port", "p", 65001, "Port to listen on.", int],
         ["listen", None, "127.0.0.1", "Interface to listen on (a proxy: keep it on loopback or a trusted network)."],
-        ["registry", None, None, "Upstream registry of mirror requests, e.g. https://index.docker.io (default: none, proxy only)."],
         ["home", None, DEFAULT_HOME, "Work home shared with the host's dfpeer (HOME/peer.json); dfdaemon.json goes there too."],
         ["supernode", "s", "127.0.0.1:8002", "SuperNode(s) for a dfpeer that dfdaemon starts, host[:port][,...]."],
         ["ca-cert", None, None, "CA certificate (PEM) for --hijack, from 'dfdaemon gen-ca' (default: none)."],
         ["ca-key", None, None, "The CA's private key (PEM) (default: none)."],
         ["registry-ca", None, None, "CA bundle (PEM) that upstream HTTPS servers are verified with (default: the system's roots)."],
-        ["workers", None, 2, "Threads for minting certificates and finding the dfpeer.", int],
+        ["cold-range", None, "swarm",
+         "A Range request on a blob this host does not hold yet: 'swarm' (206 from the swarm once the SuperNode "
+         "has those pieces; verified per piece) or 'direct' (the registry's own 206 at once; the swarm prefetches "
+         "the blob for later requests)."],
+        ["workers", None, 2, "Threads for minting certificates.", int],
         ["cluster-token-file", None, None, "For a dfpeer that dfdaemon starts: the file of the SuperNode's cluster token (default: none)."],
         ["supernode-ca", None, None, "For a dfpeer that dfdaemon starts: the CA of https:// SuperNodes (default: the system's)."],
     ]
@@ -72,6 +75,7 @@ class Options(ConfigFileOptions):
         super().__init__()
         self["rules"] = []
         self["hijack"] = []
+        self["registries"] = []
         self._file_lists: set[str] = set()  # lists set by --config, until the command line adds to them
         self._given: set[str] = set()
 
@@ -81,6 +85,15 @@ class Options(ConfigFileOptions):
             self._file_lists.discard(name)
             self[name] = []
         return self[name]
+
+    def opt_registry(self, url: str) -> None:
+        """
+        An upstream registry of mirror requests, e.g. https://index.docker.io
+        (repeatable; a list in the config file).  A request's ns=HOST picks
+        the registry of that host, the first one serves requests without ns;
+        default: none, proxy only.
+        """
+        self["registries"].append(url)
 
     def opt_rule(self, regex: str) -> None:
         """A URL regex whose GETs go through the swarm (repeatable; first match wins; replaces the default)."""
@@ -98,10 +111,20 @@ class Options(ConfigFileOptions):
         pass
 
     def postOptions(self) -> None:
-        if self["registry"]:
-            parts = urlsplit(self["registry"])
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise usage.UsageError(f"--registry must be an http(s) URL, not {self['registry']!r}")
+        hosts: dict[str, str] = {}
+        for url in self["registries"]:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+                raise usage.UsageError(f"--registry must be an http(s) URL, not {url!r}")
+            if parts.path.strip("/"):
+                raise usage.UsageError(f"--registry {url!r}: a registry URL has no path (the /v2/ API is at its root)")
+            host = registry_host(url)
+            if host in hosts:
+                raise usage.UsageError(f"--registry {url!r}: {hosts[host]!r} names the same host")
+            hosts[host] = url
+        self["registry"] = self["registries"][0] if self["registries"] else None
+        if self["cold-range"] not in ("swarm", "direct"):
+            raise usage.UsageError(f"--cold-range must be 'swarm' or 'direct', not {self['cold-range']!r}")
         if not 0 <= self["port"] < 65536:
             raise usage.UsageError("--port must be 0..65535")
         try:
@@ -186,13 +209,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     for name in ("cluster-token-file", "supernode-ca"):
         if options[name]:
             peer_args += [f"--{name}", os.path.abspath(options[name])]
-    peer = PeerLink(options["home"], options["nodes"], pool, start=not options["no-start-peer"], extra=peer_args)
-    core = DaemonCore(reactor, options["registry"], options["compiled-rules"], peer, upstream, local)
+    peer = PeerLink(options["home"], options["nodes"], reactor, local, start=not options["no-start-peer"], extra=peer_args)
+    core = DaemonCore(reactor, options["registries"], options["compiled-rules"], peer, upstream, local)
     core.check_access = not options["no-access-check"]
+    core.cold_range_direct = options["cold-range"] == "direct"
 
     def status(request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"counters": core.counters.to_json(), "registry": options["registry"]}).encode()
+        return json.dumps(
+            {"counters": core.counters.to_json(), "registry": options["registry"], "registries": list(core.registries)}
+        ).encode()
 
     registry = new_registry()
     registry.register(collector(core.counters.metrics))

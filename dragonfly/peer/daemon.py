@@ -15,17 +15,18 @@ import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.files import unlink_quietly
 from ..core.gc import GcEntry
+from ..core.periodic import periodic
 from ..core.service import ListeningService
 from ..core.ids import task_id as make_task_id
 from ..core.ratelimit import TokenBucket
 from ..core.threads import WorkerPool
 from ..protocol.block import E_NO_TASK, BlockFactory
+from ..protocol.supernode_api import PeerRegistration, SyncReport
 from .client import SupernodeClient, SupernodeError, SupernodeUnavailable
 from .metrics import PeerStats, failure_reason
 from .store import PieceStore
@@ -92,17 +93,14 @@ class PeerDaemon:
     # -- SuperNode -------------------------------------------------------------
 
     async def register(self) -> None:
-        await self.client.call(
-            "POST", "/api/v1/peers",
-            {"peerId": self.peer_id, "ip": self.ip, "port": self.block_port, "hostname": socket.gethostname()},
-        )
+        await self.client.register_peer(PeerRegistration(self.peer_id, self.ip, self.block_port, socket.gethostname()))
         if not self.registered:
             log.info("registered as {peer} with supernode {node}", peer=self.peer_id, node=self.client.current)
         self.registered = True
 
     async def heartbeat(self) -> None:
         try:
-            await self.client.call("POST", f"/api/v1/peers/{self.peer_id}/heartbeat", {})
+            await self.client.heartbeat(self.peer_id)
         except SupernodeError as e:
             if e.code == "PEER_UNKNOWN":
                 await self.register()
@@ -130,7 +128,7 @@ class PeerDaemon:
 
     async def leave(self) -> None:
         try:
-            await self.client.call("DELETE", f"/api/v1/peers/{self.peer_id}")
+            await self.client.leave(self.peer_id)
         except (SupernodeError, SupernodeUnavailable):
             pass
 
@@ -145,10 +143,8 @@ class PeerDaemon:
 
     async def _announce_pieces(self, task: PeerTask) -> None:
         """Tell the SuperNode every piece we hold of a finished task."""
-        body: dict[str, Any] = {"peerId": self.peer_id, "have": list(task.have), "digestsFrom": task.count}
-        if task.version is not None:
-            body["version"] = task.version
-        await self.client.call("POST", f"/api/v1/tasks/{task.task_id}/sync", body)
+        report = SyncReport(self.peer_id, have=task.have or (), digests_from=task.count or 0, version=task.version)
+        await self.client.sync(task.task_id, report)
 
     def drop(self, task: PeerTask) -> None:
         """Forget a finished task and remove its file (its content is no longer the origin's)."""
@@ -246,7 +242,7 @@ class PeerDaemon:
         await self.store.remove_in_pool(task_id)
         if self.registered and task.status == "success":
             try:
-                await self.client.call("DELETE", f"/api/v1/tasks/{task_id}/peers/{self.peer_id}")
+                await self.client.leave_task(task_id, self.peer_id)
             except (SupernodeError, SupernodeUnavailable) as e:
                 log.info("could not tell the supernode we dropped {task}: {why}", task=task_id, why=str(e))
 
@@ -325,7 +321,7 @@ class PeerService(ListeningService):
         self._api_site = api_site
         self._idle_exit = idle_exit
         self._heartbeat = heartbeat
-        self._loops: list[LoopingCall] = []
+        self._loops: list[Any] = []
         self.ready: Deferred = Deferred()
 
     async def _start(self) -> None:
@@ -347,16 +343,15 @@ class PeerService(ListeningService):
             "dfpeer {peer} serving blocks on {port}, local API {api}, {n} finished tasks",
             peer=daemon.peer_id, port=daemon.block_port, api=info["api"], n=restored,
         )
-        self._loop(self._heartbeat, self._beat)
+        self._loop(self._heartbeat, self._beat, "heartbeat")
         if self._idle_exit > 0:
-            self._loop(min(5.0, self._idle_exit), self._check_idle)
+            self._loop(min(5.0, self._idle_exit), self._check_idle, "idle check")
         self.ready.callback(info)
 
-    def _loop(self, interval: float, f: Any) -> None:
-        lc = LoopingCall(f)
-        lc.clock = self.daemon.reactor
-        self._loops.append(lc)
-        lc.start(interval, now=True).addErrback(lambda fl: log.failure("periodic task failed", fl))
+    def _loop(self, interval: float, f: Any, what: str) -> None:
+        service = periodic(interval, f, self.daemon.reactor, what)
+        self._loops.append(service)
+        service.startService()
 
     def _beat(self) -> Deferred:
         daemon = self.daemon
@@ -382,9 +377,10 @@ class PeerService(ListeningService):
             daemon.reactor.stop()
 
     async def _before_stop(self) -> None:
-        for lc in self._loops:
-            if lc.running:
-                lc.stop()
+        for service in self._loops:
+            if service.running:
+                # not awaited: a heartbeat in flight must not hold up the leave
+                service.stopService()
         if self.daemon.registered:
             d = Deferred.fromCoroutine(self.daemon.leave())
             d.addTimeout(2.0, self.daemon.reactor)

@@ -4,7 +4,8 @@ The dfpeer local API, for dfget and dfdaemon on the same host (loopback only).
   POST /api/v1/downloads        start or join a download; answers its task id
   GET  /api/v1/downloads/<id>   its progress; C{?wait=SECONDS} long-polls until it ends
   GET  /api/v1/downloads/<id>/content
-                                its bytes in order while they arrive (L{dragonfly.peer.stream})
+                                its bytes in order while they arrive (L{dragonfly.peer.stream});
+                                one C{Range: bytes=...} gets a 206 of those bytes
   GET  /api/v1/tasks            every task this peer holds
   GET  /healthz
   GET  /metrics                 Prometheus metrics (L{dragonfly.peer.metrics})
@@ -22,6 +23,7 @@ from twisted.web.iweb import IRequest
 from ..core.httpapi import ApiError, field, install_error_handlers, json_response, read_json, str_dict
 from ..core.ids import BadInput, check_url, is_task_id, parse_digest
 from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
+from ..core.ranges import MULTIPLE, BadRange, ByteRange, content_range, parse_range
 from . import metrics
 from .daemon import PeerDaemon
 from .stream import TaskStream
@@ -123,12 +125,27 @@ class LocalApi:
         the task fails later the connection is cut short of Content-Length.
         """
         task = self._task(task_id)
+        try:
+            spec = parse_range(request.getHeader(b"range"))
+        except BadRange as e:
+            raise ApiError(416, "BAD_RANGE", str(e)) from None
         stream = TaskStream(task, request)
         await stream.ready()
         if task.status == "failed":
             err = task.error
             raise ApiError(502, err.code if err else "FAILED", err.message if err else "the download failed")
-        request.setHeader(b"content-length", str(task.length).encode())
         request.setHeader(b"content-type", (task.content_type or "application/octet-stream").encode("latin-1"))
         request.setHeader(b"x-dragonfly-task-id", task.task_id.encode())
-        return await stream.run()
+        start, end = 0, task.length
+        if isinstance(spec, ByteRange):
+            span = spec.resolve(task.length)
+            if span is None:
+                request.setHeader(b"content-range", f"bytes */{task.length}".encode())
+                raise ApiError(416, "RANGE_NOT_SATISFIABLE", f"{spec.header()} is outside the {task.length} bytes")
+            start, end = span
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", content_range(start, end, task.length).encode())
+        request.setHeader(b"content-length", str(end - start).encode())
+        if spec is None or spec is MULTIPLE:
+            return await stream.run()
+        return await stream.run(start, end)

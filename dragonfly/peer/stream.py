@@ -32,6 +32,8 @@ class TaskStream:
         self.task = task
         self.request = request
         self.offset = 0
+        #: where the body ends (exclusive); None: the task's end
+        self.end: int | None = None
         self._paused = False
         self._reading = False
         self._ended = False
@@ -55,8 +57,15 @@ class TaskStream:
 
     # -- streaming ------------------------------------------------------------------
 
-    def run(self) -> Deferred:
-        """Send the body; fires with C{b""} when every byte is written."""
+    def run(self, start: int = 0, end: int | None = None) -> Deferred:
+        """
+        Send the body (bytes C{start} to C{end}, exclusive, for a Range
+        request); fires with C{b""} when every byte is written.  A range
+        that ends before the task's end is sent as its pieces are verified,
+        without waiting for the whole-file check.
+        """
+        self.offset = start
+        self.end = end
         self._done = Deferred(lambda _: self._end())
         self.request.registerProducer(self, True)
         self._poke()
@@ -76,8 +85,9 @@ class TaskStream:
             self._abort(f"{t.error.code if t.error else 'FAILED'}: {t.error.message if t.error else ''}")
             return
         length = t.length
-        if self.offset >= length:
-            if t.status == "success":
+        stop = length if self.end is None else min(self.end, length)
+        if self.offset >= stop:
+            if t.status == "success" or self.end is not None:
                 self._finish()
             return
         index = self.offset // t.piece_size
@@ -86,8 +96,8 @@ class TaskStream:
                 t.stream_from = index
                 t.want_now()
             return
-        end = min(self.offset + self.CHUNK, (index + 1) * t.piece_size, length)
-        if end == length and t.status != "success":
+        end = min(self.offset + self.CHUNK, (index + 1) * t.piece_size, stop)
+        if end == length and self.end is None and t.status != "success":
             # the last bytes wait for the whole-file check
             return
         self._reading = True

@@ -22,20 +22,20 @@ from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from ..core.config import ConfigFileOptions
+from ..core.defaults import DEFAULT_HOME
 from ..core.httpapi import guard_site
 from ..core.ids import BadInput
+from ..protocol.block import BLOCK_PORT_OPTIONS, block_port_limits
 from ..core.metrics import metrics_only_root
 from ..core.service import default_reactor
+from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
 from ..core.gc import DiskGc
-from ..supernode.tap import QuietSite, _token, detect_ip, parse_gc_options
 from .client import node_host, parse_nodes
 from .daemon import PeerDaemon, PeerService
 from .gc import PeerGc
 from .localapi import LocalApi
-
-DEFAULT_HOME = os.path.expanduser("~/.small-dragonfly")
 
 
 class Options(ConfigFileOptions):
@@ -67,6 +67,7 @@ class Options(ConfigFileOptions):
         ["cluster-token", None, None, "Bearer token the SuperNode requires (its --cluster-token; default: none)."],
         ["cluster-token-file", None, None, "Read the cluster token from this file (default: none)."],
         ["supernode-ca", None, None, "PEM file of the CA(s) that sign https:// SuperNodes' certificates (default: the system's)."],
+        *BLOCK_PORT_OPTIONS,
     ]
 
     def postOptions(self) -> None:
@@ -78,7 +79,7 @@ class Options(ConfigFileOptions):
             raise usage.UsageError("--port must be 0..65535")
         if self["ip"] is None:
             self["ip"] = detect_ip(node_host(self["nodes"][0]))
-        self["cluster-token"] = _token(self["cluster-token"], self["cluster-token-file"], "cluster")
+        self["cluster-token"] = read_token(self["cluster-token"], self["cluster-token-file"], "cluster")
         if self["supernode-ca"] is not None:
             try:
                 with open(self["supernode-ca"], "rb") as f:
@@ -99,6 +100,10 @@ class Options(ConfigFileOptions):
                 serverFromString(None, self["metrics"])  # checks the description only
             except (ValueError, KeyError, TypeError) as e:
                 raise usage.UsageError(f"--metrics: not a server endpoint: {e}") from None
+        try:
+            self["block-limits"] = block_port_limits(self)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         for name in ("in-flight", "upload-limit", "total-limit"):
             try:
                 self[name] = parse_rate(self[name])
@@ -135,6 +140,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         supernode_http=supernode_http(reactor, options.get("supernode-ca-certs")),
         cluster_token=options["cluster-token"],
     )
+    daemon.block_factory.set_limits(**options["block-limits"])
     api = LocalApi(daemon)
     service = PeerService(
         daemon,

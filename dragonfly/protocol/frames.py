@@ -137,7 +137,8 @@ FRAME_NAMES: dict[int, str] = {
     DIGESTS: "DIGESTS",
 }
 
-# REJECT reasons.
+# REJECT reasons.  Only NOT_HELD is sent today; BUSY and SHUTTING_DOWN are
+# reserved on the wire (a receiver treats every reason alike: ask elsewhere).
 REJECT_NOT_HELD = 1
 REJECT_BUSY = 2
 REJECT_SHUTTING_DOWN = 3
@@ -286,6 +287,14 @@ class KeepAlive:
     """KEEPALIVE: no payload."""
 
 
+@frozen
+class Digests:
+    """DIGESTS (seed only): the SHA-256 of pieces C{first}, C{first + 1}, ..."""
+
+    first: int
+    digests: list[bytes]
+
+
 Event = Union[
     Hello,
     BitfieldMsg,
@@ -298,17 +307,10 @@ Event = Union[
     PieceData,
     PieceEnd,
     KeepAlive,
+    Digests,
 ]
 
 _KEEPALIVE_EVENT = KeepAlive()
-
-
-@frozen
-class Digests:
-    """DIGESTS (seed only): the SHA-256 of pieces C{first}, C{first + 1}, ..."""
-
-    first: int
-    digests: list[bytes]
 
 
 def encode_digests(first: int, digests: list[bytes]) -> list[bytes]:
@@ -335,11 +337,7 @@ _S_CONTROL = 2  # buffering a control frame body
 _S_BODY = 3  # streaming a piece body out
 
 
-def _frame_name(ftype: int) -> str:
-    return FRAME_NAMES.get(ftype, f"0x{ftype:02x}")
-
-
-def _decode_control(ftype: int, body: Union[bytes, memoryview]) -> Event:
+def _decode_control(ftype: int, body: Union[bytes, bytearray, memoryview]) -> Event:
     """Decode a complete control frame body, whose length is pre-checked."""
     if ftype == HAVE:
         return Have(_U32.unpack(body)[0])
@@ -453,6 +451,20 @@ class FrameDecoder:
     def idle(self) -> bool:
         """True when no partial frame is pending (a clean place to stop)."""
         return self._state == _S_HEADER and not self._buf
+
+    def skip_body(self, n: int) -> list[Event]:
+        """The caller put the next ``n`` bytes of the current piece body where
+        they belong itself (read straight from a socket into the piece's
+        buffer): account for them, and return :class:`PieceEnd` when they
+        end the body."""
+        if self._error is not None or self._state != _S_BODY or not 0 < n <= self._remaining:
+            raise ValueError(f"{n} bytes are not part of the current piece body")
+        self._remaining -= n
+        if self._remaining:
+            return []
+        self._state = _S_HEADER
+        self._need = HEADER_SIZE
+        return [PieceEnd(self._index)]
 
     def feed(self, data: Union[bytes, bytearray, memoryview]) -> list[Event]:
         """Consume ``data`` and return the events it completes.

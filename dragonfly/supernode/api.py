@@ -5,39 +5,42 @@ Peers register themselves and their tasks, then call C{sync} every half
 second or so with a batch of results; the answer carries the task's state,
 new piece digests, parents and the seed allowance.  See
 L{dragonfly.supernode.scheduler} for how those are chosen.
+
+The handlers are thin: each route is declared with L{route}, which
+authorises the request (open, cluster token or admin token), checks the
+path's ids and the JSON body against the operation's schema in
+C{openapi.yaml} (L{dragonfly.core.bodies}), and turns the facade's
+L{Refused} into the error envelope.  The work is done by the facade,
+L{dragonfly.supernode.node.SuperNode}; the handler serialises its result.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import time
 from importlib import resources
-from typing import Any, Callable
+from inspect import iscoroutine
+from typing import Any, Awaitable, Callable
 
+import yaml
 from klein import Klein
-from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import IRequest
 
-from ..core.httpapi import (
-    ApiError, field, install_error_handlers, int_list, json_response, read_json, require_bearer, str_dict,
-)
-from ..core.security import OriginDenied, OriginPolicy
-from ..core.ids import SEED_ID, BadInput, check_url, is_peer_id, is_task_id, parse_digest, task_id
-from ..core.ids import SEED_ID, BadInput, check_url, is_peer_id, is_task_id, parse_digest, parse_filter, task_id
-from ..core.logs import safe_url, task_log
+from ..core.bodies import Schemas
+from ..core.headers import safe_header_map
+from ..core.httpapi import ApiError, install_error_handlers, json_response, read_json, require_bearer
+from ..core.ids import BadInput, is_peer_id, is_task_id, parse_filter
 from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
+from ..core.security import OriginPolicy
+from ..protocol.supernode_api import PeerRegistration, SyncReport, TaskRequest
 from . import metrics
 from .dashboard import DEFAULT_TASKS, MAX_TASKS, dashboard_view
-from .node import SuperNode
+from .node import MAX_PEER_BYTES, Refused, SuperNode, SyncResult
 from .preheat import Preheater
-from .scheduler import PeerInfo, UnknownPeer, UnknownTask
+from . import oapi
 
-log = Logger()
-
-HEARTBEAT_INTERVAL = 10.0
-SYNC_INTERVAL = 0.5
-MAX_FAILED = 4096
-#: a sync's peerBytes above this is nonsense (and beyond what JavaScript counts exactly)
-MAX_PEER_BYTES = 1 << 50
+__all__ = ["MAX_PEER_BYTES", "SupernodeApi", "route"]
 
 #: the dashboard's files (package data under dragonfly/supernode/ui/) and their types
 UI_FILES = {
@@ -50,11 +53,40 @@ UI_CSP = (
     "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
     "form-action 'none'; frame-ancestors 'none'"
 )
+#: the HTTP status of each code the facade refuses with (the rest: 400)
+REFUSED_STATUS = {"PEER_UNKNOWN": 404, "TASK_UNKNOWN": 404, "TASK_CHANGED": 409, "ORIGIN_DENIED": 403}
 
 
 def _load_ui() -> dict[str, bytes]:
     folder = resources.files("dragonfly.supernode") / "ui"
     return {name: (folder / name).read_bytes() for name in UI_FILES}
+
+
+def _load_spec() -> dict[str, Any]:
+    text = (resources.files("dragonfly") / "openapi.yaml").read_bytes()
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(text, Loader=loader)  # noqa: S506 (a safe loader)
+
+
+_SPEC = _load_spec()
+#: a wrongly formed id in the body answers as it does in the path
+SCHEMAS = Schemas(_SPEC, value_codes={"peerId": "BAD_PEER_ID", "digest": "BAD_INPUT"})
+
+
+def _spec_path(rule: str) -> str:
+    """C{/api/v1/tasks/<task_id>} -> C{/api/v1/tasks/{taskId}}, as the spec names it."""
+
+    def camel(m: re.Match[str]) -> str:
+        first, *rest = m.group(1).split("_")
+        return "{" + first + "".join(w.title() for w in rest) + "}"
+
+    return re.sub(r"<(?:\w+:)?(\w+)>", camel, rule)
+
+
+def _body_schema(rule: str, method: str) -> dict[str, Any] | None:
+    operation = _SPEC["paths"].get(_spec_path(rule), {}).get(method.lower(), {})
+    body = operation.get("requestBody")
+    return body["content"]["application/json"]["schema"] if body else None
 
 
 def _peer_id(value: str) -> str:
@@ -63,16 +95,62 @@ def _peer_id(value: str) -> str:
     return value
 
 
-def _new_peer_id(value: str) -> str:
-    if _peer_id(value) == SEED_ID:
-        raise ApiError(400, "BAD_PEER_ID", f"peer id {SEED_ID!r} is reserved for the seed")
-    return value
-
-
 def _task_id(value: str) -> str:
     if not is_task_id(value):
         raise ApiError(400, "BAD_TASK_ID", "task ids are 64 lowercase hex digits")
     return value
+
+
+#: path parameters checked before any handler runs
+PATH_CHECKS: dict[str, Callable[[str], str]] = {"peer_id": _peer_id, "task_id": _task_id}
+
+
+def _refused(e: Refused) -> ApiError:
+    return ApiError(REFUSED_STATUS.get(e.code, 400), e.code, e.message)
+
+
+async def _awaiting(result: Awaitable[Any]) -> Any:
+    try:
+        return await result
+    except Refused as e:
+        raise _refused(e) from None
+
+
+_app = Klein()
+
+#: who may call a route: anyone, a peer (the cluster token), an admin (the admin token)
+OPEN, PEER, ADMIN = "open", "peer", "admin"
+
+
+def route(rule: str, method: str, access: str = PEER) -> Callable[[Callable[..., Any]], Any]:
+    """
+    Declare a handler of C{method rule}: it runs once the request is
+    authorised for C{access}, its path ids are valid and its body (when the
+    spec declares one) fits the schema; it gets that body as C{body}.
+    """
+    schema = _body_schema(rule, method)
+
+    def decorate(f: Callable[..., Any]) -> Any:
+        @functools.wraps(f)
+        def handler(self: "SupernodeApi", request: IRequest, **params: Any) -> Any:
+            self.authorise(request, access)
+            for name, value in params.items():
+                check = PATH_CHECKS.get(name)
+                if check is not None:
+                    params[name] = check(value)
+            if schema is not None:
+                body = read_json(request)
+                SCHEMAS.check(body, schema)
+                params["body"] = body
+            try:
+                result = f(self, request, **params)
+            except Refused as e:
+                raise _refused(e) from None
+            return _awaiting(result) if iscoroutine(result) else result
+
+        return _app.route(rule, methods=[method])(handler)
+
+    return decorate
 
 
 class SupernodeApi:
@@ -83,9 +161,10 @@ class SupernodeApi:
     @param timer: monotonic seconds for request durations (a fake in tests).
     """
 
-    app = Klein()
+    app = _app
     install_error_handlers(app)
     metrics_route(app, lambda self: self.registry)
+    oapi.mount(app)  # Harbor's preheat: Dragonfly's manager open API (dragonfly/supernode/oapi.py)
 
     def __init__(
         self,
@@ -122,42 +201,36 @@ class SupernodeApi:
     def resource(self) -> Any:
         return self.http.wrap(self.app.resource(), self.app)
 
-    # -- access ----------------------------------------------------------------
-
-    def require_admin(self, request: IRequest) -> None:
+    def authorise(self, request: IRequest, access: str) -> None:
         """
-        One line at the top of every admin route (deleting tasks, preheat, ...):
-        401 C{UNAUTHORIZED} unless the request carries the admin token, when
-        C{--admin-token} is set.
+        401 C{UNAUTHORIZED} unless the request may use a route of C{access}:
+        an admin route needs the admin token when C{--admin-token} is set; a
+        peer route the cluster token (or the admin token) when
+        C{--cluster-token} is set.
         """
-        require_bearer(request, self.admin_token, what="this admin operation")
-
-    def require_peer(self, request: IRequest) -> None:
-        """401 unless the request carries the cluster token (or the admin token), when C{--cluster-token} is set."""
-        if self.cluster_token:
+        if access == ADMIN:
+            require_bearer(request, self.admin_token, what="this admin operation")
+        elif access == PEER and self.cluster_token:
             require_bearer(request, self.cluster_token, self.admin_token, what="this cluster operation")
 
-    @property
-    def _now(self) -> float:
-        return self.node.clock.seconds()
-
-    @app.route("/healthz", methods=["GET"])
+    @route("/healthz", "GET", OPEN)
     def healthz(self, request: IRequest) -> bytes:
-        return json_response(request, {"ok": True, "tasks": len(self.node.cdn.tasks), "peers": len(self.node.scheduler.peers)})
+        health = self.node.health()
+        return json_response(request, {"ok": True, "tasks": health.tasks, "peers": health.peers})
 
     # -- the dashboard -----------------------------------------------------------
 
-    @app.route("/", methods=["GET"])
+    @route("/", "GET", OPEN)
     def root(self, request: IRequest) -> bytes:
         # relative, so that it also works behind a proxy that adds a prefix
         request.setHeader(b"location", b"ui")
         return json_response(request, {"location": "ui"}, 302)
 
-    @app.route("/ui", methods=["GET"])
+    @route("/ui", "GET", OPEN)
     def ui_page(self, request: IRequest) -> bytes:
         return self._ui_file(request, "index.html")
 
-    @app.route("/ui/<name>", methods=["GET"])
+    @route("/ui/<name>", "GET", OPEN)
     def ui_file(self, request: IRequest, name: str) -> bytes:
         if name not in UI_FILES or name == "index.html":
             raise ApiError(404, "NOT_FOUND", f"the dashboard has no file {name!r}")
@@ -170,7 +243,7 @@ class SupernodeApi:
         request.setHeader(b"content-security-policy", UI_CSP.encode("ascii"))
         return self._ui[name]
 
-    @app.route("/api/v1/dashboard", methods=["GET"])
+    @route("/api/v1/dashboard", "GET", OPEN)
     def dashboard(self, request: IRequest) -> bytes:
         raw = request.args.get(b"tasks", [str(DEFAULT_TASKS).encode()])[-1]
         try:
@@ -183,199 +256,59 @@ class SupernodeApi:
 
     # -- peers -----------------------------------------------------------------
 
-    @app.route("/api/v1/peers", methods=["POST"])
-    def register_peer(self, request: IRequest) -> bytes:
-        self.require_peer(request)
-        body = read_json(request)
-        peer_id = _new_peer_id(field(body, "peerId", str))
-        ip = field(body, "ip", str)
-        port = field(body, "port", int)
-        if not 0 < port < 65536:
-            raise ApiError(400, "BAD_FIELD", "field 'port' must be 1..65535")
-        if not ip or len(ip) > 64 or any(c.isspace() for c in ip):
-            raise ApiError(400, "BAD_FIELD", "field 'ip' must be an address")
-        hostname = field(body, "hostname", str, required=False, default="")[:255]
-        self.node.scheduler.register_peer(PeerInfo(peer_id, ip, port, hostname), self._now)
-        return json_response(request, {"peerId": peer_id, "heartbeatInterval": HEARTBEAT_INTERVAL})
+    @route("/api/v1/peers", "POST")
+    def register_peer(self, request: IRequest, body: dict[str, Any]) -> bytes:
+        return json_response(request, self.node.register_peer(PeerRegistration.from_json(body)).to_json())
 
-    @app.route("/api/v1/peers", methods=["GET"])
+    @route("/api/v1/peers", "GET")
     def list_peers(self, request: IRequest) -> bytes:
-        self.require_peer(request)
         peers = [
             {"peerId": p.peer_id, "ip": p.ip, "port": p.port, "hostname": p.hostname, "lastSeen": p.last_seen}
-            for p in self.node.scheduler.peers.values()
+            for p in self.node.peers()
         ]
         return json_response(request, {"peers": peers})
 
-    @app.route("/api/v1/peers/<peer_id>/heartbeat", methods=["POST"])
-    def heartbeat(self, request: IRequest, peer_id: str) -> bytes:
-        self.require_peer(request)
-        try:
-            self.node.scheduler.touch(_peer_id(peer_id), self._now)
-        except UnknownPeer:
-            raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered") from None
+    @route("/api/v1/peers/<peer_id>/heartbeat", "POST")
+    def heartbeat(self, request: IRequest, peer_id: str, body: dict[str, Any]) -> bytes:
+        self.node.heartbeat(peer_id)
         return json_response(request, {})
 
-    @app.route("/api/v1/peers/<peer_id>", methods=["DELETE"])
+    @route("/api/v1/peers/<peer_id>", "DELETE")
     def remove_peer(self, request: IRequest, peer_id: str) -> bytes:
-        self.require_peer(request)
-        self.node.scheduler.remove_peer(_peer_id(peer_id), "left")
+        self.node.remove_peer(peer_id)
         return json_response(request, {})
 
     # -- tasks -----------------------------------------------------------------
 
-    @app.route("/api/v1/tasks", methods=["POST"])
-    async def register_task(self, request: IRequest) -> bytes:
-        self.require_peer(request)
-        body = read_json(request)
-        peer_id = _peer_id(field(body, "peerId", str))
-        url = field(body, "url", str)
-        digest = field(body, "digest", str, required=False)
-        identifier = field(body, "identifier", str, required=False)
-        keys = field(body, "filter", list, required=False, default=[])
-        headers = str_dict(body, "headers")
-        try:
-            check_url(url)
-            if digest:
-                parse_digest(digest)
-        except BadInput as e:
-            raise ApiError(400, "BAD_INPUT", str(e)) from None
-        if not all(isinstance(k, str) for k in keys):
-            raise ApiError(400, "BAD_FIELD", "field 'filter' must be a list of strings")
-        if identifier is not None and len(identifier) > 1024:
-            raise ApiError(400, "BAD_FIELD", "field 'identifier' is too long")
-        tid = task_id(url, digest=digest, identifier=identifier, filter_keys=keys)
-        if peer_id not in self.node.scheduler.peers:
-            raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
-        if self.origin_policy is not None and not self.origin_policy.open:
-            try:
-                await self.origin_policy.check_url(url, self._resolver_pool, self.node.clock)
-            except OriginDenied as e:
-                raise ApiError(403, "ORIGIN_DENIED", str(e)) from None
-            except OSError:
-                # not resolvable from here: the fetch reports SOURCE_UNREACHABLE
-                # (and checks the address again if it ever connects)
-                pass
-        # the origin is fetched with the URL as given: filtered keys (signatures,
-        # tokens) only leave the task id; a cached file is revalidated first
-        fetches = self.node.cdn.origin_fetches
-        task = await self.node.cdn.fresh(tid, url, headers, digest)
-        if peer_id not in self.node.scheduler.peers:
-            raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
-        task_log(
-            log, LogLevel.info, tid, "registered by {peerId} ({cache}, CDN {status})",
-            peerId=peer_id, cache="cache miss" if self.node.cdn.origin_fetches > fetches else "cache hit",
-            status=task.status, url=safe_url(url),
-        )
-        # a registration starts the peer's part afresh: what it reported
-        # before (pieces of a download that failed and was deleted) is gone;
-        # a peer that still holds pieces reports them in its next sync
-        self.node.scheduler.leave(tid, peer_id)
-        self.node.join(tid, peer_id)
-        return json_response(request, {"taskId": tid, "task": task.to_json()})
+    @route("/api/v1/tasks", "POST")
+    async def register_task(self, request: IRequest, body: dict[str, Any]) -> bytes:
+        reg = await self.node.register_task(TaskRequest.from_json(body), self.origin_policy, self._resolver_pool)
+        return json_response(request, {"taskId": reg.task_id, "task": reg.task.to_json()})
 
-    @app.route("/api/v1/tasks", methods=["GET"])
+    @route("/api/v1/tasks", "GET")
     def list_tasks(self, request: IRequest) -> bytes:
-        self.require_peer(request)
-        return json_response(request, {"tasks": [t.to_json() for t in self.node.cdn.tasks.values()]})
+        return json_response(request, {"tasks": [t.to_json() for t in self.node.tasks()]})
 
-    def _task(self, task_id: str) -> Any:
-        task = self.node.cdn.tasks.get(_task_id(task_id))
-        if task is None:
-            raise ApiError(404, "TASK_UNKNOWN", f"task {task_id} is not known")
-        return task
-
-    @app.route("/api/v1/tasks/<task_id>", methods=["GET"])
+    @route("/api/v1/tasks/<task_id>", "GET")
     def get_task(self, request: IRequest, task_id: str) -> bytes:
-        self.require_peer(request)
-        task = self._task(task_id)
-        swarm = self.node.scheduler.tasks.get(task_id)
-        view = task.to_json()
-        view["peers"] = sorted(swarm.members) if swarm is not None else []
-        view["availability"] = self.node.scheduler.availability(task_id)
+        detail = self.node.task_detail(task_id)
+        view = detail.task.to_json()
+        view["peers"] = detail.peers
+        view["availability"] = detail.availability
         return json_response(request, view)
 
-    @app.route("/api/v1/tasks/<task_id>", methods=["DELETE"])
+    @route("/api/v1/tasks/<task_id>", "DELETE", ADMIN)
     def delete_task(self, request: IRequest, task_id: str) -> bytes:
-        self.require_admin(request)
-        task = self.node.remove_task(_task_id(task_id))
-        if task is None:
-            raise ApiError(404, "TASK_UNKNOWN", f"task {task_id} is not known")
+        self.node.delete_task(task_id)
         return json_response(request, {"taskId": task_id, "removed": True})
 
-    @app.route("/api/v1/tasks/<task_id>/sync", methods=["POST"])
-    def sync(self, request: IRequest, task_id: str) -> bytes:
-        self.require_peer(request)
-        task = self._task(task_id)
-        body = read_json(request)
-        peer_id = _peer_id(field(body, "peerId", str))
-        count = task.piece_count or 0
-        have = int_list(body, "have", max(count, 1)) if count else []
-        failed_raw = field(body, "failed", list, required=False, default=[])
-        if len(failed_raw) > MAX_FAILED:
-            raise ApiError(400, "BAD_FIELD", f"at most {MAX_FAILED} failures per sync")
-        failed = []
-        for item in failed_raw:
-            if not isinstance(item, dict):
-                raise ApiError(400, "BAD_FIELD", "entries of 'failed' must be objects")
-            index = field(item, "index", int)
-            parent = field(item, "parent", str)
-            # -1: the peer could not connect to that parent at all
-            if index < -1 or (count and index >= count):
-                raise ApiError(400, "BAD_FIELD", f"failed piece {index} out of range")
-            failed.append((index, parent))
-        digests_from = field(body, "digestsFrom", int, required=False, default=0)
-        starving = field(body, "starving", bool, required=False, default=False)
-        banned = field(body, "banned", list, required=False, default=[])
-        if len(banned) > 1024 or not all(isinstance(p, str) and is_peer_id(p) for p in banned):
-            raise ApiError(400, "BAD_FIELD", "field 'banned' must list at most 1024 peer ids")
-        if digests_from < 0:
-            raise ApiError(400, "BAD_FIELD", "field 'digestsFrom' must be >= 0")
-        want = field(body, "want", int, required=False, default=None)
-        if want is not None and not 0 <= want < max(count, 1):
-            raise ApiError(400, "BAD_FIELD", f"field 'want' must be a piece index below {count}")
-        peer_bytes = field(body, "peerBytes", int, required=False, default=0)
-        if not 0 <= peer_bytes <= MAX_PEER_BYTES:
-            raise ApiError(400, "BAD_FIELD", f"field 'peerBytes' must be in 0..{MAX_PEER_BYTES}")
-        version = field(body, "version", str, required=False)
-        if version is not None and task.version is not None and version != task.version:
-            raise ApiError(
-                409, "TASK_CHANGED", f"the origin content of task {task_id} changed: version {task.version}, not {version}"
-            )
-        sched = self.node.scheduler
-        if peer_id not in sched.peers:
-            raise ApiError(404, "PEER_UNKNOWN", f"peer {peer_id} is not registered")
-        task.last_access = self._now
-        if task_id not in sched.tasks:
-            # the swarm was dropped as idle (--task-expire): rebuild it
-            self.node.join(task_id, peer_id)
-        try:
-            decision = self.node.sync(task_id, peer_id, have, failed, banned, starving, want)
-        except UnknownTask:
-            raise ApiError(404, "TASK_UNKNOWN", f"task {task_id} is not known") from None
-        # counted only once the report is taken: a peer told to register
-        # again sends these bytes again with its next sync
-        self.node.note_peer_bytes(task_id, peer_bytes)
-        parents: list[dict[str, Any]] = []
-        if task.status != "failed":
-            parents.append(self.node.seed_parent())
-        parents.extend({"peerId": p.peer_id, "ip": p.ip, "port": p.port, "seed": False} for p in decision.parents)
-        return json_response(
-            request,
-            {
-                "task": task.to_json(),
-                "digestsFrom": digests_from,
-                "digests": task.digests[digests_from:],
-                "parents": parents,
-                "seedPieces": decision.seed_pieces,
-                "syncInterval": SYNC_INTERVAL,
-            },
-        )
+    @route("/api/v1/tasks/<task_id>/sync", "POST")
+    def sync(self, request: IRequest, task_id: str, body: dict[str, Any]) -> bytes:
+        return json_response(request, _sync_json(self.node.sync(task_id, SyncReport.from_json(body))))
 
-    @app.route("/api/v1/tasks/<task_id>/peers/<peer_id>", methods=["DELETE"])
+    @route("/api/v1/tasks/<task_id>/peers/<peer_id>", "DELETE")
     def leave_task(self, request: IRequest, task_id: str, peer_id: str) -> bytes:
-        self.require_peer(request)
-        self.node.scheduler.leave(_task_id(task_id), _peer_id(peer_id))
+        self.node.leave_task(task_id, peer_id)
         return json_response(request, {})
 
     # -- preheat ---------------------------------------------------------------
@@ -385,44 +318,30 @@ class SupernodeApi:
             raise ApiError(503, "PREHEAT_DISABLED", "this SuperNode runs no preheat jobs")
         return self.preheater
 
-    @app.route("/api/v1/preheats", methods=["POST"])
-    def create_preheat(self, request: IRequest) -> bytes:
-        self.require_admin(request)
+    @route("/api/v1/preheats", "POST", ADMIN)
+    def create_preheat(self, request: IRequest, body: dict[str, Any]) -> bytes:
         preheater = self._preheater()
-        body = read_json(request)
-        kind = field(body, "type", str)
-        url = field(body, "url", str)
-        headers = str_dict(body, "headers")
-        raw_filter = field(body, "filter", (str, list), required=False, default=[])
-        if isinstance(raw_filter, str):
-            keys = parse_filter(raw_filter)
-        elif all(isinstance(k, str) for k in raw_filter):
-            keys = list(raw_filter)
-        else:
-            raise ApiError(400, "BAD_FIELD", "field 'filter' must be a string (keys joined by &) or a list of strings")
-        identifier = field(body, "identifier", str, required=False)
-        if identifier is not None and len(identifier) > 1024:
-            raise ApiError(400, "BAD_FIELD", "field 'identifier' is too long")
-        if kind not in ("file", "image"):
-            raise ApiError(400, "BAD_FIELD", "field 'type' must be 'file' or 'image'")
+        headers = body.get("headers") or {}
+        if not safe_header_map(headers):
+            raise ApiError(400, "BAD_FIELD", "field 'headers' must map header names to strings")
+        raw_filter = body.get("filter") or []
+        keys = parse_filter(raw_filter) if isinstance(raw_filter, str) else list(raw_filter)
         try:
-            job, created = preheater.create(kind, url, headers, keys, identifier)
+            job, created = preheater.create(body["type"], body["url"], headers, keys, body.get("identifier"))
         except BadInput as e:
             raise ApiError(400, "BAD_INPUT", str(e)) from None
         except OverflowError as e:
             raise ApiError(503, "TOO_MANY_JOBS", str(e)) from None
         return json_response(request, {"ID": job.id}, 201 if created else 200)
 
-    @app.route("/api/v1/preheats", methods=["GET"])
+    @route("/api/v1/preheats", "GET")
     def list_preheats(self, request: IRequest) -> bytes:
-        self.require_peer(request)
         preheater = self._preheater()
         preheater.prune()
         return json_response(request, {"preheats": [j.to_json() for j in preheater.jobs.values()]})
 
-    @app.route("/api/v1/preheats/<preheat_id>", methods=["GET"])
+    @route("/api/v1/preheats/<preheat_id>", "GET")
     def get_preheat(self, request: IRequest, preheat_id: str) -> bytes:
-        self.require_peer(request)
         preheater = self._preheater()
         preheater.prune()
         job = preheater.jobs.get(preheat_id)
@@ -431,3 +350,14 @@ class SupernodeApi:
                 404, "PREHEAT_UNKNOWN", f"preheat job {preheat_id[:64]} is not known (finished jobs are kept for {preheater.keep_finished:.0f}s)",
             )
         return json_response(request, job.to_json())
+
+
+def _sync_json(result: SyncResult) -> dict[str, Any]:
+    return {
+        "task": result.task.to_json(),
+        "digestsFrom": result.digests_from,
+        "digests": result.digests,
+        "parents": [p.to_json() for p in result.parents],
+        "seedPieces": result.seed_pieces,
+        "syncInterval": result.sync_interval,
+    }

@@ -697,6 +697,14 @@ class Cdn:
         offset, size = piece_span(index, task.length, task.piece_size)
         return self._pool.run(pread_exact, task.data_path, offset, size)
 
+    def open_data(self, task: CdnTask) -> "Deferred[int]":
+        """A read-only fd on the task's data file, opened in the pool (for zero-copy uploads)."""
+        return self._pool.run(os.open, task.data_path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def close_data(self, fd: int) -> "Deferred[None]":
+        """Close an fd from L{open_data}, in the pool."""
+        return self._pool.run(os.close, fd)
+
     # -- garbage collection --------------------------------------------------
 
     def evict(self, task_id: str) -> "Deferred[None]":

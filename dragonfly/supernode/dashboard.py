@@ -6,61 +6,22 @@ holds the newest tasks with every member's piece bitmap (from the
 scheduler), the registered peers, the traffic counters (origin, seed and
 peer-to-peer bytes since the SuperNode started) and the last few minutes of
 those counters, sampled every L{SAMPLE_INTERVAL} seconds into a bounded ring
-(L{TrafficHistory}).  The page turns consecutive samples into rates.
+(L{dragonfly.core.traffic.TrafficHistory}).  The page turns consecutive samples into rates.
 """
 
 from __future__ import annotations
 
 import base64
-from collections import deque
-from typing import TYPE_CHECKING, Any
-
-from attrs import define, field
+from typing import Any
 
 from ..core.bitmap import Bitmap
+from ..core.traffic import HISTORY_SAMPLES, SAMPLE_INTERVAL, TrafficHistory, TrafficSample
 
-if TYPE_CHECKING:
-    from .node import SuperNode
+__all__ = ["DEFAULT_TASKS", "HISTORY_SAMPLES", "MAX_TASKS", "SAMPLE_INTERVAL", "TrafficHistory", "TrafficSample", "dashboard_view"]
 
-#: seconds between traffic samples
-SAMPLE_INTERVAL = 1.0
-#: samples kept: five minutes at one a second
-HISTORY_SAMPLES = 300
 #: tasks in one answer, newest first, unless the client asks for another number
 DEFAULT_TASKS = 20
 MAX_TASKS = 200
-
-
-@define(frozen=True)
-class TrafficSample:
-    """The SuperNode's traffic counters at time C{t} (cumulative bytes)."""
-
-    t: float
-    origin: int
-    seed: int
-    peer: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"t": self.t, "originBytes": self.origin, "seedBytes": self.seed, "peerBytes": self.peer}
-
-
-@define
-class TrafficHistory:
-    """The last C{size} samples, oldest first: memory stays bounded however long it runs."""
-
-    size: int = HISTORY_SAMPLES
-    samples: deque[TrafficSample] = field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        if self.size < 2:
-            raise ValueError("a traffic history needs at least two samples to show a rate")
-        self.samples = deque(maxlen=self.size)
-
-    def add(self, t: float, origin: int, seed: int, peer: int) -> None:
-        self.samples.append(TrafficSample(t, origin, seed, peer))
-
-    def to_json(self) -> list[dict[str, Any]]:
-        return [s.to_json() for s in self.samples]
 
 
 def _bitmap(bits: Bitmap | None) -> str | None:
@@ -68,8 +29,8 @@ def _bitmap(bits: Bitmap | None) -> str | None:
     return base64.b64encode(bits.to_bytes()).decode("ascii") if bits is not None else None
 
 
-def dashboard_view(node: "SuperNode", max_tasks: int = DEFAULT_TASKS) -> dict[str, Any]:
-    """The JSON body of C{GET /api/v1/dashboard}."""
+def dashboard_view(node: Any, max_tasks: int = DEFAULT_TASKS) -> dict[str, Any]:
+    """The JSON body of C{GET /api/v1/dashboard}, from a L{dragonfly.supernode.node.SuperNode}."""
     sched = node.scheduler
     cdn_tasks = list(node.cdn.tasks.values())
     tasks = []

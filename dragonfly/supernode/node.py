@@ -1,8 +1,13 @@
 """
 The SuperNode's domain object: the CDN, the scheduler and the seed, tied together.
 
-The REST API (L{dragonfly.supernode.api}) is a thin layer over L{SuperNode};
-the seed's block connections resolve tasks through L{SuperNode.seed_side}.
+L{SuperNode} is the facade the REST API (L{dragonfly.supernode.api}) calls:
+one method per operation (L{SuperNode.register_peer}, L{SuperNode.register_task},
+L{SuperNode.sync}, ...) that takes the request's typed message
+(L{dragonfly.protocol.supernode_api}), coordinates the CDN and the scheduler,
+and returns an attrs result, or raises L{Refused} with a stable code.  The
+handlers only parse, authorise and serialise.  The seed's block connections
+resolve tasks through L{SuperNode.seed_side}.
 """
 
 from __future__ import annotations
@@ -10,20 +15,80 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from attrs import frozen
 from twisted.application.internet import TimerService
 from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
 from ..core.gc import GcEntry
-from ..core.logs import task_log
+from ..core.headers import safe_header_map
+from ..core.ids import BadInput, check_url, parse_digest, task_id as make_task_id
+from ..core.logs import safe_url, task_log
 from ..core.metrics import FAST_SECONDS, Distribution
 from ..core.pieces import piece_span
+from ..core.security import OriginDenied
+from ..core.traffic import SAMPLE_INTERVAL, TrafficHistory
 from ..protocol.block import E_TASK_FAILED, BlockProtocol
+from ..protocol.supernode_api import (
+    HEARTBEAT_INTERVAL, SYNC_INTERVAL, Parent, PeerRegistered, PeerRegistration, SyncReport, TaskRequest,
+)
 from .cdn import Cdn, CdnTask
-from .dashboard import SAMPLE_INTERVAL, TrafficHistory
-from .scheduler import SEED_ID, Decision, Scheduler
+from .scheduler import SEED_ID, Decision, PeerInfo, Scheduler, UnknownPeer, UnknownTask
 
 log = Logger()
+
+#: a sync's peerBytes above this is nonsense (and beyond what JavaScript counts exactly)
+MAX_PEER_BYTES = 1 << 50
+
+
+class Refused(Exception):
+    """
+    An operation the SuperNode will not do, with a stable code
+    (C{PEER_UNKNOWN}, C{TASK_UNKNOWN}, C{TASK_CHANGED}, C{ORIGIN_DENIED},
+    C{BAD_FIELD}, ...): the API answers it as its error envelope.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@frozen
+class TaskRegistration:
+    """L{SuperNode.register_task}'s result: the task id and the CDN task (fetching, or cached)."""
+
+    task_id: str
+    task: CdnTask
+
+
+@frozen
+class SyncResult:
+    """L{SuperNode.sync}'s result: the task, digests from C{digests_from} on, parents and the seed allowance."""
+
+    task: CdnTask
+    digests_from: int
+    digests: list[str]
+    parents: list[Parent]
+    seed_pieces: list[int]
+    sync_interval: float = SYNC_INTERVAL
+
+
+@frozen
+class Health:
+    """L{SuperNode.health}'s result: how many tasks and peers it knows."""
+
+    tasks: int
+    peers: int
+
+
+@frozen
+class TaskDetail:
+    """L{SuperNode.task_detail}'s result."""
+
+    task: CdnTask
+    peers: list[str]
+    availability: list[int]
 
 
 class SeedSide:
@@ -36,6 +101,9 @@ class SeedSide:
         self.task = task
         self.clock = node.clock
         self.conns: set[BlockProtocol] = set()
+        self._fd: int | None = None  # the data file, read-only, for zero-copy uploads
+        self._opening = False
+        self._closed = False
 
     # TaskSide
     def local_bitmap(self) -> Bitmap | None:
@@ -48,6 +116,46 @@ class SeedSide:
 
     def read_piece(self, index: int) -> Any:
         return self.node.cdn.read_piece(self.task, index)
+
+    def piece_file(self, index: int) -> tuple[int, int, int] | None:
+        """
+        (fd, offset, length) of a verified piece in the CDN's data file, for
+        sendfile; None until the file is open (it opens in the pool on the
+        first call) or when the piece is not published.
+        """
+        task = self.task
+        if self._fd is None:
+            self._open()
+            return None
+        if task.status == "failed" or task.length is None or task.available is None or index not in task.available:
+            return None
+        task.last_access = self.clock.seconds()
+        offset, size = piece_span(index, task.length, task.piece_size)
+        return (self._fd, offset, size)
+
+    def _open(self) -> None:
+        if self._opening or self._closed:
+            return
+        self._opening = True
+
+        def opened(fd: int) -> None:
+            self._opening = False
+            if self._closed:
+                self.node.cdn.close_data(fd)
+            else:
+                self._fd = fd
+
+        def failed(f: Any) -> None:
+            self._opening = False  # not there yet: read_piece serves, the next call tries again
+
+        self.node.cdn.open_data(self.task).addCallbacks(opened, failed)
+
+    def close(self) -> None:
+        """The task is gone from the seed: its connections are closed first, then its file."""
+        self._closed = True
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            self.node.cdn.close_data(fd)
 
     def attached(self, conn: BlockProtocol) -> None:
         self.conns.add(conn)
@@ -99,6 +207,7 @@ class SeedSide:
     def task_failed(self, task: CdnTask) -> None:
         for conn in list(self.conns):
             conn.abort(f"task failed: {task.error.message if task.error else 'unknown'}", E_TASK_FAILED)
+        self.close()
 
     def task_done(self, task: CdnTask) -> None:
         pass
@@ -177,26 +286,158 @@ class SuperNode:
         task = self.cdn.remove(task_id)
         if task is not None:
             self.scheduler.forget_task(task_id)
-            self._seeds.pop(task_id, None)
+            seed = self._seeds.pop(task_id, None)
+            if seed is not None:
+                seed.close()
         return task
 
-    def seed_parent(self) -> dict[str, Any]:
-        return {"peerId": SEED_ID, "ip": self.advertise_ip, "port": self.block_port, "seed": True}
+    def seed_parent(self) -> Parent:
+        return Parent(SEED_ID, self.advertise_ip, self.block_port, seed=True)
 
     def decide(self, task_id: str, peer_id: str, starving: bool = False, want: int | None = None) -> Decision:
         return self.scheduler.sync(task_id, peer_id, self.clock.seconds(), starving, want)
 
-    def sync(
-        self, task_id: str, peer_id: str, have: list[int], failed: list[tuple[int, str]], banned: list[str],
-        starving: bool = False, want: int | None = None,
-    ) -> Decision:
-        """A peer's sync: take its report, then choose its parents and seed allowance (timed)."""
+    # -- the facade: one method per API operation ------------------------------------
+
+    def register_peer(self, reg: PeerRegistration) -> PeerRegistered:
+        """A dfpeer (re-)registers: where its block port is."""
+        if reg.peer_id == SEED_ID:
+            raise Refused("BAD_PEER_ID", f"peer id {SEED_ID!r} is reserved for the seed")
+        info = PeerInfo(reg.peer_id, reg.ip, reg.port, reg.hostname[:255])
+        self.scheduler.register_peer(info, self.clock.seconds())
+        return PeerRegistered(reg.peer_id, HEARTBEAT_INTERVAL)
+
+    def heartbeat(self, peer_id: str) -> None:
+        try:
+            self.scheduler.touch(peer_id, self.clock.seconds())
+        except UnknownPeer:
+            raise Refused("PEER_UNKNOWN", f"peer {peer_id} is not registered") from None
+
+    def remove_peer(self, peer_id: str) -> None:
+        """The peer leaves (or an admin removes it): out of every swarm."""
+        self.scheduler.remove_peer(peer_id, "left")
+
+    def peers(self) -> list[PeerInfo]:
+        """The registered peers."""
+        return list(self.scheduler.peers.values())
+
+    def tasks(self) -> list[CdnTask]:
+        """The CDN's tasks, oldest first."""
+        return list(self.cdn.tasks.values())
+
+    def health(self) -> Health:
+        return Health(len(self.cdn.tasks), len(self.scheduler.peers))
+
+    def _known_peer(self, peer_id: str) -> None:
+        if peer_id not in self.scheduler.peers:
+            raise Refused("PEER_UNKNOWN", f"peer {peer_id} is not registered")
+
+    def cdn_task(self, task_id: str) -> CdnTask:
+        task = self.cdn.tasks.get(task_id)
+        if task is None:
+            raise Refused("TASK_UNKNOWN", f"task {task_id} is not known")
+        return task
+
+    async def register_task(self, req: TaskRequest, origin_policy: Any = None, resolver_pool: Any = None) -> TaskRegistration:
+        """
+        A peer takes part in a task: the task id is computed, the origin
+        checked against C{origin_policy}, the CDN starts (or revalidates)
+        its fetch, and the peer joins the swarm afresh.
+        """
+        if not safe_header_map(req.headers):
+            raise Refused("BAD_FIELD", "field 'headers' must map header names to strings")
+        try:
+            check_url(req.url)
+            if req.digest:
+                parse_digest(req.digest)
+        except BadInput as e:
+            raise Refused("BAD_INPUT", str(e)) from None
+        tid = make_task_id(req.url, digest=req.digest, identifier=req.identifier, filter_keys=req.filter)
+        self._known_peer(req.peer_id)
+        if origin_policy is not None and not origin_policy.open:
+            try:
+                await origin_policy.check_url(req.url, resolver_pool, self.clock)
+            except OriginDenied as e:
+                raise Refused("ORIGIN_DENIED", str(e)) from None
+            except OSError:
+                # not resolvable from here: the fetch reports SOURCE_UNREACHABLE
+                # (and checks the address again if it ever connects)
+                pass
+        # the origin is fetched with the URL as given: filtered keys (signatures,
+        # tokens) only leave the task id; a cached file is revalidated first
+        fetches = self.cdn.origin_fetches
+        task = await self.cdn.fresh(tid, req.url, req.headers, req.digest)
+        self._known_peer(req.peer_id)
+        task_log(
+            log, LogLevel.info, tid, "registered by {peerId} ({cache}, CDN {status})",
+            peerId=req.peer_id, cache="cache miss" if self.cdn.origin_fetches > fetches else "cache hit",
+            status=task.status, url=safe_url(req.url),
+        )
+        # a registration starts the peer's part afresh: what it reported
+        # before (pieces of a download that failed and was deleted) is gone;
+        # a peer that still holds pieces reports them in its next sync
+        self.scheduler.leave(tid, req.peer_id)
+        self.join(tid, req.peer_id)
+        return TaskRegistration(tid, task)
+
+    def task_detail(self, task_id: str) -> TaskDetail:
+        task = self.cdn_task(task_id)
+        swarm = self.scheduler.tasks.get(task_id)
+        return TaskDetail(task, sorted(swarm.members) if swarm is not None else [], self.scheduler.availability(task_id))
+
+    def delete_task(self, task_id: str) -> CdnTask:
+        task = self.remove_task(task_id)
+        if task is None:
+            raise Refused("TASK_UNKNOWN", f"task {task_id} is not known")
+        return task
+
+    def leave_task(self, task_id: str, peer_id: str) -> None:
+        """The peer no longer holds the task (it evicted it)."""
+        self.scheduler.leave(task_id, peer_id)
+
+    def sync(self, task_id: str, report: SyncReport) -> SyncResult:
+        """
+        A peer's sync: check its report against the task, take it, then
+        choose its parents and seed allowance (timed for /metrics).
+        """
+        task = self.cdn_task(task_id)
+        count = task.piece_count or 0
+        if count and any(i >= count for i in report.have):
+            raise Refused("BAD_FIELD", f"field 'have' must hold integers in 0..{count - 1}")
+        # -1: the peer could not connect to that parent at all
+        for f in report.failed:
+            if count and f.index >= count:
+                raise Refused("BAD_FIELD", f"failed piece {f.index} out of range")
+        if report.want is not None and not report.want < max(count, 1):
+            raise Refused("BAD_FIELD", f"field 'want' must be a piece index below {count}")
+        if report.version is not None and task.version is not None and report.version != task.version:
+            raise Refused(
+                "TASK_CHANGED",
+                f"the origin content of task {task_id} changed: version {task.version}, not {report.version}",
+            )
+        self._known_peer(report.peer_id)
+        task.last_access = self.clock.seconds()
+        if task_id not in self.scheduler.tasks:
+            # the swarm was dropped as idle (--task-expire): rebuild it
+            self.join(task_id, report.peer_id)
+        have = list(report.have) if count else []
+        failed = [(f.index, f.parent) for f in report.failed]
         start = self.timer()
         try:
-            self.scheduler.report(task_id, peer_id, self.clock.seconds(), have=have, failed=failed, banned=banned)
-            return self.decide(task_id, peer_id, starving, want)
+            self.scheduler.report(
+                task_id, report.peer_id, self.clock.seconds(), have=have, failed=failed, banned=list(report.banned),
+            )
+            decision = self.decide(task_id, report.peer_id, report.starving, report.want)
+        except UnknownTask:
+            raise Refused("TASK_UNKNOWN", f"task {task_id} is not known") from None
         finally:
             self.schedule_seconds.observe(self.timer() - start)
+        # counted only once the report is taken: a peer told to register
+        # again sends these bytes again with its next sync
+        self.note_peer_bytes(task_id, report.peer_bytes)
+        parents = [self.seed_parent()] if task.status != "failed" else []
+        parents.extend(Parent(p.peer_id, p.ip, p.port) for p in decision.parents)
+        return SyncResult(task, report.digests_from, task.digests[report.digests_from:], parents, decision.seed_pieces)
 
     def join(self, task_id: str, peer_id: str) -> None:
         """
@@ -260,6 +501,7 @@ class SuperNode:
         if seed is not None:
             for conn in list(seed.conns):
                 conn.abort("task evicted from the CDN cache", E_TASK_FAILED)
+            seed.close()
         self.scheduler.seed_lost(task_id)
         self.task_peer_bytes.pop(task_id, None)  # the dashboard's per-task total goes with it
         return self.cdn.evict(task_id)

@@ -121,6 +121,8 @@ class PreheatJob:
     # the CDN tasks it warms: (task id, url, digest or None)
     tasks: list[tuple[str, str, str | None]] = field(factory=list)
     cdn_status: dict[str, str] = field(factory=dict)
+    #: a small integer id, for APIs whose job ids are numbers (Dragonfly 2's open API)
+    number: int = 0
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -263,6 +265,8 @@ class Preheater:
         self.max_running = max_running
         self.timeout = timeout
         self.jobs: dict[str, PreheatJob] = {}
+        self._numbers: dict[int, str] = {}
+        self._next_number = 1
         self._queue: list[PreheatJob] = []
         self._running = 0
 
@@ -290,11 +294,22 @@ class Preheater:
         if len(self.jobs) >= self.max_jobs:
             raise OverflowError(f"{self.max_jobs} preheat jobs are waiting or running")
         job.id = uuid.uuid4().hex
+        job.number = self._next_number
+        self._next_number += 1
+        self._numbers[job.number] = job.id
         self.jobs[job.id] = job
         self._queue.append(job)
         log.info("preheat {job}: {type} {url}", job=job.id, type=type, url=url)
         self.clock.callLater(0, self._start_next)
         return job, True
+
+    def by_number(self, number: int) -> PreheatJob | None:
+        """The job with this L{PreheatJob.number}, if it is still kept."""
+        job_id = self._numbers.get(number)
+        job = self.jobs.get(job_id) if job_id is not None else None
+        if job is None:
+            self._numbers.pop(number, None)
+        return job
 
     def prune(self, room: int = 0) -> None:
         """
@@ -305,9 +320,12 @@ class Preheater:
         for job_id, job in list(self.jobs.items()):
             if job.finished and job.finish_time is not None and now - job.finish_time > self.keep_finished:
                 del self.jobs[job_id]
+                self._numbers.pop(job.number, None)
         finished = sorted((j for j in self.jobs.values() if j.finished), key=lambda j: j.finish_time or 0.0)
         while len(self.jobs) + room > self.max_jobs and finished:
-            del self.jobs[finished.pop(0).id]
+            gone = finished.pop(0)
+            del self.jobs[gone.id]
+            self._numbers.pop(gone.number, None)
 
     # -- running -----------------------------------------------------------------
 

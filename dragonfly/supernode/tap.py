@@ -10,7 +10,6 @@ Every option is documented in docs/configuration.md.
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
 import treq
@@ -25,15 +24,17 @@ from ..core.config import ConfigFileOptions
 from ..core.httpapi import HttpLimits, guard_site
 from ..core.ids import BadInput
 from ..core.security import DEFAULT_DENY, OriginPolicy, PolicyEndpointFactory
+from ..core.defaults import DEFAULT_SUPERNODE_HOME
 from ..core.service import ListeningService, default_reactor
+from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
 from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
 from ..core.ratelimit import TokenBucket
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
-from ..core.units import parse_duration, parse_rate
-from ..core.gc import DiskGc, check_watermarks, parse_watermark
+from ..core.units import parse_rate
+from ..core.gc import DiskGc
 from .gc import SupernodeGc
-from ..protocol.block import BlockFactory
+from ..protocol.block import BLOCK_PORT_OPTIONS, BlockFactory, block_port_limits
 from .api import SupernodeApi
 from .cdn import Cdn
 from .node import SuperNode
@@ -61,7 +62,7 @@ class Options(ConfigFileOptions):
         ["port", "p", 8002, "REST API port (0: any free port; the bound port is written to HOME/supernode.json).", _port],
         ["block-port", "b", 8001, "Block protocol (piece download) port of the CDN seed (0: any free port).", _port],
         ["listen", None, "0.0.0.0", "Interface (IP address) both ports listen on."],
-        ["home", None, os.path.expanduser("~/.dragonfly-supernode"), "Home directory; the CDN cache lives in HOME/repo."],
+        ["home", None, DEFAULT_SUPERNODE_HOME, "Home directory; the CDN cache lives in HOME/repo."],
         ["advertise-ip", None, None, "Address peers use to reach the block port (default: --listen, or this host's address when listening on all interfaces)."],
         ["piece-size", None, "auto", "Piece size in bytes: 'auto' (about 128 pieces, 1M to 15M), 'dragonfly' (1.x's rule: 4M up to 15M) or a size such as 1M (64K to 60M)."],
         ["max-parents", None, 8, "Parents (other peers) handed to each peer, at least 1.", int],
@@ -84,9 +85,14 @@ class Options(ConfigFileOptions):
         ["origin-allow", None, "", "Origin hosts allowed, comma-separated host names (.suffix for subdomains) and CIDRs (default: all)."],
         ["origin-deny", None, DEFAULT_DENY, "Origin hosts denied, comma-separated host names and CIDRs ('none': deny nothing)."],
         ["revalidate", None, "0", "Seconds a cached file is served without asking the origin whether it changed ('never': not at all)."],
+        *BLOCK_PORT_OPTIONS,
     ]
 
     def postOptions(self) -> None:
+        try:
+            self["block-limits"] = block_port_limits(self)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if self["piece-size"] == "auto":
             self["piece-size"] = swarm_piece_size
         elif self["piece-size"] == "dragonfly":
@@ -108,7 +114,7 @@ class Options(ConfigFileOptions):
             raise usage.UsageError(f"--origin-ca: {e}") from None
         parse_gc_options(self)
         for name in ("admin", "cluster"):
-            self[f"{name}-token"] = _token(self[f"{name}-token"], self[f"{name}-token-file"], name)
+            self[f"{name}-token"] = read_token(self[f"{name}-token"], self[f"{name}-token-file"], name)
         try:
             self["origin-policy"] = OriginPolicy(self["origin-allow"], self["origin-deny"])
         except ValueError as e:
@@ -130,39 +136,6 @@ class Options(ConfigFileOptions):
             self["advertise-ip"] = listen if listen not in ("0.0.0.0", "::") else detect_ip(None)
 
 
-def parse_gc_options(options: usage.Options) -> None:
-    """Parse the GC flags shared by supernode and dfpeer in place."""
-    for name in ("gc-interval", "task-expire"):
-        try:
-            options[name] = parse_duration(options[name])
-        except BadInput as e:
-            raise usage.UsageError(f"--{name}: {e}") from None
-        if options[name] <= 0:
-            raise usage.UsageError(f"--{name} must be positive")
-    try:
-        options["gc-disk-high"] = parse_watermark(options["gc-disk-high"])
-        options["gc-disk-low"] = parse_watermark(options["gc-disk-low"])
-        check_watermarks(options["gc-disk-high"], options["gc-disk-low"])
-    except BadInput as e:
-        raise usage.UsageError(f"--gc-disk-high/--gc-disk-low: {e}") from None
-
-
-def _token(value: str | None, path: str | None, name: str) -> str | None:
-    if value and path:
-        raise usage.UsageError(f"give --{name}-token or --{name}-token-file, not both")
-    if path:
-        try:
-            with open(path) as f:
-                value = f.read().strip()
-        except OSError as e:
-            raise usage.UsageError(f"--{name}-token-file: {e.strerror}: {path}") from None
-        if not value:
-            raise usage.UsageError(f"--{name}-token-file {path} is empty")
-    if value is not None and (len(value) < 8 or any(c.isspace() or not c.isprintable() for c in value)):
-        raise usage.UsageError(f"the {name} token must be at least 8 printable characters without spaces")
-    return value or None
-
-
 class SupernodeService(ListeningService):
     """
     Binds the block port first (the seed advertises its real port, so port 0
@@ -171,15 +144,19 @@ class SupernodeService(ListeningService):
 
     what = "supernode"
 
-    def __init__(self, reactor: Any, node: SuperNode, home: str, block_endpoint: Any, api_endpoint: Any, site: Site) -> None:
+    def __init__(
+        self, reactor: Any, node: SuperNode, home: str, block_endpoint: Any, api_endpoint: Any, site: Site,
+        block_limits: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(reactor, os.path.join(home, "supernode.json"))
+        self._block_limits = block_limits or {}
         self.node = node
         self._block_endpoint = block_endpoint
         self._api_endpoint = api_endpoint
         self._site = site
 
     async def _start(self) -> None:
-        block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side))
+        block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side, clock=self.node.clock, **self._block_limits))
         self.node.block_port = block.getHost().port
         api = await self.listen(self._api_endpoint, self._site)
         self.publish({"port": api.getHost().port, "blockPort": self.node.block_port, "advertiseIp": self.node.advertise_ip})
@@ -187,32 +164,6 @@ class SupernodeService(ListeningService):
             "supernode API on port {port}, seed block port {block}, advertised as {ip}",
             port=api.getHost().port, block=self.node.block_port, ip=self.node.advertise_ip,
         )
-
-
-class QuietSite(Site):
-    """A Site without a line in the log per request (peers sync twice a second)."""
-
-    def log(self, request: Any) -> None:
-        pass
-
-
-def detect_ip(target: str | None) -> str:
-    """
-    The address other hosts reach us at: the source address of the route to
-    C{target} (no packet is sent: connect() on UDP only picks a route), or the
-    host name's address when there is no target.
-    """
-    try:
-        if target:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            try:
-                s.connect((socket.gethostbyname(target), 9))
-                return s.getsockname()[0]
-            finally:
-                s.close()
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -258,6 +209,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         serverFromString(reactor, f"tcp:{options['block-port']}:interface={iface}"),
         serverFromString(reactor, api_endpoint),
         guard_site(QuietSite(api.resource()), HttpLimits(max_connections=4096)),
+        block_limits=options["block-limits"],
     ).setServiceParent(top)
     disk = DiskGc(
         node.cdn.repo, pool, options["gc-disk-high"], options["gc-disk-low"],

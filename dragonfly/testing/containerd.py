@@ -18,7 +18,7 @@ from attrs import define
 
 def have_containerd() -> str | None:
     if shutil.which("containerd") is None or shutil.which("ctr") is None:
-        return "containerd not installed"
+        return "containerd not installed: apt-get install containerd (or: sudo scripts/install-deps.sh)"
     if os.geteuid() != 0:
         return "containerd needs root"
     return None

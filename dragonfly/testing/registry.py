@@ -33,8 +33,11 @@ OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 def have_tools() -> str | None:
     """None if the registry and skopeo are installed, else what is missing."""
-    missing = [t for t in ("docker-registry", "skopeo") if shutil.which(t) is None]
-    return ", ".join(missing) + " not installed" if missing else None
+    missing = [t for t in ("docker-registry", "skopeo", "htpasswd") if shutil.which(t) is None]
+    if not missing:
+        return None
+    packages = " ".join({"htpasswd": "apache2-utils"}.get(t, t) for t in missing)
+    return f"{', '.join(missing)} not installed: apt-get install {packages} (or: sudo scripts/install-deps.sh)"
 
 
 def free_port(host: str = "127.0.0.1") -> int:

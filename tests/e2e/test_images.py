@@ -362,3 +362,62 @@ def test_http_proxy_mode_sends_absolute_uri_blob_requests_through_the_swarm(tmp_
             assert registry.blob_gets() == {image.layers[2]: 1}
     finally:
         registry.stop()
+
+
+def test_one_dfdaemon_mirrors_two_registries_for_default_hosts_toml(tmp_path, image, tmp_path_factory):
+    """
+    containerd with only _default/hosts.toml (written by dfdaemon setup
+    containerd --all-registries) pulls from two registries, one behind
+    htpasswd Basic auth and one behind Bearer tokens, through one dfdaemon
+    per host with both as --registry: containerd's ns= picks the registry.
+    """
+    other = make_image(str(tmp_path_factory.mktemp("oci-other")), [3 * MiB, 2 * MiB], tag="v2", seed=8)
+    tokens = TokenService(str(tmp_path / "tokens"), "alice", "s3cret").start()
+    basic = Registry(str(tmp_path / "basic"), user="alice", password="s3cret").start()
+    bearer = Registry(str(tmp_path / "bearer"), tokens=tokens).start()
+    machines = []
+    try:
+        ref_basic = basic.push(image, "team/basic")
+        ref_bearer = bearer.push(other, "team/bearer")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode()
+            machines = hosts(swarm, 3, str(tmp_path), "--registry", basic.url, "--registry", bearer.url)
+            commands = []
+            for i, (_, url, ctr) in enumerate(machines):
+                hosts_dir = str(tmp_path / f"hosts{i}")
+                r = subprocess.run(
+                    [os.path.join(os.path.dirname(sys.executable), "dfdaemon"), "setup", "containerd",
+                     "--all-registries", "--target", hosts_dir, "--mirror", url],
+                    capture_output=True, timeout=60,
+                )
+                assert r.returncode == 0, r.stderr.decode()
+                assert os.listdir(hosts_dir) == ["_default"]
+                for ref in (ref_basic, ref_bearer):
+                    commands.append(ctr.pull_command(ref, hosts_dir, "alice:s3cret") + ["--plain-http"])
+            procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in commands]
+            for p in procs:
+                out, _ = p.communicate(timeout=180)
+                assert p.returncode == 0, out.decode(errors="replace")[-2000:]
+            for _, _, ctr in machines:
+                for img in (image, other):
+                    for digest in img.layers + [img.config_digest]:
+                        data = subprocess.run(ctr.ctr("content", "get", digest), capture_output=True, check=True, timeout=60).stdout
+                        assert "sha256:" + hashlib.sha256(data).hexdigest() == digest
+            for registry, img in ((basic, image), (bearer, other)):
+                blobs = registry.blob_gets()
+                for digest in img.layers:
+                    assert blobs.get(digest) == 1, blobs
+            for _, url, _ in machines:
+                c = dfdaemon_status(url)
+                assert c["p2p"] >= len(image.layers) + len(other.layers) and c["fallbacks"] == 0, c
+            # a registry no --registry names: a JSON 403, and nothing fetched
+            _, url, _ = machines[0]
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"{url}/v2/team/basic/manifests/v1?ns=127.0.0.1:1", timeout=30)
+            assert e.value.code == 403 and json.loads(e.value.read())["error"]["code"] == "REGISTRY_NOT_LISTED"
+    finally:
+        for _, _, ctr in machines:
+            ctr.stop()
+        basic.stop()
+        bearer.stop()
+        tokens.stop()

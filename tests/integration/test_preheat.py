@@ -105,3 +105,76 @@ def test_image_preheat_from_a_registry_with_auth(tmp_path, auth_kind):
         registry.stop()
         if tokens is not None:
             tokens.stop()
+
+
+def _harbor(api, method, path, token, body=None):
+    """A call as Harbor's Dragonfly provider makes it: JSON, Accept JSON, the personal access token as Bearer."""
+    headers = {"Accept": "application/json", "Authorization": f"Bearer {token}"}
+    data = None
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+        data = json.dumps(body).encode()
+    req = urllib.request.Request(api + path, data, headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_harbor_preheat_through_the_open_api(tmp_path):
+    """
+    The exact calls of Harbor's Dragonfly provider: its health check, its
+    job body (a registry Bearer token minted for the repository, as Harbor's
+    distributor token is, in args.headers) and its polling of the job state.
+    """
+    image = make_image(str(tmp_path / "layout"), [700 * KiB, 1200 * KiB], tag="v1", seed=9)
+    tokens = TokenService(str(tmp_path / "tokens"), "alice", "wonderland").start()
+    registry = Registry(str(tmp_path / "registry"), tokens=tokens).start()
+    pat = "harbor-pat-" + "x" * 20
+    try:
+        registry.push(image, "team/app")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode("--admin-token", pat)
+            api = swarm.supernode_api
+            with urllib.request.urlopen(api + "/healthy", timeout=10) as resp:
+                assert resp.status == 200
+            manifest_url = f"{registry.url}/v2/team/app/manifests/v1"
+            body = {
+                "type": "preheat",
+                "args": {
+                    "type": "image", "url": manifest_url, "tag": "", "filtered_query_params": "",
+                    "headers": {"Authorization": "Bearer " + tokens.token(["repository:team/app:pull"])},
+                    "scope": "single_seed_peer", "concurrent_count": 0, "timeout": 0,
+                },
+                "scheduler_cluster_ids": None,
+            }
+            # a wrong personal access token is refused, and nothing runs
+            code, data = _harbor(api, "POST", "/oapi/v1/jobs", "wrong", body)
+            assert code == 401, data
+            code, job = _harbor(api, "POST", "/oapi/v1/jobs", pat, body)
+            assert code == 200 and isinstance(job["id"], int) and job["state"] == "PENDING", job
+            deadline = time.monotonic() + 60
+            while True:
+                code, job = _harbor(api, "GET", f"/oapi/v1/jobs/{job['id']}", pat)
+                assert code == 200, job
+                if job["state"] != "PENDING":
+                    break
+                assert time.monotonic() < deadline, job
+                time.sleep(0.1)
+            assert job["state"] == "SUCCESS", job
+            blobs = [image.config_digest, *image.layers]
+            tasks = job["result"]["job_states"][0]["results"][0]["success_tasks"]
+            assert [t["url"] for t in tasks] == [f"{registry.url}/v2/team/app/blobs/{d}" for d in blobs]
+            cached = {t["taskId"]: t for t in get_json(api + "/api/v1/tasks")["tasks"]}
+            for digest in blobs:
+                task = cached[blob_task_id(f"{registry.url}/v2/team/app/blobs/{digest}", digest)]
+                assert task["status"] == "success" and "sha256:" + task["sha256"] == digest
+            assert registry.blob_gets() == {d: 1 for d in blobs}
+            # a body with a field missing: a JSON 400 naming it
+            del body["args"]["url"]
+            code, data = _harbor(api, "POST", "/oapi/v1/jobs", pat, body)
+            assert code == 400 and "args.url" in data["error"]["message"], data
+    finally:
+        registry.stop()
+        tokens.stop()

@@ -69,7 +69,7 @@ def test_supernode_killed_at_30_60_90_percent_resumes(tmp_path, origin_file):
         procs = {n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n, "--timeout", "120s") for n in names}
         kills = []
         for share in (0.3, 0.6, 0.9):
-            assert wait_until(lambda: swarm.origin_stats()["bytesOut"] >= share * SIZE, 60), swarm.origin_stats()
+            assert wait_until(lambda share=share: swarm.origin_stats()["bytesOut"] >= share * SIZE, 60), swarm.origin_stats()
             sn = [p for n, p in swarm.procs if n == "supernode"][-1]
             sn.send_signal(signal.SIGKILL)
             sn.wait()

@@ -619,3 +619,74 @@ def test_digests_frame_bounds() -> None:
     assert len(encoded) == 2
     events = decode([b"".join(encoded)])
     assert events == [Digests(7, many[:4096]), Digests(7 + 4096, many[4096:])]
+
+
+# ---------------------------------------------------------------------------
+# skip_body: a reader that fills a piece's buffer itself (recv_into)
+
+
+def decode_skipping(chunks: Sequence[bytes], takes: Iterable[int]) -> list[Any]:
+    """
+    Decode like a receiver that, inside a piece body, takes up to the next
+    of ``takes`` bytes of it itself (then tells the decoder with skip_body)
+    before feeding the rest of the chunk.
+    """
+    decoder = FrameDecoder()
+    out: list[Any] = []
+    takes = iter(takes)
+    body: list[bytes] = []
+    start: PieceStart | None = None
+
+    def handle(events: list[Any]) -> None:
+        nonlocal start, body
+        for ev in events:
+            if isinstance(ev, PieceStart):
+                start, body = ev, []
+            elif isinstance(ev, PieceData):
+                body.append(bytes(ev.data))
+            elif isinstance(ev, PieceEnd):
+                assert start is not None and ev.index == start.index
+                joined = b"".join(body)
+                assert len(joined) == start.length
+                out.append(("piece", ev.index, joined))
+                start = None
+            else:
+                out.append(ev)
+
+    for chunk in chunks:
+        pos = 0
+        while pos < len(chunk):
+            remaining = decoder.body_remaining
+            if remaining:
+                n = min(next(takes, 0), remaining, len(chunk) - pos)
+                if n:
+                    body.append(chunk[pos:pos + n])
+                    pos += n
+                    handle(decoder.skip_body(n))
+                    continue
+            # feed up to the end of the chunk
+            handle(decoder.feed(chunk[pos:]))
+            pos = len(chunk)
+    assert decoder.idle
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(streams(), st.lists(st.integers(0, 300_000), max_size=40), st.lists(st.integers(0, 100_000), max_size=40))
+def test_skip_body_gives_the_same_stream(
+    stream: tuple[bytes, list[Any]], cuts: list[int], takes: list[int]
+) -> None:
+    data, expected = stream
+    assert decode_skipping(split(data, cuts), takes) == decode([data])
+
+
+def test_skip_body_outside_a_body_is_refused() -> None:
+    d = FrameDecoder()
+    with pytest.raises(ValueError):
+        d.skip_body(1)
+    d.feed(piece_header(3, 10) + b"abc")
+    assert d.body_remaining == 7
+    with pytest.raises(ValueError):
+        d.skip_body(8)
+    assert d.skip_body(7) == [PieceEnd(3)]
+    assert d.idle

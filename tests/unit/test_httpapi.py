@@ -173,7 +173,7 @@ def test_headers_in_time_are_served_and_an_idle_keep_alive_connection_stays() ->
 
 def test_connections_are_bounded() -> None:
     server = Server(HttpLimits(max_connections=2))
-    (a, ta), (b, tb) = server.connect(), server.connect()
+    (a, _), _ = server.connect(), server.connect()
     c, tc = server.connect()
     status, data = answer(tc)
     assert status == 503 and data["error"]["code"] == "TOO_MANY_CONNECTIONS"

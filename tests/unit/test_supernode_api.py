@@ -785,3 +785,38 @@ def test_pieces_are_served_while_the_origin_fetch_runs(env: Env) -> None:
     assert data["task"]["status"] == "success"
     assert data["task"]["sha256"] == hashlib.sha256(body).hexdigest()
     assert task.origin_bytes == len(body)
+
+
+# -- the body check (one place, from openapi.yaml) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["/api/v1/peers", "/api/v1/peers/p/heartbeat", "/api/v1/tasks", f"/api/v1/tasks/{'0' * 64}/sync", "/api/v1/preheats"]
+)
+def test_every_body_is_checked_before_its_handler(env: Env, path: str) -> None:
+    code, data = env.post(path, raw=b"[]")
+    assert code == 400 and error_code(data) == "BAD_JSON"
+    assert env.node.scheduler.peers == {} and env.http.calls == []
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+body_fields = st.fixed_dictionaries(
+    {}, optional={k: json_values for k in ("peerId", "ip", "port", "url", "have", "failed", "want", "banned", "headers", "filter", "type")}
+)
+
+
+@given(body=body_fields)
+@settings(max_examples=300, deadline=None)
+def test_the_body_check_answers_400_or_passes(body: dict) -> None:
+    from dragonfly.core.httpapi import ApiError
+    from dragonfly.supernode.api import SCHEMAS, _SPEC
+
+    for name in ("PeerRegistration", "TaskRegistration", "SyncRequest", "PreheatRequest"):
+        try:
+            SCHEMAS.check(body, _SPEC["components"]["schemas"][name])
+        except ApiError as e:
+            assert e.status == 400 and e.code in ("MISSING_FIELD", "BAD_FIELD", "BAD_PEER_ID", "BAD_INPUT"), e.code

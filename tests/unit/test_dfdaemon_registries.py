@@ -1,0 +1,281 @@
+"""dfdaemon with several registries (ns=) and Range requests, without sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.testing import StringTransport
+from twisted.python import usage
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Site
+
+from dragonfly.core.ranges import MULTIPLE, BadRange, ByteRange, content_range, parse_range
+from dragonfly.daemon import tap
+from dragonfly.daemon.front import FrontFactory
+from dragonfly.daemon.proxy import DaemonCore, ProxyResource, UnlistedRegistry, pick_registry, split_ns
+from dragonfly.daemon.rules import DEFAULT_RULES
+
+HEX = "cd" * 32
+REGISTRIES = ("https://registry.example", "http://127.0.0.1:5000", "https://registry-1.docker.io")
+
+
+# -- ns= -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "uri, path, ns",
+    [
+        ("/v2/a/blobs/x?ns=registry.example", "/v2/a/blobs/x", "registry.example"),
+        ("/v2/a/blobs/x?foo=1&ns=h:5000&bar=2", "/v2/a/blobs/x?foo=1&bar=2", "h:5000"),
+        ("/v2/a/manifests/v1?ns=127.0.0.1%3A5000", "/v2/a/manifests/v1", "127.0.0.1:5000"),  # as containerd sends it
+        ("/v2/a/blobs/x?nsx=1", "/v2/a/blobs/x?nsx=1", None),
+        ("/v2/", "/v2/", None),
+        ("/v2/?ns=", "/v2/", ""),
+    ],
+)
+def test_split_ns(uri, path, ns):
+    assert split_ns(uri) == (path, ns)
+
+
+def test_pick_registry_by_ns_first_without_it_and_refuses_unlisted_hosts():
+    assert pick_registry(REGISTRIES, None) == "https://registry.example"
+    assert pick_registry(REGISTRIES, "") == "https://registry.example"
+    assert pick_registry(REGISTRIES, "127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert pick_registry(REGISTRIES, "REGISTRY.example") == "https://registry.example"
+    assert pick_registry(REGISTRIES, "docker.io") == "https://registry-1.docker.io"
+    for bad in ("127.0.0.1", "127.0.0.1:5001", "evil.example", "registry.example.evil"):
+        with pytest.raises(UnlistedRegistry):
+            pick_registry(REGISTRIES, bad)
+    assert pick_registry((), "x") is None
+
+
+class Recorder:
+    """An upstream client that records where requests go and fails them (502 names the URL)."""
+
+    def __init__(self):
+        self.urls = []
+
+    def request(self, method, url, **kw):
+        self.urls.append((method, url, dict(kw.get("headers").getAllRawHeaders()) if kw.get("headers") else {}))
+        raise ConnectionRefusedError("recorded")
+
+    post = get = lambda self, *a, **kw: (_ for _ in ()).throw(AssertionError("no dfpeer here"))
+
+
+def front(registries, http=None):
+    http = http or Recorder()
+    core = DaemonCore(None, registries, DEFAULT_RULES, peer=None, http=http, local_http=http)
+    site = Site(ProxyResource(core))
+    site.protocol = HTTPChannel
+    proto = FrontFactory(None, site, core).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return core, http, proto, transport
+
+
+def status_of(transport):
+    return int(transport.value().split(b" ", 2)[1])
+
+
+def body_of(transport):
+    body = transport.value().split(b"\r\n\r\n", 1)[1]
+    return json.loads(body[body.index(b"{"): body.rindex(b"}") + 1])
+
+
+@pytest.mark.parametrize(
+    "uri, upstream",
+    [
+        ("/v2/team/app/manifests/v1", "https://registry.example/v2/team/app/manifests/v1"),
+        ("/v2/team/app/manifests/v1?ns=127.0.0.1:5000", "http://127.0.0.1:5000/v2/team/app/manifests/v1"),
+        ("/v2/library/busybox/manifests/1?ns=docker.io", "https://registry-1.docker.io/v2/library/busybox/manifests/1"),
+    ],
+)
+def test_mirror_requests_go_to_the_registry_ns_names(uri, upstream):
+    core, http, proto, transport = front(REGISTRIES)
+    proto.dataReceived(f"GET {uri} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer t\r\n\r\n".encode())
+    assert http.urls[0][:2] == ("GET", upstream)
+    assert http.urls[0][2][b"Authorization"] == [b"Bearer t"]  # auth passes through to that registry
+    assert status_of(transport) == 502
+
+
+@pytest.mark.parametrize("ns", ["evil.example", "127.0.0.1:5001", "127.0.0.1"])
+def test_an_unlisted_ns_gets_a_json_403_naming_the_option_and_no_fetch(ns):
+    core, http, proto, transport = front(REGISTRIES)
+    proto.dataReceived(f"GET /v2/a/blobs/sha256:{HEX}?ns={ns} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert status_of(transport) == 403
+    err = body_of(transport)["error"]
+    assert err["code"] == "REGISTRY_NOT_LISTED" and "--registry" in err["message"] and ns in err["message"]
+    assert http.urls == []
+    assert core.counters.unlisted == 1
+
+
+def test_one_registry_still_works_as_a_string():
+    core = DaemonCore(None, "https://one.example/", DEFAULT_RULES, None, None, None)
+    assert core.registries == ("https://one.example",) and core.registry == "https://one.example"
+
+
+# -- options -------------------------------------------------------------------------------------
+
+
+def test_registry_repeats_on_the_command_line_and_is_a_list_in_the_file(tmp_path):
+    o = tap.Options()
+    o.parseOptions(["--registry", "https://a.example", "--registry", "http://127.0.0.1:5000", "--home", str(tmp_path)])
+    assert o["registries"] == ["https://a.example", "http://127.0.0.1:5000"]
+    assert o["registry"] == "https://a.example"
+    config = tmp_path / "c.yaml"
+    config.write_text("registry:\n  - https://b.example\n  - https://c.example:5000\n")
+    o = tap.Options()
+    o.parseOptions(["--config", str(config), "--home", str(tmp_path)])
+    assert o["registries"] == ["https://b.example", "https://c.example:5000"]
+    o = tap.Options()
+    o.parseOptions(["--config", str(config), "--registry", "https://d.example", "--home", str(tmp_path)])
+    assert o["registries"] == ["https://d.example"]  # the command line replaces the file's list
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--registry", "ftp://a"], "http\\(s\\) URL"),
+        (["--registry", "https://a.example/v2/"], "has no path"),
+        (["--registry", "https://a.example", "--registry", "http://A.example"], "same host"),
+    ],
+)
+def test_bad_registries_are_refused(tmp_path, args, message):
+    with pytest.raises(usage.UsageError, match=message):
+        tap.Options().parseOptions([*args, "--home", str(tmp_path)])
+
+
+# -- Range ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, parsed",
+    [
+        (None, None),
+        ("bytes=0-99", ByteRange(0, 99)),
+        ("bytes=100-", ByteRange(100, None)),
+        ("bytes=-500", ByteRange(suffix=500)),
+        ("Bytes = 5-5", ByteRange(5, 5)),
+        (b"bytes=0-0", ByteRange(0, 0)),
+        ("items=0-5", None),  # another unit: ignored
+        ("bytes=0-1,5-9", MULTIPLE),
+        ("bytes=0-1, ,", ByteRange(0, 1)),
+    ],
+)
+def test_parse_range(value, parsed):
+    assert parse_range(value) == parsed
+
+
+@pytest.mark.parametrize("value", ["bytes=", "bytes=abc", "bytes=9-1", "bytes=--1", "bytes=1-2-3", "bytes= -", "bytes=0x1-2"])
+def test_malformed_ranges_raise(value):
+    with pytest.raises(BadRange):
+        parse_range(value)
+
+
+@pytest.mark.parametrize(
+    "spec, length, span",
+    [
+        (ByteRange(0, 99), 1000, (0, 100)),
+        (ByteRange(900, 5000), 1000, (900, 1000)),
+        (ByteRange(1000, None), 1000, None),
+        (ByteRange(999, None), 1000, (999, 1000)),
+        (ByteRange(suffix=10), 1000, (990, 1000)),
+        (ByteRange(suffix=5000), 1000, (0, 1000)),
+        (ByteRange(suffix=0), 1000, None),
+        (ByteRange(0, 0), 0, None),
+    ],
+)
+def test_resolve(spec, length, span):
+    assert spec.resolve(length) == span
+
+
+def test_content_range_and_header_round_trip():
+    assert content_range(990, 1000, 1000) == "bytes 990-999/1000"
+    for spec in (ByteRange(0, 9), ByteRange(5, None), ByteRange(suffix=3)):
+        assert parse_range(spec.header()) == spec
+
+
+@given(st.text(max_size=80))
+def test_parse_range_raises_only_bad_range(value):
+    try:
+        spec = parse_range(value)
+    except BadRange:
+        return
+    if isinstance(spec, ByteRange):
+        for length in (0, 1, 1000):
+            span = spec.resolve(length)
+            assert span is None or 0 <= span[0] < span[1] <= length
+
+
+def test_a_malformed_blob_range_is_a_416_before_anything_is_fetched():
+    core, http, proto, transport = front(REGISTRIES)
+    proto.dataReceived(f"GET /v2/a/blobs/sha256:{HEX} HTTP/1.1\r\nHost: x\r\nRange: bytes=9-1\r\n\r\n".encode())
+    assert status_of(transport) == 416
+    assert body_of(transport)["error"]["code"] == "BAD_RANGE"
+    assert http.urls == []
+
+
+def test_several_ranges_are_dropped_for_the_whole_blob():
+    core, http, proto, transport = front(REGISTRIES)
+    core.check_access = False
+    core.peer = type("NoPeer", (), {"api": lambda self: (_ for _ in ()).throw(OSError("no dfpeer"))})()
+    proto.dataReceived(f"GET /v2/a/blobs/sha256:{HEX} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-1,4-5\r\n\r\n".encode())
+    # the P2P path is unavailable here, so it goes direct: without the Range header
+    method, url, headers = http.urls[0]
+    assert url == f"https://registry.example/v2/a/blobs/sha256:{HEX}"
+    assert b"Range" not in headers
+
+
+class FakePeerHttp:
+    """The dfpeer's local API: a download that has just started (status running)."""
+
+    def __init__(self):
+        self.posts = []
+
+    def post(self, url, json=None, timeout=None):
+        from twisted.internet.defer import succeed
+
+        self.posts.append(json)
+
+        class R:
+            code = 200
+
+            def json(self):
+                return succeed({"taskId": "ab" * 32, "status": "running"})
+
+        return succeed(R())
+
+    def get(self, *a, **kw):
+        raise AssertionError("a cold range must not wait for the swarm")
+
+
+def test_a_cold_range_goes_direct_with_its_range_while_the_swarm_prefetches():
+    from twisted.internet.defer import succeed
+
+    upstream = Recorder()
+    local = FakePeerHttp()
+    core = DaemonCore(None, REGISTRIES, DEFAULT_RULES, peer=None, http=upstream, local_http=local)
+    core.check_access = False
+    core.cold_range_direct = True
+    core.peer = type("Peer", (), {"api": lambda self: succeed("http://127.0.0.1:1")})()
+    site = Site(ProxyResource(core))
+    site.protocol = HTTPChannel
+    proto = FrontFactory(None, site, core).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    proto.dataReceived(f"GET /v2/a/blobs/sha256:{HEX} HTTP/1.1\r\nHost: x\r\nRange: bytes=-1048576\r\n\r\n".encode())
+    assert local.posts and local.posts[0]["digest"] == f"sha256:{HEX}"  # the prefetch started
+    method, url, headers = upstream.urls[0]
+    assert url == f"https://registry.example/v2/a/blobs/sha256:{HEX}" and headers[b"Range"] == [b"bytes=-1048576"]
+    assert core.counters.ranges_direct == 1
+
+
+def test_cold_range_option(tmp_path):
+    o = tap.Options()
+    o.parseOptions(["--cold-range", "direct", "--home", str(tmp_path)])
+    assert o["cold-range"] == "direct"
+    with pytest.raises(usage.UsageError, match="--cold-range"):
+        tap.Options().parseOptions(["--cold-range", "sometimes", "--home", str(tmp_path)])
