@@ -15,20 +15,23 @@ import socket
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import Logger
 
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
-from ..core.files import unlink_quietly
 from ..core.gc import GcEntry
 from ..core.periodic import periodic
-from ..core.service import ListeningService
 from ..core.ids import task_id as make_task_id
 from ..core.ratelimit import TokenBucket
+from ..core.service import ListeningService
 from ..core.threads import WorkerPool
 from ..protocol.block import E_NO_TASK, BlockFactory
 from ..protocol.supernode_api import PeerRegistration, SyncReport
 from .client import SupernodeClient, SupernodeError, SupernodeUnavailable
+from .lifecycle import State
 from .metrics import PeerStats, failure_reason
+from .neighbours import Neighbours
+from .session import TaskSession
 from .store import PieceStore
 from .task import PeerTask, TaskFailed
 
@@ -70,7 +73,7 @@ class PeerDaemon:
         self.ip = ip
         self.pool = pool
         self.http = http
-        self.store = PieceStore(home, pool)
+        self.store = PieceStore(home, pool, clock=reactor)
         self.client = SupernodeClient(supernode_http or http, nodes, reactor, token=cluster_token)
         self.block_port = 0
         self.peer_id = ""
@@ -111,10 +114,10 @@ class PeerDaemon:
     async def announce(self) -> None:
         """Tell the SuperNode about every finished task we serve (after a restart of either)."""
         for task in list(self.tasks.values()):
-            if task.status != "success" or not task.digests:
+            if task.state is not State.DONE or not task.digests:
                 continue
             try:
-                await task._register()
+                await task.session.register()
                 await self._announce_pieces(task)
             except SupernodeError as e:
                 if e.code == "TASK_CHANGED":
@@ -134,12 +137,21 @@ class PeerDaemon:
 
     # -- tasks -----------------------------------------------------------------
 
-    def restore(self) -> int:
-        for meta in self.store.load_finished():
+    async def restore(self) -> int:
+        """Serve again the tasks finished before a restart (their files are read in the pool)."""
+        for meta in await self.store.reload():
             task = PeerTask(self, meta["taskId"], dict(meta.get("request") or {"url": meta.get("url")}))
             task.restore(meta)
             self.tasks[task.task_id] = task
         return len(self.tasks)
+
+    def session(self, task_id: str, request: dict[str, Any]) -> TaskSession:
+        """A task's calls to the SuperNode."""
+        return TaskSession(self.client, lambda: self.peer_id, self.register, task_id, request)
+
+    def endpoint(self, ip: str, port: int) -> TCP4ClientEndpoint:
+        """A client endpoint to a neighbour's block port."""
+        return TCP4ClientEndpoint(self.reactor, ip, port, timeout=5)
 
     async def _announce_pieces(self, task: PeerTask) -> None:
         """Tell the SuperNode every piece we hold of a finished task."""
@@ -150,9 +162,10 @@ class PeerDaemon:
         """Forget a finished task and remove its file (its content is no longer the origin's)."""
         if self.tasks.get(task.task_id) is task:
             del self.tasks[task.task_id]
-        for conn in list(task.conns):
-            conn.transport.loseConnection()
-        self.store.remove(task.task_id)
+        task.removed()
+        task.neighbours.close()
+        d = self.store.remove(task.task_id)
+        d.addErrback(lambda f: log.failure("cannot remove task {task}", f, task=task.task_id))
 
     async def download_checked(self, request: dict[str, Any]) -> PeerTask:
         """
@@ -164,9 +177,9 @@ class PeerDaemon:
         """
         tid = self._task_id(request)
         task = self.tasks.get(tid)
-        if task is not None and task.status == "success" and not request.get("digest") and task.version is not None:
+        if task is not None and task.state is State.DONE and not request.get("digest") and task.version is not None:
             try:
-                reply = await task._register()
+                reply = await task.session.register()
             except (SupernodeError, SupernodeUnavailable) as e:
                 log.info("task {task}: cannot check our copy with the supernode ({why}); using it", task=tid, why=str(e))
             else:
@@ -195,7 +208,7 @@ class PeerDaemon:
             self.total_limit = TokenBucket(request["totalLimit"], self.reactor)
         tid = self._task_id(request)
         task = self.tasks.get(tid)
-        if task is not None and task.status in ("waiting", "running", "success"):
+        if task is not None and task.state is not State.FAILED:
             task.last_access = self.reactor.seconds()
             return task
         task = PeerTask(self, tid, request)
@@ -209,9 +222,9 @@ class PeerDaemon:
     def gc_entries(self) -> list[GcEntry]:
         """The tasks in the store, for the disk collector."""
         return [
-            GcEntry(t.task_id, t.length or 0 if t.status == "success" else 0, t.last_access, t.in_use())
+            GcEntry(t.task_id, t.length or 0 if t.state is State.DONE else 0, t.last_access, t.in_use())
             for t in self.tasks.values()
-            if t.status in ("success", "failed")
+            if t.lifecycle.ended
         ]
 
     def evictable(self, task_id: str) -> bool:
@@ -236,28 +249,28 @@ class PeerDaemon:
         if task is None:
             return
         log.info("removing task {task} from the store", task=task_id)
-        task.ready_for_io = False
-        for conn in list(task.conns):
-            conn.abort("task removed from this peer's store", E_NO_TASK)
-        await self.store.remove_in_pool(task_id)
-        if self.registered and task.status == "success":
+        task.removed()
+        task.neighbours.abort("task removed from this peer's store", E_NO_TASK)
+        await self.store.remove(task_id)
+        if self.registered and task.state is State.DONE:
             try:
                 await self.client.leave_task(task_id, self.peer_id)
             except (SupernodeError, SupernodeUnavailable) as e:
                 log.info("could not tell the supernode we dropped {task}: {why}", task=task_id, why=str(e))
 
-    def side_for(self, task_id: str) -> PeerTask | None:
+    def side_for(self, task_id: str) -> Neighbours | None:
+        """The side block connections for C{task_id} talk to, while it has pieces to serve."""
         task = self.tasks.get(task_id)
-        if task is None or task.have is None or not task.ready_for_io or task.status == "failed":
+        if task is None or task.have is None or not task.ready_for_io:
             return None
-        return task
+        return task.neighbours
 
     def task_ended(self, task: PeerTask) -> None:
         self.note_activity()
-        if task.status == "success":
+        if task.state is State.DONE:
             self.stats.count(self.stats.downloads, "success")
             self.stats.durations.observe((task.finished_at or task.started) - task.started)
-        elif task.status == "failed":
+        elif task.state is State.FAILED:
             self.stats.count(self.stats.downloads, "failed")
             self.stats.count(self.stats.failures, failure_reason(task.error.code if task.error else "INTERNAL"))
 
@@ -265,7 +278,7 @@ class PeerDaemon:
         self.last_activity = self.reactor.seconds()
 
     def busy(self) -> bool:
-        return any(t.status in ("waiting", "running") for t in self.tasks.values()) or any(
+        return any(not t.lifecycle.ended for t in self.tasks.values()) or any(
             c.requested or c._queue for c in self.block_factory.connections
         )
 
@@ -282,9 +295,8 @@ class PeerDaemon:
             phrase = response.phrase.decode("latin-1", "replace") if isinstance(response.phrase, bytes) else response.phrase
             raise TaskFailed("SOURCE_ERROR", f"origin returned {response.code} {phrase} for {url}", response.code)
         length = response.length if isinstance(response.length, int) else None
-        path = self.store.data_path(task.task_id)
-        unlink_quietly(path)  # never truncate a file a user's output may link to
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # a new file, in the pool: never truncate a file a user's output may link to
+        fd = await self.store.create(task.task_id)
 
         def count(n: int) -> None:
             task.traffic["back_to_source"] += n
@@ -326,11 +338,12 @@ class PeerService(ListeningService):
 
     async def _start(self) -> None:
         daemon = self.daemon
+        # the finished tasks are back (read in the pool) before anyone can ask for them
+        restored = await daemon.restore()
         block = await self.listen(self._block_endpoint, daemon.block_factory)
         daemon.listening(block.getHost().port)
         api = await self.listen(self._api_endpoint, self._api_site)
         host = api.getHost()
-        restored = daemon.restore()
         info = {
             "api": f"http://{host.host}:{host.port}",
             "peerId": daemon.peer_id,

@@ -17,9 +17,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
+
+from .lifecycle import State
 
 log = Logger()
 
@@ -44,7 +46,7 @@ class TaskStream:
 
     def _known(self) -> bool:
         t = self.task
-        return t.status == "failed" or (t.length is not None and t.have is not None and t.ready_for_io)
+        return t.state is State.FAILED or (t.length is not None and t.have is not None and t.ready_for_io)
 
     def ready(self) -> Deferred:
         """Fires when the task's length is known (or it failed); cancellable."""
@@ -81,13 +83,16 @@ class TaskStream:
             return
         if self._done is None or self._paused or self._reading:
             return
-        if t.status == "failed":
+        if t.state is State.FAILED:
             self._abort(f"{t.error.code if t.error else 'FAILED'}: {t.error.message if t.error else ''}")
+            return
+        if not t.ready_for_io:
+            # going back to the origin: its file is being written anew
             return
         length = t.length
         stop = length if self.end is None else min(self.end, length)
         if self.offset >= stop:
-            if t.status == "success" or self.end is not None:
+            if t.state is State.DONE or self.end is not None:
                 self._finish()
             return
         index = self.offset // t.piece_size
@@ -97,11 +102,11 @@ class TaskStream:
                 t.want_now()
             return
         end = min(self.offset + self.CHUNK, (index + 1) * t.piece_size, stop)
-        if end == length and self.end is None and t.status != "success":
+        if end == length and self.end is None and t.state is not State.DONE:
             # the last bytes wait for the whole-file check
             return
         self._reading = True
-        d = t.daemon.store.read(t.task_id, self.offset, end - self.offset)
+        d = t.read(self.offset, end - self.offset)
         d.addCallbacks(self._got, self._read_failed)
 
     def _got(self, data: bytes) -> None:

@@ -32,6 +32,8 @@ def main() -> None:
         return honest(self, index).addCallback(_flip)
 
     task_module.PeerTask.read_piece = lying_read  # type: ignore[method-assign]
+    # no zero-copy uploads: every piece it serves goes through lying_read
+    task_module.PeerTask.piece_file = lambda self, index: None  # type: ignore[method-assign,assignment]
     sys.argv = ["twistd", "-n", "--pidfile=", "dfpeer", *args[1 if silent else 0:]]
     run()
 

@@ -20,6 +20,7 @@ from dragonfly.core.ids import BadInput, task_id
 from dragonfly.peer import tap as peer_tap
 from dragonfly.peer.daemon import PeerDaemon
 from dragonfly.peer.gc import PeerGc
+from dragonfly.peer.lifecycle import State
 from dragonfly.peer.task import PeerTask
 from dragonfly.supernode import tap as supernode_tap
 from dragonfly.supernode.gc import SupernodeGc
@@ -384,7 +385,7 @@ def test_peer_task_expire_removes_store_files_and_tells_the_supernode(tmp_path: 
     clock = Clock()
     clock.advance(10_000)
     daemon, http, ids = peer_with_tasks(str(tmp_path), clock, {"old": 100.0, "fresh": 9_000.0, "running": 0.0})
-    daemon.tasks[ids["running"]].status = "running"
+    daemon.tasks[ids["running"]].lifecycle.state = State.DOWNLOADING
     gc = PeerGc(daemon, clock, 60.0, 3600.0, None)
     gc.startService()
     assert set(daemon.tasks) == {ids["fresh"], ids["running"]}

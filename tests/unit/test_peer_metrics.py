@@ -21,6 +21,7 @@ from twisted.logger import capturedLogs
 from dragonfly.core.ids import task_id
 from dragonfly.peer.daemon import PeerDaemon
 from dragonfly.peer.localapi import LocalApi
+from dragonfly.peer.lifecycle import State
 from dragonfly.peer.task import PeerTask
 
 from .test_supernode_api import BODY, FakeResponse, SyncPool, result
@@ -151,10 +152,10 @@ def p2p_task(peer: Peer) -> tuple[PeerTask, list[bytes]]:
     pieces = [body[i : i + PIECE] for i in range(0, len(body), PIECE)]
     task = PeerTask(peer.daemon, task_id(URL), {"url": URL})
     peer.daemon.tasks[task.task_id] = task
-    task.status = "running"
+    task.lifecycle.state = State.SIZING
     task._set_length(len(body), PIECE)
     for i, piece in enumerate(pieces):
-        task._set_digest(i, hashlib.sha256(piece).digest())
+        task.set_digest(i, hashlib.sha256(piece).digest())
     task._allocate()
     assert task.ready_for_io
     return task, pieces

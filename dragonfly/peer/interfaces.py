@@ -1,0 +1,116 @@
+"""
+What a download (L{dragonfly.peer.task.PeerTask}) needs from the dfpeer
+around it, as small typed roles: the PeerTask never reaches into the daemon.
+L{dragonfly.peer.daemon.PeerDaemon} plays L{TaskHost}; unit tests play it
+with fakes (tests/unit/test_peer_task.py).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:
+    from ..core.ratelimit import TokenBucket
+    from .task import PeerTask
+
+
+class Session(Protocol):
+    """One task's conversation with the SuperNode (L{dragonfly.peer.session})."""
+
+    @property
+    def node(self) -> str:
+        """The SuperNode it talks to now (for logs)."""
+
+    async def register(self) -> dict[str, Any]:
+        """Register the task (the peer first, if the SuperNode forgot it); the reply."""
+
+    async def sync(self, body: dict[str, Any]) -> dict[str, Any]:
+        """One sync: what we did since the last, and what to do next."""
+
+    async def register_peer(self) -> None:
+        """Register this dfpeer again (the SuperNode restarted)."""
+
+
+class Store(Protocol):
+    """The task files (L{dragonfly.core.store.TaskStore}): every method runs in the pool."""
+
+    def data_path(self, task_id: str) -> str: ...
+
+    def prepare(self, task_id: str, length: int) -> Deferred: ...
+
+    def write_verified(self, task_id: str, offset: int, data: bytearray, digest: bytes) -> Deferred: ...
+
+    def read(self, task_id: str, offset: int, size: int) -> Deferred: ...
+
+    def sha256(self, task_id: str) -> Deferred: ...
+
+    def finish(self, task_id: str, meta: dict[str, Any] | None) -> Deferred: ...
+
+    def remove(self, task_id: str) -> Deferred: ...
+
+    def serve(self, task_id: str) -> Deferred: ...
+
+    def forget(self, task_id: str) -> Deferred: ...
+
+    def served_fd(self, task_id: str) -> int | None: ...
+
+
+class Connections(Protocol):
+    """The block connections (L{dragonfly.protocol.block.BlockFactory})."""
+
+    def client(self, side: Any, task_id: str, remote_id: str) -> Any: ...
+
+    def connect(self, endpoint: Any, proto: Any) -> Deferred: ...
+
+    def release(self, buf: bytearray) -> None: ...
+
+
+class Stats(Protocol):
+    """The dfpeer's counters (L{dragonfly.peer.metrics.PeerStats})."""
+
+    bans: dict[str, int]
+    discarded: dict[str, int]
+    traffic: dict[str, int]
+    back_to_source: dict[str, int]
+    upload_pieces: int
+    upload_bytes: int
+
+    def count(self, table: dict[str, int], key: str, n: int = 1) -> None: ...
+
+
+class TaskHost(Protocol):
+    """The dfpeer a task runs in."""
+
+    peer_id: str
+    clock: Any
+    trace: bool
+    #: requests per connection, and bytes in flight for one task (--pipeline, --in-flight)
+    per_connection: int
+    in_flight_bytes: int
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def block_factory(self) -> Connections: ...
+
+    @property
+    def stats(self) -> Stats: ...
+
+    @property
+    def total_limit(self) -> TokenBucket | None:
+        """The host's download rate limit (dfget --totallimit), if any."""
+
+    def session(self, task_id: str, request: dict[str, Any]) -> Session: ...
+
+    def endpoint(self, ip: str, port: int) -> Any:
+        """A client endpoint to a neighbour's block port."""
+
+    async def fetch_from_source(self, task: PeerTask) -> tuple[int, str]:
+        """The whole file from the origin into the task's data file: (length, sha256)."""
+
+    def task_ended(self, task: PeerTask) -> None: ...
+
+    def note_activity(self) -> None: ...

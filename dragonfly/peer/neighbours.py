@@ -1,0 +1,279 @@
+"""
+The block connections of one download: the side the block protocol talks to
+(L{dragonfly.protocol.block}'s TaskSide), for the task (L{dragonfly.peer.task})
+whose pieces they carry.
+
+It opens a connection to each parent the SuperNode names (and to the seed),
+accepts the peers that chose us, feeds their bitfields and HAVEs to the
+picker (L{dragonfly.peer.picker}) and sends the requests it chooses, hands
+each arrived piece to the task to verify and store, and bans a neighbour that
+stalls or sends pieces that fail their SHA-256.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel
+
+from ..core.bitmap import Bitmap
+from ..core.ids import SEED_ID
+from ..core.pieces import piece_span
+from ..core.ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from .task import PeerTask
+
+
+class Neighbours:
+    """
+    @param task: the download (its piece states, its picker, its store).
+    """
+
+    #: a neighbour whose pieces failed their SHA-256 this often is banned
+    BAN_AFTER = 2
+    BAN_FOR = 60.0
+    #: pieces in flight for one task at the least (see dfpeer --in-flight)
+    MIN_IN_FLIGHT = 4
+    #: a connection with requests out and no bytes for this long is abandoned
+    stall_timeout = 5.0
+
+    accepts_pieces = True
+
+    def __init__(self, task: PeerTask) -> None:
+        self.task = task
+        self.daemon = task.daemon
+        self.clock = task.clock
+        self.conns: set[Any] = set()
+        self.seed_conn: Any = None
+        self._seed_proto: Any = None
+        self._connecting: set[str] = set()
+        self._bad_from: dict[str, int] = {}
+        self._banned: dict[str, float] = {}
+
+    # -- opening ------------------------------------------------------------------
+
+    def connect(self, parent: dict[str, Any]) -> None:
+        """Open a connection to C{parent} (a SuperNode C{parents} entry) unless we have one."""
+        remote = parent["peerId"]
+        if remote == self.daemon.peer_id or remote in self._connecting:
+            return
+        if any(c.remote_id == remote for c in self.conns) or self.is_banned(remote):
+            return
+        self._connecting.add(remote)
+        endpoint = self.daemon.endpoint(parent["ip"], int(parent["port"]))
+        proto = self.daemon.block_factory.client(self, self.task.task_id, remote)
+        if parent.get("seed"):
+            # only the connection we opened to the seed the SuperNode named
+            # may send DIGESTS; a peer calling itself "supernode" may not
+            self._seed_proto = proto
+        d = self.daemon.block_factory.connect(endpoint, proto)
+
+        def failed(f: Any) -> None:
+            self._connecting.discard(remote)
+            self.task._log(LogLevel.info, "cannot reach parent {parent}: {why}", parent=remote, why=f.getErrorMessage())
+            if remote != SEED_ID:
+                self.task.report_failure(-1, remote)
+
+        d.addCallbacks(lambda _: self._connecting.discard(remote), failed)
+
+    def close(self) -> None:
+        """Close every connection (gracefully: uploads under way finish)."""
+        for conn in list(self.conns):
+            conn.transport.loseConnection()
+
+    def abort(self, why: str, code: int) -> None:
+        """Cut every connection now."""
+        for conn in list(self.conns):
+            conn.abort(why, code)
+
+    # -- bans -----------------------------------------------------------------------
+
+    def is_banned(self, remote: str | None) -> bool:
+        until = self._banned.get(remote or "")
+        return until is not None and until > self.clock.seconds()
+
+    def banned(self) -> list[str]:
+        """The neighbours banned now (the sync tells the scheduler)."""
+        return [p for p in self._banned if self.is_banned(p)]
+
+    def _ban(self, conn: Any, reason: str, why: str, code: int) -> None:
+        """Stop talking to C{conn} now and not again for L{BAN_FOR}, whatever the scheduler decides."""
+        self.daemon.stats.count(self.daemon.stats.bans, reason)
+        self._banned[conn.remote_id or "?"] = self.clock.seconds() + self.BAN_FOR
+        conn.abort(why, code)
+        self.detached(conn, reason)
+
+    def bad_piece(self, conn: Any, index: int) -> None:
+        """Piece C{index} from C{conn} failed its SHA-256: believe it less, ban a repeat offender."""
+        picker = self.task.picker
+        if picker is not None:
+            picker.corrupt(conn, index)
+        self._believe_less(conn, index)
+        remote = conn.remote_id or "?"
+        self._bad_from[remote] = self._bad_from.get(remote, 0) + 1
+        if self._bad_from[remote] >= self.BAN_AFTER and conn is not self.seed_conn:
+            # failure is local first: stop talking to it now, whatever
+            # the scheduler decides for the others
+            self.task._log(
+                LogLevel.warn, "banning {remote} for {t:.0f}s after {n} bad pieces",
+                remote=remote, t=self.BAN_FOR, n=self._bad_from[remote], reason="corrupt",
+            )
+            self._ban(conn, "corrupt", "sent pieces that fail their SHA-256", 403)
+
+    def _believe_less(self, conn: Any, index: int) -> None:
+        """C{conn} said it had C{index} and did not (or sent it wrong): let its HAVE count again."""
+        if conn.remote_have is not None and index in conn.remote_have and conn is not self.seed_conn:
+            conn.remote_have.clear(index)
+
+    def check_stalls(self) -> None:
+        """Abandon the connections with requests out and no bytes for L{stall_timeout}; ask again."""
+        now = self.clock.seconds()
+        for conn in list(self.conns):
+            if not conn.requested:
+                continue
+            since = max(conn.last_rx, min(conn.requested.values()))
+            if now - since > self.stall_timeout:
+                self.task._log(
+                    LogLevel.info, "{remote} sent nothing for {t:.1f}s with {n} requests out; abandoning it",
+                    remote=conn.remote_id, t=now - since, n=len(conn.requested), reason="stalled",
+                )
+                # useless for now: do not reconnect to it for a while
+                self._ban(conn, "stalled", "stalled", 408)
+        # the endgame waits for requests to age: look again once a second
+        self.fill()
+
+    # -- requests -------------------------------------------------------------------
+
+    def limits(self) -> tuple[int, int]:
+        """(requests per connection, pieces in flight for the whole task)."""
+        size = self.task.piece_size or (4 << 20)
+        return self.daemon.per_connection, max(self.MIN_IN_FLIGHT, self.daemon.in_flight_bytes // size)
+
+    def fill(self) -> None:
+        """Send the requests the picker chooses (a few per connection, a bounded number for the task)."""
+        picker = self.task.picker
+        if picker is None or not self.task.downloading:
+            return
+        per_conn, limit = self.limits()
+        now = self.clock.seconds()
+        for conn, index in picker.fill(now, per_conn, limit, usable=_open):
+            conn.request(index, now)
+
+    def stored(self, conn: Any, index: int) -> None:
+        """Piece C{index} (from C{conn}) is verified and written: tell who lacks it."""
+        for c in list(self.conns):
+            # a neighbour that holds the piece has no use for our HAVE
+            if c.remote_have is None or index not in c.remote_have:
+                c.send_have(index)
+
+    def uploading(self) -> bool:
+        return any(c.uploading for c in self.conns)
+
+    # -- the block connection's side (TaskSide) -------------------------------------
+
+    def local_bitmap(self) -> Bitmap | None:
+        return self.task.have
+
+    def piece_length(self, index: int) -> int | None:
+        t = self.task
+        if t.length is None or not 0 <= index < (t.count or 0):
+            return None
+        return piece_span(index, t.length, t.piece_size)[1]
+
+    def read_piece(self, index: int) -> Deferred:
+        return self.task.read_piece(index)
+
+    def piece_file(self, index: int) -> tuple[int, int, int] | None:
+        return self.task.piece_file(index)
+
+    def attached(self, conn: Any) -> None:
+        t = self.task
+        if t.have is None or not t.ready_for_io:
+            conn.abort("task not ready yet", 503)
+            return
+        if self.is_banned(conn.remote_id):
+            conn.abort("banned: sent pieces that failed their SHA-256", 403)
+            return
+        self.conns.add(conn)
+        if conn is self._seed_proto:
+            self.seed_conn = conn
+        if t.picker is not None:
+            t.picker.add(conn, seed=conn is self.seed_conn)
+
+    def detached(self, conn: Any, reason: str) -> None:
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        if conn is self.seed_conn:
+            self.seed_conn = None
+        picker = self.task.picker
+        lost = picker.remove(conn) if picker is not None else []
+        if self.task.lifecycle.active:
+            if lost:
+                self.task._log(
+                    LogLevel.info, "lost {remote} ({why}) with {n} pieces in flight",
+                    remote=conn.remote_id, why=reason, n=len(lost),
+                )
+            if conn.remote_id and conn.remote_id != SEED_ID and (lost or conn.initiator):
+                # -1: the connection itself broke (see the scheduler's dead_after)
+                self.task.report_failure(-1, conn.remote_id)
+            self.fill()
+
+    def on_bitfield(self, conn: Any) -> None:
+        if self.task.picker is not None:
+            self.task.picker.bitfield(conn, conn.remote_have)
+        self.fill()
+
+    def on_have(self, conn: Any, index: int) -> None:
+        picker = self.task.picker
+        if picker is None:
+            return
+        picker.have(conn, index)
+        if conn is self.seed_conn:
+            self.fill()
+            return
+        # HAVEs are the most frequent event: only this connection's choice can change
+        if not self.task.downloading or conn.closed:
+            return
+        per_conn, limit = self.limits()
+        now = self.clock.seconds()
+        if picker.offer(conn, index, now, per_conn, limit):
+            conn.request(index, now)
+
+    def on_digests(self, conn: Any, first: int, digests: list[bytes]) -> None:
+        if conn is not self.seed_conn:
+            conn.abort("DIGESTS are accepted from the seed only")
+            return
+        for k, digest in enumerate(digests):
+            self.task.set_digest(first + k, digest)
+        self.fill()
+
+    def on_reject(self, conn: Any, index: int, reason: int) -> None:
+        if self.task.picker is not None:
+            self.task.picker.rejected(conn, index)
+        self._believe_less(conn, index)
+        self.fill()
+
+    def on_piece(self, conn: Any, index: int, data: bytearray) -> None:
+        picker = self.task.picker
+        if picker is not None:
+            for other in picker.received(conn, index):
+                other.cancel(index)
+        self.task.piece_arrived(conn, index, data, "supernode" if conn is self.seed_conn else "remote_peer")
+        self.fill()
+
+    def download_limits(self) -> list[TokenBucket | None]:
+        return [self.task.local_limit, self.daemon.total_limit]
+
+    def on_uploaded(self, conn: Any, nbytes: int) -> None:
+        self.task.uploaded += nbytes
+        stats = self.daemon.stats
+        stats.upload_pieces += 1
+        stats.upload_bytes += nbytes
+        self.daemon.note_activity()
+
+
+def _open(conn: Any) -> bool:
+    return not conn.closed

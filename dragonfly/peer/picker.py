@@ -1,0 +1,477 @@
+"""
+Which piece to ask from whom: the dfpeer's piece picker, with no I/O.
+
+The picker holds one download's piece states and what each neighbour holds,
+and answers which piece to ask from which neighbour.  Time (C{now}) and
+randomness (C{rng}) are passed in; it never touches a socket, a file or a
+reactor, so the dfpeer (L{dragonfly.peer.task}) and the swarm simulator
+both drive it.
+
+Neighbours are opaque hashable keys (the dfpeer uses its connections).  One
+neighbour may be I{the seed} (the SuperNode's CDN): from it only the pieces
+of the seed allowance are asked, its requests stay outside the in-flight
+budget, and its bitfield does not count in the availability.
+
+A piece is I{wanted} when it is missing, not requested, not being verified,
+and its digest is known.  The rules (unchanged from the dfpeer's):
+
+  - rarest-first: among the wanted pieces a neighbour holds, the one the
+    fewest (non-seed) neighbours hold, ties at random;
+  - the stream window: the C{STREAM_WINDOW} pieces from C{stream_from} (an
+    in-order reader's next pieces) go before any other;
+  - the seed allowance: from the seed, only pieces of C{seed_allowed}, up to
+    C{max(per_conn, len(seed_allowed))} at once;
+  - endgame: when at most C{ENDGAME_PIECES} pieces are missing and all of
+    them are requested or being verified, a neighbour with nothing else to
+    give may be asked for a piece that has been out to one other neighbour
+    for C{ENDGAME_AFTER} seconds; the first copy in wins and the others are
+    to be cancelled (L{Picker.received} names them);
+  - starving: nothing to fetch from any neighbour but the seed (the
+    SuperNode may then send a second copy).
+
+Availability is kept incrementally: each wanted piece sits in the bucket of
+its availability count, and the buckets change on bitfield, HAVE, a lost
+neighbour or a piece it turned out not to hold, so choosing a piece scans
+the rarest buckets only, not every piece.  Each bucket is kept in a uniformly
+random order (inserted at a random position), so the first piece of the
+rarest bucket a neighbour holds is a random one of the rarest it holds.
+
+Usage::
+
+    p = Picker(count, rng=random.Random())
+    p.digest_known(i)                 # for each digest learnt
+    p.add(key, seed=False)            # a neighbour attached
+    p.bitfield(key, bitmap)           # its bitfield (copied)
+    p.have(key, i)                    # its HAVE
+    for key, i in p.fill(now, per_conn, limit):
+        send REQUEST i to key         # already recorded as requested
+    others = p.received(key, i)       # the piece arrived: cancel it at others
+    if p.verify(i): ...               # False: a duplicate, drop it; else check it
+    p.stored(i) / p.corrupt(key, i)   # verified and written / failed its digest
+    p.rejected(key, i)                # REJECT: ask elsewhere
+    lost = p.remove(key)              # the neighbour left; its requests are wanted again
+    p.offer(key, i, now, per_conn, limit)   # after a HAVE: ask it at once if worth it
+    p.seed_allowed = {...}; p.stream_from = i; p.starving()
+
+Requests chosen by L{Picker.fill} and L{Picker.offer} are recorded as
+pending at once; the caller sends them.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from typing import Generic, TypeVar
+
+from ..core.bitmap import Bitmap
+
+K = TypeVar("K", bound=Hashable)
+
+#: defaults (the dfpeer's)
+ENDGAME_PIECES = 4
+ENDGAME_AFTER = 1.0
+STREAM_WINDOW = 4
+
+
+class Picker(Generic[K]):
+    """
+    The piece states of one download and its neighbours' bitfields.
+
+    @param count: the number of pieces.
+    @param rng: the source of randomness (ties, the order neighbours are served in).
+    @param have: the bitmap of pieces held, shared with the caller (the
+        picker sets bits in it on L{stored}); a new empty one when omitted.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        rng: random.Random | None = None,
+        have: Bitmap | None = None,
+        endgame_pieces: int = ENDGAME_PIECES,
+        endgame_after: float = ENDGAME_AFTER,
+        stream_window: int = STREAM_WINDOW,
+    ) -> None:
+        self.count = count
+        self.rng = rng if rng is not None else random.Random()
+        self.have_bits = have if have is not None else Bitmap(count)
+        if self.have_bits.count != count:
+            raise ValueError("have bitmap of another size")
+        self.endgame_pieces = endgame_pieces
+        self.endgame_after = endgame_after
+        self.stream_window = stream_window
+        #: the first piece an in-order reader waits for (None: nobody reads in order)
+        self.stream_from: int | None = None
+        #: the seed allowance: the pieces we may ask from the seed now
+        self.seed_allowed: set[int] = set()
+        #: how many non-seed neighbours hold each piece
+        self.avail = [0] * count
+        #: piece -> [(neighbour, time asked)], first asked first (dict order: first pending first)
+        self.pending: dict[int, list[tuple[K, float]]] = {}
+        self.verifying: set[int] = set()
+        self._known = [False] * count
+        # neighbour -> its bitfield (None until received); insertion order
+        self._remote: dict[K, Bitmap | None] = {}
+        # neighbour -> {piece: time asked}, in the order asked
+        self._out: dict[K, dict[int, float]] = {}
+        self._seed: K | None = None
+        self._in_flight = 0  # requests out to non-seed neighbours
+        # wanted pieces by availability; _pos[i] its index in its bucket, or -1
+        self._buckets: list[list[int]] = [[]]
+        self._pos = [-1] * count
+
+    # -- piece states --------------------------------------------------------------
+
+    def wanted(self, index: int) -> bool:
+        """Missing, not asked for, not being checked, and its digest is known."""
+        return (
+            self._known[index] and index not in self.have_bits and index not in self.pending
+            and index not in self.verifying
+        )
+
+    @property
+    def missing(self) -> int:
+        return self.count - len(self.have_bits)
+
+    def digest_known(self, index: int) -> None:
+        """The digest of C{index} is known: it may be asked for."""
+        if 0 <= index < self.count and not self._known[index]:
+            self._known[index] = True
+            self._refresh(index)
+
+    def stored(self, index: int) -> None:
+        """C{index} was verified and written."""
+        self.verifying.discard(index)
+        self.have_bits.set(index)
+        self._refresh(index)
+
+    def unverified(self, index: int) -> None:
+        """The check of C{index} ended without storing it (failed, or the store failed): wanted again."""
+        self.verifying.discard(index)
+        self._refresh(index)
+
+    # -- neighbours ------------------------------------------------------------------
+
+    def add(self, key: K, seed: bool = False) -> None:
+        """A neighbour attached (before its bitfield)."""
+        if key in self._remote:
+            return
+        self._remote[key] = None
+        self._out[key] = {}
+        if seed:
+            self._seed = key
+
+    @property
+    def seed(self) -> K | None:
+        return self._seed
+
+    def neighbours(self) -> Iterator[K]:
+        return iter(self._remote)
+
+    def remote(self, key: K) -> Bitmap | None:
+        """The picker's copy of the bitfield of C{key} (None before it came)."""
+        return self._remote.get(key)
+
+    def outstanding(self, key: K) -> dict[int, float]:
+        """The requests out to C{key}: piece -> time asked."""
+        return self._out.get(key, {})
+
+    @property
+    def in_flight(self) -> int:
+        """Requests out to neighbours other than the seed."""
+        return self._in_flight
+
+    def bitfield(self, key: K, bitmap: Bitmap) -> None:
+        """The bitfield of C{key} arrived (copied)."""
+        if key not in self._remote or self._remote[key] is not None:
+            return
+        self._remote[key] = bitmap.copy()
+        if key != self._seed:
+            for i in bitmap:
+                self._bump(i, 1)
+
+    def have(self, key: K, index: int) -> None:
+        """C{key} announced C{index} (HAVE)."""
+        remote = self._remote.get(key)
+        if remote is None or index in remote:
+            return
+        remote.set(index)
+        if key != self._seed:
+            self._bump(index, 1)
+
+    def lost(self, key: K, index: int) -> None:
+        """C{key} does not hold C{index} after all (it rejected it, or sent bad bytes): believe it less."""
+        remote = self._remote.get(key)
+        if remote is None or index not in remote or key == self._seed:
+            return
+        remote.clear(index)
+        self._bump(index, -1)
+
+    def remove(self, key: K) -> list[int]:
+        """C{key} left: forget its bitfield; the pieces that were out to it (no longer pending there)."""
+        if key not in self._remote:
+            return []
+        remote = self._remote.pop(key)
+        out = self._out.pop(key)
+        if key == self._seed:
+            self._seed = None
+        else:
+            self._in_flight -= len(out)
+            if remote is not None:
+                for i in remote:
+                    self._bump(i, -1)
+        lost = list(out)
+        for i in lost:
+            self._unpend(i, key)
+        return lost
+
+    # -- requests ----------------------------------------------------------------------
+
+    def request(self, key: K, index: int, now: float) -> None:
+        """Record that C{index} was asked from C{key} (L{fill} does this itself)."""
+        out = self._out[key]
+        if index in out:
+            return
+        out[index] = now
+        if key != self._seed:
+            self._in_flight += 1
+        self.pending.setdefault(index, []).append((key, now))
+        self._refresh(index)
+
+    def rejected(self, key: K, index: int) -> None:
+        """C{key} refused C{index}: it is wanted again, and C{key} is believed to lack it."""
+        self._drop(key, index)
+        self.lost(key, index)
+
+    def cancelled(self, key: K, index: int) -> None:
+        """A request was withdrawn (by the caller) without an answer."""
+        self._drop(key, index)
+
+    def received(self, key: K, index: int) -> list[K]:
+        """
+        C{index} arrived from C{key}: it is no longer pending anywhere.
+        Returns the other neighbours it was asked from, to cancel there.
+        """
+        holders = self.pending.pop(index, [])
+        others = []
+        for k, _ in holders:
+            out = self._out.get(k)
+            if out is not None and out.pop(index, None) is not None and k != self._seed:
+                self._in_flight -= 1
+            if k != key:
+                others.append(k)
+        # a piece not pending here (answered after its request was dropped)
+        out = self._out.get(key)
+        if out is not None and out.pop(index, None) is not None and key != self._seed:
+            self._in_flight -= 1
+        self._refresh(index)
+        return others
+
+    def verify(self, index: int) -> bool:
+        """
+        C{index} is to be checked: False when it need not be (held, or being
+        checked already: a duplicate from the endgame, or too late).
+        """
+        if index in self.have_bits or index in self.verifying or not self._known[index]:
+            return False
+        self.verifying.add(index)
+        self._refresh(index)
+        return True
+
+    def corrupt(self, key: K, index: int) -> None:
+        """C{index} from C{key} failed its digest: wanted again, and C{key} is believed to lack it."""
+        self.unverified(index)
+        self.lost(key, index)
+
+    # -- choosing ------------------------------------------------------------------------
+
+    def choose(self, key: K, now: float) -> int | None:
+        """The piece to ask from C{key} next, or None (not recorded: see L{request})."""
+        remote = self._remote.get(key)
+        if remote is None:
+            return None
+        if key == self._seed:
+            return self._choose_seed(remote)
+        best = self._in_window(remote, range(self._window_start(), self._window_end()))
+        if best is not None:
+            return best
+        buckets = self._buckets
+        for b in range(1, len(buckets)):
+            for i in buckets[b]:
+                if i in remote:
+                    return i
+        return self._endgame(key, remote, now)
+
+    def fill(
+        self, now: float, per_conn: int, limit: int, usable: Callable[[K], bool] | None = None,
+    ) -> list[tuple[K, int]]:
+        """
+        The requests to send now, recorded as pending: the seed allowance
+        first, apart from the budget; then one request per neighbour per round
+        (in random order) while a neighbour has fewer than C{per_conn} out and
+        the non-seed neighbours fewer than C{limit} in all.  C{usable} may rule
+        a neighbour out (a closed connection).
+        """
+        asked: list[tuple[K, int]] = []
+        seed = self._seed
+        if seed is not None and self._remote.get(seed) is not None and (usable is None or usable(seed)):
+            out = self._out[seed]
+            while len(out) < max(per_conn, len(self.seed_allowed)):
+                index = self.choose(seed, now)
+                if index is None:
+                    break
+                self.request(seed, index, now)
+                asked.append((seed, index))
+        keys = [
+            k for k, r in self._remote.items()
+            if k != seed and r is not None and len(self._out[k]) < per_conn and (usable is None or usable(k))
+        ]
+        self.rng.shuffle(keys)
+        progress = True
+        while progress and self._in_flight < limit:
+            progress = False
+            # one request per neighbour per round spreads the load
+            for k in keys:
+                if self._in_flight >= limit or len(self._out[k]) >= per_conn:
+                    continue
+                index = self.choose(k, now)
+                if index is None:
+                    continue
+                self.request(k, index, now)
+                asked.append((k, index))
+                progress = True
+        return asked
+
+    def offer(self, key: K, index: int, now: float, per_conn: int, limit: int) -> bool:
+        """
+        After C{key}'s HAVE of C{index}: ask it for that piece right away if
+        it is wanted and within the limits (only this neighbour's choice can
+        change, and a piece just announced is among the rarest anyway).
+        Recorded as pending when True.
+        """
+        if key == self._seed or key not in self._out or not self.wanted(index):
+            return False
+        if len(self._out[key]) >= per_conn or self._in_flight >= limit:
+            return False
+        self.request(key, index, now)
+        return True
+
+    def starving(self) -> bool:
+        """Nothing to fetch from any neighbour but the seed."""
+        if self.have_bits.complete:
+            return False
+        seed = self._seed
+        if any(self._out[k] for k, r in self._remote.items() if k != seed and r is not None):
+            return False
+        # every wanted piece a non-seed neighbour holds sits in a bucket >= 1
+        return not any(self._buckets[b] for b in range(1, len(self._buckets)))
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _window_start(self) -> int:
+        return self.stream_from if self.stream_from is not None else 0
+
+    def _window_end(self) -> int:
+        if self.stream_from is None:
+            return 0
+        return min(self.count, max(0, self.stream_from + self.stream_window))
+
+    def _in_window(self, remote: Bitmap, candidates: Iterable[int]) -> int | None:
+        """The rarest wanted piece of C{candidates} C{remote} holds, ties at random."""
+        best: int | None = None
+        best_key: tuple[int, float] | None = None
+        for i in candidates:
+            if i < 0 or i not in remote or not self.wanted(i):
+                continue
+            k = (self.avail[i], self.rng.random())
+            if best_key is None or k < best_key:
+                best, best_key = i, k
+        return best
+
+    def _far(self, index: int) -> bool:
+        s = self.stream_from
+        return s is None or not s <= index < s + self.stream_window
+
+    def _choose_seed(self, remote: Bitmap) -> int | None:
+        best: int | None = None
+        best_key: tuple[bool, int, float] | None = None
+        for i in self.seed_allowed:
+            if not 0 <= i < self.count or i not in remote or not self.wanted(i):
+                continue
+            k = (self._far(i), self.avail[i], self.rng.random())
+            if best_key is None or k < best_key:
+                best, best_key = i, k
+        return best
+
+    def _endgame(self, key: K, remote: Bitmap, now: float) -> int | None:
+        """Only the last few pieces, all already asked for: a second holder for one out a while."""
+        missing = self.missing
+        if missing > self.endgame_pieces or missing > len(self.pending) + len(self.verifying):
+            return None
+        for i, holders in self.pending.items():
+            if (
+                len(holders) == 1 and holders[0][0] != key and i in remote and i not in self.verifying
+                and now - holders[0][1] >= self.endgame_after
+            ):
+                return i
+        return None
+
+    def _drop(self, key: K, index: int) -> None:
+        out = self._out.get(key)
+        if out is not None and out.pop(index, None) is not None and key != self._seed:
+            self._in_flight -= 1
+        self._unpend(index, key)
+
+    def _unpend(self, index: int, key: K) -> None:
+        holders = self.pending.get(index)
+        if holders is None:
+            return
+        holders[:] = [h for h in holders if h[0] != key]
+        if not holders:
+            del self.pending[index]
+        self._refresh(index)
+
+    def _bump(self, index: int, delta: int) -> None:
+        inside = self._pos[index] >= 0
+        if inside:
+            self._take(index)
+        self.avail[index] += delta
+        if inside:
+            self._put(index)
+
+    def _refresh(self, index: int) -> None:
+        want = self.wanted(index)
+        inside = self._pos[index] >= 0
+        if want and not inside:
+            self._put(index)
+        elif inside and not want:
+            self._take(index)
+
+    def _put(self, index: int) -> None:
+        b = max(0, self.avail[index])
+        while len(self._buckets) <= b:
+            self._buckets.append([])
+        bucket = self._buckets[b]
+        # at a random position: the bucket stays in uniformly random order
+        j = self.rng.randrange(len(bucket) + 1)
+        if j == len(bucket):
+            bucket.append(index)
+        else:
+            moved = bucket[j]
+            bucket.append(moved)
+            self._pos[moved] = len(bucket) - 1
+            bucket[j] = index
+        self._pos[index] = j
+
+    def _take(self, index: int) -> None:
+        bucket = self._buckets[max(0, self.avail[index])]
+        p = self._pos[index]
+        last = bucket.pop()
+        if last != index:
+            bucket[p] = last
+            self._pos[last] = p
+        self._pos[index] = -1
+
+    def buckets(self) -> dict[int, set[int]]:
+        """The wanted pieces by availability (for tests and the simulator's views)."""
+        return {b: set(items) for b, items in enumerate(self._buckets) if items}

@@ -1,0 +1,299 @@
+"""
+Tests for L{dragonfly.peer.picker}: a pure module, time and randomness passed in.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dragonfly.core.bitmap import Bitmap
+from dragonfly.peer.picker import Picker
+
+
+def bits(count: int, held: list[int] | range) -> Bitmap:
+    b = Bitmap(count)
+    for i in held:
+        b.set(i)
+    return b
+
+
+def picker(count: int = 8, seed: int = 1, known: bool = True, **kw: object) -> Picker[str]:
+    p: Picker[str] = Picker(count, rng=random.Random(seed), **kw)  # type: ignore[arg-type]
+    if known:
+        for i in range(count):
+            p.digest_known(i)
+    return p
+
+
+def neighbour(p: Picker[str], key: str, held: list[int] | range, seed: bool = False) -> None:
+    p.add(key, seed=seed)
+    p.bitfield(key, bits(p.count, held))
+
+
+# -- rules ----------------------------------------------------------------------------
+
+
+def test_rarest_first() -> None:
+    p = picker(4)
+    neighbour(p, "a", [0, 1, 2, 3])
+    neighbour(p, "b", [0, 1, 3])
+    neighbour(p, "c", [0, 3])
+    # 2 is held by one neighbour, 1 by two, 0 and 3 by three
+    assert p.choose("a", 0.0) == 2
+    p.request("a", 2, 0.0)
+    assert p.choose("a", 0.0) == 1
+    assert p.choose("c", 0.0) in (0, 3)
+
+
+def test_ties_at_random() -> None:
+    seen = Counter()
+    for s in range(200):
+        p = picker(4, seed=s)
+        neighbour(p, "a", [0, 1, 2, 3])
+        seen[p.choose("a", 0.0)] += 1
+    assert set(seen) == {0, 1, 2, 3}
+    assert min(seen.values()) > 20
+
+
+def test_only_wanted_pieces() -> None:
+    p = picker(4, known=False)
+    neighbour(p, "a", [0, 1, 2, 3])
+    assert p.choose("a", 0.0) is None  # no digest known yet
+    p.digest_known(2)
+    assert p.choose("a", 0.0) == 2
+    assert p.verify(2)
+    assert p.choose("a", 0.0) is None
+    p.stored(2)
+    assert 2 in p.have_bits and p.choose("a", 0.0) is None
+
+
+def test_stream_window_goes_first() -> None:
+    p = picker(12)
+    neighbour(p, "a", range(12))
+    neighbour(p, "b", [0, 1, 2, 3, 4, 5, 6, 7, 8])  # 9..11 rarer
+    p.stream_from = 5
+    assert p.choose("a", 0.0) in (5, 6, 7, 8)
+    p.stream_from = None
+    assert p.choose("a", 0.0) in (9, 10, 11)
+
+
+def test_seed_allowance() -> None:
+    p = picker(8)
+    neighbour(p, "seed", range(8), seed=True)
+    assert p.choose("seed", 0.0) is None
+    p.seed_allowed = {3, 5}
+    asked = p.fill(0.0, per_conn=1, limit=4)
+    assert sorted(i for _, i in asked) == [3, 5]
+    assert all(k == "seed" for k, _ in asked)
+    # apart from the budget
+    assert p.in_flight == 0
+    # the seed does not count in the availability
+    assert p.avail == [0] * 8
+
+
+def test_fill_limits() -> None:
+    p = picker(16)
+    for k in "abcde":
+        neighbour(p, k, range(16))
+    asked = p.fill(0.0, per_conn=2, limit=7)
+    assert len(asked) == 7 == p.in_flight
+    assert max(Counter(k for k, _ in asked).values()) <= 2
+    assert len({i for _, i in asked}) == 7  # never the same piece twice
+    assert p.fill(0.0, per_conn=2, limit=7) == []
+
+
+def test_fill_skips_unusable() -> None:
+    p = picker(4)
+    neighbour(p, "a", range(4))
+    neighbour(p, "b", range(4))
+    asked = p.fill(0.0, per_conn=4, limit=8, usable=lambda k: k != "a")
+    assert {k for k, _ in asked} == {"b"}
+
+
+def test_endgame() -> None:
+    p = picker(4, endgame_after=1.0)
+    neighbour(p, "a", range(4))
+    neighbour(p, "b", range(4))
+    for i in (0, 1):
+        assert p.verify(i)
+        p.stored(i)
+    p.request("a", 2, 10.0)
+    p.request("a", 3, 10.0)
+    assert p.choose("b", 10.5) is None  # not out long enough
+    assert p.choose("a", 12.0) is None  # not from the same holder
+    i = p.choose("b", 11.0)
+    assert i == 2
+    p.request("b", 2, 11.0)
+    assert [k for k, _ in p.pending[2]] == ["a", "b"]
+    # the first copy in wins; the other is to be cancelled
+    assert p.received("b", 2) == ["a"]
+    assert 2 not in p.pending and p.outstanding("a") == {3: 10.0}
+
+
+def test_no_endgame_with_many_missing() -> None:
+    p = picker(8)
+    neighbour(p, "a", range(8))
+    neighbour(p, "b", range(8))
+    for i in range(8):
+        p.request("a", i, 0.0)
+    assert p.choose("b", 100.0) is None
+
+
+def test_starving() -> None:
+    p = picker(4)
+    neighbour(p, "seed", range(4), seed=True)
+    neighbour(p, "a", [0])
+    assert not p.starving()
+    p.request("a", 0, 0.0)
+    assert not p.starving()  # a request is out
+    p.received("a", 0)
+    p.verify(0)
+    p.stored(0)
+    assert p.starving()  # only the seed has what we lack
+    p.have("a", 3)
+    assert not p.starving()
+
+
+def test_offer_after_have() -> None:
+    p = picker(4)
+    neighbour(p, "a", [])
+    p.have("a", 1)
+    assert p.avail[1] == 1
+    assert p.offer("a", 1, 0.0, per_conn=1, limit=4)
+    assert p.outstanding("a") == {1: 0.0}
+    p.have("a", 2)
+    assert not p.offer("a", 2, 0.0, per_conn=1, limit=4)  # one out already
+
+
+def test_remove_and_reject() -> None:
+    p = picker(4)
+    neighbour(p, "a", range(4))
+    neighbour(p, "b", [0, 1])
+    p.request("a", 0, 0.0)
+    p.request("b", 1, 0.0)
+    p.rejected("b", 1)
+    assert p.avail == [2, 1, 1, 1] and 1 not in p.remote("b")  # type: ignore[operator]
+    assert p.wanted(1)
+    assert p.remove("a") == [0]
+    assert p.avail == [1, 0, 0, 0] and p.in_flight == 0 and p.wanted(0)
+
+
+# -- properties -----------------------------------------------------------------------------
+
+
+def check(p: Picker[str]) -> None:
+    """The incremental state equals a recount from scratch."""
+    avail = [0] * p.count
+    for k in p.neighbours():
+        r = p.remote(k)
+        if r is not None and k != p.seed:
+            for i in r:
+                avail[i] += 1
+    assert p.avail == avail
+    want: dict[int, set[int]] = {}
+    for i in range(p.count):
+        if p.wanted(i):
+            want.setdefault(avail[i], set()).add(i)
+    assert p.buckets() == want
+    assert p.in_flight == sum(len(p.outstanding(k)) for k in p.neighbours() if k != p.seed)
+    pending: dict[int, set[str]] = {}
+    for k in p.neighbours():
+        for i in p.outstanding(k):
+            pending.setdefault(i, set()).add(k)
+    assert {i: {k for k, _ in hs} for i, hs in p.pending.items()} == pending
+
+
+KEYS = ["seed", "a", "b", "c", "d"]
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(
+            ["add", "bitfield", "have", "lost", "remove", "digest", "fill", "receive", "store", "corrupt",
+             "reject", "stream", "allow", "time"]
+        ),
+        st.sampled_from(KEYS),
+        st.integers(0, 15),
+        st.integers(0, 2**16),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    count=st.integers(1, 16), ops=ops, seed=st.integers(0, 1000),
+    known=st.integers(0, 2**16), start=st.lists(st.integers(0, 2**16), min_size=5, max_size=5),
+)
+def test_incremental_state_matches_recount(
+    count: int, ops: list[tuple[str, str, int, int]], seed: int, known: int, start: list[int],
+) -> None:
+    p: Picker[str] = Picker(count, rng=random.Random(seed))
+    for i in range(count):
+        if known >> i & 1:
+            p.digest_known(i)
+    for key, mask in zip(KEYS, start):
+        if mask & 1:
+            neighbour(p, key, [i for i in range(count) if mask >> (i + 1) & 1], seed=key == "seed")
+    check(p)
+    now = 0.0
+    arrived: list[tuple[str, int]] = []
+    for op, key, index, mask in ops:
+        index %= count
+        if op == "add":
+            p.add(key, seed=key == "seed")
+        elif op == "bitfield":
+            p.bitfield(key, bits(count, [i for i in range(count) if mask >> i & 1]))
+        elif op == "have":
+            p.have(key, index)
+        elif op == "lost":
+            p.lost(key, index)
+        elif op == "remove":
+            p.remove(key)
+        elif op == "digest":
+            p.digest_known(index)
+        elif op == "fill":
+            before = {i: p.wanted(i) for i in range(count)}
+            pending_before = {i: [k for k, _ in hs] for i, hs in p.pending.items()}
+            asked = p.fill(now, per_conn=1 + mask % 3, limit=1 + mask % 5)
+            for k, i in asked:
+                remote = p.remote(k)
+                assert remote is not None and i in remote
+                assert i not in p.have_bits and i not in p.verifying
+                if k == p.seed:
+                    assert i in p.seed_allowed
+                if not before[i]:
+                    # only the endgame asks for a pending piece, from a second holder
+                    assert k != p.seed and pending_before.get(i, [None])[0] != k
+                    assert len(pending_before[i]) == 1
+                    assert p.missing <= p.endgame_pieces
+                before[i] = False
+            assert len({(k, i) for k, i in asked}) == len(asked)
+            arrived.extend(asked)
+        elif op == "receive" and arrived:
+            k, i = arrived.pop(mask % len(arrived))
+            if i in p.outstanding(k):
+                others = p.received(k, i)
+                assert k not in others
+                if p.verify(i):
+                    arrived.append(("!" + k, i))
+        elif op in ("store", "corrupt"):
+            checking = [(k, i) for k, i in arrived if k.startswith("!")]
+            if checking:
+                k, i = checking[mask % len(checking)]
+                arrived.remove((k, i))
+                if op == "store":
+                    p.stored(i)
+                else:
+                    p.corrupt(k[1:], i)
+        elif op == "reject" and index in p.outstanding(key):
+            p.rejected(key, index)
+        elif op == "stream":
+            p.stream_from = None if mask % 3 == 0 else index
+        elif op == "allow":
+            p.seed_allowed = {i for i in range(count) if mask >> i & 1}
+        elif op == "time":
+            now += mask / 1000.0
+        check(p)
