@@ -53,6 +53,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from ..core.headers import NOT_TO_ORIGIN
 from ..core.bitmap import Bitmap
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody, ResumePoint, rehash_prefix
 from ..core.files import pread_exact, unlink_quietly, write_json_atomic
@@ -70,15 +71,6 @@ log = Logger()
 DF_SOURCE_UNREACHABLE = 607
 DF_NEED_AUTH = 608
 DF_SOURCE_ERROR = 610
-
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-        "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
-        "Range", "Accept-Encoding",
-    )
-)
 
 
 @define
@@ -924,5 +916,5 @@ class _Abort(DiscardBody):
 
 
 def _end_to_end(headers: dict[str, str] | None) -> dict[str, str]:
-    """The headers an origin fetch may carry: the client's, less the hop-by-hop ones."""
-    return {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
+    """The headers an origin fetch may carry: the client's, less the hop-by-hop ones and those the fetch sets itself."""
+    return {k: v for k, v in (headers or {}).items() if k.lower() not in NOT_TO_ORIGIN}
