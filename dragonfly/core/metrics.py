@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 from klein import Klein
 from klein.interfaces import IKleinRequest
@@ -55,6 +55,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RoutingException
 
@@ -67,7 +68,7 @@ UNMATCHED = "unmatched"
 
 # no *_created series next to every counter: they double the output and our
 # counters all start with the process anyway
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Distribution:
@@ -111,9 +112,11 @@ def bounded(value: str, allowed: Iterable[str], other: str = "other") -> str:
 def counter(name: str, doc: str, value: float | Mapping[str, float], label: str | None = None) -> Metric:
     """A counter family: one value, or one value per C{label} value."""
     if label is None:
+        assert not isinstance(value, Mapping), "values per label need the label's name"
         return CounterMetricFamily(name, doc, value=value)
+    assert isinstance(value, Mapping), "a label needs a value per label value"
     family = CounterMetricFamily(name, doc, labels=[label])
-    for key, v in sorted(value.items()):  # type: ignore[union-attr]
+    for key, v in sorted(value.items()):
         family.add_metric([key], v)
     return family
 
@@ -121,9 +124,11 @@ def counter(name: str, doc: str, value: float | Mapping[str, float], label: str 
 def gauge(name: str, doc: str, value: float | Mapping[str, float], label: str | None = None) -> Metric:
     """A gauge family: one value, or one value per C{label} value."""
     if label is None:
+        assert not isinstance(value, Mapping), "values per label need the label's name"
         return GaugeMetricFamily(name, doc, value=value)
+    assert isinstance(value, Mapping), "a label needs a value per label value"
     family = GaugeMetricFamily(name, doc, labels=[label])
-    for key, v in sorted(value.items()):  # type: ignore[union-attr]
+    for key, v in sorted(value.items()):
         family.add_metric([key], v)
     return family
 
@@ -188,7 +193,7 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._registry = registry
 
     def render_GET(self, request: IRequest) -> bytes:
@@ -208,14 +213,14 @@ class _NotFound(Resource):
 
 class _MetricsOnly(Resource):
     def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._metrics = MetricsResource(registry)
 
     def getChild(self, path: bytes, request: IRequest) -> Resource:
-        return self._metrics if path == b"metrics" and not request.postpath else _NotFound()
+        return self._metrics if path == b"metrics" and not request.postpath else _NotFound()  # type: ignore[no-untyped-call]
 
     def render(self, request: IRequest) -> bytes:
-        return _NotFound().render(request)
+        return _NotFound().render(request)  # type: ignore[no-untyped-call]
 
 
 def metrics_only_root(registry: CollectorRegistry) -> Resource:
@@ -255,12 +260,13 @@ class _Instrumented(Resource):
     isLeaf = True
 
     def __init__(self, inner: Any, app: Klein, metrics: HttpMetrics) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._inner = inner
         self._app = app
         self._metrics = metrics
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, irequest: IRequest) -> Any:
+        request = cast(Request, irequest)  # what a Site passes
         start = self._metrics.timer()
 
         def done(result: Any, finished: bool) -> None:

@@ -26,6 +26,6 @@ def periodic(interval: float, step: Callable[[], Any], clock: Any, what: str = "
         d.addErrback(lambda f: log.failure("{what} failed", f, what=what))
         return d
 
-    service = TimerService(interval, guarded)  # type: ignore[no-untyped-call]
+    service = TimerService(interval, guarded)
     service.clock = clock
     return service

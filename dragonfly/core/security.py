@@ -150,17 +150,14 @@ class OriginPolicy:
         if literal is None and (self.allow_names or self.allow_nets) and not self.allow_nets:
             # only names are allowed: a name not among them is refused without asking DNS
             if not any(_name_matches(host.lower().rstrip("."), p) for p in self.allow_names):
-                d0: Deferred = Deferred()
-                d0.errback(OriginDenied(f"origin host {host} is not in --origin-allow"))
-                return d0
+                return _failed(OriginDenied(f"origin host {host} is not in --origin-allow"))
         if literal is not None:
             try:
                 self.check_addresses(host, [literal])
             except OriginDenied as e:
-                d: Deferred = Deferred()
-                d.errback(e)
-                return d
+                return _failed(e)
             return succeed([literal])
+        d: Deferred[list[Address]]
         if self._resolve is not None:
             d = self._resolve(host, port)
         elif pool is not None:
@@ -175,8 +172,8 @@ class OriginPolicy:
         return d.addCallback(check)
 
 
-def _failed(e: Exception) -> Deferred:
-    d: Deferred = Deferred()
+def _failed(e: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
     d.errback(e)
     return d
 
@@ -186,7 +183,7 @@ def _getaddrinfo(host: str, port: int) -> list[Address]:
     for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         if family not in (socket.AF_INET, socket.AF_INET6):
             continue
-        addr = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        addr = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
         if addr not in seen:
             seen.append(addr)
     if not seen:
@@ -203,18 +200,19 @@ class _CheckedEndpoint:
         self._host = host
         self._port = port
 
-    def connect(self, protocol_factory: Any) -> Deferred:
+    def connect(self, protocol_factory: Any) -> Deferred[Any]:
         f = self._f
         d = f.policy.check_host(self._host, self._port, f.pool, f.reactor)
 
-        def connect(addresses: list[Address]) -> Deferred:
+        def connect(addresses: list[Address]) -> Deferred[Any]:
             addr = addresses[0]
             cls = TCP6ClientEndpoint if addr.version == 6 else TCP4ClientEndpoint
             endpoint: Any = cls(f.reactor, str(addr), self._port, timeout=f.connect_timeout)
             if self._scheme == b"https":
                 creator = f.tls_policy.creatorForNetloc(self._host.encode("idna"), self._port)
                 endpoint = wrapClientTLS(creator, endpoint)
-            return endpoint.connect(protocol_factory)
+            connecting: Deferred[Any] = endpoint.connect(protocol_factory)
+            return connecting
 
         return d.addCallback(connect)
 

@@ -41,7 +41,7 @@ class ListeningService(Service):
         self._ports: list[Any] = []
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
 
     def _start_failed(self, f: Any) -> None:
@@ -62,8 +62,8 @@ class ListeningService(Service):
     async def _before_stop(self) -> None:
         """A subclass's last words (leave the SuperNode, ...)."""
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        super().stopService()  # type: ignore[no-untyped-call]
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -25,11 +25,11 @@ class WorkerPool(Service):
         self.pool = ThreadPool(minthreads=1, maxthreads=size, name=name)
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.pool.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         self.pool.stop()
 
     def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":

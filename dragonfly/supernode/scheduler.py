@@ -42,7 +42,7 @@ from attrs import define, field
 from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
-from ..core.ids import SEED_ID
+from ..core.ids import SEED_ID as SEED_ID  # re-exported for the SuperNode and its tap
 from ..core.logs import task_log
 
 log = Logger()
