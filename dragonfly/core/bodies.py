@@ -17,8 +17,9 @@ integer, and C{80.0} is not an integer either.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 from .httpapi import ApiError
 

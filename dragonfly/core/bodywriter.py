@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable, cast
+from collections.abc import Callable
+from typing import Any, cast
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed

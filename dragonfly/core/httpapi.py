@@ -12,7 +12,8 @@ concurrent connections); the three daemons' taps apply it to their sites.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from attrs import define
 from attrs import field as attrs_field

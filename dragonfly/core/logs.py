@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent

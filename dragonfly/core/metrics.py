@@ -44,13 +44,14 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence, cast
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 from klein import Klein
 from klein.interfaces import IKleinRequest
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.web.iweb import IRequest
@@ -91,7 +92,7 @@ class Distribution:
     def cumulative(self) -> list[tuple[str, int]]:
         """(le, observations <= le) for each bound and +Inf, as Prometheus wants them."""
         out, total = [], 0
-        for bound, n in zip([*map(_float_str, self.bounds), "+Inf"], self.counts):
+        for bound, n in zip([*map(_float_str, self.bounds), "+Inf"], self.counts, strict=True):
             total += n
             out.append((bound, total))
         return out

@@ -9,7 +9,8 @@ fires (L{twisted.internet.task.LoopingCall}'s rule).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import maybeDeferred

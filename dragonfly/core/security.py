@@ -16,7 +16,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import socket
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, succeed
@@ -128,7 +129,7 @@ class OriginPolicy:
         shown = ", ".join(str(a) for a in addresses) or "no address"
         raise OriginDenied(f"origin host {host} ({shown}) is not in --origin-allow")
 
-    def check_url(self, url: str, pool: Any = None, reactor: Any = None) -> "Deferred[list[Address]]":
+    def check_url(self, url: str, pool: Any = None, reactor: Any = None) -> Deferred[list[Address]]:
         """
         Resolve C{url}'s host (in C{pool}, off the reactor thread) and check
         it; fires with its addresses, or fails with L{OriginDenied}.
@@ -137,7 +138,7 @@ class OriginPolicy:
         port = urlsplit(url).port or (443 if url.lower().startswith("https:") else 80)
         return self.check_host(host, port, pool, reactor)
 
-    def check_host(self, host: str, port: int, pool: Any = None, reactor: Any = None) -> "Deferred[list[Address]]":
+    def check_host(self, host: str, port: int, pool: Any = None, reactor: Any = None) -> Deferred[list[Address]]:
         try:
             literal = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
@@ -194,7 +195,7 @@ def _getaddrinfo(host: str, port: int) -> list[Address]:
 class _CheckedEndpoint:
     """Resolve, check every address, then connect to a checked one (TLS on top for https)."""
 
-    def __init__(self, factory: "PolicyEndpointFactory", scheme: bytes, host: str, port: int) -> None:
+    def __init__(self, factory: PolicyEndpointFactory, scheme: bytes, host: str, port: int) -> None:
         self._f = factory
         self._scheme = scheme
         self._host = host
