@@ -50,6 +50,7 @@ class Schemas:
         self.value_codes = dict(value_codes or {})
 
     def resolve(self, schema: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The schema C{schema} stands for, its C{$ref}s followed."""
         while "$ref" in schema:
             schema = self._components[schema["$ref"].rsplit("/", 1)[1]]
         return schema

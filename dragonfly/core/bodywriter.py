@@ -175,6 +175,7 @@ class ChunkedFileWriter(Protocol):
             self._hold()
 
     def connectionMade(self) -> None:
+        """Arm the idle timer and read the socket in large blocks."""
         self._idle = self._clock.callLater(self._idle_timeout, self._stalled)
         # read the socket in large blocks: the cost of a body is per read as
         # much as per byte (the transport given is a proxy of the connection's)
@@ -229,6 +230,7 @@ class ChunkedFileWriter(Protocol):
         self._release()
 
     def dataReceived(self, data: bytes) -> None:
+        """Count, charge against the rate limit, and gather the bytes into chunks."""
         if self._error is not None:
             return
         if self._idle is not None and self._idle.active():
@@ -299,6 +301,7 @@ class ChunkedFileWriter(Protocol):
         self._chain.addCallbacks(stored, failed)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The body ended: write the rest, then fire C{done} (or fail it)."""
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         complete = bool(reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self._expected is None))
@@ -333,4 +336,5 @@ class DiscardBody(Protocol):
     """Reads and drops a response body (an error page we do not need)."""
 
     def dataReceived(self, data: bytes) -> None:
+        """Drop the bytes."""
         pass

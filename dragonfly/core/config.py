@@ -158,6 +158,7 @@ class ConfigFileOptions(usage.Options):
         self._flags = {o for o in self.longOpt if not o.endswith("=")}
 
     def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse C{options} (C{sys.argv[1:]} by default) over the settings of the config file."""
         if options is None:
             options = sys.argv[1:]
         options = list(options)

@@ -44,6 +44,7 @@ class Watermark:
 
     @property
     def relative(self) -> bool:
+        """Whether the watermark is a percentage of the filesystem (else a byte count)."""
         return self.percent is not None
 
     def bytes_of(self, total: int) -> int:

@@ -45,10 +45,12 @@ class ApiError(Exception):
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
+        """The error as the API's JSON envelope."""
         return {"error": {"code": self.code, "message": self.message, **self.extra}}
 
 
 def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
+    """Answer C{request} with C{body} as JSON and C{status}; the bytes to return from a route."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
@@ -115,6 +117,7 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, req
 
 
 def str_dict(body: dict[str, Any], name: str) -> dict[str, str]:
+    """The optional field C{name} of C{body}: a map of header names to strings ({} when absent)."""
     value: dict[str, str] = field(body, name, dict, required=False, default={})
     if not all(isinstance(v, str) for v in value.values()) or not safe_header_map(value):
         raise ApiError(400, "BAD_FIELD", f"field {name!r} must map header names to strings")
@@ -197,6 +200,7 @@ class GuardedChannel(HTTPChannel):
     _body_seen = 0
 
     def connectionMade(self) -> None:
+        """Refuse a connection past C{max_connections}, else count it and start its header timer."""
         super().connectionMade()  # type: ignore[no-untyped-call]
         if self.limits.open >= self.limits.max_connections:
             self._refuse(503, "TOO_MANY_CONNECTIONS", f"more than {self.limits.max_connections} connections open; try again")
@@ -206,6 +210,7 @@ class GuardedChannel(HTTPChannel):
         self._arm()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Stop the header timer and stop counting the connection."""
         self._disarm()
         if self._counted:
             self._counted = False
@@ -241,6 +246,7 @@ class GuardedChannel(HTTPChannel):
         self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)  # type: ignore[no-untyped-call]
 
     def dataReceived(self, data: bytes) -> None:
+        """Drop what arrives after a refusal; a new request's first bytes start the header timer."""
         if self._refused:
             return
         if self.line_mode:
@@ -248,6 +254,7 @@ class GuardedChannel(HTTPChannel):
         super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def headerReceived(self, line: bytes) -> bool:
+        """Refuse a second framing header, a malformed Content-Length or one over C{max_body}."""
         name, sep, value = line.partition(b":")
         name = name.strip().lower()
         if sep and name in (b"content-length", b"transfer-encoding"):
@@ -265,6 +272,7 @@ class GuardedChannel(HTTPChannel):
         return bool(super().headerReceived(line))  # type: ignore[no-untyped-call]
 
     def allHeadersReceived(self) -> None:
+        """Stop the header timer; count a chunked body as it arrives."""
         self._disarm()
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
         self._body_seen = 0
@@ -283,16 +291,19 @@ class GuardedChannel(HTTPChannel):
             decoder.dataCallback = counted
 
     def allContentReceived(self) -> None:
+        """Hand the request on, unless the connection was refused."""
         if self._refused:
             return
         super().allContentReceived()  # type: ignore[no-untyped-call]
 
     def lineReceived(self, line: bytes) -> Any:
+        """Parse the line, unless the connection was refused."""
         if self._refused:
             return None
         return super().lineReceived(line)  # type: ignore[no-untyped-call]
 
     def rawDataReceived(self, data: bytes) -> None:
+        """Take body bytes, unless the connection was refused."""
         if self._refused:
             return
         super().rawDataReceived(data)

@@ -85,6 +85,7 @@ class Distribution:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        """Count one observation of C{value}."""
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.count += 1
         self.sum += value
@@ -135,6 +136,7 @@ def gauge(name: str, doc: str, value: float | Mapping[str, float], label: str | 
 
 
 def histogram(name: str, doc: str, dist: Distribution) -> Metric:
+    """A histogram family from C{dist}."""
     return HistogramMetricFamily(name, doc, buckets=dist.cumulative(), sum_value=dist.sum)
 
 
@@ -198,6 +200,7 @@ class MetricsResource(Resource):
         self._registry = registry
 
     def render_GET(self, request: IRequest) -> bytes:
+        """The registry's metrics in the exposition format the request accepts."""
         return render_metrics(request, self._registry)
 
     render_HEAD = render_GET
@@ -253,6 +256,7 @@ class HttpMetrics:
         return _Instrumented(resource, app, self)
 
     def observe(self, handler: str, code: str, seconds: float) -> None:
+        """Count one request to C{handler} answered with C{code} after C{seconds}."""
         self.requests.labels(handler, code).inc()
         self.duration.labels(handler).observe(seconds)
 

@@ -105,6 +105,7 @@ class OriginPolicy:
 
     @property
     def open(self) -> bool:
+        """Whether no allow or deny list is configured."""
         return not (self.allow_names or self.allow_nets or self.deny_names or self.deny_nets)
 
     def check_addresses(self, host: str, addresses: Iterable[Address]) -> None:
@@ -139,6 +140,10 @@ class OriginPolicy:
         return self.check_host(host, port, pool, reactor)
 
     def check_host(self, host: str, port: int, pool: Any = None, reactor: Any = None) -> Deferred[list[Address]]:
+        """
+        Fires with the checked addresses of C{host} (resolved in C{pool} or
+        the reactor's pool), or fails with L{OriginDenied}.
+        """
         try:
             literal = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
@@ -230,5 +235,6 @@ class PolicyEndpointFactory:
         self.connect_timeout = connect_timeout
 
     def endpointForURI(self, uri: Any) -> _CheckedEndpoint:
+        """An endpoint that checks the origin's addresses before it connects to C{uri}."""
         host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
         return _CheckedEndpoint(self, uri.scheme, host, uri.port)

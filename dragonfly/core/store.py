@@ -46,7 +46,8 @@ T = TypeVar("T")
 class Pool(Protocol):
     """What the store needs of a worker pool (L{dragonfly.core.threads.WorkerPool})."""
 
-    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]: ...
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """Run C{f} in the pool; fires with its result in the reactor thread."""
 
 
 class TaskStore:
@@ -78,11 +79,13 @@ class TaskStore:
     # -- names (no I/O) ----------------------------------------------------------
 
     def data_path(self, task_id: str) -> str:
+        """The data file of C{task_id} (ValueError for a malformed id)."""
         if not is_task_id(task_id):
             raise ValueError(f"bad task id {task_id!r}")
         return os.path.join(self.root, task_id + ".data")
 
     def meta_path(self, task_id: str) -> str:
+        """The meta file of C{task_id}."""
         return self.data_path(task_id)[: -len(".data")] + self._meta_suffix
 
     # -- writing -------------------------------------------------------------------

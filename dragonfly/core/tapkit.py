@@ -31,6 +31,7 @@ class QuietSite(Site):
             super().__init__(resource, *args, **kwargs)  # type: ignore[no-untyped-call]
 
     def log(self, request: Any) -> None:
+        """Log nothing per request."""
         pass
 
 

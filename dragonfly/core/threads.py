@@ -26,10 +26,12 @@ class WorkerPool(Service):
         self.pool = ThreadPool(minthreads=1, maxthreads=size, name=name)
 
     def startService(self) -> None:
+        """Start the threads."""
         super().startService()  # type: ignore[no-untyped-call]
         self.pool.start()
 
     def stopService(self) -> None:
+        """Stop the threads (waits for the jobs under way)."""
         super().stopService()  # type: ignore[no-untyped-call]
         self.pool.stop()
 
