@@ -343,6 +343,7 @@ def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
             return direct_download(opts, bar, deadline)
         _trace("asking")
         started = _call(api, "POST", "/api/v1/downloads", body)
+    assert api is not None  # the dfpeer that answered
     task_id = started["taskId"]
     _trace("posted")
     while True:

@@ -195,6 +195,7 @@ class SeedSide:
 
     # CDN listener
     def length_known(self, task: CdnTask) -> None:
+        assert task.available is not None  # known with the length
         for conn in list(self.conns):
             conn.send_bitfield(task.available)
 
