@@ -75,6 +75,7 @@ class PeerDaemon:
         self.http = http
         self.store = PieceStore(home, pool, clock=reactor)
         self.client = SupernodeClient(supernode_http or http, nodes, reactor, token=cluster_token)
+        self.client.on_node_back.append(self._node_back)
         self.block_port = 0
         self.peer_id = ""
         self.block_factory = BlockFactory(
@@ -129,6 +130,33 @@ class PeerDaemon:
             except SupernodeUnavailable as e:
                 log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
 
+    def _node_back(self, node: str) -> None:
+        """A SuperNode answers again: register with it, and announce there the finished tasks it owns."""
+
+        async def back() -> None:
+            if not self.peer_id:
+                return
+            try:
+                await self.client.register_peer(
+                    PeerRegistration(self.peer_id, self.ip, self.block_port, socket.gethostname()), node,
+                )
+            except (SupernodeError, SupernodeUnavailable) as e:
+                log.info("could not register with supernode {node}: {why}", node=node, why=str(e))
+                return
+            for task in list(self.tasks.values()):
+                if task.state is not State.DONE or not task.digests or task.session.pinned == node:
+                    continue
+                if self.client.route(task.task_id)[0] != node:
+                    continue
+                task.session.unpin()
+                try:
+                    await task.session.register()
+                    await self._announce_pieces(task)
+                except (SupernodeError, SupernodeUnavailable) as e:
+                    log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
+
+        Deferred.fromCoroutine(back())
+
     async def leave(self) -> None:
         try:
             await self.client.leave(self.peer_id)
@@ -156,7 +184,7 @@ class PeerDaemon:
     async def _announce_pieces(self, task: PeerTask) -> None:
         """Tell the SuperNode every piece we hold of a finished task."""
         report = SyncReport(self.peer_id, have=task.have or (), digests_from=task.count or 0, version=task.version)
-        await self.client.sync(task.task_id, report)
+        await task.session.sync(report)
 
     def drop(self, task: PeerTask) -> None:
         """Forget a finished task and remove its file (its content is no longer the origin's)."""
@@ -254,7 +282,7 @@ class PeerDaemon:
         await self.store.remove(task_id)
         if self.registered and task.state is State.DONE:
             try:
-                await self.client.leave_task(task_id, self.peer_id)
+                await self.client.leave_task(task_id, self.peer_id, task.session.route())
             except (SupernodeError, SupernodeUnavailable) as e:
                 log.info("could not tell the supernode we dropped {task}: {why}", task=task_id, why=str(e))
 
@@ -390,6 +418,7 @@ class PeerService(ListeningService):
             daemon.reactor.stop()
 
     async def _before_stop(self) -> None:
+        self.daemon.client.stop()
         for service in self._loops:
             if service.running:
                 # not awaited: a heartbeat in flight must not hold up the leave
