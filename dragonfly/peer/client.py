@@ -61,7 +61,7 @@ class NodeHealth:
     A node that answers anything (a call or a probe) is up again.
     """
 
-    def __init__(self, clock: Any, first: float = 1.0, cap: float = 30.0) -> None:
+    def __init__(self, clock: Any, first: float = 1.0, cap: float = 10.0) -> None:
         self._clock = clock
         self.first = first
         self.cap = cap
@@ -100,7 +100,7 @@ class SupernodeClient:
 
     def __init__(
         self, http: Any, nodes: list[str], clock: Any, timeout: float = 10.0, token: str | None = None,
-        probe_first: float = 1.0, probe_cap: float = 30.0,
+        probe_first: float = 1.0, probe_cap: float = 10.0,
     ) -> None:
         self._token = token
         self._http = http
