@@ -418,7 +418,6 @@ class PeerService(ListeningService):
             daemon.reactor.stop()
 
     async def _before_stop(self) -> None:
-        self.daemon.client.stop()
         for service in self._loops:
             if service.running:
                 # not awaited: a heartbeat in flight must not hold up the leave
@@ -430,3 +429,4 @@ class PeerService(ListeningService):
                 await d
             except Exception:
                 pass
+        self.daemon.client.stop()  # no more health probes
