@@ -7,6 +7,7 @@ and restarted, time is a L{Clock}.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Coroutine
 
 import pytest
@@ -257,3 +258,24 @@ def test_weights_travel_with_the_addresses(clock: Clock) -> None:
     assert parse_nodes("a:1=3,b, c:2=1") == ["a:1=3", "b:8002", "c:2"]
     _, client = make(clock, parse_nodes("a:1=3,b:1"))
     assert client.nodes == ["a:1", "b:1"] and [n.weight for n in client.ring] == [3, 1]
+
+
+def test_the_programs_refuse_a_bad_weight_at_startup(tmp_path: Any, capsys: Any) -> None:
+    from twisted.python import usage
+
+    from dragonfly.cli import dfget
+    from dragonfly.daemon import tap as dfdaemon_tap
+    from dragonfly.peer import tap as dfpeer_tap
+
+    code = dfget.main(["-u", "http://origin/x", "-o", str(tmp_path / "out"), "--home", str(tmp_path / "h"),
+                       "--supernode", "sn1:8002=two", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == dfget.EXIT_USAGE and "weight 'two'" in err and os.listdir(tmp_path) == []
+    o = dfget.validate(dfget.build_parser().parse_args(["-u", "http://o/x", "-o", "x", "--supernode", "a:1=2,b:1"]))
+    assert o["nodes"] == ["a:1=2", "b:1"]
+    for options in (dfpeer_tap.Options(), dfdaemon_tap.Options()):
+        with pytest.raises(usage.UsageError, match="weight '0'"):
+            options.parseOptions(["--supernode", "a:1=0", "--home", str(tmp_path)])
+    good = dfpeer_tap.Options()
+    good.parseOptions(["--supernode", "127.0.0.1:1=3,127.0.0.1:2", "--home", str(tmp_path), "--ip", "127.0.0.1"])
+    assert good["nodes"] == ["127.0.0.1:1=3", "127.0.0.1:2"]
