@@ -105,6 +105,7 @@ class PeerDaemon:
     async def heartbeat(self) -> None:
         try:
             await self.client.heartbeat(self.peer_id)
+            await self._converge()
         except SupernodeError as e:
             if e.code == "PEER_UNKNOWN":
                 await self.register()
@@ -143,19 +144,29 @@ class PeerDaemon:
             except (SupernodeError, SupernodeUnavailable) as e:
                 log.info("could not register with supernode {node}: {why}", node=node, why=str(e))
                 return
-            for task in list(self.tasks.values()):
-                if task.state is not State.DONE or not task.digests or task.session.pinned == node:
-                    continue
-                if self.client.route(task.task_id)[0] != node:
-                    continue
-                task.session.unpin()
-                try:
-                    await task.session.register()
-                    await self._announce_pieces(task)
-                except (SupernodeError, SupernodeUnavailable) as e:
-                    log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
+            await self._converge()
 
         Deferred.fromCoroutine(back())
+
+    async def _converge(self) -> None:
+        """
+        Each finished task whose session is pinned to a node other than the
+        first live one of its ranking (it failed over, and its owner is back)
+        moves there: registered and announced, its copy is a seed of the
+        owner's swarm, where new downloads go.
+        """
+        for task in list(self.tasks.values()):
+            pinned = task.session.pinned
+            if task.state is not State.DONE or not task.digests or pinned is None:
+                continue
+            if self.client.route(task.task_id)[0] == pinned:
+                continue
+            task.session.unpin()
+            try:
+                await task.session.register()
+                await self._announce_pieces(task)
+            except (SupernodeError, SupernodeUnavailable) as e:
+                log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
 
     async def leave(self) -> None:
         try:
