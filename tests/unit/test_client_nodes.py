@@ -17,6 +17,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from dragonfly.core import rendezvous
+from dragonfly.core.ids import task_id
 from dragonfly.core.nodes import parse_nodes
 from dragonfly.peer.client import NodeHealth, SupernodeClient, SupernodeError, SupernodeUnavailable
 from dragonfly.peer.session import TaskSession
@@ -61,8 +62,9 @@ class FakeNode:
         if parts[-1] == "tasks" and method == "POST":
             if body["peerId"] not in self.peers:
                 return Response(404, {"error": {"code": "PEER_UNKNOWN", "message": "who?"}})
-            self.swarms.setdefault(body["url"], set()).add(body["peerId"])
-            return Response(200, {"taskId": body["url"], "task": {"taskId": body["url"], "status": "running"}})
+            tid = task_id(body["url"]) if body["url"].startswith("http") else body["url"]
+            self.swarms.setdefault(tid, set()).add(body["peerId"])
+            return Response(200, {"taskId": tid, "task": {"taskId": tid, "status": "running"}})
         if parts[-1] == "sync":
             task = parts[-2]
             if body["peerId"] not in self.swarms.get(task, ()):
@@ -279,3 +281,38 @@ def test_the_programs_refuse_a_bad_weight_at_startup(tmp_path: Any, capsys: Any)
     good = dfpeer_tap.Options()
     good.parseOptions(["--supernode", "127.0.0.1:1=3,127.0.0.1:2", "--home", str(tmp_path), "--ip", "127.0.0.1"])
     assert good["nodes"] == ["127.0.0.1:1=3", "127.0.0.1:2"]
+
+
+def test_finished_tasks_follow_their_owner_both_ways(tmp_path: Any, clock: Clock) -> None:
+    """A dfpeer's finished task announces itself to the first live node of its ranking, at each heartbeat."""
+    from dragonfly.peer.daemon import PeerDaemon
+    from dragonfly.peer.task import PeerTask
+    from tests.unit.test_supernode_api import PIECE, SyncPool
+
+    http = FakeHttp(clock)
+    daemon = PeerDaemon(clock, str(tmp_path), NODES, "10.0.0.2", SyncPool(), http)
+    daemon.listening(40000)
+    url = next(u for u in (f"http://origin.test/{i}" for i in range(1000)) if daemon.client.owner(task_id(u)) == "a:1")
+    tid = task_id(url)
+    task = PeerTask(daemon, tid, {"url": url})
+    task.restore({"length": PIECE, "pieceSize": PIECE, "digests": ["00" * 32], "lastAccess": 0.0})
+    daemon.tasks[tid] = task
+    run(daemon.register())
+    run(task.session.register())
+    assert task.session.pinned == "a:1" and daemon.peer_id in http.nodes["a:1"].swarms[tid]
+    heir = daemon.client.route(tid)[1]
+
+    # the owner dies: the heartbeat notices, and the finished copy becomes a seed of the next node
+    http.nodes["a:1"].up = False
+    run(daemon.heartbeat())
+    assert task.session.pinned == heir and daemon.peer_id in http.nodes[heir].swarms[tid]
+    # the owner comes back with no memory: its probe finds it, the dfpeer registers there and announces the task
+    http.nodes["a:1"].restart()
+    clock.advance(1.0)
+    assert daemon.peer_id in http.nodes["a:1"].peers
+    assert task.session.pinned == "a:1" and daemon.peer_id in http.nodes["a:1"].swarms[tid]
+    # steady state: a heartbeat moves nothing
+    n = len(http.log)
+    run(daemon.heartbeat())
+    assert sorted(p.rsplit("/", 1)[-1] for _, _, p in http.log[n:]) == ["heartbeat"] * 3
+    daemon.client.stop()
