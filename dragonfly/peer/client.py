@@ -27,7 +27,14 @@ from twisted.logger import Logger
 from ..core import rendezvous
 from ..core.nodes import node_host, node_url, parse_nodes
 from ..protocol.supernode_api import (
-    PeerEntry, PeerRegistered, PeerRegistration, SyncAnswer, SyncReport, TaskDetail, TaskRegistered, TaskRequest,
+    PeerEntry,
+    PeerRegistered,
+    PeerRegistration,
+    SyncAnswer,
+    SyncReport,
+    TaskDetail,
+    TaskRegistered,
+    TaskRequest,
     TaskView,
 )
 
@@ -171,8 +178,8 @@ class SupernodeClient:
             try:
                 await self._request(node, "GET", "/healthz", None)
             except SupernodeError:
-                self._answered(node)  # it answers, if only with an error: it is up
-            except Exception:
+                pass  # it answers, if only with an error: it is up (marked so by _request)
+            except SupernodeUnavailable:
                 if not self.health.alive(node):
                     self._schedule_probe(node, self.health.probe_failed(node))
             else:
@@ -271,7 +278,7 @@ class SupernodeClient:
         the next one tried.  Prefer the typed methods above.
         """
         order = nodes if nodes is not None else self._order(self.nodes)
-        last: Exception | None = None
+        last: BaseException | None = None
         for node in order:
             try:
                 return await self._request(node, method, path, body)
@@ -291,17 +298,17 @@ class SupernodeClient:
         """
         if nodes is None:
             nodes = [n for n in self.nodes if self.health.alive(n)] or list(self.nodes)
-        results = await DeferredList(
+        results: list[tuple[bool, Any]] = await DeferredList(
             [Deferred.fromCoroutine(self._request(n, method, path, body)) for n in nodes], consumeErrors=True,
         )
         answers = [r for ok, r in results if ok]
-        refusals = [r.value for ok, r in results if not ok and isinstance(r.value, SupernodeError)]
+        errors: list[BaseException] = [r.value for ok, r in results if not ok]
+        refusals = [e for e in errors if isinstance(e, SupernodeError)]
         if refusals:
             raise refusals[0]
         if answers:
-            return answers[0]
-        errors = [r.value for ok, r in results if not ok]
-        last = errors[-1].__cause__ if errors and errors[-1].__cause__ else (errors[-1] if errors else None)
+            return answers[0]  # type: ignore[no-any-return]
+        last = (errors[-1].__cause__ or errors[-1]) if errors else None
         raise SupernodeUnavailable(f"no supernode answered ({', '.join(nodes)}): {last}")
 
     async def _request(self, node: str, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:

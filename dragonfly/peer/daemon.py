@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -156,12 +156,13 @@ class PeerDaemon:
         owner's swarm, where new downloads go.
         """
         for task in list(self.tasks.values()):
-            pinned = task.session.pinned
+            session = cast(TaskSession, task.session)  # made by self.session()
+            pinned = session.pinned
             if task.state is not State.DONE or not task.digests or pinned is None:
                 continue
             if self.client.route(task.task_id)[0] == pinned:
                 continue
-            task.session.unpin()
+            session.unpin()
             try:
                 await task.session.register()
                 await self._announce_pieces(task)
@@ -293,7 +294,7 @@ class PeerDaemon:
         await self.store.remove(task_id)
         if self.registered and task.state is State.DONE:
             try:
-                await self.client.leave_task(task_id, self.peer_id, task.session.route())
+                await self.client.leave_task(task_id, self.peer_id, cast(TaskSession, task.session).route())
             except (SupernodeError, SupernodeUnavailable) as e:
                 log.info("could not tell the supernode we dropped {task}: {why}", task=task_id, why=str(e))
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 from twisted.internet import defer
@@ -19,7 +20,12 @@ from twisted.python.failure import Failure
 from dragonfly.core import rendezvous
 from dragonfly.core.ids import task_id
 from dragonfly.core.nodes import parse_nodes
-from dragonfly.peer.client import NodeHealth, SupernodeClient, SupernodeError, SupernodeUnavailable
+from dragonfly.peer.client import (
+    NodeHealth,
+    SupernodeClient,
+    SupernodeError,
+    SupernodeUnavailable,
+)
 from dragonfly.peer.session import TaskSession
 from dragonfly.protocol.supernode_api import PeerRegistration, SyncReport
 
