@@ -85,16 +85,21 @@ def test_kill_the_owner_of_a_task_mid_download(tmp_path):
             root.mkdir()
             digests[name] = write_random_file(str(root / name), SIZE)
             origins[name] = start_origin(swarm, str(root), f"origin{i}")
-        ports = [(free_port(), free_port()) for _ in range(3)]
-        nodes = [f"127.0.0.1:{p}" for p, _ in ports]
+        urls = {name: f"{origins[name]}/{name}" for name in FILES}
+        tids = {name: task_id(url) for name, url in urls.items()}
+        for _ in range(100):
+            # ports such that the victim does not own every task: some must stay put
+            ports = [(free_port(), free_port()) for _ in range(3)]
+            nodes = [f"127.0.0.1:{p}" for p, _ in ports]
+            ring = rendezvous.parse_nodes(",".join(nodes))
+            if len({rendezvous.owner(ring, tid) for tid in tids.values()}) > 1:
+                break
         procs = {f"sn{i}": start_supernode(swarm, f"sn{i}", p, b) for i, (p, b) in enumerate(ports)}
         swarm.supernode_addr = ",".join(nodes)  # what start_peer and dfget pass as --supernode / --node
         names = [f"p{i}" for i in range(PEERS)]
         for n in names:
             swarm.start_peer(n)
 
-        urls = {name: f"{origins[name]}/{name}" for name in FILES}
-        tids = {name: task_id(url) for name, url in urls.items()}
         ring = rendezvous.parse_nodes(swarm.supernode_addr)
         owners = {name: rendezvous.owner(ring, tids[name]).address for name in FILES}
         victim = owners["f0.bin"]
@@ -125,6 +130,7 @@ def test_kill_the_owner_of_a_task_mid_download(tmp_path):
         # the swarm of f0.bin moved whole to the next node of its ranking
         assert task_peers(heir, tids["f0.bin"]) == sorted(swarm.peers[n]["peerId"] for n in names)
         # the other tasks stayed on their owners (those the victim owned moved too)
+        assert any(owners[name] != victim for name in FILES)
         for name in FILES[1:]:
             if owners[name] != victim:
                 assert task_peers(owners[name], tids[name]) == sorted(swarm.peers[n]["peerId"] for n in names)
