@@ -233,6 +233,14 @@ class ChunkedFileWriter(Protocol):
         """Count, charge against the rate limit, and gather the bytes into chunks."""
         if self._error is not None:
             return
+        if self._holds:
+            # held, yet bytes come: twisted.web's Response.deliverBody resumes
+            # the transport right after connectionMade paused it, so a hold
+            # taken before the body began (no file yet, a rate debt) would
+            # never pause it; pause again (idempotent)
+            source = self._source()
+            if source is not None:
+                source.pauseProducing()
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._idle_timeout)
         n = len(data)

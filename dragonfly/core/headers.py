@@ -15,5 +15,15 @@ NOT_TO_ORIGIN: frozenset[str] = HOP_BY_HOP | {"host", "content-length", "range",
 
 
 def safe_header_map(headers: dict[str, str]) -> bool:
-    """Header names and values a request may carry on: no CR, LF or NUL to split or end a header line."""
-    return not any(c in k or c in v for k, v in headers.items() for c in "\r\n\x00")
+    """
+    Header names and values a request may carry on: a map of non-empty
+    names to strings, with no CR, LF or NUL to split or end a header line.
+    """
+    if not isinstance(headers, dict):
+        return False
+    for k, v in headers.items():
+        if not isinstance(k, str) or not isinstance(v, str) or not k:
+            return False
+        if any(c in k or c in v for c in "\r\n\x00"):
+            return False
+    return True

@@ -242,7 +242,8 @@ class BlockFactory(Factory):
 
     def connect(self, endpoint: Any, proto: "BlockProtocol") -> "Deferred[BlockProtocol]":
         """Open an outgoing connection on C{endpoint} for a L{client} protocol."""
-        return endpoint.connect(_OneShot(proto))
+        d: Deferred[BlockProtocol] = endpoint.connect(_OneShot(proto))
+        return d
 
 
 class _OneShot(Factory):
@@ -493,7 +494,7 @@ class BlockProtocol(Protocol):
             self._do(conn.rx_filled(n))
         return total
 
-    def _pace_download(self, limits: list, nbytes: int) -> None:
+    def _pace_download(self, limits: "list[TokenBucket | None]", nbytes: int) -> None:
         """Hold reading while the side's download limits (per task, per host) say so."""
         delay = delay_for(limits, nbytes)
         if delay > 0 and not self._read_paused and not self.closed:
@@ -611,7 +612,8 @@ class BlockProtocol(Protocol):
             return None
         if span is None or span[2] != self._conn.side.piece_length(index):
             return None
-        return span
+        fd, offset, length = span
+        return int(fd), int(offset), int(length)
 
     def _piece_read(self, data: bytes, index: int) -> None:
         self._reading = None

@@ -536,3 +536,45 @@ def test_the_supernode_gc_deletes_old_parked_prefixes(env: Env) -> None:
         os.utime(os.path.join(env.home, "resume", name), (1.0, 1.0))
     gc.run()
     assert env.files("resume") == []
+
+
+def test_a_held_body_stays_paused_though_deliver_body_resumes_the_transport(tmp_path: Any) -> None:
+    """
+    twisted.web's Response.deliverBody resumes the transport right after the
+    body protocol's connectionMade; a writer still held (no file yet, a rate
+    debt) pauses it again on the first bytes, so the origin rate limit and
+    the wait for the file hold from the first byte on.
+    """
+    from dragonfly.core.ratelimit import TokenBucket
+
+    class Transport(FakeTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.running = True
+
+        def pauseProducing(self) -> None:
+            super().pauseProducing()
+            self.running = False
+
+        def resumeProducing(self) -> None:
+            self.running = True
+
+    clock = Clock()
+    writer = ChunkedFileWriter(SyncPool(), clock, None, PIECE, limit=TokenBucket(1 << 20, clock))
+    t = Transport()
+    writer.makeConnection(t)  # held: no file yet
+    assert not t.running
+    t.resumeProducing()  # what deliverBody does next
+    writer.dataReceived(b"x" * 1000)
+    assert not t.running
+    fd = os.open(str(tmp_path / "f"), os.O_WRONLY | os.O_CREAT, 0o644)
+    writer.attach(fd)
+    assert t.running
+    # a rate debt pauses it, the clock resumes it
+    writer.dataReceived(b"x" * (2 << 20))
+    assert not t.running
+    t.resumeProducing()  # anything else that resumes it is overruled by the next bytes
+    writer.dataReceived(b"x" * 10)
+    assert not t.running
+    clock.advance(3)
+    assert t.running

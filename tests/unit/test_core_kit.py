@@ -92,3 +92,10 @@ def test_read_token(tmp_path: Any) -> None:
     for value, file in (("short", None), ("has space in", None), ("x" * 8, str(path)), (None, str(tmp_path / "none"))):
         with pytest.raises(usage.UsageError):
             read_token(value, file, "cluster")
+
+
+def test_a_header_map_must_map_names_to_strings() -> None:
+    """What a JSON body may put in 'headers' beyond strings is refused, never a crash (schemathesis found {'': None})."""
+    assert safe_header_map({"A": "b"})
+    for bad in ({"": None}, {"A": None}, {"A": 1}, {"": "x"}, {"A": ["b"]}, [], None):
+        assert not safe_header_map(bad)  # type: ignore[arg-type]
