@@ -116,6 +116,13 @@ class TaskHost(Protocol):
     async def fetch_from_source(self, task: PeerTask) -> tuple[int, str]:
         """The whole file from the origin into the task's data file: (length, sha256)."""
 
+    async def fetch_pieces(self, task: PeerTask, runs: list[tuple[int, int]]) -> tuple[int, str] | None:
+        """
+        The pieces C{runs} from the origin by Range, each through
+        C{task.source_piece}: None, or C{(length, sha256)} when the origin
+        sent the whole file instead (as L{fetch_from_source}).
+        """
+
     def task_ended(self, task: PeerTask) -> None: ...
 
     def note_activity(self) -> None: ...

@@ -6,10 +6,16 @@ A plain HTTP origin that counts what it serves and can be told to misbehave
 
 Serves the files of DIR with Content-Length, an C{ETag} (size and mtime) and
 C{Last-Modified}, streaming them with a producer; a matching C{If-None-Match}
-or C{If-Modified-Since} answers 304.  C{GET /_stats} answers
-C{{"requests": {path: n}, "bytesSent": n}}, where C{bytesSent} counts
-every chunk as it is handed to a connection (so it can be sampled during a
-transfer to measure its rate).
+or C{If-Modified-Since} answers 304.  A single C{Range: bytes=N-} or
+C{bytes=N-M} answers 206 with C{Content-Range} (416 past the end), unless an
+C{If-Range} names another version (neither the current ETag nor the current
+Last-Modified): then the whole file, 200.  C{GET /_stats} answers
+C{{"requests": {path: n}, "ranges": {path: n}, "bytesSent": n, "bytesOut": n}}.
+C{bytesOut} counts every chunk as it is handed to a connection, whatever
+becomes of the response (so it can be sampled during a transfer to measure
+its rate, and a cut response counts what it sent).  C{bytesSent} counts the
+same for plain responses, but a paced one (a fault, or a range) only once it
+ended, whole or cut by the fault, and not at all when the client went away.
 
 Faults: C{POST /_fault} with C{{"path": "/f.bin", "mode": MODE, "times": N}}
 makes the next N requests for that path (every one when N is 0) misbehave:
@@ -17,7 +23,8 @@ makes the next N requests for that path (every one when N is 0) misbehave:
   - C{status}: answer C{"status"} (e.g. 404, 500) with no file;
   - C{reset}: send the headers and C{"cut"} bytes (default half), then reset the connection;
   - C{short}: send the headers and C{"cut"} bytes, then close the connection cleanly;
-  - C{slow}: send the whole file at C{"rate"} bytes per second.
+  - C{slow}: send the whole file (or the range asked) at C{"rate"} bytes per second;
+  - C{norange}: ignore C{Range} and send the whole file, 200.
 
 C{POST /_fault} with C{{"path": ..., "mode": "none"}} clears the path's fault.
 """
@@ -39,7 +46,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 
 from ..core.files import write_json_atomic
 
-MODES = ("none", "status", "reset", "short", "slow")
+MODES = ("none", "status", "reset", "short", "slow", "norange")
 
 
 class BigChunkSender(FileSender):
@@ -51,8 +58,9 @@ class PacedSender:
 
     CHUNK = 64 * 1024
 
-    def __init__(self, clock: Any, f: Any, request: Any, limit: int, rate: int, then: Any) -> None:
+    def __init__(self, clock: Any, f: Any, request: Any, limit: int, rate: int, then: Any, count: Any = None) -> None:
         self.clock, self.f, self.request = clock, f, request
+        self.count = count
         self.left, self.rate, self.then = limit, rate, then
         self.paused = False
         self.timer: Any = None
@@ -75,6 +83,8 @@ class PacedSender:
             self.left = 0
         else:
             self.left -= len(chunk)
+            if self.count is not None:
+                self.count(len(chunk))
             self.request.write(chunk)
         self.timer = self.clock.callLater(len(chunk) / self.rate if self.rate and chunk else 0, self._send)
 
@@ -103,6 +113,8 @@ class CountingOrigin(Resource):
         self.requests: dict[str, int] = {}
         self.not_modified: dict[str, int] = {}
         self.bytes_sent = 0
+        self.bytes_out = 0
+        self.ranges: dict[str, int] = {}
         self.faults: dict[str, dict[str, Any]] = {}
 
     def render_POST(self, request: Any) -> Any:
@@ -138,7 +150,8 @@ class CountingOrigin(Resource):
         if path == "/_stats":
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(
-                {"requests": self.requests, "notModified": self.not_modified, "bytesSent": self.bytes_sent}
+                {"requests": self.requests, "notModified": self.not_modified, "ranges": self.ranges, "bytesSent": self.bytes_sent,
+                 "bytesOut": self.bytes_out}
             ).encode()
         fault = self._fault(path)
         if not (fault is None and _is_file(self.root, path) and _not_modified_path(request, self.root, path)):
@@ -159,16 +172,35 @@ class CountingOrigin(Resource):
             self.not_modified[path] = self.not_modified.get(path, 0) + 1
             request.setResponseCode(304)
             return b""
-        request.setHeader(b"content-length", str(size).encode())
+        request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"content-type", b"application/octet-stream")
+        span = None
+        if fault is None or fault["mode"] != "norange":
+            span = _range(request, size, etag, st.st_mtime)
+        if span == "unsatisfiable":
+            request.setResponseCode(416)
+            request.setHeader(b"content-range", f"bytes */{size}".encode())
+            return b""
+        first, count = 0, size
+        if span is not None:
+            first, last = span
+            count = last - first + 1
+            self.ranges[path] = self.ranges.get(path, 0) + 1
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", f"bytes {first}-{last}/{size}".encode())
+        request.setHeader(b"content-length", str(count).encode())
         if request.method == b"HEAD":
             return b""
         f = open(full, "rb")
-        if fault is not None:
-            return self._send_faulty(request, f, size, fault)
+        f.seek(first)
+        if fault is not None and fault["mode"] != "norange":
+            return self._send_faulty(request, f, first, count, fault)
+        if count != size:
+            return self._send_faulty(request, f, first, count, {"mode": "slow", "rate": 0})
 
         def count(chunk: bytes) -> bytes:
             self.bytes_sent += len(chunk)
+            self.bytes_out += len(chunk)
             return chunk
 
         d = BigChunkSender().beginFileTransfer(f, request, count)
@@ -183,13 +215,16 @@ class CountingOrigin(Resource):
         d.addCallbacks(done, lost)
         return NOT_DONE_YET
 
-    def _send_faulty(self, request: Any, f: Any, size: int, fault: dict[str, Any]) -> Any:
+    def _send_faulty(self, request: Any, f: Any, first: int, size: int, fault: dict[str, Any]) -> Any:
         mode = fault["mode"]
-        limit = size if mode == "slow" else int(fault.get("cut", size // 2))
+        limit = size if mode == "slow" else min(size, int(fault.get("cut", size // 2)))
         rate = int(fault.get("rate", 0)) if mode == "slow" else 0
 
+        def count(n: int) -> None:
+            self.bytes_out += n
+
         def then() -> None:
-            self.bytes_sent += f.tell()
+            self.bytes_sent += f.tell() - first
             f.close()
             if mode == "slow":
                 request.finish()
@@ -198,7 +233,8 @@ class CountingOrigin(Resource):
             else:  # short: a clean close with the body cut
                 request.channel.transport.loseConnection()
 
-        PacedSender(self.clock, f, request, limit, rate, then)
+        PacedSender(self.clock, f, request, limit, rate, then, count)
+        request.notifyFinish().addErrback(lambda _: f.close())
         return NOT_DONE_YET
 
 
@@ -210,6 +246,33 @@ def _is_file(root: str, path: str) -> bool:
 def _not_modified_path(request: Any, root: str, path: str) -> bool:
     st = os.stat(os.path.realpath(os.path.join(root, path.lstrip("/"))))
     return _not_modified(request, f'"{st.st_size:x}-{st.st_mtime_ns:x}"'.encode(), st.st_mtime)
+
+
+def _range(request: Any, size: int, etag: bytes, mtime: float) -> "tuple[int, int] | str | None":
+    """
+    The one byte range asked for, as C{(first, last)}; C{"unsatisfiable"}
+    past the end; None for the whole file (no Range, one we do not serve, or
+    an C{If-Range} naming another version).
+    """
+    value = request.getHeader(b"range")
+    if value is None:
+        return None
+    if_range = request.getHeader(b"if-range")
+    if if_range is not None and if_range != etag and if_range != formatdate(mtime, usegmt=True).encode():
+        return None
+    unit, _, spec = value.partition(b"=")
+    if unit.strip().lower() != b"bytes" or b"," in spec:
+        return None
+    start, dash, end = spec.strip().partition(b"-")
+    if not dash or not start.isdigit() or (end and not end.isdigit()):
+        return None
+    first = int(start)
+    if first >= size:
+        return "unsatisfiable"
+    last = min(int(end), size - 1) if end else size - 1
+    if last < first:
+        return None
+    return first, last
 
 
 def _not_modified(request: Any, etag: bytes, mtime: float) -> bool:
