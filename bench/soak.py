@@ -284,8 +284,8 @@ class Soak:
             "partial": sum(1 for r in records if r["partial"]),
             "originBytes": origin_bytes,
             "copiesPerVersion": round(origin_bytes / sizes, 3) if sizes else None,
-            "p50": round(percentile(times, 50), 3) if times else None,
-            "p99": round(percentile(times, 99), 3) if times else None,
+            "p50": round(percentile(times, 0.5), 3) if times else None,
+            "p99": round(percentile(times, 0.99), 3) if times else None,
             "failedExits": sorted({r["rc"] for r in records if r["rc"] != 0}),
         }
 

@@ -87,6 +87,8 @@ class PeerDaemon:
         self.stats = PeerStats()
         self.last_activity = reactor.seconds()
         self.registered = False
+        #: when a SuperNode last answered one of our tasks (PeerTask waits for a restarting one)
+        self.supernode_seen: float | None = None
 
     def listening(self, block_port: int) -> None:
         """The block port is bound: we know who we are."""

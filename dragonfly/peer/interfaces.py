@@ -94,6 +94,8 @@ class TaskHost(Protocol):
     #: requests per connection, and bytes in flight for one task (--pipeline, --in-flight)
     per_connection: int
     in_flight_bytes: int
+    #: when a SuperNode last answered one of our tasks (None: never)
+    supernode_seen: float | None
 
     @property
     def store(self) -> Store: ...

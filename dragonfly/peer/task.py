@@ -89,6 +89,8 @@ class PeerTask:
     STREAM_WINDOW = 4
     #: without a SuperNode and without progress for this long, go to the origin
     orphan_timeout = 10.0
+    #: a SuperNode that answered this recently is waited for (see L{_register})
+    supernode_grace = 60.0
 
     def __init__(self, daemon: TaskHost, task_id: str, request: dict[str, Any], rng: random.Random | None = None) -> None:
         self.daemon = daemon
@@ -287,10 +289,7 @@ class PeerTask:
     async def _run(self) -> None:
         try:
             try:
-                reply = await self.session.register()
-            except SupernodeUnavailable as e:
-                self._log(LogLevel.warn, "{why}", why=str(e))
-                raise _BackToSource(f"supernode unreachable ({e})", "supernode_unreachable") from None
+                reply = await self._register()
             except SupernodeError as e:
                 raise TaskFailed(e.code, e.message) from None
             if reply.task_id != self.task_id:
@@ -315,12 +314,41 @@ class PeerTask:
             except (SupernodeUnavailable, SupernodeError):
                 pass
 
+    async def _register(self) -> Any:
+        """
+        Register the task.  With no SuperNode to answer, go to the origin at
+        once, unless one answered this dfpeer within C{supernode_grace}
+        seconds (it is restarting, most likely): then ask again every second
+        for up to C{orphan_timeout} before leaving the swarm, so a SuperNode
+        restart does not send every new download to the origin.
+        """
+        waiting_since: float | None = None
+        while True:
+            try:
+                reply = await self.session.register()
+            except SupernodeUnavailable as e:
+                now = self.clock.seconds()
+                seen = getattr(self.daemon, "supernode_seen", None)
+                waiting_since = now if waiting_since is None else waiting_since
+                if seen is None or now - seen > self.supernode_grace or now - waiting_since >= self.orphan_timeout:
+                    self._log(LogLevel.warn, "{why}", why=str(e))
+                    raise _BackToSource(f"supernode unreachable ({e})", "supernode_unreachable") from None
+                await self._sleep(1.0)
+                continue
+            self._supernode_answered()
+            return reply
+
+    def _supernode_answered(self) -> None:
+        """A SuperNode answered (see L{_register})."""
+        self.daemon.supernode_seen = self.clock.seconds()
+
     async def _sync_loop(self) -> None:
         unreachable_since: float | None = None
         while self.state in _SYNCING:
             try:
                 interval = await self._sync()
                 unreachable_since = None
+                self._supernode_answered()
             except SupernodeUnavailable as e:
                 now = self.clock.seconds()
                 unreachable_since = unreachable_since or now

@@ -671,3 +671,31 @@ def _half_then_lost_on(host: FakeHost) -> tuple[FakeHost, PeerTask]:
     for _ in range(25):
         host.clock.advance(1.0)
     return host, task
+
+
+def test_a_restarting_supernode_is_waited_for_instead_of_the_origin() -> None:
+    host = FakeHost()
+    host.supernode_seen = 0.0  # a SuperNode answered a moment ago
+    task = PeerTask(host, TID, {"url": URL})
+    session = host.sessions[-1]
+    session.register_replies = [SupernodeUnavailable("restarting")] * 3
+    session.replies = [sized()]
+    task.start()
+    assert task.state is State.REGISTERING
+    for _ in range(3):
+        host.clock.advance(1.0)
+    assert task.state is State.DOWNLOADING
+    assert host.stats.back_to_source.get("supernode_unreachable", 0) == 0
+
+
+def test_a_supernode_gone_for_good_sends_a_new_task_to_the_origin() -> None:
+    host = FakeHost()
+    host.supernode_seen = 0.0
+    task = PeerTask(host, TID, {"url": URL})
+    host.sessions[-1].register_replies = [SupernodeUnavailable("gone")] * 100
+    task.start()
+    for _ in range(9):
+        host.clock.advance(1.0)
+    assert task.state is State.REGISTERING
+    host.clock.advance(1.0)
+    assert task.state is State.DONE and host.stats.back_to_source["supernode_unreachable"] == 1
