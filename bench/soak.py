@@ -192,7 +192,7 @@ class Soak:
                 self.start_peer(i)
             else:
                 self.start_supernode()
-        except Exception as e:  # a restart that failed is a finding, not a crash of the soak
+        except Exception as e:  # noqa: BLE001 -- a restart that failed is a finding, not a crash of the soak
             say(f"{what} {i} failed: {e}")
             self.fault_log["restartFailed"] = self.fault_log.get("restartFailed", 0) + 1
 
@@ -326,8 +326,8 @@ def table(result: dict[str, Any]) -> str:
         ("p99 completion (s)", calm["p99"], soak["p99"], f"<= 2 x calm (here {result['p99Ratio']} x)"),
     ]
     lines = [
-        f"`python -m bench.soak --minutes {result['minutes']:g} --seed {result['seed']}`: "
-        f"{result['peers']} peers, {len(FILES)} files of {result['sizeMiB']} MiB; faults: {faults}.",
+        (f"`python -m bench.soak --minutes {result['minutes']:g} --seed {result['seed']}`: "
+         f"{result['peers']} peers, {len(FILES)} files of {result['sizeMiB']} MiB; faults: {faults}."),
         "",
         "| | undisturbed | soak | target |",
         "|---|---|---|---|",

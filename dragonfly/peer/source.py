@@ -131,19 +131,22 @@ class RangeCollector(Protocol):
     def _abort(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
-        if self.transport is not None:
-            self.transport.stopProducing()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.stopProducing()
         self._maybe_done()
 
     def _hold(self) -> None:
         self._holds += 1
-        if self._holds == 1 and self.transport is not None:
-            self.transport.pauseProducing()
+        transport: Any = self.transport
+        if self._holds == 1 and transport is not None:
+            transport.pauseProducing()
 
     def _release(self) -> None:
         self._holds -= 1
-        if self._holds == 0 and self.transport is not None and self._error is None:
-            self.transport.resumeProducing()
+        transport: Any = self.transport
+        if self._holds == 0 and transport is not None and self._error is None:
+            transport.resumeProducing()
 
     def _rate_ok(self) -> None:
         self._rate_held = False
@@ -197,7 +200,7 @@ class RangeCollector(Protocol):
 
         self._on_piece(index, piece).addCallbacks(stored, failed)
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         self._ended = True

@@ -39,18 +39,19 @@ def test_peer_with_half_the_pieces_fetches_only_the_rest(tmp_path):
         proc = swarm.dfget(url, str(out), "p0", "--locallimit", "3M")
         # the CDN has the whole file (one origin copy) and the peer about half
         assert wait_until(lambda: any(t["status"] == "success" for t in swarm.supernode_tasks()), 30)
-        view = wait_until(
-            lambda: (lambda t: t if t and t["completedBytes"] >= size // 2 else None)(swarm.peer_task("p0", url)), 30,
-            step=0.05,
-        )
+        def half():
+            t = swarm.peer_task("p0", url)
+            return t if t and t["completedBytes"] >= size // 2 else None
+
+        view = wait_until(half, 30, step=0.05)
         assert view is not None, "the peer never got half of the file"
-        sn = [p for n, p in swarm.procs if n == "supernode"][0]
+        sn = next(p for n, p in swarm.procs if n == "supernode")
         sn.send_signal(signal.SIGKILL)
         sn.wait()
         had = swarm.peer_task("p0", url)["completedBytes"]
         before = swarm.origin_stats()
         assert had < size, "the download ended before the SuperNode was killed"
-        stdout, stderr = proc.communicate(timeout=120)
+        _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr
         assert sha256_file(str(out)) == digest
         after = swarm.origin_stats()

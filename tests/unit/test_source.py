@@ -17,7 +17,13 @@ from twisted.web.http import PotentialDataLoss
 
 from dragonfly.core.bodywriter import BodyError
 from dragonfly.core.ratelimit import TokenBucket
-from dragonfly.peer.source import RangeCollector, SourceMismatch, byte_span, missing_runs, parse_content_range
+from dragonfly.peer.source import (
+    RangeCollector,
+    SourceMismatch,
+    byte_span,
+    missing_runs,
+    parse_content_range,
+)
 
 PIECE = 10
 BODY = bytes(range(97))  # ten pieces, the last of 7 bytes
