@@ -1,12 +1,21 @@
 """
 Stream an HTTP response body into a file, in order, off the reactor thread.
 
-The body is cut into chunks (a piece each on the SuperNode's CDN); each chunk
-is hashed (SHA-256) and written at its offset in the worker pool, one after
-another, while a whole-file SHA-256 is updated in the same pass.  While too
-many chunks wait for the pool the response is paused, so a fast origin never
-fills memory.  A body shorter or longer than its Content-Length, a lost
-connection or an origin silent for C{idle_timeout} fails C{done}.
+The body is gathered into blocks (at most C{block_size}, never across a
+chunk boundary; a block is handed over early when the pool is idle, so a slow
+body reaches the disk a little at a time).  Each block is hashed and written
+at its offset in the worker pool, one after another: a SHA-256 per chunk (a
+piece on the SuperNode's CDN, updated as the chunk's blocks arrive) and a
+whole-file SHA-256, in the same pass.  While too many bytes wait for the pool
+the response is paused, so a fast origin never fills memory.  A body shorter
+or longer than its Content-Length, a lost connection or an origin silent for
+C{idle_timeout} fails C{done}; what arrived before is on disk all the same
+(the CDN resumes from it).
+
+Writes are strictly sequential and never leave a hole, so after a crash the
+file's size is the number of bytes that reached it whole: L{rehash_prefix}
+rebuilds the hashes from there and L{ResumePoint} carries them into a new
+writer that goes on from that offset.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import hashlib
 import os
 from typing import Any, Callable
 
+from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall
@@ -23,7 +33,6 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from .files import pwrite_all
 from .ratelimit import TokenBucket
 from .threads import WorkerPool
 
@@ -37,34 +46,101 @@ class BodyError(Exception):
         self.message = message
 
 
-def _store_chunk(fd: int, offset: int, buf: bytearray, file_hash: Any) -> str:
-    file_hash.update(buf)
-    pwrite_all(fd, buf, offset)
-    return hashlib.sha256(buf).hexdigest()
+@define
+class ResumePoint:
+    """
+    Where a body stored earlier stopped: C{offset} bytes on disk, the
+    SHA-256 of each whole chunk before it, the whole-file hash over those
+    bytes and the hash of the chunk cut at C{offset} (hashlib objects).
+    """
+
+    offset: int
+    digests: list[str] = field(factory=list)
+    file_hash: Any = field(factory=hashlib.sha256)
+    chunk_hash: Any = field(factory=hashlib.sha256)
+
+
+def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 << 20) -> ResumePoint:
+    """
+    Hash the first C{offset} bytes of C{path} chunk by chunk (run it in the
+    worker pool).  A file shorter than C{offset} gives a shorter point.
+    """
+    point = ResumePoint(0)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while point.offset < offset:
+            room = chunk_size - point.offset % chunk_size
+            block = os.pread(fd, min(read_size, room, offset - point.offset), point.offset)
+            if not block:
+                break
+            point.file_hash.update(block)
+            point.chunk_hash.update(block)
+            point.offset += len(block)
+            if point.offset % chunk_size == 0:
+                point.digests.append(point.chunk_hash.hexdigest())
+                point.chunk_hash = hashlib.sha256()
+    finally:
+        os.close(fd)
+    return point
+
+
+def _store_block(fd: int, offset: int, parts: list[Any], file_hash: Any, chunk_hash: Any, last: bool) -> str | None:
+    for part in parts:
+        file_hash.update(part)
+        chunk_hash.update(part)
+    pwritev_all(fd, parts, offset)
+    return chunk_hash.hexdigest() if last else None
+
+
+def pwritev_all(fd: int, parts: list[Any], offset: int) -> None:
+    """Write the buffers C{parts} one after another at C{offset} of C{fd}, whole."""
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        n = os.pwritev(fd, views[:1024], offset)
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 class ChunkedFileWriter(Protocol):
     """
     Give to C{response.deliverBody}.  C{done} fires with C{(total bytes,
-    whole-file sha256 hex)} once every chunk is on disk.
+    whole-file sha256 hex)} once every chunk is on disk (C{total} counts the
+    resumed prefix too).
 
+    @param fd: the file to write, or None to hold the body (paused) until
+        L{attach} gives it.
     @param on_chunk: called in order in the reactor thread with C{(index,
         sha256 hex)} as each chunk reaches the disk.
+    @param on_bytes: called with the size of each piece of body received.
+    @param start: go on from a body stored earlier (the response carries the
+        bytes from C{start.offset} on).
     """
 
-    MAX_PENDING = 4
+    #: pause the body while this many bytes wait for the pool; resume at half
+    MAX_PENDING_BYTES = 8 << 20
+    #: bytes asked of the socket per read (Twisted's default is 64 KiB)
+    READ_SIZE = 1 << 20
+    #: hand a block over once it is this big ...
+    BLOCK = 1 << 20
+    #: ... or this big, when the pool has nothing to do
+    MIN_BLOCK = 256 << 10
 
     def __init__(
         self,
         pool: WorkerPool,
         clock: Any,
-        fd: int,
+        fd: int | None,
         chunk_size: int,
         expected_length: int | None = None,
         idle_timeout: float = 60.0,
         on_chunk: Callable[[int, str], None] | None = None,
         on_bytes: Callable[[int], None] | None = None,
         limit: TokenBucket | None = None,
+        start: ResumePoint | None = None,
     ) -> None:
         self._pool = pool
         self._clock = clock
@@ -74,22 +150,50 @@ class ChunkedFileWriter(Protocol):
         self._idle_timeout = idle_timeout
         self._on_chunk = on_chunk
         self._on_bytes = on_bytes
-        self._buf = bytearray()
-        self._index = 0
-        self.total = 0
-        self._pending = 0
+        start = start if start is not None else ResumePoint(0)
+        self._index = start.offset // chunk_size  # the chunk being filled
+        self._hash = start.file_hash
+        self._chunk_hash = start.chunk_hash
+        self.total = start.offset  # bytes received, the resumed prefix included
+        # the bytes received and not yet handed to the pool: the buffers the
+        # transport gave (or slices of them), never copied
+        self._parts: list[Any] = []
+        self._buffered = 0
+        self._buf_at = start.offset  # the file offset of the first buffered byte
+        self._pending = 0  # bytes handed to the pool, not yet written
         self._paused = False
         self._holds = 0
         self._limit = limit
         self._rate_held = False
-        self._chain: Deferred = succeed(None)
-        self._hash = hashlib.sha256()
+        # the pool jobs, in order; they wait for the file when there is none yet
+        self._opened: Deferred = succeed(None) if fd is not None else Deferred()
+        self._chain: Deferred = self._opened
         self._idle: IDelayedCall | None = None
         self._error: BodyError | None = None
         self.done: Deferred = Deferred()
+        if fd is None:
+            self._hold()
 
     def connectionMade(self) -> None:
         self._idle = self._clock.callLater(self._idle_timeout, self._stalled)
+        # read the socket in large blocks: the cost of a body is per read as
+        # much as per byte (the transport given is a proxy of the connection's)
+        tcp = getattr(self.transport, "_producer", None)
+        if isinstance(getattr(tcp, "bufferSize", None), int) and tcp.bufferSize < self.READ_SIZE:
+            tcp.bufferSize = self.READ_SIZE
+        if self._holds:
+            self.transport.pauseProducing()
+
+    def attach(self, fd: int) -> None:
+        """The file is open: take the body."""
+        self._fd = fd
+        self._opened.callback(None)
+        self._release()
+
+    def attach_failed(self, error: BodyError) -> None:
+        """The file could not be opened: fail C{done} with C{error}."""
+        self.abort(error)
+        self._opened.callback(None)
 
     def _stalled(self) -> None:
         self.abort(BodyError("SOURCE_TIMEOUT", f"origin sent nothing for {self._idle_timeout:.0f}s"))
@@ -102,7 +206,7 @@ class ChunkedFileWriter(Protocol):
             self.transport.stopProducing()
 
     def _hold(self) -> None:
-        """Pause the body for one more reason (pool back-pressure, rate)."""
+        """Pause the body for one more reason (pool back-pressure, rate, no file yet)."""
         self._holds += 1
         if self._holds == 1 and self.transport is not None:
             self.transport.pauseProducing()
@@ -121,13 +225,14 @@ class ChunkedFileWriter(Protocol):
             return
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._idle_timeout)
-        self.total += len(data)
+        n = len(data)
+        self.total += n
         if self._on_bytes is not None:
-            self._on_bytes(len(data))
+            self._on_bytes(n)
         if self._limit is not None:
             # every byte is charged, also bytes that were already on their
             # way when the body was paused: their debt delays the next hold
-            delay = self._limit.reserve(len(data))
+            delay = self._limit.reserve(n)
             if delay > 0 and not self._rate_held:
                 self._rate_held = True
                 self._hold()
@@ -135,37 +240,50 @@ class ChunkedFileWriter(Protocol):
         if self._expected is not None and self.total > self._expected:
             self.abort(BodyError("SOURCE_TOO_LONG", f"origin sent more than its Content-Length of {self._expected} bytes"))
             return
-        self._buf += data
-        size = self._chunk
-        while len(self._buf) >= size:
-            piece = self._buf[:size]
-            del self._buf[:size]
-            self._submit(piece)
+        while data:
+            room = self._chunk - (self._buf_at + self._buffered) % self._chunk
+            if len(data) < room:
+                self._parts.append(data)
+                self._buffered += len(data)
+                break
+            view = memoryview(data)
+            self._parts.append(view[:room])
+            self._buffered += room
+            data = view[room:]
+            self._submit(last=True)
+        if self._buffered >= self.BLOCK or (self._pending == 0 and self._buffered >= self.MIN_BLOCK):
+            self._submit(last=False)
 
-    def _submit(self, piece: bytearray) -> None:
-        index = self._index
-        self._index += 1
-        offset = index * self._chunk
-        self._pending += 1
-        if self._pending >= self.MAX_PENDING and not self._paused:
+    def _submit(self, last: bool) -> None:
+        """Hand the gathered bytes to the pool; C{last}: they end a chunk."""
+        parts, self._parts = self._parts, []
+        size, self._buffered = self._buffered, 0
+        offset = self._buf_at
+        self._buf_at += size
+        index, chunk_hash = self._index, self._chunk_hash
+        if last:
+            self._index += 1
+            self._chunk_hash = hashlib.sha256()
+        self._pending += size
+        if self._pending >= self.MAX_PENDING_BYTES and not self._paused:
             self._paused = True
             self._hold()
 
         def store(_: Any) -> Any:
             if self._error is not None:
                 return None
-            return self._pool.run(_store_chunk, self._fd, offset, piece, self._hash)
+            return self._pool.run(_store_block, self._fd, offset, parts, self._hash, chunk_hash, last)
 
         def stored(digest: str | None) -> None:
-            self._pending -= 1
+            self._pending -= size
             if digest is not None and self._error is None and self._on_chunk is not None:
                 self._on_chunk(index, digest)
-            if self._paused and self._pending <= self.MAX_PENDING // 2:
+            if self._paused and self._pending <= self.MAX_PENDING_BYTES // 2:
                 self._paused = False
                 self._release()
 
         def failed(f: Failure) -> None:
-            self._pending -= 1
+            self._pending -= size
             self.abort(BodyError("STORE_FAILED", f"cannot write at offset {offset}: {f.getErrorMessage()}"))
 
         self._chain.addCallback(store)
@@ -174,27 +292,32 @@ class ChunkedFileWriter(Protocol):
     def connectionLost(self, reason: Failure = ConnectionDone) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
-        if self._buf and self._error is None:
-            self._submit(self._buf)
-            self._buf = bytearray()
-        complete = reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self._expected is None)
+        complete = bool(reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self._expected is None))
+        if complete and self._expected is not None and self.total != self._expected:
+            complete = False
+        if self._error is None and (self._buffered or (complete and self.total % self._chunk)):
+            # the rest: the last chunk when the body is whole, else bytes a
+            # resumed fetch will not need again
+            self._submit(last=complete)
 
-        def close(_: Any) -> None:
-            os.close(self._fd)
+        def close(_: Any) -> Any:
+            fd, self._fd = self._fd, None
+            return self._pool.run(os.close, fd) if fd is not None else None
+
+        def settle(_: Any) -> None:
             if self._error is not None:
                 self.done.errback(self._error)
             elif not complete:
-                self.done.errback(
-                    BodyError("SOURCE_TRUNCATED", f"origin connection lost after {self.total} bytes: {reason.getErrorMessage()}")
-                )
-            elif self._expected is not None and self.total != self._expected:
-                self.done.errback(
-                    BodyError("SOURCE_TRUNCATED", f"origin sent {self.total} of {self._expected} bytes")
-                )
+                if reason.check(ResponseDone):
+                    why = f"origin sent {self.total} of {self._expected} bytes"
+                else:
+                    why = f"origin connection lost after {self.total} bytes: {reason.getErrorMessage()}"
+                self.done.errback(BodyError("SOURCE_TRUNCATED", why))
             else:
                 self.done.callback((self.total, self._hash.hexdigest()))
 
         self._chain.addCallback(close)
+        self._chain.addBoth(settle)
 
 
 class DiscardBody(Protocol):

@@ -3,6 +3,10 @@ Shared pieces of our JSON-over-HTTP APIs (SuperNode REST API, dfpeer local API).
 
 Every error is a JSON body C{{"error": {"code": ..., "message": ...}}} with a
 4xx/5xx status, never an HTML page or a traceback.
+
+L{guard_site} puts limits on a server's connections before any request
+reaches a resource (body size from the Content-Length, header timeout,
+concurrent connections); the three daemons' taps apply it to their sites.
 """
 
 from __future__ import annotations
@@ -10,9 +14,13 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
+from attrs import define
+from attrs import field as attrs_field
 from klein import Klein
 from twisted.logger import Logger
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.iweb import IRequest
+from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException
 
 from .headers import safe_header_map
@@ -133,3 +141,170 @@ def install_error_handlers(app: Klein) -> None:
         log.failure("internal error serving {uri}", failure, uri=request.uri)
         return json_response(request, {"error": {"code": "INTERNAL", "message": failure.getErrorMessage()}}, 500)
 
+
+
+# -- connection hygiene: limits applied before a request reaches a resource ------------
+
+
+@define
+class HttpLimits:
+    """
+    What one HTTP server accepts (see L{guard_site}).
+
+    @ivar max_body: the largest request body (None: no limit).
+    @ivar header_timeout: seconds a connection has to send a request's
+        line and headers, from the connection's start or from the first
+        byte of the request.
+    @ivar max_connections: connections open at once; more are answered 503.
+    """
+
+    max_body: int | None = MAX_BODY
+    header_timeout: float = 10.0
+    max_connections: int = 256
+    open: int = 0  # connections open now
+    refused: dict[str, int] = attrs_field(factory=dict)  # error code -> connections refused
+
+
+def error_response(status: int, code: str, message: str) -> bytes:
+    """A whole HTTP/1.1 response carrying the API's error envelope, closing the connection."""
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    phrase = RESPONSES.get(status, b"Error")
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncache-control: no-store\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n" % (status, phrase, len(body))
+    ) + body
+
+
+class GuardedChannel(HTTPChannel):
+    """
+    An L{HTTPChannel} that enforces L{HttpLimits} as the bytes arrive: a
+    body over the limit is refused from its C{Content-Length} (a chunked one
+    as soon as it passes the limit) before it is read; a malformed or
+    repeated C{Content-Length} gets the JSON 400; the request line and headers
+    must arrive within C{header_timeout}; past C{max_connections} a new
+    connection gets a 503.  Every refusal closes the connection.
+    """
+
+    limits: HttpLimits = HttpLimits()
+
+    _deadline: Any = None
+    _counted = False
+    _refused = False
+    _body_seen = 0
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.limits.open >= self.limits.max_connections:
+            self._refuse(503, "TOO_MANY_CONNECTIONS", f"more than {self.limits.max_connections} connections open; try again")
+            return
+        self.limits.open += 1
+        self._counted = True
+        self._arm()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._disarm()
+        if self._counted:
+            self._counted = False
+            self.limits.open -= 1
+        super().connectionLost(reason)
+
+    def _arm(self) -> None:
+        if self._deadline is None and not self._refused:
+            self._deadline = self.callLater(self.limits.header_timeout, self._headers_too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._deadline = None
+        self._refuse(408, "REQUEST_TIMEOUT", f"the request's headers did not arrive within {self.limits.header_timeout:g}s")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        if self._refused:
+            return
+        self._refused = True
+        self._disarm()
+        self.limits.refused[code] = self.limits.refused.get(code, 0) + 1
+        log.info("HTTP connection from {peer} refused: {code} {message}", peer=_peer(self), code=code, message=message)
+        self.transport.write(error_response(status, code, message))
+        self.loseConnection()
+        # a client that does not read its answer is dropped all the same
+        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self.line_mode:
+            self._arm()  # a new request's first bytes: its headers have header_timeout
+        super().dataReceived(data)
+
+    def headerReceived(self, line: bytes) -> bool:
+        name, sep, value = line.partition(b":")
+        name = name.strip().lower()
+        if sep and name in (b"content-length", b"transfer-encoding"):
+            value = value.strip(b" \t")
+            if self._transferDecoder is not None:
+                self._refuse(400, "BAD_REQUEST", "more than one Content-Length or Transfer-Encoding header")
+                return False
+            if name == b"content-length":
+                if not (value.isdigit() and len(value) <= 18):
+                    self._refuse(400, "BAD_REQUEST", "malformed Content-Length")
+                    return False
+                if self.limits.max_body is not None and int(value) > self.limits.max_body:
+                    self._refuse(413, "BODY_TOO_LARGE", f"request body over {self.limits.max_body} bytes")
+                    return False
+        return bool(super().headerReceived(line))
+
+    def allHeadersReceived(self) -> None:
+        self._disarm()
+        super().allHeadersReceived()
+        self._body_seen = 0
+        decoder = self._transferDecoder
+        if self.limits.max_body is not None and self.length is None and decoder is not None:
+            # a chunked body: counted as it arrives
+            take = decoder.dataCallback
+
+            def counted(data: bytes) -> None:
+                self._body_seen += len(data)
+                if self.limits.max_body is not None and self._body_seen > self.limits.max_body:
+                    self._refuse(413, "BODY_TOO_LARGE", f"request body over {self.limits.max_body} bytes")
+                    return
+                take(data)
+
+            decoder.dataCallback = counted
+
+    def allContentReceived(self) -> None:
+        if self._refused:
+            return
+        super().allContentReceived()
+
+    def lineReceived(self, line: bytes) -> Any:
+        if self._refused:
+            return None
+        return super().lineReceived(line)
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        super().rawDataReceived(data)
+
+
+def guard_site(site: Site, limits: HttpLimits | None = None) -> Site:
+    """
+    Make C{site} enforce C{limits} (defaults: L{HttpLimits}) on every
+    connection; C{site} itself, for one-line use in a tap:
+    C{guard_site(QuietSite(resource))}.  Timers run on the site's reactor.
+    """
+    site.protocol = type("GuardedChannel", (GuardedChannel,), {"limits": limits if limits is not None else HttpLimits()})
+    return site
+
+
+def _peer(channel: HTTPChannel) -> str:
+    try:
+        address = channel.transport.getPeer()
+        return f"{address.host}:{address.port}"
+    except Exception:
+        return "?"

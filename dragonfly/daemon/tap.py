@@ -21,10 +21,10 @@ from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http import HTTPChannel
 
 from ..core.config import ConfigFileOptions
 from ..core.defaults import DEFAULT_HOME
+from ..core.httpapi import HttpLimits, guard_site
 from ..core.metrics import collector, new_registry
 from ..core.service import ListeningService, default_reactor
 from ..core.tapkit import QuietSite
@@ -225,7 +225,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     site = QuietSite(ProxyResource(core, status, registry))
     # plain HTTP/1.1 channels: the front protocol hands each one its connection
     # (and, inside intercepted TLS, the https origin it stands for)
-    site.protocol = HTTPChannel
+    guard_site(site, HttpLimits(max_body=None))  # proxied uploads may be any size
     minter = LeafMinter(options["ca"], pool) if options["ca"] is not None else None
     factory = FrontFactory(reactor, site, core, options["compiled-hijack"], minter)
     endpoint = serverFromString(reactor, f"tcp:{options['port']}:interface={options['listen']}")

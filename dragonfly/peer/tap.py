@@ -23,6 +23,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 
 from ..core.config import ConfigFileOptions
 from ..core.defaults import DEFAULT_HOME
+from ..core.httpapi import guard_site
 from ..core.ids import BadInput
 from ..protocol.block import BLOCK_PORT_OPTIONS, block_port_limits
 from ..core.metrics import metrics_only_root
@@ -145,7 +146,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         daemon,
         serverFromString(reactor, f"tcp:{options['port']}:interface={options['listen']}"),
         serverFromString(reactor, options["api"]),
-        QuietSite(api.resource()),
+        guard_site(QuietSite(api.resource())),
         idle_exit=options["idle-exit"],
     )
     service.setServiceParent(top)

@@ -12,8 +12,20 @@ is still running.  A whole-file SHA-256 is computed in the same pass.
 Nothing half-fetched is ever served as complete: a task becomes C{success}
 only when the byte count matches the origin's C{Content-Length} (and the
 digest the client asked for, if any), and only then is its meta file written.
-On start-up completed tasks are reloaded from their meta files; data files
-without one are removed.
+On start-up completed tasks are reloaded from their meta files.
+
+Fetches resume (see L{dragonfly.supernode.resume}).  Before the body, a
+fetch writes its header, C{<task id>.part} (the origin's validators and
+length, the piece size); the body is written in order without holes, so the
+data file's size is always the count of bytes that reached the disk whole.
+A fetch cut by the origin (a reset, a short body, silence, a 5xx) or by the
+process dying leaves data and header; they are parked in C{<home>/resume}
+(never in the cache proper) and the next fetch of the task rehashes that
+prefix in the pool and asks only for the rest, with C{Range} and
+C{If-Range}.  The GC deletes parked prefixes after C{--task-expire}.
+
+Every file operation after start-up runs in the worker pool, one after
+another per task (L{Cdn._disk}); the reactor thread only moves bytes.
 
 A cached file is revalidated against the origin when a peer registers the
 task again (L{Cdn.fresh}): a conditional GET (C{If-None-Match} with the
@@ -33,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from typing import Any, Callable, Protocol as TypingProtocol
 
 from attrs import define, field
@@ -40,15 +53,17 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.web.iweb import UNKNOWN_LENGTH
 
+from ..core.headers import NOT_TO_ORIGIN
 from ..core.bitmap import Bitmap
-from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
-from ..core.files import pread_exact, write_json_atomic
+from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody, ResumePoint, rehash_prefix
+from ..core.files import pread_exact, unlink_quietly, write_json_atomic
 from ..core.ids import is_task_id, parse_digest
 from ..core.logs import safe_url, task_log
 from ..core.ratelimit import TokenBucket
 from ..core.security import OriginDenied
 from ..core.pieces import piece_count, piece_span, swarm_piece_size
 from ..core.threads import WorkerPool
+from .resume import Verdict, judge, resume_headers
 
 log = Logger()
 
@@ -56,15 +71,6 @@ log = Logger()
 DF_SOURCE_UNREACHABLE = 607
 DF_NEED_AUTH = 608
 DF_SOURCE_ERROR = 610
-
-HOP_BY_HOP = frozenset(
-    h.lower()
-    for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization",
-        "TE", "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
-        "Range", "Accept-Encoding",
-    )
-)
 
 
 @define
@@ -198,6 +204,10 @@ class Cdn:
         self._revalidate_after = revalidate_after
         self.repo = os.path.join(home, "repo")
         os.makedirs(self.repo, exist_ok=True)
+        # the stored prefixes of fetches that failed or were cut by a crash
+        # (data and header), kept out of the cache proper until resumed
+        self.parked = os.path.join(home, "resume")
+        os.makedirs(self.parked, exist_ok=True)
         self._http = http
         self._pool = pool
         self._clock = clock
@@ -205,13 +215,16 @@ class Cdn:
         self._idle_timeout = idle_timeout
         self._on_new_task = on_new_task
         self.tasks: dict[str, CdnTask] = {}
-        # task id -> the deletion of its evicted files, still running in the pool
-        self._deleting: dict[str, Deferred] = {}
+        # task id -> the end of the file work queued for it in the pool (each
+        # task's file operations run one after another, in the order asked)
+        self._disk_ops: dict[str, Deferred] = {}
         # totals for /metrics (see dragonfly.supernode.metrics)
         self.origin_fetches = 0  # cache misses: registrations that started an origin fetch
         self.cache_hits = 0  # registrations served from the cache or a fetch under way
         self.origin_bytes = 0
         self.fetch_failures: dict[str, int] = {}
+        self.resumed_fetches = 0  # fetches that went on from bytes stored before
+        self.resumed_bytes = 0  # bytes those did not ask the origin for again
 
     # -- cache on disk -----------------------------------------------------
 
@@ -223,17 +236,46 @@ class Cdn:
             os.path.join(self.repo, task_id + ".meta"),
         )
 
+    def _part_path(self, task_id: str) -> str:
+        """The header of a fetch under way: what the origin said about the bytes in the data file."""
+        return os.path.join(self.repo, task_id + ".part")
+
+    def _parked_paths(self, task_id: str) -> tuple[str, str]:
+        return os.path.join(self.parked, task_id + ".data"), os.path.join(self.parked, task_id + ".part")
+
+    def _all_paths(self, task_id: str) -> tuple[str, ...]:
+        return (*self._paths(task_id), self._part_path(task_id), *self._parked_paths(task_id))
+
     def load(self) -> int:
-        """Reload completed tasks from their meta files; remove leftovers."""
+        """
+        Reload completed tasks from their meta files; park the data of fetches
+        cut by a crash (data and header, no meta) for a resume; remove leftovers.
+        Runs once at start-up, before the reactor.
+        """
         loaded = 0
-        for name in os.listdir(self.repo):
+        for name in sorted(os.listdir(self.repo)):
             stem, _, ext = name.partition(".")
             path = os.path.join(self.repo, name)
-            if not is_task_id(stem) or ext not in ("data", "meta"):
+            if not is_task_id(stem) or ext not in ("data", "meta", "part"):
                 continue
             data_path, meta_path = self._paths(stem)
+            part_path = self._part_path(stem)
+            if ext == "part":
+                # a fetch's header: parked with its data below, or stale
+                if os.path.exists(meta_path) or not os.path.exists(data_path):
+                    unlink_quietly(path)
+                continue
             if ext == "data" and not os.path.exists(meta_path):
-                os.unlink(path)
+                if os.path.exists(part_path):
+                    parked_data, parked_part = self._parked_paths(stem)
+                    os.replace(data_path, parked_data)
+                    os.replace(part_path, parked_part)
+                    log.info(
+                        "task {task}: a cut fetch's {bytes} bytes kept for a resume",
+                        task=stem, bytes=os.path.getsize(parked_data),
+                    )
+                else:
+                    os.unlink(path)
                 continue
             if ext != "meta":
                 continue
@@ -304,12 +346,11 @@ class Cdn:
         task.last_access = self._clock.seconds()
         task.done = Deferred()
         self.origin_fetches += 1
-        deleting = self._deleting.get(task_id)
-        if deleting is not None:
-            # the evicted copy's files are still being removed: fetch after that
-            after: Deferred = Deferred()
-            after.addCallback(lambda _: self._fetch(task))
-            deleting.addBoth(lambda r: (after.callback(None), r)[1])
+        pending = self._disk_ops.get(task_id)
+        if pending is not None:
+            # file work still queued for this id (an evicted copy's removal)
+            # ends first; the task waits
+            pending.addCallback(lambda _: self._fetch(task) if task.status == "waiting" else None)
         else:
             self._fetch(task)
         return task
@@ -396,11 +437,7 @@ class Cdn:
         """The origin changed under C{old}: drop it and fetch the new content from C{response}."""
         old.status = "failed"
         old.error = TaskError("SOURCE_CHANGED", f"the origin content of {old.url} changed")
-        for path in (old.data_path, old.meta_path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        self._disk(old.task_id, _remove_files, *self._all_paths(old.task_id))
         old.notify("task_failed")
         if old.done is not None and not old.done.called:
             old.done.callback(old)
@@ -414,7 +451,7 @@ class Cdn:
         if self._on_new_task is not None:
             self._on_new_task(new)
         new.status = "running"
-        self._got_response(new, response)
+        self._got_response(new, response, None)
         return new
 
     def remove(self, task_id: str) -> CdnTask | None:
@@ -437,11 +474,9 @@ class Cdn:
         )
         self.fetch_failures[error.code] = self.fetch_failures.get(error.code, 0) + 1
         task.status, task.error = "failed", error
-        for path in (task.data_path, task.meta_path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        # nothing half-fetched stays in the cache; what reached the disk whole
+        # is parked for the next try when the origin may finish it then
+        self._disk(task.task_id, _park_or_remove, task.task_id, self.repo, self.parked, _resumable(error))
         task.notify("task_failed")
         if task.done is not None and not task.done.called:
             task.done.callback(task)
@@ -451,9 +486,27 @@ class Cdn:
         task.fetch_started = self._clock.seconds()
         task.fetch_start_bytes = task.origin_bytes
         task_log(log, LogLevel.info, task.task_id, "fetching {url} from the origin", url=safe_url(task.url))
-        d = self._http.get(task.url, headers=_to_header_lists(task.headers), unbuffered=True)
+        # a prefix stored by an earlier try comes back into the cache, rehashed
+        d = self._disk(task.task_id, _take_parked, task.task_id, self.repo, self.parked)
+        d.addCallback(lambda found: self._request(task, found))
+        d.addErrback(lambda f: self._fail(task, TaskError("INTERNAL", f.getErrorMessage())))
+
+    def _request(self, task: CdnTask, found: "tuple[dict[str, Any], ResumePoint] | None") -> None:
+        if task.status != "running" or self.tasks.get(task.task_id) is not task:
+            # removed while the stored prefix was being read
+            self._disk(task.task_id, _park_or_remove, task.task_id, self.repo, self.parked, False)
+            return
+        headers = dict(task.headers)
+        resume = None
+        if found is not None:
+            header, point = found
+            extra = resume_headers(header["validators"], point.offset)
+            if extra is not None:
+                headers.update(extra)
+                resume = found
+        d = self._http.get(task.url, headers=_to_header_lists(headers), unbuffered=True)
         d.addTimeout(self._idle_timeout, self._clock)
-        d.addCallbacks(lambda response: self._got_response(task, response), lambda f: self._unreachable(task, f))
+        d.addCallbacks(lambda response: self._got_response(task, response, resume), lambda f: self._unreachable(task, f))
         d.addErrback(lambda f: self._fail(task, TaskError("INTERNAL", f.getErrorMessage())))
 
     def _unreachable(self, task: CdnTask, f: Any) -> None:
@@ -466,7 +519,35 @@ class Cdn:
                 TaskError("SOURCE_UNREACHABLE", f"origin {task.url} unreachable: {f.getErrorMessage()}", DF_SOURCE_UNREACHABLE),
             )
 
-    def _got_response(self, task: CdnTask, response: Any) -> None:
+    def _got_response(self, task: CdnTask, response: Any, resume: "tuple[dict[str, Any], ResumePoint] | None") -> None:
+        if task.status != "running":
+            response.deliverBody(_Abort())
+            return
+        if resume is not None:
+            header, point = resume
+            verdict = judge(
+                point.offset, header["validators"], response.code,
+                _first_header(response, b"content-range"), _validators(response),
+            )
+            if verdict is Verdict.CONTINUE:
+                self._continue(task, response, header, point)
+                return
+            if verdict is Verdict.REFETCH:
+                task_log(
+                    log, LogLevel.info, task.task_id,
+                    "the origin cannot finish the stored {bytes} bytes ({code}); fetching from byte 0",
+                    bytes=point.offset, code=response.code,
+                )
+                response.deliverBody(_Abort())
+                self._disk(task.task_id, _remove_files, *self._all_paths(task.task_id))
+                self._request(task, None)
+                return
+            if verdict is Verdict.FROM_ZERO:
+                task_log(
+                    log, LogLevel.info, task.task_id,
+                    "the origin sent the whole file (it ignores ranges, or it changed): {bytes} stored bytes dropped",
+                    bytes=point.offset,
+                )
         if response.code != 200:
             phrase = response.phrase.decode("latin-1", "replace") if isinstance(response.phrase, bytes) else str(response.phrase)
             df = DF_NEED_AUTH if response.code in (401, 403, 407) else DF_SOURCE_ERROR
@@ -482,10 +563,45 @@ class Cdn:
         task.content_type = _content_type(response.headers.getRawHeaders(b"content-type"))
         rule = self._piece_size
         task.piece_size = rule(length) if callable(rule) else rule
-        fd = os.open(task.data_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        header = {
+            "url": task.url, "validators": task.validators, "pieceSize": task.piece_size,
+            "contentType": task.content_type, "digest": task.expected_digest,
+        }
         if length is not None:
             self._publish_length(task, length)
+        writer = self._writer(task, length, None)
+        response.deliverBody(writer)
+        self._open(task, writer, _open_fresh, task.data_path, self._part_path(task.task_id), header)
 
+    def _continue(self, task: CdnTask, response: Any, header: dict[str, Any], point: ResumePoint) -> None:
+        """The origin sends the rest of the version on disk: go on from C{point}."""
+        validators = header["validators"]
+        task.validators = dict(validators)
+        task.length = length = validators["length"]
+        task.content_type = header.get("contentType")
+        task.piece_size = header["pieceSize"]
+        self.resumed_fetches += 1
+        self.resumed_bytes += point.offset
+        task_log(
+            log, LogLevel.info, task.task_id, "resuming the origin fetch at byte {offset} of {length}",
+            offset=point.offset, length=length, pieces=len(point.digests),
+        )
+        self._publish_length(task, length)
+        for index, digest in enumerate(point.digests):
+            self._piece_stored(task, index, digest)
+        writer = self._writer(task, length, point)
+        response.deliverBody(writer)
+        self._open(task, writer, _open_at, task.data_path, point.offset)
+
+    def _open(self, task: CdnTask, writer: ChunkedFileWriter, how: Callable[..., int], *args: Any) -> None:
+        """Open the data file in the pool (after the task's earlier file work) and give it to C{writer}."""
+        d = self._disk(task.task_id, how, *args)
+        d.addCallbacks(
+            writer.attach,
+            lambda f: writer.attach_failed(BodyError("STORE_FAILED", f"cannot open the cache file: {f.getErrorMessage()}")),
+        )
+
+    def _writer(self, task: CdnTask, length: int | None, start: ResumePoint | None) -> ChunkedFileWriter:
         def stored(index: int, digest: str) -> None:
             if task.status == "running":
                 self._piece_stored(task, index, digest)
@@ -495,15 +611,15 @@ class Cdn:
             self.origin_bytes += n
 
         writer = ChunkedFileWriter(
-            self._pool, self._clock, fd, task.piece_size, length, self._idle_timeout, stored, counted,
-            limit=self._origin_limit,
+            self._pool, self._clock, None, task.piece_size, length, self._idle_timeout, stored, counted,
+            limit=self._origin_limit, start=start,
         )
-        response.deliverBody(writer)
         writer.done.addCallbacks(
             lambda result: self._finished(task, *result),
             lambda f: self._fail(task, TaskError(f.value.code, f.value.message))
             if f.check(BodyError) else self._fail(task, TaskError("INTERNAL", f.getErrorMessage())),
         )
+        return writer
 
     def _publish_length(self, task: CdnTask, length: int) -> None:
         task.length = length
@@ -539,13 +655,21 @@ class Cdn:
                     TaskError("DIGEST_MISMATCH", f"origin content has sha256:{file_hash}, expected sha256:{want}"),
                 )
                 return
-        task.sha256 = file_hash
         meta = {
             "url": task.url, "length": task.length, "pieceSize": task.piece_size,
             "digests": task.digests, "sha256": file_hash, "contentType": task.content_type,
             "validators": task.validators, "digest": task.expected_digest,
         }
-        write_json_atomic(task.meta_path, meta)
+        d = self._disk(task.task_id, _commit, task.meta_path, meta, self._part_path(task.task_id))
+        d.addCallbacks(
+            lambda _: self._committed(task, file_hash),
+            lambda f: self._fail(task, TaskError("STORE_FAILED", f"cannot write the meta file: {f.getErrorMessage()}")),
+        )
+
+    def _committed(self, task: CdnTask, file_hash: str) -> None:
+        if task.status != "running":
+            return
+        task.sha256 = file_hash
         task.status = "success"
         task.validated_at = self._clock.seconds()
         task_log(
@@ -587,27 +711,161 @@ class Cdn:
             raise ValueError(f"task {task_id} is being fetched; it cannot be evicted")
         del self.tasks[task_id]
         task.listeners.clear()
-        d = self._pool.run(_remove_files, task.meta_path, task.data_path)
-        self._deleting[task_id] = d
-
-        def removed(result: Any) -> Any:
-            if self._deleting.get(task_id) is d:
-                del self._deleting[task_id]
-            return result
-
-        d.addBoth(removed)
+        d = self._disk(task_id, _remove_files, task.meta_path, task.data_path)
         done: Deferred = Deferred()
         d.addBoth(lambda r: (done.callback(None), r)[1])
         d.addErrback(lambda f: log.failure("removing evicted task {task}", f, task=task_id))
         return done
 
 
+    def expire_parked(self, max_age: float) -> "Deferred[int]":
+        """Delete the parked prefixes (see L{load}) older than C{max_age} seconds; how many."""
+        return self._pool.run(_expire_parked, self.parked, max_age)
+
+    # -- file work, in the pool ----------------------------------------------
+
+    def _disk(self, task_id: str, f: Callable[..., Any], *args: Any) -> Deferred:
+        """
+        Run C{f(*args)} in the pool once the file work queued before for
+        C{task_id} is over; its result.
+        """
+        prev = self._disk_ops.get(task_id)
+        mine: Deferred = Deferred()
+        tail: Deferred = Deferred()
+        self._disk_ops[task_id] = tail
+
+        def go(_: Any = None) -> None:
+            self._pool.run(f, *args).chainDeferred(mine)
+
+        def over(result: Any) -> Any:
+            if self._disk_ops.get(task_id) is tail:
+                del self._disk_ops[task_id]
+            tail.callback(None)
+            return result
+
+        mine.addBoth(over)
+        if prev is None:
+            go()
+        else:
+            prev.addCallback(go)
+        return mine
+
+
 def _remove_files(*paths: str) -> None:
     for path in paths:
+        unlink_quietly(path)
+
+
+def _resumable(error: TaskError) -> bool:
+    """Whether a failed fetch's stored bytes are worth keeping for the next try."""
+    if error.code in ("SOURCE_TRUNCATED", "SOURCE_TIMEOUT", "SOURCE_UNREACHABLE", "INTERNAL"):
+        return True
+    return error.code == "SOURCE_ERROR" and (error.http_status or 0) >= 500
+
+
+def _read_header(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path) as f:
+            header = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(header, dict) or not isinstance(header.get("validators"), dict):
+        return None
+    if not isinstance(header.get("pieceSize"), int) or header["pieceSize"] <= 0:
+        return None
+    return header
+
+
+def _park_or_remove(task_id: str, repo: str, parked: str, keep: bool) -> None:
+    """A failed fetch's files: data and header parked (C{keep}, when a resume could use them), else gone."""
+    data, part = os.path.join(repo, task_id + ".data"), os.path.join(repo, task_id + ".part")
+    parked_data, parked_part = os.path.join(parked, task_id + ".data"), os.path.join(parked, task_id + ".part")
+    unlink_quietly(os.path.join(repo, task_id + ".meta"))
+    header = _read_header(part) if keep and os.path.exists(data) else None
+    if header is not None and resume_headers(header["validators"], _resume_offset(header, os.path.getsize(data))) is not None:
+        os.replace(data, parked_data)
+        os.replace(part, parked_part)
+        return
+    for path in (data, part, parked_data, parked_part):
+        unlink_quietly(path)
+
+
+def _resume_offset(header: dict[str, Any], size: int) -> int:
+    """
+    Where a resume of C{size} stored bytes starts.  The last byte is always
+    asked again: the origin's answer then says whether the stored bytes are
+    still its current version.
+    """
+    length = header["validators"].get("length")
+    return min(size, length - 1) if isinstance(length, int) and length > 0 else 0
+
+
+def _take_parked(task_id: str, repo: str, parked: str) -> "tuple[dict[str, Any], ResumePoint] | None":
+    """
+    A parked prefix of C{task_id}, moved back into the cache and rehashed:
+    C{(header, resume point)}; None when there is none worth resuming.
+    """
+    parked_data, parked_part = os.path.join(parked, task_id + ".data"), os.path.join(parked, task_id + ".part")
+    if not os.path.exists(parked_part):
+        unlink_quietly(parked_data)
+        return None
+    header = _read_header(parked_part)
+    try:
+        size = os.path.getsize(parked_data)
+    except OSError:
+        size = 0
+    offset = _resume_offset(header, size) if header is not None else 0
+    if header is None or resume_headers(header["validators"], offset) is None:
+        _remove_files(parked_data, parked_part)
+        return None
+    data, part = os.path.join(repo, task_id + ".data"), os.path.join(repo, task_id + ".part")
+    os.replace(parked_data, data)
+    os.replace(parked_part, part)
+    point = rehash_prefix(data, offset, header["pieceSize"])
+    return header, point
+
+
+def _open_fresh(data: str, part: str, header: dict[str, Any]) -> int:
+    """Write a fetch's header, then open its data file empty."""
+    write_json_atomic(part, header)
+    return os.open(data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+def _open_at(data: str, offset: int) -> int:
+    """Open a resumed fetch's data file, cut at C{offset}."""
+    fd = os.open(data, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, offset)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _commit(meta_path: str, meta: dict[str, Any], part: str) -> None:
+    """A fetch is complete: its meta file, then its header goes."""
+    write_json_atomic(meta_path, meta)
+    unlink_quietly(part)
+
+
+def _expire_parked(parked: str, max_age: float) -> int:
+    cutoff = time.time() - max_age
+    removed = 0
+    for name in os.listdir(parked):
+        path = os.path.join(parked, name)
         try:
-            os.unlink(path)
-        except FileNotFoundError:
+            if os.path.getmtime(path) < cutoff:
+                os.unlink(path)
+                removed += 1
+        except OSError:
             pass
+    return removed
+
+
+def _first_header(response: Any, name: bytes) -> bytes | None:
+    headers = getattr(response, "headers", None)
+    values = headers.getRawHeaders(name) if headers is not None else None
+    return values[0] if values else None
 
 
 def _to_header_lists(headers: dict[str, str]) -> dict[str, list[str]]:
@@ -658,5 +916,5 @@ class _Abort(DiscardBody):
 
 
 def _end_to_end(headers: dict[str, str] | None) -> dict[str, str]:
-    """The headers an origin fetch may carry: the client's, less the hop-by-hop ones."""
-    return {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
+    """The headers an origin fetch may carry: the client's, less the hop-by-hop ones and those the fetch sets itself."""
+    return {k: v for k, v in (headers or {}).items() if k.lower() not in NOT_TO_ORIGIN}

@@ -5,6 +5,8 @@ The SuperNode's garbage collection, run periodically and once at start-up.
     scheduling (checked every few seconds, whether or not anyone syncs);
   - swarms no peer touched for C{--task-expire} are dropped from the
     scheduler (the CDN keeps the cached file for the next peer);
+  - the prefixes of cut origin fetches parked for a resume (C{HOME/resume})
+    are deleted after C{--task-expire};
   - the CDN cache (C{HOME/repo}) is kept between C{--gc-disk-low} and
     C{--gc-disk-high} by evicting least-recently-used tasks that are not in use
     (see L{dragonfly.core.gc}).
@@ -86,6 +88,10 @@ class SupernodeGc(Service):
 
         async def collect() -> None:
             self.expire_tasks()
+            # prefixes of cut origin fetches nobody came back for
+            parked = await self.node.cdn.expire_parked(self.task_expire)
+            if parked:
+                log.info("deleted {n} files of origin fetches parked for a resume", n=parked)
             if self.disk is not None:
                 await self.disk.run()
 

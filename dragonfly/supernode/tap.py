@@ -21,6 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from ..core.config import ConfigFileOptions
+from ..core.httpapi import HttpLimits, guard_site
 from ..core.ids import BadInput
 from ..core.security import DEFAULT_DENY, OriginPolicy, PolicyEndpointFactory
 from ..core.defaults import DEFAULT_SUPERNODE_HOME
@@ -207,7 +208,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         home,
         serverFromString(reactor, f"tcp:{options['block-port']}:interface={iface}"),
         serverFromString(reactor, api_endpoint),
-        QuietSite(api.resource()),
+        guard_site(QuietSite(api.resource()), HttpLimits(max_connections=4096)),
         block_limits=options["block-limits"],
     ).setServiceParent(top)
     disk = DiskGc(
