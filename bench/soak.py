@@ -114,10 +114,25 @@ class Soak:
         ])
         wait_for_file(info, 60, self.sn_proc)
 
+    def serving(self, i: int) -> bool:
+        """A dfpeer answers on peer C{i}'s home (one its dfget started while ours was down)."""
+        try:
+            with open(os.path.join(self.homes[i], "peer.json")) as f:
+                api = json.load(f)["api"]
+        except (OSError, ValueError, KeyError):
+            return False
+        (reply,) = self.net.get_json([(self.peers[i], f"{api}/api/v1/tasks")], timeout=3.0)
+        return reply is not None
+
     def start_peer(self, i: int) -> None:
         home = self.homes[i]
         os.makedirs(home, exist_ok=True)
         info = os.path.join(home, "peer.json")
+        if self.peer_procs[i] is not None and self.serving(i):
+            # never two dfpeers on one home
+            say(f"{self.peers[i].name}: a dfpeer started by dfget serves the home; not restarting ours")
+            self.peer_procs[i] = None
+            return
         if os.path.exists(info):
             os.unlink(info)
         peer = self.peers[i]
@@ -169,6 +184,9 @@ class Soak:
         self.fault_log[kind] = self.fault_log.get(kind, 0) + 1
         if kind == "peer":
             i = self.rng.randrange(len(self.peers))
+            if self.peer_procs[i] is None or self.peer_procs[i].poll() is not None:
+                self.fault_log[kind] -= 1
+                return  # a dfpeer started by dfget serves this home: not ours to kill
             say(f"killing {self.peers[i].name}")
             self.kill(self.peer_procs[i])
             later.append((now + self.rng.uniform(1, 3), "restart-peer", i))
