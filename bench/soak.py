@@ -115,7 +115,15 @@ class Soak:
         wait_for_file(info, 60, self.sn_proc)
 
     def serving(self, i: int) -> bool:
-        """A dfpeer answers on peer C{i}'s home (one its dfget started while ours was down)."""
+        """A dfpeer runs on peer C{i}'s host (one its dfget started while ours was down)."""
+        for pid in netem._pids(self.peers[i].netns):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"dfpeer" in argv:
+                return True
         try:
             with open(os.path.join(self.homes[i], "peer.json")) as f:
                 api = json.load(f)["api"]
