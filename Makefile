@@ -21,9 +21,13 @@ demo: $(STAMP)
 
 # as root, first installs the Debian packages of the real-component tiers
 # (scripts/install-deps.sh, as .ci/run does); otherwise it ends by naming each
-# tier that was skipped and the command that installs what it needs
+# tier that was skipped and the command that installs what it needs; the
+# linters run first (ruff: pyproject.toml; mypy: setup.cfg, strict on the core,
+# protocol, scheduler, picker and simulator)
 test: $(STAMP)
 	@if [ "$$(id -u)" = 0 ]; then scripts/install-deps.sh; fi
+	$(BIN)/ruff check dragonfly tests bench twisted
+	$(BIN)/mypy
 	@status=0; $(BIN)/python -m pytest -q || status=$$?; scripts/install-deps.sh --check; exit $$status
 
 # the data-path benchmark (1 GiB on loopback: nginx, curl, Dragonfly, aria2c),

@@ -17,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import Any
 
 from .core.units import human_bytes, parse_rate
 from .testing.swarm import Swarm, sha256_file, write_random_file
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             out = os.path.join(workdir, f"{name}.out")
             runs[name] = (swarm.dfget(url, out, name), out)
-        rows = []
+        rows: list[tuple[str, float, dict[str, Any] | None, str]] = []
         for name, (proc, out) in runs.items():
             _, err = proc.communicate(timeout=600)
             wall = time.monotonic() - t0
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
                 rows.append((name, wall, None, err.decode().strip()))
                 continue
-            task = swarm.peer_tasks(name)[0]
-            rows.append((name, wall, task, "ok" if sha256_file(out) == want else "SHA-256 MISMATCH"))
+            peer_task = swarm.peer_tasks(name)[0]
+            rows.append((name, wall, peer_task, "ok" if sha256_file(out) == want else "SHA-256 MISMATCH"))
         stats = swarm.origin_stats()
         sn = swarm.supernode_task(rows[0][2]["taskId"]) if rows[0][2] else None
     print()

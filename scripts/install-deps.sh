@@ -12,6 +12,7 @@ set -euo pipefail
 TIERS=(
   "build|make and Python 3.11|make python3.11|make python3.11 python3.11-venv|no"
   "bench-smoke|the swarm benchmark's smoke test (namespaces, tc, curl)|tc curl|iproute2 curl|yes"
+  "bench-baselines|the benchmarks' nginx origin and BitTorrent baseline|nginx aria2c mktorrent opentracker|nginx aria2 mktorrent opentracker|no"
   "images|e2e images and Range requests, preheat (real registry, skopeo)|docker-registry skopeo htpasswd|docker-registry skopeo apache2-utils|no"
   "containerd|e2e containerd pulls through dfdaemon|containerd ctr|containerd|yes"
   "docker|e2e Docker engine pulls through dfdaemon|dockerd|docker.io|yes"

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dfget", description="Download a file through the Dragonfly P2P swarm.")
     p.add_argument("-u", "--url", required=True, help="the origin URL (http or https)")
     p.add_argument("-o", "--output", "-O", required=True, help="where to write the file")
-    p.add_argument("-n", "--node", default=None, help="SuperNodes, host[:port][=weight],... (default: the running dfpeer's, else 127.0.0.1:8002)")
+    p.add_argument("-n", "--node", "--supernode", dest="node", default=None, help="SuperNodes, host[:port][=weight],... (default: the running dfpeer's, else 127.0.0.1:8002)")
     p.add_argument("--home", default=os.environ.get("DFGET_HOME", DEFAULT_HOME), help="work home of the dfpeer to use")
     p.add_argument("--header", action="append", default=[], help="'Name: value' passed to the origin (repeatable)")
     group = p.add_mutually_exclusive_group()
@@ -343,6 +343,7 @@ def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
             return direct_download(opts, bar, deadline)
         _trace("asking")
         started = _call(api, "POST", "/api/v1/downloads", body)
+    assert api is not None  # the dfpeer that answered
     task_id = started["taskId"]
     _trace("posted")
     while True:

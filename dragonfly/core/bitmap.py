@@ -7,7 +7,7 @@ Spare bits in the last byte (past ``count``) are always zero.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 __all__ = ["Bitmap", "MAX_COUNT"]
 

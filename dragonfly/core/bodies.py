@@ -17,8 +17,9 @@ integer, and C{80.0} is not an integer either.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 from .httpapi import ApiError
 
@@ -49,6 +50,7 @@ class Schemas:
         self.value_codes = dict(value_codes or {})
 
     def resolve(self, schema: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The schema C{schema} stands for, its C{$ref}s followed."""
         while "$ref" in schema:
             schema = self._components[schema["$ref"].rsplit("/", 1)[1]]
         return schema

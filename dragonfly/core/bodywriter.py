@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, cast
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -166,23 +166,29 @@ class ChunkedFileWriter(Protocol):
         self._limit = limit
         self._rate_held = False
         # the pool jobs, in order; they wait for the file when there is none yet
-        self._opened: Deferred = succeed(None) if fd is not None else Deferred()
-        self._chain: Deferred = self._opened
+        self._opened: Deferred[None] = succeed(None) if fd is not None else Deferred()
+        self._chain: Deferred[Any] = self._opened
         self._idle: IDelayedCall | None = None
         self._error: BodyError | None = None
-        self.done: Deferred = Deferred()
+        self.done: Deferred[tuple[int, str]] = Deferred()
         if fd is None:
             self._hold()
 
     def connectionMade(self) -> None:
+        """Arm the idle timer and read the socket in large blocks."""
         self._idle = self._clock.callLater(self._idle_timeout, self._stalled)
         # read the socket in large blocks: the cost of a body is per read as
         # much as per byte (the transport given is a proxy of the connection's)
-        tcp = getattr(self.transport, "_producer", None)
+        tcp: Any = getattr(self.transport, "_producer", None)
         if isinstance(getattr(tcp, "bufferSize", None), int) and tcp.bufferSize < self.READ_SIZE:
             tcp.bufferSize = self.READ_SIZE
-        if self._holds:
-            self.transport.pauseProducing()
+        source = self._source()
+        if self._holds and source is not None:
+            source.pauseProducing()
+
+    def _source(self) -> IPushProducer | None:
+        """The transport a response body is delivered by: it pauses, resumes and stops."""
+        return cast("IPushProducer | None", self.transport)
 
     def attach(self, fd: int) -> None:
         """The file is open: take the body."""
@@ -202,25 +208,29 @@ class ChunkedFileWriter(Protocol):
         """Stop reading and fail C{done} with C{error}."""
         if self._error is None:
             self._error = error
-        if self.transport is not None:
-            self.transport.stopProducing()
+        source = self._source()
+        if source is not None:
+            source.stopProducing()
 
     def _hold(self) -> None:
         """Pause the body for one more reason (pool back-pressure, rate, no file yet)."""
         self._holds += 1
-        if self._holds == 1 and self.transport is not None:
-            self.transport.pauseProducing()
+        source = self._source()
+        if self._holds == 1 and source is not None:
+            source.pauseProducing()
 
     def _release(self) -> None:
         self._holds -= 1
-        if self._holds == 0 and self.transport is not None and self._error is None:
-            self.transport.resumeProducing()
+        source = self._source()
+        if self._holds == 0 and source is not None and self._error is None:
+            source.resumeProducing()
 
     def _rate_ok(self) -> None:
         self._rate_held = False
         self._release()
 
     def dataReceived(self, data: bytes) -> None:
+        """Count, charge against the rate limit, and gather the bytes into chunks."""
         if self._error is not None:
             return
         if self._idle is not None and self._idle.active():
@@ -240,16 +250,17 @@ class ChunkedFileWriter(Protocol):
         if self._expected is not None and self.total > self._expected:
             self.abort(BodyError("SOURCE_TOO_LONG", f"origin sent more than its Content-Length of {self._expected} bytes"))
             return
-        while data:
+        rest: bytes | memoryview = data
+        while rest:
             room = self._chunk - (self._buf_at + self._buffered) % self._chunk
-            if len(data) < room:
-                self._parts.append(data)
-                self._buffered += len(data)
+            if len(rest) < room:
+                self._parts.append(rest)
+                self._buffered += len(rest)
                 break
-            view = memoryview(data)
+            view = memoryview(rest)
             self._parts.append(view[:room])
             self._buffered += room
-            data = view[room:]
+            rest = view[room:]
             self._submit(last=True)
         if self._buffered >= self.BLOCK or (self._pending == 0 and self._buffered >= self.MIN_BLOCK):
             self._submit(last=False)
@@ -289,7 +300,8 @@ class ChunkedFileWriter(Protocol):
         self._chain.addCallback(store)
         self._chain.addCallbacks(stored, failed)
 
-    def connectionLost(self, reason: Failure = ConnectionDone) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """The body ended: write the rest, then fire C{done} (or fail it)."""
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         complete = bool(reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self._expected is None))
@@ -324,4 +336,5 @@ class DiscardBody(Protocol):
     """Reads and drops a response body (an error page we do not need)."""
 
     def dataReceived(self, data: bytes) -> None:
+        """Drop the bytes."""
         pass

@@ -152,23 +152,25 @@ class ConfigFileOptions(usage.Options):
     structured_keys: dict[str, str] = {}
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.from_file: dict[str, str] = {}
         self._takes_value = {o[:-1] for o in self.longOpt if o.endswith("=")}
         self._flags = {o for o in self.longOpt if not o.endswith("=")}
 
     def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse C{options} (C{sys.argv[1:]} by default) over the settings of the config file."""
         if options is None:
             options = sys.argv[1:]
         options = list(options)
         if len(options) > 1 and options[-2] == "--_shell-completion":
-            return super().parseOptions(options)
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
+            return
         given, path = self._scan(options)
         if path is not None and not given & {"help", "version"}:
             self.config_path = os.path.abspath(path)
             self.apply_file(self.config_path, given)
         try:
-            super().parseOptions(options)
+            super().parseOptions(options)  # type: ignore[no-untyped-call]
         except usage.UsageError as e:
             raise self._blame_file(e) from None
 

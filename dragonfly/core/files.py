@@ -15,7 +15,7 @@ def pread_exact(path: str, offset: int, size: int) -> bytes:
     finally:
         os.close(fd)
     if len(data) != size:
-        raise IOError(f"{path}: short read at {offset}: {len(data)} of {size} bytes")
+        raise OSError(f"{path}: short read at {offset}: {len(data)} of {size} bytes")
     return data
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from attrs import define, frozen
 from twisted.logger import Logger
@@ -43,6 +44,7 @@ class Watermark:
 
     @property
     def relative(self) -> bool:
+        """Whether the watermark is a percentage of the filesystem (else a byte count)."""
         return self.percent is not None
 
     def bytes_of(self, total: int) -> int:

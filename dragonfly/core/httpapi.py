@@ -12,12 +12,16 @@ concurrent connections); the three daemons' taps apply it to their sites.
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from attrs import define
 from attrs import field as attrs_field
 from klein import Klein
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.server import Site
@@ -41,10 +45,12 @@ class ApiError(Exception):
         self.extra = extra
 
     def body(self) -> dict[str, Any]:
+        """The error as the API's JSON envelope."""
         return {"error": {"code": self.code, "message": self.message, **self.extra}}
 
 
 def json_response(request: IRequest, body: Any, status: int = 200) -> bytes:
+    """Answer C{request} with C{body} as JSON and C{status}; the bytes to return from a route."""
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
     request.setHeader(b"cache-control", b"no-store")
@@ -111,7 +117,8 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], *, req
 
 
 def str_dict(body: dict[str, Any], name: str) -> dict[str, str]:
-    value = field(body, name, dict, required=False, default={})
+    """The optional field C{name} of C{body}: a map of header names to strings ({} when absent)."""
+    value: dict[str, str] = field(body, name, dict, required=False, default={})
     if not all(isinstance(v, str) for v in value.values()) or not safe_header_map(value):
         raise ApiError(400, "BAD_FIELD", f"field {name!r} must map header names to strings")
     return value
@@ -126,18 +133,18 @@ def install_error_handlers(app: Klein) -> None:
     """Make every error of C{app} (a class attribute: handlers get the instance) a JSON body."""
 
     @app.handle_errors(ApiError)
-    def api_error(_self: Any, request: IRequest, failure: Any) -> bytes:
+    def api_error(self: Any, request: IRequest, failure: Failure) -> bytes:
         e = failure.value
         return json_response(request, e.body(), e.status)
 
     @app.handle_errors(HTTPException)
-    def http_error(_self: Any, request: IRequest, failure: Any) -> bytes:
+    def http_error(self: Any, request: IRequest, failure: Failure) -> bytes:
         e = failure.value
         code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(e.code, "HTTP_ERROR")
         return json_response(request, {"error": {"code": code, "message": e.description or e.name}}, e.code or 500)
 
     @app.handle_errors(Exception)
-    def internal(_self: Any, request: IRequest, failure: Any) -> bytes:
+    def internal(self: Any, request: IRequest, failure: Failure) -> bytes:
         log.failure("internal error serving {uri}", failure, uri=request.uri)
         return json_response(request, {"error": {"code": "INTERNAL", "message": failure.getErrorMessage()}}, 500)
 
@@ -193,7 +200,8 @@ class GuardedChannel(HTTPChannel):
     _body_seen = 0
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        """Refuse a connection past C{max_connections}, else count it and start its header timer."""
+        super().connectionMade()  # type: ignore[no-untyped-call]
         if self.limits.open >= self.limits.max_connections:
             self._refuse(503, "TOO_MANY_CONNECTIONS", f"more than {self.limits.max_connections} connections open; try again")
             return
@@ -201,16 +209,17 @@ class GuardedChannel(HTTPChannel):
         self._counted = True
         self._arm()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Stop the header timer and stop counting the connection."""
         self._disarm()
         if self._counted:
             self._counted = False
             self.limits.open -= 1
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def _arm(self) -> None:
         if self._deadline is None and not self._refused:
-            self._deadline = self.callLater(self.limits.header_timeout, self._headers_too_slow)
+            self._deadline = self.callLater(self.limits.header_timeout, self._headers_too_slow)  # type: ignore[no-untyped-call]
 
     def _disarm(self) -> None:
         if self._deadline is not None:
@@ -229,19 +238,23 @@ class GuardedChannel(HTTPChannel):
         self._disarm()
         self.limits.refused[code] = self.limits.refused.get(code, 0) + 1
         log.info("HTTP connection from {peer} refused: {code} {message}", peer=_peer(self), code=code, message=message)
-        self.transport.write(error_response(status, code, message))
-        self.loseConnection()
+        transport = self.transport
+        assert transport is not None  # refusals happen on a connection
+        transport.write(error_response(status, code, message))
+        self.loseConnection()  # type: ignore[no-untyped-call]
         # a client that does not read its answer is dropped all the same
-        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+        self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)  # type: ignore[no-untyped-call]
 
     def dataReceived(self, data: bytes) -> None:
+        """Drop what arrives after a refusal; a new request's first bytes start the header timer."""
         if self._refused:
             return
         if self.line_mode:
             self._arm()  # a new request's first bytes: its headers have header_timeout
-        super().dataReceived(data)
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def headerReceived(self, line: bytes) -> bool:
+        """Refuse a second framing header, a malformed Content-Length or one over C{max_body}."""
         name, sep, value = line.partition(b":")
         name = name.strip().lower()
         if sep and name in (b"content-length", b"transfer-encoding"):
@@ -256,11 +269,12 @@ class GuardedChannel(HTTPChannel):
                 if self.limits.max_body is not None and int(value) > self.limits.max_body:
                     self._refuse(413, "BODY_TOO_LARGE", f"request body over {self.limits.max_body} bytes")
                     return False
-        return bool(super().headerReceived(line))
+        return bool(super().headerReceived(line))  # type: ignore[no-untyped-call]
 
     def allHeadersReceived(self) -> None:
+        """Stop the header timer; count a chunked body as it arrives."""
         self._disarm()
-        super().allHeadersReceived()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
         self._body_seen = 0
         decoder = self._transferDecoder
         if self.limits.max_body is not None and self.length is None and decoder is not None:
@@ -277,16 +291,19 @@ class GuardedChannel(HTTPChannel):
             decoder.dataCallback = counted
 
     def allContentReceived(self) -> None:
+        """Hand the request on, unless the connection was refused."""
         if self._refused:
             return
-        super().allContentReceived()
+        super().allContentReceived()  # type: ignore[no-untyped-call]
 
     def lineReceived(self, line: bytes) -> Any:
+        """Parse the line, unless the connection was refused."""
         if self._refused:
             return None
-        return super().lineReceived(line)
+        return super().lineReceived(line)  # type: ignore[no-untyped-call]
 
     def rawDataReceived(self, data: bytes) -> None:
+        """Take body bytes, unless the connection was refused."""
         if self._refused:
             return
         super().rawDataReceived(data)
@@ -298,13 +315,18 @@ def guard_site(site: Site, limits: HttpLimits | None = None) -> Site:
     connection; C{site} itself, for one-line use in a tap:
     C{guard_site(QuietSite(resource))}.  Timers run on the site's reactor.
     """
-    site.protocol = type("GuardedChannel", (GuardedChannel,), {"limits": limits if limits is not None else HttpLimits()})
+    guarded = type("GuardedChannel", (GuardedChannel,), {"limits": limits if limits is not None else HttpLimits()})
+    site.protocol = guarded  # type: ignore[method-assign]  # a class attribute, not a method
     return site
 
 
 def _peer(channel: HTTPChannel) -> str:
+    if channel.transport is None:
+        return "?"
     try:
         address = channel.transport.getPeer()
-        return f"{address.host}:{address.port}"
     except Exception:
         return "?"
+    if isinstance(address, (IPv4Address, IPv6Address)):
+        return f"{address.host}:{address.port}"
+    return "?"

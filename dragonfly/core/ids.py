@@ -55,7 +55,7 @@ def check_url(url: str) -> str:
     if any(c in url for c in "\r\n\x00 "):
         raise BadInput(f"URL {url!r} contains whitespace or control characters")
     try:
-        parts.port
+        _ = parts.port  # raises ValueError for a port out of range
     except ValueError:
         raise BadInput(f"URL {url!r} has a bad port") from None
     return url

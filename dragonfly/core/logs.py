@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import IO, Any, Callable
+from collections.abc import Callable
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
@@ -77,11 +78,11 @@ def event_record(event: dict[str, Any]) -> dict[str, Any]:
 def json_lines_observer(stream: IO[str]) -> Callable[[dict[str, Any]], None]:
     """A log observer writing one JSON object per event and line to C{stream}."""
 
-    @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         stream.write(json.dumps(event_record(event), separators=(",", ":")) + "\n")
         stream.flush()
 
+    provider(ILogObserver)(observe)  # marks the function itself
     return observe
 
 

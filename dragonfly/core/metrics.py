@@ -44,17 +44,19 @@ from __future__ import annotations
 
 import bisect
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, cast
 
 from klein import Klein
 from klein.interfaces import IKleinRequest
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
+from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RoutingException
 
@@ -67,7 +69,7 @@ UNMATCHED = "unmatched"
 
 # no *_created series next to every counter: they double the output and our
 # counters all start with the process anyway
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Distribution:
@@ -83,6 +85,7 @@ class Distribution:
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
+        """Count one observation of C{value}."""
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.count += 1
         self.sum += value
@@ -90,7 +93,7 @@ class Distribution:
     def cumulative(self) -> list[tuple[str, int]]:
         """(le, observations <= le) for each bound and +Inf, as Prometheus wants them."""
         out, total = [], 0
-        for bound, n in zip([*map(_float_str, self.bounds), "+Inf"], self.counts):
+        for bound, n in zip([*map(_float_str, self.bounds), "+Inf"], self.counts, strict=True):
             total += n
             out.append((bound, total))
         return out
@@ -111,9 +114,11 @@ def bounded(value: str, allowed: Iterable[str], other: str = "other") -> str:
 def counter(name: str, doc: str, value: float | Mapping[str, float], label: str | None = None) -> Metric:
     """A counter family: one value, or one value per C{label} value."""
     if label is None:
+        assert not isinstance(value, Mapping), "values per label need the label's name"
         return CounterMetricFamily(name, doc, value=value)
+    assert isinstance(value, Mapping), "a label needs a value per label value"
     family = CounterMetricFamily(name, doc, labels=[label])
-    for key, v in sorted(value.items()):  # type: ignore[union-attr]
+    for key, v in sorted(value.items()):
         family.add_metric([key], v)
     return family
 
@@ -121,14 +126,17 @@ def counter(name: str, doc: str, value: float | Mapping[str, float], label: str 
 def gauge(name: str, doc: str, value: float | Mapping[str, float], label: str | None = None) -> Metric:
     """A gauge family: one value, or one value per C{label} value."""
     if label is None:
+        assert not isinstance(value, Mapping), "values per label need the label's name"
         return GaugeMetricFamily(name, doc, value=value)
+    assert isinstance(value, Mapping), "a label needs a value per label value"
     family = GaugeMetricFamily(name, doc, labels=[label])
-    for key, v in sorted(value.items()):  # type: ignore[union-attr]
+    for key, v in sorted(value.items()):
         family.add_metric([key], v)
     return family
 
 
 def histogram(name: str, doc: str, dist: Distribution) -> Metric:
+    """A histogram family from C{dist}."""
     return HistogramMetricFamily(name, doc, buckets=dist.cumulative(), sum_value=dist.sum)
 
 
@@ -188,10 +196,11 @@ class MetricsResource(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._registry = registry
 
     def render_GET(self, request: IRequest) -> bytes:
+        """The registry's metrics in the exposition format the request accepts."""
         return render_metrics(request, self._registry)
 
     render_HEAD = render_GET
@@ -208,14 +217,14 @@ class _NotFound(Resource):
 
 class _MetricsOnly(Resource):
     def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._metrics = MetricsResource(registry)
 
     def getChild(self, path: bytes, request: IRequest) -> Resource:
-        return self._metrics if path == b"metrics" and not request.postpath else _NotFound()
+        return self._metrics if path == b"metrics" and not request.postpath else _NotFound()  # type: ignore[no-untyped-call]
 
     def render(self, request: IRequest) -> bytes:
-        return _NotFound().render(request)
+        return _NotFound().render(request)  # type: ignore[no-untyped-call]
 
 
 def metrics_only_root(registry: CollectorRegistry) -> Resource:
@@ -247,6 +256,7 @@ class HttpMetrics:
         return _Instrumented(resource, app, self)
 
     def observe(self, handler: str, code: str, seconds: float) -> None:
+        """Count one request to C{handler} answered with C{code} after C{seconds}."""
         self.requests.labels(handler, code).inc()
         self.duration.labels(handler).observe(seconds)
 
@@ -255,12 +265,13 @@ class _Instrumented(Resource):
     isLeaf = True
 
     def __init__(self, inner: Any, app: Klein, metrics: HttpMetrics) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self._inner = inner
         self._app = app
         self._metrics = metrics
 
-    def render(self, request: IRequest) -> Any:
+    def render(self, irequest: IRequest) -> Any:
+        request = cast(Request, irequest)  # what a Site passes
         start = self._metrics.timer()
 
         def done(result: Any, finished: bool) -> None:

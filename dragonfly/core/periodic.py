@@ -9,7 +9,8 @@ fires (L{twisted.internet.task.LoopingCall}'s rule).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import maybeDeferred
@@ -26,6 +27,6 @@ def periodic(interval: float, step: Callable[[], Any], clock: Any, what: str = "
         d.addErrback(lambda f: log.failure("{what} failed", f, what=what))
         return d
 
-    service = TimerService(interval, guarded)  # type: ignore[no-untyped-call]
+    service = TimerService(interval, guarded)
     service.clock = clock
     return service

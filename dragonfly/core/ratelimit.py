@@ -35,6 +35,6 @@ class TokenBucket:
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
-def delay_for(buckets: "list[TokenBucket | None]", nbytes: int) -> float:
+def delay_for(buckets: list[TokenBucket | None], nbytes: int) -> float:
     """Reserve C{nbytes} in every bucket given; the longest wait wins."""
     return max((b.reserve(nbytes) for b in buckets if b is not None), default=0.0)

@@ -31,10 +31,9 @@ from collections.abc import Iterable, Sequence
 
 from attrs import frozen
 
-__all__ = ["Node", "owner", "parse_nodes", "rank", "score"]
+from .nodes import DEFAULT_PORT, parse_weighted
 
-#: the SuperNode API port when an address names none
-DEFAULT_PORT = 8002
+__all__ = ["Node", "owner", "parse_nodes", "rank", "score"]
 
 
 @frozen
@@ -45,15 +44,6 @@ class Node:
     weight: int = 1
 
 
-def _weight(text: str, part: str) -> int:
-    if not text.isascii() or not text.isdigit() or int(text) < 1:
-        raise ValueError(
-            f"supernode weight {text!r} in {part!r} is not a whole number of at least 1 "
-            "(the form is host[:port][=weight], e.g. 10.0.0.1:8002=2)"
-        )
-    return int(text)
-
-
 def parse_nodes(text: str, default_port: int = DEFAULT_PORT) -> list[Node]:
     """
     Parse C{[https://]host[:port][=weight],...} (Dragonfly's form).
@@ -61,36 +51,10 @@ def parse_nodes(text: str, default_port: int = DEFAULT_PORT) -> list[Node]:
     A missing port is C{default_port}, a missing weight 1.  An IPv6 host is
     written in brackets (C{[::1]:8002}).  Raises L{ValueError} with a message
     fit for a startup error on a bad address, a weight that is not a whole
-    number >= 1, a node listed twice, or an empty list.
+    number >= 1, a node listed twice, or an empty list.  (The parser is
+    L{dragonfly.core.nodes.parse_weighted}, which loads no attrs for dfget.)
     """
-    nodes: list[Node] = []
-    seen: set[str] = set()
-    for raw in text.split(","):
-        part = raw.strip()
-        if not part:
-            continue
-        address, sep, weight_text = part.partition("=")
-        weight = _weight(weight_text.strip(), part) if sep else 1
-        address = address.strip()
-        scheme = ""
-        for prefix in ("https://", "http://"):
-            if address.lower().startswith(prefix):
-                scheme, address = prefix, address[len(prefix):].rstrip("/")
-        host, colon, port = address.rpartition(":")
-        if not colon or "]" in port:
-            host, port = address, str(default_port)
-        if host.startswith("[") != host.endswith("]") or (":" in host and not host.startswith("[")):
-            raise ValueError(f"supernode address {part!r} is not host[:port] (an IPv6 host goes in brackets)")
-        if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"supernode address {part!r} is not host[:port][=weight]")
-        canonical = f"{'https://' if scheme == 'https://' else ''}{host.lower()}:{int(port)}"
-        if canonical in seen:
-            raise ValueError(f"supernode {canonical} is listed twice")
-        seen.add(canonical)
-        nodes.append(Node(canonical, weight))
-    if not nodes:
-        raise ValueError("no supernode given")
-    return nodes
+    return [Node(address, weight) for address, weight in parse_weighted(text, default_port)]
 
 
 def score(node: Node, task_id: str) -> float:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import socket
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, succeed
@@ -104,6 +105,7 @@ class OriginPolicy:
 
     @property
     def open(self) -> bool:
+        """Whether no allow or deny list is configured."""
         return not (self.allow_names or self.allow_nets or self.deny_names or self.deny_nets)
 
     def check_addresses(self, host: str, addresses: Iterable[Address]) -> None:
@@ -128,7 +130,7 @@ class OriginPolicy:
         shown = ", ".join(str(a) for a in addresses) or "no address"
         raise OriginDenied(f"origin host {host} ({shown}) is not in --origin-allow")
 
-    def check_url(self, url: str, pool: Any = None, reactor: Any = None) -> "Deferred[list[Address]]":
+    def check_url(self, url: str, pool: Any = None, reactor: Any = None) -> Deferred[list[Address]]:
         """
         Resolve C{url}'s host (in C{pool}, off the reactor thread) and check
         it; fires with its addresses, or fails with L{OriginDenied}.
@@ -137,7 +139,11 @@ class OriginPolicy:
         port = urlsplit(url).port or (443 if url.lower().startswith("https:") else 80)
         return self.check_host(host, port, pool, reactor)
 
-    def check_host(self, host: str, port: int, pool: Any = None, reactor: Any = None) -> "Deferred[list[Address]]":
+    def check_host(self, host: str, port: int, pool: Any = None, reactor: Any = None) -> Deferred[list[Address]]:
+        """
+        Fires with the checked addresses of C{host} (resolved in C{pool} or
+        the reactor's pool), or fails with L{OriginDenied}.
+        """
         try:
             literal = ipaddress.ip_address(host.strip("[]"))
         except ValueError:
@@ -150,17 +156,14 @@ class OriginPolicy:
         if literal is None and (self.allow_names or self.allow_nets) and not self.allow_nets:
             # only names are allowed: a name not among them is refused without asking DNS
             if not any(_name_matches(host.lower().rstrip("."), p) for p in self.allow_names):
-                d0: Deferred = Deferred()
-                d0.errback(OriginDenied(f"origin host {host} is not in --origin-allow"))
-                return d0
+                return _failed(OriginDenied(f"origin host {host} is not in --origin-allow"))
         if literal is not None:
             try:
                 self.check_addresses(host, [literal])
             except OriginDenied as e:
-                d: Deferred = Deferred()
-                d.errback(e)
-                return d
+                return _failed(e)
             return succeed([literal])
+        d: Deferred[list[Address]]
         if self._resolve is not None:
             d = self._resolve(host, port)
         elif pool is not None:
@@ -175,8 +178,8 @@ class OriginPolicy:
         return d.addCallback(check)
 
 
-def _failed(e: Exception) -> Deferred:
-    d: Deferred = Deferred()
+def _failed(e: Exception) -> Deferred[Any]:
+    d: Deferred[Any] = Deferred()
     d.errback(e)
     return d
 
@@ -186,7 +189,7 @@ def _getaddrinfo(host: str, port: int) -> list[Address]:
     for family, _, _, _, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
         if family not in (socket.AF_INET, socket.AF_INET6):
             continue
-        addr = ipaddress.ip_address(sockaddr[0].split("%", 1)[0])
+        addr = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
         if addr not in seen:
             seen.append(addr)
     if not seen:
@@ -197,24 +200,25 @@ def _getaddrinfo(host: str, port: int) -> list[Address]:
 class _CheckedEndpoint:
     """Resolve, check every address, then connect to a checked one (TLS on top for https)."""
 
-    def __init__(self, factory: "PolicyEndpointFactory", scheme: bytes, host: str, port: int) -> None:
+    def __init__(self, factory: PolicyEndpointFactory, scheme: bytes, host: str, port: int) -> None:
         self._f = factory
         self._scheme = scheme
         self._host = host
         self._port = port
 
-    def connect(self, protocol_factory: Any) -> Deferred:
+    def connect(self, protocol_factory: Any) -> Deferred[Any]:
         f = self._f
         d = f.policy.check_host(self._host, self._port, f.pool, f.reactor)
 
-        def connect(addresses: list[Address]) -> Deferred:
+        def connect(addresses: list[Address]) -> Deferred[Any]:
             addr = addresses[0]
             cls = TCP6ClientEndpoint if addr.version == 6 else TCP4ClientEndpoint
             endpoint: Any = cls(f.reactor, str(addr), self._port, timeout=f.connect_timeout)
             if self._scheme == b"https":
                 creator = f.tls_policy.creatorForNetloc(self._host.encode("idna"), self._port)
                 endpoint = wrapClientTLS(creator, endpoint)
-            return endpoint.connect(protocol_factory)
+            connecting: Deferred[Any] = endpoint.connect(protocol_factory)
+            return connecting
 
         return d.addCallback(connect)
 
@@ -231,5 +235,6 @@ class PolicyEndpointFactory:
         self.connect_timeout = connect_timeout
 
     def endpointForURI(self, uri: Any) -> _CheckedEndpoint:
+        """An endpoint that checks the origin's addresses before it connects to C{uri}."""
         host = uri.host.decode("idna") if isinstance(uri.host, bytes) else uri.host
         return _CheckedEndpoint(self, uri.scheme, host, uri.port)

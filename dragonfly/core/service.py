@@ -41,7 +41,8 @@ class ListeningService(Service):
         self._ports: list[Any] = []
 
     def startService(self) -> None:
-        super().startService()
+        """Start the service: run L{_start}, and stop the reactor if it fails."""
+        super().startService()  # type: ignore[no-untyped-call]
         Deferred.fromCoroutine(self._start()).addErrback(self._start_failed)
 
     def _start_failed(self, f: Any) -> None:
@@ -52,18 +53,21 @@ class ListeningService(Service):
         raise NotImplementedError
 
     async def listen(self, endpoint: Any, factory: Any) -> Any:
+        """Listen on C{endpoint} with C{factory}; the port is closed when the service stops."""
         port = await endpoint.listen(factory)
         self._ports.append(port)
         return port
 
     def publish(self, info: dict[str, Any]) -> None:
+        """Write C{info} and our pid to the info file (atomically; removed when the service stops)."""
         write_json_atomic(self.info_path, {"pid": os.getpid(), **info})
 
     async def _before_stop(self) -> None:
         """A subclass's last words (leave the SuperNode, ...)."""
 
-    def stopService(self) -> Deferred:
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        """Stop the service: the subclass's last words, then close the ports and remove the info file."""
+        super().stopService()  # type: ignore[no-untyped-call]
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.logger import Logger
@@ -40,11 +40,14 @@ from .ids import is_task_id
 
 log = Logger()
 
+T = TypeVar("T")
+
 
 class Pool(Protocol):
     """What the store needs of a worker pool (L{dragonfly.core.threads.WorkerPool})."""
 
-    def run(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred: ...
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """Run C{f} in the pool; fires with its result in the reactor thread."""
 
 
 class TaskStore:
@@ -76,16 +79,18 @@ class TaskStore:
     # -- names (no I/O) ----------------------------------------------------------
 
     def data_path(self, task_id: str) -> str:
+        """The data file of C{task_id} (ValueError for a malformed id)."""
         if not is_task_id(task_id):
             raise ValueError(f"bad task id {task_id!r}")
         return os.path.join(self.root, task_id + ".data")
 
     def meta_path(self, task_id: str) -> str:
+        """The meta file of C{task_id}."""
         return self.data_path(task_id)[: -len(".data")] + self._meta_suffix
 
     # -- writing -------------------------------------------------------------------
 
-    def _in_order(self, task_id: str, step: Callable[[], Deferred], retire: bool = False) -> Deferred:
+    def _in_order(self, task_id: str, step: Callable[[], Deferred[T]], retire: bool = False) -> Deferred[T]:
         """
         Run C{step} (in the reactor thread; it starts pool work and returns
         its Deferred) after the task's earlier creations, removals and opens;
@@ -97,35 +102,36 @@ class TaskStore:
         if retire:
             inner = step
 
-            def step() -> Deferred:
+            def step() -> Deferred[T]:
                 self._retire(self._served.pop(task_id, None))
                 return inner()
 
-        def done(result: Any) -> Any:
+        def done(result: T) -> T:
             if not lock.locked and not lock.waiting and self._locks.get(task_id) is lock:
                 del self._locks[task_id]
             return result
 
         return lock.run(step).addBoth(done)
 
-    def prepare(self, task_id: str, length: int) -> Deferred:
+    def prepare(self, task_id: str, length: int) -> Deferred[None]:
         """A new data file of C{length} bytes (sparse), the old one and its meta removed."""
         data, meta = self.data_path(task_id), self.meta_path(task_id)
         return self._in_order(task_id, lambda: self._pool.run(_prepare, data, meta, length), retire=True)
 
-    def create(self, task_id: str) -> Deferred:
+    def create(self, task_id: str) -> Deferred[int]:
         """A new empty data file, the old one and its meta removed; fires with a descriptor open for writing."""
         data, meta = self.data_path(task_id), self.meta_path(task_id)
         return self._in_order(task_id, lambda: self._pool.run(_create, data, meta), retire=True)
 
-    def write_verified(self, task_id: str, offset: int, data: bytearray | bytes, digest: bytes) -> Deferred:
+    def write_verified(self, task_id: str, offset: int, data: bytearray | bytes, digest: bytes) -> Deferred[bool]:
         """Check C{data} against C{digest} and write it at C{offset}; fires with True, or False on a mismatch."""
         return self._pool.run(_write_verified, self.data_path(task_id), offset, data, digest)
 
-    def save_meta(self, task_id: str, meta: dict[str, Any]) -> Deferred:
+    def save_meta(self, task_id: str, meta: dict[str, Any]) -> Deferred[None]:
+        """Write the meta file of C{task_id} atomically."""
         return self._pool.run(write_json_atomic, self.meta_path(task_id), meta)
 
-    def finish(self, task_id: str, meta: dict[str, Any] | None) -> Deferred:
+    def finish(self, task_id: str, meta: dict[str, Any] | None) -> Deferred[None]:
         """
         The task is complete: its data file becomes read-only (a user's
         output may be a hard link to it), and C{meta}, if given, is saved.
@@ -135,22 +141,22 @@ class TaskStore:
 
     # -- reading ---------------------------------------------------------------------
 
-    def read(self, task_id: str, offset: int, size: int) -> Deferred:
+    def read(self, task_id: str, offset: int, size: int) -> Deferred[bytes]:
         """Fires with C{size} bytes from C{offset}."""
         return self._pool.run(pread_exact, self.data_path(task_id), offset, size)
 
-    def sha256(self, task_id: str) -> Deferred:
+    def sha256(self, task_id: str) -> Deferred[str]:
         """Fires with the hex SHA-256 of the whole data file."""
         return self._pool.run(file_sha256, self.data_path(task_id))
 
-    def serve(self, task_id: str) -> Deferred:
+    def serve(self, task_id: str) -> Deferred[int]:
         """Open the descriptor uploads of C{task_id} are served from (once); fires with it."""
         path = self.data_path(task_id)
 
-        def step() -> Deferred:
+        def step() -> Deferred[int]:
             fd = self._served.get(task_id)
             if fd is not None:
-                d: Deferred = Deferred()
+                d: Deferred[int] = Deferred()
                 d.callback(fd)
                 return d
             return self._pool.run(os.open, path, os.O_RDONLY).addCallback(opened)
@@ -167,12 +173,12 @@ class TaskStore:
 
     # -- removing and reloading --------------------------------------------------------
 
-    def remove(self, task_id: str) -> Deferred:
+    def remove(self, task_id: str) -> Deferred[None]:
         """Close its descriptor and remove its files (the meta first: a crash leaves no half task)."""
         paths = self.meta_path(task_id), self.data_path(task_id)
         return self._in_order(task_id, lambda: self._pool.run(_remove, *paths), retire=True)
 
-    def forget(self, task_id: str) -> Deferred:
+    def forget(self, task_id: str) -> Deferred[None]:
         """Close the descriptor uploads of C{task_id} were served from (the file is to be replaced)."""
         self.data_path(task_id)  # a valid task id
         return self._in_order(task_id, lambda: self._pool.run(_remove), retire=True)
@@ -190,7 +196,7 @@ class TaskStore:
         else:
             self._clock.callLater(self.LINGER, self._pool.run, os.close, fd)
 
-    def reload(self) -> Deferred:
+    def reload(self) -> Deferred[list[dict[str, Any]]]:
         """Fires with the metas of the complete tasks (see L{load_complete}), the rest removed."""
         return self._pool.run(load_complete, self.root, self._meta_suffix, self._meta_names_task)
 

@@ -26,11 +26,12 @@ class QuietSite(Site):
 
     def __init__(self, resource: Any, *args: Any, **kwargs: Any) -> None:
         try:
-            super().__init__(resource, *args, parsePOSTFormSubmission=False, **kwargs)
+            super().__init__(resource, *args, parsePOSTFormSubmission=False, **kwargs)  # type: ignore[no-untyped-call]
         except TypeError:  # a Twisted without the switch
-            super().__init__(resource, *args, **kwargs)
+            super().__init__(resource, *args, **kwargs)  # type: ignore[no-untyped-call]
 
     def log(self, request: Any) -> None:
+        """Log nothing per request."""
         pass
 
 

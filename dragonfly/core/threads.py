@@ -7,7 +7,8 @@ both go here; the reactor thread only moves bytes between sockets.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -25,13 +26,15 @@ class WorkerPool(Service):
         self.pool = ThreadPool(minthreads=1, maxthreads=size, name=name)
 
     def startService(self) -> None:
-        super().startService()
+        """Start the threads."""
+        super().startService()  # type: ignore[no-untyped-call]
         self.pool.start()
 
     def stopService(self) -> None:
-        super().stopService()
+        """Stop the threads (waits for the jobs under way)."""
+        super().stopService()  # type: ignore[no-untyped-call]
         self.pool.stop()
 
-    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+    def run(self, f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         """Run C{f} in the pool; the result arrives in the reactor thread."""
         return deferToThreadPool(self._reactor, self.pool, f, *args, **kwargs)

@@ -27,6 +27,7 @@ class TrafficSample:
     peer: int
 
     def to_json(self) -> dict[str, Any]:
+        """The sample as the dashboard's JSON."""
         return {"t": self.t, "originBytes": self.origin, "seedBytes": self.seed, "peerBytes": self.peer}
 
 
@@ -43,7 +44,9 @@ class TrafficHistory:
         self.samples = deque(maxlen=self.size)
 
     def add(self, t: float, origin: int, seed: int, peer: int) -> None:
+        """Record the cumulative byte counters at time C{t}; the oldest sample drops out when full."""
         self.samples.append(TrafficSample(t, origin, seed, peer))
 
     def to_json(self) -> list[dict[str, Any]]:
+        """The samples as the dashboard's JSON, oldest first."""
         return [s.to_json() for s in self.samples]

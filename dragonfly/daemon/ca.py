@@ -20,7 +20,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.defer import Deferred
 
@@ -83,22 +83,36 @@ def write_ca(cert_path: str, key_path: str, common_name: str = "Dragonfly dfdaem
         f.write(cert)
 
 
+#: the kinds of private key that sign X.509 certificates
+_ISSUER_KEYS = (
+    rsa.RSAPrivateKey, dsa.DSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey,
+)
+
+
+def _spki(key: Any) -> bytes:
+    """A public key's SubjectPublicKeyInfo (DER): equal for the same key of any kind."""
+    return bytes(key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo))
+
+
 class CertificateAuthority:
     """A CA loaded from its PEM files, minting leaf certificates."""
 
     def __init__(self, cert_pem: bytes, key_pem: bytes) -> None:
         try:
             self.cert = x509.load_pem_x509_certificate(cert_pem)
-            self.key = serialization.load_pem_private_key(key_pem, password=None)
+            key = serialization.load_pem_private_key(key_pem, password=None)
         except ValueError as e:
             raise CaError(f"not a PEM certificate and key: {e}") from None
+        if not isinstance(key, _ISSUER_KEYS):
+            raise CaError(f"a {type(key).__name__} cannot sign certificates")
+        self.key = key
         try:
             ca = self.cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
         except x509.ExtensionNotFound:
             ca = False
         if not ca:
             raise CaError("the certificate is not a CA (basicConstraints CA:TRUE is missing)")
-        if self.cert.public_key().public_numbers() != self.key.public_key().public_numbers():
+        if _spki(self.cert.public_key()) != _spki(self.key.public_key()):
             raise CaError("the key does not belong to the certificate")
         self.cert_pem = cert_pem
 
@@ -135,7 +149,7 @@ class CertificateAuthority:
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.cert.public_key()), critical=False
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
             )
             .sign(self.key, hashes.SHA256())
         )

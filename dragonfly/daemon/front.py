@@ -21,8 +21,9 @@ import re
 from typing import Any
 
 from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from ..core.httpapi import ApiError
 from .rules import hijacks
@@ -51,6 +52,9 @@ def parse_connect(head: bytes) -> tuple[str, int]:
 class _Pipe(Protocol):
     """The upstream half of a tunnel."""
 
+    #: a TCP connection (ITCPTransport, IConsumer, IPushProducer)
+    transport: Any
+
     def __init__(self, front: "FrontProtocol") -> None:
         self.front = front
 
@@ -61,7 +65,7 @@ class _Pipe(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.front.transport.write(data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
             self.front.transport.unregisterProducer()
         except Exception:
@@ -70,6 +74,11 @@ class _Pipe(Protocol):
 
 
 class FrontProtocol(Protocol):
+    """One dfdaemon connection: sniffed, then HTTP, a tunnel or an intercepted TLS connection."""
+
+    #: a TCP connection (ITCPTransport, ITLSTransport, IConsumer, IPushProducer)
+    transport: Any
+
     def __init__(self, factory: "FrontFactory") -> None:
         self.factory = factory
         self.buffer = b""
@@ -179,7 +188,7 @@ class FrontProtocol(Protocol):
         )
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         mode, self.mode = self.mode, "closed"
         if self.inner is not None and mode in ("http", "tunnel"):
             self.inner.connectionLost(reason)

@@ -54,7 +54,7 @@ from typing import Any, Sequence
 from urllib.parse import unquote_plus, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -189,7 +189,7 @@ class Counters:
         ]
 
 
-def _passable(headers: Headers) -> list[tuple[bytes, list[bytes]]]:
+def _passable(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     out = []
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
@@ -481,6 +481,9 @@ class DaemonCore:
 class _Relay(Protocol):
     """An upstream body into a client's request, paced by the client's transport."""
 
+    #: the response body's transport, a push producer
+    transport: Any
+
     def __init__(self, request: Any, count: Any, done: Deferred) -> None:
         self.request = request
         self.count = count
@@ -500,7 +503,7 @@ class _Relay(Protocol):
         self.count(len(data))
         self.request.write(data)
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.registered:
             try:
                 self.request.unregisterProducer()
@@ -538,7 +541,7 @@ class _VerifyingRelay(_Relay):
             self.request.write(self.held)
         self.held = data
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if reason.check(ResponseDone, PotentialDataLoss) is not None:
             if self.hash.hexdigest() == self.want:
                 if self.held and not self.request.finished and not getattr(self.request, "_disconnected", False):

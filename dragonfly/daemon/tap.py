@@ -53,7 +53,7 @@ class Options(ConfigFileOptions):
         ["port", "p", 65001, "Port to listen on.", int],
         ["listen", None, "127.0.0.1", "Interface to listen on (a proxy: keep it on loopback or a trusted network)."],
         ["home", None, DEFAULT_HOME, "Work home shared with the host's dfpeer (HOME/peer.json); dfdaemon.json goes there too."],
-        ["supernode", "s", "127.0.0.1:8002", "SuperNode(s) for a dfpeer that dfdaemon starts, host[:port][,...]."],
+        ["supernode", "s", "127.0.0.1:8002", "SuperNode(s) for a dfpeer that dfdaemon starts, host[:port][=weight][,...]."],
         ["ca-cert", None, None, "CA certificate (PEM) for --hijack, from 'dfdaemon gen-ca' (default: none)."],
         ["ca-key", None, None, "The CA's private key (PEM) (default: none)."],
         ["registry-ca", None, None, "CA bundle (PEM) that upstream HTTPS servers are verified with (default: the system's roots)."],

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
@@ -76,6 +76,7 @@ class PeerDaemon:
         self.http = http
         self.store = PieceStore(home, pool, clock=reactor)
         self.client = SupernodeClient(supernode_http or http, nodes, reactor, token=cluster_token)
+        self.client.on_node_back.append(self._node_back)
         self.block_port = 0
         self.peer_id = ""
         self.block_factory = BlockFactory(
@@ -107,6 +108,7 @@ class PeerDaemon:
     async def heartbeat(self) -> None:
         try:
             await self.client.heartbeat(self.peer_id)
+            await self._converge()
         except SupernodeError as e:
             if e.code == "PEER_UNKNOWN":
                 await self.register()
@@ -130,6 +132,44 @@ class PeerDaemon:
                 else:
                     log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
             except SupernodeUnavailable as e:
+                log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
+
+    def _node_back(self, node: str) -> None:
+        """A SuperNode answers again: register with it, and announce there the finished tasks it owns."""
+
+        async def back() -> None:
+            if not self.peer_id:
+                return
+            try:
+                await self.client.register_peer(
+                    PeerRegistration(self.peer_id, self.ip, self.block_port, socket.gethostname()), node,
+                )
+            except (SupernodeError, SupernodeUnavailable) as e:
+                log.info("could not register with supernode {node}: {why}", node=node, why=str(e))
+                return
+            await self._converge()
+
+        Deferred.fromCoroutine(back())
+
+    async def _converge(self) -> None:
+        """
+        Each finished task whose session is pinned to a node other than the
+        first live one of its ranking (it failed over, and its owner is back)
+        moves there: registered and announced, its copy is a seed of the
+        owner's swarm, where new downloads go.
+        """
+        for task in list(self.tasks.values()):
+            session = cast(TaskSession, task.session)  # made by self.session()
+            pinned = session.pinned
+            if task.state is not State.DONE or not task.digests or pinned is None:
+                continue
+            if self.client.route(task.task_id)[0] == pinned:
+                continue
+            session.unpin()
+            try:
+                await task.session.register()
+                await self._announce_pieces(task)
+            except (SupernodeError, SupernodeUnavailable) as e:
                 log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
 
     async def leave(self) -> None:
@@ -159,7 +199,7 @@ class PeerDaemon:
     async def _announce_pieces(self, task: PeerTask) -> None:
         """Tell the SuperNode every piece we hold of a finished task."""
         report = SyncReport(self.peer_id, have=task.have or (), digests_from=task.count or 0, version=task.version)
-        await self.client.sync(task.task_id, report)
+        await task.session.sync(report)
 
     def drop(self, task: PeerTask) -> None:
         """Forget a finished task and remove its file (its content is no longer the origin's)."""
@@ -257,7 +297,7 @@ class PeerDaemon:
         await self.store.remove(task_id)
         if self.registered and task.state is State.DONE:
             try:
-                await self.client.leave_task(task_id, self.peer_id)
+                await self.client.leave_task(task_id, self.peer_id, cast(TaskSession, task.session).route())
             except (SupernodeError, SupernodeUnavailable) as e:
                 log.info("could not tell the supernode we dropped {task}: {why}", task=task_id, why=str(e))
 
@@ -460,3 +500,4 @@ class PeerService(ListeningService):
                 await d
             except Exception:
                 pass
+        self.daemon.client.stop()  # no more health probes

@@ -49,7 +49,12 @@ class PeerGc(Service):
         if self._ready is None:
             self._start_loop()
         else:
-            self._ready.addCallback(lambda r: (self._start_loop(), r)[1])
+
+            def ready(result: Any) -> Any:
+                self._start_loop()
+                return result
+
+            self._ready.addCallback(ready)
 
     def _start_loop(self) -> None:
         if not self.running:

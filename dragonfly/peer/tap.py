@@ -1,7 +1,7 @@
 """
 C{twistd dfpeer}: the peer daemon on every host.
 
-    twistd -n dfpeer --supernode HOST:PORT[,HOST:PORT...] --home DIR [--port BLOCKPORT] [--ip ADVERTISE_IP]
+    twistd -n dfpeer --supernode HOST:PORT[=WEIGHT][,HOST:PORT[=WEIGHT]...] --home DIR [--port BLOCKPORT] [--ip ADVERTISE_IP]
     twistd -n dfpeer --config dfpeer.yaml     # the same options in YAML
 
 Every option is documented in docs/configuration.md.
@@ -46,7 +46,7 @@ class Options(ConfigFileOptions):
         "serves verified pieces to other peers.  dfget finds it through HOME/peer.json."
     )
     optParameters = [
-        ["supernode", "s", "127.0.0.1:8002", "SuperNode(s) to register with, host[:port][,host[:port]...] (port 8002 when left out)."],
+        ["supernode", "s", "127.0.0.1:8002", "SuperNode(s), host[:port][=weight][,...] (port 8002, weight 1 when left out); each task goes to the first live node of its weighted rendezvous ranking."],
         ["home", None, DEFAULT_HOME, "Work home: pieces in HOME/data, the local API address in HOME/peer.json."],
         ["port", "p", 0, "Block protocol port other peers download from (0: any free port).", int],
         ["ip", None, None, "Address other peers reach us at (default: the source address of the route to the first SuperNode)."],

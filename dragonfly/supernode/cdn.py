@@ -51,6 +51,7 @@ from typing import Any, Callable, Protocol as TypingProtocol
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ..core.headers import NOT_TO_ORIGIN
@@ -291,15 +292,16 @@ class Cdn:
                         os.unlink(p)
                 continue
             count = len(meta["digests"])
+            available = Bitmap(count)
+            for i in range(count):
+                available.set(i)
             task = CdnTask(
                 task_id=stem, url=meta["url"], data_path=data_path, meta_path=meta_path,
                 status="success", length=meta["length"], piece_size=meta["pieceSize"],
                 piece_count=count, digests=list(meta["digests"]), sha256=meta["sha256"],
-                content_type=meta.get("contentType"), available=Bitmap(count),
+                content_type=meta.get("contentType"), available=available,
                 validators=dict(meta.get("validators") or {}), expected_digest=meta.get("digest"),
             )
-            for i in range(count):
-                task.available.set(i)
             task.done = succeed(task)
             try:
                 # least-recently-used order survives a restart, roughly
@@ -431,7 +433,11 @@ class Cdn:
         d = self._http.get(task.url, headers=_to_header_lists(conditional), unbuffered=True)
         d.addTimeout(self._idle_timeout, self._clock)
         d.addCallbacks(answered, lambda f: keep(f"origin unreachable: {f.getErrorMessage()}"))
-        d.addErrback(lambda f: (log.failure("revalidating {task}", f, task=task.task_id), settle(task)))
+        def failed(f: Failure) -> None:
+            log.failure("revalidating {task}", f, task=task.task_id)
+            settle(task)
+
+        d.addErrback(failed)
 
     def _replace(self, old: CdnTask, response: Any, headers: dict[str, str]) -> CdnTask:
         """The origin changed under C{old}: drop it and fetch the new content from C{response}."""
@@ -644,6 +650,7 @@ class Cdn:
             return
         if task.length is None:
             self._publish_length(task, total)
+            assert task.available is not None  # published with the length
             for i in range(task.piece_count or 0):
                 task.available.set(i)
                 task.notify("piece_ready", i)
@@ -712,8 +719,13 @@ class Cdn:
         del self.tasks[task_id]
         task.listeners.clear()
         d = self._disk(task_id, _remove_files, task.meta_path, task.data_path)
-        done: Deferred = Deferred()
-        d.addBoth(lambda r: (done.callback(None), r)[1])
+        done: Deferred[None] = Deferred()
+
+        def removed(result: Any) -> Any:
+            done.callback(None)
+            return result
+
+        d.addBoth(removed)
         d.addErrback(lambda f: log.failure("removing evicted task {task}", f, task=task_id))
         return done
 

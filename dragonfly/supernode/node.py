@@ -195,6 +195,7 @@ class SeedSide:
 
     # CDN listener
     def length_known(self, task: CdnTask) -> None:
+        assert task.available is not None  # known with the length
         for conn in list(self.conns):
             conn.send_bitfield(task.available)
 
@@ -420,7 +421,8 @@ class SuperNode:
         if task_id not in self.scheduler.tasks:
             # the swarm was dropped as idle (--task-expire): rebuild it
             self.join(task_id, report.peer_id)
-        have = list(report.have) if count else []
+        # before the length is known (a restarted SuperNode) the scheduler keeps them for later
+        have = list(report.have)
         failed = [(f.index, f.parent) for f in report.failed]
         start = self.timer()
         try:

@@ -369,7 +369,11 @@ class Preheater:
             ended: Deferred = Deferred()
             assert task.done is not None
             # a fresh Deferred: the task's own is shared with others
-            task.done.addBoth(lambda r: (ended.callback(None), r)[1])
+            def settled(result: Any) -> Any:
+                ended.callback(None)
+                return result
+
+            task.done.addBoth(settled)
             await ended
         job.cdn_status[tid] = task.status
         if task.status != "success":
@@ -389,16 +393,16 @@ class Preheater:
         sem = DeferredSemaphore(BLOB_CONCURRENCY)
         errors: list[str] = []
 
-        async def one(tid: str, url: str, digest: str) -> None:
+        async def one(tid: str, url: str, digest: str | None) -> None:
             try:
                 await self._warm(job, tid, url, blob_headers, digest)
             except PreheatError as e:
                 errors.append(str(e))
 
-        pending = [
-            sem.run(lambda t=tid, u=url, d=digest: Deferred.fromCoroutine(one(t, u, d)))
-            for tid, url, digest in job.tasks
-        ]
+        def start(tid: str, url: str, digest: str | None) -> Deferred[None]:
+            return Deferred.fromCoroutine(one(tid, url, digest))
+
+        pending = [sem.run(start, tid, url, digest) for tid, url, digest in job.tasks]
         for d in pending:
             await d
         if errors:

@@ -106,7 +106,7 @@ def judge(
         return Verdict.FAIL
     rng = parse_content_range(content_range)
     length = stored.get("length")
-    if rng is None or rng.first != offset or rng.total != length or rng.last != rng.total - 1:
+    if rng is None or rng.total is None or rng.first != offset or rng.total != length or rng.last != rng.total - 1:
         return Verdict.REFETCH
     for key in ("etag", "lastModified"):
         # a validator the 206 carries must be the stored one (RFC 9110 15.3.7:

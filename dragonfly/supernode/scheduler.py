@@ -42,7 +42,7 @@ from attrs import define, field
 from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
-from ..core.ids import SEED_ID
+from ..core.ids import SEED_ID as SEED_ID  # re-exported for the SuperNode and its tap
 from ..core.logs import task_log
 
 log = Logger()
@@ -50,6 +50,8 @@ log = Logger()
 #: why a peer left the scheduler: it said so, it missed its heartbeats, or
 #: other peers could not reach it
 DROP_REASONS = ("left", "expired", "unreachable")
+#: the highest piece index kept from a report made before the length is known
+MAX_EARLY = 1 << 22
 
 
 @define
@@ -88,6 +90,9 @@ class Member:
     blocked: dict[str, float] = field(factory=dict)
     # C{have} as a bit set (see the module docstring), kept in step with it
     have_bits: int = 0
+    # pieces reported while the task's length was unknown (a SuperNode
+    # restarted before its CDN knew the length again): taken once it is
+    early: set[int] = field(factory=set)
 
 
 @define
@@ -274,6 +279,9 @@ class Scheduler:
             member.seed.clear()
         swarm.seed_out = 0
         swarm.expiries.clear()
+        for member in swarm.members.values():
+            early, member.early = member.early, set()
+            self._take_have(swarm, member, sorted(early))
 
     def seed_piece_ready(self, task_id: str, index: int) -> None:
         """The CDN verified piece C{index}: the seed can serve it."""
@@ -371,6 +379,26 @@ class Scheduler:
                 if not kids:
                     del swarm.children[parent]
 
+    def _take_have(self, swarm: TaskSwarm, member: Member, have: Iterable[int], now: float | None = None) -> None:
+        """C{member} holds the pieces C{have} (its bitmap is sized)."""
+        assert member.have is not None
+        for i in have:
+            if 0 <= i < member.have.count and i not in member.have:
+                member.have.set(i)
+                member.have_bits |= swarm.bit(i)
+                swarm.holders[i] += 1
+                if member.seed.pop(i, None) is not None:
+                    # the allowance became a real copy: seed_sends keeps it
+                    swarm.seed_out -= 1
+                self._recheck(swarm, i)
+        if member.have.complete and not member.done:
+            task_log(
+                log, LogLevel.info, swarm.task_id, "peer {peerId} holds all {pieces} pieces, {seconds:.2f}s after joining",
+                peerId=member.peer_id, pieces=member.have.count,
+                seconds=(now if now is not None else member.last_sync) - member.joined,
+            )
+        self._set_done(swarm, member, member.have.complete)
+
     def _set_done(self, swarm: TaskSwarm, member: Member, done: bool) -> None:
         if done != member.done:
             swarm.downloading += -1 if done else 1
@@ -400,24 +428,15 @@ class Scheduler:
         if member is None:
             member = self.join(task_id, peer_id, now)
         self.peers[peer_id].last_seen = now
-        if member.have is not None:
+        if member.have is None:
+            # the length is not known yet (a restarted SuperNode whose CDN has
+            # not learnt it again): a peer re-announces what it holds only
+            # once, so keep it for set_piece_count
+            member.early.update(i for i in have if 0 <= i < MAX_EARLY)
+        else:
             if bitmap is not None and bitmap.count == member.have.count:
                 have = list(have) + [i for i in bitmap if i not in member.have]
-            for i in have:
-                if 0 <= i < member.have.count and i not in member.have:
-                    member.have.set(i)
-                    member.have_bits |= swarm.bit(i)
-                    swarm.holders[i] += 1
-                    if member.seed.pop(i, None) is not None:
-                        # the allowance became a real copy: seed_sends keeps it
-                        swarm.seed_out -= 1
-                    self._recheck(swarm, i)
-            if member.have.complete and not member.done:
-                task_log(
-                    log, LogLevel.info, task_id, "peer {peerId} holds all {pieces} pieces, {seconds:.2f}s after joining",
-                    peerId=peer_id, pieces=member.have.count, seconds=now - member.joined,
-                )
-            self._set_done(swarm, member, member.have.complete)
+            self._take_have(swarm, member, have, now)
         for parent in banned:
             # the peer will not talk to it (bad pieces, silence): it must not
             # count as a neighbour that holds pieces for this peer

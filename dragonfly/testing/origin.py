@@ -174,7 +174,7 @@ class CountingOrigin(Resource):
             return b""
         request.setHeader(b"accept-ranges", b"bytes")
         request.setHeader(b"content-type", b"application/octet-stream")
-        span = None
+        span: tuple[int, int] | str | None = None
         if fault is None or fault["mode"] != "norange":
             span = _range(request, size, etag, st.st_mtime)
         if span == "unsatisfiable":
@@ -182,7 +182,7 @@ class CountingOrigin(Resource):
             request.setHeader(b"content-range", f"bytes */{size}".encode())
             return b""
         first, count = 0, size
-        if span is not None:
+        if isinstance(span, tuple):
             first, last = span
             count = last - first + 1
             self.ranges[path] = self.ranges.get(path, 0) + 1
@@ -198,12 +198,12 @@ class CountingOrigin(Resource):
         if count != size:
             return self._send_faulty(request, f, first, count, {"mode": "slow", "rate": 0})
 
-        def count(chunk: bytes) -> bytes:
+        def counted(chunk: bytes) -> bytes:
             self.bytes_sent += len(chunk)
             self.bytes_out += len(chunk)
             return chunk
 
-        d = BigChunkSender().beginFileTransfer(f, request, count)
+        d = BigChunkSender().beginFileTransfer(f, request, counted)
 
         def done(last: Any) -> None:
             f.close()
@@ -298,10 +298,11 @@ def main(argv: list[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
     site = Site(CountingOrigin(args.root))
     site.log = lambda request: None  # type: ignore[method-assign]
-    port = reactor.listenTCP(args.port, site, interface=args.interface)
+    r: Any = reactor  # the global reactor's module-level type has none of its interfaces
+    port = r.listenTCP(args.port, site, interface=args.interface)
     if args.info:
         write_json_atomic(args.info, {"port": port.getHost().port})
-    reactor.run()
+    r.run()
 
 
 if __name__ == "__main__":

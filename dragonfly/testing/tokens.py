@@ -42,7 +42,9 @@ class TokenService:
         with open(self.cert_path, "wb") as f:
             f.write(cert_pem)
         self._cert_der = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.DER)
-        self._key = serialization.load_pem_private_key(key_pem, password=None)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)  # make_ca's key signs ES256
+        self._key = key
         self.user, self.password = user, password
         self.issued: list[dict[str, Any]] = []
         self.refused = 0
