@@ -4,8 +4,10 @@ about half of the pieces loses its SuperNode (SIGKILL) and fetches only the
 other half from the origin, by Range; the origin's byte count says so.
 """
 
+import json
 import signal
 import time
+import urllib.request
 
 import pytest
 
@@ -26,7 +28,14 @@ def wait_until(predicate, timeout, step=0.1):
     return None
 
 
-def test_peer_with_half_the_pieces_fetches_only_the_rest(tmp_path):
+def fault(swarm, spec):
+    req = urllib.request.Request(swarm.origin_url + "/_fault", data=json.dumps(spec).encode())
+    urllib.request.urlopen(req, timeout=10).read()
+
+
+@pytest.mark.parametrize("origin", ["ranges", "norange"])
+def test_peer_with_half_the_pieces_fetches_only_the_rest(tmp_path, origin):
+    """With an origin that ignores Range (200) the peer takes the whole file instead, as before."""
     root = tmp_path / "www"
     root.mkdir()
     size = 24 * MiB
@@ -48,6 +57,8 @@ def test_peer_with_half_the_pieces_fetches_only_the_rest(tmp_path):
         sn = next(p for n, p in swarm.procs if n == "supernode")
         sn.send_signal(signal.SIGKILL)
         sn.wait()
+        if origin == "norange":
+            fault(swarm, {"path": "/f.bin", "mode": "norange"})
         had = swarm.peer_task("p0", url)["completedBytes"]
         before = swarm.origin_stats()
         assert had < size, "the download ended before the SuperNode was killed"
@@ -58,6 +69,11 @@ def test_peer_with_half_the_pieces_fetches_only_the_rest(tmp_path):
         task = swarm.peer_task("p0", url)
         fetched = after["bytesOut"] - before["bytesOut"]
         print(f"\npeer held {had} of {size} bytes; origin sent {fetched} more, in {after['ranges']} range answers")
+        if origin == "norange":
+            # the whole file again, into a new file; served to the user, not saved as verified
+            assert fetched == size == task["traffic"]["back_to_source"]
+            assert task["status"] == "success" and task["piecesVerified"] is False
+            return
         # only what the peer lacked, by Range (not the whole file again)
         assert after["ranges"].get("/f.bin", 0) >= 1
         assert fetched == task["traffic"]["back_to_source"]
