@@ -32,6 +32,7 @@ from .lifecycle import State
 from .metrics import PeerStats, failure_reason
 from .neighbours import Neighbours
 from .session import TaskSession
+from .source import RangeCollector, byte_span, parse_content_range
 from .store import PieceStore
 from .task import PeerTask, TaskFailed
 
@@ -87,6 +88,8 @@ class PeerDaemon:
         self.stats = PeerStats()
         self.last_activity = reactor.seconds()
         self.registered = False
+        #: when a SuperNode last answered one of our tasks (PeerTask waits for a restarting one)
+        self.supernode_seen: float | None = None
 
     def listening(self, block_port: int) -> None:
         """The block port is bound: we know who we are."""
@@ -322,34 +325,90 @@ class PeerDaemon:
             c.requested or c._queue for c in self.block_factory.connections
         )
 
+    def _source_headers(self, task: PeerTask) -> dict[str, list[str]]:
+        return {k: [v] for k, v in (task.request.get("headers") or {}).items()}
+
+    def _count_source(self, task: PeerTask, n: int) -> None:
+        task.traffic["back_to_source"] += n
+        self.stats.traffic["back_to_source"] += n
+        self.note_activity()
+
+    async def _source_get(self, url: str, headers: dict[str, list[str]]) -> Any:
+        try:
+            return await self.http.get(url, headers=headers, unbuffered=True)
+        except Exception as e:
+            raise TaskFailed("SOURCE_UNREACHABLE", f"origin {url} unreachable: {e}") from None
+
+    @staticmethod
+    def _source_error(url: str, response: Any) -> TaskFailed:
+        response.deliverBody(DiscardBody())
+        phrase = response.phrase.decode("latin-1", "replace") if isinstance(response.phrase, bytes) else response.phrase
+        return TaskFailed("SOURCE_ERROR", f"origin returned {response.code} {phrase} for {url}", response.code)
+
     async def fetch_from_source(self, task: PeerTask) -> tuple[int, str]:
         """Download the task's URL straight from the origin into its file."""
         url = task.request["url"]
-        headers = {k: [v] for k, v in (task.request.get("headers") or {}).items()}
-        try:
-            response = await self.http.get(url, headers=headers, unbuffered=True)
-        except Exception as e:
-            raise TaskFailed("SOURCE_UNREACHABLE", f"origin {url} unreachable: {e}") from None
+        response = await self._source_get(url, self._source_headers(task))
         if response.code != 200:
-            response.deliverBody(DiscardBody())
-            phrase = response.phrase.decode("latin-1", "replace") if isinstance(response.phrase, bytes) else response.phrase
-            raise TaskFailed("SOURCE_ERROR", f"origin returned {response.code} {phrase} for {url}", response.code)
+            raise self._source_error(url, response)
+        return await self._whole_body(task, response)
+
+    async def _whole_body(self, task: PeerTask, response: Any) -> tuple[int, str]:
+        """A 200's body as the task's whole file (a new file), paced by --locallimit/--totallimit."""
         length = response.length if isinstance(response.length, int) else None
         # a new file, in the pool: never truncate a file a user's output may link to
         fd = await self.store.create(task.task_id)
-
-        def count(n: int) -> None:
-            task.traffic["back_to_source"] += n
-            self.stats.traffic["back_to_source"] += n
-            self.note_activity()
-
-        writer = ChunkedFileWriter(self.pool, self.clock, fd, 1 << 20, length, on_bytes=count)
+        limit = task.local_limit or self.total_limit
+        writer = ChunkedFileWriter(
+            self.pool, self.clock, fd, 1 << 20, length, on_bytes=lambda n: self._count_source(task, n), limit=limit,
+        )
         response.deliverBody(writer)
         try:
             total, sha = await writer.done
         except BodyError as e:
             raise TaskFailed(e.code, e.message) from None
         return total, sha
+
+    async def fetch_pieces(self, task: PeerTask, runs: list[tuple[int, int]]) -> tuple[int, str] | None:
+        """
+        Back-to-source by piece (L{dragonfly.peer.source}): one Range request
+        per run of missing pieces, each piece verified and written by
+        C{task.source_piece}.  An origin that answers 200 (it ignores Range)
+        or a Content-Range of another length (the file changed) gets the
+        whole file, as L{fetch_from_source}: C{(length, sha256)}.
+        """
+        url = task.request["url"]
+        assert task.length is not None
+        for run in runs:
+            first, last = byte_span(run, task.length, task.piece_size)
+            headers = self._source_headers(task)
+            headers["Range"] = [f"bytes={first}-{last}"]
+            response = await self._source_get(url, headers)
+            if response.code == 200:
+                log.info("task {task}: the origin ignores Range; fetching the whole file", task=task.task_id)
+                self.store.forget(task.task_id)
+                return await self._whole_body(task, response)
+            if response.code != 206:
+                raise self._source_error(url, response)
+            span = parse_content_range((response.headers.getRawHeaders(b"content-range") or [None])[0])
+            if span is None or span[:2] != (first, last) or span[2] not in (None, task.length):
+                log.info(
+                    "task {task}: the origin answered {got} for bytes {first}-{last}/{length}; fetching the whole file",
+                    task=task.task_id, got=span, first=first, last=last, length=task.length,
+                )
+                response.deliverBody(DiscardBody())
+                self.store.forget(task.task_id)
+                return await self.fetch_from_source(task)
+            collector = RangeCollector(
+                self.clock, run, task.length, task.piece_size, task.source_piece,
+                limits=[task.local_limit, self.total_limit], on_bytes=lambda n: self._count_source(task, n),
+            )
+            response.deliverBody(collector)
+            try:
+                await collector.done
+            except BodyError as e:
+                raise TaskFailed(e.code, e.message) from None
+        return None
 
 
 class PeerService(ListeningService):

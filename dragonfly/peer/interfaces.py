@@ -94,6 +94,8 @@ class TaskHost(Protocol):
     #: requests per connection, and bytes in flight for one task (--pipeline, --in-flight)
     per_connection: int
     in_flight_bytes: int
+    #: when a SuperNode last answered one of our tasks (None: never)
+    supernode_seen: float | None
 
     @property
     def store(self) -> Store: ...
@@ -115,6 +117,13 @@ class TaskHost(Protocol):
 
     async def fetch_from_source(self, task: PeerTask) -> tuple[int, str]:
         """The whole file from the origin into the task's data file: (length, sha256)."""
+
+    async def fetch_pieces(self, task: PeerTask, runs: list[tuple[int, int]]) -> tuple[int, str] | None:
+        """
+        The pieces C{runs} from the origin by Range, each through
+        C{task.source_piece}: None, or C{(length, sha256)} when the origin
+        sent the whole file instead (as L{fetch_from_source}).
+        """
 
     def task_ended(self, task: PeerTask) -> None: ...
 

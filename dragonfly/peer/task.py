@@ -47,6 +47,7 @@ from .interfaces import TaskHost
 from .lifecycle import Lifecycle, State
 from .neighbours import Neighbours
 from .picker import Picker
+from .source import SourceMismatch, missing_runs
 
 log = Logger()
 
@@ -88,6 +89,8 @@ class PeerTask:
     STREAM_WINDOW = 4
     #: without a SuperNode and without progress for this long, go to the origin
     orphan_timeout = 10.0
+    #: a SuperNode that answered this recently is waited for (see L{_register})
+    supernode_grace = 60.0
 
     def __init__(self, daemon: TaskHost, task_id: str, request: dict[str, Any], rng: random.Random | None = None) -> None:
         self.daemon = daemon
@@ -135,6 +138,9 @@ class PeerTask:
         self._checker = LoopingCall(self.neighbours.check_stalls)
         self._checker.clock = self.clock
         self.bad_pieces = 0
+        # the task's file exists (pieces may be in it); the whole file came from the origin unchecked
+        self._allocated = False
+        self._unverified_source = False
         rate = request.get("localLimit")
         self.local_limit = TokenBucket(rate, self.clock) if rate else None
 
@@ -207,7 +213,7 @@ class PeerTask:
             "piecesDone": len(self.have) if self.have is not None else 0,
             "sha256": self.sha256,
             # every piece checked against the SuperNode's SHA-256
-            "piecesVerified": self.state is State.DONE and self.traffic["back_to_source"] == 0,
+            "piecesVerified": self.state is State.DONE and not self._unverified_source,
             "dataPath": self.store.data_path(self.task_id),
             "traffic": dict(self.traffic),
             "uploaded": self.uploaded,
@@ -283,10 +289,7 @@ class PeerTask:
     async def _run(self) -> None:
         try:
             try:
-                reply = await self.session.register()
-            except SupernodeUnavailable as e:
-                self._log(LogLevel.warn, "{why}", why=str(e))
-                raise _BackToSource(f"supernode unreachable ({e})", "supernode_unreachable") from None
+                reply = await self._register()
             except SupernodeError as e:
                 raise TaskFailed(e.code, e.message) from None
             if reply.task_id != self.task_id:
@@ -311,12 +314,41 @@ class PeerTask:
             except (SupernodeUnavailable, SupernodeError):
                 pass
 
+    async def _register(self) -> Any:
+        """
+        Register the task.  With no SuperNode to answer, go to the origin at
+        once, unless one answered this dfpeer within C{supernode_grace}
+        seconds (it is restarting, most likely): then ask again every second
+        for up to C{orphan_timeout} before leaving the swarm, so a SuperNode
+        restart does not send every new download to the origin.
+        """
+        waiting_since: float | None = None
+        while True:
+            try:
+                reply = await self.session.register()
+            except SupernodeUnavailable as e:
+                now = self.clock.seconds()
+                seen = getattr(self.daemon, "supernode_seen", None)
+                waiting_since = now if waiting_since is None else waiting_since
+                if seen is None or now - seen > self.supernode_grace or now - waiting_since >= self.orphan_timeout:
+                    self._log(LogLevel.warn, "{why}", why=str(e))
+                    raise _BackToSource(f"supernode unreachable ({e})", "supernode_unreachable") from None
+                await self._sleep(1.0)
+                continue
+            self._supernode_answered()
+            return reply
+
+    def _supernode_answered(self) -> None:
+        """A SuperNode answered (see L{_register})."""
+        self.daemon.supernode_seen = self.clock.seconds()
+
     async def _sync_loop(self) -> None:
         unreachable_since: float | None = None
         while self.state in _SYNCING:
             try:
                 interval = await self._sync()
                 unreachable_since = None
+                self._supernode_answered()
             except SupernodeUnavailable as e:
                 now = self.clock.seconds()
                 unreachable_since = unreachable_since or now
@@ -455,6 +487,7 @@ class PeerTask:
             if self.state is not State.ALLOCATING:
                 return
             self.lifecycle.move(State.DOWNLOADING)
+            self._allocated = True
             self._serve()
             self._changed()
             if self.count == 0:
@@ -721,25 +754,111 @@ class PeerTask:
 
     # -- back to source ---------------------------------------------------------
 
+    #: a cut or silent origin answer is asked again this many times (the pieces stored stay)
+    SOURCE_ATTEMPTS = 3
+
     async def _back_to_source(self, why: str, reason: str) -> None:
-        """Fetch the whole file from the origin; C{reason} is one of L{metrics.BACK_TO_SOURCE}."""
+        """
+        Go to the origin; C{reason} is one of L{metrics.BACK_TO_SOURCE}.  With
+        the task's file allocated and a digest for every missing piece, only
+        those pieces are asked for (Range), each verified before it is written
+        (L{_pieces_from_source}); otherwise, or when the origin ignores Range
+        or holds another version, the whole file, as a new file.
+        """
         if self.request.get("notbs"):
             raise TaskFailed("P2P_FAILED", f"{why}; not going back to the origin (--notbs)")
         if not self.lifecycle.can(State.BACK_TO_SOURCE):
             return
+        by_piece = self._by_piece()
         self.lifecycle.move(State.BACK_TO_SOURCE)
         self.stats.count(self.stats.back_to_source, reason)
-        self._log(LogLevel.info, "back to source: {why}", why=why, reason=reason, url=safe_url(self.request["url"]))
+        self._log(
+            LogLevel.info, "back to source: {why}", why=why, reason=reason, url=safe_url(self.request["url"]),
+            pieces=(self.count or 0) - len(self.have or ()) if by_piece else None,
+        )
         self.neighbours.close()
         self._stop_checker()
-        # the origin's bytes go to a new file: what was served from the old one stops
-        self.store.forget(self.task_id)
-        length, sha = await self.daemon.fetch_from_source(self)
+        if by_piece:
+            whole = await self._pieces_from_source()
+            if whole is None:
+                await self._verify_from_source()
+                return
+            length, sha = whole
+        else:
+            # the origin's bytes go to a new file: what was served from the old one stops
+            self.store.forget(self.task_id)
+            length, sha = await self.daemon.fetch_from_source(self)
+        self._whole_from_source(length, sha)
+
+    def _by_piece(self) -> bool:
+        """The file holds verified pieces and every missing one has a digest to check it against."""
+        if not self._allocated or self.have is None or self.count is None or self.length is None:
+            return False
+        if self.state not in (State.DOWNLOADING, State.VERIFYING):
+            return False
+        return all(self.digests[i] is not None for i in range(self.count) if i not in self.have)
+
+    async def _pieces_from_source(self) -> tuple[int, str] | None:
+        """
+        Fetch the missing pieces by Range; None when they are all in, or
+        C{(length, sha256)} when the origin sent the whole file instead.
+        """
+        assert self.have is not None and self.count is not None
+        for attempt in range(self.SOURCE_ATTEMPTS):
+            runs = missing_runs(self.have, self.count)
+            if not runs:
+                return None
+            try:
+                return await self.daemon.fetch_pieces(self, runs)
+            except SourceMismatch as e:
+                self._log(LogLevel.warn, "{why}: fetching the whole file", why=str(e))
+                self.store.forget(self.task_id)
+                return await self.daemon.fetch_from_source(self)
+            except TaskFailed as e:
+                if e.code not in ("SOURCE_TRUNCATED", "SOURCE_TIMEOUT") or attempt + 1 == self.SOURCE_ATTEMPTS:
+                    raise
+                self._log(LogLevel.info, "origin answer cut ({why}); asking for the rest", why=e.message)
+        return None
+
+    def source_piece(self, index: int, data: bytearray) -> Deferred:
+        """
+        Piece C{index} from the origin: checked against the SuperNode's
+        digest and written; fires with True, or False on a mismatch.
+        """
+        digest = self.digests[index]
+        assert digest is not None and self.have is not None
+        d = self.store.write_verified(self.task_id, index * self.piece_size, data, digest)
+
+        def stored(ok: bool) -> bool:
+            if ok and self.have is not None and index not in self.have:
+                self.have.set(index)
+                self._report_have.append(index)
+                self._last_progress = self.clock.seconds()
+                self._changed()
+            return ok
+
+        return d.addCallback(stored)
+
+    async def _verify_from_source(self) -> None:
+        """
+        Every piece is in and verified: check the whole file when its SHA-256
+        is known (--digest, else the SuperNode's), then serve it like any
+        other (its meta saved, so it is announced again).
+        """
+        want = self._wanted_sha256() or self.sha256
+        if want is not None:
+            sha = await self.store.sha256(self.task_id)
+            if sha != want:
+                raise TaskFailed("DIGEST_MISMATCH", f"content has sha256:{sha}, expected sha256:{want}")
+            self.sha256 = sha
+        self._succeed()
+
+    def _whole_from_source(self, length: int, sha: str) -> None:
         want = self._wanted_sha256()
         if want is not None and sha != want:
             raise TaskFailed("DIGEST_MISMATCH", f"origin content has sha256:{sha}, expected sha256:{want}")
+        self._unverified_source = True
         self._set_length(length, self.piece_size or (4 << 20))
         self._have_all()
         self.sha256 = sha
         self._succeed(from_source=True)
-

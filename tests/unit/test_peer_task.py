@@ -192,6 +192,10 @@ class FakeHost:
         self.sessions: list[FakeSession] = []
         self.ended: list[PeerTask] = []
         self.source: Any = (len(BODY), hashlib.sha256(BODY).hexdigest())
+        self.origin_body = BODY
+        self.ranges: list[list[tuple[int, int]]] = []
+        self.range_error: Exception | None = None
+        self.ignores_range = False
 
     def session(self, task_id: str, request: dict[str, Any]) -> FakeSession:
         s = FakeSession()
@@ -206,6 +210,24 @@ class FakeHost:
             raise self.source
         task.traffic["back_to_source"] += self.source[0]
         return self.source
+
+    async def fetch_pieces(self, task: PeerTask, runs: list[tuple[int, int]]) -> tuple[int, str] | None:
+        """An origin that honours Range: every piece of C{runs} from C{self.origin_body}, recorded."""
+        self.ranges.append(list(runs))
+        if self.range_error is not None:
+            error, self.range_error = self.range_error, None
+            raise error
+        if self.ignores_range:
+            return await self.fetch_from_source(task)
+        for first, last in runs:
+            for i in range(first, last + 1):
+                data = self.origin_body[i * PIECE : (i + 1) * PIECE]
+                task.traffic["back_to_source"] += len(data)
+                if not await task.source_piece(i, bytearray(data)):
+                    from dragonfly.peer.source import SourceMismatch
+
+                    raise SourceMismatch(f"piece {i}")
+        return None
 
     def task_ended(self, task: PeerTask) -> None:
         self.ended.append(task)
@@ -559,3 +581,121 @@ def test_stream_in_order_while_downloading() -> None:
     assert task.state is State.DONE and done.called
     assert bytes(request.body) == BODY
     assert task.stream_from is None
+
+
+# -- back to source by piece --------------------------------------------------------------
+
+
+def _half_then_lost(request: dict[str, Any] | None = None) -> tuple[FakeHost, PeerTask]:
+    """Pieces 0 and 1 from the seed, then the SuperNode gone for good: the task goes to the origin."""
+    host, task, session = make(request, replies=[sized()])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    deliver(task, seed, 0)
+    deliver(task, seed, 1)
+    session.default = SupernodeUnavailable("gone")  # type: ignore[assignment]
+    session.replies = [SupernodeUnavailable("gone")] * 100
+    for _ in range(25):
+        host.clock.advance(1.0)
+    return host, task
+
+
+def test_back_to_source_fetches_only_the_missing_pieces() -> None:
+    host, task = _half_then_lost({"url": URL, "digest": "sha256:" + hashlib.sha256(BODY).hexdigest()})
+    assert task.state is State.DONE
+    assert host.ranges == [[(2, 4)]]
+    assert task.traffic["back_to_source"] == len(BODY) - 2 * PIECE
+    assert bytes(host.store.files[TID]) == BODY
+    # verified piece by piece and whole: saved with its digests (so announced again) and served
+    assert task.to_json()["piecesVerified"] is True
+    assert host.store.metas[TID]["digests"] == DIGESTS
+    assert task.piece_file(4) == (7, 4 * PIECE, len(PIECES[4]))
+
+
+def test_back_to_source_whole_file_digest_mismatch_fails() -> None:
+    host, task = _half_then_lost({"url": URL, "digest": "sha256:" + "0" * 64})
+    assert task.state is State.FAILED and task.error is not None and task.error.code == "DIGEST_MISMATCH"
+    assert host.store.removed == [TID]
+
+
+def test_back_to_source_piece_of_another_version_fetches_the_whole_file() -> None:
+    host = FakeHost()
+    host.origin_body = bytes(len(BODY))  # the origin changed under the SuperNode's digests
+    changed = bytes(len(BODY))
+    host.source = (len(changed), hashlib.sha256(changed).hexdigest())
+    _, task = _half_then_lost_on(host)
+    assert task.state is State.DONE
+    assert task.to_json()["piecesVerified"] is False
+    assert host.store.metas[TID] is None  # never announced as the SuperNode's version
+    assert task.sha256 == hashlib.sha256(changed).hexdigest()
+
+
+def test_back_to_source_cut_answer_is_asked_again() -> None:
+    host = FakeHost()
+    host.range_error = TaskFailed("SOURCE_TRUNCATED", "cut")
+    _, task = _half_then_lost_on(host)
+    assert task.state is State.DONE
+    assert host.ranges == [[(2, 4)], [(2, 4)]]
+    assert bytes(host.store.files[TID]) == BODY
+
+
+def test_back_to_source_origin_error_fails() -> None:
+    host = FakeHost()
+    host.range_error = TaskFailed("SOURCE_ERROR", "500", 500)
+    _, task = _half_then_lost_on(host)
+    assert task.state is State.FAILED and task.error is not None and task.error.origin_status == 500
+
+
+def test_back_to_source_without_digests_fetches_the_whole_file() -> None:
+    host, task, session = make(replies=[{**sized(), "digests": DIGESTS[:2]}])
+    task.start()
+    session.replies = [SupernodeUnavailable("gone")] * 100
+    for _ in range(25):
+        host.clock.advance(1.0)
+    assert task.state is State.DONE and host.ranges == []
+    assert task.to_json()["piecesVerified"] is False
+
+
+def _half_then_lost_on(host: FakeHost) -> tuple[FakeHost, PeerTask]:
+    task = PeerTask(host, TID, {"url": URL})
+    session = host.sessions[-1]
+    session.replies = [sized()]
+    session.default = {**session.default, "seedPieces": [0, 1]}
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    deliver(task, seed, 0)
+    deliver(task, seed, 1)
+    session.replies = [SupernodeUnavailable("gone")] * 100
+    for _ in range(25):
+        host.clock.advance(1.0)
+    return host, task
+
+
+def test_a_restarting_supernode_is_waited_for_instead_of_the_origin() -> None:
+    host = FakeHost()
+    host.supernode_seen = 0.0  # a SuperNode answered a moment ago
+    task = PeerTask(host, TID, {"url": URL})
+    session = host.sessions[-1]
+    session.register_replies = [SupernodeUnavailable("restarting")] * 3
+    session.replies = [sized()]
+    task.start()
+    assert task.state is State.REGISTERING
+    for _ in range(3):
+        host.clock.advance(1.0)
+    assert task.state is State.DOWNLOADING
+    assert host.stats.back_to_source.get("supernode_unreachable", 0) == 0
+
+
+def test_a_supernode_gone_for_good_sends_a_new_task_to_the_origin() -> None:
+    host = FakeHost()
+    host.supernode_seen = 0.0
+    task = PeerTask(host, TID, {"url": URL})
+    host.sessions[-1].register_replies = [SupernodeUnavailable("gone")] * 100
+    task.start()
+    for _ in range(9):
+        host.clock.advance(1.0)
+    assert task.state is State.REGISTERING
+    host.clock.advance(1.0)
+    assert task.state is State.DONE and host.stats.back_to_source["supernode_unreachable"] == 1
