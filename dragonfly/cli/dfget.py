@@ -29,8 +29,8 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from ..core.defaults import DEFAULT_HOME, DEFAULT_NODE
 from ..core import localhttp
+from ..core.defaults import DEFAULT_HOME, DEFAULT_NODE
 from ..core.files import unlink_quietly
 from ..core.ids import BadInput, check_url, parse_digest, parse_filter, parse_header
 from ..core.nodes import parse_nodes
@@ -333,6 +333,10 @@ def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
             started = _call(api, "POST", "/api/v1/downloads", body, connect_timeout=launch.HEALTH_TIMEOUT)
         except localhttp.NotListening:
             api = None  # a stale peer.json
+        except (OSError, ValueError) as e:
+            # it went away while answering (killed, restarting): start one
+            print(f"dfget: the dfpeer of {opts['home']} did not answer ({e}); starting one", file=sys.stderr)
+            api = None
     if started is None:
         try:
             api = start_daemon(opts["home"], opts["nodes"], opts["idle"], opts.get("daemonArgs"))
@@ -342,7 +346,10 @@ def run(opts: dict[str, Any], bar: Bar, verbose: bool) -> int:
             print(f"dfget: no dfpeer ({getattr(e, 'message', e)}); downloading from the origin", file=sys.stderr)
             return direct_download(opts, bar, deadline)
         _trace("asking")
-        started = _call(api, "POST", "/api/v1/downloads", body)
+        try:
+            started = _call(api, "POST", "/api/v1/downloads", body)
+        except (OSError, ValueError) as e:
+            fail(f"lost the dfpeer: {getattr(e, 'reason', e)}", EXIT_FAILED)
     assert api is not None  # the dfpeer that answered
     task_id = started["taskId"]
     _trace("posted")

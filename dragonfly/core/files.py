@@ -57,3 +57,30 @@ def file_sha256(path: str, chunk: int = 1 << 20) -> str:
             h.update(block)
     finally:
         os.close(fd)
+
+
+class HomeLocked(Exception):
+    """Another process holds the lock of a daemon's home."""
+
+
+def lock_home(home: str, name: str) -> int:
+    """
+    Hold C{HOME/NAME.lock} for as long as this process lives (a POSIX record
+    lock: the kernel drops it when the process ends, however it ends), so two
+    daemons never share one home and delete each other's files.  Returns the
+    lock file's descriptor; raises L{HomeLocked} naming the holder's pid.
+    """
+    import fcntl
+
+    os.makedirs(home, exist_ok=True)
+    path = os.path.join(home, f"{name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise HomeLocked(f"another {name} (pid {holder}) already serves {home}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

@@ -13,25 +13,26 @@ import os
 from typing import Any
 
 import treq
+from OpenSSL.crypto import Error as OpenSSLError
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.python import usage
-from OpenSSL.crypto import Error as OpenSSLError
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.python import usage
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from ..core.config import ConfigFileOptions
 from ..core.defaults import DEFAULT_HOME
+from ..core.files import HomeLocked, lock_home
+from ..core.gc import DiskGc
 from ..core.httpapi import guard_site
 from ..core.ids import BadInput
-from ..protocol.block import BLOCK_PORT_OPTIONS, block_port_limits
 from ..core.metrics import metrics_only_root
 from ..core.service import default_reactor
 from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
-from ..core.gc import DiskGc
+from ..protocol.block import BLOCK_PORT_OPTIONS, block_port_limits
 from .client import node_host, parse_nodes
 from .daemon import PeerDaemon, PeerService
 from .gc import PeerGc
@@ -128,7 +129,12 @@ def supernode_http(reactor: Any, ca_certs: list[Any] | None) -> Any:
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     reactor = default_reactor(reactor)
-    os.makedirs(options["home"], exist_ok=True)
+    try:
+        # held until the process ends: a second dfpeer on this home would
+        # delete the first one's unfinished files
+        lock_home(options["home"], "dfpeer")
+    except HomeLocked as e:
+        raise SystemExit(f"dfpeer: {e}; stop it, or give this one another --home") from None
     top = MultiService()
     pool = WorkerPool(reactor, size=options["workers"], name="dfpeer-io")
     pool.setServiceParent(top)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -99,3 +100,26 @@ def test_a_header_map_must_map_names_to_strings() -> None:
     assert safe_header_map({"A": "b"})
     for bad in ({"": None}, {"A": None}, {"A": 1}, {"": "x"}, {"A": ["b"]}, [], None):
         assert not safe_header_map(bad)  # type: ignore[arg-type]
+
+
+def test_one_daemon_per_home(tmp_path: Any) -> None:
+    """A second process cannot take a home another holds, and is told the holder's pid; the lock dies with its holder."""
+    import subprocess
+    import sys
+
+    from dragonfly.core.files import lock_home
+
+    home = str(tmp_path / "home")
+    lock_home(home, "dfpeer")
+    lock_home(home, "dfpeer")  # the same process again: still ours
+    code = (
+        "import sys\nfrom dragonfly.core.files import HomeLocked, lock_home\n"
+        f"try:\n    lock_home({home!r}, 'dfpeer')\nexcept HomeLocked as e:\n    print(e); sys.exit(3)\n"
+    )
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert other.returncode == 3, other.stderr
+    assert f"pid {os.getpid()}" in other.stdout and home in other.stdout
+    # another home is free
+    free = subprocess.run([sys.executable, "-c", code.replace(repr(home), repr(home + "2"))], timeout=60)
+    assert free.returncode == 0
+
