@@ -379,8 +379,8 @@ class Picker(Generic[K]):
             k for k, r in self._remote.items()
             if k != seed and r is not None and (usable is None or usable(k))
         ]
-        self.rng.shuffle(keys)
         if piece_bytes is None or piece_bytes <= 0:
+            self.rng.shuffle(keys)
             keys = [k for k in keys if len(self._out[k]) < per_conn]
             progress = True
             while progress and self._in_flight < limit:
@@ -427,14 +427,22 @@ class Picker(Generic[K]):
     def _fill_by_rate(
         self, now: float, per_conn: int, limit: int, keys: list[K], piece_bytes: int, asked: list[tuple[K, int]],
     ) -> None:
-        rates = {k: self.rate(k, now, piece_bytes) for k in keys}
+        rates: dict[K, float | None] = {}
+        caps: dict[K, int] = {}
+        for k in keys:
+            measured = self.rate(k)
+            caps[k] = self.budget(k, per_conn, limit, piece_bytes, measured)
+            rates[k] = self.rate(k, now, piece_bytes) if self._out[k] else measured
         known = [r for r in rates.values() if r is not None and r > 0]
         prior = max(known) if known else 1.0
         speed = {k: (r if r is not None and r > 0 else prior) for k, r in rates.items()}
-        caps = {k: self.budget(k, per_conn, limit, piece_bytes, self.rate(k)) for k in keys}
-        # earliest finish first: (requests out + 1) x piece / rate
-        heap = [((len(self._out[k]) + 1) / speed[k], n, k) for n, k in enumerate(keys) if len(self._out[k]) < caps[k]]
-        heapq.heapify(heap)
+        # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
+        heap = []
+        if self._in_flight < limit:
+            heap = [((len(self._out[k]) + 1) / speed[k], n, k) for n, k in enumerate(keys) if len(self._out[k]) < caps[k]]
+            heapq.heapify(heap)
+        else:
+            heap = [(0.0, n, k) for n, k in enumerate(keys) if len(self._out[k]) < caps[k]]
         idle: list[tuple[int, K]] = []
         while heap and self._in_flight < limit:
             _, n, k = heapq.heappop(heap)
