@@ -103,6 +103,9 @@ TARGET_LATENCY = 0.5
 RESCUE_FACTOR = 2.0
 #: the weight of the history in a neighbour's delivery rate (per piece received)
 RATE_DECAY = 0.7
+#: the in-flight limit may grow to this many times C{limit} by the bandwidth-delay
+#: rule (the neighbours' rates x C{TARGET_LATENCY}); 1: C{limit} holds (the dfpeer's --in-flight)
+MAX_GROW = 1.0
 
 
 class Picker(Generic[K]):
@@ -126,6 +129,7 @@ class Picker(Generic[K]):
         target_latency: float = TARGET_LATENCY,
         rescue_factor: float = RESCUE_FACTOR,
         rate_decay: float = RATE_DECAY,
+        max_grow: float = MAX_GROW,
     ) -> None:
         self.count = count
         self.rng = rng if rng is not None else random.Random()
@@ -138,6 +142,7 @@ class Picker(Generic[K]):
         self.target_latency = target_latency
         self.rescue_factor = rescue_factor
         self.rate_decay = rate_decay
+        self.max_grow = max_grow
         #: the first piece an in-order reader waits for (None: nobody reads in order)
         self.stream_from: int | None = None
         #: the seed allowance: the pieces we may ask from the seed now
@@ -433,6 +438,10 @@ class Picker(Generic[K]):
             measured = self.rate(k)
             caps[k] = self.budget(k, per_conn, limit, piece_bytes, measured)
             rates[k] = self.rate(k, now, piece_bytes) if self._out[k] else measured
+        if self.max_grow > 1:
+            # bandwidth-delay for the whole download: what the neighbours deliver x target latency
+            total = sum(m[0] / m[1] for k in keys if (m := self._meter.get(k)) is not None and m[1] > 0)
+            limit = max(limit, min(int(self.max_grow * limit), int(total * self.target_latency / piece_bytes)))
         known = [r for r in rates.values() if r is not None and r > 0]
         prior = max(known) if known else 1.0
         speed = {k: (r if r is not None and r > 0 else prior) for k, r in rates.items()}

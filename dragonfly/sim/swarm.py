@@ -301,7 +301,7 @@ class Simulation:
             return
         picker = peer.picker
         # nothing the picker could add (its own checks, made cheap): rescues may go to twice the limit
-        full = self.limit if self.c.classic else 2 * self.limit
+        full = self.limit if self.c.classic else int(2 * self.limit * max(1.0, picker.max_grow))
         if picker.in_flight >= full and len(picker.outstanding(SEED)) >= len(picker.seed_allowed):
             return
         piece_bytes = None if self.c.classic else self.piece_size

@@ -428,3 +428,15 @@ def test_rate_rules_keep_the_limits(count: int, ops: list[tuple[str, str, int, i
         elif op == "time":
             now += mask / 1000.0
         check(p)
+
+
+def test_the_limit_grows_by_bandwidth_delay_only_when_allowed() -> None:
+    for grow, expected in ((1.0, 2), (4.0, 4)):
+        p = picker(16, max_grow=grow)
+        neighbour(p, "a", range(16))
+        neighbour(p, "b", range(16))
+        measured(p, "a", 0, 0.0, 0.1)  # 10 MiB/s each: 5 pieces per 0.5 s
+        measured(p, "b", 1, 0.0, 0.1)
+        asked = p.fill(1.0, per_conn=1, limit=2, piece_bytes=MB)
+        # each neighbour's budget is capped by limit (2); the whole download's grows to 4 x 2
+        assert len(asked) == expected == p.in_flight
