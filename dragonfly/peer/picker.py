@@ -97,7 +97,7 @@ ENDGAME_PIECES = 4
 ENDGAME_AFTER = 1.0
 STREAM_WINDOW = 4
 #: seconds of data a neighbour may have in flight to us (its rate times this, in pieces)
-TARGET_LATENCY = 0.5
+TARGET_LATENCY = 1.0
 #: a piece out at a neighbour is asked again from a faster one when that one
 #: would deliver it this many times sooner than the first is expected to
 RESCUE_FACTOR = 2.0

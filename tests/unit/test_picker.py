@@ -334,7 +334,7 @@ def test_fast_neighbours_take_the_slots() -> None:
     measured(p, "slow", 0, 0.0, 10.0)  # 0.1 MiB/s
     measured(p, "fast", 1, 0.0, 0.1)  # 10 MiB/s
     asked = p.fill(10.0, per_conn=1, limit=4, piece_bytes=MB)
-    # bandwidth-delay: 10 MiB/s x 0.5 s = 5 pieces allowed, 4 in all
+    # bandwidth-delay: 10 MiB/s x 1 s = 10 pieces allowed, 4 in all
     assert [k for k, _ in asked] == ["fast"] * 4
     assert p.outstanding("slow") == {}
 
@@ -435,7 +435,7 @@ def test_the_limit_grows_by_bandwidth_delay_only_when_allowed() -> None:
         p = picker(16, max_grow=grow)
         neighbour(p, "a", range(16))
         neighbour(p, "b", range(16))
-        measured(p, "a", 0, 0.0, 0.1)  # 10 MiB/s each: 5 pieces per 0.5 s
+        measured(p, "a", 0, 0.0, 0.1)  # 10 MiB/s each: 10 pieces a second
         measured(p, "b", 1, 0.0, 0.1)
         asked = p.fill(1.0, per_conn=1, limit=2, piece_bytes=MB)
         # each neighbour's budget is capped by limit (2); the whole download's grows to 4 x 2
