@@ -473,7 +473,7 @@ class Picker(Generic[K]):
         idle.sort(key=lambda nk: -speed[nk[1]])
         for _, k in idle:
             remote = self._remote[k]
-            if k not in self._meter:
+            if remote is None or k not in self._meter:
                 continue  # not measured: not known to be faster
             while late and self._in_flight < 2 * limit and len(self._out[k]) < caps[k]:
                 threshold = self.rescue_factor * (len(self._out[k]) + 1) * piece_bytes / speed[k]
