@@ -332,7 +332,13 @@ class Picker(Generic[K]):
         return True
 
     def corrupt(self, key: K, index: int) -> None:
-        """C{index} from C{key} failed its digest: wanted again, and C{key} is believed to lack it."""
+        """
+        C{index} from C{key} failed its digest: wanted again, and C{key} is
+        believed to lack it; its rate is forgotten (bad bytes are no speed),
+        so it gets no more than C{per_conn} requests until it delivers again.
+        """
+        self._meter.pop(key, None)
+        self._last_done.pop(key, None)
         self.unverified(index)
         self.lost(key, index)
 

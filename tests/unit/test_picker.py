@@ -440,3 +440,15 @@ def test_the_limit_grows_by_bandwidth_delay_only_when_allowed() -> None:
         asked = p.fill(1.0, per_conn=1, limit=2, piece_bytes=MB)
         # each neighbour's budget is capped by limit (2); the whole download's grows to 4 x 2
         assert len(asked) == expected == p.in_flight
+
+
+def test_a_corrupt_piece_forgets_the_rate() -> None:
+    p = picker(8)
+    neighbour(p, "a", range(8))
+    p.request("a", 0, 0.0)
+    p.received("a", 0, 0.001, MB)  # "fast", but wrong
+    assert p.rate("a") is not None and p.verify(0)
+    p.corrupt("a", 0)
+    assert p.rate("a") is None
+    asked = p.fill(1.0, per_conn=1, limit=8, piece_bytes=MB)
+    assert len(asked) == 1  # per_conn again, not the bandwidth-delay budget
