@@ -159,7 +159,9 @@ class Neighbours:
             return
         per_conn, limit = self.limits()
         now = self.clock.seconds()
-        for conn, index in picker.fill(now, per_conn, limit, usable=_open):
+        # with the piece size the picker weighs the neighbours by their measured rates
+        piece_bytes = self.task.piece_size or None
+        for conn, index in picker.fill(now, per_conn, limit, usable=_open, piece_bytes=piece_bytes):
             conn.request(index, now)
 
     def stored(self, conn: Any, index: int) -> None:
@@ -260,7 +262,7 @@ class Neighbours:
     def on_piece(self, conn: Any, index: int, data: bytearray) -> None:
         picker = self.task.picker
         if picker is not None:
-            for other in picker.received(conn, index):
+            for other in picker.received(conn, index, self.clock.seconds(), len(data)):
                 other.cancel(index)
         self.task.piece_arrived(conn, index, data, "supernode" if conn is self.seed_conn else "remote_peer")
         self.fill()

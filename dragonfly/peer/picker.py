@@ -29,6 +29,29 @@ and its digest is known.  The rules (unchanged from the dfpeer's):
   - starving: nothing to fetch from any neighbour but the seed (the
     SuperNode may then send a second copy).
 
+When the caller passes C{piece_bytes} to L{Picker.fill} (and C{now} and
+C{size} to L{Picker.received}), the picker also weighs its neighbours by
+speed (BitTorrent's and Dragonfly 2's ideas, see REFERENCE.md):
+
+  - delivery rate: each neighbour's bytes/s over the time it was busy
+    sending to us (a piece's time counts from its request or the previous
+    piece from that neighbour, whichever is later), decayed by
+    C{RATE_DECAY} per piece; a neighbour with a request out longer than its
+    rate explains is believed no faster than that request shows;
+  - earliest finish first: each request goes to the usable neighbour that
+    would deliver a new piece soonest, (its requests out + 1) x piece /
+    rate, so the fast holders take the rarest pieces first and a slow one
+    is asked only while no faster one has a slot; a neighbour not measured
+    yet counts as fast as the fastest one known;
+  - bandwidth-delay: a neighbour may have max(C{per_conn}, rate x
+    C{TARGET_LATENCY} / piece) requests out;
+  - rescue (an endgame at any time): a neighbour with a free slot and no
+    wanted piece to give asks again for a piece out at one other neighbour
+    when it would deliver it C{RESCUE_FACTOR} times sooner than that one is
+    expected to; the first copy in wins and the other is cancelled.  Rescues
+    may take the in-flight count up to twice C{limit} (the duplicates are
+    short-lived).
+
 Availability is kept incrementally: each wanted piece sits in the bucket of
 its availability count, and the buckets change on bitfield, HAVE, a lost
 neighbour or a piece it turned out not to hold, so choosing a piece scans
@@ -59,6 +82,8 @@ pending at once; the caller sends them.
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
@@ -71,6 +96,16 @@ K = TypeVar("K", bound=Hashable)
 ENDGAME_PIECES = 4
 ENDGAME_AFTER = 1.0
 STREAM_WINDOW = 4
+#: seconds of data a neighbour may have in flight to us (its rate times this, in pieces)
+TARGET_LATENCY = 1.0
+#: a piece out at a neighbour is asked again from a faster one when that one
+#: would deliver it this many times sooner than the first is expected to
+RESCUE_FACTOR = 2.0
+#: the weight of the history in a neighbour's delivery rate (per piece received)
+RATE_DECAY = 0.7
+#: the in-flight limit may grow to this many times C{limit} by the bandwidth-delay
+#: rule (the neighbours' rates x C{TARGET_LATENCY}); 1: C{limit} holds (the dfpeer's --in-flight)
+MAX_GROW = 1.0
 
 
 class Picker(Generic[K]):
@@ -91,6 +126,10 @@ class Picker(Generic[K]):
         endgame_pieces: int = ENDGAME_PIECES,
         endgame_after: float = ENDGAME_AFTER,
         stream_window: int = STREAM_WINDOW,
+        target_latency: float = TARGET_LATENCY,
+        rescue_factor: float = RESCUE_FACTOR,
+        rate_decay: float = RATE_DECAY,
+        max_grow: float = MAX_GROW,
     ) -> None:
         self.count = count
         self.rng = rng if rng is not None else random.Random()
@@ -100,6 +139,10 @@ class Picker(Generic[K]):
         self.endgame_pieces = endgame_pieces
         self.endgame_after = endgame_after
         self.stream_window = stream_window
+        self.target_latency = target_latency
+        self.rescue_factor = rescue_factor
+        self.rate_decay = rate_decay
+        self.max_grow = max_grow
         #: the first piece an in-order reader waits for (None: nobody reads in order)
         self.stream_from: int | None = None
         #: the seed allowance: the pieces we may ask from the seed now
@@ -116,6 +159,9 @@ class Picker(Generic[K]):
         self._out: dict[K, dict[int, float]] = {}
         self._seed: K | None = None
         self._in_flight = 0  # requests out to non-seed neighbours
+        # neighbour -> [bytes, busy seconds] (decayed), and when its last piece came
+        self._meter: dict[K, list[float]] = {}
+        self._last_done: dict[K, float] = {}
         # wanted pieces by availability; _pos[i] its index in its bucket, or -1
         self._buckets: list[list[int]] = [[]]
         self._pos = [-1] * count
@@ -213,6 +259,8 @@ class Picker(Generic[K]):
             return []
         remote = self._remote.pop(key)
         out = self._out.pop(key)
+        self._meter.pop(key, None)
+        self._last_done.pop(key, None)
         if key == self._seed:
             self._seed = None
         else:
@@ -247,11 +295,16 @@ class Picker(Generic[K]):
         """A request was withdrawn (by the caller) without an answer."""
         self._drop(key, index)
 
-    def received(self, key: K, index: int) -> list[K]:
+    def received(self, key: K, index: int, now: float | None = None, size: int | None = None) -> list[K]:
         """
         C{index} arrived from C{key}: it is no longer pending anywhere.
         Returns the other neighbours it was asked from, to cancel there.
+        With C{now} and C{size} (its bytes) it counts in C{key}'s rate.
         """
+        if now is not None and size is not None:
+            asked = self._out.get(key, {}).get(index)
+            if asked is not None:
+                self._measure(key, now, asked, size)
         holders = self.pending.pop(index, [])
         others = []
         for k, _ in holders:
@@ -279,7 +332,13 @@ class Picker(Generic[K]):
         return True
 
     def corrupt(self, key: K, index: int) -> None:
-        """C{index} from C{key} failed its digest: wanted again, and C{key} is believed to lack it."""
+        """
+        C{index} from C{key} failed its digest: wanted again, and C{key} is
+        believed to lack it; its rate is forgotten (bad bytes are no speed),
+        so it gets no more than C{per_conn} requests until it delivers again.
+        """
+        self._meter.pop(key, None)
+        self._last_done.pop(key, None)
         self.unverified(index)
         self.lost(key, index)
 
@@ -304,13 +363,18 @@ class Picker(Generic[K]):
 
     def fill(
         self, now: float, per_conn: int, limit: int, usable: Callable[[K], bool] | None = None,
+        piece_bytes: int | None = None,
     ) -> list[tuple[K, int]]:
         """
         The requests to send now, recorded as pending: the seed allowance
-        first, apart from the budget; then one request per neighbour per round
-        (in random order) while a neighbour has fewer than C{per_conn} out and
-        the non-seed neighbours fewer than C{limit} in all.  C{usable} may rule
-        a neighbour out (a closed connection).
+        first, apart from the budget; then, while the non-seed neighbours have
+        fewer than C{limit} out in all, one more request to a neighbour with
+        a free slot.  C{usable} may rule a neighbour out (a closed connection).
+
+        Without C{piece_bytes}: one request per neighbour per round (in
+        random order), C{per_conn} at most per neighbour.  With it: each
+        request to the neighbour that would deliver it soonest, up to its
+        bandwidth-delay budget, then the rescues (see the module's doc).
         """
         asked: list[tuple[K, int]] = []
         seed = self._seed
@@ -324,23 +388,153 @@ class Picker(Generic[K]):
                 asked.append((seed, index))
         keys = [
             k for k, r in self._remote.items()
-            if k != seed and r is not None and len(self._out[k]) < per_conn and (usable is None or usable(k))
+            if k != seed and r is not None and (usable is None or usable(k))
         ]
-        self.rng.shuffle(keys)
-        progress = True
-        while progress and self._in_flight < limit:
-            progress = False
-            # one request per neighbour per round spreads the load
-            for k in keys:
-                if self._in_flight >= limit or len(self._out[k]) >= per_conn:
-                    continue
-                index = self.choose(k, now)
-                if index is None:
-                    continue
-                self.request(k, index, now)
-                asked.append((k, index))
-                progress = True
+        if piece_bytes is None or piece_bytes <= 0:
+            self.rng.shuffle(keys)
+            keys = [k for k in keys if len(self._out[k]) < per_conn]
+            progress = True
+            while progress and self._in_flight < limit:
+                progress = False
+                # one request per neighbour per round spreads the load
+                for k in keys:
+                    if self._in_flight >= limit or len(self._out[k]) >= per_conn:
+                        continue
+                    index = self.choose(k, now)
+                    if index is None:
+                        continue
+                    self.request(k, index, now)
+                    asked.append((k, index))
+                    progress = True
+            return asked
+        self._fill_by_rate(now, per_conn, limit, keys, piece_bytes, asked)
         return asked
+
+    def rate(self, key: K, now: float | None = None, piece_bytes: int | None = None) -> float | None:
+        """
+        The delivery rate of C{key} in bytes/s (None before its first piece).
+        With C{now}: no more than its oldest request out shows (nothing of it
+        came for t seconds: at most a piece per t), which also gives a rate
+        to a neighbour not measured yet when C{piece_bytes} is known.
+        """
+        m = self._meter.get(key)
+        rate = m[0] / m[1] if m is not None and m[1] > 0 else None
+        out = self._out.get(key)
+        if now is None or not out:
+            return rate
+        piece = piece_bytes if piece_bytes else (m[2] if m is not None else None)
+        waited = now - max(min(out.values()), self._last_done.get(key, -math.inf))
+        if piece is None or waited <= 0:
+            return rate
+        cap = piece / waited
+        return cap if rate is None or cap < rate else rate
+
+    def budget(self, key: K, per_conn: int, limit: int, piece_bytes: int, rate: float | None) -> int:
+        """Requests C{key} may have out: max(C{per_conn}, rate x target latency / piece), at most C{limit}."""
+        if rate is None:
+            return per_conn
+        return max(per_conn, min(limit, int(rate * self.target_latency / piece_bytes)))
+
+    def _fill_by_rate(
+        self, now: float, per_conn: int, limit: int, keys: list[K], piece_bytes: int, asked: list[tuple[K, int]],
+    ) -> None:
+        rates: dict[K, float | None] = {}
+        caps: dict[K, int] = {}
+        for k in keys:
+            measured = self.rate(k)
+            caps[k] = self.budget(k, per_conn, limit, piece_bytes, measured)
+            rates[k] = self.rate(k, now, piece_bytes) if self._out[k] else measured
+        if self.max_grow > 1:
+            # bandwidth-delay for the whole download: what the neighbours deliver x target latency
+            total = sum(m[0] / m[1] for k in keys if (m := self._meter.get(k)) is not None and m[1] > 0)
+            limit = max(limit, min(int(self.max_grow * limit), int(total * self.target_latency / piece_bytes)))
+        known = [r for r in rates.values() if r is not None and r > 0]
+        prior = max(known) if known else 1.0
+        speed = {k: (r if r is not None and r > 0 else prior) for k, r in rates.items()}
+        # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
+        heap = []
+        if self._in_flight < limit:
+            heap = [((len(self._out[k]) + 1) / speed[k], n, k) for n, k in enumerate(keys) if len(self._out[k]) < caps[k]]
+            heapq.heapify(heap)
+        else:
+            heap = [(0.0, n, k) for n, k in enumerate(keys) if len(self._out[k]) < caps[k]]
+        idle: list[tuple[int, K]] = []
+        while heap and self._in_flight < limit:
+            _, n, k = heapq.heappop(heap)
+            index = self.choose(k, now)
+            if index is None:
+                idle.append((n, k))
+                continue
+            self.request(k, index, now)
+            asked.append((k, index))
+            if len(self._out[k]) < caps[k]:
+                heapq.heappush(heap, ((len(self._out[k]) + 1) / speed[k], n, k))
+        # rescues: a neighbour with a slot and nothing new to give takes over a slow one's piece
+        idle.extend((n, k) for _, n, k in heap)
+        if not idle or not self.pending or self._in_flight >= 2 * limit:
+            return
+        late = self._late(now, speed, piece_bytes)
+        if not late:
+            return
+        idle.sort(key=lambda nk: -speed[nk[1]])
+        for _, k in idle:
+            remote = self._remote[k]
+            if remote is None or k not in self._meter:
+                continue  # not measured: not known to be faster
+            while late and self._in_flight < 2 * limit and len(self._out[k]) < caps[k]:
+                threshold = self.rescue_factor * (len(self._out[k]) + 1) * piece_bytes / speed[k]
+                pick = None
+                for j, (left, i, other) in enumerate(late):
+                    if left <= threshold:
+                        break  # latest first: none further on is late enough either
+                    if other != k and i in remote:
+                        pick = j
+                        break
+                if pick is None:
+                    break
+                _, i, _ = late.pop(pick)
+                self.request(k, i, now)
+                asked.append((k, i))
+
+    def _late(self, now: float, speed: dict[K, float], piece_bytes: int) -> list[tuple[float, int, K]]:
+        """The pieces out at one non-seed neighbour: (seconds until it is expected to finish them, piece, it), latest first."""
+        late = []
+        for i, holders in self.pending.items():
+            if len(holders) != 1 or i in self.verifying:
+                continue
+            other, asked_at = holders[0]
+            if other == self._seed:
+                continue
+            r = speed.get(other)
+            if r is None:
+                r = self.rate(other, now, piece_bytes)
+                if r is None:
+                    continue
+                speed[other] = r
+            # when the other is expected to finish it: its queue up to it, at its rate
+            out = self._out[other]
+            ahead = sum(1 for t in out.values() if t <= asked_at)
+            start = max(asked_at, self._last_done.get(other, -math.inf))
+            left = start + ahead * piece_bytes / r - now
+            if left > 0:
+                late.append((left, i, other))
+        late.sort(key=lambda x: -x[0])
+        return late
+
+    def _measure(self, key: K, now: float, asked: float, size: int) -> None:
+        start = max(asked, self._last_done.get(key, -math.inf))
+        self._last_done[key] = now
+        busy = now - start
+        if busy <= 0:
+            busy = 1e-6
+        m = self._meter.get(key)
+        if m is None:
+            self._meter[key] = [float(size), busy, float(size)]
+            return
+        d = self.rate_decay
+        m[0] = m[0] * d + size
+        m[1] = m[1] * d + busy
+        m[2] = max(m[2], float(size))
 
     def offer(self, key: K, index: int, now: float, per_conn: int, limit: int) -> bool:
         """

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-flight", default="6M", help="pieces in flight per peer, in bytes (the dfpeer's --in-flight; at least 4 pieces)")
     p.add_argument("--spread", type=float, default=0.0, help="peers arrive uniformly within this many seconds")
     p.add_argument("--dt", type=float, default=0.005, help="the shortest network step, seconds (flows started within a step catch up on the next)")
+    p.add_argument("--classic-picker", action="store_true", help="the picker without its rate rules (for comparison)")
     p.add_argument("--json", action="store_true", help="the last line is one JSON object")
     p.add_argument("--progress", action="store_true", help="a line on stderr about once a simulated second")
     a = p.parse_args(argv)
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.peers < 1:
         p.error("--peers must be at least 1")
     config = Config(peers=a.peers, file_size=size, piece_size=piece, links=a.links, seed_mbit=a.seed_mbit,
-                    origin_mbit=a.origin_mbit, in_flight_bytes=in_flight, arrival_spread=a.spread, dt=a.dt, seed=a.seed)
+                    origin_mbit=a.origin_mbit, in_flight_bytes=in_flight, arrival_spread=a.spread, dt=a.dt, seed=a.seed,
+                    classic=a.classic_picker)
     progress = (lambda line: print(line, file=sys.stderr, flush=True)) if a.progress else None
     result = Simulation(config, progress).run().summary()
     if a.json:

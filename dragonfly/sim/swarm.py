@@ -101,6 +101,8 @@ class Config:
     dt: float = 0.005  # the shortest network step (see Flow.lag)
     seed: int = 1
     time_limit: float = 3600.0
+    #: the picker without its rate rules (rarest-first in random neighbour order only)
+    classic: bool = False
 
 
 @define(eq=False)
@@ -298,9 +300,12 @@ class Simulation:
         if peer.done_at is not None:
             return
         picker = peer.picker
-        if picker.in_flight >= self.limit and len(picker.outstanding(SEED)) >= len(picker.seed_allowed):
-            return  # nothing the picker could add (its own checks, made cheap)
-        for key, index in peer.picker.fill(self.now, self.c.per_conn, self.limit):
+        # nothing the picker could add (its own checks, made cheap): rescues may go to twice the limit
+        full = self.limit if self.c.classic else int(2 * self.limit * max(1.0, picker.max_grow))
+        if picker.in_flight >= full and len(picker.outstanding(SEED)) >= len(picker.seed_allowed):
+            return
+        piece_bytes = None if self.c.classic else self.piece_size
+        for key, index in peer.picker.fill(self.now, self.c.per_conn, self.limit, piece_bytes=piece_bytes):
             src = self.seed_host if key == SEED else self.peers[key].host
             peer.requests[(key, index)] = None
             self.at(self.now + self.latency(peer.host, src), self._request_arrives, peer, key, index)
@@ -317,7 +322,7 @@ class Simulation:
     def _piece_arrived(self, flow: Flow) -> None:
         peer, key, index = flow.tag
         peer.requests.pop((key, index), None)
-        for other in peer.picker.received(key, index):
+        for other in peer.picker.received(key, index, self.now, int(flow.size)):
             f = peer.requests.pop((other, index), None)
             if f is not None:
                 self.net.stop(f)

@@ -297,3 +297,158 @@ def test_incremental_state_matches_recount(
         elif op == "time":
             now += mask / 1000.0
         check(p)
+
+
+# -- the rate rules (fill with piece_bytes) -----------------------------------------------
+
+MB = 1 << 20
+
+
+def measured(p: Picker[str], key: str, index: int, asked: float, done: float, size: int = MB) -> None:
+    """C{key} delivered C{index} (asked at C{asked}) at C{done}."""
+    p.request(key, index, asked)
+    p.received(key, index, done, size)
+    assert p.verify(index)
+    p.stored(index)
+
+
+def test_delivery_rate_is_bytes_over_busy_time() -> None:
+    p = picker(8)
+    neighbour(p, "a", range(8))
+    assert p.rate("a") is None
+    measured(p, "a", 0, 0.0, 1.0)  # 1 MiB in 1 s
+    assert p.rate("a") == MB
+    # asked before the previous piece came: busy from that piece on
+    p.request("a", 1, 0.5)
+    p.received("a", 1, 2.0, MB)
+    assert abs(p.rate("a") - MB) < 1e-6  # type: ignore[operator]
+    # a piece out for 4 s with nothing back: no faster than 1 MiB / 4 s
+    p.request("a", 2, 2.0)
+    assert p.rate("a", 6.0, MB) == MB / 4
+
+
+def test_fast_neighbours_take_the_slots() -> None:
+    p = picker(16)
+    neighbour(p, "slow", range(16))
+    neighbour(p, "fast", range(16))
+    measured(p, "slow", 0, 0.0, 10.0)  # 0.1 MiB/s
+    measured(p, "fast", 1, 0.0, 0.1)  # 10 MiB/s
+    asked = p.fill(10.0, per_conn=1, limit=4, piece_bytes=MB)
+    # bandwidth-delay: 10 MiB/s x 1 s = 10 pieces allowed, 4 in all
+    assert [k for k, _ in asked] == ["fast"] * 4
+    assert p.outstanding("slow") == {}
+
+
+def test_the_rarest_pieces_go_to_the_fastest_holder() -> None:
+    p = picker(8)
+    neighbour(p, "slow", [0, 1, 2, 3, 4])
+    neighbour(p, "fast", [0, 1, 2, 3, 4, 5])
+    neighbour(p, "other", [2, 3, 4, 5])
+    neighbour(p, "third", [5])
+    measured(p, "slow", 6, 0.0, 10.0)
+    measured(p, "fast", 7, 0.0, 0.1)
+    asked = p.fill(10.0, per_conn=1, limit=1, piece_bytes=MB)
+    # 0 and 1 are the rarest (slow and fast hold them): the fast one is asked
+    assert len(asked) == 1 and asked[0][0] == "fast" and asked[0][1] in (0, 1)
+
+
+def test_rescue_a_slow_neighbours_piece() -> None:
+    p = picker(4)
+    neighbour(p, "slow", range(4))
+    neighbour(p, "fast", range(4))
+    measured(p, "slow", 0, 0.0, 10.0)  # 0.1 MiB/s: 10 s a piece
+    measured(p, "fast", 1, 0.0, 0.1)  # 10 MiB/s
+    p.request("slow", 2, 10.0)
+    p.request("fast", 3, 10.0)
+    p.received("fast", 3, 10.1, MB)
+    assert p.verify(3)
+    p.stored(3)
+    # missing: only 2, out at slow (expected at 20 s); fast would take 0.1 s
+    asked = p.fill(10.2, per_conn=1, limit=4, piece_bytes=MB)
+    assert asked == [("fast", 2)]
+    assert p.received("fast", 2, 10.3, MB) == ["slow"]  # cancel it there
+    assert p.outstanding("slow") == {} and p.in_flight == 0
+
+
+def test_no_rescue_when_the_first_holder_is_about_as_fast() -> None:
+    p = picker(8)
+    neighbour(p, "a", range(8))
+    neighbour(p, "b", range(8))
+    measured(p, "a", 0, 0.0, 1.0)
+    measured(p, "b", 1, 0.0, 0.8)
+    for i in range(2, 8):
+        p.request("a" if i % 2 else "b", i, 1.0)
+    assert p.fill(1.1, per_conn=1, limit=8, piece_bytes=MB) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    count=st.integers(1, 12), ops=ops, seed=st.integers(0, 1000),
+    start=st.lists(st.integers(0, 2**16), min_size=5, max_size=5),
+)
+def test_rate_rules_keep_the_limits(count: int, ops: list[tuple[str, str, int, int]], seed: int, start: list[int]) -> None:
+    """With piece_bytes: at most 2 x limit out, a piece at most at two neighbours, only held and wanted-or-rescued pieces."""
+    p: Picker[str] = Picker(count, rng=random.Random(seed))
+    for i in range(count):
+        p.digest_known(i)
+    for key, mask in zip(KEYS, start):
+        neighbour(p, key, [i for i in range(count) if mask >> i & 1], seed=key == "seed")
+    now = 0.0
+    for op, key, index, mask in ops:
+        index %= count
+        if op in ("fill", "stream", "allow", "digest", "add", "bitfield"):
+            per_conn, limit = 1 + mask % 3, 1 + mask % 5
+            before = {i: [k for k, _ in hs] for i, hs in p.pending.items()}
+            asked = p.fill(now, per_conn=per_conn, limit=limit, piece_bytes=MB)
+            assert p.in_flight <= max(2 * limit, before and sum(len(v) for v in before.values()) or 0)
+            for k, i in asked:
+                remote = p.remote(k)
+                assert remote is not None and i in remote and i not in p.have_bits
+                if i in before:
+                    assert k != p.seed and len(before[i]) == 1 and before[i][0] != k
+            for i, hs in p.pending.items():
+                assert len([k for k, _ in hs if k != p.seed]) <= 2
+        elif op == "have":
+            p.have(key, index)
+        elif op == "remove":
+            p.remove(key)
+        elif op in ("receive", "store", "corrupt", "reject"):
+            out = [(k, i) for k in p.neighbours() for i in p.outstanding(k)]
+            if out:
+                k, i = out[mask % len(out)]
+                if op == "reject":
+                    p.rejected(k, i)
+                else:
+                    p.received(k, i, now, MB)
+                    if p.verify(i):
+                        if op == "corrupt":
+                            p.corrupt(k, i)
+                        else:
+                            p.stored(i)
+        elif op == "time":
+            now += mask / 1000.0
+        check(p)
+
+
+def test_the_limit_grows_by_bandwidth_delay_only_when_allowed() -> None:
+    for grow, expected in ((1.0, 2), (4.0, 4)):
+        p = picker(16, max_grow=grow)
+        neighbour(p, "a", range(16))
+        neighbour(p, "b", range(16))
+        measured(p, "a", 0, 0.0, 0.1)  # 10 MiB/s each: 10 pieces a second
+        measured(p, "b", 1, 0.0, 0.1)
+        asked = p.fill(1.0, per_conn=1, limit=2, piece_bytes=MB)
+        # each neighbour's budget is capped by limit (2); the whole download's grows to 4 x 2
+        assert len(asked) == expected == p.in_flight
+
+
+def test_a_corrupt_piece_forgets_the_rate() -> None:
+    p = picker(8)
+    neighbour(p, "a", range(8))
+    p.request("a", 0, 0.0)
+    p.received("a", 0, 0.001, MB)  # "fast", but wrong
+    assert p.rate("a") is not None and p.verify(0)
+    p.corrupt("a", 0)
+    assert p.rate("a") is None
+    asked = p.fill(1.0, per_conn=1, limit=8, piece_bytes=MB)
+    assert len(asked) == 1  # per_conn again, not the bandwidth-delay budget
