@@ -672,7 +672,7 @@ class DataPath:
             shutil.rmtree(out, ignore_errors=True)
 
     def run(self) -> dict[str, Any]:
-        started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         load = measure.load_average()
         self.make_file()
         self.start_nginx()

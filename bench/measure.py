@@ -157,10 +157,10 @@ class Sample:
     seconds: dict[str, float]
 
     @classmethod
-    def take(cls, pids: Mapping[str, Sequence[int]]) -> "Sample":
+    def take(cls, pids: Mapping[str, Sequence[int]]) -> Sample:
         return cls({name: sum(process_cpu_seconds(p) for p in ps) for name, ps in pids.items()})
 
-    def until(self, later: "Sample") -> dict[str, float]:
+    def until(self, later: Sample) -> dict[str, float]:
         return {name: round(later.seconds.get(name, 0.0) - s, 3) for name, s in self.seconds.items()}
 
 
@@ -215,7 +215,7 @@ class Children:
             with open(self.registry, "a") as f:
                 f.write(f"{proc.pid} {start_time(proc.pid)}\n")
 
-    def __enter__(self) -> "Children":
+    def __enter__(self) -> Children:
         return self
 
     def __exit__(self, *exc: Any) -> None:

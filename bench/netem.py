@@ -42,8 +42,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from .measure import die_with_parent
 
@@ -118,7 +119,7 @@ class SignalGuard:
         self._deferring = 0
         self._pending: int | None = None
 
-    def __enter__(self) -> "SignalGuard":
+    def __enter__(self) -> SignalGuard:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -297,7 +298,7 @@ class Network:
         self._guard = SignalGuard()
         self._lock: contextlib.ExitStack | None = None
 
-    def __enter__(self) -> "Network":
+    def __enter__(self) -> Network:
         self._guard.__enter__()
         self._lock = contextlib.ExitStack()
         try:
@@ -388,7 +389,7 @@ class Network:
         for a request that failed.
         """
         code = ("import sys, urllib.request;"
-                "sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1], timeout=%r).read())" % timeout)
+                f"sys.stdout.buffer.write(urllib.request.urlopen(sys.argv[1], timeout={timeout!r}).read())")
         procs = [
             subprocess.Popen(["ip", "netns", "exec", host.netns, sys.executable, "-I", "-c", code, url],
                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -77,7 +77,7 @@ def measure(mod: ModuleType, members: int, pieces: int, state: str, syncs: int) 
     costs = []
     now = 1.0
     clock = time.thread_time_ns
-    for k in range(syncs):
+    for _k in range(syncs):
         pid = f"p{rng.randrange(members)}"
         t0 = clock()
         d = s.sync(TASK, pid, now)

@@ -270,7 +270,7 @@ class Soak:
                     later.remove(item)
                     self.restart(item[1], item[2])
             time.sleep(0.05)
-        for t, what, i in later:  # the soak ends with everything up again
+        for _t, what, i in later:  # the soak ends with everything up again
             self.restart(what, i)
         for rec in running.values():  # past the drain: counted as failed
             self.kill(rec["proc"])

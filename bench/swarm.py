@@ -60,8 +60,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from dragonfly.core.units import parse_rate
 from dragonfly.testing.swarm import sha256_file, wait_for_file, write_random_file
@@ -217,7 +218,7 @@ class CpuMeter:
             self.samples.append(busy_share(prev, now))
             prev = now
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self._proc_first = self._process_seconds()
         self._first = cpu_times()
         self._thread.start()
@@ -640,7 +641,7 @@ class Testbed:
             "wireCopiesPerPeer": round(sum(links[p.name]["downBytes"] for p in self.peers if p.name in links)
                                        / (self.n * f), 3),
             "hosts": hosts,
-            "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
 
 
@@ -726,7 +727,7 @@ def save_results(path: str, results: dict[str, Any], scenario: Scenario) -> None
                  "httpSeconds": round(scenario.http_bound(n), 3)}
         for n in sorted(int(k) for k in results["runs"])
     }
-    results["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results["updated"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     write_json(path, results)
 
 

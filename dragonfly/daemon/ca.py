@@ -36,7 +36,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 def make_ca(common_name: str = "Dragonfly dfdaemon CA", days: int = 3650) -> tuple[bytes, bytes]:
@@ -117,7 +117,7 @@ class CertificateAuthority:
         self.cert_pem = cert_pem
 
     @classmethod
-    def load(cls, cert_path: str, key_path: str) -> "CertificateAuthority":
+    def load(cls, cert_path: str, key_path: str) -> CertificateAuthority:
         try:
             with open(cert_path, "rb") as f:
                 cert = f.read()

@@ -55,7 +55,7 @@ class _Pipe(Protocol):
     #: a TCP connection (ITCPTransport, IConsumer, IPushProducer)
     transport: Any
 
-    def __init__(self, front: "FrontProtocol") -> None:
+    def __init__(self, front: FrontProtocol) -> None:
         self.front = front
 
     def connectionMade(self) -> None:
@@ -79,7 +79,7 @@ class FrontProtocol(Protocol):
     #: a TCP connection (ITCPTransport, ITLSTransport, IConsumer, IPushProducer)
     transport: Any
 
-    def __init__(self, factory: "FrontFactory") -> None:
+    def __init__(self, factory: FrontFactory) -> None:
         self.factory = factory
         self.buffer = b""
         self.mode = "sniff"  # sniff | connect | tunnel | http | tls-wait | closed

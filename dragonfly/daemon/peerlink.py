@@ -14,7 +14,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ..peer.launch import LaunchError, ReactorIO, find_running, start as start_dfpeer
+from ..peer.launch import LaunchError, ReactorIO, find_running
+from ..peer.launch import start as start_dfpeer
 
 log = Logger()
 

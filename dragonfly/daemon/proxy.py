@@ -50,7 +50,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -64,10 +65,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from ..core.bodywriter import DiscardBody
+from ..core.headers import HOP_BY_HOP_BYTES
 from ..core.httpapi import ApiError, json_response
 from ..core.ids import task_id
 from ..core.metrics import counter, render_metrics
-from ..core.headers import HOP_BY_HOP_BYTES
 from ..core.ranges import MULTIPLE, BadRange, ByteRange, parse_range
 from .rules import Decision, Rule, decide
 

@@ -55,7 +55,7 @@ class Rule:
         return self.compiled.search(url) is not None
 
     @classmethod
-    def from_dict(cls, item: Any) -> "Rule":
+    def from_dict(cls, item: Any) -> Rule:
         """A rule as written in a config file: C{{regx|regex, direct, use_https, redirect}}."""
         if not isinstance(item, dict):
             raise RuleError(f"a rule must be a mapping, not {item!r}")

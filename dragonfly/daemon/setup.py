@@ -31,7 +31,8 @@ import os
 import re
 import shutil
 import tomllib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from attrs import frozen

@@ -20,8 +20,8 @@ from twisted.logger import Logger
 
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.gc import GcEntry
-from ..core.periodic import periodic
 from ..core.ids import task_id as make_task_id
+from ..core.periodic import periodic
 from ..core.ratelimit import TokenBucket
 from ..core.service import ListeningService
 from ..core.threads import WorkerPool

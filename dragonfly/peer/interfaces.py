@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet.defer import Deferred
 
 if TYPE_CHECKING:
-    from ..protocol.supernode_api import SyncAnswer, SyncReport, TaskRegistered
     from ..core.ratelimit import TokenBucket
+    from ..protocol.supernode_api import SyncAnswer, SyncReport, TaskRegistered
     from .task import PeerTask
 
 
@@ -28,10 +28,10 @@ class Session(Protocol):
     def peer_id(self) -> str:
         """This dfpeer's id."""
 
-    async def register(self) -> "TaskRegistered":
+    async def register(self) -> TaskRegistered:
         """Register the task (the peer first, if the SuperNode forgot it); the reply."""
 
-    async def sync(self, report: "SyncReport") -> "SyncAnswer":
+    async def sync(self, report: SyncReport) -> SyncAnswer:
         """One sync: what we did since the last, and what to do next."""
 
     async def register_peer(self) -> None:

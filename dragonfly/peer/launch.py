@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any, Coroutine, Protocol, TypeVar
+from collections.abc import Coroutine
+from typing import Any, Protocol, TypeVar
 
 from ..core.defaults import DEFAULT_NODE
 

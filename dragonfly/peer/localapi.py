@@ -14,7 +14,8 @@ The dfpeer local API, for dfget and dfdaemon on the same host (loopback only).
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred

@@ -6,7 +6,8 @@ L{dragonfly.core.metrics} and docs/metrics.md).
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from attrs import define, field
 from prometheus_client.core import Metric

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, Callable, Protocol as TypingProtocol
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred
@@ -46,8 +48,22 @@ from ..core.bitmap import Bitmap
 from ..core.ratelimit import TokenBucket, delay_for
 from . import frames as F
 from .connection import (
-    E_BUSY, E_NO_TASK, E_PROTOCOL, E_TASK_FAILED, E_TIMEOUT, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT,
-    MAX_QUEUED_REQUESTS, Action, BlockConnection, CancelTimer, Close, Limits, Send, SetTimer, Upload,
+    E_BUSY,
+    E_NO_TASK,
+    E_PROTOCOL,
+    E_TASK_FAILED,
+    E_TIMEOUT,
+    HANDSHAKE_TIMEOUT,
+    IDLE_TIMEOUT,
+    MAX_QUEUED_REQUESTS,
+    Action,
+    BlockConnection,
+    CancelTimer,
+    Close,
+    Limits,
+    Send,
+    SetTimer,
+    Upload,
 )
 
 __all__ = [
@@ -109,7 +125,7 @@ class TaskSide(TypingProtocol):
     def piece_length(self, index: int) -> int | None:
         """The size of piece C{index}, or None when out of range/unknown."""
 
-    def read_piece(self, index: int) -> "Deferred[bytes]":
+    def read_piece(self, index: int) -> Deferred[bytes]:
         """Read a verified piece."""
 
     # optional: piece_file(index) -> (fd, offset, length) | None, a verified
@@ -118,26 +134,26 @@ class TaskSide(TypingProtocol):
     # from it: abort them (conn.abort) before closing it, or a body waiting
     # for the socket could be sent from whatever file reuses the number.
 
-    def attached(self, conn: "BlockProtocol") -> None:
+    def attached(self, conn: BlockProtocol) -> None:
         """A connection finished its handshake for this task."""
 
-    def detached(self, conn: "BlockProtocol", reason: str) -> None:
+    def detached(self, conn: BlockProtocol, reason: str) -> None:
         """A connection closed."""
 
-    def on_bitfield(self, conn: "BlockProtocol") -> None: ...
+    def on_bitfield(self, conn: BlockProtocol) -> None: ...
 
-    def on_have(self, conn: "BlockProtocol", index: int) -> None: ...
+    def on_have(self, conn: BlockProtocol, index: int) -> None: ...
 
-    def on_piece(self, conn: "BlockProtocol", index: int, data: bytearray) -> None:
+    def on_piece(self, conn: BlockProtocol, index: int, data: bytearray) -> None:
         """A requested piece arrived; give C{data} back with C{factory.release} when done with it."""
 
-    def on_reject(self, conn: "BlockProtocol", index: int, reason: int) -> None: ...
+    def on_reject(self, conn: BlockProtocol, index: int, reason: int) -> None: ...
 
-    def on_digests(self, conn: "BlockProtocol", first: int, digests: list[bytes]) -> None: ...
+    def on_digests(self, conn: BlockProtocol, first: int, digests: list[bytes]) -> None: ...
 
-    def on_uploaded(self, conn: "BlockProtocol", nbytes: int) -> None: ...
+    def on_uploaded(self, conn: BlockProtocol, nbytes: int) -> None: ...
 
-    def download_limits(self) -> "list[TokenBucket | None]":
+    def download_limits(self) -> list[TokenBucket | None]:
         """The rate limits that pace what this side receives (none: [])."""
 
 
@@ -234,13 +250,13 @@ class BlockFactory(Factory):
         else:
             self.accepted.pop(host, None)
 
-    def client(self, side: TaskSide, task_id: str, remote_id: str | None = None) -> "BlockProtocol":
+    def client(self, side: TaskSide, task_id: str, remote_id: str | None = None) -> BlockProtocol:
         """A protocol for an outgoing connection that will say HELLO for C{task_id}."""
         p = BlockProtocol(self, side=side, task_id=task_id, remote_id=remote_id)
         p.factory = self
         return p
 
-    def connect(self, endpoint: Any, proto: "BlockProtocol") -> "Deferred[BlockProtocol]":
+    def connect(self, endpoint: Any, proto: BlockProtocol) -> Deferred[BlockProtocol]:
         """Open an outgoing connection on C{endpoint} for a L{client} protocol."""
         d: Deferred[BlockProtocol] = endpoint.connect(_OneShot(proto))
         return d
@@ -251,10 +267,10 @@ class _OneShot(Factory):
 
     noisy = False
 
-    def __init__(self, proto: "BlockProtocol") -> None:
+    def __init__(self, proto: BlockProtocol) -> None:
         self._proto = proto
 
-    def buildProtocol(self, addr: Any) -> "BlockProtocol":
+    def buildProtocol(self, addr: Any) -> BlockProtocol:
         return self._proto
 
 
@@ -494,7 +510,7 @@ class BlockProtocol(Protocol):
             self._do(conn.rx_filled(n))
         return total
 
-    def _pace_download(self, limits: "list[TokenBucket | None]", nbytes: int) -> None:
+    def _pace_download(self, limits: list[TokenBucket | None], nbytes: int) -> None:
         """Hold reading while the side's download limits (per task, per host) say so."""
         delay = delay_for(limits, nbytes)
         if delay > 0 and not self._read_paused and not self.closed:

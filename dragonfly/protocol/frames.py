@@ -51,7 +51,7 @@ by :class:`PieceStart` and :class:`PieceEnd`.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Union
+from collections.abc import Callable
 
 from attrs import frozen
 
@@ -272,7 +272,7 @@ class PieceData:
     """
 
     index: int
-    data: Union[memoryview, bytes]
+    data: memoryview | bytes
 
 
 @frozen
@@ -295,20 +295,10 @@ class Digests:
     digests: list[bytes]
 
 
-Event = Union[
-    Hello,
-    BitfieldMsg,
-    Have,
-    Request,
-    Cancel,
-    Reject,
-    ErrorMsg,
-    PieceStart,
-    PieceData,
-    PieceEnd,
-    KeepAlive,
-    Digests,
-]
+Event = (
+    Hello | BitfieldMsg | Have | Request | Cancel | Reject | ErrorMsg | PieceStart | PieceData | PieceEnd
+    | KeepAlive | Digests
+)
 
 _KEEPALIVE_EVENT = KeepAlive()
 
@@ -337,7 +327,7 @@ _S_CONTROL = 2  # buffering a control frame body
 _S_BODY = 3  # streaming a piece body out
 
 
-def _decode_control(ftype: int, body: Union[bytes, bytearray, memoryview]) -> Event:
+def _decode_control(ftype: int, body: bytes | bytearray | memoryview) -> Event:
     """Decode a complete control frame body, whose length is pre-checked."""
     if ftype == HAVE:
         return Have(_U32.unpack(body)[0])
@@ -466,7 +456,7 @@ class FrameDecoder:
         self._need = HEADER_SIZE
         return [PieceEnd(self._index)]
 
-    def feed(self, data: Union[bytes, bytearray, memoryview]) -> list[Event]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         """Consume ``data`` and return the events it completes.
 
         Raises :class:`ProtocolError` on malformed input; the decoder is
@@ -484,7 +474,7 @@ class FrameDecoder:
             self._error = err
             raise err from None
 
-    def _feed(self, data: Union[bytes, bytearray, memoryview]) -> list[Event]:
+    def _feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         events: list[Event] = []
         mv = memoryview(data)
         if mv.ndim != 1 or mv.itemsize != 1:
@@ -512,7 +502,7 @@ class FrameDecoder:
             need = self._need
             buf = self._buf
             if not buf and n - pos >= need:
-                chunk: Union[bytes, bytearray, memoryview] = mv[pos : pos + need]
+                chunk: bytes | bytearray | memoryview = mv[pos : pos + need]
                 pos += need
             else:
                 take = min(need - len(buf), n - pos)

@@ -12,9 +12,11 @@ when they were built by hand.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from attrs import field, frozen
+
 
 def _ints(values: Iterable[int]) -> tuple[int, ...]:
     return tuple(values)
@@ -24,7 +26,7 @@ def _strs(values: Iterable[str]) -> tuple[str, ...]:
     return tuple(values)
 
 
-def _failures(values: Iterable["FailedPiece"]) -> tuple["FailedPiece", ...]:
+def _failures(values: Iterable[FailedPiece]) -> tuple[FailedPiece, ...]:
     return tuple(values)
 
 
@@ -49,7 +51,7 @@ class PeerRegistration:
         return {"peerId": self.peer_id, "ip": self.ip, "port": self.port, "hostname": self.hostname}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "PeerRegistration":
+    def from_json(cls, body: dict[str, Any]) -> PeerRegistration:
         return cls(body["peerId"], body["ip"], body["port"], body.get("hostname") or "")
 
 
@@ -77,7 +79,7 @@ class TaskRequest:
         return out
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "TaskRequest":
+    def from_json(cls, body: dict[str, Any]) -> TaskRequest:
         return cls(
             body["peerId"], body["url"], dict(body.get("headers") or {}), body.get("digest") or None,
             body.get("identifier"), body.get("filter") or (),
@@ -126,7 +128,7 @@ class SyncReport:
         return out
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "SyncReport":
+    def from_json(cls, body: dict[str, Any]) -> SyncReport:
         return cls(
             body["peerId"],
             body.get("have") or (),
@@ -152,7 +154,7 @@ class PeerRegistered:
         return {"peerId": self.peer_id, "heartbeatInterval": self.heartbeat_interval}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "PeerRegistered":
+    def from_json(cls, body: dict[str, Any]) -> PeerRegistered:
         return cls(body["peerId"], float(body.get("heartbeatInterval", HEARTBEAT_INTERVAL)))
 
 
@@ -170,7 +172,7 @@ class PeerEntry:
         return {"peerId": self.peer_id, "ip": self.ip, "port": self.port, "hostname": self.hostname, "lastSeen": self.last_seen}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "PeerEntry":
+    def from_json(cls, body: dict[str, Any]) -> PeerEntry:
         return cls(body["peerId"], body["ip"], body["port"], body.get("hostname") or "", body.get("lastSeen") or 0.0)
 
 
@@ -194,7 +196,7 @@ class TaskView:
     raw: dict[str, Any] = field(eq=False, repr=False)
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "TaskView":
+    def from_json(cls, body: dict[str, Any]) -> TaskView:
         return cls(
             body.get("taskId", ""), body.get("url", ""), body.get("status", ""), body.get("contentLength"),
             body.get("pieceSize"), body.get("pieceCount"), body.get("piecesReady") or 0, body.get("sha256"),
@@ -211,7 +213,7 @@ class TaskRegistered:
     task: TaskView
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "TaskRegistered":
+    def from_json(cls, body: dict[str, Any]) -> TaskRegistered:
         return cls(body["taskId"], TaskView.from_json(body.get("task") or {}))
 
 
@@ -228,7 +230,7 @@ class Parent:
         return {"peerId": self.peer_id, "ip": self.ip, "port": self.port, "seed": self.seed}
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "Parent":
+    def from_json(cls, body: dict[str, Any]) -> Parent:
         return cls(body["peerId"], body["ip"], body["port"], bool(body.get("seed")))
 
 
@@ -244,7 +246,7 @@ class SyncAnswer:
     sync_interval: float
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "SyncAnswer":
+    def from_json(cls, body: dict[str, Any]) -> SyncAnswer:
         return cls(
             TaskView.from_json(body.get("task") or {}),
             body.get("digestsFrom", 0),
@@ -264,5 +266,5 @@ class TaskDetail:
     availability: tuple[int, ...]
 
     @classmethod
-    def from_json(cls, body: dict[str, Any]) -> "TaskDetail":
+    def from_json(cls, body: dict[str, Any]) -> TaskDetail:
         return cls(TaskView.from_json(body), tuple(body.get("peers") or ()), tuple(body.get("availability") or ()))

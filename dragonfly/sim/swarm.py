@@ -142,7 +142,7 @@ class Result:
     events: int
 
     def ratios(self) -> list[float]:
-        return sorted(c / b for c, b in zip(self.completion, self.bounds))
+        return sorted(c / b for c, b in zip(self.completion, self.bounds, strict=False))
 
     def summary(self) -> dict[str, Any]:
         r = self.ratios()

@@ -19,9 +19,10 @@ from __future__ import annotations
 import functools
 import re
 import time
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from inspect import iscoroutine
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import yaml
 from klein import Klein
@@ -34,11 +35,10 @@ from ..core.ids import BadInput, is_peer_id, is_task_id, parse_filter
 from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
 from ..core.security import OriginPolicy
 from ..protocol.supernode_api import PeerRegistration, SyncReport, TaskRequest
-from . import metrics
+from . import metrics, oapi
 from .dashboard import DEFAULT_TASKS, MAX_TASKS, dashboard_view
 from .node import MAX_PEER_BYTES, Refused, SuperNode, SyncResult
 from .preheat import Preheater
-from . import oapi
 
 __all__ = ["MAX_PEER_BYTES", "SupernodeApi", "route"]
 
@@ -132,7 +132,7 @@ def route(rule: str, method: str, access: str = PEER) -> Callable[[Callable[...,
 
     def decorate(f: Callable[..., Any]) -> Any:
         @functools.wraps(f)
-        def handler(self: "SupernodeApi", request: IRequest, **params: Any) -> Any:
+        def handler(self: SupernodeApi, request: IRequest, **params: Any) -> Any:
             self.authorise(request, access)
             for name, value in params.items():
                 check = PATH_CHECKS.get(name)

@@ -46,7 +46,9 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Protocol as TypingProtocol
+from collections.abc import Callable
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
@@ -54,15 +56,15 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from ..core.headers import NOT_TO_ORIGIN
 from ..core.bitmap import Bitmap
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody, ResumePoint, rehash_prefix
 from ..core.files import pread_exact, unlink_quietly, write_json_atomic
+from ..core.headers import NOT_TO_ORIGIN
 from ..core.ids import is_task_id, parse_digest
 from ..core.logs import safe_url, task_log
+from ..core.pieces import piece_count, piece_span, swarm_piece_size
 from ..core.ratelimit import TokenBucket
 from ..core.security import OriginDenied
-from ..core.pieces import piece_count, piece_span, swarm_piece_size
 from ..core.threads import WorkerPool
 from .resume import Verdict, judge, resume_headers
 
@@ -93,13 +95,13 @@ class TaskError:
 class CdnListener(TypingProtocol):
     """Told about a task's progress (seed connections, the scheduler)."""
 
-    def length_known(self, task: "CdnTask") -> None: ...
+    def length_known(self, task: CdnTask) -> None: ...
 
-    def piece_ready(self, task: "CdnTask", index: int) -> None: ...
+    def piece_ready(self, task: CdnTask, index: int) -> None: ...
 
-    def task_failed(self, task: "CdnTask") -> None: ...
+    def task_failed(self, task: CdnTask) -> None: ...
 
-    def task_done(self, task: "CdnTask") -> None: ...
+    def task_done(self, task: CdnTask) -> None: ...
 
 
 @define(eq=False)
@@ -363,7 +365,7 @@ class Cdn:
         url: str,
         headers: dict[str, str] | None = None,
         digest: str | None = None,
-    ) -> "Deferred[CdnTask]":
+    ) -> Deferred[CdnTask]:
         """
         Like L{ensure}, but a cached file not checked for C{revalidate_after}
         seconds is first revalidated against the origin (see the module
@@ -497,7 +499,7 @@ class Cdn:
         d.addCallback(lambda found: self._request(task, found))
         d.addErrback(lambda f: self._fail(task, TaskError("INTERNAL", f.getErrorMessage())))
 
-    def _request(self, task: CdnTask, found: "tuple[dict[str, Any], ResumePoint] | None") -> None:
+    def _request(self, task: CdnTask, found: tuple[dict[str, Any], ResumePoint] | None) -> None:
         if task.status != "running" or self.tasks.get(task.task_id) is not task:
             # removed while the stored prefix was being read
             self._disk(task.task_id, _park_or_remove, task.task_id, self.repo, self.parked, False)
@@ -525,7 +527,7 @@ class Cdn:
                 TaskError("SOURCE_UNREACHABLE", f"origin {task.url} unreachable: {f.getErrorMessage()}", DF_SOURCE_UNREACHABLE),
             )
 
-    def _got_response(self, task: CdnTask, response: Any, resume: "tuple[dict[str, Any], ResumePoint] | None") -> None:
+    def _got_response(self, task: CdnTask, response: Any, resume: tuple[dict[str, Any], ResumePoint] | None) -> None:
         if task.status != "running":
             response.deliverBody(_Abort())
             return
@@ -689,24 +691,24 @@ class Cdn:
 
     # -- serving -----------------------------------------------------------
 
-    def read_piece(self, task: CdnTask, index: int) -> "Deferred[bytes]":
+    def read_piece(self, task: CdnTask, index: int) -> Deferred[bytes]:
         """Read a verified piece in the worker pool."""
         assert task.length is not None
         task.last_access = self._clock.seconds()
         offset, size = piece_span(index, task.length, task.piece_size)
         return self._pool.run(pread_exact, task.data_path, offset, size)
 
-    def open_data(self, task: CdnTask) -> "Deferred[int]":
+    def open_data(self, task: CdnTask) -> Deferred[int]:
         """A read-only fd on the task's data file, opened in the pool (for zero-copy uploads)."""
         return self._pool.run(os.open, task.data_path, os.O_RDONLY | os.O_CLOEXEC)
 
-    def close_data(self, fd: int) -> "Deferred[None]":
+    def close_data(self, fd: int) -> Deferred[None]:
         """Close an fd from L{open_data}, in the pool."""
         return self._pool.run(os.close, fd)
 
     # -- garbage collection --------------------------------------------------
 
-    def evict(self, task_id: str) -> "Deferred[None]":
+    def evict(self, task_id: str) -> Deferred[None]:
         """
         Forget a finished (or failed) task and delete its files in the pool.
         The next peer that asks for it has it fetched from the origin again.
@@ -730,7 +732,7 @@ class Cdn:
         return done
 
 
-    def expire_parked(self, max_age: float) -> "Deferred[int]":
+    def expire_parked(self, max_age: float) -> Deferred[int]:
         """Delete the parked prefixes (see L{load}) older than C{max_age} seconds; how many."""
         return self._pool.run(_expire_parked, self.parked, max_age)
 
@@ -812,7 +814,7 @@ def _resume_offset(header: dict[str, Any], size: int) -> int:
     return min(size, length - 1) if isinstance(length, int) and length > 0 else 0
 
 
-def _take_parked(task_id: str, repo: str, parked: str) -> "tuple[dict[str, Any], ResumePoint] | None":
+def _take_parked(task_id: str, repo: str, parked: str) -> tuple[dict[str, Any], ResumePoint] | None:
     """
     A parked prefix of C{task_id}, moved back into the cache and rehashed:
     C{(header, resume point)}; None when there is none worth resuming.

@@ -5,7 +5,7 @@ scrape (see L{dragonfly.core.metrics} and docs/metrics.md).
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from prometheus_client.core import Metric
 

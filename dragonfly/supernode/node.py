@@ -13,7 +13,8 @@ resolve tasks through L{SuperNode.seed_side}.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from attrs import frozen
 from twisted.application.internet import TimerService
@@ -22,7 +23,8 @@ from twisted.logger import Logger, LogLevel
 from ..core.bitmap import Bitmap
 from ..core.gc import GcEntry
 from ..core.headers import safe_header_map
-from ..core.ids import BadInput, check_url, parse_digest, task_id as make_task_id
+from ..core.ids import BadInput, check_url, parse_digest
+from ..core.ids import task_id as make_task_id
 from ..core.logs import safe_url, task_log
 from ..core.metrics import FAST_SECONDS, Distribution
 from ..core.pieces import piece_span
@@ -30,7 +32,13 @@ from ..core.security import OriginDenied
 from ..core.traffic import SAMPLE_INTERVAL, TrafficHistory
 from ..protocol.block import E_TASK_FAILED, BlockProtocol
 from ..protocol.supernode_api import (
-    HEARTBEAT_INTERVAL, SYNC_INTERVAL, Parent, PeerRegistered, PeerRegistration, SyncReport, TaskRequest,
+    HEARTBEAT_INTERVAL,
+    SYNC_INTERVAL,
+    Parent,
+    PeerRegistered,
+    PeerRegistration,
+    SyncReport,
+    TaskRequest,
 )
 from .cdn import Cdn, CdnTask
 from .scheduler import SEED_ID, Decision, PeerInfo, Scheduler, UnknownPeer, UnknownTask
@@ -96,7 +104,7 @@ class SeedSide:
 
     accepts_pieces = False
 
-    def __init__(self, node: "SuperNode", task: CdnTask) -> None:
+    def __init__(self, node: SuperNode, task: CdnTask) -> None:
         self.node = node
         self.task = task
         self.clock = node.clock

@@ -14,29 +14,29 @@ from typing import Any
 
 import treq
 from twisted.application.service import MultiService
-from twisted.logger import Logger
 from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
 
 from ..core.config import ConfigFileOptions
+from ..core.defaults import DEFAULT_SUPERNODE_HOME
+from ..core.gc import DiskGc
 from ..core.httpapi import HttpLimits, guard_site
 from ..core.ids import BadInput
-from ..core.security import DEFAULT_DENY, OriginPolicy, PolicyEndpointFactory
-from ..core.defaults import DEFAULT_SUPERNODE_HOME
-from ..core.service import ListeningService, default_reactor
-from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
 from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
 from ..core.ratelimit import TokenBucket
+from ..core.security import DEFAULT_DENY, OriginPolicy, PolicyEndpointFactory
+from ..core.service import ListeningService, default_reactor
+from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
 from ..core.units import parse_rate
-from ..core.gc import DiskGc
-from .gc import SupernodeGc
 from ..protocol.block import BLOCK_PORT_OPTIONS, BlockFactory, block_port_limits
 from .api import SupernodeApi
 from .cdn import Cdn
+from .gc import SupernodeGc
 from .node import SuperNode
 from .preheat import Preheater
 from .scheduler import SEED_ID, Scheduler

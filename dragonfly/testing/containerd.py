@@ -49,7 +49,7 @@ class Containerd:
     def socket(self) -> str:
         return os.path.join(self.root, "containerd.sock")
 
-    def start(self) -> "Containerd":
+    def start(self) -> Containerd:
         os.makedirs(self.root, exist_ok=True)
         config = os.path.join(self.root, "config.toml")
         with open(config, "w") as f:

@@ -68,7 +68,7 @@ class Dockerd:
     def daemon_json(self) -> str:
         return os.path.join(self.root, "daemon.json")
 
-    def start(self) -> "Dockerd":
+    def start(self) -> Dockerd:
         if not os.path.exists(self.daemon_json):
             with open(self.daemon_json, "w") as f:
                 f.write("{}\n")

@@ -248,7 +248,7 @@ def _not_modified_path(request: Any, root: str, path: str) -> bool:
     return _not_modified(request, f'"{st.st_size:x}-{st.st_mtime_ns:x}"'.encode(), st.st_mtime)
 
 
-def _range(request: Any, size: int, etag: bytes, mtime: float) -> "tuple[int, int] | str | None":
+def _range(request: Any, size: int, etag: bytes, mtime: float) -> tuple[int, int] | str | None:
     """
     The one byte range asked for, as C{(first, last)}; C{"unsatisfiable"}
     past the end; None for the whole file (no Range, one we do not serve, or

@@ -170,7 +170,7 @@ class Registry:
     def url(self) -> str:
         return f"{'https' if self.tls else 'http'}://{self.netloc}"
 
-    def start(self) -> "Registry":
+    def start(self) -> Registry:
         os.makedirs(self.root, exist_ok=True)
         self.port = free_port()
         config: dict[str, Any] = {

@@ -16,8 +16,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 BIN = os.path.dirname(sys.executable)
 
@@ -276,7 +277,7 @@ class Swarm:
                 proc.wait()
         self.procs.clear()
 
-    def __enter__(self) -> "Swarm":
+    def __enter__(self) -> Swarm:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -77,7 +77,7 @@ class TokenService:
         self.issued.append(claims)
         return signing_input + "." + _b64(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
 
-    def start(self) -> "TokenService":
+    def start(self) -> TokenService:
         service = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -67,7 +67,7 @@ def check_pulled(ctr, image):
     snapshots = os.path.join(ctr.root, "root", "io.containerd.snapshotter.v1.native", "snapshots")
     found = {}
     for top in os.listdir(snapshots):
-        for path, want in image.files.items():
+        for path, _want in image.files.items():
             full = os.path.join(snapshots, top, path)
             if os.path.exists(full):
                 with open(full, "rb") as f:

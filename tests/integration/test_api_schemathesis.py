@@ -11,8 +11,6 @@ and the ones for C{origin.test} fail at the origin (nothing listens there).
 
 import json
 
-import yaml
-
 import pytest
 import requests
 import schemathesis

@@ -75,7 +75,6 @@ def test_idle_and_garbage_connections_are_shed():
     handshake timeout, and its open file count returns to its baseline.
     """
     import socket
-    import time
 
     from dragonfly.protocol import frames as F
 

@@ -295,7 +295,7 @@ def test_http_hygiene_on_the_supernode_and_dfpeer_apis(tmp_path):
             while time.monotonic() - started < 25:
                 try:
                     chunk = s.recv(65536)
-                except socket.timeout:
+                except TimeoutError:
                     s.sendall(b"X-Slow: 1\r\n")
                     continue
                 if not chunk:

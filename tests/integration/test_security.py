@@ -137,7 +137,7 @@ def _read_frames(sock, want, timeout=10.0):
     while time.monotonic() < deadline:
         try:
             data = sock.recv(1 << 16)
-        except socket.timeout:
+        except TimeoutError:
             continue
         if not data:
             break
@@ -283,7 +283,7 @@ def _make_ca(tmp_path, name):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (
@@ -309,7 +309,7 @@ def _server_cert(tmp_path, ca_key, ca_cert):
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))

@@ -23,7 +23,7 @@ def test_five_peers_share_one_origin_copy(swarm, files, tmp_path):
     root, digests = files
     url = swarm.origin_url + "/big.bin"
     procs = {name: swarm.dfget(url, str(tmp_path / f"{name}.bin"), name) for name in swarm.peers}
-    for name, proc in procs.items():
+    for proc in procs.values():
         code, err = _wait(proc)
         assert code == 0, err
     for name in procs:

@@ -8,20 +8,26 @@ typed method is checked for what it sends and what it reads back.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.python.failure import Failure
-from treq.testing import StubTreq
 
 from dragonfly.core.ids import task_id
 from dragonfly.peer.client import SupernodeClient, SupernodeError, SupernodeUnavailable
 from dragonfly.protocol.supernode_api import (
-    FailedPiece, Parent, PeerRegistration, SyncAnswer, SyncReport, TaskRequest,
+    FailedPiece,
+    Parent,
+    PeerRegistration,
+    SyncAnswer,
+    SyncReport,
+    TaskRequest,
 )
 from dragonfly.supernode.api import SupernodeApi
 

@@ -11,7 +11,13 @@ import pytest
 
 from dragonfly.cli.dfdaemon import main
 from dragonfly.daemon.setup import (
-    BACKUP_SUFFIX, SetupError, apply, containerd_hosts, docker_daemon_json, plan, podman_registries,
+    BACKUP_SUFFIX,
+    SetupError,
+    apply,
+    containerd_hosts,
+    docker_daemon_json,
+    plan,
+    podman_registries,
 )
 
 MIRROR = "http://127.0.0.1:65001"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 import struct
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -31,11 +32,11 @@ from dragonfly.protocol.frames import (
     REQUEST,
     BitfieldMsg,
     Cancel,
+    Digests,
     ErrorMsg,
     FrameDecoder,
     Have,
     Hello,
-    Digests,
     KeepAlive,
     PieceData,
     PieceEnd,
@@ -45,10 +46,10 @@ from dragonfly.protocol.frames import (
     Request,
     encode_bitfield,
     encode_cancel,
+    encode_digests,
     encode_error,
     encode_have,
     encode_hello,
-    encode_digests,
     encode_keepalive,
     encode_reject,
     encode_request,

@@ -26,7 +26,7 @@ def test_json_lines_observer_writes_one_object_per_event():
     task_log(log, LogLevel.info, TID, "done in {seconds:.1f}s", seconds=1.25, pieces=[1, 2], obj=object())
     log.info("plain {n}", n=3)
     try:
-        1 / 0
+        raise ZeroDivisionError("division by zero")
     except ZeroDivisionError:
         log.failure("boom")
     lines = out.getvalue().splitlines()

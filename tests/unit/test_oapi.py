@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from treq.testing import StubTreq
 
+from dragonfly.core.httpapi import ApiError
 from dragonfly.supernode.api import SupernodeApi
 from dragonfly.supernode.oapi import parse_job_request
-from dragonfly.core.httpapi import ApiError
 from tests.unit.test_preheat import API, NAME, REG, Env, FakeRegistry
 
 PAT = "pat-0123456789"

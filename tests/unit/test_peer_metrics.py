@@ -20,8 +20,8 @@ from twisted.logger import capturedLogs
 
 from dragonfly.core.ids import task_id
 from dragonfly.peer.daemon import PeerDaemon
-from dragonfly.peer.localapi import LocalApi
 from dragonfly.peer.lifecycle import State
+from dragonfly.peer.localapi import LocalApi
 from dragonfly.peer.task import PeerTask
 
 from .test_supernode_api import BODY, FakeResponse, SyncPool, result

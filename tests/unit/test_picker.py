@@ -406,7 +406,7 @@ def test_rate_rules_keep_the_limits(count: int, ops: list[tuple[str, str, int, i
                 assert remote is not None and i in remote and i not in p.have_bits
                 if i in before:
                     assert k != p.seed and len(before[i]) == 1 and before[i][0] != k
-            for i, hs in p.pending.items():
+            for hs in p.pending.values():
                 assert len([k for k, _ in hs if k != p.seed]) <= 2
         elif op == "have":
             p.have(key, index)

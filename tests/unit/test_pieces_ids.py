@@ -27,10 +27,10 @@ from dragonfly.core.pieces import (
     DEFAULT_PIECE_SIZE,
     MAX_PIECE_SIZE,
     MiB,
-    piece_count,
     dragonfly_piece_size,
-    swarm_piece_size,
+    piece_count,
     piece_span,
+    swarm_piece_size,
 )
 from dragonfly.core.units import human_bytes, parse_duration, parse_rate
 

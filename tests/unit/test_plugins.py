@@ -1,9 +1,8 @@
+import os
 import subprocess
 import sys
 
 import pytest
-import os
-
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 

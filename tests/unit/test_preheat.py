@@ -22,8 +22,14 @@ from dragonfly.supernode.api import SupernodeApi
 from dragonfly.supernode.cdn import Cdn
 from dragonfly.supernode.node import SuperNode
 from dragonfly.supernode.preheat import (
-    DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Preheater, blob_task_id,
-    parse_challenge, parse_manifest_url,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Preheater,
+    blob_task_id,
+    parse_challenge,
+    parse_manifest_url,
 )
 from dragonfly.supernode.scheduler import PeerInfo, Scheduler
 from tests.unit.test_supernode_api import SyncPool

@@ -10,9 +10,9 @@ import os
 import random
 
 import pytest
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
-from treq.testing import StubTreq
 
 from dragonfly.core.ids import task_id
 from dragonfly.core.security import OriginDenied, OriginPolicy, bearer, tokens_equal

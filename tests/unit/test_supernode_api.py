@@ -19,13 +19,13 @@ import pytest
 from attrs import define, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
-from twisted.web.http_headers import Headers
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
-from treq.testing import StubTreq
 
 from dragonfly.core.ids import task_id
 from dragonfly.supernode.api import SupernodeApi
@@ -813,7 +813,7 @@ body_fields = st.fixed_dictionaries(
 @settings(max_examples=300, deadline=None)
 def test_the_body_check_answers_400_or_passes(body: dict) -> None:
     from dragonfly.core.httpapi import ApiError
-    from dragonfly.supernode.api import SCHEMAS, _SPEC
+    from dragonfly.supernode.api import _SPEC, SCHEMAS
 
     for name in ("PeerRegistration", "TaskRegistration", "SyncRequest", "PreheatRequest"):
         try:

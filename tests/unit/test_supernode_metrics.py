@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
+from twisted.internet.task import Clock
 
 from dragonfly.core.ids import task_id
 from dragonfly.supernode.api import SupernodeApi
 from dragonfly.supernode.cdn import Cdn
 from dragonfly.supernode.node import SuperNode
 from dragonfly.supernode.scheduler import Scheduler
-from twisted.internet.task import Clock
 
 from .test_supernode_api import BASE, BODY, PIECE, URL, Env, FakeHttp, FakeResponse, SyncPool, result
 
