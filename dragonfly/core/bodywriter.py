@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from .files import start_writeback
 from .ratelimit import TokenBucket
 from .threads import WorkerPool
 
@@ -88,13 +89,15 @@ def _store_block(fd: int, offset: int, parts: list[Any], file_hash: Any, chunk_h
     for part in parts:
         file_hash.update(part)
         chunk_hash.update(part)
-    pwritev_all(fd, parts, offset)
+    size = pwritev_all(fd, parts, offset)
+    start_writeback(fd, offset, size)
     return chunk_hash.hexdigest() if last else None
 
 
-def pwritev_all(fd: int, parts: list[Any], offset: int) -> None:
-    """Write the buffers C{parts} one after another at C{offset} of C{fd}, whole."""
+def pwritev_all(fd: int, parts: list[Any], offset: int) -> int:
+    """Write the buffers C{parts} one after another at C{offset} of C{fd}, whole; the bytes written."""
     views = [memoryview(p) for p in parts if len(p)]
+    total = sum(len(v) for v in views)
     while views:
         n = os.pwritev(fd, views[:1024], offset)
         offset += n
@@ -103,6 +106,7 @@ def pwritev_all(fd: int, parts: list[Any], offset: int) -> None:
             views.pop(0)
         if n:
             views[0] = views[0][n:]
+    return total
 
 
 class ChunkedFileWriter(Protocol):

@@ -158,6 +158,10 @@ class Neighbours:
         if picker is None or not self.task.downloading:
             return
         per_conn, limit = self.limits()
+        # pieces received and still being verified and written hold their
+        # buffers: they count against the budget, so a disk slower than the
+        # network slows the requests instead of filling memory
+        limit = max(0, limit - len(picker.verifying))
         now = self.clock.seconds()
         # with the piece size the picker weighs the neighbours by their measured rates
         piece_bytes = self.task.piece_size or None

@@ -123,3 +123,22 @@ def test_one_daemon_per_home(tmp_path: Any) -> None:
     free = subprocess.run([sys.executable, "-c", code.replace(repr(home), repr(home + "2"))], timeout=60)
     assert free.returncode == 0
 
+
+
+def test_writes_start_their_writeback_and_never_fail_for_it(tmp_path: Any) -> None:
+    """pwrite_all writes every byte; asking for writeback never raises, even on a pipe."""
+    from dragonfly.core.files import pwrite_all, start_writeback
+
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        pwrite_all(fd, b"abc" * 1000, 10)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"\0" * 10 + b"abc" * 1000
+    r, w = os.pipe()
+    try:
+        start_writeback(w, 0, 10)
+    finally:
+        os.close(r)
+        os.close(w)
