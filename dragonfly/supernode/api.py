@@ -298,8 +298,8 @@ class SupernodeApi:
         return json_response(request, view)
 
     @route("/api/v1/tasks/<task_id>", "DELETE", ADMIN)
-    def delete_task(self, request: IRequest, task_id: str) -> bytes:
-        self.node.delete_task(task_id)
+    async def delete_task(self, request: IRequest, task_id: str) -> bytes:
+        await self.node.delete_task(task_id)
         return json_response(request, {"taskId": task_id, "removed": True})
 
     @route("/api/v1/tasks/<task_id>/sync", "POST")

@@ -738,6 +738,10 @@ class Cdn:
 
     # -- file work, in the pool ----------------------------------------------
 
+    def settled(self, task_id: str) -> Deferred[None]:
+        """Fires once the file work queued so far for C{task_id} is over (a removal's unlinks, say)."""
+        return self._disk(task_id, _nothing).addCallback(lambda _: None)
+
     def _disk(self, task_id: str, f: Callable[..., Any], *args: Any) -> Deferred:
         """
         Run C{f(*args)} in the pool once the file work queued before for
@@ -763,6 +767,10 @@ class Cdn:
         else:
             prev.addCallback(go)
         return mine
+
+
+def _nothing() -> None:
+    pass
 
 
 def _remove_files(*paths: str) -> None:

@@ -394,10 +394,12 @@ class SuperNode:
         swarm = self.scheduler.tasks.get(task_id)
         return TaskDetail(task, sorted(swarm.members) if swarm is not None else [], self.scheduler.availability(task_id))
 
-    def delete_task(self, task_id: str) -> CdnTask:
+    async def delete_task(self, task_id: str) -> CdnTask:
+        """An admin's C{DELETE}: the task leaves the cache and its swarm; answered once its files are gone."""
         task = self.remove_task(task_id)
         if task is None:
             raise Refused("TASK_UNKNOWN", f"task {task_id} is not known")
+        await self.cdn.settled(task_id)
         return task
 
     def leave_task(self, task_id: str, peer_id: str) -> None:

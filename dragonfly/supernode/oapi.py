@@ -270,7 +270,7 @@ def mount(app: Klein) -> None:
         require_bearer(request, api.admin_token, what="the open API (a personal access token: the SuperNode's admin token)")
         preheater = api._preheater()
         preheater.prune()
-        if not job_id.isdigit() or len(job_id) > 18:
+        if not (job_id.isascii() and job_id.isdigit()) or len(job_id) > 18:
             raise ApiError(400, "BAD_JOB_ID", "open API job ids are positive integers")
         job = preheater.by_number(int(job_id))
         if job is None:
