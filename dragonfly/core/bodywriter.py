@@ -109,7 +109,54 @@ def pwritev_all(fd: int, parts: list[Any], offset: int) -> int:
     return total
 
 
-class ChunkedFileWriter(Protocol):
+class HeldBody(Protocol):
+    """
+    A response body that pauses its transport while any reason holds it (no
+    file yet, a rate-limit debt, the disk behind) and resumes it when the
+    last reason is gone.  Subclasses call L{_hold} and L{_release}, set
+    C{_rate_held} while a rate hold is out, and call L{_held_bytes} first in
+    C{dataReceived}.
+    """
+
+    _holds = 0
+    _rate_held = False
+    _error: Exception | None = None
+
+    def _source(self) -> IPushProducer | None:
+        """The transport a response body is delivered by: it pauses, resumes and stops."""
+        return cast("IPushProducer | None", self.transport)
+
+    def _hold(self) -> None:
+        """Pause the body for one more reason."""
+        self._holds += 1
+        source = self._source()
+        if self._holds == 1 and source is not None:
+            source.pauseProducing()
+
+    def _release(self) -> None:
+        """One reason fewer; the last one resumes the body (unless it failed)."""
+        self._holds -= 1
+        source = self._source()
+        if self._holds == 0 and source is not None and self._error is None:
+            source.resumeProducing()
+
+    def _rate_ok(self) -> None:
+        self._rate_held = False
+        self._release()
+
+    def _held_bytes(self) -> None:
+        """
+        Bytes came: if held, pause again.  twisted.web's Response.deliverBody
+        resumes the transport right after connectionMade, so a hold taken
+        before the body began would otherwise never pause it (idempotent).
+        """
+        if self._holds:
+            source = self._source()
+            if source is not None:
+                source.pauseProducing()
+
+
+class ChunkedFileWriter(HeldBody):
     """
     Give to C{response.deliverBody}.  C{done} fires with C{(total bytes,
     whole-file sha256 hex)} once every chunk is on disk (C{total} counts the
@@ -190,10 +237,6 @@ class ChunkedFileWriter(Protocol):
         if self._holds and source is not None:
             source.pauseProducing()
 
-    def _source(self) -> IPushProducer | None:
-        """The transport a response body is delivered by: it pauses, resumes and stops."""
-        return cast("IPushProducer | None", self.transport)
-
     def attach(self, fd: int) -> None:
         """The file is open: take the body."""
         self._fd = fd
@@ -216,35 +259,11 @@ class ChunkedFileWriter(Protocol):
         if source is not None:
             source.stopProducing()
 
-    def _hold(self) -> None:
-        """Pause the body for one more reason (pool back-pressure, rate, no file yet)."""
-        self._holds += 1
-        source = self._source()
-        if self._holds == 1 and source is not None:
-            source.pauseProducing()
-
-    def _release(self) -> None:
-        self._holds -= 1
-        source = self._source()
-        if self._holds == 0 and source is not None and self._error is None:
-            source.resumeProducing()
-
-    def _rate_ok(self) -> None:
-        self._rate_held = False
-        self._release()
-
     def dataReceived(self, data: bytes) -> None:
         """Count, charge against the rate limit, and gather the bytes into chunks."""
         if self._error is not None:
             return
-        if self._holds:
-            # held, yet bytes come: twisted.web's Response.deliverBody resumes
-            # the transport right after connectionMade paused it, so a hold
-            # taken before the body began (no file yet, a rate debt) would
-            # never pause it; pause again (idempotent)
-            source = self._source()
-            if source is not None:
-                source.pauseProducing()
+        self._held_bytes()
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._idle_timeout)
         n = len(data)

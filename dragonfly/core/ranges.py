@@ -15,6 +15,7 @@ Only what dfdaemon and the dfpeer's content stream need: one byte range.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from attrs import frozen
 
@@ -92,3 +93,30 @@ def parse_range(value: str | bytes | None) -> ByteRange | object | None:
 def content_range(start: int, end: int, length: int) -> str:
     """The Content-Range of bytes C{start}..C{end} (exclusive) of C{length}."""
     return f"bytes {start}-{end - 1}/{length}"
+
+
+class ContentRange(NamedTuple):
+    """A C{Content-Range: bytes first-last/total} (total None for C{*})."""
+
+    first: int
+    last: int
+    total: int | None
+
+
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d{1,19})-(\d{1,19})/(\d{1,19}|\*)\s*$", re.IGNORECASE)
+
+
+def parse_content_range(value: str | bytes | None) -> ContentRange | None:
+    """C{bytes first-last/total} (total may be C{*}), or None when it is not that."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    m = _CONTENT_RANGE.match(value)
+    if m is None:
+        return None
+    first, last = int(m.group(1)), int(m.group(2))
+    total = None if m.group(3) == "*" else int(m.group(3))
+    if last < first or (total is not None and last >= total):
+        return None
+    return ContentRange(first, last, total)

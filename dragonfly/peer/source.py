@@ -13,18 +13,17 @@ dfpeer's (L{dragonfly.peer.daemon.PeerDaemon.fetch_pieces}).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from ..core.bodywriter import BodyError
+from ..core.bodywriter import BodyError, HeldBody
 from ..core.pieces import piece_span
+from ..core.ranges import parse_content_range as parse_content_range
 from ..core.ratelimit import TokenBucket, delay_for
 
 
@@ -60,26 +59,7 @@ def byte_span(run: tuple[int, int], length: int, piece_size: int) -> tuple[int, 
     return first * piece_size, off_last + size_last - 1
 
 
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
-
-
-def parse_content_range(value: bytes | str | None) -> tuple[int, int, int | None] | None:
-    """C{bytes A-B/T} as C{(A, B, T)} (T None for C{*}); None when absent or malformed."""
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    m = _CONTENT_RANGE.match(value)
-    if m is None:
-        return None
-    first, last = int(m.group(1)), int(m.group(2))
-    total = None if m.group(3) == "*" else int(m.group(3))
-    if last < first or (total is not None and last >= total):
-        return None
-    return first, last, total
-
-
-class RangeCollector(Protocol):
+class RangeCollector(HeldBody):
     """
     The body of a C{206} for pieces C{run}: C{done} fires with the bytes
     read once every piece was verified and written, or fails with a
@@ -136,25 +116,10 @@ class RangeCollector(Protocol):
             transport.stopProducing()
         self._maybe_done()
 
-    def _hold(self) -> None:
-        self._holds += 1
-        transport: Any = self.transport
-        if self._holds == 1 and transport is not None:
-            transport.pauseProducing()
-
-    def _release(self) -> None:
-        self._holds -= 1
-        transport: Any = self.transport
-        if self._holds == 0 and transport is not None and self._error is None:
-            transport.resumeProducing()
-
-    def _rate_ok(self) -> None:
-        self._rate_held = False
-        self._release()
-
     def dataReceived(self, data: bytes) -> None:
         if self._error is not None:
             return
+        self._held_bytes()
         if self._idle is not None and self._idle.active():
             self._idle.reset(self._idle_timeout)
         self.total += len(data)

@@ -20,11 +20,11 @@ C{If-Range}), and a known length.  The origin then answers
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import frozen
+from ..core.ranges import ContentRange as ContentRange
+from ..core.ranges import parse_content_range as parse_content_range
 
 
 class Verdict(enum.Enum):
@@ -32,32 +32,6 @@ class Verdict(enum.Enum):
     FROM_ZERO = "from-zero"  # a 200: the whole body of the (maybe new) version is in hand
     REFETCH = "refetch"  # unusable: drop the stored bytes and ask again without a range
     FAIL = "fail"  # an error status: fail the fetch, keep the stored bytes
-
-
-@frozen
-class ContentRange:
-    first: int
-    last: int
-    total: int | None
-
-
-_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d{1,19})-(\d{1,19})/(\d{1,19}|\*)\s*$", re.IGNORECASE)
-
-
-def parse_content_range(value: str | bytes | None) -> ContentRange | None:
-    """C{bytes first-last/total} (total may be C{*}), or None when it is not that."""
-    if value is None:
-        return None
-    if isinstance(value, bytes):
-        value = value.decode("latin-1")
-    m = _CONTENT_RANGE.match(value)
-    if m is None:
-        return None
-    first, last = int(m.group(1)), int(m.group(2))
-    total = None if m.group(3) == "*" else int(m.group(3))
-    if last < first or (total is not None and last >= total):
-        return None
-    return ContentRange(first, last, total)
 
 
 def if_range_value(validators: Mapping[str, Any]) -> str | None:
