@@ -14,8 +14,17 @@ hands it out for C{os.sendfile}); a withdrawn descriptor is closed a little
 later, so an upload under way never reads from a reused descriptor number.
 Creations, removals and opens of one task run in the order they were asked.
 
-The dfpeer's store (L{dragonfly.peer.store}) is one; the CDN's cache
-directory has the same shape (a C{.meta} suffix instead of C{.json}).
+The dfpeer's store (L{dragonfly.peer.store}) is one, and so is the CDN's
+cache directory (L{dragonfly.supernode.cdn}: a C{.meta} suffix instead of
+C{.json}, metas that do not name their task, and a C{.part} header beside a
+file being fetched).  A store given a C{parked} directory keeps the data and
+header of a file cut part-way there, for a resume; without one, half-written
+data is dropped.  L{load_complete} is the one reload routine of both.
+
+The blocking functions below (L{load_complete}, L{remove_files},
+L{create_file}, L{commit_files}, L{move_task_files}, L{expire_files}) run in
+the pool; the CDN calls them through L{TaskStore.run} too, so no file routine
+is written twice.
 """
 
 from __future__ import annotations
@@ -23,10 +32,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, succeed
 from twisted.logger import Logger
 
 from .files import (
@@ -55,22 +65,37 @@ class TaskStore:
     @param root: the directory (created at once, before the reactor runs).
     @param pool: where every file operation runs.
     @param meta_suffix: the meta file's suffix (C{.json}; the CDN's C{.meta}).
+    @param meta_names_task: whether a meta must name its task (C{taskId}).
     @param clock: to close a served descriptor L{LINGER} seconds after it is
         withdrawn (at once without one).
+    @param parked: where the data and header of a file cut part-way are
+        kept for a resume (created at once); None: such data is dropped.
+    @param required: the keys a meta must have to be reloaded.
     """
 
     #: a descriptor no longer handed out stays open this long, for uploads under way
     LINGER = 30.0
 
     def __init__(
-        self, root: str, pool: Pool, meta_suffix: str = ".json", meta_names_task: bool = True, clock: Any = None,
+        self,
+        root: str,
+        pool: Pool,
+        meta_suffix: str = ".json",
+        meta_names_task: bool = True,
+        clock: Any = None,
+        parked: str | None = None,
+        required: Sequence[str] = ("length",),
     ) -> None:
         self.root = root
+        self.parked = parked
         self._clock = clock
         os.makedirs(self.root, exist_ok=True)
+        if parked is not None:
+            os.makedirs(parked, exist_ok=True)
         self._pool = pool
         self._meta_suffix = meta_suffix
         self._meta_names_task = meta_names_task
+        self._required = tuple(required)
         # task id -> the read-only descriptor uploads are served from
         self._served: dict[str, int] = {}
         # task id -> the lock that keeps its creations and removals in order
@@ -87,6 +112,17 @@ class TaskStore:
     def meta_path(self, task_id: str) -> str:
         """The meta file of C{task_id}."""
         return self.data_path(task_id)[: -len(".data")] + self._meta_suffix
+
+    def header_path(self, task_id: str) -> str:
+        """The header of C{task_id} while its file is being written (the CDN's origin validators)."""
+        return self.data_path(task_id)[: -len(".data")] + ".part"
+
+    def parked_paths(self, task_id: str) -> tuple[str, str]:
+        """Where the data and header of C{task_id} are parked (ValueError without a parked directory)."""
+        if self.parked is None:
+            raise ValueError("this store parks nothing")
+        self.data_path(task_id)  # a valid task id
+        return os.path.join(self.parked, task_id + ".data"), os.path.join(self.parked, task_id + ".part")
 
     # -- writing -------------------------------------------------------------------
 
@@ -113,6 +149,21 @@ class TaskStore:
 
         return lock.run(step).addBoth(done)
 
+    def run(self, task_id: str, f: Callable[..., T], *args: Any) -> Deferred[T]:
+        """
+        Run C{f(*args)} in the pool after the file work asked before for
+        C{task_id} (its creations, removals, opens and earlier L{run}s); fires
+        with its result, or its failure (the work asked later runs either way).
+        """
+        self.data_path(task_id)  # a valid task id
+        return self._in_order(task_id, lambda: self._pool.run(f, *args))
+
+    def queued(self, task_id: str) -> Deferred[None] | None:
+        """None when no file work is queued for C{task_id}; else a Deferred that fires once the work queued so far is over."""
+        if task_id not in self._locks:
+            return None
+        return self._in_order(task_id, lambda: succeed(None))
+
     def prepare(self, task_id: str, length: int) -> Deferred[None]:
         """A new data file of C{length} bytes (sparse), the old one and its meta removed."""
         data, meta = self.data_path(task_id), self.meta_path(task_id)
@@ -136,8 +187,8 @@ class TaskStore:
         The task is complete: its data file becomes read-only (a user's
         output may be a hard link to it), and C{meta}, if given, is saved.
         """
-        paths = self.data_path(task_id), self.meta_path(task_id)
-        return self._in_order(task_id, lambda: self._pool.run(_finish, *paths, meta))
+        paths = self.meta_path(task_id), meta, self.data_path(task_id)
+        return self._in_order(task_id, lambda: self._pool.run(commit_files, *paths))
 
     # -- reading ---------------------------------------------------------------------
 
@@ -174,8 +225,11 @@ class TaskStore:
     # -- removing and reloading --------------------------------------------------------
 
     def remove(self, task_id: str) -> Deferred[None]:
-        """Close its descriptor and remove its files (the meta first: a crash leaves no half task)."""
-        paths = self.meta_path(task_id), self.data_path(task_id)
+        """
+        Close its descriptor and remove its files (the meta first: a crash
+        leaves no half task), its header too; parked files stay.
+        """
+        paths = self.meta_path(task_id), self.data_path(task_id), self.header_path(task_id)
         return self._in_order(task_id, lambda: self._pool.run(_remove, *paths), retire=True)
 
     def forget(self, task_id: str) -> Deferred[None]:
@@ -197,61 +251,166 @@ class TaskStore:
             self._clock.callLater(self.LINGER, self._pool.run, os.close, fd)
 
     def reload(self) -> Deferred[list[dict[str, Any]]]:
-        """Fires with the metas of the complete tasks (see L{load_complete}), the rest removed."""
-        return self._pool.run(load_complete, self.root, self._meta_suffix, self._meta_names_task)
+        """Fires with the metas of the complete tasks (see L{load_complete}), the rest removed or parked."""
+        return self._pool.run(load_complete, *self._layout())
+
+    def load_now(self) -> list[dict[str, Any]]:
+        """L{reload}, blocking: only before the reactor runs (the CDN's start-up) or in tools and tests."""
+        return load_complete(*self._layout())
+
+    def _layout(self) -> tuple[str, str, bool, str | None, tuple[str, ...]]:
+        return self.root, self._meta_suffix, self._meta_names_task, self.parked, self._required
+
+    def expire_parked(self, max_age: float) -> Deferred[int]:
+        """Delete the parked files older than C{max_age} seconds; fires with how many (0 without a parked directory)."""
+        if self.parked is None:
+            return succeed(0)
+        return self._pool.run(expire_files, self.parked, max_age)
 
 
-def load_complete(root: str, meta_suffix: str = ".json", meta_names_task: bool = True) -> list[dict[str, Any]]:
+def load_complete(
+    root: str,
+    meta_suffix: str = ".json",
+    meta_names_task: bool = True,
+    parked: str | None = None,
+    required: Sequence[str] = ("length",),
+) -> list[dict[str, Any]]:
     """
-    The one reload routine (blocking: run it in the pool).  The metas of the
-    tasks under C{root} whose meta names its task (C{taskId}, unless
-    C{meta_names_task} is false) and whose data file has the
-    meta's C{length}, each with C{lastAccess} (the later of the data file's
-    atime and the meta's mtime: least-recently-used order survives a
-    restart, roughly).  Half tasks and inconsistent ones are removed.
+    The one reload routine of a task directory (blocking: run it in the
+    pool, or before the reactor runs).
+
+    Returns the metas of the tasks under C{root} whose meta is a JSON object
+    with the C{required} keys, names its task (C{taskId}; unless
+    C{meta_names_task} is false, when C{taskId} is added) and whose data
+    file has the meta's C{length}; each with C{lastAccess} (the later of the
+    data file's atime and the meta's mtime: least-recently-used order
+    survives a restart, roughly).  Inconsistent tasks are removed.
+
+    Half-written data (a data file without a meta) is dropped, unless
+    C{parked} is given and a header (C{.part}) lies beside it: then data and
+    header move to C{parked}, for a resume.  A header beside a complete task,
+    or alone, is removed.
     """
     metas = []
     ext_meta = meta_suffix.lstrip(".")
     for name in sorted(os.listdir(root)):
         stem, _, ext = name.partition(".")
-        if not is_task_id(stem) or ext not in ("data", ext_meta):
+        if not is_task_id(stem) or ext not in ("data", ext_meta, "part"):
             continue
         data_path = os.path.join(root, stem + ".data")
         meta_path = os.path.join(root, stem + meta_suffix)
+        header_path = os.path.join(root, stem + ".part")
+        if ext == "part":
+            # the header of a file being written: parked with its data (which
+            # sorts first), or stale
+            unlink_quietly(header_path)
+            continue
         if ext == "data":
-            if not os.path.exists(meta_path):
-                unlink_quietly(data_path)
+            if os.path.exists(meta_path):
+                continue
+            if parked is not None and os.path.exists(header_path):
+                try:
+                    move_task_files(root, parked, stem)
+                    log.info(
+                        "task {task}: a cut fetch's {bytes} bytes kept for a resume",
+                        task=stem, bytes=os.path.getsize(os.path.join(parked, stem + ".data")),
+                    )
+                    continue
+                except OSError as e:
+                    log.warn("dropping the cut fetch of {task}: {why}", task=stem, why=str(e))
+            remove_files(data_path, header_path)
             continue
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
-            if meta.get("taskId", None if meta_names_task else stem) != stem or os.path.getsize(data_path) != meta["length"]:
-                raise ValueError("inconsistent")
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            missing = [key for key in required if key not in meta]
+            if missing:
+                raise ValueError(f"no {', '.join(missing)}")
+            if meta_names_task and meta.get("taskId") != stem:
+                raise ValueError("names another task")
+            if os.path.getsize(data_path) != meta["length"]:
+                raise ValueError("data file has the wrong size")
             meta["lastAccess"] = max(os.path.getatime(data_path), os.path.getmtime(meta_path))
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.warn("dropping stored task {task}: {why}", task=stem, why=str(e) or type(e).__name__)
-            unlink_quietly(meta_path)
-            unlink_quietly(data_path)
+            remove_files(meta_path, data_path)
             continue
+        meta.setdefault("taskId", stem)
         metas.append(meta)
     return metas
 
 
-def _remove(*paths: str) -> None:
+def remove_files(*paths: str) -> None:
+    """Remove each of C{paths} that exists, in order."""
     for p in paths:
         unlink_quietly(p)
 
 
-def _create(data_path: str, meta_path: str) -> int:
-    unlink_quietly(meta_path)
-    # a new file, never the old one truncated: a finished file may be hard
-    # linked to a user's output (dfget), which must not change under them
-    unlink_quietly(data_path)
+def create_file(data_path: str, *stale: str) -> int:
+    """
+    A new empty file at C{data_path}, C{stale} files removed first; returns
+    a descriptor open for reading and writing.  Never the old file
+    truncated: a finished file may be hard linked to a user's output
+    (dfget), or read by an upload under way, which must not change under them.
+    """
+    remove_files(*stale, data_path)
     return os.open(data_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
 
+def commit_files(
+    meta_path: str, meta: dict[str, Any] | None, read_only: str | None = None, drop: Sequence[str] = (),
+) -> None:
+    """
+    A file is complete: C{read_only} (its data file, if given) becomes
+    read-only, C{meta} (if given) is written atomically, then C{drop} (its
+    header) is removed: a crash between leaves a complete task.
+    """
+    if read_only is not None:
+        try:
+            os.chmod(read_only, 0o444)
+        except OSError:
+            pass
+    if meta is not None:
+        write_json_atomic(meta_path, meta)
+    remove_files(*drop)
+
+
+def move_task_files(src: str, dst: str, task_id: str) -> None:
+    """Move the data file and header of C{task_id} from directory C{src} to C{dst} (parking them, or back)."""
+    for suffix in (".data", ".part"):
+        os.replace(os.path.join(src, task_id + suffix), os.path.join(dst, task_id + suffix))
+
+
+def expire_files(directory: str, max_age: float) -> int:
+    """Delete the files of C{directory} not modified for C{max_age} seconds; how many."""
+    cutoff = time.time() - max_age
+    removed = 0
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        try:
+            if os.path.getmtime(path) < cutoff:
+                os.unlink(path)
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+# the store's steps, as the pool is asked to run them
+
+
+def _remove(*paths: str) -> None:
+    remove_files(*paths)
+
+
+def _create(data_path: str, meta_path: str) -> int:
+    return create_file(data_path, meta_path)
+
+
 def _prepare(data_path: str, meta_path: str, length: int) -> None:
-    fd = _create(data_path, meta_path)
+    fd = create_file(data_path, meta_path)
     try:
         os.ftruncate(fd, length)
     finally:
@@ -267,12 +426,3 @@ def _write_verified(path: str, offset: int, data: bytearray | bytes, digest: byt
     finally:
         os.close(fd)
     return True
-
-
-def _finish(data_path: str, meta_path: str, meta: dict[str, Any] | None) -> None:
-    try:
-        os.chmod(data_path, 0o444)
-    except OSError:
-        pass
-    if meta is not None:
-        write_json_atomic(meta_path, meta)

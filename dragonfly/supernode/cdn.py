@@ -45,10 +45,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any
-from typing import Protocol as TypingProtocol
 
 from attrs import define, field
 from twisted.internet.defer import Deferred, succeed
@@ -58,13 +56,14 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ..core.bitmap import Bitmap
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody, ResumePoint, rehash_prefix
-from ..core.files import pread_exact, unlink_quietly, write_json_atomic
+from ..core.files import pread_exact, write_json_atomic
 from ..core.headers import NOT_TO_ORIGIN
-from ..core.ids import is_task_id, parse_digest
+from ..core.ids import parse_digest
 from ..core.logs import safe_url, task_log
 from ..core.pieces import piece_count, piece_span, swarm_piece_size
 from ..core.ratelimit import TokenBucket
 from ..core.security import OriginDenied
+from ..core.store import TaskStore, commit_files, create_file, move_task_files, remove_files
 from ..core.threads import WorkerPool
 from .resume import Verdict, judge, resume_headers
 
@@ -90,18 +89,6 @@ class TaskError:
         if self.http_status is not None:
             out["originStatus"] = self.http_status
         return out
-
-
-class CdnListener(TypingProtocol):
-    """Told about a task's progress (seed connections, the scheduler)."""
-
-    def length_known(self, task: CdnTask) -> None: ...
-
-    def piece_ready(self, task: CdnTask, index: int) -> None: ...
-
-    def task_failed(self, task: CdnTask) -> None: ...
-
-    def task_done(self, task: CdnTask) -> None: ...
 
 
 @define(eq=False)
@@ -206,11 +193,14 @@ class Cdn:
         self._origin_limit = origin_limit
         self._revalidate_after = revalidate_after
         self.repo = os.path.join(home, "repo")
-        os.makedirs(self.repo, exist_ok=True)
         # the stored prefixes of fetches that failed or were cut by a crash
         # (data and header), kept out of the cache proper until resumed
         self.parked = os.path.join(home, "resume")
-        os.makedirs(self.parked, exist_ok=True)
+        # the cache's files: every operation in the pool, in order per task
+        self.store = TaskStore(
+            self.repo, pool, meta_suffix=".meta", meta_names_task=False, clock=clock, parked=self.parked,
+            required=("url", "length", "pieceSize", "digests", "sha256"),
+        )
         self._http = http
         self._pool = pool
         self._clock = clock
@@ -218,9 +208,6 @@ class Cdn:
         self._idle_timeout = idle_timeout
         self._on_new_task = on_new_task
         self.tasks: dict[str, CdnTask] = {}
-        # task id -> the end of the file work queued for it in the pool (each
-        # task's file operations run one after another, in the order asked)
-        self._disk_ops: dict[str, Deferred] = {}
         # totals for /metrics (see dragonfly.supernode.metrics)
         self.origin_fetches = 0  # cache misses: registrations that started an origin fetch
         self.cache_hits = 0  # registrations served from the cache or a fetch under way
@@ -232,19 +219,14 @@ class Cdn:
     # -- cache on disk -----------------------------------------------------
 
     def _paths(self, task_id: str) -> tuple[str, str]:
-        if not is_task_id(task_id):
-            raise ValueError(f"bad task id {task_id!r}")
-        return (
-            os.path.join(self.repo, task_id + ".data"),
-            os.path.join(self.repo, task_id + ".meta"),
-        )
+        return self.store.data_path(task_id), self.store.meta_path(task_id)
 
     def _part_path(self, task_id: str) -> str:
         """The header of a fetch under way: what the origin said about the bytes in the data file."""
-        return os.path.join(self.repo, task_id + ".part")
+        return self.store.header_path(task_id)
 
     def _parked_paths(self, task_id: str) -> tuple[str, str]:
-        return os.path.join(self.parked, task_id + ".data"), os.path.join(self.parked, task_id + ".part")
+        return self.store.parked_paths(task_id)
 
     def _all_paths(self, task_id: str) -> tuple[str, ...]:
         return (*self._paths(task_id), self._part_path(task_id), *self._parked_paths(task_id))
@@ -252,69 +234,43 @@ class Cdn:
     def load(self) -> int:
         """
         Reload completed tasks from their meta files; park the data of fetches
-        cut by a crash (data and header, no meta) for a resume; remove leftovers.
-        Runs once at start-up, before the reactor.
+        cut by a crash (data and header, no meta) for a resume; remove leftovers
+        (L{dragonfly.core.store.load_complete}, the dfpeer's reload too).
+        Runs once at start-up, before the reactor; how many tasks came back.
         """
         loaded = 0
-        for name in sorted(os.listdir(self.repo)):
-            stem, _, ext = name.partition(".")
-            path = os.path.join(self.repo, name)
-            if not is_task_id(stem) or ext not in ("data", "meta", "part"):
-                continue
-            data_path, meta_path = self._paths(stem)
-            part_path = self._part_path(stem)
-            if ext == "part":
-                # a fetch's header: parked with its data below, or stale
-                if os.path.exists(meta_path) or not os.path.exists(data_path):
-                    unlink_quietly(path)
-                continue
-            if ext == "data" and not os.path.exists(meta_path):
-                if os.path.exists(part_path):
-                    parked_data, parked_part = self._parked_paths(stem)
-                    os.replace(data_path, parked_data)
-                    os.replace(part_path, parked_part)
-                    log.info(
-                        "task {task}: a cut fetch's {bytes} bytes kept for a resume",
-                        task=stem, bytes=os.path.getsize(parked_data),
-                    )
-                else:
-                    os.unlink(path)
-                continue
-            if ext != "meta":
-                continue
+        for meta in self.store.load_now():
             try:
-                with open(meta_path) as f:
-                    meta = json.load(f)
-                if os.path.getsize(data_path) != meta["length"]:
-                    raise ValueError("data file has the wrong size")
-            except (OSError, ValueError, KeyError) as e:
-                log.warn("dropping cache entry {task}: {why}", task=stem, why=str(e))
-                for p in (data_path, meta_path):
-                    if os.path.exists(p):
-                        os.unlink(p)
+                task = self._restored(meta)
+            except (KeyError, TypeError, ValueError) as e:
+                log.warn("dropping cache entry {task}: {why}", task=meta["taskId"], why=str(e) or type(e).__name__)
+                remove_files(*self._paths(meta["taskId"])[::-1])  # the meta first
                 continue
-            count = len(meta["digests"])
-            available = Bitmap(count)
-            for i in range(count):
-                available.set(i)
-            task = CdnTask(
-                task_id=stem, url=meta["url"], data_path=data_path, meta_path=meta_path,
-                status="success", length=meta["length"], piece_size=meta["pieceSize"],
-                piece_count=count, digests=list(meta["digests"]), sha256=meta["sha256"],
-                content_type=meta.get("contentType"), available=available,
-                validators=dict(meta.get("validators") or {}), expected_digest=meta.get("digest"),
-            )
-            task.done = succeed(task)
-            try:
-                # least-recently-used order survives a restart, roughly
-                task.last_access = max(os.path.getatime(data_path), os.path.getmtime(meta_path))
-            except OSError:
-                pass
-            self.tasks[stem] = task
+            self.tasks[task.task_id] = task
             loaded += 1
             if self._on_new_task is not None:
                 self._on_new_task(task)
         return loaded
+
+    def _restored(self, meta: dict[str, Any]) -> CdnTask:
+        """The complete task a reloaded meta file describes."""
+        task_id = meta["taskId"]
+        data_path, meta_path = self._paths(task_id)
+        count = len(meta["digests"])
+        available = Bitmap(count)
+        for i in range(count):
+            available.set(i)
+        task = CdnTask(
+            task_id=task_id, url=meta["url"], data_path=data_path, meta_path=meta_path,
+            status="success", length=meta["length"], piece_size=meta["pieceSize"],
+            piece_count=count, digests=list(meta["digests"]), sha256=meta["sha256"],
+            content_type=meta.get("contentType"), available=available,
+            validators=dict(meta.get("validators") or {}), expected_digest=meta.get("digest"),
+            # least-recently-used order survives a restart, roughly
+            last_access=meta["lastAccess"],
+        )
+        task.done = succeed(task)
+        return task
 
     # -- fetching ----------------------------------------------------------
 
@@ -720,62 +676,45 @@ class Cdn:
             raise ValueError(f"task {task_id} is being fetched; it cannot be evicted")
         del self.tasks[task_id]
         task.listeners.clear()
-        d = self._disk(task_id, _remove_files, task.meta_path, task.data_path)
-        done: Deferred[None] = Deferred()
-
-        def removed(result: Any) -> Any:
-            done.callback(None)
-            return result
-
-        d.addBoth(removed)
+        d = self.store.remove(task_id)
         d.addErrback(lambda f: log.failure("removing evicted task {task}", f, task=task_id))
-        return done
-
+        return d
 
     def expire_parked(self, max_age: float) -> Deferred[int]:
         """Delete the parked prefixes (see L{load}) older than C{max_age} seconds; how many."""
-        return self._pool.run(_expire_parked, self.parked, max_age)
+        return self.store.expire_parked(max_age)
 
     # -- file work, in the pool ----------------------------------------------
 
     def settled(self, task_id: str) -> Deferred[None]:
         """Fires once the file work queued so far for C{task_id} is over (a removal's unlinks, say)."""
-        return self._disk(task_id, _nothing).addCallback(lambda _: None)
+        return self.store.queued(task_id) or succeed(None)
 
     def _disk(self, task_id: str, f: Callable[..., Any], *args: Any) -> Deferred:
         """
         Run C{f(*args)} in the pool once the file work queued before for
-        C{task_id} is over; its result.
+        C{task_id} is over (L{TaskStore.run}); its result.
         """
-        prev = self._disk_ops.get(task_id)
-        mine: Deferred = Deferred()
-        tail: Deferred = Deferred()
-        self._disk_ops[task_id] = tail
+        return self.store.run(task_id, f, *args)
 
-        def go(_: Any = None) -> None:
-            self._pool.run(f, *args).chainDeferred(mine)
-
-        def over(result: Any) -> Any:
-            if self._disk_ops.get(task_id) is tail:
-                del self._disk_ops[task_id]
-            tail.callback(None)
-            return result
-
-        mine.addBoth(over)
-        if prev is None:
-            go()
-        else:
-            prev.addCallback(go)
-        return mine
+    @property
+    def _disk_ops(self) -> _Queued:
+        """Task id -> a Deferred fired once its queued file work is over (L{TaskStore.queued}), for L{ensure}."""
+        return _Queued(self.store)
 
 
-def _nothing() -> None:
-    pass
+@define
+class _Queued:
+    """A read-only view of the file work queued per task: C{.get(task_id)}."""
+
+    store: TaskStore
+
+    def get(self, task_id: str) -> Deferred[None] | None:
+        return self.store.queued(task_id)
 
 
-def _remove_files(*paths: str) -> None:
-    for path in paths:
-        unlink_quietly(path)
+# the CDN's steps, as its fetch asks the store to run them (L{Cdn._disk})
+_remove_files = remove_files
 
 
 def _resumable(error: TaskError) -> bool:
@@ -802,14 +741,12 @@ def _park_or_remove(task_id: str, repo: str, parked: str, keep: bool) -> None:
     """A failed fetch's files: data and header parked (C{keep}, when a resume could use them), else gone."""
     data, part = os.path.join(repo, task_id + ".data"), os.path.join(repo, task_id + ".part")
     parked_data, parked_part = os.path.join(parked, task_id + ".data"), os.path.join(parked, task_id + ".part")
-    unlink_quietly(os.path.join(repo, task_id + ".meta"))
+    remove_files(os.path.join(repo, task_id + ".meta"))
     header = _read_header(part) if keep and os.path.exists(data) else None
     if header is not None and resume_headers(header["validators"], _resume_offset(header, os.path.getsize(data))) is not None:
-        os.replace(data, parked_data)
-        os.replace(part, parked_part)
+        move_task_files(repo, parked, task_id)
         return
-    for path in (data, part, parked_data, parked_part):
-        unlink_quietly(path)
+    remove_files(data, part, parked_data, parked_part)
 
 
 def _resume_offset(header: dict[str, Any], size: int) -> int:
@@ -829,7 +766,7 @@ def _take_parked(task_id: str, repo: str, parked: str) -> tuple[dict[str, Any], 
     """
     parked_data, parked_part = os.path.join(parked, task_id + ".data"), os.path.join(parked, task_id + ".part")
     if not os.path.exists(parked_part):
-        unlink_quietly(parked_data)
+        remove_files(parked_data)
         return None
     header = _read_header(parked_part)
     try:
@@ -840,17 +777,15 @@ def _take_parked(task_id: str, repo: str, parked: str) -> tuple[dict[str, Any], 
     if header is None or resume_headers(header["validators"], offset) is None:
         _remove_files(parked_data, parked_part)
         return None
-    data, part = os.path.join(repo, task_id + ".data"), os.path.join(repo, task_id + ".part")
-    os.replace(parked_data, data)
-    os.replace(parked_part, part)
-    point = rehash_prefix(data, offset, header["pieceSize"])
+    move_task_files(parked, repo, task_id)
+    point = rehash_prefix(os.path.join(repo, task_id + ".data"), offset, header["pieceSize"])
     return header, point
 
 
 def _open_fresh(data: str, part: str, header: dict[str, Any]) -> int:
-    """Write a fetch's header, then open its data file empty."""
+    """Write a fetch's header, then open its data file new and empty (never the old one truncated)."""
     write_json_atomic(part, header)
-    return os.open(data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    return create_file(data)
 
 
 def _open_at(data: str, offset: int) -> int:
@@ -866,22 +801,7 @@ def _open_at(data: str, offset: int) -> int:
 
 def _commit(meta_path: str, meta: dict[str, Any], part: str) -> None:
     """A fetch is complete: its meta file, then its header goes."""
-    write_json_atomic(meta_path, meta)
-    unlink_quietly(part)
-
-
-def _expire_parked(parked: str, max_age: float) -> int:
-    cutoff = time.time() - max_age
-    removed = 0
-    for name in os.listdir(parked):
-        path = os.path.join(parked, name)
-        try:
-            if os.path.getmtime(path) < cutoff:
-                os.unlink(path)
-                removed += 1
-        except OSError:
-            pass
-    return removed
+    commit_files(meta_path, meta, None, (part,))
 
 
 def _first_header(response: Any, name: bytes) -> bytes | None:

@@ -10,24 +10,26 @@ The SuperNode's garbage collection, run periodically and once at start-up.
   - the CDN cache (C{HOME/repo}) is kept between C{--gc-disk-low} and
     C{--gc-disk-high} by evicting least-recently-used tasks that are not in use
     (see L{dragonfly.core.gc}).
+
+Two loops (L{dragonfly.core.periodic}): the peer check, and the rest.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.application.service import Service
+from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..core.gc import DiskGc
+from ..core.periodic import periodic
 from .node import SuperNode
 
 log = Logger()
 
 
-class SupernodeGc(Service):
+class SupernodeGc(MultiService):
     """
     @param interval: seconds between task-expiry and disk collections.
     @param peer_interval: seconds between peer-liveness checks.
@@ -44,6 +46,7 @@ class SupernodeGc(Service):
         disk: DiskGc | None,
         peer_interval: float = 5.0,
     ) -> None:
+        super().__init__()
         self.node = node
         self.clock = clock
         self.interval = interval
@@ -52,24 +55,13 @@ class SupernodeGc(Service):
         self.disk = disk
         self.expired_peers = 0
         self.expired_tasks = 0
-        self._loops: list[LoopingCall] = []
-
-    def startService(self) -> None:
-        super().startService()
-        for interval, f in ((self.peer_interval, self.expire_peers), (self.interval, self.run)):
-            lc = LoopingCall(f)
-            lc.clock = self.clock
-            self._loops.append(lc)
-            lc.start(interval, now=True).addErrback(lambda fl: log.failure("GC loop stopped", fl))
-
-    def stopService(self) -> None:
-        super().stopService()
-        for lc in self._loops:
-            if lc.running:
-                lc.stop()
-        self._loops.clear()
+        # each loop runs at once when started, then every interval; the
+        # methods are looked up at each step
+        periodic(peer_interval, lambda: self.expire_peers(), clock, "peer expiry").setServiceParent(self)
+        periodic(interval, lambda: self.run(), clock, "garbage collection").setServiceParent(self)
 
     def expire_peers(self) -> list[str]:
+        """Drop the peers that stopped heartbeating; their ids."""
         dead = self.node.scheduler.expire(self.clock.seconds())
         if dead:
             self.expired_peers += len(dead)
@@ -77,6 +69,7 @@ class SupernodeGc(Service):
         return dead
 
     def expire_tasks(self) -> list[str]:
+        """Drop the swarms no peer touched for C{task_expire}; their task ids."""
         idle = self.node.scheduler.expire_tasks(self.clock.seconds(), self.task_expire)
         if idle:
             self.expired_tasks += len(idle)

@@ -324,13 +324,13 @@ def test_evicted_files_are_deleted_before_a_refetch_writes(env: Env, tmp_path: A
 
     class SlowPool(SyncPool):
         def run(self, f: Any, *a: Any, **kw: Any) -> defer.Deferred:
-            if getattr(f, "__name__", "") == "_remove_files":
+            if getattr(f, "__name__", "") == "_remove":  # the store's removal step
                 d = defer.Deferred()
                 pending.append((d, f, a))
                 return d
             return super().run(f, *a, **kw)
 
-    env.node.cdn._pool = SlowPool()
+    env.node.cdn.store._pool = SlowPool()
     env.node.evict(tid)
     code, data = env.register_task("peer-1", url="http://origin.test/x")
     assert data["task"]["status"] == "waiting"
