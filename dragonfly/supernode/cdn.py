@@ -775,7 +775,7 @@ def _take_parked(task_id: str, repo: str, parked: str) -> tuple[dict[str, Any], 
         size = 0
     offset = _resume_offset(header, size) if header is not None else 0
     if header is None or resume_headers(header["validators"], offset) is None:
-        _remove_files(parked_data, parked_part)
+        remove_files(parked_data, parked_part)
         return None
     move_task_files(parked, repo, task_id)
     point = rehash_prefix(os.path.join(repo, task_id + ".data"), offset, header["pieceSize"])
