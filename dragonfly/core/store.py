@@ -6,13 +6,15 @@ Each method returns a Deferred that fires in the reactor thread.  The data
 file holds the task's bytes at their offsets; a piece is checked against its
 SHA-256 and written with C{pwrite} in one pool call, so nothing unverified
 is ever written.  The meta file is written (atomically) when the task is
-complete: a data file without one is a half task, dropped by L{TaskStore.reload}.
+complete: a data file without one is a half task, dropped (or parked, see
+below) by L{TaskStore.reload}.
 
 For uploads, L{TaskStore.serve} opens one read-only descriptor per task and
 keeps it until the task is removed or its file replaced (L{TaskStore.served_fd}
 hands it out for C{os.sendfile}); a withdrawn descriptor is closed a little
 later, so an upload under way never reads from a reused descriptor number.
-Creations, removals and opens of one task run in the order they were asked.
+Creations, removals, opens and the steps given to L{TaskStore.run} of one
+task run in the order they were asked.
 
 The dfpeer's store (L{dragonfly.peer.store}) is one, and so is the CDN's
 cache directory (L{dragonfly.supernode.cdn}: a C{.meta} suffix instead of
@@ -23,8 +25,8 @@ data is dropped.  L{load_complete} is the one reload routine of both.
 
 The blocking functions below (L{load_complete}, L{remove_files},
 L{create_file}, L{commit_files}, L{move_task_files}, L{expire_files}) run in
-the pool; the CDN calls them through L{TaskStore.run} too, so no file routine
-is written twice.
+the pool (or before the reactor runs); the CDN's resume steps call them
+through L{TaskStore.run} too, so no file routine is written twice.
 """
 
 from __future__ import annotations
