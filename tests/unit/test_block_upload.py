@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import tempfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
@@ -350,3 +353,30 @@ def test_a_read_finishing_after_the_close_sends_nothing(seed):
     pending[0].callback(seed.expected(0))
     host.exchange()
     assert host.pieces() == [] and host.up.bytes_out == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    piece=st.integers(1, 5000),
+    count=st.integers(1, 4),
+    cut=st.floats(0, 1),
+    order=st.permutations(range(4)),
+)
+def test_any_cut_gives_the_same_bytes(piece, count, cut, order):
+    """Wherever sendfile's file ends, every requested piece arrives whole and right, in the order asked."""
+    with tempfile.TemporaryDirectory() as d:
+        seed = Seed(os.path.join(d, "data"), count=count, piece=piece)
+        cut_at = int(cut * piece * count)
+        with open(os.path.join(d, "short"), "wb") as f:
+            f.write(seed.data[:cut_at])
+        seed.send_fd = os.open(os.path.join(d, "short"), os.O_RDONLY)
+        try:
+            wanted = [i for i in order if i < count]
+            host = Host(seed)
+            host.request(*wanted)
+            host.exchange()
+            assert host.pieces() == [(i, seed.expected(i)) for i in wanted]
+            assert host.up.bytes_out == piece * len(wanted) and not host.closes
+        finally:
+            os.close(seed.send_fd)
+            seed.close()
