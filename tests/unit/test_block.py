@@ -293,3 +293,39 @@ def test_download_limit_pauses_reading():
     assert t.producerState == "paused"
     clock.advance(1.0)
     assert t.producerState == "producing"
+
+
+def test_iosim_upload_limit_paces_pieces_between_two_protocols():
+    """Two real protocols over iosim: the seed's upload limit lets a piece a second go; a CANCEL of a waiting one holds."""
+    from twisted.internet.address import IPv4Address
+    from twisted.test import iosim
+
+    from dragonfly.core.ratelimit import TokenBucket
+
+    clock = Clock()
+    srv_side, cli_side = Side(held=(0, 1, 2, 3)), Side(held=())
+    srv_factory = BlockFactory("server-peer", lambda tid: srv_side if tid == TASK else None, clock=clock,
+                               upload_limit=TokenBucket(PIECE, clock, burst=PIECE))
+    srv = srv_factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5000))
+    cli = BlockFactory("client-peer", lambda tid: None, clock=clock).client(cli_side, TASK, "server-peer")
+    pump = iosim.connect(srv, iosim.makeFakeServer(srv), cli, iosim.makeFakeClient(cli), greet=False)
+    pump.flush()
+    for i in (0, 1, 2, 3):
+        cli.request(i, clock.seconds())
+    pump.flush()
+    got = lambda: [e[1] for e in cli_side.events if e[0] == "piece"]  # noqa: E731
+    assert got() == [0]  # the burst
+    cli.cancel(2)  # still waiting in the seed's queue
+    pump.flush()
+    clock.advance(1.0)
+    pump.flush()
+    assert got() == [0, 1]
+    clock.advance(1.0)
+    pump.flush()
+    assert got() == [0, 1, 3]
+    assert [e for e in cli_side.events if e[0] == "piece"] == [("piece", i, bytes([i]) * PIECE) for i in (0, 1, 3)]
+    assert srv.bytes_out == 3 * PIECE and cli.requested == {} and not srv.uploading
+    assert srv_factory.accepted == {"127.0.0.1": 1}
+    cli.transport.loseConnection()
+    pump.flush()
+    assert srv.closed and cli.closed and srv_factory.accepted == {} and srv_factory.connections == set()

@@ -1,0 +1,165 @@
+"""
+The receiving half of a block connection: bytes in, piece bodies read straight
+into their buffers, paced by the side's download limits.
+
+L{Receiver} feeds what Twisted read to the connection rules
+(L{BlockConnection.data_received}).  Then, on a plain TCP socket, while a
+requested piece's body is arriving, it reads the rest of that body with
+C{recv_into} straight into the piece's buffer (L{BlockConnection.rx_window}),
+up to its last byte and never past it (what follows goes through the framer,
+so every size is still checked from the header alone), and never while
+reading is paused by a download limit.  Between reads it sets SO_RCVLOWAT so
+that the kernel wakes the reactor only once a good part of the body is in.
+
+L{BufferPool} lends the piece buffers and takes them back once the piece is
+stored or dropped, so no piece costs fresh pages.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.logger import Logger
+
+from ..core.ratelimit import TokenBucket, delay_for
+from .connection import Action, BlockConnection
+
+__all__ = ["BufferPool", "Receiver", "RCVLOWAT_MAX", "PACED_READ"]
+
+log = Logger()
+
+#: the most a receiver waits for before it is woken (SO_RCVLOWAT)
+RCVLOWAT_MAX = 128 * 1024
+#: the most read straight into a piece per wake-up while a download limit applies
+PACED_READ = 256 * 1024
+#: read as much as the socket holds
+UNPACED_READ = 1 << 62
+
+
+class BufferPool:
+    """
+    Piece buffers by size, reused: at most C{keep} free ones of each size are
+    kept (a task's pieces all have one size but the last).
+    """
+
+    def __init__(self, keep: int = 16) -> None:
+        self.keep = keep
+        self._free: dict[int, list[bytearray]] = {}
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of C{size} bytes: a free one if any (its old bytes still in it), else a new one."""
+        free = self._free.get(size)
+        return free.pop() if free else bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        """Take back a buffer from L{take}; its holder must not touch it any more."""
+        free = self._free.setdefault(len(buf), [])
+        if len(free) < self.keep:
+            free.append(buf)
+
+    def free(self, size: int) -> int:
+        """How many free buffers of C{size} bytes are kept."""
+        return len(self._free.get(size, ()))
+
+
+class Receiver:
+    """
+    Moves received bytes into one connection's rules.
+
+    @param conn: the connection's rules.
+    @param run: carries out the actions the rules answer with (the adapter).
+    @param clock: runs the download pacing; without one, download limits are
+        not applied.
+    """
+
+    def __init__(self, conn: BlockConnection, run: Callable[[list[Action]], None], clock: Any) -> None:
+        self._conn = conn
+        self._run = run
+        self._clock = clock
+        self._transport: Any = None
+        self._sock: socket.socket | None = None
+        self._lowat = 1
+        self.read_paused = False
+
+    def attach(self, transport: Any, sock: socket.socket | None) -> None:
+        """
+        The connection is up on C{transport}; C{sock} is its socket when we
+        may read from it ourselves (a plain TCP connection), else None.
+        """
+        self._transport = transport
+        self._sock = sock
+
+    @property
+    def direct(self) -> bool:
+        """Piece bodies are read from the socket straight into their buffers."""
+        return self._sock is not None
+
+    def data_received(self, data: bytes) -> None:
+        """Twisted read C{data}: hand it to the rules, then read the piece body that follows, if any."""
+        conn = self._conn
+        if conn.closed:
+            return
+        self._run(conn.data_received(data))
+        n = len(data)
+        side = conn.side
+        limits = side.download_limits() if side is not None and self._clock is not None else []
+        if self._sock is not None and not self.read_paused:
+            n += self.read_into_piece(PACED_READ if any(limits) else UNPACED_READ)
+        self._set_lowat(conn.body_remaining)
+        if limits:
+            self._pace(limits, n)
+
+    def read_into_piece(self, most: int) -> int:
+        """Read up to C{most} bytes of the piece body arriving straight into its buffer; the bytes read."""
+        conn, sock, total = self._conn, self._sock, 0
+        assert sock is not None
+        while total < most and not conn.closed:
+            window = conn.rx_window()
+            if window is None:
+                break
+            try:
+                n = sock.recv_into(window, min(len(window), most - total))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break  # Twisted's next read sees the error
+            finally:
+                window.release()
+            if n == 0:
+                break  # the end of the stream: Twisted's next read sees it
+            total += n
+            self._run(conn.rx_filled(n))
+        return total
+
+    def _pace(self, limits: list[TokenBucket | None], nbytes: int) -> None:
+        """Hold reading while the side's download limits (per task, per host) say so."""
+        delay = delay_for(limits, nbytes)
+        if delay > 0 and not self.read_paused and not self._conn.closed:
+            self.read_paused = True
+            self._transport.pauseProducing()
+            self._clock.callLater(delay, self._resume)
+
+    def _resume(self) -> None:
+        self.read_paused = False
+        if not self._conn.closed:
+            self._transport.resumeProducing()
+
+    def _set_lowat(self, remaining: int) -> None:
+        """
+        While a piece body arrives nothing else can come before its last byte
+        (TCP keeps order), so ask the kernel to wake us only once a good part
+        of it is there (Linux honours SO_RCVLOWAT in poll/epoll).  On a link
+        slower than the machine this turns one wake-up per segment into one
+        per RCVLOWAT_MAX bytes: a tenth of the CPU per byte received.
+        """
+        want = min(max(remaining, 1), RCVLOWAT_MAX)
+        if want == self._lowat or self._sock is None:
+            return
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            self._lowat = want
+        except OSError as e:
+            log.info("SO_RCVLOWAT refused ({why}): piece bodies go through the framer", why=e)
+            self._sock = None

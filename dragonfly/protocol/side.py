@@ -1,0 +1,78 @@
+"""
+What a block connection needs of the task it carries: the L{TaskSide}.
+
+A side is the local end of one task, shared by all the task's connections: a
+CDN task on the SuperNode (C{dragonfly/supernode/node.py}), a download on a
+dfpeer (C{dragonfly/peer/neighbours.py}).  The connection rules
+(L{dragonfly.protocol.connection}) tell it what the remote said; the upload
+path (L{dragonfly.protocol.upload}) reads from it what to send.  Every
+callback receives the connection as its Twisted adapter,
+L{dragonfly.protocol.block.BlockProtocol}, whose public surface the side uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from typing import Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred
+
+from ..core.bitmap import Bitmap
+from ..core.ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from .block import BlockProtocol
+
+__all__ = ["TaskSide", "Resolver", "PieceFile"]
+
+#: C{(fd, offset, length)}: a verified piece in a file its side keeps open
+PieceFile = tuple[int, int, int]
+
+
+class TaskSide(TypingProtocol):
+    """The local end of a task, shared by all its connections."""
+
+    #: whether this side downloads pieces (False on the seed)
+    accepts_pieces: bool
+
+    def local_bitmap(self) -> Bitmap | None:
+        """The verified pieces we can serve, or None while the length is unknown."""
+
+    def piece_length(self, index: int) -> int | None:
+        """The size of piece C{index}, or None when out of range/unknown."""
+
+    def read_piece(self, index: int) -> Deferred[bytes]:
+        """Read a verified piece."""
+
+    # optional: piece_file(index) -> PieceFile | None, a verified piece in a
+    # file the side keeps open, for zero-copy uploads (see upload.py).  The fd
+    # must stay open while any of the side's connections may be sending
+    # from it: abort them (conn.abort) before closing it, or a body waiting
+    # for the socket could be sent from whatever file reuses the number.
+
+    def attached(self, conn: BlockProtocol) -> None:
+        """A connection finished its handshake for this task."""
+
+    def detached(self, conn: BlockProtocol, reason: str) -> None:
+        """A connection closed."""
+
+    def on_bitfield(self, conn: BlockProtocol) -> None: ...
+
+    def on_have(self, conn: BlockProtocol, index: int) -> None: ...
+
+    def on_piece(self, conn: BlockProtocol, index: int, data: bytearray) -> None:
+        """A requested piece arrived; give C{data} back with C{factory.release} when done with it."""
+
+    def on_reject(self, conn: BlockProtocol, index: int, reason: int) -> None: ...
+
+    def on_digests(self, conn: BlockProtocol, first: int, digests: list[bytes]) -> None: ...
+
+    def on_uploaded(self, conn: BlockProtocol, nbytes: int) -> None: ...
+
+    def download_limits(self) -> list[TokenBucket | None]:
+        """The rate limits that pace what this side receives (none: [])."""
+
+
+#: task id (hex) to the side serving it, or None when this host does not hold it
+Resolver = Callable[[str], "TaskSide | None"]
