@@ -41,6 +41,7 @@ from ..protocol.supernode_api import PeerRegistration, SyncReport, TaskRequest
 from . import metrics, oapi
 from .cdn import CdnTask
 from .dashboard import DEFAULT_TASKS, MAX_TASKS, dashboard_view
+from .fastpath import FastPath
 from .node import MAX_PEER_BYTES, Refused, SuperNode, SyncResult
 from .preheat import Preheater
 
@@ -242,9 +243,7 @@ class SupernodeApi:
         The API's root resource: syncs and heartbeats answered by the fast
         path (L{dragonfly.supernode.fastpath}), every other request by Klein.
         """
-        from .fastpath import FastPath  # it builds on this module
-
-        return FastPath(self, self.klein_resource())
+        return FastPath(self, self.klein_resource(), ENDPOINTS)
 
     def klein_resource(self) -> Any:
         """The Klein app alone, every request routed by it (with its metrics)."""

@@ -18,8 +18,9 @@ Klein resource unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from inspect import iscoroutinefunction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.python.reflect import safe_str
@@ -28,7 +29,9 @@ from twisted.web.server import NOT_DONE_YET
 
 from ..core.httpapi import ApiError, json_response
 from ..core.ids import is_peer_id, is_task_id
-from .api import ENDPOINTS, Endpoint, SupernodeApi
+
+if TYPE_CHECKING:  # api.py builds the FastPath and hands it its endpoints
+    from .api import Endpoint, SupernodeApi
 
 log = Logger()
 
@@ -45,19 +48,20 @@ class FastPath(Resource):
     /api/v1/peers/ID/heartbeat} answered here, everything else by
     C{fallback} (the Klein app's resource with its metrics).
 
-    @param api: the API whose endpoints, facade and metrics are used.
+    @param api: the API whose facade and metrics are used.
     @param fallback: the resource for every other request.
+    @param endpoints: the API's operations by name (C{api.ENDPOINTS}).
     """
 
     isLeaf = True
 
-    def __init__(self, api: SupernodeApi, fallback: Any) -> None:
+    def __init__(self, api: SupernodeApi, fallback: Any, endpoints: Mapping[str, Endpoint]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self._api = api
         self._fallback = fallback
         self._routes: dict[tuple[bytes, bytes], tuple[Endpoint, str, Any]] = {}
         for key, (name, param, valid) in ROUTES.items():
-            endpoint = ENDPOINTS[name]
+            endpoint = endpoints[name]
             assert endpoint.method == "POST" and not iscoroutinefunction(endpoint.handler), name
             self._routes[key] = (endpoint, param, valid)
         # the metrics' children by (operation, status code): labels() looked up once each
