@@ -10,8 +10,10 @@ The handlers are thin: each route is declared with L{route}, which
 authorises the request (open, cluster token or admin token), checks the
 path's ids and the JSON body against the operation's schema in
 C{openapi.yaml} (L{dragonfly.core.bodies}), and turns the facade's
-L{Refused} into the error envelope.  The work is done by the facade,
-L{dragonfly.supernode.node.SuperNode}; the handler serialises its result.
+L{Refused} into the error envelope (L{Endpoint.run}).  The work is done by
+the facade, L{dragonfly.supernode.node.SuperNode}; the handler serialises
+its result.  The API's root resource is L{dragonfly.supernode.fastpath}'s:
+syncs and heartbeats run their L{Endpoint} there, without Klein.
 """
 
 from __future__ import annotations
@@ -402,6 +404,7 @@ class SupernodeApi:
 
 
 def _sync_json(result: SyncResult) -> dict[str, Any]:
+    """A sync's answer as a JSON value: what L{sync_answer} encodes (the tests hold it to this)."""
     return {
         "task": result.task.to_json(),
         "digestsFrom": result.digests_from,
