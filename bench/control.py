@@ -11,7 +11,9 @@ with C{wrk} (the Debian package) for C{--duration} seconds over
 C{--connections} keep-alive connections: a fraction C{--mix} of the requests
 are syncs of a random peer (reporting a random piece now and then, as
 downloading peers do), the rest heartbeats.  It prints one line per run:
-requests/s, syncs/s, mean and p99 latency, non-2xx answers.  It runs the mix
+requests/s, syncs/s, mean and p99 latency, non-2xx answers, the
+SuperNodes' CPU per request (from /proc, the number that holds on a shared
+machine) and the 1-minute load average.  It runs the mix
 given and then syncs only (the form of the 593 syncs/s measured before).
 
 With C{--procs K} it starts K SuperNodes on K ports, peer n registering
