@@ -11,7 +11,9 @@ with C{wrk} (the Debian package) for C{--duration} seconds over
 C{--connections} keep-alive connections: a fraction C{--mix} of the requests
 are syncs of a random peer (reporting a random piece now and then, as
 downloading peers do), the rest heartbeats.  It prints one line per run:
-requests/s, syncs/s, mean and p99 latency, non-2xx answers.  It runs the mix
+requests/s, syncs/s, mean and p99 latency, non-2xx answers, the
+SuperNodes' CPU per request (from /proc, the number that holds on a shared
+machine) and the 1-minute load average.  It runs the mix
 given and then syncs only (the form of the 593 syncs/s measured before).
 
 With C{--procs K} it starts K SuperNodes on K ports, peer n registering
@@ -75,6 +77,13 @@ done = function(summary, latency, requests)
     summary.errors.write, summary.errors.timeout, latency.mean, latency:percentile(50), latency:percentile(99), latency.max))
 end
 """
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process C{pid} has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def call(port: int, method: str, path: str, body: Any = None) -> Any:
@@ -152,6 +161,7 @@ class Bench:
         """One wrk per SuperNode, all at once, the connections split between them."""
         a = self.args
         runs = []
+        cpu0 = [cpu_seconds(node["proc"].pid) for node in self.nodes]
         for j, node in enumerate(self.nodes):
             script = os.path.join(self.workdir, f"load{j}.lua")
             with open(script, "w") as f:
@@ -167,6 +177,7 @@ class Bench:
             out, _ = run.communicate()
             line = next(ln for ln in out.splitlines() if ln.startswith("RESULT "))
             results.append(json.loads(line[len("RESULT "):]))
+        cpu = sum(cpu_seconds(node["proc"].pid) - c for node, c in zip(self.nodes, cpu0, strict=True))
         rate = sum(r["requests"] / (r["duration_us"] / 1e6) for r in results)
         total = sum(r["requests"] for r in results)
         mean_us = sum(r["mean_us"] * r["requests"] for r in results) / max(total, 1)
@@ -178,6 +189,11 @@ class Bench:
             "p99_ms": round(max(r["p99_us"] for r in results) / 1000, 2),
             "max_ms": round(max(r["max_us"] for r in results) / 1000, 2), "errors": errors, "peers": a.peers,
             "connections": a.connections,
+            # the machine is shared: how busy it was (1-minute load average) as the run ended
+            "load1": round(os.getloadavg()[0], 2),
+            # CPU the SuperNodes spent per request: what the rate would be per core were it theirs alone
+            "cpu_us_per_request": round(cpu / max(total, 1) * 1e6, 1),
+            "requests_per_cpu_s": round(total / cpu, 1) if cpu else None,
         }
 
     def profile(self, path: str, mix: float, duration: float) -> None:
@@ -232,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(r), flush=True)
             else:
                 print(f"{args.procs} proc syncs {mix:.0%}: {r['requests_per_s']:8.1f} req/s  {r['syncs_per_s']:8.1f} syncs/s  "
-                      f"mean {r['mean_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}", flush=True)
+                      f"mean {r['mean_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}  "
+                      f"CPU {r['cpu_us_per_request']:5.0f} us/req ({r['requests_per_cpu_s']:.0f} req/CPU-s)  load {r['load1']:.2f}", flush=True)
         if args.profile:
             bench.profile(args.profile, args.mix, args.duration)
     finally:
