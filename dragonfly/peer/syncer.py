@@ -20,24 +20,31 @@ what the answers mean for the download is the task's (L{dragonfly.peer.task}).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.logger import LogLevel
 
+from ..core.bitmap import Bitmap
 from ..core.logs import safe_url
 from ..protocol.supernode_api import FailedPiece, SyncAnswer, SyncReport, TaskRegistered, TaskView
 from .client import SupernodeError, SupernodeUnavailable
 from .interfaces import Session
+from .lifecycle import Lifecycle, State
 from .outcome import BackToSource, TaskFailed, TaskLog
+
+#: the states in which a task syncs
+SYNCING = frozenset({State.SIZING, State.ALLOCATING, State.DOWNLOADING, State.VERIFYING})
 
 
 @frozen
 class Progress:
     """What a sync says of the download besides the pieces and failures (see L{SyncReport})."""
 
+    #: every piece held now (None: the length is not known yet): announced again after an outage
+    held: Bitmap | None
     #: every piece before this one has its digest
     digests_from: int
     #: nothing to fetch from any neighbour but the seed
@@ -55,17 +62,11 @@ class Progress:
 class SyncedTask(Protocol):
     """What the conversation needs of its download (L{dragonfly.peer.task.PeerTask})."""
 
-    def syncing(self) -> bool:
-        """Sizing, allocating, downloading or verifying: the task syncs."""
+    #: the task's state: it syncs while in L{SYNCING}
+    lifecycle: Lifecycle
 
     def starting(self) -> bool:
         """The length, the seed or the first parents are still to come: sync again soon."""
-
-    def done(self) -> bool:
-        """The download finished (one last report may be due)."""
-
-    def held(self) -> Iterable[int] | None:
-        """Every piece held now (None: the length is not known yet)."""
 
     def progress(self) -> Progress:
         """The rest of the next report."""
@@ -176,7 +177,7 @@ class Syncer:
         # one last report so the scheduler knows we hold everything (and the
         # SuperNode counts the last bytes from peers)
         unreported = self._task.progress().peer_bytes > self._peer_bytes_reported
-        if self._task.done() and (self._have or unreported):
+        if self._task.lifecycle.state is State.DONE and (self._have or unreported):
             try:
                 await self.sync()
             except (SupernodeUnavailable, SupernodeError):
@@ -206,13 +207,16 @@ class Syncer:
             self._answered()
             return reply
 
+    def _syncing(self) -> bool:
+        return self._task.lifecycle.state in SYNCING
+
     def _answered(self) -> None:
         """A SuperNode answered (see L{register})."""
         self._host.supernode_seen = self._clock.seconds()
 
     async def _loop(self) -> None:
         unreachable_since: float | None = None
-        while self._task.syncing():
+        while self._syncing():
             try:
                 interval = await self.sync()
                 unreachable_since = None
@@ -231,7 +235,7 @@ class Syncer:
                 # the length, the seed and the first parents come in the
                 # next few answers; ask again soon
                 interval = min(interval, self.STARTUP_SYNC)
-            if not self._task.syncing():
+            if not self._syncing():
                 break
             await self._sleep(interval)
 
@@ -256,8 +260,7 @@ class Syncer:
                 if e.code == "PEER_UNKNOWN":
                     await self._session.register_peer()
                 self.check_version((await self._session.register()).task)
-                held = self._task.held()
-                self._have = list(held) if held is not None else []
+                self._have = list(p.held) if p.held is not None else []
                 self._failed = failed
                 return 0.1
             self._have = have + self._have
@@ -265,12 +268,11 @@ class Syncer:
         except SupernodeUnavailable:
             # it may come back restarted, its swarm rebuilt by other peers
             # (it then takes our next sync as a join): say all we hold again
-            held = self._task.held()
-            self._have = list(held) if held is not None else have + self._have
+            self._have = list(p.held) if p.held is not None else have + self._have
             self._failed = failed + self._failed
             raise
         self._peer_bytes_reported = p.peer_bytes
-        if self._task.syncing():
+        if self._syncing():
             self._apply(reply)
         return reply.sync_interval
 

@@ -44,14 +44,11 @@ from .picker import Picker
 from .pieces import TaskPieces
 from .source import SourceFetch
 from .syncer import Progress, Syncer
-from .views import Listeners, task_json
+from .views import Listeners, Via, task_json, task_meta
 
 __all__ = ["PeerTask", "TaskFailed"]
 
 log = Logger()
-
-#: the states in which the task syncs with the SuperNode
-_SYNCING = (State.SIZING, State.ALLOCATING, State.DOWNLOADING, State.VERIFYING)
 
 
 class PeerTask:
@@ -104,14 +101,23 @@ class PeerTask:
 
     # -- views -------------------------------------------------------------------
 
-    @property
-    def state(self) -> State:
-        return self.lifecycle.state
-
-    @property
-    def status(self) -> str:
-        """waiting, running, success or failed (the JSON view's words)."""
-        return self.lifecycle.status
+    #: the task's place in its lifecycle, and the JSON view's word for it (waiting, running, success, failed)
+    state = Via[State]("lifecycle")
+    status = Via[str]("lifecycle")
+    #: the open block connections, and the one to the seed (L{Neighbours})
+    conns = Via[set[Any]]("neighbours")
+    seed_conn = Via[Any]("neighbours", writable=True)
+    #: the content's length, its pieces, which are verified, their digests, the picker (L{TaskPieces})
+    length = Via[int | None]("pieces")
+    piece_size = Via[int]("pieces")
+    count = Via[int | None]("pieces")
+    have = Via[Bitmap | None]("pieces")
+    digests = Via[list[bytes | None]]("pieces")
+    picker = Via[Picker[Any] | None]("pieces")
+    #: pieces from here on are preferred while a stream reads them in order
+    stream_from = Via[int | None]("pieces", writable=True)
+    #: the SuperNode's name for the origin content we download (see L{Syncer.check_version})
+    version = Via[str | None]("syncer")
 
     @property
     def ready_for_io(self) -> bool:
@@ -126,60 +132,6 @@ class PeerTask:
     def pieces_verified(self) -> bool:
         """Done, and every piece was checked against the SuperNode's SHA-256."""
         return self.state is State.DONE and not self._unverified_source
-
-    @property
-    def conns(self) -> set[Any]:
-        """The open block connections of this task."""
-        return self.neighbours.conns
-
-    @property
-    def seed_conn(self) -> Any:
-        """The connection to the seed, if open."""
-        return self.neighbours.seed_conn
-
-    @seed_conn.setter
-    def seed_conn(self, conn: Any) -> None:
-        self.neighbours.seed_conn = conn
-
-    @property
-    def stream_from(self) -> int | None:
-        """Pieces from here on are preferred while a stream reads them in order."""
-        return self.pieces.stream_from
-
-    @stream_from.setter
-    def stream_from(self, index: int | None) -> None:
-        self.pieces.stream_from = index
-
-    # the pieces' geometry and state (L{TaskPieces}), as the neighbours, the dfpeer and the local API read them
-
-    @property
-    def length(self) -> int | None:
-        return self.pieces.length
-
-    @property
-    def piece_size(self) -> int:
-        return self.pieces.piece_size
-
-    @property
-    def count(self) -> int | None:
-        return self.pieces.count
-
-    @property
-    def have(self) -> Bitmap | None:
-        return self.pieces.have
-
-    @property
-    def digests(self) -> list[bytes | None]:
-        return self.pieces.digests
-
-    @property
-    def picker(self) -> Picker[Any] | None:
-        return self.pieces.picker
-
-    @property
-    def version(self) -> str | None:
-        """The SuperNode's name for the origin content we download (see L{Syncer.check_version})."""
-        return self.syncer.version
 
     def to_json(self) -> dict[str, Any]:
         return task_json(self)
@@ -243,22 +195,13 @@ class PeerTask:
 
     # -- the SuperNode conversation (L{dragonfly.peer.syncer.SyncedTask}) ------------
 
-    def syncing(self) -> bool:
-        return self.state in _SYNCING
-
     def starting(self) -> bool:
         return not self.lifecycle.transferring or self.seed_conn is None
-
-    def done(self) -> bool:
-        return self.state is State.DONE
-
-    def held(self) -> Bitmap | None:
-        return self.have
 
     def progress(self) -> Progress:
         starving = self.picker is not None and self.picker.starving()
         return Progress(
-            self.pieces.digests_from, starving, self.stream_from, self.neighbours.banned(),
+            self.have, self.pieces.digests_from, starving, self.stream_from, self.neighbours.banned(),
             self.traffic["remote_peer"], self._last_progress,
         )
 
@@ -444,12 +387,7 @@ class PeerTask:
         the waiters hear of it.
         """
         self._stop_checker()
-        pieces = None if from_source else self.pieces.meta()
-        meta = None if pieces is None else {
-            "taskId": self.task_id, "url": self.request.get("url"), **pieces, "sha256": self.sha256,
-            "contentType": self.content_type, "version": self.version,
-            "request": {k: v for k, v in self.request.items() if k != "headers"},
-        }
+        meta = None if from_source else task_meta(self)
         before = self.state
 
         def saved(_: Any) -> None:
@@ -466,11 +404,8 @@ class PeerTask:
                 self._serve()
                 self._log(LogLevel.info, "complete from the origin, {bytes} bytes in {seconds:.2f}s", **fields)
             else:
-                self._log(
-                    LogLevel.info, "complete, {bytes} bytes in {seconds:.2f}s (source {src}, supernode {sn}, peers {peers})",
-                    uploaded=self.uploaded, **fields,
-                )
-            self.syncer.kick()
+                how = "(source {src}, supernode {sn}, peers {peers})"
+                self._log(LogLevel.info, "complete, {bytes} bytes in {seconds:.2f}s " + how, uploaded=self.uploaded, **fields)
             self._notify()
 
         def not_saved(f: Any) -> None:
@@ -495,10 +430,11 @@ class PeerTask:
         self.neighbours.close()
         d = self.store.remove(self.task_id)
         d.addErrback(lambda f: self._log(LogLevel.warn, "cannot remove the task's files: {why}", why=f.getErrorMessage()))
-        self.syncer.kick()
         self._notify()
 
     def _notify(self) -> None:
+        """The task ended: a last sync now, then the listeners and the dfpeer hear of it."""
+        self.syncer.kick()
         self.listeners.ended(self)
         self.daemon.task_ended(self)
 
