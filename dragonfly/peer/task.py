@@ -1,25 +1,22 @@
 """
 One download on a dfpeer, and the serving of it afterwards: a coordinator
-over a few parts, each with its own module.
+over its parts, each in its own module with a typed interface:
 
-  - the SuperNode conversation (L{dragonfly.peer.syncer}): register, then
-    sync every half second: report the pieces verified and the failures
-    seen, learn the length, the piece digests, the parents and the seed
-    allowance (see L{dragonfly.supernode.scheduler});
-  - the block connections (L{dragonfly.peer.neighbours}): one to every
-    parent (and the seed), and those of the peers that chose us; which
-    piece to ask from whom is the picker's answer (L{dragonfly.peer.picker});
-  - the pieces (L{dragonfly.peer.pieces}): every piece is checked against
-    the SuperNode's SHA-256 before it is written (in the pool), and served
-    to the neighbours (HAVE) as soon as it is written; a piece that fails
-    is asked again at once from another holder, and the failure reported
-    so the scheduler can block a bad parent;
-  - back to the origin (L{dragonfly.peer.source}) when the SuperNode
-    cannot be reached, unless told not to (C{notbs}).
+  - L{dragonfly.peer.syncer}: the SuperNode conversation (register, then
+    sync every half second: the pieces verified and the failures seen go
+    out; the length, the digests, the parents and the seed allowance come
+    back, see L{dragonfly.supernode.scheduler});
+  - L{dragonfly.peer.neighbours}: the block connections, asking each piece
+    of whom the picker says (L{dragonfly.peer.picker});
+  - L{dragonfly.peer.pieces}: every piece checked against the SuperNode's
+    SHA-256 before it is written, and served on (HAVE) once written; a
+    piece that fails is asked again elsewhere and reported;
+  - L{dragonfly.peer.source}: back to the origin when the SuperNode cannot
+    be reached, unless told not to (C{notbs});
+  - L{dragonfly.peer.views}: the JSON view and who waits on the task.
 
 The task's state is its L{dragonfly.peer.lifecycle.Lifecycle} and nothing
-else; what it needs of the dfpeer is L{dragonfly.peer.interfaces.TaskHost};
-its JSON view and its listeners are L{dragonfly.peer.views}.
+else; what it needs of the dfpeer is L{dragonfly.peer.interfaces.TaskHost}.
 """
 
 from __future__ import annotations
@@ -89,8 +86,7 @@ class PeerTask:
         self.traffic = {"back_to_source": 0, "supernode": 0, "remote_peer": 0}
         self.uploaded = 0
         self.bad_pieces = 0
-        # the task's file exists (pieces may be in it); the whole file came from the origin unchecked
-        self._allocated = False
+        # the whole file came from the origin unchecked
         self._unverified_source = False
         rate = request.get("localLimit")
         self.local_limit = TokenBucket(rate, self.clock) if rate else None
@@ -258,7 +254,6 @@ class PeerTask:
             if self.state is not State.ALLOCATING:
                 return
             self.lifecycle.move(State.DOWNLOADING)
-            self._allocated = True
             self._serve()
             self.listeners.changed()
             if self.count == 0:
@@ -448,7 +443,8 @@ class PeerTask:
             raise TaskFailed("P2P_FAILED", f"{why}; not going back to the origin (--notbs)")
         if not self.lifecycle.can(State.BACK_TO_SOURCE):
             return
-        by_piece = self._allocated and self.lifecycle.transferring and self.pieces.missing_known()
+        # the file exists and holds verified pieces while transferring (never before ALLOCATING is done)
+        by_piece = self.lifecycle.transferring and self.pieces.missing_known()
         self.lifecycle.move(State.BACK_TO_SOURCE)
         self.stats.count(self.stats.back_to_source, reason)
         self._log(
