@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from ..core.bitmap import Bitmap
 from ..core.pieces import piece_count, piece_span
+from ..protocol.supernode_api import SyncAnswer
 from .interfaces import Stats, Store
 from .picker import Picker
 
@@ -125,6 +126,13 @@ class TaskPieces:
             self.picker.digest_known(index)
         while self.digests_from < self.count and self.digests[self.digests_from] is not None:
             self.digests_from += 1
+
+    def learn(self, answer: SyncAnswer) -> None:
+        """What a sync answer says of the pieces: more digests, and the seed allowance."""
+        for k, hexd in enumerate(answer.digests):
+            self.set_digest(answer.digests_from + k, bytes.fromhex(hexd))
+        if self.picker is not None:
+            self.picker.seed_allowed = set(answer.seed_pieces)
 
     def missing_known(self) -> bool:
         """The length is known and every piece not held has a digest to check it against."""

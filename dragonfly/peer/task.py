@@ -215,15 +215,12 @@ class PeerTask:
                 bytes=self.length, pieces=self.count, pieceSize=self.piece_size,
             )
             self._allocate()
-        for k, hexd in enumerate(reply.digests):
-            self.set_digest(reply.digests_from + k, bytes.fromhex(hexd))
+        self.pieces.learn(reply)
         if task.sha256:
             self.sha256 = task.sha256
         content_type = task.raw.get("contentType")
         if content_type and self.content_type is None:
             self.content_type = content_type
-        if self.picker is not None:
-            self.picker.seed_allowed = set(reply.seed_pieces)
         if self.lifecycle.transferring:
             for parent in reply.parents:
                 self.neighbours.connect(parent)

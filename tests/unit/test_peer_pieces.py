@@ -15,6 +15,7 @@ from twisted.internet import defer
 
 from dragonfly.peer.metrics import PeerStats
 from dragonfly.peer.pieces import TaskPieces
+from dragonfly.protocol.supernode_api import SyncAnswer
 
 TID = "t" * 64
 PIECE = 16
@@ -122,6 +123,15 @@ def test_digests_from_counts_the_leading_known_digests() -> None:
     p.set_digest(7, b"x" * 32)  # out of range: ignored
     p.set_digest(-1, b"x" * 32)
     assert p.digests[1:] == [DIGESTS[1], None, None]
+
+
+def test_a_sync_answer_brings_digests_and_the_seed_allowance() -> None:
+    p = Parts().sized(digests=False)
+    p.learn(SyncAnswer.from_json({"digestsFrom": 2, "digests": [DIGESTS[2].hex(), DIGESTS[3].hex()], "seedPieces": [2]}))
+    assert p.digests == [None, None, DIGESTS[2], DIGESTS[3]] and p.digests_from == 0
+    assert p.picker is not None and p.picker.seed_allowed == {2}
+    p.learn(SyncAnswer.from_json({"digestsFrom": 0, "digests": [DIGESTS[0].hex(), DIGESTS[1].hex()]}))
+    assert p.digests == DIGESTS and p.digests_from == 4 and p.picker.seed_allowed == set()
 
 
 def test_missing_known_and_meta_need_every_digest() -> None:
