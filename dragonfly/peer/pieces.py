@@ -6,9 +6,10 @@ arrives, from a neighbour or from the origin.
 
 A piece is written only after it matched its SHA-256 (in the pool,
 L{dragonfly.core.store}), and counts as held only once written.
-L{TaskPieces} knows nothing of the SuperNode, the connections or the
-task's state: it asks its task whether pieces are wanted and tells it what
-became of each (L{PieceOutcomes}).
+L{TaskPieces} knows nothing of the connections or the task's state: it
+asks its task whether pieces are wanted and tells it what became of each
+(L{PieceOutcomes}); of the SuperNode it only reads what a sync answer says
+of the pieces (L{TaskPieces.learn}).
 """
 
 from __future__ import annotations
