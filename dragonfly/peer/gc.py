@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.application.internet import TimerService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from ..core.gc import DiskGc
+from ..core.periodic import periodic
 from .daemon import PeerDaemon
 
 log = Logger()
@@ -42,7 +43,7 @@ class PeerGc(Service):
         self.task_expire = task_expire
         self.disk = disk
         self.expired_tasks = 0
-        self._loop: LoopingCall | None = None
+        self._loop: TimerService | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -59,14 +60,14 @@ class PeerGc(Service):
     def _start_loop(self) -> None:
         if not self.running:
             return
-        self._loop = LoopingCall(self.run)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True).addErrback(lambda f: log.failure("GC loop stopped", f))
+        self._loop = periodic(self.interval, self.run, self.clock, "garbage collection")
+        self._loop.startService()
 
     def stopService(self) -> None:
         super().stopService()
         if self._loop is not None and self._loop.running:
-            self._loop.stop()
+            # a collection under way is not waited for (its evictions may wait on the SuperNode)
+            self._loop.stopService()
 
     def run(self) -> Deferred:
         """One collection: expired tasks, then the disk.  Errors are logged, the loop goes on."""

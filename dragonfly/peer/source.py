@@ -1,23 +1,32 @@
 """
-Back-to-source by piece: a dfpeer that must go to the origin with part of
-the file already verified asks only for the pieces it lacks.
+Back to the origin: a dfpeer that must leave the swarm fetches what it
+lacks from the origin itself.
+
+L{SourceFetch} decides how: with part of the file already verified and a
+digest for every missing piece, only those pieces (Range), each verified
+before it is written, then the whole file checked; otherwise, or when the
+origin ignores Range or holds another version, the whole file, as a new
+file.  The HTTP requests are the dfpeer's
+(L{dragonfly.peer.daemon.PeerDaemon.fetch_pieces} and C{fetch_from_source});
+the task's state moves are the task's (L{dragonfly.peer.task}).
 
 Sans-IO helpers (L{missing_runs}, L{byte_span}, L{parse_content_range}) and
 L{RangeCollector}, the body protocol of one C{206} answer: it cuts the body
 at piece boundaries, hands each piece to a callback that verifies it against
-the SuperNode's SHA-256 and writes it (L{dragonfly.peer.task.PeerTask.source_piece}),
+the SuperNode's SHA-256 and writes it (L{dragonfly.peer.pieces.TaskPieces.from_source}),
 pauses the body while pieces wait for the disk, and paces it by the task's
-C{--locallimit} (and the host's C{--totallimit}).  The HTTP requests are the
-dfpeer's (L{dragonfly.peer.daemon.PeerDaemon.fetch_pieces}).
+C{--locallimit} (and the host's C{--totallimit}).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
+from attrs import frozen
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
@@ -25,6 +34,13 @@ from ..core.bodywriter import BodyError, HeldBody
 from ..core.pieces import piece_span
 from ..core.ranges import parse_content_range as parse_content_range
 from ..core.ratelimit import TokenBucket, delay_for
+from .outcome import TaskFailed, TaskLog, check_sha256
+
+if TYPE_CHECKING:
+    from .pieces import TaskPieces
+
+#: pieces C{(first, last)}, inclusive
+Run = tuple[int, int]
 
 
 class SourceMismatch(Exception):
@@ -184,3 +200,102 @@ class RangeCollector(HeldBody):
             self.done.errback(self._error)
         else:
             self.done.callback(self.total)
+
+
+@frozen
+class FromSource:
+    """What the origin gave a task (L{SourceFetch.fetch})."""
+
+    #: the content's length
+    length: int
+    #: its SHA-256, when computed (by piece: only when the request or the SuperNode named one to check)
+    sha256: str | None
+    #: every piece checked against the SuperNode's digests; else the origin's whole file, unchecked
+    verified: bool
+
+
+class SourceFetch:
+    """
+    One task's way back to the origin.
+
+    @param pieces: the task's pieces (which are held, the geometry).
+    @param whole: the whole file from the origin into a new file: C{(length, sha256)}.
+    @param runs: the pieces of C{runs} by Range, each through
+        L{TaskPieces.from_source}: None, or C{(length, sha256)} when the
+        origin sent the whole file instead.
+    @param forget: stop serving the task's current file (the origin's bytes go to a new one).
+    @param sha256: the SHA-256 of the task's file, computed in the pool (a Deferred).
+    @param log: the task's log.
+    """
+
+    #: a cut or silent origin answer is asked again this many times (the pieces stored stay)
+    ATTEMPTS = 3
+
+    def __init__(
+        self, pieces: TaskPieces, whole: Callable[[], Awaitable[tuple[int, str]]],
+        runs: Callable[[list[Run]], Awaitable[tuple[int, str] | None]], forget: Callable[[], object],
+        sha256: Callable[[], Deferred], log: TaskLog,
+    ) -> None:
+        self._pieces = pieces
+        self._whole = whole
+        self._runs = runs
+        self._forget = forget
+        self._sha256 = sha256
+        self._log = log
+
+    async def fetch(self, by_piece: bool, want: str | None, known: str | None) -> FromSource:
+        """
+        Fetch what the task lacks: by piece when C{by_piece} (the file
+        holds verified pieces and every missing one has a digest), else the
+        whole file.  C{want} is the whole-file SHA-256 the request named,
+        C{known} the SuperNode's; a file put together piece by piece is
+        checked against C{want} or else C{known}, the origin's whole file
+        against C{want} only.
+
+        @raise TaskFailed: the origin failed, or the content is not the one wanted.
+        """
+        if by_piece:
+            whole = await self._by_piece()
+            if whole is None:
+                return await self._verify(want or known)
+        else:
+            # the origin's bytes go to a new file: what was served from the old one stops
+            self._forget()
+            whole = await self._whole()
+        length, sha = whole
+        if want is not None:
+            check_sha256(sha, want, "origin content")
+        return FromSource(length, sha, verified=False)
+
+    async def _by_piece(self) -> tuple[int, str] | None:
+        """
+        Fetch the missing pieces by Range; None when they are all in, or
+        C{(length, sha256)} when the origin sent the whole file instead.
+        """
+        have, count = self._pieces.have, self._pieces.count
+        assert have is not None and count is not None
+        for attempt in range(self.ATTEMPTS):
+            runs = missing_runs(have, count)
+            if not runs:
+                return None
+            try:
+                return await self._runs(runs)
+            except SourceMismatch as e:
+                self._log(LogLevel.warn, "{why}: fetching the whole file", why=str(e))
+                self._forget()
+                return await self._whole()
+            except TaskFailed as e:
+                if e.code not in ("SOURCE_TRUNCATED", "SOURCE_TIMEOUT") or attempt + 1 == self.ATTEMPTS:
+                    raise
+                self._log(LogLevel.info, "origin answer cut ({why}); asking for the rest", why=e.message)
+        return None
+
+    async def _verify(self, want: str | None) -> FromSource:
+        """Every piece is in and verified: check the whole file when its SHA-256 is known."""
+        length = self._pieces.length
+        assert length is not None
+        if want is None:
+            return FromSource(length, None, verified=True)
+        sha = await self._sha256()
+        check_sha256(sha, want)
+        return FromSource(length, sha, verified=True)

@@ -699,3 +699,43 @@ def test_a_supernode_gone_for_good_sends_a_new_task_to_the_origin() -> None:
     assert task.state is State.REGISTERING
     host.clock.advance(1.0)
     assert task.state is State.DONE and host.stats.back_to_source["supernode_unreachable"] == 1
+
+
+# -- the parts stop with the task -----------------------------------------------------------
+
+
+def test_nothing_keeps_ticking_once_the_task_ended() -> None:
+    host, task, session = make(replies=[sized(seed_pieces=list(range(len(PIECES))))])
+    task.start()
+    host.clock.advance(1.0)  # the stall check runs while downloading
+    assert host.clock.getDelayedCalls()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    for i in sorted(seed.requested):
+        deliver(task, seed, i)
+    assert task.state is State.DONE
+    host.clock.advance(0)
+    assert host.clock.getDelayedCalls() == []
+    syncs = len(session.bodies)
+    host.clock.advance(60.0)
+    assert len(session.bodies) == syncs
+
+
+def test_a_failed_task_stops_syncing_and_checking() -> None:
+    host, task, session = make(replies=[sized()])
+    task.start()
+    session.replies = [SupernodeError(400, "BAD_REQUEST", "no")]
+    host.clock.advance(0.5)
+    assert task.state is State.FAILED and task.error is not None and task.error.code == "BAD_REQUEST"
+    assert host.clock.getDelayedCalls() == []
+
+
+def test_the_parts_attributes_are_read_only_through_the_task() -> None:
+    host, task, _ = make(replies=[sized()])
+    task.start()
+    assert task.length == len(BODY) and task.count == len(PIECES) and task.piece_size == PIECE
+    assert task.digests[0] == bytes.fromhex(DIGESTS[0]) and task.picker is not None
+    with pytest.raises(AttributeError):
+        task.length = 1
+    task.stream_from = 2
+    assert task.picker.stream_from == 2

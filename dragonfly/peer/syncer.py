@@ -1,0 +1,307 @@
+"""
+One download's conversation with the SuperNode: register the task, then
+sync until it ends (every half second, sooner while it starts or when
+kicked; see L{dragonfly.supernode.scheduler}).
+
+Each sync reports the pieces verified and the failures seen since the last
+one, and hands the answer to the task (L{SyncedTask.apply}).  What the
+SuperNode must still hear is kept here: a report that did not get through
+is said again, and after an outage (or to a SuperNode that restarted and
+forgot us) every piece held is announced again.  The conversation also
+keeps the SuperNode's name for the origin content (L{Syncer.version}): the
+pieces of two versions of an origin file must never meet in one file.
+
+With no SuperNode to answer, it leaves the swarm (L{BackToSource}), unless
+one answered this dfpeer a moment ago (it is restarting, most likely).
+
+Which SuperNode answers is the session's business (L{dragonfly.peer.session});
+what the answers mean for the download is the task's (L{dragonfly.peer.task}).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from attrs import frozen
+from twisted.internet.defer import Deferred
+from twisted.logger import LogLevel
+
+from ..core.bitmap import Bitmap
+from ..core.logs import safe_url
+from ..protocol.supernode_api import FailedPiece, SyncAnswer, SyncReport, TaskRegistered, TaskView
+from .client import SupernodeError, SupernodeUnavailable
+from .interfaces import Session
+from .lifecycle import Lifecycle, State
+from .outcome import BackToSource, TaskFailed, TaskLog
+
+#: the states in which a task syncs
+SYNCING = frozenset({State.SIZING, State.ALLOCATING, State.DOWNLOADING, State.VERIFYING})
+
+
+@frozen
+class Progress:
+    """What a sync says of the download besides the pieces and failures (see L{SyncReport})."""
+
+    #: every piece held now (None: the length is not known yet): announced again after an outage
+    held: Bitmap | None
+    #: every piece before this one has its digest
+    digests_from: int
+    #: nothing to fetch from any neighbour but the seed
+    starving: bool
+    #: the piece an in-order reader waits for
+    want: int | None
+    #: the neighbours banned now
+    banned: list[str]
+    #: bytes received from other peers so far
+    peer_bytes: int
+    #: when the last piece was stored
+    last_progress: float
+
+
+class SyncedTask(Protocol):
+    """What the conversation needs of its download (L{dragonfly.peer.task.PeerTask})."""
+
+    #: the task's state: it syncs while in L{SYNCING}
+    lifecycle: Lifecycle
+
+    def starting(self) -> bool:
+        """The length, the seed or the first parents are still to come: sync again soon."""
+
+    def progress(self) -> Progress:
+        """The rest of the next report."""
+
+    def registered(self) -> None:
+        """The SuperNode knows the task: syncs begin."""
+
+    def apply(self, reply: SyncAnswer) -> None:
+        """Act on a sync answer (its version checked, not a failure)."""
+
+
+class SupernodeWatch(Protocol):
+    """The dfpeer, as far as the conversation needs it (L{dragonfly.peer.interfaces.TaskHost})."""
+
+    clock: Any
+    #: when a SuperNode last answered one of our tasks (None: never)
+    supernode_seen: float | None
+
+
+class Syncer:
+    """
+    @param task: the download.
+    @param session: which SuperNode to ask (L{dragonfly.peer.session.TaskSession}).
+    @param host: the dfpeer: its clock, and when a SuperNode last answered.
+    @param request: what dfget asked (the url, C{notbs}).
+    @param log: the task's log.
+    """
+
+    #: sync interval while the task is starting
+    STARTUP_SYNC = 0.05
+    #: without a SuperNode and without progress for this long, go to the origin
+    orphan_timeout = 10.0
+    #: a SuperNode that answered this recently is waited for (see L{register})
+    supernode_grace = 60.0
+
+    def __init__(
+        self, task: SyncedTask, task_id: str, session: Session, host: SupernodeWatch, request: Mapping[str, Any],
+        log: TaskLog,
+    ) -> None:
+        self._task = task
+        self._task_id = task_id
+        self._session = session
+        self._host = host
+        self._clock = host.clock
+        self._request = request
+        self._log = log
+        #: the SuperNode's name for the origin content we download
+        self.version: str | None = None
+        self._have: list[int] = []
+        self._failed: list[FailedPiece] = []
+        # the bytes from peers the SuperNode has been told of
+        self._peer_bytes_reported = 0
+        self._wake: Deferred | None = None
+        self._kicked = False
+
+    # -- what to say ----------------------------------------------------------------
+
+    def note_have(self, index: int) -> None:
+        """Piece C{index} is verified and written: report it at the next sync."""
+        self._have.append(index)
+
+    def note_failure(self, index: int, parent: str) -> None:
+        """Tell the SuperNode at the next sync (C{index} -1: the connection broke)."""
+        self._failed.append(FailedPiece(index, parent))
+
+    def kick(self) -> None:
+        """Sync now instead of at the next interval."""
+        if self._wake is not None and not self._wake.called:
+            self._wake.callback(None)
+        else:
+            self._kicked = True
+
+    async def _sleep(self, seconds: float) -> None:
+        """Wait C{seconds}, or less if kicked (a kick while awake cuts the next wait)."""
+        if self._kicked:
+            self._kicked = False
+            return
+        self._wake = Deferred()
+        timer = self._clock.callLater(seconds, self.kick)
+        await self._wake
+        self._kicked = False
+        if timer.active():
+            timer.cancel()
+
+    # -- the conversation -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """
+        Register, then sync while the task syncs, and once more at the end
+        when the SuperNode has not heard everything.
+
+        @raise TaskFailed: the SuperNode refused, or the task failed there.
+        @raise BackToSource: leave the swarm for the origin.
+        """
+        try:
+            reply = await self.register()
+        except SupernodeError as e:
+            raise TaskFailed(e.code, e.message) from None
+        if reply.task_id != self._task_id:
+            raise TaskFailed("INTERNAL", f"supernode computed task id {reply.task_id}, we {self._task_id}")
+        self.check_version(reply.task)
+        self._log(
+            LogLevel.info, "registered with supernode {node} for {url} (CDN {status})",
+            node=self._session.node, url=safe_url(self._request["url"]), status=reply.task.status,
+        )
+        self._task.registered()
+        await self._loop()
+        # one last report so the scheduler knows we hold everything (and the
+        # SuperNode counts the last bytes from peers)
+        unreported = self._task.progress().peer_bytes > self._peer_bytes_reported
+        if self._task.lifecycle.state is State.DONE and (self._have or unreported):
+            try:
+                await self.sync()
+            except (SupernodeUnavailable, SupernodeError):
+                pass
+
+    async def register(self) -> TaskRegistered:
+        """
+        Register the task.  With no SuperNode to answer, go to the origin at
+        once, unless one answered this dfpeer within C{supernode_grace}
+        seconds (it is restarting, most likely): then ask again every second
+        for up to C{orphan_timeout} before leaving the swarm, so a SuperNode
+        restart does not send every new download to the origin.
+        """
+        waiting_since: float | None = None
+        while True:
+            try:
+                reply = await self._session.register()
+            except SupernodeUnavailable as e:
+                now = self._clock.seconds()
+                seen = getattr(self._host, "supernode_seen", None)
+                waiting_since = now if waiting_since is None else waiting_since
+                if seen is None or now - seen > self.supernode_grace or now - waiting_since >= self.orphan_timeout:
+                    self._log(LogLevel.warn, "{why}", why=str(e))
+                    raise BackToSource(f"supernode unreachable ({e})", "supernode_unreachable") from None
+                await self._sleep(1.0)
+                continue
+            self._answered()
+            return reply
+
+    def _syncing(self) -> bool:
+        return self._task.lifecycle.state in SYNCING
+
+    def _answered(self) -> None:
+        """A SuperNode answered (see L{register})."""
+        self._host.supernode_seen = self._clock.seconds()
+
+    async def _loop(self) -> None:
+        unreachable_since: float | None = None
+        while self._syncing():
+            try:
+                interval = await self.sync()
+                unreachable_since = None
+                self._answered()
+            except SupernodeUnavailable as e:
+                now = self._clock.seconds()
+                unreachable_since = unreachable_since or now
+                idle = now - self._task.progress().last_progress
+                if idle > self.orphan_timeout and now - unreachable_since > self.orphan_timeout:
+                    raise BackToSource(
+                        f"supernode lost and no progress for {self.orphan_timeout:.0f}s ({e})", "supernode_lost",
+                    ) from None
+                await self._sleep(1.0)
+                continue
+            if self._task.starting():
+                # the length, the seed and the first parents come in the
+                # next few answers; ask again soon
+                interval = min(interval, self.STARTUP_SYNC)
+            if not self._syncing():
+                break
+            await self._sleep(interval)
+
+    async def sync(self) -> float:
+        """One sync; the seconds until the next."""
+        have, self._have = self._have, []
+        failed, self._failed = self._failed, []
+        p = self._task.progress()
+        report = SyncReport(
+            self._session.peer_id, have=have, failed=failed, digests_from=p.digests_from,
+            starving=p.starving, want=p.want, banned=p.banned,
+            # bytes from other peers since the last sync the SuperNode took
+            peer_bytes=p.peer_bytes - self._peer_bytes_reported, version=self.version,
+        )
+        try:
+            reply = await self._session.sync(report)
+        except SupernodeError as e:
+            if e.code == "TASK_CHANGED":
+                raise self._changed() from None
+            if e.code in ("PEER_UNKNOWN", "TASK_UNKNOWN"):
+                # the SuperNode restarted: register again and re-announce all we hold
+                if e.code == "PEER_UNKNOWN":
+                    await self._session.register_peer()
+                self.check_version((await self._session.register()).task)
+                self._have = list(p.held) if p.held is not None else []
+                self._failed = failed
+                return 0.1
+            self._have = have + self._have
+            raise TaskFailed(e.code, e.message) from None
+        except SupernodeUnavailable:
+            # it may come back restarted, its swarm rebuilt by other peers
+            # (it then takes our next sync as a join): say all we hold again
+            self._have = list(p.held) if p.held is not None else have + self._have
+            self._failed = failed + self._failed
+            raise
+        self._peer_bytes_reported = p.peer_bytes
+        if self._syncing():
+            self._apply(reply)
+        return reply.sync_interval
+
+    def _apply(self, reply: SyncAnswer) -> None:
+        """Check the answer's version and the task's status, then hand it to the task."""
+        task = reply.task
+        self.check_version(task)
+        if task.status == "failed":
+            err = task.error or {}
+            code = err.get("code", "SOURCE_ERROR")
+            if code == "SOURCE_UNREACHABLE" and not self._request.get("notbs"):
+                raise BackToSource("supernode cannot reach the origin", "supernode_cannot_reach_origin")
+            raise TaskFailed(code, err.get("message", "task failed at the supernode"), err.get("originStatus"))
+        self._task.apply(reply)
+
+    def check_version(self, task: TaskView) -> None:
+        """
+        The origin content must stay the one we started with: the SuperNode
+        fetches a changed origin file as a new version of the task, and the
+        pieces of two versions must never meet in one file.
+        """
+        version = task.version
+        if version is None:
+            return
+        if self.version is None:
+            self.version = version
+        elif version != self.version:
+            raise self._changed()
+
+    def _changed(self) -> TaskFailed:
+        url = self._request.get("url")
+        return TaskFailed("SOURCE_CHANGED", f"the origin file {url} changed during the download; run it again")
