@@ -409,6 +409,9 @@ class DaemonCore:
         except Exception as e:
             raise P2PUnavailable(f"no dfpeer: {e}") from None
         body = self._download_body(request, decision)
+        if span is not None:
+            # the SuperNode's CDN fetches these pieces from the registry first, out of order if need be
+            body["range"] = span.header()
         try:
             response = await self.local_http.post(
                 api + "/api/v1/downloads", json=body, timeout=10

@@ -1,7 +1,8 @@
 """
 The dfpeer local API, for dfget and dfdaemon on the same host (loopback only).
 
-  POST /api/v1/downloads        start or join a download; answers its task id
+  POST /api/v1/downloads        start or join a download; answers its task id (C{range}: the
+                                bytes wanted first, told to the SuperNode when it registers)
   GET  /api/v1/downloads/<id>   its progress; C{?wait=SECONDS} long-polls until it ends
   GET  /api/v1/downloads/<id>/content
                                 its bytes in order while they arrive (L{dragonfly.peer.stream});
@@ -71,6 +72,15 @@ class LocalApi:
                 raise ApiError(400, "BAD_FIELD", f"field {name!r} must be bytes per second, 0 for none")
             limits[name] = rate
         headers = str_dict(body, "headers")
+        wanted = field(body, "range", str, required=False)
+        if wanted is not None:
+            try:
+                spec = parse_range(wanted)
+            except BadRange as e:
+                raise ApiError(400, "BAD_FIELD", f"field 'range': {e}") from None
+            if not isinstance(spec, ByteRange):
+                raise ApiError(400, "BAD_FIELD", "field 'range' must be one byte range (bytes=FIRST-LAST, bytes=FIRST-, bytes=-COUNT)")
+            wanted = spec.header()
         try:
             check_url(url)
             if digest:
@@ -83,7 +93,7 @@ class LocalApi:
             raise ApiError(400, "BAD_FIELD", "field 'filter' must be a list of strings")
         task = await self.daemon.download_checked(
             {"url": url, "digest": digest, "identifier": identifier, "filter": keys, "notbs": notbs, "headers": headers,
-             **limits}
+             **limits, **({"range": wanted} if wanted else {})}
         )
         return json_response(request, {"taskId": task.task_id, "status": task.status})
 

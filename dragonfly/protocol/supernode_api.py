@@ -65,9 +65,14 @@ class TaskRequest:
     digest: str | None = None
     identifier: str | None = None
     filter: tuple[str, ...] = field(default=(), converter=_strs)
+    #: the bytes the download wants first, one RFC 9110 byte range
+    #: (C{bytes=a-b}, C{bytes=a-}, C{bytes=-n}): a Range request's
+    range: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"peerId": self.peer_id, "url": self.url}
+        if self.range:
+            out["range"] = self.range
         if self.headers:
             out["headers"] = dict(self.headers)
         if self.digest:
@@ -82,7 +87,7 @@ class TaskRequest:
     def from_json(cls, body: dict[str, Any]) -> TaskRequest:
         return cls(
             body["peerId"], body["url"], dict(body.get("headers") or {}), body.get("digest") or None,
-            body.get("identifier"), body.get("filter") or (),
+            body.get("identifier"), body.get("filter") or (), body.get("range") or None,
         )
 
 

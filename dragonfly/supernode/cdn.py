@@ -63,12 +63,18 @@ from ..core.headers import NOT_TO_ORIGIN
 from ..core.ids import is_task_id, parse_digest
 from ..core.logs import safe_url, task_log
 from ..core.pieces import piece_count, piece_span, swarm_piece_size
+from ..core.ranges import ByteRange
 from ..core.ratelimit import TokenBucket
 from ..core.security import OriginDenied
 from ..core.threads import WorkerPool
+from .rangefetch import LOOKAHEAD, piece_bytes, side_headers, side_ok, side_plan, wanted_pieces
 from .resume import Verdict, judge, resume_headers
 
 log = Logger()
+
+#: the wanted ranges a task keeps until its length is known, and the side fetches it runs at once
+MAX_WANTED = 8
+MAX_SIDE_FETCHES = 4
 
 # Dragonfly 1.x result codes, kept in API errors so scripts carry over.
 DF_SOURCE_UNREACHABLE = 607
@@ -105,6 +111,16 @@ class CdnListener(TypingProtocol):
 
 
 @define(eq=False)
+class _Side:
+    """A side fetch: pieces C{[first, end)} asked of the origin out of order (see L{Cdn.want})."""
+
+    first: int
+    end: int
+    writer: ChunkedFileWriter | None = None
+    dropped: bool = False
+
+
+@define(eq=False)
 class CdnTask:
     """One origin file in the cache."""
 
@@ -118,7 +134,9 @@ class CdnTask:
     length: int | None = None
     piece_size: int = 0
     piece_count: int | None = None
-    digests: list[str] = field(factory=list)
+    # each piece's SHA-256 hex, by index; None for a piece not stored yet
+    # (a side fetch stores pieces out of order, see L{Cdn.want})
+    digests: list[str | None] = field(factory=list)
     available: Bitmap | None = None
     sha256: str | None = None
     content_type: str | None = None  # the origin's, passed on (dfdaemon answers with it)
@@ -136,6 +154,16 @@ class CdnTask:
     validators: dict[str, Any] = field(factory=dict)
     validated_at: float = 0.0
     revalidating: list[Deferred] | None = None
+    # what downloads want first (the byte ranges of Range requests), for side fetches
+    wanted: list[ByteRange] = field(factory=list)
+    # the byte the main (in-order) fetch has reached, and where its stored pieces end
+    reach: int = 0
+    stored_to: int = 0
+    # side fetches wrote below here: the data file may have holes past C{stored_to}
+    holes_end: int = 0
+    # the side fetches under way: (first piece, end piece, their writer)
+    side: list[_Side] = field(factory=list)
+    side_bytes: int = 0  # origin bytes the side fetches took
 
 
     @property
@@ -198,11 +226,15 @@ class Cdn:
         on_new_task: Callable[[CdnTask], None] | None = None,
         origin_limit: TokenBucket | None = None,
         revalidate_after: float | None = None,
+        lookahead: int = LOOKAHEAD,
     ) -> None:
         """
         @param revalidate_after: seconds a cached file is trusted without
             asking the origin again (C{None}: never revalidate).
+        @param lookahead: a wanted range the main fetch reaches within this
+            many bytes is left to it; one further off gets a side fetch.
         """
+        self._lookahead = lookahead
         self._origin_limit = origin_limit
         self._revalidate_after = revalidate_after
         self.repo = os.path.join(home, "repo")
@@ -228,6 +260,8 @@ class Cdn:
         self.fetch_failures: dict[str, int] = {}
         self.resumed_fetches = 0  # fetches that went on from bytes stored before
         self.resumed_bytes = 0  # bytes those did not ask the origin for again
+        self.side_fetches = 0  # origin requests for wanted pieces out of order
+        self.side_bytes = 0  # the origin bytes those took
 
     # -- cache on disk -----------------------------------------------------
 
@@ -345,7 +379,7 @@ class Cdn:
             # a failed task tries again: reset it, keep its listeners
             task.status, task.error, task.sha256 = "waiting", None, None
             task.length, task.piece_count, task.available = None, None, None
-            task.digests = []
+            task.digests, task.side, task.wanted = [], [], []
         task.url, task.headers, task.expected_digest = url, clean, digest
         task.last_access = self._clock.seconds()
         task.done = Deferred()
@@ -482,6 +516,10 @@ class Cdn:
         )
         self.fetch_failures[error.code] = self.fetch_failures.get(error.code, 0) + 1
         task.status, task.error = "failed", error
+        self._drop_sides(task, "the fetch failed")
+        if task.holes_end:
+            # the main fetch's pieces are on disk up to here: a resume may trust them
+            self._disk(task.task_id, _mark_holes, self._part_path(task.task_id), task.stored_to, True)
         # nothing half-fetched stays in the cache; what reached the disk whole
         # is parked for the next try when the origin may finish it then
         self._disk(task.task_id, _park_or_remove, task.task_id, self.repo, self.parked, _resumable(error))
@@ -577,9 +615,11 @@ class Cdn:
         }
         if length is not None:
             self._publish_length(task, length)
+        task.reach = task.stored_to = task.holes_end = 0
         writer = self._writer(task, length, None)
         response.deliverBody(writer)
         self._open(task, writer, _open_fresh, task.data_path, self._part_path(task.task_id), header)
+        self._plan_side(task)
 
     def _continue(self, task: CdnTask, response: Any, header: dict[str, Any], point: ResumePoint) -> None:
         """The origin sends the rest of the version on disk: go on from C{point}."""
@@ -597,9 +637,13 @@ class Cdn:
         self._publish_length(task, length)
         for index, digest in enumerate(point.digests):
             self._piece_stored(task, index, digest)
+        task.reach = point.offset
+        task.stored_to = len(point.digests) * task.piece_size
+        task.holes_end = 0
         writer = self._writer(task, length, point)
         response.deliverBody(writer)
         self._open(task, writer, _open_at, task.data_path, point.offset)
+        self._plan_side(task)
 
     def _open(self, task: CdnTask, writer: ChunkedFileWriter, how: Callable[..., int], *args: Any) -> None:
         """Open the data file in the pool (after the task's earlier file work) and give it to C{writer}."""
@@ -612,11 +656,22 @@ class Cdn:
     def _writer(self, task: CdnTask, length: int | None, start: ResumePoint | None) -> ChunkedFileWriter:
         def stored(index: int, digest: str) -> None:
             if task.status == "running":
+                task.stored_to = (index + 1) * task.piece_size
+                if task.holes_end and task.stored_to >= task.holes_end:
+                    # the main fetch's own bytes cover every side fetch's: no holes left
+                    task.holes_end = 0
+                    self._disk(task.task_id, _mark_holes, self._part_path(task.task_id), None)
                 self._piece_stored(task, index, digest)
 
         def counted(n: int) -> None:
             task.origin_bytes += n
             self.origin_bytes += n
+            task.reach += n
+            if task.side:
+                # a side fetch the main fetch has caught up with would only bring bytes twice
+                for side in list(task.side):
+                    if side.writer is not None and side.writer.total <= task.reach:
+                        self._side_dropped(task, side, "the main fetch caught up with it")
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, None, task.piece_size, length, self._idle_timeout, stored, counted,
@@ -636,20 +691,149 @@ class Cdn:
         task.notify("length_known")
 
     def _piece_stored(self, task: CdnTask, index: int, digest: str) -> None:
-        task.digests.append(digest)
-        assert len(task.digests) == index + 1
-        if index == 0:
+        """
+        Piece C{index} is on disk with C{digest}: record and publish it,
+        once.  A piece stored already (by a side fetch, or the main fetch
+        after one) is not published again; its two reads must agree.
+        """
+        if index < len(task.digests) and task.digests[index] is not None:
+            if task.digests[index] != digest:
+                self._fail(
+                    task, TaskError("SOURCE_CHANGED", f"piece {index} of {task.url} differs between two reads of the origin"),
+                )
+            return
+        if index >= len(task.digests):
+            task.digests.extend([None] * (index + 1 - len(task.digests)))
+        task.digests[index] = digest
+        if task.available is not None and not len(task.available):
             task_log(
                 log, LogLevel.info, task.task_id, "first piece ready after {seconds:.3f}s",
-                seconds=self._clock.seconds() - task.fetch_started, pieces=1,
+                seconds=self._clock.seconds() - task.fetch_started, pieces=1, index=index,
             )
         if task.available is not None:
             task.available.set(index)
             task.notify("piece_ready", index)
 
+    # -- pieces wanted first (side fetches) -------------------------------------
+
+    def want(self, task: CdnTask, spec: ByteRange) -> None:
+        """
+        A download wants the bytes C{spec} first (a Range request).  If the
+        main fetch will not reach them within the lookahead, a side fetch
+        asks the origin for exactly the pieces covering them (see
+        L{dragonfly.supernode.rangefetch}); before the length is known the
+        wish waits for it.
+        """
+        if task.status not in ("waiting", "running"):
+            return
+        if len(task.wanted) < MAX_WANTED:
+            task.wanted.append(spec)
+        self._plan_side(task)
+
+    def _plan_side(self, task: CdnTask) -> None:
+        if task.status != "running" or task.length is None or task.available is None or not task.wanted:
+            return
+        wishes, task.wanted = task.wanted, []
+        for spec in wishes:
+            pieces = wanted_pieces(spec, task.length, task.piece_size)
+            if pieces is None:
+                continue
+            plan = side_plan(pieces, task.piece_size, task.reach, _Taken(task), self._lookahead)
+            if plan is not None and len(task.side) < MAX_SIDE_FETCHES:
+                self._side_fetch(task, *plan)
+
+    def _side_fetch(self, task: CdnTask, first: int, end: int) -> None:
+        assert task.length is not None
+        start, stop = piece_bytes(first, end, task.length, task.piece_size)
+        extra = side_headers(task.validators, start, stop)
+        if extra is None:
+            return  # no validator pins the version: the main fetch serves the range
+        side = _Side(first, end)
+        task.side.append(side)
+        self.side_fetches += 1
+        task_log(
+            log, LogLevel.info, task.task_id,
+            "fetching pieces {first}..{last} (bytes {start}-{stop}) out of order: a download wants them first",
+            first=first, last=end - 1, start=start, stop=stop - 1, reach=task.reach,
+        )
+        # bytes past the main fetch's stored pieces may now be written before
+        # it gets there: a resume after a crash trusts the data file only up to them
+        task.holes_end = max(task.holes_end, stop)
+        self._disk(task.task_id, _mark_holes, self._part_path(task.task_id), task.stored_to)
+        headers = dict(task.headers)
+        headers.update(extra)
+        d = self._http.get(task.url, headers=_to_header_lists(headers), unbuffered=True)
+        d.addTimeout(self._idle_timeout, self._clock)
+        d.addCallbacks(
+            lambda response: self._side_response(task, side, start, stop, response),
+            lambda f: self._side_dropped(task, side, f"origin unreachable: {f.getErrorMessage()}"),
+        )
+        d.addErrback(lambda f: self._side_dropped(task, side, f.getErrorMessage()))
+
+    def _side_response(self, task: CdnTask, side: _Side, start: int, stop: int, response: Any) -> None:
+        if side.dropped or task.status != "running":
+            response.deliverBody(_Abort())
+            self._side_dropped(task, side, "no longer needed")
+            return
+        if not side_ok(start, stop, task.validators, response.code, _first_header(response, b"content-range"), _validators(response)):
+            # a 200 (ranges ignored, or a new version) or some other range: the main fetch serves
+            response.deliverBody(_Abort())
+            self._side_dropped(task, side, f"the origin answered {response.code}, not those bytes of the same version")
+            return
+
+        def stored(index: int, digest: str) -> None:
+            if task.status == "running" and not side.dropped:
+                self._piece_stored(task, index, digest)
+
+        def counted(n: int) -> None:
+            task.origin_bytes += n
+            task.side_bytes += n
+            self.origin_bytes += n
+            self.side_bytes += n
+
+        writer = ChunkedFileWriter(
+            self._pool, self._clock, None, task.piece_size, stop, self._idle_timeout, stored, counted,
+            limit=self._origin_limit, start=ResumePoint(start),
+        )
+        side.writer = writer
+        writer.done.addCallbacks(
+            lambda _: self._side_over(task, side, None),
+            lambda f: self._side_over(task, side, f.getErrorMessage()),
+        )
+        response.deliverBody(writer)
+        self._open(task, writer, _open_side, task.data_path)
+
+    def _side_over(self, task: CdnTask, side: _Side, error: str | None) -> None:
+        if side in task.side:
+            task.side.remove(side)
+        if error is not None and not side.dropped:
+            task_log(
+                log, LogLevel.info, task.task_id, "side fetch of pieces {first}..{last} cut: {why}",
+                first=side.first, last=side.end - 1, why=error,
+            )
+
+    def _side_dropped(self, task: CdnTask, side: _Side, why: str) -> None:
+        """Stop a side fetch; the main fetch serves its pieces."""
+        if side.dropped:
+            return
+        side.dropped = True
+        if side in task.side:
+            task.side.remove(side)
+        if side.writer is not None:
+            side.writer.abort(BodyError("SIDE_DROPPED", why))
+        task_log(
+            log, LogLevel.info, task.task_id, "side fetch of pieces {first}..{last} dropped: {why}",
+            first=side.first, last=side.end - 1, why=why,
+        )
+
+    def _drop_sides(self, task: CdnTask, why: str) -> None:
+        for side in list(task.side):
+            self._side_dropped(task, side, why)
+
     def _finished(self, task: CdnTask, total: int, file_hash: str) -> None:
         if task.status != "running":
             return
+        self._drop_sides(task, "the main fetch is complete")
         if task.length is None:
             self._publish_length(task, total)
             assert task.available is not None  # published with the length
@@ -664,6 +848,9 @@ class Cdn:
                     TaskError("DIGEST_MISMATCH", f"origin content has sha256:{file_hash}, expected sha256:{want}"),
                 )
                 return
+        if any(d is None for d in task.digests):
+            self._fail(task, TaskError("INTERNAL", "the fetch ended with pieces missing"))
+            return
         meta = {
             "url": task.url, "length": task.length, "pieceSize": task.piece_size,
             "digests": task.digests, "sha256": file_hash, "contentType": task.content_type,
@@ -819,6 +1006,9 @@ def _resume_offset(header: dict[str, Any], size: int) -> int:
     still its current version.
     """
     length = header["validators"].get("length")
+    holes = header.get("holesFrom")
+    if isinstance(holes, int) and not isinstance(holes, bool) and holes >= 0:
+        size = min(size, holes)  # side fetches wrote past here: maybe holes
     return min(size, length - 1) if isinstance(length, int) and length > 0 else 0
 
 
@@ -851,6 +1041,43 @@ def _open_fresh(data: str, part: str, header: dict[str, Any]) -> int:
     """Write a fetch's header, then open its data file empty."""
     write_json_atomic(part, header)
     return os.open(data, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+def _open_side(data: str) -> int:
+    """Open the data file of a fetch under way for a side fetch (it writes its pieces at their offsets)."""
+    return os.open(data, os.O_WRONLY)
+
+
+def _mark_holes(part: str, offset: int | None, exact: bool = False) -> None:
+    """
+    Note in a fetch's header that the data file may have holes from
+    C{offset} on (see L{_resume_offset}; the lower mark holds unless
+    C{exact}); None: it has none any more.
+    """
+    header = _read_header(part)
+    if header is None:
+        return
+    holes = header.get("holesFrom")
+    if offset is None:
+        header.pop("holesFrom", None)
+    else:
+        header["holesFrom"] = offset if exact or not isinstance(holes, int) else min(holes, offset)
+    write_json_atomic(part, header)
+
+
+class _Taken:
+    """The pieces of C{task} stored, or asked for by a side fetch under way."""
+
+    def __init__(self, task: CdnTask) -> None:
+        self.task = task
+
+    def __contains__(self, index: object) -> bool:
+        t = self.task
+        if not isinstance(index, int):
+            return False
+        if t.available is not None and index in t.available:
+            return True
+        return any(s.first <= index < s.end for s in t.side)
 
 
 def _open_at(data: str, offset: int) -> int:

@@ -28,6 +28,7 @@ from ..core.ids import task_id as make_task_id
 from ..core.logs import safe_url, task_log
 from ..core.metrics import FAST_SECONDS, Distribution
 from ..core.pieces import piece_span
+from ..core.ranges import BadRange, ByteRange, parse_range
 from ..core.security import OriginDenied
 from ..core.traffic import SAMPLE_INTERVAL, TrafficHistory
 from ..protocol.block import E_TASK_FAILED, BlockProtocol
@@ -80,6 +81,44 @@ class SyncResult:
     parents: list[Parent]
     seed_pieces: list[int]
     sync_interval: float = SYNC_INTERVAL
+
+
+def _wanted_range(value: str | None) -> ByteRange | None:
+    """A registration's C{range}: one byte range, or None; anything else is refused."""
+    if value is None:
+        return None
+    try:
+        spec = parse_range(value)
+    except BadRange as e:
+        raise Refused("BAD_FIELD", f"field 'range': {e}") from None
+    if not isinstance(spec, ByteRange):
+        raise Refused("BAD_FIELD", "field 'range' must be one byte range, as bytes=FIRST-LAST, bytes=FIRST- or bytes=-COUNT")
+    return spec
+
+
+def digest_runs(digests: list[str | None]) -> list[tuple[int, list[str]]]:
+    """The runs of known digests in C{digests}: C{(first index, digests)} each."""
+    runs: list[tuple[int, list[str]]] = []
+    run: list[str] = []
+    for i, d in enumerate(digests):
+        if d is not None:
+            run.append(d)
+        elif run:
+            runs.append((i - len(run), run))
+            run = []
+    if run:
+        runs.append((len(digests) - len(run), run))
+    return runs
+
+
+def known_from(digests: list[str | None], first: int) -> list[str]:
+    """The digests from C{first} on up to the first one not known yet (a sync answer's list has no holes)."""
+    out: list[str] = []
+    for d in digests[first:]:
+        if d is None:
+            break
+        out.append(d)
+    return out
 
 
 @frozen
@@ -167,8 +206,9 @@ class SeedSide:
 
     def attached(self, conn: BlockProtocol) -> None:
         self.conns.add(conn)
-        if self.task.digests:
-            conn.send_digests(0, [bytes.fromhex(d) for d in self.task.digests])
+        # each run of known digests (a side fetch stores pieces out of order)
+        for first, run in digest_runs(self.task.digests):
+            conn.send_digests(first, [bytes.fromhex(d) for d in run])
 
     def detached(self, conn: BlockProtocol, reason: str) -> None:
         self.conns.discard(conn)
@@ -208,7 +248,9 @@ class SeedSide:
             conn.send_bitfield(task.available)
 
     def piece_ready(self, task: CdnTask, index: int) -> None:
-        digest = bytes.fromhex(task.digests[index])
+        known = task.digests[index]
+        assert known is not None  # recorded before the piece is published
+        digest = bytes.fromhex(known)
         for conn in list(self.conns):
             conn.send_digests(index, [digest])
             conn.send_have(index)
@@ -362,6 +404,7 @@ class SuperNode:
         except BadInput as e:
             raise Refused("BAD_INPUT", str(e)) from None
         tid = make_task_id(req.url, digest=req.digest, identifier=req.identifier, filter_keys=req.filter)
+        wanted = _wanted_range(req.range)
         self._known_peer(req.peer_id)
         if origin_policy is not None and not origin_policy.open:
             try:
@@ -377,6 +420,9 @@ class SuperNode:
         fetches = self.cdn.origin_fetches
         task = await self.cdn.fresh(tid, req.url, req.headers, req.digest)
         self._known_peer(req.peer_id)
+        if wanted is not None:
+            # a Range request: its pieces may come from the origin out of order
+            self.cdn.want(task, wanted)
         task_log(
             log, LogLevel.info, tid, "registered by {peerId} ({cache}, CDN {status})",
             peerId=req.peer_id, cache="cache miss" if self.cdn.origin_fetches > fetches else "cache hit",
@@ -449,7 +495,7 @@ class SuperNode:
         self.note_peer_bytes(task_id, report.peer_bytes)
         parents = [self.seed_parent()] if task.status != "failed" else []
         parents.extend(Parent(p.peer_id, p.ip, p.port) for p in decision.parents)
-        return SyncResult(task, report.digests_from, task.digests[report.digests_from:], parents, decision.seed_pieces)
+        return SyncResult(task, report.digests_from, known_from(task.digests, report.digests_from), parents, decision.seed_pieces)
 
     def join(self, task_id: str, peer_id: str) -> None:
         """

@@ -1,0 +1,309 @@
+"""
+Pieces a download wants first, fetched out of order (L{dragonfly.supernode.rangefetch}
+and the CDN's side fetches): the range -> pieces mapping and the plan under
+hypothesis, and the CDN against a fake origin (no sockets, a fake clock, a
+pool that runs at once) storing, recording and publishing pieces out of
+order exactly once each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from dragonfly.core.ranges import ByteRange
+from dragonfly.supernode.cdn import Cdn
+from dragonfly.supernode.node import digest_runs, known_from
+from dragonfly.supernode.rangefetch import piece_bytes, side_headers, side_ok, side_plan, wanted_pieces
+
+from .test_cdn import BODY, ETAG, LM, PIECE, TID, URL, digests, ranged, validator_headers, whole
+from .test_supernode_api import FakeHttp, FakeResponse, FakeTransport, SyncPool
+
+# -- pure ------------------------------------------------------------------------------
+
+specs = st.one_of(
+    st.builds(lambda a, n: ByteRange(first=a, last=None if n is None else a + n), st.integers(0, 1 << 34), st.one_of(st.none(), st.integers(0, 1 << 34))),
+    st.builds(lambda n: ByteRange(suffix=n), st.integers(0, 1 << 34)),
+)
+
+
+@given(specs, st.integers(0, 1 << 35), st.integers(1, 1 << 24))
+def test_wanted_pieces_cover_exactly_the_range(spec: ByteRange, length: int, piece: int) -> None:
+    pieces = wanted_pieces(spec, length, piece)
+    span = spec.resolve(length)
+    if span is None:
+        assert pieces is None
+        return
+    assert pieces is not None
+    first, end = pieces
+    start, stop = piece_bytes(first, end, length, piece)
+    # every wanted byte is in those pieces; no piece is there without a wanted byte
+    assert start <= span[0] < span[1] <= stop
+    assert span[0] - start < piece and stop - span[1] < piece
+    assert 0 <= first < end <= -(-length // piece)
+
+
+@given(
+    st.integers(1, 200), st.integers(0, 200), st.integers(1, 64), st.integers(0, 300 * 64), st.integers(0, 20 * 64),
+    st.sets(st.integers(0, 400), max_size=40),
+)
+def test_side_plan(first: int, more: int, piece: int, reach: int, lookahead: int, taken: set[int]) -> None:
+    wanted = (first, first + more)
+    plan = side_plan(wanted, piece, reach, taken, lookahead)
+    left = [i for i in range(*wanted) if i not in taken and i * piece >= reach + lookahead]
+    if not left:
+        assert plan is None
+        return
+    assert plan is not None
+    a, b = plan
+    # one request, within the wanted pieces, covering every piece the main fetch is not about to bring
+    assert wanted[0] <= a < b <= wanted[1]
+    assert a == left[0] and b == left[-1] + 1
+    assert a not in taken and (b - 1) not in taken
+
+
+@given(st.sampled_from([ETAG, 'W/"weak"', None]), st.sampled_from([LM, None]), st.integers(0, 1000), st.integers(1, 1000))
+def test_side_headers_pin_the_version(etag: str | None, modified: str | None, start: int, size: int) -> None:
+    length = start + size + 7
+    out = side_headers({"etag": etag, "lastModified": modified, "length": length}, start, start + size)
+    if etag == ETAG:
+        assert out == {"Range": f"bytes={start}-{start + size - 1}", "If-Range": ETAG}
+    elif modified:
+        assert out == {"Range": f"bytes={start}-{start + size - 1}", "If-Range": LM}
+    else:
+        assert out is None  # nothing pins the bytes: no side fetch
+
+
+def test_side_ok_takes_only_those_bytes_of_that_version() -> None:
+    stored = {"etag": ETAG, "lastModified": LM, "length": 100}
+    assert side_ok(10, 20, stored, 206, "bytes 10-19/100", {"etag": ETAG, "lastModified": None})
+    assert not side_ok(10, 20, stored, 200, None, {"etag": ETAG})
+    assert not side_ok(10, 20, stored, 206, "bytes 10-29/100", {"etag": ETAG})
+    assert not side_ok(10, 20, stored, 206, "bytes 10-19/101", {"etag": ETAG})
+    assert not side_ok(10, 20, stored, 206, "bytes 10-19/100", {"etag": '"v2"'})
+    assert not side_ok(10, 20, stored, 206, None, {"etag": ETAG})
+
+
+@given(st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "c"])), max_size=30), st.integers(0, 35))
+def test_digest_runs_and_known_from(ds: list[str | None], first: int) -> None:
+    runs = digest_runs(ds)
+    rebuilt: list[str | None] = [None] * len(ds)
+    for at, run in runs:
+        assert run and all(d is not None for d in run)
+        rebuilt[at : at + len(run)] = run
+    assert rebuilt == ds
+    prefix = known_from(ds, first)
+    assert prefix == ds[first : first + len(prefix)]
+    assert first + len(prefix) >= len(ds) or ds[first + len(prefix)] is None
+
+
+# -- the CDN ---------------------------------------------------------------------------
+
+
+class Stepped(FakeResponse):
+    """A body the test sends a piece at a time."""
+
+    protocol: Any = None
+    sent: int = 0
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        self.transport = FakeTransport()
+        protocol.makeConnection(self.transport)
+
+    def feed(self, upto: int) -> None:
+        self.protocol.dataReceived(self.body[self.sent : upto])
+        self.sent = upto
+
+    def end(self) -> None:
+        self.feed(len(self.body))
+        self.protocol.connectionLost(Failure(ResponseDone()))
+
+
+def stepped(body: bytes = BODY, etag: str | None = ETAG) -> Stepped:
+    return Stepped(body=body, headers=validator_headers(etag))
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.ready: list[int] = []
+        self.events: list[str] = []
+
+    def length_known(self, task: Any) -> None:
+        self.events.append("length")
+
+    def piece_ready(self, task: Any, index: int) -> None:
+        assert task.digests[index] is not None
+        self.ready.append(index)
+
+    def task_failed(self, task: Any) -> None:
+        self.events.append("failed")
+
+    def task_done(self, task: Any) -> None:
+        self.events.append("done")
+
+
+class Env:
+    def __init__(self, home: str) -> None:
+        self.home, self.clock, self.http = home, Clock(), FakeHttp()
+        # the main fetch leaves wanted pieces more than one piece ahead of it to a side fetch
+        self.cdn = Cdn(home, self.http, SyncPool(), self.clock, piece_size=PIECE, lookahead=PIECE)
+
+    def start(self) -> tuple[Any, Listener, Stepped]:
+        task = self.cdn.ensure(TID, URL)
+        listener = Listener()
+        task.listeners.append(listener)
+        main = stepped()
+        self.http.serve(main, 0)
+        return task, listener, main
+
+
+@pytest.fixture
+def env(tmp_path: Any) -> Env:
+    return Env(str(tmp_path))
+
+
+LAST = len(digests(BODY)) - 1  # 7, a short piece
+
+
+def test_a_wanted_tail_is_fetched_out_of_order_and_published_once(env: Env) -> None:
+    task, listener, main = env.start()
+    main.feed(PIECE + 10)
+    assert listener.ready == [0]
+    env.cdn.want(task, ByteRange(suffix=100))
+    assert len(env.http.calls) == 2
+    assert env.http.calls[1].headers == {"Range": [f"bytes={LAST * PIECE}-{len(BODY) - 1}"], "If-Range": [ETAG]}
+    env.http.serve(ranged(LAST * PIECE), 1)
+    # the tail is stored, recorded and published before the main fetch gets there
+    assert listener.ready == [0, LAST]
+    assert task.digests[LAST] == digests(BODY)[LAST] and task.digests[1] is None
+    with open(task.data_path, "rb") as f:
+        f.seek(LAST * PIECE)
+        assert f.read() == BODY[LAST * PIECE :]
+    # a crash now would resume from the main fetch's stored pieces only (before the first hole)
+    part = os.path.join(env.home, "repo", TID + ".part")
+    with open(part) as f:
+        assert json.load(f)["holesFrom"] == PIECE
+    main.end()
+    assert task.status == "success", task.error
+    assert sorted(listener.ready) == list(range(LAST + 1)) and len(listener.ready) == LAST + 1
+    assert task.digests == digests(BODY) and task.sha256 == hashlib.sha256(BODY).hexdigest()
+    assert open(task.data_path, "rb").read() == BODY
+    assert task.side_bytes == len(BODY) - LAST * PIECE
+    assert task.origin_bytes == len(BODY) + task.side_bytes
+    meta = json.load(open(task.meta_path))
+    assert meta["digests"] == digests(BODY)
+
+
+def test_the_holes_mark_goes_once_the_main_fetch_passes_the_side_fetch(env: Env) -> None:
+    task, listener, main = env.start()
+    env.cdn.want(task, ByteRange(first=4 * PIECE, last=4 * PIECE + 9))
+    side = ranged(4 * PIECE, body=BODY[: 5 * PIECE], content_range=f"bytes {4 * PIECE}-{5 * PIECE - 1}/{len(BODY)}")
+    env.http.serve(side, 1)
+    assert listener.ready == [4]
+    part = os.path.join(env.home, "repo", TID + ".part")
+    main.feed(4 * PIECE + 3)
+    assert json.load(open(part))["holesFrom"] == 0
+    main.feed(5 * PIECE)
+    assert "holesFrom" not in json.load(open(part))  # the main fetch's own pieces reach the side fetch's end
+    assert listener.ready == [4, 0, 1, 2, 3]
+    main.end()
+    assert task.status == "success" and task.digests == digests(BODY)
+
+
+def test_a_range_the_main_fetch_reaches_soon_gets_no_side_fetch(env: Env) -> None:
+    task, listener, main = env.start()
+    main.feed(PIECE)
+    env.cdn.want(task, ByteRange(first=PIECE + 5, last=2 * PIECE - 1))  # piece 1: within the lookahead
+    assert len(env.http.calls) == 1
+    env.cdn.want(task, ByteRange(first=0, last=10))  # stored already
+    assert len(env.http.calls) == 1
+    main.end()
+    assert task.status == "success" and task.origin_bytes == len(BODY)
+
+
+def test_a_range_wanted_before_the_length_waits_for_it(env: Env) -> None:
+    task = env.cdn.ensure(TID, URL)
+    env.cdn.want(task, ByteRange(first=5 * PIECE, last=6 * PIECE + 1))
+    assert len(env.http.calls) == 1
+    main = stepped()
+    env.http.serve(main, 0)
+    assert env.http.calls[1].headers["Range"] == [f"bytes={5 * PIECE}-{7 * PIECE - 1}"]
+    # the main fetch catches up with the side fetch before it answers: nothing twice
+    main.end()
+    assert task.status == "success" and task.digests == digests(BODY)
+    side = ranged(5 * PIECE, body=BODY[: 7 * PIECE], content_range=f"bytes {5 * PIECE}-{7 * PIECE - 1}/{len(BODY)}")
+    env.http.serve(side, 1)
+    assert side.delivered and task.side_bytes == 0
+    assert open(task.data_path, "rb").read() == BODY
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        whole(),  # the origin ignores ranges (or the file changed): a 200
+        ranged(LAST * PIECE, etag='"v2"'),  # another version
+        ranged(LAST * PIECE, content_range=f"bytes {LAST * PIECE}-{len(BODY) - 1}/{len(BODY) + 1}"),
+    ],
+)
+def test_a_side_fetch_answered_wrong_is_dropped_and_the_main_fetch_serves(env: Env, answer: FakeResponse) -> None:
+    task, listener, main = env.start()
+    env.cdn.want(task, ByteRange(suffix=10))
+    env.http.serve(answer, 1)
+    assert listener.ready == [] and task.side == [] and task.side_bytes == 0
+    main.end()
+    assert task.status == "success"
+    assert listener.ready == list(range(LAST + 1))
+    assert open(task.data_path, "rb").read() == BODY and task.origin_bytes == len(BODY)
+
+
+def test_two_reads_that_disagree_fail_the_task(env: Env) -> None:
+    """An origin that sends other bytes for the same validators: nothing is committed."""
+    task, listener, main = env.start()
+    env.cdn.want(task, ByteRange(suffix=10))
+    bad = BODY[: LAST * PIECE] + bytes(len(BODY) - LAST * PIECE)
+    env.http.serve(ranged(LAST * PIECE, body=bad), 1)
+    assert listener.ready == [LAST]
+    main.end()
+    assert task.status == "failed" and task.error.code == "SOURCE_CHANGED"
+    assert not os.path.exists(task.meta_path)
+
+
+def test_a_failed_main_fetch_drops_its_side_fetches_and_resumes_before_the_holes(env: Env) -> None:
+    task, listener, main = env.start()
+    main.feed(2 * PIECE)
+    env.cdn.want(task, ByteRange(first=5 * PIECE, last=5 * PIECE))
+    side = Stepped(
+        code=206, body=BODY[5 * PIECE : 6 * PIECE],
+        headers=validator_headers(),
+    )
+    side.headers.setRawHeaders(b"content-range", [f"bytes {5 * PIECE}-{6 * PIECE - 1}/{len(BODY)}".encode()])
+    env.http.serve(side, 1)
+    side.feed(PIECE)
+    assert listener.ready == [0, 1, 5]
+    main.feed(3 * PIECE)
+    main.protocol.connectionLost(Failure(ConnectionError("reset")))
+    assert task.status == "failed" and task.error.code == "SOURCE_TRUNCATED"
+    # the next fetch trusts only the prefix before the first hole (3 pieces < 5)
+    again = env.cdn.ensure(TID, URL)
+    assert env.http.calls[-1].headers == {"Range": [f"bytes={3 * PIECE}-"], "If-Range": [ETAG]}
+    env.http.serve(ranged(3 * PIECE), -1)
+    assert again.status == "success" and again.digests == digests(BODY)
+    assert open(again.data_path, "rb").read() == BODY
+
+
+def test_a_fresh_cdn_without_wishes_fetches_as_before(tmp_path: Any) -> None:
+    http = FakeHttp()
+    cdn = Cdn(str(tmp_path), http, SyncPool(), Clock(), piece_size=PIECE)
+    task = cdn.ensure(TID, URL)
+    http.serve(whole())
+    assert task.status == "success" and len(http.calls) == 1 and task.side_bytes == 0
