@@ -239,6 +239,9 @@ class Neighbours:
             return
         picker.have(conn, index)
         if conn is self.seed_conn:
+            at = self.task.stream_from
+            if at is not None and 0 <= index - at < picker.stream_window and index not in picker.seed_allowed:
+                self.task.want_now()  # a piece an in-order reader waits for reached the seed: sync now
             self.fill()
             return
         # HAVEs are the most frequent event: only this connection's choice can change
