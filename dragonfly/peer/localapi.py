@@ -141,7 +141,7 @@ class LocalApi:
         except BadRange as e:
             raise ApiError(416, "BAD_RANGE", str(e)) from None
         stream = TaskStream(task, request)
-        await stream.ready()
+        await stream.ready(spec if isinstance(spec, ByteRange) else None)
         if task.status == "failed":
             err = task.error
             raise ApiError(502, err.code if err else "FAILED", err.message if err else "the download failed")

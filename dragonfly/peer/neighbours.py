@@ -62,6 +62,11 @@ class Neighbours:
             return
         if any(c.remote_id == remote for c in self.conns) or self.is_banned(remote):
             return
+        seed = self._seed_proto
+        if parent.seed and seed is not None and seed.transport is not None and not seed.closed:
+            # connected, not attached yet (its handshake): a second one would
+            # take its place as the seed's and the first would be refused DIGESTS
+            return
         self._connecting.add(remote)
         endpoint = self.daemon.endpoint(parent.ip, parent.port)
         proto = self.daemon.block_factory.client(self, self.task.task_id, remote)

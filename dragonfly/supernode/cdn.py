@@ -118,6 +118,7 @@ class _Side:
     end: int
     writer: ChunkedFileWriter | None = None
     dropped: bool = False
+    holding: ChunkedFileWriter | None = None  # the main fetch's writer, paused for this side fetch
 
 
 @define(eq=False)
@@ -164,6 +165,8 @@ class CdnTask:
     # the side fetches under way: (first piece, end piece, their writer)
     side: list[_Side] = field(factory=list)
     side_bytes: int = 0  # origin bytes the side fetches took
+    # the main fetch's body writer (held while a side fetch brings wanted pieces)
+    main_writer: ChunkedFileWriter | None = None
 
 
     @property
@@ -677,6 +680,7 @@ class Cdn:
             self._pool, self._clock, None, task.piece_size, length, self._idle_timeout, stored, counted,
             limit=self._origin_limit, start=start,
         )
+        task.main_writer = writer
         writer.done.addCallbacks(
             lambda result: self._finished(task, *result),
             lambda f: self._fail(task, TaskError(f.value.code, f.value.message))
@@ -796,6 +800,13 @@ class Cdn:
             limit=self._origin_limit, start=ResumePoint(start),
         )
         side.writer = writer
+        if task.main_writer is not None:
+            # the wanted pieces first: the main fetch waits (the same bytes
+            # in all, and the origin's and this process's time go to them)
+            # never long enough for the main fetch's idle timer to fire
+            side.holding = task.main_writer
+            side.holding._hold()
+            self._clock.callLater(self._idle_timeout / 2, self._unhold, side)
         writer.done.addCallbacks(
             lambda _: self._side_over(task, side, None),
             lambda f: self._side_over(task, side, f.getErrorMessage()),
@@ -804,6 +815,7 @@ class Cdn:
         self._open(task, writer, _open_side, task.data_path)
 
     def _side_over(self, task: CdnTask, side: _Side, error: str | None) -> None:
+        self._unhold(side)
         if side in task.side:
             task.side.remove(side)
         if error is not None and not side.dropped:
@@ -817,6 +829,7 @@ class Cdn:
         if side.dropped:
             return
         side.dropped = True
+        self._unhold(side)
         if side in task.side:
             task.side.remove(side)
         if side.writer is not None:
@@ -825,6 +838,11 @@ class Cdn:
             log, LogLevel.info, task.task_id, "side fetch of pieces {first}..{last} dropped: {why}",
             first=side.first, last=side.end - 1, why=why,
         )
+
+    def _unhold(self, side: _Side) -> None:
+        held, side.holding = side.holding, None
+        if held is not None:
+            held._release()
 
     def _drop_sides(self, task: CdnTask, why: str) -> None:
         for side in list(task.side):
