@@ -734,6 +734,18 @@ class Cdn:
             task.wanted.append(spec)
         self._plan_side(task)
 
+    def length_wait(self, task: CdnTask, timeout: float) -> Deferred[CdnTask]:
+        """Fires with C{task} once its length is known, it ended, or after C{timeout} seconds."""
+        d: Deferred[CdnTask] = Deferred()
+        if task.length is not None or task.status not in ("waiting", "running"):
+            d.callback(task)
+            return d
+        waiter = _LengthWaiter(task, d)
+        task.listeners.append(waiter)
+        timer = self._clock.callLater(timeout, waiter.fire)
+        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d
+
     def _plan_side(self, task: CdnTask) -> None:
         if task.status != "running" or task.length is None or task.available is None or not task.wanted:
             return
@@ -1081,6 +1093,24 @@ def _mark_holes(part: str, offset: int | None, exact: bool = False) -> None:
     else:
         header["holesFrom"] = offset if exact or not isinstance(holes, int) else min(holes, offset)
     write_json_atomic(part, header)
+
+
+class _LengthWaiter:
+    """A CDN listener that fires a Deferred at the first sign of a length or an end, then leaves."""
+
+    def __init__(self, task: CdnTask, d: Deferred) -> None:
+        self.task, self.d = task, d
+
+    def fire(self, *_: Any) -> None:
+        if self in self.task.listeners:
+            self.task.listeners.remove(self)
+        if not self.d.called:
+            self.d.callback(self.task)
+
+    length_known = task_failed = task_done = fire
+
+    def piece_ready(self, task: CdnTask, index: int) -> None:
+        pass
 
 
 class _Taken:

@@ -83,6 +83,12 @@ class SyncResult:
     sync_interval: float = SYNC_INTERVAL
 
 
+#: a registration with a range waits this long for the origin's length
+REGISTER_LENGTH_WAIT = 2.0
+#: registered ranges kept for the seed's choice (the oldest go first)
+MAX_WANTED_PEERS = 10000
+
+
 def _wanted_range(value: str | None) -> ByteRange | None:
     """A registration's C{range}: one byte range, or None; anything else is refused."""
     if value is None:
@@ -313,6 +319,9 @@ class SuperNode:
         self.traffic = TrafficHistory()
         self._feed = _SchedulerFeed(scheduler)
         self._seeds: dict[str, SeedSide] = {}
+        # (task id, peer id) -> the byte range a peer registered with, the
+        # seed's first choice for it until the peer says what it streams
+        self._wanted: dict[tuple[str, str], ByteRange] = {}
         self.cdn: Cdn = cdn_factory(self._track)
 
     def _track(self, task: CdnTask) -> None:
@@ -423,6 +432,14 @@ class SuperNode:
         if wanted is not None:
             # a Range request: its pieces may come from the origin out of order
             self.cdn.want(task, wanted)
+            if len(self._wanted) >= MAX_WANTED_PEERS:
+                self._wanted.pop(next(iter(self._wanted)))
+            self._wanted[(tid, req.peer_id)] = wanted
+            if task.length is None and task.status in ("waiting", "running"):
+                # the peer's first sync then has the length (and the range's
+                # pieces in its seed allowance): no sync interval lost
+                task = await self.cdn.length_wait(task, REGISTER_LENGTH_WAIT)
+                self._known_peer(req.peer_id)
         task_log(
             log, LogLevel.info, tid, "registered by {peerId} ({cache}, CDN {status})",
             peerId=req.peer_id, cache="cache miss" if self.cdn.origin_fetches > fetches else "cache hit",
@@ -451,6 +468,7 @@ class SuperNode:
     def leave_task(self, task_id: str, peer_id: str) -> None:
         """The peer no longer holds the task (it evicted it)."""
         self.scheduler.leave(task_id, peer_id)
+        self._wanted.pop((task_id, peer_id), None)
 
     def sync(self, task_id: str, report: SyncReport) -> SyncResult:
         """
@@ -485,7 +503,7 @@ class SuperNode:
             self.scheduler.report(
                 task_id, report.peer_id, self.clock.seconds(), have=have, failed=failed, banned=list(report.banned),
             )
-            decision = self.decide(task_id, report.peer_id, report.starving, report.want)
+            decision = self.decide(task_id, report.peer_id, report.starving, self._want(task, report))
         except UnknownTask:
             raise Refused("TASK_UNKNOWN", f"task {task_id} is not known") from None
         finally:
@@ -496,6 +514,21 @@ class SuperNode:
         parents = [self.seed_parent()] if task.status != "failed" else []
         parents.extend(Parent(p.peer_id, p.ip, p.port) for p in decision.parents)
         return SyncResult(task, report.digests_from, known_from(task.digests, report.digests_from), parents, decision.seed_pieces)
+
+    def _want(self, task: CdnTask, report: SyncReport) -> int | None:
+        """The piece a peer's reader waits for: as it reports, else the first of the range it registered with."""
+        key = (task.task_id, report.peer_id)
+        if report.want is not None:
+            self._wanted.pop(key, None)
+            return report.want
+        spec = self._wanted.get(key)
+        if spec is None or task.length is None or not task.piece_size:
+            return None
+        span = spec.resolve(task.length)
+        if span is None:
+            self._wanted.pop(key, None)
+            return None
+        return span[0] // task.piece_size
 
     def join(self, task_id: str, peer_id: str) -> None:
         """

@@ -109,6 +109,13 @@ def test_digest_runs_and_known_from(ds: list[str | None], first: int) -> None:
 # -- the CDN ---------------------------------------------------------------------------
 
 
+class Counting(FakeTransport):
+    resumed = 0
+
+    def resumeProducing(self) -> None:
+        self.resumed += 1
+
+
 class Stepped(FakeResponse):
     """A body the test sends a piece at a time."""
 
@@ -117,7 +124,7 @@ class Stepped(FakeResponse):
 
     def deliverBody(self, protocol: Any) -> None:
         self.protocol = protocol
-        self.transport = FakeTransport()
+        self.transport = Counting()
         protocol.makeConnection(self.transport)
 
     def feed(self, upto: int) -> None:
@@ -202,6 +209,37 @@ def test_a_wanted_tail_is_fetched_out_of_order_and_published_once(env: Env) -> N
     assert task.origin_bytes == len(BODY) + task.side_bytes
     meta = json.load(open(task.meta_path))
     assert meta["digests"] == digests(BODY)
+
+
+def test_the_main_fetch_waits_while_a_side_fetch_brings_the_wanted_pieces(env: Env) -> None:
+    task, listener, main = env.start()
+    main.feed(PIECE)
+    env.cdn.want(task, ByteRange(suffix=10))
+    side = Stepped(code=206, body=BODY[LAST * PIECE :], headers=validator_headers())
+    side.headers.setRawHeaders(b"content-range", [f"bytes {LAST * PIECE}-{len(BODY) - 1}/{len(BODY)}".encode()])
+    env.http.serve(side, 1)
+    paused, resumed = main.transport.paused, main.transport.resumed
+    assert paused >= 1
+    side.feed(10)
+    assert main.transport.resumed == resumed  # still held
+    side.end()
+    assert main.transport.resumed == resumed + 1 and listener.ready == [0, LAST]
+    main.end()
+    assert task.status == "success" and task.digests == digests(BODY)
+
+
+def test_a_side_fetch_never_holds_the_main_fetch_past_half_its_idle_timeout(env: Env) -> None:
+    task, listener, main = env.start()
+    env.cdn.want(task, ByteRange(suffix=10))
+    side = Stepped(code=206, body=BODY[LAST * PIECE :], headers=validator_headers())
+    side.headers.setRawHeaders(b"content-range", [f"bytes {LAST * PIECE}-{len(BODY) - 1}/{len(BODY)}".encode()])
+    env.http.serve(side, 1)
+    resumed = main.transport.resumed
+    env.clock.advance(31)
+    assert main.transport.resumed == resumed + 1
+    side.end()
+    main.end()
+    assert task.status == "success" and sorted(listener.ready) == list(range(LAST + 1)) and len(listener.ready) == LAST + 1
 
 
 def test_the_holes_mark_goes_once_the_main_fetch_passes_the_side_fetch(env: Env) -> None:
@@ -307,3 +345,62 @@ def test_a_fresh_cdn_without_wishes_fetches_as_before(tmp_path: Any) -> None:
     task = cdn.ensure(TID, URL)
     http.serve(whole())
     assert task.status == "success" and len(http.calls) == 1 and task.side_bytes == 0
+
+
+# -- the SuperNode: a registration with a range ------------------------------------------
+
+
+def node_env(home: str) -> Any:
+    from treq.testing import StubTreq
+
+    from dragonfly.supernode.api import SupernodeApi
+    from dragonfly.supernode.node import SuperNode
+    from dragonfly.supernode.scheduler import Scheduler
+
+    from .test_supernode_api import Env as ApiEnv
+
+    clock, http = Clock(), FakeHttp()
+    node = SuperNode(
+        lambda track: Cdn(home, http, SyncPool(), clock, piece_size=PIECE, on_new_task=track, lookahead=PIECE),
+        Scheduler(rng=__import__("random").Random(0)), clock, "10.0.0.9", 8001,
+    )
+    return ApiEnv(home, clock, http, node, StubTreq(SupernodeApi(node).resource()))
+
+
+def test_a_registration_with_a_range_waits_for_the_length_and_the_seed_offers_the_range_first(tmp_path: Any) -> None:
+    from .test_supernode_api import BASE, result
+
+    env = node_env(str(tmp_path))
+    env.register_peer()
+    d = env.stub.request("POST", BASE + "/api/v1/tasks", json={"peerId": "peer-1", "url": URL, "range": "bytes=-100"})
+    env.stub.flush()
+    answered: list[Any] = []
+    d.addBoth(answered.append)
+    assert answered == []  # the origin has not answered: no length yet
+    main = stepped()
+    env.http.serve(main, 0)
+    env.stub.flush()
+    assert len(answered) == 1
+    answer = json.loads(result(answered[0].content()))
+    assert answer["task"]["contentLength"] == len(BODY)
+    # the tail's piece is asked of the origin at once, out of order
+    assert env.http.calls[1].headers == {"Range": [f"bytes={LAST * PIECE}-{len(BODY) - 1}"], "If-Range": [ETAG]}
+    env.http.serve(ranged(LAST * PIECE), 1)
+    code, data = env.sync(answer["taskId"])
+    assert code == 200, data
+    # the digests known so far, without holes: piece 7's comes by the seed's DIGESTS frame
+    assert data["digestsFrom"] == 0 and data["digests"] == []
+    # the peer streams nothing yet; the range it registered with comes first
+    assert LAST in data["seedPieces"], data
+    main.end()
+    code, data = env.sync(answer["taskId"], digestsFrom=0)
+    assert data["digests"] == digests(BODY)
+
+
+@pytest.mark.parametrize("value", ["bytes=5-1", "bytes=0-1,4-5", "pages=1-2", "bytes=x"])
+def test_a_registration_with_a_bad_range_is_refused(tmp_path: Any, value: str) -> None:
+    env = node_env(str(tmp_path))
+    env.register_peer()
+    code, data = env.register_task(range=value)
+    assert code == 400 and data["error"]["code"] == "BAD_FIELD", data
+    assert env.http.calls == []
