@@ -26,6 +26,7 @@ from ..core.httpapi import ApiError, field, install_error_handlers, json_respons
 from ..core.ids import BadInput, check_url, is_task_id, parse_digest
 from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
 from ..core.ranges import MULTIPLE, BadRange, ByteRange, content_range, parse_range
+from ..protocol.supernode_api import range_identifier
 from . import metrics
 from .daemon import PeerDaemon
 from .stream import TaskStream
@@ -73,6 +74,9 @@ class LocalApi:
             limits[name] = rate
         headers = str_dict(body, "headers")
         wanted = field(body, "range", str, required=False)
+        prefetch = field(body, "prefetch", bool, required=False, default=True)
+        if not prefetch and (wanted is None or digest):
+            raise ApiError(400, "BAD_FIELD", "field 'prefetch' false needs a 'range' (the download is those bytes) and no 'digest'")
         if wanted is not None:
             try:
                 spec = parse_range(wanted)
@@ -81,6 +85,9 @@ class LocalApi:
             if not isinstance(spec, ByteRange):
                 raise ApiError(400, "BAD_FIELD", "field 'range' must be one byte range (bytes=FIRST-LAST, bytes=FIRST-, bytes=-COUNT)")
             wanted = spec.header()
+            if not prefetch:
+                # the range alone is the download: it is part of the task id
+                identifier = range_identifier(identifier, wanted)
         try:
             check_url(url)
             if digest:
@@ -93,7 +100,7 @@ class LocalApi:
             raise ApiError(400, "BAD_FIELD", "field 'filter' must be a list of strings")
         task = await self.daemon.download_checked(
             {"url": url, "digest": digest, "identifier": identifier, "filter": keys, "notbs": notbs, "headers": headers,
-             **limits, **({"range": wanted} if wanted else {})}
+             **limits, **({"range": wanted} if wanted else {}), **({} if prefetch else {"prefetch": False})}
         )
         return json_response(request, {"taskId": task.task_id, "status": task.status})
 

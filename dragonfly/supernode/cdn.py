@@ -68,7 +68,7 @@ from ..core.ratelimit import TokenBucket
 from ..core.security import OriginDenied
 from ..core.threads import WorkerPool
 from .rangefetch import LOOKAHEAD, piece_bytes, side_headers, side_ok, side_plan, wanted_pieces
-from .resume import Verdict, judge, resume_headers
+from .resume import Verdict, judge, parse_content_range, resume_headers
 
 log = Logger()
 
@@ -167,6 +167,9 @@ class CdnTask:
     side_bytes: int = 0  # origin bytes the side fetches took
     # the main fetch's body writer (held while a side fetch brings wanted pieces)
     main_writer: ChunkedFileWriter | None = None
+    # a task that is one byte range of the origin file alone (a download
+    # without prefetch): the origin is asked for those bytes only
+    fetch_range: ByteRange | None = None
 
 
     @property
@@ -361,10 +364,14 @@ class Cdn:
         url: str,
         headers: dict[str, str] | None = None,
         digest: str | None = None,
+        fetch_range: ByteRange | None = None,
     ) -> CdnTask:
         """
         The task for C{task_id}, starting its origin fetch unless one is running
         or done (single-flight).  A failed task is fetched again.
+
+        @param fetch_range: the task is these bytes of the origin file alone
+            (asked with C{Range}; only a 206 for them is taken).
         """
         task = self.tasks.get(task_id)
         if task is not None and task.status in ("waiting", "running", "success"):
@@ -384,6 +391,7 @@ class Cdn:
             task.length, task.piece_count, task.available = None, None, None
             task.digests, task.side, task.wanted = [], [], []
         task.url, task.headers, task.expected_digest = url, clean, digest
+        task.fetch_range = fetch_range
         task.last_access = self._clock.seconds()
         task.done = Deferred()
         self.origin_fetches += 1
@@ -414,6 +422,7 @@ class Cdn:
             or task.status != "success"
             or digest
             or task.expected_digest
+            or task.validators.get("range")  # one range of a file: asked anew when it is evicted
             or self._revalidate_after is None
             or self._clock.seconds() - task.validated_at < self._revalidate_after
         ):
@@ -547,6 +556,9 @@ class Cdn:
             return
         headers = dict(task.headers)
         resume = None
+        if task.fetch_range is not None:
+            headers["Range"] = task.fetch_range.header()
+            found = None  # (a range alone is small: fetched whole again)
         if found is not None:
             header, point = found
             extra = resume_headers(header["validators"], point.offset)
@@ -597,7 +609,21 @@ class Cdn:
                     "the origin sent the whole file (it ignores ranges, or it changed): {bytes} stored bytes dropped",
                     bytes=point.offset,
                 )
-        if response.code != 200:
+        whole: str | None = None
+        if task.fetch_range is not None and response.code in (200, 206):
+            whole = _range_answer(task.fetch_range, response)
+            if whole is None:
+                response.deliverBody(_Abort())
+                self._fail(
+                    task,
+                    TaskError(
+                        "SOURCE_IGNORES_RANGE",
+                        f"origin answered {response.code} without {task.fetch_range.header()} of {task.url}",
+                        DF_SOURCE_ERROR, response.code,
+                    ),
+                )
+                return
+        if response.code != 200 and whole is None:
             phrase = response.phrase.decode("latin-1", "replace") if isinstance(response.phrase, bytes) else str(response.phrase)
             df = DF_NEED_AUTH if response.code in (401, 403, 407) else DF_SOURCE_ERROR
             self._fail(
@@ -608,6 +634,8 @@ class Cdn:
             return
         length = response.length if response.length is not UNKNOWN_LENGTH else None
         task.validators = {**_validators(response), "length": length}
+        if whole is not None:
+            task.validators["range"] = whole  # which bytes of the origin file this task is
         task.length = length
         task.content_type = _content_type(response.headers.getRawHeaders(b"content-type"))
         rule = self._piece_size
@@ -1157,6 +1185,22 @@ def _expire_parked(parked: str, max_age: float) -> int:
         except OSError:
             pass
     return removed
+
+
+def _range_answer(spec: ByteRange, response: Any) -> str | None:
+    """
+    The C{Content-Range} of an origin's answer to a range-only fetch when it
+    is exactly C{spec} of a known length (a 206 with a body of that size);
+    None otherwise.
+    """
+    if response.code != 206:
+        return None
+    rng = parse_content_range(_first_header(response, b"content-range"))
+    if rng is None or rng.total is None or spec.resolve(rng.total) != (rng.first, rng.last + 1):
+        return None
+    if response.length is UNKNOWN_LENGTH or response.length != rng.last + 1 - rng.first:
+        return None
+    return f"bytes {rng.first}-{rng.last}/{rng.total}"
 
 
 def _first_header(response: Any, name: bytes) -> bytes | None:

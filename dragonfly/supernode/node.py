@@ -40,6 +40,7 @@ from ..protocol.supernode_api import (
     PeerRegistration,
     SyncReport,
     TaskRequest,
+    range_identifier,
 )
 from .cdn import Cdn, CdnTask
 from .scheduler import SEED_ID, Decision, PeerInfo, Scheduler, UnknownPeer, UnknownTask
@@ -414,6 +415,14 @@ class SuperNode:
             raise Refused("BAD_INPUT", str(e)) from None
         tid = make_task_id(req.url, digest=req.digest, identifier=req.identifier, filter_keys=req.filter)
         wanted = _wanted_range(req.range)
+        if not req.prefetch and (
+            wanted is None or req.digest or not (req.identifier or "").endswith(range_identifier("", wanted.header()))
+        ):
+            raise Refused(
+                "BAD_FIELD",
+                "field 'prefetch' false needs a 'range' (the task is those bytes), no 'digest', "
+                "and an 'identifier' ending in '#range=' and the range",
+            )
         self._known_peer(req.peer_id)
         if origin_policy is not None and not origin_policy.open:
             try:
@@ -427,7 +436,12 @@ class SuperNode:
         # the origin is fetched with the URL as given: filtered keys (signatures,
         # tokens) only leave the task id; a cached file is revalidated first
         fetches = self.cdn.origin_fetches
-        task = await self.cdn.fresh(tid, req.url, req.headers, req.digest)
+        if not req.prefetch:
+            # the task is the range alone: the CDN asks the origin for those bytes only
+            task = self.cdn.ensure(tid, req.url, req.headers, None, fetch_range=wanted)
+            wanted = None
+        else:
+            task = await self.cdn.fresh(tid, req.url, req.headers, req.digest)
         self._known_peer(req.peer_id)
         if wanted is not None:
             # a Range request: its pieces may come from the origin out of order

@@ -404,3 +404,64 @@ def test_a_registration_with_a_bad_range_is_refused(tmp_path: Any, value: str) -
     code, data = env.register_task(range=value)
     assert code == 400 and data["error"]["code"] == "BAD_FIELD", data
     assert env.http.calls == []
+
+
+# -- a task that is one range alone (no prefetch) ------------------------------------------
+
+
+def test_a_range_alone_is_fetched_with_range_and_stored_as_its_own_content(env: Env) -> None:
+    spec = ByteRange(first=3 * PIECE + 7, last=5 * PIECE + 1)
+    task = env.cdn.ensure(TID, URL, fetch_range=spec)
+    assert env.http.calls[0].headers == {"Range": [spec.header()]}
+    part = BODY[3 * PIECE + 7 : 5 * PIECE + 2]
+    env.http.serve(ranged(3 * PIECE + 7, body=BODY[: 5 * PIECE + 2], content_range=f"bytes {3 * PIECE + 7}-{5 * PIECE + 1}/{len(BODY)}"))
+    assert task.status == "success", task.error
+    assert task.length == len(part) and open(task.data_path, "rb").read() == part
+    assert task.digests == digests(part) and task.sha256 == hashlib.sha256(part).hexdigest()
+    assert task.validators["range"] == f"bytes {3 * PIECE + 7}-{5 * PIECE + 1}/{len(BODY)}"
+    # never revalidated as if it were the whole file
+    assert env.cdn.fresh(TID, URL).result is task and len(env.http.calls) == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        whole(),  # the origin ignores ranges
+        ranged(3 * PIECE, content_range=f"bytes {3 * PIECE}-{len(BODY) - 1}/{len(BODY)}"),  # other bytes
+    ],
+)
+def test_a_range_alone_answered_otherwise_fails(env: Env, answer: FakeResponse) -> None:
+    task = env.cdn.ensure(TID, URL, fetch_range=ByteRange(first=5, last=99))
+    env.http.serve(answer)
+    assert task.status == "failed" and task.error.code == "SOURCE_IGNORES_RANGE"
+    assert sorted(os.listdir(os.path.join(env.home, "repo"))) == []
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"range": "bytes=0-99", "prefetch": False},  # the range is not in the identifier
+        {"range": "bytes=0-99", "prefetch": False, "identifier": "#range=bytes=0-98"},
+        {"range": "bytes=0-99", "prefetch": False, "identifier": "#range=bytes=0-99", "digest": "sha256:" + "a" * 64},
+        {"prefetch": False, "identifier": "#range=bytes=0-99"},
+    ],
+)
+def test_a_range_alone_must_name_itself(tmp_path: Any, body: dict) -> None:
+    env = node_env(str(tmp_path))
+    env.register_peer()
+    code, data = env.register_task(**body)
+    assert code == 400 and data["error"]["code"] == "BAD_FIELD", data
+    assert env.http.calls == []
+
+
+def test_a_range_alone_registers_as_its_own_task(tmp_path: Any) -> None:
+    from dragonfly.core.ids import task_id
+
+    from .test_supernode_api import URL as API_URL
+
+    env = node_env(str(tmp_path))
+    env.register_peer()
+    code, data = env.register_task(range="bytes=-100", prefetch=False, identifier="#range=bytes=-100")
+    assert code == 200, data
+    assert data["taskId"] == task_id(API_URL, identifier="#range=bytes=-100") != task_id(API_URL)
+    assert env.http.calls[0].headers == {"Range": ["bytes=-100"]}
