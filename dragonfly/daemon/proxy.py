@@ -434,11 +434,9 @@ class DaemonCore:
         response.deliverBody(DiscardBody())
         if response.code != 200:
             return None
-        length = response.length
-        if not isinstance(length, int):
-            values = response.headers.getRawHeaders(b"content-length") or []
-            length = int(values[0]) if values and values[0].isdigit() else None
-        return length
+        # (a HEAD's body is empty: its length is the header's)
+        values = response.headers.getRawHeaders(b"content-length") or []
+        return int(values[0]) if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 19 else None
 
     async def _p2p(
         self, request: Any, decision: Decision, span: ByteRange | None = None, only: tuple[int, int, int] | None = None,
