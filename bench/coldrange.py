@@ -11,7 +11,8 @@ dfpeer, dfdaemon; new homes, so the blob is cold everywhere):
   - registry: the Range GET straight to the registry;
   - swarm:    through dfdaemon, default (the 206 from the swarm: the CDN
               fetches the range's pieces from the registry out of order);
-  - direct:   through dfdaemon with C{--cold-range direct} (the registry's 206).
+  - direct:   through dfdaemon with C{--cold-range direct} (the registry's 206);
+  - noprefetch: through dfdaemon with C{--no-prefetch} (a swarm download of the range alone).
 
 For each: the seconds to the first byte and to the last, the body checked
 against the blob, and after the swarm's prefetch of the whole blob, the
@@ -59,7 +60,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--range-mib", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--modes", default="registry,swarm,direct")
+    ap.add_argument("--modes", default="registry,swarm,direct,noprefetch")
     args = ap.parse_args()
     missing = have_tools()
     if missing:
@@ -86,7 +87,7 @@ def main() -> None:
                     with Swarm(f"{work}/swarm-{mode}-{run}") as swarm:
                         swarm.start_supernode()
                         peer = swarm.start_peer("host0")
-                        extra = ("--cold-range", "direct") if mode == "direct" else ()
+                        extra = {"direct": ("--cold-range", "direct"), "noprefetch": ("--no-prefetch",)}.get(mode, ())
                         url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url, *extra)
                         status, body, first, last = timed_get(url, path, {"Range": rng})
                         deadline = time.monotonic() + 300
@@ -99,7 +100,7 @@ def main() -> None:
                         copies = (blob_bytes(registry, digest) - before) / size
                 assert status == 206 and body == want, (mode, status, len(body))
                 results.setdefault(mode, []).append((first, last, copies))
-                print(f"run {run} {mode:8s} first byte {first * 1000:8.1f} ms  last byte {last * 1000:8.1f} ms"
+                print(f"run {run} {mode:10s} first byte {first * 1000:8.1f} ms  last byte {last * 1000:8.1f} ms"
                       + (f"  registry sent {copies:.3f} copies" if copies is not None else ""), flush=True)
     finally:
         registry.stop()
@@ -108,7 +109,7 @@ def main() -> None:
         firsts = [r[0] * 1000 for r in rows]
         lasts = [r[1] * 1000 for r in rows]
         cps = [r[2] for r in rows if r[2] is not None]
-        line = (f"  {mode:8s} first byte {statistics.median(firsts):7.1f} ms ({min(firsts):.1f}-{max(firsts):.1f})"
+        line = (f"  {mode:10s} first byte {statistics.median(firsts):7.1f} ms ({min(firsts):.1f}-{max(firsts):.1f})"
                 f"  last byte {statistics.median(lasts):7.1f} ms")
         if cps:
             line += f"  registry copies {max(cps):.3f} (max)"

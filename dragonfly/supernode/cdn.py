@@ -170,6 +170,7 @@ class CdnTask:
     # a task that is one byte range of the origin file alone (a download
     # without prefetch): the origin is asked for those bytes only
     fetch_range: ByteRange | None = None
+    retries: int = 0  # in-process retries of this fetch so far
 
 
     @property
@@ -233,14 +234,19 @@ class Cdn:
         origin_limit: TokenBucket | None = None,
         revalidate_after: float | None = None,
         lookahead: int = LOOKAHEAD,
+        retries: int = 0,
     ) -> None:
         """
         @param revalidate_after: seconds a cached file is trusted without
             asking the origin again (C{None}: never revalidate).
         @param lookahead: a wanted range the main fetch reaches within this
             many bytes is left to it; one further off gets a side fetch.
+        @param retries: times a fetch whose body is cut (a reset, a close
+            before Content-Length, silence) goes on in-process from its last
+            stored piece, with C{Range}/C{If-Range}, before it fails.
         """
         self._lookahead = lookahead
+        self._retries = retries
         self._origin_limit = origin_limit
         self._revalidate_after = revalidate_after
         self.repo = os.path.join(home, "repo")
@@ -267,6 +273,7 @@ class Cdn:
         self.resumed_fetches = 0  # fetches that went on from bytes stored before
         self.resumed_bytes = 0  # bytes those did not ask the origin for again
         self.side_fetches = 0  # origin requests for wanted pieces out of order
+        self.fetch_retries = 0  # cut bodies taken up again in-process
         self.side_bytes = 0  # the origin bytes those took
 
     # -- cache on disk -----------------------------------------------------
@@ -541,6 +548,7 @@ class Cdn:
 
     def _fetch(self, task: CdnTask) -> None:
         task.status = "running"
+        task.retries = 0
         task.fetch_started = self._clock.seconds()
         task.fetch_start_bytes = task.origin_bytes
         task_log(log, LogLevel.info, task.task_id, "fetching {url} from the origin", url=safe_url(task.url))
@@ -711,10 +719,81 @@ class Cdn:
         task.main_writer = writer
         writer.done.addCallbacks(
             lambda result: self._finished(task, *result),
-            lambda f: self._fail(task, TaskError(f.value.code, f.value.message))
+            lambda f: self._cut(task, writer, TaskError(f.value.code, f.value.message))
             if f.check(BodyError) else self._fail(task, TaskError("INTERNAL", f.getErrorMessage())),
         )
         return writer
+
+    # -- a cut body, taken up again in-process ---------------------------------------
+
+    def _cut(self, task: CdnTask, writer: ChunkedFileWriter, error: TaskError) -> None:
+        """
+        The main fetch's body failed.  A cut (a reset, a short body,
+        silence) of a version a range can pin goes on from the last stored
+        piece, in this process, up to C{retries} times: the pieces published
+        stay published, the peers see nothing.  Anything else fails the task.
+        """
+        offset = task.stored_to
+        if (
+            error.code not in ("SOURCE_TRUNCATED", "SOURCE_TIMEOUT")
+            or task.status != "running"
+            or task.main_writer is not writer
+            or task.retries >= self._retries
+            or task.length is None
+            or task.fetch_range is not None
+            or resume_headers(task.validators, offset) is None
+        ):
+            self._fail(task, error)
+            return
+        task.retries += 1
+        self.fetch_retries += 1
+        task_log(
+            log, LogLevel.info, task.task_id,
+            "origin body cut ({code}: {message}); going on from byte {offset} (retry {n} of {most})",
+            code=error.code, message=error.message, offset=offset, n=task.retries, most=self._retries,
+        )
+        # the stored prefix's whole-file hash, read back in the pool
+        d = self._disk(task.task_id, rehash_prefix, task.data_path, offset, task.piece_size)
+        d.addCallbacks(
+            lambda point: self._retry(task, error, point),
+            lambda f: self._fail(task, TaskError("STORE_FAILED", f"cannot read the stored bytes back: {f.getErrorMessage()}")),
+        )
+
+    def _retry(self, task: CdnTask, error: TaskError, point: ResumePoint) -> None:
+        if task.status != "running":
+            return
+        stored = task.digests[: len(point.digests)]
+        if point.offset != task.stored_to or stored != point.digests:
+            self._fail(task, TaskError("STORE_FAILED", "the stored pieces read back differ from the ones published"))
+            return
+        extra = resume_headers(task.validators, point.offset)
+        assert extra is not None  # checked in _cut
+        headers = {**task.headers, **extra}
+        d = self._http.get(task.url, headers=_to_header_lists(headers), unbuffered=True)
+        d.addTimeout(self._idle_timeout, self._clock)
+        d.addCallbacks(lambda response: self._retried(task, error, point, response), lambda f: self._fail(task, error))
+        d.addErrback(lambda f: self._fail(task, TaskError("INTERNAL", f.getErrorMessage())))
+
+    def _retried(self, task: CdnTask, error: TaskError, point: ResumePoint, response: Any) -> None:
+        if task.status != "running":
+            response.deliverBody(_Abort())
+            return
+        verdict = judge(
+            point.offset, task.validators, response.code,
+            _first_header(response, b"content-range"), _validators(response),
+        )
+        if verdict is not Verdict.CONTINUE:
+            # another version, or no range: the pieces out there cannot be
+            # completed; the task fails as it would have (what is stored stays parked)
+            response.deliverBody(_Abort() if response.code in (200, 206) else DiscardBody())
+            self._fail(task, error)
+            return
+        # the length, the pieces published and the seed's BITFIELD stay as they are
+        task.reach = point.offset
+        writer = self._writer(task, task.length, point)
+        response.deliverBody(writer)
+        # opened without truncation: pieces a side fetch stored further on stay
+        self._open(task, writer, _open_side, task.data_path)
 
     def _publish_length(self, task: CdnTask, length: int) -> None:
         task.length = length

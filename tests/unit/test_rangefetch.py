@@ -465,3 +465,82 @@ def test_a_range_alone_registers_as_its_own_task(tmp_path: Any) -> None:
     assert code == 200, data
     assert data["taskId"] == task_id(API_URL, identifier="#range=bytes=-100") != task_id(API_URL)
     assert env.http.calls[0].headers == {"Range": ["bytes=-100"]}
+
+
+# -- a cut body taken up again in-process (issue 14) ----------------------------------------
+
+
+def retrying(tmp_path: Any, retries: int = 2) -> Env:
+    env = Env(str(tmp_path))
+    env.cdn = Cdn(env.home, env.http, SyncPool(), env.clock, piece_size=PIECE, lookahead=PIECE, retries=retries)
+    return env
+
+
+def test_a_cut_body_goes_on_in_process_and_the_peers_see_nothing(tmp_path: Any) -> None:
+    from .test_cdn import cut_at
+
+    env = retrying(tmp_path)
+    task = env.cdn.ensure(TID, URL)
+    listener = Listener()
+    task.listeners.append(listener)
+    env.http.serve(cut_at(3 * PIECE + 500), 0)
+    # still running: it asks for the rest from the last stored piece, pinned to the version
+    assert task.status == "running" and listener.events == ["length"]
+    assert env.http.calls[1].headers == {"Range": [f"bytes={3 * PIECE}-"], "If-Range": [ETAG]}
+    env.http.serve(ranged(3 * PIECE), 1)
+    assert task.status == "success", task.error
+    assert listener.events == ["length", "done"]  # one length (one BITFIELD), no failure
+    assert listener.ready == list(range(LAST + 1))  # each piece published once
+    assert open(task.data_path, "rb").read() == BODY and task.sha256 == hashlib.sha256(BODY).hexdigest()
+    assert task.origin_bytes == 3 * PIECE + 500 + len(BODY) - 3 * PIECE
+    assert env.cdn.fetch_retries == 1
+
+
+def test_a_cut_body_keeps_the_pieces_a_side_fetch_stored_further_on(tmp_path: Any) -> None:
+    env = retrying(tmp_path)
+    task = env.cdn.ensure(TID, URL)
+    listener = Listener()
+    task.listeners.append(listener)
+    main = stepped()
+    env.http.serve(main, 0)
+    main.feed(2 * PIECE + 5)
+    env.cdn.want(task, ByteRange(suffix=10))
+    env.http.serve(ranged(LAST * PIECE), 1)
+    main.protocol.connectionLost(Failure(ConnectionError("reset")))
+    assert task.status == "running"
+    assert env.http.calls[2].headers == {"Range": [f"bytes={2 * PIECE}-"], "If-Range": [ETAG]}
+    env.http.serve(ranged(2 * PIECE), 2)
+    assert task.status == "success", task.error
+    assert sorted(listener.ready) == list(range(LAST + 1)) and len(listener.ready) == LAST + 1
+    assert open(task.data_path, "rb").read() == BODY and task.digests == digests(BODY)
+
+
+@pytest.mark.parametrize("answer", [whole(), whole(etag='"v2"'), ranged(3 * PIECE, etag='"v2"')])
+def test_a_retry_that_finds_another_version_fails_as_before(tmp_path: Any, answer: FakeResponse) -> None:
+    from .test_cdn import cut_at
+
+    env = retrying(tmp_path)
+    task = env.cdn.ensure(TID, URL)
+    env.http.serve(cut_at(3 * PIECE + 500), 0)
+    env.http.serve(answer, 1)
+    assert task.status == "failed" and task.error.code == "SOURCE_TRUNCATED"
+
+
+def test_retries_run_out(tmp_path: Any) -> None:
+    from .test_cdn import Cut
+
+    env = retrying(tmp_path, retries=2)
+    task = env.cdn.ensure(TID, URL)
+    first = Cut(body=BODY, headers=validator_headers())
+    first.cut = PIECE
+    env.http.serve(first, 0)
+    for n in (1, 2):
+        at = n * PIECE
+        r = Cut(code=206, body=BODY[at:], headers=validator_headers())
+        r.cut = PIECE
+        r.headers.setRawHeaders(b"content-range", [f"bytes {at}-{len(BODY) - 1}/{len(BODY)}".encode()])
+        env.http.serve(r, n)
+    assert task.status == "failed" and task.error.code == "SOURCE_TRUNCATED"
+    assert len(env.http.calls) == 3 and env.cdn.fetch_retries == 2
+    # what reached the disk is parked for a later registration, as before
+    assert sorted(os.listdir(os.path.join(env.home, "resume"))) == [TID + ".data", TID + ".part"]
