@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from dragonfly.testing.swarm import Swarm, get_json, write_random_file
+from dragonfly.testing.swarm import Swarm, get_json, sha256_file, write_random_file
 
 pytestmark = pytest.mark.integration
 
@@ -85,3 +85,31 @@ def test_a_cold_tail_range_comes_first_and_the_file_once(tmp_path):
         assert stats["bytesOut"] <= 1.05 * SIZE, stats
         sn = get_json(f"{swarm.supernode_api}/api/v1/tasks/{answer['taskId']}")
         assert sn["status"] == "success" and sn["sha256"]
+
+
+@pytest.mark.parametrize("mode", ["reset", "short"])
+def test_a_cut_origin_body_goes_on_in_process(tmp_path, mode):
+    """With --origin-retries the download that was running when the origin cut the body does not fail."""
+    root = tmp_path / "www"
+    root.mkdir()
+    size = 48 * MiB
+    digest = write_random_file(str(root / "f.bin"), size)
+    with Swarm(str(tmp_path / "swarm")) as swarm:
+        swarm.start_origin(str(root))
+        swarm.start_supernode("--origin-retries", "3")
+        swarm.start_peer("p0")
+        cut = int(size * 0.6) + 12345
+        req = urllib.request.Request(
+            swarm.origin_url + "/_fault",
+            data=json.dumps({"path": "/f.bin", "mode": mode, "cut": cut, "times": 1}).encode(), method="POST",
+        )
+        urllib.request.urlopen(req, timeout=5).read()
+        proc = swarm.dfget(swarm.origin_url + "/f.bin", str(tmp_path / "a.out"), "p0")
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        assert sha256_file(str(tmp_path / "a.out")) == digest
+        stats = swarm.origin_stats()
+        [task] = get_json(swarm.supernode_api + "/api/v1/tasks")["tasks"]
+        assert task["status"] == "success"
+        assert stats["ranges"]["/f.bin"] == 1  # the retry: the rest, from the last stored piece
+        assert task["originBytes"] <= size * 1.05
