@@ -14,10 +14,22 @@ only when the byte count matches the origin's C{Content-Length} (and the
 digest the client asked for, if any), and only then is its meta file written.
 On start-up completed tasks are reloaded from their meta files.
 
+Pieces a download wants first (a Range request, L{Cdn.want}) that the
+in-order fetch would reach only later come by a side fetch: a second origin
+request, C{Range} pinned with C{If-Range}, whose pieces are hashed, written
+at their offsets and published at once (L{dragonfly.supernode.rangefetch});
+the in-order fetch pauses meanwhile, and checks those pieces' digests when
+it gets there instead of publishing them again.  Digests are then sparse
+until the end.
+
 Fetches resume (see L{dragonfly.supernode.resume}).  Before the body, a
 fetch writes its header, C{<task id>.part} (the origin's validators and
-length, the piece size); the body is written in order without holes, so the
-data file's size is always the count of bytes that reached the disk whole.
+length, the piece size); the main body is written in order without holes,
+so the data file's size is the count of bytes that reached the disk whole,
+unless a side fetch wrote further on: the header's C{holesFrom} then says
+where the trusted prefix ends.  With C{retries}, a body cut in flight goes
+on in-process from the last stored piece the same way, its downloads none
+the wiser.
 A fetch cut by the origin (a reset, a short body, silence, a 5xx) or by the
 process dying leaves data and header; they are parked in C{<home>/resume}
 (never in the cache proper) and the next fetch of the task rehashes that
