@@ -865,6 +865,10 @@ class Cdn:
         d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
         return d
 
+    def side_fetching(self, task: CdnTask, index: int) -> bool:
+        """Whether a side fetch under way is bringing piece C{index}."""
+        return any(s.first <= index < s.end for s in task.side)
+
     def _plan_side(self, task: CdnTask) -> None:
         if task.status != "running" or task.length is None or task.available is None or not task.wanted:
             return

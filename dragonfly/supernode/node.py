@@ -84,6 +84,8 @@ class SyncResult:
     sync_interval: float = SYNC_INTERVAL
 
 
+#: the sync interval of a peer waiting for a piece a side fetch is bringing
+SIDE_SYNC_INTERVAL = 0.02
 #: a registration with a range waits this long for the origin's length
 REGISTER_LENGTH_WAIT = 2.0
 #: registered ranges kept for the seed's choice (the oldest go first)
@@ -517,7 +519,8 @@ class SuperNode:
             self.scheduler.report(
                 task_id, report.peer_id, self.clock.seconds(), have=have, failed=failed, banned=list(report.banned),
             )
-            decision = self.decide(task_id, report.peer_id, report.starving, self._want(task, report))
+            want = self._want(task, report)
+            decision = self.decide(task_id, report.peer_id, report.starving, want)
         except UnknownTask:
             raise Refused("TASK_UNKNOWN", f"task {task_id} is not known") from None
         finally:
@@ -527,7 +530,14 @@ class SuperNode:
         self.note_peer_bytes(task_id, report.peer_bytes)
         parents = [self.seed_parent()] if task.status != "failed" else []
         parents.extend(Parent(p.peer_id, p.ip, p.port) for p in decision.parents)
-        return SyncResult(task, report.digests_from, known_from(task.digests, report.digests_from), parents, decision.seed_pieces)
+        interval = SYNC_INTERVAL
+        if want is not None and task.available is not None and want not in task.available and self.cdn.side_fetching(task, want):
+            # the piece its reader waits for is on its way from the origin out of order: ask again soon
+            interval = SIDE_SYNC_INTERVAL
+        return SyncResult(
+            task, report.digests_from, known_from(task.digests, report.digests_from), parents, decision.seed_pieces,
+            interval,
+        )
 
     def _want(self, task: CdnTask, report: SyncReport) -> int | None:
         """The piece a peer's reader waits for: as it reports, else the first of the range it registered with."""

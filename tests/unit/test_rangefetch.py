@@ -26,7 +26,7 @@ from dragonfly.supernode.node import digest_runs, known_from
 from dragonfly.supernode.rangefetch import piece_bytes, side_headers, side_ok, side_plan, wanted_pieces
 
 from .test_cdn import BODY, ETAG, LM, PIECE, TID, URL, digests, ranged, validator_headers, whole
-from .test_supernode_api import FakeHttp, FakeResponse, FakeTransport, SyncPool
+from .test_supernode_api import FakeHttp, FakeResponse, FakeTransport, SyncPool, result
 
 # -- pure ------------------------------------------------------------------------------
 
@@ -368,7 +368,7 @@ def node_env(home: str) -> Any:
 
 
 def test_a_registration_with_a_range_waits_for_the_length_and_the_seed_offers_the_range_first(tmp_path: Any) -> None:
-    from .test_supernode_api import BASE, result
+    from .test_supernode_api import BASE
 
     env = node_env(str(tmp_path))
     env.register_peer()
@@ -544,3 +544,27 @@ def test_retries_run_out(tmp_path: Any) -> None:
     assert len(env.http.calls) == 3 and env.cdn.fetch_retries == 2
     # what reached the disk is parked for a later registration, as before
     assert sorted(os.listdir(os.path.join(env.home, "resume"))) == [TID + ".data", TID + ".part"]
+
+
+def test_a_peer_waiting_for_a_piece_a_side_fetch_brings_syncs_again_soon(tmp_path: Any) -> None:
+    from dragonfly.protocol.supernode_api import SYNC_INTERVAL
+    from dragonfly.supernode.node import SIDE_SYNC_INTERVAL
+
+    env = node_env(str(tmp_path))
+    env.register_peer()
+    d = env.stub.request("POST", "http://supernode.test/api/v1/tasks", json={"peerId": "peer-1", "url": URL, "range": "bytes=-100"})
+    env.stub.flush()
+    main = stepped()
+    env.http.serve(main, 0)
+    env.stub.flush()
+    answered: list[Any] = []
+    d.addBoth(answered.append)
+    tid = json.loads(result(answered[0].content()))["taskId"]
+    side = Stepped(code=206, body=BODY[LAST * PIECE :], headers=validator_headers())
+    side.headers.setRawHeaders(b"content-range", [f"bytes {LAST * PIECE}-{len(BODY) - 1}/{len(BODY)}".encode()])
+    env.http.serve(side, 1)
+    code, data = env.sync(tid, want=LAST)
+    assert code == 200 and data["syncInterval"] == SIDE_SYNC_INTERVAL
+    side.end()
+    code, data = env.sync(tid, want=LAST)
+    assert data["syncInterval"] == SYNC_INTERVAL and LAST in data["seedPieces"]
