@@ -54,6 +54,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -69,7 +70,7 @@ from ..core.headers import HOP_BY_HOP_BYTES
 from ..core.httpapi import ApiError, json_response
 from ..core.ids import task_id
 from ..core.metrics import counter, render_metrics
-from ..core.ranges import MULTIPLE, BadRange, ByteRange, parse_range
+from ..core.ranges import MULTIPLE, BadRange, ByteRange, content_range, parse_range
 from .rules import Decision, Rule, decide
 
 log = Logger()
@@ -231,6 +232,9 @@ class DaemonCore:
         #: a Range on a blob the dfpeer does not hold yet goes straight to the
         #: registry (the swarm still prefetches the whole blob) (--cold-range direct)
         self.cold_range_direct = False
+        #: a Range request is followed by the whole blob in the background
+        #: (else it is a download of its own of those bytes alone) (--no-prefetch)
+        self.prefetch = True
 
     # -- entry ---------------------------------------------------------------------
 
@@ -292,9 +296,22 @@ class DaemonCore:
             # client gets the registry's own answer, never the swarm's copy
             await self._direct(request, method, decision.url)
             return
+        only = None
+        if decision.p2p and isinstance(spec, ByteRange) and not self.prefetch:
+            # --no-prefetch: the range alone, as a download of its own; its
+            # place in the blob needs the blob's length (the registry says)
+            total = await self._length(request, decision.url)
+            span = spec.resolve(total) if total is not None else None
+            if total is not None and span is None:
+                request.setHeader(b"content-range", f"bytes */{total}".encode())
+                _error(request, 416, "RANGE_NOT_SATISFIABLE", f"{spec.header()} is outside the blob")
+                return
+            only = (span[0], span[1], total) if span is not None and total is not None else None
+            if only is None:
+                decision = attrs.evolve(decision, p2p=False)
         if decision.p2p:
             try:
-                await self._p2p(request, decision, spec if isinstance(spec, ByteRange) else None)
+                await self._p2p(request, decision, spec if isinstance(spec, ByteRange) else None, only)
                 return
             except P2PUnavailable as e:
                 self.counters.fallbacks += 1
@@ -403,12 +420,46 @@ class DaemonCore:
         prefetch.addErrback(lambda f: log.warn("prefetch of {url} failed: {why}", url=decision.url, why=f.getErrorMessage()))
         return True
 
-    async def _p2p(self, request: Any, decision: Decision, span: ByteRange | None = None) -> None:
+    async def _length(self, request: Any, url: str) -> int | None:
+        """The blob's length as the registry tells it (HEAD, with the client's credentials), or None."""
+        headers = Headers(dict(_passable(request.requestHeaders)))
+        headers.removeHeader(b"range")
+        try:
+            response = await self.http.request("HEAD", url, headers=headers, allow_redirects=False)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.warn("HEAD {url} failed: {why}", url=url, why=str(e))
+            return None
+        response.deliverBody(DiscardBody())
+        if response.code != 200:
+            return None
+        # (a HEAD's body is empty: its length is the header's)
+        values = response.headers.getRawHeaders(b"content-length") or []
+        return int(values[0]) if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 19 else None
+
+    async def _p2p(
+        self, request: Any, decision: Decision, span: ByteRange | None = None, only: tuple[int, int, int] | None = None,
+    ) -> None:
+        """
+        The blob from the swarm; with C{span}, those bytes first (206); with
+        C{only} (C{(start, end, length)}, --no-prefetch), a download of
+        those bytes alone, answered 206.
+        """
         try:
             api = await self.peer.api()
         except Exception as e:
             raise P2PUnavailable(f"no dfpeer: {e}") from None
         body = self._download_body(request, decision)
+        if only is not None:
+            # a task of its own: its content is not the blob, so no digest names it
+            body.pop("digest", None)
+            body["range"] = f"bytes={only[0]}-{only[1] - 1}"
+            body["prefetch"] = False
+            span = None
+        elif span is not None:
+            # the SuperNode's CDN fetches these pieces from the registry first, out of order if need be
+            body["range"] = span.header()
         try:
             response = await self.local_http.post(
                 api + "/api/v1/downloads", json=body, timeout=10
@@ -450,6 +501,10 @@ class DaemonCore:
         if span is not None:
             self.counters.ranges += 1
             request.setHeader(b"content-range", stream.headers.getRawHeaders(b"content-range")[0])
+        elif only is not None:
+            self.counters.ranges += 1
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", content_range(*only).encode())
         request.setHeader(b"accept-ranges", b"bytes")
         _set_length(request, stream)
         request.responseHeaders.setRawHeaders(b"content-type", stream.headers.getRawHeaders(b"content-type", []))

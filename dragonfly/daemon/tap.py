@@ -68,6 +68,8 @@ class Options(ConfigFileOptions):
     structured_keys = {"proxies": "_load_proxies", "hijack_https": "_load_hijack"}
     optFlags = [
         ["no-start-peer", None, "Do not start a dfpeer when none runs for --home (blobs then go direct)."],
+        ["no-prefetch", None, "A Range request fetches only the bytes asked for, as a download of its own through "
+         "the swarm, not the whole blob (default: the rest of the blob follows in the background)."],
         ["no-access-check", None, "Serve blobs from the swarm without first asking the registry (HEAD) whether the client may read them: only for registries open to all."],
     ]
 
@@ -213,6 +215,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     core = DaemonCore(reactor, options["registries"], options["compiled-rules"], peer, upstream, local)
     core.check_access = not options["no-access-check"]
     core.cold_range_direct = options["cold-range"] == "direct"
+    core.prefetch = not options["no-prefetch"]
 
     def status(request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")

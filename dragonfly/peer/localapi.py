@@ -1,7 +1,8 @@
 """
 The dfpeer local API, for dfget and dfdaemon on the same host (loopback only).
 
-  POST /api/v1/downloads        start or join a download; answers its task id
+  POST /api/v1/downloads        start or join a download; answers its task id (C{range}: the
+                                bytes wanted first, told to the SuperNode when it registers)
   GET  /api/v1/downloads/<id>   its progress; C{?wait=SECONDS} long-polls until it ends
   GET  /api/v1/downloads/<id>/content
                                 its bytes in order while they arrive (L{dragonfly.peer.stream});
@@ -25,6 +26,7 @@ from ..core.httpapi import ApiError, field, install_error_handlers, json_respons
 from ..core.ids import BadInput, check_url, is_task_id, parse_digest
 from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
 from ..core.ranges import MULTIPLE, BadRange, ByteRange, content_range, parse_range
+from ..protocol.supernode_api import range_identifier
 from . import metrics
 from .daemon import PeerDaemon
 from .stream import TaskStream
@@ -71,6 +73,21 @@ class LocalApi:
                 raise ApiError(400, "BAD_FIELD", f"field {name!r} must be bytes per second, 0 for none")
             limits[name] = rate
         headers = str_dict(body, "headers")
+        wanted = field(body, "range", str, required=False)
+        prefetch = field(body, "prefetch", bool, required=False, default=True)
+        if not prefetch and (wanted is None or digest):
+            raise ApiError(400, "BAD_FIELD", "field 'prefetch' false needs a 'range' (the download is those bytes) and no 'digest'")
+        if wanted is not None:
+            try:
+                spec = parse_range(wanted)
+            except BadRange as e:
+                raise ApiError(400, "BAD_FIELD", f"field 'range': {e}") from None
+            if not isinstance(spec, ByteRange):
+                raise ApiError(400, "BAD_FIELD", "field 'range' must be one byte range (bytes=FIRST-LAST, bytes=FIRST-, bytes=-COUNT)")
+            wanted = spec.header()
+            if not prefetch:
+                # the range alone is the download: it is part of the task id
+                identifier = range_identifier(identifier, wanted)
         try:
             check_url(url)
             if digest:
@@ -83,7 +100,7 @@ class LocalApi:
             raise ApiError(400, "BAD_FIELD", "field 'filter' must be a list of strings")
         task = await self.daemon.download_checked(
             {"url": url, "digest": digest, "identifier": identifier, "filter": keys, "notbs": notbs, "headers": headers,
-             **limits}
+             **limits, **({"range": wanted} if wanted else {}), **({} if prefetch else {"prefetch": False})}
         )
         return json_response(request, {"taskId": task.task_id, "status": task.status})
 
@@ -131,7 +148,7 @@ class LocalApi:
         except BadRange as e:
             raise ApiError(416, "BAD_RANGE", str(e)) from None
         stream = TaskStream(task, request)
-        await stream.ready()
+        await stream.ready(spec if isinstance(spec, ByteRange) else None)
         if task.status == "failed":
             err = task.error
             raise ApiError(502, err.code if err else "FAILED", err.message if err else "the download failed")

@@ -62,6 +62,11 @@ class Neighbours:
             return
         if any(c.remote_id == remote for c in self.conns) or self.is_banned(remote):
             return
+        seed = self._seed_proto
+        if parent.seed and seed is not None and seed.transport is not None and not seed.closed:
+            # connected, not attached yet (its handshake): a second one would
+            # take its place as the seed's and the first would be refused DIGESTS
+            return
         self._connecting.add(remote)
         endpoint = self.daemon.endpoint(parent.ip, parent.port)
         proto = self.daemon.block_factory.client(self, self.task.task_id, remote)
@@ -239,6 +244,9 @@ class Neighbours:
             return
         picker.have(conn, index)
         if conn is self.seed_conn:
+            at = self.task.stream_from
+            if at is not None and 0 <= index - at < picker.stream_window and index not in picker.seed_allowed:
+                self.task.want_now()  # a piece an in-order reader waits for reached the seed: sync now
             self.fill()
             return
         # HAVEs are the most frequent event: only this connection's choice can change

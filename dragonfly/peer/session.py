@@ -84,6 +84,7 @@ class TaskSession:
         req = TaskRequest(
             self._peer_id(), self.request["url"], dict(self.request.get("headers") or {}),
             self.request.get("digest"), self.request.get("identifier"), self.request.get("filter") or (),
+            self.request.get("range"), self.request.get("prefetch") is not False,
         )
         try:
             return await self._each(lambda nodes: self._client.register_task(req, nodes))

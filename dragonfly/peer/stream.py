@@ -41,6 +41,8 @@ class TaskStream:
         self._ended = False
         self._ready: Deferred | None = None
         self._done: Deferred | None = None
+        #: the Range asked for (a L{ByteRange}), resolved once the length is known
+        self._spec: Any = None
 
     # -- waiting for the length -----------------------------------------------------
 
@@ -48,10 +50,16 @@ class TaskStream:
         t = self.task
         return t.state is State.FAILED or (t.length is not None and t.have is not None and t.ready_for_io)
 
-    def ready(self) -> Deferred:
-        """Fires when the task's length is known (or it failed); cancellable."""
+    def ready(self, spec: Any = None) -> Deferred:
+        """
+        Fires when the task's length is known (or it failed); cancellable.
+        With C{spec} (a L{ByteRange}) the range's first piece is wanted
+        from the moment the length is known, before the body starts.
+        """
+        self._spec = spec
         self._ready = Deferred(lambda _: self._end())
-        if self.task.stream_from is None:
+        if self.task.stream_from is None and spec is None:
+            # (a range's first piece is known with the length)
             self.task.stream_from = 0
         self.task.watch(self._poke)
         self._poke()
@@ -79,6 +87,10 @@ class TaskStream:
         t = self.task
         if self._ready is not None and not self._ready.called:
             if self._known():
+                span = self._spec.resolve(t.length) if self._spec is not None and t.length is not None else None
+                if span is not None and t.piece_size and t.stream_from != span[0] // t.piece_size:
+                    t.stream_from = span[0] // t.piece_size
+                    t.want_now()
                 self._ready.callback(None)
             return
         if self._done is None or self._paused or self._reading:

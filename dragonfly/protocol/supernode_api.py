@@ -38,6 +38,15 @@ SYNC_INTERVAL = 0.5
 # -- requests --------------------------------------------------------------------
 
 
+def range_identifier(identifier: str | None, range_header: str) -> str:
+    """
+    The identifier of a download that is one byte range alone (C{prefetch}
+    false): the range is part of its task id, so it never shares one with
+    the whole file.
+    """
+    return f"{identifier or ''}#range={range_header}"
+
+
 @frozen
 class PeerRegistration:
     """C{POST /api/v1/peers}: a dfpeer and where its block port is."""
@@ -65,9 +74,18 @@ class TaskRequest:
     digest: str | None = None
     identifier: str | None = None
     filter: tuple[str, ...] = field(default=(), converter=_strs)
+    #: the bytes the download wants first, one RFC 9110 byte range
+    #: (C{bytes=a-b}, C{bytes=a-}, C{bytes=-n}): a Range request's
+    range: str | None = None
+    #: False: the download is C{range} alone (the CDN fetches only those bytes)
+    prefetch: bool = True
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"peerId": self.peer_id, "url": self.url}
+        if self.range:
+            out["range"] = self.range
+        if not self.prefetch:
+            out["prefetch"] = False
         if self.headers:
             out["headers"] = dict(self.headers)
         if self.digest:
@@ -82,7 +100,8 @@ class TaskRequest:
     def from_json(cls, body: dict[str, Any]) -> TaskRequest:
         return cls(
             body["peerId"], body["url"], dict(body.get("headers") or {}), body.get("digest") or None,
-            body.get("identifier"), body.get("filter") or (),
+            body.get("identifier"), body.get("filter") or (), body.get("range") or None,
+            body.get("prefetch") is not False,
         )
 
 

@@ -14,10 +14,22 @@ only when the byte count matches the origin's C{Content-Length} (and the
 digest the client asked for, if any), and only then is its meta file written.
 On start-up completed tasks are reloaded from their meta files.
 
+Pieces a download wants first (a Range request, L{Cdn.want}) that the
+in-order fetch would reach only later come by a side fetch: a second origin
+request, C{Range} pinned with C{If-Range}, whose pieces are hashed, written
+at their offsets and published at once (L{dragonfly.supernode.rangefetch});
+the in-order fetch pauses meanwhile, and checks those pieces' digests when
+it gets there instead of publishing them again.  Digests are then sparse
+until the end.
+
 Fetches resume (see L{dragonfly.supernode.resume}).  Before the body, a
 fetch writes its header, C{<task id>.part} (the origin's validators and
-length, the piece size); the body is written in order without holes, so the
-data file's size is always the count of bytes that reached the disk whole.
+length, the piece size); the main body is written in order without holes,
+so the data file's size is the count of bytes that reached the disk whole,
+unless a side fetch wrote further on: the header's C{holesFrom} then says
+where the trusted prefix ends.  With C{retries}, a body cut in flight goes
+on in-process from the last stored piece the same way, its downloads none
+the wiser.
 A fetch cut by the origin (a reset, a short body, silence, a 5xx) or by the
 process dying leaves data and header; they are parked in C{<home>/resume}
 (never in the cache proper) and the next fetch of the task rehashes that
@@ -61,13 +73,19 @@ from ..core.headers import NOT_TO_ORIGIN
 from ..core.ids import parse_digest
 from ..core.logs import safe_url, task_log
 from ..core.pieces import piece_count, piece_span, swarm_piece_size
+from ..core.ranges import ByteRange
 from ..core.ratelimit import TokenBucket
 from ..core.security import OriginDenied
 from ..core.store import TaskStore, commit_files, create_file, move_task_files, remove_files
 from ..core.threads import WorkerPool
-from .resume import Verdict, judge, resume_headers
+from .rangefetch import LOOKAHEAD, piece_bytes, side_headers, side_ok, side_plan, wanted_pieces
+from .resume import Verdict, judge, parse_content_range, resume_headers
 
 log = Logger()
+
+#: the wanted ranges a task keeps until its length is known, and the side fetches it runs at once
+MAX_WANTED = 8
+MAX_SIDE_FETCHES = 4
 
 # Dragonfly 1.x result codes, kept in API errors so scripts carry over.
 DF_SOURCE_UNREACHABLE = 607
@@ -92,6 +110,17 @@ class TaskError:
 
 
 @define(eq=False)
+class _Side:
+    """A side fetch: pieces C{[first, end)} asked of the origin out of order (see L{Cdn.want})."""
+
+    first: int
+    end: int
+    writer: ChunkedFileWriter | None = None
+    dropped: bool = False
+    holding: ChunkedFileWriter | None = None  # the main fetch's writer, paused for this side fetch
+
+
+@define(eq=False)
 class CdnTask:
     """One origin file in the cache."""
 
@@ -105,7 +134,9 @@ class CdnTask:
     length: int | None = None
     piece_size: int = 0
     piece_count: int | None = None
-    digests: list[str] = field(factory=list)
+    # each piece's SHA-256 hex, by index; None for a piece not stored yet
+    # (a side fetch stores pieces out of order, see L{Cdn.want})
+    digests: list[str | None] = field(factory=list)
     available: Bitmap | None = None
     sha256: str | None = None
     content_type: str | None = None  # the origin's, passed on (dfdaemon answers with it)
@@ -123,6 +154,22 @@ class CdnTask:
     validators: dict[str, Any] = field(factory=dict)
     validated_at: float = 0.0
     revalidating: list[Deferred] | None = None
+    # what downloads want first (the byte ranges of Range requests), for side fetches
+    wanted: list[ByteRange] = field(factory=list)
+    # the byte the main (in-order) fetch has reached, and where its stored pieces end
+    reach: int = 0
+    stored_to: int = 0
+    # side fetches wrote below here: the data file may have holes past C{stored_to}
+    holes_end: int = 0
+    # the side fetches under way: (first piece, end piece, their writer)
+    side: list[_Side] = field(factory=list)
+    side_bytes: int = 0  # origin bytes the side fetches took
+    # the main fetch's body writer (held while a side fetch brings wanted pieces)
+    main_writer: ChunkedFileWriter | None = None
+    # a task that is one byte range of the origin file alone (a download
+    # without prefetch): the origin is asked for those bytes only
+    fetch_range: ByteRange | None = None
+    retries: int = 0  # in-process retries of this fetch so far
 
 
     @property
@@ -185,11 +232,20 @@ class Cdn:
         on_new_task: Callable[[CdnTask], None] | None = None,
         origin_limit: TokenBucket | None = None,
         revalidate_after: float | None = None,
+        lookahead: int = LOOKAHEAD,
+        retries: int = 0,
     ) -> None:
         """
         @param revalidate_after: seconds a cached file is trusted without
             asking the origin again (C{None}: never revalidate).
+        @param lookahead: a wanted range the main fetch reaches within this
+            many bytes is left to it; one further off gets a side fetch.
+        @param retries: times a fetch whose body is cut (a reset, a close
+            before Content-Length, silence) goes on in-process from its last
+            stored piece, with C{Range}/C{If-Range}, before it fails.
         """
+        self._lookahead = lookahead
+        self._retries = retries
         self._origin_limit = origin_limit
         self._revalidate_after = revalidate_after
         self.repo = os.path.join(home, "repo")
@@ -215,6 +271,9 @@ class Cdn:
         self.fetch_failures: dict[str, int] = {}
         self.resumed_fetches = 0  # fetches that went on from bytes stored before
         self.resumed_bytes = 0  # bytes those did not ask the origin for again
+        self.side_fetches = 0  # origin requests for wanted pieces out of order
+        self.fetch_retries = 0  # cut bodies taken up again in-process
+        self.side_bytes = 0  # the origin bytes those took
 
     # -- cache on disk -----------------------------------------------------
 
@@ -280,10 +339,14 @@ class Cdn:
         url: str,
         headers: dict[str, str] | None = None,
         digest: str | None = None,
+        fetch_range: ByteRange | None = None,
     ) -> CdnTask:
         """
         The task for C{task_id}, starting its origin fetch unless one is running
         or done (single-flight).  A failed task is fetched again.
+
+        @param fetch_range: the task is these bytes of the origin file alone
+            (asked with C{Range}; only a 206 for them is taken).
         """
         task = self.tasks.get(task_id)
         if task is not None and task.status in ("waiting", "running", "success"):
@@ -301,8 +364,9 @@ class Cdn:
             # a failed task tries again: reset it, keep its listeners
             task.status, task.error, task.sha256 = "waiting", None, None
             task.length, task.piece_count, task.available = None, None, None
-            task.digests = []
+            task.digests, task.side, task.wanted = [], [], []
         task.url, task.headers, task.expected_digest = url, clean, digest
+        task.fetch_range = fetch_range
         task.last_access = self._clock.seconds()
         task.done = Deferred()
         self.origin_fetches += 1
@@ -333,6 +397,7 @@ class Cdn:
             or task.status != "success"
             or digest
             or task.expected_digest
+            or task.validators.get("range")  # one range of a file: asked anew when it is evicted
             or self._revalidate_after is None
             or self._clock.seconds() - task.validated_at < self._revalidate_after
         ):
@@ -438,6 +503,10 @@ class Cdn:
         )
         self.fetch_failures[error.code] = self.fetch_failures.get(error.code, 0) + 1
         task.status, task.error = "failed", error
+        self._drop_sides(task, "the fetch failed")
+        if task.holes_end:
+            # the main fetch's pieces are on disk up to here: a resume may trust them
+            self._disk(task.task_id, _mark_holes, self._part_path(task.task_id), task.stored_to, True)
         # nothing half-fetched stays in the cache; what reached the disk whole
         # is parked for the next try when the origin may finish it then
         self._disk(task.task_id, _park_or_remove, task.task_id, self.repo, self.parked, _resumable(error))
@@ -447,6 +516,7 @@ class Cdn:
 
     def _fetch(self, task: CdnTask) -> None:
         task.status = "running"
+        task.retries = 0
         task.fetch_started = self._clock.seconds()
         task.fetch_start_bytes = task.origin_bytes
         task_log(log, LogLevel.info, task.task_id, "fetching {url} from the origin", url=safe_url(task.url))
@@ -462,6 +532,9 @@ class Cdn:
             return
         headers = dict(task.headers)
         resume = None
+        if task.fetch_range is not None:
+            headers["Range"] = task.fetch_range.header()
+            found = None  # (a range alone is small: fetched whole again)
         if found is not None:
             header, point = found
             extra = resume_headers(header["validators"], point.offset)
@@ -512,7 +585,21 @@ class Cdn:
                     "the origin sent the whole file (it ignores ranges, or it changed): {bytes} stored bytes dropped",
                     bytes=point.offset,
                 )
-        if response.code != 200:
+        whole: str | None = None
+        if task.fetch_range is not None and response.code in (200, 206):
+            whole = _range_answer(task.fetch_range, response)
+            if whole is None:
+                response.deliverBody(_Abort())
+                self._fail(
+                    task,
+                    TaskError(
+                        "SOURCE_IGNORES_RANGE",
+                        f"origin answered {response.code} without {task.fetch_range.header()} of {task.url}",
+                        DF_SOURCE_ERROR, response.code,
+                    ),
+                )
+                return
+        if response.code != 200 and whole is None:
             phrase = response.phrase.decode("latin-1", "replace") if isinstance(response.phrase, bytes) else str(response.phrase)
             df = DF_NEED_AUTH if response.code in (401, 403, 407) else DF_SOURCE_ERROR
             self._fail(
@@ -523,6 +610,8 @@ class Cdn:
             return
         length = response.length if response.length is not UNKNOWN_LENGTH else None
         task.validators = {**_validators(response), "length": length}
+        if whole is not None:
+            task.validators["range"] = whole  # which bytes of the origin file this task is
         task.length = length
         task.content_type = _content_type(response.headers.getRawHeaders(b"content-type"))
         rule = self._piece_size
@@ -533,9 +622,11 @@ class Cdn:
         }
         if length is not None:
             self._publish_length(task, length)
+        task.reach = task.stored_to = task.holes_end = 0
         writer = self._writer(task, length, None)
         response.deliverBody(writer)
         self._open(task, writer, _open_fresh, task.data_path, self._part_path(task.task_id), header)
+        self._plan_side(task)
 
     def _continue(self, task: CdnTask, response: Any, header: dict[str, Any], point: ResumePoint) -> None:
         """The origin sends the rest of the version on disk: go on from C{point}."""
@@ -553,9 +644,13 @@ class Cdn:
         self._publish_length(task, length)
         for index, digest in enumerate(point.digests):
             self._piece_stored(task, index, digest)
+        task.reach = point.offset
+        task.stored_to = len(point.digests) * task.piece_size
+        task.holes_end = 0
         writer = self._writer(task, length, point)
         response.deliverBody(writer)
         self._open(task, writer, _open_at, task.data_path, point.offset)
+        self._plan_side(task)
 
     def _open(self, task: CdnTask, writer: ChunkedFileWriter, how: Callable[..., int], *args: Any) -> None:
         """Open the data file in the pool (after the task's earlier file work) and give it to C{writer}."""
@@ -568,22 +663,105 @@ class Cdn:
     def _writer(self, task: CdnTask, length: int | None, start: ResumePoint | None) -> ChunkedFileWriter:
         def stored(index: int, digest: str) -> None:
             if task.status == "running":
+                task.stored_to = (index + 1) * task.piece_size
+                if task.holes_end and task.stored_to >= task.holes_end:
+                    # the main fetch's own bytes cover every side fetch's: no holes left
+                    task.holes_end = 0
+                    self._disk(task.task_id, _mark_holes, self._part_path(task.task_id), None)
                 self._piece_stored(task, index, digest)
 
         def counted(n: int) -> None:
             task.origin_bytes += n
             self.origin_bytes += n
+            task.reach += n
+            if task.side:
+                # a side fetch the main fetch has caught up with would only bring bytes twice
+                for side in list(task.side):
+                    if side.writer is not None and side.writer.total <= task.reach:
+                        self._side_dropped(task, side, "the main fetch caught up with it")
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, None, task.piece_size, length, self._idle_timeout, stored, counted,
             limit=self._origin_limit, start=start,
         )
+        task.main_writer = writer
         writer.done.addCallbacks(
             lambda result: self._finished(task, *result),
-            lambda f: self._fail(task, TaskError(f.value.code, f.value.message))
+            lambda f: self._cut(task, writer, TaskError(f.value.code, f.value.message))
             if f.check(BodyError) else self._fail(task, TaskError("INTERNAL", f.getErrorMessage())),
         )
         return writer
+
+    # -- a cut body, taken up again in-process ---------------------------------------
+
+    def _cut(self, task: CdnTask, writer: ChunkedFileWriter, error: TaskError) -> None:
+        """
+        The main fetch's body failed.  A cut (a reset, a short body,
+        silence) of a version a range can pin goes on from the last stored
+        piece, in this process, up to C{retries} times: the pieces published
+        stay published, the peers see nothing.  Anything else fails the task.
+        """
+        offset = task.stored_to
+        if (
+            error.code not in ("SOURCE_TRUNCATED", "SOURCE_TIMEOUT")
+            or task.status != "running"
+            or task.main_writer is not writer
+            or task.retries >= self._retries
+            or task.length is None
+            or task.fetch_range is not None
+            or resume_headers(task.validators, offset) is None
+        ):
+            self._fail(task, error)
+            return
+        task.retries += 1
+        self.fetch_retries += 1
+        task_log(
+            log, LogLevel.info, task.task_id,
+            "origin body cut ({code}: {message}); going on from byte {offset} (retry {n} of {most})",
+            code=error.code, message=error.message, offset=offset, n=task.retries, most=self._retries,
+        )
+        # the stored prefix's whole-file hash, read back in the pool
+        d = self._disk(task.task_id, rehash_prefix, task.data_path, offset, task.piece_size)
+        d.addCallbacks(
+            lambda point: self._retry(task, error, point),
+            lambda f: self._fail(task, TaskError("STORE_FAILED", f"cannot read the stored bytes back: {f.getErrorMessage()}")),
+        )
+
+    def _retry(self, task: CdnTask, error: TaskError, point: ResumePoint) -> None:
+        if task.status != "running":
+            return
+        stored = task.digests[: len(point.digests)]
+        if point.offset != task.stored_to or stored != point.digests:
+            self._fail(task, TaskError("STORE_FAILED", "the stored pieces read back differ from the ones published"))
+            return
+        extra = resume_headers(task.validators, point.offset)
+        assert extra is not None  # checked in _cut
+        headers = {**task.headers, **extra}
+        d = self._http.get(task.url, headers=_to_header_lists(headers), unbuffered=True)
+        d.addTimeout(self._idle_timeout, self._clock)
+        d.addCallbacks(lambda response: self._retried(task, error, point, response), lambda f: self._fail(task, error))
+        d.addErrback(lambda f: self._fail(task, TaskError("INTERNAL", f.getErrorMessage())))
+
+    def _retried(self, task: CdnTask, error: TaskError, point: ResumePoint, response: Any) -> None:
+        if task.status != "running":
+            response.deliverBody(_Abort())
+            return
+        verdict = judge(
+            point.offset, task.validators, response.code,
+            _first_header(response, b"content-range"), _validators(response),
+        )
+        if verdict is not Verdict.CONTINUE:
+            # another version, or no range: the pieces out there cannot be
+            # completed; the task fails as it would have (what is stored stays parked)
+            response.deliverBody(_Abort() if response.code in (200, 206) else DiscardBody())
+            self._fail(task, error)
+            return
+        # the length, the pieces published and the seed's BITFIELD stay as they are
+        task.reach = point.offset
+        writer = self._writer(task, task.length, point)
+        response.deliverBody(writer)
+        # opened without truncation: pieces a side fetch stored further on stay
+        self._open(task, writer, _open_side, task.data_path)
 
     def _publish_length(self, task: CdnTask, length: int) -> None:
         task.length = length
@@ -592,20 +770,179 @@ class Cdn:
         task.notify("length_known")
 
     def _piece_stored(self, task: CdnTask, index: int, digest: str) -> None:
-        task.digests.append(digest)
-        assert len(task.digests) == index + 1
-        if index == 0:
+        """
+        Piece C{index} is on disk with C{digest}: record and publish it,
+        once.  A piece stored already (by a side fetch, or the main fetch
+        after one) is not published again; its two reads must agree.
+        """
+        if index < len(task.digests) and task.digests[index] is not None:
+            if task.digests[index] != digest:
+                self._fail(
+                    task, TaskError("SOURCE_CHANGED", f"piece {index} of {task.url} differs between two reads of the origin"),
+                )
+            return
+        if index >= len(task.digests):
+            task.digests.extend([None] * (index + 1 - len(task.digests)))
+        task.digests[index] = digest
+        if task.available is not None and not len(task.available):
             task_log(
                 log, LogLevel.info, task.task_id, "first piece ready after {seconds:.3f}s",
-                seconds=self._clock.seconds() - task.fetch_started, pieces=1,
+                seconds=self._clock.seconds() - task.fetch_started, pieces=1, index=index,
             )
         if task.available is not None:
             task.available.set(index)
             task.notify("piece_ready", index)
 
+    # -- pieces wanted first (side fetches) -------------------------------------
+
+    def want(self, task: CdnTask, spec: ByteRange) -> None:
+        """
+        A download wants the bytes C{spec} first (a Range request).  If the
+        main fetch will not reach them within the lookahead, a side fetch
+        asks the origin for exactly the pieces covering them (see
+        L{dragonfly.supernode.rangefetch}); before the length is known the
+        wish waits for it.
+        """
+        if task.status not in ("waiting", "running"):
+            return
+        if len(task.wanted) < MAX_WANTED:
+            task.wanted.append(spec)
+        self._plan_side(task)
+
+    def length_wait(self, task: CdnTask, timeout: float) -> Deferred[CdnTask]:
+        """Fires with C{task} once its length is known, it ended, or after C{timeout} seconds."""
+        d: Deferred[CdnTask] = Deferred()
+        if task.length is not None or task.status not in ("waiting", "running"):
+            d.callback(task)
+            return d
+        waiter = _LengthWaiter(task, d)
+        task.listeners.append(waiter)
+        timer = self._clock.callLater(timeout, waiter.fire)
+        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d
+
+    def side_fetching(self, task: CdnTask, index: int) -> bool:
+        """Whether a side fetch under way is bringing piece C{index}."""
+        return any(s.first <= index < s.end for s in task.side)
+
+    def _plan_side(self, task: CdnTask) -> None:
+        if task.status != "running" or task.length is None or task.available is None or not task.wanted:
+            return
+        wishes, task.wanted = task.wanted, []
+        for spec in wishes:
+            pieces = wanted_pieces(spec, task.length, task.piece_size)
+            if pieces is None:
+                continue
+            plan = side_plan(pieces, task.piece_size, task.reach, _Taken(task), self._lookahead)
+            if plan is not None and len(task.side) < MAX_SIDE_FETCHES:
+                self._side_fetch(task, *plan)
+
+    def _side_fetch(self, task: CdnTask, first: int, end: int) -> None:
+        assert task.length is not None
+        start, stop = piece_bytes(first, end, task.length, task.piece_size)
+        extra = side_headers(task.validators, start, stop)
+        if extra is None:
+            return  # no validator pins the version: the main fetch serves the range
+        side = _Side(first, end)
+        task.side.append(side)
+        self.side_fetches += 1
+        task_log(
+            log, LogLevel.info, task.task_id,
+            "fetching pieces {first}..{last} (bytes {start}-{stop}) out of order: a download wants them first",
+            first=first, last=end - 1, start=start, stop=stop - 1, reach=task.reach,
+        )
+        # bytes past the main fetch's stored pieces may now be written before
+        # it gets there: a resume after a crash trusts the data file only up to them
+        task.holes_end = max(task.holes_end, stop)
+        self._disk(task.task_id, _mark_holes, self._part_path(task.task_id), task.stored_to)
+        headers = dict(task.headers)
+        headers.update(extra)
+        d = self._http.get(task.url, headers=_to_header_lists(headers), unbuffered=True)
+        d.addTimeout(self._idle_timeout, self._clock)
+        d.addCallbacks(
+            lambda response: self._side_response(task, side, start, stop, response),
+            lambda f: self._side_dropped(task, side, f"origin unreachable: {f.getErrorMessage()}"),
+        )
+        d.addErrback(lambda f: self._side_dropped(task, side, f.getErrorMessage()))
+
+    def _side_response(self, task: CdnTask, side: _Side, start: int, stop: int, response: Any) -> None:
+        if side.dropped or task.status != "running":
+            response.deliverBody(_Abort())
+            self._side_dropped(task, side, "no longer needed")
+            return
+        if not side_ok(start, stop, task.validators, response.code, _first_header(response, b"content-range"), _validators(response)):
+            # a 200 (ranges ignored, or a new version) or some other range: the main fetch serves
+            response.deliverBody(_Abort())
+            self._side_dropped(task, side, f"the origin answered {response.code}, not those bytes of the same version")
+            return
+
+        def stored(index: int, digest: str) -> None:
+            if task.status == "running" and not side.dropped:
+                self._piece_stored(task, index, digest)
+
+        def counted(n: int) -> None:
+            task.origin_bytes += n
+            task.side_bytes += n
+            self.origin_bytes += n
+            self.side_bytes += n
+
+        writer = ChunkedFileWriter(
+            self._pool, self._clock, None, task.piece_size, stop, self._idle_timeout, stored, counted,
+            limit=self._origin_limit, start=ResumePoint(start),
+        )
+        side.writer = writer
+        if task.main_writer is not None:
+            # the wanted pieces first: the main fetch waits (the same bytes
+            # in all, and the origin's and this process's time go to them)
+            # never long enough for the main fetch's idle timer to fire
+            side.holding = task.main_writer
+            side.holding._hold()
+            self._clock.callLater(self._idle_timeout / 2, self._unhold, side)
+        writer.done.addCallbacks(
+            lambda _: self._side_over(task, side, None),
+            lambda f: self._side_over(task, side, f.getErrorMessage()),
+        )
+        response.deliverBody(writer)
+        self._open(task, writer, _open_side, task.data_path)
+
+    def _side_over(self, task: CdnTask, side: _Side, error: str | None) -> None:
+        self._unhold(side)
+        if side in task.side:
+            task.side.remove(side)
+        if error is not None and not side.dropped:
+            task_log(
+                log, LogLevel.info, task.task_id, "side fetch of pieces {first}..{last} cut: {why}",
+                first=side.first, last=side.end - 1, why=error,
+            )
+
+    def _side_dropped(self, task: CdnTask, side: _Side, why: str) -> None:
+        """Stop a side fetch; the main fetch serves its pieces."""
+        if side.dropped:
+            return
+        side.dropped = True
+        self._unhold(side)
+        if side in task.side:
+            task.side.remove(side)
+        if side.writer is not None:
+            side.writer.abort(BodyError("SIDE_DROPPED", why))
+        task_log(
+            log, LogLevel.info, task.task_id, "side fetch of pieces {first}..{last} dropped: {why}",
+            first=side.first, last=side.end - 1, why=why,
+        )
+
+    def _unhold(self, side: _Side) -> None:
+        held, side.holding = side.holding, None
+        if held is not None:
+            held._release()
+
+    def _drop_sides(self, task: CdnTask, why: str) -> None:
+        for side in list(task.side):
+            self._side_dropped(task, side, why)
+
     def _finished(self, task: CdnTask, total: int, file_hash: str) -> None:
         if task.status != "running":
             return
+        self._drop_sides(task, "the main fetch is complete")
         if task.length is None:
             self._publish_length(task, total)
             assert task.available is not None  # published with the length
@@ -620,6 +957,9 @@ class Cdn:
                     TaskError("DIGEST_MISMATCH", f"origin content has sha256:{file_hash}, expected sha256:{want}"),
                 )
                 return
+        if any(d is None for d in task.digests):
+            self._fail(task, TaskError("INTERNAL", "the fetch ended with pieces missing"))
+            return
         meta = {
             "url": task.url, "length": task.length, "pieceSize": task.piece_size,
             "digests": task.digests, "sha256": file_hash, "contentType": task.content_type,
@@ -756,6 +1096,9 @@ def _resume_offset(header: dict[str, Any], size: int) -> int:
     still its current version.
     """
     length = header["validators"].get("length")
+    holes = header.get("holesFrom")
+    if isinstance(holes, int) and not isinstance(holes, bool) and holes >= 0:
+        size = min(size, holes)  # side fetches wrote past here: maybe holes
     return min(size, length - 1) if isinstance(length, int) and length > 0 else 0
 
 
@@ -788,6 +1131,61 @@ def _open_fresh(data: str, part: str, header: dict[str, Any]) -> int:
     return create_file(data)
 
 
+def _open_side(data: str) -> int:
+    """Open the data file of a fetch under way for a side fetch (it writes its pieces at their offsets)."""
+    return os.open(data, os.O_WRONLY)
+
+
+def _mark_holes(part: str, offset: int | None, exact: bool = False) -> None:
+    """
+    Note in a fetch's header that the data file may have holes from
+    C{offset} on (see L{_resume_offset}; the lower mark holds unless
+    C{exact}); None: it has none any more.
+    """
+    header = _read_header(part)
+    if header is None:
+        return
+    holes = header.get("holesFrom")
+    if offset is None:
+        header.pop("holesFrom", None)
+    else:
+        header["holesFrom"] = offset if exact or not isinstance(holes, int) else min(holes, offset)
+    write_json_atomic(part, header)
+
+
+class _LengthWaiter:
+    """A CDN listener that fires a Deferred at the first sign of a length or an end, then leaves."""
+
+    def __init__(self, task: CdnTask, d: Deferred) -> None:
+        self.task, self.d = task, d
+
+    def fire(self, *_: Any) -> None:
+        if self in self.task.listeners:
+            self.task.listeners.remove(self)
+        if not self.d.called:
+            self.d.callback(self.task)
+
+    length_known = task_failed = task_done = fire
+
+    def piece_ready(self, task: CdnTask, index: int) -> None:
+        pass
+
+
+class _Taken:
+    """The pieces of C{task} stored, or asked for by a side fetch under way."""
+
+    def __init__(self, task: CdnTask) -> None:
+        self.task = task
+
+    def __contains__(self, index: object) -> bool:
+        t = self.task
+        if not isinstance(index, int):
+            return False
+        if t.available is not None and index in t.available:
+            return True
+        return any(s.first <= index < s.end for s in t.side)
+
+
 def _open_at(data: str, offset: int) -> int:
     """Open a resumed fetch's data file, cut at C{offset}."""
     fd = os.open(data, os.O_WRONLY)
@@ -802,6 +1200,22 @@ def _open_at(data: str, offset: int) -> int:
 def _commit(meta_path: str, meta: dict[str, Any], part: str) -> None:
     """A fetch is complete: its meta file, then its header goes."""
     commit_files(meta_path, meta, None, (part,))
+
+
+def _range_answer(spec: ByteRange, response: Any) -> str | None:
+    """
+    The C{Content-Range} of an origin's answer to a range-only fetch when it
+    is exactly C{spec} of a known length (a 206 with a body of that size);
+    None otherwise.
+    """
+    if response.code != 206:
+        return None
+    rng = parse_content_range(_first_header(response, b"content-range"))
+    if rng is None or rng.total is None or spec.resolve(rng.total) != (rng.first, rng.last + 1):
+        return None
+    if response.length is UNKNOWN_LENGTH or response.length != rng.last + 1 - rng.first:
+        return None
+    return f"bytes {rng.first}-{rng.last}/{rng.total}"
 
 
 def _first_header(response: Any, name: bytes) -> bytes | None:

@@ -28,6 +28,7 @@ from ..core.ids import task_id as make_task_id
 from ..core.logs import safe_url, task_log
 from ..core.metrics import FAST_SECONDS, Distribution
 from ..core.pieces import piece_span
+from ..core.ranges import BadRange, ByteRange, parse_range
 from ..core.security import OriginDenied
 from ..core.traffic import SAMPLE_INTERVAL, TrafficHistory
 from ..protocol.block import E_TASK_FAILED, BlockProtocol
@@ -39,6 +40,7 @@ from ..protocol.supernode_api import (
     PeerRegistration,
     SyncReport,
     TaskRequest,
+    range_identifier,
 )
 from .cdn import Cdn, CdnTask
 from .scheduler import SEED_ID, Decision, PeerInfo, Scheduler, UnknownPeer, UnknownTask
@@ -80,6 +82,52 @@ class SyncResult:
     parents: list[Parent]
     seed_pieces: list[int]
     sync_interval: float = SYNC_INTERVAL
+
+
+#: the sync interval of a peer waiting for a piece a side fetch is bringing
+SIDE_SYNC_INTERVAL = 0.02
+#: a registration with a range waits this long for the origin's length
+REGISTER_LENGTH_WAIT = 2.0
+#: registered ranges kept for the seed's choice (the oldest go first)
+MAX_WANTED_PEERS = 10000
+
+
+def _wanted_range(value: str | None) -> ByteRange | None:
+    """A registration's C{range}: one byte range, or None; anything else is refused."""
+    if value is None:
+        return None
+    try:
+        spec = parse_range(value)
+    except BadRange as e:
+        raise Refused("BAD_FIELD", f"field 'range': {e}") from None
+    if not isinstance(spec, ByteRange):
+        raise Refused("BAD_FIELD", "field 'range' must be one byte range, as bytes=FIRST-LAST, bytes=FIRST- or bytes=-COUNT")
+    return spec
+
+
+def digest_runs(digests: list[str | None]) -> list[tuple[int, list[str]]]:
+    """The runs of known digests in C{digests}: C{(first index, digests)} each."""
+    runs: list[tuple[int, list[str]]] = []
+    run: list[str] = []
+    for i, d in enumerate(digests):
+        if d is not None:
+            run.append(d)
+        elif run:
+            runs.append((i - len(run), run))
+            run = []
+    if run:
+        runs.append((len(digests) - len(run), run))
+    return runs
+
+
+def known_from(digests: list[str | None], first: int) -> list[str]:
+    """The digests from C{first} on up to the first one not known yet (a sync answer's list has no holes)."""
+    out: list[str] = []
+    for d in digests[first:]:
+        if d is None:
+            break
+        out.append(d)
+    return out
 
 
 @frozen
@@ -167,8 +215,9 @@ class SeedSide:
 
     def attached(self, conn: BlockProtocol) -> None:
         self.conns.add(conn)
-        if self.task.digests:
-            conn.send_digests(0, [bytes.fromhex(d) for d in self.task.digests])
+        # each run of known digests (a side fetch stores pieces out of order)
+        for first, run in digest_runs(self.task.digests):
+            conn.send_digests(first, [bytes.fromhex(d) for d in run])
 
     def detached(self, conn: BlockProtocol, reason: str) -> None:
         self.conns.discard(conn)
@@ -208,7 +257,9 @@ class SeedSide:
             conn.send_bitfield(task.available)
 
     def piece_ready(self, task: CdnTask, index: int) -> None:
-        digest = bytes.fromhex(task.digests[index])
+        known = task.digests[index]
+        assert known is not None  # recorded before the piece is published
+        digest = bytes.fromhex(known)
         for conn in list(self.conns):
             conn.send_digests(index, [digest])
             conn.send_have(index)
@@ -271,6 +322,9 @@ class SuperNode:
         self.traffic = TrafficHistory()
         self._feed = _SchedulerFeed(scheduler)
         self._seeds: dict[str, SeedSide] = {}
+        # (task id, peer id) -> the byte range a peer registered with, the
+        # seed's first choice for it until the peer says what it streams
+        self._wanted: dict[tuple[str, str], ByteRange] = {}
         self.cdn: Cdn = cdn_factory(self._track)
 
     def _track(self, task: CdnTask) -> None:
@@ -362,6 +416,15 @@ class SuperNode:
         except BadInput as e:
             raise Refused("BAD_INPUT", str(e)) from None
         tid = make_task_id(req.url, digest=req.digest, identifier=req.identifier, filter_keys=req.filter)
+        wanted = _wanted_range(req.range)
+        if not req.prefetch and (
+            wanted is None or req.digest or not (req.identifier or "").endswith(range_identifier("", wanted.header()))
+        ):
+            raise Refused(
+                "BAD_FIELD",
+                "field 'prefetch' false needs a 'range' (the task is those bytes), no 'digest', "
+                "and an 'identifier' ending in '#range=' and the range",
+            )
         self._known_peer(req.peer_id)
         if origin_policy is not None and not origin_policy.open:
             try:
@@ -375,8 +438,24 @@ class SuperNode:
         # the origin is fetched with the URL as given: filtered keys (signatures,
         # tokens) only leave the task id; a cached file is revalidated first
         fetches = self.cdn.origin_fetches
-        task = await self.cdn.fresh(tid, req.url, req.headers, req.digest)
+        if not req.prefetch:
+            # the task is the range alone: the CDN asks the origin for those bytes only
+            task = self.cdn.ensure(tid, req.url, req.headers, None, fetch_range=wanted)
+            wanted = None
+        else:
+            task = await self.cdn.fresh(tid, req.url, req.headers, req.digest)
         self._known_peer(req.peer_id)
+        if wanted is not None:
+            # a Range request: its pieces may come from the origin out of order
+            self.cdn.want(task, wanted)
+            if len(self._wanted) >= MAX_WANTED_PEERS:
+                self._wanted.pop(next(iter(self._wanted)))
+            self._wanted[(tid, req.peer_id)] = wanted
+            if task.length is None and task.status in ("waiting", "running"):
+                # the peer's first sync then has the length (and the range's
+                # pieces in its seed allowance): no sync interval lost
+                task = await self.cdn.length_wait(task, REGISTER_LENGTH_WAIT)
+                self._known_peer(req.peer_id)
         task_log(
             log, LogLevel.info, tid, "registered by {peerId} ({cache}, CDN {status})",
             peerId=req.peer_id, cache="cache miss" if self.cdn.origin_fetches > fetches else "cache hit",
@@ -405,6 +484,7 @@ class SuperNode:
     def leave_task(self, task_id: str, peer_id: str) -> None:
         """The peer no longer holds the task (it evicted it)."""
         self.scheduler.leave(task_id, peer_id)
+        self._wanted.pop((task_id, peer_id), None)
 
     def sync(self, task_id: str, report: SyncReport) -> SyncResult:
         """
@@ -439,7 +519,8 @@ class SuperNode:
             self.scheduler.report(
                 task_id, report.peer_id, self.clock.seconds(), have=have, failed=failed, banned=list(report.banned),
             )
-            decision = self.decide(task_id, report.peer_id, report.starving, report.want)
+            want = self._want(task, report)
+            decision = self.decide(task_id, report.peer_id, report.starving, want)
         except UnknownTask:
             raise Refused("TASK_UNKNOWN", f"task {task_id} is not known") from None
         finally:
@@ -449,7 +530,29 @@ class SuperNode:
         self.note_peer_bytes(task_id, report.peer_bytes)
         parents = [self.seed_parent()] if task.status != "failed" else []
         parents.extend(Parent(p.peer_id, p.ip, p.port) for p in decision.parents)
-        return SyncResult(task, report.digests_from, task.digests[report.digests_from:], parents, decision.seed_pieces)
+        interval = SYNC_INTERVAL
+        if want is not None and task.available is not None and want not in task.available and self.cdn.side_fetching(task, want):
+            # the piece its reader waits for is on its way from the origin out of order: ask again soon
+            interval = SIDE_SYNC_INTERVAL
+        return SyncResult(
+            task, report.digests_from, known_from(task.digests, report.digests_from), parents, decision.seed_pieces,
+            interval,
+        )
+
+    def _want(self, task: CdnTask, report: SyncReport) -> int | None:
+        """The piece a peer's reader waits for: as it reports, else the first of the range it registered with."""
+        key = (task.task_id, report.peer_id)
+        if report.want is not None:
+            self._wanted.pop(key, None)
+            return report.want
+        spec = self._wanted.get(key)
+        if spec is None or task.length is None or not task.piece_size:
+            return None
+        span = spec.resolve(task.length)
+        if span is None:
+            self._wanted.pop(key, None)
+            return None
+        return span[0] // task.piece_size
 
     def join(self, task_id: str, peer_id: str) -> None:
         """

@@ -85,6 +85,8 @@ class Options(ConfigFileOptions):
         ["origin-allow", None, "", "Origin hosts allowed, comma-separated host names (.suffix for subdomains) and CIDRs (default: all)."],
         ["origin-deny", None, DEFAULT_DENY, "Origin hosts denied, comma-separated host names and CIDRs ('none': deny nothing)."],
         ["revalidate", None, "0", "Seconds a cached file is served without asking the origin whether it changed ('never': not at all)."],
+        ["origin-retries", None, 0, "Times an origin fetch whose body is cut (reset, short, silent) goes on from its last "
+         "stored piece with Range/If-Range before its downloads fail (0: fail at once).", int],
         *BLOCK_PORT_OPTIONS,
     ]
 
@@ -131,6 +133,8 @@ class Options(ConfigFileOptions):
         for name in ("max-parents", "seed-window", "seed-slots", "workers"):
             if self[name] < 1:
                 raise usage.UsageError(f"--{name} must be at least 1")
+        if not 0 <= self["origin-retries"] <= 100:
+            raise usage.UsageError("--origin-retries must be 0..100")
         if self["advertise-ip"] is None:
             listen = self["listen"]
             self["advertise-ip"] = listen if listen not in ("0.0.0.0", "::") else detect_ip(None)
@@ -188,7 +192,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         lambda track: Cdn(
             home, http, pool, reactor, piece_size=options["piece-size"], on_new_task=track,
             origin_limit=TokenBucket(options["origin-limit"], reactor) if options["origin-limit"] else None,
-            revalidate_after=options["revalidate"],
+            revalidate_after=options["revalidate"], retries=options["origin-retries"],
         ),
         scheduler,
         reactor,

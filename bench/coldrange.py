@@ -1,0 +1,120 @@
+"""
+First byte of a Range request for the tail of a blob no host holds yet
+(issue 13's target: within 2 x the time straight from the registry).
+
+    python -m bench.coldrange [--size-mib 256] [--range-mib 1] [--runs 3]
+
+One image with one layer of SIZE, pushed to a real registry (the e2e
+tests' one); then, RUNS times each, on a fresh swarm (a SuperNode, one
+dfpeer, dfdaemon; new homes, so the blob is cold everywhere):
+
+  - registry: the Range GET straight to the registry;
+  - swarm:    through dfdaemon, default (the 206 from the swarm: the CDN
+              fetches the range's pieces from the registry out of order);
+  - direct:   through dfdaemon with C{--cold-range direct} (the registry's 206);
+  - noprefetch: through dfdaemon with C{--no-prefetch} (a swarm download of the range alone).
+
+For each: the seconds to the first byte and to the last, the body checked
+against the blob, and after the swarm's prefetch of the whole blob, the
+registry's bytes for the blob (in copies of it).  Prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import statistics
+import tempfile
+import time
+from urllib.parse import urlsplit
+
+from dragonfly.testing.registry import Registry, have_tools, make_image
+from dragonfly.testing.swarm import Swarm, get_json
+
+MiB = 1 << 20
+
+
+def timed_get(url: str, path: str, headers: dict[str, str]) -> tuple[int, bytes, float, float]:
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
+    start = time.monotonic()
+    conn.request("GET", path, headers=headers)
+    resp = conn.getresponse()
+    first = resp.read(1)
+    first_byte = time.monotonic() - start
+    body = first + resp.read()
+    last_byte = time.monotonic() - start
+    conn.close()
+    return resp.status, body, first_byte, last_byte
+
+
+def blob_bytes(registry: Registry, digest: str) -> int:
+    return sum(
+        r["written"] or 0 for r in registry.responses()
+        if r["method"] == "GET" and f"/blobs/{digest}" in r["uri"] and r["status"] in (200, 206)
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--range-mib", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--modes", default="registry,swarm,direct,noprefetch")
+    args = ap.parse_args()
+    missing = have_tools()
+    if missing:
+        raise SystemExit(missing)
+    work = tempfile.mkdtemp(prefix="coldrange-")
+    image = make_image(f"{work}/oci", [args.size_mib * MiB], tag="v1", seed=31)
+    digest = image.layers[0]
+    data = image.blob(digest)
+    size = len(data)
+    rng = f"bytes={size - args.range_mib * MiB}-"
+    want = data[size - args.range_mib * MiB:]
+    path = f"/v2/bench/app/blobs/{digest}"
+    registry = Registry(f"{work}/registry").start()
+    results: dict[str, list[tuple[float, float, float | None]]] = {}
+    try:
+        registry.push(image, "bench/app")
+        for run in range(args.runs):
+            for mode in args.modes.split(","):
+                before = blob_bytes(registry, digest)
+                copies: float | None = None
+                if mode == "registry":
+                    status, body, first, last = timed_get(registry.url, path, {"Range": rng})
+                else:
+                    with Swarm(f"{work}/swarm-{mode}-{run}") as swarm:
+                        swarm.start_supernode()
+                        peer = swarm.start_peer("host0")
+                        extra = {"direct": ("--cold-range", "direct"), "noprefetch": ("--no-prefetch",)}.get(mode, ())
+                        url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url, *extra)
+                        status, body, first, last = timed_get(url, path, {"Range": rng})
+                        deadline = time.monotonic() + 300
+                        while time.monotonic() < deadline:
+                            tasks = get_json(peer["api"] + "/api/v1/tasks")["tasks"]
+                            if tasks and all(t["status"] in ("success", "failed") for t in tasks):
+                                break
+                            time.sleep(0.2)
+                        assert tasks and all(t["status"] == "success" for t in tasks), tasks
+                        copies = (blob_bytes(registry, digest) - before) / size
+                assert status == 206 and body == want, (mode, status, len(body))
+                results.setdefault(mode, []).append((first, last, copies))
+                print(f"run {run} {mode:10s} first byte {first * 1000:8.1f} ms  last byte {last * 1000:8.1f} ms"
+                      + (f"  registry sent {copies:.3f} copies" if copies is not None else ""), flush=True)
+    finally:
+        registry.stop()
+    print(f"\n{args.range_mib} MiB tail of a {size / MiB:.0f} MiB blob, {args.runs} runs (median, min-max):")
+    for mode, rows in results.items():
+        firsts = [r[0] * 1000 for r in rows]
+        lasts = [r[1] * 1000 for r in rows]
+        cps = [r[2] for r in rows if r[2] is not None]
+        line = (f"  {mode:10s} first byte {statistics.median(firsts):7.1f} ms ({min(firsts):.1f}-{max(firsts):.1f})"
+                f"  last byte {statistics.median(lasts):7.1f} ms")
+        if cps:
+            line += f"  registry copies {max(cps):.3f} (max)"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
