@@ -370,7 +370,7 @@ class Cdn:
         task.last_access = self._clock.seconds()
         task.done = Deferred()
         self.origin_fetches += 1
-        pending = self._disk_ops.get(task_id)
+        pending = self.store.queued(task_id)
         if pending is not None:
             # file work still queued for this id (an evicted copy's removal)
             # ends first; the task waits
@@ -466,7 +466,7 @@ class Cdn:
         """The origin changed under C{old}: drop it and fetch the new content from C{response}."""
         old.status = "failed"
         old.error = TaskError("SOURCE_CHANGED", f"the origin content of {old.url} changed")
-        self._disk(old.task_id, _remove_files, *self._all_paths(old.task_id))
+        self._disk(old.task_id, remove_files, *self._all_paths(old.task_id))
         old.notify("task_failed")
         if old.done is not None and not old.done.called:
             old.done.callback(old)
@@ -576,7 +576,7 @@ class Cdn:
                     bytes=point.offset, code=response.code,
                 )
                 response.deliverBody(_Abort())
-                self._disk(task.task_id, _remove_files, *self._all_paths(task.task_id))
+                self._disk(task.task_id, remove_files, *self._all_paths(task.task_id))
                 self._request(task, None)
                 return
             if verdict is Verdict.FROM_ZERO:
@@ -1036,25 +1036,6 @@ class Cdn:
         C{task_id} is over (L{TaskStore.run}); its result.
         """
         return self.store.run(task_id, f, *args)
-
-    @property
-    def _disk_ops(self) -> _Queued:
-        """Task id -> a Deferred fired once its queued file work is over (L{TaskStore.queued}), for L{ensure}."""
-        return _Queued(self.store)
-
-
-@define
-class _Queued:
-    """A read-only view of the file work queued per task: C{.get(task_id)}."""
-
-    store: TaskStore
-
-    def get(self, task_id: str) -> Deferred[None] | None:
-        return self.store.queued(task_id)
-
-
-# the CDN's steps, as its fetch asks the store to run them (L{Cdn._disk})
-_remove_files = remove_files
 
 
 def _resumable(error: TaskError) -> bool:
