@@ -26,12 +26,17 @@ from twisted.logger import Logger
 from ..core.ratelimit import TokenBucket, delay_for
 from .connection import Action, BlockConnection
 
-__all__ = ["BufferPool", "Receiver", "RCVLOWAT_MAX", "PACED_READ"]
+__all__ = ["BufferPool", "Receiver", "RCVLOWAT_MAX", "RCVLOWAT_MIN", "RCVLOWAT_CAP", "LOWAT_WINDOW", "PACED_READ"]
 
 log = Logger()
 
-#: the most a receiver waits for before it is woken (SO_RCVLOWAT)
+#: the most a receiver waits for before it is woken (SO_RCVLOWAT), until a body's rate is known
 RCVLOWAT_MAX = 128 * 1024
+#: then: what the connection delivered in LOWAT_WINDOW seconds of its last piece body, within
+#: [RCVLOWAT_MIN, RCVLOWAT_CAP] (a tenth of the stall timeout: progress stays visible)
+LOWAT_WINDOW = 0.5
+RCVLOWAT_MIN = 16 * 1024
+RCVLOWAT_CAP = 1 << 20
 #: the most read straight into a piece per wake-up while a download limit applies
 PACED_READ = 256 * 1024
 #: read as much as the socket holds
@@ -81,6 +86,8 @@ class Receiver:
         self._transport: Any = None
         self._sock: socket.socket | None = None
         self._lowat = 1
+        self._lowat_max = RCVLOWAT_MAX
+        self._body_seen: tuple[float, int] | None = None  # (when, bytes to come) of the body arriving
         self.read_paused = False
 
     def attach(self, transport: Any, sock: socket.socket | None) -> None:
@@ -152,9 +159,14 @@ class Receiver:
         (TCP keeps order), so ask the kernel to wake us only once a good part
         of it is there (Linux honours SO_RCVLOWAT in poll/epoll).  On a link
         slower than the machine this turns one wake-up per segment into one
-        per RCVLOWAT_MAX bytes: a tenth of the CPU per byte received.
+        per threshold: RCVLOWAT_MAX bytes at first, then what the connection
+        delivers in LOWAT_WINDOW seconds (L{_time_body}).  Each wake-up costs
+        about 0.2 ms of CPU (docs/bench/swarm-profile.md); the threshold
+        never delays a piece (the kernel wakes us at its last byte at the
+        latest), and a tenth of the stall timeout keeps progress visible.
         """
-        want = min(max(remaining, 1), RCVLOWAT_MAX)
+        self._time_body(remaining)
+        want = min(max(remaining, 1), self._lowat_max)
         if want == self._lowat or self._sock is None:
             return
         try:
@@ -163,3 +175,16 @@ class Receiver:
         except OSError as e:
             log.info("SO_RCVLOWAT refused ({why}): piece bodies go through the framer", why=e)
             self._sock = None
+
+    def _time_body(self, remaining: int) -> None:
+        """The rate of each piece body received, from the first wake-up inside it to its end."""
+        if self._clock is None:
+            return
+        if remaining > 0 and self._body_seen is None:
+            self._body_seen = (self._clock.seconds(), remaining)
+        elif remaining == 0 and self._body_seen is not None:
+            t0, size = self._body_seen
+            self._body_seen = None
+            dt = self._clock.seconds() - t0
+            if dt > 0:
+                self._lowat_max = int(min(max(size / dt * LOWAT_WINDOW, RCVLOWAT_MIN), RCVLOWAT_CAP))
