@@ -147,6 +147,13 @@ def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
     p.add_argument("--workdir", help="homes, downloads and logs (default a temp dir in /dev/shm, removed)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (logs) afterwards")
     p.add_argument("--no-plot", action="store_true", help="do not draw OUT/swarm.png")
+    p.add_argument("--profile", metavar="DIR",
+                   help="profile the dfpeers of every dragonfly round into DIR/nN (see bench.profile): the"
+                        " --profile-tools on the first dfpeers, /proc counters of all")
+    p.add_argument("--profile-tools", default="py-spy,perf-record,perf-trace",
+                   help="with --profile: the tools, one dfpeer each (default py-spy,perf-record,perf-trace; a tool"
+                        " may repeat)")
+    p.add_argument("--profile-native", action="store_true", help="with --profile: C frames in py-spy's stacks too")
     p.add_argument("--report", action="store_true",
                    help="run nothing: redraw the plots and OUT/results.md from OUT/results.json")
     p.add_argument("--smoke", action="store_true",
@@ -301,8 +308,12 @@ class Outcome:
 class Testbed:
     """The hosts of one N on one L{netem.Network}, and the rounds run on them."""
 
-    def __init__(self, net: netem.Network, scenario: Scenario, n: int, www: str, want: str, workdir: str) -> None:
+    def __init__(self, net: netem.Network, scenario: Scenario, n: int, www: str, want: str, workdir: str,
+                 profile: str | None = None, profile_tools: tuple[str, ...] = (), profile_native: bool = False) -> None:
         self.net = net
+        self.profile = profile
+        self.profile_tools = profile_tools
+        self.profile_native = profile_native
         self.sc = scenario
         self.n = n
         self.want = want
@@ -370,7 +381,8 @@ class Testbed:
             wait_for_quiet_cpu(timeout=self.sc.quiet_wait)
             links_before = self.net.link_counters()
             ends: dict[str, float] = {}
-            with CpuMeter(watch, late=late) as cpu:
+            profiler = self.profiler(tag, watch)
+            with CpuMeter(watch, late=late) as cpu, profiler:
                 start = time.monotonic()
                 os.write(go_w, b"g" * len(procs))
                 deadline = start + self.sc.timeout
@@ -400,6 +412,16 @@ class Testbed:
         summary = cpu.summary()
         summary["clientSeconds"] = round(sum(client_cpu.values()), 2)
         return outcomes, {"cpu": summary, "links": links}
+
+    def profiler(self, tag: str, watch: dict[str, list[int]] | None) -> contextlib.AbstractContextManager[Any]:
+        """With --profile, what profiles the dfpeers during a dragonfly round (L{bench.profile.Profiler})."""
+        pids = (watch or {}).get("dfpeers", [])
+        if not self.profile or tag != "dragonfly" or not pids:
+            return contextlib.nullcontext()
+        from .profile import Profiler
+
+        return Profiler(os.path.join(self.profile, f"n{self.n}"), pids, tools=self.profile_tools,
+                        native=self.profile_native)
 
     @staticmethod
     def _wait_ready(ready_r: int, procs: dict[str, subprocess.Popen], timeout: float = 120.0) -> None:
@@ -971,7 +993,8 @@ def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
     for n in scenario.peers:
         say(f"N={n}: building {n + 2} hosts")
         with netem.Network() as net:
-            bed = Testbed(net, scenario, n, www, want, workdir)
+            bed = Testbed(net, scenario, n, www, want, workdir, profile=args.profile and os.path.abspath(args.profile),
+                          profile_tools=tuple(t.strip() for t in args.profile_tools.split(",") if t.strip()), profile_native=args.profile_native)
             bed.start_origin()
             for system in systems:
                 say(f"N={n}: {system} round")
