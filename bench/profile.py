@@ -11,7 +11,10 @@ While a round runs, L{Profiler}:
     included: DIR/perf-PID.data and its report by DSO and symbol,
     DIR/perf-PID.txt) and C{perf-trace} (C{perf trace -s}: its system calls
     by name, DIR/syscalls-PID.txt; this one slows the process's system
-    calls noticeably);
+    calls noticeably) and C{cprofile} (a process started under
+    L{bench.cprofiled}: cProfile of the reactor thread's CPU time,
+    DIR/cprofile-K.pstats for the K-th process, summed up in
+    DIR/cprofile.txt);
   - reads C{/proc} of every process before and after: user and system CPU
     seconds, voluntary and involuntary context switches, read and write
     calls (DIR/counters.json).
@@ -37,7 +40,13 @@ from typing import Any
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: the tools, one process each
-TOOLS = ("py-spy", "perf-record", "perf-trace")
+TOOLS = ("py-spy", "perf-record", "perf-trace", "cprofile")
+
+
+def cprofile_path(out: str, k: int) -> str:
+    """Where the k-th process started under L{bench.cprofiled} writes its stats."""
+    os.makedirs(out, exist_ok=True)
+    return os.path.join(out, f"cprofile-{k}.pstats")
 
 
 def proc_counters(pid: int) -> dict[str, float]:
@@ -99,6 +108,9 @@ class Profiler:
             elif tool == "perf-record" and perf:
                 argv = [perf, "record", "-q", "-g", "-F", "999", "-p", str(pid),
                         "-o", os.path.join(self.out, f"perf-{pid}.data")]
+            elif tool == "cprofile":  # started under bench.cprofiled: profiles while between USR1 and USR2
+                os.kill(pid, signal.SIGUSR1)
+                continue
             elif tool == "perf-trace" and perf:
                 argv = [perf, "trace", "-s", "-o", os.path.join(self.out, f"syscalls-{pid}.txt"), "-p", str(pid)]
             else:
@@ -116,6 +128,9 @@ class Profiler:
     def __exit__(self, *exc: Any) -> None:
         after = {pid: proc_counters(pid) for pid in self.pids}
         seconds = time.monotonic() - self.started
+        for pid, tool in zip(self.sampled, self.tools):
+            if tool == "cprofile":
+                os.kill(pid, signal.SIGUSR2)
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)  # both write their output on SIGINT
@@ -145,6 +160,16 @@ class Profiler:
                                    stdout=f, stderr=subprocess.DEVNULL, timeout=300, check=False)
         with open(os.path.join(self.out, "top.txt"), "w") as f:
             f.write(top([p for p in stacks if os.path.exists(p)]))
+        time.sleep(1.0)  # the cprofiled processes write their stats
+        pstats_files = [cprofile_path(self.out, k) for k, tool in enumerate(self.tools) if tool == "cprofile"]
+        pstats_files = [p for p in pstats_files if os.path.exists(p)]
+        if pstats_files:
+            import pstats
+
+            with open(os.path.join(self.out, "cprofile.txt"), "w") as f:
+                stats = pstats.Stats(*pstats_files, stream=f)
+                stats.sort_stats("tottime").print_stats(60)
+                stats.sort_stats("cumulative").print_stats(80)
 
 
 def fold(paths: list[str]) -> collections.Counter[str]:

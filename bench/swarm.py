@@ -151,8 +151,8 @@ def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
                    help="profile the dfpeers of every dragonfly round into DIR/nN (see bench.profile): the"
                         " --profile-tools on the first dfpeers, /proc counters of all")
     p.add_argument("--profile-tools", default="py-spy,perf-record,perf-trace",
-                   help="with --profile: the tools, one dfpeer each (default py-spy,perf-record,perf-trace; a tool"
-                        " may repeat)")
+                   help="with --profile: the tools, one dfpeer each: py-spy, perf-record, perf-trace, cprofile"
+                        " (default py-spy,perf-record,perf-trace; a tool may repeat)")
     p.add_argument("--profile-native", action="store_true", help="with --profile: C frames in py-spy's stacks too")
     p.add_argument("--report", action="store_true",
                    help="run nothing: redraw the plots and OUT/results.md from OUT/results.json")
@@ -465,10 +465,16 @@ class Testbed:
             started.append(self.spawn(self.supernode, "dragonfly-supernode", sn_argv))
             wait_for_file(os.path.join(sn_home, "supernode.json"), 60, started[0])
             homes = {p.name: os.path.join(rdir, p.name) for p in self.peers}
-            for peer in self.peers:
+            for k, peer in enumerate(self.peers):
                 os.makedirs(homes[peer.name])
+                run_twistd = [twistd]
+                if self.profile and self.profile_tools[k:k + 1] == ("cprofile",):
+                    from .profile import cprofile_path
+
+                    run_twistd = [sys.executable, "-m", "bench.cprofiled",
+                                  cprofile_path(os.path.join(self.profile, f"n{self.n}"), k)]
                 started.append(self.spawn(peer, f"dragonfly-{peer.name}", [
-                    twistd, "-n", "--pidfile=", "dfpeer", "--supernode", f"{sn_ip}:{API_PORT}",
+                    *run_twistd, "-n", "--pidfile=", "dfpeer", "--supernode", f"{sn_ip}:{API_PORT}",
                     "--home", homes[peer.name], "--ip", peer.ip, "--listen", peer.ip, "--port", str(BLOCK_PORT),
                     *shlex.split(self.sc.peer_args),
                 ]))
@@ -993,8 +999,9 @@ def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
     for n in scenario.peers:
         say(f"N={n}: building {n + 2} hosts")
         with netem.Network() as net:
+            tools = tuple(t.strip() for t in args.profile_tools.split(",") if t.strip())
             bed = Testbed(net, scenario, n, www, want, workdir, profile=args.profile and os.path.abspath(args.profile),
-                          profile_tools=tuple(t.strip() for t in args.profile_tools.split(",") if t.strip()), profile_native=args.profile_native)
+                          profile_tools=tools, profile_native=args.profile_native)
             bed.start_origin()
             for system in systems:
                 say(f"N={n}: {system} round")
