@@ -438,74 +438,51 @@ class Picker(Generic[K]):
     def _fill_by_rate(
         self, now: float, per_conn: int, limit: int, keys: list[K], piece_bytes: int, asked: list[tuple[K, int]],
     ) -> None:
-        # the hot path of every fill (several per piece received): L{rate} and
-        # L{budget} inlined, one pass over the neighbours
-        outs, meter, last_done = self._out, self._meter, self._last_done
-        latency = self.target_latency
+        rates: dict[K, float | None] = {}
         caps: dict[K, int] = {}
-        rates: list[float | None] = []
-        prior = 0.0
         for k in keys:
-            m = meter.get(k)
-            measured = m[0] / m[1] if m is not None and m[1] > 0 else None
-            caps[k] = per_conn if measured is None else max(per_conn, min(limit, int(measured * latency / piece_bytes)))
-            r = measured
-            out = outs[k]
-            if out:
-                # no faster than its oldest request out shows (see L{rate})
-                waited = now - max(min(out.values()), last_done.get(k, -math.inf))
-                if waited > 0:
-                    cap = piece_bytes / waited
-                    if r is None or cap < r:
-                        r = cap
-            rates.append(r)
-            if r is not None and r > prior:
-                prior = r
+            measured = self.rate(k)
+            caps[k] = self.budget(k, per_conn, limit, piece_bytes, measured)
+            rates[k] = self.rate(k, now, piece_bytes) if self._out[k] else measured
         if self.max_grow > 1:
             # bandwidth-delay for the whole download: what the neighbours deliver x target latency
-            total = sum(m[0] / m[1] for k in keys if (m := meter.get(k)) is not None and m[1] > 0)
-            limit = max(limit, min(int(self.max_grow * limit), int(total * latency / piece_bytes)))
-        if prior <= 0:
-            prior = 1.0
-        speed = {k: (r if r is not None and r > 0 else prior) for k, r in zip(keys, rates, strict=True)}
-        idle: list[tuple[int, K]] = []
+            total = sum(m[0] / m[1] for k in keys if (m := self._meter.get(k)) is not None and m[1] > 0)
+            limit = max(limit, min(int(self.max_grow * limit), int(total * self.target_latency / piece_bytes)))
+        known = [r for r in rates.values() if r is not None and r > 0]
+        prior = max(known) if known else 1.0
+        speed = {k: (r if r is not None and r > 0 else prior) for k, r in rates.items()}
+        # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
+        heap = []
         if self._in_flight < limit:
-            # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
-            heap = [((len(outs[k]) + 1) / speed[k], n, k) for n, k in enumerate(keys) if len(outs[k]) < caps[k]]
+            heap = [((len(self._out[k]) + 1) / speed[k], n, k) for n, k in enumerate(keys) if len(self._out[k]) < caps[k]]
             heapq.heapify(heap)
-            while heap and self._in_flight < limit:
-                _, n, k = heapq.heappop(heap)
-                index = self.choose(k, now)
-                if index is None:
-                    idle.append((n, k))
-                    continue
-                self.request(k, index, now)
-                asked.append((k, index))
-                if len(outs[k]) < caps[k]:
-                    heapq.heappush(heap, ((len(outs[k]) + 1) / speed[k], n, k))
-            idle.extend((n, k) for _, n, k in heap)
         else:
-            idle = [(n, k) for n, k in enumerate(keys) if len(outs[k]) < caps[k]]
+            heap = [(0.0, n, k) for n, k in enumerate(keys) if len(self._out[k]) < caps[k]]
+        idle: list[tuple[int, K]] = []
+        while heap and self._in_flight < limit:
+            _, n, k = heapq.heappop(heap)
+            index = self.choose(k, now)
+            if index is None:
+                idle.append((n, k))
+                continue
+            self.request(k, index, now)
+            asked.append((k, index))
+            if len(self._out[k]) < caps[k]:
+                heapq.heappush(heap, ((len(self._out[k]) + 1) / speed[k], n, k))
         # rescues: a neighbour with a slot and nothing new to give takes over a slow one's piece
+        idle.extend((n, k) for _, n, k in heap)
         if not idle or not self.pending or self._in_flight >= 2 * limit:
-            return
-        # only a measured neighbour may rescue (a neighbour not measured is not known to be faster)
-        idle = [(n, k) for n, k in idle if k in meter and self._remote[k] is not None]
-        if not idle:
             return
         late = self._late(now, speed, piece_bytes)
         if not late:
             return
-        # the latest piece must be late enough for the lowest threshold, or no rescue happens
-        factor = self.rescue_factor
-        if late[0][0] <= min(factor * (len(outs[k]) + 1) * piece_bytes / speed[k] for _, k in idle):
-            return
         idle.sort(key=lambda nk: -speed[nk[1]])
         for _, k in idle:
             remote = self._remote[k]
-            assert remote is not None
-            while late and self._in_flight < 2 * limit and len(outs[k]) < caps[k]:
-                threshold = self.rescue_factor * (len(outs[k]) + 1) * piece_bytes / speed[k]
+            if remote is None or k not in self._meter:
+                continue  # not measured: not known to be faster
+            while late and self._in_flight < 2 * limit and len(self._out[k]) < caps[k]:
+                threshold = self.rescue_factor * (len(self._out[k]) + 1) * piece_bytes / speed[k]
                 pick = None
                 for j, (left, i, other) in enumerate(late):
                     if left <= threshold:
