@@ -7,8 +7,11 @@ Runs twistd with TWISTD-ARGS.  SIGUSR1 starts profiling the reactor thread
 with its CPU time (C{time.thread_time}: time the thread waits for a CPU or
 in C{epoll_wait} is not counted), SIGUSR2 stops it and writes the stats to
 OUT.pstats (read them with C{python -m pstats}, or L{bench.profile}).  Call
-counts are exact; cProfile's own cost per call inflates the times of
-Python-heavy functions about alike, so compare shares, not seconds.
+counts are exact, times are not: cProfile's own cost per call lands in
+the thread's CPU time, so functions that make many small calls look far
+costlier than they are (the picker's fill looked like a fifth of the
+reactor's CPU and measured 28 us a call with C{time.thread_time}).  Use it
+to count events, and perf or an A/B round (C{--ab-env}) to weigh them.
 """
 
 from __future__ import annotations

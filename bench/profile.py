@@ -17,7 +17,8 @@ While a round runs, L{Profiler}:
     DIR/cprofile.txt);
   - reads C{/proc} of every process before and after: user and system CPU
     seconds, voluntary and involuntary context switches, read and write
-    calls (DIR/counters.json).
+    calls (DIR/counters.json); with C{groups} (C{bench.swarm --ab-env}),
+    each group's means per process and its CPU seconds per GiB.
 
 Then it folds the samples into DIR/top.txt: the functions with the most
 samples on CPU, by their own samples (self) and with their callees
@@ -80,7 +81,7 @@ class Profiler:
     """See the module docstring; a context manager around the measured part of a round."""
 
     def __init__(self, out: str, pids: list[int], tools: tuple[str, ...] = TOOLS, rate: int = 200,
-                 native: bool = False) -> None:
+                 native: bool = False, groups: dict[str, list[int]] | None = None, gib: float = 1.0) -> None:
         self.out = out
         self.pids = list(pids)
         unknown = set(tools) - set(TOOLS)
@@ -90,6 +91,8 @@ class Profiler:
         self.sampled = self.pids[:len(self.tools)]
         self.rate = rate
         self.native = native
+        self.groups = groups or {}
+        self.gib = gib
         self.before: dict[int, dict[str, float]] = {}
         self.procs: list[subprocess.Popen] = []
         self.started = 0.0
@@ -147,9 +150,18 @@ class Profiler:
         totals: dict[str, float] = collections.Counter()
         for d in deltas.values():
             totals.update(d)
+        summary = {"seconds": round(seconds, 3), "sampled": self.sampled, "perProcess": deltas,
+                   "total": {k: round(v, 3) for k, v in totals.items()}}
+        if self.groups:
+            summary["groups"] = {name: group_means([deltas[str(p)] for p in pids if str(p) in deltas], self.gib)
+                                 for name, pids in self.groups.items()}
         with open(os.path.join(self.out, "counters.json"), "w") as f:
-            json.dump({"seconds": round(seconds, 3), "sampled": self.sampled, "perProcess": deltas,
-                       "total": {k: round(v, 3) for k, v in totals.items()}}, f, indent=1)
+            json.dump(summary, f, indent=1)
+        for name, means in summary.get("groups", {}).items():
+            if means:
+                print(f"bench: profile group {name} ({means['processes']} processes): {means['cpuPerGiB']:.2f} CPU-s/GiB"
+                      f" each (user {means['userPerGiB']:.2f}, system {means['systemPerGiB']:.2f}), voluntary context"
+                      f" switches {means.get('voluntary_ctxt_switches', 0):.0f}", flush=True)
         stacks = [os.path.join(self.out, f"spy-{pid}.txt") for pid in self.sampled]
         for pid in self.sampled:
             data = os.path.join(self.out, f"perf-{pid}.data")
@@ -170,6 +182,19 @@ class Profiler:
                 stats = pstats.Stats(*pstats_files, stream=f)
                 stats.sort_stats("tottime").print_stats(60)
                 stats.sort_stats("cumulative").print_stats(80)
+
+
+def group_means(deltas: list[dict[str, float]], gib: float) -> dict[str, float]:
+    """Per process of a group, on average: its counters, and its CPU seconds per C{gib} GiB downloaded."""
+    if not deltas:
+        return {}
+    means = {k: round(sum(d.get(k, 0.0) for d in deltas) / len(deltas), 3) for k in deltas[0]}
+    if gib > 0:
+        means["cpuPerGiB"] = round((means.get("user", 0.0) + means.get("system", 0.0)) / gib, 3)
+        means["userPerGiB"] = round(means.get("user", 0.0) / gib, 3)
+        means["systemPerGiB"] = round(means.get("system", 0.0) / gib, 3)
+    means["processes"] = len(deltas)
+    return means
 
 
 def fold(paths: list[str]) -> collections.Counter[str]:

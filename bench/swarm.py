@@ -154,6 +154,10 @@ def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
                    help="with --profile: the tools, one dfpeer each: py-spy, perf-record, perf-trace, cprofile"
                         " (default py-spy,perf-record,perf-trace; a tool may repeat)")
     p.add_argument("--profile-native", action="store_true", help="with --profile: C frames in py-spy's stacks too")
+    p.add_argument("--ab-env", metavar="NAME=VALUE,...",
+                   help="with --profile: every second dfpeer (group b) runs with these environment variables, the"
+                        " others (group a) without; DIR/nN/counters.json compares the groups' CPU, measured in the"
+                        " same round (the one comparison a shared machine's load does not blur)")
     p.add_argument("--report", action="store_true",
                    help="run nothing: redraw the plots and OUT/results.md from OUT/results.json")
     p.add_argument("--smoke", action="store_true",
@@ -309,11 +313,13 @@ class Testbed:
     """The hosts of one N on one L{netem.Network}, and the rounds run on them."""
 
     def __init__(self, net: netem.Network, scenario: Scenario, n: int, www: str, want: str, workdir: str,
-                 profile: str | None = None, profile_tools: tuple[str, ...] = (), profile_native: bool = False) -> None:
+                 profile: str | None = None, profile_tools: tuple[str, ...] = (), profile_native: bool = False,
+                 ab_env: dict[str, str] | None = None) -> None:
         self.net = net
         self.profile = profile
         self.profile_tools = profile_tools
         self.profile_native = profile_native
+        self.ab_env = ab_env or {}
         self.sc = scenario
         self.n = n
         self.want = want
@@ -420,8 +426,9 @@ class Testbed:
             return contextlib.nullcontext()
         from .profile import Profiler
 
+        groups = {"a": pids[0::2], "b": pids[1::2]} if self.ab_env else None
         return Profiler(os.path.join(self.profile, f"n{self.n}"), pids, tools=self.profile_tools,
-                        native=self.profile_native)
+                        native=self.profile_native, groups=groups, gib=self.sc.file_size / GIB)
 
     @staticmethod
     def _wait_ready(ready_r: int, procs: dict[str, subprocess.Popen], timeout: float = 120.0) -> None:
@@ -473,11 +480,14 @@ class Testbed:
 
                     run_twistd = [sys.executable, "-m", "bench.cprofiled",
                                   cprofile_path(os.path.join(self.profile, f"n{self.n}"), k)]
+                env = {}
+                if self.ab_env and k % 2 == 1:
+                    env = {"env": {**os.environ, **self.ab_env}}
                 started.append(self.spawn(peer, f"dragonfly-{peer.name}", [
                     *run_twistd, "-n", "--pidfile=", "dfpeer", "--supernode", f"{sn_ip}:{API_PORT}",
                     "--home", homes[peer.name], "--ip", peer.ip, "--listen", peer.ip, "--port", str(BLOCK_PORT),
                     *shlex.split(self.sc.peer_args),
-                ]))
+                ], **env))
             apis = {}
             for peer, proc in zip(self.peers, started[1:]):
                 apis[peer.name] = wait_for_file(os.path.join(homes[peer.name], "peer.json"), 60 + 2 * self.n, proc)["api"]
@@ -1000,8 +1010,9 @@ def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
         say(f"N={n}: building {n + 2} hosts")
         with netem.Network() as net:
             tools = tuple(t.strip() for t in args.profile_tools.split(",") if t.strip())
+            ab_env = dict(kv.split("=", 1) for kv in args.ab_env.split(",") if kv) if args.ab_env else None
             bed = Testbed(net, scenario, n, www, want, workdir, profile=args.profile and os.path.abspath(args.profile),
-                          profile_tools=tools, profile_native=args.profile_native)
+                          profile_tools=tools, profile_native=args.profile_native, ab_env=ab_env)
             bed.start_origin()
             for system in systems:
                 say(f"N={n}: {system} round")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bench.profile import Profiler, fold, proc_counters, top
+from bench.profile import Profiler, fold, group_means, proc_counters, top
 
 
 def write(path, text):
@@ -55,3 +55,19 @@ def test_profiler_without_tools_writes_counters(tmp_path):
 def test_profiler_rejects_unknown_tools(tmp_path):
     with pytest.raises(ValueError, match="strace"):
         Profiler(str(tmp_path), [1], tools=("strace",))
+
+
+def test_group_means_per_process_and_per_gib():
+    means = group_means([{"user": 1.0, "system": 0.5}, {"user": 2.0, "system": 0.5}], gib=0.5)
+    assert means["user"] == 1.5 and means["system"] == 0.5 and means["processes"] == 2
+    assert means["cpuPerGiB"] == 4.0 and means["userPerGiB"] == 3.0 and means["systemPerGiB"] == 1.0
+    assert group_means([], gib=1.0) == {}
+
+
+def test_profiler_groups_in_counters(tmp_path):
+    import json
+
+    with Profiler(str(tmp_path), [os.getpid()], tools=(), groups={"a": [os.getpid()], "b": []}, gib=1.0):
+        pass
+    groups = json.loads((tmp_path / "counters.json").read_text())["groups"]
+    assert groups["a"]["processes"] == 1 and groups["b"] == {}
