@@ -147,6 +147,17 @@ def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
     p.add_argument("--workdir", help="homes, downloads and logs (default a temp dir in /dev/shm, removed)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (logs) afterwards")
     p.add_argument("--no-plot", action="store_true", help="do not draw OUT/swarm.png")
+    p.add_argument("--profile", metavar="DIR",
+                   help="profile the dfpeers of every dragonfly round into DIR/nN (see bench.profile): the"
+                        " --profile-tools on the first dfpeers, /proc counters of all")
+    p.add_argument("--profile-tools", default="py-spy,perf-record,perf-trace",
+                   help="with --profile: the tools, one dfpeer each: py-spy, perf-record, perf-trace, cprofile"
+                        " (default py-spy,perf-record,perf-trace; a tool may repeat)")
+    p.add_argument("--profile-native", action="store_true", help="with --profile: C frames in py-spy's stacks too")
+    p.add_argument("--ab-env", metavar="NAME=VALUE,...",
+                   help="with --profile: every second dfpeer (group b) runs with these environment variables, the"
+                        " others (group a) without; DIR/nN/counters.json compares the groups' CPU, measured in the"
+                        " same round (the one comparison a shared machine's load does not blur)")
     p.add_argument("--report", action="store_true",
                    help="run nothing: redraw the plots and OUT/results.md from OUT/results.json")
     p.add_argument("--smoke", action="store_true",
@@ -301,8 +312,14 @@ class Outcome:
 class Testbed:
     """The hosts of one N on one L{netem.Network}, and the rounds run on them."""
 
-    def __init__(self, net: netem.Network, scenario: Scenario, n: int, www: str, want: str, workdir: str) -> None:
+    def __init__(self, net: netem.Network, scenario: Scenario, n: int, www: str, want: str, workdir: str,
+                 profile: str | None = None, profile_tools: tuple[str, ...] = (), profile_native: bool = False,
+                 ab_env: dict[str, str] | None = None) -> None:
         self.net = net
+        self.profile = profile
+        self.profile_tools = profile_tools
+        self.profile_native = profile_native
+        self.ab_env = ab_env or {}
         self.sc = scenario
         self.n = n
         self.want = want
@@ -370,7 +387,8 @@ class Testbed:
             wait_for_quiet_cpu(timeout=self.sc.quiet_wait)
             links_before = self.net.link_counters()
             ends: dict[str, float] = {}
-            with CpuMeter(watch, late=late) as cpu:
+            profiler = self.profiler(tag, watch)
+            with CpuMeter(watch, late=late) as cpu, profiler:
                 start = time.monotonic()
                 os.write(go_w, b"g" * len(procs))
                 deadline = start + self.sc.timeout
@@ -400,6 +418,17 @@ class Testbed:
         summary = cpu.summary()
         summary["clientSeconds"] = round(sum(client_cpu.values()), 2)
         return outcomes, {"cpu": summary, "links": links}
+
+    def profiler(self, tag: str, watch: dict[str, list[int]] | None) -> contextlib.AbstractContextManager[Any]:
+        """With --profile, what profiles the dfpeers during a dragonfly round (L{bench.profile.Profiler})."""
+        pids = (watch or {}).get("dfpeers", [])
+        if not self.profile or tag != "dragonfly" or not pids:
+            return contextlib.nullcontext()
+        from .profile import Profiler
+
+        groups = {"a": pids[0::2], "b": pids[1::2]} if self.ab_env else None
+        return Profiler(os.path.join(self.profile, f"n{self.n}"), pids, tools=self.profile_tools,
+                        native=self.profile_native, groups=groups, gib=self.sc.file_size / GIB)
 
     @staticmethod
     def _wait_ready(ready_r: int, procs: dict[str, subprocess.Popen], timeout: float = 120.0) -> None:
@@ -443,13 +472,22 @@ class Testbed:
             started.append(self.spawn(self.supernode, "dragonfly-supernode", sn_argv))
             wait_for_file(os.path.join(sn_home, "supernode.json"), 60, started[0])
             homes = {p.name: os.path.join(rdir, p.name) for p in self.peers}
-            for peer in self.peers:
+            for k, peer in enumerate(self.peers):
                 os.makedirs(homes[peer.name])
+                run_twistd = [twistd]
+                if self.profile and self.profile_tools[k:k + 1] == ("cprofile",):
+                    from .profile import cprofile_path
+
+                    run_twistd = [sys.executable, "-m", "bench.cprofiled",
+                                  cprofile_path(os.path.join(self.profile, f"n{self.n}"), k)]
+                env = {}
+                if self.ab_env and k % 2 == 1:
+                    env = {"env": {**os.environ, **self.ab_env}}
                 started.append(self.spawn(peer, f"dragonfly-{peer.name}", [
-                    twistd, "-n", "--pidfile=", "dfpeer", "--supernode", f"{sn_ip}:{API_PORT}",
+                    *run_twistd, "-n", "--pidfile=", "dfpeer", "--supernode", f"{sn_ip}:{API_PORT}",
                     "--home", homes[peer.name], "--ip", peer.ip, "--listen", peer.ip, "--port", str(BLOCK_PORT),
                     *shlex.split(self.sc.peer_args),
-                ]))
+                ], **env))
             apis = {}
             for peer, proc in zip(self.peers, started[1:]):
                 apis[peer.name] = wait_for_file(os.path.join(homes[peer.name], "peer.json"), 60 + 2 * self.n, proc)["api"]
@@ -971,7 +1009,10 @@ def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
     for n in scenario.peers:
         say(f"N={n}: building {n + 2} hosts")
         with netem.Network() as net:
-            bed = Testbed(net, scenario, n, www, want, workdir)
+            tools = tuple(t.strip() for t in args.profile_tools.split(",") if t.strip())
+            ab_env = dict(kv.split("=", 1) for kv in args.ab_env.split(",") if kv) if args.ab_env else None
+            bed = Testbed(net, scenario, n, www, want, workdir, profile=args.profile and os.path.abspath(args.profile),
+                          profile_tools=tools, profile_native=args.profile_native, ab_env=ab_env)
             bed.start_origin()
             for system in systems:
                 say(f"N={n}: {system} round")
