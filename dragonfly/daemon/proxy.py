@@ -327,20 +327,31 @@ class DaemonCore:
         digest, so the registry's auth is checked here, per request.  An
         unreachable registry counts as a no (the direct path then says why).
         """
+        response = await self._head(request, url)
+        if response is None:
+            return False
+        if response.code >= 400:
+            self.counters.denied += 1
+            return False
+        return True
+
+    async def _head(self, request: Any, url: str) -> Any:
+        """
+        HEAD C{url} at the registry with the client's credentials, asking of
+        the blob, not a part of it; the response (its empty body read), or
+        None when the registry cannot be reached (logged).
+        """
         headers = Headers(dict(_passable(request.requestHeaders)))
-        headers.removeHeader(b"range")  # the question is the blob, not a part of it
+        headers.removeHeader(b"range")
         try:
             response = await self.http.request("HEAD", url, headers=headers, allow_redirects=False)
         except CancelledError:
             raise
         except Exception as e:
-            log.warn("access check for {url} failed: {why}", url=url, why=str(e))
-            return False
+            log.warn("HEAD {url} failed: {why}", url=url, why=str(e))
+            return None
         response.deliverBody(DiscardBody())
-        if response.code >= 400:
-            self.counters.denied += 1
-            return False
-        return True
+        return response
 
     # -- direct --------------------------------------------------------------------
 
@@ -422,17 +433,8 @@ class DaemonCore:
 
     async def _length(self, request: Any, url: str) -> int | None:
         """The blob's length as the registry tells it (HEAD, with the client's credentials), or None."""
-        headers = Headers(dict(_passable(request.requestHeaders)))
-        headers.removeHeader(b"range")
-        try:
-            response = await self.http.request("HEAD", url, headers=headers, allow_redirects=False)
-        except CancelledError:
-            raise
-        except Exception as e:
-            log.warn("HEAD {url} failed: {why}", url=url, why=str(e))
-            return None
-        response.deliverBody(DiscardBody())
-        if response.code != 200:
+        response = await self._head(request, url)
+        if response is None or response.code != 200:
             return None
         # (a HEAD's body is empty: its length is the header's)
         values = response.headers.getRawHeaders(b"content-length") or []
