@@ -369,3 +369,12 @@ class DiscardBody(Protocol):
     def dataReceived(self, data: bytes) -> None:
         """Drop the bytes."""
         pass
+
+
+class AbortBody(DiscardBody):
+    """Take no body: close the connection at once (an answer no longer wanted)."""
+
+    def makeConnection(self, transport: Any) -> None:
+        """Stop the body's transport as soon as it is given."""
+        super().makeConnection(transport)  # type: ignore[no-untyped-call]
+        transport.stopProducing()

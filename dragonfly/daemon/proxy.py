@@ -55,7 +55,7 @@ from typing import Any
 from urllib.parse import unquote_plus, urlsplit
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -65,7 +65,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from ..core.bodywriter import DiscardBody
+from ..core.bodywriter import AbortBody, DiscardBody
 from ..core.headers import HOP_BY_HOP_BYTES
 from ..core.httpapi import ApiError, json_response
 from ..core.ids import task_id
@@ -286,11 +286,20 @@ class DaemonCore:
                 # several ranges: the whole blob, 200 (RFC 9110 14.2 lets a server ignore Range)
                 request.requestHeaders.removeHeader(b"range")
                 spec = None
-        if isinstance(spec, ByteRange) and self.cold_range_direct and await self._cold(request, decision):
-            self.counters.ranges_direct += 1
-            # (a registry that ignores Range answers 200 with the whole blob: checked against its digest)
-            await self._direct(request, method, decision.url, decision.digest)
-            return
+        if isinstance(spec, ByteRange) and self.cold_range_direct and decision.digest:
+            # ask the registry for the range while the dfpeer is asked whether it holds the blob
+            upstream = self._upstream(request, method, decision.url)
+            try:
+                cold = await self._cold(request, decision)
+            except BaseException:
+                _drop(upstream)
+                raise
+            if cold:
+                self.counters.ranges_direct += 1
+                # (a registry that ignores Range answers 200 with the whole blob: checked against its digest)
+                await self._direct(request, method, decision.url, decision.digest, upstream)
+                return
+            _drop(upstream)
         if decision.p2p and self.check_access and not await self._allowed(request, decision.url):
             # the registry says no (401 with its challenge, 403, 404): the
             # client gets the registry's own answer, never the swarm's copy
@@ -355,22 +364,31 @@ class DaemonCore:
 
     # -- direct --------------------------------------------------------------------
 
-    async def _direct(self, request: Any, method: str, url: str, decision_digest: str | None = None) -> None:
-        """
-        Pass the request upstream and the answer back.  A blob named by its
-        digest (a P2P request gone direct) is checked on the way: its last
-        bytes are held until the SHA-256 matches, else the client's
-        connection is cut short of them.
-        """
-        self.counters.direct += 1
+    def _upstream(self, request: Any, method: str, url: str) -> Deferred:
+        """Send the client's request upstream; fires with the response (its body not read yet)."""
         headers = Headers(dict(_passable(request.requestHeaders)))
         body = request.content if method not in ("GET", "HEAD") else None
         if body is not None:
             body.seek(0)
         try:
-            response = await self.http.request(
-                method, url, headers=headers, data=body, unbuffered=True, allow_redirects=False
-            )
+            d: Deferred = self.http.request(method, url, headers=headers, data=body, unbuffered=True, allow_redirects=False)
+        except Exception:
+            d = fail()
+        return d
+
+    async def _direct(
+        self, request: Any, method: str, url: str, decision_digest: str | None = None, upstream: Deferred | None = None,
+    ) -> None:
+        """
+        Pass the request upstream (or take the C{upstream} answer already
+        asked for) and the answer back.  A blob named by its digest (a P2P
+        request gone direct) is checked on the way: its last bytes are held
+        until the SHA-256 matches, else the client's connection is cut short
+        of them.
+        """
+        self.counters.direct += 1
+        try:
+            response = await (upstream if upstream is not None else self._upstream(request, method, url))
         except CancelledError:
             return
         except Exception as e:
@@ -534,6 +552,13 @@ class DaemonCore:
 
     def _count_p2p(self, n: int) -> None:
         self.counters.p2p_bytes += n
+
+
+def _drop(upstream: Deferred) -> None:
+    """An upstream request no longer wanted: cancelled, or its answer's connection closed unread."""
+    upstream.addCallback(lambda response: response.deliverBody(AbortBody()))
+    upstream.addErrback(lambda f: None)
+    upstream.cancel()
 
 
 class _Relay(Protocol):

@@ -67,7 +67,7 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ..core.bitmap import Bitmap
-from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody, ResumePoint, rehash_prefix
+from ..core.bodywriter import AbortBody, BodyError, ChunkedFileWriter, DiscardBody, ResumePoint, rehash_prefix
 from ..core.files import pread_exact, write_json_atomic
 from ..core.headers import NOT_TO_ORIGIN
 from ..core.ids import parse_digest
@@ -445,7 +445,7 @@ class Cdn:
                 length = response.length if response.length is not UNKNOWN_LENGTH else None
                 now = {**_validators(response), "length": length}
                 if _same_content(task.validators, now):
-                    response.deliverBody(_Abort())
+                    response.deliverBody(AbortBody())
                     return keep("origin: same validators")
             log.info(
                 "task {task}: origin content changed (status {code}); fetching it as a new entry",
@@ -558,7 +558,7 @@ class Cdn:
 
     def _got_response(self, task: CdnTask, response: Any, resume: tuple[dict[str, Any], ResumePoint] | None) -> None:
         if task.status != "running":
-            response.deliverBody(_Abort())
+            response.deliverBody(AbortBody())
             return
         if resume is not None:
             header, point = resume
@@ -575,7 +575,7 @@ class Cdn:
                     "the origin cannot finish the stored {bytes} bytes ({code}); fetching from byte 0",
                     bytes=point.offset, code=response.code,
                 )
-                response.deliverBody(_Abort())
+                response.deliverBody(AbortBody())
                 self._disk(task.task_id, remove_files, *self._all_paths(task.task_id))
                 self._request(task, None)
                 return
@@ -589,7 +589,7 @@ class Cdn:
         if task.fetch_range is not None and response.code in (200, 206):
             whole = _range_answer(task.fetch_range, response)
             if whole is None:
-                response.deliverBody(_Abort())
+                response.deliverBody(AbortBody())
                 self._fail(
                     task,
                     TaskError(
@@ -744,7 +744,7 @@ class Cdn:
 
     def _retried(self, task: CdnTask, error: TaskError, point: ResumePoint, response: Any) -> None:
         if task.status != "running":
-            response.deliverBody(_Abort())
+            response.deliverBody(AbortBody())
             return
         verdict = judge(
             point.offset, task.validators, response.code,
@@ -753,7 +753,7 @@ class Cdn:
         if verdict is not Verdict.CONTINUE:
             # another version, or no range: the pieces out there cannot be
             # completed; the task fails as it would have (what is stored stays parked)
-            response.deliverBody(_Abort() if response.code in (200, 206) else DiscardBody())
+            response.deliverBody(AbortBody() if response.code in (200, 206) else DiscardBody())
             self._fail(task, error)
             return
         # the length, the pieces published and the seed's BITFIELD stay as they are
@@ -867,12 +867,12 @@ class Cdn:
 
     def _side_response(self, task: CdnTask, side: _Side, start: int, stop: int, response: Any) -> None:
         if side.dropped or task.status != "running":
-            response.deliverBody(_Abort())
+            response.deliverBody(AbortBody())
             self._side_dropped(task, side, "no longer needed")
             return
         if not side_ok(start, stop, task.validators, response.code, _first_header(response, b"content-range"), _validators(response)):
             # a 200 (ranges ignored, or a new version) or some other range: the main fetch serves
-            response.deliverBody(_Abort())
+            response.deliverBody(AbortBody())
             self._side_dropped(task, side, f"the origin answered {response.code}, not those bytes of the same version")
             return
 
@@ -1242,14 +1242,6 @@ def _same_content(cached: dict[str, Any], now: dict[str, Any]) -> bool:
         if bool(cached.get(key)) != bool(now.get(key)):
             return False
     return True
-
-
-class _Abort(DiscardBody):
-    """Take no body: close the connection at once (the origin sent the whole file again)."""
-
-    def makeConnection(self, transport: Any) -> None:
-        super().makeConnection(transport)
-        transport.stopProducing()
 
 
 def _end_to_end(headers: dict[str, str] | None) -> dict[str, str]:

@@ -279,3 +279,42 @@ def test_cold_range_option(tmp_path):
     assert o["cold-range"] == "direct"
     with pytest.raises(usage.UsageError, match="--cold-range"):
         tap.Options().parseOptions(["--cold-range", "sometimes", "--home", str(tmp_path)])
+
+
+def test_a_warm_range_cancels_the_registry_request_asked_for_meanwhile():
+    """The registry is asked for a range while the dfpeer is asked whether it holds the blob: held, that request is dropped."""
+    from twisted.internet.defer import Deferred, succeed
+
+    cancelled = []
+
+    class Pending:
+        def __init__(self):
+            self.urls = []
+
+        def request(self, method, url, **kw):
+            self.urls.append(url)
+            return Deferred(lambda d: cancelled.append(url))
+
+    class HeldPeer(FakePeerHttp):
+        def get(self, url, timeout=None):
+            class R:
+                code = 200
+
+                def json(self):
+                    return succeed({"status": "success"})
+
+            return succeed(R())
+
+    upstream, local = Pending(), HeldPeer()
+    core = DaemonCore(None, REGISTRIES, DEFAULT_RULES, peer=None, http=upstream, local_http=local)
+    core.check_access = False
+    core.cold_range_direct = True
+    core.peer = type("Peer", (), {"api": lambda self: succeed("http://127.0.0.1:1")})()
+    site = Site(ProxyResource(core))
+    site.protocol = HTTPChannel
+    proto = FrontFactory(None, site, core).buildProtocol(None)
+    proto.makeConnection(StringTransport())
+    proto.dataReceived(f"GET /v2/a/blobs/sha256:{HEX} HTTP/1.1\r\nHost: x\r\nRange: bytes=-1048576\r\n\r\n".encode())
+    assert upstream.urls[0] == f"https://registry.example/v2/a/blobs/sha256:{HEX}"  # asked at once
+    assert cancelled == upstream.urls[:1]  # and dropped: the swarm holds the blob
+    assert core.counters.ranges_direct == 0
