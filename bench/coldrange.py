@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import shutil
 import statistics
 import tempfile
 import time
@@ -98,12 +99,14 @@ def main() -> None:
                             time.sleep(0.2)
                         assert tasks and all(t["status"] == "success" for t in tasks), tasks
                         copies = (blob_bytes(registry, digest) - before) / size
+                    shutil.rmtree(f"{work}/swarm-{mode}-{run}", ignore_errors=True)  # its copies of the blob
                 assert status == 206 and body == want, (mode, status, len(body))
                 results.setdefault(mode, []).append((first, last, copies))
                 print(f"run {run} {mode:10s} first byte {first * 1000:8.1f} ms  last byte {last * 1000:8.1f} ms"
                       + (f"  registry sent {copies:.3f} copies" if copies is not None else ""), flush=True)
     finally:
         registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
     print(f"\n{args.range_mib} MiB tail of a {size / MiB:.0f} MiB blob, {args.runs} runs (median, min-max):")
     for mode, rows in results.items():
         firsts = [r[0] * 1000 for r in rows]
