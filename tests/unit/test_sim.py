@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import attrs
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -109,3 +111,50 @@ def test_link_mix_parsing() -> None:
     for bad in ("1000@5:1", "1000/200:1", "0/10@1:1", "x/1@1:1"):
         with pytest.raises(ValueError, match="link"):
             parse_links(bad)
+
+
+# -- several SuperNodes --------------------------------------------------------------------
+
+FAILOVER = Config(peers=10, file_size=32 << 20, piece_size=1 << 20, links="1000/1000@0.5:0.5,100/50@10:0.5",
+                  seed_mbit=400.0, origin_mbit=100.0, seed=5, supernodes=3, kill_at=1.0)
+
+
+def test_the_task_lives_on_its_rendezvous_owner() -> None:
+    from dragonfly.core.rendezvous import Node, rank
+    from dragonfly.sim.swarm import TASK
+
+    sim = Simulation(attrs.evolve(FAILOVER, kill_at=None))
+    owner = rank([Node(f"sn{k}:8002") for k in range(3)], TASK)[0].address
+    result = sim.run()
+    assert [n["address"] for n in result.nodes][0] == owner
+    # only the owner's CDN fetched and served
+    assert [n["origin_copies"] for n in result.nodes] == [1.0, 0.0, 0.0]
+    assert result.nodes[1]["seed_copies"] == result.nodes[2]["seed_copies"] == 0.0
+
+
+@pytest.mark.parametrize("takeover", ["full", "missing"])
+def test_the_owner_dies_mid_run(takeover: str) -> None:
+    sim = Simulation(attrs.evolve(FAILOVER, takeover=takeover))
+    result = sim.run()
+    first, second, third = result.nodes
+    assert not first["alive"] and second["alive"] and third["alive"]
+    # killed at 1 s, with 100 Mbit/s from the origin the owner had about 12 MiB of 32
+    assert 0.3 < first["origin_copies"] < 0.5
+    # every peer finished, all on the next node of the ranking (none on the third)
+    assert all(p.done_at is not None for p in sim.peers)
+    assert all(p.node == 1 for p in sim.peers)
+    assert second["peers_moved_in"] == 10 and third["peers_moved_in"] == 0
+    assert len(sim.nodes[1].scheduler.tasks["sim" + "0" * 61].members) == 10
+    # the whole file again from the origin (today's CDN) or only what no peer held
+    assert first["origin_copies"] + second["origin_copies"] == pytest.approx(result.origin_copies, abs=0.002)
+    if takeover == "full":
+        assert second["origin_copies"] == 1.0
+    else:
+        # the pieces the dead owner had sent to a peer (at least a few) are not fetched again
+        assert second["origin_copies"] <= 1.0 - 3 / 32
+    assert min(result.ratios()) >= 0.999
+
+
+def test_cli_rejects_a_kill_with_one_node() -> None:
+    with pytest.raises(SystemExit):
+        main(["--peers", "3", "--kill-supernode", "1"])
