@@ -116,6 +116,11 @@ class Config:
     takeover: str = "full"
     #: the dfpeer's heartbeat: a finished peer moves to the next node at its next one
     heartbeat: float = 10.0
+    #: the dfpeer's stall check, which also runs the picker: seconds between two
+    check_interval: float = 1.0
+    #: every HAVE runs the whole picker (before: the dfpeer only offers the piece
+    #: to the neighbour that announced it, Picker.offer)
+    fill_on_have: bool = False
 
 
 @define(eq=False)
@@ -224,13 +229,13 @@ class Simulation:
         # the nodes in the task's ranking: nodes[0] owns it
         ring = rank([Node(f"sn{k}:8002") for k in range(config.supernodes)], TASK)
         self.nodes: list[SimNode] = []
-        for k, n in enumerate(ring):
+        for k, ref in enumerate(ring):
             scheduler = Scheduler(rng=random.Random(config.seed + 1 + k))
             scheduler.task(TASK)
             scheduler.set_piece_count(TASK, self.count)
-            host = Host(f"seed-{n.address}", up=config.seed_mbit * MBIT, down=math.inf,
+            host = Host(f"seed-{ref.address}", up=config.seed_mbit * MBIT, down=math.inf,
                         latency=config.supernode_latency_ms / 1000)
-            self.nodes.append(SimNode(n.address, scheduler, host, Bitmap(self.count)))
+            self.nodes.append(SimNode(ref.address, scheduler, host, Bitmap(self.count)))
         self.limit = max(config.min_in_flight, config.in_flight_bytes // self.piece_size)
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
@@ -405,6 +410,8 @@ class Simulation:
         node.scheduler.register_peer(PeerInfo(peer.peer_id, "198.18.0.1", 65001), self.now)
         node.scheduler.join(TASK, peer.peer_id, self.now)
         self._sync(peer)
+        if not self.c.fill_on_have:
+            self.at(self.now + self.c.check_interval, self._check, peer)
 
     def _sync(self, peer: SimPeer) -> None:
         """The peer's sync reaches the SuperNode now; the answer arrives a round trip later."""
@@ -488,8 +495,18 @@ class Simulation:
             return
         piece_bytes = None if self.c.classic else self.piece_size
         for key, index in peer.picker.fill(self.now, self.c.per_conn, self.limit, piece_bytes=piece_bytes):
-            peer.requests[(key, index)] = None
-            self.at(self.now + self.latency(peer.host, self.host_of(key)), self._request_arrives, peer, key, index)
+            self._ask(peer, key, index)
+
+    def _ask(self, peer: SimPeer, key: int, index: int) -> None:
+        """The picker chose C{index} from C{key}: the request travels."""
+        peer.requests[(key, index)] = None
+        self.at(self.now + self.latency(peer.host, self.host_of(key)), self._request_arrives, peer, key, index)
+
+    def _check(self, peer: SimPeer) -> None:
+        """The dfpeer's stall check, once a second: it runs the picker (the endgame and the rescues wait for time)."""
+        if peer.done_at is None:
+            self.dirty.add(peer.index)
+            self.at(self.now + self.c.check_interval, self._check, peer)
 
     def _request_arrives(self, peer: SimPeer, key: int, index: int) -> None:
         if (key, index) not in peer.requests:
@@ -510,11 +527,16 @@ class Simulation:
         if peer.picker.verify(index):
             peer.picker.stored(index)
             peer.reported.append(index)
+            per_conn, limit, now = self.c.per_conn, self.limit, self.now
             for n in peer.neighbours:
                 other = self.peers[n]
                 other.picker.have(peer.index, index)
                 if other.done_at is None:
-                    self.dirty.add(n)
+                    if self.c.fill_on_have:
+                        self.dirty.add(n)
+                    elif other.picker.offer(peer.index, index, now, per_conn, limit):
+                        # the dfpeer's on_have: only this neighbour's choice can change
+                        self._ask(other, peer.index, index)
             if peer.picker.have_bits.complete:
                 peer.done_at = self.now
                 self.remaining -= 1
