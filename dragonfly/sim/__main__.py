@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the task's owner dies AT seconds in; its peers move to the next node of the ranking")
     p.add_argument("--takeover", choices=TAKEOVER, default="full",
                    help="what the next node fetches from the origin: the whole file (today's CDN) or what no peer holds")
+    p.add_argument("--fill-on-have", action="store_true",
+                   help="run the whole picker on every HAVE (the dfpeer offers the piece to its announcer only)")
     p.add_argument("--json", action="store_true", help="the last line is one JSON object")
     p.add_argument("--progress", action="store_true", help="a line on stderr about once a simulated second")
     a = p.parse_args(argv)
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(peers=a.peers, file_size=size, piece_size=piece, links=a.links, seed_mbit=a.seed_mbit,
                     origin_mbit=a.origin_mbit, in_flight_bytes=in_flight, arrival_spread=a.spread, dt=a.dt, seed=a.seed,
                     classic=a.classic_picker, supernodes=a.supernodes, kill_at=a.kill_supernode,
-                    takeover=a.takeover)
+                    takeover=a.takeover, fill_on_have=a.fill_on_have)
     progress = (lambda line: print(line, file=sys.stderr, flush=True)) if a.progress else None
     result = Simulation(config, progress).run().summary()
     if a.json:

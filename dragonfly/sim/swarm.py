@@ -36,7 +36,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 
@@ -46,6 +46,9 @@ from ..core.rendezvous import Node, rank
 from ..peer.picker import Picker
 from ..supernode.scheduler import PeerInfo, Scheduler
 from .network import Flow, FluidNetwork, Host
+
+if TYPE_CHECKING:
+    from .fastnet import FastNetwork
 
 TASK = "sim" + "0" * 61
 #: the picker's key for the seed of the first node of the ranking (node k: -1 - k)
@@ -121,6 +124,8 @@ class Config:
     #: every HAVE runs the whole picker (before: the dfpeer only offers the piece
     #: to the neighbour that announced it, Picker.offer)
     fill_on_have: bool = False
+    #: the network on numpy arrays (L{dragonfly.sim.fastnet}) when numpy is there
+    fast_network: bool = True
 
 
 @define(eq=False)
@@ -185,6 +190,19 @@ class Result:
     #: per node, in the task's ranking: address, alive at the end, origin and seed copies, peers moved in
     nodes: list[dict[str, Any]] = field(factory=list)
     kill_at: float | None = None
+    #: each peer's link class (down/up in Mbit/s)
+    links: list[str] = field(factory=list)
+
+    def by_class(self) -> dict[str, dict[str, float]]:
+        """Per link class: peers, and the median and largest completion over bound."""
+        out: dict[str, list[float]] = {}
+        for label, c, b in zip(self.links, self.completion, self.bounds, strict=False):
+            out.setdefault(label, []).append(c / b)
+        return {
+            label: {"peers": len(r), "p50": round(sorted(r)[len(r) // 2], 3), "max": round(max(r), 3),
+                    "bound_s": round(min(b for lb, b in zip(self.links, self.bounds, strict=False) if lb == label), 2)}
+            for label, r in sorted(out.items())
+        }
 
     def ratios(self) -> list[float]:
         return sorted(c / b for c, b in zip(self.completion, self.bounds, strict=False))
@@ -202,7 +220,8 @@ class Result:
             "origin_copies": round(self.origin_copies, 3), "seed_copies": round(self.seed_copies, 3),
             "p2p_share": round(self.p2p_share, 4), "syncs": self.syncs, "us_per_sync": round(self.us_per_sync, 1),
             "events": self.events, "sim_s": round(self.sim_s, 3), "wall_s": round(self.wall_s, 2),
-        } | ({"supernodes": self.nodes, "kill_at": self.kill_at} if len(self.nodes) > 1 else {})
+        } | ({"by_class": self.by_class()} if self.links else {}) | (
+            {"supernodes": self.nodes, "kill_at": self.kill_at} if len(self.nodes) > 1 else {})
 
 
 class Simulation:
@@ -223,7 +242,14 @@ class Simulation:
             raise ValueError(f"takeover is one of {', '.join(TAKEOVER)}")
         self.rng = random.Random(config.seed)
         self.now = 0.0
-        self.net = FluidNetwork()
+        self.net: FluidNetwork | FastNetwork = FluidNetwork()
+        if config.fast_network:
+            try:
+                from .fastnet import FastNetwork
+            except ImportError:  # no numpy: the pure network
+                pass
+            else:
+                self.net = FastNetwork()
         self.piece_size = config.piece_size or swarm_piece_size(config.file_size)
         self.count = -(-config.file_size // self.piece_size)
         # the nodes in the task's ranking: nodes[0] owns it
@@ -589,6 +615,8 @@ class Simulation:
                     f"t={self.now:7.2f}s done {len(self.peers) - remaining}/{len(self.peers)} "
                     f"flows {len(self.net.flows)} wall {time.perf_counter() - wall:7.1f}s"
                 )
+        if not isinstance(self.net, FluidNetwork):
+            self.net.credit()
         seed_bytes = sum(node.seed_host.bytes_up for node in self.nodes)
         origin_bytes = sum(node.origin_bytes for node in self.nodes)
         total_down = sum(p.host.bytes_down for p in self.peers)
@@ -611,6 +639,7 @@ class Simulation:
                 for node in self.nodes
             ],
             kill_at=c.kill_at,
+            links=[f"{p.host.down / MBIT:g}/{p.host.up / MBIT:g}" for p in self.peers],
         )
 
     def _flush(self) -> None:
