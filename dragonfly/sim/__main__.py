@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="what the next node fetches from the origin: the whole file (today's CDN) or what no peer holds")
     p.add_argument("--fill-on-have", action="store_true",
                    help="run the whole picker on every HAVE (the dfpeer offers the piece to its announcer only)")
+    p.add_argument("--plot", metavar="PNG", help="draw completion against the bound into PNG (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="the last line is one JSON object")
     p.add_argument("--progress", action="store_true", help="a line on stderr about once a simulated second")
     a = p.parse_args(argv)
@@ -54,7 +55,16 @@ def main(argv: list[str] | None = None) -> int:
                     classic=a.classic_picker, supernodes=a.supernodes, kill_at=a.kill_supernode,
                     takeover=a.takeover, fill_on_have=a.fill_on_have)
     progress = (lambda line: print(line, file=sys.stderr, flush=True)) if a.progress else None
-    result = Simulation(config, progress).run().summary()
+    run = Simulation(config, progress).run()
+    result = run.summary()
+    if a.plot:
+        from .plot import plot
+
+        title = f"{a.peers:,} peers, {a.size}" + (f", {a.supernodes} SuperNodes" if a.supernodes > 1 else "")
+        try:
+            plot(run, a.plot, title)
+        except ImportError:
+            print("matplotlib is not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
     if a.json:
         print(json.dumps(result))
     else:

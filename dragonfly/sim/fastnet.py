@@ -21,6 +21,7 @@ levels of a chain of bottlenecks), not one per link.
 from __future__ import annotations
 
 from collections.abc import Iterable
+
 import numpy as np
 
 from .network import Flow, Host
