@@ -189,6 +189,8 @@ class Result:
     sim_s: float
     wall_s: float
     events: int
+    #: the simulator's own CPU seconds (on a loaded machine far less than wall_s)
+    cpu_s: float = 0.0
     #: per node, in the task's ranking: address, alive at the end, origin and seed copies, peers moved in
     nodes: list[dict[str, Any]] = field(factory=list)
     kill_at: float | None = None
@@ -222,6 +224,7 @@ class Result:
             "origin_copies": round(self.origin_copies, 3), "seed_copies": round(self.seed_copies, 3),
             "p2p_share": round(self.p2p_share, 4), "syncs": self.syncs, "us_per_sync": round(self.us_per_sync, 1),
             "events": self.events, "sim_s": round(self.sim_s, 3), "wall_s": round(self.wall_s, 2),
+            "cpu_s": round(self.cpu_s, 2),
         } | ({"by_class": self.by_class()} if self.links else {}) | (
             {"supernodes": self.nodes, "kill_at": self.kill_at} if len(self.nodes) > 1 else {})
 
@@ -568,13 +571,14 @@ class Simulation:
             per_conn, limit, now = self.c.per_conn, self.limit, self.now
             for n in peer.neighbours:
                 other = self.peers[n]
+                if other.done_at is not None or index in other.picker.have_bits:
+                    continue  # the dfpeer sends no HAVE to a neighbour that holds the piece
                 other.picker.have(peer.index, index)
-                if other.done_at is None:
-                    if self.c.fill_on_have:
-                        self.dirty.add(n)
-                    elif other.picker.offer(peer.index, index, now, per_conn, limit):
-                        # the dfpeer's on_have: only this neighbour's choice can change
-                        self._ask(other, peer.index, index)
+                if self.c.fill_on_have:
+                    self.dirty.add(n)
+                elif other.picker.offer(peer.index, index, now, per_conn, limit):
+                    # the dfpeer's on_have: only this neighbour's choice can change
+                    self._ask(other, peer.index, index)
             if peer.picker.have_bits.complete:
                 peer.done_at = self.now
                 self.remaining -= 1
@@ -587,6 +591,7 @@ class Simulation:
 
     def run(self) -> Result:
         wall = time.perf_counter()
+        cpu = time.process_time()
         # the peers, pickers and bitmaps live to the end: keep the cyclic
         # collector from scanning them over and over (its pauses would land
         # in whatever is being timed, the scheduler's calls included)
@@ -625,7 +630,7 @@ class Simulation:
                 next_report = self.now + 1.0
                 self.progress(
                     f"t={self.now:7.2f}s done {len(self.peers) - remaining}/{len(self.peers)} "
-                    f"flows {len(self.net.flows)} wall {time.perf_counter() - wall:7.1f}s"
+                    f"flows {len(self.net.flows)} wall {time.perf_counter() - wall:7.1f}s cpu {time.process_time() - cpu:7.1f}s"
                 )
         if not isinstance(self.net, FluidNetwork):
             self.net.credit()
@@ -643,7 +648,7 @@ class Simulation:
             seed_copies=seed_bytes / f, origin_copies=origin_bytes / f,
             p2p_share=1 - seed_bytes / total_down if total_down else 0.0,
             syncs=self.syncs, us_per_sync=1e6 * self.sync_cpu / max(1, self.timed_syncs),
-            sim_s=self.now, wall_s=time.perf_counter() - wall, events=self.events,
+            sim_s=self.now, wall_s=time.perf_counter() - wall, events=self.events, cpu_s=time.process_time() - cpu,
             nodes=[
                 {"address": node.address, "alive": node.alive, "origin_copies": round(node.origin_bytes / f, 3),
                  "seed_copies": round(node.seed_host.bytes_up / f, 3), "peers_moved_in": node.moved,
