@@ -6,6 +6,7 @@ small simulated swarm driving the real Scheduler and Picker.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import attrs
 import pytest
@@ -193,3 +194,13 @@ def test_the_owner_dies_mid_run(takeover: str) -> None:
 def test_cli_rejects_a_kill_with_one_node() -> None:
     with pytest.raises(SystemExit):
         main(["--peers", "3", "--kill-supernode", "1"])
+
+
+def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sim.png"
+    assert main(["--peers", "6", "--size", "8M", "--piece-size", "1M", "--supernodes", "2", "--kill-supernode", "0.2",
+                 "--plot", str(out), "--json"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["kill_at"] == 0.2 and len(last["supernodes"]) == 2
