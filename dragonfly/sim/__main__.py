@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..core.units import parse_rate
-from .swarm import DEFAULT_LINKS, Config, Simulation, parse_links
+from .swarm import DEFAULT_LINKS, TAKEOVER, Config, Simulation, parse_links
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spread", type=float, default=0.0, help="peers arrive uniformly within this many seconds")
     p.add_argument("--dt", type=float, default=0.005, help="the shortest network step, seconds (flows started within a step catch up on the next)")
     p.add_argument("--classic-picker", action="store_true", help="the picker without its rate rules (for comparison)")
+    p.add_argument("--supernodes", type=int, default=1, help="SuperNodes; the task goes to the first of its rendezvous ranking")
+    p.add_argument("--kill-supernode", type=float, default=None, metavar="AT",
+                   help="the task's owner dies AT seconds in; its peers move to the next node of the ranking")
+    p.add_argument("--takeover", choices=TAKEOVER, default="full",
+                   help="what the next node fetches from the origin: the whole file (today's CDN) or what no peer holds")
+    p.add_argument("--fill-on-have", action="store_true",
+                   help="run the whole picker on every HAVE (the dfpeer offers the piece to its announcer only)")
+    p.add_argument("--plot", metavar="PNG", help="draw completion against the bound into PNG (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="the last line is one JSON object")
     p.add_argument("--progress", action="store_true", help="a line on stderr about once a simulated second")
     a = p.parse_args(argv)
@@ -38,11 +46,25 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if a.peers < 1:
         p.error("--peers must be at least 1")
+    if a.supernodes < 1:
+        p.error("--supernodes must be at least 1")
+    if a.kill_supernode is not None and a.supernodes < 2:
+        p.error("--kill-supernode needs --supernodes 2 or more")
     config = Config(peers=a.peers, file_size=size, piece_size=piece, links=a.links, seed_mbit=a.seed_mbit,
                     origin_mbit=a.origin_mbit, in_flight_bytes=in_flight, arrival_spread=a.spread, dt=a.dt, seed=a.seed,
-                    classic=a.classic_picker)
+                    classic=a.classic_picker, supernodes=a.supernodes, kill_at=a.kill_supernode,
+                    takeover=a.takeover, fill_on_have=a.fill_on_have)
     progress = (lambda line: print(line, file=sys.stderr, flush=True)) if a.progress else None
-    result = Simulation(config, progress).run().summary()
+    run = Simulation(config, progress).run()
+    result = run.summary()
+    if a.plot:
+        from .plot import plot
+
+        title = f"{a.peers:,} peers, {a.size}" + (f", {a.supernodes} SuperNodes" if a.supernodes > 1 else "")
+        try:
+            plot(run, a.plot, title)
+        except ImportError:
+            print("matplotlib is not installed (pip install -e '.[bench]'): no plot", file=sys.stderr)
     if a.json:
         print(json.dumps(result))
     else:

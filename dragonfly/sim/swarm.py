@@ -36,18 +36,28 @@ import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define, field
 
 from ..core.bitmap import Bitmap
 from ..core.pieces import swarm_piece_size
+from ..core.rendezvous import Node, rank
 from ..peer.picker import Picker
 from ..supernode.scheduler import PeerInfo, Scheduler
 from .network import Flow, FluidNetwork, Host
 
+if TYPE_CHECKING:
+    from .fastnet import FastNetwork
+
 TASK = "sim" + "0" * 61
+#: the picker's key for the seed of the first node of the ranking (node k: -1 - k)
 SEED = -1
+#: what a node that takes a task over fetches from the origin: the whole
+#: file (what the CDN does today), or only the pieces no peer it knows holds
+TAKEOVER = ("full", "missing")
+#: the scheduler's CPU is measured on one sync in this many
+SYNC_SAMPLE = 8
 
 MBIT = 1e6 / 8
 
@@ -103,6 +113,21 @@ class Config:
     time_limit: float = 3600.0
     #: the picker without its rate rules (rarest-first in random neighbour order only)
     classic: bool = False
+    #: SuperNodes; the task's owner is the first of its rendezvous ranking
+    supernodes: int = 1
+    #: the owner dies (SIGKILL) this many seconds in (None: never)
+    kill_at: float | None = None
+    #: what the next node fetches from the origin when it takes the task over (TAKEOVER)
+    takeover: str = "full"
+    #: the dfpeer's heartbeat: a finished peer moves to the next node at its next one
+    heartbeat: float = 10.0
+    #: the dfpeer's stall check, which also runs the picker: seconds between two
+    check_interval: float = 1.0
+    #: every HAVE runs the whole picker (before: the dfpeer only offers the piece
+    #: to the neighbour that announced it, Picker.offer)
+    fill_on_have: bool = False
+    #: the network on numpy arrays (L{dragonfly.sim.fastnet}) when numpy is there
+    fast_network: bool = True
 
 
 @define(eq=False)
@@ -122,6 +147,30 @@ class SimPeer:
     sync_pending: bool = False
     answers: int = 0
     final_sync_done: bool = False
+    #: the node (its place in the task's ranking) this peer's task calls go to
+    node: int = 0
+    #: the picker's key of that node's seed (None: not connected to it)
+    seed_key: int | None = None
+    #: when the heartbeat ticks (seconds into each C{heartbeat})
+    beat: float = 0.0
+
+
+@define(eq=False)
+class SimNode:
+    """A SuperNode: its own scheduler, seed (the CDN's uplink) and origin fetch."""
+
+    address: str
+    scheduler: Scheduler
+    seed_host: Host
+    seed_has: Bitmap
+    alive: bool = True
+    #: the CDN fetch: started, and the next piece it looks at
+    fetching: bool = False
+    fetch_next: int = 0
+    origin_bytes: float = 0.0
+    #: peers that registered here after a failover, and when the last did
+    moved: int = 0
+    last_moved: float = 0.0
 
 
 @define
@@ -140,6 +189,24 @@ class Result:
     sim_s: float
     wall_s: float
     events: int
+    #: the simulator's own CPU seconds (on a loaded machine far less than wall_s)
+    cpu_s: float = 0.0
+    #: per node, in the task's ranking: address, alive at the end, origin and seed copies, peers moved in
+    nodes: list[dict[str, Any]] = field(factory=list)
+    kill_at: float | None = None
+    #: each peer's link class (down/up in Mbit/s)
+    links: list[str] = field(factory=list)
+
+    def by_class(self) -> dict[str, dict[str, float]]:
+        """Per link class: peers, and the median and largest completion over bound."""
+        out: dict[str, list[float]] = {}
+        for label, c, b in zip(self.links, self.completion, self.bounds, strict=False):
+            out.setdefault(label, []).append(c / b)
+        return {
+            label: {"peers": len(r), "p50": round(sorted(r)[len(r) // 2], 3), "max": round(max(r), 3),
+                    "bound_s": round(min(b for lb, b in zip(self.links, self.bounds, strict=False) if lb == label), 2)}
+            for label, r in sorted(out.items())
+        }
 
     def ratios(self) -> list[float]:
         return sorted(c / b for c, b in zip(self.completion, self.bounds, strict=False))
@@ -157,26 +224,49 @@ class Result:
             "origin_copies": round(self.origin_copies, 3), "seed_copies": round(self.seed_copies, 3),
             "p2p_share": round(self.p2p_share, 4), "syncs": self.syncs, "us_per_sync": round(self.us_per_sync, 1),
             "events": self.events, "sim_s": round(self.sim_s, 3), "wall_s": round(self.wall_s, 2),
-        }
+            "cpu_s": round(self.cpu_s, 2),
+        } | ({"by_class": self.by_class()} if self.links else {}) | (
+            {"supernodes": self.nodes, "kill_at": self.kill_at} if len(self.nodes) > 1 else {})
 
 
 class Simulation:
-    """One file, one SuperNode, C{config.peers} peers arriving together (a flash crowd)."""
+    """
+    One file, C{config.supernodes} SuperNodes, C{config.peers} peers arriving
+    together (a flash crowd).  The task's calls go to the first live node of
+    its rendezvous ranking (L{dragonfly.core.rendezvous.rank}), as the
+    dfpeer's; with C{kill_at} the owner dies then and the peers move on.
+    """
 
     def __init__(self, config: Config, progress: Callable[[str], None] | None = None) -> None:
         #: called with a line of progress about once a simulated second
         self.progress = progress
         self.c = config
+        if config.supernodes < 1:
+            raise ValueError("at least one supernode")
+        if config.takeover not in TAKEOVER:
+            raise ValueError(f"takeover is one of {', '.join(TAKEOVER)}")
         self.rng = random.Random(config.seed)
         self.now = 0.0
-        self.net = FluidNetwork()
+        self.net: FluidNetwork | FastNetwork = FluidNetwork()
+        if config.fast_network:
+            try:
+                from .fastnet import FastNetwork
+            except ImportError:  # no numpy: the pure network
+                pass
+            else:
+                self.net = FastNetwork()
         self.piece_size = config.piece_size or swarm_piece_size(config.file_size)
         self.count = -(-config.file_size // self.piece_size)
-        self.scheduler = Scheduler(rng=random.Random(config.seed + 1))
-        self.scheduler.task(TASK)
-        self.scheduler.set_piece_count(TASK, self.count)
-        self.seed_host = Host("seed", up=config.seed_mbit * MBIT, down=math.inf, latency=config.supernode_latency_ms / 1000)
-        self.seed_has = Bitmap(self.count)
+        # the nodes in the task's ranking: nodes[0] owns it
+        ring = rank([Node(f"sn{k}:8002") for k in range(config.supernodes)], TASK)
+        self.nodes: list[SimNode] = []
+        for k, ref in enumerate(ring):
+            scheduler = Scheduler(rng=random.Random(config.seed + 1 + k))
+            scheduler.task(TASK)
+            scheduler.set_piece_count(TASK, self.count)
+            host = Host(f"seed-{ref.address}", up=config.seed_mbit * MBIT, down=math.inf,
+                        latency=config.supernode_latency_ms / 1000)
+            self.nodes.append(SimNode(ref.address, scheduler, host, Bitmap(self.count)))
         self.limit = max(config.min_in_flight, config.in_flight_bytes // self.piece_size)
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
@@ -184,7 +274,7 @@ class Simulation:
         self.dirty: set[int] = set()
         self.sync_cpu = 0.0
         self.syncs = 0
-        self.origin_bytes = 0.0
+        self.timed_syncs = 0
         self.steps = 0
         self._clock = 0.0
         self.remaining = config.peers
@@ -200,11 +290,21 @@ class Simulation:
             peer = SimPeer(n, f"sim-{n}", host, picker, start)
             self.peers.append(peer)
             self.at(start, self._arrive, peer)
-        # the CDN's fetch: piece i is ready when its last byte came from the origin
-        rate = config.origin_mbit * MBIT
-        for i in range(self.count):
-            end = min(config.file_size, (i + 1) * self.piece_size)
-            self.at(end / rate, self._seed_ready, i)
+        if config.kill_at is not None:
+            for peer in self.peers:
+                peer.beat = self.rng.uniform(0, config.heartbeat)
+            self.at(config.kill_at, self._kill, 0)
+        # the owner's CDN fetches the file from the origin at once
+        self._start_fetch(self.nodes[0])
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The owner's scheduler."""
+        return self.nodes[0].scheduler
+
+    @property
+    def seed_host(self) -> Host:
+        return self.nodes[0].seed_host
 
     def _draw(self, classes: list[LinkClass]) -> LinkClass:
         x = self.rng.random()
@@ -223,48 +323,178 @@ class Simulation:
     def latency(self, a: Host, b: Host) -> float:
         return a.latency + b.latency
 
-    def _seed_ready(self, index: int) -> None:
-        self.seed_has.set(index)
-        self.scheduler.seed_piece_ready(TASK, index)
-        self.origin_bytes += min(self.piece_size, self.c.file_size - index * self.piece_size)
+    def host_of(self, key: int) -> Host:
+        """The host behind a picker key: a peer, or (negative) a node's seed."""
+        return self.nodes[-1 - key].seed_host if key < 0 else self.peers[key].host
+
+    # -- the CDN ----------------------------------------------------------------------------------
+
+    def _start_fetch(self, node: SimNode) -> None:
+        """
+        The node's CDN fetches the file from the origin, in order (a piece is
+        ready when its last byte came).  A node taking the task over with
+        C{takeover="missing"} waits a sync interval first: by then every
+        downloading peer has said what it holds.
+        """
+        if not node.fetching:
+            node.fetching = True
+            if self.c.takeover == "missing" and node is not self.nodes[0]:
+                self.at(self.now + self.c.sync_interval, self._fetch, node)
+            else:
+                self._fetch(node)
+
+    def _fetch(self, node: SimNode) -> None:
+        swarm = node.scheduler.tasks[TASK]
+        i = node.fetch_next
+        if self.c.takeover == "missing" and node is not self.nodes[0]:
+            # a node that took the task over: only what no peer it knows holds
+            while i < self.count and swarm.holders[i] > 0:
+                i += 1
+        node.fetch_next = i + 1
+        if i < self.count and node.alive:
+            size = min(self.piece_size, self.c.file_size - i * self.piece_size)
+            self.at(self.now + size / (self.c.origin_mbit * MBIT), self._seed_ready, node, i)
+
+    def _seed_ready(self, node: SimNode, index: int) -> None:
+        if not node.alive:
+            return
+        node.seed_has.set(index)
+        node.scheduler.seed_piece_ready(TASK, index)
+        node.origin_bytes += min(self.piece_size, self.c.file_size - index * self.piece_size)
+        self._fetch(node)
+
+    # -- the SuperNodes ---------------------------------------------------------------------------
+
+    def _live(self, start: int = 0) -> int:
+        for k in range(start, len(self.nodes)):
+            if self.nodes[k].alive:
+                return k
+        raise RuntimeError("every supernode is down")
+
+    def _kill(self, k: int) -> None:
+        """Node C{k} dies: its seed connections break at once (each peer sees the reset)."""
+        node = self.nodes[k]
+        node.alive = False
+        key = -1 - k
+        for peer in self.peers:
+            if peer.seed_key == key:
+                self._drop_seed(peer)
+            if peer.node == k and peer.final_sync_done:
+                # finished: it moves at its next heartbeat
+                wait = (peer.beat - self.now) % self.c.heartbeat
+                self.at(self.now + wait, self._heartbeat, peer)
+
+    def _drop_seed(self, peer: SimPeer) -> None:
+        key = peer.seed_key
+        if key is None:
+            return
+        peer.seed_key = None
+        for (k, i), f in list(peer.requests.items()):
+            if k == key:
+                del peer.requests[(k, i)]
+                if f is not None:
+                    self.net.stop(f)
+        peer.picker.remove(key)
+        peer.picker.seed_allowed = set()
+        self.dirty.add(peer.index)
+
+    def _heartbeat(self, peer: SimPeer) -> None:
+        if not self.nodes[peer.node].alive:
+            self._failed(peer)
+
+    def _failed(self, peer: SimPeer) -> None:
+        """
+        A call to the peer's node was refused (a round trip): the next live
+        node of the ranking answers TASK_UNKNOWN (another), and the peer
+        registers there saying all it holds.
+        """
+        node = self.nodes[peer.node]
+        rtt = 2 * self.latency(peer.host, node.seed_host)
+        peer.node = self._live(peer.node + 1)
+        self.at(self.now + 2 * rtt, self._register, peer)
+
+    def _register(self, peer: SimPeer) -> None:
+        """The peer's registration (with its bitmap) reaches its node; then its sync."""
+        node = self.nodes[peer.node]
+        if not node.alive:
+            self._failed(peer)
+            return
+        node.scheduler.register_peer(PeerInfo(peer.peer_id, "198.18.0.1", 65001), self.now)
+        node.scheduler.join(TASK, peer.peer_id, self.now)
+        node.scheduler.report(TASK, peer.peer_id, self.now, bitmap=peer.picker.have_bits.copy())
+        peer.reported = []
+        node.moved += 1
+        node.last_moved = self.now
+        self._start_fetch(node)
+        if peer.done_at is not None:
+            peer.final_sync_done = True
+            return
+        peer.final_sync_done = False
+        self._sync(peer)
+
+    # -- a peer -------------------------------------------------------------------------------------
 
     def _arrive(self, peer: SimPeer) -> None:
-        self.scheduler.register_peer(PeerInfo(peer.peer_id, "198.18.0.1", 65001), self.now)
-        self.scheduler.join(TASK, peer.peer_id, self.now)
-        peer.picker.add(SEED, seed=True)
-        peer.picker.bitfield(SEED, Bitmap(self.count))
+        peer.node = self._live()
+        node = self.nodes[peer.node]
+        node.scheduler.register_peer(PeerInfo(peer.peer_id, "198.18.0.1", 65001), self.now)
+        node.scheduler.join(TASK, peer.peer_id, self.now)
         self._sync(peer)
+        if not self.c.fill_on_have:
+            self.at(self.now + self.c.check_interval, self._check, peer)
 
     def _sync(self, peer: SimPeer) -> None:
         """The peer's sync reaches the SuperNode now; the answer arrives a round trip later."""
         peer.sync_pending = False
         if peer.final_sync_done:
             return
+        node = self.nodes[peer.node]
+        if not node.alive:
+            self._failed(peer)
+            return
         starving = peer.picker.starving()
-        t0 = time.thread_time()  # CPU time: other processes on the machine do not count
+        # CPU time (other processes on the machine do not count), of one sync
+        # in SYNC_SAMPLE: reading a thread's clock is a system call, slow here
+        timed = self.syncs % SYNC_SAMPLE == 0
+        if timed:
+            t0 = time.thread_time()
         if peer.reported:
-            self.scheduler.report(TASK, peer.peer_id, self.now, have=peer.reported)
+            node.scheduler.report(TASK, peer.peer_id, self.now, have=peer.reported)
             peer.reported = []
-        d = self.scheduler.sync(TASK, peer.peer_id, self.now, starving=starving)
-        self.sync_cpu += time.thread_time() - t0
+        d = node.scheduler.sync(TASK, peer.peer_id, self.now, starving=starving)
+        if timed:
+            self.sync_cpu += time.thread_time() - t0
+            self.timed_syncs += 1
         self.syncs += 1
         if peer.done_at is not None:
             peer.final_sync_done = True
             return
-        back = self.now + 2 * self.latency(peer.host, self.seed_host)
-        self.at(back, self._decision, peer, [int(p.peer_id[4:]) for p in d.parents], d.seed_pieces)
+        back = self.now + 2 * self.latency(peer.host, node.seed_host)
+        self.at(back, self._decision, peer, peer.node, [int(p.peer_id[4:]) for p in d.parents], d.seed_pieces)
 
-    def _decision(self, peer: SimPeer, parents: list[int], seed_pieces: list[int]) -> None:
-        for i in seed_pieces:
-            peer.picker.have(SEED, i)
-        peer.picker.seed_allowed = set(seed_pieces)
+    def _decision(self, peer: SimPeer, k: int, parents: list[int], seed_pieces: list[int]) -> None:
+        if k == peer.node and self.nodes[k].alive:
+            key = -1 - k
+            if peer.seed_key is None:
+                # the seed connection comes with the first answer of a node
+                peer.seed_key = key
+                peer.picker.add(key, seed=True)
+                peer.picker.bitfield(key, Bitmap(self.count))
+            seed = peer.picker.remote(key)
+            for i in seed_pieces:
+                if seed is not None and i not in seed:
+                    # the dfpeer runs its picker on a HAVE from the seed (an answer with nothing new: not)
+                    peer.picker.have(key, i)
+                    self.dirty.add(peer.index)
+            peer.picker.seed_allowed = set(seed_pieces)
         for p in parents:
             if p not in peer.neighbours and p not in peer.connecting:
                 other = self.peers[p]
                 peer.connecting.add(p)
                 other.connecting.add(peer.index)
                 self.at(self.now + 2 * self.latency(peer.host, other.host), self._connected, peer, other)
-        self.dirty.add(peer.index)
+        if self.c.fill_on_have:
+            self.dirty.add(peer.index)
         peer.answers += 1
         # starting (the seed connection comes with the first answers): the dfpeer asks again soon
         interval = self.c.startup_sync if peer.answers < 2 else self.c.sync_interval
@@ -280,7 +510,7 @@ class Simulation:
 
     def _sync_due(self, peer: SimPeer, when: float) -> None:
         if peer.sync_pending and peer.next_sync == when:
-            self.at(self.now + self.latency(peer.host, self.seed_host), self._sync, peer)
+            self.at(self.now + self.latency(peer.host, self.nodes[peer.node].seed_host), self._sync, peer)
 
     def _connected(self, a: SimPeer, b: SimPeer) -> None:
         a.connecting.discard(b.index)
@@ -302,18 +532,27 @@ class Simulation:
         picker = peer.picker
         # nothing the picker could add (its own checks, made cheap): rescues may go to twice the limit
         full = self.limit if self.c.classic else int(2 * self.limit * max(1.0, picker.max_grow))
-        if picker.in_flight >= full and len(picker.outstanding(SEED)) >= len(picker.seed_allowed):
+        if picker.in_flight >= full and (peer.seed_key is None or len(picker.outstanding(peer.seed_key)) >= len(picker.seed_allowed)):
             return
         piece_bytes = None if self.c.classic else self.piece_size
         for key, index in peer.picker.fill(self.now, self.c.per_conn, self.limit, piece_bytes=piece_bytes):
-            src = self.seed_host if key == SEED else self.peers[key].host
-            peer.requests[(key, index)] = None
-            self.at(self.now + self.latency(peer.host, src), self._request_arrives, peer, key, index)
+            self._ask(peer, key, index)
+
+    def _ask(self, peer: SimPeer, key: int, index: int) -> None:
+        """The picker chose C{index} from C{key}: the request travels."""
+        peer.requests[(key, index)] = None
+        self.at(self.now + self.latency(peer.host, self.host_of(key)), self._request_arrives, peer, key, index)
+
+    def _check(self, peer: SimPeer) -> None:
+        """The dfpeer's stall check, once a second: it runs the picker (the endgame and the rescues wait for time)."""
+        if peer.done_at is None:
+            self.dirty.add(peer.index)
+            self.at(self.now + self.c.check_interval, self._check, peer)
 
     def _request_arrives(self, peer: SimPeer, key: int, index: int) -> None:
         if (key, index) not in peer.requests:
             return  # cancelled on the way
-        src = self.seed_host if key == SEED else self.peers[key].host
+        src = self.host_of(key)
         size = min(self.piece_size, self.c.file_size - index * self.piece_size)
         # it started at this event's time: the network catches up with it on its next step
         flow = Flow(src, peer.host, size, (peer, key, index), lag=self._clock - self.now)
@@ -329,16 +568,22 @@ class Simulation:
         if peer.picker.verify(index):
             peer.picker.stored(index)
             peer.reported.append(index)
+            per_conn, limit, now = self.c.per_conn, self.limit, self.now
             for n in peer.neighbours:
                 other = self.peers[n]
+                if other.done_at is not None or index in other.picker.have_bits:
+                    continue  # the dfpeer sends no HAVE to a neighbour that holds the piece
                 other.picker.have(peer.index, index)
-                if other.done_at is None:
+                if self.c.fill_on_have:
                     self.dirty.add(n)
+                elif other.picker.offer(peer.index, index, now, per_conn, limit):
+                    # the dfpeer's on_have: only this neighbour's choice can change
+                    self._ask(other, peer.index, index)
             if peer.picker.have_bits.complete:
                 peer.done_at = self.now
                 self.remaining -= 1
                 self._plan_sync(peer, self.now)
-            elif key == SEED:
+            elif key < 0:
                 self._plan_sync(peer, self.now)  # a finished seed piece: sync at once for the next
         self.dirty.add(peer.index)
 
@@ -346,6 +591,7 @@ class Simulation:
 
     def run(self) -> Result:
         wall = time.perf_counter()
+        cpu = time.process_time()
         # the peers, pickers and bitmaps live to the end: keep the cyclic
         # collector from scanning them over and over (its pauses would land
         # in whatever is being timed, the scheduler's calls included)
@@ -384,9 +630,12 @@ class Simulation:
                 next_report = self.now + 1.0
                 self.progress(
                     f"t={self.now:7.2f}s done {len(self.peers) - remaining}/{len(self.peers)} "
-                    f"flows {len(self.net.flows)} wall {time.perf_counter() - wall:7.1f}s"
+                    f"flows {len(self.net.flows)} wall {time.perf_counter() - wall:7.1f}s cpu {time.process_time() - cpu:7.1f}s"
                 )
-        seed_bytes = self.seed_host.bytes_up
+        if not isinstance(self.net, FluidNetwork):
+            self.net.credit()
+        seed_bytes = sum(node.seed_host.bytes_up for node in self.nodes)
+        origin_bytes = sum(node.origin_bytes for node in self.nodes)
         total_down = sum(p.host.bytes_down for p in self.peers)
         s = c.seed_mbit * MBIT
         uploads = sum(p.host.up for p in self.peers)
@@ -396,10 +645,18 @@ class Simulation:
         return Result(
             peers=n, file_size=f, piece_size=self.piece_size, pieces=self.count,
             completion=[(p.done_at or 0.0) - p.start for p in self.peers], bounds=bounds,
-            seed_copies=seed_bytes / f, origin_copies=self.origin_bytes / f,
+            seed_copies=seed_bytes / f, origin_copies=origin_bytes / f,
             p2p_share=1 - seed_bytes / total_down if total_down else 0.0,
-            syncs=self.syncs, us_per_sync=1e6 * self.sync_cpu / max(1, self.syncs),
-            sim_s=self.now, wall_s=time.perf_counter() - wall, events=self.events,
+            syncs=self.syncs, us_per_sync=1e6 * self.sync_cpu / max(1, self.timed_syncs),
+            sim_s=self.now, wall_s=time.perf_counter() - wall, events=self.events, cpu_s=time.process_time() - cpu,
+            nodes=[
+                {"address": node.address, "alive": node.alive, "origin_copies": round(node.origin_bytes / f, 3),
+                 "seed_copies": round(node.seed_host.bytes_up / f, 3), "peers_moved_in": node.moved,
+                 "last_moved_in_s": round(node.last_moved, 3)}
+                for node in self.nodes
+            ],
+            kill_at=c.kill_at,
+            links=[f"{p.host.down / MBIT:g}/{p.host.up / MBIT:g}" for p in self.peers],
         )
 
     def _flush(self) -> None:

@@ -6,7 +6,9 @@ small simulated swarm driving the real Scheduler and Picker.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,6 +65,42 @@ def test_rates_are_max_min_fair(caps: list[tuple[int, int]], pairs: list[tuple[i
         assert up_full or down_full
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(1, 50), st.integers(1, 50)), min_size=2, max_size=8),
+    st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7), st.integers(1, 200)), min_size=1, max_size=30),
+    st.floats(0.01, 5.0),
+)
+def test_the_numpy_network_is_the_same_network(
+    caps: list[tuple[int, int]], pairs: list[tuple[int, int, int]], dt: float,
+) -> None:
+    from dragonfly.sim.fastnet import FastNetwork
+
+    nets: list[FluidNetwork | FastNetwork] = [FluidNetwork(), FastNetwork()]
+    runs = []
+    for n in nets:
+        hosts = [Host(str(k), up, down) for k, (up, down) in enumerate(caps)]
+        flows = [
+            n.start(Flow(hosts[s % len(hosts)], hosts[d % len(hosts)], float(size)))
+            for s, d, size in pairs if s % len(hosts) != d % len(hosts)
+        ]
+        if flows:
+            n.stop(flows[0])  # a free slot, reused by the next
+            flows[0] = n.start(Flow(flows[0].src, flows[0].dst, flows[0].size))
+        n.allocate()
+        rates = [n.rate(f) if isinstance(n, FastNetwork) else f.rate for f in flows]
+        first = n.next_completion()
+        done = n.advance(dt)
+        if isinstance(n, FastNetwork):
+            n.credit()
+        runs.append((rates, first, [(round(at, 6), flows.index(f)) for at, f in done], [h.bytes_up for h in hosts]))
+    (r1, t1, d1, b1), (r2, t2, d2, b2) = runs
+    assert r2 == pytest.approx(r1, rel=1e-9, abs=1e-9)
+    assert t2 == pytest.approx(t1, rel=1e-9)
+    assert sorted(d2) == sorted(d1)
+    assert b2 == pytest.approx(b1, rel=1e-9, abs=1e-6)
+
+
 # -- the swarm --------------------------------------------------------------------------
 
 SMALL = Config(peers=12, file_size=16 << 20, piece_size=1 << 20, links="1000/1000@0.5:0.5,100/50@10:0.5",
@@ -109,3 +147,60 @@ def test_link_mix_parsing() -> None:
     for bad in ("1000@5:1", "1000/200:1", "0/10@1:1", "x/1@1:1"):
         with pytest.raises(ValueError, match="link"):
             parse_links(bad)
+
+
+# -- several SuperNodes --------------------------------------------------------------------
+
+FAILOVER = Config(peers=10, file_size=32 << 20, piece_size=1 << 20, links="1000/1000@0.5:0.5,100/50@10:0.5",
+                  seed_mbit=400.0, origin_mbit=100.0, seed=5, supernodes=3, kill_at=1.0)
+
+
+def test_the_task_lives_on_its_rendezvous_owner() -> None:
+    from dragonfly.core.rendezvous import Node, rank
+    from dragonfly.sim.swarm import TASK
+
+    sim = Simulation(attrs.evolve(FAILOVER, kill_at=None))
+    owner = rank([Node(f"sn{k}:8002") for k in range(3)], TASK)[0].address
+    result = sim.run()
+    assert [n["address"] for n in result.nodes][0] == owner
+    # only the owner's CDN fetched and served
+    assert [n["origin_copies"] for n in result.nodes] == [1.0, 0.0, 0.0]
+    assert result.nodes[1]["seed_copies"] == result.nodes[2]["seed_copies"] == 0.0
+
+
+@pytest.mark.parametrize("takeover", ["full", "missing"])
+def test_the_owner_dies_mid_run(takeover: str) -> None:
+    sim = Simulation(attrs.evolve(FAILOVER, takeover=takeover))
+    result = sim.run()
+    first, second, third = result.nodes
+    assert not first["alive"] and second["alive"] and third["alive"]
+    # killed at 1 s, with 100 Mbit/s from the origin the owner had about 12 MiB of 32
+    assert 0.3 < first["origin_copies"] < 0.5
+    # every peer finished, all on the next node of the ranking (none on the third)
+    assert all(p.done_at is not None for p in sim.peers)
+    assert all(p.node == 1 for p in sim.peers)
+    assert second["peers_moved_in"] == 10 and third["peers_moved_in"] == 0
+    assert len(sim.nodes[1].scheduler.tasks["sim" + "0" * 61].members) == 10
+    # the whole file again from the origin (today's CDN) or only what no peer held
+    assert first["origin_copies"] + second["origin_copies"] == pytest.approx(result.origin_copies, abs=0.002)
+    if takeover == "full":
+        assert second["origin_copies"] == 1.0
+    else:
+        # the pieces the dead owner had sent to a peer (at least a few) are not fetched again
+        assert second["origin_copies"] <= 1.0 - 3 / 32
+    assert min(result.ratios()) >= 0.999
+
+
+def test_cli_rejects_a_kill_with_one_node() -> None:
+    with pytest.raises(SystemExit):
+        main(["--peers", "3", "--kill-supernode", "1"])
+
+
+def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sim.png"
+    assert main(["--peers", "6", "--size", "8M", "--piece-size", "1M", "--supernodes", "2", "--kill-supernode", "0.2",
+                 "--plot", str(out), "--json"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["kill_at"] == 0.2 and len(last["supernodes"]) == 2
