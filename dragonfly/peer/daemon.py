@@ -117,12 +117,20 @@ class PeerDaemon:
             self.registered = False
 
     async def announce(self) -> None:
-        """Tell the SuperNode about every finished task we serve (after a restart of either)."""
+        """
+        Tell the SuperNode about every finished task we serve (after a
+        restart of either): one sync per task with all we hold and the
+        version we hold, never a registration.  A registration is a
+        download's: it revalidates a cached file with the origin and
+        fetches what the CDN lacks, so re-announcing with one made a
+        restarted SuperNode fetch new versions nobody asked for.  A task
+        the SuperNode's cache holds takes us in its swarm; one it does not
+        know (C{TASK_UNKNOWN}) is fetched once a download registers it.
+        """
         for task in list(self.tasks.values()):
             if task.state is not State.DONE or not task.digests:
                 continue
             try:
-                await task.session.register()
                 await self._announce_pieces(task)
             except SupernodeError as e:
                 if e.code == "TASK_CHANGED":
