@@ -42,6 +42,7 @@ import tempfile
 import time
 from typing import Any
 
+from dragonfly.core.ids import task_id
 from dragonfly.testing.swarm import wait_for_file
 
 from . import netem
@@ -171,9 +172,10 @@ class Soak:
             stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=True,
         )
 
-    def origin_bytes(self) -> int:
+    def origin_bytes(self) -> tuple[int, dict[str, int]]:
+        """The origin's bytes sent so far, in all and by request target (path and query)."""
         stats = self.origin_get("/_stats") or {}
-        return int(stats.get("bytesOut", stats.get("bytesSent", 0)))
+        return int(stats.get("bytesOut", stats.get("bytesSent", 0))), dict(stats.get("bytesByUri") or {})
 
     # -- the faults ----------------------------------------------------------------------
 
@@ -277,7 +279,69 @@ class Soak:
             rec.update(end=time.monotonic(), rc=-9)
             self.judge(rec)
             records.append(rec)
-        return self.summary(name, records, self.origin_bytes() - origin_before)
+        origin_after = self.origin_bytes()
+        by_uri = {u: n - origin_before[1].get(u, 0) for u, n in origin_after[1].items()}
+        summary = self.summary(name, records, origin_after[0] - origin_before[0])
+        summary["originAccount"] = self.account(name, records, {u: n for u, n in by_uri.items() if n > 0})
+        return summary
+
+    def supernode_events(self) -> dict[str, dict[str, int]]:
+        """What the SuperNode's log says it did with the origin, by task id (prefix of 12)."""
+        kinds = {
+            "cache miss": "fetch",
+            "fetching it as a new entry": "newVersionAfterRevalidation",
+            "resuming the origin fetch": "resume",
+            "kept for a resume": "parked",
+        }
+        events: dict[str, dict[str, int]] = {}
+        try:
+            with open(os.path.join(self.logs, "supernode.log"), errors="replace") as f:
+                for line in f:
+                    if "task " not in line:
+                        continue
+                    for needle, kind in kinds.items():
+                        if needle in line:
+                            tid = line.split("task ", 1)[1][:12]
+                            per = events.setdefault(tid, {})
+                            per[kind] = per.get(kind, 0) + 1
+        except OSError:
+            pass
+        return events
+
+    def account(self, name: str, records: list[dict[str, Any]], by_uri: dict[str, int]) -> dict[str, Any]:
+        """
+        The origin's bytes of the phase, URL by URL, against the versions of
+        it downloaded right: the extra bytes and, from the SuperNode's log,
+        what it did with the origin for that URL (so a cause can be named).
+        """
+        base = f"http://{self.origin.ip}:{ORIGIN_PORT}"
+        needed: dict[str, dict[str, int]] = {}
+        for r in records:
+            if r["rc"] == 0 and r["right"]:
+                needed.setdefault(r["url"][len(base):], {})[r["sha"]] = self.versions[r["file"]][r["sha"]]
+        events = self.supernode_events()
+        causes: dict[str, int] = {}
+        lines = []
+        for uri, sent in sorted(by_uri.items()):
+            need = sum(needed.get(uri, {}).values())
+            extra = sent - need
+            if extra <= 0:
+                continue
+            ev = events.get(task_id(base + uri)[:12], {})
+            if not need:
+                cause = "noRightDownload"
+            elif ev.get("newVersionAfterRevalidation"):
+                cause = "newVersionAfterRevalidation"
+            elif ev.get("fetch", 0) > 1:
+                cause = "fetchedAgain"
+            else:
+                cause = "other"
+            causes[cause] = causes.get(cause, 0) + extra
+            lines.append(f"{uri}: {sent / need if need else float('inf'):.2f} copies ({sent} bytes, "
+                         f"{len(needed.get(uri, {}))} versions right), supernode {ev or '-'}: {cause}")
+        for line in lines:
+            say(f"{name} origin: {line}")
+        return {"extraBytesByCause": causes, "urls": len(by_uri), "urlsOver": len(lines)}
 
     def judge(self, rec: dict[str, Any]) -> None:
         rec.pop("proc", None)
@@ -359,6 +423,12 @@ def table(result: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    account = soak.get("originAccount") or {}
+    causes = account.get("extraBytesByCause") or {}
+    if causes:
+        lines += ["", "Origin bytes of the soak over one copy per version, by cause (MiB): " + ", ".join(
+            f"{k} {v / MiB:.1f}" for k, v in sorted(causes.items())
+        ) + f" ({account.get('urlsOver')} of {account.get('urls')} URLs)."]
     return "\n".join(lines)
 
 
