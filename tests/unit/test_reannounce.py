@@ -104,3 +104,33 @@ def test_a_task_the_supernode_lost_is_not_fetched_on_re_announce(tmp_path: Any) 
     assert tid not in node.cdn.tasks and len(swarm.origin.calls) == 1
     # and the dfpeers keep serving their verified copies
     assert all(tid in d.tasks for d in swarm.peers)
+
+
+def test_a_restarted_dfpeer_remembers_when_a_supernode_last_answered(tmp_path: Any) -> None:
+    """So a dfpeer restarted while its SuperNode restarts waits for it rather than sending downloads to the origin."""
+    from twisted.internet.task import Clock
+
+    from dragonfly.peer.daemon import SEEN_FILE, PeerDaemon
+
+    home = str(tmp_path / "peer")
+    os.makedirs(home)
+    clock = Clock()
+    clock.advance(1000.0)
+    first = PeerDaemon(clock, home, ["supernode.test:80"], "10.0.1.1", SyncPool(), None)
+    assert first.supernode_seen is None
+    first.supernode_seen = clock.seconds() - 4.0  # answered 4 s ago
+    assert os.path.exists(os.path.join(home, SEEN_FILE))
+
+    later = Clock()  # a new process: its reactor's clock starts elsewhere
+    later.advance(50.0)
+    second = PeerDaemon(later, home, ["supernode.test:80"], "10.0.1.1", SyncPool(), None)
+    second.recall_supernode_seen()
+    assert second.supernode_seen is not None
+    assert 3.5 <= later.seconds() - second.supernode_seen <= 10.0
+
+    # a home where no SuperNode ever answered: nothing to wait for
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    third = PeerDaemon(later, empty, ["supernode.test:80"], "10.0.1.1", SyncPool(), None)
+    third.recall_supernode_seen()
+    assert third.supernode_seen is None
