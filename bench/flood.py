@@ -248,12 +248,18 @@ class Bench:
         self.sn = wait_for_file(os.path.join(home, "supernode.json"), 60, sn)
         self.node = f"127.0.0.1:{self.sn['port']}"
         self.peers: dict[str, dict[str, Any]] = {}
+
+        def limits(name: str) -> list[str]:
+            if name != "A" or not self.args.max_connections:
+                return []
+            return ["--block-max-connections", str(self.args.max_connections)]
+
         for name in ("A", "B"):
             home = os.path.join(self.workdir, f"peer{name}")
             os.makedirs(home)
             proc = self.spawn(f"peer{name}", [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "dfpeer",
                                               "--supernode", self.node, "--home", home, "--ip", "127.0.0.1",
-                                              "--listen", "127.0.0.1"],
+                                              "--listen", "127.0.0.1", *limits(name)],
                               nofile=self.args.peer_nofile if name == "A" else None)
             info = wait_for_file(os.path.join(home, "peer.json"), 60, proc)
             self.peers[name] = {"home": home, "proc": proc, "info": info}
@@ -336,7 +342,7 @@ class Bench:
         return {
             "idle": self.args.idle, "garbage": self.args.garbage, "sources": self.args.sources,
             "sizeMiB": self.args.size_mib, "rate": self.args.rate, "rounds": self.args.rounds,
-            "peerNofile": self.args.peer_nofile,
+            "peerNofile": self.args.peer_nofile, "maxConnections": self.args.max_connections or 1024,
             "calm": calm, "flooded": flooded,
             "ratioMedianA": round(statistics.median(a_flood) / statistics.median(a_calm), 2),
             "ratioWorstA": round(max(a_flood) / max(a_calm), 2),
@@ -448,6 +454,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", default="16M", help="dfget --locallimit of each download")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--peer-nofile", type=int, default=4096, help="dfpeer A's open-file limit (RLIMIT_NOFILE)")
+    p.add_argument("--max-connections", type=int, default=0,
+                   help="dfpeer A's --block-max-connections (0: its default, 1024)")
     p.add_argument("--handshake-timeout", type=float, default=10.0, help="the dfpeer's (its default)")
     p.add_argument("--doc", default="", help="write the table here (docs/reliability.md)")
     p.add_argument("--json", default="", help="write the numbers here")

@@ -77,7 +77,9 @@ class Soak:
         self.peer_procs: list[subprocess.Popen | None] = [None] * len(self.peers)
         self.sn_proc: subprocess.Popen | None = None
         self.origin_proc: subprocess.Popen | None = None
+        #: (seconds into the soak phase, kind) of each fault fired
         self.faults: list[tuple[float, str]] = []
+        self.phase_start = 0.0
         self.fault_log: dict[str, int] = {}
 
     # -- the hosts ---------------------------------------------------------------------
@@ -192,6 +194,7 @@ class Soak:
 
     def fire(self, kind: str, now: float, later: list[tuple[float, str, int]]) -> None:
         self.fault_log[kind] = self.fault_log.get(kind, 0) + 1
+        self.faults.append((round(now - self.phase_start, 1), kind))
         if kind == "peer":
             i = self.rng.randrange(len(self.peers))
             if self.peer_procs[i] is None or self.peer_procs[i].poll() is not None:
@@ -239,7 +242,7 @@ class Soak:
         running: dict[int, dict[str, Any]] = {}
         records: list[dict[str, Any]] = []
         origin_before = self.origin_bytes()
-        start = time.monotonic()
+        start = self.phase_start = time.monotonic()
         next_round, rnd = start, 0
         drain_until = start + seconds + self.args.download_timeout + 30
         while True:
@@ -261,7 +264,8 @@ class Soak:
                         f = self.rng.choice(FILES)
                         url = f"http://{self.origin.ip}:{ORIGIN_PORT}/{f}?r={name}-{rnd}"
                         output = os.path.join(self.out, f"{name}-{rnd}-{i}-{f}")
-                        running[i] = {"file": f, "url": url, "output": output, "start": now,
+                        running[i] = {"file": f, "url": url, "output": output, "start": now, "peer": i,
+                                      "at": round(now - start, 1),
                                       "proc": self.dfget(i, url, output)}
                 while events and now - start >= events[0][0]:
                     self.fire(events.pop(0)[1], now, later)
@@ -377,6 +381,11 @@ class Soak:
             "p50": round(percentile(times, 0.5), 3) if times else None,
             "p99": round(percentile(times, 0.99), 3) if times else None,
             "failedExits": sorted({r["rc"] for r in records if r["rc"] != 0}),
+            # the slowest downloads done, to set beside the faults' times
+            "slowest": [
+                {"seconds": round(r["seconds"], 2), "at": r["at"], "peer": r["peer"], "url": r["url"].rsplit("/", 1)[-1]}
+                for r in sorted(done, key=lambda r: -r["seconds"])[:5]
+            ],
         }
 
     def run(self) -> dict[str, Any]:
@@ -391,7 +400,7 @@ class Soak:
         ratio = round(soak["p99"] / base["p99"], 2) if soak["p99"] and base["p99"] else None
         return {"seed": self.args.seed, "minutes": self.args.minutes, "peers": len(self.peers),
                 "sizeMiB": self.args.size_mib, "calm": base, "soak": soak, "p99Ratio": ratio,
-                "faults": dict(self.fault_log)}
+                "faults": dict(self.fault_log), "faultTimes": self.faults}
 
 
 def _sha256(path: str) -> str:
