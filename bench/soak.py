@@ -80,6 +80,9 @@ class Soak:
         #: (seconds into the soak phase, kind) of each fault fired
         self.faults: list[tuple[float, str]] = []
         self.phase_start = 0.0
+        self.sn_killed_at: float | None = None
+        #: seconds each SuperNode kill left the cluster without one
+        self.sn_downtimes: list[float] = []
         self.fault_log: dict[str, int] = {}
 
     # -- the hosts ---------------------------------------------------------------------
@@ -207,6 +210,7 @@ class Soak:
             if self.sn_proc is not None and self.sn_proc.poll() is None:
                 say("killing the supernode")
                 self.kill(self.sn_proc)
+                self.sn_killed_at = time.monotonic()
                 later.append((now + self.rng.uniform(1, 3), "restart-supernode", 0))
         elif kind == "origin500":
             self.origin_fault({"path": "/" + self.rng.choice(FILES), "mode": "status", "status": 500, "times": 1})
@@ -223,6 +227,10 @@ class Soak:
                 self.start_peer(i)
             else:
                 self.start_supernode()
+                if self.sn_killed_at is not None:
+                    # from the kill until its API listens again (the restart delay included)
+                    self.sn_downtimes.append(round(time.monotonic() - self.sn_killed_at, 1))
+                    self.sn_killed_at = None
         except Exception as e:  # noqa: BLE001 -- a restart that failed is a finding, not a crash of the soak
             say(f"{what} {i} failed: {e}")
             self.fault_log["restartFailed"] = self.fault_log.get("restartFailed", 0) + 1
@@ -298,18 +306,26 @@ class Soak:
             "kept for a resume": "parked",
         }
         events: dict[str, dict[str, int]] = {}
-        try:
-            with open(os.path.join(self.logs, "supernode.log"), errors="replace") as f:
-                for line in f:
-                    if "task " not in line:
-                        continue
-                    for needle, kind in kinds.items():
-                        if needle in line:
-                            tid = line.split("task ", 1)[1][:12]
-                            per = events.setdefault(tid, {})
-                            per[kind] = per.get(kind, 0) + 1
-        except OSError:
-            pass
+
+        def scan(name: str, kinds: dict[str, str]) -> None:
+            try:
+                with open(os.path.join(self.logs, name), errors="replace") as f:
+                    for line in f:
+                        if "task " not in line:
+                            continue
+                        for needle, kind in kinds.items():
+                            if needle in line:
+                                tid = line.split("task ", 1)[1][:12]
+                                per = events.setdefault(tid, {})
+                                per[kind] = per.get(kind, 0) + 1
+            except OSError:
+                pass
+
+        scan("supernode.log", kinds)
+        # a dfpeer that left the swarm for the origin (its own copy)
+        for name in sorted(os.listdir(self.logs)):
+            if name.startswith(("peer", "dfget-")):
+                scan(name, {"back to source": "peerBackToSource"})
         return events
 
     def account(self, name: str, records: list[dict[str, Any]], by_uri: dict[str, int]) -> dict[str, Any]:
@@ -334,6 +350,8 @@ class Soak:
             ev = events.get(task_id(base + uri)[:12], {})
             if not need:
                 cause = "noRightDownload"
+            elif ev.get("peerBackToSource"):
+                cause = "peerBackToSource"
             elif ev.get("newVersionAfterRevalidation"):
                 cause = "newVersionAfterRevalidation"
             elif ev.get("fetch", 0) > 1:
@@ -400,7 +418,7 @@ class Soak:
         ratio = round(soak["p99"] / base["p99"], 2) if soak["p99"] and base["p99"] else None
         return {"seed": self.args.seed, "minutes": self.args.minutes, "peers": len(self.peers),
                 "sizeMiB": self.args.size_mib, "calm": base, "soak": soak, "p99Ratio": ratio,
-                "faults": dict(self.fault_log), "faultTimes": self.faults}
+                "faults": dict(self.fault_log), "faultTimes": self.faults, "supernodeDowntimes": self.sn_downtimes}
 
 
 def _sha256(path: str) -> str:
@@ -424,9 +442,12 @@ def table(result: dict[str, Any]) -> str:
         ("p50 completion (s)", calm["p50"], soak["p50"], ""),
         ("p99 completion (s)", calm["p99"], soak["p99"], f"<= 2 x calm (here {result['p99Ratio']} x)"),
     ]
+    down = result.get("supernodeDowntimes") or []
     lines = [
         (f"`python -m bench.soak --minutes {result['minutes']:g} --seed {result['seed']}`: "
-         f"{result['peers']} peers, {len(FILES)} files of {result['sizeMiB']} MiB; faults: {faults}."),
+         f"{result['peers']} peers, {len(FILES)} files of {result['sizeMiB']} MiB; faults: {faults}"
+         + (f"; the SuperNode was down {', '.join(f'{d:g}' for d in down)} s (kill to API up again)" if down else "")
+         + "."),
         "",
         "| | undisturbed | soak | target |",
         "|---|---|---|---|",
