@@ -181,6 +181,18 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def open_file_limit(pid: int) -> int | None:
+    """The soft open-file limit C{pid} runs with (the dfpeer raises its own to fit its connection limit)."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    return int(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def fd_kinds(pid: int) -> dict[str, int]:
     """C{pid}'s descriptors by kind: socket, pipe, anon_inode:..., or a file's directory."""
     kinds: dict[str, int] = {}
@@ -359,7 +371,8 @@ class Bench:
         return {
             "idle": self.args.idle, "garbage": self.args.garbage, "sources": self.args.sources, "reopen": self.args.reopen,
             "sizeMiB": self.args.size_mib, "rate": self.args.rate, "rounds": self.args.rounds,
-            "priority": self.args.priority, "peerNofile": self.args.peer_nofile, "maxConnections": self.args.max_connections or 1024,
+            "priority": self.args.priority, "peerNofile": self.args.peer_nofile,
+            "peerNofileEffective": open_file_limit(pid), "maxConnections": self.args.max_connections or 1024,
             "calm": calm, "flooded": flooded,
             "ratioMedianA": round(statistics.median(a_flood) / statistics.median(a_calm), 2),
             "ratioWorstA": round(max(a_flood) / max(a_calm), 2),
@@ -432,7 +445,7 @@ def table(r: dict[str, Any]) -> str:
         (f"`python -m bench.flood --idle {r['idle']} --garbage {r['garbage']}`: {r['sizeMiB']} MiB through dfpeer A "
          f"and B at once, each at {r['rate']}/s (`--locallimit`), {r['rounds']} rounds each way; the flood from "
          f"{r['sources']} addresses of 127.0.0.0/8, a connection the dfpeer closed opened again after {r['reopen']} s; "
-         f"dfpeer A's open-file limit {r['peerNofile']}, its connection limit {r['maxConnections']}; "
+         f"dfpeer A started with an open-file limit of {r['peerNofile']}, its connection limit {r['maxConnections']}; "
          f"load average {r['loadAverage']:.1f} on 2 cores"
          + (f"; all but the flooder at nice -{r['priority']}" if r.get("priority") else "") + "."),
         "",
@@ -444,7 +457,8 @@ def table(r: dict[str, Any]) -> str:
         f"(median {r['ratioMedianB']} x) |",
         f"| dfpeer A's CPU (1.0 = one core) | {r['cpuA']['calm']} | {r['cpuA']['flooded']} "
         f"(the flooder itself: {r['cpuFlooder']}) | |",
-        f"| A's open files | {r['fdBaseline']} | peak {r['fdPeak']} | below its limit {r['peerNofile']} |",
+        f"| A's open files | {r['fdBaseline']} | peak {r['fdPeak']} | below its limit "
+        f"({r.get('peerNofileEffective')}: started with {r['peerNofile']}) |",
         f"| after the flood stopped (its {r['floodSocketsAtStop']} open connections left open, silent) | | "
         f"no flood connection open after {r['secondsToNoFloodSocket']} s; then {r['fdAfterStop']} open files "
         f"({r['fdAfterStopMinusBaseline']:+d}: the last round's own connections and files) | "
