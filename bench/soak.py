@@ -204,6 +204,7 @@ class Soak:
                 self.fault_log[kind] -= 1
                 return  # a dfpeer started by dfget serves this home: not ours to kill
             say(f"killing {self.peers[i].name}")
+            self.faults[-1] = (self.faults[-1][0], f"peer{i}")
             self.kill(self.peer_procs[i])
             later.append((now + self.rng.uniform(1, 3), "restart-peer", i))
         elif kind == "supernode":
@@ -415,6 +416,14 @@ class Soak:
             self.start_peer(i)
         base = self.phase("calm", self.args.baseline_minutes * 60, faults=False)
         soak = self.phase("soak", self.args.minutes * 60, faults=True)
+        for slow in soak["slowest"]:
+            # the faults that could have held it up: any in the 15 s before it started or while it ran
+            # (a peer kill only on its own host)
+            slow["faults"] = [
+                f"{kind}@{t:g}" for t, kind in self.faults
+                if slow["at"] - 15 <= t <= slow["at"] + slow["seconds"]
+                and (not kind.startswith("peer") or kind == f"peer{slow['peer']}")
+            ]
         ratio = round(soak["p99"] / base["p99"], 2) if soak["p99"] and base["p99"] else None
         return {"seed": self.args.seed, "minutes": self.args.minutes, "peers": len(self.peers),
                 "sizeMiB": self.args.size_mib, "calm": base, "soak": soak, "p99Ratio": ratio,
