@@ -442,7 +442,9 @@ def table(r: dict[str, Any]) -> str:
     codes = (r.get("flooder") or {}).get("codes") or {}
     fmt = ", ".join
     lines = [
-        (f"`python -m bench.flood --idle {r['idle']} --garbage {r['garbage']}`: {r['sizeMiB']} MiB through dfpeer A "
+        (f"`python -m bench.flood --idle {r['idle']} --garbage {r['garbage']}"
+         + (f" --priority {r['priority']}" if r.get("priority") else "")
+         + f"`: {r['sizeMiB']} MiB through dfpeer A "
          f"and B at once, each at {r['rate']}/s (`--locallimit`), {r['rounds']} rounds each way; the flood from "
          f"{r['sources']} addresses of 127.0.0.0/8, a connection the dfpeer closed opened again after {r['reopen']} s; "
          f"dfpeer A started with an open-file limit of {r['peerNofile']}, its connection limit {r['maxConnections']}; "
@@ -452,7 +454,7 @@ def table(r: dict[str, Any]) -> str:
         "| | undisturbed | flooded | target |",
         "|---|---|---|---|",
         f"| dfget through A (s; undisturbed: before the flood, then after it) | {fmt(f'{t:.2f}' for t in calm_a)} | {fmt(f'{t:.2f}' for t in flood_a)} | "
-        f"median within 1.2 x (here {r['ratioMedianA']} x; worst {r['ratioWorstA']} x) |",
+        f"median within 1.2 x (here {r['ratioMedianA']} x; slowest over slowest {r['ratioWorstA']} x) |",
         f"| dfget through B (s) | {fmt(f'{t:.2f}' for t in calm_b)} | {fmt(f'{t:.2f}' for t in flood_b)} | "
         f"(median {r['ratioMedianB']} x) |",
         f"| dfpeer A's CPU (1.0 = one core) | {r['cpuA']['calm']} | {r['cpuA']['flooded']} "
