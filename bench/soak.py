@@ -42,6 +42,7 @@ import tempfile
 import time
 from typing import Any
 
+from dragonfly.core.ids import task_id
 from dragonfly.testing.swarm import wait_for_file
 
 from . import netem
@@ -76,7 +77,12 @@ class Soak:
         self.peer_procs: list[subprocess.Popen | None] = [None] * len(self.peers)
         self.sn_proc: subprocess.Popen | None = None
         self.origin_proc: subprocess.Popen | None = None
+        #: (seconds into the soak phase, kind) of each fault fired
         self.faults: list[tuple[float, str]] = []
+        self.phase_start = 0.0
+        self.sn_killed_at: float | None = None
+        #: seconds each SuperNode kill left the cluster without one
+        self.sn_downtimes: list[float] = []
         self.fault_log: dict[str, int] = {}
 
     # -- the hosts ---------------------------------------------------------------------
@@ -171,9 +177,10 @@ class Soak:
             stdin=subprocess.DEVNULL, capture_output=True, timeout=30, check=True,
         )
 
-    def origin_bytes(self) -> int:
+    def origin_bytes(self) -> tuple[int, dict[str, int]]:
+        """The origin's bytes sent so far, in all and by request target (path and query)."""
         stats = self.origin_get("/_stats") or {}
-        return int(stats.get("bytesOut", stats.get("bytesSent", 0)))
+        return int(stats.get("bytesOut", stats.get("bytesSent", 0))), dict(stats.get("bytesByUri") or {})
 
     # -- the faults ----------------------------------------------------------------------
 
@@ -190,18 +197,21 @@ class Soak:
 
     def fire(self, kind: str, now: float, later: list[tuple[float, str, int]]) -> None:
         self.fault_log[kind] = self.fault_log.get(kind, 0) + 1
+        self.faults.append((round(now - self.phase_start, 1), kind))
         if kind == "peer":
             i = self.rng.randrange(len(self.peers))
             if self.peer_procs[i] is None or self.peer_procs[i].poll() is not None:
                 self.fault_log[kind] -= 1
                 return  # a dfpeer started by dfget serves this home: not ours to kill
             say(f"killing {self.peers[i].name}")
+            self.faults[-1] = (self.faults[-1][0], f"peer{i}")
             self.kill(self.peer_procs[i])
             later.append((now + self.rng.uniform(1, 3), "restart-peer", i))
         elif kind == "supernode":
             if self.sn_proc is not None and self.sn_proc.poll() is None:
                 say("killing the supernode")
                 self.kill(self.sn_proc)
+                self.sn_killed_at = time.monotonic()
                 later.append((now + self.rng.uniform(1, 3), "restart-supernode", 0))
         elif kind == "origin500":
             self.origin_fault({"path": "/" + self.rng.choice(FILES), "mode": "status", "status": 500, "times": 1})
@@ -218,6 +228,10 @@ class Soak:
                 self.start_peer(i)
             else:
                 self.start_supernode()
+                if self.sn_killed_at is not None:
+                    # from the kill until its API listens again (the restart delay included)
+                    self.sn_downtimes.append(round(time.monotonic() - self.sn_killed_at, 1))
+                    self.sn_killed_at = None
         except Exception as e:  # noqa: BLE001 -- a restart that failed is a finding, not a crash of the soak
             say(f"{what} {i} failed: {e}")
             self.fault_log["restartFailed"] = self.fault_log.get("restartFailed", 0) + 1
@@ -237,7 +251,7 @@ class Soak:
         running: dict[int, dict[str, Any]] = {}
         records: list[dict[str, Any]] = []
         origin_before = self.origin_bytes()
-        start = time.monotonic()
+        start = self.phase_start = time.monotonic()
         next_round, rnd = start, 0
         drain_until = start + seconds + self.args.download_timeout + 30
         while True:
@@ -259,7 +273,8 @@ class Soak:
                         f = self.rng.choice(FILES)
                         url = f"http://{self.origin.ip}:{ORIGIN_PORT}/{f}?r={name}-{rnd}"
                         output = os.path.join(self.out, f"{name}-{rnd}-{i}-{f}")
-                        running[i] = {"file": f, "url": url, "output": output, "start": now,
+                        running[i] = {"file": f, "url": url, "output": output, "start": now, "peer": i,
+                                      "at": round(now - start, 1),
                                       "proc": self.dfget(i, url, output)}
                 while events and now - start >= events[0][0]:
                     self.fire(events.pop(0)[1], now, later)
@@ -277,7 +292,79 @@ class Soak:
             rec.update(end=time.monotonic(), rc=-9)
             self.judge(rec)
             records.append(rec)
-        return self.summary(name, records, self.origin_bytes() - origin_before)
+        origin_after = self.origin_bytes()
+        by_uri = {u: n - origin_before[1].get(u, 0) for u, n in origin_after[1].items()}
+        summary = self.summary(name, records, origin_after[0] - origin_before[0])
+        summary["originAccount"] = self.account(name, records, {u: n for u, n in by_uri.items() if n > 0})
+        return summary
+
+    def supernode_events(self) -> dict[str, dict[str, int]]:
+        """What the SuperNode's log says it did with the origin, by task id (prefix of 12)."""
+        kinds = {
+            "cache miss": "fetch",
+            "fetching it as a new entry": "newVersionAfterRevalidation",
+            "resuming the origin fetch": "resume",
+            "kept for a resume": "parked",
+        }
+        events: dict[str, dict[str, int]] = {}
+
+        def scan(name: str, kinds: dict[str, str]) -> None:
+            try:
+                with open(os.path.join(self.logs, name), errors="replace") as f:
+                    for line in f:
+                        if "task " not in line:
+                            continue
+                        for needle, kind in kinds.items():
+                            if needle in line:
+                                tid = line.split("task ", 1)[1][:12]
+                                per = events.setdefault(tid, {})
+                                per[kind] = per.get(kind, 0) + 1
+            except OSError:
+                pass
+
+        scan("supernode.log", kinds)
+        # a dfpeer that left the swarm for the origin (its own copy)
+        for name in sorted(os.listdir(self.logs)):
+            if name.startswith(("peer", "dfget-")):
+                scan(name, {"back to source": "peerBackToSource"})
+        return events
+
+    def account(self, name: str, records: list[dict[str, Any]], by_uri: dict[str, int]) -> dict[str, Any]:
+        """
+        The origin's bytes of the phase, URL by URL, against the versions of
+        it downloaded right: the extra bytes and, from the SuperNode's log,
+        what it did with the origin for that URL (so a cause can be named).
+        """
+        base = f"http://{self.origin.ip}:{ORIGIN_PORT}"
+        needed: dict[str, dict[str, int]] = {}
+        for r in records:
+            if r["rc"] == 0 and r["right"]:
+                needed.setdefault(r["url"][len(base):], {})[r["sha"]] = self.versions[r["file"]][r["sha"]]
+        events = self.supernode_events()
+        causes: dict[str, int] = {}
+        lines = []
+        for uri, sent in sorted(by_uri.items()):
+            need = sum(needed.get(uri, {}).values())
+            extra = sent - need
+            if extra <= 0:
+                continue
+            ev = events.get(task_id(base + uri)[:12], {})
+            if not need:
+                cause = "noRightDownload"
+            elif ev.get("peerBackToSource"):
+                cause = "peerBackToSource"
+            elif ev.get("newVersionAfterRevalidation"):
+                cause = "newVersionAfterRevalidation"
+            elif ev.get("fetch", 0) > 1:
+                cause = "fetchedAgain"
+            else:
+                cause = "other"
+            causes[cause] = causes.get(cause, 0) + extra
+            lines.append(f"{uri}: {sent / need if need else float('inf'):.2f} copies ({sent} bytes, "
+                         f"{len(needed.get(uri, {}))} versions right), supernode {ev or '-'}: {cause}")
+        for line in lines:
+            say(f"{name} origin: {line}")
+        return {"extraBytesByCause": causes, "urls": len(by_uri), "urlsOver": len(lines)}
 
     def judge(self, rec: dict[str, Any]) -> None:
         rec.pop("proc", None)
@@ -313,6 +400,11 @@ class Soak:
             "p50": round(percentile(times, 0.5), 3) if times else None,
             "p99": round(percentile(times, 0.99), 3) if times else None,
             "failedExits": sorted({r["rc"] for r in records if r["rc"] != 0}),
+            # the slowest downloads done, to set beside the faults' times
+            "slowest": [
+                {"seconds": round(r["seconds"], 2), "at": r["at"], "peer": r["peer"], "url": r["url"].rsplit("/", 1)[-1]}
+                for r in sorted(done, key=lambda r: -r["seconds"])[:5]
+            ],
         }
 
     def run(self) -> dict[str, Any]:
@@ -324,10 +416,18 @@ class Soak:
             self.start_peer(i)
         base = self.phase("calm", self.args.baseline_minutes * 60, faults=False)
         soak = self.phase("soak", self.args.minutes * 60, faults=True)
+        for slow in soak["slowest"]:
+            # the faults that could have held it up: any in the 15 s before it started or while it ran
+            # (a peer kill only on its own host)
+            slow["faults"] = [
+                f"{kind}@{t:g}" for t, kind in self.faults
+                if slow["at"] - 15 <= t <= slow["at"] + slow["seconds"]
+                and (not kind.startswith("peer") or kind == f"peer{slow['peer']}")
+            ]
         ratio = round(soak["p99"] / base["p99"], 2) if soak["p99"] and base["p99"] else None
         return {"seed": self.args.seed, "minutes": self.args.minutes, "peers": len(self.peers),
                 "sizeMiB": self.args.size_mib, "calm": base, "soak": soak, "p99Ratio": ratio,
-                "faults": dict(self.fault_log)}
+                "faults": dict(self.fault_log), "faultTimes": self.faults, "supernodeDowntimes": self.sn_downtimes}
 
 
 def _sha256(path: str) -> str:
@@ -351,14 +451,23 @@ def table(result: dict[str, Any]) -> str:
         ("p50 completion (s)", calm["p50"], soak["p50"], ""),
         ("p99 completion (s)", calm["p99"], soak["p99"], f"<= 2 x calm (here {result['p99Ratio']} x)"),
     ]
+    down = result.get("supernodeDowntimes") or []
     lines = [
         (f"`python -m bench.soak --minutes {result['minutes']:g} --seed {result['seed']}`: "
-         f"{result['peers']} peers, {len(FILES)} files of {result['sizeMiB']} MiB; faults: {faults}."),
+         f"{result['peers']} peers, {len(FILES)} files of {result['sizeMiB']} MiB; faults: {faults}"
+         + (f"; the SuperNode was down {', '.join(f'{d:g}' for d in down)} s (kill to API up again)" if down else "")
+         + "."),
         "",
         "| | undisturbed | soak | target |",
         "|---|---|---|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    account = soak.get("originAccount") or {}
+    causes = account.get("extraBytesByCause") or {}
+    if causes:
+        lines += ["", "Origin bytes of the soak over one copy per version, by cause (MiB): " + ", ".join(
+            f"{k} {v / MiB:.1f}" for k, v in sorted(causes.items())
+        ) + f" ({account.get('urlsOver')} of {account.get('urls')} URLs)."]
     return "\n".join(lines)
 
 

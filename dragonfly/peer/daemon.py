@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from typing import Any, cast
 
 from twisted.internet.defer import Deferred
@@ -37,6 +38,11 @@ from .store import PieceStore
 from .task import PeerTask, TaskFailed
 
 log = Logger()
+
+#: in the home: the wall-clock time a SuperNode last answered this dfpeer (see L{PeerDaemon.supernode_seen})
+SEEN_FILE = "supernode-seen"
+#: seconds between two writes of it
+SEEN_WRITE_EVERY = 5.0
 
 
 def make_peer_id(ip: str, port: int) -> str:
@@ -88,8 +94,42 @@ class PeerDaemon:
         self.stats = PeerStats()
         self.last_activity = reactor.seconds()
         self.registered = False
-        #: when a SuperNode last answered one of our tasks (PeerTask waits for a restarting one)
-        self.supernode_seen: float | None = None
+        self._supernode_seen: float | None = None
+        self._seen_written: float | None = None
+
+    @property
+    def supernode_seen(self) -> float | None:
+        """
+        When (reactor seconds) a SuperNode last answered this dfpeer: a new
+        download whose SuperNode does not answer waits for a restarting one
+        when this is recent (L{PeerTask._register}).  It is kept in the home
+        (L{SEEN_FILE}), so a dfpeer restarted while its SuperNode restarts
+        waits too rather than sending its first downloads to the origin.
+        """
+        return self._supernode_seen
+
+    @supernode_seen.setter
+    def supernode_seen(self, when: float | None) -> None:
+        self._supernode_seen = when
+        if when is None or (self._seen_written is not None and when - self._seen_written < SEEN_WRITE_EVERY):
+            return
+        self._seen_written = when
+        wall = time.time() - (self.reactor.seconds() - when)
+        d = self.pool.run(_write_seen, os.path.join(self.home, SEEN_FILE), wall)
+        d.addErrback(lambda f: log.info("cannot write {file}: {why}", file=SEEN_FILE, why=f.getErrorMessage()))
+
+    def recall_supernode_seen(self) -> Deferred[None]:
+        """At start: when a SuperNode last answered an earlier dfpeer on this home (read in the pool)."""
+
+        def recalled(wall: float | None) -> None:
+            if wall is None or self._supernode_seen is not None:
+                return
+            age = time.time() - wall
+            if 0 <= age < 3600:
+                self._supernode_seen = self.reactor.seconds() - age
+                self._seen_written = self._supernode_seen
+
+        return self.pool.run(_read_seen, os.path.join(self.home, SEEN_FILE)).addCallback(recalled)
 
     def listening(self, block_port: int) -> None:
         """The block port is bound: we know who we are."""
@@ -101,6 +141,7 @@ class PeerDaemon:
 
     async def register(self) -> None:
         await self.client.register_peer(PeerRegistration(self.peer_id, self.ip, self.block_port, socket.gethostname()))
+        self.supernode_seen = self.reactor.seconds()
         if not self.registered:
             log.info("registered as {peer} with supernode {node}", peer=self.peer_id, node=self.client.current)
         self.registered = True
@@ -108,6 +149,7 @@ class PeerDaemon:
     async def heartbeat(self) -> None:
         try:
             await self.client.heartbeat(self.peer_id)
+            self.supernode_seen = self.reactor.seconds()
             await self._converge()
         except SupernodeError as e:
             if e.code == "PEER_UNKNOWN":
@@ -117,12 +159,20 @@ class PeerDaemon:
             self.registered = False
 
     async def announce(self) -> None:
-        """Tell the SuperNode about every finished task we serve (after a restart of either)."""
+        """
+        Tell the SuperNode about every finished task we serve (after a
+        restart of either): one sync per task with all we hold and the
+        version we hold, never a registration.  A registration is a
+        download's: it revalidates a cached file with the origin and
+        fetches what the CDN lacks, so re-announcing with one made a
+        restarted SuperNode fetch new versions nobody asked for.  A task
+        the SuperNode's cache holds takes us in its swarm; one it does not
+        know (C{TASK_UNKNOWN}) is fetched once a download registers it.
+        """
         for task in list(self.tasks.values()):
             if task.state is not State.DONE or not task.digests:
                 continue
             try:
-                await task.session.register()
                 await self._announce_pieces(task)
             except SupernodeError as e:
                 if e.code == "TASK_CHANGED":
@@ -439,6 +489,7 @@ class PeerService(ListeningService):
         daemon = self.daemon
         # the finished tasks are back (read in the pool) before anyone can ask for them
         restored = await daemon.restore()
+        await daemon.recall_supernode_seen()
         block = await self.listen(self._block_endpoint, daemon.block_factory)
         daemon.listening(block.getHost().port)
         api = await self.listen(self._api_endpoint, self._api_site)
@@ -501,3 +552,17 @@ class PeerService(ListeningService):
             except Exception:
                 pass
         self.daemon.client.stop()  # no more health probes
+
+
+def _write_seen(path: str, wall: float) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{wall:.3f}\n")
+    os.replace(path + ".tmp", path)
+
+
+def _read_seen(path: str) -> float | None:
+    try:
+        with open(path) as f:
+            return float(f.read().strip())
+    except (OSError, ValueError):
+        return None

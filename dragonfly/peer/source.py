@@ -108,7 +108,7 @@ class RangeCollector(HeldBody):
         self._on_bytes = on_bytes
         self._idle_timeout = idle_timeout
         self._idle: Any = None
-        self._buf = bytearray()
+        self._piece = bytearray()  # the bytes of piece self._index so far
         self._holds = 0
         self._pending = 0
         self._rate_held = False
@@ -150,15 +150,18 @@ class RangeCollector(HeldBody):
         if self.total > self._expected:
             self._abort(BodyError("SOURCE_TOO_LONG", f"origin sent more than the {self._expected} bytes asked"))
             return
-        self._buf += data
-        while self._index <= self._last:
+        # each byte is copied once, into the piece it belongs to; a full
+        # piece is handed on as it is and a new one started
+        view = memoryview(data)
+        while view and self._index <= self._last:
             size = piece_span(self._index, self._length, self._piece_size)[1]
-            if len(self._buf) < size:
-                break
-            piece = self._buf[:size]
-            del self._buf[:size]
-            self._submit(self._index, piece)
-            self._index += 1
+            need = size - len(self._piece)
+            self._piece += view[:need]
+            view = view[need:]
+            if len(self._piece) == size:
+                piece, self._piece = self._piece, bytearray()
+                self._submit(self._index, piece)
+                self._index += 1
 
     def _submit(self, index: int, piece: bytearray) -> None:
         self._pending += 1

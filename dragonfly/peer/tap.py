@@ -23,9 +23,10 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 
 from ..core.config import ConfigFileOptions
 from ..core.defaults import DEFAULT_HOME
+from ..core.fdlimit import RESERVE, fit_open_files
 from ..core.files import HomeLocked, lock_home
 from ..core.gc import DiskGc
-from ..core.httpapi import guard_site
+from ..core.httpapi import HttpLimits, guard_site
 from ..core.ids import BadInput
 from ..core.metrics import metrics_only_root
 from ..core.service import default_reactor
@@ -146,7 +147,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         supernode_http=supernode_http(reactor, options.get("supernode-ca-certs")),
         cluster_token=options["cluster-token"],
     )
-    daemon.block_factory.set_limits(**options["block-limits"])
+    # the block connections allowed, and the local API's, must fit under the open-file limit
+    limits = dict(options["block-limits"])
+    limits["max_connections"] = fit_open_files(limits["max_connections"], RESERVE + HttpLimits().max_connections)
+    daemon.block_factory.set_limits(**limits)
     api = LocalApi(daemon)
     service = PeerService(
         daemon,

@@ -10,7 +10,8 @@ or C{If-Modified-Since} answers 304.  A single C{Range: bytes=N-} or
 C{bytes=N-M} answers 206 with C{Content-Range} (416 past the end), unless an
 C{If-Range} names another version (neither the current ETag nor the current
 Last-Modified): then the whole file, 200.  C{GET /_stats} answers
-C{{"requests": {path: n}, "ranges": {path: n}, "bytesSent": n, "bytesOut": n}}.
+C{{"requests": {path: n}, "ranges": {path: n}, "bytesSent": n, "bytesOut": n,
+"bytesByUri": {path?query: n}}} (C{bytesOut} by request target).
 C{bytesOut} counts every chunk as it is handed to a connection, whatever
 becomes of the response (so it can be sampled during a transfer to measure
 its rate, and a cut response counts what it sent).  C{bytesSent} counts the
@@ -114,6 +115,8 @@ class CountingOrigin(Resource):
         self.not_modified: dict[str, int] = {}
         self.bytes_sent = 0
         self.bytes_out = 0
+        #: bytesOut by request target (path and query): which URL the bytes were for
+        self.bytes_by_uri: dict[str, int] = {}
         self.ranges: dict[str, int] = {}
         self.faults: dict[str, dict[str, Any]] = {}
 
@@ -151,7 +154,7 @@ class CountingOrigin(Resource):
             request.setHeader(b"content-type", b"application/json")
             return json.dumps(
                 {"requests": self.requests, "notModified": self.not_modified, "ranges": self.ranges, "bytesSent": self.bytes_sent,
-                 "bytesOut": self.bytes_out}
+                 "bytesOut": self.bytes_out, "bytesByUri": self.bytes_by_uri}
             ).encode()
         fault = self._fault(path)
         if not (fault is None and _is_file(self.root, path) and _not_modified_path(request, self.root, path)):
@@ -198,9 +201,12 @@ class CountingOrigin(Resource):
         if count != size:
             return self._send_faulty(request, f, first, count, {"mode": "slow", "rate": 0})
 
+        uri = request.uri.decode("utf-8", "replace")
+
         def counted(chunk: bytes) -> bytes:
             self.bytes_sent += len(chunk)
             self.bytes_out += len(chunk)
+            self.bytes_by_uri[uri] = self.bytes_by_uri.get(uri, 0) + len(chunk)
             return chunk
 
         d = BigChunkSender().beginFileTransfer(f, request, counted)
@@ -220,8 +226,11 @@ class CountingOrigin(Resource):
         limit = size if mode == "slow" else min(size, int(fault.get("cut", size // 2)))
         rate = int(fault.get("rate", 0)) if mode == "slow" else 0
 
+        uri = request.uri.decode("utf-8", "replace")
+
         def count(n: int) -> None:
             self.bytes_out += n
+            self.bytes_by_uri[uri] = self.bytes_by_uri.get(uri, 0) + n
 
         def then() -> None:
             self.bytes_sent += f.tell() - first

@@ -139,6 +139,35 @@ def test_collects_a_run_in_odd_chunks() -> None:
     assert bytes(disk.file[30:]) == body and bytes(disk.file[:30]) == bytes(30)
 
 
+@given(
+    st.integers(0, 9).flatmap(lambda a: st.tuples(st.just(a), st.integers(a, 9))),
+    st.lists(st.integers(1, 40), min_size=1, max_size=100),
+)
+def test_any_chunking_gives_the_same_pieces(run: tuple[int, int], sizes: list[int]) -> None:
+    disk = Disk()
+    handed: list[tuple[int, bytes, bytearray]] = []
+
+    def on_piece(index: int, data: bytearray) -> defer.Deferred:
+        handed.append((index, bytes(data), data))
+        return disk.on_piece(index, data)
+
+    c = RangeCollector(Clock(), run, len(BODY), PIECE, on_piece)
+    c.makeConnection(FakeTransport())
+    first, last = byte_span(run, len(BODY), PIECE)
+    body, k, n = BODY[first : last + 1], 0, 0
+    while k < len(body):
+        step = sizes[n % len(sizes)]
+        c.dataReceived(body[k : k + step])
+        k, n = k + step, n + 1
+    c.connectionLost(Failure(ResponseDone()))
+    assert outcome(c.done) == len(body)
+    assert disk.written == list(range(run[0], run[1] + 1))
+    assert bytes(disk.file[first : last + 1]) == body
+    # a piece handed on is never touched again by the collector
+    for index, copy, data in handed:
+        assert bytes(data) == copy == BODY[index * PIECE : index * PIECE + PIECE]
+
+
 def test_a_cut_body_fails_after_storing_the_whole_pieces() -> None:
     disk = Disk()
     c, _ = collector((0, 9), disk)
