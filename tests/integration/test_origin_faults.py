@@ -31,7 +31,9 @@ def world(tmp_path_factory):
              "trickle.bin": 2 * MiB + 5, "changes.bin": 6 * MiB}
     digests = {name: write_random_file(str(root / name), size) for name, size in sizes.items()}
     with Swarm(str(tmp_path_factory.mktemp("swarm"))) as s:
-        s.start_all(str(root), 3)
+        # what a download sees when the CDN's fetch fails for good: no in-process
+        # retries of a cut body (their default, 3, is tested in test_cold_range.py)
+        s.start_all(str(root), 3, "--origin-retries", "0")
         yield s, str(root), digests
 
 

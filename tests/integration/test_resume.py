@@ -101,7 +101,7 @@ def test_a_cut_origin_connection_resumes_on_the_next_try(tmp_path, origin_file, 
     """The body is cut at 60 %; the dfget fails cleanly; the next one gets the rest with a Range, not the whole file."""
     root, digest = origin_file
     with Swarm(str(tmp_path / "swarm")) as swarm:
-        swarm.start_all(root, 1)
+        swarm.start_all(root, 1, "--origin-retries", "0")  # the resume on the next try, not in process
         cut = int(SIZE * 0.6) + 12345
         fault(swarm, "/f.bin", mode, cut=cut, times=1)
         url = swarm.origin_url + "/f.bin"
@@ -130,7 +130,7 @@ def test_a_cut_origin_connection_resumes_on_the_next_try(tmp_path, origin_file, 
 def test_an_origin_ignoring_ranges_gives_the_whole_file_again(tmp_path, origin_file):
     root, digest = origin_file
     with Swarm(str(tmp_path / "swarm")) as swarm:
-        swarm.start_all(root, 1)
+        swarm.start_all(root, 1, "--origin-retries", "0")  # the resume on the next try, not in process
         fault(swarm, "/f.bin", "short", cut=SIZE // 2, times=1)
         url = swarm.origin_url + "/f.bin"
         first = swarm.dfget(url, str(tmp_path / "a.out"), "p0")
