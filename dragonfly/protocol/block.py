@@ -122,7 +122,7 @@ class BlockProtocol(Protocol):
         self._factory = factory
         self._conn = BlockConnection(
             self, factory.peer_id, factory.resolve, side=side, task_id=task_id, remote_id=remote_id,
-            max_piece=factory.max_piece, buffer=factory.buffer, now=self._now, limits=factory.limits,
+            max_piece=factory.max_piece, buffer=factory.buffer, now=self._now, limits=factory.limits_now(),
         )
         self._timers: dict[str, Any] = {}
         self._rx = Receiver(self._conn, self._do, factory.clock)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
+from attrs import evolve
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
@@ -136,6 +137,20 @@ class BlockPort(Factory, Generic[P]):
     def release(self, buf: bytearray) -> None:
         """Give back a buffer from L{buffer} once its piece is stored or dropped."""
         self.pool.give(buf)
+
+    def limits_now(self) -> Limits:
+        """
+        The limits of a connection opened now: L{limits}, except that while
+        the port holds more than half of C{max_connections} a newcomer has a
+        quarter of the handshake timeout (at least 1 s) to say HELLO.  A
+        healthy peer says it within milliseconds; a flood of silent
+        connections is shed four times sooner, so the port's open files come
+        back to their baseline within the handshake timeout once it stops.
+        """
+        hs = self.limits.handshake_timeout
+        if not hs or 2 * sum(self.accepted.values()) <= self.max_connections:
+            return self.limits
+        return evolve(self.limits, handshake_timeout=min(hs, max(1.0, hs / 4)))
 
     def refusal(self, host: str) -> Refuse | None:
         """

@@ -93,3 +93,26 @@ def test_new_limits_apply_to_connections_made_afterwards():
     assert port.limits.max_queued_requests == 9
     port.opened(Protocol(), "10.0.0.1")
     assert port.refusal("10.0.0.2") is not None
+
+
+def test_a_crowded_port_gives_newcomers_a_quarter_of_the_handshake_timeout():
+    port = BlockPort("me", lambda tid: None, handshake_timeout=10.0, max_connections=8, max_per_address=8)
+    for i in range(4):
+        assert port.limits_now().handshake_timeout == 10.0  # at most half full
+        port.opened(Protocol(), f"198.18.0.{i}")
+    port.opened(Protocol(), "198.18.0.9")  # 5 of 8
+    assert port.limits_now() == Limits(2.5, port.limits.idle_timeout, port.limits.max_queued_requests)
+    port.set_limits(handshake_timeout=2.0, max_connections=8, max_per_address=8)
+    assert port.limits_now().handshake_timeout == 1.0  # never below a second
+    port.set_limits(handshake_timeout=None, max_connections=8, max_per_address=8)
+    assert port.limits_now().handshake_timeout is None  # off stays off
+
+
+def test_a_connection_takes_the_limits_of_the_moment_it_is_made():
+    port = BlockFactory("me", lambda tid: None, handshake_timeout=10.0, max_connections=3, max_per_address=2)
+    calm = port.buildProtocol(None)
+    port.opened(Protocol(), "198.18.0.1")
+    port.opened(Protocol(), "198.18.0.2")
+    crowded = port.buildProtocol(None)
+    assert calm._conn.limits.handshake_timeout == 10.0
+    assert crowded._conn.limits.handshake_timeout == 2.5
