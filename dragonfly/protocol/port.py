@@ -115,6 +115,8 @@ class BlockPort(Factory, Generic[P]):
         self.connections: set[P] = set()
         self.accepted: dict[str, int] = {}
         self.refused = 0
+        self._refused_logged = 0  # L{refused} when the last refusal was logged
+        self._refusals_logged = float("-inf")  # and when
         self.pool = BufferPool()
 
     def set_limits(
@@ -166,7 +168,16 @@ class BlockPort(Factory, Generic[P]):
         else:
             return None
         self.refused += 1
-        log.info("refusing a block connection from {addr}: {why}", addr=host, why=why, refused=self.refused)
+        now = self.clock.seconds() if self.clock is not None else None
+        if now is None or now - self._refusals_logged >= 1.0:
+            # at most one line a second however fast a flood comes
+            log.info(
+                "refusing a block connection from {addr}: {why} ({since} refused since the last such line)",
+                addr=host, why=why, since=self.refused - self._refused_logged, refused=self.refused,
+            )
+            self._refused_logged = self.refused
+            if now is not None:
+                self._refusals_logged = now
         return Refuse(why)
 
     def opened(self, proto: P, accepted_from: str | None) -> None:

@@ -116,3 +116,20 @@ def test_a_connection_takes_the_limits_of_the_moment_it_is_made():
     crowded = port.buildProtocol(None)
     assert calm._conn.limits.handshake_timeout == 10.0
     assert crowded._conn.limits.handshake_timeout == 2.5
+
+
+def test_a_flood_of_refusals_is_one_log_line_a_second():
+    from twisted.internet.task import Clock
+    from twisted.logger import capturedLogs
+
+    clock = Clock()
+    port = BlockPort("me", lambda tid: None, clock=clock, max_connections=1, max_per_address=1)
+    port.opened(Protocol(), "198.18.0.1")
+    with capturedLogs() as events:
+        for _ in range(500):
+            assert port.refusal("198.18.0.2") is not None
+        clock.advance(1.0)
+        assert port.refusal("198.18.0.2") is not None
+    lines = [e for e in events if "refusing" in e.get("log_format", "")]
+    assert [e["since"] for e in lines] == [1, 500]
+    assert port.refused == 501
