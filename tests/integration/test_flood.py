@@ -34,7 +34,9 @@ def test_a_flooded_block_port_sheds_and_recovers(tmp_path):
     codes = r["flooder"]["codes"]
     assert codes.get("429", 0) > 0 and codes.get("400", 0) > 0 and codes.get("408", 0) > 0, codes
     assert set(codes) <= {"400", "408", "429"}, codes
-    # the limit held: about 200 flood connections at most, not 450
-    assert r["fdPeak"] < r["fdBaseline"] + 200 + 40, r
+    # the limit held: about 200 flood connections at most, not 450 (the rest of
+    # the margin: the downloads' own connections and files, refused connections
+    # between their accept and their close)
+    assert r["fdPeak"] < r["fdBaseline"] + 200 + 100, r
     # once the flood stopped, the port shed what was still open within the handshake timeout
     assert r["floodSocketsAfter"] == 0 and r["secondsToNoFloodSocket"] <= 10.0 + 1.0, r

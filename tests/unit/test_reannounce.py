@@ -80,7 +80,7 @@ def test_a_copy_of_another_version_is_dropped_on_re_announce(tmp_path: Any) -> N
     node = restart_supernode(swarm, root)
     pieces = node.cdn.tasks[tid].piece_count
     stale, fresh = swarm.peers
-    stale.tasks[tid].version = "0123456789abcdef"  # it holds content the cache no longer has
+    stale.tasks[tid].syncer.version = "0123456789abcdef"  # it holds content the cache no longer has
 
     heartbeats(swarm)
     swarm.run_until(lambda: tid not in stale.tasks, 5)
