@@ -48,11 +48,11 @@ from typing import Any
 
 from dragonfly.testing.swarm import wait_for_file
 
+from .docblock import write_block
 from .measure import load_average, process_cpu_seconds
 from .swarm import BIN, REPO
 
 MiB = 1 << 20
-BEGIN, END = "<!-- flood:begin -->", "<!-- flood:end -->"
 
 
 def say(message: str) -> None:
@@ -474,16 +474,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def write_doc(path: str, text: str) -> None:
-    with open(path) as f:
-        doc = f.read()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n## Block port flood\n\n" + block + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(doc)
-    os.replace(path + ".tmp", path)
+    write_block(path, "flood", text, "Block port flood")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

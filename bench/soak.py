@@ -46,12 +46,12 @@ from dragonfly.core.ids import task_id
 from dragonfly.testing.swarm import wait_for_file
 
 from . import netem
+from .docblock import write_block
 from .swarm import BIN, REPO, percentile
 
 MiB = 1 << 20
 API_PORT, BLOCK_PORT, ORIGIN_PORT = 8002, 8001, 80
 FILES = ("a.bin", "b.bin", "c.bin")
-BEGIN, END = "<!-- soak:begin -->", "<!-- soak:end -->"
 
 
 def say(message: str) -> None:
@@ -472,16 +472,7 @@ def table(result: dict[str, Any]) -> str:
 
 
 def write_doc(path: str, text: str) -> None:
-    with open(path) as f:
-        doc = f.read()
-    block = f"{BEGIN}\n{text}\n{END}"
-    if BEGIN in doc and END in doc:
-        doc = doc[: doc.index(BEGIN)] + block + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip("\n") + "\n\n## Soak\n\n" + block + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(doc)
-    os.replace(path + ".tmp", path)
+    write_block(path, "soak", text, "Soak")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
