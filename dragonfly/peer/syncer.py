@@ -101,6 +101,9 @@ class Syncer:
     orphan_timeout = 10.0
     #: a SuperNode that answered this recently is waited for (see L{register})
     supernode_grace = 60.0
+    #: the waits between calls to a SuperNode that does not answer: a restart
+    #: takes about half a second, so the first calls come soon, then once a second
+    RETRY_WAITS = (0.25, 0.5, 1.0)
 
     def __init__(
         self, task: SyncedTask, task_id: str, session: Session, host: SupernodeWatch, request: Mapping[str, Any],
@@ -187,11 +190,12 @@ class Syncer:
         """
         Register the task.  With no SuperNode to answer, go to the origin at
         once, unless one answered this dfpeer within C{supernode_grace}
-        seconds (it is restarting, most likely): then ask again every second
+        seconds (it is restarting, most likely): then ask again (soon, then every second, L{RETRY_WAITS})
         for up to C{orphan_timeout} before leaving the swarm, so a SuperNode
         restart does not send every new download to the origin.
         """
         waiting_since: float | None = None
+        tries = 0
         while True:
             try:
                 reply = await self._session.register()
@@ -202,10 +206,15 @@ class Syncer:
                 if seen is None or now - seen > self.supernode_grace or now - waiting_since >= self.orphan_timeout:
                     self._log(LogLevel.warn, "{why}", why=str(e))
                     raise BackToSource(f"supernode unreachable ({e})", "supernode_unreachable") from None
-                await self._sleep(1.0)
+                await self._sleep(self._retry_wait(tries))
+                tries += 1
                 continue
             self._answered()
             return reply
+
+    def _retry_wait(self, tries: int) -> float:
+        """The wait after C{tries} unanswered calls in a row (L{RETRY_WAITS})."""
+        return self.RETRY_WAITS[min(tries, len(self.RETRY_WAITS) - 1)]
 
     def _syncing(self) -> bool:
         return self._task.lifecycle.state in SYNCING
@@ -216,10 +225,11 @@ class Syncer:
 
     async def _loop(self) -> None:
         unreachable_since: float | None = None
+        tries = 0
         while self._syncing():
             try:
                 interval = await self.sync()
-                unreachable_since = None
+                unreachable_since, tries = None, 0
                 self._answered()
             except SupernodeUnavailable as e:
                 now = self._clock.seconds()
@@ -229,7 +239,8 @@ class Syncer:
                     raise BackToSource(
                         f"supernode lost and no progress for {self.orphan_timeout:.0f}s ({e})", "supernode_lost",
                     ) from None
-                await self._sleep(1.0)
+                await self._sleep(self._retry_wait(tries))
+                tries += 1
                 continue
             if self._task.starting():
                 # the length, the seed and the first parents come in the

@@ -294,3 +294,20 @@ def test_no_last_report_when_all_was_said() -> None:
     task.lifecycle.move(State.FAILED)
     syncer.kick()
     assert d.called and len(session.reports) == 1
+
+
+def test_a_restarting_supernode_is_asked_again_soon_then_every_second() -> None:
+    syncer, session, task, clock = make(seen=0.0)
+    session.registers = [SupernodeUnavailable("restarting")] * 5
+    run(syncer)
+    assert session.register_calls == 1
+    clock.advance(0.25)
+    assert session.register_calls == 2  # a restart takes about half a second: ask again soon
+    clock.advance(0.5)
+    assert session.register_calls == 3
+    clock.advance(0.99)
+    assert session.register_calls == 3  # then once a second
+    clock.advance(0.01)
+    assert session.register_calls == 4
+    clock.advance(1.0)
+    assert session.register_calls == 5 and task.lifecycle.state is State.REGISTERING
