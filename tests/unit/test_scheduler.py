@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -521,6 +521,8 @@ ops = st.one_of(
 
 @settings(max_examples=150)
 @given(st.lists(ops, max_size=60), st.booleans())
+# a lone peer gets a larger seed window (small_window): found by hypothesis in CI
+@example([("join", "p0"), ("count", 10), ("ready", 0), ("ready", 1), ("ready", 2), ("sync", "p0")], False)
 def test_random_walk_keeps_counts_consistent(steps: list[tuple], known_length: bool) -> None:
     s = Scheduler(max_parents=2, seed_window=2, assign_ttl=10.0, block_after=2, block_for=15.0, peer_ttl=60.0,
                   rng=random.Random(0))
@@ -545,7 +547,9 @@ def test_random_walk_keeps_counts_consistent(steps: list[tuple], known_length: b
                 ids = parent_ids(d)
                 assert step[1] not in ids
                 assert len(ids) <= 2
-                assert len(d.seed_pieces) <= 2
+                # the seed window (2), or up to small_window when so few peers download
+                # that they could not fill the seed's slots (Scheduler._window)
+                assert len(d.seed_pieces) <= max(2, s.small_window)
                 m = s.tasks[TASK].members[step[1]]
                 assert not set(d.seed_pieces) & set(m.have or ())
                 assert not set(ids) & set(m.blocked)
