@@ -114,6 +114,7 @@ class BlockPort(Factory, Generic[P]):
         self.set_limits(handshake_timeout, idle_timeout, max_queued_requests, max_connections, max_per_address)
         self.connections: set[P] = set()
         self.accepted: dict[str, int] = {}
+        self.accepted_total = 0  # the sum of L{accepted}, kept in step (read on every accept)
         self.refused = 0
         self._refused_logged = 0  # L{refused} when the last refusal was logged
         self._refusals_logged = float("-inf")  # and when
@@ -150,7 +151,7 @@ class BlockPort(Factory, Generic[P]):
         back to their baseline within the handshake timeout once it stops.
         """
         hs = self.limits.handshake_timeout
-        if not hs or 2 * sum(self.accepted.values()) <= self.max_connections:
+        if not hs or 2 * self.accepted_total <= self.max_connections:
             return self.limits
         return evolve(self.limits, handshake_timeout=min(hs, max(1.0, hs / 4)))
 
@@ -160,7 +161,7 @@ class BlockPort(Factory, Generic[P]):
         when it may go on, else the protocol that answers it with ERROR 429
         (counted in L{refused}).
         """
-        total = sum(self.accepted.values())
+        total = self.accepted_total
         if total >= self.max_connections:
             why = f"too many block connections ({total})"
         elif self.accepted.get(host, 0) >= self.max_per_address:
@@ -193,7 +194,9 @@ class BlockPort(Factory, Generic[P]):
             self._count(accepted_from, -1)
 
     def _count(self, host: str, delta: int) -> None:
-        n = self.accepted.get(host, 0) + delta
+        before = self.accepted.get(host, 0)
+        n = before + delta
+        self.accepted_total += max(n, 0) - before
         if n > 0:
             self.accepted[host] = n
         else:

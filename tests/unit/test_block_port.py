@@ -133,3 +133,13 @@ def test_a_flood_of_refusals_is_one_log_line_a_second():
     lines = [e for e in events if "refusing" in e.get("log_format", "")]
     assert [e["since"] for e in lines] == [1, 500]
     assert port.refused == 501
+
+
+def test_the_running_total_follows_the_accepted_connections():
+    port = BlockPort("me", lambda tid: None)
+    conns = [(Protocol(), f"198.18.0.{i % 3}") for i in range(7)]
+    for p, host in conns:
+        port.opened(p, host)
+    for p, host in conns[:4]:
+        port.lost(p, host)
+    assert port.accepted_total == sum(port.accepted.values()) == 3
