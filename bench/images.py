@@ -1,0 +1,410 @@
+"""
+Image pulls through dfdaemon against the same pulls straight from the
+registry (issue 11, target 4), on loopback with the real components of the
+e2e tests: Debian's docker-registry, skopeo, containerd + ctr.
+
+    python -m bench.images [--layer-mib 256] [--hosts 10] [--image-mib 16x3] [--runs 1]
+                           [--parts layer,containerd] [--profile DIR] [--json PATH]
+
+layer:      one image of one layer of LAYER_MIB, pushed to the registry.
+            Host 1 (its own dfpeer and dfdaemon, a SuperNode beside them)
+            GETs the blob through its dfdaemon (the swarm fetches it from the
+            registry once), then host 2 (a dfpeer and dfdaemon of its own)
+            GETs it through its dfdaemon: its pieces come from host 1's
+            dfpeer and the SuperNode's CDN.  Against: the same GET straight
+            from the registry.  Each GET runs on a kept-alive connection
+            that has first carried what a pull asks before a layer (the
+            version check, the manifest, the config), and is hashed as it
+            arrives and checked against the digest.
+containerd: HOSTS containerd instances (each its own root, state and
+            socket) pulling an image of the given layers (``16x3``: three
+            layers of 16 MiB) at one moment with ``ctr image pull``: first
+            straight from the registry, then (fresh containerds) each through
+            its own host's dfdaemon and dfpeer (hosts.toml names dfdaemon as
+            the mirror).  Every blob in every containerd's store is checked
+            by digest; the registry's log says how many bytes of each layer
+            it sent (in copies of the layer).
+
+With --profile DIR, py-spy (``record --nonblocking``) samples host 2's
+dfdaemon and dfpeer during its GET; DIR gets their flame graphs (SVG) and
+the top of each collapsed profile.  Prints a table; --json writes the
+results.  Every daemon, containerd and temp dir is removed on every exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import http.client
+import json
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+from urllib.parse import urlsplit
+
+from dragonfly.testing.containerd import Containerd, have_containerd, write_hosts_toml
+from dragonfly.testing.registry import OCI_MANIFEST, Image, Registry, have_tools, make_image
+from dragonfly.testing.swarm import Swarm, get_json
+
+MiB = 1 << 20
+
+
+def load() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def timed_get(url: str, path: str, before: list[str], digest: str) -> float:
+    """
+    Seconds to GET C{path} (after the C{before} requests on the same
+    connection), the body hashed as it arrives and checked against C{digest}.
+    """
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+    try:
+        for warm in before:
+            conn.request("GET", warm, headers={"Accept": OCI_MANIFEST})
+            conn.getresponse().read()
+        h = hashlib.sha256()
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        n = 0
+        start = time.monotonic()
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"GET {url}{path}: {resp.status} {resp.read()[:500]!r}")
+        while True:
+            got = resp.readinto(buf)
+            if not got:
+                break
+            h.update(view[:got])
+            n += got
+        took = time.monotonic() - start
+    finally:
+        conn.close()
+    if "sha256:" + h.hexdigest() != digest:
+        raise RuntimeError(f"GET {url}{path}: {n} bytes that do not match {digest}")
+    return took
+
+
+def blob_bytes(registry: Registry, digest: str) -> int:
+    """Body bytes the registry has sent of blob C{digest} (its log)."""
+    return sum(
+        r["written"] or 0 for r in registry.responses()
+        if r["method"] == "GET" and f"/blobs/{digest}" in r["uri"] and r["status"] in (200, 206)
+    )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pid_of(swarm: Swarm, name: str) -> int:
+    return next(p.pid for n, p in swarm.procs if n == name)
+
+
+class Profiler:
+    """py-spy record --nonblocking on some processes, while a block runs."""
+
+    def __init__(self, outdir: str | None, pids: dict[str, int], tag: str) -> None:
+        self.outdir = outdir
+        self.pids = pids
+        self.tag = tag
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Profiler:
+        spy = os.path.join(os.path.dirname(sys.executable), "py-spy")
+        spy = spy if os.path.exists(spy) else shutil.which("py-spy")
+        if self.outdir is None or spy is None:
+            return self
+        os.makedirs(self.outdir, exist_ok=True)
+        for name, pid in self.pids.items():
+            for fmt, ext in (("raw", "txt"), ("flamegraph", "svg")):
+                out = os.path.join(self.outdir, f"{self.tag}-{name}.{ext}")
+                self.procs.append(subprocess.Popen(
+                    [spy, "record", "--nonblocking", "--threads", "-r", "200", "-f", fmt, "-o", out,
+                     "-p", str(pid)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                ))
+        time.sleep(1.0)  # py-spy attaches
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.outdir is None:
+            return
+        for name in self.pids:
+            raw = os.path.join(self.outdir, f"{self.tag}-{name}.txt")
+            if os.path.exists(raw):
+                with open(os.path.join(self.outdir, f"{self.tag}-{name}.top.txt"), "w") as f:
+                    f.write(summarise(raw))
+
+
+def summarise(raw: str, top: int = 25) -> str:
+    """The functions with the most samples (self, and inclusive) in a py-spy raw (collapsed) profile."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    with open(raw) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = stack.split(";")
+            own[frames[-1]] += n
+            for fr in set(frames):
+                incl[fr] += n
+    lines = [f"{total} samples", "", "self:"]
+    lines += [f"  {n / total:6.1%}  {fr}" for fr, n in own.most_common(top)]
+    lines += ["", "inclusive:"]
+    lines += [f"  {n / total:6.1%}  {fr}" for fr, n in incl.most_common(top)]
+    return "\n".join(lines) + "\n"
+
+
+def layer_bench(work: str, registry: Registry, image: Image, runs: int, profile: str | None) -> dict[str, Any]:
+    digest = image.layers[0]
+    size = len(image.blob(digest))
+    path = f"/v2/bench/layer/blobs/{digest}"
+    warm = ["/v2/", "/v2/bench/layer/manifests/v1", f"/v2/bench/layer/blobs/{image.config_digest}"]
+    out: dict[str, Any] = {"size": size, "registry": [], "host1": [], "host2": [], "copies": [], "load": []}
+    for run in range(runs):
+        out["registry"].append(timed_get(registry.url, path, warm, digest))
+        before = blob_bytes(registry, digest)
+        wd = os.path.join(work, f"layer-{run}")
+        try:
+            with Swarm(wd) as swarm:
+                swarm.start_supernode()
+                urls, apis = [], []
+                for h in (1, 2):
+                    peer = swarm.start_peer(f"host{h}")
+                    apis.append(peer["api"])
+                    urls.append(swarm.start_dfdaemon(f"dfdaemon{h}", peer["home"], "--registry", registry.url))
+                out["host1"].append(timed_get(urls[0], path, warm, digest))
+                pids = {"dfdaemon": pid_of(swarm, "dfdaemon2"), "dfpeer": pid_of(swarm, "host2")}
+                cpu = {k: cpu_seconds(p) for k, p in pids.items()}
+                with Profiler(profile if run == 0 else None, pids, "host2"):
+                    out["host2"].append(timed_get(urls[1], path, warm, digest))
+                for k, p in pids.items():
+                    out.setdefault(f"host2_{k}_cpu", []).append(cpu_seconds(p) - cpu[k])
+                # the dfpeers' own download times (the swarm's part of each GET)
+                for h, api in ((1, apis[0]), (2, apis[1])):
+                    tasks = [t for t in get_json(api + "/api/v1/tasks")["tasks"] if t["contentLength"] == size]
+                    out.setdefault(f"host{h}_task", []).append(tasks[0]["elapsed"] if tasks else None)
+                for url in urls:
+                    c = get_json(url + "/_dfdaemon/status")["counters"]
+                    if c["p2p"] < 1 or c["p2p_bytes"] < size or c["fallbacks"]:
+                        raise RuntimeError(f"{url} did not serve the blob from the swarm: {c}")
+        finally:
+            shutil.rmtree(wd, ignore_errors=True)
+        out["copies"].append((blob_bytes(registry, digest) - before) / size)
+        out["registry"].append(timed_get(registry.url, path, warm, digest))
+        out["load"].append(load())
+        print(f"layer run {run}: registry {out['registry'][-2]:.2f}/{out['registry'][-1]:.2f} s, "
+              f"host 1 {out['host1'][-1]:.2f} s (its dfpeer's task {out['host1_task'][-1]:.2f} s), "
+              f"host 2 {out['host2'][-1]:.2f} s (task {out['host2_task'][-1]:.2f} s; CPU s dfpeer "
+              f"{out['host2_dfpeer_cpu'][-1]:.2f}, dfdaemon {out['host2_dfdaemon_cpu'][-1]:.2f}), "
+              f"registry sent {out['copies'][-1]:.2f} copies; load {out['load'][-1]}", flush=True)
+    return out
+
+
+def check_pulled(ctr: Containerd, image: Image) -> None:
+    """Every blob of the image in containerd's store, by digest."""
+    for digest in image.layers + [image.config_digest]:
+        r = subprocess.run(ctr.ctr("content", "get", digest), capture_output=True, timeout=120)
+        if r.returncode != 0 or "sha256:" + hashlib.sha256(r.stdout).hexdigest() != digest:
+            raise RuntimeError(f"containerd {ctr.root}: {digest} missing or wrong")
+
+
+def pull_all(work: str, registry: Registry, image: Image, ref: str, hosts: int, through: bool) -> dict[str, Any]:
+    """C{hosts} containerds pulling C{ref} at once; with C{through}, each through its own dfpeer + dfdaemon."""
+    tag = "dfdaemon" if through else "registry"
+    ctrs: list[Containerd] = []
+    swarm = Swarm(os.path.join(work, f"swarm-{tag}")) if through else None
+    before = {d: blob_bytes(registry, d) for d in image.layers}
+    try:
+        if swarm is not None:
+            swarm.start_supernode()
+        commands = []
+        urls = []
+        for i in range(hosts):
+            ctr = Containerd(os.path.join(work, f"ctr-{tag}-{i}"))
+            ctrs.append(ctr)
+            ctr.start()
+            hosts_dir = os.path.join(work, f"hosts-{tag}-{i}")
+            if swarm is not None:
+                peer = swarm.start_peer(f"host{i}")
+                url = swarm.start_dfdaemon(f"dfdaemon{i}", peer["home"], "--registry", registry.url)
+                urls.append(url)
+            else:
+                url = registry.url
+            write_hosts_toml(hosts_dir, registry.netloc, url, registry.url)
+            commands.append(ctr.pull_command(ref, hosts_dir))
+        # CPU seconds during the pulls, by kind of process
+        kinds = {"containerd": [c.proc.pid for c in ctrs]}
+        if swarm is not None:
+            for name, proc in swarm.procs:
+                kind = "supernode" if name == "supernode" else "dfdaemon" if name.startswith("dfdaemon") else "dfpeer"
+                kinds.setdefault(kind, []).append(proc.pid)
+        cpu_before = {k: sum(cpu_seconds(p) for p in pids) for k, pids in kinds.items()}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in commands]
+        times = []
+        for p in procs:
+            text, _ = p.communicate(timeout=600)
+            times.append(time.monotonic() - started)
+            if p.returncode != 0:
+                raise RuntimeError(f"{p.args}: {text.decode(errors='replace')[-1500:]}")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = {k: sum(cpu_seconds(p) for p in pids) - cpu_before[k] for k, pids in kinds.items()}
+        cpu["ctr"] = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+        for ctr in ctrs:
+            check_pulled(ctr, image)
+        copies = {
+            d: (blob_bytes(registry, d) - before[d]) / len(image.blob(d)) for d in image.layers
+        }
+        fallbacks = 0
+        for url in urls:
+            c = get_json(url + "/_dfdaemon/status")["counters"]
+            fallbacks += c["fallbacks"]
+        return {"times": times, "copies": copies, "fallbacks": fallbacks, "load": load(), "cpu": cpu}
+    finally:
+        if swarm is not None:
+            swarm.stop()
+            shutil.rmtree(swarm.workdir, ignore_errors=True)
+        for ctr in ctrs:
+            ctr.stop()
+
+
+def containerd_bench(work: str, registry: Registry, image: Image, hosts: int, runs: int) -> dict[str, Any]:
+    ref = registry.push(image, "bench/app")
+    out: dict[str, Any] = {"hosts": hosts, "layers": [len(image.blob(d)) for d in image.layers], "registry": [],
+                           "dfdaemon": []}
+    for run in range(runs):
+        for mode in ("registry", "dfdaemon"):
+            r = pull_all(work, registry, image, ref, hosts, mode == "dfdaemon")
+            out[mode].append(r)
+            print(f"containerd run {run} {mode:8s}: slowest {max(r['times']):.2f} s, mean "
+                  f"{statistics.mean(r['times']):.2f} s; registry copies per layer "
+                  f"{[round(c, 2) for c in r['copies'].values()]}; CPU s {({k: round(v, 1) for k, v in r['cpu'].items()})}; "
+                  f"load {r['load']}", flush=True)
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = ["| case | straight from the registry | through dfdaemon | ratio | registry copies per blob | load avg |",
+            "|---|---|---|---|---|---|"]
+    if "layer" in results:
+        lay = results["layer"]
+        reg = statistics.median(lay["registry"])
+        h1, h2 = statistics.median(lay["host1"]), statistics.median(lay["host2"])
+        mib = lay["size"] / MiB
+        rows.append(f"| {mib:.0f} MiB layer, host 1 (registry -> SuperNode -> dfpeer -> dfdaemon) | {reg:.2f} s | "
+                    f"{h1:.2f} s | {h1 / reg:.2f} x | {max(lay['copies']):.2f} | {lay['load'][-1]} |")
+        rows.append(f"| {mib:.0f} MiB layer, host 2 (from host 1's dfpeer) | {reg:.2f} s | {h2:.2f} s | "
+                    f"{h2 / reg:.2f} x | - | {lay['load'][-1]} |")
+    if "containerd" in results:
+        c = results["containerd"]
+        reg = statistics.median(max(r["times"]) for r in c["registry"])
+        dfd = statistics.median(max(r["times"]) for r in c["dfdaemon"])
+        copies = max(max(r["copies"].values()) for r in c["dfdaemon"])
+        layers = "+".join(f"{n / MiB:.0f}" for n in c["layers"])
+        rows.append(f"| {c['hosts']} containerd hosts, {layers} MiB image, slowest pull | {reg:.2f} s | {dfd:.2f} s | "
+                    f"{dfd / reg:.2f} x | {copies:.2f} | {c['dfdaemon'][-1]['load']} |")
+    return "\n".join(rows)
+
+
+def plot(results: dict[str, Any], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if "layer" in results:
+        lay = results["layer"]
+        names = ["registry", "host 1", "host 2"]
+        vals = [statistics.median(lay[k]) for k in ("registry", "host1", "host2")]
+        axes[0].bar(names, vals, color=["grey", "tab:blue", "tab:green"])
+        axes[0].set_title(f"{lay['size'] / MiB:.0f} MiB layer, one GET")
+        axes[0].set_ylabel("seconds")
+    if "containerd" in results:
+        c = results["containerd"]
+        for i, mode in enumerate(("registry", "dfdaemon")):
+            times = sorted(c[mode][0]["times"])
+            axes[1].plot(range(1, len(times) + 1), times, "o-", label=mode, color=["grey", "tab:blue"][i])
+        axes[1].set_title(f"{c['hosts']} containerd hosts at once")
+        axes[1].set_xlabel("host (sorted by finish)")
+        axes[1].set_ylabel("seconds to pulled")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    ap.add_argument("--layer-mib", type=int, default=256)
+    ap.add_argument("--hosts", type=int, default=10)
+    ap.add_argument("--image-mib", default="16x3", help="layers of the containerd image: SIZExCOUNT")
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--parts", default="layer,containerd")
+    ap.add_argument("--profile", help="py-spy host 2's dfdaemon and dfpeer into this directory")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="a PNG of the results here")
+    args = ap.parse_args()
+    parts = args.parts.split(",")
+    missing = have_tools() or ("containerd" in parts and have_containerd())
+    if missing:
+        raise SystemExit(missing)
+    work = tempfile.mkdtemp(prefix="imagebench-")
+    registry = Registry(os.path.join(work, "registry"))
+    results: dict[str, Any] = {"load_before": load()}
+    try:
+        registry.start()
+        if "layer" in parts:
+            image = make_image(os.path.join(work, "oci-layer"), [args.layer_mib * MiB], tag="v1", seed=41)
+            registry.push(image, "bench/layer")
+            results["layer"] = layer_bench(work, registry, image, args.runs, args.profile)
+        if "containerd" in parts:
+            size, _, count = args.image_mib.partition("x")
+            image = make_image(os.path.join(work, "oci-app"), [int(size) * MiB] * int(count or 1), tag="v1", seed=42)
+            results["containerd"] = containerd_bench(work, registry, image, args.hosts, args.runs)
+    finally:
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+
+
+if __name__ == "__main__":
+    main()
