@@ -208,6 +208,11 @@ def layer_bench(work: str, registry: Registry, image: Image, runs: int, profile:
                     out["host2"].append(timed_get(urls[1], path, warm, digest))
                 for k, p in pids.items():
                     out.setdefault(f"host2_{k}_cpu", []).append(cpu_seconds(p) - cpu[k])
+                # again, the blob held on host 2: the dfdaemon -> dfpeer path alone
+                cpu = {k: cpu_seconds(p) for k, p in pids.items()}
+                out.setdefault("held", []).append(timed_get(urls[1], path, warm, digest))
+                for k, p in pids.items():
+                    out.setdefault(f"held_{k}_cpu", []).append(cpu_seconds(p) - cpu[k])
                 # the dfpeers' own download times (the swarm's part of each GET)
                 for h, api in ((1, apis[0]), (2, apis[1])):
                     tasks = [t for t in get_json(api + "/api/v1/tasks")["tasks"] if t["contentLength"] == size]
@@ -225,6 +230,8 @@ def layer_bench(work: str, registry: Registry, image: Image, runs: int, profile:
               f"host 1 {out['host1'][-1]:.2f} s (its dfpeer's task {out['host1_task'][-1]:.2f} s), "
               f"host 2 {out['host2'][-1]:.2f} s (task {out['host2_task'][-1]:.2f} s; CPU s dfpeer "
               f"{out['host2_dfpeer_cpu'][-1]:.2f}, dfdaemon {out['host2_dfdaemon_cpu'][-1]:.2f}), "
+              f"host 2 again (held) {out['held'][-1]:.2f} s (CPU s dfpeer {out['held_dfpeer_cpu'][-1]:.2f}, "
+              f"dfdaemon {out['held_dfdaemon_cpu'][-1]:.2f}), "
               f"registry sent {out['copies'][-1]:.2f} copies; load {out['load'][-1]}", flush=True)
     return out
 
@@ -289,7 +296,13 @@ def pull_all(work: str, registry: Registry, image: Image, ref: str, hosts: int, 
         for url in urls:
             c = get_json(url + "/_dfdaemon/status")["counters"]
             fallbacks += c["fallbacks"]
-        return {"times": times, "copies": copies, "fallbacks": fallbacks, "load": load(), "cpu": cpu}
+        # each dfpeer's downloads: (bytes, seconds), the swarm's part of the pulls
+        tasks = []
+        if swarm is not None:
+            for info in swarm.peers.values():
+                tasks.append([(t["contentLength"], round(t["elapsed"], 3))
+                              for t in get_json(info["api"] + "/api/v1/tasks")["tasks"]])
+        return {"times": times, "copies": copies, "fallbacks": fallbacks, "load": load(), "cpu": cpu, "tasks": tasks}
     finally:
         if swarm is not None:
             swarm.stop()
@@ -306,6 +319,13 @@ def containerd_bench(work: str, registry: Registry, image: Image, hosts: int, ru
         for mode in ("registry", "dfdaemon"):
             r = pull_all(work, registry, image, ref, hosts, mode == "dfdaemon")
             out[mode].append(r)
+            if r["tasks"]:
+                by_size: dict[int, list[float]] = {}
+                for host in r["tasks"]:
+                    for n, secs in host:
+                        by_size.setdefault(n, []).append(secs)
+                print("  dfpeer task seconds by size (max, mean): " + ", ".join(
+                    f"{n}: {max(v):.2f}/{statistics.mean(v):.2f}" for n, v in sorted(by_size.items())), flush=True)
             print(f"containerd run {run} {mode:8s}: slowest {max(r['times']):.2f} s, mean "
                   f"{statistics.mean(r['times']):.2f} s; registry copies per layer "
                   f"{[round(c, 2) for c in r['copies'].values()]}; CPU s {({k: round(v, 1) for k, v in r['cpu'].items()})}; "
@@ -325,6 +345,9 @@ def table(results: dict[str, Any]) -> str:
                     f"{h1:.2f} s | {h1 / reg:.2f} x | {max(lay['copies']):.2f} | {lay['load'][-1]} |")
         rows.append(f"| {mib:.0f} MiB layer, host 2 (from host 1's dfpeer) | {reg:.2f} s | {h2:.2f} s | "
                     f"{h2 / reg:.2f} x | - | {lay['load'][-1]} |")
+        held = statistics.median(lay["held"])
+        rows.append(f"| {mib:.0f} MiB layer, host 2 again (held: dfdaemon -> dfpeer only) | {reg:.2f} s | "
+                    f"{held:.2f} s | {held / reg:.2f} x | - | {lay['load'][-1]} |")
     if "containerd" in results:
         c = results["containerd"]
         reg = statistics.median(max(r["times"]) for r in c["registry"])

@@ -4,18 +4,34 @@ API's C{GET /api/v1/downloads/<id>/content} (dfdaemon relays it to the
 container runtime while the swarm is still downloading).
 
 While a stream waits for a piece, the task fetches the next few pieces
-before rarer ones (L{PeerTask.stream_from}).  Bytes are read from the store
-in the worker pool, 1 MiB at a time, and written as the client's transport
-asks for them (a push producer).  The last chunk is held until the task has
-succeeded, which with a requested digest means the whole file matched it:
-if it fails instead, the connection is cut before the last byte, so a client
-never takes a wrong body for a complete one.
+before rarer ones (L{PeerTask.stream_from}).  The stream is the client
+transport's push producer, and its bytes go out one of two ways:
+
+ - zero copy, when the client's connection is plain TCP (or a unix socket)
+   and the body is not chunked: C{os.sendfile} from the task's file (the
+   descriptor the store opened for uploads, L{PeerTask.piece_file}: only
+   verified pieces) straight to the socket, only while Twisted's own write
+   buffer is empty, at most L{BURST} bytes at a time; then the stream waits
+   for the transport to say the socket is writable again (it marks the
+   transport's producer paused and asks it to write, as the block uploader
+   does, L{dragonfly.protocol.upload});
+ - copied: read from the store in the worker pool, 1 MiB at a time, and
+   written with C{request.write}.  A sendfile that fails or sends nothing
+   falls back to this for the rest of the stream, from the byte it reached.
+
+The last bytes are held until the task has succeeded, which with a requested
+digest means the whole file matched it: if it fails instead, the connection
+is cut before the last byte, so a client never takes a wrong body for a
+complete one.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
@@ -25,14 +41,43 @@ from .lifecycle import State
 
 log = Logger()
 
+#: the most bytes one sendfile turn sends before the reactor runs again
+BURST = 4 << 20
+
+
+def plain_socket(request: Any) -> tuple[Any, socket.socket] | None:
+    """
+    The client's transport and its socket when the response body may go out
+    with sendfile: a plain TCP or unix connection (no TLS) whose producer is
+    the HTTP channel, and a body that is neither chunked nor a HEAD's.
+    """
+    channel = getattr(request, "channel", None)
+    transport = getattr(channel, "transport", None)
+    if not isinstance(transport, tcp.Connection) or transport.producer is None:
+        return None
+    if getattr(request, "chunked", False) or request.method == b"HEAD":
+        return None
+    sock = getattr(transport, "socket", None)
+    return (transport, sock) if isinstance(sock, socket.socket) else None
+
 
 @implementer(IPushProducer)
 class TaskStream:
     CHUNK = 1 << 20
 
-    def __init__(self, task: Any, request: Any) -> None:
+    def __init__(self, task: Any, request: Any, socket_of: Any = plain_socket) -> None:
+        """
+        @param socket_of: finds the (transport, socket) to sendfile to, or
+            None (copy through C{request.write}); tests give their own.
+        """
         self.task = task
         self.request = request
+        self._socket_of = socket_of
+        #: (transport, socket) while the body goes out with sendfile
+        self._out: tuple[Any, socket.socket] | None = None
+        #: body bytes sent with sendfile, and with request.write
+        self.sent_zero_copy = 0
+        self.sent_copied = 0
         self.offset = 0
         #: where the body ends (exclusive); None: the task's end
         self.end: int | None = None
@@ -78,6 +123,7 @@ class TaskStream:
         self.end = end
         self._done = Deferred(lambda _: self._end())
         self.request.registerProducer(self, True)
+        self._out = self._socket_of(self.request)
         self._poke()
         return self._done
 
@@ -113,6 +159,8 @@ class TaskStream:
                 t.stream_from = index
                 t.want_now()
             return
+        if self._out is not None and self._send_file(index, stop):
+            return
         end = min(self.offset + self.CHUNK, (index + 1) * t.piece_size, stop)
         if end == length and self.end is None and t.state is not State.DONE:
             # the last bytes wait for the whole-file check
@@ -126,8 +174,66 @@ class TaskStream:
         if self._ended:
             return
         self.offset += len(data)
+        self.sent_copied += len(data)
         self.request.write(data)
         self._poke()
+
+    # -- zero copy ------------------------------------------------------------------
+
+    def _send_file(self, index: int, stop: int) -> bool:
+        """
+        Send what may go of piece C{index} (held, verified) with sendfile;
+        False if this turn must take the copying path instead (no file, the
+        held last bytes, a sendfile that failed).
+        """
+        assert self._out is not None
+        t = self.task
+        span = t.piece_file(index)
+        if span is None:
+            return False
+        fd, piece_offset, piece_length = span
+        if not piece_offset <= self.offset < piece_offset + piece_length:
+            return False
+        end = min(piece_offset + piece_length, stop)
+        if self.end is None and t.state is not State.DONE:
+            end = min(end, t.length - 1)  # the last byte waits for the whole-file check
+        if end <= self.offset:
+            return False
+        transport, sock = self._out
+        if not self.request.startedWriting:
+            self.request.write(b"")  # the status line and headers, through Twisted
+        if not _idle(transport):
+            _wake_when_writable(transport)
+            return True
+        sent = 0
+        while self.offset < end and sent < BURST:
+            try:
+                n = os.sendfile(sock.fileno(), fd, self.offset, min(end - self.offset, BURST - sent))
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self._fall_back(f"sendfile failed: {e}")
+                n = 0
+            if n == 0:
+                if self._out is not None:
+                    self._fall_back("sendfile sent nothing (the file is shorter than the task)")
+                break
+            self.offset += n
+            sent += n
+        self.sent_zero_copy += sent
+        self.request.sentLength += sent
+        if self._out is None:
+            return sent > 0 and self._wake(transport)
+        return self._wake(transport)
+
+    def _wake(self, transport: Any) -> bool:
+        _wake_when_writable(transport)
+        return True
+
+    def _fall_back(self, why: str) -> None:
+        log.info("task {task}: stream falls back to copies at byte {offset}: {why}",
+                 task=self.task.task_id, offset=self.offset, why=why)
+        self._out = None
 
     def _read_failed(self, f: Any) -> None:
         self._reading = False
@@ -175,3 +281,16 @@ class TaskStream:
     def stopProducing(self) -> None:
         self._end()
 
+
+def _idle(transport: Any) -> bool:
+    """Twisted's write buffer is empty (a tcp.Connection's own fields)."""
+    return not transport._tempDataLen and len(transport.dataBuffer) == transport.offset
+
+
+def _wake_when_writable(transport: Any) -> None:
+    """
+    Have the transport resume its producer (the HTTP channel, which resumes
+    the stream) once its buffer is empty and the socket writable.
+    """
+    transport.producerPaused = True
+    transport.startWriting()
