@@ -1,0 +1,49 @@
+"""
+bench.images runs end to end at a small size (the real registry, dfdaemons,
+containerd): its results say each blob left the registry once, and every
+pull was checked by digest (the bench fails otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dragonfly.testing.containerd import have_containerd
+from dragonfly.testing.registry import have_tools
+
+pytestmark = pytest.mark.e2e
+
+missing = have_tools()
+if missing:
+    pytest.skip(missing, allow_module_level=True)
+
+
+def run_bench(tmp_path, *args):
+    out = tmp_path / "images.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.images", "--json", str(out), *args], capture_output=True, timeout=180,
+    )
+    assert r.returncode == 0, r.stderr.decode(errors="replace")[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_the_layer_part(tmp_path):
+    results = run_bench(tmp_path, "--parts", "layer", "--layer-mib", "8")
+    layer = results["layer"]
+    assert layer["size"] > 8 << 20
+    assert layer["copies"] == [1.0]
+    assert all(t > 0 for t in layer["registry"] + layer["host1"] + layer["host2"] + layer["held"])
+
+
+@pytest.mark.skipif(bool(have_containerd()), reason=str(have_containerd()))
+def test_the_containerd_part(tmp_path):
+    results = run_bench(tmp_path, "--parts", "containerd", "--hosts", "2", "--image-mib", "2x2")
+    c = results["containerd"]
+    assert [len(r["times"]) for r in c["registry"] + c["dfdaemon"]] == [2, 2]
+    assert list(c["registry"][0]["copies"].values()) == [2.0, 2.0]
+    assert list(c["dfdaemon"][0]["copies"].values()) == [1.0, 1.0]
+    assert c["dfdaemon"][0]["fallbacks"] == 0
