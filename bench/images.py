@@ -404,6 +404,8 @@ def main() -> None:
     missing = have_tools() or ("containerd" in parts and have_containerd())
     if missing:
         raise SystemExit(missing)
+    # a SIGTERM unwinds like Ctrl-C: every daemon, containerd and dir is removed on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = tempfile.mkdtemp(prefix="imagebench-")
     registry = Registry(os.path.join(work, "registry"))
     results: dict[str, Any] = {"load_before": load()}
