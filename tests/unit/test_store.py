@@ -69,6 +69,25 @@ def test_prepare_write_read(tmp_path: Any) -> None:
     assert result(store.sha256(TID)) == hashlib.sha256(b"\0" * 5 + good).hexdigest()
 
 
+def test_prepare_reserves_the_blocks_and_keeps_size_and_zeros(tmp_path: Any) -> None:
+    from dragonfly.core.files import preallocate
+
+    store = TaskStore(str(tmp_path), SyncPool())
+    size = 3 << 20
+    result(store.prepare(TID, size))
+    st = os.stat(store.data_path(TID))
+    assert st.st_size == size
+    probe = os.open(str(tmp_path / "probe"), os.O_RDWR | os.O_CREAT)
+    try:
+        can = preallocate(probe, 4096)
+    finally:
+        os.close(probe)
+    if can:  # this file system reserves blocks: every block of the task's file is there
+        assert st.st_blocks * 512 >= size
+    assert result(store.read(TID, size - 8, 8)) == b"\0" * 8  # the contents are still zeros
+    assert preallocate(-1, 10) is False  # a failure is an answer, not an exception
+
+
 def test_prepare_never_truncates_a_linked_file(tmp_path: Any) -> None:
     store = TaskStore(str(tmp_path / "data"), SyncPool())
     result(store.prepare(TID, 4))
