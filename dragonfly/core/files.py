@@ -35,7 +35,7 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 #: O_DIRECT's alignment of offsets, lengths and memory (a page: the largest logical block in common use)
 DIRECT_ALIGN = 4096
 #: pieces are written with O_DIRECT through a per-thread aligned buffer this large, a chunk at a time
-DIRECT_CHUNK = 2 << 20
+DIRECT_CHUNK = 1 << 20
 #: DRAGONFLY_DIRECT_WRITES=0 writes every piece through the page cache, for same-run comparisons
 DIRECT_WRITES = os.environ.get("DRAGONFLY_DIRECT_WRITES", "1") != "0"
 _direct_buffers = threading.local()
