@@ -71,3 +71,25 @@ def test_direct_writes_can_be_turned_off(tmp_path: Any, monkeypatch: Any) -> Non
     assert calls == []
     with open(path, "rb") as f:
         assert f.read() == data
+
+
+def test_a_pool_buffer_is_written_as_it_is(tmp_path: Any, monkeypatch: Any) -> None:
+    from dragonfly.protocol.receive import BufferPool
+
+    buf = BufferPool().take(DIRECT_CHUNK * 3)
+    assert files._page_aligned(memoryview(buf))
+    assert not files._page_aligned(memoryview(bytes(DIRECT_ALIGN)))  # read-only: through the aligned copy
+    data = os.urandom(len(buf))
+    buf[:] = data
+    monkeypatch.setattr(files, "DIRECT_CHUNK", 1)  # the copy's buffer would be useless: it must not be used
+    path = sparse(tmp_path, len(buf))
+    assert files.write_direct(path, memoryview(buf), 0) == len(buf)
+    with open(path, "rb") as f:
+        assert f.read() == data
+
+
+def test_small_pool_buffers_are_bytearrays() -> None:
+    from dragonfly.protocol.receive import BufferPool
+
+    small = BufferPool().take(100)
+    assert isinstance(small, bytearray) and len(small) == 100
