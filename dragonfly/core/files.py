@@ -90,7 +90,7 @@ def write_direct(path: str, view: memoryview, offset: int) -> int:
             os.close(fd)
     buf = getattr(_direct_buffers, "buf", None)
     if buf is None:
-        buf = _direct_buffers.buf = mmap.mmap(-1, DIRECT_CHUNK)  # anonymous: page-aligned
+        buf = _direct_buffers.buf = mmap.mmap(-1, DIRECT_CHUNK, flags=mmap.MAP_PRIVATE)  # anonymous: page-aligned
     done = 0
     try:
         while done < len(view):

@@ -66,7 +66,7 @@ def aligned(size: int) -> bytearray:
     """
     if size < mmap.PAGESIZE:
         return bytearray(size)
-    return cast(bytearray, memoryview(mmap.mmap(-1, size)))
+    return cast(bytearray, memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)))
 
 
 class BufferPool:
