@@ -93,3 +93,22 @@ def test_small_pool_buffers_are_bytearrays() -> None:
 
     small = BufferPool().take(100)
     assert isinstance(small, bytearray) and len(small) == 100
+
+
+def test_a_refusal_part_way_leaves_the_rest_to_the_page_cache(tmp_path: Any, monkeypatch: Any) -> None:
+    real_pwrite = os.pwrite
+    calls = []
+
+    def refuse_second(fd: int, data: Any, offset: int) -> int:
+        calls.append(offset)
+        if len(calls) == 2:
+            raise OSError(errno.EINVAL, "not today")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(files.os, "pwrite", refuse_second)
+    path = sparse(tmp_path, 3 * DIRECT_CHUNK)
+    data = os.urandom(3 * DIRECT_CHUNK)  # bytes: through the aligned buffer, a chunk at a time
+    write_piece(path, data, 0)
+    with open(path, "rb") as f:
+        assert f.read() == data
+    assert calls[:3] == [0, DIRECT_CHUNK, DIRECT_CHUNK]  # the refused chunk again, through the page cache
