@@ -117,6 +117,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--supernode-args", default="", help="more options for twistd supernode")
     p.add_argument("--peer-args", default="", help="more options for both twistd dfpeer")
     p.add_argument("--bt-piece-size", help="the torrent's piece length, e.g. 1M (default: about 1500 pieces)")
+    p.add_argument("--ab-env", default="",
+                   help="NAME=VALUE[,NAME=VALUE]: a third dfpeer C with these variables downloads from A too, after B "
+                        "(B stopped first), for a same-run comparison of the receiving dfpeer")
+    p.add_argument("--ab-first", action="store_true", help="with --ab-env: C (the variables) downloads before B")
+    p.add_argument("--profile", help="a directory: py-spy (--nonblocking, all threads) of each receiving dfpeer "
+                                     "during its peer -> peer download, and its folded top table")
     p.add_argument("--startup-runs", type=int, default=3, help="extra dfget runs of the finished file to time start-up (default 3)")
     args = p.parse_args(argv)
     try:
@@ -131,6 +137,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(e))
     if args.size_bytes < 1:
         p.error("--size must be at least 1 byte")
+    args.ab_vars = {}
+    for item in filter(None, (x.strip() for x in args.ab_env.split(","))):
+        name, eq, value = item.partition("=")
+        if not eq or not name:
+            p.error("--ab-env: NAME=VALUE[,NAME=VALUE]")
+        args.ab_vars[name] = value
     args.part_set = {s.strip() for s in args.parts.split(",") if s.strip()}
     if not args.part_set or args.part_set - set(PARTS):
         p.error(f"--parts: a comma-separated subset of {','.join(PARTS)}")
@@ -203,6 +215,41 @@ def sweep_workdirs(base: str) -> None:
         if killed:
             say(f"stopped {len(killed)} process(es) a killed run left: {killed}")
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def thread_times(pid: int) -> dict[str, float]:
+    """
+    The CPU seconds (user, system) and voluntary context switches of a
+    process's main thread (the reactor's) and of its other threads together.
+    """
+    out = dict.fromkeys(("reactorUser", "reactorSystem", "reactorWakeups", "otherUser", "otherSystem"), 0.0)
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
+        base = f"/proc/{pid}/task/{tid}"
+        try:
+            with open(f"{base}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            user, system = int(fields[11]) / tick, int(fields[12]) / tick
+            wakeups = 0
+            with open(f"{base}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        wakeups = int(line.split(":")[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        who = "reactor" if int(tid) == pid else "other"
+        out[who + "User"] += user
+        out[who + "System"] += system
+        if who == "reactor":
+            out["reactorWakeups"] = wakeups
+    return out
+
+
+def thread_delta(before: dict[str, float], after: dict[str, float], size: int) -> dict[str, float]:
+    """L{thread_times} between two moments, CPU seconds per GiB of C{size} bytes (wake-ups as counted)."""
+    gib = size / GIB
+    return {k: after[k] - before[k] if k.endswith("Wakeups") else round((after[k] - before[k]) / gib, 3)
+            for k in before}
 
 
 ASK = re.compile(rb"(?:^|\r\n)POST /api/v1/downloads[ ?]")
@@ -485,23 +532,24 @@ class DataPath:
         sn_port = wait_for_file(os.path.join(sn_home, "supernode.json"), 60, sn)["port"]
         peers: dict[str, subprocess.Popen] = {}
         apis: dict[str, str] = {}
-        homes = {name: os.path.join(rdir, f"peer{name}") for name in ("A", "B")}
+        ab = self.args.ab_vars
+        homes = {name: os.path.join(rdir, f"peer{name}") for name in ("A", "B", *("C" if ab else ""))}
         for name, home in homes.items():
             os.makedirs(home)
             peers[name] = self.children.start(f"dfpeer{name}", [
                 twistd, "-n", "--pidfile=", "dfpeer", "--supernode", f"127.0.0.1:{sn_port}", "--home", home,
                 "--ip", "127.0.0.1", "--listen", "127.0.0.1", "--port", "0", *shlex.split(self.args.peer_args),
-            ], cwd=rdir)
+            ], cwd=rdir, env={**os.environ, **ab} if name == "C" else None)
         for name, home in homes.items():
             apis[name] = wait_for_file(os.path.join(home, "peer.json"), 60, peers[name])["api"]
         relays = {name: FirstRequestRelay(("127.0.0.1", int(api.rsplit(":", 1)[1]))) for name, api in apis.items()}
         try:
             shadows = {name: shadow_home(homes[name], relays[name].url, os.path.join(rdir, f"dfget{name}"))
                        for name in homes}
-            measure.wait_idle([sn.pid, peers["A"].pid, peers["B"].pid])
+            measure.wait_idle([sn.pid, *(p.pid for p in peers.values())])
             out = os.path.join(rdir, "out")
             os.makedirs(out)
-            watch = {"supernode": [sn.pid], "A": [peers["A"].pid], "B": [peers["B"].pid], "nginx": self.nginx_pids()}
+            watch = {"supernode": [sn.pid], **{name: [p.pid] for name, p in peers.items()}, "nginx": self.nginx_pids()}
 
             def dfget_argv(name: str, output: str) -> list[str]:
                 return [dfget, "-u", self.url, "-o", output, "--home", shadows[name],
@@ -511,12 +559,17 @@ class DataPath:
                 os.sync()
                 relays[name].reset()
                 output = os.path.join(out, f"peer{name}.bin")
+                pid = peers[name].pid
+                threads0 = thread_times(pid)
+                spy = self.spy(pid, f"peer{name}") if name != "A" else None
                 fin, used, busy = self.timed(f"dfget{name}", dfget_argv(name, output), watch)
+                threads = thread_delta(threads0, thread_times(pid), self.size)
+                self.unspy(spy)
                 ok = fin.ok and os.path.isfile(output) and sha256_file(output) == self.want
                 task = self.peer_task(apis[name])
                 started = self.first_request(relays[name], fin)
                 extra = {"sha256Ok": ok, "firstRequestSeconds": started["any"], "askSeconds": started["ask"],
-                         "dfgetCpuSeconds": fin.cpu, "sources": task.get("traffic", {})}
+                         "dfgetCpuSeconds": fin.cpu, "sources": task.get("traffic", {}), "receiverThreads": threads}
                 if task.get("elapsed"):
                     extra["peerSeconds"] = round(task["elapsed"], 3)
                     extra["peerMBps"] = round(self.size / task["elapsed"] / 1e6, 1)
@@ -535,18 +588,27 @@ class DataPath:
                 self.skipped["peer-peer"] = "the first download failed"
                 return
 
-            say("peer A -> peer B")
-            fin, used, busy, ok, extra = transfer("B")
-            seed_now = self.seed_bytes(sn_port)
-            seed_b = None if seed_now is None or seed_a is None else seed_now - seed_a
-            self.add("peer-peer", "Dragonfly: peer A (+ seed) -> peer B", fin, ok, busy, [
-                self.role("receiving dfpeer (B)", used["B"], peak_rss_mib(peers["B"].pid)),
-                self.role("uploading dfpeer (A)", used["A"], peak_rss_mib(peers["A"].pid)),
-                self.role("SuperNode (seed)", used["supernode"], peak_rss_mib(sn.pid)),
-                self.role("dfget (B)", fin.cpu, fin.max_rss_mib),
-            ], supernodeSeedBytes=seed_b, **extra)
-
-            self.dfget_startup(dfget_argv("B", os.path.join(out, "again.bin")), relays["B"])
+            order = ["B", "C"] if ab else ["B"]
+            if self.args.ab_first:
+                order.reverse()
+            for k, name in enumerate(order):
+                if k:  # the next one downloads from A (and the seed) only
+                    self.children.stop([peers[order[k - 1]]])
+                say(f"peer A -> peer {name}")
+                seed_before = self.seed_bytes(sn_port)
+                fin, used, busy, ok, extra = transfer(name)
+                seed_now = self.seed_bytes(sn_port)
+                seed_b = None if seed_now is None or seed_before is None else seed_now - seed_before
+                env = "" if name != "C" else " (" + ", ".join(f"{k}={v}" for k, v in ab.items()) + ")"
+                self.add("peer-peer" if name == "B" else "peer-peer-ab", f"Dragonfly: peer A (+ seed) -> peer {name}{env}",
+                         fin, ok, busy, [
+                    self.role(f"receiving dfpeer ({name})", used[name], peak_rss_mib(peers[name].pid)),
+                    self.role("uploading dfpeer (A)", used["A"], peak_rss_mib(peers["A"].pid)),
+                    self.role("SuperNode (seed)", used["supernode"], peak_rss_mib(sn.pid)),
+                    self.role(f"dfget ({name})", fin.cpu, fin.max_rss_mib),
+                ], supernodeSeedBytes=seed_b, **extra)
+            last = order[-1]
+            self.dfget_startup(dfget_argv(last, os.path.join(out, "again.bin")), relays[last])
         finally:
             for relay in relays.values():
                 relay.close()
@@ -556,6 +618,32 @@ class DataPath:
                     os.kill(int(f.read().strip()), signal.SIGTERM)
             self.children.stop([sn, *peers.values()])
             shutil.rmtree(rdir, ignore_errors=True)  # three copies of the file: free the disk for what follows
+
+    def spy(self, pid: int, name: str) -> subprocess.Popen | None:
+        """With --profile: py-spy on C{pid} (all threads, --nonblocking: no stop per sample) until L{unspy}."""
+        spy = shutil.which("py-spy", path=BIN + os.pathsep + os.environ.get("PATH", ""))
+        if not self.args.profile or spy is None:
+            return None
+        os.makedirs(self.args.profile, exist_ok=True)
+        out = os.path.join(self.args.profile, f"spy-{name}.txt")
+        proc = self.children.start(f"py-spy-{name}", [spy, "record", "-r", "200", "-p", str(pid), "--format", "raw",
+                                                      "--nonblocking", "-o", out])
+        time.sleep(0.5)
+        return proc
+
+    def unspy(self, proc: subprocess.Popen | None) -> None:
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(30)
+        self.children.stop([proc])
+        from .profile import top
+
+        spies = sorted(glob.glob(os.path.join(self.args.profile, "spy-*.txt")))
+        for path in spies:
+            with open(path[:-4] + "-top.txt", "w") as f:
+                f.write(top([path]))
 
     @staticmethod
     def first_request(relay: FirstRequestRelay, fin: measure.Finished) -> dict[str, float | None]:
@@ -779,6 +867,15 @@ def markdown(results: dict[str, Any]) -> str:
                 seed = t.get("supernodeSeedBytes")
                 out.append(f"- {t['label']}: " + ", ".join(f"{k} {v / MIB:.1f}" for k, v in sorted(s.items()))
                            + (f"; the SuperNode's seed sent {seed / MIB:.1f}" if seed is not None else ""))
+        threads = [t for t in r["transfers"] if t.get("receiverThreads")]
+        if threads:
+            out += ["", "The receiving dfpeer's threads, CPU s/GiB (user + system) and the reactor thread's "
+                    "voluntary context switches (its sleeps, so its wake-ups):", ""]
+            for t in threads:
+                th = t["receiverThreads"]
+                out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
+                           f"{th['reactorWakeups']:.0f} wake-ups; other threads (hashing, writing) "
+                           f"{th['otherUser']:.2f} + {th['otherSystem']:.2f}")
         d = r.get("dfget") or {}
         if d:
             imp = d.get("importtime", {})

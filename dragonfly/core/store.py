@@ -4,8 +4,9 @@ every file operation runs in the worker pool: nothing here blocks the reactor.
 
 Each method returns a Deferred that fires in the reactor thread.  The data
 file holds the task's bytes at their offsets; a piece is checked against its
-SHA-256 and written with C{pwrite} in one pool call, so nothing unverified
-is ever written.  The meta file is written (atomically) when the task is
+SHA-256 and written in one pool call (L{dragonfly.core.files.write_piece}:
+C{O_DIRECT} where the file system allows, else C{pwrite}), so nothing
+unverified is ever written.  The meta file is written (atomically) when the task is
 complete: a data file without one is a half task, dropped (or parked, see
 below) by L{TaskStore.reload}.
 
@@ -44,9 +45,10 @@ from twisted.logger import Logger
 from .files import (
     file_sha256,
     pread_exact,
-    pwrite_all,
+    preallocate,
     unlink_quietly,
     write_json_atomic,
+    write_piece,
 )
 from .ids import is_task_id
 
@@ -167,7 +169,10 @@ class TaskStore:
         return self._in_order(task_id, lambda: succeed(None))
 
     def prepare(self, task_id: str, length: int) -> Deferred[None]:
-        """A new data file of C{length} bytes (sparse), the old one and its meta removed."""
+        """
+        A new data file of C{length} bytes, the old one and its meta removed;
+        its blocks reserved where the file system can (L{preallocate}), else sparse.
+        """
         data, meta = self.data_path(task_id), self.meta_path(task_id)
         return self._in_order(task_id, lambda: self._pool.run(_prepare, data, meta, length), retire=True)
 
@@ -415,6 +420,7 @@ def _prepare(data_path: str, meta_path: str, length: int) -> None:
     fd = create_file(data_path, meta_path)
     try:
         os.ftruncate(fd, length)
+        preallocate(fd, length)
     finally:
         os.close(fd)
 
@@ -422,9 +428,5 @@ def _prepare(data_path: str, meta_path: str, length: int) -> None:
 def _write_verified(path: str, offset: int, data: bytearray | bytes, digest: bytes) -> bool:
     if hashlib.sha256(data).digest() != digest:
         return False
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        pwrite_all(fd, data, offset)
-    finally:
-        os.close(fd)
+    write_piece(path, data, offset)
     return True

@@ -100,7 +100,7 @@ def direct_socket(transport: Any) -> socket.socket | None:
     """The socket of a plain TCP transport, which the data path may drive itself; None for any other."""
     handle = getattr(transport, "getHandle", None)
     sock = handle() if handle is not None else None
-    if isinstance(sock, socket.socket) and isinstance(transport, tcp.Connection):
+    if isinstance(sock, socket.socket) and isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False):
         return sock
     return None
 
@@ -247,6 +247,7 @@ class BlockProtocol(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._factory.lost(self, self.accepted_from)
         self.accepted_from = None
+        self._rx.detach()
         self._tx.drop()
         self._do(self._conn.connection_lost(reason.getErrorMessage() if reason is not None else "closed"))
         for timer in self._timers.values():

@@ -11,15 +11,25 @@ so every size is still checked from the header alone), and never while
 reading is paused by a download limit.  Between reads it sets SO_RCVLOWAT so
 that the kernel wakes the reactor only once a good part of the body is in.
 
+On such a socket it also takes the transport's C{doRead} (L{Receiver.do_read}):
+a wake-up inside a body reads straight into the piece's buffer before
+Twisted's own 64 KiB C{recv} would copy the first bytes into a new C{bytes}
+and through the framer; outside a body, and on any other transport (TLS, a
+test's), Twisted reads as usual.
+
 L{BufferPool} lends the piece buffers and takes them back once the piece is
-stored or dropped, so no piece costs fresh pages.
+stored or dropped, so no piece costs fresh pages.  Its buffers are
+page-aligned, so the store writes a verified piece with C{O_DIRECT} straight
+from it (L{dragonfly.core.files.write_direct}).
 """
 
 from __future__ import annotations
 
+import mmap
+import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.logger import Logger
 
@@ -41,6 +51,22 @@ RCVLOWAT_CAP = 1 << 20
 PACED_READ = 256 * 1024
 #: read as much as the socket holds
 UNPACED_READ = 1 << 62
+#: take the transport's doRead on plain TCP sockets (L{Receiver.do_read}); DRAGONFLY_OWN_READ=0
+#: leaves every read to Twisted, for same-run comparisons (bench.datapath --ab-env)
+OWN_READ = os.environ.get("DRAGONFLY_OWN_READ", "1") != "0"
+
+
+def aligned(size: int) -> bytearray:
+    """
+    A zeroed writable buffer of C{size} bytes whose memory starts on a page
+    (anonymous C{mmap}), so C{O_DIRECT} can write from it without a copy:
+    a C{memoryview}, typed as the C{bytearray} the receive path takes
+    (it uses only the buffer interface both have: C{len}, slice assignment,
+    hashing, writes, comparison).  Below a page, a C{bytearray}.
+    """
+    if size < mmap.PAGESIZE:
+        return bytearray(size)
+    return cast(bytearray, memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)))
 
 
 class BufferPool:
@@ -54,9 +80,9 @@ class BufferPool:
         self._free: dict[int, list[bytearray]] = {}
 
     def take(self, size: int) -> bytearray:
-        """A buffer of C{size} bytes: a free one if any (its old bytes still in it), else a new one."""
+        """A buffer of C{size} bytes: a free one if any (its old bytes still in it), else a new one (L{aligned})."""
         free = self._free.get(size)
-        return free.pop() if free else bytearray(size)
+        return free.pop() if free else aligned(size)
 
     def give(self, buf: bytearray) -> None:
         """Take back a buffer from L{take}; its holder must not touch it any more."""
@@ -88,15 +114,60 @@ class Receiver:
         self._lowat = 1
         self._lowat_max = RCVLOWAT_MAX
         self._body_seen: tuple[float, int] | None = None  # (when, bytes to come) of the body arriving
+        self._twisted_read: Callable[[], Any] | None = None  # the transport's own doRead, while we hold it
         self.read_paused = False
 
     def attach(self, transport: Any, sock: socket.socket | None) -> None:
         """
         The connection is up on C{transport}; C{sock} is its socket when we
-        may read from it ourselves (a plain TCP connection), else None.
+        may read from it ourselves (a plain TCP connection), else None.  With
+        a socket, the transport's C{doRead} becomes L{do_read} (given back by
+        L{detach}).
         """
         self._transport = transport
         self._sock = sock
+        twisted_read = getattr(transport, "doRead", None) if sock is not None and OWN_READ else None
+        if twisted_read is not None:
+            self._twisted_read = twisted_read
+            transport.doRead = self.do_read
+
+    def detach(self) -> None:
+        """The connection is gone: the transport's own C{doRead} again (no cycle through us)."""
+        if self._twisted_read is not None and self._transport is not None:
+            if self._transport.__dict__.get("doRead") == self.do_read:
+                del self._transport.doRead
+        self._twisted_read = None
+
+    def do_read(self) -> Any:
+        """
+        The transport's C{doRead} (the reactor calls it when the socket is
+        readable): inside a requested piece's body, read straight into the
+        piece's buffer, as much as the socket holds up to the body's last
+        byte; then, if the body is over and the socket may hold more (the
+        next frame), or outside a body, Twisted's own read, which hands
+        its bytes to L{data_received}.  Returns what Twisted's would.
+        """
+        twisted_read = self._twisted_read
+        assert twisted_read is not None
+        conn = self._conn
+        if self._sock is None or self.read_paused or conn.closed or getattr(self._transport, "TLS", False):
+            return twisted_read()
+        window = conn.rx_window()
+        if window is None:
+            return twisted_read()
+        window.release()
+        limits = self._limits()
+        n, empty = self._read_body(PACED_READ if any(limits) else UNPACED_READ)
+        if n == 0:
+            # nothing there after all, or the end of the stream or an error: Twisted's read sees those
+            return None if empty else twisted_read()
+        remaining = conn.body_remaining
+        self._set_lowat(remaining)
+        if limits:
+            self._pace(limits, n)
+        if empty or remaining or self.read_paused or conn.closed:
+            return None  # woken again when more is there (SO_RCVLOWAT)
+        return twisted_read()
 
     @property
     def direct(self) -> bool:
@@ -110,16 +181,23 @@ class Receiver:
             return
         self._run(conn.data_received(data))
         n = len(data)
-        side = conn.side
-        limits = side.download_limits() if side is not None and self._clock is not None else []
+        limits = self._limits()
         if self._sock is not None and not self.read_paused:
             n += self.read_into_piece(PACED_READ if any(limits) else UNPACED_READ)
         self._set_lowat(conn.body_remaining)
         if limits:
             self._pace(limits, n)
 
+    def _limits(self) -> list[TokenBucket | None]:
+        side = self._conn.side
+        return side.download_limits() if side is not None and self._clock is not None else []
+
     def read_into_piece(self, most: int) -> int:
         """Read up to C{most} bytes of the piece body arriving straight into its buffer; the bytes read."""
+        return self._read_body(most)[0]
+
+    def _read_body(self, most: int) -> tuple[int, bool]:
+        """L{read_into_piece}; and whether the socket was found empty (it would block)."""
         conn, sock, total = self._conn, self._sock, 0
         assert sock is not None
         while total < most and not conn.closed:
@@ -129,7 +207,7 @@ class Receiver:
             try:
                 n = sock.recv_into(window, min(len(window), most - total))
             except (BlockingIOError, InterruptedError):
-                break
+                return total, True
             except OSError:
                 break  # Twisted's next read sees the error
             finally:
@@ -138,7 +216,7 @@ class Receiver:
                 break  # the end of the stream: Twisted's next read sees it
             total += n
             self._run(conn.rx_filled(n))
-        return total
+        return total, False
 
     def _pace(self, limits: list[TokenBucket | None], nbytes: int) -> None:
         """Hold reading while the side's download limits (per task, per host) say so."""

@@ -260,3 +260,101 @@ def test_reads_are_not_capped_without_a_limit(monkeypatch):
     link.remote.sendall(frame)
     link.twisted_reads(1000)
     assert link.left() == b""
+
+
+# -- the transport's doRead, taken on a plain socket ------------------------------------------------
+
+
+class ReadingTransport(Transport):
+    """A transport that reads like Twisted's tcp.Connection: C{doRead} recv()s 64 KiB for dataReceived."""
+
+    def __init__(self, sock):
+        super().__init__()
+        self.sock = sock
+        self.rx = None
+        self.twisted_reads = 0
+        self.TLS = False
+
+    def doRead(self):
+        self.twisted_reads += 1
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return None
+        if not data:
+            return "done"
+        self.rx.data_received(data)
+        return None
+
+
+def reading_link(side=None):
+    link = Link(side or Leech(), direct=False)
+    transport = ReadingTransport(link.ours)
+    link.transport = transport
+    rx = link.rx = Receiver(link.conn, link.run, link.clock)
+    transport.rx = rx
+    rx.attach(transport, link.ours)
+    return link, transport
+
+
+def test_do_read_fills_a_body_without_twisteds_read():
+    side = Leech()
+    link, transport = reading_link(side)
+    assert transport.doRead == link.rx.do_read
+    frame, body = piece_frame()
+    have = F.encode_have(2)
+    link.remote.sendall(frame[:1000])
+    transport.doRead()  # outside a body: Twisted reads (the header and the body's first bytes)
+    assert transport.twisted_reads == 1
+    link.remote.sendall(frame[1000:50_000])
+    transport.doRead()  # inside the body: straight into the buffer, the socket found empty
+    assert transport.twisted_reads == 1 and link.left() == b""
+    link.remote.sendall(frame[50_000:] + have)
+    assert transport.doRead() is None  # the body's end, then Twisted reads what follows
+    assert transport.twisted_reads == 2
+    assert side.pieces == [(0, body)] and side.pieces[0][1] is link.lent[0]
+    assert link.conn.remote_have is not None and 2 in link.conn.remote_have
+    assert not link.closes
+
+
+def test_do_read_leaves_the_end_of_the_stream_to_twisted():
+    link, transport = reading_link()
+    frame, _ = piece_frame()
+    link.remote.sendall(frame[:1000])
+    transport.doRead()
+    link.remote.close()
+    assert transport.doRead() == "done"  # Twisted's read saw it
+    assert transport.twisted_reads == 2
+
+
+def test_do_read_leaves_a_cancelled_body_and_tls_to_twisted():
+    link, transport = reading_link()
+    link.run(link.conn.cancel(0))
+    frame, _ = piece_frame()
+    link.remote.sendall(frame[:1000])
+    transport.doRead()
+    link.remote.sendall(frame[1000:])
+    transport.doRead()
+    assert transport.twisted_reads == 2  # a discarded body goes through the framer
+    link2, transport2 = reading_link()
+    link2.remote.sendall(frame[:1000])
+    transport2.doRead()
+    transport2.TLS = True
+    link2.remote.sendall(frame[1000:])
+    transport2.doRead()
+    assert transport2.twisted_reads == 2
+
+
+def test_do_read_is_given_back_on_detach():
+    link, transport = reading_link()
+    link.rx.detach()
+    assert transport.doRead == ReadingTransport.doRead.__get__(transport)
+
+
+def test_bad_sizes_are_still_refused_from_the_header_with_do_read():
+    link, transport = reading_link()
+    body = os.urandom(PIECE + 1)
+    link.remote.sendall(F.piece_header(0, len(body)) + body)
+    transport.doRead()
+    assert link.closes and link.closes[0].code == 400
+    assert link.lent == []  # no buffer was ever lent for it

@@ -69,6 +69,46 @@ def test_prepare_write_read(tmp_path: Any) -> None:
     assert result(store.sha256(TID)) == hashlib.sha256(b"\0" * 5 + good).hexdigest()
 
 
+def test_prepare_reserves_the_blocks_and_keeps_size_and_zeros(tmp_path: Any) -> None:
+    from dragonfly.core.files import preallocate
+
+    store = TaskStore(str(tmp_path), SyncPool())
+    size = 3 << 20
+    result(store.prepare(TID, size))
+    st = os.stat(store.data_path(TID))
+    assert st.st_size == size
+    probe = os.open(str(tmp_path / "probe"), os.O_RDWR | os.O_CREAT)
+    try:
+        can = preallocate(probe, 4096)
+    finally:
+        os.close(probe)
+    if can:  # this file system reserves blocks: every block of the task's file is there
+        assert st.st_blocks * 512 >= size
+    assert result(store.read(TID, size - 8, 8)) == b"\0" * 8  # the contents are still zeros
+    assert preallocate(-1, 10) is False  # a failure is an answer, not an exception
+
+
+def test_a_large_piece_from_a_pool_buffer_is_written_only_once_verified(tmp_path: Any) -> None:
+    from dragonfly.protocol.receive import BufferPool
+
+    store = TaskStore(str(tmp_path), SyncPool())
+    piece = 1 << 20
+    result(store.prepare(TID, 3 * piece + 100))
+    pool = BufferPool()
+    good, bad = pool.take(piece), pool.take(piece)
+    good[:] = os.urandom(piece)
+    bad[:] = os.urandom(piece)
+    digest = hashlib.sha256(good).digest()
+    assert result(store.write_verified(TID, piece, bad, digest)) is False
+    assert result(store.read(TID, piece, piece)) == b"\0" * piece  # nothing of a failed piece was written
+    assert result(store.write_verified(TID, piece, good, digest)) is True
+    tail = bytearray(os.urandom(100))
+    assert result(store.write_verified(TID, 3 * piece, tail, hashlib.sha256(tail).digest())) is True
+    assert result(store.read(TID, piece, piece)) == bytes(good)
+    assert result(store.read(TID, 3 * piece, 100)) == tail
+    assert result(store.read(TID, 0, piece)) == b"\0" * piece
+
+
 def test_prepare_never_truncates_a_linked_file(tmp_path: Any) -> None:
     store = TaskStore(str(tmp_path / "data"), SyncPool())
     result(store.prepare(TID, 4))
