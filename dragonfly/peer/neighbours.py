@@ -212,6 +212,9 @@ class Neighbours:
         piece_bytes = self.task.piece_size or None
         for conn, index in picker.fill(now, per_conn, limit, usable=_open, piece_bytes=piece_bytes):
             conn.request(index, now)
+        syncer = self.task.syncer
+        if syncer.resting and picker.starving():
+            syncer.need()  # no parent has a piece we need: ask the SuperNode now, not after its longer wait
 
     def stored(self, conn: Any, index: int) -> None:
         """Piece C{index} (from C{conn}) is verified and written: tell who lacks it."""
@@ -220,6 +223,11 @@ class Neighbours:
             # a neighbour that holds the piece has no use for our HAVE
             if c.remote_have is None or index not in c.remote_have:
                 c.send_have(index)
+
+    def connected(self) -> bool:
+        """The seed and at least one other neighbour are connected (the syncer may wait longer)."""
+        seed = self.seed_conn
+        return seed is not None and not seed.closed and any(c is not seed and not c.closed for c in self.conns)
 
     def uploading(self) -> bool:
         return any(c.uploading for c in self.conns)

@@ -11,8 +11,10 @@ holdings changed asks its picker for more requests.
 
 What a peer does (the dfpeer's rules, simplified):
 
-  - it syncs with the SuperNode every C{sync_interval} seconds, and at once
-    after a seed piece arrived, reporting the pieces it stored since its last
+  - it syncs with the SuperNode every C{sync_interval} seconds (once
+    settled, connected to the seed and a parent, not starving, a piece stored
+    within the last second, the wait doubles up to C{max_sync}; starving cuts
+    it short), and at once after a seed piece arrived, reporting the pieces it stored since its last
     sync and whether its picker is starving; the answer (parents, seed
     allowance) takes effect one round trip later;
   - it connects to each new parent (one round trip); both ends then know
@@ -46,6 +48,7 @@ from ..core.pieces import swarm_piece_size
 from ..core.rendezvous import Node, rank
 from ..peer.neighbours import HAVE_DELAY, HaveHold
 from ..peer.picker import Picker
+from ..peer.syncer import Syncer
 from ..supernode.scheduler import PeerInfo, Scheduler
 from .network import Flow, FluidNetwork, Host
 
@@ -132,6 +135,8 @@ class Config:
     fast_network: bool = True
     #: HAVEs to one neighbour are held this long and go as one frame (the dfpeer's Neighbours.have_delay)
     have_delay: float = HAVE_DELAY
+    #: the longest wait between two syncs of a settled download (the dfpeer's Syncer.max_sync)
+    max_sync: float = Syncer.max_sync
 
 
 @define(eq=False)
@@ -161,6 +166,9 @@ class SimPeer:
     held: dict[int, list[int]] = field(factory=dict)
     #: how long HAVEs are held (L{dragonfly.peer.neighbours.HaveHold}, the dfpeer's rule)
     hold: HaveHold = field(factory=lambda: HaveHold(HAVE_DELAY))
+    #: when it last stored a piece; the wait of a settled download (0: not settled)
+    last_store: float = -1e9
+    rest: float = 0.0
 
 
 @define(eq=False)
@@ -512,7 +520,17 @@ class Simulation:
         peer.answers += 1
         # starting (the seed connection comes with the first answers): the dfpeer asks again soon
         interval = self.c.startup_sync if peer.answers < 2 else self.c.sync_interval
+        if peer.answers < 2 or not self._settled(peer):
+            peer.rest = 0.0
+        else:
+            peer.rest = min(max(self.c.max_sync, interval), 2 * max(interval, peer.rest))
+            interval = peer.rest
         self._plan_sync(peer, self.now + interval)
+
+    def _settled(self, peer: SimPeer) -> bool:
+        """The dfpeer's Syncer._settled (a peer here never fails a piece nor has a reader waiting)."""
+        return (peer.seed_key is not None and bool(peer.neighbours) and not peer.picker.starving()
+                and self.now - peer.last_store < Syncer.FLOWING)
 
     def _plan_sync(self, peer: SimPeer, when: float) -> None:
         if peer.final_sync_done:
@@ -551,6 +569,8 @@ class Simulation:
         piece_bytes = None if self.c.classic else self.piece_size
         for key, index in peer.picker.fill(self.now, self.c.per_conn, self.limit, piece_bytes=piece_bytes):
             self._ask(peer, key, index)
+        if peer.rest and peer.sync_pending and picker.starving():
+            self._plan_sync(peer, self.now)  # the dfpeer's Syncer.need: starving cuts the longer wait short
 
     def _ask(self, peer: SimPeer, key: int, index: int) -> None:
         """The picker chose C{index} from C{key}: the request travels (with the HAVEs held for C{key})."""
@@ -584,6 +604,7 @@ class Simulation:
         if peer.picker.verify(index):
             peer.picker.stored(index)
             peer.reported.append(index)
+            peer.last_store = self.now
             delay = peer.hold.stored(self.now)
             for n in peer.neighbours:
                 other = self.peers[n]
