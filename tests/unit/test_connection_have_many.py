@@ -204,3 +204,53 @@ def test_have_many_on_version_1_or_before_bitfield_closes():
     conn, _ = conn_for(BatchingSide())
     conn.data_received(hello(2) + raw(1))
     assert conn.closed and conn.state is State.CLOSING
+
+
+# -- two real protocols (the adapter) -------------------------------------------------------------
+
+
+def test_iosim_held_haves_arrive_as_one_frame_after_the_delay():
+    from tests.unit.test_connection import pair
+
+    cli, cli_side, srv, srv_side, pump, clock = pair()
+    pump.flush()
+    assert cli._conn.agreed == srv._conn.agreed == 2
+    srv_side.have_delay = 0.1
+    srv_side.bitmap.set(3)
+    srv_side.bitmap.set(4)
+    srv.send_have(3)
+    srv.send_have(4)
+    pump.flush()
+    assert [e for e in cli_side.events if e[0] == "have"] == []
+    clock.advance(0.1)
+    pump.flush()
+    assert [e for e in cli_side.events if e[0] == "have"] == [("have", 3), ("have", 4)]
+    assert sorted(cli.remote_have) == [0, 1, 2, 3, 4]
+
+
+def test_iosim_an_old_acceptor_is_offered_version_1_next_time():
+
+    from twisted.internet.protocol import Protocol
+    from twisted.test import iosim
+
+    from dragonfly.protocol.block import BlockFactory
+
+    class Old(Protocol):
+        """A version-1 acceptor: refuses any other version."""
+
+        def dataReceived(self, data):
+            (ev,) = F.FrameDecoder().feed(data)
+            if ev.version != 1:
+                self.transport.write(F.encode_error(400, f"protocol version {ev.version} is not supported (want 1)"))
+                self.transport.loseConnection()
+
+    clock = Clock()
+    factory = BlockFactory("client-peer", lambda tid: None, clock=clock)
+    cli = factory.client(Side(held=(), clock=clock), TASK, "old-peer")
+    old = Old()
+    iosim.connect(old, iosim.makeFakeServer(old), cli, iosim.makeFakeClient(cli), greet=False).flush()
+    assert cli.closed and factory.older == {"old-peer"}
+    again = factory.client(Side(held=(), clock=clock), TASK, "old-peer")
+    assert again._conn.version == 1
+    assert factory.client(Side(held=(), clock=clock), TASK, "other")._conn.version == 2
+
