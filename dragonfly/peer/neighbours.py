@@ -36,10 +36,11 @@ HAVE_DELAY = 0.2
 class HaveHold:
     """
     How long to hold the HAVEs of a piece just stored, so that they go to each
-    neighbour in one frame with the next piece's: the recent time between two
-    stored pieces (a moving average), at most C{cap}; nothing before two
-    pieces are stored.  On a fast link a HAVE is held about one piece's time,
-    never the whole C{cap}, and about two pieces share a frame.
+    neighbour in one frame with the next piece's, sent when that one is
+    stored (no wake-up of its own): one and a half times the recent time
+    between two stored pieces (a moving average), at most C{cap}; nothing
+    before two pieces are stored.  On a fast link a HAVE is held about a
+    piece's time, never the whole C{cap}.
     """
 
     def __init__(self, cap: float) -> None:
@@ -55,7 +56,7 @@ class HaveHold:
         self._last = now
         if self._gap is None or self.cap <= 0:
             return 0.0
-        return min(self.cap, self._gap)
+        return min(self.cap, 1.5 * self._gap)
 
 
 class Neighbours:

@@ -27,9 +27,10 @@ Shedding idle and hostile connections (see docs/protocol.md):
 
 Versions: HELLO carries the highest version each end speaks; the acceptor
 answers with the lower of the two, and the connection speaks that one
-(L{BlockConnection.agreed}).  Version 2 adds HAVE_MANY: with it, the HAVEs
-for one remote are held for the side's C{have_delay} seconds and go as one
-frame, or sooner with any other frame we send it.
+(L{BlockConnection.agreed}).  Version 2 adds HAVE_MANY: with it, a HAVE for
+one remote is held for the side's C{have_delay} seconds, and goes with the
+next one as one frame, or with any other frame we send it, or alone when the
+time is up.
 """
 
 from __future__ import annotations
@@ -334,15 +335,19 @@ class BlockConnection:
         return self._take()
 
     def send_have(self, index: int) -> list[Action]:
-        """Announce piece C{index}: now, or held for the side's C{have_delay} to go in one HAVE_MANY (version 2)."""
+        """Announce piece C{index}: now, or held up to the side's C{have_delay} to go with the next (version 2)."""
         if self.state is not State.READY:
             return self._take()
         delay = getattr(self.side, "have_delay", 0.0) if self.agreed >= F.HAVE_MANY_VERSION else 0.0
         if delay <= 0:
             self._send(F.encode_have(index))
+        elif self._haves:
+            # the second completes the frame: both go now, in this turn (no timer wake-up)
+            self._haves.append(index)
+            self._out += [CancelTimer(HAVES), Send(self._have_frames())]
+            self._last_tx = self._now()
         else:
-            if not self._haves:
-                self._out.append(SetTimer(HAVES, delay))
+            self._out.append(SetTimer(HAVES, delay))
             self._haves.append(index)
         return self._take()
 

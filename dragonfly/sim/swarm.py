@@ -19,8 +19,9 @@ What a peer does (the dfpeer's rules, simplified):
     allowance) takes effect one round trip later;
   - it connects to each new parent (one round trip); both ends then know
     each other's bitfield, and every piece stored later is announced (HAVE)
-    to every neighbour that lacks it: at once, or with C{have_delay} held for
-    that long and sent as one frame (HAVE_MANY), sooner with a request to it;
+    to every neighbour that lacks it: at once, or with C{have_delay} held up
+    to that long (the dfpeer's HaveHold) and sent with the next one as one
+    frame (HAVE_MANY), sooner with a request to it;
   - it asks pieces through L{Picker.fill} (C{per_conn} per neighbour,
     C{limit} in all, the seed apart); a request reaches the uploader after
     the one-way latency and its data flows from then on, at the max-min fair
@@ -614,9 +615,11 @@ class Simulation:
                     self._haves_arrive(peer, n, [index])
                     continue
                 held = peer.held.setdefault(n, [])
-                if not held:
-                    self.at(self.now + delay, self._haves_due, peer, n)
                 held.append(index)
+                if len(held) > 1:
+                    self._send_haves(peer, n)  # the second completes the frame
+                else:
+                    self.at(self.now + delay, self._haves_due, peer, n, held)
             if peer.picker.have_bits.complete:
                 peer.done_at = self.now
                 self.remaining -= 1
@@ -625,8 +628,8 @@ class Simulation:
                 self._plan_sync(peer, self.now)  # a finished seed piece: sync at once for the next
         self.dirty.add(peer.index)
 
-    def _haves_due(self, peer: SimPeer, n: int) -> None:
-        if peer.held.get(n):
+    def _haves_due(self, peer: SimPeer, n: int, held: list[int]) -> None:
+        if peer.held.get(n) is held and held:  # not sent since (the dfpeer cancels the timer)
             self._send_haves(peer, n)
 
     def _send_haves(self, peer: SimPeer, n: int) -> None:
