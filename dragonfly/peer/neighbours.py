@@ -12,6 +12,7 @@ stalls or sends pieces that fail their SHA-256.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
@@ -21,10 +22,41 @@ from ..core.bitmap import Bitmap
 from ..core.ids import SEED_ID
 from ..core.pieces import piece_span
 from ..core.ratelimit import TokenBucket
+from ..protocol import frames as F
 from ..protocol.supernode_api import Parent
 
 if TYPE_CHECKING:
     from .task import PeerTask
+
+
+#: the longest a dfpeer holds its HAVEs (see L{HaveHold})
+HAVE_DELAY = 0.2
+
+
+class HaveHold:
+    """
+    How long to hold the HAVEs of a piece just stored, so that they go to each
+    neighbour in one frame with the next piece's, sent when that one is
+    stored (no wake-up of its own): one and a half times the recent time
+    between two stored pieces (a moving average), at most C{cap}; nothing
+    before two pieces are stored.  On a fast link a HAVE is held about a
+    piece's time, never the whole C{cap}.
+    """
+
+    def __init__(self, cap: float) -> None:
+        self.cap = cap
+        self._last: float | None = None
+        self._gap: float | None = None
+
+    def stored(self, now: float) -> float:
+        """A piece was stored at C{now}: how long to hold its HAVEs."""
+        if self._last is not None:
+            gap = now - self._last
+            self._gap = gap if self._gap is None else self._gap + (gap - self._gap) / 4
+        self._last = now
+        if self._gap is None or self.cap <= 0:
+            return 0.0
+        return min(self.cap, 1.5 * self._gap)
 
 
 class Neighbours:
@@ -41,6 +73,12 @@ class Neighbours:
     stall_timeout = 5.0
 
     accepts_pieces = True
+    #: the longest a connection that speaks version 2 holds our HAVEs to send
+    #: them as one frame (HAVE_MANY; sooner with any other frame): see
+    #: L{HaveHold} and docs/bench/swarm-profile.md.  DRAGONFLY_HAVE_DELAY overrides it (A/B rounds).
+    max_have_delay = float(os.environ.get("DRAGONFLY_HAVE_DELAY", HAVE_DELAY))
+    #: the highest block-protocol version we offer (DRAGONFLY_BLOCK_VERSION=1: behave as a version-1 peer)
+    block_version = int(os.environ.get("DRAGONFLY_BLOCK_VERSION", F.MAX_PROTOCOL_VERSION))
 
     def __init__(self, task: PeerTask) -> None:
         self.task = task
@@ -52,6 +90,9 @@ class Neighbours:
         self._connecting: set[str] = set()
         self._bad_from: dict[str, int] = {}
         self._banned: dict[str, float] = {}
+        self._hold = HaveHold(self.max_have_delay)
+        #: how long the connections hold the HAVEs of the last piece stored (L{HaveHold})
+        self.have_delay = 0.0
 
     # -- opening ------------------------------------------------------------------
 
@@ -172,13 +213,22 @@ class Neighbours:
         piece_bytes = self.task.piece_size or None
         for conn, index in picker.fill(now, per_conn, limit, usable=_open, piece_bytes=piece_bytes):
             conn.request(index, now)
+        syncer = self.task.syncer
+        if syncer.resting and picker.starving():
+            syncer.need()  # no parent has a piece we need: ask the SuperNode now, not after its longer wait
 
     def stored(self, conn: Any, index: int) -> None:
         """Piece C{index} (from C{conn}) is verified and written: tell who lacks it."""
+        self.have_delay = self._hold.stored(self.clock.seconds())
         for c in list(self.conns):
             # a neighbour that holds the piece has no use for our HAVE
             if c.remote_have is None or index not in c.remote_have:
                 c.send_have(index)
+
+    def connected(self) -> bool:
+        """The seed and at least one other neighbour are connected (the syncer may wait longer)."""
+        seed = self.seed_conn
+        return seed is not None and not seed.closed and any(c is not seed and not c.closed for c in self.conns)
 
     def uploading(self) -> bool:
         return any(c.uploading for c in self.conns)

@@ -1,7 +1,11 @@
 """
 One download's conversation with the SuperNode: register the task, then
 sync until it ends (every half second, sooner while it starts or when
-kicked; see L{dragonfly.supernode.scheduler}).
+kicked; see L{dragonfly.supernode.scheduler}).  Once the download is settled
+(the seed connected, pieces flowing from parents, nothing asked of the
+SuperNode) the wait grows to L{Syncer.max_sync}; anything that needs the
+SuperNode (a failure, starving, a reader's want, a seed piece, the end) still
+syncs at once.
 
 Each sync reports the pieces verified and the failures seen since the last
 one, and hands the answer to the task (L{SyncedTask.apply}).  What the
@@ -20,6 +24,7 @@ what the answers mean for the download is the task's (L{dragonfly.peer.task}).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -57,6 +62,8 @@ class Progress:
     peer_bytes: int
     #: when the last piece was stored
     last_progress: float
+    #: the seed and at least one other neighbour are connected (see L{Syncer._settled})
+    connected: bool = False
 
 
 class SyncedTask(Protocol):
@@ -104,6 +111,11 @@ class Syncer:
     #: the waits between calls to a SuperNode that does not answer: a restart
     #: takes about half a second, so the first calls come soon, then once a second
     RETRY_WAITS = (0.25, 0.5, 1.0)
+    #: the longest wait between two syncs of a settled download (see L{_settled}); the
+    #: wait doubles from the SuperNode's interval each settled sync.  DRAGONFLY_SYNC_MAX overrides it (A/B rounds)
+    max_sync = float(os.environ.get("DRAGONFLY_SYNC_MAX", 2.0))
+    #: pieces flow: one was stored within this many seconds
+    FLOWING = 1.0
 
     def __init__(
         self, task: SyncedTask, task_id: str, session: Session, host: SupernodeWatch, request: Mapping[str, Any],
@@ -124,6 +136,12 @@ class Syncer:
         self._peer_bytes_reported = 0
         self._wake: Deferred | None = None
         self._kicked = False
+        # the wait of a settled download (0: not settled), and the last report's view of it
+        self._rest = 0.0
+        self._view: Progress | None = None
+        self._told_failures = False
+        #: sleeping a settled download's longer wait: L{need} cuts it short
+        self.resting = False
 
     # -- what to say ----------------------------------------------------------------
 
@@ -134,6 +152,21 @@ class Syncer:
     def note_failure(self, index: int, parent: str) -> None:
         """Tell the SuperNode at the next sync (C{index} -1: the connection broke)."""
         self._failed.append(FailedPiece(index, parent))
+        self.need()
+
+    def need(self) -> None:
+        """Something needs the SuperNode (a failure, starving): sync now if resting, else at the usual time."""
+        if self.resting:
+            self.kick()
+
+    def _settled(self) -> bool:
+        """The last report showed a download that needs nothing of the SuperNode but its pieces' news."""
+        p = self._view
+        return (
+            p is not None and p.connected and not p.starving and p.want is None and not self._failed
+            and not self._told_failures
+            and self._clock.seconds() - p.last_progress < self.FLOWING
+        )
 
     def kick(self) -> None:
         """Sync now instead of at the next interval."""
@@ -246,15 +279,26 @@ class Syncer:
                 # the length, the seed and the first parents come in the
                 # next few answers; ask again soon
                 interval = min(interval, self.STARTUP_SYNC)
+                self._rest = 0.0
+            elif self._settled():
+                self._rest = min(max(self.max_sync, interval), 2 * max(interval, self._rest))
+                interval = self._rest
+            else:
+                self._rest = 0.0
             if not self._syncing():
                 break
-            await self._sleep(interval)
+            self.resting = self._rest > 0
+            try:
+                await self._sleep(interval)
+            finally:
+                self.resting = False
 
     async def sync(self) -> float:
         """One sync; the seconds until the next."""
         have, self._have = self._have, []
         failed, self._failed = self._failed, []
-        p = self._task.progress()
+        p = self._view = self._task.progress()
+        self._told_failures = bool(failed)
         report = SyncReport(
             self._session.peer_id, have=have, failed=failed, digests_from=p.digests_from,
             starving=p.starving, want=p.want, banned=p.banned,

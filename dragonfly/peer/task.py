@@ -198,7 +198,7 @@ class PeerTask:
         starving = self.picker is not None and self.picker.starving()
         return Progress(
             self.have, self.pieces.digests_from, starving, self.stream_from, self.neighbours.banned(),
-            self.traffic["remote_peer"], self._last_progress,
+            self.traffic["remote_peer"], self._last_progress, self.neighbours.connected(),
         )
 
     def registered(self) -> None:

@@ -84,9 +84,14 @@ class BlockFactory(BlockPort["BlockProtocol"]):
         p.accepted_from = host
         return p
 
+    #: the remotes that refused our HELLO's version: offered the base version from then on
+    older: set[str] | None = None
+
     def client(self, side: TaskSide, task_id: str, remote_id: str | None = None) -> BlockProtocol:
         """A protocol for an outgoing connection that will say HELLO for C{task_id}."""
-        p = BlockProtocol(self, side=side, task_id=task_id, remote_id=remote_id)
+        old = self.older is not None and remote_id in self.older
+        version = F.PROTOCOL_VERSION if old else F.MAX_PROTOCOL_VERSION
+        p = BlockProtocol(self, side=side, task_id=task_id, remote_id=remote_id, version=version)
         p.factory = self
         return p
 
@@ -118,11 +123,13 @@ class BlockProtocol(Protocol):
         side: TaskSide | None = None,
         task_id: str | None = None,
         remote_id: str | None = None,
+        version: int = F.MAX_PROTOCOL_VERSION,
     ) -> None:
         self._factory = factory
         self._conn = BlockConnection(
             self, factory.peer_id, factory.resolve, side=side, task_id=task_id, remote_id=remote_id,
             max_piece=factory.max_piece, buffer=factory.buffer, now=self._now, limits=factory.limits_now(),
+            version=version,
         )
         self._timers: dict[str, Any] = {}
         self._rx = Receiver(self._conn, self._do, factory.clock)
@@ -246,6 +253,11 @@ class BlockProtocol(Protocol):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._factory.lost(self, self.accepted_from)
+        if self._conn.version_refused and self._conn.remote_id and isinstance(self._factory, BlockFactory):
+            # an older peer: the next connection to it offers what it speaks
+            if self._factory.older is None:
+                self._factory.older = set()
+            self._factory.older.add(self._conn.remote_id)
         self.accepted_from = None
         self._rx.detach()
         self._tx.drop()

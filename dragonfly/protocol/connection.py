@@ -24,6 +24,13 @@ Shedding idle and hostile connections (see docs/protocol.md):
    nothing for half of it, so healthy idle neighbours stay;
  - at most C{max_queued_requests} REQUESTs wait on one connection, besides the
    piece being sent.
+
+Versions: HELLO carries the highest version each end speaks; the acceptor
+answers with the lower of the two, and the connection speaks that one
+(L{BlockConnection.agreed}).  Version 2 adds HAVE_MANY: with it, a HAVE for
+one remote is held for the side's C{have_delay} seconds, and goes with the
+next one as one frame, or with any other frame we send it, or alone when the
+time is up.
 """
 
 from __future__ import annotations
@@ -110,7 +117,7 @@ Action = Send | Upload | SetTimer | CancelTimer | Close
 
 DEFAULT_LIMITS = Limits()
 
-HANDSHAKE, IDLE, KEEPALIVE = "handshake", "idle", "keepalive"
+HANDSHAKE, IDLE, KEEPALIVE, HAVES = "handshake", "idle", "keepalive", "haves"
 
 
 class BlockConnection:
@@ -125,6 +132,8 @@ class BlockConnection:
     @param remote_id: the peer id we expect to answer, if known.
     @param buffer: gives a receive buffer of a piece's size.
     @param now: the time, in seconds.
+    @param version: the highest protocol version offered in HELLO (a side's
+        C{block_version} may lower it).
     """
 
     def __init__(
@@ -140,6 +149,7 @@ class BlockConnection:
         buffer: Callable[[int], bytearray] = bytearray,
         now: Callable[[], float] = lambda: 0.0,
         limits: Limits = DEFAULT_LIMITS,
+        version: int = F.PROTOCOL_VERSION,
     ) -> None:
         self.handle = handle
         self.peer_id = peer_id
@@ -150,6 +160,12 @@ class BlockConnection:
         self.remote_id = remote_id
         self.remote_have: Bitmap | None = None
         self.state = State.AWAIT_HELLO
+        self.version = min(version, getattr(side, "block_version", version))
+        #: the version both ends speak, once HELLOs were exchanged
+        self.agreed = F.PROTOCOL_VERSION
+        #: the remote refused our HELLO's version (an older peer): offer it less next time
+        self.version_refused = False
+        self._haves: list[int] = []  # HAVEs held for one frame (HAVE_MANY)
         self._attached = False  # the side was told attached(): it is told detached() once
         self.limits = limits
         self._buffer = buffer
@@ -193,14 +209,27 @@ class BlockConnection:
         return out
 
     def _send(self, data: bytes) -> None:
+        if self._haves:
+            # the held HAVEs go with whatever we send (one write, one wake-up there)
+            data = self._have_frames() + data
+            self._out.append(CancelTimer(HAVES))
         self._out.append(Send(data))
         self._last_tx = self._now()
+
+    def _have_frames(self) -> bytes:
+        haves, self._haves = self._haves, []
+        if len(haves) == 1:
+            return F.encode_have(haves[0])
+        return b"".join(F.encode_have_many(haves))
 
     def _close(self, reason: str, code: int | None) -> None:
         if self.closed:
             return
         self.state = State.CLOSING
-        self._out += [CancelTimer(HANDSHAKE), CancelTimer(IDLE), CancelTimer(KEEPALIVE), Close(reason, code)]
+        self._haves.clear()
+        self._out += [
+            CancelTimer(HANDSHAKE), CancelTimer(IDLE), CancelTimer(KEEPALIVE), CancelTimer(HAVES), Close(reason, code),
+        ]
 
     # -- events --------------------------------------------------------------
 
@@ -211,14 +240,15 @@ class BlockConnection:
             self._out.append(SetTimer(HANDSHAKE, self.limits.handshake_timeout))
         if self.initiator:
             assert self.task_id is not None
-            self._send(F.encode_hello(bytes.fromhex(self.task_id), self.peer_id))
+            self._send(F.encode_hello(bytes.fromhex(self.task_id), self.peer_id, self.version))
         return self._take()
 
     def connection_lost(self, reason: str) -> list[Action]:
         """The transport closed (either way); tells the side once, if it was attached."""
         self.state = State.CLOSED
         self.queue.clear()
-        self._out += [CancelTimer(HANDSHAKE), CancelTimer(IDLE), CancelTimer(KEEPALIVE)]
+        self._haves.clear()
+        self._out += [CancelTimer(HANDSHAKE), CancelTimer(IDLE), CancelTimer(KEEPALIVE), CancelTimer(HAVES)]
         if self._attached:
             self._attached = False
             self.side.detached(self.handle, reason)
@@ -257,7 +287,11 @@ class BlockConnection:
         if self.closed:
             return self._take()
         now = self._now()
-        if name == HANDSHAKE:
+        if name == HAVES:
+            if self._haves:
+                self._out.append(Send(self._have_frames()))
+                self._last_tx = now
+        elif name == HANDSHAKE:
             if self.state is State.AWAIT_HELLO:
                 self._close(f"no HELLO within {self.limits.handshake_timeout:g}s", E_TIMEOUT)
         elif name == IDLE and self.limits.idle_timeout:
@@ -301,8 +335,20 @@ class BlockConnection:
         return self._take()
 
     def send_have(self, index: int) -> list[Action]:
-        if self.state is State.READY:
+        """Announce piece C{index}: now, or held up to the side's C{have_delay} to go with the next (version 2)."""
+        if self.state is not State.READY:
+            return self._take()
+        delay = getattr(self.side, "have_delay", 0.0) if self.agreed >= F.HAVE_MANY_VERSION else 0.0
+        if delay <= 0:
             self._send(F.encode_have(index))
+        elif self._haves:
+            # the second completes the frame: both go now, in this turn (no timer wake-up)
+            self._haves.append(index)
+            self._out += [CancelTimer(HAVES), Send(self._have_frames())]
+            self._last_tx = self._now()
+        else:
+            self._out.append(SetTimer(HAVES, delay))
+            self._haves.append(index)
         return self._take()
 
     def send_bitfield(self, bitmap: Bitmap) -> list[Action]:
@@ -366,6 +412,9 @@ class BlockConnection:
         if kind is F.ErrorMsg:
             assert isinstance(ev, F.ErrorMsg)
             what = "refused" if self.state is State.AWAIT_HELLO else "closed"
+            if (self.state is State.AWAIT_HELLO and self.initiator and ev.code == E_PROTOCOL
+                    and self.version > F.PROTOCOL_VERSION and ev.message.startswith("protocol version")):
+                self.version_refused = True
             self._close(f"remote {what} with error {ev.code}: {ev.message}", None)
             return
         if self.state is State.AWAIT_HELLO:
@@ -399,6 +448,19 @@ class BlockConnection:
             if ev.index not in self.remote_have:
                 self.remote_have.set(ev.index)
                 side.on_have(self.handle, ev.index)
+        elif kind is F.HaveMany:
+            assert isinstance(ev, F.HaveMany)
+            if self.agreed < F.HAVE_MANY_VERSION:
+                raise F.ProtocolError(f"HAVE_MANY on a version {self.agreed} connection")
+            have = self.remote_have
+            if have is None:
+                raise F.ProtocolError("HAVE_MANY before BITFIELD")
+            if max(ev.indexes) >= have.count:
+                raise F.ProtocolError(f"HAVE_MANY {max(ev.indexes)} out of range")
+            for index in ev.indexes:
+                if index not in have and not self.closed:
+                    have.set(index)
+                    side.on_have(self.handle, index)
         elif kind is F.Request:
             assert isinstance(ev, F.Request)
             self._on_request(ev.index)
@@ -420,8 +482,12 @@ class BlockConnection:
         # KeepAlive: only last_rx, set above
 
     def _on_hello(self, ev: F.Hello) -> None:
-        if ev.version != F.PROTOCOL_VERSION:
-            self._close(f"protocol version {ev.version} is not supported (want {F.PROTOCOL_VERSION})", E_PROTOCOL)
+        # the acceptor may answer with less than we offered, never more
+        top = self.version if self.initiator else F.MAX_PROTOCOL_VERSION
+        if ev.version < F.PROTOCOL_VERSION or (self.initiator and ev.version > top):
+            self._close(
+                f"protocol version {ev.version} is not supported (want {F.PROTOCOL_VERSION}..{top})", E_PROTOCOL,
+            )
             return
         task_id = ev.task_id.hex()
         if self.initiator:
@@ -436,7 +502,9 @@ class BlockConnection:
                 self._close(f"task {task_id} is not held here", E_NO_TASK)
                 return
             self.side, self.task_id = side, task_id
-            self._send(F.encode_hello(ev.task_id, self.peer_id))
+            self.version = min(self.version, ev.version, getattr(side, "block_version", self.version))
+            self._send(F.encode_hello(ev.task_id, self.peer_id, self.version))
+        self.agreed = min(self.version, ev.version)
         self.remote_id = ev.peer_id
         self.state = State.READY
         self._out.append(CancelTimer(HANDSHAKE))

@@ -18,9 +18,10 @@ Name       Type  Body
 =========  ====  ==========================================================
 HELLO      0x01  version u8 | task_id 32 raw bytes | peer_id_len u8 |
                  peer_id utf-8 (1..64 bytes).  The body length must be
-                 exactly ``34 + peer_id_len``.  A version other than
-                 :data:`PROTOCOL_VERSION` is *not* a framing error: the
-                 event carries it and the protocol layer decides.
+                 exactly ``34 + peer_id_len``.  The version is *not*
+                 checked here: the event carries it and the protocol layer
+                 decides (it speaks :data:`PROTOCOL_VERSION` ..
+                 :data:`MAX_PROTOCOL_VERSION`).
 BITFIELD   0x02  count u32 (``<= MAX_PIECES``) | ``ceil(count / 8)`` bytes
                  of MSB-first bits (bit 7 of byte 0 is piece 0); spare bits
                  past ``count`` must be zero.
@@ -35,6 +36,9 @@ KEEPALIVE  0x09  empty
 DIGESTS    0x0A  first index u32 | n x 32-byte SHA-256 (1..4096 digests),
                  the digests of pieces first..first+n-1.  Sent by the seed
                  (the SuperNode) only; peers accept it from the seed only.
+HAVE_MANY  0x0C  n x index u32 (1..:data:`MAX_HAVES_PER_FRAME`): several
+                 HAVEs in one frame; the body length must be a multiple of
+                 4.  Version 2 only: sent to a peer whose HELLO said 2.
 =========  ====  ==========================================================
 
 Limits enforced by the decoder from the 5-byte header alone, before any
@@ -106,10 +110,20 @@ __all__ = [
     "Digests",
     "encode_digests",
     "DIGESTS",
+    "HAVE_MANY",
+    "HAVE_MANY_VERSION",
+    "MAX_PROTOCOL_VERSION",
+    "MAX_HAVES_PER_FRAME",
+    "HaveMany",
+    "encode_have_many",
 ]
 
-#: Version byte sent in HELLO.
+#: The base version byte of HELLO (what :func:`encode_hello` sends by default).
 PROTOCOL_VERSION = 1
+#: The version that adds HAVE_MANY: a peer whose HELLO says less is sent none.
+HAVE_MANY_VERSION = 2
+#: The highest version spoken here.
+MAX_PROTOCOL_VERSION = 2
 
 # Frame types.
 HELLO = 0x01
@@ -122,6 +136,7 @@ ERROR = 0x07
 PIECE = 0x08
 KEEPALIVE = 0x09
 DIGESTS = 0x0A
+HAVE_MANY = 0x0C
 
 #: Human-readable frame type names, for messages and logs.
 FRAME_NAMES: dict[int, str] = {
@@ -135,6 +150,7 @@ FRAME_NAMES: dict[int, str] = {
     PIECE: "PIECE",
     KEEPALIVE: "KEEPALIVE",
     DIGESTS: "DIGESTS",
+    HAVE_MANY: "HAVE_MANY",
 }
 
 # REJECT reasons.  Only NOT_HELD is sent today; BUSY and SHUTTING_DOWN are
@@ -160,6 +176,8 @@ MAX_CONTROL_BODY = 4 + (MAX_PIECES + 7) // 8
 DIGEST_LENGTH = 32
 #: Most digests in one DIGESTS frame.
 MAX_DIGESTS_PER_FRAME = 4096
+#: Most indexes in one HAVE_MANY frame.
+MAX_HAVES_PER_FRAME = 1024
 
 _U32_MAX = 0xFFFFFFFF
 
@@ -190,6 +208,7 @@ _CONTROL_LIMITS: dict[int, tuple[int, int]] = {
     ERROR: (2, 2 + MAX_ERROR_MESSAGE),
     KEEPALIVE: (0, 0),
     DIGESTS: (4 + DIGEST_LENGTH, 4 + MAX_DIGESTS_PER_FRAME * DIGEST_LENGTH),
+    HAVE_MANY: (4, 4 * MAX_HAVES_PER_FRAME),
 }
 
 
@@ -222,6 +241,13 @@ class Have:
     """HAVE: the peer now holds piece ``index``."""
 
     index: int
+
+
+@frozen
+class HaveMany:
+    """HAVE_MANY: the peer now holds these pieces (in the order sent)."""
+
+    indexes: tuple[int, ...]
 
 
 @frozen
@@ -297,7 +323,7 @@ class Digests:
 
 Event = (
     Hello | BitfieldMsg | Have | Request | Cancel | Reject | ErrorMsg | PieceStart | PieceData | PieceEnd
-    | KeepAlive | Digests
+    | KeepAlive | Digests | HaveMany
 )
 
 _KEEPALIVE_EVENT = KeepAlive()
@@ -331,6 +357,8 @@ def _decode_control(ftype: int, body: bytes | bytearray | memoryview) -> Event:
     """Decode a complete control frame body, whose length is pre-checked."""
     if ftype == HAVE:
         return Have(_U32.unpack(body)[0])
+    if ftype == HAVE_MANY:
+        return HaveMany(struct.unpack(f">{len(body) >> 2}I", body))
     if ftype == REQUEST:
         return Request(_U32.unpack(body)[0])
     if ftype == CANCEL:
@@ -559,6 +587,8 @@ class FrameDecoder:
                 f"control frame of {length} bytes exceeds limit {MAX_CONTROL_BODY}"
             )
         lo, hi = limits
+        if ftype == HAVE_MANY and length % 4:
+            raise ProtocolError(f"HAVE_MANY frame body of {length} bytes is not a multiple of 4")
         if not lo <= length <= hi:
             name = FRAME_NAMES[ftype]
             if lo == hi:
@@ -619,6 +649,17 @@ def encode_have(index: int) -> bytes:
     """Encode a HAVE frame."""
     _check_index(index)
     return _HEADER_INDEX.pack(HAVE, 4, index)
+
+
+def encode_have_many(indexes: list[int]) -> list[bytes]:
+    """Encode HAVE_MANY frames for C{indexes} (several when more than L{MAX_HAVES_PER_FRAME})."""
+    frames = []
+    for start in range(0, len(indexes), MAX_HAVES_PER_FRAME):
+        chunk = indexes[start : start + MAX_HAVES_PER_FRAME]
+        for index in chunk:
+            _check_index(index)
+        frames.append(_HEADER.pack(HAVE_MANY, 4 * len(chunk)) + struct.pack(f">{len(chunk)}I", *chunk))
+    return frames
 
 
 def encode_request(index: int) -> bytes:

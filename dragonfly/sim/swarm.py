@@ -11,13 +11,17 @@ holdings changed asks its picker for more requests.
 
 What a peer does (the dfpeer's rules, simplified):
 
-  - it syncs with the SuperNode every C{sync_interval} seconds, and at once
-    after a seed piece arrived, reporting the pieces it stored since its last
+  - it syncs with the SuperNode every C{sync_interval} seconds (once
+    settled, connected to the seed and a parent, not starving, a piece stored
+    within the last second, the wait doubles up to C{max_sync}; starving cuts
+    it short), and at once after a seed piece arrived, reporting the pieces it stored since its last
     sync and whether its picker is starving; the answer (parents, seed
     allowance) takes effect one round trip later;
   - it connects to each new parent (one round trip); both ends then know
     each other's bitfield, and every piece stored later is announced (HAVE)
-    to every neighbour at once;
+    to every neighbour that lacks it: at once, or with C{have_delay} held up
+    to that long (the dfpeer's HaveHold) and sent with the next one as one
+    frame (HAVE_MANY), sooner with a request to it;
   - it asks pieces through L{Picker.fill} (C{per_conn} per neighbour,
     C{limit} in all, the seed apart); a request reaches the uploader after
     the one-way latency and its data flows from then on, at the max-min fair
@@ -43,7 +47,9 @@ from attrs import define, field
 from ..core.bitmap import Bitmap
 from ..core.pieces import swarm_piece_size
 from ..core.rendezvous import Node, rank
+from ..peer.neighbours import HAVE_DELAY, HaveHold
 from ..peer.picker import Picker
+from ..peer.syncer import Syncer
 from ..supernode.scheduler import PeerInfo, Scheduler
 from .network import Flow, FluidNetwork, Host
 
@@ -128,6 +134,10 @@ class Config:
     fill_on_have: bool = False
     #: the network on numpy arrays (L{dragonfly.sim.fastnet}) when numpy is there
     fast_network: bool = True
+    #: HAVEs to one neighbour are held this long and go as one frame (the dfpeer's Neighbours.have_delay)
+    have_delay: float = HAVE_DELAY
+    #: the longest wait between two syncs of a settled download (the dfpeer's Syncer.max_sync)
+    max_sync: float = Syncer.max_sync
 
 
 @define(eq=False)
@@ -153,6 +163,13 @@ class SimPeer:
     seed_key: int | None = None
     #: when the heartbeat ticks (seconds into each C{heartbeat})
     beat: float = 0.0
+    #: neighbour -> the pieces whose HAVE is held for it (C{have_delay})
+    held: dict[int, list[int]] = field(factory=dict)
+    #: how long HAVEs are held (L{dragonfly.peer.neighbours.HaveHold}, the dfpeer's rule)
+    hold: HaveHold = field(factory=lambda: HaveHold(HAVE_DELAY))
+    #: when it last stored a piece; the wait of a settled download (0: not settled)
+    last_store: float = -1e9
+    rest: float = 0.0
 
 
 @define(eq=False)
@@ -196,6 +213,9 @@ class Result:
     kill_at: float | None = None
     #: each peer's link class (down/up in Mbit/s)
     links: list[str] = field(factory=list)
+    #: HAVEs announced, and the frames (HAVE or HAVE_MANY) that carried them
+    haves: int = 0
+    have_frames: int = 0
 
     def by_class(self) -> dict[str, dict[str, float]]:
         """Per link class: peers, and the median and largest completion over bound."""
@@ -223,6 +243,7 @@ class Result:
             "p50_s": round(sorted(self.completion)[len(r) // 2], 3), "last_s": round(max(self.completion), 3),
             "origin_copies": round(self.origin_copies, 3), "seed_copies": round(self.seed_copies, 3),
             "p2p_share": round(self.p2p_share, 4), "syncs": self.syncs, "us_per_sync": round(self.us_per_sync, 1),
+            "haves": self.haves, "have_frames": self.have_frames,
             "events": self.events, "sim_s": round(self.sim_s, 3), "wall_s": round(self.wall_s, 2),
             "cpu_s": round(self.cpu_s, 2),
         } | ({"by_class": self.by_class()} if self.links else {}) | (
@@ -271,6 +292,8 @@ class Simulation:
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
         self.events = 0
+        self.haves = 0
+        self.have_frames = 0
         self.dirty: set[int] = set()
         self.sync_cpu = 0.0
         self.syncs = 0
@@ -287,7 +310,7 @@ class Simulation:
             for i in range(self.count):
                 picker.digest_known(i)
             start = self.rng.uniform(0, config.arrival_spread) if config.arrival_spread else 0.0
-            peer = SimPeer(n, f"sim-{n}", host, picker, start)
+            peer = SimPeer(n, f"sim-{n}", host, picker, start, hold=HaveHold(self.c.have_delay))
             self.peers.append(peer)
             self.at(start, self._arrive, peer)
         if config.kill_at is not None:
@@ -498,7 +521,17 @@ class Simulation:
         peer.answers += 1
         # starting (the seed connection comes with the first answers): the dfpeer asks again soon
         interval = self.c.startup_sync if peer.answers < 2 else self.c.sync_interval
+        if peer.answers < 2 or not self._settled(peer):
+            peer.rest = 0.0
+        else:
+            peer.rest = min(max(self.c.max_sync, interval), 2 * max(interval, peer.rest))
+            interval = peer.rest
         self._plan_sync(peer, self.now + interval)
+
+    def _settled(self, peer: SimPeer) -> bool:
+        """The dfpeer's Syncer._settled (a peer here never fails a piece nor has a reader waiting)."""
+        return (peer.seed_key is not None and bool(peer.neighbours) and not peer.picker.starving()
+                and self.now - peer.last_store < Syncer.FLOWING)
 
     def _plan_sync(self, peer: SimPeer, when: float) -> None:
         if peer.final_sync_done:
@@ -537,9 +570,13 @@ class Simulation:
         piece_bytes = None if self.c.classic else self.piece_size
         for key, index in peer.picker.fill(self.now, self.c.per_conn, self.limit, piece_bytes=piece_bytes):
             self._ask(peer, key, index)
+        if peer.rest and peer.sync_pending and picker.starving():
+            self._plan_sync(peer, self.now)  # the dfpeer's Syncer.need: starving cuts the longer wait short
 
     def _ask(self, peer: SimPeer, key: int, index: int) -> None:
-        """The picker chose C{index} from C{key}: the request travels."""
+        """The picker chose C{index} from C{key}: the request travels (with the HAVEs held for C{key})."""
+        if peer.held.get(key):
+            self._send_haves(peer, key)
         peer.requests[(key, index)] = None
         self.at(self.now + self.latency(peer.host, self.host_of(key)), self._request_arrives, peer, key, index)
 
@@ -568,17 +605,21 @@ class Simulation:
         if peer.picker.verify(index):
             peer.picker.stored(index)
             peer.reported.append(index)
-            per_conn, limit, now = self.c.per_conn, self.limit, self.now
+            peer.last_store = self.now
+            delay = peer.hold.stored(self.now)
             for n in peer.neighbours:
                 other = self.peers[n]
                 if other.done_at is not None or index in other.picker.have_bits:
                     continue  # the dfpeer sends no HAVE to a neighbour that holds the piece
-                other.picker.have(peer.index, index)
-                if self.c.fill_on_have:
-                    self.dirty.add(n)
-                elif other.picker.offer(peer.index, index, now, per_conn, limit):
-                    # the dfpeer's on_have: only this neighbour's choice can change
-                    self._ask(other, peer.index, index)
+                if delay <= 0:
+                    self._haves_arrive(peer, n, [index])
+                    continue
+                held = peer.held.setdefault(n, [])
+                held.append(index)
+                if len(held) > 1:
+                    self._send_haves(peer, n)  # the second completes the frame
+                else:
+                    self.at(self.now + delay, self._haves_due, peer, n, held)
             if peer.picker.have_bits.complete:
                 peer.done_at = self.now
                 self.remaining -= 1
@@ -586,6 +627,32 @@ class Simulation:
             elif key < 0:
                 self._plan_sync(peer, self.now)  # a finished seed piece: sync at once for the next
         self.dirty.add(peer.index)
+
+    def _haves_due(self, peer: SimPeer, n: int, held: list[int]) -> None:
+        if peer.held.get(n) is held and held:  # not sent since (the dfpeer cancels the timer)
+            self._send_haves(peer, n)
+
+    def _send_haves(self, peer: SimPeer, n: int) -> None:
+        held, peer.held[n] = peer.held[n], []
+        self._haves_arrive(peer, n, held)
+
+    def _haves_arrive(self, peer: SimPeer, n: int, indexes: list[int]) -> None:
+        """One frame of HAVEs from C{peer} reaches neighbour C{n} (no latency, as before batching)."""
+        self.have_frames += 1
+        self.haves += len(indexes)
+        other = self.peers[n]
+        if other.done_at is not None:
+            return
+        per_conn, limit, now = self.c.per_conn, self.limit, self.now
+        for index in indexes:
+            if index in other.picker.have_bits:
+                continue
+            other.picker.have(peer.index, index)
+            if self.c.fill_on_have:
+                self.dirty.add(n)
+            elif other.picker.offer(peer.index, index, now, per_conn, limit):
+                # the dfpeer's on_have: only this neighbour's choice can change
+                self._ask(other, peer.index, index)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -648,6 +715,7 @@ class Simulation:
             seed_copies=seed_bytes / f, origin_copies=origin_bytes / f,
             p2p_share=1 - seed_bytes / total_down if total_down else 0.0,
             syncs=self.syncs, us_per_sync=1e6 * self.sync_cpu / max(1, self.timed_syncs),
+            haves=self.haves, have_frames=self.have_frames,
             sim_s=self.now, wall_s=time.perf_counter() - wall, events=self.events, cpu_s=time.process_time() - cpu,
             nodes=[
                 {"address": node.address, "alive": node.alive, "origin_copies": round(node.origin_bytes / f, 3),

@@ -36,6 +36,7 @@ from dragonfly.protocol.frames import (
     ErrorMsg,
     FrameDecoder,
     Have,
+    HaveMany,
     Hello,
     KeepAlive,
     PieceData,
@@ -232,7 +233,7 @@ class Collector:
         else:
             assert self.current is None, "control event inside a piece"
             assert isinstance(
-                ev, (Hello, BitfieldMsg, Have, Request, Cancel, Reject, ErrorMsg, KeepAlive, Digests)
+                ev, (Hello, BitfieldMsg, Have, Request, Cancel, Reject, ErrorMsg, KeepAlive, Digests, HaveMany)
             )
             self.out.append(ev)
 
