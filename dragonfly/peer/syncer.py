@@ -29,7 +29,7 @@ from twisted.logger import LogLevel
 
 from ..core.bitmap import Bitmap
 from ..core.logs import safe_url
-from ..protocol.supernode_api import FailedPiece, SyncAnswer, SyncReport, TaskRegistered, TaskView
+from ..protocol.supernode_api import FailedPiece, PieceProof, SyncAnswer, SyncReport, TaskRegistered, TaskView
 from .client import SupernodeError, SupernodeUnavailable
 from .interfaces import Session
 from .lifecycle import Lifecycle, State
@@ -57,6 +57,8 @@ class Progress:
     peer_bytes: int
     #: when the last piece was stored
     last_progress: float
+    #: every piece before this one has its tag (see L{dragonfly.core.piecetag})
+    tags_from: int = 0
 
 
 class SyncedTask(Protocol):
@@ -76,6 +78,9 @@ class SyncedTask(Protocol):
 
     def apply(self, reply: SyncAnswer) -> None:
         """Act on a sync answer (its version checked, not a failure)."""
+
+    def held_proofs(self) -> tuple[dict[str, Any] | None, list[PieceProof]]:
+        """The tagged origin and the pieces held with their digests and tags, for a node that takes the task over."""
 
 
 class SupernodeWatch(Protocol):
@@ -124,6 +129,8 @@ class Syncer:
         self._peer_bytes_reported = 0
         self._wake: Deferred | None = None
         self._kicked = False
+        # the pieces held with digests and tags, said once to a node that took the task over
+        self._proofs: list[PieceProof] = []
 
     # -- what to say ----------------------------------------------------------------
 
@@ -260,7 +267,9 @@ class Syncer:
             starving=p.starving, want=p.want, banned=p.banned,
             # bytes from other peers since the last sync the SuperNode took
             peer_bytes=p.peer_bytes - self._peer_bytes_reported, version=self.version,
+            tags_from=p.tags_from, proofs=self._proofs,
         )
+        proofs, self._proofs = self._proofs, []
         try:
             reply = await self._session.sync(report)
         except SupernodeError as e:
@@ -270,7 +279,14 @@ class Syncer:
                 # the SuperNode restarted: register again and re-announce all we hold
                 if e.code == "PEER_UNKNOWN":
                     await self._session.register_peer()
-                self.check_version((await self._session.register()).task)
+                # a node that never had the task (its owner died) may take it
+                # over from the swarm: the tagged origin with the
+                # registration, the pieces' digests and tags with the next sync
+                held_proofs = getattr(self._task, "held_proofs", None)
+                origin, held = held_proofs() if held_proofs is not None else (None, [])
+                again = await (self._session.register(takeover=origin) if origin else self._session.register())
+                self.check_version(again.task)
+                self._proofs = held
                 self._have = list(p.held) if p.held is not None else []
                 self._failed = failed
                 return 0.1
@@ -281,6 +297,7 @@ class Syncer:
             # (it then takes our next sync as a join): say all we hold again
             self._have = list(p.held) if p.held is not None else have + self._have
             self._failed = failed + self._failed
+            self._proofs = proofs or self._proofs
             raise
         self._peer_bytes_reported = p.peer_bytes
         if self._syncing():
