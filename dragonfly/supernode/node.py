@@ -27,7 +27,7 @@ from ..core.ids import BadInput, check_url, parse_digest
 from ..core.ids import task_id as make_task_id
 from ..core.logs import safe_url, task_log
 from ..core.metrics import FAST_SECONDS, Distribution
-from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, piece_span
+from ..core.pieces import piece_span
 from ..core.piecetag import Origin, PieceKey, origin_from_json, origin_json
 from ..core.ranges import BadRange, ByteRange, parse_range
 from ..core.security import OriginDenied
@@ -619,7 +619,6 @@ class SuperNode:
         if (
             origin is None
             or not origin.length > 0
-            or not MIN_PIECE_SIZE <= origin.piece_size <= 4 * MAX_PIECE_SIZE
             or if_range_value(origin.validators()) is None
             or not key.check_origin(tid, origin, given.get("tag"))
         ):
