@@ -785,7 +785,10 @@ class Cdn:
                 self._fail(
                     task, TaskError("SOURCE_CHANGED", f"piece {index} of {task.url} differs between two reads of the origin"),
                 )
-            return
+                return
+            if not task.adopted or task.available is None or index in task.available:
+                return
+            # an adopted task's piece, its digest vouched for by a peer: now the seed has it too
         if index >= len(task.digests):
             task.digests.extend([None] * (index + 1 - len(task.digests)))
         task.digests[index] = digest
