@@ -282,8 +282,7 @@ class Syncer:
                 # a node that never had the task (its owner died) may take it
                 # over from the swarm: the tagged origin with the
                 # registration, the pieces' digests and tags with the next sync
-                held_proofs = getattr(self._task, "held_proofs", None)
-                origin, held = held_proofs() if held_proofs is not None else (None, [])
+                origin, held = self._held_proofs()
                 again = await (self._session.register(takeover=origin) if origin else self._session.register())
                 self.check_version(again.task)
                 self._proofs = held
@@ -297,12 +296,20 @@ class Syncer:
             # (it then takes our next sync as a join): say all we hold again
             self._have = list(p.held) if p.held is not None else have + self._have
             self._failed = failed + self._failed
-            self._proofs = proofs or self._proofs
+            # the next node of the ranking may take the task over (a node
+            # that knows it takes our sync as a join): the digests and tags
+            # of all we hold go with that announcement
+            self._proofs = self._held_proofs()[1] if p.held is not None else proofs
             raise
         self._peer_bytes_reported = p.peer_bytes
         if self._syncing():
             self._apply(reply)
         return reply.sync_interval
+
+    def _held_proofs(self) -> tuple[dict[str, Any] | None, list[PieceProof]]:
+        """The task's tagged origin and held pieces with tags (none from a task that keeps no tags)."""
+        held_proofs = getattr(self._task, "held_proofs", None)
+        return held_proofs() if held_proofs is not None else (None, [])
 
     def _apply(self, reply: SyncAnswer) -> None:
         """Check the answer's version and the task's status, then hand it to the task."""

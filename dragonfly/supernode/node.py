@@ -97,9 +97,13 @@ REGISTER_LENGTH_WAIT = 2.0
 #: registered ranges kept for the seed's choice (the oldest go first)
 MAX_WANTED_PEERS = 10000
 #: a task taken over from its swarm waits this long for the peers to
-#: re-announce (each within a sync interval of its owner's death) before it
-#: asks the origin for the pieces none of them holds
-TAKEOVER_GRACE = 1.0
+#: re-announce (each within a sync interval or two of its owner's death)
+#: before it asks the origin for the pieces none of them holds, and then
+#: until no peer has re-announced for TAKEOVER_QUIET seconds (at most
+#: TAKEOVER_WAIT seconds in all)
+TAKEOVER_GRACE = 2.0
+TAKEOVER_QUIET = 0.5
+TAKEOVER_WAIT = 5.0
 #: and then looks again for pieces nobody holds at most this often
 FILL_EVERY = 0.25
 #: piece tags in one sync answer at most
@@ -327,7 +331,7 @@ class SuperNode:
         # task id -> (version, piece size, the tags of the first pieces), and the tagged origin
         self._tags: dict[str, tuple[str | None, int, list[str]]] = {}
         self._origins: dict[str, tuple[Any, dict[str, Any]]] = {}
-        # adopted task id -> (when it may ask the origin, when it last looked)
+        # adopted task id -> (when it may ask the origin, when it last looked, when a peer last re-announced)
         self._fill_at: dict[str, list[float]] = {}
         self.adopted_pieces = 0  # digests adopted from peers' tags
         self.refused_tags = 0  # tags that did not check
@@ -636,7 +640,8 @@ class SuperNode:
             else:
                 self.refused_tags += 1
                 task_log(log, LogLevel.warn, tid, "the whole-file SHA-256 from {peerId} is not taken: its tag does not check", peerId=req.peer_id)
-        self._fill_at[tid] = [self.clock.seconds() + TAKEOVER_GRACE, 0.0]
+        now = self.clock.seconds()
+        self._fill_at[tid] = [now + TAKEOVER_GRACE, 0.0, now]
         return task
 
     def _adopt_proofs(self, task: CdnTask, report: SyncReport) -> None:
@@ -657,6 +662,9 @@ class SuperNode:
                 new.append((p.index, p.digest))
         self.adopted_pieces += len(new)
         self.refused_tags += bad
+        at = self._fill_at.get(task.task_id)
+        if at is not None:
+            at[2] = self.clock.seconds()  # a peer re-announced: others may be on their way
         if bad:
             task_log(
                 log, LogLevel.warn, task.task_id, "{n} piece tags from {peerId} do not check: those pieces are not adopted",
@@ -676,9 +684,11 @@ class SuperNode:
         (at most every L{FILL_EVERY} seconds, at a sync).
         """
         tid, now = task.task_id, self.clock.seconds()
-        at = self._fill_at.setdefault(tid, [now + TAKEOVER_GRACE, 0.0])
+        at = self._fill_at.setdefault(tid, [now + TAKEOVER_GRACE, 0.0, now])
         if task.status != "running" or now < at[0] or now - at[1] < FILL_EVERY:
             return
+        if now - at[2] < TAKEOVER_QUIET and now < at[0] - TAKEOVER_GRACE + TAKEOVER_WAIT:
+            return  # peers are still re-announcing
         at[1] = now
         available = task.available
         if available is None:

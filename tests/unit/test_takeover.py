@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from dragonfly.core.piecetag import PieceKey
 from dragonfly.supernode.api import SupernodeApi
 from dragonfly.supernode.cdn import Cdn
-from dragonfly.supernode.node import TAKEOVER_GRACE, SuperNode
+from dragonfly.supernode.node import TAKEOVER_GRACE, TAKEOVER_QUIET, SuperNode
 from dragonfly.supernode.scheduler import Scheduler
 
 from .test_cdn import BODY, ETAG, PIECE, TID, URL, digests, ranged, whole
@@ -102,7 +102,12 @@ def test_a_takeover_fetches_only_what_no_peer_holds(tmp_path: Any) -> None:
     # the peers' next syncs: every piece is theirs to serve but 5..7, all in the answers' digests
     assert b.sync("p1")["digests"] == digests(BODY)[:5]
     assert b.http.calls == [], "nothing is fetched before the peers had their time to re-announce"
-    b.clock.advance(TAKEOVER_GRACE)
+    b.clock.advance(TAKEOVER_GRACE - 0.2)
+    b.sync("p1", proofs=proofs(answer, [0]))
+    b.clock.advance(0.2)
+    b.sync("p1")
+    assert b.http.calls == [], "a peer re-announced a moment ago: others may be on their way"
+    b.clock.advance(TAKEOVER_QUIET)
     b.sync("p1")
     # pieces 5 and 6 are held, but nobody vouched for them; 7 nobody holds: one range, pinned
     assert len(b.http.calls) == 1
@@ -160,8 +165,9 @@ def test_the_origin_fetched_every_piece_a_cached_copy(tmp_path: Any) -> None:
     b = Node(str(tmp_path / "b"))
     b.peer("p1")
     b.register("p1", takeover=answer["origin"])
-    b.clock.advance(TAKEOVER_GRACE)
     b.sync("p1", have=[0], proofs=[{"index": 0, "digest": answer["digests"][0], "tag": "f" * 32}])
+    b.clock.advance(TAKEOVER_GRACE)
+    b.sync("p1")
     b.http.serve(ranged(0))
     task = b.task
     assert task.status == "success" and task.digests == digests(BODY) and not task.adopted
