@@ -145,3 +145,29 @@ def test_load_key(tmp_path: Any) -> None:
         load_key(path)
     with pytest.raises(ValueError, match="piece-key-file"):
         load_key(os.path.join(tmp_path, "nope"))
+
+
+def test_the_supernode_option_and_its_config_key(tmp_path: Any) -> None:
+    from twisted.python import usage
+
+    from dragonfly.supernode import tap
+
+    key = os.path.join(tmp_path, "piece.key")
+    with open(key, "w") as f:
+        f.write("0123456789abcdef0123456789abcdef\n")
+    o = tap.Options()
+    o.parseOptions(["--home", str(tmp_path), "--piece-key-file", key])
+    assert isinstance(o["piece-key"], PieceKey)
+    plain = tap.Options()
+    plain.parseOptions(["--home", str(tmp_path)])
+    assert plain["piece-key"] is None
+    config = os.path.join(tmp_path, "supernode.yaml")
+    with open(config, "w") as f:
+        f.write(f"piece-key-file: {key}\n")
+    from_file = tap.Options()
+    from_file.parseOptions(["--config", config, "--home", str(tmp_path)])
+    assert isinstance(from_file["piece-key"], PieceKey)
+    with open(key, "w") as f:
+        f.write("short\n")
+    with pytest.raises(usage.UsageError, match="at least 16 bytes"):
+        tap.Options().parseOptions(["--home", str(tmp_path), "--piece-key-file", key])
