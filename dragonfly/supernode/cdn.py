@@ -858,8 +858,9 @@ class Cdn:
         self.side_fetches += 1
         task_log(
             log, LogLevel.info, task.task_id,
-            "fetching pieces {first}..{last} (bytes {start}-{stop}) out of order: a download wants them first",
+            "fetching pieces {first}..{last} (bytes {start}-{stop}) out of order: {why}",
             first=first, last=end - 1, start=start, stop=stop - 1, reach=task.reach,
+            why="no peer of the swarm holds them" if task.adopted else "a download wants them first",
         )
         # bytes past the main fetch's stored pieces may now be written before
         # it gets there: a resume after a crash trusts the data file only up to them
@@ -1016,9 +1017,26 @@ class Cdn:
             log, LogLevel.info, task.task_id, "taking the task over from its swarm: {bytes} bytes in {pieces} pieces",
             bytes=length, pieces=task.piece_count, url=safe_url(url),
         )
-        d = self._disk(task_id, _create_sized, data_path, self._part_path(task_id), length)
-        d.addErrback(lambda f: self._fail(task, TaskError("STORE_FAILED", f"cannot create the cache file: {f.getErrorMessage()}")))
+        # a prefix of this version parked by an earlier fetch of this node is
+        # taken back (rehashed): the seed holds those pieces, the fill skips them
+        d = self._disk(task_id, _adopt_files, task_id, self.repo, self.parked, task.validators, piece_size)
+        d.addCallbacks(
+            lambda stored: self._adopted_prefix(task, stored),
+            lambda f: self._fail(task, TaskError("STORE_FAILED", f"cannot create the cache file: {f.getErrorMessage()}")),
+        )
         return task
+
+    def _adopted_prefix(self, task: CdnTask, stored: list[str]) -> None:
+        if not task.adopted or task.status != "running" or self.tasks.get(task.task_id) is not task:
+            return
+        if stored:
+            self.resumed_bytes += min(len(stored) * task.piece_size, task.length or 0)
+            task_log(
+                log, LogLevel.info, task.task_id, "took back {pieces} pieces of this version fetched before",
+                pieces=len(stored),
+            )
+        for index, digest in enumerate(stored):
+            self._piece_stored(task, index, digest)
 
     def adopt_digest(self, task: CdnTask, index: int, digest: str) -> bool:
         """A digest of an adopted task vouched for by a peer; whether it was new."""
@@ -1278,13 +1296,32 @@ def _open_fresh(data: str, part: str, header: dict[str, Any]) -> int:
     return create_file(data)
 
 
-def _create_sized(data: str, part: str, length: int) -> None:
-    """An adopted task's data file: new, C{length} bytes of holes, no header (nothing in it to resume)."""
-    fd = create_file(data, part)
+def _adopt_files(task_id: str, repo: str, parked: str, validators: dict[str, Any], piece_size: int) -> list[str]:
+    """
+    An adopted task's data file, C{length} bytes (holes where nothing is
+    stored), without a header (nothing in it to resume): a prefix this node
+    parked of the same version and piece size is taken back and rehashed
+    (the digests of its whole pieces returned), else the file is new.
+    """
+    data, part = os.path.join(repo, task_id + ".data"), os.path.join(repo, task_id + ".part")
+    length = validators["length"]
+    found = _take_parked(task_id, repo, parked)
+    stored: list[str] = []
+    if found is not None:
+        header, point = found
+        before = header["validators"]
+        if header.get("pieceSize") == piece_size and all(before.get(k) == validators.get(k) for k in ("etag", "lastModified", "length")):
+            stored = list(point.digests)
+    if stored:
+        remove_files(part)
+        fd = os.open(data, os.O_WRONLY)
+    else:
+        fd = create_file(data, part)
     try:
         os.ftruncate(fd, length)
     finally:
         os.close(fd)
+    return stored
 
 
 def _open_side(data: str) -> int:

@@ -288,3 +288,27 @@ def test_the_syncer_offers_a_takeover_to_a_node_that_lacks_the_task() -> None:
     assert list(report.have) == [2] and list(report.proofs) == held
     clock.advance(0.5)
     assert list(session.reports[-1].proofs) == [], "said once"
+
+
+def test_a_restarted_node_takes_back_its_parked_prefix_of_that_version(tmp_path: Any) -> None:
+    """A node that fetched part of the file before it died adopts the task with the pieces it parked: the fill skips them."""
+    from .test_cdn import cut_at
+
+    _, answer = owner_with_the_file(tmp_path)
+    c = Node(str(tmp_path / "c"))
+    c.peer("p1")
+    c.register("p1")
+    c.http.serve(cut_at(3 * PIECE + 10))
+    c.http.serve(cut_at(3 * PIECE + 10))  # the retry is cut too: the fetch fails, its 3 pieces parked
+    assert c.task.status == "failed"
+    again = Node(str(tmp_path / "c"))  # the same home, a new process
+    again.peer("p1")
+    again.register("p1", takeover=answer["origin"])
+    task = again.task
+    assert task.adopted and sorted(task.available) == [0, 1, 2] and task.digests[:3] == digests(BODY)[:3]
+    again.sync("p1", have=[5, 6, 7], proofs=proofs(answer, [5, 6, 7]))
+    again.clock.advance(TAKEOVER_GRACE)
+    again.sync("p1")
+    assert [call.headers["Range"] for call in again.http.calls] == [[f"bytes={3 * PIECE}-{5 * PIECE - 1}"]]
+    again.http.serve(ranged(3 * PIECE, BODY[: 5 * PIECE], content_range=f"bytes {3 * PIECE}-{5 * PIECE - 1}/{len(BODY)}"))
+    assert sorted(task.available) == [0, 1, 2, 3, 4] and task.digests == digests(BODY)
