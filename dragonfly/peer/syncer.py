@@ -270,6 +270,7 @@ class Syncer:
             tags_from=p.tags_from, proofs=self._proofs,
         )
         proofs, self._proofs = self._proofs, []
+        before = getattr(self._session, "pinned", None)
         try:
             reply = await self._session.sync(report)
         except SupernodeError as e:
@@ -304,6 +305,14 @@ class Syncer:
         self._peer_bytes_reported = p.peer_bytes
         if self._syncing():
             self._apply(reply)
+        after = getattr(self._session, "pinned", None)
+        if before is not None and after != before and p.held is not None:
+            # another node answered (the one we used stopped answering): it
+            # heard only this report's news; say all we hold, with the
+            # digests' tags for a node that took the task over, at once
+            self._have = list(p.held)
+            self._proofs = self._held_proofs()[1]
+            return min(reply.sync_interval, 0.1)
         return reply.sync_interval
 
     def _held_proofs(self) -> tuple[dict[str, Any] | None, list[PieceProof]]:

@@ -312,3 +312,47 @@ def test_a_restarted_node_takes_back_its_parked_prefix_of_that_version(tmp_path:
     assert [call.headers["Range"] for call in again.http.calls] == [[f"bytes={3 * PIECE}-{5 * PIECE - 1}"]]
     again.http.serve(ranged(3 * PIECE, BODY[: 5 * PIECE], content_range=f"bytes {3 * PIECE}-{5 * PIECE - 1}/{len(BODY)}"))
     assert sorted(task.available) == [0, 1, 2, 3, 4] and task.digests == digests(BODY)
+
+
+def test_a_sync_answered_by_another_node_is_followed_by_all_we_hold() -> None:
+    """The owner stopped answering and the session's next node answered a sync that held only news: say everything at once."""
+    from twisted.internet import defer
+
+    from dragonfly.core.bitmap import Bitmap
+    from dragonfly.protocol.supernode_api import PieceProof, SyncAnswer, SyncReport
+
+    from .test_peer_syncer import Task, make
+
+    held = [PieceProof(0, "cd" * 32, "ef" * 16), PieceProof(2, "ab" * 32, "ef" * 16)]
+
+    class Tagged(Task):
+        def held_proofs(self) -> tuple[Any, list[PieceProof]]:
+            return {"tag": "ab" * 16}, held
+
+    syncer, session, _, clock = make()
+    task = Tagged(clock)
+    task.download = True
+    task.have = Bitmap(4)
+    task.have.set(0)
+    task.have.set(2)
+    syncer._task = task
+    session.pinned = "owner"  # type: ignore[attr-defined]
+    plain_sync = session.sync
+
+    async def sync(report: SyncReport) -> SyncAnswer:
+        answer = await plain_sync(report)
+        if len(session.reports) == 3:
+            session.pinned = "heir"  # type: ignore[attr-defined]
+        return answer
+
+    session.sync = sync  # type: ignore[method-assign]
+    defer.Deferred.fromCoroutine(syncer.run())
+    syncer.note_have(3)
+    clock.advance(0.5)
+    clock.advance(0.5)
+    assert len(session.reports) == 3 and list(session.reports[-1].proofs) == []
+    clock.advance(0.1)
+    again = session.reports[-1]
+    assert len(session.reports) == 4 and sorted(again.have) == [0, 2] and list(again.proofs) == held
+    clock.advance(0.5)
+    assert list(session.reports[-1].have) == [] and list(session.reports[-1].proofs) == []
