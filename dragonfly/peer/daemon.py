@@ -217,10 +217,15 @@ class PeerDaemon:
                 continue
             session.unpin()
             try:
-                await task.session.register()
                 await self._announce_pieces(task)
             except (SupernodeError, SupernodeUnavailable) as e:
-                log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
+                # tried again at the next heartbeat
+                session.pinned = pinned
+                if isinstance(e, SupernodeError) and e.code == "TASK_CHANGED":
+                    log.info("task {task}: the origin changed, dropping our copy", task=task.task_id)
+                    self.drop(task)
+                else:
+                    log.info("could not announce {task}: {why}", task=task.task_id, why=str(e))
 
     async def leave(self) -> None:
         try:
@@ -247,9 +252,29 @@ class PeerDaemon:
         return TCP4ClientEndpoint(self.reactor, ip, port, timeout=5)
 
     async def _announce_pieces(self, task: PeerTask) -> None:
-        """Tell the SuperNode every piece we hold of a finished task."""
-        report = SyncReport(self.peer_id, have=task.have or (), digests_from=task.count or 0, version=task.version)
-        await task.session.sync(report)
+        """
+        Tell the SuperNode every piece we hold of a finished task: one sync,
+        with the pieces' digests and tags when a SuperNode tagged them (see
+        L{dragonfly.core.piecetag}).  A node that does not know the task
+        (C{TASK_UNKNOWN}: it took over from a dead owner, or restarted) is
+        offered a takeover when we hold a tagged origin: a registration
+        carrying it, which a node with the cluster's piece key answers by
+        adopting the task from the swarm (no origin fetch for what the
+        swarm holds), then the sync again.  Without a tagged origin the
+        task waits for a download to register it, as before.
+        """
+        origin, proofs = task.held_proofs()
+        report = SyncReport(
+            self.peer_id, have=task.have or (), digests_from=task.count or 0, version=task.version,
+            tags_from=task.pieces.tags_from, proofs=proofs,
+        )
+        try:
+            await task.session.sync(report)
+        except SupernodeError as e:
+            if e.code != "TASK_UNKNOWN" or origin is None:
+                raise
+            await task.session.register(takeover=origin)
+            await task.session.sync(report)
 
     def drop(self, task: PeerTask) -> None:
         """Forget a finished task and remove its file (its content is no longer the origin's)."""

@@ -28,8 +28,8 @@ class Session(Protocol):
     def peer_id(self) -> str:
         """This dfpeer's id."""
 
-    async def register(self) -> TaskRegistered:
-        """Register the task (the peer first, if the SuperNode forgot it); the reply."""
+    async def register(self, takeover: dict[str, Any] | None = None) -> TaskRegistered:
+        """Register the task (the peer first, if the SuperNode forgot it), with the tagged origin held for a takeover; the reply."""
 
     async def sync(self, report: SyncReport) -> SyncAnswer:
         """One sync: what we did since the last, and what to do next."""

@@ -23,7 +23,8 @@ from twisted.python.failure import Failure
 
 from ..core.bitmap import Bitmap
 from ..core.pieces import piece_count, piece_span
-from ..protocol.supernode_api import SyncAnswer
+from ..core.piecetag import well_formed
+from ..protocol.supernode_api import PieceProof, SyncAnswer
 from .interfaces import Stats, Store
 from .picker import Picker
 
@@ -80,6 +81,12 @@ class TaskPieces:
         self.digests: list[bytes | None] = []
         #: every piece before this one has its digest (the sync asks for the rest)
         self.digests_from = 0
+        #: the tag a SuperNode gave with each digest, and the tagged origin
+        #: (with a piece key, L{dragonfly.core.piecetag}): given back to a
+        #: node that takes the task over, never checked here
+        self.tags: list[str | None] = []
+        self.tags_from = 0
+        self.origin: dict[str, Any] | None = None
         self.picker: Picker[Any] | None = None
         self._stream_from: int | None = None
 
@@ -92,6 +99,8 @@ class TaskPieces:
         self.have = Bitmap(self.count)
         self.digests = [None] * self.count
         self.digests_from = 0
+        self.tags = [None] * self.count
+        self.tags_from = 0
         self.picker = Picker(
             self.count, rng=self._rng, have=self.have, endgame_pieces=self.ENDGAME_PIECES,
             endgame_after=self.ENDGAME_AFTER, stream_window=self.STREAM_WINDOW,
@@ -109,14 +118,39 @@ class TaskPieces:
         self.size(meta["length"], meta["pieceSize"])
         self.digests = [bytes.fromhex(d) for d in meta["digests"]]
         self.digests_from = len(self.digests)
+        tags = meta.get("tags")
+        if isinstance(tags, list) and len(tags) == len(self.digests):
+            self.tags = [t if well_formed(t) else None for t in tags]
+            self._advance_tags()
+        origin = meta.get("origin")
+        self.origin = origin if isinstance(origin, dict) else None
         self.have_all()
 
     def meta(self) -> dict[str, Any] | None:
-        """C{length}, C{pieceSize} and C{digests} to save, or None unless every digest is known."""
+        """C{length}, C{pieceSize}, C{digests} (and tags, origin) to save, or None unless every digest is known."""
         if not all(d is not None for d in self.digests):
             return None
         digests = [d.hex() for d in self.digests if d is not None]
-        return {"length": self.length, "pieceSize": self.piece_size, "digests": digests}
+        out: dict[str, Any] = {"length": self.length, "pieceSize": self.piece_size, "digests": digests}
+        if self.origin is not None:
+            out["tags"] = list(self.tags)
+            out["origin"] = self.origin
+        return out
+
+    def _advance_tags(self) -> None:
+        while self.tags_from < len(self.tags) and self.tags[self.tags_from] is not None:
+            self.tags_from += 1
+
+    def proofs(self) -> list[PieceProof]:
+        """The pieces held with their digests and tags, for a node that takes the task over."""
+        if self.have is None or self.origin is None:
+            return []
+        out = []
+        for i in self.have:
+            digest, tag = self.digests[i], self.tags[i] if i < len(self.tags) else None
+            if digest is not None and tag is not None:
+                out.append(PieceProof(i, digest.hex(), tag))
+        return out
 
     def set_digest(self, index: int, digest: bytes) -> None:
         """The SuperNode's SHA-256 of piece C{index} (out of range: ignored)."""
@@ -132,6 +166,14 @@ class TaskPieces:
         """What a sync answer says of the pieces: more digests, and the seed allowance."""
         for k, hexd in enumerate(answer.digests):
             self.set_digest(answer.digests_from + k, bytes.fromhex(hexd))
+        if answer.origin is not None:
+            self.origin = answer.origin
+        if answer.tags and self.count is not None:
+            for k, tag in enumerate(answer.tags):
+                i = answer.tags_from + k
+                if 0 <= i < self.count and well_formed(tag):
+                    self.tags[i] = tag
+            self._advance_tags()
         if self.picker is not None:
             self.picker.seed_allowed = set(answer.seed_pieces)
 

@@ -79,12 +79,15 @@ class TaskSession:
         """This dfpeer's id, as the SuperNode knows it."""
         return self._peer_id()
 
-    async def register(self) -> TaskRegistered:
-        """Register the task (and this dfpeer first, when the SuperNode forgot it)."""
+    async def register(self, takeover: dict[str, Any] | None = None) -> TaskRegistered:
+        """
+        Register the task (and this dfpeer first, when the SuperNode forgot
+        it); C{takeover}: the tagged origin of the pieces held (see L{TaskRequest.takeover}).
+        """
         req = TaskRequest(
             self._peer_id(), self.request["url"], dict(self.request.get("headers") or {}),
             self.request.get("digest"), self.request.get("identifier"), self.request.get("filter") or (),
-            self.request.get("range"), self.request.get("prefetch") is not False,
+            self.request.get("range"), self.request.get("prefetch") is not False, takeover,
         )
         try:
             return await self._each(lambda nodes: self._client.register_task(req, nodes))

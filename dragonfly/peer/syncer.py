@@ -34,7 +34,7 @@ from twisted.logger import LogLevel
 
 from ..core.bitmap import Bitmap
 from ..core.logs import safe_url
-from ..protocol.supernode_api import FailedPiece, SyncAnswer, SyncReport, TaskRegistered, TaskView
+from ..protocol.supernode_api import FailedPiece, PieceProof, SyncAnswer, SyncReport, TaskRegistered, TaskView
 from .client import SupernodeError, SupernodeUnavailable
 from .interfaces import Session
 from .lifecycle import Lifecycle, State
@@ -64,6 +64,8 @@ class Progress:
     last_progress: float
     #: the seed and at least one other neighbour are connected (see L{Syncer._settled})
     connected: bool = False
+    #: every piece before this one has its tag (see L{dragonfly.core.piecetag})
+    tags_from: int = 0
 
 
 class SyncedTask(Protocol):
@@ -83,6 +85,9 @@ class SyncedTask(Protocol):
 
     def apply(self, reply: SyncAnswer) -> None:
         """Act on a sync answer (its version checked, not a failure)."""
+
+    def held_proofs(self) -> tuple[dict[str, Any] | None, list[PieceProof]]:
+        """The tagged origin and the pieces held with their digests and tags, for a node that takes the task over."""
 
 
 class SupernodeWatch(Protocol):
@@ -142,6 +147,8 @@ class Syncer:
         self._told_failures = False
         #: sleeping a settled download's longer wait: L{need} cuts it short
         self.resting = False
+        # the pieces held with digests and tags, said once to a node that took the task over
+        self._proofs: list[PieceProof] = []
 
     # -- what to say ----------------------------------------------------------------
 
@@ -304,7 +311,10 @@ class Syncer:
             starving=p.starving, want=p.want, banned=p.banned,
             # bytes from other peers since the last sync the SuperNode took
             peer_bytes=p.peer_bytes - self._peer_bytes_reported, version=self.version,
+            tags_from=p.tags_from, proofs=self._proofs,
         )
+        proofs, self._proofs = self._proofs, []
+        before = getattr(self._session, "pinned", None)
         try:
             reply = await self._session.sync(report)
         except SupernodeError as e:
@@ -314,7 +324,13 @@ class Syncer:
                 # the SuperNode restarted: register again and re-announce all we hold
                 if e.code == "PEER_UNKNOWN":
                     await self._session.register_peer()
-                self.check_version((await self._session.register()).task)
+                # a node that never had the task (its owner died) may take it
+                # over from the swarm: the tagged origin with the
+                # registration, the pieces' digests and tags with the next sync
+                origin, held = self._held_proofs()
+                again = await (self._session.register(takeover=origin) if origin else self._session.register())
+                self.check_version(again.task)
+                self._proofs = held
                 self._have = list(p.held) if p.held is not None else []
                 self._failed = failed
                 return 0.1
@@ -325,11 +341,28 @@ class Syncer:
             # (it then takes our next sync as a join): say all we hold again
             self._have = list(p.held) if p.held is not None else have + self._have
             self._failed = failed + self._failed
+            # the next node of the ranking may take the task over (a node
+            # that knows it takes our sync as a join): the digests and tags
+            # of all we hold go with that announcement
+            self._proofs = self._held_proofs()[1] if p.held is not None else proofs
             raise
         self._peer_bytes_reported = p.peer_bytes
         if self._syncing():
             self._apply(reply)
+        after = getattr(self._session, "pinned", None)
+        if before is not None and after != before and p.held is not None:
+            # another node answered (the one we used stopped answering): it
+            # heard only this report's news; say all we hold, with the
+            # digests' tags for a node that took the task over, at once
+            self._have = list(p.held)
+            self._proofs = self._held_proofs()[1]
+            return min(reply.sync_interval, 0.1)
         return reply.sync_interval
+
+    def _held_proofs(self) -> tuple[dict[str, Any] | None, list[PieceProof]]:
+        """The task's tagged origin and held pieces with tags (none from a task that keeps no tags)."""
+        held_proofs = getattr(self._task, "held_proofs", None)
+        return held_proofs() if held_proofs is not None else (None, [])
 
     def _apply(self, reply: SyncAnswer) -> None:
         """Check the answer's version and the task's status, then hand it to the task."""

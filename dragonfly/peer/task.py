@@ -32,7 +32,7 @@ from ..core.bitmap import Bitmap
 from ..core.logs import safe_url, task_log
 from ..core.periodic import periodic
 from ..core.ratelimit import TokenBucket
-from ..protocol.supernode_api import SyncAnswer
+from ..protocol.supernode_api import PieceProof, SyncAnswer
 from .interfaces import TaskHost
 from .lifecycle import Lifecycle, State
 from .neighbours import Neighbours
@@ -199,7 +199,11 @@ class PeerTask:
         return Progress(
             self.have, self.pieces.digests_from, starving, self.stream_from, self.neighbours.banned(),
             self.traffic["remote_peer"], self._last_progress, self.neighbours.connected(),
+            self.pieces.tags_from,
         )
+
+    def held_proofs(self) -> tuple[dict[str, Any] | None, list[PieceProof]]:
+        return self.pieces.origin, self.pieces.proofs()
 
     def registered(self) -> None:
         self.lifecycle.move(State.SIZING)

@@ -30,6 +30,10 @@ def _failures(values: Iterable[FailedPiece]) -> tuple[FailedPiece, ...]:
     return tuple(values)
 
 
+def _proofs(values: Iterable[PieceProof]) -> tuple[PieceProof, ...]:
+    return tuple(values)
+
+
 #: seconds between heartbeats and between syncs the SuperNode asks for
 HEARTBEAT_INTERVAL = 10.0
 SYNC_INTERVAL = 0.5
@@ -79,6 +83,11 @@ class TaskRequest:
     range: str | None = None
     #: False: the download is C{range} alone (the CDN fetches only those bytes)
     prefetch: bool = True
+    #: the tagged origin (a sync answer's C{origin}) of the pieces this peer
+    #: holds, given back when it re-registers with a node that lacks the task
+    #: (see L{dragonfly.core.piecetag}); such a node may adopt the task from
+    #: the swarm instead of fetching it whole
+    takeover: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"peerId": self.peer_id, "url": self.url}
@@ -94,14 +103,17 @@ class TaskRequest:
             out["identifier"] = self.identifier
         if self.filter:
             out["filter"] = list(self.filter)
+        if self.takeover is not None:
+            out["takeover"] = dict(self.takeover)
         return out
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> TaskRequest:
+        takeover = body.get("takeover")
         return cls(
             body["peerId"], body["url"], dict(body.get("headers") or {}), body.get("digest") or None,
             body.get("identifier"), body.get("filter") or (), body.get("range") or None,
-            body.get("prefetch") is not False,
+            body.get("prefetch") is not False, dict(takeover) if isinstance(takeover, dict) else None,
         )
 
 
@@ -117,6 +129,18 @@ class FailedPiece:
 
 
 @frozen
+class PieceProof:
+    """A piece a peer holds, its digest and the tag a SuperNode of the cluster gave with it (see L{dragonfly.core.piecetag})."""
+
+    index: int
+    digest: str
+    tag: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "digest": self.digest, "tag": self.tag}
+
+
+@frozen
 class SyncReport:
     """C{POST /api/v1/tasks/{taskId}/sync}: what a peer did since its last sync."""
 
@@ -129,9 +153,17 @@ class SyncReport:
     banned: tuple[str, ...] = field(default=(), converter=_strs)
     peer_bytes: int = 0
     version: str | None = None
+    #: send piece tags from this index on (the first one the peer lacks)
+    tags_from: int = 0
+    #: the pieces held, with digests and tags: sent when re-announcing to a node that may lack them
+    proofs: tuple[PieceProof, ...] = field(default=(), converter=_proofs)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"peerId": self.peer_id, "have": list(self.have), "digestsFrom": self.digests_from}
+        if self.tags_from:
+            out["tagsFrom"] = self.tags_from
+        if self.proofs:
+            out["proofs"] = [p.to_json() for p in self.proofs]
         if self.failed:
             out["failed"] = [f.to_json() for f in self.failed]
         if self.starving:
@@ -158,6 +190,8 @@ class SyncReport:
             body.get("banned") or (),
             body.get("peerBytes") or 0,
             body.get("version"),
+            body.get("tagsFrom") or 0,
+            tuple(PieceProof(p["index"], p["digest"], p["tag"]) for p in body.get("proofs") or ()),
         )
 
 
@@ -263,9 +297,15 @@ class SyncAnswer:
     parents: tuple[Parent, ...]
     seed_pieces: tuple[int, ...]
     sync_interval: float
+    #: with a piece key (see L{dragonfly.core.piecetag}): the tags of the
+    #: pieces from C{tags_from} on, and the tagged origin of the content
+    tags_from: int = 0
+    tags: tuple[str, ...] = ()
+    origin: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> SyncAnswer:
+        origin = body.get("origin")
         return cls(
             TaskView.from_json(body.get("task") or {}),
             body.get("digestsFrom", 0),
@@ -273,6 +313,9 @@ class SyncAnswer:
             tuple(Parent.from_json(p) for p in body.get("parents") or ()),
             tuple(body.get("seedPieces") or ()),
             float(body.get("syncInterval", SYNC_INTERVAL)),
+            body.get("tagsFrom") or 0,
+            tuple(body.get("tags") or ()),
+            dict(origin) if isinstance(origin, dict) else None,
         )
 
 

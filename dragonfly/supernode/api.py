@@ -412,7 +412,19 @@ def _sync_json(result: SyncResult) -> dict[str, Any]:
         "parents": [p.to_json() for p in result.parents],
         "seedPieces": result.seed_pieces,
         "syncInterval": result.sync_interval,
+        **_tag_fields(result),
     }
+
+
+def _tag_fields(result: SyncResult) -> dict[str, Any]:
+    """A sync answer's piece tags and tagged origin (a SuperNode with a piece key), else nothing."""
+    out: dict[str, Any] = {}
+    if result.tags is not None:
+        out["tagsFrom"] = result.tags_from
+        out["tags"] = result.tags
+    if result.origin is not None:
+        out["origin"] = result.origin
+    return out
 
 
 def sync_answer(result: SyncResult, task_json: bytes) -> bytes:
@@ -426,6 +438,7 @@ def sync_answer(result: SyncResult, task_json: bytes) -> bytes:
         "parents": [p.to_json() for p in result.parents],
         "seedPieces": result.seed_pieces,
         "syncInterval": result.sync_interval,
+        **_tag_fields(result),
     }).encode("utf-8")
     return b'{"task": ' + task_json + b", " + rest[1:]
 

@@ -170,6 +170,9 @@ class CdnTask:
     # without prefetch): the origin is asked for those bytes only
     fetch_range: ByteRange | None = None
     retries: int = 0  # in-process retries of this fetch so far
+    # taken over from a swarm (L{Cdn.adopt}): no in-order fetch, only the
+    # pieces no peer holds are asked of the origin (L{Cdn.fill})
+    adopted: bool = False
 
 
     @property
@@ -274,6 +277,7 @@ class Cdn:
         self.side_fetches = 0  # origin requests for wanted pieces out of order
         self.fetch_retries = 0  # cut bodies taken up again in-process
         self.side_bytes = 0  # the origin bytes those took
+        self.adopted_tasks = 0  # tasks taken over from a swarm instead of fetched whole (L{adopt})
 
     # -- cache on disk -----------------------------------------------------
 
@@ -365,6 +369,7 @@ class Cdn:
             task.status, task.error, task.sha256 = "waiting", None, None
             task.length, task.piece_count, task.available = None, None, None
             task.digests, task.side, task.wanted = [], [], []
+            task.adopted = False
         task.url, task.headers, task.expected_digest = url, clean, digest
         task.fetch_range = fetch_range
         task.last_access = self._clock.seconds()
@@ -780,7 +785,10 @@ class Cdn:
                 self._fail(
                     task, TaskError("SOURCE_CHANGED", f"piece {index} of {task.url} differs between two reads of the origin"),
                 )
-            return
+                return
+            if not task.adopted or task.available is None or index in task.available:
+                return
+            # an adopted task's piece, its digest vouched for by a peer: now the seed has it too
         if index >= len(task.digests):
             task.digests.extend([None] * (index + 1 - len(task.digests)))
         task.digests[index] = digest
@@ -826,6 +834,8 @@ class Cdn:
         return any(s.first <= index < s.end for s in task.side)
 
     def _plan_side(self, task: CdnTask) -> None:
+        if task.adopted:
+            return  # no in-order fetch to overtake: L{fill} asks for what the swarm lacks
         if task.status != "running" or task.length is None or task.available is None or not task.wanted:
             return
         wishes, task.wanted = task.wanted, []
@@ -848,8 +858,9 @@ class Cdn:
         self.side_fetches += 1
         task_log(
             log, LogLevel.info, task.task_id,
-            "fetching pieces {first}..{last} (bytes {start}-{stop}) out of order: a download wants them first",
+            "fetching pieces {first}..{last} (bytes {start}-{stop}) out of order: {why}",
             first=first, last=end - 1, start=start, stop=stop - 1, reach=task.reach,
+            why="no peer of the swarm holds them" if task.adopted else "a download wants them first",
         )
         # bytes past the main fetch's stored pieces may now be written before
         # it gets there: a resume after a crash trusts the data file only up to them
@@ -861,14 +872,30 @@ class Cdn:
         d.addTimeout(self._idle_timeout, self._clock)
         d.addCallbacks(
             lambda response: self._side_response(task, side, start, stop, response),
-            lambda f: self._side_dropped(task, side, f"origin unreachable: {f.getErrorMessage()}"),
+            lambda f: self._side_unreachable(task, side, f),
         )
         d.addErrback(lambda f: self._side_dropped(task, side, f.getErrorMessage()))
+
+    def _side_unreachable(self, task: CdnTask, side: _Side, f: Failure) -> None:
+        self._side_dropped(task, side, f"origin unreachable: {f.getErrorMessage()}")
+        self._adopted_miss(
+            task, TaskError("SOURCE_UNREACHABLE", f"origin {task.url} unreachable: {f.getErrorMessage()}", DF_SOURCE_UNREACHABLE),
+        )
 
     def _side_response(self, task: CdnTask, side: _Side, start: int, stop: int, response: Any) -> None:
         if side.dropped or task.status != "running":
             response.deliverBody(AbortBody())
             self._side_dropped(task, side, "no longer needed")
+            return
+        if task.adopted and response.code == 200:
+            # no range for this version (the origin ignores ranges, or the
+            # file changed): the whole body in hand becomes the task's fetch
+            self._adopted_refetch(task, side, response)
+            return
+        if task.adopted and response.code != 206:
+            response.deliverBody(DiscardBody())
+            self._side_dropped(task, side, f"the origin answered {response.code}")
+            self._adopted_miss(task, TaskError("SOURCE_ERROR", f"origin returned {response.code} for {task.url}", DF_SOURCE_ERROR, response.code))
             return
         if not side_ok(start, stop, task.validators, response.code, _first_header(response, b"content-range"), _validators(response)):
             # a 200 (ranges ignored, or a new version) or some other range: the main fetch serves
@@ -909,6 +936,8 @@ class Cdn:
         self._unhold(side)
         if side in task.side:
             task.side.remove(side)
+        if task.adopted and not task.side and task.available is not None and task.available.complete:
+            self._adopted_whole(task)
         if error is not None and not side.dropped:
             task_log(
                 log, LogLevel.info, task.task_id, "side fetch of pieces {first}..{last} cut: {why}",
@@ -938,6 +967,160 @@ class Cdn:
     def _drop_sides(self, task: CdnTask, why: str) -> None:
         for side in list(task.side):
             self._side_dropped(task, side, why)
+
+    # -- a task taken over from a swarm -------------------------------------------------
+
+    def adopt(
+        self, task_id: str, url: str, headers: dict[str, str] | None, digest: str | None,
+        validators: dict[str, Any], piece_size: int,
+    ) -> CdnTask:
+        """
+        Take over C{task_id} from a swarm that already holds pieces of it
+        (its SuperNode died): the version (C{validators}, with the length)
+        and the piece size are the swarm's, vouched for by the caller
+        (L{dragonfly.core.piecetag}).  No origin fetch starts: the caller
+        adopts the digests peers vouch for (L{adopt_digest}) and asks for the
+        pieces no peer holds (L{fill}), pinned to that version.  The seed
+        holds only the pieces fetched here; the data file has no header and
+        no meta until every piece is here (a crash drops it).  A task known
+        and not failed is returned as it is.
+        """
+        task = self.tasks.get(task_id)
+        if task is not None and task.status in ("waiting", "running", "success"):
+            task.last_access = self._clock.seconds()
+            self.cache_hits += 1
+            return task
+        data_path, meta_path = self._paths(task_id)
+        if task is None:
+            task = CdnTask(task_id=task_id, url=url, data_path=data_path, meta_path=meta_path)
+            self.tasks[task_id] = task
+            if self._on_new_task is not None:
+                self._on_new_task(task)
+        else:
+            task.error, task.sha256, task.side, task.wanted = None, None, [], []
+        task.url, task.headers, task.expected_digest = url, _end_to_end(headers), digest
+        task.fetch_range = None
+        task.adopted = True
+        task.status = "running"
+        task.validators = dict(validators)
+        task.piece_size = piece_size
+        task.content_type = None
+        task.reach = task.stored_to = task.holes_end = 0
+        task.fetch_started = task.last_access = self._clock.seconds()
+        task.fetch_start_bytes = task.origin_bytes
+        task.done = Deferred()
+        self.adopted_tasks += 1
+        length = validators["length"]
+        task.digests = [None] * piece_count(length, piece_size)
+        self._publish_length(task, length)
+        task_log(
+            log, LogLevel.info, task.task_id, "taking the task over from its swarm: {bytes} bytes in {pieces} pieces",
+            bytes=length, pieces=task.piece_count, url=safe_url(url),
+        )
+        # a prefix of this version parked by an earlier fetch of this node is
+        # taken back (rehashed): the seed holds those pieces, the fill skips them
+        d = self._disk(task_id, _adopt_files, task_id, self.repo, self.parked, task.validators, piece_size)
+        d.addCallbacks(
+            lambda stored: self._adopted_prefix(task, stored),
+            lambda f: self._fail(task, TaskError("STORE_FAILED", f"cannot create the cache file: {f.getErrorMessage()}")),
+        )
+        return task
+
+    def _adopted_prefix(self, task: CdnTask, stored: list[str]) -> None:
+        if not task.adopted or task.status != "running" or self.tasks.get(task.task_id) is not task:
+            return
+        if stored:
+            self.resumed_bytes += min(len(stored) * task.piece_size, task.length or 0)
+            task_log(
+                log, LogLevel.info, task.task_id, "took back {pieces} pieces of this version fetched before",
+                pieces=len(stored),
+            )
+        for index, digest in enumerate(stored):
+            self._piece_stored(task, index, digest)
+
+    def adopt_digest(self, task: CdnTask, index: int, digest: str) -> bool:
+        """A digest of an adopted task vouched for by a peer; whether it was new."""
+        if not task.adopted or task.status != "running" or not 0 <= index < len(task.digests):
+            return False
+        if task.digests[index] is not None:
+            return False
+        task.digests[index] = digest
+        return True
+
+    def fill(self, task: CdnTask, pieces: list[int]) -> list[tuple[int, int]]:
+        """
+        Ask the origin for C{pieces} of an adopted task (those no peer holds
+        with a digest vouched for), one side fetch per run of them, pinned to
+        the task's version with C{If-Range} (L{dragonfly.supernode.rangefetch}).
+        Pieces stored or being fetched are left out; the runs asked for.
+        """
+        if not task.adopted or task.status != "running" or task.length is None:
+            return []
+        taken = _Taken(task)
+        runs: list[tuple[int, int]] = []
+        for i in sorted(pieces):
+            if i in taken or not 0 <= i < (task.piece_count or 0):
+                continue
+            if runs and runs[-1][1] == i:
+                runs[-1] = (runs[-1][0], i + 1)
+            else:
+                runs.append((i, i + 1))
+        asked = []
+        for first, end in runs:
+            if len(task.side) >= MAX_SIDE_FETCHES:
+                break
+            before = len(task.side)
+            self._side_fetch(task, first, end)
+            if len(task.side) > before:
+                asked.append((first, end))
+        return asked
+
+    def _adopted_miss(self, task: CdnTask, error: TaskError) -> None:
+        """A fill of an adopted task failed: after C{retries} such failures the task fails (the next registration fetches it whole)."""
+        if not task.adopted or task.status != "running":
+            return
+        task.retries += 1
+        if task.retries > self._retries:
+            self._fail(task, error)
+
+    def _adopted_refetch(self, task: CdnTask, side: _Side, response: Any) -> None:
+        """An adopted task's fill got a 200: take that whole body as the task's fetch, from byte 0 (as without a takeover)."""
+        task_log(
+            log, LogLevel.info, task.task_id,
+            "the origin sent the whole file to a fill (it ignores ranges, or it changed): fetching the task whole",
+        )
+        if side in task.side:
+            task.side.remove(side)
+        if task.available is not None and len(task.available):
+            # the seed published pieces of the adopted version already: those cannot be taken back
+            response.deliverBody(AbortBody())
+            self._fail(task, TaskError("SOURCE_ERROR", f"origin answered 200 without the range of {task.url} a takeover needs"))
+            return
+        self._drop_sides(task, "the task is fetched whole")
+        task.adopted = False
+        task.digests, task.available = [], None
+        self._got_response(task, response, None)
+
+    def _adopted_whole(self, task: CdnTask) -> None:
+        """Every piece of an adopted task is on disk: read it back and commit it as any fetch."""
+        assert task.length is not None
+        d = self._disk(task.task_id, rehash_prefix, task.data_path, task.length, task.piece_size)
+
+        def hashed(point: ResumePoint) -> None:
+            if task.status != "running" or self.tasks.get(task.task_id) is not task:
+                return
+            digests = list(point.digests)
+            if task.length and task.length % task.piece_size:
+                digests.append(point.chunk_hash.hexdigest())
+            if point.offset != task.length or digests != task.digests:
+                self._fail(task, TaskError("STORE_FAILED", "the pieces read back differ from the ones published"))
+                return
+            if task.sha256 is not None and task.sha256 != point.file_hash.hexdigest():
+                self._fail(task, TaskError("SOURCE_CHANGED", f"the whole file of {task.url} is not the one its swarm holds"))
+                return
+            self._finished(task, task.length or 0, point.file_hash.hexdigest())
+
+        d.addCallbacks(hashed, lambda f: self._fail(task, TaskError("STORE_FAILED", f.getErrorMessage())))
 
     def _finished(self, task: CdnTask, total: int, file_hash: str) -> None:
         if task.status != "running":
@@ -976,6 +1159,7 @@ class Cdn:
             return
         task.sha256 = file_hash
         task.status = "success"
+        task.adopted = False  # a cached file like any other from now on
         task.validated_at = self._clock.seconds()
         task_log(
             log, LogLevel.info, task.task_id, "origin fetch complete: {bytes} bytes in {pieces} pieces in {seconds:.2f}s",
@@ -1110,6 +1294,34 @@ def _open_fresh(data: str, part: str, header: dict[str, Any]) -> int:
     """Write a fetch's header, then open its data file new and empty (never the old one truncated)."""
     write_json_atomic(part, header)
     return create_file(data)
+
+
+def _adopt_files(task_id: str, repo: str, parked: str, validators: dict[str, Any], piece_size: int) -> list[str]:
+    """
+    An adopted task's data file, C{length} bytes (holes where nothing is
+    stored), without a header (nothing in it to resume): a prefix this node
+    parked of the same version and piece size is taken back and rehashed
+    (the digests of its whole pieces returned), else the file is new.
+    """
+    data, part = os.path.join(repo, task_id + ".data"), os.path.join(repo, task_id + ".part")
+    length = validators["length"]
+    found = _take_parked(task_id, repo, parked)
+    stored: list[str] = []
+    if found is not None:
+        header, point = found
+        before = header["validators"]
+        if header.get("pieceSize") == piece_size and all(before.get(k) == validators.get(k) for k in ("etag", "lastModified", "length")):
+            stored = list(point.digests)
+    if stored:
+        remove_files(part)
+        fd = os.open(data, os.O_WRONLY)
+    else:
+        fd = create_file(data, part)
+    try:
+        os.ftruncate(fd, length)
+    finally:
+        os.close(fd)
+    return stored
 
 
 def _open_side(data: str) -> int:

@@ -28,6 +28,7 @@ from ..core.ids import task_id as make_task_id
 from ..core.logs import safe_url, task_log
 from ..core.metrics import FAST_SECONDS, Distribution
 from ..core.pieces import piece_span
+from ..core.piecetag import Origin, PieceKey, origin_from_json, origin_json
 from ..core.ranges import BadRange, ByteRange, parse_range
 from ..core.security import OriginDenied
 from ..core.traffic import SAMPLE_INTERVAL, TrafficHistory
@@ -43,6 +44,7 @@ from ..protocol.supernode_api import (
     range_identifier,
 )
 from .cdn import Cdn, CdnTask
+from .resume import if_range_value
 from .scheduler import SEED_ID, Decision, PeerInfo, Scheduler, UnknownPeer, UnknownTask
 
 log = Logger()
@@ -82,6 +84,10 @@ class SyncResult:
     parents: list[Parent]
     seed_pieces: list[int]
     sync_interval: float = SYNC_INTERVAL
+    #: with a piece key: the tags of the pieces from C{tags_from} on, and the tagged origin
+    tags_from: int = 0
+    tags: list[str] | None = None
+    origin: dict[str, Any] | None = None
 
 
 #: the sync interval of a peer waiting for a piece a side fetch is bringing
@@ -90,6 +96,18 @@ SIDE_SYNC_INTERVAL = 0.02
 REGISTER_LENGTH_WAIT = 2.0
 #: registered ranges kept for the seed's choice (the oldest go first)
 MAX_WANTED_PEERS = 10000
+#: a task taken over from its swarm waits this long for the peers to
+#: re-announce (each within a sync interval or two of its owner's death)
+#: before it asks the origin for the pieces none of them holds, and then
+#: until no peer has re-announced for TAKEOVER_QUIET seconds (at most
+#: TAKEOVER_WAIT seconds in all)
+TAKEOVER_GRACE = 2.0
+TAKEOVER_QUIET = 0.5
+TAKEOVER_WAIT = 5.0
+#: and then looks again for pieces nobody holds at most this often
+FILL_EVERY = 0.25
+#: piece tags in one sync answer at most
+MAX_TAGS = 1024
 
 
 def _wanted_range(value: str | None) -> ByteRange | None:
@@ -305,9 +323,18 @@ class SuperNode:
 
     def __init__(
         self, cdn_factory: Any, scheduler: Scheduler, clock: Any, advertise_ip: str, block_port: int,
-        timer: Callable[[], float] = time.perf_counter,
+        timer: Callable[[], float] = time.perf_counter, piece_key: PieceKey | None = None,
     ) -> None:
         self.clock = clock
+        #: the cluster's piece key (C{--piece-key-file}): tags on the digests handed out, takeovers
+        self.piece_key = piece_key
+        # task id -> (version, piece size, the tags of the first pieces), and the tagged origin
+        self._tags: dict[str, tuple[str | None, int, list[str]]] = {}
+        self._origins: dict[str, tuple[Any, dict[str, Any]]] = {}
+        # adopted task id -> (when it may ask the origin, when it last looked, when a peer last re-announced)
+        self._fill_at: dict[str, list[float]] = {}
+        self.adopted_pieces = 0  # digests adopted from peers' tags
+        self.refused_tags = 0  # tags that did not check
         self.timer = timer
         self.scheduler = scheduler
         self.advertise_ip = advertise_ip
@@ -347,6 +374,7 @@ class SuperNode:
     def remove_task(self, task_id: str) -> CdnTask | None:
         """Drop a task from the cache and its swarm (an admin's C{DELETE}); the task, or None if unknown."""
         task = self.cdn.remove(task_id)
+        self._forget_tags(task_id)
         if task is not None:
             self.scheduler.forget_task(task_id)
             seed = self._seeds.pop(task_id, None)
@@ -443,7 +471,7 @@ class SuperNode:
             task = self.cdn.ensure(tid, req.url, req.headers, None, fetch_range=wanted)
             wanted = None
         else:
-            task = await self.cdn.fresh(tid, req.url, req.headers, req.digest)
+            task = self._take_over(tid, req) or await self.cdn.fresh(tid, req.url, req.headers, req.digest)
         self._known_peer(req.peer_id)
         if wanted is not None:
             # a Range request: its pieces may come from the origin out of order
@@ -511,6 +539,8 @@ class SuperNode:
         if task_id not in self.scheduler.tasks:
             # the swarm was dropped as idle (--task-expire): rebuild it
             self.join(task_id, report.peer_id)
+        if report.proofs and task.adopted:
+            self._adopt_proofs(task, report)
         # before the length is known (a restarted SuperNode) the scheduler keeps them for later
         have = list(report.have)
         failed = [(f.index, f.parent) for f in report.failed]
@@ -525,6 +555,8 @@ class SuperNode:
             raise Refused("TASK_UNKNOWN", f"task {task_id} is not known") from None
         finally:
             self.schedule_seconds.observe(self.timer() - start)
+        if task.adopted:
+            self._fill(task)
         # counted only once the report is taken: a peer told to register
         # again sends these bytes again with its next sync
         self.note_peer_bytes(task_id, report.peer_bytes)
@@ -534,10 +566,146 @@ class SuperNode:
         if want is not None and task.available is not None and want not in task.available and self.cdn.side_fetching(task, want):
             # the piece its reader waits for is on its way from the origin out of order: ask again soon
             interval = SIDE_SYNC_INTERVAL
+        tags, origin = self._tagged(task, report.tags_from)
         return SyncResult(
             task, report.digests_from, known_from(task.digests, report.digests_from), parents, decision.seed_pieces,
-            interval,
+            interval, report.tags_from, tags, origin,
         )
+
+    # -- piece tags and takeovers (see dragonfly.core.piecetag) --------------------------
+
+    def _tagged(self, task: CdnTask, first: int) -> tuple[list[str] | None, dict[str, Any] | None]:
+        """
+        With a piece key: the tags of the pieces from C{first} on (up to the
+        first digest not known, at most L{MAX_TAGS}), and the tagged origin
+        when the peer has no tag yet or gets new ones; (None, None) without
+        a key, or for a task no takeover could pin (no validator, one range).
+        """
+        key = self.piece_key
+        if key is None or task.status == "failed" or task.validators.get("range") or if_range_value(task.validators) is None:
+            return None, None
+        origin = Origin.from_validators(task.validators, task.piece_size)
+        if origin is None:
+            return None, None
+        tid = task.task_id
+        cached = self._tags.get(tid)
+        if cached is None or cached[0] != task.version or cached[1] != task.piece_size:
+            cached = self._tags[tid] = (task.version, task.piece_size, [])
+        tags = cached[2]
+        while len(tags) < len(task.digests):
+            digest = task.digests[len(tags)]
+            if digest is None:
+                break
+            tags.append(key.piece_tag(tid, origin, len(tags), digest))
+        out = tags[first:first + MAX_TAGS]
+        if first and not out:
+            return out, None
+        made = self._origins.get(tid)
+        which = (task.version, task.piece_size, task.sha256)
+        if made is None or made[0] != which:
+            made = self._origins[tid] = (which, origin_json(key, tid, origin, task.sha256))
+        return out, made[1]
+
+    def _take_over(self, tid: str, req: TaskRequest) -> CdnTask | None:
+        """
+        A peer re-registers a task this node does not know with the tagged
+        origin of the pieces it holds (its SuperNode died): when the tag
+        checks, the task is adopted from its swarm (L{Cdn.adopt}) instead of
+        fetched whole; None: the usual registration goes on.
+        """
+        key, given = self.piece_key, req.takeover
+        if key is None or given is None:
+            return None
+        known = self.cdn.tasks.get(tid)
+        if known is not None and known.status != "failed":
+            return None
+        origin = origin_from_json(given)
+        if (
+            origin is None
+            or not origin.length > 0
+            or if_range_value(origin.validators()) is None
+            or not key.check_origin(tid, origin, given.get("tag"))
+        ):
+            self.refused_tags += 1
+            task_log(
+                log, LogLevel.warn, tid, "takeover offered by {peerId} not taken: its origin tag does not check",
+                peerId=req.peer_id,
+            )
+            return None
+        task = self.cdn.adopt(tid, req.url, req.headers, req.digest, origin.validators(), origin.piece_size)
+        sha = given.get("sha256")
+        if sha is not None and task.sha256 is None:
+            if key.check_sha256(tid, origin, sha, given.get("sha256Tag")):
+                task.sha256 = sha
+            else:
+                self.refused_tags += 1
+                task_log(log, LogLevel.warn, tid, "the whole-file SHA-256 from {peerId} is not taken: its tag does not check", peerId=req.peer_id)
+        now = self.clock.seconds()
+        self._fill_at[tid] = [now + TAKEOVER_GRACE, 0.0, now]
+        return task
+
+    def _adopt_proofs(self, task: CdnTask, report: SyncReport) -> None:
+        """Adopt the digests of an adopted task a peer vouches for with tags that check; the rest is ignored."""
+        key = self.piece_key
+        origin = Origin.from_validators(task.validators, task.piece_size)
+        if key is None or origin is None:
+            return
+        new: list[tuple[int, str]] = []
+        bad = 0
+        for p in report.proofs:
+            if not isinstance(p.index, int) or not 0 <= p.index < len(task.digests) or task.digests[p.index] is not None:
+                continue
+            if not key.check_piece(task.task_id, origin, p.index, p.digest, p.tag):
+                bad += 1
+                continue
+            if self.cdn.adopt_digest(task, p.index, p.digest):
+                new.append((p.index, p.digest))
+        self.adopted_pieces += len(new)
+        self.refused_tags += bad
+        at = self._fill_at.get(task.task_id)
+        if at is not None:
+            at[2] = self.clock.seconds()  # a peer re-announced: others may be on their way
+        if bad:
+            task_log(
+                log, LogLevel.warn, task.task_id, "{n} piece tags from {peerId} do not check: those pieces are not adopted",
+                n=bad, peerId=report.peer_id,
+            )
+        seed = self._seeds.get(task.task_id)
+        if new and seed is not None:
+            # peers learn digests from the seed too (a new peer of the swarm)
+            for conn in list(seed.conns):
+                for index, digest in new:
+                    conn.send_digests(index, [bytes.fromhex(digest)])
+
+    def _fill(self, task: CdnTask) -> None:
+        """
+        An adopted task, once the peers had their time to re-announce: ask
+        the origin for the pieces no member holds with a digest vouched for
+        (at most every L{FILL_EVERY} seconds, at a sync).
+        """
+        tid, now = task.task_id, self.clock.seconds()
+        at = self._fill_at.setdefault(tid, [now + TAKEOVER_GRACE, 0.0, now])
+        if task.status != "running" or now < at[0] or now - at[1] < FILL_EVERY:
+            return
+        if now - at[2] < TAKEOVER_QUIET and now < at[0] - TAKEOVER_GRACE + TAKEOVER_WAIT:
+            return  # peers are still re-announcing
+        at[1] = now
+        available = task.available
+        if available is None:
+            return
+        holders = self.scheduler.availability(tid)
+        missing = [
+            i for i, d in enumerate(task.digests)
+            if i not in available and (d is None or i >= len(holders) or holders[i] == 0)
+        ]
+        if not missing:
+            return
+        asked = self.cdn.fill(task, missing)
+        if asked:
+            task_log(
+                log, LogLevel.info, tid, "asking the origin for {n} pieces no peer holds ({runs})",
+                n=sum(e - f for f, e in asked), runs=", ".join(f"{f}..{e - 1}" for f, e in asked),
+            )
 
     def _want(self, task: CdnTask, report: SyncReport) -> int | None:
         """The piece a peer's reader waits for: as it reports, else the first of the range it registered with."""
@@ -619,7 +787,13 @@ class SuperNode:
             seed.close()
         self.scheduler.seed_lost(task_id)
         self.task_peer_bytes.pop(task_id, None)  # the dashboard's per-task total goes with it
+        self._forget_tags(task_id)
         return self.cdn.evict(task_id)
+
+    def _forget_tags(self, task_id: str) -> None:
+        self._tags.pop(task_id, None)
+        self._origins.pop(task_id, None)
+        self._fill_at.pop(task_id, None)
 
     def note_peer_bytes(self, task_id: str, nbytes: int) -> None:
         """A peer received C{nbytes} of C{task_id} from other peers since its last sync."""

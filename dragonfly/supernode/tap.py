@@ -26,6 +26,7 @@ from ..core.gc import DiskGc
 from ..core.httpapi import HttpLimits, guard_site
 from ..core.ids import BadInput
 from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
+from ..core.piecetag import load_key
 from ..core.ratelimit import TokenBucket
 from ..core.security import DEFAULT_DENY, OriginPolicy, PolicyEndpointFactory
 from ..core.service import ListeningService, default_reactor
@@ -82,6 +83,9 @@ class Options(ConfigFileOptions):
         ["admin-token-file", None, None, "Read the admin token from this file (default: none)."],
         ["cluster-token", None, None, "Bearer token every peer call needs (default: none, open)."],
         ["cluster-token-file", None, None, "Read the cluster token from this file (default: none)."],
+        ["piece-key-file", None, None, "A secret shared by the cluster's SuperNodes, never by peers: the piece digests "
+         "handed out carry tags made with it, so a SuperNode that takes a task over from a dead one adopts the "
+         "pieces its peers hold instead of fetching the file again (default: none, a takeover fetches it whole)."],
         ["origin-allow", None, "", "Origin hosts allowed, comma-separated host names (.suffix for subdomains) and CIDRs (default: all)."],
         ["origin-deny", None, DEFAULT_DENY, "Origin hosts denied, comma-separated host names and CIDRs ('none': deny nothing)."],
         ["revalidate", None, "0", "Seconds a cached file is served without asking the origin whether it changed ('never': not at all)."],
@@ -117,6 +121,12 @@ class Options(ConfigFileOptions):
         parse_gc_options(self)
         for name in ("admin", "cluster"):
             self[f"{name}-token"] = read_token(self[f"{name}-token"], self[f"{name}-token-file"], name)
+        self["piece-key"] = None
+        if self["piece-key-file"]:
+            try:
+                self["piece-key"] = load_key(self["piece-key-file"])
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         try:
             self["origin-policy"] = OriginPolicy(self["origin-allow"], self["origin-deny"])
         except ValueError as e:
@@ -198,6 +208,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor,
         options["advertise-ip"],
         options["block-port"],
+        piece_key=options["piece-key"],
     )
     node.cdn.load()
     api = SupernodeApi(

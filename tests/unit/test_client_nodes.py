@@ -48,11 +48,16 @@ class FakeNode:
         self.up = True
         self.peers: set[str] = set()
         self.swarms: dict[str, set[str]] = {}
+        #: tasks in its cache: a sync of one joins its swarm (as the real node's does)
+        self.cached: set[str] = set()
+        #: registrations that offered a takeover (a tagged origin)
+        self.takeovers: list[str] = []
 
     def restart(self) -> None:
         self.up = True
         self.peers.clear()
         self.swarms.clear()
+        self.cached.clear()
 
     def handle(self, method: str, path: str, body: dict[str, Any]) -> Response:
         parts = path.strip("/").split("/")
@@ -70,9 +75,13 @@ class FakeNode:
                 return Response(404, {"error": {"code": "PEER_UNKNOWN", "message": "who?"}})
             tid = task_id(body["url"]) if body["url"].startswith("http") else body["url"]
             self.swarms.setdefault(tid, set()).add(body["peerId"])
+            if body.get("takeover") is not None:
+                self.takeovers.append(tid)
             return Response(200, {"taskId": tid, "task": {"taskId": tid, "status": "running"}})
         if parts[-1] == "sync":
             task = parts[-2]
+            if task in self.cached:
+                self.swarms.setdefault(task, set()).add(body["peerId"])
             if body["peerId"] not in self.swarms.get(task, ()):
                 return Response(404, {"error": {"code": "TASK_UNKNOWN", "message": "which?"}})
             return Response(200, {"task": {"taskId": task, "status": "running"}, "syncInterval": 0.5})
@@ -301,7 +310,11 @@ def test_finished_tasks_follow_their_owner_both_ways(tmp_path: Any, clock: Clock
     url = next(u for u in (f"http://origin.test/{i}" for i in range(1000)) if daemon.client.owner(task_id(u)) == "a:1")
     tid = task_id(url)
     task = PeerTask(daemon, tid, {"url": url})
-    task.restore({"length": PIECE, "pieceSize": PIECE, "digests": ["00" * 32], "lastAccess": 0.0})
+    # its pieces' digests came with tags (a cluster with a piece key): a node
+    # that does not know the task is offered a takeover
+    origin = {"etag": '"e"', "lastModified": None, "length": PIECE, "pieceSize": PIECE, "tag": "ab" * 16}
+    task.restore({"length": PIECE, "pieceSize": PIECE, "digests": ["00" * 32], "lastAccess": 0.0,
+                  "tags": ["cd" * 16], "origin": origin})
     daemon.tasks[tid] = task
     run(daemon.register())
     run(task.session.register())
@@ -312,6 +325,7 @@ def test_finished_tasks_follow_their_owner_both_ways(tmp_path: Any, clock: Clock
     http.nodes["a:1"].up = False
     run(daemon.heartbeat())
     assert task.session.pinned == heir and daemon.peer_id in http.nodes[heir].swarms[tid]
+    assert http.nodes[heir].takeovers == [tid]
     # the owner comes back with no memory: its probe finds it, the dfpeer registers there and announces the task
     http.nodes["a:1"].restart()
     clock.advance(1.0)
@@ -321,4 +335,40 @@ def test_finished_tasks_follow_their_owner_both_ways(tmp_path: Any, clock: Clock
     n = len(http.log)
     run(daemon.heartbeat())
     assert sorted(p.rsplit("/", 1)[-1] for _, _, p in http.log[n:]) == ["heartbeat"] * 3
+    daemon.client.stop()
+
+
+def test_an_untagged_finished_task_only_announces(tmp_path: Any, clock: Clock) -> None:
+    """
+    Without tags, a finished task moving to the next node is announced with
+    one sync, never registered (a registration revalidates and may start an
+    origin fetch): a node that does not know the task leaves it for a
+    download to register; the next heartbeat tries again.
+    """
+    from dragonfly.peer.daemon import PeerDaemon
+    from dragonfly.peer.task import PeerTask
+    from tests.unit.test_supernode_api import PIECE, SyncPool
+
+    http = FakeHttp(clock)
+    daemon = PeerDaemon(clock, str(tmp_path), NODES, "10.0.0.2", SyncPool(), http)
+    daemon.listening(40000)
+    url = next(u for u in (f"http://origin.test/{i}" for i in range(1000)) if daemon.client.owner(task_id(u)) == "a:1")
+    tid = task_id(url)
+    task = PeerTask(daemon, tid, {"url": url})
+    task.restore({"length": PIECE, "pieceSize": PIECE, "digests": ["00" * 32], "lastAccess": 0.0})
+    daemon.tasks[tid] = task
+    run(daemon.register())
+    run(task.session.register())
+    heir = daemon.client.route(tid)[1]
+    http.nodes["a:1"].up = False
+    n = len(http.log)
+    run(daemon.heartbeat())
+    to_heir = [p for _, h, p in http.log[n:] if h == heir]
+    assert f"/api/v1/tasks/{tid}/sync" in to_heir and "/api/v1/tasks" not in to_heir
+    assert tid not in http.nodes[heir].swarms and task.session.pinned == "a:1"
+    # a download registered it there: the next heartbeat's announce joins its swarm
+    http.nodes[heir].cached.add(tid)
+    run(daemon.heartbeat())
+    assert task.session.pinned == heir and daemon.peer_id in http.nodes[heir].swarms[tid]
+    assert http.nodes[heir].takeovers == []
     daemon.client.stop()
