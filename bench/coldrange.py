@@ -12,7 +12,9 @@ dfpeer, dfdaemon; new homes, so the blob is cold everywhere):
   - swarm:    through dfdaemon, default (the 206 from the swarm: the CDN
               fetches the range's pieces from the registry out of order);
   - direct:   through dfdaemon with C{--cold-range direct} (the registry's 206);
-  - noprefetch: through dfdaemon with C{--no-prefetch} (a swarm download of the range alone).
+  - noprefetch: through dfdaemon with C{--no-prefetch} (a swarm download of the range alone);
+  - MODE@DIR:   MODE with the code in DIR (the processes' PYTHONPATH), for
+                A/B runs in one go, e.g. C{--modes swarm,swarm@/tmp/base}.
 
 For each: the seconds to the first byte and to the last, the body checked
 against the blob, and after the swarm's prefetch of the whole blob, the
@@ -20,7 +22,8 @@ registry's bytes for the blob (in copies of it, what it sent to the
 dfdaemon and the SuperNode; the paired request below not counted).  Each
 dfdaemon mode's request is preceded by the same request straight to the
 registry, once the swarm's processes are up (the machine as busy as for the
-timed one): the ratio of the two is reported pair by pair.  Prints a table.
+timed one; the median of 3 such requests): the ratio of the two is
+reported pair by pair.  Prints a table.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import shutil
 import statistics
 import tempfile
@@ -118,28 +122,40 @@ def main() -> None:
                 if mode == "registry":
                     status, body, first, last = timed_get(registry.url, path, {"Range": rng, "User-Agent": STRAIGHT}, warmup)
                 else:
-                    with Swarm(f"{work}/swarm-{mode}-{run}") as swarm:
+                    # NAME@DIR: the mode NAME with the code in DIR (its processes' PYTHONPATH), for A/B runs
+                    kind, _, code = mode.partition("@")
+                    saved = os.environ.get("PYTHONPATH")
+                    if code:
+                        os.environ["PYTHONPATH"] = os.path.abspath(code)
+                    with Swarm(f"{work}/swarm-{run}") as swarm:
                         swarm.start_supernode()
                         peer = swarm.start_peer("host0")
-                        extra = {"direct": ("--cold-range", "direct"), "noprefetch": ("--no-prefetch",)}.get(mode, ())
+                        extra = {"direct": ("--cold-range", "direct"), "noprefetch": ("--no-prefetch",)}.get(kind, ())
                         url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url, *extra)
-                        # the registry alone, timed just before under the same conditions (the swarm's
+                        # the registry alone (the median of 3), timed just before under the same conditions (the swarm's
                         # processes started, the machine as busy): the ratio is taken pair by pair
-                        _, _, paired, _ = timed_get(registry.url, path, {"Range": rng, "User-Agent": STRAIGHT}, warmup)
+                        paired = statistics.median(
+                            timed_get(registry.url, path, {"Range": rng, "User-Agent": STRAIGHT}, warmup)[2] for _ in range(3)
+                        )
                         status, body, first, last = timed_get(url, path, {"Range": rng}, warmup)
                         deadline = time.monotonic() + 300
                         blob_task = task_id("", digest=digest)
                         while time.monotonic() < deadline:
                             tasks = get_json(peer["api"] + "/api/v1/tasks")["tasks"]
                             # (the prefetch of --cold-range direct starts once the range is sent)
-                            started = mode == "noprefetch" or any(blob_task in json.dumps(t) for t in tasks)
+                            started = kind == "noprefetch" or any(blob_task in json.dumps(t) for t in tasks)
                             if started and tasks and all(t["status"] in ("success", "failed") for t in tasks):
                                 break
                             time.sleep(0.2)
                         time.sleep(0.3)  # the registry's log line comes after the last byte
                         assert tasks and all(t["status"] == "success" for t in tasks), tasks
                         copies = (blob_bytes(registry, digest) - before) / size
-                    shutil.rmtree(f"{work}/swarm-{mode}-{run}", ignore_errors=True)  # its copies of the blob
+                    if code:
+                        if saved is None:
+                            del os.environ["PYTHONPATH"]
+                        else:
+                            os.environ["PYTHONPATH"] = saved
+                    shutil.rmtree(f"{work}/swarm-{run}", ignore_errors=True)  # its copies of the blob
                 assert status == 206 and body == want, (mode, status, len(body))
                 results.setdefault(mode, []).append((first, last, copies, paired))
                 print(f"run {run} {mode:10s} first byte {first * 1000:8.1f} ms  last byte {last * 1000:8.1f} ms"
