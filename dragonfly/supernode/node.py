@@ -357,10 +357,8 @@ class SuperNode:
     def seed_parent(self) -> Parent:
         return Parent(SEED_ID, self.advertise_ip, self.block_port, seed=True)
 
-    def decide(
-        self, task_id: str, peer_id: str, starving: bool = False, want: int | None = None, wanted_only: bool = False,
-    ) -> Decision:
-        return self.scheduler.sync(task_id, peer_id, self.clock.seconds(), starving, want, wanted_only)
+    def decide(self, task_id: str, peer_id: str, starving: bool = False, want: int | None = None) -> Decision:
+        return self.scheduler.sync(task_id, peer_id, self.clock.seconds(), starving, want)
 
     # -- the facade: one method per API operation ------------------------------------
 
@@ -522,10 +520,7 @@ class SuperNode:
                 task_id, report.peer_id, self.clock.seconds(), have=have, failed=failed, banned=list(report.banned),
             )
             want = self._want(task, report)
-            # the piece its reader waits for is on its way from the origin out of
-            # order: no other seed piece is given meanwhile (it would be in the seed's queue first)
-            side = want is not None and task.available is not None and want not in task.available and self.cdn.side_fetching(task, want)
-            decision = self.decide(task_id, report.peer_id, report.starving, want, side)
+            decision = self.decide(task_id, report.peer_id, report.starving, want)
         except UnknownTask:
             raise Refused("TASK_UNKNOWN", f"task {task_id} is not known") from None
         finally:
@@ -536,8 +531,8 @@ class SuperNode:
         parents = [self.seed_parent()] if task.status != "failed" else []
         parents.extend(Parent(p.peer_id, p.ip, p.port) for p in decision.parents)
         interval = SYNC_INTERVAL
-        if side:
-            # (and ask again soon)
+        if want is not None and task.available is not None and want not in task.available and self.cdn.side_fetching(task, want):
+            # the piece its reader waits for is on its way from the origin out of order: ask again soon
             interval = SIDE_SYNC_INTERVAL
         return SyncResult(
             task, report.digests_from, known_from(task.digests, report.digests_from), parents, decision.seed_pieces,

@@ -484,8 +484,7 @@ class Scheduler:
     STARVING_SCAN = 64
 
     def sync(
-        self, task_id: str, peer_id: str, now: float, starving: bool = False, want: int | None = None,
-        wanted_only: bool = False,
+        self, task_id: str, peer_id: str, now: float, starving: bool = False, want: int | None = None
     ) -> Decision:
         """
         Choose parents and a seed allowance for C{peer_id}.
@@ -496,9 +495,6 @@ class Scheduler:
             once and the swarm passes it on.
         @param want: the piece an in-order reader on the peer waits for
             (dfdaemon streaming a blob): it and the next few go first.
-        @param wanted_only: those pieces are on their way to the seed (the
-            CDN fetches them out of order): no other piece is given meanwhile,
-            so none is in the seed's queue ahead of them when they come.
         """
         swarm = self.tasks.get(task_id)
         if swarm is None:
@@ -508,7 +504,7 @@ class Scheduler:
         member.last_sync = now
         self._expire_assignments(swarm, member, now)
         parents = self._choose_parents(swarm, member, now)
-        seed = self._assign_seed(swarm, member, now, starving, want, wanted_only) if not member.done else []
+        seed = self._assign_seed(swarm, member, now, starving, want) if not member.done else []
         return Decision(parents=[self.peers[p] for p in parents], seed_pieces=seed)
 
     def _expire_assignments(self, swarm: TaskSwarm, member: Member, now: float) -> None:
@@ -572,8 +568,7 @@ class Scheduler:
         return list(keep)
 
     def _assign_seed(
-        self, swarm: TaskSwarm, member: Member, now: float, starving: bool, want: int | None = None,
-        wanted_only: bool = False,
+        self, swarm: TaskSwarm, member: Member, now: float, starving: bool, want: int | None = None
     ) -> list[int]:
         if member.have is None or swarm.seed_has is None:
             return []
@@ -606,7 +601,7 @@ class Scheduler:
         chosen: list[int] = []
         if candidates & wanted:
             chosen += self._by_copies(swarm, list(swarm.indices(candidates & wanted)))[:free]
-        rest = candidates & ~wanted if not wanted_only else 0
+        rest = candidates & ~wanted
         if len(chosen) < free and rest & swarm.fresh:
             chosen += self._at_random(swarm, rest & swarm.fresh, free - len(chosen))
         if len(chosen) < free and starving and rest & ~swarm.fresh:

@@ -791,21 +791,3 @@ def test_seed_allowances_lapse_for_silent_peers_too() -> None:
     assert len(s.sync(TASK, "p9", 5.0).seed_pieces) == 1
     assert swarm(s).seed_out == 1
     recount(s)
-
-
-def test_while_a_readers_pieces_are_on_their_way_to_the_seed_nothing_else_is_given() -> None:
-    """Pieces given meanwhile would be in the seed's queue ahead of them (wanted_only: the CDN's side fetch)."""
-    s = make(count=16, peers=1, seed_all=False, small_window=4)
-    for i in range(4):
-        s.seed_piece_ready(TASK, i)  # the in-order fetch's first pieces
-    assert s.sync(TASK, "p0", 0, want=14, wanted_only=True).seed_pieces == []
-    s.seed_piece_ready(TASK, 14)
-    s.seed_piece_ready(TASK, 15)
-    assert s.sync(TASK, "p0", 1, want=14, wanted_only=True).seed_pieces == [14, 15]
-    # the side fetch done: the rest fills the window again
-    assert len(s.sync(TASK, "p0", 2, want=14).seed_pieces) == 4
-    # without wanted_only, as before: the fresh pieces while the reader's are not there
-    s2 = make(count=16, peers=1, seed_all=False, small_window=4)
-    for i in range(4):
-        s2.seed_piece_ready(TASK, i)
-    assert len(s2.sync(TASK, "p0", 0, want=14).seed_pieces) == 4
