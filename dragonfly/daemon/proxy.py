@@ -456,8 +456,8 @@ class DaemonCore:
         holds the blob, and nothing waits for the slower of the two.  The
         dfpeer saying "held" first drops the registry's request (False: the
         swarm serves the range; for a blob this dfdaemon had prefetched, the
-        dfpeer's answer is always awaited); otherwise the registry's answer is relayed
-        as it comes (True), and once it is sent the dfpeer is asked to
+        dfpeer's answer is always awaited); otherwise the registry's answer
+        is relayed as it comes (True), and once it is sent the dfpeer is asked to
         download the blob in the background (the prefetch: later ranges come
         from the local copy), unless it turned out to hold it already.  The
         prefetch waits for the range so that the registry's whole-blob fetch
@@ -488,6 +488,7 @@ class DaemonCore:
                 held = await probe  # the registry is unreachable: the swarm may still have it
         except BaseException:
             _drop(upstream)
+            probe.addErrback(lambda _: None)  # (cancelled with the request)
             raise
         if held:
             _drop(upstream)
@@ -497,7 +498,7 @@ class DaemonCore:
             # (a registry that ignores Range answers 200 with the whole blob: checked against its digest)
             await self._direct(request, method, decision.url, digest, upstream)
         finally:
-            probe.addCallback(self._prefetch, request, decision)
+            probe.addCallback(self._prefetch, request, decision).addErrback(lambda _: None)
         return True
 
     async def _probe(self, digest: str) -> bool:

@@ -487,3 +487,16 @@ def test_a_range_of_a_blob_this_dfdaemon_prefetched_waits_for_the_dfpeer_which_m
     local.answer.callback(None)
     assert len(local.posts) == 2 and local.posts[1]["range"] == "bytes=90-"  # from the swarm
     assert core.counters.ranges_direct == 1 and f"sha256:{HEX}" in core.held
+
+
+def test_a_client_gone_before_either_answer_drops_the_registry_request():
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    upstream, local = RegistryRange(), SlowPeer(held=False)
+    core, proto, transport = cold_core(upstream, local)
+    proto.dataReceived(RANGE_GET)
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert upstream.cancelled
+    local.answer.callback(None)  # the dfpeer's late answer: no prefetch for a request nobody waits for
+    assert local.posts == []
