@@ -45,18 +45,23 @@ from dragonfly.testing.swarm import Swarm, get_json
 MiB = 1 << 20
 
 
-def timed_get(url: str, path: str, headers: dict[str, str], before: list[str]) -> tuple[int, bytes, float, float]:
+def warm(url: str, before: list[str]) -> http.client.HTTPConnection:
     """
-    GET C{path} on a kept-alive connection that has first carried the
-    requests a pull makes before it reads a layer (C{before}: the version
-    check, the manifest, the image's config): what is timed is the cold
-    blob, not a process's or a connection's first request.
+    A kept-alive connection that has carried the requests a pull makes
+    before it reads a layer (C{before}: the version check, the manifest, the
+    image's config): what is timed on it is the cold blob, not a process's
+    or a connection's first request.
     """
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=300)
-    for warm in before:
-        conn.request("GET", warm, headers={"Accept": OCI_MANIFEST})
+    for path in before:
+        conn.request("GET", path, headers={"Accept": OCI_MANIFEST})
         conn.getresponse().read()
+    return conn
+
+
+def timed(conn: http.client.HTTPConnection, path: str, headers: dict[str, str]) -> tuple[int, bytes, float, float]:
+    """GET C{path} on C{conn} (then closed): status, body, seconds to the first byte and to the last."""
     start = time.monotonic()
     conn.request("GET", path, headers=headers)
     resp = conn.getresponse()
@@ -66,6 +71,11 @@ def timed_get(url: str, path: str, headers: dict[str, str], before: list[str]) -
     last_byte = time.monotonic() - start
     conn.close()
     return resp.status, body, first_byte, last_byte
+
+
+def timed_get(url: str, path: str, headers: dict[str, str], before: list[str]) -> tuple[int, bytes, float, float]:
+    """L{timed} on a connection L{warm} from C{before}."""
+    return timed(warm(url, before), path, headers)
 
 
 #: the User-Agent of the requests sent straight to the registry (not counted in what the swarm cost it)
@@ -97,6 +107,7 @@ def main() -> None:
     ap.add_argument("--range-mib", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--modes", default="registry,swarm,direct,noprefetch")
+    ap.add_argument("--settle", type=float, default=0.5, help="seconds between a pull's first requests and the timed one")
     args = ap.parse_args()
     missing = have_tools()
     if missing:
@@ -134,10 +145,14 @@ def main() -> None:
                         url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url, *extra)
                         # the registry alone (the median of 3), timed just before under the same conditions (the swarm's
                         # processes started, the machine as busy): the ratio is taken pair by pair
+                        # (the pull's first requests through dfdaemon, then --settle seconds: the config's
+                        # swarm download finishes its last syncs, which would otherwise weigh on one side only)
+                        conn = warm(url, warmup)
+                        time.sleep(args.settle)
                         paired = statistics.median(
                             timed_get(registry.url, path, {"Range": rng, "User-Agent": STRAIGHT}, warmup)[2] for _ in range(3)
                         )
-                        status, body, first, last = timed_get(url, path, {"Range": rng}, warmup)
+                        status, body, first, last = timed(conn, path, {"Range": rng})
                         deadline = time.monotonic() + 300
                         blob_task = task_id("", digest=digest)
                         while time.monotonic() < deadline:
