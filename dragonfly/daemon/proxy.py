@@ -201,6 +201,31 @@ def _passable(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     return out
 
 
+class RecentDigests:
+    """
+    The most recent C{size} digests added (of the blobs this host's dfpeer
+    was seen to hold, or was asked to prefetch).  An entry whose blob the
+    dfpeer has since dropped only costs its next range the fast path: the
+    swarm fetches it again.
+    """
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._digests: dict[str, None] = {}
+
+    def add(self, digest: str) -> None:
+        self._digests.pop(digest, None)
+        self._digests[digest] = None
+        if len(self._digests) > self.size:
+            del self._digests[next(iter(self._digests))]
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._digests
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+
 class DaemonCore:
     """
     @param registry: the upstream(s) of mirror requests (C{--registry}: one
@@ -235,6 +260,11 @@ class DaemonCore:
         #: a Range request is followed by the whole blob in the background
         #: (else it is a download of its own of those bytes alone) (--no-prefetch)
         self.prefetch = True
+        #: digests this host's dfpeer was seen to hold whole: their ranges go
+        #: to the swarm without asking the registry (--cold-range direct)
+        self.held = RecentDigests()
+        #: digests whose download this dfdaemon asked its dfpeer for (a prefetch)
+        self.prefetched = RecentDigests()
 
     # -- entry ---------------------------------------------------------------------
 
@@ -286,20 +316,12 @@ class DaemonCore:
                 # several ranges: the whole blob, 200 (RFC 9110 14.2 lets a server ignore Range)
                 request.requestHeaders.removeHeader(b"range")
                 spec = None
-        if isinstance(spec, ByteRange) and self.cold_range_direct and decision.digest:
-            # ask the registry for the range while the dfpeer is asked whether it holds the blob
-            upstream = self._upstream(request, method, decision.url)
-            try:
-                cold = await self._cold(request, decision)
-            except BaseException:
-                _drop(upstream)
-                raise
-            if cold:
-                self.counters.ranges_direct += 1
-                # (a registry that ignores Range answers 200 with the whole blob: checked against its digest)
-                await self._direct(request, method, decision.url, decision.digest, upstream)
-                return
-            _drop(upstream)
+        if (
+            isinstance(spec, ByteRange) and self.cold_range_direct and decision.digest
+            and decision.digest not in self.held
+            and await self._cold_range(request, method, decision)
+        ):
+            return
         if decision.p2p and self.check_access and not await self._allowed(request, decision.url):
             # the registry says no (401 with its challenge, 403, 404): the
             # client gets the registry's own answer, never the swarm's copy
@@ -427,27 +449,86 @@ class DaemonCore:
             body["digest"] = decision.digest
         return body
 
-    async def _cold(self, request: Any, decision: Decision) -> bool:
+    async def _cold_range(self, request: Any, method: str, decision: Decision) -> bool:
         """
-        With C{--cold-range direct}: True if this host's dfpeer does not hold
-        the blob yet, after starting its download in the background (the
-        prefetch); the range then goes straight to the registry, which
-        checks the client's access itself.
+        With C{--cold-range direct}, a range of a blob not known to be on this
+        host: the registry is asked for it at once, and the dfpeer whether it
+        holds the blob, and nothing waits for the slower of the two.  The
+        dfpeer saying "held" first drops the registry's request (False: the
+        swarm serves the range; for a blob this dfdaemon had prefetched, the
+        dfpeer's answer is always awaited); otherwise the registry's answer
+        is relayed as it comes (True), and once it is sent the dfpeer is asked to
+        download the blob in the background (the prefetch: later ranges come
+        from the local copy), unless it turned out to hold it already.  The
+        prefetch waits for the range so that the registry's whole-blob fetch
+        for the swarm does not compete with it.
         """
-        if not decision.digest:
+        digest = decision.digest
+        assert digest is not None
+        upstream = self._upstream(request, method, decision.url)
+        probe = Deferred.fromCoroutine(self._probe(digest))
+        first: Deferred = Deferred()
+
+        def arrived(result: Any, which: str) -> Any:
+            if not first.called:
+                first.callback((which, result))
+            return result
+
+        upstream.addBoth(arrived, "registry")
+        probe.addBoth(arrived, "dfpeer")
+        try:
+            if digest in self.prefetched:
+                # this dfdaemon had the dfpeer fetch it: the dfpeer's answer first (a
+                # completed prefetch spares the registry the range)
+                which, result = "dfpeer", await probe
+            else:
+                which, result = await first
+            held = result if which == "dfpeer" else None
+            if held is None and isinstance(result, Failure):
+                held = await probe  # the registry is unreachable: the swarm may still have it
+        except BaseException:
+            _drop(upstream)
+            probe.addErrback(lambda _: None)  # (cancelled with the request)
+            raise
+        if held:
+            _drop(upstream)
             return False
+        self.counters.ranges_direct += 1
+        try:
+            # (a registry that ignores Range answers 200 with the whole blob: checked against its digest)
+            await self._direct(request, method, decision.url, digest, upstream)
+        finally:
+            probe.addCallback(self._prefetch, request, decision).addErrback(lambda _: None)
+        return True
+
+    async def _probe(self, digest: str) -> bool:
+        """Whether this host's dfpeer holds the blob whole (False if there is no dfpeer to ask)."""
         try:
             api = await self.peer.api()
         except CancelledError:
             raise
         except Exception:
-            return False  # no dfpeer: the usual path falls back and says so
-        if await self._held(api, decision.digest):
-            return False
-        prefetch = self.local_http.post(api + "/api/v1/downloads", json=self._download_body(request, decision), timeout=10)
-        prefetch.addCallback(lambda r: r.json())
-        prefetch.addErrback(lambda f: log.warn("prefetch of {url} failed: {why}", url=decision.url, why=f.getErrorMessage()))
-        return True
+            return False  # no dfpeer: the prefetch says so in the log
+        held = await self._held(api, digest)
+        if held:
+            self.held.add(digest)
+        return held
+
+    def _prefetch(self, held: bool, request: Any, decision: Decision) -> None:
+        """The whole blob downloaded by the dfpeer in the background, unless it holds it already."""
+        if not held:
+            Deferred.fromCoroutine(self._start_download(request, decision)).addErrback(
+                lambda f: log.warn("prefetch of {url} failed: {why}", url=decision.url, why=f.getErrorMessage())
+            )
+
+    async def _start_download(self, request: Any, decision: Decision) -> None:
+        if decision.digest:
+            self.prefetched.add(decision.digest)
+        api = await self.peer.api()
+        response = await self.local_http.post(api + "/api/v1/downloads", json=self._download_body(request, decision), timeout=10)
+        answer = await response.json()
+        if response.code == 200 and answer.get("status") == "success" and decision.digest:
+            self.held.add(decision.digest)
 
     async def _length(self, request: Any, url: str) -> int | None:
         """The blob's length as the registry tells it (HEAD, with the client's credentials), or None."""

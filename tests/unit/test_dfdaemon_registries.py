@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
 from twisted.web.http import HTTPChannel
+from twisted.web.http_headers import Headers
 from twisted.web.server import Site
 
 from dragonfly.core.ranges import MULTIPLE, BadRange, ByteRange, content_range, parse_range
@@ -318,3 +319,184 @@ def test_a_warm_range_cancels_the_registry_request_asked_for_meanwhile():
     assert upstream.urls[0] == f"https://registry.example/v2/a/blobs/sha256:{HEX}"  # asked at once
     assert cancelled == upstream.urls[:1]  # and dropped: the swarm holds the blob
     assert core.counters.ranges_direct == 0
+
+
+class RegistryRange:
+    """The registry's 206 for a range, delivered when the test says (a pending upstream request)."""
+
+    def __init__(self, body=b"tail-bytes"):
+        from twisted.internet.defer import Deferred
+
+        self.urls = []
+        self.body = body
+        self.pending = Deferred()
+        self.cancelled = False
+
+    def request(self, method, url, **kw):
+        from twisted.internet.defer import Deferred
+
+        self.urls.append(url)
+        d = Deferred(lambda _: setattr(self, "cancelled", True))
+        self.pending.addCallback(lambda _: d.callback(self.response()))
+        return d
+
+    def response(self):
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseDone
+
+        body = self.body
+
+        class Producer:
+            def pauseProducing(self):
+                pass
+
+            def resumeProducing(self):
+                pass
+
+            def stopProducing(self):
+                pass
+
+        class Response:
+            code, phrase, length = 206, b"Partial Content", len(body)
+            headers = Headers({b"Content-Range": [f"bytes 90-{89 + len(body)}/{90 + len(body)}".encode()]})
+
+            def deliverBody(self, protocol):
+                protocol.makeConnection(Producer())
+                protocol.dataReceived(body)
+                protocol.connectionLost(Failure(ResponseDone()))
+
+        return Response()
+
+
+class SlowPeer(FakePeerHttp):
+    """A dfpeer whose answer to "do you hold it?" comes when the test says."""
+
+    def __init__(self, held=False):
+        from twisted.internet.defer import Deferred
+
+        super().__init__()
+        self.held = held
+        self.answer = Deferred()
+        self.gets = []
+
+    def get(self, url, timeout=None, **kw):
+        from twisted.internet.defer import Deferred, succeed
+
+        self.gets.append(url)
+        if url.endswith("/content"):
+            return Deferred()  # the swarm's stream: not started in these tests
+        held = self.held
+
+        class R:
+            code = 200 if held else 404
+
+            def json(self):
+                return succeed({"status": "success"} if held else {"error": {"code": "TASK_UNKNOWN"}})
+
+        d = self.answer
+        return d.addCallback(lambda _: R())
+
+
+def cold_core(upstream, local):
+    from twisted.internet.defer import succeed
+
+    core = DaemonCore(None, REGISTRIES, DEFAULT_RULES, peer=None, http=upstream, local_http=local)
+    core.check_access = False
+    core.cold_range_direct = True
+    core.peer = type("Peer", (), {"api": lambda self: succeed("http://127.0.0.1:1")})()
+    site = Site(ProxyResource(core))
+    site.protocol = HTTPChannel
+    proto = FrontFactory(None, site, core).buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return core, proto, transport
+
+
+RANGE_GET = f"GET /v2/a/blobs/sha256:{HEX} HTTP/1.1\r\nHost: x\r\nRange: bytes=90-\r\n\r\n".encode()
+
+
+def test_a_cold_range_is_relayed_before_the_dfpeer_answers_and_prefetched_after_it_is_sent():
+    """The first byte waits for the registry only; the swarm's whole-blob fetch starts once the range is sent."""
+    upstream, local = RegistryRange(), SlowPeer(held=False)
+    core, proto, transport = cold_core(upstream, local)
+    proto.dataReceived(RANGE_GET)
+    assert upstream.urls and local.gets  # both asked at once
+    assert local.posts == []  # no prefetch while the range is on its way
+    upstream.pending.callback(None)  # the registry answers; the dfpeer has not yet
+    assert status_of(transport) == 206 and transport.value().endswith(b"tail-bytes")
+    assert local.posts == []
+    local.answer.callback(None)  # not held: now the prefetch
+    assert [p["digest"] for p in local.posts] == [f"sha256:{HEX}"]
+    assert core.counters.ranges_direct == 1 and f"sha256:{HEX}" not in core.held
+
+
+def test_a_range_of_a_blob_the_dfpeer_was_seen_to_hold_never_asks_the_registry():
+    upstream, local = RegistryRange(), SlowPeer(held=True)
+    core, proto, transport = cold_core(upstream, local)
+    proto.dataReceived(RANGE_GET)
+    upstream.pending.callback(None)  # the registry first: relayed, and no prefetch (held)
+    local.answer.callback(None)
+    assert status_of(transport) == 206 and local.posts == []
+    assert f"sha256:{HEX}" in core.held
+    upstream.urls.clear()
+    proto.dataReceived(RANGE_GET)  # the next one goes to the swarm at once
+    assert upstream.urls == [] and local.posts and local.posts[0]["range"] == "bytes=90-"
+
+
+def test_an_unreachable_registry_waits_for_the_dfpeer_which_may_hold_the_blob():
+    from twisted.internet.defer import fail
+
+    class Down:
+        urls = []
+
+        def request(self, method, url, **kw):
+            self.urls.append(url)
+            return fail(ConnectionRefusedError("down"))
+
+    local = SlowPeer(held=True)
+    core, proto, transport = cold_core(Down(), local)
+    proto.dataReceived(RANGE_GET)
+    assert transport.value() == b""  # no 502 yet: the dfpeer may hold it
+    local.answer.callback(None)
+    assert local.posts and local.posts[0]["range"] == "bytes=90-"  # served from the swarm
+    assert core.counters.ranges_direct == 0
+
+
+def test_held_digests_keeps_the_most_recent():
+    from dragonfly.daemon.proxy import RecentDigests
+
+    held = RecentDigests(size=2)
+    for d in ("a", "b", "a", "c"):
+        held.add(d)
+    assert "a" in held and "c" in held and "b" not in held and len(held) == 2
+
+
+def test_a_range_of_a_blob_this_dfdaemon_prefetched_waits_for_the_dfpeer_which_may_hold_it_by_now():
+    from twisted.internet.defer import Deferred
+
+    upstream, local = RegistryRange(), SlowPeer(held=False)
+    core, proto, transport = cold_core(upstream, local)
+    proto.dataReceived(RANGE_GET)
+    upstream.pending.callback(None)
+    local.answer.callback(None)
+    assert len(local.posts) == 1  # the prefetch
+    sent = transport.value()
+    local.held, local.answer = True, Deferred()  # the prefetch completes
+    proto.dataReceived(RANGE_GET)  # the registry answers at once this time ...
+    assert transport.value() == sent  # ... and is not relayed before the dfpeer answers
+    local.answer.callback(None)
+    assert len(local.posts) == 2 and local.posts[1]["range"] == "bytes=90-"  # from the swarm
+    assert core.counters.ranges_direct == 1 and f"sha256:{HEX}" in core.held
+
+
+def test_a_client_gone_before_either_answer_drops_the_registry_request():
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    upstream, local = RegistryRange(), SlowPeer(held=False)
+    core, proto, transport = cold_core(upstream, local)
+    proto.dataReceived(RANGE_GET)
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert upstream.cancelled
+    local.answer.callback(None)  # the dfpeer's late answer: no prefetch for a request nobody waits for
+    assert local.posts == []
