@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 
 log = Logger()
 
+#: connections the API takes at once (more are answered 503)
+API_MAX_CONNECTIONS = 4096
+
 
 def _port(value: str) -> int:
     port = int(value)
@@ -220,6 +223,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     import treq
     from twisted.web.client import Agent, HTTPConnectionPool
 
+    from ..core.fdlimit import fit_open_files_shared
     from ..core.gc import DiskGc
     from ..core.httpapi import HttpLimits, guard_site
     from ..core.ratelimit import TokenBucket
@@ -261,6 +265,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         options["block-port"],
     )
     node.cdn.load()
+    # the seed's block connections and the API's, with the rest, under the open-file limit
+    block_limits = dict(options["block-limits"])
+    fit = fit_open_files_shared({"seed block": block_limits.get("max_connections", 1024), "API": API_MAX_CONNECTIONS})
+    block_limits["max_connections"] = fit["seed block"]
     api = SupernodeApi(
         node, Preheater(node, http, reactor), admin_token=options["admin-token"],
         cluster_token=options["cluster-token"], origin_policy=policy, resolver_pool=pool,
@@ -271,8 +279,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         home,
         block_endpoint,
         api_endpoint,
-        guard_site(QuietSite(api.resource()), HttpLimits(max_connections=4096)),
-        block_limits=options["block-limits"],
+        guard_site(QuietSite(api.resource()), HttpLimits(max_connections=fit["API"])),
+        block_limits=block_limits,
     ).setServiceParent(top)
     disk = DiskGc(
         node.cdn.repo, pool, options["gc-disk-high"], options["gc-disk-low"],
