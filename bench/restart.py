@@ -15,13 +15,15 @@ own URL, every dfget started at once:
     and started again at once on the same home.
 
 Small watcher processes inside the namespaces poll the origin's C{/_stats},
-the SuperNode's C{/healthz} and each dfpeer's task list, each sample stamped
-with the machine's monotonic clock.  Per restart: the downtime from the kill
-to the API answering again, to the first peer and the task registered again,
-and to the origin sending again; and the bytes the peers exchanged among
-themselves while the SuperNode was down.  Per run: each dfget's time as
-x F/B (F/B: the file over a peer's link), the slowest, the origin's copies,
-and every output's SHA-256.  Exit 0 when every output is right, 1 when not,
+the SuperNode's API port (a bare connect) and C{/healthz}, and each
+dfpeer's task list, each sample stamped with the machine's monotonic clock.
+Per restart: the downtime from the kill to the new process binding its API
+port, to the API answering again, to the first peer and the task
+registered again, and to the origin sending again; and the bytes the peers
+exchanged among themselves while the SuperNode was down.  Per run: each
+dfget's time as x F/B (F/B: the file over a peer's link), the slowest, the
+origin's copies (the bytes it handed to its sockets, and the bytes on its
+link against the undisturbed run's), and every output's SHA-256.  Exit 0 when every output is right, 1 when not,
 2 when this machine cannot run it, 75 when another run holds the network.
 """
 
@@ -67,6 +69,21 @@ while True:
     time.sleep(max(0.0, every - (time.monotonic() - t)))
 """
 
+#: tries to connect to C{HOST} C{PORT} every C{SECONDS}; prints "MONOTONIC 1" when it could, "MONOTONIC 0" when not
+WATCH_PORT = """
+import socket, sys, time
+host, port, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+while True:
+    t = time.monotonic()
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        up = 1
+    except OSError:
+        up = 0
+    print(f"{t:.4f} {up}", flush=True)
+    time.sleep(max(0.0, every - (time.monotonic() - t)))
+"""
+
 
 def say(message: str) -> None:
     print(f"restart: {message}", file=sys.stderr, flush=True)
@@ -86,13 +103,15 @@ def first_after(samples: Samples, after: float, test: Any) -> float | None:
     return None
 
 
-def downtime(kill: float, supernode: Samples, origin: Samples) -> dict[str, float | None]:
+def downtime(kill: float, supernode: Samples, origin: Samples, port: Samples | None = None) -> dict[str, float | None]:
     """
-    Seconds from the kill at C{kill} to: the API answering (C{api}), a peer
+    Seconds from the kill at C{kill} to: the API port taking connections
+    (C{bound}: the new process has bound it), the API answering (C{api}), a peer
     and a task known to it again (C{peer}, C{task}), the origin sending
     again after the API came back (C{origin}).  Samples: (monotonic time,
     C{/healthz} or C{/_stats} JSON, None when it did not answer).
     """
+    bound = first_after(port or [], kill, lambda v: v == 1)
     api = first_after(supernode, kill, lambda v: v is not None)
     peer = first_after(supernode, kill, lambda v: bool(v and v.get("peers")))
     task = first_after(supernode, kill, lambda v: bool(v and v.get("tasks")))
@@ -105,7 +124,7 @@ def downtime(kill: float, supernode: Samples, origin: Samples) -> dict[str, floa
     def since(t: float | None) -> float | None:
         return None if t is None else round(t - kill, 3)
 
-    return {"api": since(api), "peer": since(peer), "task": since(task), "origin": since(resumed)}
+    return {"bound": since(bound), "api": since(api), "peer": since(peer), "task": since(task), "origin": since(resumed)}
 
 
 def value_at(samples: Samples, t: float, key: Any) -> int:
@@ -156,6 +175,7 @@ def table(result: dict[str, Any]) -> str:
             return ", ".join("-" if k[key] is None else f"{k[key]:.2f}" for k in downs)
 
         lines += [
+            f"| kill to the API port taking connections (s) | | {col('bound')} | |",
             f"| kill to API answering (s) | | {col('api')} | |",
             f"| kill to a peer registered again (s) | | {col('peer')} | |",
             f"| kill to the task registered again (s) | | {col('task')} | |",
@@ -172,9 +192,10 @@ def table(result: dict[str, Any]) -> str:
 class Watcher:
     """A watcher process in a namespace and the samples it printed (read in a thread)."""
 
-    def __init__(self, net: netem.Network, host: netem.Host, url: str, every: float) -> None:
+    def __init__(self, net: netem.Network, host: netem.Host, url: str, every: float, script: str = WATCH) -> None:
         self.samples: Samples = []
-        self.proc = net.popen(host, [sys.executable, "-I", "-c", WATCH, url, str(every)],
+        args = [url, str(every)] if script is WATCH else [*url.split(":"), str(every)]
+        self.proc = net.popen(host, [sys.executable, "-I", "-c", script, *args],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
@@ -249,10 +270,11 @@ class Bench:
             watchers = [
                 Watcher(self.net, self.origin, f"{self.origin_url}/_stats", 0.02),
                 Watcher(self.net, self.sn, f"http://{self.sn.ip}:{API_PORT}/healthz", 0.02),
+                Watcher(self.net, self.sn, f"{self.sn.ip}:{API_PORT}", 0.01, WATCH_PORT),
                 *(Watcher(self.net, p, f"{api}/api/v1/tasks", 0.1) for p, api in zip(self.peers, apis)),
             ]
             started += [w.proc for w in watchers]
-            origin_w, sn_w, peer_ws = watchers[0], watchers[1], watchers[2:]
+            origin_w, sn_w, port_w, peer_ws = watchers[0], watchers[1], watchers[2], watchers[3:]
             deadline = time.monotonic() + 10
             while any(w.last() is None for w in watchers) and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -308,7 +330,7 @@ class Bench:
                 "kills": [],
             }
             for killed, at in kill_times:
-                down = downtime(killed, sn_w.samples, origin_w.samples)
+                down = downtime(killed, sn_w.samples, origin_w.samples, port_w.samples)
                 back = killed + (down["task"] if down["task"] is not None else 0.0)
                 exchanged = sum(
                     value_at(w.samples, back, lambda v: peer_bytes(v, url))

@@ -22,12 +22,15 @@ def test_downtime_from_the_samples() -> None:
         (9.95, {"bytesOut": 100}), (10.3, {"bytesOut": 120}), (10.6, {"bytesOut": 120}),  # in flight after the kill
         (10.7, {"bytesOut": 120}), (10.9, {"bytesOut": 150}),
     ]
-    assert downtime(kill, supernode, origin) == {"api": 0.61, "peer": 0.7, "task": 0.8, "origin": 0.9}
+    port = [(9.9, 1), (10.1, 0), (10.35, 1)]
+    assert downtime(kill, supernode, origin, port) == {
+        "bound": 0.35, "api": 0.61, "peer": 0.7, "task": 0.8, "origin": 0.9,
+    }
 
 
 def test_downtime_of_a_supernode_that_never_came_back() -> None:
     assert downtime(1.0, [(1.5, None)], [(1.2, {"bytesOut": 5})]) == {
-        "api": None, "peer": None, "task": None, "origin": None,
+        "bound": None, "api": None, "peer": None, "task": None, "origin": None,
     }
 
 
@@ -50,7 +53,7 @@ def run(xfb: list[float], kills: list[dict] | None = None) -> dict:
 
 
 def test_table_names_the_slowest_and_each_restart() -> None:
-    kill = {"at": 0.3, "api": 0.5, "peer": 0.6, "task": 0.6, "origin": None, "peerMiBWhileDown": 12.5}
+    kill = {"at": 0.3, "bound": 0.3, "api": 0.5, "peer": 0.6, "task": 0.6, "origin": None, "peerMiBWhileDown": 12.5}
     text = table({
         "peers": 2, "peerMbit": 80, "originMbit": 160, "supernodeMbit": 160, "sizeMiB": 48, "fbSeconds": 5.03,
         "load": [1.0, 2.0], "undisturbed": run([1.2, 1.3]), "restarts": run([1.6, 1.4], [kill]),
