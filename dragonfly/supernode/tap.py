@@ -200,7 +200,13 @@ class SupernodeService(ListeningService):
         from ..protocol.block import BlockFactory
         from .scheduler import SEED_ID
 
-        block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side, clock=self.node.clock, **self._block_limits))
+        try:
+            block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side, clock=self.node.clock, **self._block_limits))
+        except BaseException:
+            # the API's socket, bound early, must not take connections the process will never answer
+            if isinstance(self._api_endpoint, AdoptedStreamServerEndpoint):
+                os.close(self._api_endpoint.fileno)
+            raise
         self.node.block_port = block.getHost().port
         api = await self.listen(self._api_endpoint, self._site)
         self.publish({"port": api.getHost().port, "blockPort": self.node.block_port, "advertiseIp": self.node.advertise_ip})

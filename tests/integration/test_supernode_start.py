@@ -67,17 +67,23 @@ def test_a_request_made_while_the_supernode_starts_is_answered(tmp_path):
         proc.wait(30)
 
 
-def test_a_port_in_use_is_reported_as_before(tmp_path):
-    """The bind's error surfaces where a tcp: endpoint's did: the service could not start, and why."""
+@pytest.mark.parametrize("which", ["port", "block-port"])
+def test_a_port_in_use_is_reported_as_before(tmp_path, which):
+    """
+    The bind's error surfaces where a tcp: endpoint's did: the service could
+    not start, and why; with the block port taken, the API port bound early
+    is closed again (it must not take connections nobody will answer).
+    """
     log = tmp_path / "sn.log"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
+        ports = {"port": str(free_port()), "block-port": str(free_port()), which: str(port)}
         with open(log, "wb") as out:
             proc = subprocess.Popen(
-                [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "supernode", "--port", str(port), "--block-port", "0",
-                 "--listen", "127.0.0.1", "--home", str(tmp_path / "home")],
+                [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "supernode", "--port", ports["port"],
+                 "--block-port", ports["block-port"], "--listen", "127.0.0.1", "--home", str(tmp_path / "home")],
                 stdout=out, stderr=subprocess.STDOUT,
             )
         try:
@@ -88,6 +94,9 @@ def test_a_port_in_use_is_reported_as_before(tmp_path):
             assert "supernode could not start" in text and f"Couldn't listen on 127.0.0.1:{port}" in text
             assert "Address already in use" in text
             assert not (tmp_path / "home" / "supernode.json").exists()
+            if which == "block-port":
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", int(ports["port"])), timeout=5).close()
         finally:
             proc.kill()
             proc.wait(30)
