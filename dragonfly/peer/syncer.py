@@ -104,6 +104,13 @@ class Syncer:
     #: the waits between calls to a SuperNode that does not answer: a restart
     #: takes about half a second, so the first calls come soon, then once a second
     RETRY_WAITS = (0.25, 0.5, 1.0)
+    #: a download under way asks again this often for the first L{OUTAGE_FAST}
+    #: seconds of an outage: until a restarted SuperNode binds its port the
+    #: calls are refused at once (cheap); from then on they wait in its listen
+    #: backlog and are answered as soon as it runs, so the peers come back
+    #: together with it instead of on their next retry tick
+    OUTAGE_RETRY = 0.1
+    OUTAGE_FAST = 3.0
 
     def __init__(
         self, task: SyncedTask, task_id: str, session: Session, host: SupernodeWatch, request: Mapping[str, Any],
@@ -239,7 +246,8 @@ class Syncer:
                     raise BackToSource(
                         f"supernode lost and no progress for {self.orphan_timeout:.0f}s ({e})", "supernode_lost",
                     ) from None
-                await self._sleep(self._retry_wait(tries))
+                fast = now - unreachable_since < self.OUTAGE_FAST
+                await self._sleep(self.OUTAGE_RETRY if fast else self._retry_wait(tries))
                 tries += 1
                 continue
             if self._task.starting():
