@@ -28,7 +28,7 @@ from ..core.service import ListeningService, default_reactor
 from ..core.tapkit import detect_ip, parse_gc_options, read_token
 from ..core.tls import https_policy
 from ..core.units import parse_rate
-from ..protocol.block import BLOCK_PORT_OPTIONS, block_port_limits
+from ..protocol.block import BLOCK_PORT_OPTIONS, BlockFactory, block_port_limits
 
 if TYPE_CHECKING:
     from twisted.web.server import Site
@@ -197,7 +197,6 @@ class SupernodeService(ListeningService):
         self._site = site
 
     async def _start(self) -> None:
-        from ..protocol.block import BlockFactory
         from .scheduler import SEED_ID
 
         try:
