@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             result = Bench(net, args, workdir).main()
     except netem.Busy as e:
         say(str(e))
+        args.keep = False  # nothing ran: nothing to keep
         return EXIT_BUSY
     finally:
         if args.keep:
