@@ -50,3 +50,17 @@ def fit_open_files(connections: int, reserve: int = RESERVE, what: str = "block"
         soft=soft, fit=fit, connections=connections, what=what,
     )
     return fit
+
+
+def fit_open_files_shared(limits: dict[str, int], reserve: int = RESERVE) -> dict[str, int]:
+    """
+    L{fit_open_files} for several listening ports at once (the SuperNode's
+    seed block port and its API): room for every limit of C{limits} (a name
+    -> connections) plus C{reserve}; when the hard limit is too low, each
+    limit scaled down in proportion (at least 1 each).
+    """
+    total = sum(limits.values())
+    fit = fit_open_files(total, reserve, what=" and ".join(limits))
+    if fit >= total:
+        return dict(limits)
+    return {name: max(1, n * fit // total) for name, n in limits.items()}

@@ -121,6 +121,13 @@ class Syncer:
     max_sync = float(os.environ.get("DRAGONFLY_SYNC_MAX", 2.0))
     #: pieces flow: one was stored within this many seconds
     FLOWING = 1.0
+    #: a download under way asks again this often for the first L{OUTAGE_FAST}
+    #: seconds of an outage: until a restarted SuperNode binds its port the
+    #: calls are refused at once (cheap); from then on they wait in its listen
+    #: backlog and are answered as soon as it runs, so the peers come back
+    #: together with it instead of on their next retry tick
+    OUTAGE_RETRY = 0.1
+    OUTAGE_FAST = 3.0
 
     def __init__(
         self, task: SyncedTask, task_id: str, session: Session, host: SupernodeWatch, request: Mapping[str, Any],
@@ -279,7 +286,8 @@ class Syncer:
                     raise BackToSource(
                         f"supernode lost and no progress for {self.orphan_timeout:.0f}s ({e})", "supernode_lost",
                     ) from None
-                await self._sleep(self._retry_wait(tries))
+                fast = now - unreachable_since < self.OUTAGE_FAST
+                await self._sleep(self.OUTAGE_RETRY if fast else self._retry_wait(tries))
                 tries += 1
                 continue
             if self._task.starting():

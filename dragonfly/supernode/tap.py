@@ -10,39 +10,41 @@ Every option is documented in docs/configuration.md.
 from __future__ import annotations
 
 import os
-from typing import Any
+import socket
+from typing import TYPE_CHECKING, Any
 
-import treq
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.server import Site
 
 from ..core.config import ConfigFileOptions
 from ..core.defaults import DEFAULT_SUPERNODE_HOME
-from ..core.gc import DiskGc
-from ..core.httpapi import HttpLimits, guard_site
 from ..core.ids import BadInput
 from ..core.pieces import MAX_PIECE_SIZE, MIN_PIECE_SIZE, dragonfly_piece_size, swarm_piece_size
 from ..core.piecetag import load_key
-from ..core.ratelimit import TokenBucket
-from ..core.security import DEFAULT_DENY, OriginPolicy, PolicyEndpointFactory
+from ..core.security import DEFAULT_DENY, OriginPolicy
 from ..core.service import ListeningService, default_reactor
-from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
-from ..core.threads import WorkerPool
+from ..core.tapkit import detect_ip, parse_gc_options, read_token
 from ..core.tls import https_policy
 from ..core.units import parse_rate
 from ..protocol.block import BLOCK_PORT_OPTIONS, BlockFactory, block_port_limits
-from .api import SupernodeApi
-from .cdn import Cdn
-from .gc import SupernodeGc
-from .node import SuperNode
-from .preheat import Preheater
-from .scheduler import SEED_ID, Scheduler
+
+if TYPE_CHECKING:
+    from twisted.web.server import Site
+
+    from .node import SuperNode
+
+# The rest (the API, the CDN, the scheduler, treq, klein) is imported in
+# makeService, after both ports are bound (L{bind_early}): a restarted
+# SuperNode's peers connect while it still imports and reloads its cache,
+# and their requests wait in the listen backlog instead of being refused.
 
 log = Logger()
+
+#: connections the API takes at once (more are answered 503)
+API_MAX_CONNECTIONS = 4096
 
 
 def _port(value: str) -> int:
@@ -150,6 +152,41 @@ class Options(ConfigFileOptions):
             self["advertise-ip"] = listen if listen not in ("0.0.0.0", "::") else detect_ip(None)
 
 
+def bind_early(interface: str, port: int, reactor: Any, backlog: int = 1024) -> Any:
+    """
+    A listening TCP socket on C{interface}:C{port}, bound now (before the
+    reactor runs), as an endpoint that adopts it; a bind that fails raises
+    L{CannotListenError} from C{listen}, as a C{tcp:} endpoint does.  The
+    kernel completes the handshakes of connections made from here on, so a
+    restarted SuperNode's peers wait in the backlog until it serves them
+    rather than being refused and asking again on their next retry tick.
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's own ports
+        sock.bind((interface, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as e:
+        sock.close()
+        return _FailedEndpoint(CannotListenError(interface, port, e))
+    # the endpoint owns the descriptor from here on (it closes it once adopted)
+    return AdoptedStreamServerEndpoint(reactor, sock.detach(), family)
+
+
+class _FailedEndpoint:
+    """An endpoint whose C{listen} fails with the bind's error (L{bind_early})."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def listen(self, factory: Any) -> Any:
+        from twisted.internet.defer import fail
+
+        return fail(self.error)
+
+
 class SupernodeService(ListeningService):
     """
     Binds the block port first (the seed advertises its real port, so port 0
@@ -170,7 +207,15 @@ class SupernodeService(ListeningService):
         self._site = site
 
     async def _start(self) -> None:
-        block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side, clock=self.node.clock, **self._block_limits))
+        from .scheduler import SEED_ID
+
+        try:
+            block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side, clock=self.node.clock, **self._block_limits))
+        except BaseException:
+            # the API's socket, bound early, must not take connections the process will never answer
+            if isinstance(self._api_endpoint, AdoptedStreamServerEndpoint):
+                os.close(self._api_endpoint.fileno)
+            raise
         self.node.block_port = block.getHost().port
         api = await self.listen(self._api_endpoint, self._site)
         self.publish({"port": api.getHost().port, "blockPort": self.node.block_port, "advertiseIp": self.node.advertise_ip})
@@ -182,6 +227,31 @@ class SupernodeService(ListeningService):
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     reactor = default_reactor(reactor)
+    iface = options["listen"]
+    # both ports first (see bind_early); the API on its own endpoint (TLS, ...) when given one
+    block_endpoint = bind_early(iface, options["block-port"], reactor=reactor)
+    api_endpoint = (
+        serverFromString(reactor, options["api-listen"]) if options["api-listen"]
+        else bind_early(iface, options["port"], reactor=reactor)
+    )
+
+    import treq
+    from twisted.web.client import Agent, HTTPConnectionPool
+
+    from ..core.fdlimit import fit_open_files_shared
+    from ..core.gc import DiskGc
+    from ..core.httpapi import HttpLimits, guard_site
+    from ..core.ratelimit import TokenBucket
+    from ..core.security import PolicyEndpointFactory
+    from ..core.tapkit import QuietSite
+    from ..core.threads import WorkerPool
+    from .api import SupernodeApi
+    from .cdn import Cdn
+    from .gc import SupernodeGc
+    from .node import SuperNode
+    from .preheat import Preheater
+    from .scheduler import Scheduler
+
     home = os.path.abspath(options["home"])
     os.makedirs(home, exist_ok=True)
     top = MultiService()
@@ -211,20 +281,22 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         piece_key=options["piece-key"],
     )
     node.cdn.load()
+    # the seed's block connections and the API's, with the rest, under the open-file limit
+    block_limits = dict(options["block-limits"])
+    fit = fit_open_files_shared({"seed block": block_limits.get("max_connections", 1024), "API": API_MAX_CONNECTIONS})
+    block_limits["max_connections"] = fit["seed block"]
     api = SupernodeApi(
         node, Preheater(node, http, reactor), admin_token=options["admin-token"],
         cluster_token=options["cluster-token"], origin_policy=policy, resolver_pool=pool,
     )
-    iface = options["listen"]
-    api_endpoint = options["api-listen"] or f"tcp:{options['port']}:interface={iface}"
     SupernodeService(
         reactor,
         node,
         home,
-        serverFromString(reactor, f"tcp:{options['block-port']}:interface={iface}"),
-        serverFromString(reactor, api_endpoint),
-        guard_site(QuietSite(api.resource()), HttpLimits(max_connections=4096)),
-        block_limits=options["block-limits"],
+        block_endpoint,
+        api_endpoint,
+        guard_site(QuietSite(api.resource()), HttpLimits(max_connections=fit["API"])),
+        block_limits=block_limits,
     ).setServiceParent(top)
     disk = DiskGc(
         node.cdn.repo, pool, options["gc-disk-high"], options["gc-disk-low"],

@@ -63,3 +63,24 @@ def test_a_refused_raise_lowers_the_connection_limit(limits) -> None:
 def test_never_below_one(limits) -> None:
     limits(100, 100)
     assert fdlimit.fit_open_files(1024, reserve=256) == 1
+
+
+def test_shared_limits_fit_together_when_the_soft_limit_can_be_raised(limits) -> None:
+    fake = limits(1024, 524288)
+    assert fdlimit.fit_open_files_shared({"seed block": 1024, "API": 4096}, reserve=256) == {
+        "seed block": 1024, "API": 4096,
+    }
+    assert fake.soft == 1024 + 4096 + 256
+
+
+def test_shared_limits_scale_down_in_proportion_under_a_low_hard_limit(limits) -> None:
+    fake = limits(1024, 4096)
+    fit = fdlimit.fit_open_files_shared({"seed block": 1024, "API": 4096}, reserve=256)
+    assert fake.soft == 4096
+    assert fit == {"seed block": 768, "API": 3072}  # 3840 fit, shared 1:4
+    assert sum(fit.values()) + 256 <= fake.soft
+
+
+def test_shared_limits_keep_at_least_one_each(limits) -> None:
+    limits(300, 300)
+    assert fdlimit.fit_open_files_shared({"a": 1000, "b": 1}, reserve=256) == {"a": 43, "b": 1}

@@ -311,3 +311,22 @@ def test_a_restarting_supernode_is_asked_again_soon_then_every_second() -> None:
     assert session.register_calls == 4
     clock.advance(1.0)
     assert session.register_calls == 5 and task.lifecycle.state is State.REGISTERING
+
+
+def test_a_download_under_way_asks_a_silent_supernode_often_at_first() -> None:
+    """A restart binds its port within a fraction of a second: the first 3 s of an outage are asked every 0.1 s."""
+    syncer, session, task, clock = make()
+    task.download = True
+    run(syncer)
+    session.syncs = [SupernodeUnavailable("restarting")] * 100
+    clock.advance(0.5)  # the first sync after the registration fails
+    failed_at = len(session.reports)
+    clock.pump([0.1] * 10)
+    assert len(session.reports) == failed_at + 10
+    clock.pump([0.1] * 20)  # 3 s into the outage
+    calls = len(session.reports)
+    clock.pump([0.25] * 4)
+    assert len(session.reports) - calls <= 2  # then the usual waits (0.25 s, 0.5 s, then once a second)
+    session.syncs = []
+    clock.pump([1.0] * 2)
+    assert len(task.applied) >= 2  # it answers again: syncs go on

@@ -1,0 +1,420 @@
+"""
+The SuperNode killed and restarted mid-fetch, on emulated hosts.
+
+    sudo python -m bench.restart [--peers 6] [--size-mib 48] [--kills 0.3,0.6,0.9] [--json F] [--doc F]
+
+On the benchmark's namespaces (L{bench.netem}: root, 198.18.0.0/15 only,
+everything torn down on any exit) a counting origin, a SuperNode and N
+dfpeers (issue 14's setting: 6 peers at 80 Mbit/s, the origin and the
+SuperNode at 160 Mbit/s, 48 MiB).  Two runs, each with fresh homes and its
+own URL, every dfget started at once:
+
+  - undisturbed;
+  - the SuperNode killed with SIGKILL when the origin has sent 30 %, 60 %
+    and 90 % of the file's bytes (cumulative, as its C{/_stats} counts them),
+    and started again at once on the same home.
+
+Small watcher processes inside the namespaces poll the origin's C{/_stats},
+the SuperNode's API port (a bare connect) and C{/healthz}, and each
+dfpeer's task list, each sample stamped with the machine's monotonic clock.
+Per restart: the downtime from the kill to the new process binding its API
+port, to the API answering again, to the first peer and the task
+registered again, and to the origin sending again; and the bytes the peers
+exchanged among themselves while the SuperNode was down.  Per run: each
+dfget's time as x F/B (F/B: the file over a peer's link), the slowest, the
+origin's copies (the bytes it handed to its sockets, and the bytes on its
+link against the undisturbed run's), and every output's SHA-256.  Exit 0 when every output is right, 1 when not,
+2 when this machine cannot run it, 75 when another run holds the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from dragonfly.testing.swarm import sha256_file, wait_for_file, write_random_file
+
+from . import netem
+from .docblock import write_block
+from .measure import load_average
+from .swarm import BIN, REPO
+
+MiB = 1 << 20
+API_PORT, BLOCK_PORT, ORIGIN_PORT = 8002, 8001, 80
+EXIT_WRONG, EXIT_UNAVAILABLE, EXIT_BUSY = 1, 2, 75
+
+#: polls C{URL} every C{SECONDS}; prints "MONOTONIC JSON" (JSON null when it does not answer), stamped
+#: when the answer came (a request may wait in a listen backlog)
+WATCH = """
+import json, sys, time, urllib.request
+url, every = sys.argv[1], float(sys.argv[2])
+while True:
+    t = time.monotonic()
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as r:
+            line = json.dumps(json.loads(r.read()), separators=(",", ":"))
+    except Exception:
+        line = "null"
+    print(f"{time.monotonic():.4f} {line}", flush=True)  # stamped when the answer came
+    time.sleep(max(0.0, every - (time.monotonic() - t)))
+"""
+
+#: tries to connect to C{HOST} C{PORT} every C{SECONDS}; prints "MONOTONIC 1" when it could, "MONOTONIC 0" when not
+WATCH_PORT = """
+import socket, sys, time
+host, port, every = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+while True:
+    t = time.monotonic()
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        up = 1
+    except OSError:
+        up = 0
+    print(f"{t:.4f} {up}", flush=True)
+    time.sleep(max(0.0, every - (time.monotonic() - t)))
+"""
+
+
+def say(message: str) -> None:
+    print(f"restart: {message}", file=sys.stderr, flush=True)
+
+
+# -- the pure parts ------------------------------------------------------------------
+
+
+Samples = list[tuple[float, Any]]
+
+
+def first_after(samples: Samples, after: float, test: Any) -> float | None:
+    """The time of the first sample after C{after} whose value passes C{test}, or None."""
+    for t, value in samples:
+        if t > after and test(value):
+            return t
+    return None
+
+
+def downtime(kill: float, supernode: Samples, origin: Samples, port: Samples | None = None) -> dict[str, float | None]:
+    """
+    Seconds from the kill at C{kill} to: the API port taking connections
+    (C{bound}: the new process has bound it), the API answering (C{api}), a peer
+    and a task known to it again (C{peer}, C{task}), the origin sending
+    again after the API came back (C{origin}).  Samples: (monotonic time,
+    C{/healthz} or C{/_stats} JSON, None when it did not answer).
+    """
+    bound = first_after(port or [], kill, lambda v: v == 1)
+    api = first_after(supernode, kill, lambda v: v is not None)
+    peer = first_after(supernode, kill, lambda v: bool(v and v.get("peers")))
+    task = first_after(supernode, kill, lambda v: bool(v and v.get("tasks")))
+    resumed = None
+    if api is not None:
+        before = [v["bytesOut"] for t, v in origin if t <= api and v is not None]
+        if before:
+            resumed = first_after(origin, api, lambda v: v is not None and v["bytesOut"] > before[-1])
+
+    def since(t: float | None) -> float | None:
+        return None if t is None else round(t - kill, 3)
+
+    return {"bound": since(bound), "api": since(api), "peer": since(peer), "task": since(task), "origin": since(resumed)}
+
+
+def value_at(samples: Samples, t: float, key: Any) -> int:
+    """C{key(value)} of the last sample at or before C{t} that answered (0 when none)."""
+    found = 0
+    for when, value in samples:
+        if when > t:
+            break
+        if value is not None:
+            found = key(value)
+    return found
+
+
+def peer_bytes(view: Any, url: str) -> int:
+    """Bytes the dfpeer's task for C{url} received from other peers (its C{/api/v1/tasks} view)."""
+    for task in (view or {}).get("tasks", []):
+        if task.get("url") == url:
+            return int((task.get("traffic") or {}).get("remote_peer", 0))
+    return 0
+
+
+def table(result: dict[str, Any]) -> str:
+    """The runs side by side, in Markdown."""
+    calm, hurt = result["undisturbed"], result["restarts"]
+    fb = result["fbSeconds"]
+
+    def times(run: dict[str, Any]) -> str:
+        return ", ".join(f"{t:.2f}" for t in sorted(run["xFB"]))
+
+    downs = hurt.get("kills", [])
+    lines = [
+        (f"`python -m bench.restart`: {result['peers']} peers at {result['peerMbit']:g} Mbit/s, origin "
+         f"{result['originMbit']:g} Mbit/s, SuperNode {result['supernodeMbit']:g} Mbit/s, {result['sizeMiB']} MiB "
+         f"(F/B {fb:.2f} s); load average {result['load'][0]:.1f} before, {result['load'][1]:.1f} after, on "
+         f"{os.cpu_count()} cores."),
+        "",
+        "| | undisturbed | SuperNode killed at " + ", ".join(f"{k['at']:.0%}" for k in downs) + " | target |",
+        "|---|---|---|---|",
+        f"| every dfget (x F/B) | {times(calm)} | {times(hurt)} | |",
+        f"| slowest (x F/B) | {max(calm['xFB']):.2f} | {max(hurt['xFB']):.2f} | <= 1.5 |",
+        f"| origin copies (bytes it handed to its sockets) | {calm['originCopies']:.3f} | {hurt['originCopies']:.3f} "
+        "| <= 1.05 |",
+        f"| origin copies on its link (against the undisturbed run) | 1 | {hurt['originWireCopies']:.3f} | <= 1.05 |",
+        f"| outputs right | {calm['right']}/{calm['peers']} | {hurt['right']}/{hurt['peers']} | all |",
+    ]
+    if downs:
+        def col(key: str) -> str:
+            return ", ".join("-" if k[key] is None else f"{k[key]:.2f}" for k in downs)
+
+        lines += [
+            f"| kill to the API port taking connections (s) | | {col('bound')} | |",
+            f"| kill to API answering (s) | | {col('api')} | |",
+            f"| kill to a peer registered again (s) | | {col('peer')} | |",
+            f"| kill to the task registered again (s) | | {col('task')} | |",
+            f"| kill to the origin sending again (s) | | {col('origin')} | |",
+            "| MiB peers exchanged while it was down (kill to task back) | | "
+            + ", ".join(f"{k['peerMiBWhileDown']:.1f}" for k in downs) + " | > 0 |",
+        ]
+    return "\n".join(lines)
+
+
+# -- the hosts -----------------------------------------------------------------------
+
+
+class Watcher:
+    """A watcher process in a namespace and the samples it printed (read in a thread)."""
+
+    def __init__(self, net: netem.Network, host: netem.Host, url: str, every: float, script: str = WATCH) -> None:
+        self.samples: Samples = []
+        args = [url, str(every)] if script is WATCH else [*url.split(":"), str(every)]
+        self.proc = net.popen(host, [sys.executable, "-I", "-c", script, *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            t, _, body = raw.decode().partition(" ")
+            try:
+                self.samples.append((float(t), json.loads(body)))
+            except ValueError:
+                continue
+
+    def last(self) -> Any:
+        return self.samples[-1][1] if self.samples else None
+
+
+class Bench:
+    def __init__(self, net: netem.Network, args: argparse.Namespace, workdir: str) -> None:
+        self.net, self.args, self.workdir = net, args, workdir
+        self.size = args.size_mib * MiB
+        self.fb = self.size * 8 / (args.peer_mbit * 1e6)
+        self.www = os.path.join(workdir, "www")
+        self.logs = os.path.join(workdir, "logs")
+        for d in (self.www, self.logs):
+            os.makedirs(d)
+        self.digest = write_random_file(os.path.join(self.www, "f.bin"), self.size)
+        self.origin = net.add_host("origin", args.origin_mbit, args.origin_mbit)
+        self.sn = net.add_host("supernode", args.supernode_mbit, args.supernode_mbit)
+        self.peers = [net.add_host(f"peer{i}", args.peer_mbit, args.peer_mbit) for i in range(args.peers)]
+        self.origin_url = f"http://{self.origin.ip}:{ORIGIN_PORT}"
+
+    def spawn(self, host: netem.Host, tag: str, argv: list[str]) -> subprocess.Popen:
+        with open(os.path.join(self.logs, f"{tag}.log"), "ab") as log:
+            return self.net.popen(host, argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+    def start_origin(self) -> None:
+        info = os.path.join(self.workdir, "origin.json")
+        proc = self.spawn(self.origin, "origin", [
+            sys.executable, "-m", "dragonfly.testing.origin", "--root", self.www,
+            "--port", str(ORIGIN_PORT), "--interface", self.origin.ip, "--info", info,
+        ])
+        wait_for_file(info, 30, proc)
+
+    def supernode(self, home: str, tag: str) -> subprocess.Popen:
+        return self.spawn(self.sn, tag, [
+            os.path.join(BIN, "twistd"), "-n", "--pidfile=", "supernode", "--port", str(API_PORT),
+            "--block-port", str(BLOCK_PORT), "--listen", self.sn.ip, "--advertise-ip", self.sn.ip,
+            "--home", home,
+        ])
+
+    def run(self, name: str, kills: Sequence[float]) -> dict[str, Any]:
+        """One run on fresh homes: the dfgets at once, the SuperNode killed at each share of C{kills}."""
+        say(f"run {name}" + (f": kills at {', '.join(f'{k:.0%}' for k in kills)}" if kills else ""))
+        rdir = os.path.join(self.workdir, name)
+        sn_home = os.path.join(rdir, "supernode")
+        homes = [os.path.join(rdir, p.name) for p in self.peers]
+        for d in (sn_home, *homes):
+            os.makedirs(d)
+        started: list[subprocess.Popen] = []
+        try:
+            sn = self.supernode(sn_home, f"{name}-supernode")
+            started.append(sn)
+            wait_for_file(os.path.join(sn_home, "supernode.json"), 60, sn)
+            for peer, home in zip(self.peers, homes):
+                started.append(self.spawn(peer, f"{name}-{peer.name}", [
+                    os.path.join(BIN, "twistd"), "-n", "--pidfile=", "dfpeer", "--supernode", f"{self.sn.ip}:{API_PORT}",
+                    "--home", home, "--ip", peer.ip, "--listen", peer.ip, "--port", str(BLOCK_PORT),
+                ]))
+            apis = [wait_for_file(os.path.join(home, "peer.json"), 60, proc)["api"]
+                    for home, proc in zip(homes, started[1:])]
+            watchers = [
+                Watcher(self.net, self.origin, f"{self.origin_url}/_stats", 0.02),
+                Watcher(self.net, self.sn, f"http://{self.sn.ip}:{API_PORT}/healthz", 0.02),
+                Watcher(self.net, self.sn, f"{self.sn.ip}:{API_PORT}", 0.01, WATCH_PORT),
+                *(Watcher(self.net, p, f"{api}/api/v1/tasks", 0.1) for p, api in zip(self.peers, apis)),
+            ]
+            started += [w.proc for w in watchers]
+            origin_w, sn_w, port_w, peer_ws = watchers[0], watchers[1], watchers[2], watchers[3:]
+            deadline = time.monotonic() + 10
+            while any(w.last() is None for w in watchers) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            before = int((origin_w.last() or {}).get("bytesOut", 0))
+            wire_before = self.net.link_counters()["origin"]["upBytes"]
+            url = f"{self.origin_url}/f.bin?run={name}"
+            outputs = [os.path.join(rdir, f"{p.name}.out") for p in self.peers]
+            t0 = time.monotonic()
+            dfgets = [
+                self.spawn(p, f"{name}-dfget-{p.name}", [
+                    os.path.join(BIN, "dfget"), "-u", url, "-o", out, "--home", home,
+                    "--node", f"{self.sn.ip}:{API_PORT}", "--no-progress", "--timeout", f"{self.args.timeout}s",
+                ])
+                for p, out, home in zip(self.peers, outputs, homes)
+            ]
+            started += dfgets
+            kill_times: list[tuple[float, float]] = []
+            for share in kills:
+                while int((origin_w.last() or {}).get("bytesOut", 0)) - before < share * self.size:
+                    if all(d.poll() is not None for d in dfgets) or time.monotonic() - t0 > self.args.timeout:
+                        raise RuntimeError(f"the origin never reached {share:.0%} of the file")
+                    time.sleep(0.005)
+                sn.send_signal(signal.SIGKILL)
+                sn.wait()
+                killed = time.monotonic()
+                sent = int((origin_w.last() or {}).get("bytesOut", 0)) - before
+                kill_times.append((killed, sent / self.size))
+                say(f"killed the SuperNode at {sent / self.size:.1%} of the origin's bytes; starting it again")
+                sn = self.supernode(sn_home, f"{name}-supernode")
+                started.append(sn)
+            ends = []
+            for d in dfgets:
+                try:
+                    d.wait(timeout=max(1.0, self.args.timeout + 30 - (time.monotonic() - t0)))
+                except subprocess.TimeoutExpired:
+                    d.kill()
+                    d.wait()
+                ends.append(time.monotonic() - t0)
+            time.sleep(0.3)  # the watchers' last samples
+            origin_bytes = int((origin_w.last() or {}).get("bytesOut", 0)) - before
+            wire = self.net.link_counters()["origin"]["upBytes"] - wire_before
+            right = [d.returncode == 0 and os.path.exists(o) and sha256_file(o) == self.digest
+                     for d, o in zip(dfgets, outputs)]
+            result: dict[str, Any] = {
+                "name": name,
+                "peers": len(self.peers),
+                "seconds": [round(e, 3) for e in ends],
+                "xFB": [round(e / self.fb, 3) for e in ends],
+                "exits": [d.returncode for d in dfgets],
+                "right": sum(right),
+                "originCopies": round(origin_bytes / self.size, 4),
+                "originWireBytes": wire,
+                "kills": [],
+            }
+            for killed, at in kill_times:
+                down = downtime(killed, sn_w.samples, origin_w.samples, port_w.samples)
+                back = killed + (down["task"] if down["task"] is not None else 0.0)
+                exchanged = sum(
+                    value_at(w.samples, back, lambda v: peer_bytes(v, url))
+                    - value_at(w.samples, killed, lambda v: peer_bytes(v, url))
+                    for w in peer_ws
+                )
+                result["kills"].append({"at": round(at, 3), **down, "peerMiBWhileDown": round(exchanged / MiB, 2)})
+            say(f"run {name}: slowest {max(result['xFB']):.2f} x F/B, origin {result['originCopies']:.3f} copies, "
+                f"{result['right']}/{len(self.peers)} right; downtimes {result['kills']}")
+            return result
+        finally:
+            self.net.stop(started)
+            shutil.rmtree(rdir, ignore_errors=True)
+
+    def main(self) -> dict[str, Any]:
+        load0 = load_average()
+        self.start_origin()
+        calm = self.run("calm", [])
+        hurt = self.run("restarts", self.args.kills)
+        for run in (calm, hurt):
+            # on the origin's link (headers included) against the undisturbed fetch of one copy
+            run["originWireCopies"] = round(run["originWireBytes"] / calm["originWireBytes"], 4)
+        return {
+            "peers": len(self.peers), "peerMbit": self.args.peer_mbit, "originMbit": self.args.origin_mbit,
+            "supernodeMbit": self.args.supernode_mbit, "sizeMiB": self.args.size_mib, "fbSeconds": round(self.fb, 3),
+            "load": [load0, load_average()], "undisturbed": calm, "restarts": hurt,
+        }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.restart", description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--peers", type=int, default=6)
+    p.add_argument("--size-mib", type=int, default=48)
+    p.add_argument("--peer-mbit", type=float, default=80)
+    p.add_argument("--origin-mbit", type=float, default=160)
+    p.add_argument("--supernode-mbit", type=float, default=160)
+    p.add_argument("--kills", default="0.3,0.6,0.9", help="shares of the origin's bytes at which to kill the SuperNode")
+    p.add_argument("--timeout", type=int, default=120, help="seconds a dfget may take")
+    p.add_argument("--json", default="", help="write the numbers here")
+    p.add_argument("--doc", default="", help="put the table in this Markdown file (between the restart markers)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    args = p.parse_args(argv)
+    try:
+        args.kills = sorted(float(k) for k in args.kills.split(",") if k.strip())
+    except ValueError:
+        p.error("--kills: comma-separated shares such as 0.3,0.6,0.9")
+    if not all(0 < k < 1 for k in args.kills):
+        p.error("--kills: each share between 0 and 1")
+    if not 1 <= args.peers <= 200 or args.size_mib < 1:
+        p.error("--peers must be 1..200 and --size-mib at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    why = netem.unavailable()
+    if why:
+        say(f"cannot run: {why}")
+        return EXIT_UNAVAILABLE
+    workdir = tempfile.mkdtemp(prefix="dfb-restart-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        with netem.Network() as net:
+            result = Bench(net, args, workdir).main()
+    except netem.Busy as e:
+        say(str(e))
+        args.keep = False  # nothing ran: nothing to keep
+        return EXIT_BUSY
+    finally:
+        if args.keep:
+            shutil.rmtree(os.path.join(workdir, "www"), ignore_errors=True)
+            say(f"logs in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    text = table(result)
+    print(json.dumps(result, indent=2))
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.doc:
+        write_block(args.doc, "restart", text, "SuperNode restarts on emulated hosts")
+    ok = all(r["right"] == r["peers"] for r in (result["undisturbed"], result["restarts"]))
+    return 0 if ok else EXIT_WRONG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""bench.restart's pure parts: the downtimes from the watchers' samples, the peers' bytes, the table, the options."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.restart import downtime, parse_args, peer_bytes, table, value_at
+
+URL = "http://198.18.0.10:80/f.bin?run=restarts"
+
+
+def test_downtime_from_the_samples() -> None:
+    kill = 10.0
+    supernode = [
+        (9.9, {"ok": True, "tasks": 1, "peers": 6}),  # before the kill: ignored
+        (10.2, None), (10.4, None),
+        (10.61, {"ok": True, "tasks": 0, "peers": 0}),  # the API answers
+        (10.7, {"ok": True, "tasks": 0, "peers": 2}),  # peers registered
+        (10.8, {"ok": True, "tasks": 1, "peers": 6}),  # the task too
+    ]
+    origin = [
+        (9.95, {"bytesOut": 100}), (10.3, {"bytesOut": 120}), (10.6, {"bytesOut": 120}),  # in flight after the kill
+        (10.7, {"bytesOut": 120}), (10.9, {"bytesOut": 150}),
+    ]
+    port = [(9.9, 1), (10.1, 0), (10.35, 1)]
+    assert downtime(kill, supernode, origin, port) == {
+        "bound": 0.35, "api": 0.61, "peer": 0.7, "task": 0.8, "origin": 0.9,
+    }
+
+
+def test_downtime_of_a_supernode_that_never_came_back() -> None:
+    assert downtime(1.0, [(1.5, None)], [(1.2, {"bytesOut": 5})]) == {
+        "bound": None, "api": None, "peer": None, "task": None, "origin": None,
+    }
+
+
+def test_value_at_takes_the_last_answer_at_or_before() -> None:
+    samples = [(1.0, {"n": 1}), (2.0, None), (3.0, {"n": 3})]
+    assert value_at(samples, 0.5, lambda v: v["n"]) == 0
+    assert value_at(samples, 2.5, lambda v: v["n"]) == 1
+    assert value_at(samples, 3.0, lambda v: v["n"]) == 3
+
+
+def test_peer_bytes_of_the_task_for_the_url() -> None:
+    view = {"tasks": [{"url": "other", "traffic": {"remote_peer": 9}}, {"url": URL, "traffic": {"remote_peer": 42}}]}
+    assert peer_bytes(view, URL) == 42
+    assert peer_bytes(None, URL) == 0 and peer_bytes({"tasks": [{"url": URL}]}, URL) == 0
+
+
+def run(xfb: list[float], kills: list[dict] | None = None) -> dict:
+    return {"xFB": xfb, "originCopies": 1.0, "originWireCopies": 1.0, "right": len(xfb), "peers": len(xfb),
+            "kills": kills or []}
+
+
+def test_table_names_the_slowest_and_each_restart() -> None:
+    kill = {"at": 0.3, "bound": 0.3, "api": 0.5, "peer": 0.6, "task": 0.6, "origin": None, "peerMiBWhileDown": 12.5}
+    text = table({
+        "peers": 2, "peerMbit": 80, "originMbit": 160, "supernodeMbit": 160, "sizeMiB": 48, "fbSeconds": 5.03,
+        "load": [1.0, 2.0], "undisturbed": run([1.2, 1.3]), "restarts": run([1.6, 1.4], [kill]),
+    })
+    assert "| slowest (x F/B) | 1.30 | 1.60 | <= 1.5 |" in text
+    assert "killed at 30%" in text and "| kill to API answering (s) | | 0.50 | |" in text
+    assert "| kill to the origin sending again (s) | | - | |" in text and "12.5" in text
+
+
+def test_options() -> None:
+    args = parse_args(["--kills", "0.9,0.3"])
+    assert args.kills == [0.3, 0.9] and args.peers == 6 and args.size_mib == 48
+    for bad in (["--kills", "1.5"], ["--kills", "x"], ["--peers", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
