@@ -42,6 +42,7 @@ from .pieces import TaskPieces
 from .source import SourceFetch
 from .syncer import Progress, Syncer
 from .views import Listeners, Via, task_json, task_meta
+from .wholehash import WholeHash, update_hash
 
 __all__ = ["PeerTask", "TaskFailed"]
 
@@ -70,12 +71,16 @@ class PeerTask:
             task_id, self.store, self.stats, lambda buf: daemon.block_factory.release(buf), self,
             rng if rng is not None else random.Random(),
         )
+        #: the whole-file SHA-256 a request names, kept as the pieces are stored (L{WholeHash})
+        self.wholehash = WholeHash(self.pieces, self._hash_update, lambda: self.store.sha256(task_id))
+        self.wholehash.enabled = wanted_sha256(request) is not None
+        self.pieces.on_stored = self.wholehash.offer
         #: the block connections (the side the block protocol talks to)
         self.neighbours = Neighbours(self)
         self.syncer = Syncer(self, task_id, self.session, daemon, request, self._log)
         self.source = SourceFetch(
             self.pieces, lambda: daemon.fetch_from_source(self), lambda runs: daemon.fetch_pieces(self, runs),
-            lambda: self.store.forget(task_id), lambda: self.store.sha256(task_id), self._log,
+            lambda: self.store.forget(task_id), self.wholehash.finish, self._log,
         )
         self.listeners = Listeners()
         self._checker = periodic(1.0, self.neighbours.check_stalls, self.clock, "stall check")
@@ -238,7 +243,13 @@ class PeerTask:
     # -- the file and its pieces -------------------------------------------------
 
     def _set_length(self, length: int, piece_size: int) -> None:
+        self.wholehash.reset()
         self.pieces.size(length, piece_size)
+
+    def _hash_update(self, hasher: Any, offset: int, size: int, data: bytes | bytearray | None) -> Deferred:
+        """One step of the running whole-file hash, in the pool (L{WholeHash})."""
+        path = self.store.data_path(self.task_id)
+        return self.store.run(self.task_id, update_hash, hasher, path, offset, size, data)
 
     def set_digest(self, index: int, digest: bytes) -> None:
         self.pieces.set_digest(index, digest)
@@ -350,7 +361,11 @@ class PeerTask:
             self._checker.stopService()
 
     def _complete(self) -> None:
-        """Every piece is verified; with a requested digest, check the whole file too."""
+        """
+        Every piece is verified; with a requested digest, check the whole
+        file too: its running SHA-256 (L{WholeHash}) has hashed the pieces
+        in file order as they were stored, only the rest is hashed now.
+        """
         want = wanted_sha256(self.request)
         if want is None:
             self._succeed()
@@ -367,7 +382,7 @@ class PeerTask:
             self.sha256 = sha
             self._succeed()
 
-        self.store.sha256(self.task_id).addCallbacks(
+        self.wholehash.finish().addCallbacks(
             checked, lambda f: self._fail(TaskFailed("STORE_FAILED", f.getErrorMessage()))
         )
 
@@ -379,6 +394,7 @@ class PeerTask:
         the waiters hear of it.
         """
         self._stop_checker()
+        self.wholehash.reset()
         meta = None if from_source else task_meta(self)
         before = self.state
 
@@ -412,6 +428,7 @@ class PeerTask:
             return
         self.lifecycle.move(State.FAILED)
         self.error = error
+        self.wholehash.reset()
         self.finished_at = self.clock.seconds()
         self._log(
             LogLevel.warn, "failed after {seconds:.2f}s: {code} {message}",
@@ -450,6 +467,9 @@ class PeerTask:
         )
         self.neighbours.close()
         self._stop_checker()
+        if not by_piece:
+            # the origin's whole file goes to a new file: what was hashed of the old one is gone
+            self.wholehash.reset()
         got = await self.source.fetch(by_piece, wanted_sha256(self.request), self.sha256)
         self.sha256 = got.sha256 or self.sha256
         if not got.verified:

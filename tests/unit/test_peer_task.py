@@ -124,6 +124,9 @@ class FakeStore:
         self.served.pop(task_id, None)
         return defer.succeed(None)
 
+    def run(self, task_id: str, f: Any, *args: Any) -> defer.Deferred:
+        return defer.maybeDeferred(f, *args)
+
 
 class FakeTransport:
     def __init__(self, conn: FakeConn) -> None:
