@@ -80,7 +80,7 @@ class PeerTask:
         self.syncer = Syncer(self, task_id, self.session, daemon, request, self._log)
         self.source = SourceFetch(
             self.pieces, lambda: daemon.fetch_from_source(self), lambda runs: daemon.fetch_pieces(self, runs),
-            lambda: self.store.forget(task_id), self.wholehash.finish, self._log,
+            self._forget_file, self.wholehash.finish, self._log,
         )
         self.listeners = Listeners()
         self._checker = periodic(1.0, self.neighbours.check_stalls, self.clock, "stall check")
@@ -245,6 +245,11 @@ class PeerTask:
     def _set_length(self, length: int, piece_size: int) -> None:
         self.wholehash.reset()
         self.pieces.size(length, piece_size)
+
+    def _forget_file(self) -> Deferred:
+        """The origin's whole file replaces the task's: stop serving it; what was hashed of it is gone."""
+        self.wholehash.reset()
+        return self.store.forget(self.task_id)
 
     def _hash_update(self, hasher: Any, offset: int, size: int, data: bytes | bytearray | None) -> Deferred:
         """One step of the running whole-file hash, in the pool (L{WholeHash})."""
@@ -467,9 +472,6 @@ class PeerTask:
         )
         self.neighbours.close()
         self._stop_checker()
-        if not by_piece:
-            # the origin's whole file goes to a new file: what was hashed of the old one is gone
-            self.wholehash.reset()
         got = await self.source.fetch(by_piece, wanted_sha256(self.request), self.sha256)
         self.sha256 = got.sha256 or self.sha256
         if not got.verified:
