@@ -9,9 +9,10 @@ L{WholeHash} keeps a running SHA-256 over the contiguous prefix of verified
 and stored pieces instead, so that at the end only what is left of the
 prefix is hashed:
 
-  - a piece that is the next one of the prefix is hashed from its buffer,
-    which its owner keeps until then (L{WholeHash.offer} returns a
-    Deferred for that); at most L{WholeHash.MAX_HELD} buffers are kept;
+  - a piece that is the next one of the prefix, or a few after it, is
+    hashed from its buffer, which its owner keeps until then
+    (L{WholeHash.offer} returns a Deferred for that); at most
+    L{WholeHash.MAX_HELD} buffers are kept;
   - pieces stored ahead of the prefix are hashed from the file when the
     prefix reaches them, read in large blocks (L{update_hash});
   - every update runs in the worker pool, one job at a time and in order
@@ -92,8 +93,9 @@ class WholeHash:
     @param new_hasher: makes the hasher (C{hashlib.sha256}).
     """
 
-    #: buffers of pieces at the prefix's end kept until hashed
-    MAX_HELD = 2
+    #: buffers kept until hashed, of pieces this close to the prefix's end
+    #: (the pool stores pieces that arrived in order a little out of order)
+    MAX_HELD = 4
     #: a catch-up from the file reads at most this many bytes per job
     MAX_READ = 64 << 20
 
@@ -150,10 +152,8 @@ class WholeHash:
         if not self.enabled or self._broken or index < self._next or index in self._held:
             self._pump()
             return None
-        end = self._next
-        while end in self._held:
-            end += 1
-        if index != end or len(self._held) >= self.MAX_HELD:
+        if index >= self._next + self.MAX_HELD or len(self._held) >= self.MAX_HELD:
+            # far ahead of the prefix (read back when it gets there), or enough kept
             self._pump()
             return None
         done: Deferred = Deferred()

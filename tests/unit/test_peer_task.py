@@ -19,7 +19,7 @@ from dragonfly.peer.client import SupernodeError, SupernodeUnavailable
 from dragonfly.peer.lifecycle import BadMove, Lifecycle, State
 from dragonfly.peer.metrics import PeerStats
 from dragonfly.peer.task import PeerTask, TaskFailed
-from dragonfly.peer.wholehash import update_hash
+from dragonfly.peer.wholehash import WholeHash, update_hash
 from dragonfly.protocol.supernode_api import SyncAnswer, SyncReport, TaskRegistered
 
 URL = "http://origin.test/file"
@@ -386,12 +386,11 @@ def test_whole_file_digest_kept_running_whatever_the_order() -> None:
     for i in (3, 4, 1, 0, 2):
         deliver(task, seed, i)
     assert task.state is State.DONE and task.sha256 == want
-    # never the whole file read again: 0 and 2 from their buffers as they extend the prefix,
-    # 1 (stored ahead of it) and then 3 and 4 read back from the file
+    # never the whole file read again: 0 to 3 from their buffers (kept while within
+    # MAX_HELD pieces of the prefix), 4 (too far ahead when stored) read back from the file
+    assert WholeHash.MAX_HELD == 4
     assert host.store.whole_reads == 0
-    assert host.store.hash_jobs == [
-        (0, PIECE, True), (PIECE, PIECE, False), (2 * PIECE, PIECE, True), (3 * PIECE, len(BODY) - 3 * PIECE, False),
-    ]
+    assert host.store.hash_jobs == [(i * PIECE, PIECE, True) for i in range(4)] + [(4 * PIECE, len(PIECES[4]), False)]
 
 
 def test_whole_file_digest_mismatch_in_any_order_fails_and_removes() -> None:
