@@ -377,10 +377,16 @@ class PeerTask:
             return
         self.lifecycle.move(State.VERIFYING)
         self._stop_checker()
+        began = self.clock.seconds()
 
         def checked(sha: str) -> None:
             if self.state is not State.VERIFYING:
                 return
+            wh = self.wholehash
+            self._log(
+                LogLevel.info, "whole file hashed {seconds:.3f}s after its last piece", seconds=self.clock.seconds() - began,
+                hashedFromBuffers=wh.from_buffers, hashedFromFile=wh.from_file,
+            )
             if sha != want:
                 self._fail(TaskFailed("DIGEST_MISMATCH", f"content has sha256:{sha}, expected sha256:{want}"))
                 return
