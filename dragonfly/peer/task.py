@@ -384,7 +384,8 @@ class PeerTask:
                 return
             wh = self.wholehash
             self._log(
-                LogLevel.info, "whole file hashed {seconds:.3f}s after its last piece", seconds=self.clock.seconds() - began,
+                LogLevel.info, "whole file hashed {seconds:.3f}s after its last piece"
+                " ({hashedFromBuffers} bytes from buffers, {hashedFromFile} read back)", seconds=self.clock.seconds() - began,
                 hashedFromBuffers=wh.from_buffers, hashedFromFile=wh.from_file,
             )
             if sha != want:
