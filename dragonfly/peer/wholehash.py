@@ -44,6 +44,10 @@ from ..core.pieces import piece_span
 Update = Callable[[Any, int, int, "bytes | bytearray | None"], Deferred]
 
 
+class StartedOver(Exception):
+    """L{WholeHash.finish} was waited on when the hash started over (the task moved on)."""
+
+
 class Geometry(Protocol):
     """What L{WholeHash} reads of the task's pieces (L{dragonfly.peer.pieces.TaskPieces})."""
 
@@ -142,6 +146,9 @@ class WholeHash:
         for _, done in held.values():
             done.callback(None)
         self.from_buffers = self.from_file = 0
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.errback(StartedOver("the file started over before its whole-file hash was done"))
 
     def offer(self, index: int, data: bytes | bytearray) -> Deferred | None:
         """

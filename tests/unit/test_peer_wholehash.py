@@ -18,7 +18,7 @@ from twisted.internet import defer
 
 from dragonfly.core.bitmap import Bitmap
 from dragonfly.core.pieces import piece_count, piece_span
-from dragonfly.peer.wholehash import WholeHash, update_hash
+from dragonfly.peer.wholehash import StartedOver, WholeHash, update_hash
 
 
 class Pieces:
@@ -244,3 +244,17 @@ def test_update_hash_reads_spans_in_blocks(tmp_path: Any, monkeypatch: Any) -> N
     h = hashlib.sha256()
     update_hash(h, str(path), 123, 4000)
     assert h.hexdigest() == hashlib.sha256(body[123:4123]).hexdigest()
+
+
+def test_a_reset_while_finishing_fails_the_wait(tmp_path: Any) -> None:
+    body, pieces, pool, wh, owner = setup(tmp_path, 3 * 1000, 1000)
+    for i in (2, 1, 0):
+        owner.store(i)
+    d = wh.finish()
+    assert not d.called
+    wh.reset()
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(StartedOver)
+    pool.drain()
+    assert owner.held == 0
