@@ -61,6 +61,9 @@ class Store(Protocol):
 
     def served_fd(self, task_id: str) -> int | None: ...
 
+    def run(self, task_id: str, f: Any, *args: Any) -> Deferred:
+        """C{f(*args)} in the pool, after the task's earlier file work (the running whole-file hash)."""
+
 
 class Connections(Protocol):
     """The block connections (L{dragonfly.protocol.block.BlockFactory})."""

@@ -89,6 +89,10 @@ class TaskPieces:
         self.origin: dict[str, Any] | None = None
         self.picker: Picker[Any] | None = None
         self._stream_from: int | None = None
+        #: told of each piece verified and stored, with its bytes
+        #: (L{dragonfly.peer.wholehash.WholeHash.offer}): a Deferred it returns
+        #: holds the buffer back until it fires
+        self.on_stored: Callable[[int, bytearray], Deferred | None] | None = None
 
     # -- geometry and digests --------------------------------------------------------
 
@@ -239,11 +243,17 @@ class TaskPieces:
             self._release(data)
             return
         d = self._store.write_verified(self.task_id, index * self.piece_size, data, digest)
-        d.addBoth(self._released, data)
+        d.addBoth(self._released, data, index)
         d.addCallbacks(self._written, self._not_written, callbackArgs=(conn, index, kind, len(data)), errbackArgs=(index,))
 
-    def _released(self, result: Any, data: bytearray) -> Any:
-        self._release(data)
+    def _released(self, result: Any, data: bytearray, index: int) -> Any:
+        held = None
+        if result is True and self.on_stored is not None and self._outcomes.accepting():
+            held = self.on_stored(index, data)
+        if held is None:
+            self._release(data)
+        else:
+            held.addBoth(lambda _: self._release(data))
         return result
 
     def _written(self, ok: bool, conn: Any, index: int, kind: str, nbytes: int) -> None:
@@ -276,6 +286,8 @@ class TaskPieces:
 
         def stored(ok: bool) -> bool:
             if ok and self.have is not None and index not in self.have:
+                if self.on_stored is not None:
+                    self.on_stored(index, data)
                 self.have.set(index)
                 self._outcomes.source_piece_stored(index)
             return ok

@@ -42,6 +42,7 @@ from .pieces import TaskPieces
 from .source import SourceFetch
 from .syncer import Progress, Syncer
 from .views import Listeners, Via, task_json, task_meta
+from .wholehash import WholeHash, update_hash
 
 __all__ = ["PeerTask", "TaskFailed"]
 
@@ -70,12 +71,16 @@ class PeerTask:
             task_id, self.store, self.stats, lambda buf: daemon.block_factory.release(buf), self,
             rng if rng is not None else random.Random(),
         )
+        #: the whole-file SHA-256 a request names, kept as the pieces are stored (L{WholeHash})
+        self.wholehash = WholeHash(self.pieces, self._hash_update, lambda: self.store.sha256(task_id))
+        self.wholehash.enabled = wanted_sha256(request) is not None
+        self.pieces.on_stored = self.wholehash.offer
         #: the block connections (the side the block protocol talks to)
         self.neighbours = Neighbours(self)
         self.syncer = Syncer(self, task_id, self.session, daemon, request, self._log)
         self.source = SourceFetch(
             self.pieces, lambda: daemon.fetch_from_source(self), lambda runs: daemon.fetch_pieces(self, runs),
-            lambda: self.store.forget(task_id), lambda: self.store.sha256(task_id), self._log,
+            self._forget_file, self.wholehash.finish, self._log,
         )
         self.listeners = Listeners()
         self._checker = periodic(1.0, self.neighbours.check_stalls, self.clock, "stall check")
@@ -242,7 +247,18 @@ class PeerTask:
     # -- the file and its pieces -------------------------------------------------
 
     def _set_length(self, length: int, piece_size: int) -> None:
+        self.wholehash.reset()
         self.pieces.size(length, piece_size)
+
+    def _forget_file(self) -> Deferred:
+        """The origin's whole file replaces the task's: stop serving it; what was hashed of it is gone."""
+        self.wholehash.reset()
+        return self.store.forget(self.task_id)
+
+    def _hash_update(self, hasher: Any, offset: int, size: int, data: bytes | bytearray | None) -> Deferred:
+        """One step of the running whole-file hash, in the pool (L{WholeHash})."""
+        path = self.store.data_path(self.task_id)
+        return self.store.run(self.task_id, update_hash, hasher, path, offset, size, data)
 
     def set_digest(self, index: int, digest: bytes) -> None:
         self.pieces.set_digest(index, digest)
@@ -354,24 +370,35 @@ class PeerTask:
             self._checker.stopService()
 
     def _complete(self) -> None:
-        """Every piece is verified; with a requested digest, check the whole file too."""
+        """
+        Every piece is verified; with a requested digest, check the whole
+        file too: its running SHA-256 (L{WholeHash}) has hashed the pieces
+        in file order as they were stored, only the rest is hashed now.
+        """
         want = wanted_sha256(self.request)
         if want is None:
             self._succeed()
             return
         self.lifecycle.move(State.VERIFYING)
         self._stop_checker()
+        began = self.clock.seconds()
 
         def checked(sha: str) -> None:
             if self.state is not State.VERIFYING:
                 return
+            wh = self.wholehash
+            self._log(
+                LogLevel.info, "whole file hashed {seconds:.3f}s after its last piece"
+                " ({hashedFromBuffers} bytes from buffers, {hashedFromFile} read back)", seconds=self.clock.seconds() - began,
+                hashedFromBuffers=wh.from_buffers, hashedFromFile=wh.from_file,
+            )
             if sha != want:
                 self._fail(TaskFailed("DIGEST_MISMATCH", f"content has sha256:{sha}, expected sha256:{want}"))
                 return
             self.sha256 = sha
             self._succeed()
 
-        self.store.sha256(self.task_id).addCallbacks(
+        self.wholehash.finish().addCallbacks(
             checked, lambda f: self._fail(TaskFailed("STORE_FAILED", f.getErrorMessage()))
         )
 
@@ -383,6 +410,7 @@ class PeerTask:
         the waiters hear of it.
         """
         self._stop_checker()
+        self.wholehash.reset()
         meta = None if from_source else task_meta(self)
         before = self.state
 
@@ -416,6 +444,7 @@ class PeerTask:
             return
         self.lifecycle.move(State.FAILED)
         self.error = error
+        self.wholehash.reset()
         self.finished_at = self.clock.seconds()
         self._log(
             LogLevel.warn, "failed after {seconds:.2f}s: {code} {message}",

@@ -19,6 +19,7 @@ from dragonfly.peer.client import SupernodeError, SupernodeUnavailable
 from dragonfly.peer.lifecycle import BadMove, Lifecycle, State
 from dragonfly.peer.metrics import PeerStats
 from dragonfly.peer.task import PeerTask, TaskFailed
+from dragonfly.peer.wholehash import WholeHash, update_hash
 from dragonfly.protocol.supernode_api import SyncAnswer, SyncReport, TaskRegistered
 
 URL = "http://origin.test/file"
@@ -78,6 +79,8 @@ class FakeStore:
         self.finished: list[str] = []
         self.removed: list[str] = []
         self.served: dict[str, int] = {}
+        self.whole_reads = 0
+        self.hash_jobs: list[tuple[int, int, bool]] = []
 
     def data_path(self, task_id: str) -> str:
         return f"/data/{task_id}.data"
@@ -100,6 +103,7 @@ class FakeStore:
         return defer.succeed(bytes(self.files[task_id][offset : offset + size]))
 
     def sha256(self, task_id: str) -> defer.Deferred:
+        self.whole_reads += 1
         return defer.succeed(hashlib.sha256(self.files[task_id]).hexdigest())
 
     def finish(self, task_id: str, meta: Any) -> defer.Deferred:
@@ -123,6 +127,15 @@ class FakeStore:
     def forget(self, task_id: str) -> defer.Deferred:
         self.served.pop(task_id, None)
         return defer.succeed(None)
+
+    def run(self, task_id: str, f: Any, *args: Any) -> defer.Deferred:
+        if f is update_hash:
+            # the running whole-file hash: from the piece's buffer, or from the file in memory
+            hasher, _, offset, size, data = args
+            self.hash_jobs.append((offset, size, data is not None))
+            hasher.update(data if data is not None else self.files[task_id][offset : offset + size])
+            return defer.succeed(None)
+        return defer.maybeDeferred(f, *args)
 
 
 class FakeTransport:
@@ -362,6 +375,46 @@ def test_whole_file_digest_mismatch_fails_and_removes() -> None:
     assert task.state is State.FAILED
     assert task.error is not None and task.error.code == "DIGEST_MISMATCH"
     assert host.store.removed == [TID] and host.store.finished == []
+
+
+def test_whole_file_digest_kept_running_whatever_the_order() -> None:
+    want = hashlib.sha256(BODY).hexdigest()
+    host, task, _ = make({"url": URL, "digest": "sha256:" + want}, replies=[sized(seed_pieces=[0, 1, 2, 3, 4])])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    for i in (3, 4, 1, 0, 2):
+        deliver(task, seed, i)
+    assert task.state is State.DONE and task.sha256 == want
+    # never the whole file read again: 0 to 3 from their buffers (kept while within
+    # MAX_HELD pieces of the prefix), 4 (too far ahead when stored) read back from the file
+    assert WholeHash.MAX_HELD == 4
+    assert host.store.whole_reads == 0
+    assert host.store.hash_jobs == [(i * PIECE, PIECE, True) for i in range(4)] + [(4 * PIECE, len(PIECES[4]), False)]
+
+
+def test_whole_file_digest_mismatch_in_any_order_fails_and_removes() -> None:
+    host, task, _ = make({"url": URL, "digest": "sha256:" + "0" * 64}, replies=[sized(seed_pieces=[0, 1, 2, 3, 4])])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    for i in (4, 2, 0, 3, 1):
+        deliver(task, seed, i)
+    assert task.state is State.FAILED
+    assert task.error is not None and task.error.code == "DIGEST_MISMATCH"
+    assert hashlib.sha256(BODY).hexdigest() in task.error.message
+    assert host.store.removed == [TID] and host.store.finished == []
+    assert task.wholehash.prefix == 0  # dropped
+
+
+def test_no_running_hash_without_a_requested_digest() -> None:
+    host, task, _ = make(replies=[sized(seed_pieces=[0, 1, 2, 3, 4])])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    for i in sorted(seed.requested):
+        deliver(task, seed, i)
+    assert task.state is State.DONE and host.store.hash_jobs == []
 
 
 def test_whole_file_digest_match() -> None:
@@ -613,6 +666,31 @@ def test_back_to_source_fetches_only_the_missing_pieces() -> None:
     assert task.piece_file(4) == (7, 4 * PIECE, len(PIECES[4]))
 
 
+def test_back_to_source_by_piece_continues_the_running_hash() -> None:
+    host, task = _half_then_lost({"url": URL, "digest": "sha256:" + hashlib.sha256(BODY).hexdigest()})
+    assert task.state is State.DONE and task.sha256 == hashlib.sha256(BODY).hexdigest()
+    assert host.store.whole_reads == 0
+    assert [job[:2] for job in host.store.hash_jobs] == [(i * PIECE, len(PIECES[i])) for i in range(len(PIECES))]
+
+
+def test_back_to_source_of_the_whole_file_starts_the_hash_over() -> None:
+    host = FakeHost()
+    changed = bytes(len(BODY))
+    host.origin_body = changed  # the origin changed under the SuperNode's digests
+    host.source = (len(changed), hashlib.sha256(changed).hexdigest())
+    prefixes: list[int] = []
+    whole = host.fetch_from_source
+
+    async def fetch_from_source(task: PeerTask) -> tuple[int, str]:
+        prefixes.append(task.wholehash.prefix)  # pieces 0 and 1 were hashed; the new file starts over
+        return await whole(task)
+
+    host.fetch_from_source = fetch_from_source  # type: ignore[method-assign]
+    _, task = _half_then_lost_on(host, {"url": URL, "digest": "sha256:" + hashlib.sha256(changed).hexdigest()})
+    assert task.state is State.DONE and task.sha256 == hashlib.sha256(changed).hexdigest()
+    assert prefixes == [0]
+
+
 def test_back_to_source_whole_file_digest_mismatch_fails() -> None:
     host, task = _half_then_lost({"url": URL, "digest": "sha256:" + "0" * 64})
     assert task.state is State.FAILED and task.error is not None and task.error.code == "DIGEST_MISMATCH"
@@ -657,8 +735,8 @@ def test_back_to_source_without_digests_fetches_the_whole_file() -> None:
     assert task.to_json()["piecesVerified"] is False
 
 
-def _half_then_lost_on(host: FakeHost) -> tuple[FakeHost, PeerTask]:
-    task = PeerTask(host, TID, {"url": URL})
+def _half_then_lost_on(host: FakeHost, request: dict[str, Any] | None = None) -> tuple[FakeHost, PeerTask]:
+    task = PeerTask(host, TID, request or {"url": URL})
     session = host.sessions[-1]
     session.replies = [sized()]
     session.default = {**session.default, "seedPieces": [0, 1]}
