@@ -6,7 +6,9 @@ chunk boundary; a block is handed over early when the pool is idle, so a slow
 body reaches the disk a little at a time).  Each block is hashed and written
 at its offset in the worker pool, one after another: a SHA-256 per chunk (a
 piece on the SuperNode's CDN, updated as the chunk's blocks arrive) and a
-whole-file SHA-256, in the same pass.  While too many bytes wait for the pool
+whole-file SHA-256, in the same pass; the whole pages are written with
+O_DIRECT (L{AlignedWriter}: no copy into the page cache), the rest through
+it.  While too many bytes wait for the pool
 the response is paused, so a fast origin never fills memory.  A body shorter
 or longer than its Content-Length, a lost connection or an origin silent for
 C{idle_timeout} fails C{done}; what arrived before is on disk all the same
@@ -20,7 +22,9 @@ writer that goes on from that offset.
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
 from collections.abc import Callable
 from typing import Any, cast
@@ -33,7 +37,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from .files import start_writeback
+from .files import DIRECT_ALIGN, DIRECT_CHUNK, DIRECT_WRITES, _pwrite_direct, pwrite_all, read_back, start_writeback
 from .ratelimit import TokenBucket
 from .threads import WorkerPool
 
@@ -85,13 +89,162 @@ def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 <<
     return point
 
 
-def _store_block(fd: int, offset: int, parts: list[Any], file_hash: Any, chunk_hash: Any, last: bool) -> str | None:
+#: DRAGONFLY_CDN_DIRECT_WRITES=0 writes a body through the page cache only, for same-run comparisons
+CDN_DIRECT_WRITES = DIRECT_WRITES and os.environ.get("DRAGONFLY_CDN_DIRECT_WRITES", "1") != "0"
+
+
+class AlignedWriter:
+    """
+    Writes a stream of bytes to C{fd} in order, from any offset on: the
+    whole pages with C{O_DIRECT} (gathered in a page-aligned buffer of
+    C{capacity} bytes, written whenever it is full and at the end of each
+    L{write}), the rest through the page cache: the head up to the first
+    page boundary, and at L{flush} (a piece's end, the body's end) the tail
+    of less than a page.  A page is never written both ways.  Bytes of an
+    unfinished page stay in the buffer until more come or L{flush}, so the
+    file's size only ever counts bytes that are on it whole, in order.
+
+    Falls back to the page cache alone when C{direct} is false or the file
+    system refuses C{O_DIRECT}.  One thread at a time (the writer's pool jobs
+    run one after another).  Why: see L{dragonfly.core.files.write_direct}.
+    """
+
+    def __init__(self, fd: int, direct: bool = True, capacity: int = DIRECT_CHUNK) -> None:
+        assert capacity % DIRECT_ALIGN == 0 and capacity > 0
+        self.fd = fd
+        self.direct = direct
+        self._capacity = capacity
+        self._dfd: int | None = None  # the same file opened with O_DIRECT, at first use
+        self._buf: mmap.mmap | None = None
+        self._at = 0  # the file offset of the buffer's first byte (page-aligned)
+        self._fill = 0  # bytes in the buffer, not yet on the file
+        self._broken = False
+
+    @property
+    def end(self) -> int:
+        """The offset after the last byte given (on the file or in the buffer)."""
+        return self._at + self._fill
+
+    def write(self, parts: list[Any], offset: int) -> int:
+        """Write the buffers C{parts} one after another at C{offset}; the bytes taken."""
+        if self._fill and offset != self.end:
+            self.flush()  # not the next bytes: what waits goes first
+        try:
+            if not self.direct or not self._open_direct():
+                size = self._buffered(parts, offset)
+            else:
+                size = self._gather(parts, offset)
+        except BaseException:
+            self._broken = True
+            raise
+        return size
+
+    def _buffered(self, parts: list[Any], offset: int) -> int:
+        self.flush()
+        size = pwritev_all(self.fd, parts, offset)
+        start_writeback(self.fd, offset, size)
+        self._at = offset + size
+        return size
+
+    def _gather(self, parts: list[Any], offset: int) -> int:
+        assert self._buf is not None
+        size = 0
+        views = [memoryview(p).cast("B") for p in parts]
+        for i, view in enumerate(views):
+            size += len(view)
+            while view:
+                if not self.direct:  # refused on the way: the rest through the page cache
+                    rest = [view, *views[i + 1:]]
+                    return size - len(view) + self._buffered(rest, offset)
+                if self._fill == 0 and offset % DIRECT_ALIGN:
+                    # a head before the first page boundary: through the page cache
+                    n = min(DIRECT_ALIGN - offset % DIRECT_ALIGN, len(view))
+                    pwrite_all(self.fd, view[:n], offset)
+                    offset += n
+                    view = view[n:]
+                    self._at = offset
+                    continue
+                if self._fill == 0:
+                    self._at = offset
+                n = min(self._capacity - self._fill, len(view))
+                self._buf[self._fill:self._fill + n] = view[:n]
+                self._fill += n
+                offset += n
+                view = view[n:]
+                if self._fill == self._capacity:
+                    self._drain(self._capacity)
+        if self._fill >= DIRECT_ALIGN:
+            self._drain(self._fill - self._fill % DIRECT_ALIGN)
+        return size
+
+    def _open_direct(self) -> bool:
+        if self._dfd is None:
+            try:
+                self._dfd = os.open(f"/proc/self/fd/{self.fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOENT, errno.EACCES, errno.ENXIO):
+                    raise
+                self.direct = False
+                return False
+            self._buf = mmap.mmap(-1, self._capacity, flags=mmap.MAP_PRIVATE)  # anonymous: page-aligned
+        return True
+
+    def _drain(self, n: int) -> None:
+        """Write the buffer's first C{n} bytes (whole pages) with O_DIRECT; keep the rest."""
+        assert self._buf is not None and self._dfd is not None
+        view = memoryview(self._buf)
+        try:
+            done = _pwrite_direct(self._dfd, view[:n], self._at)
+            if done < n:  # the file system refused: this and all the rest through the page cache
+                self.direct = False
+                pwrite_all(self.fd, view[done:self._fill], self._at + done)
+                start_writeback(self.fd, self._at + done, self._fill - done)
+                n = self._fill
+            else:
+                read_back(self._dfd, self._at, n)
+            rest = self._fill - n
+            if rest:
+                view[:rest] = view[n:self._fill]
+        finally:
+            view.release()
+        self._at += n
+        self._fill -= n
+
+    def flush(self) -> None:
+        """Write the bytes waiting in the buffer (less than a page) through the page cache."""
+        if self._fill and not self._broken:
+            assert self._buf is not None
+            view = memoryview(self._buf)
+            try:
+                pwrite_all(self.fd, view[:self._fill], self._at)
+            finally:
+                view.release()
+        self._at += self._fill
+        self._fill = 0
+
+    def close(self) -> None:
+        """Flush, then close both descriptors."""
+        try:
+            self.flush()
+        finally:
+            if self._dfd is not None:
+                os.close(self._dfd)
+                self._dfd = None
+            if self._buf is not None:
+                self._buf.close()
+                self._buf = None
+            os.close(self.fd)
+
+
+def _store_block(out: AlignedWriter, offset: int, parts: list[Any], file_hash: Any, chunk_hash: Any, last: bool) -> str | None:
     for part in parts:
         file_hash.update(part)
         chunk_hash.update(part)
-    size = pwritev_all(fd, parts, offset)
-    start_writeback(fd, offset, size)
-    return chunk_hash.hexdigest() if last else None
+    out.write(parts, offset)
+    if last:
+        out.flush()  # the piece is published: every byte of it on the file
+        return cast(str, chunk_hash.hexdigest())
+    return None
 
 
 def pwritev_all(fd: int, parts: list[Any], offset: int) -> int:
@@ -196,6 +349,7 @@ class ChunkedFileWriter(HeldBody):
         self._pool = pool
         self._clock = clock
         self._fd = fd
+        self._out: AlignedWriter | None = self._aligned(fd, chunk_size) if fd is not None else None
         self._chunk = chunk_size
         self._expected = expected_length
         self._idle_timeout = idle_timeout
@@ -225,6 +379,12 @@ class ChunkedFileWriter(HeldBody):
         if fd is None:
             self._hold()
 
+    @staticmethod
+    def _aligned(fd: int, chunk_size: int) -> AlignedWriter:
+        # pieces that end off a page boundary would share a page between two
+        # pieces, written both ways: the page cache alone then
+        return AlignedWriter(fd, CDN_DIRECT_WRITES and chunk_size % DIRECT_ALIGN == 0)
+
     def connectionMade(self) -> None:
         """Arm the idle timer and read the socket in large blocks."""
         self._idle = self._clock.callLater(self._idle_timeout, self._stalled)
@@ -240,6 +400,7 @@ class ChunkedFileWriter(HeldBody):
     def attach(self, fd: int) -> None:
         """The file is open: take the body."""
         self._fd = fd
+        self._out = self._aligned(fd, self._chunk)
         self._opened.callback(None)
         self._release()
 
@@ -314,7 +475,7 @@ class ChunkedFileWriter(HeldBody):
         def store(_: Any) -> Any:
             if self._error is not None:
                 return None
-            return self._pool.run(_store_block, self._fd, offset, parts, self._hash, chunk_hash, last)
+            return self._pool.run(_store_block, self._out, offset, parts, self._hash, chunk_hash, last)
 
         def stored(digest: str | None) -> None:
             self._pending -= size
@@ -344,8 +505,8 @@ class ChunkedFileWriter(HeldBody):
             self._submit(last=complete)
 
         def close(_: Any) -> Any:
-            fd, self._fd = self._fd, None
-            return self._pool.run(os.close, fd) if fd is not None else None
+            out, self._out, self._fd = self._out, None, None
+            return self._pool.run(out.close) if out is not None else None
 
         def settle(_: Any) -> None:
             if self._error is not None:
