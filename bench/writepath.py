@@ -13,6 +13,14 @@ L{dragonfly.core.files.write_piece}).  Methods alternate within each round,
 with a C{sync} between runs; each prints its wall time and CPU seconds
 (user, system) for the whole file.  On a busy machine compare runs within
 one round only.
+
+    python -m bench.writepath --upload [--size-mib 512] [--piece-mib 4] [--rounds 2]
+
+instead writes each piece (C{buffered}, C{direct}, or C{willneed}: direct and
+then L{dragonfly.core.files.read_back}, as the store and the CDN do) and
+2 ms later C{sendfile}s it to a socket pair, as the seed uploads a piece it
+just stored: the writing and the sending thread's CPU per GiB and the
+C{sendfile} latency per piece (it runs in the reactor thread).
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from dragonfly.core.files import preallocate, start_writeback, write_direct
+from dragonfly.core.files import preallocate, read_back, start_writeback, write_direct
 
 METHODS = ("pwrite", "pwrite-falloc", "mmap", "direct", "direct-falloc")
 
@@ -67,6 +75,67 @@ def one(method: str, path: str, piece: int, count: int, src: bytes) -> dict[str,
     return {"seconds": t1 - t0, "user": u1 - u0, "system": s1 - s0}
 
 
+def thread_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_THREAD)
+    return r.ru_utime + r.ru_stime
+
+
+def upload(mode: str, path: str, piece: int, count: int) -> str:
+    """Write each piece (C{mode}), then sendfile it to a socket pair; a line of results."""
+    import socket
+    import threading
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    buf = mmap.mmap(-1, piece)  # page-aligned, as a pool buffer
+    buf[:] = os.urandom(piece)
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+
+    def drain() -> None:
+        m = bytearray(1 << 20)
+        while b.recv_into(m):
+            pass
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    wcpu = scpu = 0.0
+    lat = []
+    try:
+        for i in range(count):
+            off = i * piece
+            c0 = thread_cpu()
+            if mode == "buffered":
+                os.pwrite(fd, buf, off)
+                start_writeback(fd, off, piece)
+            else:
+                wfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+                try:
+                    os.pwrite(wfd, buf, off)
+                    if mode == "willneed":
+                        read_back(wfd, off, piece)
+                finally:
+                    os.close(wfd)
+            wcpu += thread_cpu() - c0
+            time.sleep(0.002)  # the reactor comes to it a moment later
+            c0, t0 = thread_cpu(), time.perf_counter()
+            sent = 0
+            while sent < piece:
+                sent += os.sendfile(a.fileno(), fd, off + sent, piece - sent)
+            lat.append(time.perf_counter() - t0)
+            scpu += thread_cpu() - c0
+    finally:
+        a.shutdown(socket.SHUT_WR)
+        reader.join()
+        a.close()
+        b.close()
+        os.close(fd)
+        os.unlink(path)
+    gib = piece * count / (1 << 30)
+    lat.sort()
+    return (f"{mode:9s} write CPU-s/GiB {wcpu / gib:.2f}  sendfile CPU-s/GiB {scpu / gib:.2f}  sendfile ms "
+            f"p50 {lat[len(lat) // 2] * 1e3:.1f} p90 {lat[int(len(lat) * 0.9)] * 1e3:.1f} max {lat[-1] * 1e3:.1f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("methods", nargs="*", default=list(METHODS), help=f"of {', '.join(METHODS)}")
@@ -74,7 +143,17 @@ def main() -> None:
     ap.add_argument("--piece-mib", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp")
+    ap.add_argument("--upload", action="store_true", help="write then sendfile each piece: buffered, direct, willneed")
     args = ap.parse_args()
+    if args.upload:
+        piece, count = args.piece_mib << 20, args.size_mib // args.piece_mib
+        path = os.path.join(args.dir, f"writepath-{os.getpid()}.data")
+        for r in range(args.rounds):
+            for mode in ("buffered", "direct", "willneed"):
+                subprocess.run(["sync"], check=False)
+                time.sleep(0.3)
+                print(f"round {r + 1} piece {args.piece_mib} MiB {upload(mode, path, piece, count)}", flush=True)
+        return
     unknown = set(args.methods) - set(METHODS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}")
