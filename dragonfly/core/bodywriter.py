@@ -6,9 +6,9 @@ chunk boundary; a block is handed over early when the pool is idle, so a slow
 body reaches the disk a little at a time).  Each block is hashed and written
 at its offset in the worker pool, one after another: a SHA-256 per chunk (a
 piece on the SuperNode's CDN, updated as the chunk's blocks arrive) and a
-whole-file SHA-256, in the same pass; the whole pages are written with
-O_DIRECT (L{AlignedWriter}: no copy into the page cache), the rest through
-it.  While too many bytes wait for the pool
+whole-file SHA-256, in the same pass; through the page cache, or with
+DRAGONFLY_CDN_DIRECT_WRITES=1 the whole pages with O_DIRECT
+(L{AlignedWriter}).  While too many bytes wait for the pool
 the response is paused, so a fast origin never fills memory.  A body shorter
 or longer than its Content-Length, a lost connection or an origin silent for
 C{idle_timeout} fails C{done}; what arrived before is on disk all the same
@@ -89,8 +89,10 @@ def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 <<
     return point
 
 
-#: DRAGONFLY_CDN_DIRECT_WRITES=0 writes a body through the page cache only, for same-run comparisons
-CDN_DIRECT_WRITES = DIRECT_WRITES and os.environ.get("DRAGONFLY_CDN_DIRECT_WRITES", "1") != "0"
+#: DRAGONFLY_CDN_DIRECT_WRITES=1 writes a body's whole pages with O_DIRECT (L{AlignedWriter}).  Off by
+#: default: in alternated datapath runs it cost the SuperNode as much CPU as the page cache or more, and
+#: its writes wait for the device in the writer's one chain, after the hashing (docs/benchmarks.md)
+CDN_DIRECT_WRITES = DIRECT_WRITES and os.environ.get("DRAGONFLY_CDN_DIRECT_WRITES", "0") == "1"
 
 
 class AlignedWriter:

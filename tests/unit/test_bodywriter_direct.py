@@ -8,6 +8,7 @@ exactly the bytes given, and its size never counts a byte not yet on it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 from typing import Any
@@ -15,10 +16,15 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 
 from dragonfly.core import bodywriter
-from dragonfly.core.bodywriter import AlignedWriter
+from dragonfly.core.bodywriter import AlignedWriter, ChunkedFileWriter, rehash_prefix
 from dragonfly.core.files import DIRECT_ALIGN
+
+from .test_supernode_api import FakeTransport, SyncPool
 
 CAPACITY = 2 * DIRECT_ALIGN
 
@@ -116,3 +122,60 @@ def test_off_and_on_give_the_same_file(direct: bool) -> None:
     data = os.urandom(4 * DIRECT_ALIGN + 999)
     whole, w, _ = written(data, 11, [5, 4000, 9000], {1}, direct=direct)
     assert whole == b"\0" * 11 + data
+
+
+# -- the CDN's body writer with DRAGONFLY_CDN_DIRECT_WRITES=1 ------------------------------
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.integers(1, 5 * 2 * DIRECT_ALIGN + 50),
+    chunk=st.sampled_from([2 * DIRECT_ALIGN, 333]),
+    cut=st.integers(0, 12 * DIRECT_ALIGN),
+    feeds=st.lists(st.integers(1, 3 * DIRECT_ALIGN), max_size=10),
+)
+def test_chunked_writer_direct_gives_the_same_file_and_digests(size: int, chunk: int, cut: int, feeds: list[int]) -> None:
+    """Resumed anywhere and fed in any pieces: the file, the digests, and each piece on the file when published."""
+    body = bytes(random_bytes(size))
+    cut = min(cut, size)
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as d:
+        path = os.path.join(d, "task.data")
+        with open(path, "wb") as f:
+            f.write(body[:cut])
+        point = rehash_prefix(path, cut, chunk)
+        fd = os.open(path, os.O_WRONLY)
+        seen: list[tuple[int, str]] = []
+
+        def published(i: int, digest: str) -> None:
+            # the piece is on the file, whole, before anyone hears of it
+            end = min((i + 1) * chunk, size)
+            with open(path, "rb") as f:
+                f.seek(i * chunk)
+                assert hashlib.sha256(f.read(end - i * chunk)).hexdigest() == digest
+            seen.append((i, digest))
+
+        old = bodywriter.CDN_DIRECT_WRITES
+        bodywriter.CDN_DIRECT_WRITES = True
+        try:
+            writer = ChunkedFileWriter(SyncPool(), Clock(), fd, chunk, size, on_chunk=published, start=point)
+            writer.MIN_BLOCK = 1000  # small blocks: many writes, many partial pages
+            writer.makeConnection(FakeTransport())
+            at = cut
+            for n in feeds:
+                writer.dataReceived(body[at:at + n])
+                at = min(size, at + n)
+            writer.dataReceived(body[at:])
+            writer.connectionLost(Failure(ResponseDone()))
+        finally:
+            bodywriter.CDN_DIRECT_WRITES = old
+        out: list[Any] = []
+        writer.done.addBoth(out.append)
+        assert out[0] == (size, hashlib.sha256(body).hexdigest())
+        with open(path, "rb") as f:
+            assert f.read() == body
+    want = [hashlib.sha256(body[i:i + chunk]).hexdigest() for i in range(0, size, chunk)]
+    assert point.digests + [dg for _, dg in seen] == want
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)
