@@ -330,8 +330,8 @@ class ChunkedFileWriter(HeldBody):
     MAX_PENDING_BYTES = 8 << 20
     #: bytes asked of the socket per read (Twisted's default is 64 KiB)
     READ_SIZE = 1 << 20
-    #: hand a block over once it is this big ...
-    BLOCK = 1 << 20
+    #: hand a block over once it is this big ... (DRAGONFLY_CDN_BLOCK_KIB, for same-machine comparisons)
+    BLOCK = int(os.environ.get("DRAGONFLY_CDN_BLOCK_KIB", "1024")) << 10
     #: ... or this big, when the pool has nothing to do
     MIN_BLOCK = 256 << 10
 
