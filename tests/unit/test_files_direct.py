@@ -112,3 +112,27 @@ def test_a_refusal_part_way_leaves_the_rest_to_the_page_cache(tmp_path: Any, mon
     with open(path, "rb") as f:
         assert f.read() == data
     assert calls[:3] == [0, DIRECT_CHUNK, DIRECT_CHUNK]  # the refused chunk again, through the page cache
+
+
+@pytest.mark.parametrize("readback", [True, False])
+def test_direct_writes_are_read_back_into_the_page_cache(tmp_path: Any, monkeypatch: Any, readback: bool) -> None:
+    """After a direct write the written range is handed to the kernel's readahead (WILLNEED), unless switched off."""
+    asked: list[tuple[int, int, int]] = []
+    real = os.posix_fadvise
+
+    def record(fd: int, offset: int, size: int, advice: int) -> None:
+        asked.append((offset, size, advice))
+        real(fd, offset, size, advice)
+
+    monkeypatch.setattr(files.os, "posix_fadvise", record)
+    monkeypatch.setattr(files, "DIRECT_READBACK", readback)
+    length = DIRECT_CHUNK + 3 * DIRECT_ALIGN + 10
+    path = sparse(tmp_path, DIRECT_ALIGN + length)
+    data = bytearray(os.urandom(length))
+    write_piece(path, data, DIRECT_ALIGN)
+    with open(path, "rb") as f:
+        assert f.read()[DIRECT_ALIGN:] == data
+    if readback:
+        assert asked == [(DIRECT_ALIGN, length - 10, os.POSIX_FADV_WILLNEED)]
+    else:
+        assert asked == []
