@@ -39,8 +39,9 @@ DIRECT_ALIGN = 4096
 DIRECT_CHUNK = 1 << 20
 #: DRAGONFLY_DIRECT_WRITES=0 writes every piece through the page cache, for same-run comparisons
 DIRECT_WRITES = os.environ.get("DRAGONFLY_DIRECT_WRITES", "1") != "0"
-#: DRAGONFLY_DIRECT_READBACK=0: no readahead of what was written with O_DIRECT (L{read_back}), for comparisons
-DIRECT_READBACK = os.environ.get("DRAGONFLY_DIRECT_READBACK", "1") != "0"
+#: DRAGONFLY_DIRECT_READBACK=1: readahead of what was written with O_DIRECT (L{read_back}); off by default,
+#: it cost the receiving dfpeer 0.23-0.28 CPU s/GiB in same-run datapath comparisons (docs/benchmarks.md)
+DIRECT_READBACK = os.environ.get("DRAGONFLY_DIRECT_READBACK", "0") == "1"
 _direct_buffers = threading.local()
 
 
@@ -79,9 +80,10 @@ def write_direct(path: str, view: memoryview, offset: int) -> int:
     per GiB, most of it the kernel's copy into fresh page-cache pages
     (C{copy_folio_from_iter_atomic}); with C{O_DIRECT} the same GiB cost
     0.14-0.28, the copy into the aligned buffer included (docs/benchmarks.md).
-    The bytes are not kept in the page cache: L{read_back} asks the kernel
-    to read them back into it in the background, so an upload of the piece
-    (C{sendfile} in the reactor thread) does not wait on the disk.
+    The bytes are not kept in the page cache: an upload of the piece
+    (C{sendfile} in the reactor thread) reads them from the disk, unless
+    L{read_back} (DRAGONFLY_DIRECT_READBACK=1) asked the kernel to read
+    them back in the background.
     """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
@@ -133,7 +135,10 @@ def read_back(fd: int, offset: int, size: int) -> None:
     Without it, each C{sendfile} of a piece written with C{O_DIRECT} read it
     from the disk: on the test VM 1.1-3.1 ms per call (p50, 1-4 MiB) and
     0.16-0.39 CPU-s/GiB; after it 0.1-0.5 ms and 0.05-0.12, for 0.04-0.1
-    CPU-s/GiB more in the writer (docs/benchmarks.md).
+    CPU-s/GiB more in the writer.  But in datapath runs it cost the
+    receiving dfpeer 0.23-0.28 CPU-s/GiB (the readahead's fresh pages), for
+    every piece, uploaded or not: off unless DRAGONFLY_DIRECT_READBACK=1
+    (docs/benchmarks.md).
     """
     if DIRECT_READBACK and size > 0:
         try:
