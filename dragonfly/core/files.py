@@ -173,6 +173,25 @@ def _pwrite_direct(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
+def _libc_call(name: str, *argtypes: str) -> Any:
+    """
+    The C library's function C{name} taking C{argtypes} (ctypes type names
+    without C{c_}) and returning an C{int}, or False where there is none
+    (another C library, another system): the callers then do without.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        f = getattr(libc, name)
+        f.argtypes = [getattr(ctypes, "c_" + t) for t in argtypes]
+        f.restype = ctypes.c_int
+        return f
+    except (OSError, AttributeError):
+        return False
+
+
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: Any = None
 
@@ -190,18 +209,7 @@ def start_writeback(fd: int, offset: int, size: int) -> None:
     """
     global _sync_file_range
     if _sync_file_range is None:
-        _sync_file_range = False
-        try:
-            import ctypes
-            import ctypes.util
-
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            f = libc.sync_file_range
-            f.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-            f.restype = ctypes.c_int
-            _sync_file_range = f
-        except (OSError, AttributeError):
-            pass
+        _sync_file_range = _libc_call("sync_file_range", "int", "longlong", "longlong", "uint")
     if _sync_file_range and size > 0:
         _sync_file_range(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
 
@@ -225,18 +233,7 @@ def preallocate(fd: int, size: int) -> bool:
     """
     global _fallocate
     if _fallocate is None:
-        _fallocate = False
-        try:
-            import ctypes
-            import ctypes.util
-
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            f = libc.fallocate64
-            f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
-            f.restype = ctypes.c_int
-            _fallocate = f
-        except (OSError, AttributeError):
-            pass
+        _fallocate = _libc_call("fallocate64", "int", "int", "longlong", "longlong")
     if not _fallocate or size <= 0 or not PREALLOCATE:
         return False
     return bool(_fallocate(fd, 0, 0, size) == 0)
