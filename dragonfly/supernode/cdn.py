@@ -281,6 +281,25 @@ class Cdn:
 
     # -- cache on disk -----------------------------------------------------
 
+    def _claim(self, task_id: str, url: str) -> tuple[CdnTask, bool]:
+        """
+        The task known as C{task_id} (a live one is a cache hit, touched),
+        or a new one, made known and announced: (task, new).  A failed
+        task comes back as it is, for the caller to reset.
+        """
+        task = self.tasks.get(task_id)
+        if task is None:
+            data_path, meta_path = self._paths(task_id)
+            task = CdnTask(task_id=task_id, url=url, data_path=data_path, meta_path=meta_path)
+            self.tasks[task_id] = task
+            if self._on_new_task is not None:
+                self._on_new_task(task)
+            return task, True
+        if task.status != "failed":
+            task.last_access = self._clock.seconds()
+            self.cache_hits += 1
+        return task, False
+
     def _paths(self, task_id: str) -> tuple[str, str]:
         return self.store.data_path(task_id), self.store.meta_path(task_id)
 
@@ -352,19 +371,11 @@ class Cdn:
         @param fetch_range: the task is these bytes of the origin file alone
             (asked with C{Range}; only a 206 for them is taken).
         """
-        task = self.tasks.get(task_id)
-        if task is not None and task.status in ("waiting", "running", "success"):
-            task.last_access = self._clock.seconds()
-            self.cache_hits += 1
+        task, fresh = self._claim(task_id, url)
+        if task.status != "failed" and not fresh:
             return task
-        data_path, meta_path = self._paths(task_id)
         clean = _end_to_end(headers)
-        if task is None:
-            task = CdnTask(task_id=task_id, url=url, data_path=data_path, meta_path=meta_path)
-            self.tasks[task_id] = task
-            if self._on_new_task is not None:
-                self._on_new_task(task)
-        else:
+        if not fresh:
             # a failed task tries again: reset it, keep its listeners
             task.status, task.error, task.sha256 = "waiting", None, None
             task.length, task.piece_count, task.available = None, None, None
@@ -985,18 +996,10 @@ class Cdn:
         no meta until every piece is here (a crash drops it).  A task known
         and not failed is returned as it is.
         """
-        task = self.tasks.get(task_id)
-        if task is not None and task.status in ("waiting", "running", "success"):
-            task.last_access = self._clock.seconds()
-            self.cache_hits += 1
+        task, fresh = self._claim(task_id, url)
+        if task.status != "failed" and not fresh:
             return task
-        data_path, meta_path = self._paths(task_id)
-        if task is None:
-            task = CdnTask(task_id=task_id, url=url, data_path=data_path, meta_path=meta_path)
-            self.tasks[task_id] = task
-            if self._on_new_task is not None:
-                self._on_new_task(task)
-        else:
+        if not fresh:
             task.error, task.sha256, task.side, task.wanted = None, None, [], []
         task.url, task.headers, task.expected_digest = url, _end_to_end(headers), digest
         task.fetch_range = None
