@@ -480,9 +480,9 @@ class Simulation:
                 peer.seed_key = key
                 peer.picker.add(key, seed=True)
                 peer.picker.bitfield(key, Bitmap(self.count))
-            seed = peer.picker.remote(key)
+            holds = peer.picker.holds
             for i in seed_pieces:
-                if seed is not None and i not in seed:
+                if not holds(key, i):
                     # the dfpeer runs its picker on a HAVE from the seed (an answer with nothing new: not)
                     peer.picker.have(key, i)
                     self.dirty.add(peer.index)
