@@ -280,7 +280,16 @@ class Picker(Generic[K]):
             return
         self._remote[key] = remote | bit
         if key != self._seed:
-            self._bump(index, 1)
+            # _bump(index, 1), inline: HAVEs are the most frequent call
+            avail = self.avail
+            a = avail[index]
+            avail[index] = a + 1
+            if self._want & bit:
+                levels = self._levels
+                levels[a if a > 0 else 0] ^= bit
+                if a + 1 >= len(levels):
+                    levels.append(0)
+                levels[a + 1 if a >= 0 else 0] |= bit
 
     def lost(self, key: K, index: int) -> None:
         """C{key} does not hold C{index} after all (it rejected it, or sent bad bytes): believe it less."""
@@ -498,21 +507,34 @@ class Picker(Generic[K]):
         measured_rates = self._rate
         last_done = self._last_done
         latency = self.target_latency
+        # the budget (max(per_conn, rate x latency / piece), at most limit) of those with a free slot
         caps: dict[K, int] = {}
         speed: dict[K, float] = {}
         unknown: list[K] = []
+        free: list[tuple[int, int, K]] = []
         prior = 0.0
+        top = limit if limit > per_conn else per_conn
+        n = 0
         for k in keys:
             out = outs[k]
+            o = len(out)
             r = measured_rates.get(k)
-            caps[k] = per_conn if r is None else max(per_conn, min(limit, int(r * latency / piece_bytes)))
-            if out:
+            if r is None:
+                cap = per_conn
+            else:
+                c = int(r * latency / piece_bytes)
+                cap = top if c >= limit else (c if c > per_conn else per_conn)
+            if o < cap:
+                caps[k] = cap
+                free.append((o, n, k))
+            n += 1
+            if o:
                 # no faster than its oldest request out shows
                 waited = now - max(min(out.values()), last_done.get(k, -math.inf))
                 if waited > 0:
-                    cap = piece_bytes / waited
-                    if r is None or cap < r:
-                        r = cap
+                    c2 = piece_bytes / waited
+                    if r is None or c2 < r:
+                        r = c2
             if r is not None and r > 0:
                 speed[k] = r
                 if r > prior:
@@ -529,10 +551,9 @@ class Picker(Generic[K]):
                 prior = 1.0
             for k in unknown:
                 speed[k] = prior
-        in_flight = self._in_flight
-        if in_flight < limit:
+        if self._in_flight < limit:
             # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
-            heap = [((len(outs[k]) + 1) / speed[k], n, k) for n, k in enumerate(keys) if len(outs[k]) < caps[k]]
+            heap = [((o + 1) / speed[k], n, k) for o, n, k in free]
             heapq.heapify(heap)
             idle: list[K] = []
             while heap and self._in_flight < limit:
@@ -545,9 +566,9 @@ class Picker(Generic[K]):
                 asked.append((k, index))
                 if len(outs[k]) < caps[k]:
                     heapq.heappush(heap, ((len(outs[k]) + 1) / speed[k], n, k))
-            idle.extend(k for _, _, k in heap)
+            idle.extend([e[2] for e in heap])
         else:
-            idle = [k for k in keys if len(outs[k]) < caps[k]]
+            idle = [e[2] for e in free]
         # rescues: a neighbour with a slot and nothing new to give takes over a slow one's piece
         if not idle or not self.pending or self._in_flight >= 2 * limit:
             return
@@ -557,7 +578,11 @@ class Picker(Generic[K]):
         if not rescuers:
             return
         # (the same expression as each threshold below: pieces at or under it are never taken)
-        lowest = min(factor * (len(outs[k]) + 1) * piece_bytes / speed[k] for k in rescuers)
+        lowest = math.inf
+        for k in rescuers:
+            t = factor * (len(outs[k]) + 1) * piece_bytes / speed[k]
+            if t < lowest:
+                lowest = t
         late = self._late(now, speed, piece_bytes, lowest)
         if not late:
             return
@@ -610,8 +635,10 @@ class Picker(Generic[K]):
                     continue
                 speed[other] = r
             # when the other is expected to finish it: its queue up to it, at its rate
-            out = self._out[other]
-            ahead = sum(1 for t in out.values() if t <= asked_at)
+            ahead = 0
+            for t in self._out[other].values():
+                if t <= asked_at:
+                    ahead += 1
             start = max(asked_at, last_done.get(other, -math.inf))
             left = start + ahead * piece_bytes / r - now
             if left > 0 and left > over:
@@ -642,9 +669,10 @@ class Picker(Generic[K]):
         change, and a piece just announced is among the rarest anyway).
         Recorded as pending when True.
         """
-        if key == self._seed or key not in self._out or not self.wanted(index):
+        if self._in_flight >= limit or key == self._seed:
             return False
-        if len(self._out[key]) >= per_conn or self._in_flight >= limit:
+        out = self._out.get(key)
+        if out is None or len(out) >= per_conn or not self._want >> self.prio[index] & 1 or not self.wanted(index):
             return False
         self.request(key, index, now)
         return True

@@ -153,6 +153,8 @@ class SimPeer:
     seed_key: int | None = None
     #: when the heartbeat ticks (seconds into each C{heartbeat})
     beat: float = 0.0
+    #: the pieces stored, one byte each (what its picker's have_bits says, cheaper to test)
+    held: bytearray = field(factory=bytearray)
 
 
 @define(eq=False)
@@ -287,7 +289,7 @@ class Simulation:
             for i in range(self.count):
                 picker.digest_known(i)
             start = self.rng.uniform(0, config.arrival_spread) if config.arrival_spread else 0.0
-            peer = SimPeer(n, f"sim-{n}", host, picker, start)
+            peer = SimPeer(n, f"sim-{n}", host, picker, start, held=bytearray(self.count))
             self.peers.append(peer)
             self.at(start, self._arrive, peer)
         if config.kill_at is not None:
@@ -568,17 +570,20 @@ class Simulation:
         if peer.picker.verify(index):
             peer.picker.stored(index)
             peer.reported.append(index)
+            peer.held[index] = 1
             per_conn, limit, now = self.c.per_conn, self.limit, self.now
+            peers, me, fill_on_have = self.peers, peer.index, self.c.fill_on_have
             for n in peer.neighbours:
-                other = self.peers[n]
-                if other.done_at is not None or index in other.picker.have_bits:
+                other = peers[n]
+                if other.done_at is not None or other.held[index]:
                     continue  # the dfpeer sends no HAVE to a neighbour that holds the piece
-                other.picker.have(peer.index, index)
-                if self.c.fill_on_have:
+                op = other.picker
+                op.have(me, index)
+                if fill_on_have:
                     self.dirty.add(n)
-                elif other.picker.offer(peer.index, index, now, per_conn, limit):
+                elif op.offer(me, index, now, per_conn, limit):
                     # the dfpeer's on_have: only this neighbour's choice can change
-                    self._ask(other, peer.index, index)
+                    self._ask(other, me, index)
             if peer.picker.have_bits.complete:
                 peer.done_at = self.now
                 self.remaining -= 1
