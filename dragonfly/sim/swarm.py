@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 
 from ..core.bitmap import Bitmap
-from ..core.pieces import swarm_piece_size
+from ..core.pieces import TARGET_PIECES, swarm_piece_size
 from ..core.rendezvous import Node, rank
 from ..peer.picker import Picker
 from ..supernode.scheduler import PeerInfo, Scheduler
@@ -98,6 +98,8 @@ class Config:
     peers: int = 100
     file_size: int = 1 << 30
     piece_size: int | None = None  # None: the SuperNode's auto rule
+    #: pieces a file the auto rule aims at (the SuperNode's: L{TARGET_PIECES})
+    target_pieces: int = TARGET_PIECES
     links: str = DEFAULT_LINKS
     seed_mbit: float = 2000.0  # the SuperNode's uplink (S)
     origin_mbit: float = 2000.0  # the CDN's fetch from the origin
@@ -155,6 +157,13 @@ class SimPeer:
     beat: float = 0.0
     #: the pieces stored, one byte each (what its picker's have_bits says, cheaper to test)
     held: bytearray = field(factory=bytearray)
+    #: for the diagnostics: pieces stored, from the seed, when the first, half and 90% were in
+    stored: int = 0
+    from_seed: int = 0
+    marks: list[float] = field(factory=list)
+    #: syncs, and those that said it was starving
+    syncs: int = 0
+    starving_syncs: int = 0
 
 
 @define(eq=False)
@@ -198,6 +207,21 @@ class Result:
     kill_at: float | None = None
     #: each peer's link class (down/up in Mbit/s)
     links: list[str] = field(factory=list)
+    #: per peer: when its first, half and 90% of the pieces were in (seconds after it
+    #: started), pieces from the seed, neighbours at the end, share of its syncs starving
+    peer_stats: list[dict[str, Any]] = field(factory=list)
+
+    def slowest(self, k: int) -> list[dict[str, Any]]:
+        """The C{k} peers furthest over their bound, with what they waited on."""
+        ranked = sorted(range(len(self.completion)), key=lambda n: -self.completion[n] / self.bounds[n])
+        out = []
+        for n in ranked[:k]:
+            d = {"peer": n, "link": self.links[n] if self.links else "", "over_bound": round(self.completion[n] / self.bounds[n], 3),
+                 "done_s": round(self.completion[n], 3), "bound_s": round(self.bounds[n], 3)}
+            if self.peer_stats:
+                d |= self.peer_stats[n]
+            out.append(d)
+        return out
 
     def by_class(self) -> dict[str, dict[str, float]]:
         """Per link class: peers, and the median and largest completion over bound."""
@@ -257,7 +281,7 @@ class Simulation:
                 pass
             else:
                 self.net = FastNetwork()
-        self.piece_size = config.piece_size or swarm_piece_size(config.file_size)
+        self.piece_size = config.piece_size or swarm_piece_size(config.file_size, config.target_pieces)
         self.count = -(-config.file_size // self.piece_size)
         # the nodes in the task's ranking: nodes[0] owns it
         ring = rank([Node(f"sn{k}:8002") for k in range(config.supernodes)], TASK)
@@ -455,6 +479,8 @@ class Simulation:
             self._failed(peer)
             return
         starving = peer.picker.starving()
+        peer.syncs += 1
+        peer.starving_syncs += starving
         # CPU time (other processes on the machine do not count), of one sync
         # in SYNC_SAMPLE: reading a thread's clock is a system call, slow here
         timed = self.syncs % SYNC_SAMPLE == 0
@@ -571,6 +597,10 @@ class Simulation:
             peer.picker.stored(index)
             peer.reported.append(index)
             peer.held[index] = 1
+            peer.stored += 1
+            peer.from_seed += key < 0
+            if peer.stored in (1, (self.count + 1) // 2, -(-9 * self.count // 10)):
+                peer.marks.append(self.now - peer.start)
             per_conn, limit, now = self.c.per_conn, self.limit, self.now
             peers, me, fill_on_have = self.peers, peer.index, self.c.fill_on_have
             for n in peer.neighbours:
@@ -662,6 +692,11 @@ class Simulation:
             ],
             kill_at=c.kill_at,
             links=[f"{p.host.down / MBIT:g}/{p.host.up / MBIT:g}" for p in self.peers],
+            peer_stats=[
+                {"first_half_90pct_s": [round(t, 3) for t in p.marks], "from_seed": p.from_seed,
+                 "neighbours": len(p.neighbours), "starving_syncs": f"{p.starving_syncs}/{p.syncs}"}
+                for p in self.peers
+            ],
         )
 
     def _flush(self) -> None:
