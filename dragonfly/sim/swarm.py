@@ -130,6 +130,9 @@ class Config:
     fill_on_have: bool = False
     #: the network on numpy arrays (L{dragonfly.sim.fastnet}) when numpy is there
     fast_network: bool = True
+    #: the picker's in-flight limit may grow to this many times C{limit} by the
+    #: neighbours' measured rates (L{Picker} C{max_grow}; 1: the limit holds, the dfpeer's)
+    max_grow: float = 1.0
 
 
 @define(eq=False)
@@ -309,7 +312,7 @@ class Simulation:
         for n in range(config.peers):
             cls = self._draw(classes)
             host = Host(f"p{n}", up=cls.up_mbit * MBIT, down=cls.down_mbit * MBIT, latency=cls.latency_ms / 1000)
-            picker: Picker[int] = Picker(self.count, rng=random.Random(self.rng.random()))
+            picker: Picker[int] = Picker(self.count, rng=random.Random(self.rng.random()), max_grow=config.max_grow)
             for i in range(self.count):
                 picker.digest_known(i)
             start = self.rng.uniform(0, config.arrival_spread) if config.arrival_spread else 0.0

@@ -159,6 +159,14 @@ def test_cli_target_pieces_and_the_slowest_peers(capsys: pytest.CaptureFixture[s
         assert 0 <= d["from_seed"] <= 4
 
 
+def test_the_pickers_limit_may_grow() -> None:
+    """--max-grow reaches every peer's picker (1 by default: --in-flight holds, as in the dfpeer)."""
+    assert all(p.picker.max_grow == 1.0 for p in Simulation(SMALL).peers)
+    grown = Simulation(attrs.evolve(SMALL, max_grow=4.0))
+    assert all(p.picker.max_grow == 4.0 for p in grown.peers)
+    assert grown.run().summary()["origin_copies"] == 1.0
+
+
 def test_link_mix_parsing() -> None:
     (a, b) = parse_links("1000/200@5:3,100/100@20:1")
     assert (a.down_mbit, a.up_mbit, a.latency_ms, a.share) == (1000, 200, 5, 0.75)
