@@ -261,12 +261,12 @@ class Picker(Generic[K]):
             return
         prio = self.prio
         bits = 0
+        counted = key != self._seed
         for i in bitmap:
             bits |= 1 << prio[i]
-        self._remote[key] = bits
-        if key != self._seed:
-            for i in bitmap:
+            if counted:
                 self._bump(i, 1)
+        self._remote[key] = bits
 
     def have(self, key: K, index: int) -> None:
         """C{key} announced C{index} (HAVE)."""
@@ -556,8 +556,14 @@ class Picker(Generic[K]):
             heap = [((o + 1) / speed[k], n, k) for o, n, k in free]
             heapq.heapify(heap)
             idle: list[K] = []
+            # no endgame this call: a neighbour holding no wanted piece has nothing (choose's answer, cheaper)
+            remote = self._remote
+            quick = self.missing > self.endgame_pieces
             while heap and self._in_flight < limit:
                 _, n, k = heapq.heappop(heap)
+                if quick and not remote[k] & self._want:  # type: ignore[operator]
+                    idle.append(k)
+                    continue
                 index = self.choose(k, now)
                 if index is None:
                     idle.append(k)
