@@ -154,7 +154,7 @@ def run(
 step = st.tuples(st.integers(0, 10_000), st.integers(0, 100), st.integers(0, 10_000), st.integers(0, 2**20))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(
     count=st.integers(1, 80), seed=st.integers(0, 10_000), steps=st.lists(step, max_size=150),
     max_grow=st.sampled_from([1.0, 1.0, 4.0]), known_all=st.booleans(), attach=st.booleans(),
