@@ -28,15 +28,17 @@ TARGET_PIECES = 128
 AUTO_MIN_PIECE = 1 * MiB
 
 
-def swarm_piece_size(length: int | None) -> int:
+def swarm_piece_size(length: int | None, target: int = TARGET_PIECES) -> int:
     """
     The C{auto} piece size for a file of C{length} bytes (C{None} when the
-    origin did not say): the power of two nearest above C{length / 128},
-    within 1 MiB .. 15 MiB.
+    origin did not say): the power of two nearest above C{length / target}
+    (C{target}: L{TARGET_PIECES}, 128), within 1 MiB .. 15 MiB.
     """
     if length is None:
         return DEFAULT_PIECE_SIZE
-    want = max(-(-length // TARGET_PIECES), 1)
+    if target < 1:
+        raise ValueError(f"target pieces {target} is not 1 or more")
+    want = max(-(-length // target), 1)
     size = 1 << (want - 1).bit_length()
     return max(AUTO_MIN_PIECE, min(size, MAX_PIECE_SIZE))
 

@@ -52,12 +52,17 @@ speed (BitTorrent's and Dragonfly 2's ideas, see REFERENCE.md):
     may take the in-flight count up to twice C{limit} (the duplicates are
     short-lived).
 
-Availability is kept incrementally: each wanted piece sits in the bucket of
-its availability count, and the buckets change on bitfield, HAVE, a lost
-neighbour or a piece it turned out not to hold, so choosing a piece scans
-the rarest buckets only, not every piece.  Each bucket is kept in a uniformly
-random order (inserted at a random position), so the first piece of the
-rarest bucket a neighbour holds is a random one of the rarest it holds.
+Availability is kept incrementally, in integer bit sets: each picker draws
+a random priority per piece (a permutation, once), and every set of pieces
+(a neighbour's bitfield, the wanted pieces, the wanted pieces of each
+availability count) is an int whose bit C{p} stands for the piece of
+priority C{p}.  A HAVE, a bitfield, a lost neighbour or a request moves one
+bit; choosing a piece for a neighbour is an AND of its bitfield with the
+rarest levels and the lowest set bit of the first that is not empty: the
+rarest wanted piece it holds, ties broken by the random priority (the same
+rule as C{min((avail[i], priority[i]))} over every piece, which the tests
+check against a brute-force picker).  No call scans every piece or keeps a
+per-piece list in random order.
 
 Usage::
 
@@ -113,7 +118,8 @@ class Picker(Generic[K]):
     The piece states of one download and its neighbours' bitfields.
 
     @param count: the number of pieces.
-    @param rng: the source of randomness (ties, the order neighbours are served in).
+    @param rng: the source of randomness (the pieces' priorities, drawn
+        once here, which break ties; the order neighbours are served in).
     @param have: the bitmap of pieces held, shared with the caller (the
         picker sets bits in it on L{stored}); a new empty one when omitted.
     """
@@ -153,18 +159,26 @@ class Picker(Generic[K]):
         self.pending: dict[int, list[tuple[K, float]]] = {}
         self.verifying: set[int] = set()
         self._known = [False] * count
-        # neighbour -> its bitfield (None until received); insertion order
-        self._remote: dict[K, Bitmap | None] = {}
+        #: the pieces by priority (ties go to the lowest), and each piece's priority
+        self._by_prio = list(range(count))
+        self.rng.shuffle(self._by_prio)
+        self.prio = [0] * count
+        for p, i in enumerate(self._by_prio):
+            self.prio[i] = p
+        # neighbour -> its bitfield as bits by priority (None until received); insertion order
+        self._remote: dict[K, int | None] = {}
         # neighbour -> {piece: time asked}, in the order asked
         self._out: dict[K, dict[int, float]] = {}
         self._seed: K | None = None
         self._in_flight = 0  # requests out to non-seed neighbours
-        # neighbour -> [bytes, busy seconds] (decayed), and when its last piece came
+        # neighbour -> [bytes, busy seconds, largest piece] (decayed), its rate
+        # (bytes / busy seconds), and when its last piece came
         self._meter: dict[K, list[float]] = {}
+        self._rate: dict[K, float] = {}
         self._last_done: dict[K, float] = {}
-        # wanted pieces by availability; _pos[i] its index in its bucket, or -1
-        self._buckets: list[list[int]] = [[]]
-        self._pos = [-1] * count
+        # the wanted pieces (bits by priority), and they by availability
+        self._want = 0
+        self._levels: list[int] = [0]
 
     # -- piece states --------------------------------------------------------------
 
@@ -215,8 +229,22 @@ class Picker(Generic[K]):
         return iter(self._remote)
 
     def remote(self, key: K) -> Bitmap | None:
-        """The picker's copy of the bitfield of C{key} (None before it came)."""
-        return self._remote.get(key)
+        """A copy of the picker's view of the bitfield of C{key} (None before it came)."""
+        bits = self._remote.get(key)
+        if bits is None:
+            return None
+        out = Bitmap(self.count)
+        by_prio = self._by_prio
+        while bits:
+            low = bits & -bits
+            out.set(by_prio[low.bit_length() - 1])
+            bits ^= low
+        return out
+
+    def holds(self, key: K, index: int) -> bool:
+        """Whether C{key} is believed to hold C{index} (False before its bitfield)."""
+        bits = self._remote.get(key)
+        return bits is not None and 0 <= index < self.count and bits >> self.prio[index] & 1 == 1
 
     def outstanding(self, key: K) -> dict[int, float]:
         """The requests out to C{key}: piece -> time asked."""
@@ -231,26 +259,47 @@ class Picker(Generic[K]):
         """The bitfield of C{key} arrived (copied)."""
         if key not in self._remote or self._remote[key] is not None:
             return
-        self._remote[key] = bitmap.copy()
-        if key != self._seed:
-            for i in bitmap:
+        prio = self.prio
+        bits = 0
+        counted = key != self._seed
+        for i in bitmap:
+            bits |= 1 << prio[i]
+            if counted:
                 self._bump(i, 1)
+        self._remote[key] = bits
 
     def have(self, key: K, index: int) -> None:
         """C{key} announced C{index} (HAVE)."""
         remote = self._remote.get(key)
-        if remote is None or index in remote:
+        if remote is None:
             return
-        remote.set(index)
+        if not 0 <= index < self.count:
+            raise IndexError(f"piece index {index} is outside 0..{self.count - 1}")
+        bit = 1 << self.prio[index]
+        if remote & bit:
+            return
+        self._remote[key] = remote | bit
         if key != self._seed:
-            self._bump(index, 1)
+            # _bump(index, 1), inline: HAVEs are the most frequent call
+            avail = self.avail
+            a = avail[index]
+            avail[index] = a + 1
+            if self._want & bit:
+                levels = self._levels
+                levels[a if a > 0 else 0] ^= bit
+                if a + 1 >= len(levels):
+                    levels.append(0)
+                levels[a + 1 if a >= 0 else 0] |= bit
 
     def lost(self, key: K, index: int) -> None:
         """C{key} does not hold C{index} after all (it rejected it, or sent bad bytes): believe it less."""
         remote = self._remote.get(key)
-        if remote is None or index not in remote or key == self._seed:
+        if remote is None or key == self._seed or not 0 <= index < self.count:
             return
-        remote.clear(index)
+        bit = 1 << self.prio[index]
+        if not remote & bit:
+            return
+        self._remote[key] = remote ^ bit
         self._bump(index, -1)
 
     def remove(self, key: K) -> list[int]:
@@ -260,14 +309,17 @@ class Picker(Generic[K]):
         remote = self._remote.pop(key)
         out = self._out.pop(key)
         self._meter.pop(key, None)
+        self._rate.pop(key, None)
         self._last_done.pop(key, None)
         if key == self._seed:
             self._seed = None
         else:
             self._in_flight -= len(out)
-            if remote is not None:
-                for i in remote:
-                    self._bump(i, -1)
+            by_prio = self._by_prio
+            while remote:
+                low = remote & -remote
+                self._bump(by_prio[low.bit_length() - 1], -1)
+                remote ^= low
         lost = list(out)
         for i in lost:
             self._unpend(i, key)
@@ -283,8 +335,16 @@ class Picker(Generic[K]):
         out[index] = now
         if key != self._seed:
             self._in_flight += 1
-        self.pending.setdefault(index, []).append((key, now))
-        self._refresh(index)
+        holders = self.pending.get(index)
+        if holders is None:
+            self.pending[index] = [(key, now)]
+            bit = 1 << self.prio[index]
+            if self._want & bit:
+                # no longer wanted (asked for)
+                self._want ^= bit
+                self._levels[max(0, self.avail[index])] ^= bit
+        else:
+            holders.append((key, now))
 
     def rejected(self, key: K, index: int) -> None:
         """C{key} refused C{index}: it is wanted again, and C{key} is believed to lack it."""
@@ -338,6 +398,7 @@ class Picker(Generic[K]):
         so it gets no more than C{per_conn} requests until it delivers again.
         """
         self._meter.pop(key, None)
+        self._rate.pop(key, None)
         self._last_done.pop(key, None)
         self.unverified(index)
         self.lost(key, index)
@@ -351,14 +412,17 @@ class Picker(Generic[K]):
             return None
         if key == self._seed:
             return self._choose_seed(remote)
-        best = self._in_window(remote, range(self._window_start(), self._window_end()))
-        if best is not None:
-            return best
-        buckets = self._buckets
-        for b in range(1, len(buckets)):
-            for i in buckets[b]:
-                if i in remote:
-                    return i
+        if self.stream_from is not None:
+            best = self._in_window(remote, range(self._window_start(), self._window_end()))
+            if best is not None:
+                return best
+        cand = remote & self._want
+        if cand:
+            # every wanted piece it holds has an availability of 1 or more
+            for level in self._levels[1:]:
+                m = level & cand
+                if m:
+                    return self._by_prio[(m & -m).bit_length() - 1]
         return self._endgame(key, remote, now)
 
     def fill(
@@ -418,7 +482,7 @@ class Picker(Generic[K]):
         to a neighbour not measured yet when C{piece_bytes} is known.
         """
         m = self._meter.get(key)
-        rate = m[0] / m[1] if m is not None and m[1] > 0 else None
+        rate = self._rate.get(key)
         out = self._out.get(key)
         if now is None or not out:
             return rate
@@ -438,56 +502,112 @@ class Picker(Generic[K]):
     def _fill_by_rate(
         self, now: float, per_conn: int, limit: int, keys: list[K], piece_bytes: int, asked: list[tuple[K, int]],
     ) -> None:
-        rates: dict[K, float | None] = {}
+        # rate(), budget() and the speeds, inline: this runs on every piece and HAVE
+        outs = self._out
+        measured_rates = self._rate
+        last_done = self._last_done
+        latency = self.target_latency
+        # the budget (max(per_conn, rate x latency / piece), at most limit) of those with a free slot
         caps: dict[K, int] = {}
+        speed: dict[K, float] = {}
+        unknown: list[K] = []
+        free: list[tuple[int, int, K]] = []
+        prior = 0.0
+        top = limit if limit > per_conn else per_conn
+        n = 0
         for k in keys:
-            measured = self.rate(k)
-            caps[k] = self.budget(k, per_conn, limit, piece_bytes, measured)
-            rates[k] = self.rate(k, now, piece_bytes) if self._out[k] else measured
+            out = outs[k]
+            o = len(out)
+            r = measured_rates.get(k)
+            if r is None:
+                cap = per_conn
+            else:
+                c = int(r * latency / piece_bytes)
+                cap = top if c >= limit else (c if c > per_conn else per_conn)
+            if o < cap:
+                caps[k] = cap
+                free.append((o, n, k))
+            n += 1
+            if o:
+                # no faster than its oldest request out shows
+                waited = now - max(min(out.values()), last_done.get(k, -math.inf))
+                if waited > 0:
+                    c2 = piece_bytes / waited
+                    if r is None or c2 < r:
+                        r = c2
+            if r is not None and r > 0:
+                speed[k] = r
+                if r > prior:
+                    prior = r
+            else:
+                unknown.append(k)
         if self.max_grow > 1:
             # bandwidth-delay for the whole download: what the neighbours deliver x target latency
-            total = sum(m[0] / m[1] for k in keys if (m := self._meter.get(k)) is not None and m[1] > 0)
-            limit = max(limit, min(int(self.max_grow * limit), int(total * self.target_latency / piece_bytes)))
-        known = [r for r in rates.values() if r is not None and r > 0]
-        prior = max(known) if known else 1.0
-        speed = {k: (r if r is not None and r > 0 else prior) for k, r in rates.items()}
-        # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
-        heap = []
+            total = sum(r for k in keys if (r := measured_rates.get(k)) is not None)
+            limit = max(limit, min(int(self.max_grow * limit), int(total * latency / piece_bytes)))
+        # unmeasured neighbours count as the fastest known
+        if unknown:
+            if prior <= 0:
+                prior = 1.0
+            for k in unknown:
+                speed[k] = prior
         if self._in_flight < limit:
-            heap = [((len(self._out[k]) + 1) / speed[k], n, k) for n, k in enumerate(keys) if len(self._out[k]) < caps[k]]
+            # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
+            heap = [((o + 1) / speed[k], n, k) for o, n, k in free]
             heapq.heapify(heap)
+            idle: list[K] = []
+            # no endgame this call: a neighbour holding no wanted piece has nothing (choose's answer, cheaper)
+            remote = self._remote
+            quick = self.missing > self.endgame_pieces
+            while heap and self._in_flight < limit:
+                _, n, k = heapq.heappop(heap)
+                if quick and not remote[k] & self._want:  # type: ignore[operator]
+                    idle.append(k)
+                    continue
+                index = self.choose(k, now)
+                if index is None:
+                    idle.append(k)
+                    continue
+                self.request(k, index, now)
+                asked.append((k, index))
+                if len(outs[k]) < caps[k]:
+                    heapq.heappush(heap, ((len(outs[k]) + 1) / speed[k], n, k))
+            idle.extend([e[2] for e in heap])
         else:
-            heap = [(0.0, n, k) for n, k in enumerate(keys) if len(self._out[k]) < caps[k]]
-        idle: list[tuple[int, K]] = []
-        while heap and self._in_flight < limit:
-            _, n, k = heapq.heappop(heap)
-            index = self.choose(k, now)
-            if index is None:
-                idle.append((n, k))
-                continue
-            self.request(k, index, now)
-            asked.append((k, index))
-            if len(self._out[k]) < caps[k]:
-                heapq.heappush(heap, ((len(self._out[k]) + 1) / speed[k], n, k))
+            idle = [e[2] for e in free]
         # rescues: a neighbour with a slot and nothing new to give takes over a slow one's piece
-        idle.extend((n, k) for _, n, k in heap)
         if not idle or not self.pending or self._in_flight >= 2 * limit:
             return
-        late = self._late(now, speed, piece_bytes)
+        # only a measured one may rescue, and only a piece later than its threshold
+        factor = self.rescue_factor
+        rescuers = [k for k in idle if k in measured_rates]
+        if not rescuers:
+            return
+        # (the same expression as each threshold below: pieces at or under it are never taken)
+        lowest = math.inf
+        for k in rescuers:
+            t = factor * (len(outs[k]) + 1) * piece_bytes / speed[k]
+            if t < lowest:
+                lowest = t
+        late = self._late(now, speed, piece_bytes, lowest)
         if not late:
             return
-        idle.sort(key=lambda nk: -speed[nk[1]])
-        for _, k in idle:
-            remote = self._remote[k]
-            if remote is None or k not in self._meter:
-                continue  # not measured: not known to be faster
-            while late and self._in_flight < 2 * limit and len(self._out[k]) < caps[k]:
-                threshold = self.rescue_factor * (len(self._out[k]) + 1) * piece_bytes / speed[k]
+        # the fastest first (stable: ties in the order of idle, as a sort of it by speed)
+        rescuers.sort(key=lambda k: -speed[k])
+        remote = self._remote
+        prio = self.prio
+        for k in rescuers:
+            bits = remote[k]
+            if bits is None:
+                continue
+            out = outs[k]
+            while late and self._in_flight < 2 * limit and len(out) < caps[k]:
+                threshold = self.rescue_factor * (len(out) + 1) * piece_bytes / speed[k]
                 pick = None
                 for j, (left, i, other) in enumerate(late):
                     if left <= threshold:
                         break  # latest first: none further on is late enough either
-                    if other != k and i in remote:
+                    if other != k and bits >> prio[i] & 1:
                         pick = j
                         break
                 if pick is None:
@@ -496,14 +616,23 @@ class Picker(Generic[K]):
                 self.request(k, i, now)
                 asked.append((k, i))
 
-    def _late(self, now: float, speed: dict[K, float], piece_bytes: int) -> list[tuple[float, int, K]]:
-        """The pieces out at one non-seed neighbour: (seconds until it is expected to finish them, piece, it), latest first."""
+    def _late(
+        self, now: float, speed: dict[K, float], piece_bytes: int, over: float = -math.inf,
+    ) -> list[tuple[float, int, K]]:
+        """
+        The pieces out at one non-seed neighbour: (seconds until it is
+        expected to finish them, piece, it), latest first; only those expected
+        more than C{over} seconds from now.
+        """
         late = []
+        seed = self._seed
+        verifying = self.verifying
+        last_done = self._last_done
         for i, holders in self.pending.items():
-            if len(holders) != 1 or i in self.verifying:
+            if len(holders) != 1 or i in verifying:
                 continue
             other, asked_at = holders[0]
-            if other == self._seed:
+            if other == seed:
                 continue
             r = speed.get(other)
             if r is None:
@@ -512,11 +641,13 @@ class Picker(Generic[K]):
                     continue
                 speed[other] = r
             # when the other is expected to finish it: its queue up to it, at its rate
-            out = self._out[other]
-            ahead = sum(1 for t in out.values() if t <= asked_at)
-            start = max(asked_at, self._last_done.get(other, -math.inf))
+            ahead = 0
+            for t in self._out[other].values():
+                if t <= asked_at:
+                    ahead += 1
+            start = max(asked_at, last_done.get(other, -math.inf))
             left = start + ahead * piece_bytes / r - now
-            if left > 0:
+            if left > 0 and left > over:
                 late.append((left, i, other))
         late.sort(key=lambda x: -x[0])
         return late
@@ -529,12 +660,13 @@ class Picker(Generic[K]):
             busy = 1e-6
         m = self._meter.get(key)
         if m is None:
-            self._meter[key] = [float(size), busy, float(size)]
-            return
-        d = self.rate_decay
-        m[0] = m[0] * d + size
-        m[1] = m[1] * d + busy
-        m[2] = max(m[2], float(size))
+            m = self._meter[key] = [float(size), busy, float(size)]
+        else:
+            d = self.rate_decay
+            m[0] = m[0] * d + size
+            m[1] = m[1] * d + busy
+            m[2] = max(m[2], float(size))
+        self._rate[key] = m[0] / m[1]
 
     def offer(self, key: K, index: int, now: float, per_conn: int, limit: int) -> bool:
         """
@@ -543,9 +675,10 @@ class Picker(Generic[K]):
         change, and a piece just announced is among the rarest anyway).
         Recorded as pending when True.
         """
-        if key == self._seed or key not in self._out or not self.wanted(index):
+        if self._in_flight >= limit or key == self._seed:
             return False
-        if len(self._out[key]) >= per_conn or self._in_flight >= limit:
+        out = self._out.get(key)
+        if out is None or len(out) >= per_conn or not self._want >> self.prio[index] & 1 or not self.wanted(index):
             return False
         self.request(key, index, now)
         return True
@@ -555,10 +688,10 @@ class Picker(Generic[K]):
         if self.have_bits.complete:
             return False
         seed = self._seed
-        if any(self._out[k] for k, r in self._remote.items() if k != seed and r is not None):
+        if self._in_flight and any(self._out[k] for k, r in self._remote.items() if k != seed and r is not None):
             return False
-        # every wanted piece a non-seed neighbour holds sits in a bucket >= 1
-        return not any(self._buckets[b] for b in range(1, len(self._buckets)))
+        # every wanted piece a non-seed neighbour holds has an availability of 1 or more
+        return not self._want & ~self._levels[0]
 
     # -- internals -------------------------------------------------------------------------
 
@@ -570,14 +703,15 @@ class Picker(Generic[K]):
             return 0
         return min(self.count, max(0, self.stream_from + self.stream_window))
 
-    def _in_window(self, remote: Bitmap, candidates: Iterable[int]) -> int | None:
-        """The rarest wanted piece of C{candidates} C{remote} holds, ties at random."""
+    def _in_window(self, remote: int, candidates: Iterable[int]) -> int | None:
+        """The rarest wanted piece of C{candidates} C{remote} holds, ties by priority."""
         best: int | None = None
-        best_key: tuple[int, float] | None = None
+        best_key: tuple[int, int] | None = None
+        prio = self.prio
         for i in candidates:
-            if i < 0 or i not in remote or not self.wanted(i):
+            if i < 0 or not remote >> prio[i] & 1 or not self.wanted(i):
                 continue
-            k = (self.avail[i], self.rng.random())
+            k = (self.avail[i], prio[i])
             if best_key is None or k < best_key:
                 best, best_key = i, k
         return best
@@ -586,25 +720,27 @@ class Picker(Generic[K]):
         s = self.stream_from
         return s is None or not s <= index < s + self.stream_window
 
-    def _choose_seed(self, remote: Bitmap) -> int | None:
+    def _choose_seed(self, remote: int) -> int | None:
         best: int | None = None
-        best_key: tuple[bool, int, float] | None = None
+        best_key: tuple[bool, int, int] | None = None
+        prio = self.prio
         for i in self.seed_allowed:
-            if not 0 <= i < self.count or i not in remote or not self.wanted(i):
+            if not 0 <= i < self.count or not remote >> prio[i] & 1 or not self.wanted(i):
                 continue
-            k = (self._far(i), self.avail[i], self.rng.random())
+            k = (self._far(i), self.avail[i], prio[i])
             if best_key is None or k < best_key:
                 best, best_key = i, k
         return best
 
-    def _endgame(self, key: K, remote: Bitmap, now: float) -> int | None:
+    def _endgame(self, key: K, remote: int, now: float) -> int | None:
         """Only the last few pieces, all already asked for: a second holder for one out a while."""
         missing = self.missing
         if missing > self.endgame_pieces or missing > len(self.pending) + len(self.verifying):
             return None
+        prio = self.prio
         for i, holders in self.pending.items():
             if (
-                len(holders) == 1 and holders[0][0] != key and i in remote and i not in self.verifying
+                len(holders) == 1 and holders[0][0] != key and remote >> prio[i] & 1 and i not in self.verifying
                 and now - holders[0][1] >= self.endgame_after
             ):
                 return i
@@ -626,46 +762,42 @@ class Picker(Generic[K]):
         self._refresh(index)
 
     def _bump(self, index: int, delta: int) -> None:
-        inside = self._pos[index] >= 0
-        if inside:
-            self._take(index)
-        self.avail[index] += delta
-        if inside:
-            self._put(index)
+        a = self.avail[index]
+        self.avail[index] = a + delta
+        bit = 1 << self.prio[index]
+        if self._want & bit:
+            levels = self._levels
+            levels[max(0, a)] ^= bit
+            b = max(0, a + delta)
+            while len(levels) <= b:
+                levels.append(0)
+            levels[b] |= bit
 
     def _refresh(self, index: int) -> None:
-        want = self.wanted(index)
-        inside = self._pos[index] >= 0
-        if want and not inside:
-            self._put(index)
-        elif inside and not want:
-            self._take(index)
-
-    def _put(self, index: int) -> None:
-        b = max(0, self.avail[index])
-        while len(self._buckets) <= b:
-            self._buckets.append([])
-        bucket = self._buckets[b]
-        # at a random position: the bucket stays in uniformly random order
-        j = self.rng.randrange(len(bucket) + 1)
-        if j == len(bucket):
-            bucket.append(index)
-        else:
-            moved = bucket[j]
-            bucket.append(moved)
-            self._pos[moved] = len(bucket) - 1
-            bucket[j] = index
-        self._pos[index] = j
-
-    def _take(self, index: int) -> None:
-        bucket = self._buckets[max(0, self.avail[index])]
-        p = self._pos[index]
-        last = bucket.pop()
-        if last != index:
-            bucket[p] = last
-            self._pos[last] = p
-        self._pos[index] = -1
+        bit = 1 << self.prio[index]
+        inside = self._want & bit
+        if self.wanted(index):
+            if not inside:
+                self._want |= bit
+                b = max(0, self.avail[index])
+                levels = self._levels
+                while len(levels) <= b:
+                    levels.append(0)
+                levels[b] |= bit
+        elif inside:
+            self._want ^= bit
+            self._levels[max(0, self.avail[index])] ^= bit
 
     def buckets(self) -> dict[int, set[int]]:
         """The wanted pieces by availability (for tests and the simulator's views)."""
-        return {b: set(items) for b, items in enumerate(self._buckets) if items}
+        out: dict[int, set[int]] = {}
+        by_prio = self._by_prio
+        for b, bits in enumerate(self._levels):
+            items = set()
+            while bits:
+                low = bits & -bits
+                items.add(by_prio[low.bit_length() - 1])
+                bits ^= low
+            if items:
+                out[b] = items
+        return out

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from ..core.pieces import TARGET_PIECES
 from ..core.units import parse_rate
 from .swarm import DEFAULT_LINKS, TAKEOVER, Config, Simulation, parse_links
 
@@ -19,6 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="random seed")
     p.add_argument("--size", default="1G", help="file size (default 1G)")
     p.add_argument("--piece-size", default=None, help="piece size (default: the SuperNode's auto rule)")
+    p.add_argument("--target-pieces", type=int, default=TARGET_PIECES,
+                   help=f"pieces a file for the auto rule (default {TARGET_PIECES}, the SuperNode's; 512 gives 2 MiB for 1 GiB)")
+    p.add_argument("--max-grow", type=float, default=1.0,
+                   help="the picker's in-flight limit may grow to this many times --in-flight by its neighbours' rates (default 1: it holds)")
+    p.add_argument("--slowest", type=int, default=0, metavar="K",
+                   help="print the K peers furthest over their bound and what they waited on (stderr)")
     p.add_argument("--links", default=DEFAULT_LINKS, help="peer link mix: down/up@latency_ms:share,... in Mbit/s")
     p.add_argument("--seed-mbit", type=float, default=2000.0, help="the SuperNode's uplink, Mbit/s")
     p.add_argument("--origin-mbit", type=float, default=2000.0, help="the CDN's fetch from the origin, Mbit/s")
@@ -44,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         in_flight = parse_rate(a.in_flight)
     except ValueError as e:
         p.error(str(e))
+    if a.max_grow < 1:
+        p.error("--max-grow must be at least 1")
+    if a.target_pieces < 1:
+        p.error("--target-pieces must be at least 1")
     if a.peers < 1:
         p.error("--peers must be at least 1")
     if a.supernodes < 1:
@@ -53,10 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(peers=a.peers, file_size=size, piece_size=piece, links=a.links, seed_mbit=a.seed_mbit,
                     origin_mbit=a.origin_mbit, in_flight_bytes=in_flight, arrival_spread=a.spread, dt=a.dt, seed=a.seed,
                     classic=a.classic_picker, supernodes=a.supernodes, kill_at=a.kill_supernode,
-                    takeover=a.takeover, fill_on_have=a.fill_on_have)
+                    takeover=a.takeover, fill_on_have=a.fill_on_have, target_pieces=a.target_pieces,
+                    max_grow=a.max_grow)
     progress = (lambda line: print(line, file=sys.stderr, flush=True)) if a.progress else None
     run = Simulation(config, progress).run()
     result = run.summary()
+    for d in run.slowest(a.slowest):
+        print(json.dumps(d), file=sys.stderr)
     if a.plot:
         from .plot import plot
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from attrs import define, field
 
 from ..core.bitmap import Bitmap
-from ..core.pieces import swarm_piece_size
+from ..core.pieces import TARGET_PIECES, swarm_piece_size
 from ..core.rendezvous import Node, rank
 from ..peer.neighbours import HAVE_DELAY, HaveHold
 from ..peer.picker import Picker
@@ -104,6 +104,8 @@ class Config:
     peers: int = 100
     file_size: int = 1 << 30
     piece_size: int | None = None  # None: the SuperNode's auto rule
+    #: pieces a file the auto rule aims at (the SuperNode's: L{TARGET_PIECES})
+    target_pieces: int = TARGET_PIECES
     links: str = DEFAULT_LINKS
     seed_mbit: float = 2000.0  # the SuperNode's uplink (S)
     origin_mbit: float = 2000.0  # the CDN's fetch from the origin
@@ -138,6 +140,9 @@ class Config:
     have_delay: float = HAVE_DELAY
     #: the longest wait between two syncs of a settled download (the dfpeer's Syncer.max_sync)
     max_sync: float = Syncer.max_sync
+    #: the picker's in-flight limit may grow to this many times C{limit} by the
+    #: neighbours' measured rates (L{Picker} C{max_grow}; 1: the limit holds, the dfpeer's)
+    max_grow: float = 1.0
 
 
 @define(eq=False)
@@ -170,6 +175,15 @@ class SimPeer:
     #: when it last stored a piece; the wait of a settled download (0: not settled)
     last_store: float = -1e9
     rest: float = 0.0
+    #: the pieces stored, one byte each (what its picker's have_bits says, cheaper to test)
+    got: bytearray = field(factory=bytearray)
+    #: for the diagnostics: pieces stored, from the seed, when the first, half and 90% were in
+    stored: int = 0
+    from_seed: int = 0
+    marks: list[float] = field(factory=list)
+    #: syncs, and those that said it was starving
+    syncs: int = 0
+    starving_syncs: int = 0
 
 
 @define(eq=False)
@@ -216,6 +230,21 @@ class Result:
     #: HAVEs announced, and the frames (HAVE or HAVE_MANY) that carried them
     haves: int = 0
     have_frames: int = 0
+    #: per peer: when its first, half and 90% of the pieces were in (seconds after it
+    #: started), pieces from the seed, neighbours at the end, share of its syncs starving
+    peer_stats: list[dict[str, Any]] = field(factory=list)
+
+    def slowest(self, k: int) -> list[dict[str, Any]]:
+        """The C{k} peers furthest over their bound, with what they waited on."""
+        ranked = sorted(range(len(self.completion)), key=lambda n: -self.completion[n] / self.bounds[n])
+        out = []
+        for n in ranked[:k]:
+            d = {"peer": n, "link": self.links[n] if self.links else "", "over_bound": round(self.completion[n] / self.bounds[n], 3),
+                 "done_s": round(self.completion[n], 3), "bound_s": round(self.bounds[n], 3)}
+            if self.peer_stats:
+                d |= self.peer_stats[n]
+            out.append(d)
+        return out
 
     def by_class(self) -> dict[str, dict[str, float]]:
         """Per link class: peers, and the median and largest completion over bound."""
@@ -276,7 +305,7 @@ class Simulation:
                 pass
             else:
                 self.net = FastNetwork()
-        self.piece_size = config.piece_size or swarm_piece_size(config.file_size)
+        self.piece_size = config.piece_size or swarm_piece_size(config.file_size, config.target_pieces)
         self.count = -(-config.file_size // self.piece_size)
         # the nodes in the task's ranking: nodes[0] owns it
         ring = rank([Node(f"sn{k}:8002") for k in range(config.supernodes)], TASK)
@@ -306,11 +335,11 @@ class Simulation:
         for n in range(config.peers):
             cls = self._draw(classes)
             host = Host(f"p{n}", up=cls.up_mbit * MBIT, down=cls.down_mbit * MBIT, latency=cls.latency_ms / 1000)
-            picker: Picker[int] = Picker(self.count, rng=random.Random(self.rng.random()))
+            picker: Picker[int] = Picker(self.count, rng=random.Random(self.rng.random()), max_grow=config.max_grow)
             for i in range(self.count):
                 picker.digest_known(i)
             start = self.rng.uniform(0, config.arrival_spread) if config.arrival_spread else 0.0
-            peer = SimPeer(n, f"sim-{n}", host, picker, start, hold=HaveHold(self.c.have_delay))
+            peer = SimPeer(n, f"sim-{n}", host, picker, start, hold=HaveHold(self.c.have_delay), got=bytearray(self.count))
             self.peers.append(peer)
             self.at(start, self._arrive, peer)
         if config.kill_at is not None:
@@ -476,6 +505,8 @@ class Simulation:
             self._failed(peer)
             return
         starving = peer.picker.starving()
+        peer.syncs += 1
+        peer.starving_syncs += starving
         # CPU time (other processes on the machine do not count), of one sync
         # in SYNC_SAMPLE: reading a thread's clock is a system call, slow here
         timed = self.syncs % SYNC_SAMPLE == 0
@@ -503,9 +534,9 @@ class Simulation:
                 peer.seed_key = key
                 peer.picker.add(key, seed=True)
                 peer.picker.bitfield(key, Bitmap(self.count))
-            seed = peer.picker.remote(key)
+            holds = peer.picker.holds
             for i in seed_pieces:
-                if seed is not None and i not in seed:
+                if not holds(key, i):
                     # the dfpeer runs its picker on a HAVE from the seed (an answer with nothing new: not)
                     peer.picker.have(key, i)
                     self.dirty.add(peer.index)
@@ -607,9 +638,15 @@ class Simulation:
             peer.reported.append(index)
             peer.last_store = self.now
             delay = peer.hold.stored(self.now)
+            peer.got[index] = 1
+            peer.stored += 1
+            peer.from_seed += key < 0
+            if peer.stored in (1, (self.count + 1) // 2, -(-9 * self.count // 10)):
+                peer.marks.append(self.now - peer.start)
+            peers = self.peers
             for n in peer.neighbours:
-                other = self.peers[n]
-                if other.done_at is not None or index in other.picker.have_bits:
+                other = peers[n]
+                if other.done_at is not None or other.got[index]:
                     continue  # the dfpeer sends no HAVE to a neighbour that holds the piece
                 if delay <= 0:
                     self._haves_arrive(peer, n, [index])
@@ -645,7 +682,7 @@ class Simulation:
             return
         per_conn, limit, now = self.c.per_conn, self.limit, self.now
         for index in indexes:
-            if index in other.picker.have_bits:
+            if other.got[index]:
                 continue
             other.picker.have(peer.index, index)
             if self.c.fill_on_have:
@@ -725,6 +762,11 @@ class Simulation:
             ],
             kill_at=c.kill_at,
             links=[f"{p.host.down / MBIT:g}/{p.host.up / MBIT:g}" for p in self.peers],
+            peer_stats=[
+                {"first_half_90pct_s": [round(t, 3) for t in p.marks], "from_seed": p.from_seed,
+                 "neighbours": len(p.neighbours), "starving_syncs": f"{p.starving_syncs}/{p.syncs}"}
+                for p in self.peers
+            ],
         )
 
     def _flush(self) -> None:

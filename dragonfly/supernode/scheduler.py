@@ -382,15 +382,20 @@ class Scheduler:
     def _take_have(self, swarm: TaskSwarm, member: Member, have: Iterable[int], now: float | None = None) -> None:
         """C{member} holds the pieces C{have} (its bitmap is sized)."""
         assert member.have is not None
+        held, holders, seed, top = member.have, swarm.holders, member.seed, swarm.width - 1
+        added = 0
         for i in have:
-            if 0 <= i < member.have.count and i not in member.have:
-                member.have.set(i)
-                member.have_bits |= swarm.bit(i)
-                swarm.holders[i] += 1
-                if member.seed.pop(i, None) is not None:
+            if 0 <= i < held.count and i not in held:
+                held.set(i)
+                added |= 1 << (top - i)  # swarm.bit(i)
+                holders[i] += 1
+                if seed.pop(i, None) is not None:
                     # the allowance became a real copy: seed_sends keeps it
                     swarm.seed_out -= 1
-                self._recheck(swarm, i)
+        if added:
+            member.have_bits |= added
+            # each now has a holder: a copy out (what _recheck would find)
+            swarm.fresh &= ~added
         if member.have.complete and not member.done:
             task_log(
                 log, LogLevel.info, swarm.task_id, "peer {peerId} holds all {pieces} pieces, {seconds:.2f}s after joining",

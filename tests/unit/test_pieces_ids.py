@@ -455,6 +455,14 @@ def test_auto_piece_size(length, expected):
     assert swarm_piece_size(length) == expected
 
 
+def test_auto_piece_size_with_another_target():
+    assert swarm_piece_size(1 << 30, 512) == 2 * MiB
+    assert swarm_piece_size(1 << 30, 128) == swarm_piece_size(1 << 30) == 8 * MiB
+    assert swarm_piece_size(1 << 30, 4096) == 1 * MiB  # never under 1 MiB
+    with pytest.raises(ValueError):
+        swarm_piece_size(1 << 30, 0)
+
+
 @given(st.integers(0, 1 << 40))
 def test_auto_piece_size_bounds(length):
     size = swarm_piece_size(length)

@@ -140,6 +140,33 @@ def test_cli_json_last_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert out["p50_over_bound"] <= out["p99_over_bound"] <= out["max_over_bound"]
 
 
+def test_cli_target_pieces_and_the_slowest_peers(capsys: pytest.CaptureFixture[str]) -> None:
+    """--target-pieces sets the auto piece size; --slowest K prints the K slowest peers, slowest first."""
+    assert main(["--peers", "4", "--size", "16M", "--seed", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["piece_bytes"] == 1 << 20  # 128: 1 MiB at least
+    assert main(["--peers", "4", "--size", "16M", "--target-pieces", "4", "--slowest", "3", "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out.strip().splitlines()[-1])
+    assert out["piece_bytes"] == 4 << 20 and out["pieces"] == 4
+    slow = [json.loads(line) for line in captured.err.strip().splitlines()]
+    assert len(slow) == 3
+    assert [d["over_bound"] for d in slow] == sorted((d["over_bound"] for d in slow), reverse=True)
+    assert abs(slow[0]["over_bound"] - out["max_over_bound"]) < 1e-3
+    for d in slow:
+        # first piece, half, 90%: in order, and before it was done
+        assert len(d["first_half_90pct_s"]) == 3 and d["first_half_90pct_s"] == sorted(d["first_half_90pct_s"])
+        assert d["first_half_90pct_s"][-1] <= d["done_s"] + 1e-9
+        assert 0 <= d["from_seed"] <= 4
+
+
+def test_the_pickers_limit_may_grow() -> None:
+    """--max-grow reaches every peer's picker (1 by default: --in-flight holds, as in the dfpeer)."""
+    assert all(p.picker.max_grow == 1.0 for p in Simulation(SMALL).peers)
+    grown = Simulation(attrs.evolve(SMALL, max_grow=4.0))
+    assert all(p.picker.max_grow == 4.0 for p in grown.peers)
+    assert grown.run().summary()["origin_copies"] == 1.0
+
+
 def test_link_mix_parsing() -> None:
     (a, b) = parse_links("1000/200@5:3,100/100@20:1")
     assert (a.down_mbit, a.up_mbit, a.latency_ms, a.share) == (1000, 200, 5, 0.75)
