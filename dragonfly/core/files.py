@@ -106,18 +106,11 @@ def write_direct(path: str, view: memoryview, offset: int) -> int:
         while done < len(view):
             n = min(DIRECT_CHUNK, len(view) - done)
             buf[:n] = view[done:done + n]
-            chunk = memoryview(buf)[:n]
-            try:
-                wrote = 0
-                while wrote < n:
-                    wrote += os.pwrite(fd, chunk[wrote:], offset + done + wrote)
-            except OSError as e:
-                if e.errno == errno.EINVAL:
-                    return done + wrote  # the caller writes the rest through the page cache
-                raise
-            finally:
-                chunk.release()
-            done += n
+            with memoryview(buf)[:n] as chunk:
+                wrote = _pwrite_direct(fd, chunk, offset + done)
+            done += wrote
+            if wrote < n:
+                return done  # refused part-way: the caller writes the rest through the page cache
         read_back(fd, offset, done)
     finally:
         os.close(fd)
