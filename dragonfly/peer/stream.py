@@ -37,6 +37,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..protocol.upload import transport_idle, wake_when_writable
 from .lifecycle import State
 
 log = Logger()
@@ -202,8 +203,8 @@ class TaskStream:
         transport, sock = self._out
         if not self.request.startedWriting:
             self.request.write(b"")  # the status line and headers, through Twisted
-        if not _idle(transport):
-            _wake_when_writable(transport)
+        if not transport_idle(transport):
+            wake_when_writable(transport)
             return True
         sent = 0
         while self.offset < end and sent < BURST:
@@ -227,7 +228,7 @@ class TaskStream:
         return self._wake(transport)
 
     def _wake(self, transport: Any) -> bool:
-        _wake_when_writable(transport)
+        wake_when_writable(transport)
         return True
 
     def _fall_back(self, why: str) -> None:
@@ -280,17 +281,3 @@ class TaskStream:
 
     def stopProducing(self) -> None:
         self._end()
-
-
-def _idle(transport: Any) -> bool:
-    """Twisted's write buffer is empty (a tcp.Connection's own fields)."""
-    return not transport._tempDataLen and len(transport.dataBuffer) == transport.offset
-
-
-def _wake_when_writable(transport: Any) -> None:
-    """
-    Have the transport resume its producer (the HTTP channel, which resumes
-    the stream) once its buffer is empty and the socket writable.
-    """
-    transport.producerPaused = True
-    transport.startWriting()

@@ -49,7 +49,7 @@ from . import frames as F
 from .connection import Action, BlockConnection
 from .side import PieceFile
 
-__all__ = ["Uploader", "Body"]
+__all__ = ["Uploader", "Body", "transport_idle", "wake_when_writable"]
 
 log = Logger()
 
@@ -246,24 +246,11 @@ class Uploader:
 
     # -- zero-copy bodies ------------------------------------------------------------
 
-    def _transport_idle(self) -> bool:
-        """Twisted's write buffer is empty (FileDescriptor's own fields: attach had a tcp.Connection)."""
-        t = self._transport
-        return not t._tempDataLen and len(t.dataBuffer) == t.offset
-
-    def _wake_when_writable(self) -> None:
-        """
-        Have the transport resume us once its buffer is empty and the socket
-        writable: a paused streaming producer is resumed by its doWrite.
-        """
-        self._transport.producerPaused = True
-        self._transport.startWriting()
-
     def _send_body(self, body: Body) -> None:
         sock = self._sock
         assert sock is not None
-        if not self._transport_idle():
-            self._wake_when_writable()
+        if not transport_idle(self._transport):
+            wake_when_writable(self._transport)
             return
         if not body.header:
             body.header = True
@@ -276,14 +263,14 @@ class Uploader:
                 return  # the connection is going: Twisted sees it
             if n < len(header):
                 self._transport.write(header[n:])
-                self._wake_when_writable()
+                wake_when_writable(self._transport)
                 return
         out = sock.fileno()
         while body.sent < body.length:
             try:
                 n = os.sendfile(out, body.fd, body.offset + body.sent, body.length - body.sent)
             except (BlockingIOError, InterruptedError):
-                self._wake_when_writable()
+                wake_when_writable(self._transport)
                 return
             except OSError as e:
                 self._fall_back(body, f"sendfile failed: {e}")
@@ -328,3 +315,17 @@ class Uploader:
             self._transport.writeSequence(body.held)
         self.bytes_out += body.length
         self._run(self._conn.upload_done(body.index, body.length))
+
+
+def transport_idle(transport: Any) -> bool:
+    """Twisted's write buffer of a C{tcp.Connection} is empty (FileDescriptor's own fields)."""
+    return not transport._tempDataLen and len(transport.dataBuffer) == transport.offset
+
+
+def wake_when_writable(transport: Any) -> None:
+    """
+    Have C{transport} resume its streaming producer once its buffer is empty
+    and the socket writable: a paused producer is resumed by its doWrite.
+    """
+    transport.producerPaused = True
+    transport.startWriting()
