@@ -9,8 +9,11 @@ tests' one); then, RUNS times each, on a fresh swarm (a SuperNode, one
 dfpeer, dfdaemon; new homes, so the blob is cold everywhere):
 
   - registry: the Range GET straight to the registry;
-  - swarm:    through dfdaemon, default (the 206 from the swarm: the CDN
-              fetches the range's pieces from the registry out of order);
+  - first:    through dfdaemon, default (C{--cold-range first}: a blob's
+              first range on a host is the registry's 206, relayed);
+  - swarm:    through dfdaemon with C{--cold-range swarm} (the 206 from the
+              swarm: the CDN fetches the range's pieces from the registry
+              out of order);
   - direct:   through dfdaemon with C{--cold-range direct} (the registry's 206);
   - noprefetch: through dfdaemon with C{--no-prefetch} (a swarm download of the range alone);
   - MODE@DIR:   MODE with the code in DIR (the processes' PYTHONPATH), for
@@ -106,7 +109,7 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--range-mib", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--modes", default="registry,swarm,direct,noprefetch")
+    ap.add_argument("--modes", default="registry,first,swarm,noprefetch")
     ap.add_argument("--settle", type=float, default=0.5, help="seconds between a pull's first requests and the timed one")
     args = ap.parse_args()
     missing = have_tools()
@@ -141,7 +144,10 @@ def main() -> None:
                     with Swarm(f"{work}/swarm-{run}") as swarm:
                         swarm.start_supernode()
                         peer = swarm.start_peer("host0")
-                        extra = {"direct": ("--cold-range", "direct"), "noprefetch": ("--no-prefetch",)}.get(kind, ())
+                        extra = {
+                            "direct": ("--cold-range", "direct"), "swarm": ("--cold-range", "swarm"),
+                            "noprefetch": ("--no-prefetch",),
+                        }.get(kind, ())
                         url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url, *extra)
                         # the registry alone (the median of 3), timed just before under the same conditions (the swarm's
                         # processes started, the machine as busy): the ratio is taken pair by pair
@@ -157,7 +163,7 @@ def main() -> None:
                         blob_task = task_id("", digest=digest)
                         while time.monotonic() < deadline:
                             tasks = get_json(peer["api"] + "/api/v1/tasks")["tasks"]
-                            # (the prefetch of --cold-range direct starts once the range is sent)
+                            # (the prefetch of --cold-range direct and first starts once the range is sent)
                             started = kind == "noprefetch" or any(blob_task in json.dumps(t) for t in tasks)
                             if started and tasks and all(t["status"] in ("success", "failed") for t in tasks):
                                 break

@@ -201,6 +201,28 @@ def _passable(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     return out
 
 
+def held_digests(tasks: Sequence[Any]) -> list[str]:
+    """
+    The digests of the blobs a dfpeer's task list (C{GET /api/v1/tasks})
+    shows held whole: tasks done whose id is that of their content's
+    digest (a blob's task; a URL's task or a range's has another id).
+    """
+    out = []
+    for task in tasks:
+        if not isinstance(task, dict) or task.get("status") != "success":
+            continue
+        hexdigest = task.get("sha256")
+        if not isinstance(hexdigest, str) or len(hexdigest) != 64:
+            continue
+        digest = "sha256:" + hexdigest
+        try:
+            if task.get("taskId") == task_id("", digest=digest):
+                out.append(digest)
+        except ValueError:
+            continue
+    return out
+
+
 class RecentDigests:
     """
     The most recent C{size} digests added (of the blobs this host's dfpeer
@@ -257,6 +279,11 @@ class DaemonCore:
         #: a Range on a blob the dfpeer does not hold yet goes straight to the
         #: registry (the swarm still prefetches the whole blob) (--cold-range direct)
         self.cold_range_direct = False
+        #: with L{cold_range_direct}, only a blob's first range on this host goes to
+        #: the registry, later ones to the swarm (--cold-range first, the default)
+        self.cold_range_once = False
+        #: digests of which a range went to the registry (--cold-range first)
+        self.ranged = RecentDigests()
         #: a Range request is followed by the whole blob in the background
         #: (else it is a download of its own of those bytes alone) (--no-prefetch)
         self.prefetch = True
@@ -265,6 +292,11 @@ class DaemonCore:
         self.held = RecentDigests()
         #: digests whose download this dfdaemon asked its dfpeer for (a prefetch)
         self.prefetched = RecentDigests()
+        #: L{held} has been filled from the dfpeer's task list (asked once, in the
+        #: background, at the first blob request): until then a cold range also
+        #: asks the dfpeer at once whether it holds the blob (--cold-range direct)
+        self.knows_held = False
+        self._learning = False
 
     # -- entry ---------------------------------------------------------------------
 
@@ -305,6 +337,11 @@ class DaemonCore:
             _error(request, 400, "BAD_CONNECT", "CONNECT must be the first request on a connection")
             return
         decision = decide(self.rules, method, url)
+        if decision.p2p and self.cold_range_direct and self.prefetch and not self._learning:
+            self._learning = True
+            Deferred.fromCoroutine(self._learn_held()).addErrback(
+                lambda f: log.info("cannot list the dfpeer's blobs: {why}", why=f.getErrorMessage())
+            )
         spec = None
         if decision.p2p:
             try:
@@ -317,8 +354,9 @@ class DaemonCore:
                 request.requestHeaders.removeHeader(b"range")
                 spec = None
         if (
-            isinstance(spec, ByteRange) and self.cold_range_direct and decision.digest
+            isinstance(spec, ByteRange) and self.cold_range_direct and self.prefetch and decision.digest
             and decision.digest not in self.held
+            and not (self.cold_range_once and decision.digest in self.ranged)
             and await self._cold_range(request, method, decision)
         ):
             return
@@ -451,33 +489,43 @@ class DaemonCore:
 
     async def _cold_range(self, request: Any, method: str, decision: Decision) -> bool:
         """
-        With C{--cold-range direct}, a range of a blob not known to be on this
-        host: the registry is asked for it at once, and the dfpeer whether it
-        holds the blob, and nothing waits for the slower of the two.  The
-        dfpeer saying "held" first drops the registry's request (False: the
-        swarm serves the range; for a blob this dfdaemon had prefetched, the
-        dfpeer's answer is always awaited); otherwise the registry's answer
-        is relayed as it comes (True), and once it is sent the dfpeer is asked to
-        download the blob in the background (the prefetch: later ranges come
-        from the local copy), unless it turned out to hold it already.  The
-        prefetch waits for the range so that the registry's whole-blob fetch
-        for the swarm does not compete with it.
+        With C{--cold-range direct} or C{first} (the default: only a blob's
+        first range on this host), a range of a blob not known to be on this
+        host: the registry is asked for it at once and its answer
+        relayed as it comes (True); once the range is sent, the dfpeer is asked
+        whether it holds the blob and, if not, to download it in the
+        background (the prefetch: later ranges come from the local copy).  The
+        question and the prefetch wait for the range so that neither the
+        dfpeer's work nor the registry's whole-blob fetch for the swarm
+        competes with it.
+
+        The dfpeer is asked at once, alongside the registry, only when
+        dfdaemon does not know what it holds: before its task list came
+        (L{knows_held}; then a "held" that comes first drops the registry's
+        request: False, the swarm serves the range), and for a blob this
+        dfdaemon had prefetched (its answer is awaited: the prefetch may have
+        completed, and then the registry sends nothing).  An unreachable
+        registry: the dfpeer is asked, it may hold the blob.
         """
         digest = decision.digest
         assert digest is not None
+        self.ranged.add(digest)
         upstream = self._upstream(request, method, decision.url)
-        probe = Deferred.fromCoroutine(self._probe(digest))
+        early = not self.knows_held or digest in self.prefetched
+        probe = Deferred.fromCoroutine(self._probe(digest)) if early else None
         first: Deferred = Deferred()
+        waiting = [True]  # (False once this coroutine stops waiting, however it stops)
 
         def arrived(result: Any, which: str) -> Any:
-            if not first.called:
+            if waiting[0] and not first.called:
                 first.callback((which, result))
             return result
 
         upstream.addBoth(arrived, "registry")
-        probe.addBoth(arrived, "dfpeer")
+        if probe is not None:
+            probe.addBoth(arrived, "dfpeer")
         try:
-            if digest in self.prefetched:
+            if probe is not None and digest in self.prefetched:
                 # this dfdaemon had the dfpeer fetch it: the dfpeer's answer first (a
                 # completed prefetch spares the registry the range)
                 which, result = "dfpeer", await probe
@@ -485,10 +533,15 @@ class DaemonCore:
                 which, result = await first
             held = result if which == "dfpeer" else None
             if held is None and isinstance(result, Failure):
-                held = await probe  # the registry is unreachable: the swarm may still have it
+                # the registry is unreachable: the swarm may still have it
+                if probe is None:
+                    probe = Deferred.fromCoroutine(self._probe(digest))
+                held = await probe
         except BaseException:
+            waiting[0] = False
             _drop(upstream)
-            probe.addErrback(lambda _: None)  # (cancelled with the request)
+            if probe is not None:
+                probe.addErrback(lambda _: None)  # (cancelled with the request)
             raise
         if held:
             _drop(upstream)
@@ -498,8 +551,22 @@ class DaemonCore:
             # (a registry that ignores Range answers 200 with the whole blob: checked against its digest)
             await self._direct(request, method, decision.url, digest, upstream)
         finally:
+            if probe is None:
+                probe = Deferred.fromCoroutine(self._probe(digest))
             probe.addCallback(self._prefetch, request, decision).addErrback(lambda _: None)
         return True
+
+    async def _learn_held(self) -> None:
+        """L{held} filled from the dfpeer's task list (its blobs held whole); then L{knows_held}."""
+        api = await self.peer.api()
+        response = await self.local_http.get(api + "/api/v1/tasks", timeout=10)
+        answer = await response.json()
+        tasks = answer.get("tasks") if response.code == 200 and isinstance(answer, dict) else None
+        if not isinstance(tasks, list):
+            raise ValueError(f"the dfpeer's task list answered {response.code}")
+        for digest in held_digests(tasks):
+            self.held.add(digest)
+        self.knows_held = True
 
     async def _probe(self, digest: str) -> bool:
         """Whether this host's dfpeer holds the blob whole (False if there is no dfpeer to ask)."""

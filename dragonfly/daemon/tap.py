@@ -57,10 +57,11 @@ class Options(ConfigFileOptions):
         ["ca-cert", None, None, "CA certificate (PEM) for --hijack, from 'dfdaemon gen-ca' (default: none)."],
         ["ca-key", None, None, "The CA's private key (PEM) (default: none)."],
         ["registry-ca", None, None, "CA bundle (PEM) that upstream HTTPS servers are verified with (default: the system's roots)."],
-        ["cold-range", None, "swarm",
+        ["cold-range", None, "first",
          "A Range request on a blob this host does not hold yet: 'swarm' (206 from the swarm once the SuperNode "
-         "has those pieces; verified per piece) or 'direct' (the registry's own 206 at once; the swarm prefetches "
-         "the blob for later requests)."],
+         "has those pieces; verified per piece), 'direct' (the registry's own 206 at once; the swarm prefetches "
+         "the blob for later requests) or 'first' (the blob's first range on this host direct, later ones from "
+         "the swarm)."],
         ["workers", None, 2, "Threads for minting certificates.", int],
         ["cluster-token-file", None, None, "For a dfpeer that dfdaemon starts: the file of the SuperNode's cluster token (default: none)."],
         ["supernode-ca", None, None, "For a dfpeer that dfdaemon starts: the CA of https:// SuperNodes (default: the system's)."],
@@ -125,8 +126,8 @@ class Options(ConfigFileOptions):
                 raise usage.UsageError(f"--registry {url!r}: {hosts[host]!r} names the same host")
             hosts[host] = url
         self["registry"] = self["registries"][0] if self["registries"] else None
-        if self["cold-range"] not in ("swarm", "direct"):
-            raise usage.UsageError(f"--cold-range must be 'swarm' or 'direct', not {self['cold-range']!r}")
+        if self["cold-range"] not in ("swarm", "direct", "first"):
+            raise usage.UsageError(f"--cold-range must be 'first', 'direct' or 'swarm', not {self['cold-range']!r}")
         if not 0 <= self["port"] < 65536:
             raise usage.UsageError("--port must be 0..65535")
         try:
@@ -214,7 +215,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     peer = PeerLink(options["home"], options["nodes"], reactor, local, start=not options["no-start-peer"], extra=peer_args)
     core = DaemonCore(reactor, options["registries"], options["compiled-rules"], peer, upstream, local)
     core.check_access = not options["no-access-check"]
-    core.cold_range_direct = options["cold-range"] == "direct"
+    core.cold_range_direct = options["cold-range"] in ("direct", "first")
+    core.cold_range_once = options["cold-range"] == "first"
     core.prefetch = not options["no-prefetch"]
 
     def status(request: Any) -> bytes:

@@ -1,6 +1,6 @@
 """
 Range requests for blobs no host holds yet, through dfdaemon against the real
-registry: by default the SuperNode's CDN fetches the range's pieces from the
+registry: with C{--cold-range swarm} the SuperNode's CDN fetches the range's pieces from the
 registry out of order (a 206 of its own, pinned with If-Range) while the
 whole blob follows, the registry sending the blob about once; with
 C{--no-prefetch} the range alone is a download of its own and the registry
@@ -47,7 +47,7 @@ def test_a_cold_tail_range_comes_from_the_registry_out_of_order(tmp_path, tmp_pa
         with Swarm(str(tmp_path / "swarm")) as swarm:
             swarm.start_supernode()
             peer = swarm.start_peer("host0")
-            url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url)
+            url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url, "--cold-range", "swarm")
             path = f"/v2/team/app/blobs/{digest}"
             status, headers, body = fetch(url, path, {"Range": f"bytes={size - MiB}-"})
             assert status == 206 and body == data[size - MiB:], (status, body[:300])

@@ -46,7 +46,7 @@ def test_range_requests_are_answered_from_the_swarm(tmp_path, tmp_path_factory):
         with Swarm(str(tmp_path / "swarm")) as swarm:
             swarm.start_supernode()
             peer = swarm.start_peer("host0")
-            url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url)
+            url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url, "--cold-range", "swarm")
             path = f"/v2/team/app/blobs/{digest}"
             # the last MiB first: the blob is in no host yet
             status, headers, body = fetch(url, path, {"Range": f"bytes={size - MiB}-"})
