@@ -101,3 +101,40 @@ def test_no_prefetch_fetches_the_range_alone(tmp_path, tmp_path_factory):
             assert counters["ranges"] == 2 and counters["fallbacks"] == 0, counters
     finally:
         registry.stop()
+
+
+def test_by_default_a_blobs_first_range_comes_from_the_registry_and_the_next_from_the_swarm(tmp_path, tmp_path_factory):
+    image = make_image(str(tmp_path_factory.mktemp("oci")), [32 * MiB], tag="v1", seed=43)
+    digest = image.layers[0]
+    data = image.blob(digest)
+    size = len(data)
+    registry = Registry(str(tmp_path / "registry")).start()
+    try:
+        registry.push(image, "team/app")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode()
+            peer = swarm.start_peer("host0")
+            url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url)
+            path = f"/v2/team/app/blobs/{digest}"
+            status, headers, body = fetch(url, path, {"Range": f"bytes={size - MiB}-"})
+            assert status == 206 and body == data[size - MiB:], (status, body[:300])
+            assert headers["Content-Range"] == f"bytes {size - MiB}-{size - 1}/{size}"
+            assert headers.get("X-Dragonfly-Task-Id") is None  # the registry's own 206
+            status, headers, body = fetch(url, path, {"Range": f"bytes={3 * MiB}-{5 * MiB - 1}"})
+            assert status == 206 and body == data[3 * MiB: 5 * MiB], (status, body[:300])
+            assert headers.get("X-Dragonfly-Task-Id")  # from the swarm
+            counters = get_json(url + "/_dfdaemon/status")["counters"]
+            assert counters["ranges_direct"] == 1 and counters["ranges"] == 1 and counters["fallbacks"] == 0, counters
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                tasks = get_json(peer["api"] + "/api/v1/tasks")["tasks"]
+                if tasks and all(t["status"] in ("success", "failed") for t in tasks):
+                    break
+                time.sleep(0.2)
+            assert tasks and all(t["status"] == "success" for t in tasks), tasks
+            # the blob once for the swarm, the first range, and at most the second range's pieces
+            sent = blob_bytes(registry, digest)
+            assert registry.blob_gets() == {digest: 1}, sent
+            assert sum(sent.values()) <= size + MiB + 8 * MiB, sent
+    finally:
+        registry.stop()
