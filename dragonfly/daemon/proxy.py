@@ -241,6 +241,9 @@ class RecentDigests:
         if len(self._digests) > self.size:
             del self._digests[next(iter(self._digests))]
 
+    def discard(self, digest: str) -> None:
+        self._digests.pop(digest, None)
+
     def __contains__(self, digest: object) -> bool:
         return digest in self._digests
 
@@ -551,9 +554,16 @@ class DaemonCore:
             # (a registry that ignores Range answers 200 with the whole blob: checked against its digest)
             await self._direct(request, method, decision.url, digest, upstream)
         finally:
-            if probe is None:
-                probe = Deferred.fromCoroutine(self._probe(digest))
-            probe.addCallback(self._prefetch, request, decision).addErrback(lambda _: None)
+            if 400 <= request.code < 500:
+                # refused (401 until the client has a token, 403, 404): no prefetch with
+                # these credentials, and the client's next try goes to the registry too
+                self.ranged.discard(digest)
+                if probe is not None:
+                    probe.addErrback(lambda _: None)
+            else:
+                if probe is None:
+                    probe = Deferred.fromCoroutine(self._probe(digest))
+                probe.addCallback(self._prefetch, request, decision).addErrback(lambda _: None)
         return True
 
     async def _learn_held(self) -> None:

@@ -235,3 +235,35 @@ def test_without_prefetch_a_cold_range_never_goes_direct():
     proto.dataReceived(RANGE_GET)
     assert upstream.methods == ["HEAD"]  # the blob's length, for a download of the range alone; no GET of it
     assert local.prefetches() == []
+
+
+def test_a_refused_first_range_starts_no_prefetch_and_the_retry_goes_to_the_registry_too():
+    """A 401 (the client has no token yet): relayed; no download with those credentials; the authenticated retry is direct."""
+    from twisted.python.failure import Failure
+    from twisted.web.client import ResponseDone
+    from twisted.web.http_headers import Headers
+
+    class Refusing(RegistryRange):
+        def response(self):
+            class Response:
+                code, phrase, length = 401, b"Unauthorized", 2
+                headers = Headers({b"WWW-Authenticate": [b'Bearer realm="https://auth.example/token"']})
+
+                def deliverBody(self, protocol):
+                    protocol.makeConnection(type("P", (), {"pauseProducing": lambda s: None, "resumeProducing": lambda s: None, "stopProducing": lambda s: None})())
+                    protocol.dataReceived(b"{}")
+                    protocol.connectionLost(Failure(ResponseDone()))
+
+            return Response()
+
+    upstream = Refusing()
+    core, local, proto, transport = core_knowing([], upstream)
+    core.cold_range_once = True
+    proto.dataReceived(RANGE_GET)
+    upstream.pending.callback(None)
+    assert status_of(transport) == 401 and b"WWW-Authenticate: Bearer" in transport.value()
+    assert local.asked() == [] and local.prefetches() == []
+    again = FrontFactory(None, proto.factory.site, core).buildProtocol(None)
+    again.makeConnection(StringTransport())
+    again.dataReceived(RANGE_GET)
+    assert len(upstream.urls) == 2 and local.prefetches() == []  # to the registry again, not the swarm
