@@ -27,6 +27,13 @@ dfdaemon mode's request is preceded by the same request straight to the
 registry, once the swarm's processes are up (the machine as busy as for the
 timed one; the median of 3 such requests): the ratio of the two is
 reported pair by pair.  Prints a table.
+
+With C{--blobs N}, many pairs in one go instead (for A/B runs): one swarm,
+one host (dfpeer and dfdaemon) per dfdaemon mode, an image of N layers of
+SIZE each; for every layer, cold everywhere, each mode's request paired
+with the registry's just before it (the modes' order alternating from one
+layer to the next), then the prefetches awaited.  Prints the ratio's
+median and mean per mode.
 """
 
 from __future__ import annotations
@@ -104,6 +111,64 @@ def blob_bytes(registry: Registry, digest: str) -> int:
     return total
 
 
+MODE_ARGS = {"direct": ("--cold-range", "direct"), "swarm": ("--cold-range", "swarm"), "noprefetch": ("--no-prefetch",)}
+
+
+def many_blobs(args: argparse.Namespace) -> None:
+    """C{--blobs N}: every dfdaemon mode on its own host in one swarm, N cold blobs, a pair per blob and mode."""
+    modes = [m for m in args.modes.split(",") if m != "registry"]
+    work = tempfile.mkdtemp(prefix="coldrange-")
+    image = make_image(f"{work}/oci", [args.size_mib * MiB] * args.blobs, tag="v1", seed=37)
+    warmup = ["/v2/", "/v2/bench/app/manifests/v1", f"/v2/bench/app/blobs/{image.config_digest}"]
+    registry = Registry(f"{work}/registry").start()
+    ratios: dict[str, list[float]] = {m: [] for m in modes}
+    try:
+        registry.push(image, "bench/app")
+        with Swarm(f"{work}/swarm") as swarm:
+            swarm.start_supernode()
+            hosts = {}
+            for i, mode in enumerate(modes):
+                kind, _, code = mode.partition("@")
+                saved = os.environ.get("PYTHONPATH")
+                if code:
+                    os.environ["PYTHONPATH"] = os.path.abspath(code)
+                peer = swarm.start_peer(f"host{i}")
+                hosts[mode] = (peer, swarm.start_dfdaemon(f"dfdaemon{i}", peer["home"], "--registry", registry.url, *MODE_ARGS.get(kind, ())))
+                if code:
+                    if saved is None:
+                        del os.environ["PYTHONPATH"]
+                    else:
+                        os.environ["PYTHONPATH"] = saved
+            for n, digest in enumerate(image.layers):
+                data = image.blob(digest)
+                size = len(data)
+                rng = f"bytes={size - args.range_mib * MiB}-"
+                path = f"/v2/bench/app/blobs/{digest}"
+                for mode in modes if n % 2 == 0 else modes[::-1]:
+                    conn = warm(hosts[mode][1], warmup)
+                    time.sleep(args.settle)
+                    paired = statistics.median(
+                        timed_get(registry.url, path, {"Range": rng, "User-Agent": STRAIGHT}, warmup)[2] for _ in range(3)
+                    )
+                    status, body, first, _ = timed(conn, path, {"Range": rng})
+                    assert status == 206 and body == data[size - args.range_mib * MiB:], (mode, status, len(body))
+                    ratios[mode].append(first / paired)
+                    print(f"blob {n:2d} {mode:10s} first byte {first * 1000:7.2f} ms  registry just before {paired * 1000:6.2f} ms:"
+                          f" {first / paired:5.2f} x", flush=True)
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:  # the prefetches, before the next blob
+                    tasks = [t for peer, _ in hosts.values() for t in get_json(peer["api"] + "/api/v1/tasks")["tasks"]]
+                    if all(t["status"] in ("success", "failed") for t in tasks):
+                        break
+                    time.sleep(0.1)
+    finally:
+        registry.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{args.range_mib} MiB tail of {args.blobs} blobs of {args.size_mib} MiB, the first byte over the registry's just before:")
+    for mode, xs in ratios.items():
+        print(f"  {mode:10s} median {statistics.median(xs):.2f} x, mean {statistics.mean(xs):.2f} x ({min(xs):.2f}-{max(xs):.2f}), {len(xs)} pairs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--size-mib", type=int, default=256)
@@ -111,10 +176,14 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--modes", default="registry,first,swarm,noprefetch")
     ap.add_argument("--settle", type=float, default=0.5, help="seconds between a pull's first requests and the timed one")
+    ap.add_argument("--blobs", type=int, default=0, help="many cold blobs of SIZE in one swarm, a pair per blob and mode (A/B)")
     args = ap.parse_args()
     missing = have_tools()
     if missing:
         raise SystemExit(missing)
+    if args.blobs:
+        many_blobs(args)
+        return
     work = tempfile.mkdtemp(prefix="coldrange-")
     image = make_image(f"{work}/oci", [args.size_mib * MiB], tag="v1", seed=31)
     digest = image.layers[0]
@@ -144,10 +213,7 @@ def main() -> None:
                     with Swarm(f"{work}/swarm-{run}") as swarm:
                         swarm.start_supernode()
                         peer = swarm.start_peer("host0")
-                        extra = {
-                            "direct": ("--cold-range", "direct"), "swarm": ("--cold-range", "swarm"),
-                            "noprefetch": ("--no-prefetch",),
-                        }.get(kind, ())
+                        extra = MODE_ARGS.get(kind, ())
                         url = swarm.start_dfdaemon("dfdaemon0", peer["home"], "--registry", registry.url, *extra)
                         # the registry alone (the median of 3), timed just before under the same conditions (the swarm's
                         # processes started, the machine as busy): the ratio is taken pair by pair
