@@ -12,10 +12,14 @@ A request's upstream URL is:
     C{--registry} lists gets a JSON 403 and no fetch: dfdaemon is no open
     relay.  (Task ids of blobs are their digests, so C{ns} changes no task.)
 
-A blob GET with one C{Range} is answered 206 from the swarm: the dfpeer
-fetches the pieces covering the range first and the rest of the blob after
-(each piece verified by SHA-256 against the SuperNode's digests; a partial
-body cannot be checked against the whole blob's digest).  An unsatisfiable
+A blob GET with one C{Range} is answered 206: by default a blob's first
+range on this host with the registry's own 206, relayed, the dfpeer then
+fetching the whole blob in the background (C{--cold-range first}, see
+L{DaemonCore._cold_range}); later ranges, and every range with
+C{--cold-range swarm}, from the swarm: the dfpeer fetches the pieces
+covering the range first and the rest of the blob after (each piece
+verified by SHA-256 against the SuperNode's digests; a partial body cannot
+be checked against the whole blob's digest).  An unsatisfiable
 range gets 416; several ranges in one header get the whole blob with 200;
 a malformed C{bytes=} range gets 416.
 
