@@ -67,8 +67,11 @@ class Neighbours:
     #: a neighbour whose pieces failed their SHA-256 this often is banned
     BAN_AFTER = 2
     BAN_FOR = 60.0
-    #: pieces in flight for one task at the least (see dfpeer --in-flight)
-    MIN_IN_FLIGHT = 4
+    #: pieces in flight for one task at the least (see dfpeer --in-flight); each
+    #: is a piece-sized buffer while it arrives and is verified and written, so
+    #: this is most of a dfpeer's memory with large pieces (4 was 60 MiB at
+    #: 15 MiB).  DRAGONFLY_MIN_IN_FLIGHT overrides it (A/B rounds)
+    MIN_IN_FLIGHT = int(os.environ.get("DRAGONFLY_MIN_IN_FLIGHT", "2"))
     #: a connection with requests out and no bytes for this long is abandoned
     stall_timeout = 5.0
 
