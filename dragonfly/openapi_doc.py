@@ -1,10 +1,12 @@
 """
 Render the SuperNode's OpenAPI file (C{dragonfly/openapi.yaml}) as the
-Markdown page C{docs/api-reference.md}.
+Markdown page C{docs/api-reference.md}, and as C{dragonfly/openapi.json}: the
+same document in JSON, which the SuperNode loads at start-up (parsing the YAML
+would cost it the yaml module and about 2.5 MiB of memory).
 
     python -m dragonfly.openapi_doc > docs/api-reference.md
-    python -m dragonfly.openapi_doc --write     # the same, in place
-    python -m dragonfly.openapi_doc --check     # exit 1 if the page is stale
+    python -m dragonfly.openapi_doc --write     # the page and the JSON copy, in place
+    python -m dragonfly.openapi_doc --check     # exit 1 if either is stale
 
 The output depends only on the spec: operations keep the spec's order, tags
 the order of its C{tags} list, schemas are sorted by name.
@@ -21,6 +23,8 @@ from typing import Any
 import yaml
 
 SPEC = Path(__file__).resolve().parent / "openapi.yaml"
+#: the spec as JSON, for the SuperNode (C{--write} makes it)
+SPEC_JSON = SPEC.with_suffix(".json")
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "api-reference.md"
 METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 # (keyword, label) in the order they are listed; "items" constraints get an "items " prefix
@@ -39,6 +43,11 @@ def load_spec(path: Path = SPEC) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         spec: dict[str, Any] = yaml.safe_load(f)
     return spec
+
+
+def spec_json(spec: dict[str, Any]) -> str:
+    """The text of C{openapi.json}: C{spec} as compact JSON, keys sorted, one line."""
+    return json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
 
 
 def operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
@@ -252,18 +261,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dragonfly.openapi_doc", description="Render the SuperNode's OpenAPI file as Markdown.")
     p.add_argument("--spec", type=Path, default=SPEC, help="the OpenAPI file (default: the package's)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="write the page to --out instead of stdout")
-    mode.add_argument("--check", action="store_true", help="exit 1 if --out differs from what the spec gives")
+    mode.add_argument("--write", action="store_true", help="write the page to --out and the JSON copy to --json instead of stdout")
+    mode.add_argument("--check", action="store_true", help="exit 1 if --out or --json differs from what the spec gives")
     p.add_argument("--out", type=Path, default=PAGE, help="the page for --write/--check (default: docs/api-reference.md)")
+    p.add_argument("--json", type=Path, default=SPEC_JSON, help="the JSON copy for --write/--check (default: dragonfly/openapi.json)")
     args = p.parse_args(argv)
-    text = render(load_spec(args.spec))
+    spec = load_spec(args.spec)
+    text = render(spec)
     if args.write:
         args.out.write_text(text, encoding="utf-8")
+        args.json.write_text(spec_json(spec), encoding="utf-8")
     elif not args.check:
         sys.stdout.write(text)
-    elif not args.out.exists() or args.out.read_text(encoding="utf-8") != text:
-        print(f"{args.out} is stale: run python -m dragonfly.openapi_doc --write", file=sys.stderr)
-        return 1
+    else:
+        stale = [path for path, want in ((args.out, text), (args.json, spec_json(spec)))
+                 if not path.exists() or path.read_text(encoding="utf-8") != want]
+        for path in stale:
+            print(f"{path} is stale: run python -m dragonfly.openapi_doc --write", file=sys.stderr)
+        return 1 if stale else 0
     return 0
 
 

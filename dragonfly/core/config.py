@@ -47,36 +47,42 @@ import os
 import re
 import sys
 from collections.abc import Collection
-from typing import Any
+from typing import Any, cast
 
-import yaml
 from twisted.python import usage
 
 # options that make no sense in a file
 NOT_IN_FILE = frozenset({"config", "help", "version"})
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping."""
+def _loader() -> Any:
+    """
+    A SafeLoader subclass that refuses a key given twice in one mapping.
+    Made on first use: yaml is imported only when a config file is given
+    (it costs a daemon about 1 MiB of memory otherwise).
+    """
+    import yaml
 
+    def mapping(loader: Any, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        loader.flatten_mapping(node)
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice", key_node.start_mark
+                    )
+                seen[key] = True
+            except TypeError:
+                pass  # an unhashable key: construct_mapping reports it
+        return cast(dict[Any, Any], loader.construct_mapping(node, deep=deep))
 
-def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: dict[Any, Any] = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        try:
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice", key_node.start_mark
-                )
-            seen[key] = True
-        except TypeError:
-            pass  # an unhashable key: construct_mapping reports it
-    return loader.construct_mapping(node, deep=deep)
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that refuses a key given twice in one mapping."""
 
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return Loader
 
 
 def load_config(path: str) -> dict[str, Any]:
@@ -85,9 +91,11 @@ def load_config(path: str) -> dict[str, Any]:
     unreadable file, bad YAML, a document that is not a mapping or a key
     that is not a string.
     """
+    import yaml
+
     try:
         with open(path, "rb") as f:
-            data = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+            data = yaml.load(f, Loader=_loader())  # noqa: S506 - a SafeLoader subclass
     except OSError as e:
         raise usage.UsageError(f"cannot read config file {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:

@@ -27,6 +27,7 @@ from ..core.ratelimit import TokenBucket
 from ..core.service import ListeningService
 from ..core.threads import WorkerPool
 from ..protocol.block import E_NO_TASK, BlockFactory
+from ..protocol.receive import BufferPool
 from ..protocol.supernode_api import PeerRegistration, SyncReport
 from .client import SupernodeClient, SupernodeError, SupernodeUnavailable
 from .lifecycle import State
@@ -391,6 +392,18 @@ class PeerDaemon:
         elif task.state is State.FAILED:
             self.stats.count(self.stats.downloads, "failed")
             self.stats.count(self.stats.failures, failure_reason(task.error.code if task.error else "INTERNAL"))
+        if not any(not t.lifecycle.ended for t in self.tasks.values() if t is not task):
+            self.drop_buffers()
+
+    def drop_buffers(self) -> None:
+        """
+        No download under way: let the free piece buffers go (their pages
+        back to the system) instead of keeping them for the next download,
+        so an idle dfpeer's memory is its start-up size whatever it fetched.
+        Buffers still out (pieces being written) come back to the new pool.
+        """
+        old = self.block_factory.pool
+        self.block_factory.pool = BufferPool(old.keep)
 
     def note_activity(self) -> None:
         self.last_activity = self.reactor.seconds()

@@ -67,8 +67,13 @@ class Neighbours:
     #: a neighbour whose pieces failed their SHA-256 this often is banned
     BAN_AFTER = 2
     BAN_FOR = 60.0
-    #: pieces in flight for one task at the least (see dfpeer --in-flight)
+    #: pieces in flight for one task at the least (see dfpeer --in-flight): 4,
+    #: or as many as fit in MIN_IN_FLIGHT_BYTES, and never under 2.  Each is a
+    #: piece-sized buffer while it arrives and is verified and written, so with
+    #: large pieces this is most of a dfpeer's memory (4 of 15 MiB were 60 MiB).
+    #: DRAGONFLY_MIN_IN_FLIGHT_MIB overrides the 16 MiB (A/B rounds; 1000: 4 pieces whatever their size)
     MIN_IN_FLIGHT = 4
+    MIN_IN_FLIGHT_BYTES = int(os.environ.get("DRAGONFLY_MIN_IN_FLIGHT_MIB", "16")) << 20
     #: a connection with requests out and no bytes for this long is abandoned
     stall_timeout = 5.0
 
@@ -196,7 +201,8 @@ class Neighbours:
     def limits(self) -> tuple[int, int]:
         """(requests per connection, pieces in flight for the whole task)."""
         size = self.task.piece_size or (4 << 20)
-        return self.daemon.per_connection, max(self.MIN_IN_FLIGHT, self.daemon.in_flight_bytes // size)
+        least = max(2, min(self.MIN_IN_FLIGHT, self.MIN_IN_FLIGHT_BYTES // size))
+        return self.daemon.per_connection, max(least, self.daemon.in_flight_bytes // size)
 
     def fill(self) -> None:
         """Send the requests the picker chooses (a few per connection, a bounded number for the task)."""

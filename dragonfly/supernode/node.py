@@ -233,6 +233,10 @@ class SeedSide:
 
     def attached(self, conn: BlockProtocol) -> None:
         self.conns.add(conn)
+        if self._fd is None:
+            # open the file now, so the first request is sent from it too (not
+            # read into a piece-sized copy in the pool while it opens)
+            self._open()
         # each run of known digests (a side fetch stores pieces out of order)
         for first, run in digest_runs(self.task.digests):
             conn.send_digests(first, [bytes.fromhex(d) for d in run])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -114,12 +115,28 @@ def test_render_resolves_refs_nests_and_escapes():
 
 def test_main_write_and_check(tmp_path, capsys):
     out = tmp_path / "ref.md"
-    assert openapi_doc.main(["--check", "--out", str(out)]) == 1  # missing
-    assert openapi_doc.main(["--write", "--out", str(out)]) == 0
+    js = ["--json", str(tmp_path / "openapi.json")]  # not the package's copy
+    assert openapi_doc.main(["--check", "--out", str(out), *js]) == 1  # missing
+    assert openapi_doc.main(["--write", "--out", str(out), *js]) == 0
     assert out.read_text(encoding="utf-8") == openapi_doc.render(openapi_doc.load_spec())
-    assert openapi_doc.main(["--check", "--out", str(out)]) == 0
+    assert openapi_doc.main(["--check", "--out", str(out), *js]) == 0
     out.write_text(out.read_text(encoding="utf-8").replace("SuperNode", "Supernode", 1), encoding="utf-8")
-    assert openapi_doc.main(["--check", "--out", str(out)]) == 1
+    assert openapi_doc.main(["--check", "--out", str(out), *js]) == 1
     assert "stale" in capsys.readouterr().err
     assert openapi_doc.main([]) == 0
     assert capsys.readouterr().out == openapi_doc.render(openapi_doc.load_spec())
+
+
+def test_the_json_copy_the_supernode_loads_is_the_yaml_spec(tmp_path, capsys):
+    assert json.loads(openapi_doc.SPEC_JSON.read_text(encoding="utf-8")) == spec(), (
+        "dragonfly/openapi.json is stale: run python -m dragonfly.openapi_doc --write"
+    )
+    assert openapi_doc.SPEC_JSON.read_text(encoding="utf-8") == openapi_doc.spec_json(spec())
+    # --check sees a stale copy; --write makes it again
+    out, copy = tmp_path / "ref.md", tmp_path / "openapi.json"
+    argv = ["--out", str(out), "--json", str(copy)]
+    assert openapi_doc.main(["--write", *argv]) == 0
+    assert json.loads(copy.read_text(encoding="utf-8")) == spec()
+    copy.write_text(copy.read_text(encoding="utf-8").replace("SuperNode", "Supernode", 1), encoding="utf-8")
+    assert openapi_doc.main(["--check", *argv]) == 1
+    assert str(copy) in capsys.readouterr().err

@@ -55,3 +55,19 @@ def test_the_seed_is_not_connected_twice_during_its_handshake() -> None:
     # other parents are not affected
     n.connect(Parent("peer-b", "10.0.0.2", 8002))
     assert len(factory.made) == 3
+
+
+def test_pieces_in_flight_hold_about_16_mib_at_the_least_not_4_large_pieces() -> None:
+    MiB = 1 << 20
+
+    def limit(piece_size: int, in_flight: int = 6 * MiB) -> int:
+        daemon = SimpleNamespace(per_connection=1, in_flight_bytes=in_flight)
+        task = SimpleNamespace(daemon=daemon, clock=Clock(), task_id="t" * 64, piece_size=piece_size)
+        return Neighbours(task).limits()[1]  # type: ignore[arg-type]
+
+    # small pieces: --in-flight, or 4 at the least, as before
+    assert [limit(s * MiB) for s in (1, 2, 4)] == [6, 4, 4]
+    assert limit(1 * MiB, 32 * MiB) == 32
+    # large ones: what fits in 16 MiB, and never under 2 (each is a buffer in memory)
+    assert [limit(s * MiB) for s in (8, 15, 60)] == [2, 2, 2]
+    assert limit(15 * MiB, 64 * MiB) == 4

@@ -787,6 +787,26 @@ def test_pieces_are_served_while_the_origin_fetch_runs(env: Env) -> None:
     assert task.origin_bytes == len(body)
 
 
+
+def test_the_seed_sends_even_the_first_piece_from_its_file(env: Env) -> None:
+    """A connection opens the data file: no request is answered from a piece-sized copy in memory while it opens."""
+
+    class Conn:
+        def send_digests(self, first: int, digests: list[bytes]) -> None:
+            pass
+
+    env.register_peer()
+    code, data = env.register_task()
+    env.http.serve(FakeResponse(body=BODY))
+    code, data = env.sync(data["taskId"])
+    assert data["task"]["status"] == "success"
+    seed = env.node.seed_side(data["task"]["taskId"])
+    seed.attached(Conn())
+    found = seed.piece_file(0)
+    assert found is not None
+    fd, offset, size = found
+    assert (offset, size) == (0, PIECE) and os.pread(fd, size, offset) == BODY[:PIECE]
+
 # -- the body check (one place, from openapi.yaml) ----------------------------------------
 
 

@@ -131,3 +131,20 @@ def test_a_forgotten_dfpeer_registers_again_and_announces_what_it_holds(tmp_path
     Deferred.fromCoroutine(second.evict(tid))
     swarm.run_until(lambda: swarm.node.scheduler.availability(tid) == [1] * pieces, 5)
     assert second.peer_id not in swarm.node.task_detail(tid).peers
+
+
+def test_a_dfpeer_with_no_download_under_way_keeps_no_piece_buffers(tmp_path: Any) -> None:
+    # the pool would keep up to 16 buffers of each piece size forever: an
+    # idle dfpeer's memory would be what its last downloads needed
+    swarm = MemorySwarm(str(tmp_path), peers=3)
+    tasks, _ = downloaded(swarm)
+    assert [t.status for t in tasks] == ["success"] * 3, [t.error for t in tasks]
+    swarm.step()
+    for daemon in swarm.peers:
+        pool = daemon.block_factory.pool
+        assert pool.free(PIECE) == 0 and pool.free(len(BODY) % PIECE) == 0
+    # and a buffer taken during a download is reused while it lasts
+    pool = swarm.peers[0].block_factory.pool
+    buf = pool.take(PIECE)
+    pool.give(buf)
+    assert pool.take(PIECE) is buf
