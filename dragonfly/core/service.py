@@ -14,8 +14,6 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
-from .files import write_json_atomic
-
 log = Logger()
 
 
@@ -110,6 +108,8 @@ class ListeningService(Service):
 
     def publish(self, info: dict[str, Any]) -> None:
         """Write C{info} and our pid to the info file (atomically; removed when the service stops)."""
+        from .files import write_json_atomic  # not before the ports are bound (see dragonfly.supernode.tap)
+
         write_json_atomic(self.info_path, {"pid": os.getpid(), **info})
 
     async def _before_stop(self) -> None:
