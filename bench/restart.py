@@ -1,7 +1,7 @@
 """
 The SuperNode killed and restarted mid-fetch, on emulated hosts.
 
-    sudo python -m bench.restart [--peers 6] [--size-mib 48] [--kills 0.3,0.6,0.9] [--json F] [--doc F]
+    sudo python -m bench.restart [--peers 6] [--size-mib 48] [--kills 0.3,0.6,0.9] [--no-kill] [--json F] [--doc F]
 
 On the benchmark's namespaces (L{bench.netem}: root, 198.18.0.0/15 only,
 everything torn down on any exit) a counting origin, a SuperNode and N
@@ -12,7 +12,8 @@ own URL, every dfget started at once:
   - undisturbed;
   - the SuperNode killed with SIGKILL when the origin has sent 30 %, 60 %
     and 90 % of the file's bytes (cumulative, as its C{/_stats} counts them),
-    and started again at once on the same home.
+    and started again at once on the same home (left out with C{--no-kill}:
+    the undisturbed run alone, to look at the swarm's own pace).
 
 Small watcher processes inside the namespaces poll the origin's C{/_stats},
 the SuperNode's API port (a bare connect) and C{/healthz}, and each
@@ -153,6 +154,21 @@ def table(result: dict[str, Any]) -> str:
 
     def times(run: dict[str, Any]) -> str:
         return ", ".join(f"{t:.2f}" for t in sorted(run["xFB"]))
+
+    if hurt is None:  # --no-kill
+        return "\n".join([
+            (f"`python -m bench.restart --no-kill`: {result['peers']} peers at {result['peerMbit']:g} Mbit/s, origin "
+             f"{result['originMbit']:g} Mbit/s, SuperNode {result['supernodeMbit']:g} Mbit/s, {result['sizeMiB']} MiB "
+             f"(F/B {fb:.2f} s); load average {result['load'][0]:.1f} before, {result['load'][1]:.1f} after, on "
+             f"{os.cpu_count()} cores."),
+            "",
+            "| | undisturbed |",
+            "|---|---|",
+            f"| every dfget (x F/B) | {times(calm)} |",
+            f"| slowest (x F/B) | {max(calm['xFB']):.2f} |",
+            f"| origin copies (bytes it handed to its sockets) | {calm['originCopies']:.3f} |",
+            f"| outputs right | {calm['right']}/{calm['peers']} |",
+        ])
 
     downs = hurt.get("kills", [])
     lines = [
@@ -349,10 +365,11 @@ class Bench:
         load0 = load_average()
         self.start_origin()
         calm = self.run("calm", [])
-        hurt = self.run("restarts", self.args.kills)
+        hurt = None if self.args.no_kill else self.run("restarts", self.args.kills)
         for run in (calm, hurt):
-            # on the origin's link (headers included) against the undisturbed fetch of one copy
-            run["originWireCopies"] = round(run["originWireBytes"] / calm["originWireBytes"], 4)
+            if run is not None:
+                # on the origin's link (headers included) against the undisturbed fetch of one copy
+                run["originWireCopies"] = round(run["originWireBytes"] / calm["originWireBytes"], 4)
         return {
             "peers": len(self.peers), "peerMbit": self.args.peer_mbit, "originMbit": self.args.origin_mbit,
             "supernodeMbit": self.args.supernode_mbit, "sizeMiB": self.args.size_mib, "fbSeconds": round(self.fb, 3),
@@ -368,6 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--origin-mbit", type=float, default=160)
     p.add_argument("--supernode-mbit", type=float, default=160)
     p.add_argument("--kills", default="0.3,0.6,0.9", help="shares of the origin's bytes at which to kill the SuperNode")
+    p.add_argument("--no-kill", action="store_true", help="the undisturbed run only")
     p.add_argument("--timeout", type=int, default=120, help="seconds a dfget may take")
     p.add_argument("--json", default="", help="write the numbers here")
     p.add_argument("--doc", default="", help="put the table in this Markdown file (between the restart markers)")
@@ -410,9 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
-    if args.doc:
+    if args.doc and not args.no_kill:
         write_block(args.doc, "restart", text, "SuperNode restarts on emulated hosts")
-    ok = all(r["right"] == r["peers"] for r in (result["undisturbed"], result["restarts"]))
+    ok = all(r["right"] == r["peers"] for r in (result["undisturbed"], result["restarts"]) if r is not None)
     return 0 if ok else EXIT_WRONG
 
 

@@ -1,38 +1,34 @@
 """
 What the three C{twistd} plugins (supernode, dfpeer, dfdaemon) share when
 they read their options and build their services.
+
+Light on imports: a plugin's options module imports this before it can
+bind its ports (a restarted SuperNode binds them before it imports the
+rest, see L{dragonfly.supernode.tap.bind_early}), so C{QuietSite}
+(twisted.web.server) and the GC watermarks are imported when first used.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.python import usage
-from twisted.web.server import Site
 
-from .gc import check_watermarks, parse_watermark
 from .ids import BadInput
 from .units import parse_duration
 
+if TYPE_CHECKING:
+    from .quietsite import QuietSite as QuietSite
 
-class QuietSite(Site):
-    """
-    A Site without a line in the log per request (peers sync twice a second),
-    and without twisted.web's parsing of POST bodies as forms: our APIs speak
-    JSON, and the form check (the Content-Type parsed by the email package)
-    was 14 % of the SuperNode's CPU under sync load (docs/scale.md).
-    """
 
-    def __init__(self, resource: Any, *args: Any, **kwargs: Any) -> None:
-        try:
-            super().__init__(resource, *args, parsePOSTFormSubmission=False, **kwargs)  # type: ignore[no-untyped-call]
-        except TypeError:  # a Twisted without the switch
-            super().__init__(resource, *args, **kwargs)  # type: ignore[no-untyped-call]
+def __getattr__(name: str) -> Any:
+    """C{QuietSite}, imported on first use (L{dragonfly.core.quietsite})."""
+    if name == "QuietSite":
+        from .quietsite import QuietSite
 
-    def log(self, request: Any) -> None:
-        """Log nothing per request."""
-        pass
+        return QuietSite
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read_token(value: str | None, path: str | None, name: str) -> str | None:
@@ -57,6 +53,8 @@ def read_token(value: str | None, path: str | None, name: str) -> str | None:
 
 def parse_gc_options(options: usage.Options) -> None:
     """Parse the GC flags shared by supernode and dfpeer in place."""
+    from .gc import check_watermarks, parse_watermark
+
     for name in ("gc-interval", "task-expire"):
         try:
             options[name] = parse_duration(options[name])

@@ -128,6 +128,9 @@ class Syncer:
     #: together with it instead of on their next retry tick
     OUTAGE_RETRY = 0.1
     OUTAGE_FAST = 3.0
+    #: the wait before the sync that re-announces all we hold to a SuperNode that
+    #: forgot us (restarted): its seed and parents come with that sync's answer
+    REJOIN_SYNC = 0.01
 
     def __init__(
         self, task: SyncedTask, task_id: str, session: Session, host: SupernodeWatch, request: Mapping[str, Any],
@@ -341,7 +344,7 @@ class Syncer:
                 self._proofs = held
                 self._have = list(p.held) if p.held is not None else []
                 self._failed = failed
-                return 0.1
+                return self.REJOIN_SYNC
             self._have = have + self._have
             raise TaskFailed(e.code, e.message) from None
         except SupernodeUnavailable:

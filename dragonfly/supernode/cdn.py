@@ -78,6 +78,7 @@ from ..core.ratelimit import TokenBucket
 from ..core.security import OriginDenied
 from ..core.store import TaskStore, commit_files, create_file, move_task_files, remove_files
 from ..core.threads import WorkerPool
+from .prehash import Plan, Prehash, no_prehash, parked_plans
 from .rangefetch import LOOKAHEAD, piece_bytes, side_headers, side_ok, side_plan, wanted_pieces
 from .resume import Verdict, judge, parse_content_range, resume_headers
 
@@ -267,6 +268,7 @@ class Cdn:
         self._idle_timeout = idle_timeout
         self._on_new_task = on_new_task
         self.tasks: dict[str, CdnTask] = {}
+        self._prehash = no_prehash()  # the parked prefixes, rehashed ahead (see load)
         # totals for /metrics (see dragonfly.supernode.metrics)
         self.origin_fetches = 0  # cache misses: registrations that started an origin fetch
         self.cache_hits = 0  # registrations served from the cache or a fetch under way
@@ -332,6 +334,9 @@ class Cdn:
             loaded += 1
             if self._on_new_task is not None:
                 self._on_new_task(task)
+        # the prefixes a crash left, rehashed in a thread from now on: a
+        # resume finds them hashed (dragonfly/supernode/prehash.py)
+        self._prehash = Prehash(parked_plans(self.parked, lambda task_id: _parked_plan(task_id, self.parked)))
         return loaded
 
     def _restored(self, meta: dict[str, Any]) -> CdnTask:
@@ -537,7 +542,7 @@ class Cdn:
         task.fetch_start_bytes = task.origin_bytes
         task_log(log, LogLevel.info, task.task_id, "fetching {url} from the origin", url=safe_url(task.url))
         # a prefix stored by an earlier try comes back into the cache, rehashed
-        d = self._disk(task.task_id, _take_parked, task.task_id, self.repo, self.parked)
+        d = self._disk(task.task_id, _take_parked, task.task_id, self.repo, self.parked, self._prehash)
         d.addCallback(lambda found: self._request(task, found))
         d.addErrback(lambda f: self._fail(task, TaskError("INTERNAL", f.getErrorMessage())))
 
@@ -1270,10 +1275,25 @@ def _resume_offset(header: dict[str, Any], size: int) -> int:
     return min(size, length - 1) if isinstance(length, int) and length > 0 else 0
 
 
-def _take_parked(task_id: str, repo: str, parked: str) -> tuple[dict[str, Any], ResumePoint] | None:
+def _parked_plan(task_id: str, parked: str) -> Plan | None:
+    """What L{_take_parked} would hash of C{task_id}'s parked prefix, or None."""
+    parked_data, parked_part = os.path.join(parked, task_id + ".data"), os.path.join(parked, task_id + ".part")
+    header = _read_header(parked_part)
+    if header is None:
+        return None
+    offset = _resume_offset(header, os.path.getsize(parked_data))
+    if resume_headers(header["validators"], offset) is None:
+        return None
+    return Plan(parked_data, offset, header["pieceSize"])
+
+
+def _take_parked(
+    task_id: str, repo: str, parked: str, prehash: Prehash | None = None,
+) -> tuple[dict[str, Any], ResumePoint] | None:
     """
-    A parked prefix of C{task_id}, moved back into the cache and rehashed:
-    C{(header, resume point)}; None when there is none worth resuming.
+    A parked prefix of C{task_id}, moved back into the cache and rehashed
+    (or hashed ahead by C{prehash}): C{(header, resume point)}; None when
+    there is none worth resuming.
     """
     parked_data, parked_part = os.path.join(parked, task_id + ".data"), os.path.join(parked, task_id + ".part")
     if not os.path.exists(parked_part):
@@ -1288,8 +1308,10 @@ def _take_parked(task_id: str, repo: str, parked: str) -> tuple[dict[str, Any], 
     if header is None or resume_headers(header["validators"], offset) is None:
         remove_files(parked_data, parked_part)
         return None
+    point = prehash.take(task_id, Plan(parked_data, offset, header["pieceSize"])) if prehash is not None else None
     move_task_files(parked, repo, task_id)
-    point = rehash_prefix(os.path.join(repo, task_id + ".data"), offset, header["pieceSize"])
+    if point is None:
+        point = rehash_prefix(os.path.join(repo, task_id + ".data"), offset, header["pieceSize"])
     return header, point
 
 

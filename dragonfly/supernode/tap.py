@@ -14,7 +14,6 @@ import socket
 from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
-from twisted.internet.endpoints import AdoptedStreamServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
@@ -27,7 +26,6 @@ from ..core.piecetag import load_key
 from ..core.security import DEFAULT_DENY, OriginPolicy
 from ..core.service import ListeningService, default_reactor
 from ..core.tapkit import detect_ip, parse_gc_options, read_token
-from ..core.tls import https_policy
 from ..core.units import parse_rate
 from ..protocol.block import BLOCK_PORT_OPTIONS, BlockFactory, block_port_limits
 
@@ -115,7 +113,11 @@ class Options(ConfigFileOptions):
             self["piece-size"] = size
         try:
             self["origin-limit"] = parse_rate(self["origin-limit"])
-            self["https-policy"] = https_policy(self["origin-ca"])
+            self["https-policy"] = None  # the system's roots (made in makeService, after the bind)
+            if self["origin-ca"]:
+                from ..core.tls import https_policy
+
+                self["https-policy"] = https_policy(self["origin-ca"])
         except BadInput as e:
             raise usage.UsageError(f"--origin-limit: {e}") from None
         except ValueError as e:
@@ -171,6 +173,8 @@ def bind_early(interface: str, port: int, reactor: Any, backlog: int = 1024) -> 
     except OSError as e:
         sock.close()
         return _FailedEndpoint(CannotListenError(interface, port, e))
+    from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
     # the endpoint owns the descriptor from here on (it closes it once adopted)
     return AdoptedStreamServerEndpoint(reactor, sock.detach(), family)
 
@@ -212,6 +216,8 @@ class SupernodeService(ListeningService):
         try:
             block = await self.listen(self._block_endpoint, BlockFactory(SEED_ID, self.node.seed_side, clock=self.node.clock, **self._block_limits))
         except BaseException:
+            from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+
             # the API's socket, bound early, must not take connections the process will never answer
             if isinstance(self._api_endpoint, AdoptedStreamServerEndpoint):
                 os.close(self._api_endpoint.fileno)
@@ -230,10 +236,12 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     iface = options["listen"]
     # both ports first (see bind_early); the API on its own endpoint (TLS, ...) when given one
     block_endpoint = bind_early(iface, options["block-port"], reactor=reactor)
-    api_endpoint = (
-        serverFromString(reactor, options["api-listen"]) if options["api-listen"]
-        else bind_early(iface, options["port"], reactor=reactor)
-    )
+    if options["api-listen"]:
+        from twisted.internet.endpoints import serverFromString
+
+        api_endpoint = serverFromString(reactor, options["api-listen"])
+    else:
+        api_endpoint = bind_early(iface, options["port"], reactor=reactor)
 
     import treq
     from twisted.web.client import Agent, HTTPConnectionPool
@@ -245,6 +253,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from ..core.security import PolicyEndpointFactory
     from ..core.tapkit import QuietSite
     from ..core.threads import WorkerPool
+    from ..core.tls import https_policy
     from .api import SupernodeApi
     from .cdn import Cdn
     from .gc import SupernodeGc
@@ -260,7 +269,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     policy = options["origin-policy"]
     # every origin connection passes the allow/deny policy, by resolved address
     agent = Agent.usingEndpointFactory(
-        reactor, PolicyEndpointFactory(reactor, policy, pool, tls_policy=options["https-policy"]),
+        reactor, PolicyEndpointFactory(reactor, policy, pool, tls_policy=options["https-policy"] or https_policy(None)),
         pool=HTTPConnectionPool(reactor),
     )
     http = treq.client.HTTPClient(agent)

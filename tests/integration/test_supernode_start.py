@@ -100,3 +100,26 @@ def test_a_port_in_use_is_reported_as_before(tmp_path, which):
         finally:
             proc.kill()
             proc.wait(30)
+
+
+def test_a_supernode_that_cannot_listen_exits_non_zero(tmp_path):
+    """It says why and exits 1 (it used to log the reason and then run on, serving nothing)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.Popen(
+            [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "supernode", "--port", str(free_port()),
+             "--block-port", str(port), "--listen", "127.0.0.1", "--home", str(tmp_path / "home")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        try:
+            out, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            pytest.fail("the SuperNode that could not listen was still running after 60 s")
+    assert proc.returncode == 1
+    text = out.decode()
+    assert f"supernode could not start: Couldn't listen on 127.0.0.1:{port}" in text
+    assert "Address already in use" in text

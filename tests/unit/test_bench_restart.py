@@ -69,3 +69,12 @@ def test_options() -> None:
     for bad in (["--kills", "1.5"], ["--kills", "x"], ["--peers", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_no_kill_runs_and_shows_the_undisturbed_run_alone() -> None:
+    assert parse_args(["--no-kill"]).no_kill and not parse_args([]).no_kill
+    text = table({
+        "peers": 2, "peerMbit": 80, "originMbit": 160, "supernodeMbit": 160, "sizeMiB": 48, "fbSeconds": 5.03,
+        "load": [1.0, 2.0], "undisturbed": run([1.2, 1.3]), "restarts": None,
+    })
+    assert "| slowest (x F/B) | 1.30 |" in text and "killed" not in text and "--no-kill" in text

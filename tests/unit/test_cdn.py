@@ -23,6 +23,7 @@ from twisted.web.http_headers import Headers
 
 from dragonfly.core.bodywriter import ChunkedFileWriter, ResumePoint, rehash_prefix
 from dragonfly.core.ids import task_id
+from dragonfly.supernode import cdn as cdn_module
 from dragonfly.supernode.cdn import Cdn
 from dragonfly.supernode.resume import (
     ContentRange,
@@ -340,6 +341,31 @@ def test_restart_mid_fetch_resumes(env: Env) -> None:
     again.http.serve(ranged(5 * PIECE))
     check_complete(again)
     assert task.origin_bytes == len(BODY) - 5 * PIECE
+
+
+def test_a_restart_hashes_the_parked_prefix_ahead(env: Env, monkeypatch: Any) -> None:
+    """The prefix a crash left is hashed from the cache reload on: the resume itself hashes nothing."""
+    holder: list[Any] = []
+
+    class Hanging(FakeResponse):
+        def deliverBody(self, protocol: Any) -> None:
+            protocol.makeConnection(FakeTransport())
+            protocol.dataReceived(self.body[: 5 * PIECE + 3])
+            holder.append(protocol)
+
+    env.cdn.ensure(TID, URL)
+    env.http.serve(Hanging(body=BODY, headers=validator_headers()))
+    again = Env(env.home)
+    assert again.cdn.load() == 0
+    assert len(again.cdn._prehash) == 1
+    hashed: list[int] = []
+    real = cdn_module.rehash_prefix
+    monkeypatch.setattr(cdn_module, "rehash_prefix", lambda *a: hashed.append(a[1]) or real(*a))
+    task = again.cdn.ensure(TID, URL)
+    assert again.sent_headers() == {"Range": [f"bytes={5 * PIECE}-"], "If-Range": [ETAG]}
+    again.http.serve(ranged(5 * PIECE))
+    check_complete(again)
+    assert hashed == [] and task.origin_bytes == len(BODY) - 5 * PIECE
 
 
 def test_a_whole_file_on_disk_asks_for_the_last_byte(env: Env) -> None:

@@ -227,6 +227,21 @@ def test_a_supernode_that_forgot_us_hears_of_us_again() -> None:
     assert list(session.reports[-1].have) == [2]
 
 
+def test_a_restarted_supernode_hears_all_we_hold_at_once() -> None:
+    """The sync after registering again comes straight away (it brings back the seed and parents)."""
+    syncer, session, task, clock = make()
+    task.download = True
+    task.have = Bitmap(4)
+    task.have.set(1)
+    task.have.set(3)
+    run(syncer)
+    session.syncs = [SupernodeError(404, "PEER_UNKNOWN", "who?")]
+    clock.advance(0.5)
+    before = len(session.reports)
+    clock.advance(0.02)
+    assert len(session.reports) == before + 1 and sorted(session.reports[-1].have) == [1, 3]
+
+
 def test_a_lost_supernode_without_progress_sends_the_task_to_the_origin() -> None:
     syncer, session, task, clock = make()
     task.download = True
