@@ -130,6 +130,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      "peer download; their folded top tables")
     p.add_argument("--profile-native", action="store_true",
                    help="with --profile: the SuperNode's profile with C frames (py-spy --native, which stops it per sample)")
+    p.add_argument("--sn-cprofile", help="a .pstats path: cProfile of the SuperNode's reactor thread (its CPU time, "
+                                         "bench.cprofiled) during the origin -> peer A download")
     p.add_argument("--startup-runs", type=int, default=3, help="extra dfget runs of the finished file to time start-up (default 3)")
     args = p.parse_args(argv)
     try:
@@ -533,8 +535,10 @@ class DataPath:
         rdir = os.path.join(self.work, "dragonfly")
         sn_home = os.path.join(rdir, "supernode")
         os.makedirs(sn_home)
+        # --sn-cprofile: the SuperNode under bench.cprofiled, its reactor thread profiled during the first fetch
+        head = [sys.executable, "-m", "bench.cprofiled", self.args.sn_cprofile] if self.args.sn_cprofile else [twistd]
         sn = self.children.start("supernode", [
-            twistd, "-n", "--pidfile=", "supernode", "--port", "0", "--block-port", "0", "--listen", "127.0.0.1",
+            *head, "-n", "--pidfile=", "supernode", "--port", "0", "--block-port", "0", "--listen", "127.0.0.1",
             "--advertise-ip", "127.0.0.1", "--home", sn_home, "--piece-size", self.args.piece_size,
             *shlex.split(self.args.supernode_args),
         ], cwd=rdir)
@@ -592,7 +596,12 @@ class DataPath:
                     spy = self.spy(supernode.pid, f"supernode-{name}", native=self.args.profile_native)
                 else:
                     spy = self.spy(pid, f"peer{name}")
+                profiled = self.args.sn_cprofile and name == "A"
+                if profiled:
+                    os.kill(sn.pid, signal.SIGUSR1)
                 fin, used, busy = self.timed(f"dfget{name}", dfget_argv(name, output), watch)
+                if profiled:
+                    os.kill(sn.pid, signal.SIGUSR2)
                 threads = thread_delta(threads0, thread_times(pid), self.size)
                 self.unspy(spy)
                 ok = fin.ok and os.path.isfile(output) and sha256_file(output) == self.want

@@ -89,9 +89,11 @@ def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 <<
     return point
 
 
-#: DRAGONFLY_CDN_SPLIT_HASH=0 hashes the whole file in the chunks' pool jobs, before each block is written
-#: (as before), instead of in a chain of its own beside them (L{ChunkedFileWriter}), for same-run comparisons
-CDN_SPLIT_HASH = os.environ.get("DRAGONFLY_CDN_SPLIT_HASH", "1") != "0"
+#: DRAGONFLY_CDN_SPLIT_HASH=1 hashes the whole file in a pool chain of its own beside the chunks' (each
+#: chunk is then published after its own hash and write only, and the two hashes may run on two cores);
+#: off by default: it adds a pool hand-off per block or so, and on the 2-core test machine, busy, it moved
+#: neither the CPU nor the time of a fetch in same-run comparisons (docs/benchmarks.md)
+CDN_SPLIT_HASH = os.environ.get("DRAGONFLY_CDN_SPLIT_HASH", "0") == "1"
 
 #: DRAGONFLY_CDN_DIRECT_WRITES=1 writes a body's whole pages with O_DIRECT (L{AlignedWriter}).  Off by
 #: default: in alternated datapath runs it cost the SuperNode as much CPU as the page cache or more, and
@@ -335,6 +337,8 @@ class ChunkedFileWriter(HeldBody):
     @param on_bytes: called with the size of each piece of body received.
     @param start: go on from a body stored earlier (the response carries the
         bytes from C{start.offset} on).
+    @param whole_hash: False: no whole-file hash (a side fetch of a few
+        pieces, whose bytes are not the file's), C{done} fires with "" for it.
     """
 
     #: pause the body while this many bytes wait for the pool; resume at half
@@ -358,8 +362,10 @@ class ChunkedFileWriter(HeldBody):
         on_bytes: Callable[[int], None] | None = None,
         limit: TokenBucket | None = None,
         start: ResumePoint | None = None,
+        whole_hash: bool = True,
     ) -> None:
         self._pool = pool
+        self._whole = whole_hash
         self._clock = clock
         self._fd = fd
         self._out: AlignedWriter | None = self._aligned(fd, chunk_size) if fd is not None else None
@@ -487,8 +493,8 @@ class ChunkedFileWriter(HeldBody):
             self._index += 1
             self._chunk_hash = hashlib.sha256()
         self._pending += size
-        file_hash = self._hash
-        if self._split:
+        file_hash = self._hash if self._whole else None
+        if self._split and self._whole:
             # the whole-file hash goes on in its own chain, beside this one: a
             # chunk is published once its own hash and its write are done
             file_hash = None
@@ -587,7 +593,7 @@ class ChunkedFileWriter(HeldBody):
                     why = f"origin connection lost after {self.total} bytes: {reason.getErrorMessage()}"
                 self.done.errback(BodyError("SOURCE_TRUNCATED", why))
             else:
-                self.done.callback((self.total, self._hash.hexdigest()))
+                self.done.callback((self.total, self._hash.hexdigest() if self._whole else ""))
 
         self._chain.addCallback(close)
         self._chain.addBoth(lambda _: self._hashed_all())

@@ -926,7 +926,7 @@ class Cdn:
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, None, task.piece_size, stop, self._idle_timeout, stored, counted,
-            limit=self._origin_limit, start=ResumePoint(start),
+            limit=self._origin_limit, start=ResumePoint(start), whole_hash=False,
         )
         side.writer = writer
         if task.main_writer is not None:

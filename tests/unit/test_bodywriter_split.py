@@ -167,3 +167,32 @@ def test_a_failed_body_still_settles_with_its_error(tmp_path: Any) -> None:
     point = rehash_prefix(path, 4321, 1000)
     assert point.file_hash.hexdigest() == hashlib.sha256(BODY[:4321]).hexdigest()
     assert isinstance(point, ResumePoint)
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_without_the_whole_file_hash(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, split: bool) -> None:
+    """A side fetch's writer: the chunks' digests and the file as ever, no whole-file hash taken or given."""
+    monkeypatch.setattr(bodywriter, "CDN_SPLIT_HASH", split)
+    path = str(tmp_path / "s")
+    with open(path, "wb") as f:
+        f.write(b"\0" * 3000)
+    fd = os.open(path, os.O_WRONLY)
+    pool = HandPool()
+    seen: list[tuple[int, str]] = []
+    start = ResumePoint(3000)
+    untouched = start.file_hash.hexdigest()
+    writer = ChunkedFileWriter(pool, Clock(), fd, 1000, 7000, on_chunk=lambda i, d: seen.append((i, d)),
+                               start=start, whole_hash=False)
+    writer.makeConnection(FakeTransport())
+    writer.dataReceived(BODY[3000:7000])
+    writer.connectionLost(Failure(ResponseDone()))
+    out: list[Any] = []
+    writer.done.addBoth(out.append)
+    assert all(j[1] is not bodywriter._hash_parts for j in pool.jobs)
+    while pool.jobs:
+        pool.step(0)
+    assert out == [(7000, "")]
+    assert start.file_hash.hexdigest() == untouched
+    assert seen == [(i, hashlib.sha256(BODY[i * 1000 : (i + 1) * 1000]).hexdigest()) for i in range(3, 7)]
+    with open(path, "rb") as f:
+        assert f.read()[3000:] == BODY[3000:7000]
