@@ -931,6 +931,14 @@ def markdown(results: dict[str, Any]) -> str:
                 out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
                            f"{th['reactorWakeups']:.0f} wake-ups; other threads (hashing, writing) "
                            f"{th['otherUser']:.2f} + {th['otherSystem']:.2f}")
+        sn_threads = [t for t in r["transfers"] if t.get("supernodeThreads")]
+        if sn_threads:
+            out += ["", "The SuperNode's threads during its fetch, the same way (the other threads: the pool, "
+                    "hashing and writing; threads gone by the end are not counted):", ""]
+            for t in sn_threads:
+                th = t["supernodeThreads"]
+                out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
+                           f"{th['reactorWakeups']:.0f} wake-ups; pool {th['otherUser']:.2f} + {th['otherSystem']:.2f}")
         d = r.get("dfget") or {}
         if d:
             imp = d.get("importtime", {})
