@@ -21,6 +21,13 @@ then L{dragonfly.core.files.read_back}, as the store and the CDN do) and
 2 ms later C{sendfile}s it to a socket pair, as the seed uploads a piece it
 just stored: the writing and the sending thread's CPU per GiB and the
 C{sendfile} latency per piece (it runs in the reactor thread).
+
+    python -m bench.writepath --cdn [--size-mib 512] [--piece-mib 4] [--rounds 2]
+
+instead runs the CDN's body writer (L{cdn_writer}) with its whole-file hash
+in a chain of its own (C{DRAGONFLY_CDN_SPLIT_HASH=1}) and without,
+alternated, each in a child process: wall time, CPU per GiB, and how long
+after its last byte each piece was published.
 """
 
 from __future__ import annotations
@@ -234,7 +241,15 @@ def main() -> None:
                 # one reactor per process: each run in a child
                 code = ("import sys; from bench.writepath import cdn_writer; "
                         f"print(cdn_writer({split}, {path!r}, {args.piece_mib << 20}, {args.size_mib << 20}, 1 << 20))")
-                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+                try:
+                    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                                         timeout=900)
+                except subprocess.TimeoutExpired:
+                    print(f"round {r + 1} split {split}: no result in 900 s", flush=True)
+                    continue
+                finally:
+                    if os.path.exists(path):
+                        os.unlink(path)
                 print(f"round {r + 1} piece {args.piece_mib} MiB {out.stdout.strip() or out.stderr.strip()[-300:]}", flush=True)
         return
     if args.upload:
