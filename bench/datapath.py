@@ -121,8 +121,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="NAME=VALUE[,NAME=VALUE]: a third dfpeer C with these variables downloads from A too, after B "
                         "(B stopped first), for a same-run comparison of the receiving dfpeer")
     p.add_argument("--ab-first", action="store_true", help="with --ab-env: C (the variables) downloads before B")
+    p.add_argument("--sn-ab-env", default="",
+                   help="NAME=VALUE[,NAME=VALUE]: a second SuperNode with these variables, and its own peer A2, "
+                        "fetch the file from the origin too, after A, for a same-run comparison of the SuperNode")
+    p.add_argument("--sn-ab-first", action="store_true", help="with --sn-ab-env: the second SuperNode's fetch goes first")
     p.add_argument("--profile", help="a directory: py-spy (--nonblocking, all threads) of each receiving dfpeer "
-                                     "during its peer -> peer download, and its folded top table")
+                                     "during its peer -> peer download, and of the SuperNode during its origin -> "
+                                     "peer download; their folded top tables")
+    p.add_argument("--profile-native", action="store_true",
+                   help="with --profile: the SuperNode's profile with C frames (py-spy --native, which stops it per sample)")
+    p.add_argument("--sn-cprofile", help="a .pstats path: cProfile of the SuperNode's reactor thread (its CPU time, "
+                                         "bench.cprofiled) during the origin -> peer A download")
     p.add_argument("--startup-runs", type=int, default=3, help="extra dfget runs of the finished file to time start-up (default 3)")
     args = p.parse_args(argv)
     try:
@@ -137,12 +146,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(str(e))
     if args.size_bytes < 1:
         p.error("--size must be at least 1 byte")
-    args.ab_vars = {}
-    for item in filter(None, (x.strip() for x in args.ab_env.split(","))):
-        name, eq, value = item.partition("=")
-        if not eq or not name:
-            p.error("--ab-env: NAME=VALUE[,NAME=VALUE]")
-        args.ab_vars[name] = value
+    for option in ("ab_env", "sn_ab_env"):
+        found: dict[str, str] = {}
+        for item in filter(None, (x.strip() for x in getattr(args, option).split(","))):
+            name, eq, value = item.partition("=")
+            if not eq or not name:
+                p.error(f"--{option.replace('_', '-')}: NAME=VALUE[,NAME=VALUE]")
+            found[name] = value
+        setattr(args, option.replace("_env", "_vars"), found)
     args.part_set = {s.strip() for s in args.parts.split(",") if s.strip()}
     if not args.part_set or args.part_set - set(PARTS):
         p.error(f"--parts: a comma-separated subset of {','.join(PARTS)}")
@@ -524,21 +535,36 @@ class DataPath:
         rdir = os.path.join(self.work, "dragonfly")
         sn_home = os.path.join(rdir, "supernode")
         os.makedirs(sn_home)
+        # --sn-cprofile: the SuperNode under bench.cprofiled, its reactor thread profiled during the first fetch
+        head = [sys.executable, "-m", "bench.cprofiled", self.args.sn_cprofile] if self.args.sn_cprofile else [twistd]
         sn = self.children.start("supernode", [
-            twistd, "-n", "--pidfile=", "supernode", "--port", "0", "--block-port", "0", "--listen", "127.0.0.1",
+            *head, "-n", "--pidfile=", "supernode", "--port", "0", "--block-port", "0", "--listen", "127.0.0.1",
             "--advertise-ip", "127.0.0.1", "--home", sn_home, "--piece-size", self.args.piece_size,
             *shlex.split(self.args.supernode_args),
         ], cwd=rdir)
         sn_port = wait_for_file(os.path.join(sn_home, "supernode.json"), 60, sn)["port"]
+        sn_ab = self.args.sn_ab_vars
+        sns = {"A": sn}
+        ports = {"A": sn_port}
+        if sn_ab:  # a second SuperNode with the variables, for its own peer A2
+            os.makedirs(sn_home + "2")
+            sns["A2"] = self.children.start("supernode2", [
+                twistd, "-n", "--pidfile=", "supernode", "--port", "0", "--block-port", "0", "--listen", "127.0.0.1",
+                "--advertise-ip", "127.0.0.1", "--home", sn_home + "2", "--piece-size", self.args.piece_size,
+                *shlex.split(self.args.supernode_args),
+            ], cwd=rdir, env={**os.environ, **sn_ab})
+            ports["A2"] = wait_for_file(os.path.join(sn_home + "2", "supernode.json"), 60, sns["A2"])["port"]
         peers: dict[str, subprocess.Popen] = {}
         apis: dict[str, str] = {}
         ab = self.args.ab_vars
-        homes = {name: os.path.join(rdir, f"peer{name}") for name in ("A", "B", *("C" if ab else ""))}
+        homes = {name: os.path.join(rdir, f"peer{name}")
+                 for name in ("A", "B", *(["C"] if ab else []), *(["A2"] if sn_ab else []))}
         for name, home in homes.items():
             os.makedirs(home)
             peers[name] = self.children.start(f"dfpeer{name}", [
-                twistd, "-n", "--pidfile=", "dfpeer", "--supernode", f"127.0.0.1:{sn_port}", "--home", home,
-                "--ip", "127.0.0.1", "--listen", "127.0.0.1", "--port", "0", *shlex.split(self.args.peer_args),
+                twistd, "-n", "--pidfile=", "dfpeer", "--supernode", f"127.0.0.1:{ports.get(name, sn_port)}",
+                "--home", home, "--ip", "127.0.0.1", "--listen", "127.0.0.1", "--port", "0",
+                *shlex.split(self.args.peer_args),
             ], cwd=rdir, env={**os.environ, **ab} if name == "C" else None)
         for name, home in homes.items():
             apis[name] = wait_for_file(os.path.join(home, "peer.json"), 60, peers[name])["api"]
@@ -546,14 +572,17 @@ class DataPath:
         try:
             shadows = {name: shadow_home(homes[name], relays[name].url, os.path.join(rdir, f"dfget{name}"))
                        for name in homes}
-            measure.wait_idle([sn.pid, *(p.pid for p in peers.values())])
+            measure.wait_idle([*(s.pid for s in sns.values()), *(p.pid for p in peers.values())])
             out = os.path.join(rdir, "out")
             os.makedirs(out)
             watch = {"supernode": [sn.pid], **{name: [p.pid] for name, p in peers.items()}, "nginx": self.nginx_pids()}
+            if sn_ab:
+                watch["supernode2"] = [sns["A2"].pid]
 
             def dfget_argv(name: str, output: str) -> list[str]:
                 return [dfget, "-u", self.url, "-o", output, "--home", shadows[name],
-                        "--node", f"127.0.0.1:{sn_port}", "--no-progress", "--timeout", f"{self.args.timeout:.0f}s"]
+                        "--node", f"127.0.0.1:{ports.get(name, sn_port)}", "--no-progress",
+                        "--timeout", f"{self.args.timeout:.0f}s"]
 
             def transfer(name: str) -> tuple[measure.Finished, dict[str, float], float, bool, dict[str, Any]]:
                 os.sync()
@@ -561,8 +590,18 @@ class DataPath:
                 output = os.path.join(out, f"peer{name}.bin")
                 pid = peers[name].pid
                 threads0 = thread_times(pid)
-                spy = self.spy(pid, f"peer{name}") if name != "A" else None
+                supernode = sns.get(name)
+                sn_threads0 = thread_times(supernode.pid) if supernode is not None else None
+                if supernode is not None:
+                    spy = self.spy(supernode.pid, f"supernode-{name}", native=self.args.profile_native)
+                else:
+                    spy = self.spy(pid, f"peer{name}")
+                profiled = self.args.sn_cprofile and name == "A"
+                if profiled:
+                    os.kill(sn.pid, signal.SIGUSR1)
                 fin, used, busy = self.timed(f"dfget{name}", dfget_argv(name, output), watch)
+                if profiled:
+                    os.kill(sn.pid, signal.SIGUSR2)
                 threads = thread_delta(threads0, thread_times(pid), self.size)
                 self.unspy(spy)
                 ok = fin.ok and os.path.isfile(output) and sha256_file(output) == self.want
@@ -570,20 +609,33 @@ class DataPath:
                 started = self.first_request(relays[name], fin)
                 extra = {"sha256Ok": ok, "firstRequestSeconds": started["any"], "askSeconds": started["ask"],
                          "dfgetCpuSeconds": fin.cpu, "sources": task.get("traffic", {}), "receiverThreads": threads}
+                if supernode is not None and sn_threads0 is not None:
+                    extra["supernodeThreads"] = thread_delta(sn_threads0, thread_times(supernode.pid), self.size)
                 if task.get("elapsed"):
                     extra["peerSeconds"] = round(task["elapsed"], 3)
                     extra["peerMBps"] = round(self.size / task["elapsed"] / 1e6, 1)
                 return fin, used, busy, ok, extra
 
-            say("origin -> SuperNode -> peer A")
-            fin, used, busy, ok, extra = transfer("A")
-            seed_a = self.seed_bytes(sn_port)
-            self.add("origin-supernode-peer", "Dragonfly: nginx -> SuperNode -> peer A", fin, ok, busy, [
-                self.role("SuperNode (fetch, hash, write, seed)", used["supernode"], peak_rss_mib(sn.pid)),
-                self.role("receiving dfpeer (A)", used["A"], peak_rss_mib(peers["A"].pid)),
-                self.role("dfget (A)", fin.cpu, fin.max_rss_mib),
-                self.role("nginx", used["nginx"], self.nginx_peak()),
-            ], supernodeSeedBytes=seed_a, **extra)
+            firsts = ["A", "A2"] if sn_ab else ["A"]
+            if self.args.sn_ab_first:
+                firsts.reverse()
+            for name in firsts:
+                say(f"origin -> SuperNode -> peer {name}")
+                fin, used, busy, ok_name, extra = transfer(name)
+                sn_key = "supernode" if name == "A" else "supernode2"
+                seed_a = self.seed_bytes(ports[name])
+                env = "" if name == "A" else " (" + ", ".join(f"{k}={v}" for k, v in sn_ab.items()) + ")"
+                self.add("origin-supernode-peer" if name == "A" else "origin-supernode-peer-ab",
+                         f"Dragonfly: nginx -> SuperNode{env} -> peer {name}", fin, ok_name, busy, [
+                    self.role("SuperNode (fetch, hash, write, seed)", used[sn_key], peak_rss_mib(sns[name].pid)),
+                    self.role(f"receiving dfpeer ({name})", used[name], peak_rss_mib(peers[name].pid)),
+                    self.role(f"dfget ({name})", fin.cpu, fin.max_rss_mib),
+                    self.role("nginx", used["nginx"], self.nginx_peak()),
+                ], supernodeSeedBytes=seed_a, **extra)
+                if name == "A":
+                    ok = ok_name
+            if sn_ab:  # A2 and its SuperNode are done: the peer -> peer part is as without them
+                self.children.stop([peers.pop("A2"), sns.pop("A2")])
             if not ok:
                 self.skipped["peer-peer"] = "the first download failed"
                 return
@@ -616,18 +668,21 @@ class DataPath:
                 with contextlib.suppress(OSError, ValueError), \
                         open(os.path.join(rdir, f"dfget{name}", "dfpeer.pid")) as f:
                     os.kill(int(f.read().strip()), signal.SIGTERM)
-            self.children.stop([sn, *peers.values()])
+            self.children.stop([*sns.values(), *peers.values()])
             shutil.rmtree(rdir, ignore_errors=True)  # three copies of the file: free the disk for what follows
 
-    def spy(self, pid: int, name: str) -> subprocess.Popen | None:
-        """With --profile: py-spy on C{pid} (all threads, --nonblocking: no stop per sample) until L{unspy}."""
+    def spy(self, pid: int, name: str, native: bool = False) -> subprocess.Popen | None:
+        """
+        With --profile: py-spy on C{pid} (all threads; --nonblocking: no stop
+        per sample, or C{native}: C frames too, stopping it per sample) until L{unspy}.
+        """
         spy = shutil.which("py-spy", path=BIN + os.pathsep + os.environ.get("PATH", ""))
         if not self.args.profile or spy is None:
             return None
         os.makedirs(self.args.profile, exist_ok=True)
         out = os.path.join(self.args.profile, f"spy-{name}.txt")
         proc = self.children.start(f"py-spy-{name}", [spy, "record", "-r", "200", "-p", str(pid), "--format", "raw",
-                                                      "--nonblocking", "-o", out])
+                                                      "--native" if native else "--nonblocking", "-o", out])
         time.sleep(0.5)
         return proc
 
@@ -876,6 +931,14 @@ def markdown(results: dict[str, Any]) -> str:
                 out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
                            f"{th['reactorWakeups']:.0f} wake-ups; other threads (hashing, writing) "
                            f"{th['otherUser']:.2f} + {th['otherSystem']:.2f}")
+        sn_threads = [t for t in r["transfers"] if t.get("supernodeThreads")]
+        if sn_threads:
+            out += ["", "The SuperNode's threads during its fetch, the same way (the other threads: the pool, "
+                    "hashing and writing; threads gone by the end are not counted):", ""]
+            for t in sn_threads:
+                th = t["supernodeThreads"]
+                out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
+                           f"{th['reactorWakeups']:.0f} wake-ups; pool {th['otherUser']:.2f} + {th['otherSystem']:.2f}")
         d = r.get("dfget") or {}
         if d:
             imp = d.get("importtime", {})

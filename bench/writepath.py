@@ -21,6 +21,13 @@ then L{dragonfly.core.files.read_back}, as the store and the CDN do) and
 2 ms later C{sendfile}s it to a socket pair, as the seed uploads a piece it
 just stored: the writing and the sending thread's CPU per GiB and the
 C{sendfile} latency per piece (it runs in the reactor thread).
+
+    python -m bench.writepath --cdn [--size-mib 512] [--piece-mib 4] [--rounds 2]
+
+instead runs the CDN's body writer (L{cdn_writer}) with its whole-file hash
+in a chain of its own (C{DRAGONFLY_CDN_SPLIT_HASH=1}) and without,
+alternated, each in a child process: wall time, CPU per GiB, and how long
+after its last byte each piece was published.
 """
 
 from __future__ import annotations
@@ -136,6 +143,84 @@ def upload(mode: str, path: str, piece: int, count: int) -> str:
             f"p50 {lat[len(lat) // 2] * 1e3:.1f} p90 {lat[int(len(lat) * 0.9)] * 1e3:.1f} max {lat[-1] * 1e3:.1f}")
 
 
+def cdn_writer(split: bool, path: str, piece: int, size: int, read: int) -> str:
+    """
+    The CDN's body writer (L{dragonfly.core.bodywriter.ChunkedFileWriter})
+    with a real reactor and worker pool, fed C{read}-byte reads as fast as
+    it takes them (its pauses obeyed): wall time, the process's CPU, and how
+    long after its last byte arrived each piece was published (p50 / p90).
+    """
+    from twisted.internet import reactor
+    from twisted.web.client import ResponseDone
+
+    from dragonfly.core import bodywriter
+    from dragonfly.core.threads import WorkerPool
+
+    pool = WorkerPool(reactor, 4)
+    pool.startService()
+    src = os.urandom(read)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    arrived: dict[int, float] = {}
+    waits: list[float] = []
+
+    def stored(index: int, digest: str) -> None:
+        waits.append(time.perf_counter() - arrived[index])
+
+    writer = bodywriter.ChunkedFileWriter(pool, reactor, fd, piece, size, on_chunk=stored)
+    writer._split = split
+
+    class Source:
+        paused = False
+        sent = 0
+        whole = 0  # the pieces whose last byte was given
+
+        def pauseProducing(self) -> None:
+            self.paused = True
+
+        def resumeProducing(self) -> None:
+            if self.paused:
+                self.paused = False
+                reactor.callLater(0, feed)
+
+        def stopProducing(self) -> None:
+            self.paused = True
+
+    source = Source()
+
+    def feed() -> None:
+        if source.paused:
+            return
+        if source.sent >= size:
+            writer.connectionLost(Failure(ResponseDone()))
+            return
+        n = min(read, size - source.sent)
+        writer.dataReceived(src[:n] if n < read else src)
+        source.sent += n
+        now = time.perf_counter()
+        while source.whole * piece < source.sent and ((source.whole + 1) * piece <= source.sent or source.sent == size):
+            arrived[source.whole] = now
+            source.whole += 1
+        reactor.callLater(0, feed)
+
+    from twisted.python.failure import Failure
+
+    result: list[object] = []
+    writer.done.addBoth(result.append).addBoth(lambda _: reactor.stop())
+    writer.makeConnection(source)  # type: ignore[arg-type]
+    (u0, s0), t0 = cpu(), time.perf_counter()
+    reactor.callLater(0, feed)
+    reactor.run()
+    (u1, s1), t1 = cpu(), time.perf_counter()
+    pool.stopService()
+    os.unlink(path)
+    gib = size / (1 << 30)
+    waits.sort()
+    return (f"split {'on ' if split else 'off'} {t1 - t0:6.2f} s  CPU-s/GiB {(u1 - u0 + s1 - s0) / gib:.2f} "
+            f"(user {(u1 - u0) / gib:.2f}, system {(s1 - s0) / gib:.2f})  piece published after its last byte, ms: "
+            f"p50 {waits[len(waits) // 2] * 1e3:.1f} p90 {waits[int(len(waits) * 0.9)] * 1e3:.1f}"
+            + ("" if isinstance(result[0], tuple) else f"  FAILED {result[0]}"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("methods", nargs="*", default=list(METHODS), help=f"of {', '.join(METHODS)}")
@@ -144,7 +229,29 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default="/var/tmp")
     ap.add_argument("--upload", action="store_true", help="write then sendfile each piece: buffered, direct, willneed")
+    ap.add_argument("--cdn", action="store_true",
+                    help="the CDN's body writer, its whole-file hash in its own chain (split) or not, alternated")
     args = ap.parse_args()
+    if args.cdn:
+        path = os.path.join(args.dir, f"writepath-{os.getpid()}.data")
+        for r in range(args.rounds):
+            for split in (True, False) if r % 2 == 0 else (False, True):
+                subprocess.run(["sync"], check=False)
+                time.sleep(0.3)
+                # one reactor per process: each run in a child
+                code = ("import sys; from bench.writepath import cdn_writer; "
+                        f"print(cdn_writer({split}, {path!r}, {args.piece_mib << 20}, {args.size_mib << 20}, 1 << 20))")
+                try:
+                    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
+                                         timeout=900)
+                except subprocess.TimeoutExpired:
+                    print(f"round {r + 1} split {split}: no result in 900 s", flush=True)
+                    continue
+                finally:
+                    if os.path.exists(path):
+                        os.unlink(path)
+                print(f"round {r + 1} piece {args.piece_mib} MiB {out.stdout.strip() or out.stderr.strip()[-300:]}", flush=True)
+        return
     if args.upload:
         piece, count = args.piece_mib << 20, args.size_mib // args.piece_mib
         path = os.path.join(args.dir, f"writepath-{os.getpid()}.data")

@@ -89,6 +89,12 @@ def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 <<
     return point
 
 
+#: DRAGONFLY_CDN_SPLIT_HASH=1 hashes the whole file in a pool chain of its own beside the chunks' (each
+#: chunk is then published after its own hash and write only, and the two hashes may run on two cores);
+#: off by default: it adds a pool hand-off per block or so, and on the 2-core test machine, busy, it moved
+#: neither the CPU nor the time of a fetch in same-run comparisons (docs/benchmarks.md)
+CDN_SPLIT_HASH = os.environ.get("DRAGONFLY_CDN_SPLIT_HASH", "0") == "1"
+
 #: DRAGONFLY_CDN_DIRECT_WRITES=1 writes a body's whole pages with O_DIRECT (L{AlignedWriter}).  Off by
 #: default: in alternated datapath runs it cost the SuperNode as much CPU as the page cache or more, and
 #: its writes wait for the device in the writer's one chain, after the hashing (docs/benchmarks.md)
@@ -239,14 +245,21 @@ class AlignedWriter:
 
 
 def _store_block(out: AlignedWriter, offset: int, parts: list[Any], file_hash: Any, chunk_hash: Any, last: bool) -> str | None:
+    """Hash C{parts} into the chunk's hash (and into C{file_hash} unless None), write them; the chunk's digest if C{last}."""
     for part in parts:
-        file_hash.update(part)
+        if file_hash is not None:
+            file_hash.update(part)
         chunk_hash.update(part)
     out.write(parts, offset)
     if last:
         out.flush()  # the piece is published: every byte of it on the file
         return cast(str, chunk_hash.hexdigest())
     return None
+
+
+def _hash_parts(file_hash: Any, parts: list[Any]) -> None:
+    for part in parts:
+        file_hash.update(part)
 
 
 def pwritev_all(fd: int, parts: list[Any], offset: int) -> int:
@@ -324,6 +337,8 @@ class ChunkedFileWriter(HeldBody):
     @param on_bytes: called with the size of each piece of body received.
     @param start: go on from a body stored earlier (the response carries the
         bytes from C{start.offset} on).
+    @param whole_hash: False: no whole-file hash (a side fetch of a few
+        pieces, whose bytes are not the file's), C{done} fires with "" for it.
     """
 
     #: pause the body while this many bytes wait for the pool; resume at half
@@ -347,8 +362,10 @@ class ChunkedFileWriter(HeldBody):
         on_bytes: Callable[[int], None] | None = None,
         limit: TokenBucket | None = None,
         start: ResumePoint | None = None,
+        whole_hash: bool = True,
     ) -> None:
         self._pool = pool
+        self._whole = whole_hash
         self._clock = clock
         self._fd = fd
         self._out: AlignedWriter | None = self._aligned(fd, chunk_size) if fd is not None else None
@@ -368,6 +385,12 @@ class ChunkedFileWriter(HeldBody):
         self._buffered = 0
         self._buf_at = start.offset  # the file offset of the first buffered byte
         self._pending = 0  # bytes handed to the pool, not yet written
+        # the whole-file hash's own chain (CDN_SPLIT_HASH): the blocks it has not hashed yet, in order
+        self._split = CDN_SPLIT_HASH
+        self._file_parts: list[Any] = []
+        self._file_pending = 0  # bytes given to that chain, not yet hashed
+        self._file_running = False
+        self._file_waiters: list[Deferred[None]] = []
         self._paused = False
         self._holds = 0
         self._limit = limit
@@ -470,22 +493,27 @@ class ChunkedFileWriter(HeldBody):
             self._index += 1
             self._chunk_hash = hashlib.sha256()
         self._pending += size
-        if self._pending >= self.MAX_PENDING_BYTES and not self._paused:
-            self._paused = True
-            self._hold()
+        file_hash = self._hash if self._whole else None
+        if self._split and self._whole:
+            # the whole-file hash goes on in its own chain, beside this one: a
+            # chunk is published once its own hash and its write are done
+            file_hash = None
+            self._file_parts.extend(parts)
+            self._file_pending += size
+            if not self._file_running:
+                self._hash_next()
+        self._check_backlog()
 
         def store(_: Any) -> Any:
             if self._error is not None:
                 return None
-            return self._pool.run(_store_block, self._out, offset, parts, self._hash, chunk_hash, last)
+            return self._pool.run(_store_block, self._out, offset, parts, file_hash, chunk_hash, last)
 
         def stored(digest: str | None) -> None:
             self._pending -= size
             if digest is not None and self._error is None and self._on_chunk is not None:
                 self._on_chunk(index, digest)
-            if self._paused and self._pending <= self.MAX_PENDING_BYTES // 2:
-                self._paused = False
-                self._release()
+            self._check_backlog()
 
         def failed(f: Failure) -> None:
             self._pending -= size
@@ -493,6 +521,51 @@ class ChunkedFileWriter(HeldBody):
 
         self._chain.addCallback(store)
         self._chain.addCallbacks(stored, failed)
+
+    def _check_backlog(self) -> None:
+        """Pause the body while either chain is C{MAX_PENDING_BYTES} behind; resume once both are at half."""
+        backlog = max(self._pending, self._file_pending)
+        if backlog >= self.MAX_PENDING_BYTES and not self._paused:
+            self._paused = True
+            self._hold()
+        elif self._paused and backlog <= self.MAX_PENDING_BYTES // 2:
+            self._paused = False
+            self._release()
+
+    def _hash_next(self) -> None:
+        """Hash every block waiting for the whole-file hash, in order, in one pool job; then the next ones."""
+        parts, self._file_parts = self._file_parts, []
+        if not parts or self._error is not None:
+            self._file_running = False
+            self._file_pending = 0
+            waiters, self._file_waiters = self._file_waiters, []
+            for d in waiters:
+                d.callback(None)
+            if parts:
+                self._check_backlog()
+            return
+        self._file_running = True
+        size = sum(len(p) for p in parts)
+
+        def hashed(_: Any) -> None:
+            self._file_pending -= size
+            self._check_backlog()
+            self._hash_next()
+
+        def failed(f: Failure) -> None:
+            self.abort(BodyError("STORE_FAILED", f"cannot hash the body: {f.getErrorMessage()}"))
+            self._file_parts.clear()
+            self._hash_next()
+
+        self._pool.run(_hash_parts, self._hash, parts).addCallbacks(hashed, failed)
+
+    def _hashed_all(self) -> Deferred[None]:
+        """Fires once the whole-file hash has taken every block given to it."""
+        if not self._file_running:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._file_waiters.append(d)
+        return d
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         """The body ended: write the rest, then fire C{done} (or fail it)."""
@@ -520,9 +593,10 @@ class ChunkedFileWriter(HeldBody):
                     why = f"origin connection lost after {self.total} bytes: {reason.getErrorMessage()}"
                 self.done.errback(BodyError("SOURCE_TRUNCATED", why))
             else:
-                self.done.callback((self.total, self._hash.hexdigest()))
+                self.done.callback((self.total, self._hash.hexdigest() if self._whole else ""))
 
         self._chain.addCallback(close)
+        self._chain.addBoth(lambda _: self._hashed_all())
         self._chain.addBoth(settle)
 
 

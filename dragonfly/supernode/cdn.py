@@ -83,6 +83,9 @@ from .rangefetch import LOOKAHEAD, piece_bytes, side_headers, side_ok, side_plan
 from .resume import Verdict, judge, parse_content_range, resume_headers
 
 log = Logger()
+#: DRAGONFLY_TRACE=1: a log line per piece published ("trace <task> piece <i> stored at <t>"), as the
+#: dfpeers log each piece they finish, to see how long the first peer waits for the seed (bench.datapath)
+TRACE = bool(os.environ.get("DRAGONFLY_TRACE"))
 
 #: the wanted ranges a task keeps until its length is known, and the side fetches it runs at once
 MAX_WANTED = 8
@@ -815,6 +818,9 @@ class Cdn:
             )
         if task.available is not None:
             task.available.set(index)
+            if TRACE:
+                log.info("trace {task} piece {index} stored at {t:.3f}", task=task.task_id[:12], index=index,
+                         t=self._clock.seconds())
             task.notify("piece_ready", index)
 
     # -- pieces wanted first (side fetches) -------------------------------------
@@ -931,7 +937,7 @@ class Cdn:
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, None, task.piece_size, stop, self._idle_timeout, stored, counted,
-            limit=self._origin_limit, start=ResumePoint(start),
+            limit=self._origin_limit, start=ResumePoint(start), whole_hash=False,
         )
         side.writer = writer
         if task.main_writer is not None:
