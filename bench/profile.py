@@ -11,7 +11,9 @@ While a round runs, L{Profiler}:
     included: DIR/perf-PID.data and its report by DSO and symbol,
     DIR/perf-PID.txt) and C{perf-trace} (C{perf trace -s}: its system calls
     by name, DIR/syscalls-PID.txt; this one slows the process's system
-    calls noticeably) and C{cprofile} (a process started under
+    calls noticeably), C{strace} (every system call but futex, with times:
+    DIR/strace-PID.txt, the sequence of events per wake-up; slows the
+    process's calls a lot) and C{cprofile} (a process started under
     L{bench.cprofiled}: cProfile of the reactor thread's CPU time,
     DIR/cprofile-K.pstats for the K-th process, summed up in
     DIR/cprofile.txt);
@@ -41,7 +43,7 @@ from typing import Any
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: the tools, one process each
-TOOLS = ("py-spy", "perf-record", "perf-trace", "cprofile")
+TOOLS = ("py-spy", "perf-record", "perf-trace", "cprofile", "strace")
 
 
 def cprofile_path(out: str, k: int) -> str:
@@ -114,6 +116,10 @@ class Profiler:
             elif tool == "cprofile":  # started under bench.cprofiled: profiles while between USR1 and USR2
                 os.kill(pid, signal.SIGUSR1)
                 continue
+            elif tool == "strace" and _tool("strace"):
+                # every system call but the pool's futex waits, timed: the order of events per wake-up
+                argv = [_tool("strace") or "strace", "-f", "-tt", "-e", "trace=!futex", "-o",
+                        os.path.join(self.out, f"strace-{pid}.txt"), "-p", str(pid)]
             elif tool == "perf-trace" and perf:
                 argv = [perf, "trace", "-s", "-o", os.path.join(self.out, f"syscalls-{pid}.txt"), "-p", str(pid)]
             else:

@@ -53,6 +53,10 @@ __all__ = ["Uploader", "Body", "transport_idle", "wake_when_writable"]
 
 log = Logger()
 
+#: control frames go out with C{send} at once when Twisted's write buffer is empty (L{Uploader.write});
+#: DRAGONFLY_DIRECT_CONTROL=0 leaves them to Twisted's buffer (same-run comparisons, bench.swarm --ab-env)
+DIRECT_WRITES = os.environ.get("DRAGONFLY_DIRECT_CONTROL", "1") != "0"
+
 
 class Body:
     """A piece body going out with sendfile: C{sent} of C{length} bytes from C{fd} at C{offset}."""
@@ -119,11 +123,35 @@ class Uploader:
         return self._body is not None and self._body.header
 
     def write(self, data: bytes) -> None:
-        """Write control frames, after the body on the wire if there is one."""
+        """
+        Write control frames, after the body on the wire if there is one.
+
+        On a plain TCP socket whose Twisted write buffer is empty the frames
+        go out at once with C{send} (L{DIRECT_WRITES}): Twisted's own write
+        would register the socket for writability and send them in a later
+        turn of the reactor, two C{epoll_ctl} calls and a C{doWrite} per
+        frame.  What the socket does not take goes to Twisted's buffer, in
+        order.
+        """
         if self._body is not None and self._body.header:
             self._body.held.append(data)
-        elif self._transport is not None:
-            self._transport.write(data)
+            return
+        transport = self._transport
+        if transport is None:
+            return
+        sock = self._sock
+        if sock is not None and DIRECT_WRITES and getattr(transport, "connected", True) \
+                and not transport.disconnecting and transport_idle(transport):
+            try:
+                n = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                n = 0  # the connection is going: Twisted's write and read see it
+            if n == len(data):
+                return
+            data = data[n:]
+        transport.write(data)
 
     def drop(self) -> None:
         """Forget the piece in hand (the connection is closing)."""
