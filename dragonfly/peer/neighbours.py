@@ -30,7 +30,9 @@ if TYPE_CHECKING:
 
 
 #: the longest a dfpeer holds its HAVEs (see L{HaveHold})
-HAVE_DELAY = 0.2
+HAVE_DELAY = float(os.environ.get("DRAGONFLY_HAVE_CAP", "0.2"))
+#: how many of the recent gaps between stored pieces a HAVE is held
+HAVE_GAPS = float(os.environ.get("DRAGONFLY_HAVE_GAPS", "1.5"))
 
 
 class HaveHold:
@@ -56,7 +58,7 @@ class HaveHold:
         self._last = now
         if self._gap is None or self.cap <= 0:
             return 0.0
-        return min(self.cap, 1.5 * self._gap)
+        return min(self.cap, HAVE_GAPS * self._gap)
 
 
 class Neighbours:

@@ -44,7 +44,7 @@ log = Logger()
 RCVLOWAT_MAX = 128 * 1024
 #: then: what the connection delivered in LOWAT_WINDOW seconds of its last piece body, within
 #: [RCVLOWAT_MIN, RCVLOWAT_CAP] (a tenth of the stall timeout: progress stays visible)
-LOWAT_WINDOW = 0.5
+LOWAT_WINDOW = float(os.environ.get("DRAGONFLY_LOWAT_WINDOW", "0.5"))
 RCVLOWAT_MIN = 16 * 1024
 RCVLOWAT_CAP = 1 << 20
 #: the most read straight into a piece per wake-up while a download limit applies

@@ -56,6 +56,8 @@ log = Logger()
 #: control frames go out with C{send} at once when Twisted's write buffer is empty (L{Uploader.write});
 #: DRAGONFLY_DIRECT_CONTROL=0 leaves them to Twisted's buffer (same-run comparisons, bench.swarm --ab-env)
 DIRECT_WRITES = os.environ.get("DRAGONFLY_DIRECT_CONTROL", "1") != "0"
+#: the socket's send buffer (SO_SNDBUF; the kernel doubles it, within net.core.wmem_max), 0: the kernel's autotuning
+SNDBUF = int(os.environ.get("DRAGONFLY_SNDBUF", "0"))
 
 
 class Body:
@@ -116,6 +118,11 @@ class Uploader:
         """
         self._transport = transport
         self._sock = sock
+        if sock is not None and SNDBUF > 0:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+            except OSError as e:
+                log.info("SO_SNDBUF refused ({why})", why=e)
 
     @property
     def mid_body(self) -> bool:
@@ -205,7 +212,7 @@ class Uploader:
             if not self._allowed(len(data)):
                 return
             self._ready = None
-            self._transport.writeSequence([F.piece_header(index, len(data)), data])
+            self._transport.writeSequence([self._haves(), F.piece_header(index, len(data)), data])
             self.bytes_out += len(data)
             self._run(conn.upload_done(index, len(data)))
         if self._reading is None and self._ready is None and self._body is None:
@@ -223,6 +230,13 @@ class Uploader:
         self._reading = index
         d: Deferred[bytes] = self._conn.side.read_piece(index)
         d.addCallbacks(self._piece_read, self._read_failed, callbackArgs=(index,), errbackArgs=(index,))
+
+    def _haves(self) -> bytes:
+        """The HAVEs the connection holds, to ride in front of a piece header (one write, one wake-up there)."""
+        frames, actions = self._conn.held_haves()
+        if actions:
+            self._run(actions)
+        return frames
 
     def _allowed(self, nbytes: int) -> bool:
         """The upload limit lets C{nbytes} go now (reserved once, then held until due)."""
@@ -282,7 +296,7 @@ class Uploader:
             return
         if not body.header:
             body.header = True
-            header = F.piece_header(body.index, body.length)
+            header = self._haves() + F.piece_header(body.index, body.length)
             try:
                 n = sock.send(header, socket.MSG_MORE)
             except (BlockingIOError, InterruptedError):
