@@ -56,8 +56,6 @@ log = Logger()
 #: control frames go out with C{send} at once when Twisted's write buffer is empty (L{Uploader.write});
 #: DRAGONFLY_DIRECT_CONTROL=0 leaves them to Twisted's buffer (same-run comparisons, bench.swarm --ab-env)
 DIRECT_WRITES = os.environ.get("DRAGONFLY_DIRECT_CONTROL", "1") != "0"
-#: the socket's send buffer (SO_SNDBUF; the kernel doubles it, within net.core.wmem_max), 0: the kernel's autotuning
-SNDBUF = int(os.environ.get("DRAGONFLY_SNDBUF", "0"))
 
 
 class Body:
@@ -118,11 +116,6 @@ class Uploader:
         """
         self._transport = transport
         self._sock = sock
-        if sock is not None and SNDBUF > 0:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-            except OSError as e:
-                log.info("SO_SNDBUF refused ({why})", why=e)
 
     @property
     def mid_body(self) -> bool:

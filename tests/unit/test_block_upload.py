@@ -399,3 +399,20 @@ def test_any_cut_gives_the_same_bytes(piece, count, cut, order):
         finally:
             os.close(seed.send_fd)
             seed.close()
+
+
+def test_control_frames_go_out_at_once_on_an_idle_socket(seed):
+    """Twisted's write buffer is empty: a frame is sent straight away, nothing waits for a doWrite."""
+    host = Host(seed)
+    host.up.write(F.encode_have(1))
+    assert host.wire.dataBuffer == b""
+    assert host.decoder.feed(host.remote.recv(100)) == [F.Have(1)]
+
+
+def test_control_frames_queue_behind_what_twisted_holds(seed):
+    """Bytes already in Twisted's buffer go first: a frame written then is appended, in order."""
+    host = Host(seed)
+    host.wire.dataBuffer = F.encode_have(1)
+    host.up.write(F.encode_have(2))
+    assert host.wire.dataBuffer == F.encode_have(1) + F.encode_have(2)
+    assert host.exchange() == [F.Have(1), F.Have(2)]
