@@ -11,7 +11,7 @@ While a round runs, L{Profiler}:
     included: DIR/perf-PID.data and its report by DSO and symbol,
     DIR/perf-PID.txt) and C{perf-trace} (C{perf trace -s}: its system calls
     by name, DIR/syscalls-PID.txt; this one slows the process's system
-    calls noticeably), C{strace} (every system call but futex, with times:
+    calls noticeably), C{strace-seq} (every system call but futex, with times:
     DIR/strace-PID.txt, the sequence of events per wake-up; slows the
     process's calls a lot) and C{cprofile} (a process started under
     L{bench.cprofiled}: cProfile of the reactor thread's CPU time,
@@ -43,7 +43,7 @@ from typing import Any
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: the tools, one process each
-TOOLS = ("py-spy", "py-spy-all", "perf-record", "perf-trace", "cprofile", "strace")
+TOOLS = ("py-spy", "py-spy-all", "perf-record", "perf-trace", "cprofile", "strace-seq")
 
 
 def cprofile_path(out: str, k: int) -> str:
@@ -119,7 +119,7 @@ class Profiler:
             elif tool == "cprofile":  # started under bench.cprofiled: profiles while between USR1 and USR2
                 os.kill(pid, signal.SIGUSR1)
                 continue
-            elif tool == "strace" and _tool("strace"):
+            elif tool == "strace-seq" and _tool("strace"):
                 # every system call but the pool's futex waits, timed: the order of events per wake-up
                 argv = [_tool("strace") or "strace", "-f", "-tt", "-e", "trace=!futex", "-o",
                         os.path.join(self.out, f"strace-{pid}.txt"), "-p", str(pid)]

@@ -151,7 +151,7 @@ def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
                    help="profile the dfpeers of every dragonfly round into DIR/nN (see bench.profile): the"
                         " --profile-tools on the first dfpeers, /proc counters of all")
     p.add_argument("--profile-tools", default="py-spy,perf-record,perf-trace",
-                   help="with --profile: the tools, one dfpeer each: py-spy, py-spy-all, perf-record, perf-trace, cprofile, strace"
+                   help="with --profile: the tools, one dfpeer each: py-spy, py-spy-all, perf-record, perf-trace, cprofile, strace-seq"
                         " (default py-spy,perf-record,perf-trace; a tool may repeat)")
     p.add_argument("--profile-native", action="store_true", help="with --profile: C frames in py-spy's stacks too")
     p.add_argument("--profile-rate", type=int, default=200, help="with --profile: py-spy's samples per second (default 200)")
