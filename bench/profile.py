@@ -7,11 +7,13 @@ While a round runs, L{Profiler}:
     (default one of each): C{py-spy} (C{py-spy record --gil}: 200 Hz, only
     the thread running Python, raw collapsed stacks: DIR/spy-PID.txt, one
     line per distinct stack and its sample count; with C{native}, C frames
-    too), C{perf-record} (C{perf record -g}: every CPU sample, kernel
+    too; C{py-spy-all}: every thread on a CPU, at 800 Hz), C{perf-record} (C{perf record -g}: every CPU sample, kernel
     included: DIR/perf-PID.data and its report by DSO and symbol,
     DIR/perf-PID.txt) and C{perf-trace} (C{perf trace -s}: its system calls
     by name, DIR/syscalls-PID.txt; this one slows the process's system
-    calls noticeably) and C{cprofile} (a process started under
+    calls noticeably), C{strace-seq} (every system call but futex, with times:
+    DIR/strace-PID.txt, the sequence of events per wake-up; slows the
+    process's calls a lot) and C{cprofile} (a process started under
     L{bench.cprofiled}: cProfile of the reactor thread's CPU time,
     DIR/cprofile-K.pstats for the K-th process, summed up in
     DIR/cprofile.txt);
@@ -41,7 +43,7 @@ from typing import Any
 
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 #: the tools, one process each
-TOOLS = ("py-spy", "perf-record", "perf-trace", "cprofile")
+TOOLS = ("py-spy", "py-spy-all", "perf-record", "perf-trace", "cprofile", "strace-seq")
 
 
 def cprofile_path(out: str, k: int) -> str:
@@ -102,10 +104,13 @@ class Profiler:
         spy, perf = _tool("py-spy"), _tool("perf")
         # one tool per process, so the unsampled ones show what each tool costs
         for pid, tool in zip(self.sampled, self.tools):
-            if tool == "py-spy" and spy:
-                # --gil: only the thread running Python; --nonblocking: no stop per sample
-                argv = [spy, "record", "-r", str(self.rate), "-p", str(pid), "--format", "raw", "--gil",
-                        "--nonblocking", "-o", os.path.join(self.out, f"spy-{pid}.txt")]
+            if tool in ("py-spy", "py-spy-all") and spy:
+                # --gil: only the thread running Python (py-spy-all: every thread on a CPU, the pool's
+                # hashing too, at 4 times the rate); --nonblocking: no stop per sample
+                argv = [spy, "record", "-r", str(self.rate * (4 if tool == "py-spy-all" else 1)), "-p", str(pid),
+                        "--format", "raw", "--nonblocking", "-o", os.path.join(self.out, f"spy-{pid}.txt")]
+                if tool == "py-spy":
+                    argv.append("--gil")
                 if self.native:
                     argv.append("--native")
             elif tool == "perf-record" and perf:
@@ -114,6 +119,10 @@ class Profiler:
             elif tool == "cprofile":  # started under bench.cprofiled: profiles while between USR1 and USR2
                 os.kill(pid, signal.SIGUSR1)
                 continue
+            elif tool == "strace-seq" and _tool("strace"):
+                # every system call but the pool's futex waits, timed: the order of events per wake-up
+                argv = [_tool("strace") or "strace", "-f", "-tt", "-e", "trace=!futex", "-o",
+                        os.path.join(self.out, f"strace-{pid}.txt"), "-p", str(pid)]
             elif tool == "perf-trace" and perf:
                 argv = [perf, "trace", "-s", "-o", os.path.join(self.out, f"syscalls-{pid}.txt"), "-p", str(pid)]
             else:

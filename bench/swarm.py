@@ -151,9 +151,10 @@ def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
                    help="profile the dfpeers of every dragonfly round into DIR/nN (see bench.profile): the"
                         " --profile-tools on the first dfpeers, /proc counters of all")
     p.add_argument("--profile-tools", default="py-spy,perf-record,perf-trace",
-                   help="with --profile: the tools, one dfpeer each: py-spy, perf-record, perf-trace, cprofile"
+                   help="with --profile: the tools, one dfpeer each: py-spy, py-spy-all, perf-record, perf-trace, cprofile, strace-seq"
                         " (default py-spy,perf-record,perf-trace; a tool may repeat)")
     p.add_argument("--profile-native", action="store_true", help="with --profile: C frames in py-spy's stacks too")
+    p.add_argument("--profile-rate", type=int, default=200, help="with --profile: py-spy's samples per second (default 200)")
     p.add_argument("--ab-env", metavar="NAME=VALUE,...",
                    help="with --profile: every second dfpeer (group b) runs with these environment variables, the"
                         " others (group a) without; DIR/nN/counters.json compares the groups' CPU, measured in the"
@@ -314,11 +315,12 @@ class Testbed:
 
     def __init__(self, net: netem.Network, scenario: Scenario, n: int, www: str, want: str, workdir: str,
                  profile: str | None = None, profile_tools: tuple[str, ...] = (), profile_native: bool = False,
-                 ab_env: dict[str, str] | None = None) -> None:
+                 ab_env: dict[str, str] | None = None, profile_rate: int = 200) -> None:
         self.net = net
         self.profile = profile
         self.profile_tools = profile_tools
         self.profile_native = profile_native
+        self.profile_rate = profile_rate
         self.ab_env = ab_env or {}
         self.sc = scenario
         self.n = n
@@ -428,7 +430,8 @@ class Testbed:
 
         groups = {"a": pids[0::2], "b": pids[1::2]} if self.ab_env else None
         return Profiler(os.path.join(self.profile, f"n{self.n}"), pids, tools=self.profile_tools,
-                        native=self.profile_native, groups=groups, gib=self.sc.file_size / GIB)
+                        native=self.profile_native, groups=groups, gib=self.sc.file_size / GIB,
+                        rate=self.profile_rate)
 
     @staticmethod
     def _wait_ready(ready_r: int, procs: dict[str, subprocess.Popen], timeout: float = 120.0) -> None:
@@ -1012,7 +1015,8 @@ def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
             tools = tuple(t.strip() for t in args.profile_tools.split(",") if t.strip())
             ab_env = dict(kv.split("=", 1) for kv in args.ab_env.split(",") if kv) if args.ab_env else None
             bed = Testbed(net, scenario, n, www, want, workdir, profile=args.profile and os.path.abspath(args.profile),
-                          profile_tools=tools, profile_native=args.profile_native, ab_env=ab_env)
+                          profile_tools=tools, profile_native=args.profile_native, ab_env=ab_env,
+                          profile_rate=args.profile_rate)
             bed.start_origin()
             for system in systems:
                 say(f"N={n}: {system} round")

@@ -370,6 +370,17 @@ class BlockConnection:
         self.sending = self.queue.popleft()
         return self.sending
 
+    def held_haves(self) -> tuple[bytes, list[Action]]:
+        """
+        The HAVEs held for one frame (L{send_have}), taken to go in the same
+        write as a piece body's header: b"" when none.
+        """
+        if not self._haves or self.closed:
+            return b"", []
+        self._out.append(CancelTimer(HAVES))
+        self._last_tx = self._now()
+        return self._have_frames(), self._take()
+
     def upload_done(self, index: int, nbytes: int) -> list[Action]:
         """Piece C{index} went out whole."""
         if self.sending == index:

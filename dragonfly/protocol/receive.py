@@ -44,7 +44,7 @@ log = Logger()
 RCVLOWAT_MAX = 128 * 1024
 #: then: what the connection delivered in LOWAT_WINDOW seconds of its last piece body, within
 #: [RCVLOWAT_MIN, RCVLOWAT_CAP] (a tenth of the stall timeout: progress stays visible)
-LOWAT_WINDOW = 0.5
+LOWAT_WINDOW = float(os.environ.get("DRAGONFLY_LOWAT_WINDOW", "0.5"))
 RCVLOWAT_MIN = 16 * 1024
 RCVLOWAT_CAP = 1 << 20
 #: the most read straight into a piece per wake-up while a download limit applies
@@ -157,13 +157,14 @@ class Receiver:
             return twisted_read()
         window.release()
         limits = self._limits()
-        n, empty = self._read_body(PACED_READ if any(limits) else UNPACED_READ)
+        paced = any(limits)
+        n, empty = self._read_body(PACED_READ if paced else UNPACED_READ)
         if n == 0:
             # nothing there after all, or the end of the stream or an error: Twisted's read sees those
             return None if empty else twisted_read()
         remaining = conn.body_remaining
         self._set_lowat(remaining)
-        if limits:
+        if paced:
             self._pace(limits, n)
         if empty or remaining or self.read_paused or conn.closed:
             return None  # woken again when more is there (SO_RCVLOWAT)
@@ -182,10 +183,11 @@ class Receiver:
         self._run(conn.data_received(data))
         n = len(data)
         limits = self._limits()
+        paced = any(limits)  # no bucket (None each): nothing to reserve
         if self._sock is not None and not self.read_paused:
-            n += self.read_into_piece(PACED_READ if any(limits) else UNPACED_READ)
+            n += self.read_into_piece(PACED_READ if paced else UNPACED_READ)
         self._set_lowat(conn.body_remaining)
-        if limits:
+        if paced:
             self._pace(limits, n)
 
     def _limits(self) -> list[TokenBucket | None]:

@@ -53,6 +53,10 @@ __all__ = ["Uploader", "Body", "transport_idle", "wake_when_writable"]
 
 log = Logger()
 
+#: control frames go out with C{send} at once when Twisted's write buffer is empty (L{Uploader.write});
+#: DRAGONFLY_DIRECT_CONTROL=0 leaves them to Twisted's buffer (same-run comparisons, bench.swarm --ab-env)
+DIRECT_WRITES = os.environ.get("DRAGONFLY_DIRECT_CONTROL", "1") != "0"
+
 
 class Body:
     """A piece body going out with sendfile: C{sent} of C{length} bytes from C{fd} at C{offset}."""
@@ -119,11 +123,35 @@ class Uploader:
         return self._body is not None and self._body.header
 
     def write(self, data: bytes) -> None:
-        """Write control frames, after the body on the wire if there is one."""
+        """
+        Write control frames, after the body on the wire if there is one.
+
+        On a plain TCP socket whose Twisted write buffer is empty the frames
+        go out at once with C{send} (L{DIRECT_WRITES}): Twisted's own write
+        would register the socket for writability and send them in a later
+        turn of the reactor, two C{epoll_ctl} calls and a C{doWrite} per
+        frame.  What the socket does not take goes to Twisted's buffer, in
+        order.
+        """
         if self._body is not None and self._body.header:
             self._body.held.append(data)
-        elif self._transport is not None:
-            self._transport.write(data)
+            return
+        transport = self._transport
+        if transport is None:
+            return
+        sock = self._sock
+        if sock is not None and DIRECT_WRITES and getattr(transport, "connected", True) \
+                and not transport.disconnecting and transport_idle(transport):
+            try:
+                n = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                n = 0  # the connection is going: Twisted's write and read see it
+            if n == len(data):
+                return
+            data = data[n:]
+        transport.write(data)
 
     def drop(self) -> None:
         """Forget the piece in hand (the connection is closing)."""
@@ -177,7 +205,7 @@ class Uploader:
             if not self._allowed(len(data)):
                 return
             self._ready = None
-            self._transport.writeSequence([F.piece_header(index, len(data)), data])
+            self._transport.writeSequence([self._haves(), F.piece_header(index, len(data)), data])
             self.bytes_out += len(data)
             self._run(conn.upload_done(index, len(data)))
         if self._reading is None and self._ready is None and self._body is None:
@@ -195,6 +223,13 @@ class Uploader:
         self._reading = index
         d: Deferred[bytes] = self._conn.side.read_piece(index)
         d.addCallbacks(self._piece_read, self._read_failed, callbackArgs=(index,), errbackArgs=(index,))
+
+    def _haves(self) -> bytes:
+        """The HAVEs the connection holds, to ride in front of a piece header (one write, one wake-up there)."""
+        frames, actions = self._conn.held_haves()
+        if actions:
+            self._run(actions)
+        return frames
 
     def _allowed(self, nbytes: int) -> bool:
         """The upload limit lets C{nbytes} go now (reserved once, then held until due)."""
@@ -254,7 +289,7 @@ class Uploader:
             return
         if not body.header:
             body.header = True
-            header = F.piece_header(body.index, body.length)
+            header = self._haves() + F.piece_header(body.index, body.length)
             try:
                 n = sock.send(header, socket.MSG_MORE)
             except (BlockingIOError, InterruptedError):

@@ -122,10 +122,11 @@ class Wire:
 class Host:
     """A seed's connection after the handshake: BlockConnection + Uploader, the remote end a socket."""
 
-    def __init__(self, side, clock=None, limit=None, direct=True):
+    def __init__(self, side, clock=None, limit=None, direct=True, version=None):
         self.clock = clock or Clock()
         self.side = side
-        self.conn = BlockConnection(self, "seed", lambda tid: side, now=self.clock.seconds)
+        self.conn = BlockConnection(self, "seed", lambda tid: side, now=self.clock.seconds,
+                                    **({"version": version} if version is not None else {}))
         ours, self.remote = socket.socketpair()
         ours.setblocking(False)
         self.remote.setblocking(False)
@@ -137,7 +138,11 @@ class Host:
         self.decoder = F.FrameDecoder()
         self.events: list = []
         self.run(self.conn.connection_made())
-        self.run(self.conn.data_received(F.encode_hello(bytes.fromhex(TASK), "leech")))
+        if version is None:
+            self.run(self.conn.data_received(F.encode_hello(bytes.fromhex(TASK), "leech")))
+        else:
+            hello = F.encode_hello(bytes.fromhex(TASK), "leech", version)
+            self.run(self.conn.data_received(hello + F.encode_bitfield(Bitmap(side.count))))
         self.exchange()
         self.events.clear()
 
@@ -198,6 +203,20 @@ def test_zero_copy_sends_the_file_without_reading_it(seed):
     assert seed.reads == []  # every body came from the file
     assert seed.uploaded == [seed.piece] * 3 and host.up.bytes_out == 3 * seed.piece
     assert host.conn.sending is None and not host.closes
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_held_haves_ride_in_front_of_a_piece(seed, direct):
+    """A HAVE held for a HAVE_MANY frame goes out with the next piece's header, not on a timer of its own."""
+    seed.have_delay = 0.1
+    host = Host(seed, version=2, direct=direct)
+    host.run(host.conn.send_have(1))
+    assert host.exchange() == []  # held
+    host.request(2)
+    host.exchange()
+    assert host.events[:2] == [F.Have(1), F.PieceStart(2, seed.piece)]
+    assert host.pieces() == [(2, seed.expected(2))]
+    assert host.conn.held_haves() == (b"", [])
 
 
 def test_no_zero_copy_without_a_plain_socket(seed):
@@ -380,3 +399,20 @@ def test_any_cut_gives_the_same_bytes(piece, count, cut, order):
         finally:
             os.close(seed.send_fd)
             seed.close()
+
+
+def test_control_frames_go_out_at_once_on_an_idle_socket(seed):
+    """Twisted's write buffer is empty: a frame is sent straight away, nothing waits for a doWrite."""
+    host = Host(seed)
+    host.up.write(F.encode_have(1))
+    assert host.wire.dataBuffer == b""
+    assert host.decoder.feed(host.remote.recv(100)) == [F.Have(1)]
+
+
+def test_control_frames_queue_behind_what_twisted_holds(seed):
+    """Bytes already in Twisted's buffer go first: a frame written then is appended, in order."""
+    host = Host(seed)
+    host.wire.dataBuffer = F.encode_have(1)
+    host.up.write(F.encode_have(2))
+    assert host.wire.dataBuffer == F.encode_have(1) + F.encode_have(2)
+    assert host.exchange() == [F.Have(1), F.Have(2)]

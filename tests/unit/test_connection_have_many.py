@@ -143,6 +143,16 @@ def test_held_haves_go_with_the_next_frame():
     assert conn.timer_fired(HAVES) == []
 
 
+def test_held_haves_are_taken_for_a_piece_header():
+    """The uploader takes the held HAVEs to write them in front of a piece body: once, the timer cancelled."""
+    conn, _ = ready(BatchingSide())
+    assert conn.held_haves() == (b"", [])
+    conn.send_have(3)
+    frames, actions = conn.held_haves()
+    assert F.FrameDecoder().feed(frames) == [F.Have(3)] and actions == [CancelTimer(HAVES)]
+    assert conn.held_haves() == (b"", []) and conn.timer_fired(HAVES) == []
+
+
 def test_no_holding_without_a_delay_or_on_version_1():
     side = Side()
     conn, _ = ready(side)
