@@ -243,7 +243,6 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     else:
         api_endpoint = bind_early(iface, options["port"], reactor=reactor)
 
-    import treq
     from twisted.web.client import Agent, HTTPConnectionPool
 
     from ..core.fdlimit import fit_open_files_shared
@@ -254,6 +253,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from ..core.tapkit import QuietSite
     from ..core.threads import WorkerPool
     from ..core.tls import https_policy
+    from ..core.webclient import http_client
     from .api import SupernodeApi
     from .cdn import Cdn
     from .gc import SupernodeGc
@@ -272,7 +272,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor, PolicyEndpointFactory(reactor, policy, pool, tls_policy=options["https-policy"] or https_policy(None)),
         pool=HTTPConnectionPool(reactor),
     )
-    http = treq.client.HTTPClient(agent)
+    http = http_client(agent)
     scheduler = Scheduler(
         max_parents=options["max-parents"], seed_window=options["seed-window"],
         seed_slots=options["seed-slots"], peer_ttl=options["peer-ttl"],
