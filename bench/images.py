@@ -50,6 +50,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from dragonfly.core.units import parse_rate
 from dragonfly.testing.containerd import Containerd, have_containerd, write_hosts_toml
 from dragonfly.testing.registry import OCI_MANIFEST, Image, Registry, have_tools, make_image
 from dragonfly.testing.swarm import Swarm, get_json
@@ -236,6 +237,52 @@ def layer_bench(work: str, registry: Registry, image: Image, runs: int, profile:
     return out
 
 
+def small_bench(work: str, registry: Registry, hosts: int, sizes: list[int], runs: int) -> dict[str, Any]:
+    """
+    Blobs of each of C{sizes} GET by C{hosts} hosts at once, through their
+    dfdaemons with C{--direct-below 0} (every blob through the swarm) and
+    straight from the registry: where the swarm's fixed costs stop paying.
+    """
+    import concurrent.futures
+
+    image = make_image(os.path.join(work, "oci-small"), sizes, tag="v1", seed=43)
+    registry.push(image, "bench/small")
+    out: dict[str, Any] = {"hosts": hosts, "sizes": [len(image.blob(d)) for d in image.layers], "swarm": [],
+                           "registry": [], "load": []}
+    pool = concurrent.futures.ThreadPoolExecutor(hosts)
+
+    def at_once(urls: list[str], digest: str) -> list[float]:
+        path = f"/v2/bench/small/blobs/{digest}"
+        return list(pool.map(lambda u: timed_get(u, path, [], digest), urls))
+
+    try:
+        for run in range(runs):
+            wd = os.path.join(work, f"small-{run}")
+            try:
+                with Swarm(wd) as swarm:
+                    swarm.start_supernode()
+                    urls = []
+                    for h in range(hosts):
+                        peer = swarm.start_peer(f"host{h}")
+                        urls.append(swarm.start_dfdaemon(f"dfdaemon{h}", peer["home"], "--registry", registry.url,
+                                                         "--direct-below", "0"))
+                    swarm_times, reg_times = [], []
+                    for digest in image.layers:
+                        reg_times.append(max(at_once([registry.url] * hosts, digest)))
+                        swarm_times.append(max(at_once(urls, digest)))
+            finally:
+                shutil.rmtree(wd, ignore_errors=True)
+            out["swarm"].append(swarm_times)
+            out["registry"].append(reg_times)
+            out["load"].append(load())
+            print(f"small run {run}: slowest of {hosts} at once, registry / swarm: " + ", ".join(
+                f"{n / 1024:.0f} KiB {r:.3f}/{s:.3f} s" for n, r, s in zip(out["sizes"], reg_times, swarm_times))
+                + f"; load {out['load'][-1]}", flush=True)
+    finally:
+        pool.shutdown()
+    return out
+
+
 def check_pulled(ctr: Containerd, image: Image) -> None:
     """Every blob of the image in containerd's store, by digest."""
     for digest in image.layers + [image.config_digest]:
@@ -395,7 +442,9 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=10)
     ap.add_argument("--image-mib", default="16x3", help="layers of the containerd image: SIZExCOUNT")
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--parts", default="layer,containerd")
+    ap.add_argument("--parts", default="layer,containerd", help="of layer, containerd, small (blob sizes against "
+                    "--direct-below: --small-sizes blobs through the swarm and straight, --hosts at once)")
+    ap.add_argument("--small-sizes", default="16K,64K,256K,1M,4M")
     ap.add_argument("--profile", help="py-spy host 2's dfdaemon and dfpeer into this directory")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="a PNG of the results here")
@@ -415,6 +464,9 @@ def main() -> None:
             image = make_image(os.path.join(work, "oci-layer"), [args.layer_mib * MiB], tag="v1", seed=41)
             registry.push(image, "bench/layer")
             results["layer"] = layer_bench(work, registry, image, args.runs, args.profile)
+        if "small" in parts:
+            sizes = [int(parse_rate(v)) for v in args.small_sizes.split(",")]
+            results["small"] = small_bench(work, registry, args.hosts, sizes, args.runs)
         if "containerd" in parts:
             size, _, count = args.image_mib.partition("x")
             image = make_image(os.path.join(work, "oci-app"), [int(size) * MiB] * int(count or 1), tag="v1", seed=42)

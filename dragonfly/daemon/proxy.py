@@ -34,6 +34,10 @@ local dfpeer and everything else straight upstream.  Both paths stream:
     included) and the answer comes back as it is (a 401 with its
     WWW-Authenticate challenge too, so the client can authenticate).
 
+A blob shorter than C{--direct-below} (the length the registry's HEAD
+below gives) goes direct: the swarm's fixed costs (a registration, the
+CDN's fetch, a first sync) would take longer than its bytes.
+
 Before a blob is served from the swarm, the registry is asked (HEAD with
 the client's headers) whether this client may read it: the swarm holds each
 blob once for everybody, so the registry's auth must be checked per client.
@@ -150,6 +154,7 @@ class Counters:
         self.unlisted = 0
         self.ranges = 0
         self.ranges_direct = 0
+        self.small = 0
 
     def to_json(self) -> dict[str, int]:
         return dict(vars(self))
@@ -161,8 +166,9 @@ class Counters:
             counter(
                 "dragonfly_dfdaemon_blob_requests_total",
                 "Blob requests by how they were served: p2p (through the swarm), fallback (P2P failed before the "
-                "first byte, served direct), denied (the registry refused the client).",
-                {"p2p": self.p2p, "fallback": self.fallbacks, "denied": self.denied}, "path",
+                "first byte, served direct), denied (the registry refused the client), small (below "
+                "--direct-below, served direct).",
+                {"p2p": self.p2p, "fallback": self.fallbacks, "denied": self.denied, "small": self.small}, "path",
             ),
             counter(
                 "dragonfly_dfdaemon_response_bytes_total", "Body bytes sent to clients, by path.",
@@ -260,6 +266,9 @@ class DaemonCore:
         #: a Range request is followed by the whole blob in the background
         #: (else it is a download of its own of those bytes alone) (--no-prefetch)
         self.prefetch = True
+        #: blobs shorter than this many bytes (the registry's HEAD says) go
+        #: straight to the registry, not through the swarm; 0: none (--direct-below)
+        self.direct_below = 0
         #: digests this host's dfpeer was seen to hold whole: their ranges go
         #: to the swarm without asking the registry (--cold-range direct)
         self.held = RecentDigests()
@@ -322,11 +331,19 @@ class DaemonCore:
             and await self._cold_range(request, method, decision)
         ):
             return
-        if decision.p2p and self.check_access and not await self._allowed(request, decision.url):
-            # the registry says no (401 with its challenge, 403, 404): the
-            # client gets the registry's own answer, never the swarm's copy
-            await self._direct(request, method, decision.url)
-            return
+        if decision.p2p and (self.check_access or self.direct_below):
+            allowed, size = await self._allowed(request, decision.url)
+            if self.check_access and not allowed:
+                # the registry says no (401 with its challenge, 403, 404): the
+                # client gets the registry's own answer, never the swarm's copy
+                await self._direct(request, method, decision.url)
+                return
+            if allowed and size is not None and size < self.direct_below:
+                # (--direct-below) a small blob: the swarm's fixed costs would outweigh
+                # its bytes, so the registry sends it (checked against its digest)
+                self.counters.small += 1
+                await self._direct(request, method, decision.url, decision.digest)
+                return
         only = None
         if decision.p2p and isinstance(spec, ByteRange) and not self.prefetch:
             # --no-prefetch: the range alone, as a download of its own; its
@@ -351,20 +368,22 @@ class DaemonCore:
                 return
         await self._direct(request, method, decision.url, decision.digest if decision.p2p else None)
 
-    async def _allowed(self, request: Any, url: str) -> bool:
+    async def _allowed(self, request: Any, url: str) -> tuple[bool, int | None]:
         """
         Ask the registry (HEAD, no body) whether this client may read the
         blob: the swarm serves any blob it holds to whoever asks for its
         digest, so the registry's auth is checked here, per request.  An
         unreachable registry counts as a no (the direct path then says why).
+        With the answer comes the blob's length (None if the HEAD told none).
         """
         response = await self._head(request, url)
         if response is None:
-            return False
+            return False, None
         if response.code >= 400:
-            self.counters.denied += 1
-            return False
-        return True
+            if self.check_access:
+                self.counters.denied += 1
+            return False, None
+        return True, _head_length(response)
 
     async def _head(self, request: Any, url: str) -> Any:
         """
@@ -535,9 +554,7 @@ class DaemonCore:
         response = await self._head(request, url)
         if response is None or response.code != 200:
             return None
-        # (a HEAD's body is empty: its length is the header's)
-        values = response.headers.getRawHeaders(b"content-length") or []
-        return int(values[0]) if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 19 else None
+        return _head_length(response)
 
     async def _p2p(
         self, request: Any, decision: Decision, span: ByteRange | None = None, only: tuple[int, int, int] | None = None,
@@ -723,6 +740,14 @@ def _relay(request: Any, response: Any, count: Any, digest: str | None = None) -
     else:
         response.deliverBody(_Relay(request, count, done))
     return done
+
+
+def _head_length(response: Any) -> int | None:
+    """The Content-Length of a 200 answer to a HEAD (its body is empty: the length is the header's), or None."""
+    if response.code != 200:
+        return None
+    values = response.headers.getRawHeaders(b"content-length") or []
+    return int(values[0]) if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 19 else None
 
 
 def _set_length(request: Any, response: Any) -> None:

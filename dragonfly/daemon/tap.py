@@ -25,11 +25,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from ..core.config import ConfigFileOptions
 from ..core.defaults import DEFAULT_HOME
 from ..core.httpapi import HttpLimits, guard_site
+from ..core.ids import BadInput
 from ..core.metrics import collector, new_registry
 from ..core.service import ListeningService, default_reactor
 from ..core.tapkit import QuietSite
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
+from ..core.units import parse_rate
 from ..peer.client import parse_nodes
 from .ca import CaError, CertificateAuthority, LeafMinter
 from .front import FrontFactory
@@ -61,6 +63,9 @@ class Options(ConfigFileOptions):
          "A Range request on a blob this host does not hold yet: 'swarm' (206 from the swarm once the SuperNode "
          "has those pieces; verified per piece) or 'direct' (the registry's own 206 at once; the swarm prefetches "
          "the blob for later requests)."],
+        ["direct-below", None, "256K",
+         "Blobs shorter than this (the registry's HEAD gives their length) go straight to the registry, not "
+         "through the swarm: N, NK, NM (bytes, powers of 1024); 0 for none."],
         ["workers", None, 2, "Threads for minting certificates.", int],
         ["cluster-token-file", None, None, "For a dfpeer that dfdaemon starts: the file of the SuperNode's cluster token (default: none)."],
         ["supernode-ca", None, None, "For a dfpeer that dfdaemon starts: the CA of https:// SuperNodes (default: the system's)."],
@@ -127,6 +132,10 @@ class Options(ConfigFileOptions):
         self["registry"] = self["registries"][0] if self["registries"] else None
         if self["cold-range"] not in ("swarm", "direct"):
             raise usage.UsageError(f"--cold-range must be 'swarm' or 'direct', not {self['cold-range']!r}")
+        try:
+            self["direct-below-bytes"] = parse_rate(self["direct-below"])
+        except BadInput as e:
+            raise usage.UsageError(f"--direct-below: {e}") from None
         if not 0 <= self["port"] < 65536:
             raise usage.UsageError("--port must be 0..65535")
         try:
@@ -216,6 +225,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     core.check_access = not options["no-access-check"]
     core.cold_range_direct = options["cold-range"] == "direct"
     core.prefetch = not options["no-prefetch"]
+    core.direct_below = options["direct-below-bytes"]
 
     def status(request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")

@@ -428,6 +428,35 @@ def test_whole_file_digest_match() -> None:
     assert task.state is State.DONE and task.sha256 == want
 
 
+def test_the_supernodes_sha256_equal_to_the_digest_spares_the_whole_file_hash() -> None:
+    """Every piece matched the SuperNode's digests and its SHA-256 of those bytes is the digest asked for."""
+    want = hashlib.sha256(BODY).hexdigest()
+    host, task, _ = make({"url": URL, "digest": "sha256:" + want},
+                         replies=[sized(seed_pieces=[0, 1, 2, 3, 4], sha256=want)])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    for i in (3, 4, 1, 0, 2):
+        deliver(task, seed, i)
+    assert task.state is State.DONE and task.sha256 == want
+    assert host.store.files[TID] == BODY
+    assert host.store.hash_jobs == [] and host.store.whole_reads == 0
+
+
+def test_a_supernode_sha256_other_than_the_digest_still_fails_the_whole_file_check() -> None:
+    want = hashlib.sha256(BODY).hexdigest()
+    host, task, _ = make({"url": URL, "digest": "sha256:" + "0" * 64},
+                         replies=[sized(seed_pieces=[0, 1, 2, 3, 4], sha256=want)])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    for i in sorted(seed.requested):
+        deliver(task, seed, i)
+    assert task.state is State.FAILED
+    assert task.error is not None and task.error.code == "DIGEST_MISMATCH"
+    assert host.store.removed == [TID] and host.store.finished == []
+
+
 # -- faults ------------------------------------------------------------------------------------
 
 
