@@ -291,8 +291,13 @@ def check_pulled(ctr: Containerd, image: Image) -> None:
             raise RuntimeError(f"containerd {ctr.root}: {digest} missing or wrong")
 
 
-def pull_all(work: str, registry: Registry, image: Image, ref: str, hosts: int, through: bool) -> dict[str, Any]:
-    """C{hosts} containerds pulling C{ref} at once; with C{through}, each through its own dfpeer + dfdaemon."""
+def pull_all(
+    work: str, registry: Registry, image: Image, ref: str, hosts: int, through: bool, extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """
+    C{hosts} containerds pulling C{ref} at once; with C{through}, each
+    through its own dfpeer + dfdaemon (C{extra}: more dfdaemon options).
+    """
     tag = "dfdaemon" if through else "registry"
     ctrs: list[Containerd] = []
     swarm = Swarm(os.path.join(work, f"swarm-{tag}")) if through else None
@@ -309,7 +314,7 @@ def pull_all(work: str, registry: Registry, image: Image, ref: str, hosts: int, 
             hosts_dir = os.path.join(work, f"hosts-{tag}-{i}")
             if swarm is not None:
                 peer = swarm.start_peer(f"host{i}")
-                url = swarm.start_dfdaemon(f"dfdaemon{i}", peer["home"], "--registry", registry.url)
+                url = swarm.start_dfdaemon(f"dfdaemon{i}", peer["home"], "--registry", registry.url, *extra)
                 urls.append(url)
             else:
                 url = registry.url
@@ -358,14 +363,28 @@ def pull_all(work: str, registry: Registry, image: Image, ref: str, hosts: int, 
             ctr.stop()
 
 
-def containerd_bench(work: str, registry: Registry, image: Image, hosts: int, runs: int) -> dict[str, Any]:
+def containerd_bench(
+    work: str, registry: Registry, image: Image, hosts: int, runs: int, direct_below: list[str] | None = None,
+) -> dict[str, Any]:
+    """
+    With C{direct_below} (values of dfdaemon's --direct-below), each run
+    pulls through dfdaemon once per value, back to back (an A/B in one
+    run); C{dfdaemon} holds the first value's pulls, C{by_direct_below} all.
+    """
     ref = registry.push(image, "bench/app")
+    values = direct_below or [None]
     out: dict[str, Any] = {"hosts": hosts, "layers": [len(image.blob(d)) for d in image.layers], "registry": [],
-                           "dfdaemon": []}
+                           "dfdaemon": [], "by_direct_below": {str(v): [] for v in values}}
     for run in range(runs):
-        for mode in ("registry", "dfdaemon"):
-            r = pull_all(work, registry, image, ref, hosts, mode == "dfdaemon")
-            out[mode].append(r)
+        for mode, value in [("registry", None)] + [("dfdaemon", v) for v in values]:
+            extra = ("--direct-below", value) if value is not None else ()
+            r = pull_all(work, registry, image, ref, hosts, mode == "dfdaemon", extra)
+            if mode == "registry" or value == values[0]:
+                out[mode].append(r)
+            if mode == "dfdaemon":
+                out["by_direct_below"][str(value)].append(r)
+            if value is not None:
+                mode = f"dfdaemon --direct-below {value}"
             if r["tasks"]:
                 by_size: dict[int, list[float]] = {}
                 for host in r["tasks"]:
@@ -403,6 +422,22 @@ def table(results: dict[str, Any]) -> str:
         layers = "+".join(f"{n / MiB:.0f}" for n in c["layers"])
         rows.append(f"| {c['hosts']} containerd hosts, {layers} MiB image, slowest pull | {reg:.2f} s | {dfd:.2f} s | "
                     f"{dfd / reg:.2f} x | {copies:.2f} | {c['dfdaemon'][-1]['load']} |")
+        variants = c.get("by_direct_below", {})
+        for value, pulls in list(variants.items())[1:] if len(variants) > 1 else []:
+            dfd = statistics.median(max(r["times"]) for r in pulls)
+            copies = max(max(r["copies"].values()) for r in pulls)
+            rows.append(f"| same, dfdaemon --direct-below {value} | {reg:.2f} s | {dfd:.2f} s | {dfd / reg:.2f} x | "
+                        f"{copies:.2f} | {pulls[-1]['load']} |")
+        if len(variants) > 1:
+            rows[-len(variants)] = rows[-len(variants)].replace(
+                "slowest pull |", f"slowest pull, dfdaemon --direct-below {next(iter(variants))} |")
+    if "small" in results:
+        sm = results["small"]
+        for i, n in enumerate(sm["sizes"]):
+            reg = statistics.median(r[i] for r in sm["registry"])
+            swarm = statistics.median(r[i] for r in sm["swarm"])
+            rows.append(f"| {n / 1024:.0f} KiB blob, {sm['hosts']} hosts at once, slowest (--direct-below 0) | "
+                        f"{reg:.3f} s | {swarm:.3f} s | {swarm / reg:.1f} x | - | {sm['load'][-1]} |")
     return "\n".join(rows)
 
 
@@ -445,6 +480,8 @@ def main() -> None:
     ap.add_argument("--parts", default="layer,containerd", help="of layer, containerd, small (blob sizes against "
                     "--direct-below: --small-sizes blobs through the swarm and straight, --hosts at once)")
     ap.add_argument("--small-sizes", default="16K,64K,256K,1M,4M")
+    ap.add_argument("--direct-below", help="dfdaemon's --direct-below in the containerd part (default: its "
+                    "default); several, comma-separated: one pull through dfdaemon per value in each run (A/B)")
     ap.add_argument("--profile", help="py-spy host 2's dfdaemon and dfpeer into this directory")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="a PNG of the results here")
@@ -470,7 +507,8 @@ def main() -> None:
         if "containerd" in parts:
             size, _, count = args.image_mib.partition("x")
             image = make_image(os.path.join(work, "oci-app"), [int(size) * MiB] * int(count or 1), tag="v1", seed=42)
-            results["containerd"] = containerd_bench(work, registry, image, args.hosts, args.runs)
+            results["containerd"] = containerd_bench(
+                work, registry, image, args.hosts, args.runs, args.direct_below.split(",") if args.direct_below else None)
     finally:
         registry.stop()
         shutil.rmtree(work, ignore_errors=True)
