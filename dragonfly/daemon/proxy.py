@@ -27,7 +27,8 @@ local dfpeer and everything else straight upstream.  Both paths stream:
     and relay C{GET /api/v1/downloads/<id>/content}, which answers once the
     length is known and sends bytes in order as pieces are verified.  The
     client gets the registry's Content-Type, Content-Length and
-    Docker-Content-Digest.  The dfpeer holds the last bytes until the whole
+    Docker-Content-Digest (a whole blob to a plain-TCP client is spliced
+    from socket to socket, L{dragonfly.daemon.splice}).  The dfpeer holds the last bytes until the whole
     blob matches its digest; if it does not, both connections are cut short
     of Content-Length and the client retries.
   - Direct: the request goes upstream with its headers (Authorization
@@ -76,6 +77,7 @@ from ..core.ids import task_id
 from ..core.metrics import counter, render_metrics
 from ..core.ranges import MULTIPLE, BadRange, ByteRange, content_range, parse_range
 from .rules import Decision, Rule, decide
+from .splice import SpliceRelay, fetch_head, plain_client
 
 log = Logger()
 
@@ -155,6 +157,7 @@ class Counters:
         self.ranges = 0
         self.ranges_direct = 0
         self.small = 0
+        self.spliced = 0
 
     def to_json(self) -> dict[str, int]:
         return dict(vars(self))
@@ -269,6 +272,9 @@ class DaemonCore:
         #: blobs shorter than this many bytes (the registry's HEAD says) go
         #: straight to the registry, not through the swarm; 0: none (--direct-below)
         self.direct_below = 0
+        #: a whole blob's body from the dfpeer goes to a plain-TCP client with
+        #: splice(2), not through Python (--no-splice)
+        self.splice = True
         #: digests this host's dfpeer was seen to hold whole: their ranges go
         #: to the swarm without asking the registry (--cold-range direct)
         self.held = RecentDigests()
@@ -591,6 +597,9 @@ class DaemonCore:
         if response.code != 200:
             raise P2PUnavailable(f"dfpeer refused: {answer.get('error', {}).get('message', response.code)}")
         task_id = answer["taskId"]
+        if self.splice and span is None and only is None and plain_client(request) is not None:
+            if await self._p2p_spliced(request, decision, api, task_id):
+                return
         # a range: the dfpeer streams those bytes first, the whole blob follows (prefetch)
         want = {"Range": span.header()} if span is not None else None
         try:
@@ -635,6 +644,49 @@ class DaemonCore:
         if not complete:
             self.counters.p2p_cut += 1
             log.warn("p2p {url}: stream cut short; the client's connection was cut too", url=decision.url)
+
+    async def _p2p_spliced(self, request: Any, decision: Decision, api: str, task_id: str) -> bool:
+        """
+        The whole blob from the dfpeer's content stream, its body spliced
+        from socket to socket (L{dragonfly.daemon.splice}); False, with
+        nothing sent, when the dfpeer's answer is not a 200 with a length
+        (the treq path then asks again and says why).
+        """
+        try:
+            status, headers, conn = await fetch_head(
+                self.reactor, api, f"/api/v1/downloads/{task_id}/content"
+            ).addTimeout(P2P_START_TIMEOUT, self.reactor)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.info("p2p {url}: no spliced stream ({why}); relaying it", url=decision.url, why=str(e))
+            return False
+        length = headers.get(b"content-length", b"")
+        if status != 200 or not length.isdigit() or len(length) > 19 or b"transfer-encoding" in headers:
+            conn.transport.abortConnection()
+            return False
+        self.counters.p2p += 1
+        self.counters.spliced += 1
+        log.info("p2p {url} as task {task}", url=decision.url, task=task_id)
+        request.setResponseCode(200)
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"content-length", length)
+        if b"content-type" in headers:
+            request.setHeader(b"content-type", headers[b"content-type"])
+        if decision.digest:
+            request.setHeader(b"docker-content-digest", decision.digest.encode())
+            request.setHeader(b"etag", f'"{decision.digest}"'.encode())
+        request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
+        request.setHeader(b"x-dragonfly-task-id", task_id.encode())
+        out = plain_client(request)
+        assert out is not None
+        relay = SpliceRelay(self.reactor, request, out, conn, int(length))
+        complete = await relay.start()
+        self._count_p2p(relay.sent)
+        if not complete:
+            self.counters.p2p_cut += 1
+            log.warn("p2p {url}: stream cut short; the client's connection was cut too", url=decision.url)
+        return True
 
     async def _held(self, api: str, digest: str) -> bool:
         """Whether this host's dfpeer holds the whole blob (its task id is the digest's), asked locally."""

@@ -75,6 +75,7 @@ class Options(ConfigFileOptions):
         ["no-start-peer", None, "Do not start a dfpeer when none runs for --home (blobs then go direct)."],
         ["no-prefetch", None, "A Range request fetches only the bytes asked for, as a download of its own through "
          "the swarm, not the whole blob (default: the rest of the blob follows in the background)."],
+        ["no-splice", None, "Relay blob bodies from the dfpeer through Python instead of splice(2) from socket to socket."],
         ["no-access-check", None, "Serve blobs from the swarm without first asking the registry (HEAD) whether the client may read them: only for registries open to all."],
     ]
 
@@ -226,6 +227,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     core.cold_range_direct = options["cold-range"] == "direct"
     core.prefetch = not options["no-prefetch"]
     core.direct_below = options["direct-below-bytes"]
+    core.splice = not options["no-splice"]
 
     def status(request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")

@@ -1,10 +1,12 @@
-"""dfdaemon --direct-below: small blobs straight from the registry, the rest through the swarm (no sockets)."""
+"""dfdaemon --direct-below (small blobs straight from the registry, the rest through the swarm), and the spliced relay's head parser; no sockets."""
 
 from __future__ import annotations
 
 import hashlib
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import fail, succeed
 from twisted.internet.testing import StringTransport
 from twisted.python import usage
@@ -18,6 +20,7 @@ from dragonfly.daemon import tap
 from dragonfly.daemon.front import FrontFactory
 from dragonfly.daemon.proxy import DaemonCore, ProxyResource
 from dragonfly.daemon.rules import DEFAULT_RULES
+from dragonfly.daemon.splice import BadHead, parse_head
 
 REGISTRY = "http://registry.example"
 
@@ -163,3 +166,24 @@ def test_direct_below_default_and_bad_values():
     assert options["direct-below-bytes"] == 256 << 10
     with pytest.raises(usage.UsageError, match="--direct-below"):
         tap.Options().parseOptions(["--direct-below", "lots"])
+
+
+# -- the spliced relay's head parser (dragonfly.daemon.splice) ---------------------------------
+
+
+def test_parse_head():
+    status, headers = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\nContent-Type:  x/y ")
+    assert status == 200 and headers == {b"content-length": b"12", b"content-type": b"x/y"}
+    for bad in (b"", b"HTTP/1.1", b"HTTP/2 200 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 200 OK\r\nNoColon",
+                b"HTTP/1.1 200 OK\r\nA: 1\r\na: 2", b"HTTP/1.1 200 OK\r\n Folded: x"):
+        with pytest.raises(BadHead):
+            parse_head(bad)
+
+
+@given(st.binary(max_size=300))
+def test_parse_head_raises_only_badhead(data):
+    try:
+        status, headers = parse_head(data)
+    except BadHead:
+        return
+    assert 100 <= status <= 999 and all(k == k.lower() for k in headers)
