@@ -4,7 +4,8 @@ registry (issue 11, target 4), on loopback with the real components of the
 e2e tests: Debian's docker-registry, skopeo, containerd + ctr.
 
     python -m bench.images [--layer-mib 256] [--hosts 10] [--image-mib 16x3] [--runs 1]
-                           [--parts layer,containerd] [--profile DIR] [--json PATH]
+                           [--parts layer,containerd,small] [--direct-below 256K,0]
+                           [--small-sizes 16K,64K,256K,1M,4M] [--profile DIR] [--json PATH]
 
 layer:      one image of one layer of LAYER_MIB, pushed to the registry.
             Host 1 (its own dfpeer and dfdaemon, a SuperNode beside them)
@@ -23,7 +24,13 @@ containerd: HOSTS containerd instances (each its own root, state and
             its own host's dfdaemon and dfpeer (hosts.toml names dfdaemon as
             the mirror).  Every blob in every containerd's store is checked
             by digest; the registry's log says how many bytes of each layer
-            it sent (in copies of the layer).
+            it sent (in copies of the layer).  With --direct-below A,B,... the
+            pulls through dfdaemon run once per value of dfdaemon's
+            --direct-below, back to back in each run (an A/B).
+small:      (not in the default parts) blobs of --small-sizes, each GET by
+            HOSTS hosts at once through their dfdaemons with --direct-below 0
+            (every blob through the swarm) and straight from the registry:
+            where the swarm's fixed costs stop paying (--direct-below's default).
 
 With --profile DIR, py-spy (``record --nonblocking``) samples host 2's
 dfdaemon and dfpeer during its GET; DIR gets their flame graphs (SVG) and
