@@ -4,7 +4,8 @@ registry (issue 11, target 4), on loopback with the real components of the
 e2e tests: Debian's docker-registry, skopeo, containerd + ctr.
 
     python -m bench.images [--layer-mib 256] [--hosts 10] [--image-mib 16x3] [--runs 1]
-                           [--parts layer,containerd] [--profile DIR] [--json PATH]
+                           [--parts layer,containerd,small] [--direct-below 256K,0]
+                           [--small-sizes 16K,64K,256K,1M,4M] [--profile DIR] [--json PATH]
 
 layer:      one image of one layer of LAYER_MIB, pushed to the registry.
             Host 1 (its own dfpeer and dfdaemon, a SuperNode beside them)
@@ -23,7 +24,13 @@ containerd: HOSTS containerd instances (each its own root, state and
             its own host's dfdaemon and dfpeer (hosts.toml names dfdaemon as
             the mirror).  Every blob in every containerd's store is checked
             by digest; the registry's log says how many bytes of each layer
-            it sent (in copies of the layer).
+            it sent (in copies of the layer).  With --direct-below A,B,... the
+            pulls through dfdaemon run once per value of dfdaemon's
+            --direct-below, back to back in each run (an A/B).
+small:      (not in the default parts) blobs of --small-sizes, each GET by
+            HOSTS hosts at once through their dfdaemons with --direct-below 0
+            (every blob through the swarm) and straight from the registry:
+            where the swarm's fixed costs stop paying (--direct-below's default).
 
 With --profile DIR, py-spy (``record --nonblocking``) samples host 2's
 dfdaemon and dfpeer during its GET; DIR gets their flame graphs (SVG) and
@@ -50,6 +57,7 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from dragonfly.core.units import parse_rate
 from dragonfly.testing.containerd import Containerd, have_containerd, write_hosts_toml
 from dragonfly.testing.registry import OCI_MANIFEST, Image, Registry, have_tools, make_image
 from dragonfly.testing.swarm import Swarm, get_json
@@ -236,6 +244,52 @@ def layer_bench(work: str, registry: Registry, image: Image, runs: int, profile:
     return out
 
 
+def small_bench(work: str, registry: Registry, hosts: int, sizes: list[int], runs: int) -> dict[str, Any]:
+    """
+    Blobs of each of C{sizes} GET by C{hosts} hosts at once, through their
+    dfdaemons with C{--direct-below 0} (every blob through the swarm) and
+    straight from the registry: where the swarm's fixed costs stop paying.
+    """
+    import concurrent.futures
+
+    image = make_image(os.path.join(work, "oci-small"), sizes, tag="v1", seed=43)
+    registry.push(image, "bench/small")
+    out: dict[str, Any] = {"hosts": hosts, "sizes": [len(image.blob(d)) for d in image.layers], "swarm": [],
+                           "registry": [], "load": []}
+    pool = concurrent.futures.ThreadPoolExecutor(hosts)
+
+    def at_once(urls: list[str], digest: str) -> list[float]:
+        path = f"/v2/bench/small/blobs/{digest}"
+        return list(pool.map(lambda u: timed_get(u, path, [], digest), urls))
+
+    try:
+        for run in range(runs):
+            wd = os.path.join(work, f"small-{run}")
+            try:
+                with Swarm(wd) as swarm:
+                    swarm.start_supernode()
+                    urls = []
+                    for h in range(hosts):
+                        peer = swarm.start_peer(f"host{h}")
+                        urls.append(swarm.start_dfdaemon(f"dfdaemon{h}", peer["home"], "--registry", registry.url,
+                                                         "--direct-below", "0"))
+                    swarm_times, reg_times = [], []
+                    for digest in image.layers:
+                        reg_times.append(max(at_once([registry.url] * hosts, digest)))
+                        swarm_times.append(max(at_once(urls, digest)))
+            finally:
+                shutil.rmtree(wd, ignore_errors=True)
+            out["swarm"].append(swarm_times)
+            out["registry"].append(reg_times)
+            out["load"].append(load())
+            print(f"small run {run}: slowest of {hosts} at once, registry / swarm: " + ", ".join(
+                f"{n / 1024:.0f} KiB {r:.3f}/{s:.3f} s" for n, r, s in zip(out["sizes"], reg_times, swarm_times))
+                + f"; load {out['load'][-1]}", flush=True)
+    finally:
+        pool.shutdown()
+    return out
+
+
 def check_pulled(ctr: Containerd, image: Image) -> None:
     """Every blob of the image in containerd's store, by digest."""
     for digest in image.layers + [image.config_digest]:
@@ -244,8 +298,13 @@ def check_pulled(ctr: Containerd, image: Image) -> None:
             raise RuntimeError(f"containerd {ctr.root}: {digest} missing or wrong")
 
 
-def pull_all(work: str, registry: Registry, image: Image, ref: str, hosts: int, through: bool) -> dict[str, Any]:
-    """C{hosts} containerds pulling C{ref} at once; with C{through}, each through its own dfpeer + dfdaemon."""
+def pull_all(
+    work: str, registry: Registry, image: Image, ref: str, hosts: int, through: bool, extra: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """
+    C{hosts} containerds pulling C{ref} at once; with C{through}, each
+    through its own dfpeer + dfdaemon (C{extra}: more dfdaemon options).
+    """
     tag = "dfdaemon" if through else "registry"
     ctrs: list[Containerd] = []
     swarm = Swarm(os.path.join(work, f"swarm-{tag}")) if through else None
@@ -262,7 +321,7 @@ def pull_all(work: str, registry: Registry, image: Image, ref: str, hosts: int, 
             hosts_dir = os.path.join(work, f"hosts-{tag}-{i}")
             if swarm is not None:
                 peer = swarm.start_peer(f"host{i}")
-                url = swarm.start_dfdaemon(f"dfdaemon{i}", peer["home"], "--registry", registry.url)
+                url = swarm.start_dfdaemon(f"dfdaemon{i}", peer["home"], "--registry", registry.url, *extra)
                 urls.append(url)
             else:
                 url = registry.url
@@ -311,14 +370,28 @@ def pull_all(work: str, registry: Registry, image: Image, ref: str, hosts: int, 
             ctr.stop()
 
 
-def containerd_bench(work: str, registry: Registry, image: Image, hosts: int, runs: int) -> dict[str, Any]:
+def containerd_bench(
+    work: str, registry: Registry, image: Image, hosts: int, runs: int, direct_below: list[str] | None = None,
+) -> dict[str, Any]:
+    """
+    With C{direct_below} (values of dfdaemon's --direct-below), each run
+    pulls through dfdaemon once per value, back to back (an A/B in one
+    run); C{dfdaemon} holds the first value's pulls, C{by_direct_below} all.
+    """
     ref = registry.push(image, "bench/app")
+    values = direct_below or [None]
     out: dict[str, Any] = {"hosts": hosts, "layers": [len(image.blob(d)) for d in image.layers], "registry": [],
-                           "dfdaemon": []}
+                           "dfdaemon": [], "by_direct_below": {str(v): [] for v in values}}
     for run in range(runs):
-        for mode in ("registry", "dfdaemon"):
-            r = pull_all(work, registry, image, ref, hosts, mode == "dfdaemon")
-            out[mode].append(r)
+        for mode, value in [("registry", None)] + [("dfdaemon", v) for v in values]:
+            extra = ("--direct-below", value) if value is not None else ()
+            r = pull_all(work, registry, image, ref, hosts, mode == "dfdaemon", extra)
+            if mode == "registry" or value == values[0]:
+                out[mode].append(r)
+            if mode == "dfdaemon":
+                out["by_direct_below"][str(value)].append(r)
+            if value is not None:
+                mode = f"dfdaemon --direct-below {value}"
             if r["tasks"]:
                 by_size: dict[int, list[float]] = {}
                 for host in r["tasks"]:
@@ -356,6 +429,22 @@ def table(results: dict[str, Any]) -> str:
         layers = "+".join(f"{n / MiB:.0f}" for n in c["layers"])
         rows.append(f"| {c['hosts']} containerd hosts, {layers} MiB image, slowest pull | {reg:.2f} s | {dfd:.2f} s | "
                     f"{dfd / reg:.2f} x | {copies:.2f} | {c['dfdaemon'][-1]['load']} |")
+        variants = c.get("by_direct_below", {})
+        for value, pulls in list(variants.items())[1:] if len(variants) > 1 else []:
+            dfd = statistics.median(max(r["times"]) for r in pulls)
+            copies = max(max(r["copies"].values()) for r in pulls)
+            rows.append(f"| same, dfdaemon --direct-below {value} | {reg:.2f} s | {dfd:.2f} s | {dfd / reg:.2f} x | "
+                        f"{copies:.2f} | {pulls[-1]['load']} |")
+        if len(variants) > 1:
+            rows[-len(variants)] = rows[-len(variants)].replace(
+                "slowest pull |", f"slowest pull, dfdaemon --direct-below {next(iter(variants))} |")
+    if "small" in results:
+        sm = results["small"]
+        for i, n in enumerate(sm["sizes"]):
+            reg = statistics.median(r[i] for r in sm["registry"])
+            swarm = statistics.median(r[i] for r in sm["swarm"])
+            rows.append(f"| {n / 1024:.0f} KiB blob, {sm['hosts']} hosts at once, slowest (--direct-below 0) | "
+                        f"{reg:.3f} s | {swarm:.3f} s | {swarm / reg:.1f} x | - | {sm['load'][-1]} |")
     return "\n".join(rows)
 
 
@@ -395,7 +484,11 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=10)
     ap.add_argument("--image-mib", default="16x3", help="layers of the containerd image: SIZExCOUNT")
     ap.add_argument("--runs", type=int, default=1)
-    ap.add_argument("--parts", default="layer,containerd")
+    ap.add_argument("--parts", default="layer,containerd", help="of layer, containerd, small (blob sizes against "
+                    "--direct-below: --small-sizes blobs through the swarm and straight, --hosts at once)")
+    ap.add_argument("--small-sizes", default="16K,64K,256K,1M,4M")
+    ap.add_argument("--direct-below", help="dfdaemon's --direct-below in the containerd part (default: its "
+                    "default); several, comma-separated: one pull through dfdaemon per value in each run (A/B)")
     ap.add_argument("--profile", help="py-spy host 2's dfdaemon and dfpeer into this directory")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="a PNG of the results here")
@@ -415,10 +508,14 @@ def main() -> None:
             image = make_image(os.path.join(work, "oci-layer"), [args.layer_mib * MiB], tag="v1", seed=41)
             registry.push(image, "bench/layer")
             results["layer"] = layer_bench(work, registry, image, args.runs, args.profile)
+        if "small" in parts:
+            sizes = [int(parse_rate(v)) for v in args.small_sizes.split(",")]
+            results["small"] = small_bench(work, registry, args.hosts, sizes, args.runs)
         if "containerd" in parts:
             size, _, count = args.image_mib.partition("x")
             image = make_image(os.path.join(work, "oci-app"), [int(size) * MiB] * int(count or 1), tag="v1", seed=42)
-            results["containerd"] = containerd_bench(work, registry, image, args.hosts, args.runs)
+            results["containerd"] = containerd_bench(
+                work, registry, image, args.hosts, args.runs, args.direct_below.split(",") if args.direct_below else None)
     finally:
         registry.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -31,12 +31,17 @@ local dfpeer and everything else straight upstream.  Both paths stream:
     and relay C{GET /api/v1/downloads/<id>/content}, which answers once the
     length is known and sends bytes in order as pieces are verified.  The
     client gets the registry's Content-Type, Content-Length and
-    Docker-Content-Digest.  The dfpeer holds the last bytes until the whole
+    Docker-Content-Digest (a whole blob to a plain-TCP client is spliced
+    from socket to socket, L{dragonfly.daemon.splice}).  The dfpeer holds the last bytes until the whole
     blob matches its digest; if it does not, both connections are cut short
     of Content-Length and the client retries.
   - Direct: the request goes upstream with its headers (Authorization
     included) and the answer comes back as it is (a 401 with its
     WWW-Authenticate challenge too, so the client can authenticate).
+
+A blob shorter than C{--direct-below} (the length the registry's HEAD
+below gives) goes direct: the swarm's fixed costs (a registration, the
+CDN's fetch, a first sync) would take longer than its bytes.
 
 Before a blob is served from the swarm, the registry is asked (HEAD with
 the client's headers) whether this client may read it: the swarm holds each
@@ -76,6 +81,7 @@ from ..core.ids import task_id
 from ..core.metrics import counter, render_metrics
 from ..core.ranges import MULTIPLE, BadRange, ByteRange, content_range, parse_range
 from .rules import Decision, Rule, decide
+from .splice import SpliceRelay, fetch_head, plain_client
 
 log = Logger()
 
@@ -154,6 +160,8 @@ class Counters:
         self.unlisted = 0
         self.ranges = 0
         self.ranges_direct = 0
+        self.small = 0
+        self.spliced = 0
 
     def to_json(self) -> dict[str, int]:
         return dict(vars(self))
@@ -165,8 +173,9 @@ class Counters:
             counter(
                 "dragonfly_dfdaemon_blob_requests_total",
                 "Blob requests by how they were served: p2p (through the swarm), fallback (P2P failed before the "
-                "first byte, served direct), denied (the registry refused the client).",
-                {"p2p": self.p2p, "fallback": self.fallbacks, "denied": self.denied}, "path",
+                "first byte, served direct), denied (the registry refused the client), small (below "
+                "--direct-below, served direct).",
+                {"p2p": self.p2p, "fallback": self.fallbacks, "denied": self.denied, "small": self.small}, "path",
             ),
             counter(
                 "dragonfly_dfdaemon_response_bytes_total", "Body bytes sent to clients, by path.",
@@ -294,6 +303,12 @@ class DaemonCore:
         #: a Range request is followed by the whole blob in the background
         #: (else it is a download of its own of those bytes alone) (--no-prefetch)
         self.prefetch = True
+        #: blobs shorter than this many bytes (the registry's HEAD says) go
+        #: straight to the registry, not through the swarm; 0: none (--direct-below)
+        self.direct_below = 0
+        #: a whole blob's body from the dfpeer goes to a plain-TCP client with
+        #: splice(2), not through Python (--no-splice)
+        self.splice = True
         #: digests this host's dfpeer was seen to hold whole: their ranges go
         #: to the swarm without asking the registry (--cold-range direct)
         self.held = RecentDigests()
@@ -367,11 +382,19 @@ class DaemonCore:
             and await self._cold_range(request, method, decision)
         ):
             return
-        if decision.p2p and self.check_access and not await self._allowed(request, decision.url):
-            # the registry says no (401 with its challenge, 403, 404): the
-            # client gets the registry's own answer, never the swarm's copy
-            await self._direct(request, method, decision.url)
-            return
+        if decision.p2p and (self.check_access or self.direct_below):
+            allowed, size = await self._allowed(request, decision.url)
+            if self.check_access and not allowed:
+                # the registry says no (401 with its challenge, 403, 404): the
+                # client gets the registry's own answer, never the swarm's copy
+                await self._direct(request, method, decision.url)
+                return
+            if allowed and size is not None and size < self.direct_below:
+                # (--direct-below) a small blob: the swarm's fixed costs would outweigh
+                # its bytes, so the registry sends it (checked against its digest)
+                self.counters.small += 1
+                await self._direct(request, method, decision.url, decision.digest)
+                return
         only = None
         if decision.p2p and isinstance(spec, ByteRange) and not self.prefetch:
             # --no-prefetch: the range alone, as a download of its own; its
@@ -396,20 +419,22 @@ class DaemonCore:
                 return
         await self._direct(request, method, decision.url, decision.digest if decision.p2p else None)
 
-    async def _allowed(self, request: Any, url: str) -> bool:
+    async def _allowed(self, request: Any, url: str) -> tuple[bool, int | None]:
         """
         Ask the registry (HEAD, no body) whether this client may read the
         blob: the swarm serves any blob it holds to whoever asks for its
         digest, so the registry's auth is checked here, per request.  An
         unreachable registry counts as a no (the direct path then says why).
+        With the answer comes the blob's length (None if the HEAD told none).
         """
         response = await self._head(request, url)
         if response is None:
-            return False
+            return False, None
         if response.code >= 400:
-            self.counters.denied += 1
-            return False
-        return True
+            if self.check_access:
+                self.counters.denied += 1
+            return False, None
+        return True, _head_length(response)
 
     async def _head(self, request: Any, url: str) -> Any:
         """
@@ -616,9 +641,7 @@ class DaemonCore:
         response = await self._head(request, url)
         if response is None or response.code != 200:
             return None
-        # (a HEAD's body is empty: its length is the header's)
-        values = response.headers.getRawHeaders(b"content-length") or []
-        return int(values[0]) if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 19 else None
+        return _head_length(response)
 
     async def _p2p(
         self, request: Any, decision: Decision, span: ByteRange | None = None, only: tuple[int, int, int] | None = None,
@@ -655,6 +678,9 @@ class DaemonCore:
         if response.code != 200:
             raise P2PUnavailable(f"dfpeer refused: {answer.get('error', {}).get('message', response.code)}")
         task_id = answer["taskId"]
+        if self.splice and span is None and only is None and plain_client(request) is not None:
+            if await self._p2p_spliced(request, decision, api, task_id):
+                return
         # a range: the dfpeer streams those bytes first, the whole blob follows (prefetch)
         want = {"Range": span.header()} if span is not None else None
         try:
@@ -699,6 +725,49 @@ class DaemonCore:
         if not complete:
             self.counters.p2p_cut += 1
             log.warn("p2p {url}: stream cut short; the client's connection was cut too", url=decision.url)
+
+    async def _p2p_spliced(self, request: Any, decision: Decision, api: str, task_id: str) -> bool:
+        """
+        The whole blob from the dfpeer's content stream, its body spliced
+        from socket to socket (L{dragonfly.daemon.splice}); False, with
+        nothing sent, when the dfpeer's answer is not a 200 with a length
+        (the treq path then asks again and says why).
+        """
+        try:
+            status, headers, conn = await fetch_head(
+                self.reactor, api, f"/api/v1/downloads/{task_id}/content"
+            ).addTimeout(P2P_START_TIMEOUT, self.reactor)
+        except CancelledError:
+            raise
+        except Exception as e:
+            log.info("p2p {url}: no spliced stream ({why}); relaying it", url=decision.url, why=str(e))
+            return False
+        length = headers.get(b"content-length", b"")
+        if status != 200 or not length.isdigit() or len(length) > 19 or b"transfer-encoding" in headers:
+            conn.transport.abortConnection()
+            return False
+        self.counters.p2p += 1
+        self.counters.spliced += 1
+        log.info("p2p {url} as task {task}", url=decision.url, task=task_id)
+        request.setResponseCode(200)
+        request.setHeader(b"accept-ranges", b"bytes")
+        request.setHeader(b"content-length", length)
+        if b"content-type" in headers:
+            request.setHeader(b"content-type", headers[b"content-type"])
+        if decision.digest:
+            request.setHeader(b"docker-content-digest", decision.digest.encode())
+            request.setHeader(b"etag", f'"{decision.digest}"'.encode())
+        request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
+        request.setHeader(b"x-dragonfly-task-id", task_id.encode())
+        out = plain_client(request)
+        assert out is not None
+        relay = SpliceRelay(self.reactor, request, out, conn, int(length))
+        complete = await relay.start()
+        self._count_p2p(relay.sent)
+        if not complete:
+            self.counters.p2p_cut += 1
+            log.warn("p2p {url}: stream cut short; the client's connection was cut too", url=decision.url)
+        return True
 
     async def _held(self, api: str, digest: str) -> bool:
         """Whether this host's dfpeer holds the whole blob (its task id is the digest's), asked locally."""
@@ -804,6 +873,14 @@ def _relay(request: Any, response: Any, count: Any, digest: str | None = None) -
     else:
         response.deliverBody(_Relay(request, count, done))
     return done
+
+
+def _head_length(response: Any) -> int | None:
+    """The Content-Length of a 200 answer to a HEAD (its body is empty: the length is the header's), or None."""
+    if response.code != 200:
+        return None
+    values = response.headers.getRawHeaders(b"content-length") or []
+    return int(values[0]) if len(values) == 1 and values[0].isdigit() and len(values[0]) <= 19 else None
 
 
 def _set_length(request: Any, response: Any) -> None:

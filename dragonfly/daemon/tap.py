@@ -15,7 +15,6 @@ import os
 from typing import Any
 from urllib.parse import urlsplit
 
-import treq
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
@@ -25,11 +24,14 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from ..core.config import ConfigFileOptions
 from ..core.defaults import DEFAULT_HOME
 from ..core.httpapi import HttpLimits, guard_site
+from ..core.ids import BadInput
 from ..core.metrics import collector, new_registry
 from ..core.service import ListeningService, default_reactor
 from ..core.tapkit import QuietSite
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
+from ..core.units import parse_rate
+from ..core.webclient import http_client
 from ..peer.client import parse_nodes
 from .ca import CaError, CertificateAuthority, LeafMinter
 from .front import FrontFactory
@@ -62,6 +64,9 @@ class Options(ConfigFileOptions):
          "has those pieces; verified per piece), 'direct' (the registry's own 206 at once; the swarm prefetches "
          "the blob for later requests) or 'first' (the blob's first range on this host direct, later ones from "
          "the swarm)."],
+        ["direct-below", None, "256K",
+         "Blobs shorter than this (the registry's HEAD gives their length) go straight to the registry, not "
+         "through the swarm: N, NK, NM (bytes, powers of 1024); 0 for none."],
         ["workers", None, 2, "Threads for minting certificates.", int],
         ["cluster-token-file", None, None, "For a dfpeer that dfdaemon starts: the file of the SuperNode's cluster token (default: none)."],
         ["supernode-ca", None, None, "For a dfpeer that dfdaemon starts: the CA of https:// SuperNodes (default: the system's)."],
@@ -71,6 +76,7 @@ class Options(ConfigFileOptions):
         ["no-start-peer", None, "Do not start a dfpeer when none runs for --home (blobs then go direct)."],
         ["no-prefetch", None, "A Range request fetches only the bytes asked for, as a download of its own through "
          "the swarm, not the whole blob (default: the rest of the blob follows in the background)."],
+        ["no-splice", None, "Relay blob bodies from the dfpeer through Python instead of splice(2) from socket to socket."],
         ["no-access-check", None, "Serve blobs from the swarm without first asking the registry (HEAD) whether the client may read them: only for registries open to all."],
     ]
 
@@ -128,6 +134,10 @@ class Options(ConfigFileOptions):
         self["registry"] = self["registries"][0] if self["registries"] else None
         if self["cold-range"] not in ("swarm", "direct", "first"):
             raise usage.UsageError(f"--cold-range must be 'first', 'direct' or 'swarm', not {self['cold-range']!r}")
+        try:
+            self["direct-below-bytes"] = parse_rate(self["direct-below"])
+        except BadInput as e:
+            raise usage.UsageError(f"--direct-below: {e}") from None
         if not 0 <= self["port"] < 65536:
             raise usage.UsageError("--port must be 0..65535")
         try:
@@ -204,10 +214,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = MultiService()
     pool = WorkerPool(reactor, size=options["workers"], name="dfdaemon")
     pool.setServiceParent(top)
-    upstream = treq.client.HTTPClient(
-        Agent(reactor, contextFactory=options["https-policy"], pool=HTTPConnectionPool(reactor))
-    )
-    local = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    # no cookie jar: a Set-Cookie one client's registry answer carries never rides on another's request
+    upstream = http_client(Agent(reactor, contextFactory=options["https-policy"], pool=HTTPConnectionPool(reactor)))
+    local = http_client(Agent(reactor, pool=HTTPConnectionPool(reactor)))
     peer_args = []
     for name in ("cluster-token-file", "supernode-ca"):
         if options[name]:
@@ -218,6 +227,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     core.cold_range_direct = options["cold-range"] in ("direct", "first")
     core.cold_range_once = options["cold-range"] == "first"
     core.prefetch = not options["no-prefetch"]
+    core.direct_below = options["direct-below-bytes"]
+    core.splice = not options["no-splice"]
 
     def status(request: Any) -> bytes:
         request.setHeader(b"content-type", b"application/json")

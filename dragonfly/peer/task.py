@@ -216,7 +216,8 @@ class PeerTask:
 
     def apply(self, reply: SyncAnswer) -> None:
         task = reply.task
-        if self.state is State.SIZING and task.content_length is not None and task.piece_count is not None:
+        sizing = self.state is State.SIZING
+        if sizing and task.content_length is not None and task.piece_count is not None:
             assert task.piece_size is not None
             self._set_length(task.content_length, task.piece_size)
             self._log(
@@ -227,6 +228,10 @@ class PeerTask:
         self.pieces.learn(reply)
         if task.sha256:
             self.sha256 = task.sha256
+            if task.sha256 == wanted_sha256(self.request) and sizing:
+                # the file will be checked by its pieces (see L{_complete}): no running
+                # hash (switched off before any piece only: a hash under way goes on)
+                self.wholehash.enabled = False
         content_type = task.raw.get("contentType")
         if content_type and self.content_type is None:
             self.content_type = content_type
@@ -377,6 +382,13 @@ class PeerTask:
         """
         want = wanted_sha256(self.request)
         if want is None:
+            self._succeed()
+            return
+        if self.sha256 == want:
+            # the SuperNode's SHA-256 of the origin's bytes is the digest asked for, and
+            # every piece matched its SHA-256 of those bytes: the file is that content
+            # (hashing it again here put 0.3-0.9 s of a 256 MiB blob after its last piece)
+            self._log(LogLevel.info, "whole file matches its digest by its pieces (the SuperNode's SHA-256)")
             self._succeed()
             return
         self.lifecycle.move(State.VERIFYING)

@@ -47,3 +47,11 @@ def test_the_containerd_part(tmp_path):
     assert list(c["registry"][0]["copies"].values()) == [2.0, 2.0]
     assert list(c["dfdaemon"][0]["copies"].values()) == [1.0, 1.0]
     assert c["dfdaemon"][0]["fallbacks"] == 0
+
+
+def test_the_small_part(tmp_path):
+    results = run_bench(tmp_path, "--parts", "small", "--hosts", "2", "--small-sizes", "16K,1M")
+    small = results["small"]
+    assert small["hosts"] == 2 and len(small["sizes"]) == 2 and small["sizes"][0] < 64 << 10 < 1 << 20 < small["sizes"][1]
+    assert [len(r) for r in small["swarm"] + small["registry"]] == [2, 2]
+    assert all(t > 0 for r in small["swarm"] + small["registry"] for t in r)

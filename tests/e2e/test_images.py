@@ -34,6 +34,8 @@ pytestmark = pytest.mark.e2e
 
 MiB = 1 << 20
 LAYERS = [6 * MiB, 5 * MiB, 4 * MiB, 3000]
+#: every blob through the swarm, the 3 kB layer too (the default sends blobs below 256 KiB direct)
+ALL_P2P = ("--direct-below", "0")
 
 missing = have_tools() or have_containerd()
 if missing:
@@ -54,7 +56,7 @@ def hosts(swarm, n, workdir, *dfdaemon_args):
     out = []
     for i in range(n):
         peer = swarm.start_peer(f"host{i}")
-        url = swarm.start_dfdaemon(f"dfdaemon{i}", peer["home"], *dfdaemon_args)
+        url = swarm.start_dfdaemon(f"dfdaemon{i}", peer["home"], *ALL_P2P, *dfdaemon_args)
         out.append((peer, url, Containerd(os.path.join(workdir, f"containerd{i}")).start()))
     return out
 
@@ -172,7 +174,7 @@ def test_skopeo_through_the_https_proxy_with_interception(tmp_path, image):
             swarm.start_supernode("--origin-ca", registry.ca_cert)
             peer = swarm.start_peer("host0")
             url = swarm.start_dfdaemon(
-                "dfdaemon0", peer["home"], "--hijack", r"^127\.1$", "--ca-cert", str(ca_dir / "ca.crt"),
+                "dfdaemon0", peer["home"], *ALL_P2P, "--hijack", r"^127\.1$", "--ca-cert", str(ca_dir / "ca.crt"),
                 "--ca-key", str(tmp_path / "ca.key"), "--registry-ca", registry.ca_cert,
             )
             env = dict(os.environ, HTTPS_PROXY=url, HTTP_PROXY=url, NO_PROXY="")
@@ -312,6 +314,33 @@ def test_without_a_swarm_blobs_go_direct_and_say_so(tmp_path, image):
             assert counters["fallbacks"] == 1 and counters["p2p"] == 0, counters
             with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
                 assert 'dragonfly_dfdaemon_blob_requests_total{path="fallback"} 1.0' in r.read().decode()
+    finally:
+        registry.stop()
+
+
+def test_a_small_blob_goes_to_the_registry_and_a_big_one_through_the_swarm(tmp_path, image):
+    """The default --direct-below (256 KiB): the 3 kB layer straight from the registry, a 4 MiB one through the swarm."""
+    small, big = image.layers[3], image.layers[2]
+    registry = Registry(str(tmp_path / "registry")).start()
+    try:
+        registry.push(image, "team/app")
+        with Swarm(str(tmp_path / "swarm")) as swarm:
+            swarm.start_supernode()
+            urls = []
+            for i in range(2):
+                peer = swarm.start_peer(f"host{i}")
+                urls.append(swarm.start_dfdaemon(f"dfdaemon{i}", peer["home"], "--registry", registry.url))
+            for url in urls:
+                for digest in (small, big):
+                    body = _get(url, f"/v2/team/app/blobs/{digest}")
+                    assert "sha256:" + hashlib.sha256(body).hexdigest() == digest
+            # the small blob once per host from the registry, the big one once for both
+            assert registry.blob_gets() == {small: 2, big: 1}
+            for url in urls:
+                c = dfdaemon_status(url)
+                assert c["small"] == 1 and c["p2p"] == 1 and c["fallbacks"] == 0, c
+            with urllib.request.urlopen(urls[0] + "/metrics", timeout=10) as r:
+                assert 'dragonfly_dfdaemon_blob_requests_total{path="small"} 1.0' in r.read().decode()
     finally:
         registry.stop()
 

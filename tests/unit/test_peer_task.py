@@ -428,6 +428,63 @@ def test_whole_file_digest_match() -> None:
     assert task.state is State.DONE and task.sha256 == want
 
 
+def test_the_supernodes_sha256_equal_to_the_digest_spares_the_whole_file_hash() -> None:
+    """Every piece matched the SuperNode's digests and its SHA-256 of those bytes is the digest asked for."""
+    want = hashlib.sha256(BODY).hexdigest()
+    host, task, _ = make({"url": URL, "digest": "sha256:" + want},
+                         replies=[sized(seed_pieces=[0, 1, 2, 3, 4], sha256=want)])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    for i in (3, 4, 1, 0, 2):
+        deliver(task, seed, i)
+    assert task.state is State.DONE and task.sha256 == want
+    assert host.store.files[TID] == BODY
+    assert host.store.hash_jobs == [] and host.store.whole_reads == 0
+
+
+def test_the_supernodes_sha256_arriving_while_the_whole_file_is_hashed_lets_the_hash_finish() -> None:
+    want = hashlib.sha256(BODY).hexdigest()
+    host, task, session = make({"url": URL, "digest": "sha256:" + want}, replies=[sized(seed_pieces=[0, 1, 2, 3, 4])])
+    pending: list[defer.Deferred] = []
+    run = host.store.run
+
+    def slow_hash(task_id: str, f: Any, *args: Any) -> defer.Deferred:
+        if f is not update_hash:
+            return run(task_id, f, *args)
+        d: defer.Deferred = defer.Deferred()
+        pending.append(d)
+        return d.addCallback(lambda _: run(task_id, f, *args))
+
+    host.store.run = slow_hash  # type: ignore[method-assign]
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    for i in sorted(seed.requested):
+        deliver(task, seed, i)
+    assert task.state is State.VERIFYING and pending
+    # the CDN's fetch ends now: the next sync brings its SHA-256
+    session.default = {**sized(seed_pieces=[0, 1, 2, 3, 4], sha256=want), "parents": []}
+    host.clock.advance(5)
+    while pending:
+        pending.pop(0).callback(None)
+    assert task.state is State.DONE and task.sha256 == want
+
+
+def test_a_supernode_sha256_other_than_the_digest_still_fails_the_whole_file_check() -> None:
+    want = hashlib.sha256(BODY).hexdigest()
+    host, task, _ = make({"url": URL, "digest": "sha256:" + "0" * 64},
+                         replies=[sized(seed_pieces=[0, 1, 2, 3, 4], sha256=want)])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    for i in sorted(seed.requested):
+        deliver(task, seed, i)
+    assert task.state is State.FAILED
+    assert task.error is not None and task.error.code == "DIGEST_MISMATCH"
+    assert host.store.removed == [TID] and host.store.finished == []
+
+
 # -- faults ------------------------------------------------------------------------------------
 
 
