@@ -87,7 +87,8 @@ def run(args: argparse.Namespace, sn_pid: int, port: int, task: str) -> list[dic
     rows: list[dict[str, Any]] = []
 
     async def measure(name: str, concurrency: int) -> dict[str, Any]:
-        client = SupernodeClient(makers[name](), [node], reactor)
+        http = makers[name]()
+        client = SupernodeClient(http, [node], reactor)
         for _ in range(20):  # warm up: connections open, code paths hot
             await client._request(node, "POST", path, body)
         t0, s0, w0 = os.times(), cpu_seconds(sn_pid), time.monotonic()
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace, sn_pid: int, port: int, task: str) -> list[dic
             "client_cpu_us_per_call": round(client_cpu / args.calls * 1e6, 1),
             "supernode_cpu_us_per_call": round((s1 - s0) / args.calls * 1e6, 1),
             "calls_per_s": round(args.calls / (w1 - w0), 1), "load1": round(os.getloadavg()[0], 2),
+            "connections": getattr(http, "connections_made", None),
         }
 
     async def main(_: Any) -> None:

@@ -283,10 +283,11 @@ class LeanProtocol(Protocol):
         reuse = p.keep_alive and not p.rest
         if not reuse:
             self.transport.loseConnection()  # type: ignore[union-attr]
+        elif self.on_idle is not None:
+            # idle before the caller hears: a request it makes at once takes this connection
+            self.on_idle(self)
         assert d is not None
         d.callback(LeanResponse(p.code, p.headers, p.body))
-        if reuse and self.connected_ and self.on_idle is not None:
-            self.on_idle(self)
 
     def _fail(self, why: BaseException) -> None:
         d, self._waiting, self._parser = self._waiting, None, None

@@ -371,3 +371,38 @@ def test_supernode_client_unavailable_never_hangs(how: str) -> None:
         result(d)
     assert not c.alive("sn:8002")
     c.stop()
+
+
+def test_a_request_made_as_the_answer_arrives_reuses_the_connection() -> None:
+    c, ep, _ = make()
+    seen: list[int] = []
+
+    async def two() -> None:
+        for _ in range(2):
+            seen.append((await c.request("GET", "http://sn:1/x")).code)
+
+    done = Deferred.fromCoroutine(two())
+    ep.protocols[0].dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert len(ep.protocols) == 1  # the second request went out on the same connection
+    ep.protocols[0].dataReceived(b"HTTP/1.1 201 OK\r\nContent-Length: 0\r\n\r\n")
+    result(done)
+    assert seen == [200, 201] and c.connections_made == 1
+
+
+def test_https_goes_through_the_policy_given() -> None:
+    from twisted.internet.endpoints import _WrapperEndpoint
+
+    from dragonfly.core.leanhttp import _default_endpoint
+
+    asked: list[tuple[bytes, int]] = []
+
+    class Policy:
+        def creatorForNetloc(self, host: bytes, port: int) -> object:
+            asked.append((host, port))
+            return object()
+
+    endpoint = _default_endpoint(MemoryReactorClock(), Policy())
+    assert isinstance(endpoint(b"https", "localhost", 8443), _WrapperEndpoint)
+    assert asked == [(b"localhost", 8443)]
+    assert not isinstance(endpoint(b"http", "localhost", 8002), _WrapperEndpoint)
+    assert asked == [(b"localhost", 8443)]
