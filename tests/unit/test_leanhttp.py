@@ -406,3 +406,14 @@ def test_https_goes_through_the_policy_given() -> None:
     assert asked == [(b"localhost", 8443)]
     assert not isinstance(endpoint(b"http", "localhost", 8002), _WrapperEndpoint)
     assert asked == [(b"localhost", 8443)]
+
+
+def test_dfpeer_uses_the_lean_client_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    import treq
+
+    from dragonfly.peer.tap import supernode_http
+
+    monkeypatch.delenv("DRAGONFLY_LEAN_API", raising=False)
+    assert isinstance(supernode_http(MemoryReactorClock(), None), LeanClient)
+    monkeypatch.setenv("DRAGONFLY_LEAN_API", "0")
+    assert isinstance(supernode_http(MemoryReactorClock(), None), treq.client.HTTPClient)
