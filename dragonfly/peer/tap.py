@@ -28,6 +28,7 @@ from ..core.files import HomeLocked, lock_home
 from ..core.gc import DiskGc
 from ..core.httpapi import HttpLimits, guard_site
 from ..core.ids import BadInput
+from ..core.leanhttp import LeanClient
 from ..core.metrics import metrics_only_root
 from ..core.service import default_reactor
 from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
@@ -126,7 +127,9 @@ def supernode_http(reactor: Any, ca_certs: list[Any] | None) -> Any:
         policy = BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(ca_certs))
     else:
         policy = BrowserLikePolicyForHTTPS()
-    return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=HTTPConnectionPool(reactor)))
+    if os.environ.get("DRAGONFLY_LEAN_API", "1") == "0":  # the treq client, for A/B runs
+        return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=HTTPConnectionPool(reactor)))
+    return LeanClient(reactor, context_factory=policy)
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
