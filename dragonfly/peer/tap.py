@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import treq
 from OpenSSL.crypto import Error as OpenSSLError
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
@@ -128,7 +127,7 @@ def supernode_http(reactor: Any, ca_certs: list[Any] | None) -> Any:
     else:
         policy = BrowserLikePolicyForHTTPS()
     if os.environ.get("DRAGONFLY_LEAN_API", "1") == "0":  # the treq client, for A/B runs
-        return treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=HTTPConnectionPool(reactor)))
+        return http_client(Agent(reactor, contextFactory=policy, pool=HTTPConnectionPool(reactor)))
     return LeanClient(reactor, context_factory=policy)
 
 
