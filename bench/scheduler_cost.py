@@ -67,8 +67,9 @@ def build(mod: ModuleType, members: int, pieces: int, state: str, rng: random.Ra
         s.report(TASK, pid, 0.0, bitmap=Bitmap.from_bytes(pieces, bytes(held)))
     if state == "sent":
         # every piece has a copy out: make sure of it
+        holders = s.tasks[TASK].holders
         for i in range(pieces):
-            if s.tasks[TASK].holders[i] == 0:
+            if holders[i] == 0:
                 s.report(TASK, f"p{i % members}", 0.0, have=[i])
     for n in range(members):  # everyone has parents
         s.sync(TASK, f"p{n}", 0.5)

@@ -400,7 +400,8 @@ class Simulation:
         i = node.fetch_next
         if self.c.takeover == "missing" and node is not self.nodes[0]:
             # a node that took the task over: only what no peer it knows holds
-            while i < self.count and swarm.holders[i] > 0:
+            held = swarm.held()
+            while i < self.count and held >> (swarm.width - 1 - i) & 1:
                 i += 1
         node.fetch_next = i + 1
         if i < self.count and node.alive:
