@@ -166,6 +166,11 @@ class TaskSwarm:
         shift = self.width - 1 - index
         return sum(((plane >> shift) & 1) << k for k, plane in enumerate(self.planes))
 
+    def has_holder(self, index: int) -> bool:
+        """Some member holds piece C{index}."""
+        shift = self.width - 1 - index
+        return any((plane >> shift) & 1 for plane in self.planes)
+
     def held(self) -> int:
         """The pieces some member holds, as a bit set."""
         out = 0
@@ -450,7 +455,7 @@ class Scheduler:
 
     def _recheck(self, swarm: TaskSwarm, index: int) -> None:
         """Piece C{index}'s copies changed: keep C{fresh} in step."""
-        if swarm.seed_sends[index] == 0 and swarm.holder_count(index) == 0:
+        if swarm.seed_sends[index] == 0 and not swarm.has_holder(index):
             swarm.fresh |= swarm.bit(index)
         else:
             swarm.fresh &= ~swarm.bit(index)
