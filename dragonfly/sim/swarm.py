@@ -146,6 +146,8 @@ class Config:
     #: a peer's in-flight limit is at least what its downlink carries in this
     #: many seconds (L{in_flight_limit}; 0: C{in_flight_bytes} for every peer, the dfpeer's)
     in_flight_time: float = 0.0
+    #: the scheduler's C{fill_degree} (a peer few chose as a parent gets more parents)
+    fill_degree: bool = False
 
 
 @define(eq=False)
@@ -316,7 +318,7 @@ class Simulation:
         ring = rank([Node(f"sn{k}:8002") for k in range(config.supernodes)], TASK)
         self.nodes: list[SimNode] = []
         for k, ref in enumerate(ring):
-            scheduler = Scheduler(rng=random.Random(config.seed + 1 + k))
+            scheduler = Scheduler(rng=random.Random(config.seed + 1 + k), fill_degree=config.fill_degree)
             scheduler.task(TASK)
             scheduler.set_piece_count(TASK, self.count)
             host = Host(f"seed-{ref.address}", up=config.seed_mbit * MBIT, down=math.inf,

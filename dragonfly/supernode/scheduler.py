@@ -277,6 +277,11 @@ class Scheduler:
     @ivar parent_sample: members looked at when a peer's parents are topped
         up: all of them in a swarm this small, else a random sample of this
         many (a sync must not cost more in a larger swarm).
+    @ivar fill_degree: a peer that fewer than C{max_parents} peers chose as
+        a parent is given that many more parents, so that its neighbours
+        (parents and children) number about 2 x C{max_parents} like the
+        others' (the last peers of a flash crowd are chosen by almost
+        nobody: parents are kept).  Off by default (tried in the simulator).
     """
 
     max_parents: int = 8
@@ -289,6 +294,7 @@ class Scheduler:
     peer_ttl: float = 60.0
     dead_after: int = 2
     parent_sample: int = 32
+    fill_degree: bool = False
     rng: random.Random = field(factory=random.Random)
     peers: dict[str, PeerInfo] = field(factory=dict)
     tasks: dict[str, TaskSwarm] = field(factory=dict)
@@ -632,11 +638,15 @@ class Scheduler:
 
     def _choose_parents(self, swarm: TaskSwarm, member: Member, now: float) -> list[str]:
         me = member.peer_id
+        want = self.max_parents
+        if self.fill_degree:
+            kids = swarm.children.get(me)
+            want += max(0, self.max_parents - (len(kids) if kids else 0))
         for p in member.parents:
             if p not in swarm.members or p not in self.peers or p in member.blocked:
                 break
         else:
-            if len(member.parents) >= self.max_parents:
+            if len(member.parents) >= want:
                 return list(member.parents)
         keep = [
             p for p in member.parents
@@ -645,7 +655,7 @@ class Scheduler:
         for p in member.parents:
             if p not in keep:
                 self._unparent(swarm, member, p)
-        need = self.max_parents - len(keep)
+        need = want - len(keep)
         if need > 0:
             pool: list[str] = swarm.order
             if len(pool) > self.parent_sample:
