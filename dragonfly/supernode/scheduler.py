@@ -281,7 +281,9 @@ class Scheduler:
         a parent is given that many more parents, so that its neighbours
         (parents and children) number about 2 x C{max_parents} like the
         others' (the last peers of a flash crowd are chosen by almost
-        nobody: parents are kept).  Off by default (tried in the simulator).
+        nobody: parents are kept); those extra parents are the sampled
+        members with the fewest children.  Off by default (tried in the
+        simulator).
     """
 
     max_parents: int = 8
@@ -674,7 +676,15 @@ class Scheduler:
                 return (-pieces, len(kids) if kids else 0, self.rng.random())
 
             candidates.sort(key=score)
-            for p in candidates[:need]:
+            # the extra parents of fill_degree: the least chosen first, so
+            # they do not all land on the peers with the most pieces
+            usual = max(0, self.max_parents - len(keep))
+            chosen = candidates[:usual]
+            if need > usual:
+                rest = candidates[usual:]
+                rest.sort(key=lambda p: (len(children.get(p) or ()), self.rng.random()))
+                chosen += rest[: need - usual]
+            for p in chosen:
                 keep.append(p)
                 children.setdefault(p, set()).add(me)
         member.parents = keep
