@@ -282,8 +282,8 @@ class Scheduler:
         (parents and children) number about 2 x C{max_parents} like the
         others' (the last peers of a flash crowd are chosen by almost
         nobody: parents are kept); those extra parents are the sampled
-        members with the fewest children.  Off by default (tried in the
-        simulator).
+        members with the fewest children, once it has been a member for
+        C{fill_after} seconds.  Off by default (tried in the simulator).
     """
 
     max_parents: int = 8
@@ -297,6 +297,7 @@ class Scheduler:
     dead_after: int = 2
     parent_sample: int = 32
     fill_degree: bool = False
+    fill_after: float = 1.0
     rng: random.Random = field(factory=random.Random)
     peers: dict[str, PeerInfo] = field(factory=dict)
     tasks: dict[str, TaskSwarm] = field(factory=dict)
@@ -641,7 +642,8 @@ class Scheduler:
     def _choose_parents(self, swarm: TaskSwarm, member: Member, now: float) -> list[str]:
         me = member.peer_id
         want = self.max_parents
-        if self.fill_degree:
+        if self.fill_degree and now - member.joined >= self.fill_after:
+            # (not at its first syncs: then every peer is chosen by nobody yet)
             kids = swarm.children.get(me)
             want += max(0, self.max_parents - (len(kids) if kids else 0))
         for p in member.parents:
