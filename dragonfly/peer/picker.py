@@ -111,6 +111,28 @@ RATE_DECAY = 0.7
 #: the in-flight limit may grow to this many times C{limit} by the bandwidth-delay
 #: rule (the neighbours' rates x C{TARGET_LATENCY}); 1: C{limit} holds (the dfpeer's --in-flight)
 MAX_GROW = 1.0
+#: the least pieces in flight, whatever the in-flight bytes (the dfpeer's)
+MIN_IN_FLIGHT = 4
+
+
+def in_flight_limit(
+    in_flight_bytes: int, piece_bytes: int, link_rate: float | None = None, link_time: float = 0.0,
+    least: int = MIN_IN_FLIGHT,
+) -> int:
+    """
+    The C{limit} to pass to L{Picker.fill}: C{in_flight_bytes} in pieces (at
+    least C{least}), or, when the host's downlink rate is known
+    (C{link_rate}, bytes/s) and C{link_time} > 0, what that link carries in
+    C{link_time} seconds when that is more.  A peer of a fast link then has
+    more requests out: each request gets a share of its uploader's uplink
+    (shared with that uploader's other requesters), so a fixed count caps
+    every peer at about the same rate whatever its link; on a link no faster
+    than the in-flight bytes per C{link_time} the limit is unchanged.
+    """
+    pieces = max(least, in_flight_bytes // max(1, piece_bytes))
+    if link_rate is not None and link_time > 0 and piece_bytes > 0:
+        pieces = max(pieces, int(link_rate * link_time / piece_bytes))
+    return pieces
 
 
 class Picker(Generic[K]):

@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed-mbit", type=float, default=2000.0, help="the SuperNode's uplink, Mbit/s")
     p.add_argument("--origin-mbit", type=float, default=2000.0, help="the CDN's fetch from the origin, Mbit/s")
     p.add_argument("--in-flight", default="6M", help="pieces in flight per peer, in bytes (the dfpeer's --in-flight; at least 4 pieces)")
+    p.add_argument("--in-flight-time", type=float, default=0.0, metavar="T",
+                   help="a peer's in-flight limit is at least what its downlink carries in T seconds (default 0: --in-flight for all)")
+    p.add_argument("--fill-degree", action="store_true",
+                   help="the scheduler gives a peer few chose as a parent more parents (Scheduler.fill_degree)")
     p.add_argument("--spread", type=float, default=0.0, help="peers arrive uniformly within this many seconds")
     p.add_argument("--dt", type=float, default=0.005, help="the shortest network step, seconds (flows started within a step catch up on the next)")
     p.add_argument("--classic-picker", action="store_true", help="the picker without its rate rules (for comparison)")
@@ -53,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     if a.max_grow < 1:
         p.error("--max-grow must be at least 1")
+    if a.in_flight_time < 0:
+        p.error("--in-flight-time must be at least 0")
     if a.target_pieces < 1:
         p.error("--target-pieces must be at least 1")
     if a.peers < 1:
@@ -65,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                     origin_mbit=a.origin_mbit, in_flight_bytes=in_flight, arrival_spread=a.spread, dt=a.dt, seed=a.seed,
                     classic=a.classic_picker, supernodes=a.supernodes, kill_at=a.kill_supernode,
                     takeover=a.takeover, fill_on_have=a.fill_on_have, target_pieces=a.target_pieces,
-                    max_grow=a.max_grow)
+                    max_grow=a.max_grow, in_flight_time=a.in_flight_time,
+                    fill_degree=a.fill_degree)
     progress = (lambda line: print(line, file=sys.stderr, flush=True)) if a.progress else None
     run = Simulation(config, progress).run()
     result = run.summary()

@@ -48,7 +48,7 @@ from ..core.bitmap import Bitmap
 from ..core.pieces import TARGET_PIECES, swarm_piece_size
 from ..core.rendezvous import Node, rank
 from ..peer.neighbours import HAVE_DELAY, HaveHold
-from ..peer.picker import Picker
+from ..peer.picker import Picker, in_flight_limit
 from ..peer.syncer import Syncer
 from ..supernode.scheduler import PeerInfo, Scheduler
 from .network import Flow, FluidNetwork, Host
@@ -143,6 +143,11 @@ class Config:
     #: the picker's in-flight limit may grow to this many times C{limit} by the
     #: neighbours' measured rates (L{Picker} C{max_grow}; 1: the limit holds, the dfpeer's)
     max_grow: float = 1.0
+    #: a peer's in-flight limit is at least what its downlink carries in this
+    #: many seconds (L{in_flight_limit}; 0: C{in_flight_bytes} for every peer, the dfpeer's)
+    in_flight_time: float = 0.0
+    #: the scheduler's C{fill_degree} (a peer few chose as a parent gets more parents)
+    fill_degree: bool = False
 
 
 @define(eq=False)
@@ -152,6 +157,8 @@ class SimPeer:
     host: Host
     picker: Picker[int]
     start: float
+    #: its in-flight limit in pieces (L{in_flight_limit})
+    limit: int = 4
     done_at: float | None = None
     reported: list[int] = field(factory=list)
     neighbours: set[int] = field(factory=set)
@@ -311,7 +318,7 @@ class Simulation:
         ring = rank([Node(f"sn{k}:8002") for k in range(config.supernodes)], TASK)
         self.nodes: list[SimNode] = []
         for k, ref in enumerate(ring):
-            scheduler = Scheduler(rng=random.Random(config.seed + 1 + k))
+            scheduler = Scheduler(rng=random.Random(config.seed + 1 + k), fill_degree=config.fill_degree)
             scheduler.task(TASK)
             scheduler.set_piece_count(TASK, self.count)
             host = Host(f"seed-{ref.address}", up=config.seed_mbit * MBIT, down=math.inf,
@@ -339,7 +346,10 @@ class Simulation:
             for i in range(self.count):
                 picker.digest_known(i)
             start = self.rng.uniform(0, config.arrival_spread) if config.arrival_spread else 0.0
-            peer = SimPeer(n, f"sim-{n}", host, picker, start, hold=HaveHold(self.c.have_delay), got=bytearray(self.count))
+            limit = in_flight_limit(config.in_flight_bytes, self.piece_size, host.down, config.in_flight_time,
+                                    config.min_in_flight)
+            peer = SimPeer(n, f"sim-{n}", host, picker, start, limit=limit, hold=HaveHold(self.c.have_delay),
+                           got=bytearray(self.count))
             self.peers.append(peer)
             self.at(start, self._arrive, peer)
         if config.kill_at is not None:
@@ -400,7 +410,8 @@ class Simulation:
         i = node.fetch_next
         if self.c.takeover == "missing" and node is not self.nodes[0]:
             # a node that took the task over: only what no peer it knows holds
-            while i < self.count and swarm.holders[i] > 0:
+            held = swarm.held()
+            while i < self.count and held >> (swarm.width - 1 - i) & 1:
                 i += 1
         node.fetch_next = i + 1
         if i < self.count and node.alive:
@@ -595,11 +606,11 @@ class Simulation:
             return
         picker = peer.picker
         # nothing the picker could add (its own checks, made cheap): rescues may go to twice the limit
-        full = self.limit if self.c.classic else int(2 * self.limit * max(1.0, picker.max_grow))
+        full = peer.limit if self.c.classic else int(2 * peer.limit * max(1.0, picker.max_grow))
         if picker.in_flight >= full and (peer.seed_key is None or len(picker.outstanding(peer.seed_key)) >= len(picker.seed_allowed)):
             return
         piece_bytes = None if self.c.classic else self.piece_size
-        for key, index in peer.picker.fill(self.now, self.c.per_conn, self.limit, piece_bytes=piece_bytes):
+        for key, index in peer.picker.fill(self.now, self.c.per_conn, peer.limit, piece_bytes=piece_bytes):
             self._ask(peer, key, index)
         if peer.rest and peer.sync_pending and picker.starving():
             self._plan_sync(peer, self.now)  # the dfpeer's Syncer.need: starving cuts the longer wait short
@@ -680,7 +691,7 @@ class Simulation:
         other = self.peers[n]
         if other.done_at is not None:
             return
-        per_conn, limit, now = self.c.per_conn, self.limit, self.now
+        per_conn, limit, now = self.c.per_conn, other.limit, self.now
         for index in indexes:
             if other.got[index]:
                 continue

@@ -78,7 +78,6 @@ class Member:
     """One peer's part in one task."""
 
     peer_id: str
-    have: Bitmap | None = None
     parents: list[str] = field(factory=list)
     seed: dict[int, Assignment] = field(factory=dict)
     last_sync: float = 0.0
@@ -88,11 +87,29 @@ class Member:
     failures: dict[str, int] = field(factory=dict)
     # parent id -> blocked until
     blocked: dict[str, float] = field(factory=dict)
-    # C{have} as a bit set (see the module docstring), kept in step with it
+    # the pieces it holds as a bit set (see the module docstring)
     have_bits: int = 0
     # pieces reported while the task's length was unknown (a SuperNode
     # restarted before its CDN knew the length again): taken once it is
     early: set[int] = field(factory=set)
+    # the task's pieces (None while its length is unknown: no bitmap yet)
+    count: int | None = None
+    # the last L{have} made, and the bit set it was made from
+    _view: Bitmap | None = field(default=None, init=False, repr=False, eq=False)
+    _view_of: int = field(default=-1, init=False, repr=False, eq=False)
+
+    @property
+    def have(self) -> Bitmap | None:
+        """
+        The pieces it holds as a L{Bitmap} (None while the length is not
+        known), made from C{have_bits} when read: a view, not to be changed.
+        """
+        if self.count is None:
+            return None
+        if self._view is None or self._view_of is not self.have_bits:
+            self._view = Bitmap.from_bytes(self.count, self.have_bits.to_bytes((self.count + 7) >> 3, "big"))
+            self._view_of = self.have_bits
+        return self._view
 
 
 @define
@@ -106,8 +123,11 @@ class TaskSwarm:
     members: dict[str, Member] = field(factory=dict)
     # copies of each piece the seed has handed out so far
     seed_sends: list[int] = field(factory=list)
-    # holders per piece, kept in step with the members' bitmaps
-    holders: list[int] = field(factory=list)
+    # holders per piece, kept in step with the members' bit sets, as bit
+    # slices: bit i of planes[k] is bit k of piece i's count of holders, so a
+    # member's report adds its new pieces' bit set in a few big-int
+    # operations (a ripple carry) whatever the number of pieces
+    planes: list[int] = field(factory=list)
     # seed allowances outstanding over all members
     seed_out: int = 0
     # when a peer last registered, reported or synced for this task
@@ -127,6 +147,81 @@ class TaskSwarm:
     # (expires, n, peer id, assignment) for every allowance handed out; an
     # entry whose allowance was reported or withdrawn since is skipped
     expiries: list[tuple[float, int, str, Assignment]] = field(factory=list)
+    # C{seed_has} as a bit set, and the bitmap and its length it was made from
+    seed_bits: int = 0
+    _seed_of: Bitmap | None = field(default=None, repr=False, eq=False)
+    _seed_len: int = field(default=-1, repr=False, eq=False)
+
+    @property
+    def holders(self) -> list[int]:
+        """Holders per piece (a recount from C{planes}: for views and tests)."""
+        out = [0] * (self.piece_count or 0)
+        for k, plane in enumerate(self.planes):
+            for i in self.indices(plane):
+                out[i] += 1 << k
+        return out
+
+    def holder_count(self, index: int) -> int:
+        """The members holding piece C{index}."""
+        shift = self.width - 1 - index
+        return sum(((plane >> shift) & 1) << k for k, plane in enumerate(self.planes))
+
+    def has_holder(self, index: int) -> bool:
+        """Some member holds piece C{index}."""
+        shift = self.width - 1 - index
+        return any((plane >> shift) & 1 for plane in self.planes)
+
+    def held(self) -> int:
+        """The pieces some member holds, as a bit set."""
+        out = 0
+        for plane in self.planes:
+            out |= plane
+        return out
+
+    def add_holders(self, bits: int) -> None:
+        """One more holder of each piece of C{bits}."""
+        planes = self.planes
+        k = 0
+        while bits:
+            if k == len(planes):
+                planes.append(bits)
+                return
+            plane = planes[k]
+            planes[k] = plane ^ bits
+            bits &= plane  # the carry
+            k += 1
+
+    def drop_holders(self, bits: int) -> None:
+        """One holder fewer of each piece of C{bits} (each has one at least)."""
+        planes = self.planes
+        k = 0
+        while bits:
+            plane = planes[k]
+            planes[k] = plane ^ bits
+            bits &= ~plane  # the borrow
+            k += 1
+        while planes and not planes[-1]:
+            planes.pop()
+
+    def seed_bit_set(self) -> int:
+        """C{seed_has} as a bit set (0 without it); the seed only gains pieces (or a new bitmap)."""
+        seed_has = self.seed_has
+        if seed_has is None:
+            return 0
+        if self._seed_of is not seed_has or self._seed_len != len(seed_has):
+            self.seed_bits = self.bits_of(seed_has)
+            self._seed_of = seed_has
+            self._seed_len = len(seed_has)
+        return self.seed_bits
+
+    def bits_from(self, indices: Iterable[int]) -> int:
+        """The pieces C{indices} as a bit set (those out of range left out)."""
+        count = self.piece_count or 0
+        buf = bytearray(self.width >> 3)
+        for i in indices:
+            if 0 <= i < count:
+                buf[i >> 3] |= 0x80 >> (i & 7)
+        return int.from_bytes(buf, "big")
 
     def bit(self, index: int) -> int:
         """The bit of piece C{index} in this swarm's bit sets."""
@@ -182,6 +277,13 @@ class Scheduler:
     @ivar parent_sample: members looked at when a peer's parents are topped
         up: all of them in a swarm this small, else a random sample of this
         many (a sync must not cost more in a larger swarm).
+    @ivar fill_degree: a peer that fewer than C{max_parents} peers chose as
+        a parent is given that many more parents, so that its neighbours
+        (parents and children) number about 2 x C{max_parents} like the
+        others' (the last peers of a flash crowd are chosen by almost
+        nobody: parents are kept); those extra parents are the sampled
+        members with the fewest children, once it has been a member for
+        C{fill_after} seconds.  Off by default (tried in the simulator).
     """
 
     max_parents: int = 8
@@ -194,6 +296,8 @@ class Scheduler:
     peer_ttl: float = 60.0
     dead_after: int = 2
     parent_sample: int = 32
+    fill_degree: bool = False
+    fill_after: float = 1.0
     rng: random.Random = field(factory=random.Random)
     peers: dict[str, PeerInfo] = field(factory=dict)
     tasks: dict[str, TaskSwarm] = field(factory=dict)
@@ -270,18 +374,18 @@ class Scheduler:
         swarm.piece_count = count
         swarm.seed_has = Bitmap(count)
         swarm.seed_sends = [0] * count
-        swarm.holders = [0] * count
+        swarm.planes = []
         swarm.width = 8 * ((count + 7) >> 3)
         swarm.fresh = ((1 << count) - 1) << (swarm.width - count)
         for member in swarm.members.values():
-            member.have = Bitmap(count)
+            member.count = count
             member.have_bits = 0
             member.seed.clear()
         swarm.seed_out = 0
         swarm.expiries.clear()
         for member in swarm.members.values():
             early, member.early = member.early, set()
-            self._take_have(swarm, member, sorted(early))
+            self._take_bits(swarm, member, swarm.bits_from(early))
 
     def seed_piece_ready(self, task_id: str, index: int) -> None:
         """The CDN verified piece C{index}: the seed can serve it."""
@@ -315,8 +419,7 @@ class Scheduler:
             swarm.order.append(peer_id)
             swarm.downloading += 1
             task_log(log, LogLevel.info, task_id, "peer {peerId} joined ({peers} peers)", peerId=peer_id, peers=len(swarm.members))
-            if swarm.piece_count is not None:
-                member.have = Bitmap(swarm.piece_count)
+            member.count = swarm.piece_count
         member.last_sync = now
         return member
 
@@ -337,9 +440,10 @@ class Scheduler:
             swarm.slot[last] = place
         if not member.done:
             swarm.downloading -= 1
-        if member.have is not None:
-            for i in member.have:
-                swarm.holders[i] -= 1
+        if member.have_bits:
+            swarm.drop_holders(member.have_bits)
+            # the pieces nobody holds now: fresh unless the seed has one out
+            for i in swarm.indices(member.have_bits & ~swarm.held()):
                 self._recheck(swarm, i)
         for a in member.seed.values():
             self._add_sends(swarm, a.index, -1)
@@ -360,7 +464,7 @@ class Scheduler:
 
     def _recheck(self, swarm: TaskSwarm, index: int) -> None:
         """Piece C{index}'s copies changed: keep C{fresh} in step."""
-        if swarm.seed_sends[index] + swarm.holders[index] == 0:
+        if swarm.seed_sends[index] == 0 and not swarm.has_holder(index):
             swarm.fresh |= swarm.bit(index)
         else:
             swarm.fresh &= ~swarm.bit(index)
@@ -379,30 +483,33 @@ class Scheduler:
                 if not kids:
                     del swarm.children[parent]
 
-    def _take_have(self, swarm: TaskSwarm, member: Member, have: Iterable[int], now: float | None = None) -> None:
-        """C{member} holds the pieces C{have} (its bitmap is sized)."""
-        assert member.have is not None
-        held, holders, seed, top = member.have, swarm.holders, member.seed, swarm.width - 1
-        added = 0
-        for i in have:
-            if 0 <= i < held.count and i not in held:
-                held.set(i)
-                added |= 1 << (top - i)  # swarm.bit(i)
-                holders[i] += 1
-                if seed.pop(i, None) is not None:
-                    # the allowance became a real copy: seed_sends keeps it
-                    swarm.seed_out -= 1
+    def _take_bits(self, swarm: TaskSwarm, member: Member, bits: int, now: float | None = None) -> None:
+        """
+        C{member} holds the pieces of bit set C{bits} (its length is known):
+        a few big-int operations whatever the number of pieces, and a look at
+        each of its (few) seed allowances.
+        """
+        added = bits & ~member.have_bits
         if added:
             member.have_bits |= added
+            swarm.add_holders(added)
             # each now has a holder: a copy out (what _recheck would find)
             swarm.fresh &= ~added
-        if member.have.complete and not member.done:
+            seed = member.seed
+            if seed:
+                top = swarm.width - 1
+                for i in [i for i in seed if added >> (top - i) & 1]:
+                    # the allowance became a real copy: seed_sends keeps it
+                    del seed[i]
+                    swarm.seed_out -= 1
+        complete = member.have_bits.bit_count() == member.count
+        if complete and not member.done:
             task_log(
                 log, LogLevel.info, swarm.task_id, "peer {peerId} holds all {pieces} pieces, {seconds:.2f}s after joining",
-                peerId=member.peer_id, pieces=member.have.count,
+                peerId=member.peer_id, pieces=member.count,
                 seconds=(now if now is not None else member.last_sync) - member.joined,
             )
-        self._set_done(swarm, member, member.have.complete)
+        self._set_done(swarm, member, complete)
 
     def _set_done(self, swarm: TaskSwarm, member: Member, done: bool) -> None:
         if done != member.done:
@@ -433,15 +540,16 @@ class Scheduler:
         if member is None:
             member = self.join(task_id, peer_id, now)
         self.peers[peer_id].last_seen = now
-        if member.have is None:
+        if member.count is None:
             # the length is not known yet (a restarted SuperNode whose CDN has
             # not learnt it again): a peer re-announces what it holds only
             # once, so keep it for set_piece_count
             member.early.update(i for i in have if 0 <= i < MAX_EARLY)
         else:
-            if bitmap is not None and bitmap.count == member.have.count:
-                have = list(have) + [i for i in bitmap if i not in member.have]
-            self._take_have(swarm, member, have, now)
+            bits = swarm.bits_from(have)
+            if bitmap is not None and bitmap.count == member.count:
+                bits |= swarm.bits_of(bitmap)
+            self._take_bits(swarm, member, bits, now)
         for parent in banned:
             # the peer will not talk to it (bad pieces, silence): it must not
             # count as a neighbour that holds pieces for this peer
@@ -533,11 +641,16 @@ class Scheduler:
 
     def _choose_parents(self, swarm: TaskSwarm, member: Member, now: float) -> list[str]:
         me = member.peer_id
+        want = self.max_parents
+        if self.fill_degree and now - member.joined >= self.fill_after:
+            # (not at its first syncs: then every peer is chosen by nobody yet)
+            kids = swarm.children.get(me)
+            want += max(0, self.max_parents - (len(kids) if kids else 0))
         for p in member.parents:
             if p not in swarm.members or p not in self.peers or p in member.blocked:
                 break
         else:
-            if len(member.parents) >= self.max_parents:
+            if len(member.parents) >= want:
                 return list(member.parents)
         keep = [
             p for p in member.parents
@@ -546,7 +659,7 @@ class Scheduler:
         for p in member.parents:
             if p not in keep:
                 self._unparent(swarm, member, p)
-        need = self.max_parents - len(keep)
+        need = want - len(keep)
         if need > 0:
             pool: list[str] = swarm.order
             if len(pool) > self.parent_sample:
@@ -560,13 +673,20 @@ class Scheduler:
 
             def score(p: str) -> tuple[float, float, float]:
                 # more pieces first, then fewer children served, then at random
-                held = members[p].have
-                pieces = len(held) if held is not None else 0
+                pieces = members[p].have_bits.bit_count()
                 kids = children.get(p)
                 return (-pieces, len(kids) if kids else 0, self.rng.random())
 
             candidates.sort(key=score)
-            for p in candidates[:need]:
+            # the extra parents of fill_degree: the least chosen first, so
+            # they do not all land on the peers with the most pieces
+            usual = max(0, self.max_parents - len(keep))
+            chosen = candidates[:usual]
+            if need > usual:
+                rest = candidates[usual:]
+                rest.sort(key=lambda p: (len(children.get(p) or ()), self.rng.random()))
+                chosen += rest[: need - usual]
+            for p in chosen:
                 keep.append(p)
                 children.setdefault(p, set()).add(me)
         member.parents = keep
@@ -575,7 +695,7 @@ class Scheduler:
     def _assign_seed(
         self, swarm: TaskSwarm, member: Member, now: float, starving: bool, want: int | None = None
     ) -> list[int]:
-        if member.have is None or swarm.seed_has is None:
+        if member.count is None or swarm.seed_has is None:
             return []
         free = min(self._window(swarm) - len(member.seed), self.seed_slots - swarm.seed_out)
         if free <= 0:
@@ -588,7 +708,7 @@ class Scheduler:
             for i in range(max(want, 0), min(want + self.WANT_WINDOW, swarm.piece_count or 0)):
                 wanted |= swarm.bit(i)
         # pieces the seed has and the peer neither holds nor is fetching
-        base = swarm.bits_of(swarm.seed_has) & ~mine
+        base = swarm.seed_bit_set() & ~mine
         if not starving:
             base &= swarm.fresh | wanted
         if not base:
@@ -620,7 +740,7 @@ class Scheduler:
 
     def _by_copies(self, swarm: TaskSwarm, pieces: list[int]) -> list[int]:
         """C{pieces}, fewest copies out first, ties at random."""
-        return sorted(pieces, key=lambda i: (swarm.seed_sends[i] + swarm.holders[i], self.rng.random()))
+        return sorted(pieces, key=lambda i: (swarm.seed_sends[i] + swarm.holder_count(i), self.rng.random()))
 
     def _at_random(self, swarm: TaskSwarm, bits: int, n: int) -> list[int]:
         """

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dragonfly.core.bitmap import Bitmap
-from dragonfly.peer.picker import Picker
+from dragonfly.peer.picker import Picker, in_flight_limit
 
 
 def bits(count: int, held: list[int] | range) -> Bitmap:
@@ -452,3 +452,17 @@ def test_a_corrupt_piece_forgets_the_rate() -> None:
     assert p.rate("a") is None
     asked = p.fill(1.0, per_conn=1, limit=8, piece_bytes=MB)
     assert len(asked) == 1  # per_conn again, not the bandwidth-delay budget
+
+
+def test_in_flight_limit_scales_with_a_fast_link_only() -> None:
+    mib = 1 << 20
+    # the bytes in pieces, at least 4: as before when the link is not known
+    assert in_flight_limit(6 * mib, 2 * mib) == 4
+    assert in_flight_limit(16 * mib, 2 * mib) == 8
+    assert in_flight_limit(6 * mib, 8 * mib) == 4
+    # a 1 Gbit/s link carries 12.5 MB in 0.1 s: fewer than 8 pieces of 2 MiB, unchanged
+    assert in_flight_limit(16 * mib, 2 * mib, link_rate=125e6, link_time=0.1) == 8
+    # a 10 Gbit/s link: 125 MB in 0.1 s, 59 pieces of 2 MiB
+    assert in_flight_limit(16 * mib, 2 * mib, link_rate=1.25e9, link_time=0.1) == 59
+    # off without a time
+    assert in_flight_limit(16 * mib, 2 * mib, link_rate=1.25e9) == 8

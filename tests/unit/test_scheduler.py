@@ -645,6 +645,28 @@ def test_a_small_swarm_gets_a_larger_seed_window_a_real_one_does_not() -> None:
     assert s._window(swarm(s)) == 4
 
 
+def test_fill_degree_gives_a_peer_nobody_chose_more_parents() -> None:
+    """The last peer of a crowd, chosen by nobody, gets up to 2 x max_parents parents; off by default."""
+    for fill, expect in ((False, 3), (True, 6)):
+        s = make(count=8, max_parents=3, fill_degree=fill)
+        for n in range(12):  # a crowd: each peer joins and syncs in turn
+            add_peer(s, f"p{n}")
+            s.sync(TASK, f"p{n}", 0.0)
+        last = "p11"  # chose its parents among those there; nobody chose it
+        assert not swarm(s).children.get(last)
+        assert len(parent_ids(s.sync(TASK, last, 0.1))) == 3  # not yet: everyone was childless at first
+        assert len(parent_ids(s.sync(TASK, last, 1.0))) == expect
+        recount(s)
+    # a peer with children enough keeps max_parents
+    s = make(count=8, max_parents=3, fill_degree=True)
+    for n in range(12):
+        add_peer(s, f"p{n}")
+        s.sync(TASK, f"p{n}", 0.0)
+    busy = max(swarm(s).children, key=lambda p: len(swarm(s).children[p]))
+    assert len(swarm(s).children[busy]) >= 3
+    assert len(parent_ids(s.sync(TASK, busy, 1.0))) == 3
+
+
 # -- the incremental indexes against a recount ----------------------------------------
 
 

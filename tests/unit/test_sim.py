@@ -167,6 +167,28 @@ def test_the_pickers_limit_may_grow() -> None:
     assert grown.run().summary()["origin_copies"] == 1.0
 
 
+def test_the_in_flight_limit_follows_the_link() -> None:
+    """--in-flight-time: a fast peer gets more requests out; a slow one keeps --in-flight (6 pieces of 1 MiB here)."""
+    mix = attrs.evolve(SMALL, file_size=64 << 20, links="10000/10000@0.2:0.5,1000/1000@0.5:0.5", seed_mbit=2000.0,
+                       origin_mbit=2000.0)
+    assert {p.limit for p in Simulation(mix).peers} == {6}
+    sim = Simulation(attrs.evolve(mix, in_flight_time=0.01))
+    # 10 Gbit/s carries 12.5 MB in 0.01 s: 11 pieces of 1 MiB; 1 Gbit/s 1.25 MB: 6 as before
+    assert {p.host.down * 8 / 1e6: p.limit for p in sim.peers} == {10000.0: 11, 1000.0: 6}
+    most: dict[int, int] = {}
+    fill = sim._fill
+
+    def watch(peer):  # type: ignore[no-untyped-def]
+        fill(peer)
+        most[peer.index] = max(most.get(peer.index, 0), peer.picker.in_flight)
+
+    sim._fill = watch  # type: ignore[method-assign]
+    assert sim.run().summary()["origin_copies"] == 1.0
+    # the fast peers had more out than 6 and its rescues allow (8 in this run with the fixed limit)
+    assert max(most[p.index] for p in sim.peers if p.limit == 11) > 8
+    assert all(most.get(p.index, 0) <= 2 * p.limit for p in sim.peers)
+
+
 def test_link_mix_parsing() -> None:
     (a, b) = parse_links("1000/200@5:3,100/100@20:1")
     assert (a.down_mbit, a.up_mbit, a.latency_ms, a.share) == (1000, 200, 5, 0.75)
