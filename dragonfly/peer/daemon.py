@@ -75,6 +75,8 @@ class PeerDaemon:
         self.reactor = reactor
         self.per_connection = per_connection
         self.in_flight_bytes = in_flight_bytes
+        #: this host's downlink in bytes/s when known (dfpeer --link-rate): see L{Neighbours.limits}
+        self.link_rate: int | None = None
         self.trace = bool(os.environ.get("DRAGONFLY_TRACE"))
         self.clock = reactor
         self.home = home

@@ -61,6 +61,9 @@ class Options(ConfigFileOptions):
         ["workers", None, 4, "Threads for hashing and disk I/O, at least 1.", int],
         ["pipeline", None, 1, "Piece requests outstanding on one connection, at least 1.", int],
         ["in-flight", None, "6M", "Bytes of pieces requested and not yet received, per download (N, NK, NM or NG)."],
+        ["link-rate", None, "0",
+         "This host's downlink, bytes/s (N, NK, NM or NG; 1250M is 10 Gbit/s): a download then keeps at least "
+         "what the link carries in 0.05 s requested (0: unknown, --in-flight alone)."],
         ["upload-limit", None, "0", "Upload rate for the whole host in bytes/s: N, NK, NM or NG, e.g. 20M (0: no limit)."],
         ["total-limit", None, "0", "Download rate for the whole host in bytes/s, e.g. 50M (0: no limit; dfget --totallimit sets it too)."],
         ["gc-interval", None, "60s", "How often expired tasks are removed and the disk is checked (also once at start-up)."],
@@ -107,7 +110,7 @@ class Options(ConfigFileOptions):
             self["block-limits"] = block_port_limits(self)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
-        for name in ("in-flight", "upload-limit", "total-limit"):
+        for name in ("in-flight", "upload-limit", "total-limit", "link-rate"):
             try:
                 self[name] = parse_rate(self[name])
             except BadInput as e:
@@ -150,6 +153,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         supernode_http=supernode_http(reactor, options.get("supernode-ca-certs")),
         cluster_token=options["cluster-token"],
     )
+    daemon.link_rate = options["link-rate"] or None
     # the block connections allowed, and the local API's, must fit under the open-file limit
     limits = dict(options["block-limits"])
     limits["max_connections"] = fit_open_files(limits["max_connections"], RESERVE + HttpLimits().max_connections)

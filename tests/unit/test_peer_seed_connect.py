@@ -71,3 +71,19 @@ def test_pieces_in_flight_hold_about_16_mib_at_the_least_not_4_large_pieces() ->
     # large ones: what fits in 16 MiB, and never under 2 (each is a buffer in memory)
     assert [limit(s * MiB) for s in (8, 15, 60)] == [2, 2, 2]
     assert limit(15 * MiB, 64 * MiB) == 4
+
+
+def test_a_known_fast_link_keeps_what_it_carries_in_flight_time_requested() -> None:
+    MiB = 1 << 20
+
+    def limit(link_rate: int | None, piece_size: int = 2 * MiB) -> int:
+        daemon = SimpleNamespace(per_connection=1, in_flight_bytes=6 * MiB, link_rate=link_rate)
+        task = SimpleNamespace(daemon=daemon, clock=Clock(), task_id="t" * 64, piece_size=piece_size)
+        return Neighbours(task).limits()[1]  # type: ignore[arg-type]
+
+    # unknown, or a link that carries less than --in-flight in LINK_TIME: unchanged
+    assert limit(None) == limit(125 * MiB) == 4
+    # 10 Gbit/s (1250 MB/s): 0.05 s is 62.5 MB, 29 pieces of 2 MiB
+    assert limit(1_250_000_000) == 29
+    # large pieces: never fewer than without the link
+    assert limit(1_250_000_000, 60 * MiB) == 2
