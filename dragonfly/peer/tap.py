@@ -62,7 +62,7 @@ class Options(ConfigFileOptions):
         ["pipeline", None, 1, "Piece requests outstanding on one connection, at least 1.", int],
         ["in-flight", None, "6M", "Bytes of pieces requested and not yet received, per download (N, NK, NM or NG)."],
         ["link-rate", None, "0",
-         "This host's downlink, bytes/s (N, NK, NM or NG; 1250M is 10 Gbit/s): a download then keeps at least "
+         "This host's downlink, bytes/s (N, NK, NM or NG, powers of 1024; 1192M is 10 Gbit/s): a download then keeps at least "
          "what the link carries in 0.05 s requested (0: unknown, --in-flight alone)."],
         ["upload-limit", None, "0", "Upload rate for the whole host in bytes/s: N, NK, NM or NG, e.g. 20M (0: no limit)."],
         ["total-limit", None, "0", "Download rate for the whole host in bytes/s, e.g. 50M (0: no limit; dfget --totallimit sets it too)."],
