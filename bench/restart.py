@@ -333,7 +333,7 @@ class Bench:
         return self.spawn(self.sn, tag, [
             os.path.join(BIN, "twistd"), "-n", "--pidfile=", "supernode", "--port", str(API_PORT),
             "--block-port", str(BLOCK_PORT), "--listen", self.sn.ip, "--advertise-ip", self.sn.ip,
-            "--home", home,
+            "--home", home, *self.args.supernode_args.split(),
         ])
 
     def run(self, name: str, kills: Sequence[float]) -> dict[str, Any]:
@@ -495,6 +495,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run the daemons and dfget with DRAGONFLY_TRACE=1 and print each peer's phases")
     p.add_argument("--fast-watchers", action="store_true",
                    help="poll as often in a run without kills as in one with them (every 10 to 100 ms; else 25 times less)")
+    p.add_argument("--supernode-args", default="", help="more SuperNode options, such as '--seed-window 2' (A/B rounds)")
     p.add_argument("--dfpeer-args", default="", help="more dfpeer options, such as '--pipeline 2' (A/B rounds)")
     args = p.parse_args(argv)
     try:
