@@ -2,6 +2,7 @@
 The SuperNode killed and restarted mid-fetch, on emulated hosts.
 
     sudo python -m bench.restart [--peers 6] [--size-mib 48] [--kills 0.3,0.6,0.9] [--no-kill] [--json F] [--doc F]
+                                 [--timeline] [--dfpeer-args ARGS] [--supernode-args ARGS] [--fast-watchers]
 
 On the benchmark's namespaces (L{bench.netem}: root, 198.18.0.0/15 only,
 everything torn down on any exit) a counting origin, a SuperNode and N
@@ -24,7 +25,9 @@ registered again, and to the origin sending again; and the bytes the peers
 exchanged among themselves while the SuperNode was down.  Per run: each
 dfget's time as x F/B (F/B: the file over a peer's link), the slowest, the
 origin's copies (the bytes it handed to its sockets, and the bytes on its
-link against the undisturbed run's), and every output's SHA-256.  Exit 0 when every output is right, 1 when not,
+link against the undisturbed run's), and every output's SHA-256.  With
+C{--timeline} the daemons and dfget run with DRAGONFLY_TRACE=1 and each
+peer's phases are printed (L{timeline}).  Exit 0 when every output is right, 1 when not,
 2 when this machine cannot run it, 75 when another run holds the network.
 """
 
