@@ -32,7 +32,7 @@ from ..core.bitmap import Bitmap
 from ..core.logs import safe_url, task_log
 from ..core.periodic import periodic
 from ..core.ratelimit import TokenBucket
-from ..protocol.supernode_api import Parent, PieceProof, SyncAnswer
+from ..protocol.supernode_api import PieceProof, SyncAnswer
 from .interfaces import TaskHost
 from .lifecycle import Lifecycle, State
 from .neighbours import Neighbours
@@ -93,8 +93,6 @@ class PeerTask:
         self.bad_pieces = 0
         # the whole file came from the origin unchecked
         self._unverified_source = False
-        # the parents a sync named before the file was ready (see L{_allocate})
-        self._parents: tuple[Parent, ...] = ()
         rate = request.get("localLimit")
         self.local_limit = TokenBucket(rate, self.clock) if rate else None
 
@@ -241,9 +239,6 @@ class PeerTask:
         if self.lifecycle.transferring:
             for parent in reply.parents:
                 self.neighbours.connect(parent)
-        else:
-            # connected as soon as the file is ready, not one sync later
-            self._parents = reply.parents
         self.neighbours.fill()
 
     def report_failure(self, index: int, parent: str) -> None:
@@ -287,13 +282,6 @@ class PeerTask:
             if self.count == 0:
                 self._complete()
             else:
-                # the seed and the parents of the last answer now (their
-                # HELLOs, the seed's DIGESTS and the first requests), the
-                # rest with the sync this kicks
-                parents, self._parents = self._parents, ()
-                for parent in parents:
-                    self.neighbours.connect(parent)
-                self.neighbours.fill()
                 self.syncer.kick()
 
         def failed(f: Any) -> None:

@@ -817,18 +817,3 @@ def test_the_parts_attributes_are_read_only_through_the_task() -> None:
         task.length = 1
     task.stream_from = 2
     assert task.picker.stream_from == 2
-
-
-def test_the_parents_named_while_allocating_are_connected_once_the_file_is_ready() -> None:
-    host, task, session = make(replies=[sized()])
-    ready: defer.Deferred = defer.Deferred()
-    host.store.prepare = lambda task_id, length: ready  # type: ignore[method-assign]
-    task.start()
-    assert task.state is State.ALLOCATING and host.block_factory.made == {}
-    assert session.replies == [] and not session.default.get("parents")
-    ready.callback(None)
-    # the seed named by the answer that came while allocating (the answer after it names none)
-    assert task.state is State.DOWNLOADING
-    seed = host.block_factory.made[SEED_ID]
-    attach(task, seed, range(len(PIECES)))
-    assert sorted(seed.requested) == [0, 1]
