@@ -2,6 +2,7 @@
 The SuperNode killed and restarted mid-fetch, on emulated hosts.
 
     sudo python -m bench.restart [--peers 6] [--size-mib 48] [--kills 0.3,0.6,0.9] [--no-kill] [--json F] [--doc F]
+                                 [--timeline] [--dfpeer-args ARGS] [--supernode-args ARGS] [--fast-watchers]
 
 On the benchmark's namespaces (L{bench.netem}: root, 198.18.0.0/15 only,
 everything torn down on any exit) a counting origin, a SuperNode and N
@@ -24,7 +25,9 @@ registered again, and to the origin sending again; and the bytes the peers
 exchanged among themselves while the SuperNode was down.  Per run: each
 dfget's time as x F/B (F/B: the file over a peer's link), the slowest, the
 origin's copies (the bytes it handed to its sockets, and the bytes on its
-link against the undisturbed run's), and every output's SHA-256.  Exit 0 when every output is right, 1 when not,
+link against the undisturbed run's), and every output's SHA-256.  With
+C{--timeline} the daemons and dfget run with DRAGONFLY_TRACE=1 and each
+peer's phases are printed (L{timeline}).  Exit 0 when every output is right, 1 when not,
 2 when this machine cannot run it, 75 when another run holds the network.
 """
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -43,6 +47,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from dragonfly.core.pieces import swarm_piece_size
 from dragonfly.testing.swarm import sha256_file, wait_for_file, write_random_file
 
 from . import netem
@@ -147,6 +152,76 @@ def peer_bytes(view: Any, url: str) -> int:
     return 0
 
 
+TRACE_EVENT = re.compile(
+    r"(?:dfget trace (?P<dfget>\w+)|trace \w+ (?:(?P<start>start)|piece (?P<index>\d+) (?:from (?P<remote>\S+)|"
+    r"(?P<stored>stored))|(?P<sync>sync)\b)[^\n]*?) at (?P<t>\d+\.\d+)"
+)
+
+
+def timeline(supernode_log: str, peers: Sequence[tuple[str, str]], pieces: int, t0: float | None = None) -> dict[str, Any]:
+    """
+    The phases of one run from its DRAGONFLY_TRACE lines (wall clock), in
+    seconds after C{t0} (wall clock; default: the first dfget started): the SuperNode's first and last
+    piece stored; per peer (its dfget's log, its dfpeer's log) the dfget
+    started, the task started, its first sync answer, its first piece,
+    the piece a quarter, half and three quarters in, its last piece, dfget
+    done, the pieces from the seed and the mean rate in Mbit/s from the
+    first piece to the last.
+    """
+    stored = [float(m["t"]) for m in TRACE_EVENT.finditer(supernode_log) if m["stored"]]
+    rows = []
+    for dfget_log, peer_log in peers:
+        row: dict[str, Any] = {}
+        for m in TRACE_EVENT.finditer(dfget_log):
+            row.setdefault(f"dfget_{m['dfget']}", float(m["t"]))
+        arrivals: list[float] = []
+        seed = 0
+        for m in TRACE_EVENT.finditer(peer_log):
+            t = float(m["t"])
+            if m["start"]:
+                row.setdefault("task", t)
+            elif m["sync"]:
+                row.setdefault("sync", t)
+            elif m["remote"]:
+                arrivals.append(t)
+                seed += m["remote"] == "supernode"
+        arrivals.sort()
+        if arrivals:
+            for name, k in (("first", 1), ("q1", pieces // 4), ("half", pieces // 2), ("q3", 3 * pieces // 4),
+                            ("last", len(arrivals))):
+                row[name] = arrivals[max(0, min(k, len(arrivals)) - 1)]
+        row["seedPieces"] = seed
+        rows.append(row)
+    if t0 is None:
+        starts = [r["dfget_start"] for r in rows if "dfget_start" in r] or stored or [0.0]
+        t0 = min(starts)
+    out: dict[str, Any] = {"snFirst": None, "snLast": None, "peers": []}
+    if stored:
+        out["snFirst"], out["snLast"] = round(min(stored) - t0, 3), round(max(stored) - t0, 3)
+    for row in rows:
+        out["peers"].append({k: round(v - t0, 3) if isinstance(v, float) else v for k, v in row.items()})
+    return out
+
+
+def timeline_table(tl: dict[str, Any], size: int) -> str:
+    """The timeline as Markdown: one row per peer (C{exit}: the benchmark saw the dfget exit)."""
+    pieces = -(-size // swarm_piece_size(size))
+    cols = ["dfget_start", "task", "sync", "first", "q1", "half", "q3", "last", "dfget_done", "exit"]
+    lines = [
+        f"Seconds after the dfgets were started. SuperNode: first piece stored at {tl['snFirst']} s, last at "
+        f"{tl['snLast']} s.",
+        "",
+        "| peer | " + " | ".join(cols) + " | seed pieces | Mbit/s first to last |",
+        "|---" * (len(cols) + 3) + "|",
+    ]
+    for i, p in enumerate(tl["peers"]):
+        span = p.get("last", 0) - p.get("first", 0)
+        rate = f"{(pieces - 1) * size / pieces * 8 / span / 1e6:.0f}" if span > 0 and pieces > 1 else "-"
+        cells = ["-" if p.get(c) is None else f"{p[c]:.2f}" for c in cols]
+        lines.append(f"| {i} | " + " | ".join(cells) + f" | {p.get('seedPieces', 0)} | {rate} |")
+    return "\n".join(lines)
+
+
 def table(result: dict[str, Any]) -> str:
     """The runs side by side, in Markdown."""
     calm, hurt = result["undisturbed"], result["restarts"]
@@ -245,8 +320,9 @@ class Bench:
         self.origin_url = f"http://{self.origin.ip}:{ORIGIN_PORT}"
 
     def spawn(self, host: netem.Host, tag: str, argv: list[str]) -> subprocess.Popen:
+        env = {**os.environ, "DRAGONFLY_TRACE": "1"} if self.args.timeline else None
         with open(os.path.join(self.logs, f"{tag}.log"), "ab") as log:
-            return self.net.popen(host, argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+            return self.net.popen(host, argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
 
     def start_origin(self) -> None:
         info = os.path.join(self.workdir, "origin.json")
@@ -260,7 +336,7 @@ class Bench:
         return self.spawn(self.sn, tag, [
             os.path.join(BIN, "twistd"), "-n", "--pidfile=", "supernode", "--port", str(API_PORT),
             "--block-port", str(BLOCK_PORT), "--listen", self.sn.ip, "--advertise-ip", self.sn.ip,
-            "--home", home,
+            "--home", home, *self.args.supernode_args.split(),
         ])
 
     def run(self, name: str, kills: Sequence[float]) -> dict[str, Any]:
@@ -280,14 +356,18 @@ class Bench:
                 started.append(self.spawn(peer, f"{name}-{peer.name}", [
                     os.path.join(BIN, "twistd"), "-n", "--pidfile=", "dfpeer", "--supernode", f"{self.sn.ip}:{API_PORT}",
                     "--home", home, "--ip", peer.ip, "--listen", peer.ip, "--port", str(BLOCK_PORT),
+                    *self.args.dfpeer_args.split(),
                 ]))
             apis = [wait_for_file(os.path.join(home, "peer.json"), 60, proc)["api"]
                     for home, proc in zip(homes, started[1:])]
+            # a run without kills needs no fine samples: polling the SuperNode every 10 ms and
+            # the origin every 20 ms took CPU from the swarm it measures (--fast-watchers: as with kills)
+            slow = 1 if kills or self.args.fast_watchers else 25
             watchers = [
-                Watcher(self.net, self.origin, f"{self.origin_url}/_stats", 0.02),
-                Watcher(self.net, self.sn, f"http://{self.sn.ip}:{API_PORT}/healthz", 0.02),
-                Watcher(self.net, self.sn, f"{self.sn.ip}:{API_PORT}", 0.01, WATCH_PORT),
-                *(Watcher(self.net, p, f"{api}/api/v1/tasks", 0.1) for p, api in zip(self.peers, apis)),
+                Watcher(self.net, self.origin, f"{self.origin_url}/_stats", 0.02 * slow),
+                Watcher(self.net, self.sn, f"http://{self.sn.ip}:{API_PORT}/healthz", 0.02 * slow),
+                Watcher(self.net, self.sn, f"{self.sn.ip}:{API_PORT}", 0.01 * slow, WATCH_PORT),
+                *(Watcher(self.net, p, f"{api}/api/v1/tasks", 0.1 * slow) for p, api in zip(self.peers, apis)),
             ]
             started += [w.proc for w in watchers]
             origin_w, sn_w, port_w, peer_ws = watchers[0], watchers[1], watchers[2], watchers[3:]
@@ -298,7 +378,7 @@ class Bench:
             wire_before = self.net.link_counters()["origin"]["upBytes"]
             url = f"{self.origin_url}/f.bin?run={name}"
             outputs = [os.path.join(rdir, f"{p.name}.out") for p in self.peers]
-            t0 = time.monotonic()
+            t0, self.wall0 = time.monotonic(), time.time()
             dfgets = [
                 self.spawn(p, f"{name}-dfget-{p.name}", [
                     os.path.join(BIN, "dfget"), "-u", url, "-o", out, "--home", home,
@@ -321,14 +401,19 @@ class Bench:
                 say(f"killed the SuperNode at {sent / self.size:.1%} of the origin's bytes; starting it again")
                 sn = self.supernode(sn_home, f"{name}-supernode")
                 started.append(sn)
-            ends = []
-            for d in dfgets:
-                try:
-                    d.wait(timeout=max(1.0, self.args.timeout + 30 - (time.monotonic() - t0)))
-                except subprocess.TimeoutExpired:
-                    d.kill()
-                    d.wait()
-                ends.append(time.monotonic() - t0)
+            # each dfget's own end (polled: waiting for them in turn stamped an early one with a later one's end)
+            ends: list[float | None] = [None] * len(dfgets)
+            while any(e is None for e in ends):
+                for k, d in enumerate(dfgets):
+                    if ends[k] is None and d.poll() is not None:
+                        ends[k] = time.monotonic() - t0
+                if time.monotonic() - t0 > self.args.timeout + 30:
+                    for k, d in enumerate(dfgets):
+                        if ends[k] is None:
+                            d.kill()
+                            d.wait()
+                            ends[k] = time.monotonic() - t0
+                time.sleep(0.005)
             time.sleep(0.3)  # the watchers' last samples
             origin_bytes = int((origin_w.last() or {}).get("bytesOut", 0)) - before
             wire = self.net.link_counters()["origin"]["upBytes"] - wire_before
@@ -354,12 +439,31 @@ class Bench:
                     for w in peer_ws
                 )
                 result["kills"].append({"at": round(at, 3), **down, "peerMiBWhileDown": round(exchanged / MiB, 2)})
+            if self.args.timeline:
+                self.net.stop(started)  # the logs complete
+                result["timeline"] = tl = self.timeline(name)
+                for peer, end in zip(tl["peers"], ends):
+                    peer["exit"] = round(end or 0.0, 3)
             say(f"run {name}: slowest {max(result['xFB']):.2f} x F/B, origin {result['originCopies']:.3f} copies, "
                 f"{result['right']}/{len(self.peers)} right; downtimes {result['kills']}")
             return result
         finally:
             self.net.stop(started)
             shutil.rmtree(rdir, ignore_errors=True)
+
+    def timeline(self, name: str) -> dict[str, Any]:
+        """The run's phases from its trace lines (see L{timeline})."""
+        def text(tag: str) -> str:
+            try:
+                with open(os.path.join(self.logs, f"{tag}.log"), errors="replace") as f:
+                    return f.read()
+            except OSError:
+                return ""
+
+        pieces = -(-self.size // swarm_piece_size(self.size))
+        return timeline(text(f"{name}-supernode"),
+                        [(text(f"{name}-dfget-{p.name}"), text(f"{name}-{p.name}")) for p in self.peers], pieces,
+                        self.wall0)
 
     def main(self) -> dict[str, Any]:
         load0 = load_average()
@@ -390,6 +494,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default="", help="write the numbers here")
     p.add_argument("--doc", default="", help="put the table in this Markdown file (between the restart markers)")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    p.add_argument("--timeline", action="store_true",
+                   help="run the daemons and dfget with DRAGONFLY_TRACE=1 and print each peer's phases")
+    p.add_argument("--fast-watchers", action="store_true",
+                   help="poll as often in a run without kills as in one with them (every 10 to 100 ms; else 25 times less)")
+    p.add_argument("--supernode-args", default="", help="more SuperNode options, such as '--seed-window 2' (A/B rounds)")
+    p.add_argument("--dfpeer-args", default="", help="more dfpeer options, such as '--pipeline 2' (A/B rounds)")
     args = p.parse_args(argv)
     try:
         args.kills = sorted(float(k) for k in args.kills.split(",") if k.strip())
@@ -425,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     text = table(result)
     print(json.dumps(result, indent=2))
     print(text)
+    for run in (result["undisturbed"], result["restarts"]):
+        if run is not None and "timeline" in run:
+            print(f"\n{run['name']}: " + timeline_table(run["timeline"], args.size_mib * MiB))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

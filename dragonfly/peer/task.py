@@ -216,6 +216,12 @@ class PeerTask:
 
     def apply(self, reply: SyncAnswer) -> None:
         task = reply.task
+        if self.daemon.trace:
+            log.info(
+                "trace {task} sync at {t:.3f}: {state}, {parents} parents, seed {seed}, {digests} digests, next {next}",
+                task=self.task_id[:12], t=self.clock.seconds(), state=self.state.name, parents=len(reply.parents),
+                seed=list(reply.seed_pieces), digests=reply.digests_from + len(reply.digests), next=reply.sync_interval,
+            )
         sizing = self.state is State.SIZING
         if sizing and task.content_length is not None and task.piece_count is not None:
             assert task.piece_size is not None

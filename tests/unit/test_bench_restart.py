@@ -78,3 +78,29 @@ def test_no_kill_runs_and_shows_the_undisturbed_run_alone() -> None:
         "load": [1.0, 2.0], "undisturbed": run([1.2, 1.3]), "restarts": None,
     })
     assert "| slowest (x F/B) | 1.30 |" in text and "killed" not in text and "--no-kill" in text
+
+
+def test_timeline_from_the_trace_lines() -> None:
+    from bench.restart import timeline, timeline_table
+
+    sn = "x trace abc piece 0 stored at 100.300\ny trace abc piece 1 stored at 100.400\n"
+    dfget = "dfget trace start at 100.100\ndfget trace posted at 100.150\ndfget trace done at 102.000\n"
+    peer = (
+        "[dragonfly.peer.task#info] trace abc start at 100.120\n"
+        "[dragonfly.peer.task#info] trace abc sync at 100.200: SIZING, 1 parents, seed [], 0 digests, next 0.5\n"
+        "[dragonfly.peer.task#info] trace abc sync at 100.300: DOWNLOADING, 2 parents, seed [0], 1 digests, next 0.5\n"
+        "[dragonfly.peer.task#info] trace abc piece 1 from vm-1-8001 at 101.500\n"
+        "[dragonfly.peer.task#info] trace abc piece 0 from supernode at 100.900\n"
+    )
+    tl = timeline(sn, [(dfget, peer), ("", "")], 2, t0=100.0)
+    assert (tl["snFirst"], tl["snLast"]) == (0.3, 0.4)
+    first, empty = tl["peers"]
+    assert first == {
+        "dfget_start": 0.1, "dfget_posted": 0.15, "dfget_done": 2.0, "task": 0.12, "sync": 0.2,
+        "first": 0.9, "q1": 0.9, "half": 0.9, "q3": 0.9, "last": 1.5, "seedPieces": 1,
+    }
+    assert empty == {"seedPieces": 0}
+    # without t0: from the first dfget start
+    assert timeline(sn, [(dfget, peer)], 2)["peers"][0]["dfget_start"] == 0.0
+    text = timeline_table(tl, 2 << 20)
+    assert "| 0 | 0.10 | 0.12 | 0.20 | 0.90 |" in text and "| 1 | - |" in text
