@@ -283,6 +283,7 @@ class Cdn:
         self.fetch_retries = 0  # cut bodies taken up again in-process
         self.side_bytes = 0  # the origin bytes those took
         self.adopted_tasks = 0  # tasks taken over from a swarm instead of fetched whole (L{adopt})
+        self.fill_bytes = 0  # origin bytes the fills of adopted tasks took (L{fill}; in origin_bytes too)
 
     # -- cache on disk -----------------------------------------------------
 
@@ -934,6 +935,8 @@ class Cdn:
             task.side_bytes += n
             self.origin_bytes += n
             self.side_bytes += n
+            if task.adopted:
+                self.fill_bytes += n
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, None, task.piece_size, stop, self._idle_timeout, stored, counted,

@@ -356,3 +356,44 @@ def test_a_sync_answered_by_another_node_is_followed_by_all_we_hold() -> None:
     assert len(session.reports) == 4 and sorted(again.have) == [0, 2] and list(again.proofs) == held
     clock.advance(0.5)
     assert list(session.reports[-1].have) == [] and list(session.reports[-1].proofs) == []
+
+
+def takeover_metrics(n: Node) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d = n.stub.get(BASE + "/metrics")
+    n.stub.flush()
+    text = result(result(d).content()).decode()
+    return {
+        (s.name, s.labels.get("kind", "")): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+        if s.name.startswith("dragonfly_supernode_takeover_") or s.name == "dragonfly_supernode_origin_bytes_total"
+    }
+
+
+def test_takeover_counters_in_metrics(tmp_path: Any) -> None:
+    """Tasks taken over, pieces adopted, tags refused by kind, origin bytes of the fills: in /metrics."""
+    _, answer = owner_with_the_file(tmp_path)
+    b = Node(str(tmp_path / "b"))
+    b.peer("p1")
+    b.peer("p2")
+    P = "dragonfly_supernode_takeover_"
+    assert takeover_metrics(b)[(P + "tasks_total", "")] == 0
+    b.register("p2", takeover={**answer["origin"], "tag": "0" * 32})  # a forged origin: a plain fetch
+    b.http.calls.clear()
+    b.node.remove_task(TID)
+    b.register("p1", takeover={**answer["origin"], "sha256Tag": "0" * 32})  # the file's SHA-256 not vouched for
+    bad = proofs(answer, [0, 1, 2, 3])
+    bad[3]["tag"] = "1" * 32
+    bad[2]["tag"] = answer["tags"][1]  # the tag of another piece
+    b.sync("p1", have=[0, 1, 2, 3], proofs=bad)
+    b.clock.advance(TAKEOVER_GRACE + TAKEOVER_QUIET)
+    b.sync("p1")
+    b.http.serve(ranged(2 * PIECE))
+    m = takeover_metrics(b)
+    assert m[(P + "tasks_total", "")] == 1
+    assert m[(P + "pieces_adopted_total", "")] == 2
+    assert (m[(P + "tags_refused_total", "origin")], m[(P + "tags_refused_total", "piece")],
+            m[(P + "tags_refused_total", "sha256")]) == (1, 2, 1)
+    assert m[(P + "fill_bytes_total", "")] == len(BODY) - 2 * PIECE == b.task.origin_bytes
+    assert m[("dragonfly_supernode_origin_bytes_total", "")] == len(BODY) - 2 * PIECE
