@@ -758,12 +758,14 @@ class SuperNode:
     def in_use(self, task_id: str) -> bool:
         """
         Being fetched from the origin, sent to a peer, or downloaded by a
-        live peer that does not hold it whole yet: never evicted.
+        live peer that does not hold it whole yet: never evicted.  A task
+        taken over whose swarm holds it whole (L{CdnTask.peer_held}) counts
+        as finished.
         """
         task = self.cdn.tasks.get(task_id)
         if task is None:
             return False
-        if task.status in ("waiting", "running"):
+        if task.status in ("waiting", "running") and not task.peer_held:
             return True
         seed = self._seeds.get(task_id)
         if seed is not None and any(c.uploading for c in seed.conns):
@@ -780,7 +782,7 @@ class SuperNode:
         return [
             GcEntry(t.task_id, t.disk_size, t.last_access, self.in_use(t.task_id))
             for t in self.cdn.tasks.values()
-            if t.status in ("success", "failed")
+            if t.status in ("success", "failed") or t.peer_held
         ]
 
     def evictable(self, task_id: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from typing import Any
 
@@ -397,3 +398,44 @@ def test_takeover_counters_in_metrics(tmp_path: Any) -> None:
             m[(P + "tags_refused_total", "sha256")]) == (1, 2, 1)
     assert m[(P + "fill_bytes_total", "")] == len(BODY) - 2 * PIECE == b.task.origin_bytes
     assert m[("dragonfly_supernode_origin_bytes_total", "")] == len(BODY) - 2 * PIECE
+
+
+def test_a_task_its_swarm_holds_whole_is_recorded_evictable_and_kept_over_a_restart(tmp_path: Any) -> None:
+    """
+    Taken over, every piece vouched for by the peers: the node's copy is
+    partial (only what it fetched), the task is "peer-held": in the task's
+    JSON, on disk as a meta, listed to the disk GC and evictable once no
+    live peer downloads it, and a restarted node knows it again (its
+    digests, its version) with the pieces it had on disk.
+    """
+    _, answer = owner_with_the_file(tmp_path)
+    home = str(tmp_path / "b")
+    b = Node(home)
+    b.peer("p1")
+    b.register("p1", takeover=answer["origin"])
+    b.sync("p1", have=list(range(COUNT - 1)), proofs=proofs(answer, list(range(COUNT - 1))))
+    task = b.task
+    assert not task.peer_held and TID not in [e.task_id for e in b.node.gc_entries()]
+    b.clock.advance(TAKEOVER_GRACE + TAKEOVER_QUIET)
+    b.sync("p1")
+    b.http.serve(ranged((COUNT - 1) * PIECE))  # the last piece, which no peer held
+    assert task.status == "running" and sorted(task.available) == [COUNT - 1] and task.peer_held
+    assert task.to_json()["peerHeld"] is True
+    assert json.load(open(task.meta_path))["peerHeld"] is True
+    entries = {e.task_id: e for e in b.node.gc_entries()}
+    assert entries[TID].size == len(BODY) - (COUNT - 1) * PIECE
+    assert entries[TID].in_use, "a live peer still downloads it"
+    # a restart: the task, its digests and the piece on disk come back; the peers' proofs are not needed again
+    r = Node(home)
+    r.node.cdn.load()
+    again = r.task
+    assert again.peer_held and again.digests == digests(BODY) and again.version == task.version
+    assert sorted(again.available) == [COUNT - 1] and r.http.calls == []
+    r.peer("p2")
+    assert r.register("p2")["task"]["peerHeld"] is True and r.http.calls == [], "no origin fetch for a peer-held task"
+    assert r.sync("p2", digestsFrom=0)["digests"] == digests(BODY)
+    # evictable like a finished task once no live peer downloads it
+    r.node.leave_task(TID, "p2")
+    assert r.node.evictable(TID)
+    r.node.evict(TID)
+    assert TID not in r.node.cdn.tasks and not os.path.exists(again.meta_path)
