@@ -62,6 +62,10 @@ def collect(node: SuperNode) -> Iterable[Metric]:
         f"{P}_takeover_tags_refused_total", "Tags that did not check (forged, missing, another key or version), by what they vouched for.",
         refused, "kind",
     )
+    yield gauge(
+        f"{P}_takeover_peer_held_tasks", "Tasks taken over whose swarm holds them whole, this node's copy partial (counted as running in tasks).",
+        sum(1 for t in cdn.tasks.values() if t.peer_held),
+    )
     yield counter(
         f"{P}_takeover_fill_bytes_total", "Origin bytes fetched to fill taken-over tasks (pieces no peer held; in origin_bytes_total too).",
         cdn.fill_bytes,

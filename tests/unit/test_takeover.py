@@ -368,7 +368,7 @@ def takeover_metrics(n: Node) -> dict[tuple[str, str], float]:
     return {
         (s.name, s.labels.get("kind", "")): s.value
         for family in text_string_to_metric_families(text) for s in family.samples
-        if s.name.startswith("dragonfly_supernode_takeover_") or s.name == "dragonfly_supernode_origin_bytes_total"
+        if s.name.startswith("dragonfly_supernode_takeover") or s.name == "dragonfly_supernode_origin_bytes_total"
     }
 
 
@@ -422,6 +422,7 @@ def test_a_task_its_swarm_holds_whole_is_recorded_evictable_and_kept_over_a_rest
     assert task.status == "running" and sorted(task.available) == [COUNT - 1] and task.peer_held
     assert task.to_json()["peerHeld"] is True
     assert json.load(open(task.meta_path))["peerHeld"] is True
+    assert takeover_metrics(b)[("dragonfly_supernode_takeover_peer_held_tasks", "")] == 1
     entries = {e.task_id: e for e in b.node.gc_entries()}
     assert entries[TID].size == len(BODY) - (COUNT - 1) * PIECE
     assert entries[TID].in_use, "a live peer still downloads it"
