@@ -180,8 +180,25 @@ class CdnTask:
 
 
     @property
+    def peer_held(self) -> bool:
+        """
+        A task taken over whose every piece's digest a peer vouched for: its
+        swarm holds the whole file, this node's copy is partial (its seed
+        has the pieces in C{available}); no fill under way.  Recorded on
+        disk (a meta with C{peerHeld}) and evictable like a finished task.
+        """
+        return (
+            self.adopted and self.status == "running" and not self.side and bool(self.digests)
+            and all(d is not None for d in self.digests)
+        )
+
+    @property
     def disk_size(self) -> int:
-        """Bytes of its data file (a failed task has none)."""
+        """Bytes of its data file (a failed task has none; a peer-held one its pieces held here)."""
+        if self.peer_held:
+            if self.available is None or self.length is None:
+                return 0
+            return sum(piece_span(i, self.length, self.piece_size)[1] for i in self.available)
         return (self.length or 0) if self.status == "success" else 0
 
     @property
@@ -210,6 +227,8 @@ class CdnTask:
         }
         if self.error is not None:
             out["error"] = self.error.to_json()
+        if self.peer_held:
+            out["peerHeld"] = True  # the swarm holds it whole; this node's copy is partial
         return out
 
     def notify(self, method: str, *args: Any) -> None:
@@ -283,6 +302,7 @@ class Cdn:
         self.fetch_retries = 0  # cut bodies taken up again in-process
         self.side_bytes = 0  # the origin bytes those took
         self.adopted_tasks = 0  # tasks taken over from a swarm instead of fetched whole (L{adopt})
+        self.fill_bytes = 0  # origin bytes the fills of adopted tasks took (L{fill}; in origin_bytes too)
 
     # -- cache on disk -----------------------------------------------------
 
@@ -337,17 +357,21 @@ class Cdn:
             loaded += 1
             if self._on_new_task is not None:
                 self._on_new_task(task)
+            if task.adopted:
+                self._take_back_held(task)
         # the prefixes a crash left, rehashed in a thread from now on: a
         # resume finds them hashed (dragonfly/supernode/prehash.py)
         self._prehash = Prehash(parked_plans(self.parked, lambda task_id: _parked_plan(task_id, self.parked)))
         return loaded
 
     def _restored(self, meta: dict[str, Any]) -> CdnTask:
-        """The complete task a reloaded meta file describes."""
+        """The complete task a reloaded meta file describes (or a peer-held one: see L{_record_peer_held})."""
         task_id = meta["taskId"]
         data_path, meta_path = self._paths(task_id)
         count = len(meta["digests"])
         available = Bitmap(count)
+        if meta.get("peerHeld"):
+            return self._restored_peer_held(meta, data_path, meta_path, available)
         for i in range(count):
             available.set(i)
         task = CdnTask(
@@ -934,6 +958,8 @@ class Cdn:
             task.side_bytes += n
             self.origin_bytes += n
             self.side_bytes += n
+            if task.adopted:
+                self.fill_bytes += n
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, None, task.piece_size, stop, self._idle_timeout, stored, counted,
@@ -960,6 +986,8 @@ class Cdn:
             task.side.remove(side)
         if task.adopted and not task.side and task.available is not None and task.available.complete:
             self._adopted_whole(task)
+        elif task.adopted and not task.side:
+            self._record_peer_held(task)
         if error is not None and not side.dropped:
             task_log(
                 log, LogLevel.info, task.task_id, "side fetch of pieces {first}..{last} cut: {why}",
@@ -1040,6 +1068,53 @@ class Cdn:
         )
         return task
 
+    def _restored_peer_held(self, meta: dict[str, Any], data_path: str, meta_path: str, available: Bitmap) -> CdnTask:
+        """A task taken over and held whole by its swarm before a restart: taken over again, its pieces here taken back."""
+        digests: list[str | None] = [str(d) for d in meta["digests"]]
+        length, piece_size = int(meta["length"]), int(meta["pieceSize"])
+        if piece_count(length, piece_size) != len(digests) or not meta.get("validators"):
+            raise ValueError("a peer-held task's meta does not describe its pieces")
+        task = CdnTask(
+            task_id=meta["taskId"], url=meta["url"], data_path=data_path, meta_path=meta_path,
+            status="running", length=length, piece_size=piece_size, piece_count=len(digests),
+            digests=digests, sha256=meta.get("sha256"), available=available,
+            validators=dict(meta["validators"]), expected_digest=meta.get("digest"),
+            last_access=meta["lastAccess"], adopted=True, done=Deferred(),
+        )
+        task.fetch_started = self._clock.seconds()
+        self.adopted_tasks += 1
+        return task
+
+    def _take_back_held(self, task: CdnTask) -> None:
+        """The pieces of a restored peer-held task whose bytes on disk match their digests: the seed has them again."""
+        assert task.length is not None
+        d = self._disk(task.task_id, _held_pieces, task.data_path, task.length, task.piece_size, [d or "" for d in task.digests])
+
+        def held(indices: list[int]) -> None:
+            if task.adopted and task.status == "running" and self.tasks.get(task.task_id) is task:
+                for i in indices:
+                    self._piece_stored(task, i, task.digests[i] or "")
+                if task.available is not None and task.available.complete:
+                    self._adopted_whole(task)
+
+        d.addCallbacks(held, lambda f: log.failure("taking back the pieces of {task}", f, task=task.task_id))
+
+    def _record_peer_held(self, task: CdnTask) -> None:
+        """
+        Every digest of a taken-over task is vouched for: its metadata is
+        written (a meta with C{peerHeld}) so a restart keeps the task; the
+        pieces on disk are checked again when it is reloaded.
+        """
+        if not task.peer_held or (task.available is not None and task.available.complete):
+            return
+        meta = {
+            "url": task.url, "length": task.length, "pieceSize": task.piece_size, "digests": task.digests,
+            "sha256": task.sha256, "contentType": task.content_type, "validators": task.validators,
+            "digest": task.expected_digest, "peerHeld": True,
+        }
+        d = self._disk(task.task_id, write_json_atomic, task.meta_path, meta)
+        d.addErrback(lambda f: log.failure("recording the peer-held task {task}", f, task=task.task_id))
+
     def _adopted_prefix(self, task: CdnTask, stored: list[str]) -> None:
         if not task.adopted or task.status != "running" or self.tasks.get(task.task_id) is not task:
             return
@@ -1051,6 +1126,7 @@ class Cdn:
             )
         for index, digest in enumerate(stored):
             self._piece_stored(task, index, digest)
+        self._record_peer_held(task)
 
     def adopt_digest(self, task: CdnTask, index: int, digest: str) -> bool:
         """A digest of an adopted task vouched for by a peer; whether it was new."""
@@ -1059,6 +1135,7 @@ class Cdn:
         if task.digests[index] is not None:
             return False
         task.digests[index] = digest
+        self._record_peer_held(task)
         return True
 
     def fill(self, task: CdnTask, pieces: list[int]) -> list[tuple[int, int]]:
@@ -1210,7 +1287,7 @@ class Cdn:
         task = self.tasks.get(task_id)
         if task is None:
             return succeed(None)
-        if task.status in ("waiting", "running"):
+        if task.status in ("waiting", "running") and not task.peer_held:
             raise ValueError(f"task {task_id} is being fetched; it cannot be evicted")
         del self.tasks[task_id]
         task.listeners.clear()
@@ -1419,6 +1496,24 @@ def _open_at(data: str, offset: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _held_pieces(path: str, length: int, piece_size: int, digests: list[str]) -> list[int]:
+    """The pieces of C{path} whose bytes hash to their digests (a peer-held task's, reloaded; blocking)."""
+    held = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return []
+    try:
+        for i, want in enumerate(digests):
+            offset, size = piece_span(i, length, piece_size)
+            data = os.pread(fd, size, offset)
+            if len(data) == size and hashlib.sha256(data).hexdigest() == want:
+                held.append(i)
+    finally:
+        os.close(fd)
+    return held
 
 
 def _commit(meta_path: str, meta: dict[str, Any], part: str) -> None:

@@ -12,6 +12,9 @@ The SuperNode's garbage collection, run periodically and once at start-up.
     (see L{dragonfly.core.gc}).
 
 Two loops (L{dragonfly.core.periodic}): the peer check, and the rest.
+Stopping lets a collection under way end at its next step: no new pool job
+is started once the service stops (the worker pool stops beside it, and a
+job it never runs would hold the shut-down up).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from twisted.logger import Logger
 
 from ..core.gc import DiskGc
 from ..core.periodic import periodic
+from ..core.threads import PoolStopped
 from .node import SuperNode
 
 log = Logger()
@@ -55,10 +59,20 @@ class SupernodeGc(MultiService):
         self.disk = disk
         self.expired_peers = 0
         self.expired_tasks = 0
+        self._stopping = False
         # each loop runs at once when started, then every interval; the
         # methods are looked up at each step
         periodic(peer_interval, lambda: self.expire_peers(), clock, "peer expiry").setServiceParent(self)
         periodic(interval, lambda: self.run(), clock, "garbage collection").setServiceParent(self)
+
+    def startService(self) -> None:
+        self._stopping = False
+        super().startService()
+
+    def stopService(self) -> Deferred:
+        # set before the loops stop: a collection waiting on the pool goes no further
+        self._stopping = True
+        return super().stopService()  # type: ignore[no-any-return]
 
     def expire_peers(self) -> list[str]:
         """Drop the peers that stopped heartbeating; their ids."""
@@ -85,9 +99,15 @@ class SupernodeGc(MultiService):
             parked = await self.node.cdn.expire_parked(self.task_expire)
             if parked:
                 log.info("deleted {n} files of origin fetches parked for a resume", n=parked)
-            if self.disk is not None:
+            if self.disk is not None and not self._stopping:
                 await self.disk.run()
 
+        def failed(f: Any) -> None:
+            if f.check(PoolStopped) and self._stopping:
+                log.info("garbage collection cut short by the shut-down")
+            else:
+                log.failure("garbage collection failed", f)
+
         d = Deferred.fromCoroutine(collect())
-        d.addErrback(lambda f: log.failure("garbage collection failed", f))
+        d.addErrback(failed)
         return d

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from prometheus_client.core import Metric
 
 from ..core.metrics import bounded, counter, gauge, histogram
-from .node import SuperNode
+from .node import TAG_KINDS, SuperNode
 from .scheduler import DROP_REASONS
 
 P = "dragonfly_supernode"
@@ -51,3 +51,22 @@ def collect(node: SuperNode) -> Iterable[Metric]:
     yield counter(f"{P}_parent_blocks_total", "Parents blocked for a child after repeated failures.", sched.blocks)
     drops = {r: sched.drops.get(r, 0) for r in DROP_REASONS}
     yield counter(f"{P}_peer_drops_total", "Peers dropped by the scheduler, by reason.", drops, "reason")
+    # taking tasks over from their swarms (--piece-key-file; docs/scale.md)
+    yield counter(f"{P}_takeover_tasks_total", "Tasks taken over from a swarm instead of fetched whole.", cdn.adopted_tasks)
+    yield counter(
+        f"{P}_takeover_pieces_adopted_total", "Piece digests of taken-over tasks adopted from peers' valid tags.",
+        node.adopted_pieces,
+    )
+    refused = {k: node.refused_tag_kinds.get(k, 0) for k in TAG_KINDS}
+    yield counter(
+        f"{P}_takeover_tags_refused_total", "Tags that did not check (forged, missing, another key or version), by what they vouched for.",
+        refused, "kind",
+    )
+    yield gauge(
+        f"{P}_takeover_peer_held_tasks", "Tasks taken over whose swarm holds them whole, this node's copy partial (counted as running in tasks).",
+        sum(1 for t in cdn.tasks.values() if t.peer_held),
+    )
+    yield counter(
+        f"{P}_takeover_fill_bytes_total", "Origin bytes fetched to fill taken-over tasks (pieces no peer held; in origin_bytes_total too).",
+        cdn.fill_bytes,
+    )

@@ -49,6 +49,9 @@ from .scheduler import SEED_ID, Decision, PeerInfo, Scheduler, UnknownPeer, Unkn
 
 log = Logger()
 
+#: what a tag that did not check was to vouch for (the takeover counters of /metrics)
+TAG_KINDS = ("origin", "piece", "sha256")
+
 #: a sync's peerBytes above this is nonsense (and beyond what JavaScript counts exactly)
 MAX_PEER_BYTES = 1 << 50
 
@@ -339,6 +342,8 @@ class SuperNode:
         self._fill_at: dict[str, list[float]] = {}
         self.adopted_pieces = 0  # digests adopted from peers' tags
         self.refused_tags = 0  # tags that did not check
+        #: those by what they were to vouch for: "origin" (a takeover), "piece", "sha256"
+        self.refused_tag_kinds: dict[str, int] = dict.fromkeys(TAG_KINDS, 0)
         self.timer = timer
         self.scheduler = scheduler
         self.advertise_ip = advertise_ip
@@ -630,7 +635,7 @@ class SuperNode:
             or if_range_value(origin.validators()) is None
             or not key.check_origin(tid, origin, given.get("tag"))
         ):
-            self.refused_tags += 1
+            self._refused("origin")
             task_log(
                 log, LogLevel.warn, tid, "takeover offered by {peerId} not taken: its origin tag does not check",
                 peerId=req.peer_id,
@@ -642,11 +647,16 @@ class SuperNode:
             if key.check_sha256(tid, origin, sha, given.get("sha256Tag")):
                 task.sha256 = sha
             else:
-                self.refused_tags += 1
+                self._refused("sha256")
                 task_log(log, LogLevel.warn, tid, "the whole-file SHA-256 from {peerId} is not taken: its tag does not check", peerId=req.peer_id)
         now = self.clock.seconds()
         self._fill_at[tid] = [now + TAKEOVER_GRACE, 0.0, now]
         return task
+
+    def _refused(self, kind: str, n: int = 1) -> None:
+        """C{n} tags that did not check (forged, for another key or version, or missing), for /metrics."""
+        self.refused_tags += n
+        self.refused_tag_kinds[kind] = self.refused_tag_kinds.get(kind, 0) + n
 
     def _adopt_proofs(self, task: CdnTask, report: SyncReport) -> None:
         """Adopt the digests of an adopted task a peer vouches for with tags that check; the rest is ignored."""
@@ -665,7 +675,7 @@ class SuperNode:
             if self.cdn.adopt_digest(task, p.index, p.digest):
                 new.append((p.index, p.digest))
         self.adopted_pieces += len(new)
-        self.refused_tags += bad
+        self._refused("piece", bad)
         at = self._fill_at.get(task.task_id)
         if at is not None:
             at[2] = self.clock.seconds()  # a peer re-announced: others may be on their way
@@ -748,12 +758,14 @@ class SuperNode:
     def in_use(self, task_id: str) -> bool:
         """
         Being fetched from the origin, sent to a peer, or downloaded by a
-        live peer that does not hold it whole yet: never evicted.
+        live peer that does not hold it whole yet: never evicted.  A task
+        taken over whose swarm holds it whole (L{CdnTask.peer_held}) counts
+        as finished.
         """
         task = self.cdn.tasks.get(task_id)
         if task is None:
             return False
-        if task.status in ("waiting", "running"):
+        if task.status in ("waiting", "running") and not task.peer_held:
             return True
         seed = self._seeds.get(task_id)
         if seed is not None and any(c.uploading for c in seed.conns):
@@ -770,7 +782,7 @@ class SuperNode:
         return [
             GcEntry(t.task_id, t.disk_size, t.last_access, self.in_use(t.task_id))
             for t in self.cdn.tasks.values()
-            if t.status in ("success", "failed")
+            if t.status in ("success", "failed") or t.peer_held
         ]
 
     def evictable(self, task_id: str) -> bool:

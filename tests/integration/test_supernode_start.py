@@ -123,3 +123,33 @@ def test_a_supernode_that_cannot_listen_exits_non_zero(tmp_path):
     text = out.decode()
     assert f"supernode could not start: Couldn't listen on 127.0.0.1:{port}" in text
     assert "Address already in use" in text
+
+
+def test_a_failed_start_exits_promptly(tmp_path):
+    """
+    No 5 s wait for the shut-down watchdog: the GC's first collection,
+    stopped beside the worker pool, used to wait for a pool job the stopped
+    pool dropped (it never fired).
+    """
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        for n in range(3):  # the race was lost about 4 times in 5
+            proc = subprocess.Popen(
+                [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "supernode", "--port", str(free_port()),
+                 "--block-port", str(port), "--listen", "127.0.0.1", "--home", str(tmp_path / f"home{n}")],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+            failed_at = None
+            out = b""
+            assert proc.stdout is not None
+            for line in proc.stdout:  # unbuffered (PYTHONUNBUFFERED or a line per write)
+                out += line
+                if failed_at is None and b"could not start" in line:
+                    failed_at = time.monotonic()
+            proc.wait(60)
+            assert proc.returncode == 1 and failed_at is not None, out
+            assert b"did not finish" not in out, out.decode()
+            assert time.monotonic() - failed_at < 2.5, out.decode()
+

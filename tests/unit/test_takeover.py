@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from typing import Any
 
@@ -356,3 +357,86 @@ def test_a_sync_answered_by_another_node_is_followed_by_all_we_hold() -> None:
     assert len(session.reports) == 4 and sorted(again.have) == [0, 2] and list(again.proofs) == held
     clock.advance(0.5)
     assert list(session.reports[-1].have) == [] and list(session.reports[-1].proofs) == []
+
+
+def takeover_metrics(n: Node) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d = n.stub.get(BASE + "/metrics")
+    n.stub.flush()
+    text = result(result(d).content()).decode()
+    return {
+        (s.name, s.labels.get("kind", "")): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+        if s.name.startswith("dragonfly_supernode_takeover") or s.name == "dragonfly_supernode_origin_bytes_total"
+    }
+
+
+def test_takeover_counters_in_metrics(tmp_path: Any) -> None:
+    """Tasks taken over, pieces adopted, tags refused by kind, origin bytes of the fills: in /metrics."""
+    _, answer = owner_with_the_file(tmp_path)
+    b = Node(str(tmp_path / "b"))
+    b.peer("p1")
+    b.peer("p2")
+    P = "dragonfly_supernode_takeover_"
+    assert takeover_metrics(b)[(P + "tasks_total", "")] == 0
+    b.register("p2", takeover={**answer["origin"], "tag": "0" * 32})  # a forged origin: a plain fetch
+    b.http.calls.clear()
+    b.node.remove_task(TID)
+    b.register("p1", takeover={**answer["origin"], "sha256Tag": "0" * 32})  # the file's SHA-256 not vouched for
+    bad = proofs(answer, [0, 1, 2, 3])
+    bad[3]["tag"] = "1" * 32
+    bad[2]["tag"] = answer["tags"][1]  # the tag of another piece
+    b.sync("p1", have=[0, 1, 2, 3], proofs=bad)
+    b.clock.advance(TAKEOVER_GRACE + TAKEOVER_QUIET)
+    b.sync("p1")
+    b.http.serve(ranged(2 * PIECE))
+    m = takeover_metrics(b)
+    assert m[(P + "tasks_total", "")] == 1
+    assert m[(P + "pieces_adopted_total", "")] == 2
+    assert (m[(P + "tags_refused_total", "origin")], m[(P + "tags_refused_total", "piece")],
+            m[(P + "tags_refused_total", "sha256")]) == (1, 2, 1)
+    assert m[(P + "fill_bytes_total", "")] == len(BODY) - 2 * PIECE == b.task.origin_bytes
+    assert m[("dragonfly_supernode_origin_bytes_total", "")] == len(BODY) - 2 * PIECE
+
+
+def test_a_task_its_swarm_holds_whole_is_recorded_evictable_and_kept_over_a_restart(tmp_path: Any) -> None:
+    """
+    Taken over, every piece vouched for by the peers: the node's copy is
+    partial (only what it fetched), the task is "peer-held": in the task's
+    JSON, on disk as a meta, listed to the disk GC and evictable once no
+    live peer downloads it, and a restarted node knows it again (its
+    digests, its version) with the pieces it had on disk.
+    """
+    _, answer = owner_with_the_file(tmp_path)
+    home = str(tmp_path / "b")
+    b = Node(home)
+    b.peer("p1")
+    b.register("p1", takeover=answer["origin"])
+    b.sync("p1", have=list(range(COUNT - 1)), proofs=proofs(answer, list(range(COUNT - 1))))
+    task = b.task
+    assert not task.peer_held and TID not in [e.task_id for e in b.node.gc_entries()]
+    b.clock.advance(TAKEOVER_GRACE + TAKEOVER_QUIET)
+    b.sync("p1")
+    b.http.serve(ranged((COUNT - 1) * PIECE))  # the last piece, which no peer held
+    assert task.status == "running" and sorted(task.available) == [COUNT - 1] and task.peer_held
+    assert task.to_json()["peerHeld"] is True
+    assert json.load(open(task.meta_path))["peerHeld"] is True
+    assert takeover_metrics(b)[("dragonfly_supernode_takeover_peer_held_tasks", "")] == 1
+    entries = {e.task_id: e for e in b.node.gc_entries()}
+    assert entries[TID].size == len(BODY) - (COUNT - 1) * PIECE
+    assert entries[TID].in_use, "a live peer still downloads it"
+    # a restart: the task, its digests and the piece on disk come back; the peers' proofs are not needed again
+    r = Node(home)
+    r.node.cdn.load()
+    again = r.task
+    assert again.peer_held and again.digests == digests(BODY) and again.version == task.version
+    assert sorted(again.available) == [COUNT - 1] and r.http.calls == []
+    r.peer("p2")
+    assert r.register("p2")["task"]["peerHeld"] is True and r.http.calls == [], "no origin fetch for a peer-held task"
+    assert r.sync("p2", digestsFrom=0)["digests"] == digests(BODY)
+    # evictable like a finished task once no live peer downloads it
+    r.node.leave_task(TID, "p2")
+    assert r.node.evictable(TID)
+    r.node.evict(TID)
+    assert TID not in r.node.cdn.tasks and not os.path.exists(again.meta_path)
