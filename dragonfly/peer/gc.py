@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from ..core.gc import DiskGc
 from ..core.periodic import periodic
+from ..core.threads import PoolStopped
 from .daemon import PeerDaemon
 
 log = Logger()
@@ -83,6 +84,12 @@ class PeerGc(Service):
             if self.disk is not None:
                 await self.disk.run()
 
+        def failed(f: Any) -> None:
+            if f.check(PoolStopped) and not self.running:
+                log.info("garbage collection cut short by the shut-down")
+            else:
+                log.failure("garbage collection failed", f)
+
         d = Deferred.fromCoroutine(collect())
-        d.addErrback(lambda f: log.failure("garbage collection failed", f))
+        d.addErrback(failed)
         return d

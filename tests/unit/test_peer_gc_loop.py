@@ -98,3 +98,33 @@ def test_no_hand_made_looping_call_in_the_peer_package() -> None:
             if "LoopingCall" in names:
                 found.append(name)
     assert found == []
+
+
+def test_a_disk_job_refused_by_the_stopped_pool_is_no_failure_at_shutdown() -> None:
+    from twisted.logger import LogLevel, capturedLogs
+
+    from dragonfly.core.threads import PoolStopped
+
+    class Disk:
+        def __init__(self) -> None:
+            self.pending: defer.Deferred = defer.Deferred()
+
+        def run(self) -> defer.Deferred:
+            return self.pending
+
+    def collect_then(stop_first: bool) -> list[Any]:
+        clock, daemon, disk = Clock(), Daemon(), Disk()
+        service = PeerGc(daemon, clock, 60.0, 3600.0, disk)  # type: ignore[arg-type]
+        with capturedLogs() as events:
+            service.startService()  # the first collection waits on the disk job
+            if stop_first:
+                service.stopService()
+            disk.pending.errback(PoolStopped("the worker pool stopped"))
+            if not stop_first:
+                service.stopService()
+        return [e for e in events if e.get("log_level") is LogLevel.critical]
+
+    # refused because the dfpeer is stopping: not a failure
+    assert collect_then(stop_first=True) == []
+    # the same error while the dfpeer runs is one
+    assert len(collect_then(stop_first=False)) == 1
