@@ -51,6 +51,7 @@ from .files import (
     write_piece,
 )
 from .ids import is_task_id
+from .partwrite import WriteGuard, seal_part, write_guarded, write_part
 
 log = Logger()
 
@@ -184,6 +185,26 @@ class TaskStore:
     def write_verified(self, task_id: str, offset: int, data: bytearray | bytes, digest: bytes) -> Deferred[bool]:
         """Check C{data} against C{digest} and write it at C{offset}; fires with True, or False on a mismatch."""
         return self._pool.run(_write_verified, self.data_path(task_id), offset, data, digest)
+
+    def write_guarded(
+        self, task_id: str, guard: WriteGuard, index: int, offset: int, data: bytearray | bytes, digest: bytes,
+    ) -> Deferred[bool]:
+        """L{write_verified} of piece C{index} under C{guard} (L{dragonfly.core.partwrite.write_guarded})."""
+        return self._pool.run(write_guarded, self.data_path(task_id), guard, index, offset, data, digest)
+
+    def write_part(
+        self, task_id: str, guard: WriteGuard, index: int, token: int, hasher: Any, buf: Any,
+        start: int, end: int, offset: int,
+    ) -> Deferred[None]:
+        """Hash and write C{buf[start:end]} of piece C{index} at C{offset} (L{dragonfly.core.partwrite.write_part})."""
+        return self._pool.run(write_part, self.data_path(task_id), guard, index, token, hasher, buf, start, end, offset)
+
+    def seal_part(
+        self, task_id: str, guard: WriteGuard, index: int, token: int, hasher: Any, buf: Any,
+        start: int, offset: int, digest: bytes,
+    ) -> Deferred[bool | None]:
+        """The last part of piece C{index}: checked and sealed (L{dragonfly.core.partwrite.seal_part})."""
+        return self._pool.run(seal_part, self.data_path(task_id), guard, index, token, hasher, buf, start, offset, digest)
 
     def save_meta(self, task_id: str, meta: dict[str, Any]) -> Deferred[None]:
         """Write the meta file of C{task_id} atomically."""

@@ -405,7 +405,18 @@ class PeerDaemon:
         Buffers still out (pieces being written) come back to the new pool.
         """
         old = self.block_factory.pool
-        self.block_factory.pool = BufferPool(old.keep)
+        new = self.block_factory.pool = BufferPool(old.keep)
+        new.lent, new.lent_peak = old.lent, old.lent_peak
+
+    def memory_stats(self) -> dict[str, int]:
+        """The piece buffers, in KiB: lent now, the most lent at once, kept free (L{dragonfly.core.memtrace})."""
+        pool = self.block_factory.pool
+        from .pieces import PART_COUNTS
+
+        return {
+            "lentKiB": pool.lent >> 10, "lentPeakKiB": pool.lent_peak >> 10, "freeKiB": pool.kept() >> 10,
+            "partPieces": PART_COUNTS["pieces"], "parts": PART_COUNTS["parts"],
+        }
 
     def note_activity(self) -> None:
         self.last_activity = self.reactor.seconds()

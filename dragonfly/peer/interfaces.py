@@ -65,6 +65,25 @@ class Store(Protocol):
         """C{f(*args)} in the pool, after the task's earlier file work (the running whole-file hash)."""
 
 
+
+class PartStore(Protocol):
+    """
+    A store that writes pieces under a L{dragonfly.core.partwrite.WriteGuard},
+    a large one part by part (L{dragonfly.core.store.TaskStore}).
+    """
+
+    def write_guarded(self, task_id: str, guard: Any, index: int, offset: int, data: bytearray, digest: bytes) -> Deferred: ...
+
+    def write_part(
+        self, task_id: str, guard: Any, index: int, token: int, hasher: Any, buf: Any, start: int, end: int, offset: int,
+    ) -> Deferred: ...
+
+    def seal_part(
+        self, task_id: str, guard: Any, index: int, token: int, hasher: Any, buf: Any, start: int, offset: int,
+        digest: bytes,
+    ) -> Deferred: ...
+
+
 class Connections(Protocol):
     """The block connections (L{dragonfly.protocol.block.BlockFactory})."""
 

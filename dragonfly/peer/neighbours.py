@@ -289,6 +289,7 @@ class Neighbours:
         self.conns.discard(conn)
         if conn is self.seed_conn:
             self.seed_conn = None
+        self.task.pieces.drop_parts(conn)
         picker = self.task.picker
         lost = picker.remove(conn) if picker is not None else []
         if self.task.lifecycle.active:
@@ -347,6 +348,10 @@ class Neighbours:
                 other.cancel(index)
         self.task.piece_arrived(conn, index, data, "supernode" if conn is self.seed_conn else "remote_peer")
         self.fill()
+
+    def piece_part(self, conn: Any, index: int, buf: bytearray, filled: int) -> int:
+        """Part of a large piece arrived (L{dragonfly.peer.pieces.TaskPieces.part})."""
+        return self.task.pieces.part(conn, index, buf, filled)
 
     def download_limits(self) -> list[TokenBucket | None]:
         return [self.task.local_limit, self.daemon.total_limit]

@@ -14,18 +14,21 @@ of the pieces (L{TaskPieces.learn}).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import random
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from ..core.bitmap import Bitmap
+from ..core.partwrite import PART, WriteGuard
 from ..core.pieces import piece_count, piece_span
 from ..core.piecetag import well_formed
 from ..protocol.supernode_api import PieceProof, SyncAnswer
-from .interfaces import Stats, Store
+from .interfaces import PartStore, Stats, Store
 from .picker import Picker
 
 
@@ -48,6 +51,34 @@ class PieceOutcomes(Protocol):
         """Piece C{index} from the origin matched its digest and is written (and held)."""
 
 
+#: no further part of this piece is wanted (see L{TaskPieces.part})
+NO_PART = 1 << 62
+#: DRAGONFLY_PART_WRITES=0: every piece is kept whole until verified (same-run comparisons)
+PART_WRITES = os.environ.get("DRAGONFLY_PART_WRITES", "1") != "0"
+#: pieces taken in parts and parts written, in this process (memory traces, tests)
+PART_COUNTS = {"pieces": 0, "parts": 0}
+
+
+class _Parts:
+    """One large piece arriving on one connection, hashed and written part by part."""
+
+    __slots__ = ("conn", "index", "buf", "token", "hasher", "filled", "queued", "written", "busy", "held", "failed", "finish")
+
+    def __init__(self, conn: Any, index: int, buf: bytearray, token: int) -> None:
+        self.conn = conn
+        self.index = index
+        self.buf = buf
+        self.token = token
+        self.hasher = hashlib.sha256()
+        self.filled = 0  # bytes arrived
+        self.queued = 0  # bytes handed to the pool (hashed, or being hashed)
+        self.written = 0  # bytes a part job returned for
+        self.busy = False
+        self.held = False  # the connection's reads are held (L{TaskPieces.PARTS_AHEAD})
+        self.failed: Failure | None = None
+        self.finish: Callable[[], None] | None = None  # run once no part job is out
+
+
 class TaskPieces:
     """
     @param task_id: the task's files in C{store}.
@@ -60,6 +91,12 @@ class TaskPieces:
     ENDGAME_AFTER = 1.0
     #: pieces ahead of an in-order stream that go before the rarest
     STREAM_WINDOW = 4
+    #: pieces larger than this are hashed and written in parts while they
+    #: arrive (L{part}); smaller ones are kept whole until verified
+    PARTS_ABOVE = 4 << 20
+    #: a connection stops reading while this much of its piece arrived and
+    #: is not hashed and written yet (the socket buffers the rest)
+    PARTS_AHEAD = 2 * PART
 
     def __init__(
         self, task_id: str, store: Store, stats: Stats, release: Callable[[bytearray], None],
@@ -92,7 +129,13 @@ class TaskPieces:
         #: told of each piece verified and stored, with its bytes
         #: (L{dragonfly.peer.wholehash.WholeHash.offer}): a Deferred it returns
         #: holds the buffer back until it fires
-        self.on_stored: Callable[[int, bytearray], Deferred | None] | None = None
+        self.on_stored: Callable[[int, bytearray | None], Deferred | None] | None = None
+        #: large pieces arriving, by connection (L{part}); who may write which piece
+        self._parts: dict[Any, _Parts] = {}
+        self._guard: WriteGuard | None = None
+        #: the store writes parts (the task store; a test's may not)
+        self._by_parts = PART_WRITES and hasattr(store, "write_part")
+        self._pstore = cast(PartStore, store)
 
     # -- geometry and digests --------------------------------------------------------
 
@@ -110,6 +153,13 @@ class TaskPieces:
             endgame_after=self.ENDGAME_AFTER, stream_window=self.STREAM_WINDOW,
         )
         self.picker.stream_from = self._stream_from
+        if self._guard is not None:
+            self._guard.dead = True
+        self._guard = WriteGuard() if self._by_parts else None
+        for parts in self._parts.values():
+            self._hold(parts, False)
+            self._guard_release(parts)
+        self._parts.clear()
 
     def have_all(self) -> None:
         """Every piece is held (a finished task restored, or the whole file from the origin)."""
@@ -227,6 +277,95 @@ class TaskPieces:
 
     # -- arriving --------------------------------------------------------------------------
 
+    def part(self, conn: Any, index: int, buf: bytearray, filled: int) -> int:
+        """
+        The first C{filled} bytes of piece C{index} arriving on C{conn} are
+        in C{buf} (0: it starts).  A large piece (over L{PARTS_ABOVE}) is
+        hashed and written L{PART} by L{PART} while the rest arrives, into
+        a region of the file that is served only once the whole piece
+        matched (L{dragonfly.core.partwrite}), and each part's pages of the
+        buffer go back to the system: a piece in flight holds a few MiB
+        whatever its size.  Answers the C{filled} at which to be called
+        again (L{NO_PART}: never).
+        """
+        if filled == 0:
+            old = self._parts.pop(conn, None)
+            if old is not None:  # the connection moved on from a piece it did not finish
+                self._hold(old, False)
+                self._guard_release(old)
+            guard = self._guard
+            if (
+                guard is None or len(buf) <= self.PARTS_ABOVE or self.have is None or index in self.have
+                or self.digests[index] is None or not self._outcomes.accepting()
+            ):
+                return NO_PART
+            token = guard.claim(index)
+            if token is None:  # verified already, or another copy writes its parts: kept whole
+                return NO_PART
+            self._parts[conn] = _Parts(conn, index, buf, token)
+            PART_COUNTS["pieces"] += 1
+            return PART
+        parts = self._parts.get(conn)
+        if parts is None or parts.index != index or parts.buf is not buf:
+            return NO_PART
+        parts.filled = filled
+        whole = filled - filled % PART
+        if whole > parts.queued and not parts.busy:
+            self._next_part(parts, whole)
+        if filled - parts.written > self.PARTS_AHEAD:
+            self._hold(parts, True)
+        return whole + PART
+
+    def _hold(self, parts: _Parts, on: bool) -> None:
+        if parts.held != on:
+            parts.held = on
+            hold = getattr(parts.conn, "hold_reads", None)
+            if hold is not None:
+                hold(on)
+
+    def _next_part(self, parts: _Parts, end: int) -> None:
+        assert self._guard is not None
+        start, parts.queued, parts.busy = parts.queued, end, True
+        PART_COUNTS["parts"] += 1
+        d = self._pstore.write_part(
+            self.task_id, self._guard, parts.index, parts.token, parts.hasher, parts.buf, start, end,
+            parts.index * self.piece_size,
+        )
+        d.addBoth(self._part_done, parts, end)
+
+    def _part_done(self, result: Any, parts: _Parts, end: int) -> None:
+        parts.busy = False
+        parts.written = end
+        if isinstance(result, Failure) and parts.failed is None:
+            parts.failed = result
+        if parts.finish is None and self._parts.get(parts.conn) is parts:
+            # still arriving: the next parts, and reading again once little is waiting
+            whole = parts.filled - parts.filled % PART
+            if whole > parts.queued and parts.failed is None:
+                self._next_part(parts, whole)
+            if parts.failed is not None or parts.filled - parts.written <= self.PARTS_AHEAD:
+                self._hold(parts, False)
+        if parts.finish is not None:
+            finish, parts.finish = parts.finish, None
+            finish()
+
+    def drop_parts(self, conn: Any) -> None:
+        """C{conn} is gone: a piece it was sending in parts will not be finished."""
+        parts = self._parts.pop(conn, None)
+        if parts is not None:
+            self._guard_release(parts)
+
+    def _guard_release(self, parts: _Parts) -> None:
+        if self._guard is not None:
+            self._guard.release(parts.index, parts.token)
+
+    def _after_parts(self, parts: _Parts, then: Callable[[], None]) -> None:
+        """Run C{then} once no part job of C{parts} is out."""
+        if parts.busy:
+            parts.finish = then
+        else:
+            then()
+
     def arrived(self, conn: Any, index: int, data: bytearray, kind: str) -> None:
         """
         Piece C{index} came from C{conn} (C{kind}: supernode or remote_peer):
@@ -236,20 +375,69 @@ class TaskPieces:
         picker = self.picker
         assert picker is not None
         digest = self.digests[index]
+        parts = self._parts.pop(conn, None)
+        if parts is not None:
+            self._hold(parts, False)
+        if parts is not None and (parts.index != index or parts.buf is not data):
+            self._guard_release(parts)
+            parts = None
         if not self._outcomes.accepting() or digest is None or not picker.verify(index):
             # a duplicate from the endgame, or too late; (a digest is always
             # known: only pieces with one are requested)
             self._stats.count(self._stats.discarded, "duplicate", len(data))
-            self._release(data)
+            if parts is None:
+                self._release(data)
+            else:
+                self._guard_release(parts)
+                self._after_parts(parts, lambda: self._release(data))
             return
-        d = self._store.write_verified(self.task_id, index * self.piece_size, data, digest)
+        if parts is not None:
+            self._after_parts(parts, lambda: self._seal(conn, index, data, kind, digest, parts))
+            return
+        if self._guard is not None:
+            d = self._pstore.write_guarded(self.task_id, self._guard, index, index * self.piece_size, data, digest)
+        else:
+            d = self._store.write_verified(self.task_id, index * self.piece_size, data, digest)
         d.addBoth(self._released, data, index)
         d.addCallbacks(self._written, self._not_written, callbackArgs=(conn, index, kind, len(data)), errbackArgs=(index,))
 
-    def _released(self, result: Any, data: bytearray, index: int) -> Any:
+    def _seal(self, conn: Any, index: int, data: bytearray, kind: str, digest: bytes, parts: _Parts) -> None:
+        """All the parts but the last are hashed and written: the last one, then the digest."""
+        assert self._guard is not None
+        if parts.failed is not None:
+            d: Deferred = Deferred()
+            d.errback(parts.failed)
+        else:
+            d = self._pstore.seal_part(
+                self.task_id, self._guard, index, parts.token, parts.hasher, data, parts.queued,
+                index * self.piece_size, digest,
+            )
+
+        picker = self.picker
+
+        def done(result: bool | None | Failure) -> None:
+            self._guard_release(parts)
+            if result is None:
+                # this copy could not write all its parts (the geometry changed,
+                # or a verified copy came first): nothing of it counts
+                self._release(data)
+                if picker is not None and self.picker is picker:
+                    picker.unverified(index)
+                self._stats.count(self._stats.discarded, "duplicate", len(data))
+                return
+            # the buffer's pages are gone: the whole-file hash reads the piece from the file
+            self._released(result, data, index, False)
+            if isinstance(result, Failure):
+                self._not_written(result, index)
+            else:
+                self._written(result, conn, index, kind, len(data))
+
+        d.addBoth(done)
+
+    def _released(self, result: Any, data: bytearray, index: int, whole: bool = True) -> Any:
         held = None
         if result is True and self.on_stored is not None and self._outcomes.accepting():
-            held = self.on_stored(index, data)
+            held = self.on_stored(index, data if whole else None)
         if held is None:
             self._release(data)
         else:
@@ -282,7 +470,10 @@ class TaskPieces:
         """
         digest = self.digests[index]
         assert digest is not None and self.have is not None
-        d = self._store.write_verified(self.task_id, index * self.piece_size, data, digest)
+        if self._guard is not None:
+            d = self._pstore.write_guarded(self.task_id, self._guard, index, index * self.piece_size, data, digest)
+        else:
+            d = self._store.write_verified(self.task_id, index * self.piece_size, data, digest)
 
         def stored(ok: bool) -> bool:
             if ok and self.have is not None and index not in self.have:

@@ -177,4 +177,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         StreamServerEndpointService(
             serverFromString(reactor, options["metrics"]), QuietSite(metrics_only_root(api.registry)),
         ).setServiceParent(top)
+    if os.environ.get("DRAGONFLY_MEMTRACE"):
+        from ..core import memtrace
+
+        memtrace.install(reactor, "dfpeer", daemon.memory_stats)
     return top

@@ -150,13 +150,15 @@ class WholeHash:
         for d in waiters:
             d.errback(StartedOver("the file started over before its whole-file hash was done"))
 
-    def offer(self, index: int, data: bytes | bytearray) -> Deferred | None:
+    def offer(self, index: int, data: bytes | bytearray | None) -> Deferred | None:
         """
         Piece C{index} was verified and stored from C{data} (in the reactor
-        thread).  None: done with C{data}; else a Deferred that fires when
-        C{data} may be given back (it was hashed, or dropped).
+        thread; None: its bytes are no longer in memory, they are read from
+        the file when the prefix gets there).  None: done with C{data}; else
+        a Deferred that fires when C{data} may be given back (it was hashed,
+        or dropped).
         """
-        if not self.enabled or self._broken or index < self._next or index in self._held:
+        if data is None or not self.enabled or self._broken or index < self._next or index in self._held:
             self._pump()
             return None
         if index >= self._next + self.MAX_HELD or len(self._held) >= self.MAX_HELD:

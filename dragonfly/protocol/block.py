@@ -182,6 +182,10 @@ class BlockProtocol(Protocol):
         """Withdraw a request (the piece came from elsewhere, or timed out)."""
         self._do(self._conn.cancel(index))
 
+    def hold_reads(self, on: bool) -> None:
+        """Stop reading (the side's piece parts wait for the disk), or read again (L{Receiver.hold})."""
+        self._rx.hold(on)
+
     def send_bitfield(self, bitmap: Bitmap) -> None:
         """Announce the pieces we hold (once, after the handshake)."""
         self._do(self._conn.send_bitfield(bitmap))

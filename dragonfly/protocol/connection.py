@@ -119,6 +119,9 @@ DEFAULT_LIMITS = Limits()
 
 HANDSHAKE, IDLE, KEEPALIVE, HAVES = "handshake", "idle", "keepalive", "haves"
 
+#: no piece_part call is due (see BlockConnection._rx_mark)
+NO_MARK = 1 << 62
+
 
 class BlockConnection:
     """
@@ -179,6 +182,7 @@ class BlockConnection:
         self._rx_buf: bytearray | None = None
         self._rx_off = 0
         self._rx_discard = False
+        self._rx_mark = NO_MARK  # the side's piece_part is called again once _rx_off reaches this
         self.last_rx = 0.0
         # uploading
         self.queue: deque[int] = deque()
@@ -268,17 +272,21 @@ class BlockConnection:
     def rx_window(self) -> memoryview | None:
         """
         While a requested piece's body arrives, the part of its buffer still
-        to fill: a reader may fill it straight from the socket, then call
-        L{rx_filled}.  None when there is no such body (or it is discarded).
+        to fill (up to the side's next C{piece_part} mark): a reader may fill
+        it straight from the socket, then call L{rx_filled}.  None when there is no such body (or it is discarded).
         """
         remaining = self._decoder.body_remaining
         if not remaining or self._rx_discard or self._rx_buf is None or self.state is not State.READY:
             return None
-        return memoryview(self._rx_buf)[self._rx_off:self._rx_off + remaining]
+        # up to the side's next piece_part mark at most: it takes the piece part by part
+        end = min(self._rx_off + remaining, max(self._rx_mark, self._rx_off + 1))
+        return memoryview(self._rx_buf)[self._rx_off:end]
 
     def rx_filled(self, n: int) -> list[Action]:
         """C{n} bytes were written into the L{rx_window} directly."""
         self._rx_off += n
+        if self._rx_off >= self._rx_mark:
+            self._rx_part()
         self.last_rx = self._now()
         self._handle(self._decoder.skip_body(n))
         return self._take()
@@ -549,6 +557,9 @@ class BlockConnection:
                 raise F.ProtocolError(f"PIECE {ev.index} has {ev.length} bytes, expected {want}")
             self._rx_buf = self._buffer(ev.length)
             self._rx_discard = False
+            # a side may take a large piece's parts as they arrive (TaskSide.piece_part)
+            part = getattr(side, "piece_part", None)
+            self._rx_mark = NO_MARK if part is None else part(self.handle, ev.index, self._rx_buf, 0)
         elif ev.index in self._cancelled:
             self._rx_buf = None
             self._rx_discard = True
@@ -566,9 +577,20 @@ class BlockConnection:
         assert buf is not None
         buf[self._rx_off:self._rx_off + n] = ev.data
         self._rx_off += n
+        if self._rx_off >= self._rx_mark:
+            self._rx_part()
+
+    def _rx_part(self) -> None:
+        """The arriving piece's first C{_rx_off} bytes are in: tell the side, before the piece's last byte."""
+        buf = self._rx_buf
+        if buf is None or self._rx_discard or self._rx_off >= len(buf):
+            self._rx_mark = NO_MARK
+            return
+        self._rx_mark = self.side.piece_part(self.handle, self._rx_index, buf, self._rx_off)
 
     def _on_piece_end(self, ev: F.PieceEnd) -> None:
         buf, self._rx_buf = self._rx_buf, None
+        self._rx_mark = NO_MARK
         if self._rx_discard:
             self._cancelled.discard(ev.index)
             self._rx_discard = False

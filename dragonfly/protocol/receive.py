@@ -56,6 +56,10 @@ UNPACED_READ = 1 << 62
 OWN_READ = os.environ.get("DRAGONFLY_OWN_READ", "1") != "0"
 
 
+#: the huge page size buffers of this size and more are made of
+HUGE_PAGE = 2 << 20
+
+
 def aligned(size: int) -> bytearray:
     """
     A zeroed writable buffer of C{size} bytes whose memory starts on a page
@@ -66,7 +70,18 @@ def aligned(size: int) -> bytearray:
     """
     if size < mmap.PAGESIZE:
         return bytearray(size)
-    return cast(bytearray, memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)))
+    if size < HUGE_PAGE:
+        return cast(bytearray, memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)))
+    # a whole number of huge pages (the kernel then maps it on a huge page
+    # boundary), in huge pages where the system allows: a large piece's
+    # parts give their pages back as they are written and the next piece
+    # faults them in again (dragonfly.core.partwrite), 2 MiB per fault
+    m = mmap.mmap(-1, -(-size // HUGE_PAGE) * HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass
+    return cast(bytearray, memoryview(m)[:size])
 
 
 class BufferPool:
@@ -78,17 +93,28 @@ class BufferPool:
     def __init__(self, keep: int = 16) -> None:
         self.keep = keep
         self._free: dict[int, list[bytearray]] = {}
+        #: bytes of the buffers lent now, and the most ever lent at once (memory accounting)
+        self.lent = 0
+        self.lent_peak = 0
 
     def take(self, size: int) -> bytearray:
         """A buffer of C{size} bytes: a free one if any (its old bytes still in it), else a new one (L{aligned})."""
         free = self._free.get(size)
+        self.lent += size
+        if self.lent > self.lent_peak:
+            self.lent_peak = self.lent
         return free.pop() if free else aligned(size)
 
     def give(self, buf: bytearray) -> None:
         """Take back a buffer from L{take}; its holder must not touch it any more."""
+        self.lent -= len(buf)
         free = self._free.setdefault(len(buf), [])
         if len(free) < self.keep:
             free.append(buf)
+
+    def kept(self) -> int:
+        """The bytes of all the free buffers kept."""
+        return sum(size * len(bufs) for size, bufs in self._free.items())
 
     def free(self, size: int) -> int:
         """How many free buffers of C{size} bytes are kept."""
@@ -116,6 +142,8 @@ class Receiver:
         self._body_seen: tuple[float, int] | None = None  # (when, bytes to come) of the body arriving
         self._twisted_read: Callable[[], Any] | None = None  # the transport's own doRead, while we hold it
         self.read_paused = False
+        #: the side holds reading (L{hold}); apart from the pacing's read_paused
+        self.held = False
 
     def attach(self, transport: Any, sock: socket.socket | None) -> None:
         """
@@ -150,7 +178,7 @@ class Receiver:
         twisted_read = self._twisted_read
         assert twisted_read is not None
         conn = self._conn
-        if self._sock is None or self.read_paused or conn.closed or getattr(self._transport, "TLS", False):
+        if self._sock is None or self.read_paused or self.held or conn.closed or getattr(self._transport, "TLS", False):
             return twisted_read()
         window = conn.rx_window()
         if window is None:
@@ -166,7 +194,7 @@ class Receiver:
         self._set_lowat(remaining)
         if paced:
             self._pace(limits, n)
-        if empty or remaining or self.read_paused or conn.closed:
+        if empty or remaining or self.read_paused or self.held or conn.closed:
             return None  # woken again when more is there (SO_RCVLOWAT)
         return twisted_read()
 
@@ -184,7 +212,7 @@ class Receiver:
         n = len(data)
         limits = self._limits()
         paced = any(limits)  # no bucket (None each): nothing to reserve
-        if self._sock is not None and not self.read_paused:
+        if self._sock is not None and not self.read_paused and not self.held:
             n += self.read_into_piece(PACED_READ if paced else UNPACED_READ)
         self._set_lowat(conn.body_remaining)
         if paced:
@@ -202,7 +230,7 @@ class Receiver:
         """L{read_into_piece}; and whether the socket was found empty (it would block)."""
         conn, sock, total = self._conn, self._sock, 0
         assert sock is not None
-        while total < most and not conn.closed:
+        while total < most and not conn.closed and not self.held:
             window = conn.rx_window()
             if window is None:
                 break
@@ -230,7 +258,24 @@ class Receiver:
 
     def _resume(self) -> None:
         self.read_paused = False
-        if not self._conn.closed:
+        if not self._conn.closed and not self.held:
+            self._transport.resumeProducing()
+
+    def hold(self, on: bool) -> None:
+        """
+        The side stops reading (C{on}: the parts of a large piece it hashes
+        and writes while it arrives wait for the disk, so the socket, not
+        memory, holds the rest) or lets it go on; apart from the pacing of
+        the download limits, which resumes only what it paused.
+        """
+        if on == self.held:
+            return
+        self.held = on
+        if self._conn.closed or self._transport is None or self.read_paused:
+            return
+        if on:
+            self._transport.pauseProducing()
+        else:
             self._transport.resumeProducing()
 
     def _set_lowat(self, remaining: int) -> None:

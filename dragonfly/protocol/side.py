@@ -64,6 +64,12 @@ class TaskSide(TypingProtocol):
     def on_piece(self, conn: BlockProtocol, index: int, data: bytearray) -> None:
         """A requested piece arrived; give C{data} back with C{factory.release} when done with it."""
 
+    # optional: piece_part(conn, index, buf, filled) -> int, told that the
+    # first `filled` bytes of a requested piece arriving into `buf` are in
+    # (0: it starts); answers the `filled` at which to be told again, or
+    # connection.NO_MARK.  A dfpeer hashes and writes a large piece's parts
+    # as they arrive (dragonfly.peer.pieces.TaskPieces.part).
+
     def on_reject(self, conn: BlockProtocol, index: int, reason: int) -> None: ...
 
     def on_digests(self, conn: BlockProtocol, first: int, digests: list[bytes]) -> None: ...

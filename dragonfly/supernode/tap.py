@@ -317,4 +317,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     ).setServiceParent(top)
     # the dashboard's traffic chart (GET /api/v1/dashboard, /ui)
     node.traffic_sampler().setServiceParent(top)
+    if os.environ.get("DRAGONFLY_MEMTRACE"):
+        from ..core import memtrace
+
+        memtrace.install(reactor, "supernode")
     return top

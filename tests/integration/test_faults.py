@@ -124,7 +124,20 @@ def test_supernode_restart_mid_download(tmp_path, origin_file):
         assert all(a == len(names) for a in view["availability"])
 
 
-def _bad_parent_then_peers(tmp_path, root, digest, peers, **bad):
+def test_a_lying_peer_is_caught_with_pieces_written_in_parts(tmp_path, origin_file):
+    """
+    The same with 8 MiB pieces, which are hashed and written in 2 MiB parts
+    as they arrive: a liar's parts never end up in a served piece.
+    """
+    root, digest = origin_file
+    views, _ = _bad_parent_then_peers(tmp_path, root, digest, 3, supernode_args=("--piece-size", "8M"), liar=True)
+    bad = {n: v["badPieces"] for n, v in views.items()}
+    print(f"\nbad pieces caught per peer (8 MiB pieces): {bad}")
+    assert sum(bad.values()) >= 1
+    assert all(b <= 2 + 4 for b in bad.values())
+
+
+def _bad_parent_then_peers(tmp_path, root, digest, peers, supernode_args=(), **bad):
     """
     A bad peer (C{liar=True} or C{silent=True}) gets the whole file first,
     honestly, so it is everyone's best-stocked parent; then C{peers} peers
@@ -133,7 +146,7 @@ def _bad_parent_then_peers(tmp_path, root, digest, peers, **bad):
     """
     with Swarm(str(tmp_path / "swarm")) as swarm:
         swarm.start_origin(root)
-        swarm.start_supernode()
+        swarm.start_supernode(*supernode_args)
         swarm.start_peer("bad", **bad)
         url = swarm.origin_url + "/f.bin"
         proc = swarm.dfget(url, str(tmp_path / "bad.out"), "bad")
