@@ -92,8 +92,12 @@ class TaskPieces:
     #: pieces ahead of an in-order stream that go before the rarest
     STREAM_WINDOW = 4
     #: pieces larger than this are hashed and written in parts while they
-    #: arrive (L{part}); smaller ones are kept whole until verified
-    PARTS_ABOVE = 4 << 20
+    #: arrive (L{part}); smaller ones are kept whole until verified.  The
+    #: parts' pages are faulted in again for each piece, which cost the
+    #: receiving dfpeer's reactor about 0.6 CPU s/GiB (docs/benchmarks.md):
+    #: worth it where two pieces alone pass the 16 MiB in-flight floor
+    #: (DRAGONFLY_PARTS_ABOVE_MIB)
+    PARTS_ABOVE = int(os.environ.get("DRAGONFLY_PARTS_ABOVE_MIB", "8")) << 20
     #: a connection stops reading while this much of its piece arrived and
     #: is not hashed and written yet (the socket buffers the rest)
     PARTS_AHEAD = 2 * PART

@@ -126,13 +126,13 @@ def test_supernode_restart_mid_download(tmp_path, origin_file):
 
 def test_a_lying_peer_is_caught_with_pieces_written_in_parts(tmp_path, origin_file):
     """
-    The same with 8 MiB pieces, which are hashed and written in 2 MiB parts
+    The same with 12 MiB pieces, which are hashed and written in 2 MiB parts
     as they arrive: a liar's parts never end up in a served piece.
     """
     root, digest = origin_file
-    views, _ = _bad_parent_then_peers(tmp_path, root, digest, 3, supernode_args=("--piece-size", "8M"), liar=True)
+    views, _ = _bad_parent_then_peers(tmp_path, root, digest, 3, supernode_args=("--piece-size", "12M"), liar=True)
     bad = {n: v["badPieces"] for n, v in views.items()}
-    print(f"\nbad pieces caught per peer (8 MiB pieces): {bad}")
+    print(f"\nbad pieces caught per peer (12 MiB pieces): {bad}")
     assert sum(bad.values()) >= 1
     assert all(b <= 2 + 4 for b in bad.values())
 
