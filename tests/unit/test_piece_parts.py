@@ -294,3 +294,25 @@ def test_a_hold_leaves_the_rest_in_the_socket_until_released() -> None:
     assert link.transport.state == "producing"
     link.rx.read_into_piece(1 << 20)
     assert side.pieces and bytes(side.pieces[0][1]) == body
+
+
+def test_a_hold_and_the_download_limits_pause_apart() -> None:
+    from twisted.internet.task import Clock
+
+    from dragonfly.core.ratelimit import TokenBucket
+
+    clock = Clock()
+    bucket = TokenBucket(100_000, clock, burst=0)
+    link = Link(Leech(limits=[bucket]), clock=clock)
+    assert link.rx.read_paused and link.transport.state == "paused"  # the handshake's bytes: in debt
+    link.rx.hold(True)
+    clock.advance(10.0)  # the pacing is over, the hold is not
+    assert not link.rx.read_paused and link.transport.state == "paused"
+    link.rx.hold(False)
+    assert link.transport.state == "producing"
+    # and the other way round: a hold let go while the pacing still pauses
+    link.rx.read_paused = True
+    link.transport.pauseProducing()
+    link.rx.hold(True)
+    link.rx.hold(False)
+    assert link.transport.state == "paused"
