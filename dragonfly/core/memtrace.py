@@ -86,6 +86,8 @@ def install(reactor: Any, name: str, stats: Callable[[], dict[str, Any]] | None 
             dumped[0] = hwm
             top(f"peak {hwm} KiB")
 
-    LoopingCall(sample).start(every)
+    call = LoopingCall(sample)
+    call.clock = reactor
+    call.start(every)
     reactor.addSystemEventTrigger("before", "shutdown", top, "at shutdown")
     return True
