@@ -180,7 +180,17 @@ class Receiver:
         conn = self._conn
         if conn.closed:
             return
-        self._run(conn.data_received(data))
+        # the side's reactions to these frames (its picker's fills) happen once, at the end
+        side = conn.side
+        hold = getattr(side, "hold_fills", None)
+        if hold is None:
+            self._run(conn.data_received(data))
+        else:
+            hold()
+            try:
+                self._run(conn.data_received(data))
+            finally:
+                side.release_fills()
         n = len(data)
         limits = self._limits()
         paced = any(limits)  # no bucket (None each): nothing to reserve
