@@ -7,7 +7,11 @@ task at the same moment, one HTTP GET goes to the origin.  The body streams
 straight to C{<home>/repo/<task id>.data}; each full piece is hashed (SHA-256)
 and written at its offset in the worker pool, in order, and published the
 moment it is on disk, so peers fetch early pieces while the origin download
-is still running.  A whole-file SHA-256 is computed in the same pass.
+is still running.  A whole-file SHA-256 is computed in the same pass when
+the task carries a C{sha256:} digest (the CDN checks the body against it;
+the peers then skip their own whole-file hash), and only then: no one else
+reads it, and it was a second SHA-256 pass over every byte
+(C{DRAGONFLY_CDN_FILE_SHA256=always} computes it for every task).
 
 Nothing half-fetched is ever served as complete: a task becomes C{success}
 only when the byte count matches the origin's C{Content-Length} (and the
@@ -86,6 +90,29 @@ log = Logger()
 #: DRAGONFLY_TRACE=1: a log line per piece published ("trace <task> piece <i> stored at <t>"), as the
 #: dfpeers log each piece they finish, to see how long the first peer waits for the seed (bench.datapath)
 TRACE = bool(os.environ.get("DRAGONFLY_TRACE"))
+
+#: DRAGONFLY_CDN_FILE_SHA256=always: the whole-file SHA-256 of every task, also of those with no sha256
+#: digest to check it against (a second SHA-256 pass over every byte, about 0.6 CPU s/GiB; read by no one
+#: then but the API's task view); the default computes it only for those (L{wants_file_sha256})
+FILE_SHA256_ALWAYS = os.environ.get("DRAGONFLY_CDN_FILE_SHA256", "digest") == "always"
+
+
+def wants_file_sha256(expected_digest: str | None) -> bool:
+    """
+    Whether a fetch hashes the whole file: when the task carries a sha256
+    digest (the CDN fails the task unless the body has it, and peers asked
+    for that digest take the CDN's SHA-256 instead of hashing the file again),
+    or with C{DRAGONFLY_CDN_FILE_SHA256=always}.
+    """
+    if FILE_SHA256_ALWAYS:
+        return True
+    if not expected_digest:
+        return False
+    try:
+        return parse_digest(expected_digest)[0] == "sha256"
+    except ValueError:
+        return False
+
 
 #: the wanted ranges a task keeps until its length is known, and the side fetches it runs at once
 MAX_WANTED = 8
@@ -730,7 +757,7 @@ class Cdn:
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, None, task.piece_size, length, self._idle_timeout, stored, counted,
-            limit=self._origin_limit, start=start,
+            limit=self._origin_limit, start=start, whole_hash=wants_file_sha256(task.expected_digest),
         )
         task.main_writer = writer
         writer.done.addCallbacks(
@@ -1236,7 +1263,7 @@ class Cdn:
             return
         meta = {
             "url": task.url, "length": task.length, "pieceSize": task.piece_size,
-            "digests": task.digests, "sha256": file_hash, "contentType": task.content_type,
+            "digests": task.digests, "sha256": file_hash or None, "contentType": task.content_type,
             "validators": task.validators, "digest": task.expected_digest,
         }
         d = self._disk(task.task_id, _commit, task.meta_path, meta, self._part_path(task.task_id))
@@ -1248,7 +1275,7 @@ class Cdn:
     def _committed(self, task: CdnTask, file_hash: str) -> None:
         if task.status != "running":
             return
-        task.sha256 = file_hash
+        task.sha256 = file_hash or None
         task.status = "success"
         task.adopted = False  # a cached file like any other from now on
         task.validated_at = self._clock.seconds()
