@@ -610,6 +610,9 @@ class Cdn:
         if task.fetch_range is not None:
             headers["Range"] = task.fetch_range.header()
             found = None  # (a range alone is small: fetched whole again)
+        if found is not None and wants_file_sha256(task.expected_digest) and not found[1].whole:
+            # (cannot be: one task id, one digest) a prefix hashed without the whole-file hash this fetch keeps
+            found = None
         if found is not None:
             header, point = found
             extra = resume_headers(header["validators"], point.offset)
@@ -796,7 +799,10 @@ class Cdn:
             code=error.code, message=error.message, offset=offset, n=task.retries, most=self._retries,
         )
         # the stored prefix's whole-file hash, read back in the pool
-        d = self._disk(task.task_id, rehash_prefix, task.data_path, offset, task.piece_size)
+        d = self._disk(
+            task.task_id, rehash_prefix, task.data_path, offset, task.piece_size, 1 << 20,
+            wants_file_sha256(task.expected_digest),
+        )
         d.addCallbacks(
             lambda point: self._retry(task, error, point),
             lambda f: self._fail(task, TaskError("STORE_FAILED", f"cannot read the stored bytes back: {f.getErrorMessage()}")),
@@ -1394,7 +1400,7 @@ def _parked_plan(task_id: str, parked: str) -> Plan | None:
     offset = _resume_offset(header, os.path.getsize(parked_data))
     if resume_headers(header["validators"], offset) is None:
         return None
-    return Plan(parked_data, offset, header["pieceSize"])
+    return Plan(parked_data, offset, header["pieceSize"], wants_file_sha256(header.get("digest")))
 
 
 def _take_parked(
@@ -1418,10 +1424,11 @@ def _take_parked(
     if header is None or resume_headers(header["validators"], offset) is None:
         remove_files(parked_data, parked_part)
         return None
-    point = prehash.take(task_id, Plan(parked_data, offset, header["pieceSize"])) if prehash is not None else None
+    whole = wants_file_sha256(header.get("digest"))
+    point = prehash.take(task_id, Plan(parked_data, offset, header["pieceSize"], whole)) if prehash is not None else None
     move_task_files(parked, repo, task_id)
     if point is None:
-        point = rehash_prefix(os.path.join(repo, task_id + ".data"), offset, header["pieceSize"])
+        point = rehash_prefix(os.path.join(repo, task_id + ".data"), offset, header["pieceSize"], whole=whole)
     return header, point
 
 

@@ -660,3 +660,63 @@ def test_file_sha256_always_hashes_a_task_without_a_digest(env: Env, monkeypatch
     task = env.cdn.ensure(TID, URL)
     env.http.serve(whole())
     assert task.status == "success" and task.sha256 == hashlib.sha256(BODY).hexdigest()
+
+
+def test_rehash_prefix_without_the_whole_file_hash(tmp_path: Any) -> None:
+    path = str(tmp_path / "f")
+    with open(path, "wb") as f:
+        f.write(BODY)
+    both = rehash_prefix(path, 5 * PIECE + 3, PIECE)
+    pieces = rehash_prefix(path, 5 * PIECE + 3, PIECE, whole=False)
+    assert both.whole and not pieces.whole
+    assert pieces.offset == both.offset and pieces.digests == both.digests == digests(BODY)[:5]
+    assert pieces.chunk_hash.hexdigest() == both.chunk_hash.hexdigest() == hashlib.sha256(BODY[5 * PIECE : 5 * PIECE + 3]).hexdigest()
+    assert both.file_hash.hexdigest() == hashlib.sha256(BODY[: 5 * PIECE + 3]).hexdigest()
+    assert pieces.file_hash.hexdigest() == hashlib.sha256().hexdigest()  # never fed
+    # a writer keeping a whole-file hash cannot go on from it; one keeping none can
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with pytest.raises(ValueError):
+            ChunkedFileWriter(ImmediatePool(), Clock(), fd, PIECE, len(BODY), start=pieces)
+        ChunkedFileWriter(ImmediatePool(), Clock(), fd, PIECE, len(BODY), start=pieces, whole_hash=False)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("digest", [None, "sha256:" + hashlib.sha256(BODY).hexdigest()])
+def test_a_restart_rehashes_the_whole_file_only_for_a_sha256_digest(env: Env, digest: str | None) -> None:
+    """A parked prefix is rehashed into its pieces' digests, and into the whole file's only when the fetch keeps one."""
+
+    class Hanging(FakeResponse):
+        def deliverBody(self, protocol: Any) -> None:
+            protocol.makeConnection(FakeTransport())
+            protocol.dataReceived(self.body[: 5 * PIECE + 3])
+
+    env.cdn.ensure(TID, URL, digest=digest)
+    env.http.serve(Hanging(body=BODY, headers=validator_headers()))
+    plan = cdn_module._parked_plan(TID, env.cdn.repo)
+    assert plan is not None and plan.offset == 5 * PIECE and plan.whole is bool(digest)
+    again = Env(env.home)
+    assert again.cdn.load() == 0 and len(again.cdn._prehash) == 1
+    task = again.cdn.ensure(TID, URL, digest=digest)
+    again.http.serve(ranged(5 * PIECE))
+    assert task.status == "success", task.error
+    assert task.digests == digests(BODY) and open(task.data_path, "rb").read() == BODY
+    assert task.sha256 == (hashlib.sha256(BODY).hexdigest() if digest else None)
+    assert task.origin_bytes == len(BODY) - 5 * PIECE
+
+
+@pytest.mark.parametrize("digest", [None, "sha256:" + hashlib.sha256(BODY).hexdigest()])
+def test_a_cut_fetch_rehashes_the_whole_file_only_for_a_sha256_digest(tmp_path: Any, monkeypatch: Any, digest: str | None) -> None:
+    env = Env(str(tmp_path))
+    env.cdn = Cdn(env.home, env.http, SyncPool(), env.clock, piece_size=PIECE, retries=1)
+    wholes: list[bool] = []
+    real = cdn_module.rehash_prefix
+    monkeypatch.setattr(cdn_module, "rehash_prefix", lambda *a: wholes.append(a[4]) or real(*a))
+    task = env.cdn.ensure(TID, URL, digest=digest)
+    env.http.serve(cut_at(3 * PIECE + 500))
+    assert wholes == [bool(digest)]
+    env.http.serve(ranged(3 * PIECE))
+    assert task.status == "success", task.error
+    assert task.digests == digests(BODY) and open(task.data_path, "rb").read() == BODY
+    assert task.sha256 == (hashlib.sha256(BODY).hexdigest() if digest else None)
