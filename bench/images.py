@@ -32,6 +32,9 @@ small:      (not in the default parts) blobs of --small-sizes, each GET by
             (every blob through the swarm) and straight from the registry:
             where the swarm's fixed costs stop paying (--direct-below's default).
 
+With --trace, the layer part's daemons run with DRAGONFLY_TRACE=1 and host 2's GET is
+printed as a timeline (see L{timeline}); --dfdaemon-args adds options to its
+dfdaemons (an A/B: one run with --dfdaemon-args=--no-splice, one without).
 With --profile DIR, py-spy (``record --nonblocking``) samples host 2's
 dfdaemon and dfpeer during its GET; DIR gets their flame graphs (SVG) and
 the top of each collapsed profile.  Prints a table; --json writes the
@@ -46,6 +49,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -70,10 +74,11 @@ def load() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def timed_get(url: str, path: str, before: list[str], digest: str) -> float:
+def timed_get(url: str, path: str, before: list[str], digest: str, began: list[float] | None = None) -> float:
     """
     Seconds to GET C{path} (after the C{before} requests on the same
-    connection), the body hashed as it arrives and checked against C{digest}.
+    connection), the body hashed as it arrives and checked against C{digest};
+    C{began} gets the wall-clock time the GET was sent.
     """
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
@@ -86,6 +91,8 @@ def timed_get(url: str, path: str, before: list[str], digest: str) -> float:
         view = memoryview(buf)
         n = 0
         start = time.monotonic()
+        if began is not None:
+            began.append(time.time())
         conn.request("GET", path)
         resp = conn.getresponse()
         if resp.status != 200:
@@ -191,7 +198,43 @@ def summarise(raw: str, top: int = 25) -> str:
     return "\n".join(lines) + "\n"
 
 
-def layer_bench(work: str, registry: Registry, image: Image, runs: int, profile: str | None) -> dict[str, Any]:
+TRACE_LINE = re.compile(r"trace (?:[0-9a-f]{12} )?(stream waits for piece \d+|stream sees done|stream sent all|relay start|"
+                        r"relay took all|relay sent all|start|piece \d+ from \S+) at (\d+\.\d+)(?:, offset (\d+))?")
+
+
+def timeline(logs: list[str], began: float, took: float) -> dict[str, Any]:
+    """
+    Host 2's GET from its processes' DRAGONFLY_TRACE lines (seconds from the
+    GET's start): the task's start, first and last piece, where the dfpeer's
+    in-order stream stood when it saw the task done, its last byte sent, the
+    relay's last byte taken and sent, the client's last byte.
+    """
+    out: dict[str, Any] = {}
+    pieces = []
+    for path in logs:
+        with open(path, errors="replace") as f:
+            for m in TRACE_LINE.finditer(f.read()):
+                what, t = m.group(1), float(m.group(2)) - began
+                if t < -1:
+                    continue  # (host 1's GET, in host 1's logs only; or an earlier request)
+                if what.startswith("piece"):
+                    pieces.append(t)
+                elif what.startswith("stream waits"):
+                    out["stream_waits"] = out.get("stream_waits", 0) + 1
+                elif what not in out:
+                    out[what] = t
+                    if m.group(3):
+                        out["offset at done"] = int(m.group(3))
+    if pieces:
+        out["first piece"], out["last piece"] = min(pieces), max(pieces)
+    out["client done"] = took
+    return out
+
+
+def layer_bench(
+    work: str, registry: Registry, image: Image, runs: int, profile: str | None, dfdaemon_args: tuple[str, ...] = (),
+    trace: bool = False,
+) -> dict[str, Any]:
     digest = image.layers[0]
     size = len(image.blob(digest))
     path = f"/v2/bench/layer/blobs/{digest}"
@@ -208,12 +251,23 @@ def layer_bench(work: str, registry: Registry, image: Image, runs: int, profile:
                 for h in (1, 2):
                     peer = swarm.start_peer(f"host{h}")
                     apis.append(peer["api"])
-                    urls.append(swarm.start_dfdaemon(f"dfdaemon{h}", peer["home"], "--registry", registry.url))
+                    urls.append(swarm.start_dfdaemon(f"dfdaemon{h}", peer["home"], "--registry", registry.url,
+                                                     *dfdaemon_args))
                 out["host1"].append(timed_get(urls[0], path, warm, digest))
                 pids = {"dfdaemon": pid_of(swarm, "dfdaemon2"), "dfpeer": pid_of(swarm, "host2")}
                 cpu = {k: cpu_seconds(p) for k, p in pids.items()}
+                began: list[float] = []
                 with Profiler(profile if run == 0 else None, pids, "host2"):
-                    out["host2"].append(timed_get(urls[1], path, warm, digest))
+                    out["host2"].append(timed_get(urls[1], path, warm, digest, began))
+                if trace:
+                    time.sleep(0.2)  # (the logs written)
+                    tl = timeline([os.path.join(wd, "host2.log"), os.path.join(wd, "dfdaemon2.log")], began[0],
+                                  out["host2"][-1])
+                    out.setdefault("host2_timeline", []).append(tl)
+                    print(f"layer run {run}: host 2's GET, seconds from its start: " + ", ".join(
+                        f"{k} {v / MiB:.0f} MiB" if k == "offset at done" else f"{k} {v}" if k == "stream_waits"
+                        else f"{k} {v:.3f}" for k, v in sorted(tl.items(), key=lambda kv: (kv[0] != "start", kv[1]))),
+                        flush=True)
                 for k, p in pids.items():
                     out.setdefault(f"host2_{k}_cpu", []).append(cpu_seconds(p) - cpu[k])
                 # again, the blob held on host 2: the dfdaemon -> dfpeer path alone
@@ -490,6 +544,10 @@ def main() -> None:
     ap.add_argument("--direct-below", help="dfdaemon's --direct-below in the containerd part (default: its "
                     "default); several, comma-separated: one pull through dfdaemon per value in each run (A/B)")
     ap.add_argument("--profile", help="py-spy host 2's dfdaemon and dfpeer into this directory")
+    ap.add_argument("--dfdaemon-args", default="", help="more options for the layer part's dfdaemons, "
+                    "space-separated (e.g. --dfdaemon-args=--no-splice)")
+    ap.add_argument("--trace", action="store_true", help="DRAGONFLY_TRACE=1 for the layer part's daemons, and "
+                    "host 2's GET as a timeline (task start, pieces, the in-order stream at the task's end, relay)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="a PNG of the results here")
     args = ap.parse_args()
@@ -507,7 +565,11 @@ def main() -> None:
         if "layer" in parts:
             image = make_image(os.path.join(work, "oci-layer"), [args.layer_mib * MiB], tag="v1", seed=41)
             registry.push(image, "bench/layer")
-            results["layer"] = layer_bench(work, registry, image, args.runs, args.profile)
+            if args.trace:
+                os.environ["DRAGONFLY_TRACE"] = "1"  # (the daemons inherit it)
+            results["layer"] = layer_bench(work, registry, image, args.runs, args.profile,
+                                           tuple(args.dfdaemon_args.split()), args.trace)
+            os.environ.pop("DRAGONFLY_TRACE", None)
         if "small" in parts:
             sizes = [int(parse_rate(v)) for v in args.small_sizes.split(",")]
             results["small"] = small_bench(work, registry, args.hosts, sizes, args.runs)

@@ -22,7 +22,7 @@ then L{dragonfly.core.files.read_back}, as the store and the CDN do) and
 just stored: the writing and the sending thread's CPU per GiB and the
 C{sendfile} latency per piece (it runs in the reactor thread).
 
-    python -m bench.writepath --cdn [--size-mib 512] [--piece-mib 4] [--rounds 2]
+    python -m bench.writepath --cdn|--cdn-whole [--size-mib 512] [--piece-mib 4] [--rounds 2]
 
 instead runs the CDN's body writer (L{cdn_writer}) with its whole-file hash
 in a chain of its own (C{DRAGONFLY_CDN_SPLIT_HASH=1}) and without,
@@ -143,12 +143,13 @@ def upload(mode: str, path: str, piece: int, count: int) -> str:
             f"p50 {lat[len(lat) // 2] * 1e3:.1f} p90 {lat[int(len(lat) * 0.9)] * 1e3:.1f} max {lat[-1] * 1e3:.1f}")
 
 
-def cdn_writer(split: bool, path: str, piece: int, size: int, read: int) -> str:
+def cdn_writer(split: bool, path: str, piece: int, size: int, read: int, whole: bool = True) -> str:
     """
     The CDN's body writer (L{dragonfly.core.bodywriter.ChunkedFileWriter})
     with a real reactor and worker pool, fed C{read}-byte reads as fast as
     it takes them (its pauses obeyed): wall time, the process's CPU, and how
     long after its last byte arrived each piece was published (p50 / p90).
+    C{whole}: with the whole-file hash (a task with a sha256 digest's) or not.
     """
     from twisted.internet import reactor
     from twisted.web.client import ResponseDone
@@ -166,7 +167,7 @@ def cdn_writer(split: bool, path: str, piece: int, size: int, read: int) -> str:
     def stored(index: int, digest: str) -> None:
         waits.append(time.perf_counter() - arrived[index])
 
-    writer = bodywriter.ChunkedFileWriter(pool, reactor, fd, piece, size, on_chunk=stored)
+    writer = bodywriter.ChunkedFileWriter(pool, reactor, fd, piece, size, on_chunk=stored, whole_hash=whole)
     writer._split = split
 
     class Source:
@@ -215,7 +216,7 @@ def cdn_writer(split: bool, path: str, piece: int, size: int, read: int) -> str:
     os.unlink(path)
     gib = size / (1 << 30)
     waits.sort()
-    return (f"split {'on ' if split else 'off'} {t1 - t0:6.2f} s  CPU-s/GiB {(u1 - u0 + s1 - s0) / gib:.2f} "
+    return (f"split {'on ' if split else 'off'} whole {'on ' if whole else 'off'} {t1 - t0:6.2f} s  CPU-s/GiB {(u1 - u0 + s1 - s0) / gib:.2f} "
             f"(user {(u1 - u0) / gib:.2f}, system {(s1 - s0) / gib:.2f})  piece published after its last byte, ms: "
             f"p50 {waits[len(waits) // 2] * 1e3:.1f} p90 {waits[int(len(waits) * 0.9)] * 1e3:.1f}"
             + ("" if isinstance(result[0], tuple) else f"  FAILED {result[0]}"))
@@ -231,16 +232,19 @@ def main() -> None:
     ap.add_argument("--upload", action="store_true", help="write then sendfile each piece: buffered, direct, willneed")
     ap.add_argument("--cdn", action="store_true",
                     help="the CDN's body writer, its whole-file hash in its own chain (split) or not, alternated")
+    ap.add_argument("--cdn-whole", action="store_true",
+                    help="the CDN's body writer with its whole-file hash (a task with a sha256 digest) and without, alternated")
     args = ap.parse_args()
-    if args.cdn:
+    if args.cdn or args.cdn_whole:
         path = os.path.join(args.dir, f"writepath-{os.getpid()}.data")
         for r in range(args.rounds):
-            for split in (True, False) if r % 2 == 0 else (False, True):
+            runs = [(True, True), (False, True)] if args.cdn else [(False, True), (False, False)]
+            for split, whole in runs if r % 2 == 0 else runs[::-1]:
                 subprocess.run(["sync"], check=False)
                 time.sleep(0.3)
                 # one reactor per process: each run in a child
                 code = ("import sys; from bench.writepath import cdn_writer; "
-                        f"print(cdn_writer({split}, {path!r}, {args.piece_mib << 20}, {args.size_mib << 20}, 1 << 20))")
+                        f"print(cdn_writer({split}, {path!r}, {args.piece_mib << 20}, {args.size_mib << 20}, 1 << 20, {whole}))")
                 try:
                     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                                          timeout=900)

@@ -57,20 +57,25 @@ class ResumePoint:
     Where a body stored earlier stopped: C{offset} bytes on disk, the
     SHA-256 of each whole chunk before it, the whole-file hash over those
     bytes and the hash of the chunk cut at C{offset} (hashlib objects).
+    C{whole}: whether C{file_hash} took those bytes (a writer that keeps no
+    whole-file hash needs none, L{rehash_prefix}).
     """
 
     offset: int
     digests: list[str] = field(factory=list)
     file_hash: Any = field(factory=hashlib.sha256)
     chunk_hash: Any = field(factory=hashlib.sha256)
+    whole: bool = True
 
 
-def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 << 20) -> ResumePoint:
+def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 << 20, whole: bool = True) -> ResumePoint:
     """
     Hash the first C{offset} bytes of C{path} chunk by chunk (run it in the
-    worker pool).  A file shorter than C{offset} gives a shorter point.
+    worker pool), and into the whole-file hash too unless C{whole} is false
+    (a fetch that keeps none: half the CPU).  A file shorter than
+    C{offset} gives a shorter point.
     """
-    point = ResumePoint(0)
+    point = ResumePoint(0, whole=whole)
     fd = os.open(path, os.O_RDONLY)
     try:
         while point.offset < offset:
@@ -78,7 +83,8 @@ def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 <<
             block = os.pread(fd, min(read_size, room, offset - point.offset), point.offset)
             if not block:
                 break
-            point.file_hash.update(block)
+            if whole:
+                point.file_hash.update(block)
             point.chunk_hash.update(block)
             point.offset += len(block)
             if point.offset % chunk_size == 0:
@@ -375,6 +381,8 @@ class ChunkedFileWriter(HeldBody):
         self._on_chunk = on_chunk
         self._on_bytes = on_bytes
         start = start if start is not None else ResumePoint(0)
+        if whole_hash and not start.whole:
+            raise ValueError("a whole-file hash cannot go on from a resume point that kept none")
         self._index = start.offset // chunk_size  # the chunk being filled
         self._hash = start.file_hash
         self._chunk_hash = start.chunk_hash

@@ -28,6 +28,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -48,6 +49,9 @@ PIPE_SIZE = 1 << 20
 #: the largest response head read from the dfpeer
 MAX_HEAD = 64 << 10
 _MOVE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+#: DRAGONFLY_TRACE=1: log lines with wall-clock times when the relay starts, has taken
+#: the whole body from the dfpeer and has sent it ("trace relay ... at <t>")
+TRACE = bool(os.environ.get("DRAGONFLY_TRACE"))
 
 
 def plain_client(request: Any) -> tuple[Any, socket.socket] | None:
@@ -206,6 +210,9 @@ class SpliceRelay:
         self._pipe: tuple[int, int] | None = None
         self._readable = _Readable(self.peer.fileno(), self)
         self._done: Deferred = Deferred()
+        #: splices from the dfpeer, and splices into the client that found its socket full
+        self.splices_in = 0
+        self.client_full = 0
 
     def start(self) -> Deferred:
         r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -220,6 +227,8 @@ class SpliceRelay:
         # the status line, the headers and what came with the dfpeer's head, through Twisted
         self.request.write(rest[: self.length])
         self.taken = self.sent = len(rest[: self.length])
+        if TRACE:
+            log.info("trace relay start at {t:.3f}", t=time.time())
         self._fill()
         return self._done
 
@@ -243,6 +252,9 @@ class SpliceRelay:
                 return
             self.taken += n
             self._in_pipe += n
+            self.splices_in += 1
+            if TRACE and self.taken >= self.length:
+                log.info("trace relay took all at {t:.3f}", t=time.time())
         # (read again once the pipe is empty: a pipe full of partly used pages
         # takes nothing more before its whole size)
         self._watch(self._in_pipe == 0 and self.taken < self.length)
@@ -260,6 +272,7 @@ class SpliceRelay:
                 try:
                     n = os.splice(self._pipe[0], self.sock.fileno(), self._in_pipe, flags=_MOVE)
                 except (BlockingIOError, InterruptedError):
+                    self.client_full += 1
                     wake_when_writable(self.transport)
                     break
                 except OSError as e:
@@ -295,6 +308,9 @@ class SpliceRelay:
             pass
 
     def _finish(self) -> None:
+        if TRACE:
+            log.info("trace relay sent all at {t:.3f} ({splices} splices in, the client's socket full {full} times)",
+                     t=time.time(), splices=self.splices_in, full=self.client_full)
         self._close()
         self.peer.loseConnection()
         if not self.request.finished and not getattr(self.request, "_disconnected", False):

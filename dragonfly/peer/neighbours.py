@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 HAVE_DELAY = 0.2
 #: a HAVE is held this many times the recent gap between stored pieces (DRAGONFLY_HAVE_GAPS: A/B rounds)
 HAVE_GAPS = float(os.environ.get("DRAGONFLY_HAVE_GAPS", "1.5"))
+#: one picker fill per batch of frames read together, and none for a seed HAVE outside the seed
+#: allowance (L{Neighbours.hold_fills}); DRAGONFLY_BATCH_FILLS=0 fills after every event (A/B rounds)
+BATCH_FILLS = os.environ.get("DRAGONFLY_BATCH_FILLS", "1") != "0"
 
 
 class HaveHold:
@@ -105,6 +108,10 @@ class Neighbours:
         self._bad_from: dict[str, int] = {}
         self._banned: dict[str, float] = {}
         self._hold = HaveHold(self.max_have_delay)
+        self._holding = 0  # L{hold_fills} depth
+        self._fill_due = False  # a fill was asked for while held
+        self._limits_key: tuple[Any, ...] | None = None  # what L{limits} was worked out from
+        self._limits = (1, self.MIN_IN_FLIGHT)
         #: how long the connections hold the HAVEs of the last piece stored (L{HaveHold})
         self.have_delay = 0.0
 
@@ -209,16 +216,45 @@ class Neighbours:
 
     def limits(self) -> tuple[int, int]:
         """(requests per connection, pieces in flight for the whole task)."""
+        daemon = self.daemon
         size = self.task.piece_size or (4 << 20)
+        link_rate = getattr(daemon, "link_rate", None)
+        # asked on every HAVE: worked out again only when what it depends on changed
+        key = (size, daemon.in_flight_bytes, daemon.per_connection, link_rate, self.MIN_IN_FLIGHT_BYTES)
+        if key == self._limits_key:
+            return self._limits
         least = max(2, min(self.MIN_IN_FLIGHT, self.MIN_IN_FLIGHT_BYTES // size))
         # a host that knows its downlink (--link-rate) keeps what it carries in LINK_TIME out
         # when that is more: a fixed count caps a fast link at its requests' shares of uplinks
-        link_rate = getattr(self.daemon, "link_rate", None)
-        limit = in_flight_limit(self.daemon.in_flight_bytes, size, link_rate, self.LINK_TIME, least)
-        return self.daemon.per_connection, limit
+        limit = in_flight_limit(daemon.in_flight_bytes, size, link_rate, self.LINK_TIME, least)
+        self._limits_key, self._limits = key, (daemon.per_connection, limit)
+        return self._limits
+
+    def hold_fills(self) -> None:
+        """
+        The frames of one read are being handled: their fills wait for
+        L{release_fills} and become one (in the same reactor turn, so no
+        request goes out later; the picker sees all of their news at once).
+        The seed sends DIGESTS and HAVE for each piece it publishes, and a
+        fill walks every neighbour (docs/bench/swarm-profile.md).
+        """
+        if BATCH_FILLS:
+            self._holding += 1
+
+    def release_fills(self) -> None:
+        """End of a L{hold_fills}: the fill asked for meanwhile, once."""
+        if not self._holding:
+            return
+        self._holding -= 1
+        if not self._holding and self._fill_due:
+            self._fill_due = False
+            self.fill()
 
     def fill(self) -> None:
         """Send the requests the picker chooses (a few per connection, a bounded number for the task)."""
+        if self._holding:
+            self._fill_due = True
+            return
         picker = self.task.picker
         if picker is None or not self.task.downloading:
             return
@@ -317,7 +353,9 @@ class Neighbours:
             at = self.task.stream_from
             if at is not None and 0 <= index - at < picker.stream_window and index not in picker.seed_allowed:
                 self.task.want_now()  # a piece an in-order reader waits for reached the seed: sync now
-            self.fill()
+            if index in picker.seed_allowed or not BATCH_FILLS:
+                # the seed is asked only for its allowance, and its HAVEs count for no other choice
+                self.fill()
             return
         # HAVEs are the most frequent event: only this connection's choice can change
         if not self.task.downloading or conn.closed:

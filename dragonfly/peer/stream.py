@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from twisted.internet import tcp
@@ -44,6 +45,10 @@ log = Logger()
 
 #: the most bytes one sendfile turn sends before the reactor runs again
 BURST = 4 << 20
+#: DRAGONFLY_TRACE=1: log lines with wall-clock times when the stream waits for a piece
+#: (its in-order frontier), when it first sees the task done (and how far it is), and
+#: when it has sent every byte ("trace <task> stream ... at <t>", as the task's own)
+TRACE = bool(os.environ.get("DRAGONFLY_TRACE"))
 
 
 def plain_socket(request: Any) -> tuple[Any, socket.socket] | None:
@@ -89,6 +94,9 @@ class TaskStream:
         self._done: Deferred | None = None
         #: the Range asked for (a L{ByteRange}), resolved once the length is known
         self._spec: Any = None
+        #: (DRAGONFLY_TRACE) the piece last logged as waited for, and whether the task's end was
+        self._traced_wait: int | None = None
+        self._traced_done = False
 
     # -- waiting for the length -----------------------------------------------------
 
@@ -142,6 +150,10 @@ class TaskStream:
             return
         if self._done is None or self._paused or self._reading:
             return
+        if TRACE and t.state is State.DONE and not self._traced_done:
+            self._traced_done = True
+            log.info("trace {task} stream sees done at {t:.3f}, offset {offset}", task=t.task_id[:12], t=time.time(),
+                     offset=self.offset)
         if t.state is State.FAILED:
             self._abort(f"{t.error.code if t.error else 'FAILED'}: {t.error.message if t.error else ''}")
             return
@@ -152,10 +164,16 @@ class TaskStream:
         stop = length if self.end is None else min(self.end, length)
         if self.offset >= stop:
             if t.state is State.DONE or self.end is not None:
+                if TRACE:
+                    log.info("trace {task} stream sent all at {t:.3f}", task=t.task_id[:12], t=time.time())
                 self._finish()
             return
         index = self.offset // t.piece_size
         if index not in t.have:
+            if TRACE and self._traced_wait != index:
+                self._traced_wait = index
+                log.info("trace {task} stream waits for piece {index} at {t:.3f} ({have} of {count} held)",
+                         task=t.task_id[:12], index=index, t=time.time(), have=len(t.have), count=t.count)
             if t.stream_from != index:
                 t.stream_from = index
                 t.want_now()

@@ -51,6 +51,11 @@ class TaskSide(TypingProtocol):
     # from it: abort them (conn.abort) before closing it, or a body waiting
     # for the socket could be sent from whatever file reuses the number.
 
+    # optional: hold_fills() and release_fills(), called around the handling of
+    # the frames of one read (see dragonfly/peer/neighbours.py): what the side
+    # would redo after each of them (its picker's fill) it may do once, at
+    # release_fills.
+
     def attached(self, conn: BlockProtocol) -> None:
         """A connection finished its handshake for this task."""
 

@@ -7,7 +7,11 @@ task at the same moment, one HTTP GET goes to the origin.  The body streams
 straight to C{<home>/repo/<task id>.data}; each full piece is hashed (SHA-256)
 and written at its offset in the worker pool, in order, and published the
 moment it is on disk, so peers fetch early pieces while the origin download
-is still running.  A whole-file SHA-256 is computed in the same pass.
+is still running.  A whole-file SHA-256 is computed in the same pass when
+the task carries a C{sha256:} digest (the CDN checks the body against it;
+the peers then skip their own whole-file hash), and only then: no one else
+reads it, and it was a second SHA-256 pass over every byte
+(C{DRAGONFLY_CDN_FILE_SHA256=always} computes it for every task).
 
 Nothing half-fetched is ever served as complete: a task becomes C{success}
 only when the byte count matches the origin's C{Content-Length} (and the
@@ -86,6 +90,29 @@ log = Logger()
 #: DRAGONFLY_TRACE=1: a log line per piece published ("trace <task> piece <i> stored at <t>"), as the
 #: dfpeers log each piece they finish, to see how long the first peer waits for the seed (bench.datapath)
 TRACE = bool(os.environ.get("DRAGONFLY_TRACE"))
+
+#: DRAGONFLY_CDN_FILE_SHA256=always: the whole-file SHA-256 of every task, also of those with no sha256
+#: digest to check it against (a second SHA-256 pass over every byte, about 0.6 CPU s/GiB; read by no one
+#: then but the API's task view); the default computes it only for those (L{wants_file_sha256})
+FILE_SHA256_ALWAYS = os.environ.get("DRAGONFLY_CDN_FILE_SHA256", "digest") == "always"
+
+
+def wants_file_sha256(expected_digest: str | None) -> bool:
+    """
+    Whether a fetch hashes the whole file: when the task carries a sha256
+    digest (the CDN fails the task unless the body has it, and peers asked
+    for that digest take the CDN's SHA-256 instead of hashing the file again),
+    or with C{DRAGONFLY_CDN_FILE_SHA256=always}.
+    """
+    if FILE_SHA256_ALWAYS:
+        return True
+    if not expected_digest:
+        return False
+    try:
+        return parse_digest(expected_digest)[0] == "sha256"
+    except ValueError:
+        return False
+
 
 #: the wanted ranges a task keeps until its length is known, and the side fetches it runs at once
 MAX_WANTED = 8
@@ -583,6 +610,9 @@ class Cdn:
         if task.fetch_range is not None:
             headers["Range"] = task.fetch_range.header()
             found = None  # (a range alone is small: fetched whole again)
+        if found is not None and wants_file_sha256(task.expected_digest) and not found[1].whole:
+            # (cannot be: one task id, one digest) a prefix hashed without the whole-file hash this fetch keeps
+            found = None
         if found is not None:
             header, point = found
             extra = resume_headers(header["validators"], point.offset)
@@ -730,7 +760,7 @@ class Cdn:
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, None, task.piece_size, length, self._idle_timeout, stored, counted,
-            limit=self._origin_limit, start=start,
+            limit=self._origin_limit, start=start, whole_hash=wants_file_sha256(task.expected_digest),
         )
         task.main_writer = writer
         writer.done.addCallbacks(
@@ -769,7 +799,10 @@ class Cdn:
             code=error.code, message=error.message, offset=offset, n=task.retries, most=self._retries,
         )
         # the stored prefix's whole-file hash, read back in the pool
-        d = self._disk(task.task_id, rehash_prefix, task.data_path, offset, task.piece_size)
+        d = self._disk(
+            task.task_id, rehash_prefix, task.data_path, offset, task.piece_size, 1 << 20,
+            wants_file_sha256(task.expected_digest),
+        )
         d.addCallbacks(
             lambda point: self._retry(task, error, point),
             lambda f: self._fail(task, TaskError("STORE_FAILED", f"cannot read the stored bytes back: {f.getErrorMessage()}")),
@@ -1236,7 +1269,7 @@ class Cdn:
             return
         meta = {
             "url": task.url, "length": task.length, "pieceSize": task.piece_size,
-            "digests": task.digests, "sha256": file_hash, "contentType": task.content_type,
+            "digests": task.digests, "sha256": file_hash or None, "contentType": task.content_type,
             "validators": task.validators, "digest": task.expected_digest,
         }
         d = self._disk(task.task_id, _commit, task.meta_path, meta, self._part_path(task.task_id))
@@ -1248,7 +1281,7 @@ class Cdn:
     def _committed(self, task: CdnTask, file_hash: str) -> None:
         if task.status != "running":
             return
-        task.sha256 = file_hash
+        task.sha256 = file_hash or None
         task.status = "success"
         task.adopted = False  # a cached file like any other from now on
         task.validated_at = self._clock.seconds()
@@ -1367,7 +1400,7 @@ def _parked_plan(task_id: str, parked: str) -> Plan | None:
     offset = _resume_offset(header, os.path.getsize(parked_data))
     if resume_headers(header["validators"], offset) is None:
         return None
-    return Plan(parked_data, offset, header["pieceSize"])
+    return Plan(parked_data, offset, header["pieceSize"], wants_file_sha256(header.get("digest")))
 
 
 def _take_parked(
@@ -1391,10 +1424,11 @@ def _take_parked(
     if header is None or resume_headers(header["validators"], offset) is None:
         remove_files(parked_data, parked_part)
         return None
-    point = prehash.take(task_id, Plan(parked_data, offset, header["pieceSize"])) if prehash is not None else None
+    whole = wants_file_sha256(header.get("digest"))
+    point = prehash.take(task_id, Plan(parked_data, offset, header["pieceSize"], whole)) if prehash is not None else None
     move_task_files(parked, repo, task_id)
     if point is None:
-        point = rehash_prefix(os.path.join(repo, task_id + ".data"), offset, header["pieceSize"])
+        point = rehash_prefix(os.path.join(repo, task_id + ".data"), offset, header["pieceSize"], whole=whole)
     return header, point
 
 

@@ -34,11 +34,12 @@ log = Logger()
 
 @frozen
 class Plan:
-    """What to hash: the first C{offset} bytes of C{path}, in pieces of C{piece_size}."""
+    """What to hash: the first C{offset} bytes of C{path}, in pieces of C{piece_size} (and whole, if C{whole})."""
 
     path: str
     offset: int
     piece_size: int
+    whole: bool = True
 
 
 @frozen
@@ -55,7 +56,7 @@ def _stat(path: str) -> tuple[int, int, int]:
 
 def _hash(plan: Plan) -> _Done:
     before = _stat(plan.path)
-    point = rehash_prefix(plan.path, plan.offset, plan.piece_size)
+    point = rehash_prefix(plan.path, plan.offset, plan.piece_size, whole=plan.whole)
     return _Done(plan, before, point)
 
 

@@ -55,3 +55,23 @@ def test_the_small_part(tmp_path):
     assert small["hosts"] == 2 and len(small["sizes"]) == 2 and small["sizes"][0] < 64 << 10 < 1 << 20 < small["sizes"][1]
     assert [len(r) for r in small["swarm"] + small["registry"]] == [2, 2]
     assert all(t > 0 for r in small["swarm"] + small["registry"] for t in r)
+
+
+@pytest.mark.parametrize("splice", [True, False])
+def test_the_layer_part_traced(tmp_path, splice):
+    """
+    --trace: host 2's dfpeer stream and dfdaemon relay log their times, in
+    the order a GET goes (the last byte after the task's end, the relay's
+    after it); --dfdaemon-args reaches the dfdaemons.
+    """
+    args = ["--parts", "layer", "--layer-mib", "8", "--trace"] + ([] if splice else ["--dfdaemon-args=--no-splice"])
+    layer = run_bench(tmp_path, *args)["layer"]
+    tl = layer["host2_timeline"][0]
+    # (the stream logs "sent all" when it ends, which may come after the relay or the client took the last byte)
+    for order in (["start", "first piece", "last piece", "stream sees done", "stream sent all"],
+                  ["stream sees done", "relay took all", "relay sent all", "client done"] if splice
+                  else ["stream sees done", "client done"]):
+        assert [k for k in order if k in tl] == order
+        assert [tl[k] for k in order] == sorted(tl[k] for k in order)
+    assert 0 <= tl["offset at done"] < layer["size"]
+    assert ("relay start" in tl) is splice

@@ -66,7 +66,11 @@ def test_supernode_killed_at_30_60_90_percent_resumes(tmp_path, origin_file):
         fault(swarm, "/f.bin", "slow", rate=RATE, times=0)
         url = swarm.origin_url + "/f.bin"
         started = time.monotonic()
-        procs = {n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n, "--timeout", "120s") for n in names}
+        # with the digest: the SuperNode's whole-file SHA-256 then goes on across each restart too
+        procs = {
+            n: swarm.dfget(url, str(tmp_path / f"{n}.out"), n, "--timeout", "120s", "--digest", "sha256:" + digest)
+            for n in names
+        }
         kills = []
         for share in (0.3, 0.6, 0.9):
             assert wait_until(lambda share=share: swarm.origin_stats()["bytesOut"] >= share * SIZE, 60), swarm.origin_stats()

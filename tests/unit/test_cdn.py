@@ -276,7 +276,8 @@ def env(tmp_path: Any) -> Env:
 def check_complete(env: Env, body: bytes = BODY) -> None:
     task = env.cdn.tasks[TID]
     assert task.status == "success", task.error
-    assert task.sha256 == hashlib.sha256(body).hexdigest()
+    # a task with no sha256 digest takes no whole-file hash: its pieces' digests are its check
+    assert task.sha256 is None
     assert task.digests == digests(body)
     assert open(task.data_path, "rb").read() == body
     assert env.files("repo") == [TID + ".data", TID + ".meta"]
@@ -604,3 +605,118 @@ def test_a_held_body_stays_paused_though_deliver_body_resumes_the_transport(tmp_
     assert not t.running
     clock.advance(3)
     assert t.running
+
+
+# -- the whole-file SHA-256: only for a task with a sha256 digest -------------------------------------
+
+
+def test_wants_file_sha256(monkeypatch: Any) -> None:
+    sha = "sha256:" + "ab" * 32
+    assert cdn_module.wants_file_sha256(sha) and cdn_module.wants_file_sha256(sha.upper().replace("SHA256", "sha256"))
+    assert not cdn_module.wants_file_sha256(None) and not cdn_module.wants_file_sha256("")
+    assert not cdn_module.wants_file_sha256("md5:" + "ab" * 16)
+    assert not cdn_module.wants_file_sha256("sha512:" + "ab" * 64)
+    assert not cdn_module.wants_file_sha256("sha256:abc")  # malformed: nothing to check it against
+    monkeypatch.setattr(cdn_module, "FILE_SHA256_ALWAYS", True)
+    assert cdn_module.wants_file_sha256(None) and cdn_module.wants_file_sha256("md5:" + "ab" * 16)
+
+
+@pytest.mark.parametrize("digest", [None, "md5:" + hashlib.md5(BODY).hexdigest()])
+def test_a_task_without_a_sha256_digest_takes_no_whole_file_hash(env: Env, digest: str | None) -> None:
+    task = env.cdn.ensure(TID, URL, digest=digest)
+    env.http.serve(whole())
+    writer = task.main_writer
+    assert task.status == "success", task.error
+    assert writer is not None
+    # the pieces are hashed and published as ever; the file's hash was never fed
+    assert task.digests == digests(BODY) and open(task.data_path, "rb").read() == BODY
+    assert task.sha256 is None and writer._hash.hexdigest() == hashlib.sha256().hexdigest()
+    with open(task.meta_path) as f:
+        assert json.load(f)["sha256"] is None
+    # and such a meta reloads
+    again = Cdn(env.home, FakeHttp(), SyncPool(), Clock(), piece_size=PIECE)
+    assert again.load() == 1 and again.tasks[TID].sha256 is None and again.tasks[TID].digests == digests(BODY)
+
+
+def test_a_sha256_digest_is_hashed_in_the_fetch_and_checked(env: Env) -> None:
+    sha = hashlib.sha256(BODY).hexdigest()
+    task = env.cdn.ensure(TID, URL, digest="sha256:" + sha)
+    env.http.serve(whole())
+    assert task.status == "success", task.error
+    assert task.sha256 == sha and task.digests == digests(BODY)
+    with open(task.meta_path) as f:
+        assert json.load(f)["sha256"] == sha
+
+
+def test_a_body_other_than_its_sha256_digest_fails(env: Env) -> None:
+    task = env.cdn.ensure(TID, URL, digest="sha256:" + "0" * 64)
+    env.http.serve(whole())
+    assert task.status == "failed" and task.error is not None and task.error.code == "DIGEST_MISMATCH"
+    assert env.files("repo") == []
+
+
+def test_file_sha256_always_hashes_a_task_without_a_digest(env: Env, monkeypatch: Any) -> None:
+    monkeypatch.setattr(cdn_module, "FILE_SHA256_ALWAYS", True)
+    task = env.cdn.ensure(TID, URL)
+    env.http.serve(whole())
+    assert task.status == "success" and task.sha256 == hashlib.sha256(BODY).hexdigest()
+
+
+def test_rehash_prefix_without_the_whole_file_hash(tmp_path: Any) -> None:
+    path = str(tmp_path / "f")
+    with open(path, "wb") as f:
+        f.write(BODY)
+    both = rehash_prefix(path, 5 * PIECE + 3, PIECE)
+    pieces = rehash_prefix(path, 5 * PIECE + 3, PIECE, whole=False)
+    assert both.whole and not pieces.whole
+    assert pieces.offset == both.offset and pieces.digests == both.digests == digests(BODY)[:5]
+    assert pieces.chunk_hash.hexdigest() == both.chunk_hash.hexdigest() == hashlib.sha256(BODY[5 * PIECE : 5 * PIECE + 3]).hexdigest()
+    assert both.file_hash.hexdigest() == hashlib.sha256(BODY[: 5 * PIECE + 3]).hexdigest()
+    assert pieces.file_hash.hexdigest() == hashlib.sha256().hexdigest()  # never fed
+    # a writer keeping a whole-file hash cannot go on from it; one keeping none can
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        with pytest.raises(ValueError):
+            ChunkedFileWriter(ImmediatePool(), Clock(), fd, PIECE, len(BODY), start=pieces)
+        ChunkedFileWriter(ImmediatePool(), Clock(), fd, PIECE, len(BODY), start=pieces, whole_hash=False)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("digest", [None, "sha256:" + hashlib.sha256(BODY).hexdigest()])
+def test_a_restart_rehashes_the_whole_file_only_for_a_sha256_digest(env: Env, digest: str | None) -> None:
+    """A parked prefix is rehashed into its pieces' digests, and into the whole file's only when the fetch keeps one."""
+
+    class Hanging(FakeResponse):
+        def deliverBody(self, protocol: Any) -> None:
+            protocol.makeConnection(FakeTransport())
+            protocol.dataReceived(self.body[: 5 * PIECE + 3])
+
+    env.cdn.ensure(TID, URL, digest=digest)
+    env.http.serve(Hanging(body=BODY, headers=validator_headers()))
+    plan = cdn_module._parked_plan(TID, env.cdn.repo)
+    assert plan is not None and plan.offset == 5 * PIECE and plan.whole is bool(digest)
+    again = Env(env.home)
+    assert again.cdn.load() == 0 and len(again.cdn._prehash) == 1
+    task = again.cdn.ensure(TID, URL, digest=digest)
+    again.http.serve(ranged(5 * PIECE))
+    assert task.status == "success", task.error
+    assert task.digests == digests(BODY) and open(task.data_path, "rb").read() == BODY
+    assert task.sha256 == (hashlib.sha256(BODY).hexdigest() if digest else None)
+    assert task.origin_bytes == len(BODY) - 5 * PIECE
+
+
+@pytest.mark.parametrize("digest", [None, "sha256:" + hashlib.sha256(BODY).hexdigest()])
+def test_a_cut_fetch_rehashes_the_whole_file_only_for_a_sha256_digest(tmp_path: Any, monkeypatch: Any, digest: str | None) -> None:
+    env = Env(str(tmp_path))
+    env.cdn = Cdn(env.home, env.http, SyncPool(), env.clock, piece_size=PIECE, retries=1)
+    wholes: list[bool] = []
+    real = cdn_module.rehash_prefix
+    monkeypatch.setattr(cdn_module, "rehash_prefix", lambda *a: wholes.append(a[4]) or real(*a))
+    task = env.cdn.ensure(TID, URL, digest=digest)
+    env.http.serve(cut_at(3 * PIECE + 500))
+    assert wholes == [bool(digest)]
+    env.http.serve(ranged(3 * PIECE))
+    assert task.status == "success", task.error
+    assert task.digests == digests(BODY) and open(task.data_path, "rb").read() == BODY
+    assert task.sha256 == (hashlib.sha256(BODY).hexdigest() if digest else None)

@@ -29,6 +29,7 @@ from dragonfly.protocol.supernode_api import (
     SyncReport,
     TaskRequest,
 )
+from dragonfly.supernode import cdn as cdn_module
 from dragonfly.supernode.api import SupernodeApi
 
 from .test_supernode_api import BODY, PIECE, URL, Env, FakeResponse, make_env
@@ -90,7 +91,9 @@ def test_register_refused_with_the_servers_code(env: Env) -> None:
     assert env.node.scheduler.peers == {}
 
 
-def test_task_and_sync_round_trip(env: Env) -> None:
+def test_task_and_sync_round_trip(env: Env, monkeypatch: Any) -> None:
+    # the whole-file SHA-256 of a task with no digest, for the field's round trip
+    monkeypatch.setattr(cdn_module, "FILE_SHA256_ALWAYS", True)
     c = client(env)
     run(env, c.register_peer(PeerRegistration("peer-1", "10.0.0.1", 65001)))
     run(env, c.register_peer(PeerRegistration("peer-2", "10.0.0.2", 65002)))

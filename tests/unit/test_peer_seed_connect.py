@@ -87,3 +87,20 @@ def test_a_known_fast_link_keeps_what_it_carries_in_flight_time_requested() -> N
     assert limit(1_250_000_000) == 29
     # large pieces: never fewer than without the link
     assert limit(1_250_000_000, 60 * MiB) == 2
+
+
+def test_limits_follow_what_they_are_worked_out_from() -> None:
+    MiB = 1 << 20
+    daemon = SimpleNamespace(per_connection=1, in_flight_bytes=6 * MiB, link_rate=None)
+    task = SimpleNamespace(daemon=daemon, clock=Clock(), task_id="t" * 64, piece_size=1 * MiB)
+    n = Neighbours(task)  # type: ignore[arg-type]
+    assert n.limits() == (1, 6)
+    assert n.limits() == (1, 6)
+    daemon.in_flight_bytes = 32 * MiB
+    assert n.limits() == (1, 32)
+    task.piece_size = 4 * MiB
+    assert n.limits() == (1, 8)
+    daemon.per_connection = 2
+    assert n.limits() == (2, 8)
+    daemon.link_rate = 1_250_000_000
+    assert n.limits() == (2, 14)

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from dragonfly.core.ranges import ByteRange
+from dragonfly.supernode import cdn as cdn_module
 from dragonfly.supernode.cdn import Cdn
 from dragonfly.supernode.node import digest_runs, known_from
 from dragonfly.supernode.rangefetch import piece_bytes, side_headers, side_ok, side_plan, wanted_pieces
@@ -182,7 +183,9 @@ def env(tmp_path: Any) -> Env:
 LAST = len(digests(BODY)) - 1  # 7, a short piece
 
 
-def test_a_wanted_tail_is_fetched_out_of_order_and_published_once(env: Env) -> None:
+def test_a_wanted_tail_is_fetched_out_of_order_and_published_once(env: Env, monkeypatch: Any) -> None:
+    # the whole-file SHA-256 too (a task with a sha256 digest's): the main fetch's, over every byte
+    monkeypatch.setattr(cdn_module, "FILE_SHA256_ALWAYS", True)
     task, listener, main = env.start()
     main.feed(PIECE + 10)
     assert listener.ready == [0]
@@ -417,7 +420,7 @@ def test_a_range_alone_is_fetched_with_range_and_stored_as_its_own_content(env: 
     env.http.serve(ranged(3 * PIECE + 7, body=BODY[: 5 * PIECE + 2], content_range=f"bytes {3 * PIECE + 7}-{5 * PIECE + 1}/{len(BODY)}"))
     assert task.status == "success", task.error
     assert task.length == len(part) and open(task.data_path, "rb").read() == part
-    assert task.digests == digests(part) and task.sha256 == hashlib.sha256(part).hexdigest()
+    assert task.digests == digests(part) and task.sha256 is None  # no digest: no whole-file hash
     assert task.validators["range"] == f"bytes {3 * PIECE + 7}-{5 * PIECE + 1}/{len(BODY)}"
     # never revalidated as if it were the whole file
     assert env.cdn.fresh(TID, URL).result is task and len(env.http.calls) == 1
@@ -476,7 +479,9 @@ def retrying(tmp_path: Any, retries: int = 2) -> Env:
     return env
 
 
-def test_a_cut_body_goes_on_in_process_and_the_peers_see_nothing(tmp_path: Any) -> None:
+def test_a_cut_body_goes_on_in_process_and_the_peers_see_nothing(tmp_path: Any, monkeypatch: Any) -> None:
+    # the whole-file SHA-256 too (a task with a sha256 digest's): carried over the cut from the bytes read back
+    monkeypatch.setattr(cdn_module, "FILE_SHA256_ALWAYS", True)
     from .test_cdn import cut_at
 
     env = retrying(tmp_path)

@@ -17,10 +17,12 @@ import os
 import random
 from typing import Any
 
+import pytest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 
 from dragonfly.core.piecetag import PieceKey
+from dragonfly.supernode import cdn as cdn_module
 from dragonfly.supernode.api import SupernodeApi
 from dragonfly.supernode.cdn import Cdn
 from dragonfly.supernode.node import TAKEOVER_GRACE, TAKEOVER_QUIET, SuperNode
@@ -64,6 +66,12 @@ class Node:
     @property
     def task(self) -> Any:
         return self.node.cdn.tasks[TID]
+
+
+@pytest.fixture(autouse=True)
+def _file_sha256(monkeypatch: Any) -> None:
+    """These tasks have no digest: the whole-file SHA-256 (and its tag, carried over a takeover) only when asked for."""
+    monkeypatch.setattr(cdn_module, "FILE_SHA256_ALWAYS", True)
 
 
 def owner_with_the_file(tmp_path: Any) -> tuple[Node, Any]:
