@@ -192,6 +192,8 @@ class Picker(Generic[K]):
         # neighbour -> {piece: time asked}, in the order asked
         self._out: dict[K, dict[int, float]] = {}
         self._seed: K | None = None
+        # the non-seed neighbours whose bitfield came, in the order they attached (None: to recount)
+        self._ready: list[K] | None = None
         self._in_flight = 0  # requests out to non-seed neighbours
         # neighbour -> [bytes, busy seconds, largest piece] (decayed), its rate
         # (bytes / busy seconds), and when its last piece came
@@ -240,6 +242,7 @@ class Picker(Generic[K]):
             return
         self._remote[key] = None
         self._out[key] = {}
+        self._ready = None
         if seed:
             self._seed = key
 
@@ -289,6 +292,7 @@ class Picker(Generic[K]):
             if counted:
                 self._bump(i, 1)
         self._remote[key] = bits
+        self._ready = None
 
     def have(self, key: K, index: int) -> None:
         """C{key} announced C{index} (HAVE)."""
@@ -329,6 +333,7 @@ class Picker(Generic[K]):
         if key not in self._remote:
             return []
         remote = self._remote.pop(key)
+        self._ready = None
         out = self._out.pop(key)
         self._meter.pop(key, None)
         self._rate.pop(key, None)
@@ -472,6 +477,13 @@ class Picker(Generic[K]):
                     break
                 self.request(seed, index, now)
                 asked.append((seed, index))
+        if usable is None and piece_bytes is not None and piece_bytes > 0:
+            # the rate rules only read the list: the one kept between changes of the neighbours
+            keys = self._ready
+            if keys is None:
+                keys = self._ready = [k for k, r in self._remote.items() if k != seed and r is not None]
+            self._fill_by_rate(now, per_conn, limit, keys, piece_bytes, asked)
+            return asked
         keys = [
             k for k, r in self._remote.items()
             if k != seed and r is not None and (usable is None or usable(k))
@@ -650,6 +662,7 @@ class Picker(Generic[K]):
         seed = self._seed
         verifying = self.verifying
         last_done = self._last_done
+        outs = self._out
         for i, holders in self.pending.items():
             if len(holders) != 1 or i in verifying:
                 continue
@@ -663,11 +676,14 @@ class Picker(Generic[K]):
                     continue
                 speed[other] = r
             # when the other is expected to finish it: its queue up to it, at its rate
+            out = outs[other]
+            start = max(asked_at, last_done.get(other, -math.inf))
+            if start + len(out) * piece_bytes / r - now <= over:
+                continue  # not even with all its queue ahead of it (the count below is no more)
             ahead = 0
-            for t in self._out[other].values():
+            for t in out.values():
                 if t <= asked_at:
                     ahead += 1
-            start = max(asked_at, last_done.get(other, -math.inf))
             left = start + ahead * piece_bytes / r - now
             if left > 0 and left > over:
                 late.append((left, i, other))

@@ -655,6 +655,9 @@ class Simulation:
             if peer.stored in (1, (self.count + 1) // 2, -(-9 * self.count // 10)):
                 peer.marks.append(self.now - peer.start)
             peers = self.peers
+            # the timers started now all end at now + delay: one event runs them in order
+            timers: list[tuple[int, list[int]]] = []
+            held_for = peer.held
             for n in peer.neighbours:
                 other = peers[n]
                 if other.done_at is not None or other.got[index]:
@@ -662,12 +665,15 @@ class Simulation:
                 if delay <= 0:
                     self._haves_arrive(peer, n, [index])
                     continue
-                held = peer.held.setdefault(n, [])
-                held.append(index)
-                if len(held) > 1:
+                held = held_for.get(n)
+                if held:
+                    held.append(index)
                     self._send_haves(peer, n)  # the second completes the frame
                 else:
-                    self.at(self.now + delay, self._haves_due, peer, n, held)
+                    held = held_for[n] = [index]
+                    timers.append((n, held))
+            if timers:
+                self.at(self.now + delay, self._haves_due, peer, timers)
             if peer.picker.have_bits.complete:
                 peer.done_at = self.now
                 self.remaining -= 1
@@ -676,9 +682,20 @@ class Simulation:
                 self._plan_sync(peer, self.now)  # a finished seed piece: sync at once for the next
         self.dirty.add(peer.index)
 
-    def _haves_due(self, peer: SimPeer, n: int, held: list[int]) -> None:
-        if peer.held.get(n) is held and held:  # not sent since (the dfpeer cancels the timer)
-            self._send_haves(peer, n)
+    def _haves_due(self, peer: SimPeer, timers: list[tuple[int, list[int]]]) -> None:
+        """
+        The hold timers started together end: each, in the order started,
+        counted as an event of its own (the loop's flush follows each).
+        """
+        first = True
+        for n, held in timers:
+            if not first:
+                self.events += 1
+                if self.dirty:
+                    self._flush()
+            first = False
+            if peer.held.get(n) is held and held:  # not sent since (the dfpeer cancels the timer)
+                self._send_haves(peer, n)
 
     def _send_haves(self, peer: SimPeer, n: int) -> None:
         held, peer.held[n] = peer.held[n], []
