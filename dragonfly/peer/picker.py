@@ -223,6 +223,30 @@ class Picker(Generic[K]):
             self._known[index] = True
             self._refresh(index)
 
+    def digests_known(self, indexes: Iterable[int]) -> None:
+        """L{digest_known} for each of C{indexes} (the same state; one pass, for a whole piece list)."""
+        known = self._known
+        prio = self.prio
+        avail = self.avail
+        count = self.count
+        want = 0
+        by_level: dict[int, int] = {}
+        for index in indexes:
+            if 0 <= index < count and not known[index]:
+                known[index] = True
+                if self.wanted(index):
+                    bit = 1 << prio[index]
+                    want |= bit
+                    b = max(0, avail[index])
+                    by_level[b] = by_level.get(b, 0) | bit
+        if want:
+            self._want |= want
+            levels = self._levels
+            for b, bits in by_level.items():
+                while len(levels) <= b:
+                    levels.append(0)
+                levels[b] |= bits
+
     def stored(self, index: int) -> None:
         """C{index} was verified and written."""
         self.verifying.discard(index)
