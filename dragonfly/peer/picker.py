@@ -192,6 +192,8 @@ class Picker(Generic[K]):
         # neighbour -> {piece: time asked}, in the order asked
         self._out: dict[K, dict[int, float]] = {}
         self._seed: K | None = None
+        # the non-seed neighbours whose bitfield came, in the order they attached (None: to recount)
+        self._ready: list[K] | None = None
         self._in_flight = 0  # requests out to non-seed neighbours
         # neighbour -> [bytes, busy seconds, largest piece] (decayed), its rate
         # (bytes / busy seconds), and when its last piece came
@@ -221,6 +223,30 @@ class Picker(Generic[K]):
             self._known[index] = True
             self._refresh(index)
 
+    def digests_known(self, indexes: Iterable[int]) -> None:
+        """L{digest_known} for each of C{indexes} (the same state; one pass, for a whole piece list)."""
+        known = self._known
+        prio = self.prio
+        avail = self.avail
+        count = self.count
+        want = 0
+        by_level: dict[int, int] = {}
+        for index in indexes:
+            if 0 <= index < count and not known[index]:
+                known[index] = True
+                if self.wanted(index):
+                    bit = 1 << prio[index]
+                    want |= bit
+                    b = max(0, avail[index])
+                    by_level[b] = by_level.get(b, 0) | bit
+        if want:
+            self._want |= want
+            levels = self._levels
+            for b, bits in by_level.items():
+                while len(levels) <= b:
+                    levels.append(0)
+                levels[b] |= bits
+
     def stored(self, index: int) -> None:
         """C{index} was verified and written."""
         self.verifying.discard(index)
@@ -240,6 +266,7 @@ class Picker(Generic[K]):
             return
         self._remote[key] = None
         self._out[key] = {}
+        self._ready = None
         if seed:
             self._seed = key
 
@@ -289,6 +316,7 @@ class Picker(Generic[K]):
             if counted:
                 self._bump(i, 1)
         self._remote[key] = bits
+        self._ready = None
 
     def have(self, key: K, index: int) -> None:
         """C{key} announced C{index} (HAVE)."""
@@ -329,6 +357,7 @@ class Picker(Generic[K]):
         if key not in self._remote:
             return []
         remote = self._remote.pop(key)
+        self._ready = None
         out = self._out.pop(key)
         self._meter.pop(key, None)
         self._rate.pop(key, None)
@@ -472,6 +501,13 @@ class Picker(Generic[K]):
                     break
                 self.request(seed, index, now)
                 asked.append((seed, index))
+        if usable is None and piece_bytes is not None and piece_bytes > 0:
+            # the rate rules only read the list: the one kept between changes of the neighbours
+            keys = self._ready
+            if keys is None:
+                keys = self._ready = [k for k, r in self._remote.items() if k != seed and r is not None]
+            self._fill_by_rate(now, per_conn, limit, keys, piece_bytes, asked)
+            return asked
         keys = [
             k for k, r in self._remote.items()
             if k != seed and r is not None and (usable is None or usable(k))
@@ -650,6 +686,7 @@ class Picker(Generic[K]):
         seed = self._seed
         verifying = self.verifying
         last_done = self._last_done
+        outs = self._out
         for i, holders in self.pending.items():
             if len(holders) != 1 or i in verifying:
                 continue
@@ -663,11 +700,14 @@ class Picker(Generic[K]):
                     continue
                 speed[other] = r
             # when the other is expected to finish it: its queue up to it, at its rate
+            out = outs[other]
+            start = max(asked_at, last_done.get(other, -math.inf))
+            if start + len(out) * piece_bytes / r - now <= over:
+                continue  # not even with all its queue ahead of it (the count below is no more)
             ahead = 0
-            for t in self._out[other].values():
+            for t in out.values():
                 if t <= asked_at:
                     ahead += 1
-            start = max(asked_at, last_done.get(other, -math.inf))
             left = start + ahead * piece_bytes / r - now
             if left > 0 and left > over:
                 late.append((left, i, other))

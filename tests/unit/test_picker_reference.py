@@ -58,9 +58,14 @@ def run(
     rng = random.Random(seed)  # the operations' own draws
     now = 0.0
     if known_all:
-        for p in both:
+        if seed & 1:
+            fast.digests_known(range(count))
             for i in range(count):
-                p.digest_known(i)
+                ref.digest_known(i)
+        else:
+            for p in both:
+                for i in range(count):
+                    p.digest_known(i)
     if attach:
         # every neighbour there from the start, each holding a random share
         for key in KEYS:
@@ -91,8 +96,15 @@ def run(
             assert fast.remove(key) == ref.remove(key)
             checking = [(k, i) for k, i in checking if k != key]
         elif op == "digest":
-            for p in both:
-                p.digest_known(index)
+            if x & 1:
+                # a batch (repeats and pieces out of range too): one call to digests_known
+                batch = [(index + j * (x >> 1)) % (count + 2) - 1 for j in range(1 + x % 9)]
+                fast.digests_known(batch)
+                for i in batch:
+                    ref.digest_known(i)
+            else:
+                for p in both:
+                    p.digest_known(index)
         elif op in ("fill", "fill_rate"):
             per_conn, limit = 1 + x % 3, 1 + (x >> 2) % 6
             banned = KEYS[(x >> 5) % len(KEYS)] if x & 1 else None

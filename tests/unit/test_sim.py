@@ -253,3 +253,26 @@ def test_cli_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["kill_at"] == 0.2 and len(last["supernodes"]) == 2
+
+
+def test_the_collector_is_on_again_after_a_run() -> None:
+    import gc
+
+    assert gc.isenabled()
+    Simulation(SMALL).run()
+    assert gc.isenabled()
+    stuck = Simulation(attrs.evolve(SMALL, time_limit=0.01))
+    with pytest.raises(RuntimeError):
+        stuck.run()
+    assert gc.isenabled()
+
+
+def test_the_compiled_picker_is_keyed_by_its_source_and_loaded_first_or_not_at_all() -> None:
+    from dragonfly.sim import compiled
+
+    src = compiled.source().read_bytes()
+    assert compiled.key(src) == compiled.key(src)
+    assert compiled.key(src) != compiled.key(src + b"\n")
+    # the pure picker is imported already here: loading the compiled one now would mix them
+    with pytest.raises(RuntimeError, match="imported already"):
+        compiled.load()
