@@ -17,8 +17,9 @@ and its digest is known.  The rules (unchanged from the dfpeer's):
 
   - rarest-first: among the wanted pieces a neighbour holds, the one the
     fewest (non-seed) neighbours hold, ties at random;
-  - the stream window: the C{STREAM_WINDOW} pieces from C{stream_from} (an
-    in-order reader's next pieces) go before any other;
+  - the stream window: the C{stream_window} pieces from C{stream_from} (an
+    in-order reader's next pieces) go before any other, the rarest first and
+    ties in order;
   - the seed allowance: from the seed, only pieces of C{seed_allowed}, up to
     C{max(per_conn, len(seed_allowed))} at once;
   - endgame: when at most C{ENDGAME_PIECES} pieces are missing and all of
@@ -766,14 +767,19 @@ class Picker(Generic[K]):
         return min(self.count, max(0, self.stream_from + self.stream_window))
 
     def _in_window(self, remote: int, candidates: Iterable[int]) -> int | None:
-        """The rarest wanted piece of C{candidates} C{remote} holds, ties by priority."""
+        """
+        The rarest wanted piece of C{candidates} C{remote} holds, ties in
+        order: a neighbour that holds the whole window sends it in the order
+        the reader takes it, so the stream is not left waiting for one piece
+        while later ones are held.
+        """
         best: int | None = None
         best_key: tuple[int, int] | None = None
         prio = self.prio
         for i in candidates:
             if i < 0 or not remote >> prio[i] & 1 or not self.wanted(i):
                 continue
-            k = (self.avail[i], prio[i])
+            k = (self.avail[i], i)
             if best_key is None or k < best_key:
                 best, best_key = i, k
         return best

@@ -89,8 +89,13 @@ class TaskPieces:
     #: endgame: duplicate requests only for the last few pieces, out this long
     ENDGAME_PIECES = 4
     ENDGAME_AFTER = 1.0
-    #: pieces ahead of an in-order stream that go before the rarest
+    #: pieces ahead of an in-order stream that go before the rarest: at
+    #: least this many, and at least C{STREAM_BYTES} of them, twice the
+    #: in-flight floor, so that the requests in flight stay inside the
+    #: window while the reader catches up with a piece just stored (a
+    #: request outside it goes rarest-first, anywhere in the file)
     STREAM_WINDOW = 4
+    STREAM_BYTES = 32 << 20
     #: pieces larger than this are hashed and written in parts while they
     #: arrive (L{part}); smaller ones are kept whole until verified.  The
     #: parts' pages are faulted in again for each piece, which cost the
@@ -154,7 +159,8 @@ class TaskPieces:
         self.tags_from = 0
         self.picker = Picker(
             self.count, rng=self._rng, have=self.have, endgame_pieces=self.ENDGAME_PIECES,
-            endgame_after=self.ENDGAME_AFTER, stream_window=self.STREAM_WINDOW,
+            endgame_after=self.ENDGAME_AFTER,
+            stream_window=max(self.STREAM_WINDOW, -(-self.STREAM_BYTES // max(1, piece_size))),
         )
         self.picker.stream_from = self._stream_from
         if self._guard is not None:

@@ -518,13 +518,13 @@ class ReferencePicker(Generic[K]):
         return min(self.count, max(0, self.stream_from + self.stream_window))
 
     def _in_window(self, remote: Bitmap, candidates: Iterable[int]) -> int | None:
-        """The rarest wanted piece of C{candidates} C{remote} holds, ties at random."""
+        """The rarest wanted piece of C{candidates} C{remote} holds, ties in order."""
         best: int | None = None
         best_key: tuple[int, int] | None = None
         for i in candidates:
             if i < 0 or i not in remote or not self.wanted(i):
                 continue
-            k = (self.recount()[i], self.prio[i])
+            k = (self.recount()[i], i)
             if best_key is None or k < best_key:
                 best, best_key = i, k
         return best

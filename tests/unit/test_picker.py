@@ -81,6 +81,38 @@ def test_stream_window_goes_first() -> None:
     assert p.choose("a", 0.0) in (9, 10, 11)
 
 
+def test_stream_window_in_order_from_one_holder() -> None:
+    """
+    A neighbour holding the whole file is asked for the reader's next pieces
+    in order (ties in the window go by index, not at random), and while the
+    reader has not yet taken a piece just stored the next request is the
+    next piece of the window, not one anywhere in the file.
+    """
+    for seed in range(20):
+        p = picker(64, seed=seed, stream_window=8)
+        neighbour(p, "a", range(64))
+        p.stream_from = 0
+        assert [i for _, i in p.fill(0.0, 4, 4)] == [0, 1, 2, 3]
+        assert p.received("a", 0) == []
+        assert p.verify(0)
+        p.stored(0)  # the reader has not moved on yet: stream_from is still 0
+        assert [i for _, i in p.fill(0.0, 4, 4)] == [4]
+        p.stream_from = 1
+        for i in (1, 2):
+            p.received("a", i)
+            p.verify(i)
+            p.stored(i)
+        assert [i for _, i in p.fill(0.0, 4, 4)] == [5, 6]
+
+
+def test_stream_window_rarest_before_order() -> None:
+    p = picker(16, stream_window=8)
+    neighbour(p, "a", range(16))
+    neighbour(p, "b", [0, 1, 2, 3, 4, 5])  # 6 and 7 are held by "a" alone
+    p.stream_from = 0
+    assert p.choose("a", 0.0) == 6
+
+
 def test_seed_allowance() -> None:
     p = picker(8)
     neighbour(p, "seed", range(8), seed=True)
