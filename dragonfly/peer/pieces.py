@@ -404,12 +404,15 @@ class TaskPieces:
         if parts is not None:
             self._after_parts(parts, lambda: self._seal(conn, index, data, kind, digest, parts))
             return
-        if self._guard is not None:
-            d = self._pstore.write_guarded(self.task_id, self._guard, index, index * self.piece_size, data, digest)
-        else:
-            d = self._store.write_verified(self.task_id, index * self.piece_size, data, digest)
+        d = self._write_whole(index, data, digest)
         d.addBoth(self._released, data, index)
         d.addCallbacks(self._written, self._not_written, callbackArgs=(conn, index, kind, len(data)), errbackArgs=(index,))
+
+    def _write_whole(self, index: int, data: bytearray, digest: bytes) -> Deferred:
+        """Check a whole piece against C{digest} and write it (through the guard when parts are written)."""
+        if self._guard is not None:
+            return self._pstore.write_guarded(self.task_id, self._guard, index, index * self.piece_size, data, digest)
+        return self._store.write_verified(self.task_id, index * self.piece_size, data, digest)
 
     def _seal(self, conn: Any, index: int, data: bytearray, kind: str, digest: bytes, parts: _Parts) -> None:
         """All the parts but the last are hashed and written: the last one, then the digest."""
@@ -480,10 +483,7 @@ class TaskPieces:
         """
         digest = self.digests[index]
         assert digest is not None and self.have is not None
-        if self._guard is not None:
-            d = self._pstore.write_guarded(self.task_id, self._guard, index, index * self.piece_size, data, digest)
-        else:
-            d = self._store.write_verified(self.task_id, index * self.piece_size, data, digest)
+        d = self._write_whole(index, data, digest)
 
         def stored(ok: bool) -> bool:
             if ok and self.have is not None and index not in self.have:

@@ -205,10 +205,16 @@ def test_part_state_stays_bounded(tmp_path: Any) -> None:
 # -- the guard ------------------------------------------------------------------------------
 
 
-def test_no_part_is_written_over_a_sealed_piece(tmp_path: Any) -> None:
+def _piece_file(tmp_path: Any) -> str:
+    """A task file of one piece's length, empty."""
     path = str(tmp_path / "f")
     with open(path, "wb") as f:
         f.truncate(PIECE)
+    return path
+
+
+def test_no_part_is_written_over_a_sealed_piece(tmp_path: Any) -> None:
+    path = _piece_file(tmp_path)
     guard = WriteGuard()
     token = guard.claim(0)
     assert token is not None and guard.claim(0) is None
@@ -224,9 +230,7 @@ def test_no_part_is_written_over_a_sealed_piece(tmp_path: Any) -> None:
 
 
 def test_a_copy_that_lost_its_turn_writes_nothing(tmp_path: Any) -> None:
-    path = str(tmp_path / "f")
-    with open(path, "wb") as f:
-        f.truncate(PIECE)
+    path = _piece_file(tmp_path)
     guard = WriteGuard()
     old = guard.claim(0)
     assert old is not None
