@@ -33,7 +33,7 @@ from ..core.service import default_reactor
 from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
 from ..core.threads import WorkerPool
 from ..core.units import parse_rate
-from ..core.webclient import http_client
+from ..core.webclient import LazyHttpClient, http_client
 from ..protocol.block import BLOCK_PORT_OPTIONS, block_port_limits
 from .client import node_host, parse_nodes
 from .daemon import PeerDaemon, PeerService
@@ -145,7 +145,8 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     top = MultiService()
     pool = WorkerPool(reactor, size=options["workers"], name="dfpeer-io")
     pool.setServiceParent(top)
-    http = http_client(Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    # the origin client (back-to-source fetches), and treq with it, is made on the first fetch
+    http = LazyHttpClient(lambda: Agent(reactor, pool=HTTPConnectionPool(reactor)))
     daemon = PeerDaemon(
         reactor, options["home"], options["nodes"], options["ip"], pool, http,
         per_connection=options["pipeline"], in_flight_bytes=options["in-flight"],
