@@ -218,18 +218,31 @@ class TaskPieces:
 
     def set_digest(self, index: int, digest: bytes) -> None:
         """The SuperNode's SHA-256 of piece C{index} (out of range: ignored)."""
-        if self.count is None or not 0 <= index < self.count:
+        self.set_digests(index, [digest])
+
+    def set_digests(self, first: int, digests: list[bytes]) -> None:
+        """
+        L{set_digest} for pieces C{first}, C{first + 1}, ...: the picker
+        learns them in one call (L{Picker.digests_known}).
+        """
+        count = self.count
+        if count is None or not digests:
             return
-        self.digests[index] = digest
-        if self.picker is not None:
-            self.picker.digest_known(index)
-        while self.digests_from < self.count and self.digests[self.digests_from] is not None:
+        known = []
+        for k, digest in enumerate(digests):
+            index = first + k
+            if 0 <= index < count:
+                self.digests[index] = digest
+                known.append(index)
+        if self.picker is not None and known:
+            self.picker.digests_known(known)
+        while self.digests_from < count and self.digests[self.digests_from] is not None:
             self.digests_from += 1
 
     def learn(self, answer: SyncAnswer) -> None:
         """What a sync answer says of the pieces: more digests, and the seed allowance."""
-        for k, hexd in enumerate(answer.digests):
-            self.set_digest(answer.digests_from + k, bytes.fromhex(hexd))
+        if answer.digests:
+            self.set_digests(answer.digests_from, [bytes.fromhex(hexd) for hexd in answer.digests])
         if answer.origin is not None:
             self.origin = answer.origin
         if answer.tags and self.count is not None:

@@ -134,6 +134,22 @@ def test_a_sync_answer_brings_digests_and_the_seed_allowance() -> None:
     assert p.digests == DIGESTS and p.digests_from == 4 and p.picker.seed_allowed == set()
 
 
+def test_a_sync_answer_makes_its_pieces_wanted_in_one_call_to_the_picker() -> None:
+    p = Parts().sized(digests=False)
+    picker = p.picker
+    assert picker is not None and not any(picker.wanted(i) for i in range(4))
+    calls: list[list[int]] = []
+    batch = picker.digests_known
+    picker.digests_known = lambda indexes: (calls.append(list(indexes)), batch(indexes))  # type: ignore[method-assign]
+    # one digest past the last piece: ignored, as set_digest ignores it
+    p.learn(SyncAnswer.from_json({"digestsFrom": 1, "digests": [d.hex() for d in DIGESTS[1:]] + ["00" * 32]}))
+    assert calls == [[1, 2, 3]]
+    assert p.digests == [None, *DIGESTS[1:]] and p.digests_from == 0
+    assert [picker.wanted(i) for i in range(4)] == [False, True, True, True]
+    p.set_digest(0, DIGESTS[0])
+    assert picker.wanted(0) and p.digests_from == 4
+
+
 def test_missing_known_and_meta_need_every_digest() -> None:
     parts = Parts()
     p = parts.sized(digests=False)
