@@ -369,8 +369,10 @@ class ChunkedFileWriter(HeldBody):
     MAX_PENDING_BYTES = 8 << 20
     #: bytes asked of the socket per read (Twisted's default is 64 KiB)
     READ_SIZE = 1 << 20
-    #: hand a block over once it is this big ... (DRAGONFLY_CDN_BLOCK_KIB, for same-machine comparisons)
-    BLOCK = int(os.environ.get("DRAGONFLY_CDN_BLOCK_KIB", "1024")) << 10
+    #: hand a block over once it is this big ... (DRAGONFLY_CDN_BLOCK_KIB, for same-machine comparisons; with
+    #: reads of up to READ_SIZE a block is mostly one read: 256 KiB cost the SuperNode 0.4-0.75 CPU s/GiB
+    #: less than 1024 and fetched faster, in same-run datapath comparisons both ways round, docs/benchmarks.md)
+    BLOCK = int(os.environ.get("DRAGONFLY_CDN_BLOCK_KIB", "256")) << 10
     #: ... or this big, when the pool has nothing to do
     MIN_BLOCK = 256 << 10
 
