@@ -4,7 +4,9 @@ Stream an HTTP response body into a file, in order, off the reactor thread.
 The body is gathered into blocks (at most C{block_size}, never across a
 chunk boundary; a block is handed over early when the pool is idle, so a slow
 body reaches the disk a little at a time).  Each block is hashed and written
-at its offset in the worker pool, one after another: a SHA-256 per chunk (a
+at its offset in the worker pool, one after another, the blocks that queue up
+while a pool job runs all in the next one (one hand-off per batch; each
+block still written by itself, see L{_store_blocks}): a SHA-256 per chunk (a
 piece on the SuperNode's CDN, updated as the chunk's blocks arrive) and a
 whole-file SHA-256, in the same pass; through the page cache, or with
 DRAGONFLY_CDN_DIRECT_WRITES=1 the whole pages with O_DIRECT
@@ -250,17 +252,33 @@ class AlignedWriter:
             os.close(self.fd)
 
 
-def _store_block(out: AlignedWriter, offset: int, parts: list[Any], file_hash: Any, chunk_hash: Any, last: bool) -> str | None:
-    """Hash C{parts} into the chunk's hash (and into C{file_hash} unless None), write them; the chunk's digest if C{last}."""
-    for part in parts:
-        if file_hash is not None:
-            file_hash.update(part)
-        chunk_hash.update(part)
-    out.write(parts, offset)
-    if last:
-        out.flush()  # the piece is published: every byte of it on the file
-        return cast(str, chunk_hash.hexdigest())
-    return None
+def _store_blocks(out: AlignedWriter, offset: int, blocks: list[tuple[list[Any], Any, bool]], file_hash: Any) -> tuple[list[str | None], str | None]:
+    """
+    Store consecutive blocks from C{offset} on, in order, in one pool job:
+    hash each block's C{parts} into its chunk's hash (and into C{file_hash}
+    unless None), then write them all with one call; C{(the digest of each
+    block that ends its chunk, else None; None or why the write failed)}.
+    A failed write publishes none of them (the caller gives up on the body).
+
+    One write per block, not one for the batch: in same-run datapath
+    comparisons a batch written with one C{pwritev} (and one writeback
+    start) of up to 8 MiB cost the SuperNode 2.4-2.8 system CPU s/GiB in its
+    pool against 0.5-1.1, and halved the fetch's speed (docs/benchmarks.md).
+    """
+    digests: list[str | None] = []
+    for block, chunk_hash, last in blocks:
+        for part in block:
+            if file_hash is not None:
+                file_hash.update(part)
+            chunk_hash.update(part)
+        digests.append(cast(str, chunk_hash.hexdigest()) if last else None)
+        try:
+            offset += out.write(block, offset)
+            if last:
+                out.flush()  # the piece is published: every byte of it on the file
+        except OSError as e:
+            return [], str(e)
+    return digests, None
 
 
 def _hash_parts(file_hash: Any, parts: list[Any]) -> None:
@@ -351,8 +369,10 @@ class ChunkedFileWriter(HeldBody):
     MAX_PENDING_BYTES = 8 << 20
     #: bytes asked of the socket per read (Twisted's default is 64 KiB)
     READ_SIZE = 1 << 20
-    #: hand a block over once it is this big ... (DRAGONFLY_CDN_BLOCK_KIB, for same-machine comparisons)
-    BLOCK = int(os.environ.get("DRAGONFLY_CDN_BLOCK_KIB", "1024")) << 10
+    #: hand a block over once it is this big ... (DRAGONFLY_CDN_BLOCK_KIB, for same-machine comparisons; with
+    #: reads of up to READ_SIZE a block is mostly one read: 256 KiB cost the SuperNode 0.4-0.75 CPU s/GiB
+    #: less than 1024 and fetched faster, in same-run datapath comparisons both ways round, docs/benchmarks.md)
+    BLOCK = int(os.environ.get("DRAGONFLY_CDN_BLOCK_KIB", "256")) << 10
     #: ... or this big, when the pool has nothing to do
     MIN_BLOCK = 256 << 10
 
@@ -393,6 +413,10 @@ class ChunkedFileWriter(HeldBody):
         self._buffered = 0
         self._buf_at = start.offset  # the file offset of the first buffered byte
         self._pending = 0  # bytes handed to the pool, not yet written
+        # blocks gathered and not yet given to the pool: (offset, parts, chunk index, chunk hash, last);
+        # the next pool job takes all of them (L{_store_queued})
+        self._queue: list[tuple[int, list[Any], int, Any, bool]] = []
+        self._queued = False  # a job that takes the queue waits in the chain
         # the whole-file hash's own chain (CDN_SPLIT_HASH): the blocks it has not hashed yet, in order
         self._split = CDN_SPLIT_HASH
         self._file_parts: list[Any] = []
@@ -501,34 +525,49 @@ class ChunkedFileWriter(HeldBody):
             self._index += 1
             self._chunk_hash = hashlib.sha256()
         self._pending += size
-        file_hash = self._hash if self._whole else None
         if self._split and self._whole:
             # the whole-file hash goes on in its own chain, beside this one: a
             # chunk is published once its own hash and its write are done
-            file_hash = None
             self._file_parts.extend(parts)
             self._file_pending += size
             if not self._file_running:
                 self._hash_next()
         self._check_backlog()
+        self._queue.append((offset, parts, index, chunk_hash, last))
+        if not self._queued:
+            # one job in the chain takes every block queued by the time the
+            # jobs before it are done: while the pool is busy, blocks gather,
+            # and the next job stores them with one hand-off and one write
+            self._queued = True
+            self._chain.addCallback(self._store_queued)
 
-        def store(_: Any) -> Any:
-            if self._error is not None:
-                return None
-            return self._pool.run(_store_block, self._out, offset, parts, file_hash, chunk_hash, last)
-
-        def stored(digest: str | None) -> None:
+    def _store_queued(self, _: Any) -> Deferred[None] | None:
+        """Store the blocks queued so far in one pool job; publish the chunks they end."""
+        self._queued = False
+        jobs, self._queue = self._queue, []
+        size = sum(len(p) for job in jobs for p in job[1])
+        if self._error is not None or not jobs:
             self._pending -= size
-            if digest is not None and self._error is None and self._on_chunk is not None:
-                self._on_chunk(index, digest)
+            return None
+        offset = jobs[0][0]
+        file_hash = self._hash if self._whole and not self._split else None
+        blocks = [(parts, chunk_hash, last) for _, parts, _, chunk_hash, last in jobs]
+
+        def stored(result: tuple[list[str | None], str | None]) -> None:
+            digests, why = result
+            self._pending -= size
+            if why is not None:
+                self.abort(BodyError("STORE_FAILED", f"cannot write at offset {offset}: {why}"))
+            for job, digest in zip(jobs, digests, strict=False):
+                if digest is not None and self._error is None and self._on_chunk is not None:
+                    self._on_chunk(job[2], digest)
             self._check_backlog()
 
         def failed(f: Failure) -> None:
             self._pending -= size
             self.abort(BodyError("STORE_FAILED", f"cannot write at offset {offset}: {f.getErrorMessage()}"))
 
-        self._chain.addCallback(store)
-        self._chain.addCallbacks(stored, failed)
+        return self._pool.run(_store_blocks, self._out, offset, blocks, file_hash).addCallbacks(stored, failed)
 
     def _check_backlog(self) -> None:
         """Pause the body while either chain is C{MAX_PENDING_BYTES} behind; resume once both are at half."""
