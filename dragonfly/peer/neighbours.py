@@ -391,6 +391,10 @@ class Neighbours:
         """Part of a large piece arrived (L{dragonfly.peer.pieces.TaskPieces.part})."""
         return self.task.pieces.part(conn, index, buf, filled)
 
+    def piece_dropped(self, conn: Any, index: int, buf: bytearray) -> None:
+        """A piece will not arrive whole into C{buf}: its buffer goes back to the pool."""
+        self.task.pieces.dropped(conn, buf)
+
     def download_limits(self) -> list[TokenBucket | None]:
         return [self.task.local_limit, self.daemon.total_limit]
 

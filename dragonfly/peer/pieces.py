@@ -378,6 +378,21 @@ class TaskPieces:
         if parts is not None:
             self._guard_release(parts)
 
+    def dropped(self, conn: Any, buf: bytearray) -> None:
+        """
+        C{conn} will not finish the piece arriving into C{buf} (cancelled, or
+        the connection closed): the buffer is released once no part job of
+        it is out (a pool thread may still hash or write from it).
+        """
+        parts = self._parts.get(conn)
+        if parts is None or parts.buf is not buf:
+            self._release(buf)
+            return
+        del self._parts[conn]
+        self._hold(parts, False)
+        self._guard_release(parts)
+        self._after_parts(parts, lambda: self._release(buf))
+
     def _guard_release(self, parts: _Parts) -> None:
         if self._guard is not None:
             self._guard.release(parts.index, parts.token)

@@ -253,6 +253,9 @@ class BlockConnection:
         self.queue.clear()
         self._haves.clear()
         self._out += [CancelTimer(HANDSHAKE), CancelTimer(IDLE), CancelTimer(KEEPALIVE), CancelTimer(HAVES)]
+        if self._rx_buf is not None:  # a piece cut off mid-body
+            buf, self._rx_buf = self._rx_buf, None
+            self._dropped(self._rx_index, buf)
         if self._attached:
             self._attached = False
             self.side.detached(self.handle, reason)
@@ -580,6 +583,12 @@ class BlockConnection:
         if self._rx_off >= self._rx_mark:
             self._rx_part()
 
+    def _dropped(self, index: int, buf: bytearray) -> None:
+        """The piece arriving into C{buf} will not be delivered: the side may take its buffer back."""
+        dropped = getattr(self.side, "piece_dropped", None)
+        if dropped is not None:
+            dropped(self.handle, index, buf)
+
     def _rx_part(self) -> None:
         """The arriving piece's first C{_rx_off} bytes are in: tell the side, before the piece's last byte."""
         buf = self._rx_buf
@@ -595,8 +604,11 @@ class BlockConnection:
             self._cancelled.discard(ev.index)
             self._rx_discard = False
             return
-        if self.requested.pop(ev.index, None) is None:
-            return  # cancelled while arriving
+        if self.requested.pop(ev.index, None) is None:  # cancelled while arriving
+            self._cancelled.discard(ev.index)
+            assert buf is not None
+            self._dropped(ev.index, buf)
+            return
         self._last_active = self._now()
         assert buf is not None
         self.side.on_piece(self.handle, ev.index, buf)

@@ -75,6 +75,11 @@ class TaskSide(TypingProtocol):
     # connection.NO_MARK.  A dfpeer hashes and writes a large piece's parts
     # as they arrive (dragonfly.peer.pieces.TaskPieces.part).
 
+    # optional: piece_dropped(conn, index, buf), told that the piece arriving
+    # into `buf` will not be delivered (cancelled while arriving, or the
+    # connection closed mid-body): the side may give the buffer back once
+    # nothing of its own still reads it.
+
     def on_reject(self, conn: BlockProtocol, index: int, reason: int) -> None: ...
 
     def on_digests(self, conn: BlockProtocol, first: int, digests: list[bytes]) -> None: ...

@@ -576,3 +576,64 @@ def test_seed_piece_file_serves_published_pieces_only(tmp_path):
     with pytest.raises(OSError):
         os.fstat(fd)  # closed with the task
     assert seed.piece_file(0) is None
+
+
+class DroppingSide(Side):
+    """A side that takes back the buffers of pieces that will not be delivered."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.taken: list[bytearray] = []
+
+    def buffer(self, size):
+        buf = bytearray(size)
+        self.taken.append(buf)
+        return buf
+
+    def piece_dropped(self, conn, index, buf):
+        self.events.append(("dropped", index, any(buf is b for b in self.taken)))
+
+
+def _downloading(side):
+    conn = BlockConnection(
+        Handle(), "me", lambda tid: None, side=side, task_id=TASK, remote_id="them", buffer=side.buffer,
+    )
+    conn.handle.conn = conn
+    conn.connection_made()
+    conn.data_received(hello())
+    return conn
+
+
+def test_a_piece_cancelled_while_arriving_gives_its_buffer_back():
+    side = DroppingSide(held=())
+    conn = _downloading(side)
+    conn.request(3, 0.0)
+    conn.data_received(F.piece_header(3, PIECE) + b"a")
+    conn.cancel(3)
+    conn.data_received(b"a" * (PIECE - 1))
+    assert ("dropped", 3, True) in side.events
+    assert not any(e[0] == "piece" for e in side.events)
+    # the same piece asked again arrives whole, into a new buffer
+    conn.request(3, 0.0)
+    conn.data_received(F.piece_header(3, PIECE) + b"b" * PIECE)
+    assert side.events[-1] == ("piece", 3, b"b" * PIECE) and len(side.taken) == 2
+
+
+def test_a_piece_cut_off_by_the_connection_gives_its_buffer_back_before_detached():
+    side = DroppingSide(held=())
+    conn = _downloading(side)
+    conn.request(2, 0.0)
+    conn.data_received(F.piece_header(2, PIECE) + b"a" * 10)
+    conn.connection_lost("gone")
+    assert side.events[-2:] == [("dropped", 2, True), ("detached",)]
+    conn.connection_lost("gone")  # once only
+    assert [e[0] for e in side.events].count("dropped") == 1
+
+
+def test_a_piece_delivered_is_not_dropped():
+    side = DroppingSide(held=())
+    conn = _downloading(side)
+    conn.request(1, 0.0)
+    conn.data_received(F.piece_header(1, PIECE) + b"c" * PIECE)
+    conn.connection_lost("gone")
+    assert not any(e[0] == "dropped" for e in side.events)

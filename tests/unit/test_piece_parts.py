@@ -320,3 +320,28 @@ def test_a_hold_and_the_download_limits_pause_apart() -> None:
     link.rx.hold(True)
     link.rx.hold(False)
     assert link.transport.state == "paused"
+
+
+def test_a_dropped_piece_gives_its_buffer_back_once_no_part_job_reads_it(tmp_path: Any) -> None:
+    pieces, store, _task, released = make(tmp_path)
+    store.hold = True
+    conn = Conn()
+    buf = aligned(PIECE)
+    assert pieces.part(conn, 0, buf, 0) == PART
+    buf[:2 * PART] = PIECES[0][:2 * PART]
+    pieces.part(conn, 0, buf, 2 * PART)  # a part job is out, reading buf
+    assert store.jobs
+    pieces.dropped(conn, buf)  # cancelled while arriving, or the connection closed
+    assert released == [] and not conn.held
+    store.flush()
+    assert released == [buf]
+    # its claim went with it: another copy of the piece may write parts
+    assert pieces.part(Conn(), 0, aligned(PIECE), 0) == PART
+
+
+def test_a_dropped_whole_piece_gives_its_buffer_back_at_once(tmp_path: Any) -> None:
+    pieces, _store, _task, released = make(tmp_path)
+    buf = bytearray(TaskPieces.PARTS_ABOVE)
+    assert pieces.part(Conn(), 1, buf, 0) == NO_PART
+    pieces.dropped(Conn(), buf)
+    assert released == [buf]
