@@ -205,10 +205,17 @@ class Counters:
 
 
 def _passable(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
+    """
+    The end-to-end headers of C{headers}; an empty C{Content-Encoding} is
+    left out (treq's gzip decoding leaves one on every answer that had
+    none, and clients would get it as a header of ours).
+    """
     out = []
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
         if lower in HOP_BY_HOP_BYTES or lower == b"host":
+            continue
+        if lower == b"content-encoding" and not any(v.strip() for v in values):
             continue
         out.append((name, values))
     return out

@@ -109,6 +109,11 @@ class Syncer:
 
     #: sync interval while the task is starting
     STARTUP_SYNC = 0.05
+    #: sync interval while the SuperNode does not know the length yet (its CDN
+    #: waits for the origin's answer): the length and the first seed pieces are
+    #: what a cold download waits for, and the CDN has them tens of ms after
+    #: the registration, so a 50 ms poll lost 25 ms on average
+    SIZING_SYNC = 0.02
     #: without a SuperNode and without progress for this long, go to the origin
     orphan_timeout = 10.0
     #: a SuperNode that answered this recently is waited for (see L{register})
@@ -361,6 +366,8 @@ class Syncer:
         if self._syncing():
             self._apply(reply)
         after = getattr(self._session, "pinned", None)
+        if reply.task.content_length is None and self._task.lifecycle.state is State.SIZING:
+            return min(reply.sync_interval, self.SIZING_SYNC)
         if before is not None and after != before and p.held is not None:
             # another node answered (the one we used stopped answering): it
             # heard only this report's news; say all we hold, with the

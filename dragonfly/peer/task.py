@@ -85,6 +85,8 @@ class PeerTask:
         self.listeners = Listeners()
         self._checker = periodic(1.0, self.neighbours.check_stalls, self.clock, "stall check")
         self._removed = False
+        #: the parents of the last answer before the file was ready: connected once it is
+        self._early_parents: list[Any] = []
         # when it was last asked for or served a piece (for GC), and last stored one
         self.started = self.last_access = self._last_progress = self.clock.seconds()
         self.finished_at: float | None = None
@@ -244,6 +246,8 @@ class PeerTask:
         if self.lifecycle.transferring:
             for parent in reply.parents:
                 self.neighbours.connect(parent)
+        else:
+            self._early_parents = list(reply.parents)
         self.neighbours.fill()
 
     def report_failure(self, index: int, parent: str) -> None:
@@ -287,6 +291,11 @@ class PeerTask:
             if self.count == 0:
                 self._complete()
             else:
+                # the parents and the seed the SuperNode named while the file was
+                # made: connected now, not after the next answer's round trip
+                early, self._early_parents = self._early_parents, []
+                for parent in early:
+                    self.neighbours.connect(parent)
                 self.syncer.kick()
 
         def failed(f: Any) -> None:

@@ -20,7 +20,7 @@ from twisted.web.server import Site
 from dragonfly.daemon import tap
 from dragonfly.daemon.ca import CaError, CertificateAuthority, LeafMinter, make_ca, write_ca
 from dragonfly.daemon.front import MAX_HEAD, FrontFactory, parse_connect
-from dragonfly.daemon.proxy import Counters, _Relay, _VerifyingRelay
+from dragonfly.daemon.proxy import Counters, _passable, _Relay, _VerifyingRelay
 from dragonfly.daemon.rules import DEFAULT_RULES, Rule, RuleError, blob_digest, decide
 
 HEX = "ab" * 32
@@ -393,3 +393,13 @@ def test_a_malformed_request_line_is_refused_by_the_web_server():
     proto.dataReceived(b"GARBAGE\r\n\r\n")
     assert status_of(transport) == 400
     assert transport.disconnecting
+
+
+def test_passable_drops_hop_by_hop_and_an_empty_content_encoding() -> None:
+    """treq's decoder leaves C{Content-Encoding: } on an answer that had none: not passed on; a real one is."""
+    from twisted.web.http_headers import Headers
+
+    h = Headers({b"Content-Encoding": [b""], b"Connection": [b"close"], b"Host": [b"r"], b"Content-Type": [b"x/y"]})
+    assert dict(_passable(h)) == {b"Content-Type": [b"x/y"]}
+    h = Headers({b"Content-Encoding": [b"gzip"]})
+    assert dict(_passable(h)) == {b"Content-Encoding": [b"gzip"]}

@@ -46,7 +46,8 @@ class Session:
 
     async def sync(self, report: SyncReport) -> SyncAnswer:
         self.reports.append(report)
-        reply = self.syncs.pop(0) if self.syncs else {"task": {"status": "running"}, "syncInterval": 0.5}
+        # (by default the SuperNode knows the length: see test_polls_faster_until_the_length_is_known)
+        reply = self.syncs.pop(0) if self.syncs else {"task": {"status": "running", "contentLength": 10}, "syncInterval": 0.5}
         if isinstance(reply, Exception):
             raise reply
         return SyncAnswer.from_json(reply)
@@ -172,6 +173,36 @@ def test_syncs_soon_while_starting_then_at_the_interval() -> None:
     assert len(session.reports) == 3
     clock.advance(0.1)
     assert len(session.reports) == 4
+
+
+def test_polls_faster_until_the_length_is_known() -> None:
+    """While sizing and the SuperNode has no length yet, every L{Syncer.SIZING_SYNC}; then as usual."""
+    syncer, session, task, clock = make()
+    sizing = {"task": {"status": "running"}, "syncInterval": 0.5}
+    session.syncs = [sizing, sizing]
+    run(syncer)
+    assert task.lifecycle.state is State.SIZING and len(session.reports) == 1
+    clock.advance(Syncer.SIZING_SYNC)
+    assert len(session.reports) == 2
+    clock.advance(Syncer.SIZING_SYNC)
+    assert len(session.reports) == 3  # this answer has the length
+    clock.advance(Syncer.SIZING_SYNC)
+    assert len(session.reports) == 3
+    clock.advance(0.5)
+    assert len(session.reports) == 4
+
+
+def test_no_faster_polls_once_downloading() -> None:
+    """A task past sizing (a SuperNode that lost the length) keeps the usual interval."""
+    syncer, session, task, clock = make()
+    task.download = True
+    session.syncs = [{"task": {"status": "running"}, "syncInterval": 0.5}]
+    run(syncer)
+    assert task.lifecycle.state is State.DOWNLOADING and len(session.reports) == 1
+    clock.advance(0.49)
+    assert len(session.reports) == 1
+    clock.advance(0.01)
+    assert len(session.reports) == 2
 
 
 def test_a_kick_syncs_at_once() -> None:

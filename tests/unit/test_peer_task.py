@@ -874,3 +874,21 @@ def test_the_parts_attributes_are_read_only_through_the_task() -> None:
         task.length = 1
     task.stream_from = 2
     assert task.picker.stream_from == 2
+
+
+def test_the_parents_named_while_the_file_is_made_are_connected_once_it_is() -> None:
+    """The answer that sized the task named the seed: connected when the file is ready, not after another answer."""
+    host, task, session = make(replies=[sized()])
+    made: defer.Deferred = defer.Deferred()
+    host.store.prepare = lambda task_id, length: made  # type: ignore[method-assign]
+    session.default = {"task": {"status": "running"}, "syncInterval": 0.5}  # (names no parents)
+    task.start()
+    assert task.state is State.ALLOCATING and host.block_factory.made == {}
+    answers = len(session.bodies)
+    host.store.files[TID] = bytearray(len(BODY))
+    made.callback(None)
+    assert task.state is State.DOWNLOADING
+    assert set(host.block_factory.made) == {SEED_ID}
+    # (the kicked sync went out too; its answer named nobody)
+    host.clock.advance(0)
+    assert len(session.bodies) == answers + 1
