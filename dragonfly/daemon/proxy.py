@@ -204,6 +204,19 @@ class Counters:
         ]
 
 
+def _blob_headers(request: Any, decision: Decision, task_id: str) -> None:
+    """
+    The headers of a body served from the swarm: a blob named by its digest
+    never changes, so it may be cached for a year (as the registry says).
+    """
+    if decision.digest:
+        request.setHeader(b"docker-content-digest", decision.digest.encode())
+        request.setHeader(b"etag", f'"{decision.digest}"'.encode())
+        request.setHeader(b"cache-control", b"max-age=31536000")
+    request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
+    request.setHeader(b"x-dragonfly-task-id", task_id.encode())
+
+
 def _passable(headers: Headers) -> list[tuple[bytes, Sequence[bytes]]]:
     """
     The end-to-end headers of C{headers}; an empty C{Content-Encoding} is
@@ -723,11 +736,7 @@ class DaemonCore:
         request.setHeader(b"accept-ranges", b"bytes")
         _set_length(request, stream)
         request.responseHeaders.setRawHeaders(b"content-type", stream.headers.getRawHeaders(b"content-type", []))
-        if decision.digest:
-            request.setHeader(b"docker-content-digest", decision.digest.encode())
-            request.setHeader(b"etag", f'"{decision.digest}"'.encode())
-        request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
-        request.setHeader(b"x-dragonfly-task-id", task_id.encode())
+        _blob_headers(request, decision, task_id)
         complete = await _relay(request, stream, self._count_p2p)
         if not complete:
             self.counters.p2p_cut += 1
@@ -761,11 +770,7 @@ class DaemonCore:
         request.setHeader(b"content-length", length)
         if b"content-type" in headers:
             request.setHeader(b"content-type", headers[b"content-type"])
-        if decision.digest:
-            request.setHeader(b"docker-content-digest", decision.digest.encode())
-            request.setHeader(b"etag", f'"{decision.digest}"'.encode())
-        request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
-        request.setHeader(b"x-dragonfly-task-id", task_id.encode())
+        _blob_headers(request, decision, task_id)
         out = plain_client(request)
         assert out is not None
         relay = SpliceRelay(self.reactor, request, out, conn, int(length))

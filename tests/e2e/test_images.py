@@ -280,6 +280,7 @@ def test_the_response_streams_before_the_swarm_finishes(tmp_path, tmp_path_facto
             assert resp.status == 200
             assert resp.getheader("Docker-Content-Digest") == big.layers[0]
             assert resp.getheader("Content-Type") == "application/octet-stream"  # the registry's
+            assert resp.getheader("Cache-Control") == "max-age=31536000"  # a blob by digest never changes
             first = resp.read1(1 << 16)
             first_at = time.monotonic() - started
             body = first + resp.read()

@@ -20,8 +20,8 @@ from twisted.web.server import Site
 from dragonfly.daemon import tap
 from dragonfly.daemon.ca import CaError, CertificateAuthority, LeafMinter, make_ca, write_ca
 from dragonfly.daemon.front import MAX_HEAD, FrontFactory, parse_connect
-from dragonfly.daemon.proxy import Counters, _passable, _Relay, _VerifyingRelay
-from dragonfly.daemon.rules import DEFAULT_RULES, Rule, RuleError, blob_digest, decide
+from dragonfly.daemon.proxy import Counters, _blob_headers, _passable, _Relay, _VerifyingRelay
+from dragonfly.daemon.rules import DEFAULT_RULES, Decision, Rule, RuleError, blob_digest, decide
 
 HEX = "ab" * 32
 BLOB = f"https://registry.example/v2/team/app/blobs/sha256:{HEX}"
@@ -403,3 +403,21 @@ def test_passable_drops_hop_by_hop_and_an_empty_content_encoding() -> None:
     assert dict(_passable(h)) == {b"Content-Type": [b"x/y"]}
     h = Headers({b"Content-Encoding": [b"gzip"]})
     assert dict(_passable(h)) == {b"Content-Encoding": [b"gzip"]}
+
+
+def test_a_blob_by_digest_from_the_swarm_is_cacheable_and_names_its_digest() -> None:
+    from twisted.web.test.requesthelper import DummyRequest
+
+    digest = "sha256:" + "ab" * 32
+    request = DummyRequest([b""])
+    _blob_headers(request, Decision("http://r/v2/x/blobs/" + digest, True, digest), "t" * 64)
+    h = request.responseHeaders
+    assert h.getRawHeaders(b"docker-content-digest") == [digest.encode()]
+    assert h.getRawHeaders(b"etag") == [f'"{digest}"'.encode()]
+    assert h.getRawHeaders(b"cache-control") == [b"max-age=31536000"]
+    assert h.getRawHeaders(b"x-dragonfly-task-id") == [b"t" * 64]
+    # a body named by no digest (a plain URL through the swarm): nothing claims it never changes
+    request = DummyRequest([b""])
+    _blob_headers(request, Decision("http://files/f", True), "u" * 64)
+    assert not request.responseHeaders.hasHeader(b"cache-control")
+    assert not request.responseHeaders.hasHeader(b"etag")
