@@ -189,6 +189,54 @@ def test_the_in_flight_limit_follows_the_link() -> None:
     assert all(most.get(p.index, 0) <= 2 * p.limit for p in sim.peers)
 
 
+def test_the_holders_array_follows_the_pickers() -> None:
+    """The per-piece holder bytes the HAVE fan-out reads agree with the pickers after every piece that arrives."""
+    sim = Simulation(SMALL)
+    arrived = sim._piece_arrived
+    checked = []
+
+    def check(flow):  # type: ignore[no-untyped-def]
+        arrived(flow)
+        for index, holders in enumerate(sim.has):
+            assert list(holders) == [index in p.picker.have_bits for p in sim.peers]
+        checked.append(flow)
+
+    sim._piece_arrived = check  # type: ignore[method-assign]
+    sim.run()
+    assert len(checked) >= SMALL.peers * sim.count
+    assert all(list(holders) == [1] * SMALL.peers for holders in sim.has)
+    # the pickers' priority lists share one int object per piece number, and keep their values
+    a, b = sim.peers[0].picker, sim.peers[1].picker
+    assert a.prio != b.prio and sorted(a.prio) == list(range(sim.count))
+    assert all(a.prio[i] is b.prio[j] for i in range(sim.count) for j in range(sim.count) if a.prio[i] == b.prio[j])
+    assert all(a._by_prio[a.prio[i]] == i for i in range(sim.count))
+
+
+def test_events_and_piece_arrivals_are_handled_in_time_order() -> None:
+    """The pieces a step completed skip the event heap: merged with it, everything still runs in time order."""
+    sim = Simulation(SMALL)
+    seen: list[tuple[float, str]] = []
+    def watch(name: str) -> None:
+        fn = getattr(sim, name)
+
+        def wrap(*args):  # type: ignore[no-untyped-def]
+            seen.append((sim.now, name))
+            fn(*args)
+
+        setattr(sim, name, wrap)
+
+    for name in ("_piece_arrived", "_request_arrives", "_haves_due", "_sync", "_decision", "_connected"):
+        watch(name)
+    sim.run()
+    times = [t for t, _ in seen]
+    assert times == sorted(times)
+    kinds = {name for _, name in seen}
+    assert kinds == {"_piece_arrived", "_request_arrives", "_haves_due", "_sync", "_decision", "_connected"}
+    # arrivals and other events interleave (not all of a step's arrivals first)
+    order = [name == "_piece_arrived" for _, name in seen]
+    assert sum(1 for a, b in zip(order, order[1:], strict=False) if a and not b) > 10
+
+
 def test_link_mix_parsing() -> None:
     (a, b) = parse_links("1000/200@5:3,100/100@20:1")
     assert (a.down_mbit, a.up_mbit, a.latency_ms, a.share) == (1000, 200, 5, 0.75)
