@@ -37,7 +37,9 @@ Results are merged per N into OUT/results.json; OUT/swarm.png plots mean time
 against N for every system, OUT/swarm-cpu.png the two swarms' x F/B and every
 system's CPU per peer per GiB (with matplotlib, the C{bench} extra) and
 OUT/results.md holds the tables.  Exit status: 0 all rounds passed, 1 some
-download failed or was corrupt, 75 another run holds the emulated network,
+Dragonfly download failed or some finished download was corrupt (a baseline
+download that never finished, such as plain HTTP's at N = 40 from an
+overloaded origin, is shown in the table, not a failure), 75 another run holds the emulated network,
 77 this machine cannot run it (not root, no C{ip netns}).
 """
 
@@ -1025,7 +1027,10 @@ def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
                 say(f"N={n}: {system} round")
                 record = rounds[system](bed)
                 results["runs"].setdefault(str(n), {})[system] = record
-                passed = passed and record["ok"]
+                if fails_run(record):
+                    passed = False
+                elif not record["ok"]:
+                    say(f"N={n} {system}: {', '.join(record['failed'])} did not finish (a baseline's result, not a fault)")
                 write_outputs(out, results, scenario, draw=False)
                 say(round_line(record))
     write_outputs(out, results, scenario, draw=not (args.no_plot or args.smoke))  # a smoke run is quick: no plots
@@ -1034,6 +1039,21 @@ def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
     print()
     say(f"results in {out}")
     return passed
+
+
+def fails_run(record: dict[str, Any]) -> bool:
+    """
+    Whether a round's failed downloads make the run fail: any of
+    Dragonfly's; a baseline's only when a download its client called done
+    does not match the file (a fault of the harness).  A baseline download
+    that never finishes is what the baseline measured (plain HTTP at N = 40
+    overloads the origin): shown in the table's ok column, not a failure.
+    """
+    if record["ok"]:
+        return False
+    if record["system"] == "dragonfly":
+        return True
+    return any(h["exit"] == 0 and not h["sha256Ok"] for h in record["hosts"].values())
 
 
 def compile_bytecode() -> int:
