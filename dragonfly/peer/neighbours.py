@@ -369,8 +369,7 @@ class Neighbours:
         if conn is not self.seed_conn:
             conn.abort("DIGESTS are accepted from the seed only")
             return
-        for k, digest in enumerate(digests):
-            self.task.set_digest(first + k, digest)
+        self.task.pieces.set_digests(first, digests)
         self.fill()
 
     def on_reject(self, conn: Any, index: int, reason: int) -> None:

@@ -388,9 +388,8 @@ class TaskPieces:
         if parts is None or parts.buf is not buf:
             self._release(buf)
             return
-        del self._parts[conn]
+        self.drop_parts(conn)
         self._hold(parts, False)
-        self._guard_release(parts)
         self._after_parts(parts, lambda: self._release(buf))
 
     def _guard_release(self, parts: _Parts) -> None:
