@@ -140,7 +140,10 @@ class Podman:
         ]
 
     def env(self) -> dict[str, str]:
-        return _clean_env({"TMPDIR": os.path.join(self.root, "tmp")})
+        # podman makes its --tmpdir when it first needs it; an image copy stats TMPDIR before that
+        tmp = os.path.join(self.root, "tmp")
+        os.makedirs(tmp, exist_ok=True)
+        return _clean_env({"TMPDIR": tmp})
 
     def inspect(self, ref: str) -> dict[str, Any]:
         out = subprocess.run(self.podman("image", "inspect", ref), capture_output=True, check=True, timeout=60, env=self.env())

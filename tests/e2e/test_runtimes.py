@@ -41,10 +41,11 @@ def counters(url):
     return get_json(url + "/_dfdaemon/status")["counters"]
 
 
-def run_all(commands, env=None):
-    """Run the commands at once; each one's seconds from the common start."""
+def run_all(commands, env=None, envs=None):
+    """Run the commands at once (C{envs}: one environment per command); each one's seconds from the common start."""
     started = time.monotonic()
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for c in commands]
+    envs = envs or [env] * len(commands)
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e) for c, e in zip(commands, envs)]
     times = []
     for p in procs:
         out, _ = p.communicate(timeout=300)
@@ -177,7 +178,7 @@ def test_three_podman_hosts_pull_through_a_registry_mirror(tmp_path, tmp_path_fa
                     text = f.read()
                 with open(pm.registries_conf, "w") as f:
                     f.write(text.replace(f'location = "{registry.netloc}"\n', f'location = "{registry.netloc}"\ninsecure = true\n'))
-            run_all([pm.podman("pull", "-q", ref) for pm in hosts], env=hosts[0].env())
+            run_all([pm.podman("pull", "-q", ref) for pm in hosts], envs=[pm.env() for pm in hosts])
             for pm in hosts:
                 got = pm.inspect(ref)
                 assert "sha256:" + got["Id"] == image.config_digest or got["Id"] == image.config_digest
