@@ -7,8 +7,8 @@ One L{LeanProtocol} per connection, kept alive and reused (a few idle ones
 per host, L{LeanClient}); a request goes out in one C{write}; the answer is
 parsed by the sans-IO L{ResponseParser} (status line, headers,
 C{Content-Length}, chunked or read-to-close bodies, C{Connection: close}).
-C{https://} goes through the same C{BrowserLikePolicyForHTTPS} as the Agent
-did.  A cut, malformed or overlong answer fails the call with
+C{https://} goes through an L{dragonfly.core.tls.HttpsPolicy}, the checks of
+the Agent's C{BrowserLikePolicyForHTTPS}.  A cut, malformed or overlong answer fails the call with
 L{ResponseFailed}; a connection that hangs is aborted after C{timeout}
 seconds of the injected clock (or when the caller cancels).
 
@@ -324,17 +324,16 @@ class LeanProtocol(Protocol):
 
 
 def _default_endpoint(reactor: Any, context_factory: Any) -> Callable[[bytes, str, int], Any]:
-    from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+    from twisted.internet.endpoints import HostnameEndpoint
+
+    from .tls import HttpsPolicy, tls_client_endpoint
+
+    policy = context_factory if context_factory is not None else HttpsPolicy()
 
     def endpoint(scheme: bytes, host: str, port: int) -> Any:
         ep: Any = HostnameEndpoint(reactor, host, port)
         if scheme == b"https":
-            if context_factory is None:
-                from twisted.web.client import BrowserLikePolicyForHTTPS
-                creator = BrowserLikePolicyForHTTPS().creatorForNetloc(host.encode("idna"), port)
-            else:
-                creator = context_factory.creatorForNetloc(host.encode("idna"), port)
-            ep = wrapClientTLS(creator, ep)
+            ep = tls_client_endpoint(policy.creatorForNetloc(host.encode("idna"), port), ep)
         return ep
 
     return endpoint
@@ -346,7 +345,7 @@ class LeanClient:
     ones kept per host.
 
     @param context_factory: for C{https://} URLs, an C{IPolicyForHTTPS}
-        (C{BrowserLikePolicyForHTTPS} with the trust root wanted).
+        (L{dragonfly.core.tls.HttpsPolicy} with the trust root wanted).
     @param timeout: seconds (of C{clock}) a request may take in all before
         its connection is aborted and it fails with L{ResponseFailed}.
     @param endpoint: C{(scheme, host, port) -> IStreamClientEndpoint}, for tests.

@@ -21,11 +21,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.threads import deferToThreadPool
-from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
+
+from .tls import HttpsPolicy, tls_client_endpoint
 
 #: denied unless --origin-deny says otherwise: link-local addresses, where
 #: cloud metadata services live (169.254.169.254); never a file origin
@@ -216,7 +217,7 @@ class _CheckedEndpoint:
             endpoint: Any = cls(f.reactor, str(addr), self._port, timeout=f.connect_timeout)
             if self._scheme == b"https":
                 creator = f.tls_policy.creatorForNetloc(self._host.encode("idna"), self._port)
-                endpoint = wrapClientTLS(creator, endpoint)
+                endpoint = tls_client_endpoint(creator, endpoint)
             connecting: Deferred[Any] = endpoint.connect(protocol_factory)
             return connecting
 
@@ -231,7 +232,7 @@ class PolicyEndpointFactory:
         self.reactor = reactor
         self.policy = policy
         self.pool = pool
-        self.tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
+        self.tls_policy = tls_policy or HttpsPolicy()
         self.connect_timeout = connect_timeout
 
     def endpointForURI(self, uri: Any) -> _CheckedEndpoint:

@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from OpenSSL.crypto import Error as OpenSSLError
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.python import usage
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from ..core.config import ConfigFileOptions
 from ..core.defaults import DEFAULT_HOME
@@ -32,6 +30,7 @@ from ..core.metrics import metrics_only_root
 from ..core.service import default_reactor
 from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
 from ..core.threads import WorkerPool
+from ..core.tls import HttpsEndpointFactory, HttpsPolicy, load_certificates, server_endpoint
 from ..core.units import parse_rate
 from ..core.webclient import LazyHttpClient, http_client
 from ..protocol.block import BLOCK_PORT_OPTIONS, block_port_limits
@@ -89,11 +88,15 @@ class Options(ConfigFileOptions):
         if self["supernode-ca"] is not None:
             try:
                 with open(self["supernode-ca"], "rb") as f:
-                    self["supernode-ca-certs"] = [Certificate.loadPEM(pem) for pem in _pems(f.read())]
-            except (OSError, ValueError, OpenSSLError) as e:
+                    pem = f.read()
+            except OSError as e:
                 raise usage.UsageError(f"--supernode-ca {self['supernode-ca']}: {e}") from None
-            if not self["supernode-ca-certs"]:
+            if not _pems(pem):
                 raise usage.UsageError(f"--supernode-ca {self['supernode-ca']}: no PEM certificate in it")
+            try:
+                self["supernode-ca-certs"] = load_certificates(pem)  # loads pyOpenSSL: this dfpeer speaks TLS
+            except ValueError as e:
+                raise usage.UsageError(f"--supernode-ca {self['supernode-ca']}: {e}") from None
         self["home"] = os.path.abspath(self["home"])
         parse_gc_options(self)
         if not self["api"].startswith("tcp:"):
@@ -125,12 +128,9 @@ def _pems(data: bytes) -> list[bytes]:
 
 def supernode_http(reactor: Any, ca_certs: list[Any] | None) -> Any:
     """The HTTP client for the SuperNode API: https:// SuperNodes are checked against C{ca_certs} (or the system's CAs)."""
-    if ca_certs:
-        policy = BrowserLikePolicyForHTTPS(trustRoot=trustRootFromCertificates(ca_certs))
-    else:
-        policy = BrowserLikePolicyForHTTPS()
+    policy = HttpsPolicy(ca_certs or None)
     if os.environ.get("DRAGONFLY_LEAN_API", "1") == "0":  # the treq client, for A/B runs
-        return http_client(Agent(reactor, contextFactory=policy, pool=HTTPConnectionPool(reactor)))
+        return http_client(Agent.usingEndpointFactory(reactor, HttpsEndpointFactory(reactor, policy), pool=HTTPConnectionPool(reactor)))
     return LeanClient(reactor, context_factory=policy)
 
 
@@ -146,7 +146,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     pool = WorkerPool(reactor, size=options["workers"], name="dfpeer-io")
     pool.setServiceParent(top)
     # the origin client (back-to-source fetches), and treq with it, is made on the first fetch
-    http = LazyHttpClient(lambda: Agent(reactor, pool=HTTPConnectionPool(reactor)))
+    http = LazyHttpClient(lambda: Agent.usingEndpointFactory(reactor, HttpsEndpointFactory(reactor), pool=HTTPConnectionPool(reactor)))
     daemon = PeerDaemon(
         reactor, options["home"], options["nodes"], options["ip"], pool, http,
         per_connection=options["pipeline"], in_flight_bytes=options["in-flight"],
@@ -176,7 +176,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     if options["metrics"]:
         # a scrape port apart from the local API, which must stay on loopback
         StreamServerEndpointService(
-            serverFromString(reactor, options["metrics"]), QuietSite(metrics_only_root(api.registry)),
+            server_endpoint(reactor, options["metrics"]), QuietSite(metrics_only_root(api.registry)),
         ).setServiceParent(top)
     if os.environ.get("DRAGONFLY_MEMTRACE"):
         from ..core import memtrace

@@ -237,9 +237,9 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # both ports first (see bind_early); the API on its own endpoint (TLS, ...) when given one
     block_endpoint = bind_early(iface, options["block-port"], reactor=reactor)
     if options["api-listen"]:
-        from twisted.internet.endpoints import serverFromString
+        from ..core.tls import server_endpoint
 
-        api_endpoint = serverFromString(reactor, options["api-listen"])
+        api_endpoint = server_endpoint(reactor, options["api-listen"])
     else:
         api_endpoint = bind_early(iface, options["port"], reactor=reactor)
 

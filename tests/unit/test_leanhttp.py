@@ -390,9 +390,8 @@ def test_a_request_made_as_the_answer_arrives_reuses_the_connection() -> None:
 
 
 def test_https_goes_through_the_policy_given() -> None:
-    from twisted.internet.endpoints import _WrapperEndpoint
-
     from dragonfly.core.leanhttp import _default_endpoint
+    from dragonfly.core.tls import TlsClientEndpoint
 
     asked: list[tuple[bytes, int]] = []
 
@@ -402,9 +401,9 @@ def test_https_goes_through_the_policy_given() -> None:
             return object()
 
     endpoint = _default_endpoint(MemoryReactorClock(), Policy())
-    assert isinstance(endpoint(b"https", "localhost", 8443), _WrapperEndpoint)
+    assert isinstance(endpoint(b"https", "localhost", 8443), TlsClientEndpoint)
     assert asked == [(b"localhost", 8443)]
-    assert not isinstance(endpoint(b"http", "localhost", 8002), _WrapperEndpoint)
+    assert not isinstance(endpoint(b"http", "localhost", 8002), TlsClientEndpoint)
     assert asked == [(b"localhost", 8443)]
 
 
