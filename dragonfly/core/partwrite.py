@@ -18,6 +18,13 @@ Once a part is hashed and written, its pages of the piece's buffer go back
 to the system (C{MADV_DONTNEED}); the buffer (L{dragonfly.protocol.receive.aligned})
 asks for huge pages, so the next piece faults them in 2 MiB at a time.
 
+A whole piece of a few MiB is hashed and written I{side by side}
+(L{Beside}): one pool thread hashes it while another writes it into its
+region under the same guard (a token, as for parts), and whichever ends
+last seals it when it matched.  The piece's buffer and its place in the
+in-flight budget are then held for the longer of the two, not their sum:
+the next request waits for that (docs/benchmarks.md).
+
 The blocking functions run in the worker pool (L{dragonfly.core.store.TaskStore}).
 """
 
@@ -32,12 +39,18 @@ from typing import Any
 
 from .files import write_piece
 
-__all__ = ["PART", "WriteGuard", "drop_pages", "write_part", "seal_part", "write_guarded"]
+__all__ = [
+    "PART", "BESIDE_FROM", "WriteGuard", "Beside", "drop_pages", "write_part", "seal_part", "write_guarded",
+    "hash_beside", "write_beside",
+]
 
 #: the parts a large piece is hashed and written in (a huge page)
 PART = 2 << 20
 #: DRAGONFLY_PART_DROP=0 keeps the parts' pages (same-run comparisons of their cost)
 DROP = os.environ.get("DRAGONFLY_PART_DROP", "1") != "0"
+#: whole pieces of this size and more are hashed and written side by side (L{Beside});
+#: DRAGONFLY_BESIDE_FROM_MIB=0 turns it off (same-run comparisons, bench.datapath --ab-env)
+BESIDE_FROM = int(os.environ.get("DRAGONFLY_BESIDE_FROM_MIB", "4")) << 20
 
 
 class WriteGuard:
@@ -135,3 +148,68 @@ def write_guarded(path: str, guard: WriteGuard, index: int, offset: int, data: A
         if not guard.dead:
             guard.sealed.add(index)
     return True
+
+
+class Beside:
+    """
+    One whole piece hashed (L{hash_beside}) and written (L{write_beside}) in
+    two pool threads at once, by the copy holding C{token} of C{guard}.  The
+    job that ends last seals the piece when it matched C{digest} and was
+    written whole; C{result} is then True, False when it did not match,
+    None when this copy could not write it (a verified copy came first, or
+    the file's geometry changed), and C{error} what either job raised.
+    """
+
+    __slots__ = ("path", "guard", "index", "token", "offset", "data", "digest", "lock", "left", "matched", "wrote",
+                 "error", "result")
+
+    def __init__(self, path: str, guard: WriteGuard, index: int, token: int, offset: int, data: Any, digest: bytes) -> None:
+        self.path, self.guard, self.index, self.token = path, guard, index, token
+        self.offset, self.data, self.digest = offset, data, digest
+        self.lock = threading.Lock()
+        self.left = 2
+        self.matched = False
+        self.wrote = False
+        self.error: BaseException | None = None
+        self.result: bool | None = None
+
+    def _end(self) -> None:
+        """One of the two jobs is over: the last one seals (or not)."""
+        with self.lock:
+            self.left -= 1
+            if self.left:
+                return
+        if self.error is not None or not self.matched:
+            self.result = None if self.error is not None else False
+            return
+        guard = self.guard
+        with guard.lock:
+            if self.wrote and guard.may_write(self.index, self.token):
+                guard.sealed.add(self.index)
+                self.result = True
+
+
+def hash_beside(b: Beside) -> None:
+    """Blocking: the SHA-256 half of L{Beside}."""
+    try:
+        b.matched = hashlib.sha256(b.data).digest() == b.digest
+    except Exception as e:  # pragma: no cover - hashing a buffer does not fail
+        b.error = e
+    finally:
+        b._end()
+
+
+def write_beside(b: Beside) -> None:
+    """
+    Blocking: the write half of L{Beside}: the piece into its region, not
+    served until sealed, unless the copy may no longer write.
+    """
+    try:
+        with b.guard.lock:
+            if b.guard.may_write(b.index, b.token):
+                write_piece(b.path, b.data, b.offset)
+                b.wrote = True
+    except Exception as e:
+        b.error = e
+    finally:
+        b._end()

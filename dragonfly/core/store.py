@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredLock, succeed
+from twisted.internet.defer import Deferred, DeferredLock, gatherResults, succeed
 from twisted.logger import Logger
 
 from .files import (
@@ -51,7 +51,7 @@ from .files import (
     write_piece,
 )
 from .ids import is_task_id
-from .partwrite import WriteGuard, seal_part, write_guarded, write_part
+from .partwrite import Beside, WriteGuard, hash_beside, seal_part, write_beside, write_guarded, write_part
 
 log = Logger()
 
@@ -205,6 +205,26 @@ class TaskStore:
     ) -> Deferred[bool | None]:
         """The last part of piece C{index}: checked and sealed (L{dragonfly.core.partwrite.seal_part})."""
         return self._pool.run(seal_part, self.data_path(task_id), guard, index, token, hasher, buf, start, offset, digest)
+
+    def write_beside(
+        self, task_id: str, guard: WriteGuard, index: int, token: int, offset: int, data: bytearray | bytes,
+        digest: bytes,
+    ) -> Deferred[bool | None]:
+        """
+        Piece C{index}, whole, hashed in one pool thread while another writes
+        it (L{dragonfly.core.partwrite.Beside}): fires with True (matched,
+        written and sealed), False (no match) or None (this copy could not
+        write it), or the write's failure.
+        """
+        b = Beside(self.data_path(task_id), guard, index, token, offset, data, digest)
+        d = gatherResults([self._pool.run(hash_beside, b), self._pool.run(write_beside, b)], consumeErrors=True)
+
+        def sealed(_: object) -> bool | None:
+            if b.error is not None:
+                raise b.error
+            return b.result
+
+        return d.addCallback(sealed)
 
     def save_meta(self, task_id: str, meta: dict[str, Any]) -> Deferred[None]:
         """Write the meta file of C{task_id} atomically."""

@@ -83,6 +83,10 @@ class PartStore(Protocol):
         digest: bytes,
     ) -> Deferred: ...
 
+    def write_beside(
+        self, task_id: str, guard: Any, index: int, token: int, offset: int, data: bytearray, digest: bytes,
+    ) -> Deferred: ...
+
 
 class Connections(Protocol):
     """The block connections (L{dragonfly.protocol.block.BlockFactory})."""

@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from ..core.bitmap import Bitmap
-from ..core.partwrite import PART, WriteGuard
+from ..core.partwrite import BESIDE_FROM, PART, WriteGuard
 from ..core.pieces import piece_count, piece_span
 from ..core.piecetag import well_formed
 from ..protocol.supernode_api import PieceProof, SyncAnswer
@@ -145,6 +145,8 @@ class TaskPieces:
         #: the store writes parts (the task store; a test's may not)
         self._by_parts = PART_WRITES and hasattr(store, "write_part")
         self._pstore = cast(PartStore, store)
+        #: whole pieces of BESIDE_FROM bytes and more are hashed and written side by side (L{_write_beside})
+        self._beside = self._by_parts and BESIDE_FROM > 0 and hasattr(store, "write_beside")
 
     # -- geometry and digests --------------------------------------------------------
 
@@ -431,9 +433,29 @@ class TaskPieces:
         if parts is not None:
             self._after_parts(parts, lambda: self._seal(conn, index, data, kind, digest, parts))
             return
+        if self._beside and len(data) >= BESIDE_FROM and self._write_beside(conn, index, data, kind, digest):
+            return
         d = self._write_whole(index, data, digest)
         d.addBoth(self._released, data, index)
         d.addCallbacks(self._written, self._not_written, callbackArgs=(conn, index, kind, len(data)), errbackArgs=(index,))
+
+    def _write_beside(self, conn: Any, index: int, data: bytearray, kind: str, digest: bytes) -> bool:
+        """
+        Piece C{index}, whole, hashed in one pool thread while another
+        writes it into its region (L{dragonfly.core.partwrite.Beside}): its
+        buffer and its place in the in-flight budget are held for the longer
+        of the two instead of their sum, so the next request goes sooner.
+        False when this copy may not write it that way (another copy writes
+        it in parts): the caller checks, then writes.
+        """
+        guard = self._guard
+        assert guard is not None
+        token = guard.claim(index)
+        if token is None:
+            return False
+        d = self._pstore.write_beside(self.task_id, guard, index, token, index * self.piece_size, data, digest)
+        d.addBoth(self._sealed, conn, index, data, kind, index, token, True, self.picker)
+        return True
 
     def _write_whole(self, index: int, data: bytearray, digest: bytes) -> Deferred:
         """Check a whole piece against C{digest} and write it (through the guard when parts are written)."""
@@ -453,26 +475,32 @@ class TaskPieces:
                 index * self.piece_size, digest,
             )
 
-        picker = self.picker
+        d.addBoth(self._sealed, conn, index, data, kind, parts.index, parts.token, False, self.picker)
 
-        def done(result: bool | None | Failure) -> None:
-            self._guard_release(parts)
-            if result is None:
-                # this copy could not write all its parts (the geometry changed,
-                # or a verified copy came first): nothing of it counts
-                self._release(data)
-                if picker is not None and self.picker is picker:
-                    picker.unverified(index)
-                self._stats.count(self._stats.discarded, "duplicate", len(data))
-                return
-            # the buffer's pages are gone: the whole-file hash reads the piece from the file
-            self._released(result, data, index, False)
-            if isinstance(result, Failure):
-                self._not_written(result, index)
-            else:
-                self._written(result, conn, index, kind, len(data))
-
-        d.addBoth(done)
+    def _sealed(
+        self, result: bool | None | Failure, conn: Any, index: int, data: bytearray, kind: str, claimed: int,
+        token: int, whole: bool, picker: Picker[Any] | None,
+    ) -> None:
+        """
+        A piece written under a guard token (in parts, or L{_write_beside})
+        is sealed, or not: C{whole}, its buffer still holds its bytes (the
+        parts' pages are gone, so the whole-file hash reads the file).
+        """
+        if self._guard is not None:
+            self._guard.release(claimed, token)
+        if result is None:
+            # this copy could not write all of it (the geometry changed,
+            # or a verified copy came first): nothing of it counts
+            self._release(data)
+            if picker is not None and self.picker is picker:
+                picker.unverified(index)
+            self._stats.count(self._stats.discarded, "duplicate", len(data))
+            return
+        self._released(result, data, index, whole)
+        if isinstance(result, Failure):
+            self._not_written(result, index)
+        else:
+            self._written(result, conn, index, kind, len(data))
 
     def _released(self, result: Any, data: bytearray, index: int, whole: bool = True) -> Any:
         held = None
