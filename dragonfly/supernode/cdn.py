@@ -32,7 +32,7 @@ length, the piece size); the main body is written in order without holes,
 so the data file's size is the count of bytes that reached the disk whole,
 unless a side fetch wrote further on: the header's C{holesFrom} then says
 where the trusted prefix ends.  With C{retries}, a body cut in flight goes
-on in-process from the last stored piece the same way, its downloads none
+on in-process from the last byte written the same way, its downloads none
 the wiser.
 A fetch cut by the origin (a reset, a short body, silence, a 5xx) or by the
 process dying leaves data and header; they are parked in C{<home>/resume}
@@ -775,11 +775,13 @@ class Cdn:
     def _cut(self, task: CdnTask, writer: ChunkedFileWriter, error: TaskError) -> None:
         """
         The main fetch's body failed.  A cut (a reset, a short body,
-        silence) of a version a range can pin goes on from the last stored
-        piece, in this process, up to C{retries} times: the pieces published
-        stay published, the peers see nothing.  Anything else fails the task.
+        silence) of a version a range can pin goes on from the last byte
+        written (the piece cut part-way is rehashed from the file), in this
+        process, up to C{retries} times: the pieces published stay
+        published, the peers see nothing.  Anything else fails the task.
         """
-        offset = task.stored_to
+        # the last byte is always asked again (see _resume_offset)
+        offset = max(task.stored_to, min(writer.written, (task.length or 0) - 1))
         if (
             error.code not in ("SOURCE_TRUNCATED", "SOURCE_TIMEOUT")
             or task.status != "running"
@@ -812,7 +814,7 @@ class Cdn:
         if task.status != "running":
             return
         stored = task.digests[: len(point.digests)]
-        if point.offset != task.stored_to or stored != point.digests:
+        if point.offset < task.stored_to or len(point.digests) * task.piece_size != task.stored_to or stored != point.digests:
             self._fail(task, TaskError("STORE_FAILED", "the stored pieces read back differ from the ones published"))
             return
         extra = resume_headers(task.validators, point.offset)
