@@ -225,6 +225,8 @@ class SupernodeService(ListeningService):
         self.node.block_port = block.getHost().port
         api = await self.listen(self._api_endpoint, self._site)
         self.publish({"port": api.getHost().port, "blockPort": self.node.block_port, "advertiseIp": self.node.advertise_ip})
+        # the origin fetches a crash cut a moment ago go on now, not at the first registration
+        self.node.cdn.resume_cut()
         log.info(
             "supernode API on port {port}, seed block port {block}, advertised as {ip}",
             port=api.getHost().port, block=self.node.block_port, ip=self.node.advertise_ip,
