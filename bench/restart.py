@@ -25,7 +25,14 @@ registered again, and to the origin sending again; and the bytes the peers
 exchanged among themselves while the SuperNode was down.  Per run: each
 dfget's time as x F/B (F/B: the file over a peer's link), the slowest, the
 origin's copies (the bytes it handed to its sockets, and the bytes on its
-link against the undisturbed run's), and every output's SHA-256.  With
+link against the undisturbed run's), and every output's SHA-256; per kill,
+where the origin's bytes the resume asked for again were at the kill: in
+the origin's socket (sent and not acknowledged, or not sent: read from
+C{/proc/PID/net/tcp}), in the SuperNode's (received, not read), and in the
+SuperNode's process (read and not on its file: the rest).  The modules are
+compiled to bytecode first, as an install does (L{bench.swarm.compile_bytecode}:
+without it every restarted SuperNode compiled its imports again, 0.4-0.5 s
+at a load average of 6).  With
 C{--timeline} the daemons and dfget run with DRAGONFLY_TRACE=1 and each
 peer's phases are printed (L{timeline}).  Exit 0 when every output is right, 1 when not,
 2 when this machine cannot run it, 75 when another run holds the network.
@@ -53,7 +60,7 @@ from dragonfly.testing.swarm import sha256_file, wait_for_file, write_random_fil
 from . import netem
 from .docblock import write_block
 from .measure import load_average
-from .swarm import BIN, REPO
+from .swarm import BIN, REPO, compile_bytecode
 
 MiB = 1 << 20
 API_PORT, BLOCK_PORT, ORIGIN_PORT = 8002, 8001, 80
@@ -89,6 +96,15 @@ while True:
     print(f"{t:.4f} {up}", flush=True)
     time.sleep(max(0.0, every - (time.monotonic() - t)))
 """
+
+
+def data_size(home: str) -> int:
+    """The size of the SuperNode's data files under C{home}/repo (the bytes its fetch put on its file)."""
+    repo = os.path.join(home, "repo")
+    try:
+        return sum(os.path.getsize(os.path.join(repo, n)) for n in os.listdir(repo) if n.endswith(".data"))
+    except OSError:
+        return 0
 
 
 def say(message: str) -> None:
@@ -131,6 +147,60 @@ def downtime(kill: float, supernode: Samples, origin: Samples, port: Samples | N
         return None if t is None else round(t - kill, 3)
 
     return {"bound": since(bound), "api": since(api), "peer": since(peer), "task": since(task), "origin": since(resumed)}
+
+
+def tcp_queues(table_text: str, port: int) -> tuple[int, int]:
+    """
+    The bytes queued on the established TCP connections of a C{/proc/PID/net/tcp}
+    table with C{port} at either end: (sent and not acknowledged or not sent
+    yet, received and not read yet), summed.
+    """
+    tx = rx = 0
+    for line in table_text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 5 or fields[3] != "01":  # ESTABLISHED
+            continue
+        ports = {int(addr.rpartition(":")[2], 16) for addr in fields[1:3]}
+        if port in ports:
+            queued_tx, _, queued_rx = fields[4].partition(":")
+            tx += int(queued_tx, 16)
+            rx += int(queued_rx, 16)
+    return tx, rx
+
+
+def read_tcp_queues(pid: int, port: int) -> tuple[int, int] | None:
+    """L{tcp_queues} of the network namespace process C{pid} is in (None when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/net/tcp") as f:
+            return tcp_queues(f.read(), port)
+    except OSError:
+        return None
+
+
+def lost_at_kills(kills: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+    """
+    Where the origin's bytes of each kill went that the next fetch asked for
+    again.  Each kill: C{handed}, the origin's bytes out for the file from
+    the fetch's start to the kill (after it, once its connection was gone),
+    C{stored}, the data file's size at the kill, C{originQueued} and
+    C{supernodeQueued}, the bytes in the origin's socket (not acknowledged,
+    or not sent) and in the SuperNode's (not read) at the kill.  In MiB:
+    C{lost} (handed, not on the file), and of it the origin's socket, the
+    SuperNode's socket and the rest (in the SuperNode's process, read and
+    not written, or handed by the origin after the snapshot).
+    """
+    out = []
+    resumed_from = 0
+    for k in kills:
+        lost = k["handed"] - (k["stored"] - resumed_from)
+        origin_q, sn_q = k.get("originQueued") or 0, k.get("supernodeQueued") or 0
+        out.append({
+            "lostMiB": round(lost / MiB, 2), "originSocketMiB": round(origin_q / MiB, 2),
+            "supernodeSocketMiB": round(sn_q / MiB, 2),
+            "restMiB": round((lost - origin_q - sn_q) / MiB, 2),
+        })
+        resumed_from = k["stored"]
+    return out
 
 
 def value_at(samples: Samples, t: float, key: Any) -> int:
@@ -274,6 +344,13 @@ def table(result: dict[str, Any]) -> str:
             "| MiB peers exchanged while it was down (kill to task back) | | "
             + ", ".join(f"{k['peerMiBWhileDown']:.1f}" for k in downs) + " | > 0 |",
         ]
+        if all("lostMiB" in k for k in downs):
+            lines.append(
+                "| MiB the origin handed out and the resume asked for again: in all (in the origin's socket, the "
+                "SuperNode's socket, the SuperNode) | | "
+                + ", ".join(f"{k['lostMiB']:.1f} ({k['originSocketMiB']:.1f}, {k['supernodeSocketMiB']:.1f}, "
+                            f"{k['restMiB']:.1f})" for k in downs) + " | |"
+            )
     return "\n".join(lines)
 
 
@@ -331,6 +408,7 @@ class Bench:
             "--port", str(ORIGIN_PORT), "--interface", self.origin.ip, "--info", info,
         ])
         wait_for_file(info, 30, proc)
+        self.origin_proc = proc
 
     def supernode(self, home: str, tag: str) -> subprocess.Popen:
         return self.spawn(self.sn, tag, [
@@ -388,16 +466,22 @@ class Bench:
             ]
             started += dfgets
             kill_times: list[tuple[float, float]] = []
+            stored: list[dict[str, Any]] = []
             for share in kills:
                 while int((origin_w.last() or {}).get("bytesOut", 0)) - before < share * self.size:
                     if all(d.poll() is not None for d in dfgets) or time.monotonic() - t0 > self.args.timeout:
                         raise RuntimeError(f"the origin never reached {share:.0%} of the file")
                     time.sleep(0.005)
+                # where the bytes on their way are at the kill: the origin's socket, the SuperNode's
+                origin_q = read_tcp_queues(self.origin_proc.pid, ORIGIN_PORT)
+                sn_q = read_tcp_queues(sn.pid, ORIGIN_PORT)
                 sn.send_signal(signal.SIGKILL)
                 sn.wait()
                 killed = time.monotonic()
                 sent = int((origin_w.last() or {}).get("bytesOut", 0)) - before
                 kill_times.append((killed, sent / self.size))
+                stored.append({"originQueued": origin_q and origin_q[0], "supernodeQueued": sn_q and sn_q[1],
+                               "stored": data_size(sn_home)})
                 say(f"killed the SuperNode at {sent / self.size:.1%} of the origin's bytes; starting it again")
                 sn = self.supernode(sn_home, f"{name}-supernode")
                 started.append(sn)
@@ -428,9 +512,11 @@ class Bench:
                 "right": sum(right),
                 "originCopies": round(origin_bytes / self.size, 4),
                 "originWireBytes": wire,
+                "wall0": round(self.wall0, 3),  # the wall clock at the dfgets' start (the trace lines' clock)
                 "kills": [],
             }
-            for killed, at in kill_times:
+            fetch_start = before
+            for (killed, at), there in zip(kill_times, stored):
                 down = downtime(killed, sn_w.samples, origin_w.samples, port_w.samples)
                 back = killed + (down["task"] if down["task"] is not None else 0.0)
                 exchanged = sum(
@@ -438,7 +524,14 @@ class Bench:
                     - value_at(w.samples, killed, lambda v: peer_bytes(v, url))
                     for w in peer_ws
                 )
-                result["kills"].append({"at": round(at, 3), **down, "peerMiBWhileDown": round(exchanged / MiB, 2)})
+                # the origin's bytes out once the killed fetch's connection was gone: the last
+                # sample before the API answered again (the next fetch starts after it)
+                settled = value_at(origin_w.samples, killed + (down["api"] or 0.0), lambda v: int(v["bytesOut"]))
+                there["handed"], fetch_start = settled - fetch_start, settled
+                result["kills"].append({"at": round(at, 3), "t": round(killed - t0, 3), **down,
+                                        "peerMiBWhileDown": round(exchanged / MiB, 2), **there})
+            for kill, lost in zip(result["kills"], lost_at_kills(result["kills"])):
+                kill.update(lost)
             if self.args.timeline:
                 self.net.stop(started)  # the logs complete
                 result["timeline"] = tl = self.timeline(name)
@@ -518,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         say(f"cannot run: {why}")
         return EXIT_UNAVAILABLE
+    made = compile_bytecode()
+    if made:
+        say(f"compiled {made} modules to bytecode, as an installed package has them")
     workdir = tempfile.mkdtemp(prefix="dfb-restart-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
         with netem.Network() as net:

@@ -407,6 +407,9 @@ class ChunkedFileWriter(HeldBody):
         self._hash = start.file_hash
         self._chunk_hash = start.chunk_hash
         self.total = start.offset  # bytes received, the resumed prefix included
+        #: the bytes on the file from its start, in order (the resumed prefix included): a
+        #: cut body goes on from here (what was received and not written is asked for again)
+        self.written = start.offset
         # the bytes received and not yet handed to the pool: the buffers the
         # transport gave (or slices of them), never copied
         self._parts: list[Any] = []
@@ -558,6 +561,8 @@ class ChunkedFileWriter(HeldBody):
             self._pending -= size
             if why is not None:
                 self.abort(BodyError("STORE_FAILED", f"cannot write at offset {offset}: {why}"))
+            else:
+                self.written = offset + size
             for job, digest in zip(jobs, digests, strict=False):
                 if digest is not None and self._error is None and self._on_chunk is not None:
                     self._on_chunk(job[2], digest)

@@ -32,7 +32,7 @@ length, the piece size); the main body is written in order without holes,
 so the data file's size is the count of bytes that reached the disk whole,
 unless a side fetch wrote further on: the header's C{holesFrom} then says
 where the trusted prefix ends.  With C{retries}, a body cut in flight goes
-on in-process from the last stored piece the same way, its downloads none
+on in-process from the last byte written the same way, its downloads none
 the wiser.
 A fetch cut by the origin (a reset, a short body, silence, a 5xx) or by the
 process dying leaves data and header; they are parked in C{<home>/resume}
@@ -61,6 +61,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -113,6 +114,11 @@ def wants_file_sha256(expected_digest: str | None) -> bool:
     except ValueError:
         return False
 
+
+#: a fetch a crash cut that was written to this many seconds before the start, or less, goes on at once
+#: (L{Cdn.resume_cut}): its peers wait for a silent SuperNode about C{orphan_timeout} (10 s; 20 s when its
+#: port takes connections it does not answer yet) before they go to the origin themselves
+RESUME_AT_START = 30.0
 
 #: the wanted ranges a task keeps until its length is known, and the side fetches it runs at once
 MAX_WANTED = 8
@@ -318,6 +324,7 @@ class Cdn:
         self._on_new_task = on_new_task
         self.tasks: dict[str, CdnTask] = {}
         self._prehash = no_prehash()  # the parked prefixes, rehashed ahead (see load)
+        self._resume_first: list[tuple[str, str, str | None]] = []  # (task id, url, digest): see resume_cut
         # totals for /metrics (see dragonfly.supernode.metrics)
         self.origin_fetches = 0  # cache misses: registrations that started an origin fetch
         self.cache_hits = 0  # registrations served from the cache or a fetch under way
@@ -373,6 +380,7 @@ class Cdn:
         Runs once at start-up, before the reactor; how many tasks came back.
         """
         loaded = 0
+        cut = _cut_fetches(self.repo)  # before the reload parks them
         for meta in self.store.load_now():
             try:
                 task = self._restored(meta)
@@ -389,7 +397,28 @@ class Cdn:
         # the prefixes a crash left, rehashed in a thread from now on: a
         # resume finds them hashed (dragonfly/supernode/prehash.py)
         self._prehash = Prehash(parked_plans(self.parked, lambda task_id: _parked_plan(task_id, self.parked)))
+        self._resume_first = [found for task_id in cut if (found := _resumes_at_start(task_id, self.parked)) is not None]
         return loaded
+
+    def resume_cut(self) -> list[str]:
+        """
+        Go on at once with the origin fetches a crash cut just before this
+        start (L{RESUME_AT_START}; found by L{load}), without waiting for a
+        peer to register them again: their peers are most likely waiting for
+        this restart, and the origin sends again as soon as the reactor runs
+        instead of a registration later.  Only fetches asked with no request
+        headers (they are never written to disk) and not of a range alone.
+        The task ids started.
+        """
+        started = []
+        for task_id, url, digest in self._resume_first:
+            if task_id in self.tasks:
+                continue
+            task_log(log, LogLevel.info, task_id, "going on with the origin fetch a restart cut, unasked")
+            self.ensure(task_id, url, None, digest)
+            started.append(task_id)
+        self._resume_first = []
+        return started
 
     def _restored(self, meta: dict[str, Any]) -> CdnTask:
         """The complete task a reloaded meta file describes (or a peer-held one: see L{_record_peer_held})."""
@@ -697,6 +726,8 @@ class Cdn:
         header = {
             "url": task.url, "validators": task.validators, "pieceSize": task.piece_size,
             "contentType": task.content_type, "digest": task.expected_digest,
+            # asked with no request headers (never written to disk): a restart may go on with it unasked
+            "plain": not task.headers,
         }
         if length is not None:
             self._publish_length(task, length)
@@ -775,11 +806,13 @@ class Cdn:
     def _cut(self, task: CdnTask, writer: ChunkedFileWriter, error: TaskError) -> None:
         """
         The main fetch's body failed.  A cut (a reset, a short body,
-        silence) of a version a range can pin goes on from the last stored
-        piece, in this process, up to C{retries} times: the pieces published
-        stay published, the peers see nothing.  Anything else fails the task.
+        silence) of a version a range can pin goes on from the last byte
+        written (the piece cut part-way is rehashed from the file), in this
+        process, up to C{retries} times: the pieces published stay
+        published, the peers see nothing.  Anything else fails the task.
         """
-        offset = task.stored_to
+        # the last byte is always asked again (see _resume_offset)
+        offset = max(task.stored_to, min(writer.written, (task.length or 0) - 1))
         if (
             error.code not in ("SOURCE_TRUNCATED", "SOURCE_TIMEOUT")
             or task.status != "running"
@@ -812,7 +845,7 @@ class Cdn:
         if task.status != "running":
             return
         stored = task.digests[: len(point.digests)]
-        if point.offset != task.stored_to or stored != point.digests:
+        if point.offset < task.stored_to or len(point.digests) * task.piece_size != task.stored_to or stored != point.digests:
             self._fail(task, TaskError("STORE_FAILED", "the stored pieces read back differ from the ones published"))
             return
         extra = resume_headers(task.validators, point.offset)
@@ -1376,6 +1409,42 @@ def _park_or_remove(task_id: str, repo: str, parked: str, keep: bool) -> None:
         move_task_files(repo, parked, task_id)
         return
     remove_files(data, part, parked_data, parked_part)
+
+
+def _cut_fetches(repo: str) -> list[str]:
+    """The task ids of the fetches under way in C{repo} (a header, data, no meta): what a crash cut."""
+    try:
+        names = set(os.listdir(repo))
+    except OSError:
+        return []
+    return sorted(
+        name[: -len(".part")] for name in names
+        if name.endswith(".part") and name[: -len(".part")] + ".data" in names
+        and name[: -len(".part")] + ".meta" not in names
+    )
+
+
+def _resumes_at_start(task_id: str, parked: str, now: float | None = None) -> tuple[str, str, str | None] | None:
+    """
+    C{(task id, url, digest)} when the fetch a crash cut, parked as
+    C{task_id}, may go on at start-up (see L{Cdn.resume_cut}): written to
+    within L{RESUME_AT_START} seconds, asked with no request headers, not
+    a range alone, and resumable; else None.
+    """
+    header = _read_header(os.path.join(parked, task_id + ".part"))
+    if header is None or header.get("plain") is not True or header["validators"].get("range"):
+        return None
+    url, digest = header.get("url"), header.get("digest")
+    if not isinstance(url, str) or not (digest is None or isinstance(digest, str)):
+        return None
+    try:
+        st = os.stat(os.path.join(parked, task_id + ".data"))
+    except OSError:
+        return None
+    age = (time.time() if now is None else now) - st.st_mtime
+    if not 0 <= age <= RESUME_AT_START or resume_headers(header["validators"], _resume_offset(header, st.st_size)) is None:
+        return None
+    return task_id, url, digest
 
 
 def _resume_offset(header: dict[str, Any], size: int) -> int:

@@ -89,8 +89,8 @@ class Options(ConfigFileOptions):
         ["origin-allow", None, "", "Origin hosts allowed, comma-separated host names (.suffix for subdomains) and CIDRs (default: all)."],
         ["origin-deny", None, DEFAULT_DENY, "Origin hosts denied, comma-separated host names and CIDRs ('none': deny nothing)."],
         ["revalidate", None, "0", "Seconds a cached file is served without asking the origin whether it changed ('never': not at all)."],
-        ["origin-retries", None, 3, "Times an origin fetch whose body is cut (reset, short, silent) goes on from its last "
-         "stored piece with Range/If-Range before its downloads fail (0: fail at once).", int],
+        ["origin-retries", None, 3, "Times an origin fetch whose body is cut (reset, short, silent) goes on from the last "
+         "byte it wrote with Range/If-Range before its downloads fail (0: fail at once).", int],
         *BLOCK_PORT_OPTIONS,
     ]
 
@@ -225,6 +225,8 @@ class SupernodeService(ListeningService):
         self.node.block_port = block.getHost().port
         api = await self.listen(self._api_endpoint, self._site)
         self.publish({"port": api.getHost().port, "blockPort": self.node.block_port, "advertiseIp": self.node.advertise_ip})
+        # the origin fetches a crash cut a moment ago go on now, not at the first registration
+        self.node.cdn.resume_cut()
         log.info(
             "supernode API on port {port}, seed block port {block}, advertised as {ip}",
             port=api.getHost().port, block=self.node.block_port, ip=self.node.advertise_ip,

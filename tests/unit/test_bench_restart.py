@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.restart import downtime, parse_args, peer_bytes, table, value_at
+from bench.restart import downtime, lost_at_kills, parse_args, peer_bytes, table, tcp_queues, value_at
 
 URL = "http://198.18.0.10:80/f.bin?run=restarts"
 
@@ -104,3 +104,42 @@ def test_timeline_from_the_trace_lines() -> None:
     assert timeline(sn, [(dfget, peer)], 2)["peers"][0]["dfget_start"] == 0.0
     text = timeline_table(tl, 2 << 20)
     assert "| 0 | 0.10 | 0.12 | 0.20 | 0.90 |" in text and "| 1 | - |" in text
+
+
+TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0A001298:0050 00000000:0000 0A 00000000:00000003 00:00000000 00000000     0        0 1 1 0 100 0 0 10 0
+   1: 0A001298:0050 0B001298:A1B2 01 00200000:00000000 01:00000014 00000000     0        0 2 1 0 20 4 30 10 -1
+   2: 0B001298:A1B2 0A001298:0050 01 00000000:00010000 00:00000000 00000000     0        0 3 1 0 20 4 30 10 -1
+   3: 0B001298:C000 0C001298:1F41 01 00000100:00000200 00:00000000 00000000     0        0 4 1 0 20 4 30 10 -1
+"""
+
+
+def test_tcp_queues_sums_the_established_connections_of_the_port() -> None:
+    # the listener (st 0A) and the connection of another port are left out
+    assert tcp_queues(TCP, 80) == (0x200000, 0x10000)
+    assert tcp_queues(TCP, 8001) == (0x100, 0x200)
+    assert tcp_queues(TCP, 443) == (0, 0) and tcp_queues("", 80) == (0, 0)
+
+
+def test_lost_at_kills_splits_what_the_resume_asked_for_again() -> None:
+    MiB = 1 << 20
+    kills = [
+        # 15 MiB handed, 12 MiB on the file: 3 lost, 2 of them in the origin's socket, 0.5 in the SuperNode's
+        {"handed": 15 * MiB, "stored": 12 * MiB, "originQueued": 2 * MiB, "supernodeQueued": MiB // 2},
+        # the next fetch went on from 12 MiB: 14 handed, 24 on the file, 2 lost
+        {"handed": 14 * MiB, "stored": 24 * MiB, "originQueued": MiB, "supernodeQueued": None},
+    ]
+    assert lost_at_kills(kills) == [
+        {"lostMiB": 3.0, "originSocketMiB": 2.0, "supernodeSocketMiB": 0.5, "restMiB": 0.5},
+        {"lostMiB": 2.0, "originSocketMiB": 1.0, "supernodeSocketMiB": 0.0, "restMiB": 1.0},
+    ]
+
+
+def test_table_shows_where_the_bytes_asked_again_were() -> None:
+    kill = {"at": 0.3, "bound": 0.3, "api": 0.5, "peer": 0.6, "task": 0.6, "origin": 0.6, "peerMiBWhileDown": 1.0,
+            "lostMiB": 3.0, "originSocketMiB": 2.0, "supernodeSocketMiB": 0.5, "restMiB": 0.5}
+    text = table({
+        "peers": 2, "peerMbit": 80, "originMbit": 160, "supernodeMbit": 160, "sizeMiB": 48, "fbSeconds": 5.03,
+        "load": [1.0, 2.0], "undisturbed": run([1.2, 1.3]), "restarts": run([1.6, 1.4], [kill]),
+    })
+    assert "| | 3.0 (2.0, 0.5, 0.5) | |" in text

@@ -369,6 +369,82 @@ def test_a_restart_hashes_the_parked_prefix_ahead(env: Env, monkeypatch: Any) ->
     assert hashed == [] and task.origin_bytes == len(BODY) - 5 * PIECE
 
 
+class Hanging(FakeResponse):
+    """Sends C{cut} bytes of the body and nothing more: the process dies with the fetch under way."""
+
+    cut = 5 * PIECE + 3
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(FakeTransport())
+        protocol.dataReceived(self.body[: self.cut])
+
+
+def crashed_mid_fetch(env: Env, headers: dict[str, str] | None = None, cut: int = 5 * PIECE + 3) -> Env:
+    """A fetch under way when the process died (C{cut} bytes received, the whole pieces written); a new CDN on the same home, reloaded."""
+    env.cdn.ensure(TID, URL, headers)
+    r = Hanging(body=BODY, headers=validator_headers())
+    r.cut = cut
+    env.http.serve(r)
+    again = Env(env.home)
+    new: list[str] = []
+    again.cdn._on_new_task = lambda task: new.append(task.task_id)
+    assert again.cdn.load() == 0
+    again.new = new  # type: ignore[attr-defined]
+    return again
+
+
+def test_a_fetch_a_crash_cut_goes_on_at_start_unasked(env: Env) -> None:
+    """Restarted, the CDN asks the origin for the rest at once, before any peer registers the task again."""
+    again = crashed_mid_fetch(env)
+    assert again.cdn.resume_cut() == [TID]
+    assert again.new == [TID]  # type: ignore[attr-defined]  # the node hooks its seed and scheduler onto it
+    assert again.sent_headers() == {"Range": [f"bytes={5 * PIECE}-"], "If-Range": [ETAG]}
+    task = again.cdn.tasks[TID]
+    assert task.status == "running"
+    # a peer registering now joins the fetch under way (no second request)
+    assert again.cdn.ensure(TID, URL) is task and len(again.http.calls) == 1
+    again.http.serve(ranged(5 * PIECE))
+    check_complete(again)
+    assert task.origin_bytes == len(BODY) - 5 * PIECE
+    assert again.cdn.resume_cut() == []  # once
+
+
+def test_a_fetch_asked_with_request_headers_waits_for_its_registration(env: Env) -> None:
+    """Request headers (credentials, maybe) never reach the disk: such a fetch cannot go on unasked."""
+    again = crashed_mid_fetch(env, {"Authorization": "Bearer x"})
+    assert again.cdn.resume_cut() == [] and again.http.calls == []
+    again.cdn.ensure(TID, URL, {"Authorization": "Bearer x"})
+    assert again.sent_headers() == {"Authorization": ["Bearer x"], "Range": [f"bytes={5 * PIECE}-"], "If-Range": [ETAG]}
+
+
+def test_an_old_cut_or_a_failed_fetch_waits_for_its_registration(env: Env) -> None:
+    again = crashed_mid_fetch(env)
+    data = os.path.join(again.home, "resume", TID + ".data")
+    old = os.stat(data).st_mtime - cdn_module.RESUME_AT_START - 1
+    os.utime(data, (old, old))  # the crash was longer ago than its peers wait
+    again.cdn.load()
+    assert again.cdn.resume_cut() == []
+    # a fetch that failed (parked while the process ran) is not a crash's: it waits too
+    third = Env(env.home)
+    os.utime(data, None)
+    third.cdn.load()
+    assert third.cdn.resume_cut() == [] and third.http.calls == []
+
+
+def test_a_parked_header_without_the_plain_mark_waits_for_its_registration(env: Env) -> None:
+    """A prefix an older SuperNode left (no "plain" in its header) is not taken as asked without headers."""
+    env.cdn.ensure(TID, URL)
+    env.http.serve(Hanging(body=BODY, headers=validator_headers()))
+    part = os.path.join(env.home, "repo", TID + ".part")
+    header = json.load(open(part))
+    assert header["plain"] is True
+    del header["plain"]
+    json.dump(header, open(part, "w"))
+    again = Env(env.home)
+    again.cdn.load()
+    assert again.cdn.resume_cut() == []
+
+
 def test_a_whole_file_on_disk_asks_for_the_last_byte(env: Env) -> None:
     """Every byte stored but no meta yet: the last byte is asked again, so the origin confirms the version."""
     env.cdn.ensure(TID, URL)
@@ -716,7 +792,7 @@ def test_a_cut_fetch_rehashes_the_whole_file_only_for_a_sha256_digest(tmp_path: 
     task = env.cdn.ensure(TID, URL, digest=digest)
     env.http.serve(cut_at(3 * PIECE + 500))
     assert wholes == [bool(digest)]
-    env.http.serve(ranged(3 * PIECE))
+    env.http.serve(ranged(3 * PIECE + 500))  # the retry goes on from the last byte written
     assert task.status == "success", task.error
     assert task.digests == digests(BODY) and open(task.data_path, "rb").read() == BODY
     assert task.sha256 == (hashlib.sha256(BODY).hexdigest() if digest else None)

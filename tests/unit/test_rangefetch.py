@@ -489,16 +489,48 @@ def test_a_cut_body_goes_on_in_process_and_the_peers_see_nothing(tmp_path: Any, 
     listener = Listener()
     task.listeners.append(listener)
     env.http.serve(cut_at(3 * PIECE + 500), 0)
-    # still running: it asks for the rest from the last stored piece, pinned to the version
+    # still running: it asks for the rest from the last byte written (500 bytes into piece 3, rehashed
+    # from the file), pinned to the version
     assert task.status == "running" and listener.events == ["length"]
-    assert env.http.calls[1].headers == {"Range": [f"bytes={3 * PIECE}-"], "If-Range": [ETAG]}
-    env.http.serve(ranged(3 * PIECE), 1)
+    assert env.http.calls[1].headers == {"Range": [f"bytes={3 * PIECE + 500}-"], "If-Range": [ETAG]}
+    env.http.serve(ranged(3 * PIECE + 500), 1)
     assert task.status == "success", task.error
     assert listener.events == ["length", "done"]  # one length (one BITFIELD), no failure
     assert listener.ready == list(range(LAST + 1))  # each piece published once
     assert open(task.data_path, "rb").read() == BODY and task.sha256 == hashlib.sha256(BODY).hexdigest()
-    assert task.origin_bytes == 3 * PIECE + 500 + len(BODY) - 3 * PIECE
+    assert task.digests == digests(BODY)
+    assert task.origin_bytes == len(BODY)  # one copy: no byte asked for twice
     assert env.cdn.fetch_retries == 1
+
+
+def test_a_cut_at_a_piece_boundary_goes_on_from_it(tmp_path: Any) -> None:
+    from .test_cdn import cut_at
+
+    env = retrying(tmp_path)
+    task = env.cdn.ensure(TID, URL)
+    env.http.serve(cut_at(2 * PIECE), 0)
+    assert env.http.calls[1].headers == {"Range": [f"bytes={2 * PIECE}-"], "If-Range": [ETAG]}
+    env.http.serve(ranged(2 * PIECE), 1)
+    assert task.status == "success", task.error
+    assert open(task.data_path, "rb").read() == BODY and task.origin_bytes == len(BODY)
+
+
+def test_a_silent_origin_goes_on_from_the_bytes_written_before_it_stopped(tmp_path: Any) -> None:
+    """Silence aborts the body: the bytes received and not yet handed to the pool are asked for again, no more."""
+    env = retrying(tmp_path)
+    task = env.cdn.ensure(TID, URL)
+    main = stepped()
+    env.http.serve(main, 0)
+    main.feed(PIECE + 700)
+    env.clock.advance(61)  # the idle timeout
+    main.protocol.connectionLost(Failure(ConnectionError("aborted")))
+    assert task.status == "running"
+    [asked] = env.http.calls[1].headers["Range"]
+    offset = int(asked[len("bytes="):-1])
+    assert PIECE <= offset <= PIECE + 700
+    env.http.serve(ranged(offset), 1)
+    assert task.status == "success", task.error
+    assert open(task.data_path, "rb").read() == BODY and task.digests == digests(BODY)
 
 
 def test_a_cut_body_keeps_the_pieces_a_side_fetch_stored_further_on(tmp_path: Any) -> None:
@@ -513,22 +545,36 @@ def test_a_cut_body_keeps_the_pieces_a_side_fetch_stored_further_on(tmp_path: An
     env.http.serve(ranged(LAST * PIECE), 1)
     main.protocol.connectionLost(Failure(ConnectionError("reset")))
     assert task.status == "running"
-    assert env.http.calls[2].headers == {"Range": [f"bytes={2 * PIECE}-"], "If-Range": [ETAG]}
-    env.http.serve(ranged(2 * PIECE), 2)
+    # from the main fetch's last byte written (5 bytes into piece 2); the side fetch's pieces further on stay
+    assert env.http.calls[2].headers == {"Range": [f"bytes={2 * PIECE + 5}-"], "If-Range": [ETAG]}
+    env.http.serve(ranged(2 * PIECE + 5), 2)
     assert task.status == "success", task.error
     assert sorted(listener.ready) == list(range(LAST + 1)) and len(listener.ready) == LAST + 1
     assert open(task.data_path, "rb").read() == BODY and task.digests == digests(BODY)
 
 
-@pytest.mark.parametrize("answer", [whole(), whole(etag='"v2"'), ranged(3 * PIECE, etag='"v2"')])
+@pytest.mark.parametrize(
+    "answer", [whole(), whole(etag='"v2"'), ranged(3 * PIECE + 500, etag='"v2"')],
+    ids=["ignores-range", "changed-200", "changed-206"],
+)
 def test_a_retry_that_finds_another_version_fails_as_before(tmp_path: Any, answer: FakeResponse) -> None:
+    """A retry from part-way into a piece: an origin that ignores the range or changed the file fails the task."""
     from .test_cdn import cut_at
 
     env = retrying(tmp_path)
     task = env.cdn.ensure(TID, URL)
     env.http.serve(cut_at(3 * PIECE + 500), 0)
+    assert env.http.calls[1].headers == {"Range": [f"bytes={3 * PIECE + 500}-"], "If-Range": [ETAG]}
     env.http.serve(answer, 1)
     assert task.status == "failed" and task.error.code == "SOURCE_TRUNCATED"
+    # the next registration: the parked prefix, 500 bytes into piece 3, goes on from there,
+    # and the origin's answer decides again (here the first version, whole)
+    assert sorted(os.listdir(os.path.join(env.home, "resume"))) == [TID + ".data", TID + ".part"]
+    task = env.cdn.ensure(TID, URL)
+    assert env.http.calls[2].headers == {"Range": [f"bytes={3 * PIECE + 500}-"], "If-Range": [ETAG]}
+    env.http.serve(whole(), 2)
+    assert task.status == "success", task.error
+    assert open(task.data_path, "rb").read() == BODY and task.digests == digests(BODY)
 
 
 def test_retries_run_out(tmp_path: Any) -> None:
