@@ -30,8 +30,13 @@ if TYPE_CHECKING:
     from .task import PeerTask
 
 
-#: the longest a dfpeer holds its HAVEs (see L{HaveHold})
-HAVE_DELAY = 0.2
+#: the longest a dfpeer holds its HAVEs (see L{HaveHold}); 0: it does not
+#: hold them.  Held up to 0.2 s (1.5 piece times), each hop of a piece through
+#: the swarm waited that long to be announced: the simulator's 1,000-peer run
+#: (2 MiB pieces) had its median 1 Gbit/s peer at half the file 0.12 s later
+#: and p50 1.076 over its bound against 1.064 without (docs/scale.md), and
+#: holding saved no CPU in the real swarm's A/B rounds (docs/bench/swarm-profile.md)
+HAVE_DELAY = 0.0
 #: a HAVE is held this many times the recent gap between stored pieces (DRAGONFLY_HAVE_GAPS: A/B rounds)
 HAVE_GAPS = float(os.environ.get("DRAGONFLY_HAVE_GAPS", "1.5"))
 #: one picker fill per batch of frames read together, and none for a seed HAVE outside the seed

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dragonfly.peer.neighbours import HAVE_GAPS, HaveHold
+from dragonfly.peer.neighbours import HAVE_DELAY, HAVE_GAPS, HaveHold
 
 
 def test_nothing_is_held_before_two_pieces():
@@ -25,3 +25,10 @@ def test_never_longer_than_the_cap_and_nothing_with_no_cap():
     off = HaveHold(cap=0.0)
     off.stored(0.0)
     assert off.stored(0.1) == 0.0
+
+
+def test_the_dfpeer_announces_at_once_by_default():
+    """HAVE_DELAY is 0: a stored piece's HAVEs go out at once (each hop of a piece waited up to a hold before)."""
+    hold = HaveHold(cap=HAVE_DELAY)
+    for t in (0.0, 0.01, 0.02, 0.5):
+        assert hold.stored(t) == 0.0

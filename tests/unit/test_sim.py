@@ -214,7 +214,8 @@ def test_the_holders_array_follows_the_pickers() -> None:
 
 def test_events_and_piece_arrivals_are_handled_in_time_order() -> None:
     """The pieces a step completed skip the event heap: merged with it, everything still runs in time order."""
-    sim = Simulation(SMALL)
+    # HAVEs held (the dfpeer holds none by default): their timers are events too
+    sim = Simulation(attrs.evolve(SMALL, have_delay=0.2))
     seen: list[tuple[float, str]] = []
     def watch(name: str) -> None:
         fn = getattr(sim, name)
