@@ -327,6 +327,10 @@ class Simulation:
                         latency=config.supernode_latency_ms / 1000)
             self.nodes.append(SimNode(ref.address, scheduler, host, Bitmap(self.count)))
         self.limit = max(config.min_in_flight, config.in_flight_bytes // self.piece_size)
+        #: a peer's pieces stored when its first, half and 90% are in
+        self._marks = (1, (self.count + 1) // 2, -(-9 * self.count // 10))
+        #: HAVEs are held at all (HaveHold's clock runs)
+        self._holding = config.have_delay > 0
         self._events: list[tuple[float, int, Callable[..., None], tuple[Any, ...]]] = []
         self._seq = 0
         self.events = 0
@@ -634,10 +638,14 @@ class Simulation:
 
     def _ask(self, peer: SimPeer, key: int, index: int) -> None:
         """The picker chose C{index} from C{key}: the request travels (with the HAVEs held for C{key})."""
-        if peer.held.get(key):
+        if peer.held and peer.held.get(key):
             self._send_haves(peer, key)
         peer.requests[(key, index)] = None
-        self.at(self.now + self.latency(peer.host, self.host_of(key)), self._request_arrives, peer, key, index)
+        # at(now + latency(peer.host, host_of(key)), ...), inline: a request per piece
+        src = self.nodes[-1 - key].seed_host if key < 0 else self.peers[key].host
+        self._seq += 1
+        heapq.heappush(self._events, (self.now + (peer.host.latency + src.latency), self._seq, self._request_arrives,
+                                      (peer, key, index)))
 
     def _check(self, peer: SimPeer) -> None:
         """The dfpeer's stall check, once a second: it runs the picker (the endgame and the rescues wait for time)."""
@@ -656,48 +664,85 @@ class Simulation:
 
     def _piece_arrived(self, flow: Flow) -> None:
         peer, key, index = flow.tag
-        peer.requests.pop((key, index), None)
-        for other in peer.picker.received(key, index, self.now, int(flow.size)):
-            f = peer.requests.pop((other, index), None)
+        now = self.now
+        requests = peer.requests
+        requests.pop((key, index), None)
+        picker = peer.picker
+        for other in picker.received(key, index, now, int(flow.size)):
+            f = requests.pop((other, index), None)
             if f is not None:
                 self.net.stop(f)
-        if peer.picker.verify(index):
-            peer.picker.stored(index)
+        if picker.verify(index):
+            picker.stored(index)
             peer.reported.append(index)
-            peer.last_store = self.now
-            delay = peer.hold.stored(self.now)
+            peer.last_store = now
+            # (a hold of 0 holds nothing: its clock is not needed)
+            delay = peer.hold.stored(now) if self._holding else 0.0
             peer.got[index] = 1
             holders = self.has[index]
             holders[peer.index] = 1
-            peer.stored += 1
-            peer.from_seed += key < 0
-            if peer.stored in (1, (self.count + 1) // 2, -(-9 * self.count // 10)):
-                peer.marks.append(self.now - peer.start)
-            # the timers started now all end at now + delay: one event runs them in order
-            timers: list[tuple[int, list[int]]] = []
-            held_for = peer.held
-            for n in peer.neighbours:
-                if holders[n]:
-                    continue  # the dfpeer sends no HAVE to a neighbour that holds the piece (a finished one holds all)
-                if delay <= 0:
-                    self._haves_arrive(peer, n, [index])
-                    continue
-                held = held_for.get(n)
-                if held:
-                    held.append(index)
-                    self._send_haves(peer, n)  # the second completes the frame
-                else:
-                    held = held_for[n] = [index]
-                    timers.append((n, held))
-            if timers:
-                self.at(self.now + delay, self._haves_due, peer, timers)
-            if peer.picker.have_bits.complete:
+            stored = peer.stored = peer.stored + 1
+            if key < 0:
+                peer.from_seed += 1
+            if stored in self._marks:
+                peer.marks.append(now - peer.start)
+            if delay <= 0:
+                self._announce(peer, index, holders)
+            else:
+                self._hold_haves(peer, index, holders, delay)
+            if stored == self.count:  # (its have_bits complete: every piece is stored here)
                 peer.done_at = self.now
                 self.remaining -= 1
                 self._plan_sync(peer, self.now)
             elif key < 0:
                 self._plan_sync(peer, self.now)  # a finished seed piece: sync at once for the next
         self.dirty.add(peer.index)
+
+    def _announce(self, peer: SimPeer, index: int, holders: bytearray) -> None:
+        """
+        C{peer} stored C{index}: its HAVE goes at once, one frame each, to every
+        neighbour that lacks it (L{_haves_arrive} for one HAVE, inline: this is
+        the run's most frequent step).  The dfpeer sends no HAVE to a neighbour
+        that holds the piece, and a finished one holds all.
+        """
+        peers = self.peers
+        key = peer.index
+        now = self.now
+        per_conn = self.c.per_conn
+        fill_on_have = self.c.fill_on_have
+        sent = 0
+        for n in peer.neighbours:
+            if holders[n]:
+                continue
+            sent += 1
+            other = peers[n]
+            picker = other.picker
+            picker.have(key, index)
+            if fill_on_have:
+                self.dirty.add(n)
+            elif picker.offer(key, index, now, per_conn, other.limit):
+                # the dfpeer's on_have: only this neighbour's choice can change
+                self._ask(other, key, index)
+        self.have_frames += sent
+        self.haves += sent
+
+    def _hold_haves(self, peer: SimPeer, index: int, holders: bytearray, delay: float) -> None:
+        """C{peer} stored C{index}: its HAVEs are held C{delay} (the dfpeer's HaveHold)."""
+        # the timers started now all end at now + delay: one event runs them in order
+        timers: list[tuple[int, list[int]]] = []
+        held_for = peer.held
+        for n in peer.neighbours:
+            if holders[n]:
+                continue  # the dfpeer sends no HAVE to a neighbour that holds the piece (a finished one holds all)
+            held = held_for.get(n)
+            if held:
+                held.append(index)
+                self._send_haves(peer, n)  # the second completes the frame
+            else:
+                held = held_for[n] = [index]
+                timers.append((n, held))
+        if timers:
+            self.at(self.now + delay, self._haves_due, peer, timers)
 
     def _haves_due(self, peer: SimPeer, timers: list[tuple[int, list[int]]]) -> None:
         """

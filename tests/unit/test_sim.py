@@ -325,3 +325,24 @@ def test_the_compiled_picker_is_keyed_by_its_source_and_loaded_first_or_not_at_a
     # the pure picker is imported already here: loading the compiled one now would mix them
     with pytest.raises(RuntimeError, match="imported already"):
         compiled.load()
+
+
+def test_the_inline_have_fan_out_is_one_frame_per_have() -> None:
+    """HAVEs not held: the inline fan-out gives the run that one L{Simulation._haves_arrive} frame per HAVE gives."""
+    fast = Simulation(SMALL)
+    fast_run = fast.run()
+    slow = Simulation(SMALL)
+
+    def announce(peer, index, holders):  # type: ignore[no-untyped-def]
+        for n in peer.neighbours:
+            if not holders[n]:
+                slow._haves_arrive(peer, n, [index])
+
+    slow._announce = announce  # type: ignore[method-assign]
+    slow_run = slow.run()
+    assert fast_run.completion == slow_run.completion
+    assert fast_run.seed_copies == slow_run.seed_copies
+    assert (fast.events, fast.haves, fast.have_frames) == (slow.events, slow.haves, slow.have_frames)
+    assert fast.haves == fast.have_frames > 0
+    assert [p.marks for p in fast.peers] == [p.marks for p in slow.peers]
+
