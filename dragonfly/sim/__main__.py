@@ -4,10 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..core.pieces import TARGET_PIECES
 from ..core.units import parse_rate
+
+#: what the command line runs with unless told otherwise: every object from
+#: glibc's malloc (not pymalloc's arenas), which asks the kernel for huge pages
+#: (transparent, 2 MiB): a 10,000-peer run walks some hundreds of MB of
+#: pickers at random, and with 4 KiB pages most of those reads miss the TLB
+HUGE_PAGES = {"PYTHONMALLOC": "malloc", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+
+
+def huge_pages_env(environ: dict[str, str], platform: str = sys.platform) -> dict[str, str] | None:
+    """
+    The environment to run the simulator again in (None: run in this one):
+    L{HUGE_PAGES} on Linux, unless C{DRAGONFLY_SIM_HUGE_PAGES=0} or the caller
+    chose an allocator or glibc tunables itself.
+    """
+    if platform != "linux" or environ.get("DRAGONFLY_SIM_HUGE_PAGES", "1") == "0":
+        return None
+    if any(k in environ for k in HUGE_PAGES):
+        return None
+    return dict(environ) | HUGE_PAGES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                     fill_degree=a.fill_degree)
     progress = (lambda line: print(line, file=sys.stderr, flush=True)) if a.progress else None
     run = Simulation(config, progress).run()
-    result = run.summary() | ({"compiled_picker": True} if a.compiled_picker else {})
+    result = run.summary() | ({"compiled_picker": True} if a.compiled_picker else {}) | (
+        {"allocator": os.environ["PYTHONMALLOC"]} if "PYTHONMALLOC" in os.environ else {})
     for d in run.slowest(a.slowest):
         print(json.dumps(d), file=sys.stderr)
     if a.plot:
@@ -104,4 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    env = huge_pages_env(dict(os.environ))
+    if env is not None:
+        # the allocator is chosen at start-up: the same command again, in that environment
+        os.execve(sys.executable, [sys.executable, "-m", "dragonfly.sim", *sys.argv[1:]], env)
     sys.exit(main())

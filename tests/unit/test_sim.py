@@ -346,3 +346,29 @@ def test_the_inline_have_fan_out_is_one_frame_per_have() -> None:
     assert fast.haves == fast.have_frames > 0
     assert [p.marks for p in fast.peers] == [p.marks for p in slow.peers]
 
+
+def test_the_command_line_runs_again_on_huge_pages_unless_told() -> None:
+    from dragonfly.sim.__main__ import HUGE_PAGES, huge_pages_env
+
+    assert huge_pages_env({"PATH": "/bin"}, "linux") == {"PATH": "/bin"} | HUGE_PAGES
+    # already there (the run again), or chosen by the caller, or turned off, or not Linux: as it is
+    assert huge_pages_env({"PATH": "/bin"} | HUGE_PAGES, "linux") is None
+    assert huge_pages_env({"PYTHONMALLOC": "pymalloc"}, "linux") is None
+    assert huge_pages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=1"}, "linux") is None
+    assert huge_pages_env({"DRAGONFLY_SIM_HUGE_PAGES": "0"}, "linux") is None
+    assert huge_pages_env({}, "darwin") is None
+
+
+def test_the_command_line_runs_on_huge_pages() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONMALLOC", "GLIBC_TUNABLES", "DRAGONFLY_SIM_HUGE_PAGES")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    args = [sys.executable, "-m", "dragonfly.sim", "--peers", "4", "--size", "4M", "--piece-size", "1M", "--json"]
+    on = json.loads(subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    off = json.loads(subprocess.run(args, env=env | {"DRAGONFLY_SIM_HUGE_PAGES": "0"}, capture_output=True, text=True,
+                                    check=True).stdout.splitlines()[-1])
+    assert on["allocator"] == "malloc" and "allocator" not in off
+    assert on["p50_over_bound"] == off["p50_over_bound"] and on["events"] == off["events"]
