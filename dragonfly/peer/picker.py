@@ -116,6 +116,10 @@ MAX_GROW = 1.0
 MIN_IN_FLIGHT = 4
 
 
+def _first(entry: tuple[float, int, object]) -> float:
+    return entry[0]
+
+
 def in_flight_limit(
     in_flight_bytes: int, piece_bytes: int, link_rate: float | None = None, link_time: float = 0.0,
     least: int = MIN_IN_FLIGHT,
@@ -588,8 +592,13 @@ class Picker(Generic[K]):
                 free.append((o, n, k))
             n += 1
             if o:
-                # no faster than its oldest request out shows
-                waited = now - max(min(out.values()), last_done.get(k, -math.inf))
+                # no faster than its oldest request out shows (min(out.values()), as a
+                # loop: compiled, the builtin's generic call was a tenth of this function)
+                oldest = math.inf
+                for t in out.values():
+                    if t < oldest:
+                        oldest = t
+                waited = now - max(oldest, last_done.get(k, -math.inf))
                 if waited > 0:
                     c2 = piece_bytes / waited
                     if r is None or c2 < r:
@@ -712,7 +721,7 @@ class Picker(Generic[K]):
             left = start + ahead * piece_bytes / r - now
             if left > 0 and left > over:
                 late.append((left, i, other))
-        late.sort(key=lambda x: -x[0])
+        late.sort(key=_first, reverse=True)  # (stable, as a sort by -left)
         return late
 
     def _measure(self, key: K, now: float, asked: float, size: int) -> None:
@@ -792,8 +801,10 @@ class Picker(Generic[K]):
         best: int | None = None
         best_key: tuple[bool, int, int] | None = None
         prio = self.prio
+        # (the wanted bits first: most of the allowance is usually held or asked for already)
+        want = self._want
         for i in self.seed_allowed:
-            if not 0 <= i < self.count or not remote >> prio[i] & 1 or not self.wanted(i):
+            if not 0 <= i < self.count or not remote >> prio[i] & 1 or not want >> prio[i] & 1 or not self.wanted(i):
                 continue
             k = (self._far(i), self.avail[i], prio[i])
             if best_key is None or k < best_key:
