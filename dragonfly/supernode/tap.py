@@ -91,6 +91,9 @@ class Options(ConfigFileOptions):
         ["revalidate", None, "0", "Seconds a cached file is served without asking the origin whether it changed ('never': not at all)."],
         ["origin-retries", None, 3, "Times an origin fetch whose body is cut (reset, short, silent) goes on from the last "
          "byte it wrote with Range/If-Range before its downloads fail (0: fail at once).", int],
+        ["origin-rcvbuf", None, "0", "Receive buffer of each origin connection, fixed before it connects (N, NK, NM): "
+         "bounds what the origin has in flight to us, which a crash asks for again, and the fetch's rate to "
+         "this per round trip (0: the kernel's autotuning)."],
         *BLOCK_PORT_OPTIONS,
     ]
 
@@ -113,13 +116,14 @@ class Options(ConfigFileOptions):
             self["piece-size"] = size
         try:
             self["origin-limit"] = parse_rate(self["origin-limit"])
+            self["origin-rcvbuf"] = parse_rate(self["origin-rcvbuf"])
             self["https-policy"] = None  # the system's roots (made in makeService, after the bind)
             if self["origin-ca"]:
                 from ..core.tls import https_policy
 
                 self["https-policy"] = https_policy(self["origin-ca"])
         except BadInput as e:
-            raise usage.UsageError(f"--origin-limit: {e}") from None
+            raise usage.UsageError(f"--origin-limit / --origin-rcvbuf: {e}") from None
         except ValueError as e:
             raise usage.UsageError(f"--origin-ca: {e}") from None
         parse_gc_options(self)
@@ -260,6 +264,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     from .cdn import Cdn
     from .gc import SupernodeGc
     from .node import SuperNode
+    from .originsock import origin_reactor
     from .preheat import Preheater
     from .scheduler import Scheduler
 
@@ -271,7 +276,10 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     policy = options["origin-policy"]
     # every origin connection passes the allow/deny policy, by resolved address
     agent = Agent.usingEndpointFactory(
-        reactor, PolicyEndpointFactory(reactor, policy, pool, tls_policy=options["https-policy"] or https_policy(None)),
+        reactor, PolicyEndpointFactory(
+            origin_reactor(reactor, options["origin-rcvbuf"]), policy, pool,
+            tls_policy=options["https-policy"] or https_policy(None),
+        ),
         pool=HTTPConnectionPool(reactor),
     )
     http = http_client(agent)
