@@ -12,7 +12,11 @@ piece interleaving their parts: L{WriteGuard} keeps, for one task file, the
 pieces verified and written (I{sealed}) and the one copy of each piece that
 may write parts (its I{owner} token), and every write of a part or of a
 whole verified piece takes its lock, so a part written after a piece was
-sealed, or by a copy that lost its turn, is not written at all.
+sealed, or by a copy that lost its turn, is not written at all.  The
+lock is the piece's own (one of L{STRIPES}, by index): pieces of one file
+are written by several pool threads at once, as the disk takes them best
+(a task-wide lock wrote a file one piece at a time: pieces of 2 MiB,
+1-5 ms each, then set the pace of a whole download; docs/benchmarks.md).
 
 Once a part is hashed and written, its pages of the piece's buffer go back
 to the system (C{MADV_DONTNEED}); the buffer (L{dragonfly.protocol.receive.aligned})
@@ -51,13 +55,21 @@ DROP = os.environ.get("DRAGONFLY_PART_DROP", "1") != "0"
 #: whole pieces of this size and more are hashed and written side by side (L{Beside});
 #: DRAGONFLY_BESIDE_FROM_MIB=0 turns it off (same-run comparisons, bench.datapath --ab-env)
 BESIDE_FROM = int(os.environ.get("DRAGONFLY_BESIDE_FROM_MIB", "4")) << 20
+#: the locks of one L{WriteGuard}: piece i takes lock i % STRIPES, so writes of different pieces
+#: go side by side; DRAGONFLY_GUARD_STRIPES=1: one lock for the file, as before (same-run comparisons)
+STRIPES = max(1, int(os.environ.get("DRAGONFLY_GUARD_STRIPES", "64")))
 
 
 class WriteGuard:
-    """Who may write which piece of one task file (see the module docstring)."""
+    """
+    Who may write which piece of one task file (see the module docstring).
+    Checking that a copy may write a piece, writing it and sealing it are
+    done under that piece's lock (L{lock_for}); C{sealed} and C{owners}
+    change only under it or in the reactor thread.
+    """
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
+    def __init__(self, stripes: int | None = None) -> None:
+        self.locks = [threading.Lock() for _ in range(stripes or STRIPES)]
         #: pieces verified and written
         self.sealed: set[int] = set()
         #: piece -> the token of the copy that may write its parts
@@ -65,6 +77,10 @@ class WriteGuard:
         #: the file's geometry changed: no part may be written any more
         self.dead = False
         self._tokens = itertools.count(1)
+
+    def lock_for(self, index: int) -> threading.Lock:
+        """The lock that piece C{index}'s writes and seal are made under."""
+        return self.locks[index % len(self.locks)]
 
     def claim(self, index: int) -> int | None:
         """A token for a copy of piece C{index} to write its parts with, or None (sealed, or another copy writes)."""
@@ -79,7 +95,7 @@ class WriteGuard:
             del self.owners[index]
 
     def may_write(self, index: int, token: int) -> bool:
-        """Under L{lock}: the copy holding C{token} may write a part of C{index}."""
+        """Under L{lock_for}(C{index}): the copy holding C{token} may write a part of C{index}."""
         return not self.dead and index not in self.sealed and self.owners.get(index) == token
 
 
@@ -104,7 +120,7 @@ def write_part(
     """
     view = memoryview(buf)[start:end]
     hasher.update(view)
-    with guard.lock:
+    with guard.lock_for(index):
         if guard.may_write(index, token):
             write_piece(path, view, offset + start)
     drop_pages(buf, start, end)
@@ -124,7 +140,7 @@ def seal_part(
         hasher.update(view)
         if hasher.digest() != digest:
             return False
-        with guard.lock:
+        with guard.lock_for(index):
             if not guard.may_write(index, token):
                 return None
             write_piece(path, view, offset + start)
@@ -141,7 +157,7 @@ def write_guarded(path: str, guard: WriteGuard, index: int, offset: int, data: A
     """
     if hashlib.sha256(data).digest() != digest:
         return False
-    with guard.lock:
+    with guard.lock_for(index):
         if index in guard.sealed:
             return True
         write_piece(path, data, offset)
@@ -183,7 +199,7 @@ class Beside:
             self.result = None if self.error is not None else False
             return
         guard = self.guard
-        with guard.lock:
+        with guard.lock_for(self.index):
             if self.wrote and guard.may_write(self.index, self.token):
                 guard.sealed.add(self.index)
                 self.result = True
@@ -205,7 +221,7 @@ def write_beside(b: Beside) -> None:
     served until sealed, unless the copy may no longer write.
     """
     try:
-        with b.guard.lock:
+        with b.guard.lock_for(b.index):
             if b.guard.may_write(b.index, b.token):
                 write_piece(b.path, b.data, b.offset)
                 b.wrote = True

@@ -245,6 +245,50 @@ def test_a_copy_that_lost_its_turn_writes_nothing(tmp_path: Any) -> None:
         assert f.read() == bytes(PIECE)
 
 
+def _write_in_thread(path: str, guard: WriteGuard, index: int) -> Any:
+    """write_guarded of piece C{index} of L{BODY} at its offset, in a thread of its own (started)."""
+    import threading
+
+    t = threading.Thread(target=write_guarded, args=(path, guard, index, index * PIECE, PIECES[index], DIGESTS[index]))
+    t.start()
+    return t
+
+
+def test_pieces_are_written_under_their_own_locks(tmp_path: Any) -> None:
+    # a write under way of one piece (its lock held) keeps another copy of
+    # that piece waiting, not the writes of the file's other pieces
+    path = str(tmp_path / "f")
+    with open(path, "wb") as f:
+        f.truncate(len(BODY))
+    guard = WriteGuard(stripes=64)
+    assert guard.lock_for(0) is not guard.lock_for(1) and guard.lock_for(0) is guard.lock_for(64)
+    with guard.lock_for(0):
+        other = _write_in_thread(path, guard, 1)
+        other.join(10.0)
+        assert not other.is_alive() and 1 in guard.sealed
+        same = _write_in_thread(path, guard, 0)
+        same.join(0.2)
+        assert same.is_alive() and 0 not in guard.sealed
+    same.join(10.0)
+    assert not same.is_alive() and guard.sealed == {0, 1}
+    with open(path, "rb") as f:
+        assert f.read() == BODY
+
+
+def test_one_stripe_is_one_lock_for_the_file(tmp_path: Any) -> None:
+    # DRAGONFLY_GUARD_STRIPES=1, the comparison's old behaviour: every piece waits for any write
+    path = str(tmp_path / "f")
+    with open(path, "wb") as f:
+        f.truncate(len(BODY))
+    guard = WriteGuard(stripes=1)
+    with guard.lock_for(0):
+        other = _write_in_thread(path, guard, 1)
+        other.join(0.2)
+        assert other.is_alive() and not guard.sealed
+    other.join(10.0)
+    assert guard.sealed == {1}
+
+
 def test_drop_pages_ignores_what_is_not_a_map() -> None:
     b = bytearray(b"x" * 10_000)
     drop_pages(b, 0, 4096)
