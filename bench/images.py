@@ -354,6 +354,7 @@ def check_pulled(ctr: Containerd, image: Image) -> None:
 
 def pull_all(
     work: str, registry: Registry, image: Image, ref: str, hosts: int, through: bool, extra: tuple[str, ...] = (),
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """
     C{hosts} containerds pulling C{ref} at once; with C{through}, each
@@ -387,18 +388,25 @@ def pull_all(
             for name, proc in swarm.procs:
                 kind = "supernode" if name == "supernode" else "dfdaemon" if name.startswith("dfdaemon") else "dfpeer"
                 kinds.setdefault(kind, []).append(proc.pid)
-        cpu_before = {k: sum(cpu_seconds(p) for p in pids) for k, pids in kinds.items()}
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.monotonic()
-        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in commands]
-        times = []
-        for p in procs:
-            text, _ = p.communicate(timeout=600)
-            times.append(time.monotonic() - started)
-            if p.returncode != 0:
-                raise RuntimeError(f"{p.args}: {text.decode(errors='replace')[-1500:]}")
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu = {k: sum(cpu_seconds(p) for p in pids) - cpu_before[k] for k, pids in kinds.items()}
+        spied = {"dfpeer": pid_of(swarm, "host0"), "dfdaemon": pid_of(swarm, "dfdaemon0"),
+                 "supernode": pid_of(swarm, "supernode")} if swarm is not None and profile else {}
+        with Profiler(profile, spied, "containerd"):
+            each_before = {p: cpu_seconds(p) for pids in kinds.values() for p in pids}
+            children = resource.getrusage(resource.RUSAGE_CHILDREN)
+            started = time.monotonic()
+            procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in commands]
+            times = []
+            for p in procs:
+                text, _ = p.communicate(timeout=600)
+                times.append(time.monotonic() - started)
+                if p.returncode != 0:
+                    raise RuntimeError(f"{p.args}: {text.decode(errors='replace')[-1500:]}")
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            each = {p: cpu_seconds(p) - each_before[p] for p in each_before}
+            cpu = {k: sum(each[p] for p in pids) for k, pids in kinds.items()}
+            # the spread over the processes of each kind (min, max)
+            spread = {k: (round(min(each[p] for p in pids), 2), round(max(each[p] for p in pids), 2))
+                      for k, pids in kinds.items()}
         cpu["ctr"] = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
         for ctr in ctrs:
             check_pulled(ctr, image)
@@ -415,7 +423,8 @@ def pull_all(
             for info in swarm.peers.values():
                 tasks.append([(t["contentLength"], round(t["elapsed"], 3))
                               for t in get_json(info["api"] + "/api/v1/tasks")["tasks"]])
-        return {"times": times, "copies": copies, "fallbacks": fallbacks, "load": load(), "cpu": cpu, "tasks": tasks}
+        return {"times": times, "copies": copies, "fallbacks": fallbacks, "load": load(), "cpu": cpu, "cpu_spread": spread,
+                "tasks": tasks}
     finally:
         if swarm is not None:
             swarm.stop()
@@ -426,6 +435,7 @@ def pull_all(
 
 def containerd_bench(
     work: str, registry: Registry, image: Image, hosts: int, runs: int, direct_below: list[str] | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """
     With C{direct_below} (values of dfdaemon's --direct-below), each run
@@ -439,7 +449,8 @@ def containerd_bench(
     for run in range(runs):
         for mode, value in [("registry", None)] + [("dfdaemon", v) for v in values]:
             extra = ("--direct-below", value) if value is not None else ()
-            r = pull_all(work, registry, image, ref, hosts, mode == "dfdaemon", extra)
+            r = pull_all(work, registry, image, ref, hosts, mode == "dfdaemon", extra,
+                         profile if run == 0 and value == values[0] else None)
             if mode == "registry" or value == values[0]:
                 out[mode].append(r)
             if mode == "dfdaemon":
@@ -455,7 +466,8 @@ def containerd_bench(
                     f"{n}: {max(v):.2f}/{statistics.mean(v):.2f}" for n, v in sorted(by_size.items())), flush=True)
             print(f"containerd run {run} {mode:8s}: slowest {max(r['times']):.2f} s, mean "
                   f"{statistics.mean(r['times']):.2f} s; registry copies per layer "
-                  f"{[round(c, 2) for c in r['copies'].values()]}; CPU s {({k: round(v, 1) for k, v in r['cpu'].items()})}; "
+                  f"{[round(c, 2) for c in r['copies'].values()]}; CPU s {({k: round(v, 1) for k, v in r['cpu'].items()})} "
+                  f"(each: {r['cpu_spread']}); "
                   f"load {r['load']}", flush=True)
     return out
 
@@ -543,7 +555,8 @@ def main() -> None:
     ap.add_argument("--small-sizes", default="16K,64K,256K,1M,4M")
     ap.add_argument("--direct-below", help="dfdaemon's --direct-below in the containerd part (default: its "
                     "default); several, comma-separated: one pull through dfdaemon per value in each run (A/B)")
-    ap.add_argument("--profile", help="py-spy host 2's dfdaemon and dfpeer into this directory")
+    ap.add_argument("--profile", help="py-spy host 2's dfdaemon and dfpeer (layer part), host 0's dfdaemon and "
+                    "dfpeer and the SuperNode (containerd part, first run) into this directory")
     ap.add_argument("--dfdaemon-args", default="", help="more options for the layer part's dfdaemons, "
                     "space-separated (e.g. --dfdaemon-args=--no-splice)")
     ap.add_argument("--trace", action="store_true", help="DRAGONFLY_TRACE=1 for the layer part's daemons, and "
@@ -577,7 +590,8 @@ def main() -> None:
             size, _, count = args.image_mib.partition("x")
             image = make_image(os.path.join(work, "oci-app"), [int(size) * MiB] * int(count or 1), tag="v1", seed=42)
             results["containerd"] = containerd_bench(
-                work, registry, image, args.hosts, args.runs, args.direct_below.split(",") if args.direct_below else None)
+                work, registry, image, args.hosts, args.runs, args.direct_below.split(",") if args.direct_below else None,
+                args.profile)
     finally:
         registry.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -5,6 +5,11 @@ background like dfget starts one when none answers.  Both go through
 L{dragonfly.peer.launch}; here on the reactor (L{ReactorIO}: the process is
 spawned with C{spawnProcess}, its API polled with timers), so no thread
 waits for it.
+
+dfdaemon looks for its dfpeer (and starts one) as it starts (L{PeerLink.warm}),
+not at the first blob a client asks for: a dfpeer's start-up (about half a
+CPU-second and a second or two of wall time for twistd, its imports and its
+registration) would otherwise land inside the first pull.
 """
 
 from __future__ import annotations
@@ -52,6 +57,21 @@ class PeerLink:
         else:
             self._waiters.append(waiter)
         return await waiter
+
+    def warm(self) -> Deferred:
+        """
+        Find the dfpeer (starting one if allowed) now, ahead of any request;
+        fires with its API URL, or None: a failure is logged, not raised, and
+        the next request looks again.
+        """
+
+        def failed(f: Any) -> None:
+            if self._start:
+                log.warn("no dfpeer for {home} yet: {why}", home=self.home, why=f.getErrorMessage())
+            else:  # (--no-start-peer: one may come later)
+                log.info("no dfpeer for {home} yet: {why}", home=self.home, why=f.getErrorMessage())
+
+        return Deferred.fromCoroutine(self.api()).addErrback(failed)
 
     def _found(self, result: Any) -> None:
         waiters, self._waiters = self._waiters or [], None

@@ -196,16 +196,22 @@ class Options(ConfigFileOptions):
 class DaemonService(ListeningService):
     what = "dfdaemon"
 
-    def __init__(self, reactor: Any, endpoint: Any, factory: FrontFactory, info_path: str) -> None:
+    def __init__(
+        self, reactor: Any, endpoint: Any, factory: FrontFactory, info_path: str, peer: PeerLink | None = None,
+    ) -> None:
         super().__init__(reactor, info_path)
         self.endpoint = endpoint
         self.factory = factory
+        self.peer = peer
 
     async def _start(self) -> None:
         port = await self.listen(self.endpoint, self.factory)
         address = port.getHost()
         self.publish({"port": address.port, "host": address.host})
         log.info("dfdaemon listening on {host}:{port}", host=address.host, port=address.port)
+        if self.peer is not None:
+            # the dfpeer found (or started) now, so the first pull does not pay its start-up
+            self.peer.warm()
 
 
 def makeService(options: Options, reactor: Any = None) -> MultiService:
@@ -245,5 +251,5 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     minter = LeafMinter(options["ca"], pool) if options["ca"] is not None else None
     factory = FrontFactory(reactor, site, core, options["compiled-hijack"], minter)
     endpoint = serverFromString(reactor, f"tcp:{options['port']}:interface={options['listen']}")
-    DaemonService(reactor, endpoint, factory, os.path.join(options["home"], "dfdaemon.json")).setServiceParent(top)
+    DaemonService(reactor, endpoint, factory, os.path.join(options["home"], "dfdaemon.json"), peer).setServiceParent(top)
     return top

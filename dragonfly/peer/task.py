@@ -236,10 +236,14 @@ class PeerTask:
         self.pieces.learn(reply)
         if task.sha256:
             self.sha256 = task.sha256
-            if task.sha256 == wanted_sha256(self.request) and sizing:
+            if task.sha256 == wanted_sha256(self.request) and self.wholehash.enabled and self.state is not State.VERIFYING:
                 # the file will be checked by its pieces (see L{_complete}): no running
-                # hash (switched off before any piece only: a hash under way goes on)
+                # hash, and one under way stops (its result would never be used; the
+                # SuperNode's SHA-256 comes when its CDN has the whole blob, most often
+                # while the peers' downloads have just begun).  Not once the last piece
+                # is in: the whole-file check then waits for the hash (VERIFYING)
                 self.wholehash.enabled = False
+                self.wholehash.reset()
         content_type = task.raw.get("contentType")
         if content_type and self.content_type is None:
             self.content_type = content_type

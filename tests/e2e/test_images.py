@@ -27,7 +27,7 @@ import pytest
 
 from dragonfly.testing.containerd import Containerd, have_containerd, write_hosts_toml
 from dragonfly.testing.registry import Registry, free_port, have_tools, make_image
-from dragonfly.testing.swarm import Swarm, get_json
+from dragonfly.testing.swarm import Swarm, get_json, wait_for_file
 from dragonfly.testing.tokens import TokenService
 
 pytestmark = pytest.mark.e2e
@@ -356,6 +356,9 @@ def test_dfdaemon_starts_a_dfpeer_for_its_home_when_none_runs(tmp_path, image):
             swarm.start_supernode()
             url = swarm.start_dfdaemon("dfdaemon0", str(home), "--registry", registry.url)
             try:
+                # started with dfdaemon, before any request: the first pull does not pay its start-up
+                wait_for_file(str(home / "peer.json"), 30)
+                assert dfdaemon_status(url)["p2p"] == 0
                 body = _get(url, f"/v2/team/app/blobs/{image.layers[0]}")
                 assert "sha256:" + hashlib.sha256(body).hexdigest() == image.layers[0]
                 info = json.load(open(home / "peer.json"))

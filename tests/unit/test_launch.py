@@ -170,6 +170,66 @@ def test_without_start_no_process(world: Any) -> None:
     assert out[0].check(RuntimeError) and reactor.spawned == []
 
 
+def test_warm_starts_the_dfpeer_before_any_request_and_requests_share_it(world: Any) -> None:
+    """dfdaemon's start-up: the dfpeer is started then, not inside the first pull."""
+    reactor, http, home = world
+    link = PeerLink(home, ["sn:8002"], reactor, http)
+    warmed = outcome(link.warm())
+    [process] = reactor.spawned
+    # a request while the dfpeer starts waits for the same start
+    asked = outcome(defer.Deferred.fromCoroutine(link.api()))
+    process.exit(0)
+    publish(home, "http://127.0.0.1:6000")
+    http.alive.add("http://127.0.0.1:6000")
+    reactor.advance(launch.POLL_INTERVAL)
+    assert warmed == asked == ["http://127.0.0.1:6000"]
+    # later requests ask nothing more
+    before = len(http.asked)
+    assert outcome(defer.Deferred.fromCoroutine(link.api())) == ["http://127.0.0.1:6000"]
+    assert len(reactor.spawned) == 1 and len(http.asked) == before
+
+
+def test_a_failed_warm_is_not_an_error_and_the_next_request_tries_again(world: Any) -> None:
+    reactor, http, home = world
+    link = PeerLink(home, None, reactor, http)
+    warmed = outcome(link.warm())
+    reactor.spawned[0].exit(1, b"cannot start\n")
+    assert warmed == [None]
+    outcome(defer.Deferred.fromCoroutine(link.api()))
+    assert len(reactor.spawned) == 2
+    # without --start, warm only looks
+    quiet = PeerLink(home + "-2", None, reactor, http, start=False)
+    assert outcome(quiet.warm()) == [None] and len(reactor.spawned) == 2
+
+
+def test_the_dfdaemon_service_warms_its_peer_link_once_listening(tmp_path: Any) -> None:
+    from twisted.internet.address import IPv4Address
+
+    from dragonfly.daemon.tap import DaemonService
+
+    warmed: list[str] = []
+    published: list[dict[str, Any]] = []
+
+    class Link:
+        def warm(self) -> defer.Deferred:
+            warmed.append("warm")
+            return defer.succeed(None)
+
+    class Port:
+        def getHost(self) -> IPv4Address:
+            return IPv4Address("TCP", "127.0.0.1", 1234)
+
+    async def listen(endpoint: Any, factory: Any) -> Port:
+        assert warmed == []  # not before the port is bound
+        return Port()
+
+    svc = DaemonService(Clock(), None, None, str(tmp_path / "d.json"), Link())  # type: ignore[arg-type]
+    svc.listen = listen  # type: ignore[assignment,method-assign]
+    svc.publish = published.append  # type: ignore[method-assign]
+    outcome(defer.Deferred.fromCoroutine(svc._start()))
+    assert published == [{"port": 1234, "host": "127.0.0.1"}] and warmed == ["warm"]
+
+
 def test_the_blocking_driver_runs_the_same_procedure(tmp_path: Any) -> None:
     """dfget's driver: a procedure that never waits ends in one step."""
 

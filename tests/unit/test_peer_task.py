@@ -443,6 +443,26 @@ def test_the_supernodes_sha256_equal_to_the_digest_spares_the_whole_file_hash() 
     assert host.store.hash_jobs == [] and host.store.whole_reads == 0
 
 
+def test_the_supernodes_sha256_arriving_during_the_download_stops_the_running_hash() -> None:
+    """Ten hosts pulling a cold blob at once: the SuperNode's SHA-256 comes once its CDN has the blob."""
+    want = hashlib.sha256(BODY).hexdigest()
+    host, task, session = make({"url": URL, "digest": "sha256:" + want}, replies=[sized(seed_pieces=[0, 1, 2, 3, 4])])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    deliver(task, seed, 0)
+    deliver(task, seed, 1)
+    assert task.state is State.DOWNLOADING and len(host.store.hash_jobs) == 2
+    session.default = {**sized(seed_pieces=[0, 1, 2, 3, 4], sha256=want), "parents": []}
+    host.clock.advance(5)
+    assert not task.wholehash.enabled
+    for i in (4, 2, 3):
+        deliver(task, seed, i)
+    assert task.state is State.DONE and task.sha256 == want
+    assert host.store.files[TID] == BODY
+    assert len(host.store.hash_jobs) == 2 and host.store.whole_reads == 0
+
+
 def test_the_supernodes_sha256_arriving_while_the_whole_file_is_hashed_lets_the_hash_finish() -> None:
     want = hashlib.sha256(BODY).hexdigest()
     host, task, session = make({"url": URL, "digest": "sha256:" + want}, replies=[sized(seed_pieces=[0, 1, 2, 3, 4])])
