@@ -3,10 +3,10 @@ The dfpeer's content stream (C{GET /api/v1/downloads/<id>/content}, what
 dfdaemon relays) with and without its read-ahead in the pool
 (DRAGONFLY_STREAM_WARM), back to back, on loopback with real processes.
 
-    python -m bench.stream [--mib 1024] [--runs 3] [--order 01]
+    python -m bench.stream [--mib 1024] [--runs 3] [--order 01s]
 
-Each run starts, for each value of DRAGONFLY_STREAM_WARM (in C{--order},
-swapped every other run), an origin, a SuperNode and one dfpeer, then:
+Each run starts, for each mode (in C{--order}, reversed every other run:
+0 without the read-ahead, 1 with it, s with it but never exact), an origin, a SuperNode and one dfpeer, then:
 
 live:  POST the download and GET its content at once: the stream follows
        the pieces as they are written (with C{O_DIRECT}) and sent on;
@@ -86,7 +86,9 @@ def stream_lines(log: str, after: int) -> list[dict[str, Any]]:
 
 
 def one(work: str, root: str, name: str, size: int, warm: str) -> dict[str, Any]:
-    os.environ["DRAGONFLY_STREAM_WARM"] = warm  # (the daemons inherit it)
+    # (the daemons inherit them) s: read ahead, never exact (the kernel's readahead near the frontier too)
+    os.environ["DRAGONFLY_STREAM_WARM"] = "0" if warm == "0" else "1"
+    os.environ["DRAGONFLY_STREAM_WARM_EXACT"] = "0" if warm == "s" else "1"
     wd = os.path.join(work, f"swarm-{warm}")
     out: dict[str, Any] = {"warm": warm}
     try:
@@ -144,7 +146,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--order", default="01", help="DRAGONFLY_STREAM_WARM values in the first run's order")
+    ap.add_argument("--order", default="01", help="the modes in the first run's order: 0 (DRAGONFLY_STREAM_WARM=0), "
+                    "1 (read ahead), s (read ahead, DRAGONFLY_STREAM_WARM_EXACT=0)")
     ap.add_argument("--workdir", help="where the file and the daemons' homes go (a disk, not tmpfs)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -161,6 +164,7 @@ def main() -> None:
                 results.append(one(work, root, "f.bin", args.mib * MiB, warm))
     finally:
         os.environ.pop("DRAGONFLY_STREAM_WARM", None)
+        os.environ.pop("DRAGONFLY_STREAM_WARM_EXACT", None)
         shutil.rmtree(work, ignore_errors=True)
     for phase in ("live", "held"):
         for warm in sorted(set(args.order)):

@@ -58,6 +58,9 @@ BURST = 4 << 20
 WARM = os.environ.get("DRAGONFLY_STREAM_WARM", "1") != "0"
 WARM_AHEAD = 4 * BURST
 WARM_STEP = BURST
+#: DRAGONFLY_STREAM_WARM_EXACT=0: read ahead with the kernel's readahead even near the
+#: frontier (into blocks not written yet; same-run comparisons, docs/benchmarks.md)
+WARM_EXACT = os.environ.get("DRAGONFLY_STREAM_WARM_EXACT", "1") != "0"
 #: DRAGONFLY_TRACE=1: log lines with wall-clock times when the stream waits for a piece
 #: (its in-order frontier), when it first sees the task done (and how far it is), and
 #: when it has sent every byte ("trace <task> stream ... at <t>", as the task's own)
@@ -338,7 +341,7 @@ class TaskStream:
         """The pieces from C{at} on are held as far as the kernel's readahead may go past it (or to the end)."""
         t = self.task
         last = min(t.length, at + KERNEL_READAHEAD) - 1
-        return t.state is State.DONE or all(i in t.have for i in range(at // t.piece_size, last // t.piece_size + 1))
+        return not WARM_EXACT or t.state is State.DONE or all(i in t.have for i in range(at // t.piece_size, last // t.piece_size + 1))
 
     def _warm_done(self, _: int, upto: int) -> None:
         self._warming = False
