@@ -153,8 +153,8 @@ def warm_pages(fd: int, offset: int, size: int, exact: bool = True) -> int:
     range: L{KERNEL_READAHEAD}).  With C{exact}, on a descriptor of its own
     for the same file (C{/proc/self/fd}), told that it reads at random (no
     readahead past what it asks), the kernel is first asked for the whole
-    range at once (C{POSIX_FADV_WILLNEED}: 4 KiB pages, about 0.35 CPU s/GiB
-    on the test VM against 0.05-0.1 with readahead).  Where C{/dev/null}
+    range at once (C{POSIX_FADV_WILLNEED}: 4 KiB pages, about 0.36 CPU s/GiB
+    on the test VM against 0.04-0.13 with readahead).  Where C{/dev/null}
     takes no C{sendfile}, the reads are only asked for, and C{size} is returned.
 
     Why: a piece written with C{O_DIRECT} is not in the page cache, and the
