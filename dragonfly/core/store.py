@@ -47,6 +47,7 @@ from .files import (
     pread_exact,
     preallocate,
     unlink_quietly,
+    warm_pages,
     write_json_atomic,
     write_piece,
 )
@@ -243,6 +244,14 @@ class TaskStore:
     def read(self, task_id: str, offset: int, size: int) -> Deferred[bytes]:
         """Fires with C{size} bytes from C{offset}."""
         return self._pool.run(pread_exact, self.data_path(task_id), offset, size)
+
+    def warm(self, fd: int, offset: int, size: int, exact: bool = True) -> Deferred[int]:
+        """
+        Bring C{size} bytes at C{offset} of C{fd} (a served descriptor) into
+        the page cache, in the pool (L{warm_pages}; C{exact}: no readahead
+        past them): fires with the bytes warmed.  Not in the task's order: it only reads.
+        """
+        return self._pool.run(warm_pages, fd, offset, size, exact)
 
     def sha256(self, task_id: str) -> Deferred[str]:
         """Fires with the hex SHA-256 of the whole data file."""

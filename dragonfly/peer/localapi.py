@@ -147,7 +147,7 @@ class LocalApi:
             spec = parse_range(request.getHeader(b"range"))
         except BadRange as e:
             raise ApiError(416, "BAD_RANGE", str(e)) from None
-        stream = TaskStream(task, request)
+        stream = TaskStream(task, request, warm=self.daemon.store.warm)
         await stream.ready(spec if isinstance(spec, ByteRange) else None)
         if task.status == "failed":
             err = task.error

@@ -235,6 +235,16 @@ class Neighbours:
         self._limits_key, self._limits = key, (daemon.per_connection, limit)
         return self._limits
 
+    def budget(self, picker: Any) -> tuple[int, int]:
+        """
+        L{limits} less the pieces received and still being verified and
+        written: they hold their buffers, so they count against the budget
+        (a disk slower than the network slows the requests instead of
+        filling memory), for a fill and for a HAVE's request alike.
+        """
+        per_conn, limit = self.limits()
+        return per_conn, max(0, limit - len(picker.verifying))
+
     def hold_fills(self) -> None:
         """
         The frames of one read are being handled: their fills wait for
@@ -263,11 +273,7 @@ class Neighbours:
         picker = self.task.picker
         if picker is None or not self.task.downloading:
             return
-        per_conn, limit = self.limits()
-        # pieces received and still being verified and written hold their
-        # buffers: they count against the budget, so a disk slower than the
-        # network slows the requests instead of filling memory
-        limit = max(0, limit - len(picker.verifying))
+        per_conn, limit = self.budget(picker)
         now = self.clock.seconds()
         # with the piece size the picker weighs the neighbours by their measured rates
         piece_bytes = self.task.piece_size or None
@@ -365,7 +371,7 @@ class Neighbours:
         # HAVEs are the most frequent event: only this connection's choice can change
         if not self.task.downloading or conn.closed:
             return
-        per_conn, limit = self.limits()
+        per_conn, limit = self.budget(picker)
         now = self.clock.seconds()
         if picker.offer(conn, index, now, per_conn, limit):
             conn.request(index, now)

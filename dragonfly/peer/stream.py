@@ -14,7 +14,12 @@ transport's push producer, and its bytes go out one of two ways:
    buffer is empty, at most L{BURST} bytes at a time; then the stream waits
    for the transport to say the socket is writable again (it marks the
    transport's producer paused and asks it to write, as the block uploader
-   does, L{dragonfly.protocol.upload});
+   does, L{dragonfly.protocol.upload}).  Its bytes are read into the page
+   cache first, in the pool, up to L{WARM_AHEAD} ahead of it
+   (L{dragonfly.core.files.warm_pages}): pieces written with C{O_DIRECT}
+   are not in memory, and the reactor's C{sendfile} read them from the
+   disk itself; it sends only what was read ahead, and waits for the pool
+   otherwise;
  - copied: read from the store in the worker pool, 1 MiB at a time, and
    written with C{request.write}.  A sendfile that fails or sends nothing
    falls back to this for the rest of the stream, from the byte it reached.
@@ -30,6 +35,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
@@ -38,6 +44,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from ..core.files import KERNEL_READAHEAD
 from ..protocol.upload import transport_idle, wake_when_writable
 from .lifecycle import State
 
@@ -45,6 +52,15 @@ log = Logger()
 
 #: the most bytes one sendfile turn sends before the reactor runs again
 BURST = 4 << 20
+#: the bytes a stream has read into the page cache in the pool, ahead of its sendfile, at
+#: most (one L{WARM_STEP} at a time); DRAGONFLY_STREAM_WARM=0: sendfile reads them itself,
+#: in the reactor thread, as before (same-run comparisons)
+WARM = os.environ.get("DRAGONFLY_STREAM_WARM", "1") != "0"
+WARM_AHEAD = 4 * BURST
+WARM_STEP = BURST
+#: DRAGONFLY_STREAM_WARM_EXACT=0: read ahead with the kernel's readahead even near the
+#: frontier (into blocks not written yet; same-run comparisons, docs/benchmarks.md)
+WARM_EXACT = os.environ.get("DRAGONFLY_STREAM_WARM_EXACT", "1") != "0"
 #: DRAGONFLY_TRACE=1: log lines with wall-clock times when the stream waits for a piece
 #: (its in-order frontier), when it first sees the task done (and how far it is), and
 #: when it has sent every byte ("trace <task> stream ... at <t>", as the task's own)
@@ -71,14 +87,36 @@ def plain_socket(request: Any) -> tuple[Any, socket.socket] | None:
 class TaskStream:
     CHUNK = 1 << 20
 
-    def __init__(self, task: Any, request: Any, socket_of: Any = plain_socket) -> None:
+    def __init__(
+        self, task: Any, request: Any, socket_of: Any = plain_socket,
+        warm: Callable[[int, int, int, bool], Deferred] | None = None,
+    ) -> None:
         """
         @param socket_of: finds the (transport, socket) to sendfile to, or
             None (copy through C{request.write}); tests give their own.
+        @param warm: C{warm(fd, offset, size, exact)} reads bytes of the
+            task's file into the page cache in the pool and fires when they
+            are (L{dragonfly.core.store.TaskStore.warm}; C{exact}: those and
+            no more, the kernel's readahead might run into pieces not
+            written yet); None (or
+            DRAGONFLY_STREAM_WARM=0): sendfile reads them itself.
         """
         self.task = task
         self.request = request
         self._socket_of = socket_of
+        self._warm = warm if WARM else None
+        #: the bytes before this offset were read into the page cache (L{_read_ahead}), and a read is under way
+        self._warmed = 0
+        self._warming = False
+        self._warm_starting = False
+        #: the reactor thread's time in sendfile (wall and its CPU, seconds), its calls, and
+        #: the times the stream waited for the pool's read-ahead
+        self.sendfile_seconds = 0.0
+        self.sendfile_cpu = 0.0
+        self.sendfile_calls = 0
+        self.warm_waits = 0
+        #: the longest reactor turn in sendfile (seconds)
+        self.sendfile_longest = 0.0
         #: (transport, socket) while the body goes out with sendfile
         self._out: tuple[Any, socket.socket] | None = None
         #: body bytes sent with sendfile, and with request.write
@@ -128,7 +166,7 @@ class TaskStream:
         that ends before the task's end is sent as its pieces are verified,
         without waiting for the whole-file check.
         """
-        self.offset = start
+        self.offset = self._warmed = start
         self.end = end
         self._done = Deferred(lambda _: self._end())
         self.request.registerProducer(self, True)
@@ -221,11 +259,22 @@ class TaskStream:
         transport, sock = self._out
         if not self.request.startedWriting:
             self.request.write(b"")  # the status line and headers, through Twisted
+        if self._warm is not None:
+            self._read_ahead()
+            if self._warm is not None:
+                if self._warmed <= self.offset:
+                    # the pool reads them (L{_read_ahead} started it, or one
+                    # under way does): its end pokes the stream
+                    self.warm_waits += 1
+                    return True
+                end = min(end, self._warmed)
         if not transport_idle(transport):
             wake_when_writable(transport)
             return True
         sent = 0
+        began, cpu = time.perf_counter(), time.thread_time()
         while self.offset < end and sent < BURST:
+            self.sendfile_calls += 1
             try:
                 n = os.sendfile(sock.fileno(), fd, self.offset, min(end - self.offset, BURST - sent))
             except (BlockingIOError, InterruptedError):
@@ -239,11 +288,75 @@ class TaskStream:
                 break
             self.offset += n
             sent += n
+        took = time.perf_counter() - began
+        self.sendfile_seconds += took
+        self.sendfile_longest = max(self.sendfile_longest, took)
+        self.sendfile_cpu += time.thread_time() - cpu
         self.sent_zero_copy += sent
         self.request.sentLength += sent
         if self._out is None:
             return sent > 0 and self._wake(transport)
+        self._read_ahead()  # the offset moved on: the next bytes, while the socket drains
         return self._wake(transport)
+
+    # -- reading ahead in the pool -----------------------------------------------------
+
+    def _read_ahead(self) -> None:
+        """
+        Have the pool read the next held bytes after what it read already
+        into the page cache, up to L{WARM_STEP} of them at a time, across
+        pieces (one read under way at most), within L{WARM_AHEAD} of the offset: no further, so a
+        stream its client does not read holds that much at most.
+        """
+        if self._warm is None or self._warming or self._ended:
+            return
+        t = self.task
+        at = max(self._warmed, self.offset)
+        stop = t.length if self.end is None else min(self.end, t.length)
+        if at >= min(stop, self.offset + WARM_AHEAD) or t.have is None or at // t.piece_size not in t.have:
+            return
+        span = t.piece_file(at // t.piece_size)
+        if span is None:
+            return
+        fd, piece_offset, piece_length = span
+        if not piece_offset <= at < piece_offset + piece_length:
+            return
+        # on through the next pieces held, when they follow in the same file
+        limit = min(at + WARM_STEP, stop)
+        upto = min(piece_offset + piece_length, limit)
+        while upto < limit and upto // t.piece_size in t.have:
+            more = t.piece_file(upto // t.piece_size)
+            if more is None or more[0] != fd or more[1] != upto:
+                break
+            upto = min(more[1] + more[2], limit)
+        self._warming = True
+        self._warm_starting = True  # (a warm that fires at once does not poke: the caller goes on)
+        try:
+            d = self._warm(fd, at, upto - at, not self._held_past(upto))
+            d.addCallbacks(self._warm_done, self._warm_failed, callbackArgs=(upto,))
+        finally:
+            self._warm_starting = False
+
+    def _held_past(self, at: int) -> bool:
+        """The pieces from C{at} on are held as far as the kernel's readahead may go past it (or to the end)."""
+        t = self.task
+        last = min(t.length, at + KERNEL_READAHEAD) - 1
+        return not WARM_EXACT or t.state is State.DONE or all(i in t.have for i in range(at // t.piece_size, last // t.piece_size + 1))
+
+    def _warm_done(self, _: int, upto: int) -> None:
+        self._warming = False
+        # (a file shorter than that: the sendfile finds out and falls back)
+        self._warmed = max(self._warmed, upto)
+        if not self._warm_starting:
+            self._poke()
+
+    def _warm_failed(self, f: Any) -> None:
+        self._warming = False
+        if not self._ended:
+            log.info("task {task}: stream reads no more ahead: {why}", task=self.task.task_id, why=f.getErrorMessage())
+        self._warm = None  # sendfile reads the bytes itself
+        if not self._warm_starting:
+            self._poke()
 
     def _wake(self, transport: Any) -> bool:
         wake_when_writable(transport)
@@ -260,6 +373,16 @@ class TaskStream:
 
     def _finish(self) -> None:
         done = self._done
+        if self._done is not None:
+            log.info(
+                "task {task}: stream sent {bytes} bytes ({zero} with sendfile: {ms:.1f} ms in the reactor,"
+                " {cpu:.1f} ms of its CPU, {calls} calls, the longest turn {longest:.2f} ms; read ahead: {read_ahead},"
+                " waited for it {waits} times)",
+                task=self.task.task_id, bytes=self.sent_zero_copy + self.sent_copied, zero=self.sent_zero_copy,
+                ms=self.sendfile_seconds * 1e3, cpu=self.sendfile_cpu * 1e3, calls=self.sendfile_calls,
+                longest=self.sendfile_longest * 1e3,
+                read_ahead="in the pool" if self._warm is not None else "no", waits=self.warm_waits,
+            )
         self._end()
         if done is not None and not done.called:
             done.callback(b"")

@@ -127,7 +127,7 @@ class Request:
 
 
 class Host:
-    def __init__(self, task, sndbuf=None):
+    def __init__(self, task, sndbuf=None, warm=None, span=()):
         ours, self.remote = socket.socketpair()
         if sndbuf:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
@@ -138,10 +138,10 @@ class Host:
         self.wire = Wire(ours)
         self.request = Request(self.wire)
         self.task = task
-        self.stream = TaskStream(task, self.request, socket_of=lambda r: (self.wire, ours))
+        self.stream = TaskStream(task, self.request, socket_of=lambda r: (self.wire, ours), warm=warm)
         self.done = []
         self.stream.ready()
-        self.stream.run().addCallback(self.done.append)
+        self.stream.run(*span).addCallback(self.done.append)
         self.received = b""
 
     def exchange(self, limit=None):
