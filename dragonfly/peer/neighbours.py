@@ -16,7 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import LogLevel
+from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
 from ..core.ids import SEED_ID
@@ -28,6 +28,8 @@ from .picker import in_flight_limit
 
 if TYPE_CHECKING:
     from .task import PeerTask
+
+log = Logger()
 
 
 #: the longest a dfpeer holds its HAVEs (see L{HaveHold}); 0: it does not
@@ -271,8 +273,11 @@ class Neighbours:
         now = self.clock.seconds()
         # with the piece size the picker weighs the neighbours by their measured rates
         piece_bytes = self.task.piece_size or None
+        trace = self.daemon.trace
         for conn, index in picker.fill(now, per_conn, limit, usable=_open, piece_bytes=piece_bytes):
             conn.request(index, now)
+            if trace:
+                self._trace_request(conn, index, now, picker, limit)
         syncer = self.task.syncer
         if syncer.resting and picker.starving():
             syncer.need()  # no parent has a piece we need: ask the SuperNode now, not after its longer wait
@@ -369,6 +374,8 @@ class Neighbours:
         now = self.clock.seconds()
         if picker.offer(conn, index, now, per_conn, limit):
             conn.request(index, now)
+            if self.daemon.trace:
+                self._trace_request(conn, index, now, picker, limit)
 
     def on_digests(self, conn: Any, first: int, digests: list[bytes]) -> None:
         if conn is not self.seed_conn:
@@ -383,8 +390,18 @@ class Neighbours:
         self._believe_less(conn, index)
         self.fill()
 
+    def _trace_request(self, conn: Any, index: int, now: float, picker: Any, limit: int) -> None:
+        log.info(
+            "trace {task} request {index} to {remote} at {t:.3f}: {out} out there, {inflight} of {limit} in flight,"
+            " {verifying} verifying", task=self.task.task_id[:12], index=index, remote=conn.remote_id, t=now,
+            out=len(picker.outstanding(conn)), inflight=picker.in_flight, limit=limit, verifying=len(picker.verifying),
+        )
+
     def on_piece(self, conn: Any, index: int, data: bytearray) -> None:
         picker = self.task.picker
+        if self.daemon.trace:
+            log.info("trace {task} arrived {index} from {remote} at {t:.3f}", task=self.task.task_id[:12], index=index,
+                     remote=conn.remote_id, t=self.clock.seconds())
         if picker is not None:
             for other in picker.received(conn, index, self.clock.seconds(), len(data)):
                 other.cancel(index)
