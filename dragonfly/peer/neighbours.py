@@ -24,7 +24,7 @@ from ..core.pieces import piece_span
 from ..core.ratelimit import TokenBucket
 from ..protocol import frames as F
 from ..protocol.supernode_api import Parent
-from .picker import in_flight_limit
+from .picker import NEIGHBOUR_BYTES, in_flight_limit, neighbour_limit
 
 if TYPE_CHECKING:
     from .task import PeerTask
@@ -90,6 +90,9 @@ class Neighbours:
     #: DRAGONFLY_MIN_IN_FLIGHT_MIB overrides the 16 MiB (A/B rounds; 1000: 4 pieces whatever their size)
     MIN_IN_FLIGHT = 4
     MIN_IN_FLIGHT_BYTES = int(os.environ.get("DRAGONFLY_MIN_IN_FLIGHT_MIB", "16")) << 20
+    #: the in-flight limit grows to one piece per neighbour within this many bytes
+    #: (L{neighbour_limit}); DRAGONFLY_NEIGHBOUR_MIB overrides the 16 (A/B rounds; 0: off)
+    NEIGHBOUR_BYTES = int(os.environ.get("DRAGONFLY_NEIGHBOUR_MIB", NEIGHBOUR_BYTES >> 20)) << 20
     #: with --link-rate: at least what the downlink carries in this many seconds is in flight
     #: (the simulator's --in-flight-time; 0.05 s closed the 10 Gbit/s tail at 1,000 peers)
     LINK_TIME = 0.05
@@ -226,14 +229,19 @@ class Neighbours:
         daemon = self.daemon
         size = self.task.piece_size or (4 << 20)
         link_rate = getattr(daemon, "link_rate", None)
+        # the non-seed neighbours (the seed connection is among the connections when attached)
+        neighbours = len(self.conns) - (self.seed_conn is not None)
         # asked on every HAVE: worked out again only when what it depends on changed
-        key = (size, daemon.in_flight_bytes, daemon.per_connection, link_rate, self.MIN_IN_FLIGHT_BYTES)
+        key = (size, daemon.in_flight_bytes, daemon.per_connection, link_rate, self.MIN_IN_FLIGHT_BYTES, neighbours,
+               self.NEIGHBOUR_BYTES)
         if key == self._limits_key:
             return self._limits
         least = max(2, min(self.MIN_IN_FLIGHT, self.MIN_IN_FLIGHT_BYTES // size))
         # a host that knows its downlink (--link-rate) keeps what it carries in LINK_TIME out
         # when that is more: a fixed count caps a fast link at its requests' shares of uplinks
         limit = in_flight_limit(daemon.in_flight_bytes, size, link_rate, self.LINK_TIME, least)
+        # and one piece per neighbour, within NEIGHBOUR_BYTES (no uploader left unasked)
+        limit = neighbour_limit(limit, neighbours, size, self.NEIGHBOUR_BYTES)
         self._limits_key, self._limits = key, (daemon.per_connection, limit)
         return self._limits
 
