@@ -281,7 +281,7 @@ class Neighbours:
         now = self.clock.seconds()
         # with the piece size the picker weighs the neighbours by their measured rates
         piece_bytes = self.task.piece_size or None
-        trace = self.daemon.trace
+        trace = getattr(self.daemon, "trace", False)
         for conn, index in picker.fill(now, per_conn, limit, usable=_open, piece_bytes=piece_bytes):
             conn.request(index, now)
             if trace:
@@ -382,7 +382,7 @@ class Neighbours:
         now = self.clock.seconds()
         if picker.offer(conn, index, now, per_conn, limit):
             conn.request(index, now)
-            if self.daemon.trace:
+            if getattr(self.daemon, "trace", False):
                 self._trace_request(conn, index, now, picker, limit)
 
     def on_digests(self, conn: Any, first: int, digests: list[bytes]) -> None:
@@ -407,7 +407,7 @@ class Neighbours:
 
     def on_piece(self, conn: Any, index: int, data: bytearray) -> None:
         picker = self.task.picker
-        if self.daemon.trace:
+        if getattr(self.daemon, "trace", False):
             log.info("trace {task} arrived {index} from {remote} at {t:.3f}", task=self.task.task_id[:12], index=index,
                      remote=conn.remote_id, t=self.clock.seconds())
         if picker is not None:
