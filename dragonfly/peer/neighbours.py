@@ -91,7 +91,7 @@ class Neighbours:
     MIN_IN_FLIGHT = 4
     MIN_IN_FLIGHT_BYTES = int(os.environ.get("DRAGONFLY_MIN_IN_FLIGHT_MIB", "16")) << 20
     #: the in-flight limit grows to one piece per neighbour within this many bytes
-    #: (L{neighbour_limit}); DRAGONFLY_NEIGHBOUR_MIB overrides the 16 (A/B rounds; 0: off)
+    #: (L{neighbour_limit}); 0, off, unless DRAGONFLY_NEIGHBOUR_MIB names the MiB (A/B rounds: 16)
     NEIGHBOUR_BYTES = int(os.environ.get("DRAGONFLY_NEIGHBOUR_MIB", NEIGHBOUR_BYTES >> 20)) << 20
     #: with --link-rate: at least what the downlink carries in this many seconds is in flight
     #: (the simulator's --in-flight-time; 0.05 s closed the 10 Gbit/s tail at 1,000 peers)

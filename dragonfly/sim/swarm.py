@@ -151,7 +151,7 @@ class Config:
     #: the scheduler's C{fill_degree} (a peer few chose as a parent gets more parents)
     fill_degree: bool = False
     #: the in-flight limit grows to one piece per neighbour within this many bytes
-    #: (L{neighbour_limit}, the dfpeer's Neighbours.NEIGHBOUR_BYTES; 0: never)
+    #: (L{neighbour_limit}, the dfpeer's Neighbours.NEIGHBOUR_BYTES; 0, the default: never)
     neighbour_bytes: int = NEIGHBOUR_BYTES
 
 

@@ -111,6 +111,7 @@ def test_the_limit_grows_with_the_neighbours_not_with_the_seed() -> None:
     daemon = SimpleNamespace(per_connection=1, in_flight_bytes=6 * MiB, link_rate=None)
     task = SimpleNamespace(daemon=daemon, clock=Clock(), task_id="t" * 64, piece_size=1 * MiB)
     n = Neighbours(task)  # type: ignore[arg-type]
+    assert n.NEIGHBOUR_BYTES == 0  # off by default (DRAGONFLY_NEIGHBOUR_MIB turns it on)
     n.NEIGHBOUR_BYTES = 16 * MiB
     seed = Proto(SEED_ID)
     n.conns.add(seed)

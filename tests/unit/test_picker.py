@@ -489,15 +489,16 @@ def test_a_corrupt_piece_forgets_the_rate() -> None:
 def test_the_limit_grows_to_one_piece_per_neighbour_within_its_bytes() -> None:
     mib = 1 << 20
     # no more neighbours than the limit: unchanged
-    assert neighbour_limit(6, 4, mib) == 6
-    assert neighbour_limit(6, 6, mib) == 6
+    most = 16 * mib
+    assert neighbour_limit(6, 4, mib, most) == 6
+    assert neighbour_limit(6, 6, mib, most) == 6
     # more: one piece each, within the bytes
-    assert neighbour_limit(6, 9, mib) == 9
-    assert neighbour_limit(6, 40, mib) == 16
+    assert neighbour_limit(6, 9, mib, most) == 9
+    assert neighbour_limit(6, 40, mib, most) == 16
     assert neighbour_limit(6, 40, mib, most_bytes=12 * mib) == 12
     # pieces so large that the bytes hold fewer than the limit: never below it
-    assert neighbour_limit(8, 18, 2 * mib) == 8
-    assert neighbour_limit(2, 18, 15 * mib) == 2
+    assert neighbour_limit(8, 18, 2 * mib, most) == 8
+    assert neighbour_limit(2, 18, 15 * mib, most) == 2
     # off
     assert neighbour_limit(6, 9, mib, most_bytes=0) == 6
 

@@ -376,8 +376,9 @@ def test_the_command_line_runs_on_huge_pages() -> None:
 
 def test_the_in_flight_limit_grows_to_one_piece_per_neighbour() -> None:
     """Each peer's limit follows its neighbours (the dfpeer's Neighbours.limits), within neighbour_bytes."""
+    assert SMALL.neighbour_bytes == 0  # off by default, as in the dfpeer
     ten = attrs.evolve(SMALL, peers=10, file_size=64 << 20, piece_size=1 << 20, links="80/80@10:1", seed_mbit=160.0,
-                       origin_mbit=160.0)
+                       origin_mbit=160.0, neighbour_bytes=16 << 20)
     sim = Simulation(ten)
     assert {p.limit for p in sim.peers} == {6}
     summary = sim.run().summary()
