@@ -16,7 +16,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import LogLevel
+from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
 from ..core.ids import SEED_ID
@@ -24,10 +24,12 @@ from ..core.pieces import piece_span
 from ..core.ratelimit import TokenBucket
 from ..protocol import frames as F
 from ..protocol.supernode_api import Parent
-from .picker import in_flight_limit
+from .picker import NEIGHBOUR_BYTES, in_flight_limit, neighbour_limit
 
 if TYPE_CHECKING:
     from .task import PeerTask
+
+log = Logger()
 
 
 #: the longest a dfpeer holds its HAVEs (see L{HaveHold}); 0: it does not
@@ -88,6 +90,9 @@ class Neighbours:
     #: DRAGONFLY_MIN_IN_FLIGHT_MIB overrides the 16 MiB (A/B rounds; 1000: 4 pieces whatever their size)
     MIN_IN_FLIGHT = 4
     MIN_IN_FLIGHT_BYTES = int(os.environ.get("DRAGONFLY_MIN_IN_FLIGHT_MIB", "16")) << 20
+    #: the in-flight limit grows to one piece per neighbour within this many bytes
+    #: (L{neighbour_limit}); 0, off, unless DRAGONFLY_NEIGHBOUR_MIB names the MiB (A/B rounds: 16)
+    NEIGHBOUR_BYTES = int(os.environ.get("DRAGONFLY_NEIGHBOUR_MIB", NEIGHBOUR_BYTES >> 20)) << 20
     #: with --link-rate: at least what the downlink carries in this many seconds is in flight
     #: (the simulator's --in-flight-time; 0.05 s closed the 10 Gbit/s tail at 1,000 peers)
     LINK_TIME = 0.05
@@ -224,14 +229,19 @@ class Neighbours:
         daemon = self.daemon
         size = self.task.piece_size or (4 << 20)
         link_rate = getattr(daemon, "link_rate", None)
+        # the non-seed neighbours (the seed connection is among the connections when attached)
+        neighbours = len(self.conns) - (self.seed_conn is not None)
         # asked on every HAVE: worked out again only when what it depends on changed
-        key = (size, daemon.in_flight_bytes, daemon.per_connection, link_rate, self.MIN_IN_FLIGHT_BYTES)
+        key = (size, daemon.in_flight_bytes, daemon.per_connection, link_rate, self.MIN_IN_FLIGHT_BYTES, neighbours,
+               self.NEIGHBOUR_BYTES)
         if key == self._limits_key:
             return self._limits
         least = max(2, min(self.MIN_IN_FLIGHT, self.MIN_IN_FLIGHT_BYTES // size))
         # a host that knows its downlink (--link-rate) keeps what it carries in LINK_TIME out
         # when that is more: a fixed count caps a fast link at its requests' shares of uplinks
         limit = in_flight_limit(daemon.in_flight_bytes, size, link_rate, self.LINK_TIME, least)
+        # and one piece per neighbour, within NEIGHBOUR_BYTES (no uploader left unasked)
+        limit = neighbour_limit(limit, neighbours, size, self.NEIGHBOUR_BYTES)
         self._limits_key, self._limits = key, (daemon.per_connection, limit)
         return self._limits
 
@@ -277,8 +287,11 @@ class Neighbours:
         now = self.clock.seconds()
         # with the piece size the picker weighs the neighbours by their measured rates
         piece_bytes = self.task.piece_size or None
+        trace = getattr(self.daemon, "trace", False)
         for conn, index in picker.fill(now, per_conn, limit, usable=_open, piece_bytes=piece_bytes):
             conn.request(index, now)
+            if trace:
+                self._trace_request(conn, index, now, picker, limit)
         syncer = self.task.syncer
         if syncer.resting and picker.starving():
             syncer.need()  # no parent has a piece we need: ask the SuperNode now, not after its longer wait
@@ -375,6 +388,8 @@ class Neighbours:
         now = self.clock.seconds()
         if picker.offer(conn, index, now, per_conn, limit):
             conn.request(index, now)
+            if getattr(self.daemon, "trace", False):
+                self._trace_request(conn, index, now, picker, limit)
 
     def on_digests(self, conn: Any, first: int, digests: list[bytes]) -> None:
         if conn is not self.seed_conn:
@@ -389,8 +404,18 @@ class Neighbours:
         self._believe_less(conn, index)
         self.fill()
 
+    def _trace_request(self, conn: Any, index: int, now: float, picker: Any, limit: int) -> None:
+        log.info(
+            "trace {task} request {index} to {remote} at {t:.3f}: {out} out there, {inflight} of {limit} in flight,"
+            " {verifying} verifying", task=self.task.task_id[:12], index=index, remote=conn.remote_id, t=now,
+            out=len(picker.outstanding(conn)), inflight=picker.in_flight, limit=limit, verifying=len(picker.verifying),
+        )
+
     def on_piece(self, conn: Any, index: int, data: bytearray) -> None:
         picker = self.task.picker
+        if getattr(self.daemon, "trace", False):
+            log.info("trace {task} arrived {index} from {remote} at {t:.3f}", task=self.task.task_id[:12], index=index,
+                     remote=conn.remote_id, t=self.clock.seconds())
         if picker is not None:
             for other in picker.received(conn, index, self.clock.seconds(), len(data)):
                 other.cancel(index)

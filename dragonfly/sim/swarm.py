@@ -48,7 +48,7 @@ from ..core.bitmap import Bitmap
 from ..core.pieces import TARGET_PIECES, swarm_piece_size
 from ..core.rendezvous import Node, rank
 from ..peer.neighbours import HAVE_DELAY, HaveHold
-from ..peer.picker import Picker, in_flight_limit
+from ..peer.picker import NEIGHBOUR_BYTES, Picker, in_flight_limit, neighbour_limit
 from ..peer.syncer import Syncer
 from ..supernode.scheduler import PeerInfo, Scheduler
 from .network import Flow, FluidNetwork, Host
@@ -150,6 +150,9 @@ class Config:
     in_flight_time: float = 0.0
     #: the scheduler's C{fill_degree} (a peer few chose as a parent gets more parents)
     fill_degree: bool = False
+    #: the in-flight limit grows to one piece per neighbour within this many bytes
+    #: (L{neighbour_limit}, the dfpeer's Neighbours.NEIGHBOUR_BYTES; 0, the default: never)
+    neighbour_bytes: int = NEIGHBOUR_BYTES
 
 
 @define(eq=False)
@@ -161,6 +164,8 @@ class SimPeer:
     start: float
     #: its in-flight limit in pieces (L{in_flight_limit})
     limit: int = 4
+    #: the limit before the neighbours' count raised it (L{neighbour_limit})
+    base_limit: int = 4
     done_at: float | None = None
     reported: list[int] = field(factory=list)
     neighbours: set[int] = field(factory=set)
@@ -366,7 +371,7 @@ class Simulation:
                 start = self.rng.uniform(0, config.arrival_spread) if config.arrival_spread else 0.0
                 limit = in_flight_limit(config.in_flight_bytes, self.piece_size, host.down, config.in_flight_time,
                                         config.min_in_flight)
-                peer = SimPeer(n, f"sim-{n}", host, picker, start, limit=limit, hold=HaveHold(self.c.have_delay),
+                peer = SimPeer(n, f"sim-{n}", host, picker, start, limit=limit, base_limit=limit, hold=HaveHold(self.c.have_delay),
                                got=bytearray(self.count))
                 self.peers.append(peer)
                 self.at(start, self._arrive, peer)
@@ -615,6 +620,8 @@ class Simulation:
             return
         a.neighbours.add(b.index)
         b.neighbours.add(a.index)
+        for p in (a, b):
+            p.limit = neighbour_limit(p.base_limit, len(p.neighbours), self.piece_size, self.c.neighbour_bytes)
         a.picker.add(b.index)
         a.picker.bitfield(b.index, b.picker.have_bits)
         b.picker.add(a.index)

@@ -104,3 +104,29 @@ def test_limits_follow_what_they_are_worked_out_from() -> None:
     assert n.limits() == (2, 8)
     daemon.link_rate = 1_250_000_000
     assert n.limits() == (2, 14)
+
+
+def test_the_limit_grows_with_the_neighbours_not_with_the_seed() -> None:
+    MiB = 1 << 20
+    daemon = SimpleNamespace(per_connection=1, in_flight_bytes=6 * MiB, link_rate=None)
+    task = SimpleNamespace(daemon=daemon, clock=Clock(), task_id="t" * 64, piece_size=1 * MiB)
+    n = Neighbours(task)  # type: ignore[arg-type]
+    assert n.NEIGHBOUR_BYTES == 0  # off by default (DRAGONFLY_NEIGHBOUR_MIB turns it on)
+    n.NEIGHBOUR_BYTES = 16 * MiB
+    seed = Proto(SEED_ID)
+    n.conns.add(seed)
+    n.seed_conn = seed
+    peers = [Proto(f"peer-{i}") for i in range(20)]
+    n.conns.update(peers[:6])
+    assert n.limits() == (1, 6)  # six neighbours (the seed does not count): --in-flight
+    n.conns.update(peers[6:9])
+    assert n.limits() == (1, 9)  # nine: one piece each
+    n.conns.update(peers[9:])
+    assert n.limits() == (1, 16)  # twenty: what fits in 16 MiB
+    n.conns.difference_update(peers[8:])
+    assert n.limits() == (1, 8)
+    task.piece_size = 4 * MiB
+    assert n.limits() == (1, 4)  # 8 pieces of 4 MiB do not fit: 16 MiB of them
+    n.NEIGHBOUR_BYTES = 0
+    task.piece_size = 1 * MiB
+    assert n.limits() == (1, 6)  # off

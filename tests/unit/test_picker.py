@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dragonfly.core.bitmap import Bitmap
-from dragonfly.peer.picker import Picker, in_flight_limit
+from dragonfly.peer.picker import Picker, in_flight_limit, neighbour_limit
 
 
 def bits(count: int, held: list[int] | range) -> Bitmap:
@@ -484,6 +484,23 @@ def test_a_corrupt_piece_forgets_the_rate() -> None:
     assert p.rate("a") is None
     asked = p.fill(1.0, per_conn=1, limit=8, piece_bytes=MB)
     assert len(asked) == 1  # per_conn again, not the bandwidth-delay budget
+
+
+def test_the_limit_grows_to_one_piece_per_neighbour_within_its_bytes() -> None:
+    mib = 1 << 20
+    # no more neighbours than the limit: unchanged
+    most = 16 * mib
+    assert neighbour_limit(6, 4, mib, most) == 6
+    assert neighbour_limit(6, 6, mib, most) == 6
+    # more: one piece each, within the bytes
+    assert neighbour_limit(6, 9, mib, most) == 9
+    assert neighbour_limit(6, 40, mib, most) == 16
+    assert neighbour_limit(6, 40, mib, most_bytes=12 * mib) == 12
+    # pieces so large that the bytes hold fewer than the limit: never below it
+    assert neighbour_limit(8, 18, 2 * mib, most) == 8
+    assert neighbour_limit(2, 18, 15 * mib, most) == 2
+    # off
+    assert neighbour_limit(6, 9, mib, most_bytes=0) == 6
 
 
 def test_in_flight_limit_scales_with_a_fast_link_only() -> None:

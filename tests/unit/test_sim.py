@@ -372,3 +372,21 @@ def test_the_command_line_runs_on_huge_pages() -> None:
                                     check=True).stdout.splitlines()[-1])
     assert on["allocator"] == "malloc" and "allocator" not in off
     assert on["p50_over_bound"] == off["p50_over_bound"] and on["events"] == off["events"]
+
+
+def test_the_in_flight_limit_grows_to_one_piece_per_neighbour() -> None:
+    """Each peer's limit follows its neighbours (the dfpeer's Neighbours.limits), within neighbour_bytes."""
+    assert SMALL.neighbour_bytes == 0  # off by default, as in the dfpeer
+    ten = attrs.evolve(SMALL, peers=10, file_size=64 << 20, piece_size=1 << 20, links="80/80@10:1", seed_mbit=160.0,
+                       origin_mbit=160.0, neighbour_bytes=16 << 20)
+    sim = Simulation(ten)
+    assert {p.limit for p in sim.peers} == {6}
+    summary = sim.run().summary()
+    assert summary["origin_copies"] == 1.0
+    assert all(p.limit == max(6, len(p.neighbours)) for p in sim.peers)
+    assert max(p.limit for p in sim.peers) > 6
+    fixed = Simulation(attrs.evolve(ten, neighbour_bytes=0))
+    slower = fixed.run().summary()
+    assert {p.limit for p in fixed.peers} == {6}
+    # a peer with 9 neighbours and 6 pieces out leaves some uploaders unasked: later
+    assert summary["by_class"]["80/80"]["p50"] < slower["by_class"]["80/80"]["p50"]
