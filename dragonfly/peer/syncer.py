@@ -42,6 +42,8 @@ from .outcome import BackToSource, TaskFailed, TaskLog
 
 #: the states in which a task syncs
 SYNCING = frozenset({State.SIZING, State.ALLOCATING, State.DOWNLOADING, State.VERIFYING})
+#: the states in which a task refuses block connections (its file is not made yet)
+PREPARING = frozenset({State.SIZING, State.ALLOCATING})
 
 
 @frozen
@@ -328,6 +330,8 @@ class Syncer:
             # bytes from other peers since the last sync the SuperNode took
             peer_bytes=p.peer_bytes - self._peer_bytes_reported, version=self.version,
             tags_from=p.tags_from, proofs=self._proofs,
+            # (its file is not made yet: named to no other peer as a parent)
+            preparing=self._task.lifecycle.state in PREPARING,
         )
         proofs, self._proofs = self._proofs, []
         before = getattr(self._session, "pinned", None)

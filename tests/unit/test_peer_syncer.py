@@ -175,6 +175,20 @@ def test_syncs_soon_while_starting_then_at_the_interval() -> None:
     assert len(session.reports) == 4
 
 
+def test_reports_preparing_until_the_file_is_made() -> None:
+    """Sizing or allocating the task refuses block connections: the reports say so (L{SyncReport.preparing})."""
+    syncer, session, task, clock = make()
+    task.is_starting = True
+    run(syncer)
+    assert task.lifecycle.state is State.SIZING and session.reports[-1].preparing
+    task.lifecycle.move(State.ALLOCATING)
+    clock.advance(Syncer.STARTUP_SYNC)
+    assert session.reports[-1].preparing
+    task.lifecycle.move(State.DOWNLOADING)
+    clock.advance(Syncer.STARTUP_SYNC)
+    assert not session.reports[-1].preparing and len(session.reports) == 3
+
+
 def test_polls_faster_until_the_length_is_known() -> None:
     """While sizing and the SuperNode has no length yet, every L{Syncer.SIZING_SYNC}; then as usual."""
     syncer, session, task, clock = make()
