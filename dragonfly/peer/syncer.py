@@ -300,7 +300,11 @@ class Syncer:
                 await self._sleep(self.OUTAGE_RETRY if fast else self._retry_wait(tries))
                 tries += 1
                 continue
-            if self._task.starting():
+            if self._task.lifecycle.state is State.ALLOCATING:
+                # the task's file is being made: nothing to ask until it is,
+                # and then the task kicks a sync (it had one every 50 ms)
+                self._rest = 0.0
+            elif self._task.starting():
                 # the length, the seed and the first parents come in the
                 # next few answers; ask again soon
                 interval = min(interval, self.STARTUP_SYNC)

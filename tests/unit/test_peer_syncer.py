@@ -182,11 +182,28 @@ def test_reports_preparing_until_the_file_is_made() -> None:
     run(syncer)
     assert task.lifecycle.state is State.SIZING and session.reports[-1].preparing
     task.lifecycle.move(State.ALLOCATING)
-    clock.advance(Syncer.STARTUP_SYNC)
-    assert session.reports[-1].preparing
+    syncer.kick()
+    assert session.reports[-1].preparing and len(session.reports) == 2
     task.lifecycle.move(State.DOWNLOADING)
-    clock.advance(Syncer.STARTUP_SYNC)
+    syncer.kick()
     assert not session.reports[-1].preparing and len(session.reports) == 3
+
+
+def test_no_startup_polls_while_the_file_is_made() -> None:
+    """Allocating, the task waits for its file (it kicks a sync once made), not for L{Syncer.STARTUP_SYNC}."""
+    syncer, session, task, clock = make()
+    task.is_starting = True
+    run(syncer)
+    task.lifecycle.move(State.ALLOCATING)
+    syncer.kick()
+    assert len(session.reports) == 2
+    clock.advance(4 * Syncer.STARTUP_SYNC)
+    assert len(session.reports) == 2
+    task.lifecycle.move(State.DOWNLOADING)
+    syncer.kick()  # the file is made
+    assert len(session.reports) == 3
+    clock.advance(Syncer.STARTUP_SYNC)
+    assert len(session.reports) == 4  # starting: the seed is not connected yet
 
 
 def test_polls_faster_until_the_length_is_known() -> None:
