@@ -192,6 +192,25 @@ class Syncer:
             and self._clock.seconds() - p.last_progress < self.FLOWING
         )
 
+    #: DRAGONFLY_WANT_SYNC=always: every move of an in-order reader syncs at once, as before (A/B rounds)
+    want_always = os.environ.get("DRAGONFLY_WANT_SYNC") == "always"
+
+    def want_needs_sync(self, picker: Any, want: int | None) -> bool:
+        """
+        An in-order reader waits for piece C{want}: is a sync now of use?
+        Not when the seed allowed it already, nor when a neighbour other
+        than the seed holds it (the scheduler gives no seed piece that a
+        neighbour holds; the picker asks that neighbour for it first).  A
+        stream reader catching up with the download moved on piece by
+        piece, and each move was a sync.
+        """
+        if self.want_always or picker is None or want is None:
+            return True
+        if want in picker.seed_allowed:
+            return False
+        seed = picker.seed()
+        return not any(picker.holds(k, want) for k in picker.neighbours() if k != seed)
+
     def kick(self) -> None:
         """Sync now instead of at the next interval."""
         if self._wake is not None and not self._wake.called:

@@ -407,3 +407,33 @@ def test_a_download_under_way_asks_a_silent_supernode_often_at_first() -> None:
     session.syncs = []
     clock.pump([1.0] * 2)
     assert len(task.applied) >= 2  # it answers again: syncs go on
+
+
+class Picker:
+    """What L{Syncer.want_needs_sync} reads of the picker: the seed, the neighbours' pieces, the seed allowance."""
+
+    def __init__(self, held: dict[str, set[int]], allowed: frozenset[int] = frozenset()) -> None:
+        self.held = held
+        self.seed_allowed = set(allowed)
+
+    def seed(self) -> str:
+        return "supernode"
+
+    def neighbours(self) -> Any:
+        return iter(self.held)
+
+    def holds(self, key: str, index: int) -> bool:
+        return index in self.held[key]
+
+
+def test_a_reader_s_want_syncs_only_when_the_seed_alone_can_help(monkeypatch: Any) -> None:
+    syncer, *_ = make()
+    # only the seed holds piece 3: ask the SuperNode now
+    assert syncer.want_needs_sync(Picker({"supernode": {3}, "a": {1}}), 3)
+    # a neighbour holds it (the scheduler would not give it from the seed), or the seed allowed it already
+    assert not syncer.want_needs_sync(Picker({"supernode": {3}, "a": {3}}), 3)
+    assert not syncer.want_needs_sync(Picker({"supernode": {3}}, allowed={3}), 3)
+    # before the picker (or without a reader) as before
+    assert syncer.want_needs_sync(None, 3) and syncer.want_needs_sync(Picker({}), None)
+    monkeypatch.setattr(Syncer, "want_always", True)
+    assert syncer.want_needs_sync(Picker({"supernode": {3}, "a": {3}}), 3)
