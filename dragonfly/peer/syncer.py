@@ -208,8 +208,8 @@ class Syncer:
             return True
         if want in picker.seed_allowed:
             return False
-        seed = picker.seed()
-        return not any(picker.holds(k, want) for k in picker.neighbours() if k != seed)
+        # (avail: how many neighbours other than the seed hold each piece)
+        return not (0 <= want < picker.count and picker.avail[want] > 0)
 
     def kick(self) -> None:
         """Sync now instead of at the next interval."""

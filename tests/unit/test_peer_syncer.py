@@ -17,6 +17,7 @@ from dragonfly.core.bitmap import Bitmap
 from dragonfly.peer.client import SupernodeError, SupernodeUnavailable
 from dragonfly.peer.lifecycle import Lifecycle, State
 from dragonfly.peer.outcome import BackToSource, TaskFailed
+from dragonfly.peer.picker import Picker
 from dragonfly.peer.syncer import Progress, Syncer
 from dragonfly.protocol.supernode_api import SyncAnswer, SyncReport, TaskRegistered
 
@@ -409,31 +410,32 @@ def test_a_download_under_way_asks_a_silent_supernode_often_at_first() -> None:
     assert len(task.applied) >= 2  # it answers again: syncs go on
 
 
-class Picker:
-    """What L{Syncer.want_needs_sync} reads of the picker: the seed, the neighbours' pieces, the seed allowance."""
 
-    def __init__(self, held: dict[str, set[int]], allowed: frozenset[int] = frozenset()) -> None:
-        self.held = held
-        self.seed_allowed = set(allowed)
-
-    def seed(self) -> str:
-        return "supernode"
-
-    def neighbours(self) -> Any:
-        return iter(self.held)
-
-    def holds(self, key: str, index: int) -> bool:
-        return index in self.held[key]
+def bits(count: int, held: Any) -> Bitmap:
+    out = Bitmap(count)
+    for i in held:
+        out.set(i)
+    return out
 
 
 def test_a_reader_s_want_syncs_only_when_the_seed_alone_can_help(monkeypatch: Any) -> None:
     syncer, *_ = make()
+    picker: Picker[str] = Picker(8)
+    picker.add("supernode", seed=True)
+    picker.bitfield("supernode", bits(8, range(8)))
+    picker.add("a")
+    picker.bitfield("a", bits(8, [1]))
     # only the seed holds piece 3: ask the SuperNode now
-    assert syncer.want_needs_sync(Picker({"supernode": {3}, "a": {1}}), 3)
+    assert syncer.want_needs_sync(picker, 3)
     # a neighbour holds it (the scheduler would not give it from the seed), or the seed allowed it already
-    assert not syncer.want_needs_sync(Picker({"supernode": {3}, "a": {3}}), 3)
-    assert not syncer.want_needs_sync(Picker({"supernode": {3}}, allowed={3}), 3)
+    assert not syncer.want_needs_sync(picker, 1)
+    picker.have("a", 3)
+    assert not syncer.want_needs_sync(picker, 3)
+    picker.seed_allowed = {5}
+    assert not syncer.want_needs_sync(picker, 5)
+    picker.remove("a")
+    assert syncer.want_needs_sync(picker, 3)
     # before the picker (or without a reader) as before
-    assert syncer.want_needs_sync(None, 3) and syncer.want_needs_sync(Picker({}), None)
+    assert syncer.want_needs_sync(None, 3) and syncer.want_needs_sync(picker, None)
     monkeypatch.setattr(Syncer, "want_always", True)
-    assert syncer.want_needs_sync(Picker({"supernode": {3}, "a": {3}}), 3)
+    assert syncer.want_needs_sync(picker, 1)
