@@ -34,6 +34,7 @@ C{width} bits), so one is made from a bitmap's bytes in one call.
 from __future__ import annotations
 
 import heapq
+import os
 import random
 from collections.abc import Iterable, Iterator
 from itertools import count as _counter
@@ -301,6 +302,8 @@ class Scheduler:
     parent_sample: int = 32
     fill_degree: bool = False
     fill_after: float = 1.0
+    #: name no preparing member as a parent (see L{Member.preparing}); DRAGONFLY_NAME_PREPARING=1: as before (A/B rounds)
+    skip_preparing: bool = os.environ.get("DRAGONFLY_NAME_PREPARING") != "1"
     rng: random.Random = field(factory=random.Random)
     peers: dict[str, PeerInfo] = field(factory=dict)
     tasks: dict[str, TaskSwarm] = field(factory=dict)
@@ -679,7 +682,7 @@ class Scheduler:
             candidates = [
                 p for p in pool
                 if p != me and p not in keep and p not in member.blocked and p in self.peers
-                and not swarm.members[p].preparing
+                and not (self.skip_preparing and swarm.members[p].preparing)
             ]
             children = swarm.children
             members = swarm.members

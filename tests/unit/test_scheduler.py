@@ -119,6 +119,10 @@ def test_a_member_preparing_is_no_parent_until_it_reports_ready() -> None:
     assert sorted(parent_ids(s.sync(TASK, "p0", 1.0))) == ["p1"]
     s.report(TASK, "late", 1.0, preparing=True)
     assert sorted(parent_ids(s.sync(TASK, "p0", 2.0))) == ["p1"]
+    # (skip_preparing off: named as before)
+    s.skip_preparing = False
+    assert sorted(parent_ids(s.sync(TASK, "p1", 2.0))) == ["late", "p0"]
+    s.skip_preparing = True
     s.report(TASK, "late", 2.0)
     assert sorted(parent_ids(s.sync(TASK, "p0", 3.0))) == ["late", "p1"]
     # a preparing member gets parents of its own
