@@ -423,8 +423,14 @@ def pull_all(
             for info in swarm.peers.values():
                 tasks.append([(t["contentLength"], round(t["elapsed"], 3))
                               for t in get_json(info["api"] + "/api/v1/tasks")["tasks"]])
+        # the SuperNode's syncs (each timed for its schedule histogram) and registrations, for all the pulls
+        calls: dict[str, float] = {}
+        if swarm is not None:
+            for (name, _), value in swarm.metrics().items():
+                if name.endswith("_schedule_duration_seconds_count"):
+                    calls["syncs"] = value
         return {"times": times, "copies": copies, "fallbacks": fallbacks, "load": load(), "cpu": cpu, "cpu_spread": spread,
-                "tasks": tasks}
+                "tasks": tasks, **calls}
     finally:
         if swarm is not None:
             swarm.stop()
@@ -467,7 +473,7 @@ def containerd_bench(
             print(f"containerd run {run} {mode:8s}: slowest {max(r['times']):.2f} s, mean "
                   f"{statistics.mean(r['times']):.2f} s; registry copies per layer "
                   f"{[round(c, 2) for c in r['copies'].values()]}; CPU s {({k: round(v, 1) for k, v in r['cpu'].items()})} "
-                  f"(each: {r['cpu_spread']}); "
+                  f"(each: {r['cpu_spread']}); " + (f"{r['syncs']:.0f} syncs; " if "syncs" in r else "") +
                   f"load {r['load']}", flush=True)
     return out
 

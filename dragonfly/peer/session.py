@@ -14,11 +14,16 @@ session (a new download) and an L{unpin}ned one follow the ranking again.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ..protocol.supernode_api import SyncAnswer, SyncReport, TaskRegistered, TaskRequest
 from .client import SupernodeError, SupernodeUnavailable
+
+#: ask the registration's answer to wait for the origin's length (the
+#: SuperNode's C{waitLength}) instead of polling for it; DRAGONFLY_WAIT_LENGTH=0: poll (A/B rounds)
+WAIT_LENGTH = os.environ.get("DRAGONFLY_WAIT_LENGTH", "1") != "0"
 
 
 class TaskSession:
@@ -88,6 +93,7 @@ class TaskSession:
             self._peer_id(), self.request["url"], dict(self.request.get("headers") or {}),
             self.request.get("digest"), self.request.get("identifier"), self.request.get("filter") or (),
             self.request.get("range"), self.request.get("prefetch") is not False, takeover,
+            wait_length=WAIT_LENGTH,
         )
         try:
             return await self._each(lambda nodes: self._client.register_task(req, nodes))

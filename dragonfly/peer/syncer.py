@@ -42,6 +42,8 @@ from .outcome import BackToSource, TaskFailed, TaskLog
 
 #: the states in which a task syncs
 SYNCING = frozenset({State.SIZING, State.ALLOCATING, State.DOWNLOADING, State.VERIFYING})
+#: the states in which a task refuses block connections (its file is not made yet)
+PREPARING = frozenset({State.SIZING, State.ALLOCATING})
 
 
 @frozen
@@ -190,6 +192,25 @@ class Syncer:
             and self._clock.seconds() - p.last_progress < self.FLOWING
         )
 
+    #: DRAGONFLY_WANT_SYNC=always: every move of an in-order reader syncs at once, as before (A/B rounds)
+    want_always = os.environ.get("DRAGONFLY_WANT_SYNC") == "always"
+
+    def want_needs_sync(self, picker: Any, want: int | None) -> bool:
+        """
+        An in-order reader waits for piece C{want}: is a sync now of use?
+        Not when the seed allowed it already, nor when a neighbour other
+        than the seed holds it (the scheduler gives no seed piece that a
+        neighbour holds; the picker asks that neighbour for it first).  A
+        stream reader catching up with the download moved on piece by
+        piece, and each move was a sync.
+        """
+        if self.want_always or picker is None or want is None:
+            return True
+        if want in picker.seed_allowed:
+            return False
+        # (avail: how many neighbours other than the seed hold each piece)
+        return not (0 <= want < picker.count and picker.avail[want] > 0)
+
     def kick(self) -> None:
         """Sync now instead of at the next interval."""
         if self._wake is not None and not self._wake.called:
@@ -298,7 +319,11 @@ class Syncer:
                 await self._sleep(self.OUTAGE_RETRY if fast else self._retry_wait(tries))
                 tries += 1
                 continue
-            if self._task.starting():
+            if self._task.lifecycle.state is State.ALLOCATING:
+                # the task's file is being made: nothing to ask until it is,
+                # and then the task kicks a sync (it had one every 50 ms)
+                self._rest = 0.0
+            elif self._task.starting():
                 # the length, the seed and the first parents come in the
                 # next few answers; ask again soon
                 interval = min(interval, self.STARTUP_SYNC)
@@ -328,6 +353,8 @@ class Syncer:
             # bytes from other peers since the last sync the SuperNode took
             peer_bytes=p.peer_bytes - self._peer_bytes_reported, version=self.version,
             tags_from=p.tags_from, proofs=self._proofs,
+            # (its file is not made yet: named to no other peer as a parent)
+            preparing=self._task.lifecycle.state in PREPARING,
         )
         proofs, self._proofs = self._proofs, []
         before = getattr(self._session, "pinned", None)

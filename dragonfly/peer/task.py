@@ -259,8 +259,9 @@ class PeerTask:
         self.syncer.note_failure(index, parent)
 
     def want_now(self) -> None:
-        """An in-order reader moved on to C{stream_from}: ask for it now."""
-        self.syncer.kick()
+        """An in-order reader moved on to C{stream_from}: ask for it now (of the SuperNode when only its seed can help)."""
+        if self.syncer.want_needs_sync(self.picker, self.stream_from):
+            self.syncer.kick()
         self.neighbours.fill()
 
     # -- the file and its pieces -------------------------------------------------

@@ -88,9 +88,15 @@ class TaskRequest:
     #: (see L{dragonfly.core.piecetag}); such a node may adopt the task from
     #: the swarm instead of fetching it whole
     takeover: dict[str, Any] | None = None
+    #: the answer may wait (a moment) for the origin's length when the CDN
+    #: does not know it yet: the peer can do nothing before it, and polled
+    #: for it otherwise (a registration with a C{range} always waits)
+    wait_length: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"peerId": self.peer_id, "url": self.url}
+        if self.wait_length:
+            out["waitLength"] = True
         if self.range:
             out["range"] = self.range
         if not self.prefetch:
@@ -114,6 +120,7 @@ class TaskRequest:
             body["peerId"], body["url"], dict(body.get("headers") or {}), body.get("digest") or None,
             body.get("identifier"), body.get("filter") or (), body.get("range") or None,
             body.get("prefetch") is not False, dict(takeover) if isinstance(takeover, dict) else None,
+            body.get("waitLength") is True,
         )
 
 
@@ -157,9 +164,14 @@ class SyncReport:
     tags_from: int = 0
     #: the pieces held, with digests and tags: sent when re-announcing to a node that may lack them
     proofs: tuple[PieceProof, ...] = field(default=(), converter=_proofs)
+    #: the peer cannot serve the task yet (it is sizing or making its file):
+    #: the scheduler names it to no other peer as a parent until it can
+    preparing: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"peerId": self.peer_id, "have": list(self.have), "digestsFrom": self.digests_from}
+        if self.preparing:
+            out["preparing"] = True
         if self.tags_from:
             out["tagsFrom"] = self.tags_from
         if self.proofs:
@@ -192,6 +204,7 @@ class SyncReport:
             body.get("version"),
             body.get("tagsFrom") or 0,
             tuple(PieceProof(p["index"], p["digest"], p["tag"]) for p in body.get("proofs") or ()),
+            bool(body.get("preparing")),
         )
 
 

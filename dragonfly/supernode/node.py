@@ -95,7 +95,7 @@ class SyncResult:
 
 #: the sync interval of a peer waiting for a piece a side fetch is bringing
 SIDE_SYNC_INTERVAL = 0.02
-#: a registration with a range waits this long for the origin's length
+#: a registration with a range or C{waitLength} waits this long for the origin's length
 REGISTER_LENGTH_WAIT = 2.0
 #: registered ranges kept for the seed's choice (the oldest go first)
 MAX_WANTED_PEERS = 10000
@@ -493,6 +493,11 @@ class SuperNode:
                 # pieces in its seed allowance): no sync interval lost
                 task = await self.cdn.length_wait(task, REGISTER_LENGTH_WAIT)
                 self._known_peer(req.peer_id)
+        if req.wait_length and task.length is None and task.status in ("waiting", "running"):
+            # the same for a peer that asks for it (a dfpeer): it polled every
+            # 20 ms while the CDN waited for the origin's answer
+            task = await self.cdn.length_wait(task, REGISTER_LENGTH_WAIT)
+            self._known_peer(req.peer_id)
         task_log(
             log, LogLevel.info, tid, "registered by {peerId} ({cache}, CDN {status})",
             peerId=req.peer_id, cache="cache miss" if self.cdn.origin_fetches > fetches else "cache hit",
@@ -502,7 +507,8 @@ class SuperNode:
         # before (pieces of a download that failed and was deleted) is gone;
         # a peer that still holds pieces reports them in its next sync
         self.scheduler.leave(tid, req.peer_id)
-        self.join(tid, req.peer_id)
+        # named to no other peer as a parent until a sync says its file is made
+        self.join(tid, req.peer_id, preparing=True)
         return TaskRegistration(tid, task)
 
     def task_detail(self, task_id: str) -> TaskDetail:
@@ -557,6 +563,7 @@ class SuperNode:
         try:
             self.scheduler.report(
                 task_id, report.peer_id, self.clock.seconds(), have=have, failed=failed, banned=list(report.banned),
+                preparing=report.preparing,
             )
             want = self._want(task, report)
             decision = self.decide(task_id, report.peer_id, report.starving, want)
@@ -736,9 +743,10 @@ class SuperNode:
             return None
         return span[0] // task.piece_size
 
-    def join(self, task_id: str, peer_id: str) -> None:
+    def join(self, task_id: str, peer_id: str, preparing: bool = False) -> None:
         """
-        Peer C{peer_id} takes part in the CDN task C{task_id}.  A swarm the
+        Peer C{peer_id} takes part in the CDN task C{task_id} (C{preparing}:
+        it just registered, see L{Member.preparing}).  A swarm the
         scheduler dropped as idle (C{--task-expire}) is rebuilt from the CDN's
         state, so the seed serves it again.
         """
@@ -751,7 +759,7 @@ class SuperNode:
                 if task.available is not None:
                     for i in task.available:
                         self.scheduler.seed_piece_ready(task_id, i)
-        self.scheduler.join(task_id, peer_id, self.clock.seconds())
+        self.scheduler.join(task_id, peer_id, self.clock.seconds(), preparing)
 
     # -- garbage collection --------------------------------------------------
 

@@ -34,6 +34,7 @@ C{width} bits), so one is made from a bitmap's bytes in one call.
 from __future__ import annotations
 
 import heapq
+import os
 import random
 from collections.abc import Iterable, Iterator
 from itertools import count as _counter
@@ -94,6 +95,9 @@ class Member:
     early: set[int] = field(factory=set)
     # the task's pieces (None while its length is unknown: no bitmap yet)
     count: int | None = None
+    # registered, its file not made yet (it refuses block connections for
+    # the task): named to nobody as a parent until a sync says it is ready
+    preparing: bool = False
     # the last L{have} made, and the bit set it was made from
     _view: Bitmap | None = field(default=None, init=False, repr=False, eq=False)
     _view_of: int = field(default=-1, init=False, repr=False, eq=False)
@@ -298,6 +302,8 @@ class Scheduler:
     parent_sample: int = 32
     fill_degree: bool = False
     fill_after: float = 1.0
+    #: name no preparing member as a parent (see L{Member.preparing}); DRAGONFLY_NAME_PREPARING=1: as before (A/B rounds)
+    skip_preparing: bool = os.environ.get("DRAGONFLY_NAME_PREPARING") != "1"
     rng: random.Random = field(factory=random.Random)
     peers: dict[str, PeerInfo] = field(factory=dict)
     tasks: dict[str, TaskSwarm] = field(factory=dict)
@@ -406,8 +412,11 @@ class Scheduler:
         swarm.seed_out = 0
         swarm.expiries.clear()
 
-    def join(self, task_id: str, peer_id: str, now: float) -> Member:
-        """Peer C{peer_id} takes part in C{task_id}."""
+    def join(self, task_id: str, peer_id: str, now: float, preparing: bool = False) -> Member:
+        """
+        Peer C{peer_id} takes part in C{task_id}; C{preparing}: it has just
+        registered and cannot serve the task yet (see L{Member.preparing}).
+        """
         if peer_id not in self.peers:
             raise UnknownPeer(peer_id)
         swarm = self.task(task_id)
@@ -421,6 +430,8 @@ class Scheduler:
             task_log(log, LogLevel.info, task_id, "peer {peerId} joined ({peers} peers)", peerId=peer_id, peers=len(swarm.members))
             member.count = swarm.piece_count
         member.last_sync = now
+        if preparing:
+            member.preparing = True
         return member
 
     def leave(self, task_id: str, peer_id: str) -> None:
@@ -527,10 +538,12 @@ class Scheduler:
         failed: Iterable[tuple[int, str]] = (),
         bitmap: Bitmap | None = None,
         banned: Iterable[str] = (),
+        preparing: bool = False,
     ) -> None:
         """
         Take a peer's batch: pieces it verified (C{have}, or a whole C{bitmap}
-        when it re-announces after a restart) and C{(piece, parent id)} failures.
+        when it re-announces after a restart) and C{(piece, parent id)} failures;
+        C{preparing}: it cannot serve the task yet (its file is being made).
         """
         if task_id not in self.tasks:
             raise UnknownTask(task_id)
@@ -539,6 +552,7 @@ class Scheduler:
         member = swarm.members.get(peer_id)
         if member is None:
             member = self.join(task_id, peer_id, now)
+        member.preparing = preparing
         self.peers[peer_id].last_seen = now
         if member.count is None:
             # the length is not known yet (a restarted SuperNode whose CDN has
@@ -664,9 +678,11 @@ class Scheduler:
             pool: list[str] = swarm.order
             if len(pool) > self.parent_sample:
                 pool = self.rng.sample(pool, self.parent_sample)
+            # (not one still preparing: it would refuse the connection)
             candidates = [
                 p for p in pool
                 if p != me and p not in keep and p not in member.blocked and p in self.peers
+                and not (self.skip_preparing and swarm.members[p].preparing)
             ]
             children = swarm.children
             members = swarm.members

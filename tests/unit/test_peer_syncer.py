@@ -17,6 +17,7 @@ from dragonfly.core.bitmap import Bitmap
 from dragonfly.peer.client import SupernodeError, SupernodeUnavailable
 from dragonfly.peer.lifecycle import Lifecycle, State
 from dragonfly.peer.outcome import BackToSource, TaskFailed
+from dragonfly.peer.picker import Picker
 from dragonfly.peer.syncer import Progress, Syncer
 from dragonfly.protocol.supernode_api import SyncAnswer, SyncReport, TaskRegistered
 
@@ -173,6 +174,37 @@ def test_syncs_soon_while_starting_then_at_the_interval() -> None:
     assert len(session.reports) == 3
     clock.advance(0.1)
     assert len(session.reports) == 4
+
+
+def test_reports_preparing_until_the_file_is_made() -> None:
+    """Sizing or allocating the task refuses block connections: the reports say so (L{SyncReport.preparing})."""
+    syncer, session, task, clock = make()
+    task.is_starting = True
+    run(syncer)
+    assert task.lifecycle.state is State.SIZING and session.reports[-1].preparing
+    task.lifecycle.move(State.ALLOCATING)
+    syncer.kick()
+    assert session.reports[-1].preparing and len(session.reports) == 2
+    task.lifecycle.move(State.DOWNLOADING)
+    syncer.kick()
+    assert not session.reports[-1].preparing and len(session.reports) == 3
+
+
+def test_no_startup_polls_while_the_file_is_made() -> None:
+    """Allocating, the task waits for its file (it kicks a sync once made), not for L{Syncer.STARTUP_SYNC}."""
+    syncer, session, task, clock = make()
+    task.is_starting = True
+    run(syncer)
+    task.lifecycle.move(State.ALLOCATING)
+    syncer.kick()
+    assert len(session.reports) == 2
+    clock.advance(4 * Syncer.STARTUP_SYNC)
+    assert len(session.reports) == 2
+    task.lifecycle.move(State.DOWNLOADING)
+    syncer.kick()  # the file is made
+    assert len(session.reports) == 3
+    clock.advance(Syncer.STARTUP_SYNC)
+    assert len(session.reports) == 4  # starting: the seed is not connected yet
 
 
 def test_polls_faster_until_the_length_is_known() -> None:
@@ -376,3 +408,34 @@ def test_a_download_under_way_asks_a_silent_supernode_often_at_first() -> None:
     session.syncs = []
     clock.pump([1.0] * 2)
     assert len(task.applied) >= 2  # it answers again: syncs go on
+
+
+
+def bits(count: int, held: Any) -> Bitmap:
+    out = Bitmap(count)
+    for i in held:
+        out.set(i)
+    return out
+
+
+def test_a_reader_s_want_syncs_only_when_the_seed_alone_can_help(monkeypatch: Any) -> None:
+    syncer, *_ = make()
+    picker: Picker[str] = Picker(8)
+    picker.add("supernode", seed=True)
+    picker.bitfield("supernode", bits(8, range(8)))
+    picker.add("a")
+    picker.bitfield("a", bits(8, [1]))
+    # only the seed holds piece 3: ask the SuperNode now
+    assert syncer.want_needs_sync(picker, 3)
+    # a neighbour holds it (the scheduler would not give it from the seed), or the seed allowed it already
+    assert not syncer.want_needs_sync(picker, 1)
+    picker.have("a", 3)
+    assert not syncer.want_needs_sync(picker, 3)
+    picker.seed_allowed = {5}
+    assert not syncer.want_needs_sync(picker, 5)
+    picker.remove("a")
+    assert syncer.want_needs_sync(picker, 3)
+    # before the picker (or without a reader) as before
+    assert syncer.want_needs_sync(None, 3) and syncer.want_needs_sync(picker, None)
+    monkeypatch.setattr(Syncer, "want_always", True)
+    assert syncer.want_needs_sync(picker, 1)

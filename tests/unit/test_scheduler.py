@@ -107,6 +107,30 @@ def test_lone_peer_has_no_parents() -> None:
     assert parent_ids(s.sync(TASK, "p0", 0)) == []
 
 
+def test_a_member_preparing_is_no_parent_until_it_reports_ready() -> None:
+    """
+    A member that joined preparing (registered, its file not made yet) or
+    reports it is preparing is nobody's parent; once a report says it is
+    ready, the next top-up may name it.
+    """
+    s = make(peers=2)
+    s.register_peer(PeerInfo("late", "10.0.0.2", 65002), 0.0)
+    s.join(TASK, "late", 0.0, preparing=True)
+    assert sorted(parent_ids(s.sync(TASK, "p0", 1.0))) == ["p1"]
+    s.report(TASK, "late", 1.0, preparing=True)
+    assert sorted(parent_ids(s.sync(TASK, "p0", 2.0))) == ["p1"]
+    # (skip_preparing off: named as before)
+    s.skip_preparing = False
+    assert sorted(parent_ids(s.sync(TASK, "p1", 2.0))) == ["late", "p0"]
+    s.skip_preparing = True
+    s.report(TASK, "late", 2.0)
+    assert sorted(parent_ids(s.sync(TASK, "p0", 3.0))) == ["late", "p1"]
+    # a preparing member gets parents of its own
+    s.register_peer(PeerInfo("new", "10.0.0.3", 65003), 3.0)
+    s.join(TASK, "new", 3.0, preparing=True)
+    assert sorted(parent_ids(s.sync(TASK, "new", 3.0))) == ["late", "p0", "p1"]
+
+
 def test_parents_are_kept_across_syncs() -> None:
     s = make(peers=8, max_parents=3)
     first = parent_ids(s.sync(TASK, "p0", 1))

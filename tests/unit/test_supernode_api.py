@@ -30,7 +30,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 from dragonfly.core.ids import task_id
 from dragonfly.supernode.api import SupernodeApi
 from dragonfly.supernode.cdn import Cdn
-from dragonfly.supernode.node import SuperNode
+from dragonfly.supernode.node import REGISTER_LENGTH_WAIT, SuperNode
 from dragonfly.supernode.scheduler import Scheduler
 
 BASE = "http://supernode.test"
@@ -513,6 +513,7 @@ def test_sync_failures_block_a_parent(env: Env) -> None:
     tid = env.register_task("peer-1")[1]["taskId"]
     env.register_task("peer-2")
     env.http.serve(FakeResponse(body=BODY))
+    env.sync(tid, "peer-2")  # its file is made: it may be named as a parent
     assert [p["peerId"] for p in env.sync(tid, "peer-1")[1]["parents"]] == ["supernode", "peer-2"]
     bad = [{"index": 0, "parent": "peer-2"}, {"index": 1, "parent": "peer-2"}]
     code, data = env.sync(tid, "peer-1", failed=bad)
@@ -520,6 +521,55 @@ def test_sync_failures_block_a_parent(env: Env) -> None:
     assert [p["peerId"] for p in data["parents"]] == ["supernode"]
     # -1: could not connect at all
     assert env.sync(tid, "peer-1", failed=[{"index": -1, "parent": "peer-2"}])[0] == 200
+
+
+def _pending_registration(env: Env) -> defer.Deferred:
+    """A C{waitLength} registration sent, not answered yet."""
+    env.register_peer("peer-1")
+    d = env.stub.request("POST", BASE + "/api/v1/tasks", json={"peerId": "peer-1", "url": URL, "waitLength": True})
+    env.stub.flush()
+    answered: list[Any] = []
+    d.addBoth(lambda r: (answered.append(r), r)[1])
+    assert not answered
+    return d
+
+
+def test_a_registration_that_asks_waits_for_the_length(env: Env) -> None:
+    """C{waitLength}: answered once the CDN has the origin's length, not polled for it."""
+    d = _pending_registration(env)
+    env.http.serve(FakeResponse(body=BODY))
+    env.stub.flush()
+    task = json.loads(result(result(d).content()))["task"]
+    assert task["contentLength"] == len(BODY) and task["pieceCount"] == 6
+
+
+def test_a_registration_waits_for_the_length_a_moment_only(env: Env) -> None:
+    d = _pending_registration(env)
+    env.clock.advance(REGISTER_LENGTH_WAIT)
+    env.stub.flush()
+    task = json.loads(result(result(d).content()))["task"]
+    assert task["status"] in ("waiting", "running") and task.get("contentLength") is None
+    # without waitLength the answer comes at once
+    assert env.register_task("peer-1")[1]["task"].get("contentLength") is None
+
+
+def test_a_peer_preparing_is_named_to_nobody(env: Env) -> None:
+    """
+    A peer that has just registered, or says it is C{preparing} (its file
+    not made yet: it refuses block connections for the task), is no one's
+    parent until a sync says it is ready.
+    """
+    env.register_peer("peer-1")
+    env.register_peer("peer-2", port=65002)
+    tid = env.register_task("peer-1")[1]["taskId"]
+    env.register_task("peer-2")
+    env.http.serve(FakeResponse(body=BODY))
+    names = lambda data: [p["peerId"] for p in data["parents"]]  # noqa: E731
+    assert names(env.sync(tid, "peer-1")[1]) == ["supernode"]
+    env.sync(tid, "peer-2", preparing=True)
+    assert names(env.sync(tid, "peer-1")[1]) == ["supernode"]
+    env.sync(tid, "peer-2")
+    assert names(env.sync(tid, "peer-1")[1]) == ["supernode", "peer-2"]
 
 
 # -- single flight and origin failures -------------------------------------------------
