@@ -204,7 +204,7 @@ class SyncReport:
             body.get("version"),
             body.get("tagsFrom") or 0,
             tuple(PieceProof(p["index"], p["digest"], p["tag"]) for p in body.get("proofs") or ()),
-            bool(body.get("preparing")),
+            body.get("preparing") is True,
         )
 
 

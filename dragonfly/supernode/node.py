@@ -488,14 +488,10 @@ class SuperNode:
             if len(self._wanted) >= MAX_WANTED_PEERS:
                 self._wanted.pop(next(iter(self._wanted)))
             self._wanted[(tid, req.peer_id)] = wanted
-            if task.length is None and task.status in ("waiting", "running"):
-                # the peer's first sync then has the length (and the range's
-                # pieces in its seed allowance): no sync interval lost
-                task = await self.cdn.length_wait(task, REGISTER_LENGTH_WAIT)
-                self._known_peer(req.peer_id)
-        if req.wait_length and task.length is None and task.status in ("waiting", "running"):
-            # the same for a peer that asks for it (a dfpeer): it polled every
-            # 20 ms while the CDN waited for the origin's answer
+        if (wanted is not None or req.wait_length) and task.length is None and task.status in ("waiting", "running"):
+            # the peer's first sync then has the length (and a range's pieces
+            # in its seed allowance): no sync interval lost; a dfpeer asks for
+            # it (waitLength) rather than polling every 20 ms meanwhile
             task = await self.cdn.length_wait(task, REGISTER_LENGTH_WAIT)
             self._known_peer(req.peer_id)
         task_log(

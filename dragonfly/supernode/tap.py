@@ -116,14 +116,18 @@ class Options(ConfigFileOptions):
             self["piece-size"] = size
         try:
             self["origin-limit"] = parse_rate(self["origin-limit"])
+        except BadInput as e:
+            raise usage.UsageError(f"--origin-limit: {e}") from None
+        try:
             self["origin-rcvbuf"] = parse_rate(self["origin-rcvbuf"])
+        except BadInput as e:
+            raise usage.UsageError(f"--origin-rcvbuf: {e}") from None
+        try:
             self["https-policy"] = None  # the system's roots (made in makeService, after the bind)
             if self["origin-ca"]:
                 from ..core.tls import https_policy
 
                 self["https-policy"] = https_policy(self["origin-ca"])
-        except BadInput as e:
-            raise usage.UsageError(f"--origin-limit / --origin-rcvbuf: {e}") from None
         except ValueError as e:
             raise usage.UsageError(f"--origin-ca: {e}") from None
         parse_gc_options(self)
