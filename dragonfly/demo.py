@@ -19,7 +19,7 @@ import tempfile
 import time
 from typing import Any
 
-from .core.units import human_bytes, parse_rate
+from .core.units import human_bytes, parse_size
 from .testing.swarm import Swarm, sha256_file, write_random_file
 
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peers", type=int, default=4)
     p.add_argument("--workdir", default=None, help="keep homes and logs here (default: a temp dir, removed)")
     args = p.parse_args(argv)
-    size = parse_rate(args.size)
+    size = parse_size(args.size)
     workdir = args.workdir or tempfile.mkdtemp(prefix="dragonfly-demo-")
     www = os.path.join(workdir, "www")
     os.makedirs(www, exist_ok=True)

@@ -28,7 +28,7 @@ from attrs import define, frozen
 from twisted.logger import Logger
 
 from .ids import BadInput
-from .units import human_bytes, parse_rate
+from .units import human_bytes, parse_size
 
 log = Logger()
 
@@ -68,7 +68,7 @@ def parse_watermark(text: str) -> Watermark:
             raise BadInput(f"watermark {text!r}: a percentage must be in (0, 100]")
         return Watermark(percent=value)
     try:
-        size = parse_rate(text)
+        size = parse_size(text)
     except BadInput:
         raise BadInput(f"watermark {text!r} is neither a percentage (80%) nor a size (10G)") from None
     return Watermark(size=size)

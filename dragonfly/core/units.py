@@ -9,6 +9,7 @@ from .ids import BadInput
 
 _RATE = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGkmg]?)(?:i?[Bb])?(?:/s)?\Z")
 _RATE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+_SIZE = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>[KMGkmg]?)(?:i?[Bb])?\Z")
 _DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h)?\Z")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -21,6 +22,17 @@ def parse_rate(text: str) -> int:
     value = float(m.group("n")) * _RATE_UNITS[m.group("unit").lower()]
     if not math.isfinite(value):
         raise BadInput(f"rate {text!r} is too large")
+    return int(value)
+
+
+def parse_size(text: str) -> int:
+    """C{N}, C{NK}, C{NM}, C{NG} (bytes, powers of 1024) to an int: a buffer's size, say."""
+    m = _SIZE.match(str(text).strip())
+    if m is None:
+        raise BadInput(f"size {text!r} is not of the form 64K (N, NK, NM or NG bytes)")
+    value = float(m.group("n")) * _RATE_UNITS[m.group("unit").lower()]
+    if not math.isfinite(value):
+        raise BadInput(f"size {text!r} is too large")
     return int(value)
 
 

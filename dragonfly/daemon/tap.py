@@ -30,7 +30,7 @@ from ..core.service import ListeningService, default_reactor
 from ..core.tapkit import QuietSite
 from ..core.threads import WorkerPool
 from ..core.tls import https_policy
-from ..core.units import parse_rate
+from ..core.units import parse_size
 from ..core.webclient import http_client
 from ..peer.client import parse_nodes
 from .ca import CaError, CertificateAuthority, LeafMinter
@@ -135,7 +135,7 @@ class Options(ConfigFileOptions):
         if self["cold-range"] not in ("swarm", "direct", "first"):
             raise usage.UsageError(f"--cold-range must be 'first', 'direct' or 'swarm', not {self['cold-range']!r}")
         try:
-            self["direct-below-bytes"] = parse_rate(self["direct-below"])
+            self["direct-below-bytes"] = parse_size(self["direct-below"])
         except BadInput as e:
             raise usage.UsageError(f"--direct-below: {e}") from None
         if not 0 <= self["port"] < 65536:

@@ -31,7 +31,7 @@ from ..core.service import default_reactor
 from ..core.tapkit import QuietSite, detect_ip, parse_gc_options, read_token
 from ..core.threads import WorkerPool
 from ..core.tls import HttpsEndpointFactory, HttpsPolicy, load_certificates, server_endpoint
-from ..core.units import parse_rate
+from ..core.units import parse_rate, parse_size
 from ..core.webclient import LazyHttpClient, http_client
 from ..protocol.block import BLOCK_PORT_OPTIONS, block_port_limits
 from .client import node_host, parse_nodes
@@ -115,7 +115,8 @@ class Options(ConfigFileOptions):
             raise usage.UsageError(str(e)) from None
         for name in ("in-flight", "upload-limit", "total-limit", "link-rate"):
             try:
-                self[name] = parse_rate(self[name])
+                parse = parse_size if name == "in-flight" else parse_rate
+                self[name] = parse(self[name])
             except BadInput as e:
                 raise usage.UsageError(f"--{name}: {e}") from None
 

@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..core.pieces import TARGET_PIECES
-from ..core.units import parse_rate
+from ..core.units import parse_size
 
 #: what the command line runs with unless told otherwise: every object from
 #: glibc's malloc (not pymalloc's arenas), which asks the kernel for huge pages
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         parse_links(a.links)
-        size = parse_rate(a.size)
-        piece = parse_rate(a.piece_size) if a.piece_size else None
-        in_flight = parse_rate(a.in_flight)
+        size = parse_size(a.size)
+        piece = parse_size(a.piece_size) if a.piece_size else None
+        in_flight = parse_size(a.in_flight)
     except ValueError as e:
         p.error(str(e))
     if a.max_grow < 1:

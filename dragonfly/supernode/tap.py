@@ -26,7 +26,7 @@ from ..core.piecetag import load_key
 from ..core.security import DEFAULT_DENY, OriginPolicy
 from ..core.service import ListeningService, default_reactor
 from ..core.tapkit import detect_ip, parse_gc_options, read_token
-from ..core.units import parse_rate
+from ..core.units import parse_rate, parse_size
 from ..protocol.block import BLOCK_PORT_OPTIONS, BlockFactory, block_port_limits
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ class Options(ConfigFileOptions):
             self["piece-size"] = dragonfly_piece_size
         else:
             try:
-                size = parse_rate(self["piece-size"])
+                size = parse_size(self["piece-size"])
             except BadInput as e:
                 raise usage.UsageError(f"--piece-size: {e}") from None
             if not MIN_PIECE_SIZE <= size <= MAX_PIECE_SIZE * 4:
@@ -119,7 +119,7 @@ class Options(ConfigFileOptions):
         except BadInput as e:
             raise usage.UsageError(f"--origin-limit: {e}") from None
         try:
-            self["origin-rcvbuf"] = parse_rate(self["origin-rcvbuf"])
+            self["origin-rcvbuf"] = parse_size(self["origin-rcvbuf"])
         except BadInput as e:
             raise usage.UsageError(f"--origin-rcvbuf: {e}") from None
         try:

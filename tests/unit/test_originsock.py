@@ -73,5 +73,7 @@ def test_option_parsed() -> None:
     o = Options()
     o.parseOptions([])
     assert o["origin-rcvbuf"] == 0
-    with pytest.raises(usage.UsageError):
+    with pytest.raises(usage.UsageError, match=r"--origin-rcvbuf: size 'lots' .* bytes\)"):
         Options().parseOptions(["--origin-rcvbuf", "lots"])
+    with pytest.raises(usage.UsageError, match="--origin-rcvbuf: size '64K/s'"):
+        Options().parseOptions(["--origin-rcvbuf", "64K/s"])

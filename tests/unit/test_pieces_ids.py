@@ -32,7 +32,7 @@ from dragonfly.core.pieces import (
     piece_span,
     swarm_piece_size,
 )
-from dragonfly.core.units import human_bytes, parse_duration, parse_rate
+from dragonfly.core.units import human_bytes, parse_duration, parse_rate, parse_size
 
 SHA = "ab" * 32
 OTHER_SHA = "cd" * 32
@@ -360,6 +360,18 @@ def test_parse_rate_good(text: str, expected: int) -> None:
 def test_parse_rate_bad(text: str) -> None:
     with pytest.raises(BadInput):
         parse_rate(text)
+
+
+@given(st.integers(min_value=0, max_value=1 << 40), st.sampled_from(["", "K", "M", "G", "KiB", "MB", "k", "g"]))
+def test_parse_size_agrees_with_rate(n: int, unit: str) -> None:
+    """A size is a rate's number without C{/s}; its errors speak of a size."""
+    assert parse_size(f"{n}{unit}") == parse_rate(f"{n}{unit}")
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1M", "20T", "64K/s", "1e6", "9" * 400])
+def test_parse_size_bad(text: str) -> None:
+    with pytest.raises(BadInput, match="size"):
+        parse_size(text)
 
 
 @pytest.mark.parametrize(
