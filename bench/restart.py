@@ -130,18 +130,22 @@ def downtime(kill: float, supernode: Samples, origin: Samples, port: Samples | N
     Seconds from the kill at C{kill} to: the API port taking connections
     (C{bound}: the new process has bound it), the API answering (C{api}), a peer
     and a task known to it again (C{peer}, C{task}), the origin sending
-    again after the API came back (C{origin}).  Samples: (monotonic time,
-    C{/healthz} or C{/_stats} JSON, None when it did not answer).
+    again once the new process had bound its port (C{origin}: it may
+    resume its origin fetch before its API answers; with no port samples,
+    after the API answered).  Samples: (monotonic time, C{/healthz} or
+    C{/_stats} JSON, None when it did not answer).
     """
     bound = first_after(port or [], kill, lambda v: v == 1)
     api = first_after(supernode, kill, lambda v: v is not None)
     peer = first_after(supernode, kill, lambda v: bool(v and v.get("peers")))
     task = first_after(supernode, kill, lambda v: bool(v and v.get("tasks")))
     resumed = None
-    if api is not None:
-        before = [v["bytesOut"] for t, v in origin if t <= api and v is not None]
+    back = bound if bound is not None else api
+    if back is not None:
+        # the killed fetch's last bytes are out by then: the new process asks after its bind
+        before = [v["bytesOut"] for t, v in origin if t <= back and v is not None]
         if before:
-            resumed = first_after(origin, api, lambda v: v is not None and v["bytesOut"] > before[-1])
+            resumed = first_after(origin, back, lambda v: v is not None and v["bytesOut"] > before[-1])
 
     def since(t: float | None) -> float | None:
         return None if t is None else round(t - kill, 3)
@@ -525,8 +529,8 @@ class Bench:
                     for w in peer_ws
                 )
                 # the origin's bytes out once the killed fetch's connection was gone: the last
-                # sample before the API answered again (the next fetch starts after it)
-                settled = value_at(origin_w.samples, killed + (down["api"] or 0.0), lambda v: int(v["bytesOut"]))
+                # sample before the new process bound its port (the next fetch starts after it)
+                settled = value_at(origin_w.samples, killed + (down["bound"] or down["api"] or 0.0), lambda v: int(v["bytesOut"]))
                 there["handed"], fetch_start = settled - fetch_start, settled
                 result["kills"].append({"at": round(at, 3), "t": round(killed - t0, 3), **down,
                                         "peerMiBWhileDown": round(exchanged / MiB, 2), **there})

@@ -347,7 +347,8 @@ class Neighbours:
         if conn not in self.conns:
             return
         self.conns.discard(conn)
-        if conn is self.seed_conn:
+        seed_lost = conn is self.seed_conn
+        if seed_lost:
             self.seed_conn = None
         self.task.pieces.drop_parts(conn)
         picker = self.task.picker
@@ -361,6 +362,8 @@ class Neighbours:
             if conn.remote_id and conn.remote_id != SEED_ID and (lost or conn.initiator):
                 # -1: the connection itself broke (see the scheduler's dead_after)
                 self.task.report_failure(-1, conn.remote_id)
+            if seed_lost:
+                self.task.seed_lost()
             self.fill()
 
     def on_bitfield(self, conn: Any) -> None:

@@ -87,6 +87,7 @@ class PeerTask:
         self._removed = False
         #: the parents of the last answer before the file was ready: connected once it is
         self._early_parents: list[Any] = []
+        self._seed_lost_at: float | None = None
         # when it was last asked for or served a piece (for GC), and last stored one
         self.started = self.last_access = self._last_progress = self.clock.seconds()
         self.finished_at: float | None = None
@@ -257,6 +258,27 @@ class PeerTask:
     def report_failure(self, index: int, parent: str) -> None:
         """Tell the SuperNode at the next sync (C{index} -1: the connection broke)."""
         self.syncer.note_failure(index, parent)
+
+    #: at most one sync a second for lost seed connections (L{seed_lost})
+    SEED_LOST_SYNC = 1.0
+
+    def seed_lost(self) -> None:
+        """
+        The connection to the SuperNode's seed broke: sync now rather than
+        at the next interval (up to C{max_sync}, 2 s, for a download that
+        rests).  A SuperNode that died refuses that sync, and the download
+        then asks again every 0.1 s (L{Syncer.OUTAGE_RETRY}): it is in the
+        restarted SuperNode's backlog as soon as it binds its port, and
+        back with the first answers; a resting one used to notice the outage
+        only at its next sync and come back that much later.  A seed that is
+        up is named again by that sync's answer.  At most one such sync
+        every L{SEED_LOST_SYNC} seconds.
+        """
+        now = self.clock.seconds()
+        if self._seed_lost_at is not None and now - self._seed_lost_at < self.SEED_LOST_SYNC:
+            return
+        self._seed_lost_at = now
+        self.syncer.kick()
 
     def want_now(self) -> None:
         """An in-order reader moved on to C{stream_from}: ask for it now (of the SuperNode when only its seed can help)."""

@@ -28,6 +28,19 @@ def test_downtime_from_the_samples() -> None:
     }
 
 
+def test_the_origin_sending_again_before_the_api_answers_counts() -> None:
+    # a SuperNode goes on with its origin fetch while it still imports its API
+    kill = 10.0
+    supernode = [(10.2, None), (10.6, {"ok": True, "tasks": 1, "peers": 0})]
+    origin = [(9.95, {"bytesOut": 100}), (10.1, {"bytesOut": 120}), (10.3, {"bytesOut": 120}),
+              (10.45, {"bytesOut": 130}), (10.7, {"bytesOut": 200})]
+    port = [(10.1, 0), (10.3, 1)]
+    down = downtime(kill, supernode, origin, port)
+    assert (down["bound"], down["api"], down["origin"]) == (0.3, 0.6, 0.45)
+    # without port samples it is counted from the API answering, as before
+    assert downtime(kill, supernode, origin)["origin"] == 0.7
+
+
 def test_downtime_of_a_supernode_that_never_came_back() -> None:
     assert downtime(1.0, [(1.5, None)], [(1.2, {"bytesOut": 5})]) == {
         "bound": None, "api": None, "peer": None, "task": None, "origin": None,

@@ -912,3 +912,45 @@ def test_the_parents_named_while_the_file_is_made_are_connected_once_it_is() -> 
     # (the kicked sync went out too; its answer named nobody)
     host.clock.advance(0)
     assert len(session.bodies) == answers + 1
+
+
+def test_a_lost_seed_connection_syncs_at_once_and_finds_the_outage() -> None:
+    host, task, session = make(replies=[sized()])
+    task.start()
+    seed = host.block_factory.made[SEED_ID]
+    attach(task, seed, range(len(PIECES)))
+    deliver(task, seed, 0)
+    host.clock.advance(0)
+    syncs = len(session.bodies)
+    # a neighbour lost: no sync before the interval
+    peer = FakeConn("peer-b", initiator=False)
+    attach(task, peer, [2])
+    task.neighbours.detached(peer, "gone")
+    host.clock.advance(0)
+    assert len(session.bodies) == syncs
+    # the SuperNode dies: its seed's connection breaks, and the task asks at once
+    session.replies = [SupernodeUnavailable("refused")] * 5
+    task.neighbours.detached(seed, "Connection was closed cleanly.")
+    host.clock.advance(0)
+    assert len(session.bodies) == syncs + 1
+    # then every 0.1 s (the outage cadence) until it answers again
+    host.clock.advance(0.1)
+    assert len(session.bodies) == syncs + 2
+
+
+def test_lost_seed_connections_sync_at_most_once_a_second() -> None:
+    host, task, session = make(replies=[sized()])
+    task.start()
+    host.clock.advance(0)
+    syncs = len(session.bodies)
+    for _ in range(3):
+        seed = host.block_factory.made[SEED_ID]
+        attach(task, seed, range(len(PIECES)))
+        task.neighbours.detached(seed, "refused again")
+        host.clock.advance(0.01)
+    assert len(session.bodies) == syncs + 1
+    host.clock.advance(1.0)
+    attach(task, seed, range(len(PIECES)))
+    task.neighbours.detached(seed, "lost")
+    host.clock.advance(0)
+    assert len(session.bodies) >= syncs + 2
