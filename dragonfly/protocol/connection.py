@@ -501,13 +501,19 @@ class BlockConnection:
             self._on_request(ev.index)
         elif kind is F.Cancel:
             assert isinstance(ev, F.Cancel)
+            where = "queued"
             try:
                 self.queue.remove(ev.index)
             except ValueError:
+                where = "sent"
                 if self.sending == ev.index:
                     # taken up but maybe not begun (its header not written): the uploader drops it then
+                    where = "sending"
                     self.withdrawn = ev.index
                     self._out.append(Upload())
+            told = getattr(side, "cancel_received", None)
+            if told is not None:
+                told(self.handle, ev.index, where)
         elif kind is F.Reject:
             assert isinstance(ev, F.Reject)
             if self.requested.pop(ev.index, None) is not None:

@@ -56,6 +56,11 @@ class TaskSide(TypingProtocol):
     # there (None: nothing to read); the uploader waits for it before the
     # piece's header, and reads the next queued piece ahead (see upload.py).
 
+    # optional: cancel_received(conn, index, where), told that the remote
+    # cancelled its request for index, which was "queued" (dropped),
+    # "sending" (taken up: dropped if its header is not written yet) or
+    # "sent" (already out, or never asked).
+
     # optional: cancelled_arrived(conn, index, nbytes), told that a piece
     # this side cancelled on conn arrived whole all the same (its bytes were
     # on their way: counted, then dropped).

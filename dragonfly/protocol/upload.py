@@ -83,6 +83,8 @@ TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 #: are not in memory, and the reactor's sendfile read them from the disk itself;
 #: DRAGONFLY_UPLOAD_WARM=0: as before (same-run comparisons)
 UPLOAD_WARM = os.environ.get("DRAGONFLY_UPLOAD_WARM", "1") != "0"
+#: DRAGONFLY_TRACE=1: a log line for each piece a CANCEL dropped after it was taken up
+TRACE = bool(os.environ.get("DRAGONFLY_TRACE"))
 
 
 class Body:
@@ -280,6 +282,8 @@ class Uploader:
         self._body = None
         self._warm.pop(index, None)
         self.withdrawn += 1
+        if TRACE:
+            log.info("trace upload of {index} to {conn} withdrawn before its header", index=index, conn=self._name)
         self._run(self._conn.upload_withdrawn(index))
 
     def _warmed(self, body: Body) -> bool:

@@ -381,3 +381,19 @@ def test_the_dfpeer_reads_exactly_the_piece_near_unwritten_blocks(held, done, ex
     )
     PeerTask.warm_piece(task, index)  # type: ignore[arg-type]
     assert calls == [(7, index * size, size, exact)]
+
+
+def test_the_side_is_told_where_a_cancel_found_its_piece():
+    told = []
+
+    class Telling(Side):
+        def cancel_received(self, conn, index, where):
+            told.append((index, where))
+
+    conn, _, _ = make(server_side=Telling())
+    conn.connection_made()
+    conn.data_received(hello())
+    conn.data_received(F.encode_request(0) + F.encode_request(1))
+    assert conn.next_upload() == 0
+    conn.data_received(F.encode_cancel(1) + F.encode_cancel(0) + F.encode_cancel(2))
+    assert told == [(1, "queued"), (0, "sending"), (2, "sent")]
