@@ -30,6 +30,7 @@ from dragonfly.protocol.upload import Uploader
 
 from .test_block_upload import Host, Seed
 from .test_connection import PIECE, Side, hello, make
+from .test_supernode_api import env  # noqa: F401 (a fixture)
 
 
 @pytest.fixture
@@ -397,3 +398,52 @@ def test_the_side_is_told_where_a_cancel_found_its_piece():
     assert conn.next_upload() == 0
     conn.data_received(F.encode_cancel(1) + F.encode_cancel(0) + F.encode_cancel(2))
     assert told == [(1, "queued"), (0, "sending"), (2, "sent")]
+
+
+# -- the seed's warm_piece: only when the CDN writes with O_DIRECT -------------------------
+
+
+def test_the_seed_reads_ahead_only_what_o_direct_wrote(env, monkeypatch):
+    import os
+
+    from dragonfly.supernode import node as node_module
+
+    from .test_supernode_api import BODY, FakeResponse, result
+    from .test_supernode_api import PIECE as SN_PIECE
+
+    class Conn:
+        def send_digests(self, first, digests):
+            pass
+
+    env.register_peer()
+    code, data = env.register_task()
+    env.http.serve(FakeResponse(body=BODY))
+    code, data = env.sync(data["taskId"])
+    seed = env.node.seed_side(data["task"]["taskId"])
+    seed.attached(Conn())
+    assert seed.piece_file(1) is not None
+    assert seed.warm_piece(1) is None  # the page cache wrote it: nothing to read
+    monkeypatch.setattr(node_module, "CDN_DIRECT_WRITES", True)
+    assert result(seed.warm_piece(1)) == SN_PIECE
+    assert os.pread(seed.piece_file(1)[0], 4, SN_PIECE) == BODY[SN_PIECE:SN_PIECE + 4]
+
+
+# -- the dfpeer counts the cancelled pieces that arrived -----------------------------------
+
+
+def test_the_dfpeer_counts_cancelled_bytes_that_arrived():
+    from types import SimpleNamespace
+
+    from twisted.internet.task import Clock
+
+    from dragonfly.peer.metrics import PeerStats
+    from dragonfly.peer.neighbours import Neighbours
+
+    stats = PeerStats()
+    daemon = SimpleNamespace(per_connection=1, in_flight_bytes=6 << 20, link_rate=None, trace=True)
+    task = SimpleNamespace(daemon=daemon, clock=Clock(), task_id="t" * 64, piece_size=1 << 20, stats=stats)
+    n = Neighbours(task)  # type: ignore[arg-type]
+    conn = SimpleNamespace(remote_id="them", _queue=[])
+    n.cancelled_arrived(conn, 3, 1 << 20)
+    n.cancel_received(conn, 4, "queued")  # (a trace line only)
+    assert stats.discarded == {"duplicate": 0, "corrupt": 0, "cancelled": 1 << 20}
