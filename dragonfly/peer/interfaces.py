@@ -61,6 +61,9 @@ class Store(Protocol):
 
     def served_fd(self, task_id: str) -> int | None: ...
 
+    def warm(self, fd: int, offset: int, size: int, exact: bool = True) -> Deferred:
+        """Read bytes of a served descriptor into the page cache (not in the task's order)."""
+
     def run(self, task_id: str, f: Any, *args: Any) -> Deferred:
         """C{f(*args)} in the pool, after the task's earlier file work (the running whole-file hash)."""
 

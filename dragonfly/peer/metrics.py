@@ -35,7 +35,7 @@ REASONS = (*sorted(set(FAILURE_REASONS.values())), "other")
 #: why a task went back to the origin
 BACK_TO_SOURCE = ("supernode_unreachable", "supernode_lost", "supernode_cannot_reach_origin")
 #: received piece bytes that did not become part of the file
-DISCARD_REASONS = ("duplicate", "corrupt")
+DISCARD_REASONS = ("duplicate", "corrupt", "cancelled")
 #: why a neighbour was banned
 BAN_REASONS = ("corrupt", "stalled")
 
@@ -77,7 +77,7 @@ def collect(daemon: Any) -> Iterable[Metric]:
         stats.traffic, "type",
     )
     yield counter(
-        f"{P}_discarded_bytes_total", "Piece bytes received and thrown away: endgame duplicates, corrupt pieces.",
+        f"{P}_discarded_bytes_total", "Piece bytes received and thrown away: endgame duplicates, corrupt pieces, pieces that arrived after their CANCEL.",
         stats.discarded, "reason",
     )
     yield counter(f"{P}_upload_pieces_total", "Pieces served to other peers.", stats.upload_pieces)

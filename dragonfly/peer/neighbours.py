@@ -329,6 +329,9 @@ class Neighbours:
     def piece_file(self, index: int) -> tuple[int, int, int] | None:
         return self.task.piece_file(index)
 
+    def warm_piece(self, index: int) -> Deferred[int] | None:
+        return self.task.warm_piece(index)
+
     def attached(self, conn: Any) -> None:
         t = self.task
         if t.have is None or not t.ready_for_io:
@@ -432,6 +435,20 @@ class Neighbours:
     def piece_dropped(self, conn: Any, index: int, buf: bytearray) -> None:
         """A piece will not arrive whole into C{buf}: its buffer goes back to the pool."""
         self.task.pieces.dropped(conn, buf)
+
+    def cancel_received(self, conn: Any, index: int, where: str) -> None:
+        """C{conn}'s remote cancelled its request for C{index}: C{where} it was (queued, sending, sent)."""
+        if getattr(self.daemon, "trace", False):
+            log.info("trace {task} cancel {index} from {remote} at {t:.3f}: {where}, {queued} queued",
+                     task=self.task.task_id[:12], index=index, remote=conn.remote_id, t=self.clock.seconds(),
+                     where=where, queued=len(conn._queue))
+
+    def cancelled_arrived(self, conn: Any, index: int, nbytes: int) -> None:
+        """A piece we cancelled on C{conn} (it came from elsewhere) arrived from it all the same."""
+        self.task.stats.count(self.task.stats.discarded, "cancelled", nbytes)
+        if getattr(self.daemon, "trace", False):
+            log.info("trace {task} cancelled {index} arrived from {remote} at {t:.3f}", task=self.task.task_id[:12],
+                     index=index, remote=conn.remote_id, t=self.clock.seconds())
 
     def download_limits(self) -> list[TokenBucket | None]:
         return [self.task.local_limit, self.daemon.total_limit]

@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
+from ..core.files import KERNEL_READAHEAD
 from ..core.logs import safe_url, task_log
 from ..core.periodic import periodic
 from ..core.ratelimit import TokenBucket
@@ -346,6 +347,27 @@ class PeerTask:
         if found is not None:
             self.last_access = self.clock.seconds()
         return found
+
+    def warm_piece(self, index: int) -> Deferred[int] | None:
+        """
+        Read verified piece C{index} into the page cache in the pool, before
+        a block upload sends it from L{piece_file} (pieces written with
+        C{O_DIRECT} are not in memory: the reactor's sendfile read them
+        itself).  With the kernel's readahead when every piece it may reach
+        is held, exactly the piece otherwise (no reads into blocks not
+        written yet).  None: nothing to read.
+        """
+        span = self.piece_file(index)
+        warm = getattr(self.store, "warm", None)  # (test stores may have none)
+        if span is None or warm is None:
+            return None
+        fd, offset, length = span
+        have, size = self.have, self.piece_size
+        end = min(self.length or 0, offset + length + KERNEL_READAHEAD)
+        held = self.state is State.DONE or (
+            have is not None and all(i in have for i in range((offset + length) // size, (end - 1) // size + 1)))
+        d: Deferred[int] = warm(fd, offset, length, not held)
+        return d
 
     def on_piece(self, conn: Any, index: int, data: bytearray) -> None:
         """A piece arrived on one of our connections (see L{Neighbours.on_piece})."""

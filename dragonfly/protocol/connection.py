@@ -181,12 +181,15 @@ class BlockConnection:
         self._rx_index = -1
         self._rx_buf: bytearray | None = None
         self._rx_off = 0
+        self._rx_len = 0
         self._rx_discard = False
         self._rx_mark = NO_MARK  # the side's piece_part is called again once _rx_off reaches this
         self.last_rx = 0.0
         # uploading
         self.queue: deque[int] = deque()
         self.sending: int | None = None
+        #: the piece being sent, when the remote cancelled it (the uploader drops it if its header is not out yet)
+        self.withdrawn: int | None = None
         self._last_tx = 0.0
         self._last_active = 0.0
 
@@ -379,6 +382,7 @@ class BlockConnection:
         if self.sending is not None or not self.queue or self.state is not State.READY:
             return None
         self.sending = self.queue.popleft()
+        self.withdrawn = None
         return self.sending
 
     def held_haves(self) -> tuple[bytes, list[Action]]:
@@ -400,6 +404,15 @@ class BlockConnection:
         if not self.closed and nbytes and self.side is not None:
             self.side.on_uploaded(self.handle, nbytes)
         if self.queue:
+            self._out.append(Upload())
+        return self._take()
+
+    def upload_withdrawn(self, index: int) -> list[Action]:
+        """Piece C{index}, cancelled by the remote before any of it was written, will not go out."""
+        if self.sending == index:
+            self.sending = None
+        self.withdrawn = None
+        if not self.closed and self.queue:
             self._out.append(Upload())
         return self._take()
 
@@ -488,10 +501,19 @@ class BlockConnection:
             self._on_request(ev.index)
         elif kind is F.Cancel:
             assert isinstance(ev, F.Cancel)
+            where = "queued"
             try:
                 self.queue.remove(ev.index)
             except ValueError:
-                pass
+                where = "sent"
+                if self.sending == ev.index:
+                    # taken up but maybe not begun (its header not written): the uploader drops it then
+                    where = "sending"
+                    self.withdrawn = ev.index
+                    self._out.append(Upload())
+            told = getattr(side, "cancel_received", None)
+            if told is not None:
+                told(self.handle, ev.index, where)
         elif kind is F.Reject:
             assert isinstance(ev, F.Reject)
             if self.requested.pop(ev.index, None) is not None:
@@ -543,6 +565,8 @@ class BlockConnection:
         if mine is None or index not in mine:
             self._send(F.encode_reject(index, F.REJECT_NOT_HELD))
             return
+        if self.sending == index and self.withdrawn == index:
+            self.withdrawn = None  # asked again after its CANCEL: it goes out after all
         if index in self.queue or self.sending == index:
             return
         if len(self.queue) - (self.sending is None) >= self.limits.max_queued_requests:
@@ -569,6 +593,7 @@ class BlockConnection:
         else:
             raise F.ProtocolError(f"unsolicited PIECE {ev.index}")
         self._rx_index = ev.index
+        self._rx_len = ev.length
         self._rx_off = 0
 
     def _on_piece_data(self, ev: F.PieceData) -> None:
@@ -589,6 +614,12 @@ class BlockConnection:
         if dropped is not None:
             dropped(self.handle, index, buf)
 
+    def _cancelled_arrived(self, index: int) -> None:
+        """A piece we cancelled arrived whole all the same: the side may count its bytes (C{cancelled_arrived})."""
+        arrived = getattr(self.side, "cancelled_arrived", None)
+        if arrived is not None:
+            arrived(self.handle, index, self._rx_len)
+
     def _rx_part(self) -> None:
         """The arriving piece's first C{_rx_off} bytes are in: tell the side, before the piece's last byte."""
         buf = self._rx_buf
@@ -603,11 +634,13 @@ class BlockConnection:
         if self._rx_discard:
             self._cancelled.discard(ev.index)
             self._rx_discard = False
+            self._cancelled_arrived(ev.index)
             return
         if self.requested.pop(ev.index, None) is None:  # cancelled while arriving
             self._cancelled.discard(ev.index)
             assert buf is not None
             self._dropped(ev.index, buf)
+            self._cancelled_arrived(ev.index)
             return
         self._last_active = self._now()
         assert buf is not None

@@ -51,6 +51,20 @@ class TaskSide(TypingProtocol):
     # from it: abort them (conn.abort) before closing it, or a body waiting
     # for the socket could be sent from whatever file reuses the number.
 
+    # optional: warm_piece(index) -> Deferred | None, reads a piece that
+    # piece_file names into the page cache in the pool and fires when it is
+    # there (None: nothing to read); the uploader waits for it before the
+    # piece's header, and reads the next queued piece ahead (see upload.py).
+
+    # optional: cancel_received(conn, index, where), told that the remote
+    # cancelled its request for index, which was "queued" (dropped),
+    # "sending" (taken up: dropped if its header is not written yet) or
+    # "sent" (already out, or never asked).
+
+    # optional: cancelled_arrived(conn, index, nbytes), told that a piece
+    # this side cancelled on conn arrived whole all the same (its bytes were
+    # on their way: counted, then dropped).
+
     # optional: hold_fills() and release_fills(), called around the handling of
     # the frames of one read (see dragonfly/peer/neighbours.py): what the side
     # would redo after each of them (its picker's fill) it may do once, at

@@ -25,6 +25,21 @@ A piece goes out in one of two ways:
    transport (it marks the producer paused and asks the transport to write:
    the transport resumes it when the socket is writable).
 
+What a CANCEL saves: a piece still in the queue is dropped there
+(L{BlockConnection}); one taken up whose header is not written yet (waiting
+for the upload limit, the pool's read, or the socket) is dropped here; a body
+begun goes out whole, since its length is in its header and the frame cannot
+end early.  So that the pieces behind a body wait in the queue and not in the
+kernel, a block socket holds at most L{UPLOAD_LOWAT} bytes not yet sent
+(C{TCP_NOTSENT_LOWAT}: sendfile stops there and the socket is not writable
+until it drains): with the send buffer's several MB, sendfile had put the
+next pieces into it at once, where no CANCEL reached them.
+
+Before a zero-copy piece's header goes, the side reads it into the page
+cache in the pool (C{warm_piece}, when it has one), and the next queued piece
+while this one goes out: pieces written with C{O_DIRECT} are not in memory,
+and the reactor's sendfile read them from the disk itself.
+
 A sendfile that fails or comes up short (the file shorter than the piece)
 falls back, for the rest of that body and every later piece of the
 connection, to C{read_piece}: the bytes already sent are skipped, the rest
@@ -56,12 +71,26 @@ log = Logger()
 #: control frames go out with C{send} at once when Twisted's write buffer is empty (L{Uploader.write});
 #: DRAGONFLY_DIRECT_CONTROL=0 leaves them to Twisted's buffer (same-run comparisons, bench.swarm --ab-env)
 DIRECT_WRITES = os.environ.get("DRAGONFLY_DIRECT_CONTROL", "1") != "0"
+#: the bytes a block socket may hold not yet sent (C{TCP_NOTSENT_LOWAT}): sendfile stops, and the
+#: socket is not writable, while more than that waits in the kernel, so the pieces queued behind
+#: the body stay in the connection's queue, where a CANCEL drops them (a send buffer of several MB
+#: held the next pieces already); DRAGONFLY_UPLOAD_LOWAT_KIB=0: no bound (same-run comparisons)
+UPLOAD_LOWAT = max(0, int(os.environ.get("DRAGONFLY_UPLOAD_LOWAT_KIB", "1024"))) << 10
+#: Linux's TCP_NOTSENT_LOWAT (the socket module names it from Python 3.12... not everywhere)
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+#: a zero-copy piece is read into the page cache in the pool before its header goes out, and the
+#: next queued piece while it goes (the side's C{warm_piece}): pieces written with C{O_DIRECT}
+#: are not in memory, and the reactor's sendfile read them from the disk itself;
+#: DRAGONFLY_UPLOAD_WARM=0: as before (same-run comparisons)
+UPLOAD_WARM = os.environ.get("DRAGONFLY_UPLOAD_WARM", "1") != "0"
+#: DRAGONFLY_TRACE=1: a log line for each piece a CANCEL dropped after it was taken up
+TRACE = bool(os.environ.get("DRAGONFLY_TRACE"))
 
 
 class Body:
     """A piece body going out with sendfile: C{sent} of C{length} bytes from C{fd} at C{offset}."""
 
-    __slots__ = ("index", "fd", "offset", "length", "sent", "paced", "header", "held", "fallback")
+    __slots__ = ("index", "fd", "offset", "length", "sent", "paced", "header", "held", "fallback", "warm")
 
     def __init__(self, index: int, fd: int, offset: int, length: int) -> None:
         self.index, self.fd, self.offset, self.length = index, fd, offset, length
@@ -70,6 +99,7 @@ class Body:
         self.header = False  # its header is on the wire: nothing else may be written before its end
         self.held: list[bytes] = []  # control frames that wait for its end
         self.fallback = False  # the rest comes from read_piece
+        self.warm = False  # read into the page cache (or need not be): it may go out
 
 
 class Uploader:
@@ -107,6 +137,13 @@ class Uploader:
         self._due: float | None = None  # when the upload limit lets the next piece go
         self._timer: Any = None
         self.bytes_out = 0
+        #: pieces the remote cancelled after they were taken up, before their header went out
+        self.withdrawn = 0
+        #: the pieces read into the page cache in the pool (True), or being read (False)
+        self._warm: dict[int, bool] = {}
+        self._warm_off = not UPLOAD_WARM  # (the side's warm_piece failed: sendfile reads itself)
+        #: the times a body waited for the pool's read before its header
+        self.warm_waits = 0
 
     def attach(self, transport: Any, sock: socket.socket | None) -> None:
         """
@@ -116,6 +153,11 @@ class Uploader:
         """
         self._transport = transport
         self._sock = sock
+        if sock is not None and UPLOAD_LOWAT:
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, UPLOAD_LOWAT)
+            except OSError:
+                pass  # (not TCP, or an older kernel: the send buffer holds what it holds)
 
     @property
     def mid_body(self) -> bool:
@@ -157,6 +199,7 @@ class Uploader:
         """Forget the piece in hand (the connection is closing)."""
         self._ready = None
         self._body = None
+        self._warm.clear()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -193,6 +236,12 @@ class Uploader:
             return
         body = self._body
         if body is not None:
+            if not body.header:
+                if conn.withdrawn == body.index:
+                    self._withdraw(body.index)
+                    return
+                if not body.warm and not self._warmed(body):
+                    return
             if not body.paced:
                 if self.paused or not self._allowed(body.length):
                     return
@@ -202,6 +251,10 @@ class Uploader:
             return
         if self._ready is not None and not self.paused:
             index, data = self._ready
+            if conn.withdrawn == index:
+                self._ready = None
+                self._withdraw(index)
+                return
             if not self._allowed(len(data)):
                 return
             self._ready = None
@@ -223,6 +276,77 @@ class Uploader:
         self._reading = index
         d: Deferred[bytes] = self._conn.side.read_piece(index)
         d.addCallbacks(self._piece_read, self._read_failed, callbackArgs=(index,), errbackArgs=(index,))
+
+    def _withdraw(self, index: int) -> None:
+        """The remote cancelled the piece taken up before any of it went out: drop it, take up the next."""
+        self._body = None
+        self._warm.pop(index, None)
+        self.withdrawn += 1
+        if TRACE:
+            log.info("trace upload of {index} to {conn} withdrawn before its header", index=index, conn=self._name)
+        self._run(self._conn.upload_withdrawn(index))
+
+    def _warmed(self, body: Body) -> bool:
+        """
+        Piece C{index} is in the page cache (or need not be): read into it in
+        the pool first (the side's C{warm_piece}), and the next queued piece
+        behind it, one ahead.  False while the read is under way: the pump
+        runs again when it ends.
+        """
+        index = body.index
+        warm = None if self._warm_off else getattr(self._conn.side, "warm_piece", None)
+        if warm is None:
+            body.warm = True
+            return True
+        state = self._warm.get(index)
+        if state is None:
+            self._start_warm(warm, index)
+            state = self._warm.get(index)
+        if state is False:
+            self.warm_waits += 1
+            return False
+        self._warm.pop(index, None)
+        body.warm = True
+        self._read_ahead()
+        return True
+
+    def _read_ahead(self) -> None:
+        """The next queued piece into the page cache while this body goes out (one ahead: a cancelled one costs one read)."""
+        queue = self._conn.queue
+        if not queue or queue[0] in self._warm or self._warm_off or not self.zero_copy:
+            return
+        warm = getattr(self._conn.side, "warm_piece", None)
+        if warm is None:
+            return
+        for stale in [i for i in self._warm if i not in queue]:
+            del self._warm[stale]
+        self._start_warm(warm, queue[0])
+
+    def _start_warm(self, warm: Callable[[int], Deferred[int] | None], index: int) -> None:
+        try:
+            d = warm(index)
+        except Exception:
+            log.failure("warm_piece({index}) for {conn}", index=index, conn=self._name)
+            d = None
+        if d is None:
+            self._warm[index] = True  # nothing to read first
+            return
+        self._warm[index] = False
+
+        def done(_: object) -> None:
+            if self._warm.get(index) is False:
+                self._warm[index] = True
+                if self._body is not None and self._body.index == index and not self._body.header:
+                    self.pump()
+
+        def failed(f: Failure) -> None:
+            log.info("block uploads to {conn} read no more ahead: {why}", conn=self._name, why=f.getErrorMessage())
+            self._warm_off = True
+            self._warm.clear()
+            if self._body is not None and not self._body.header:
+                self.pump()
+
+        d.addCallbacks(done, failed)
 
     def _haves(self) -> bytes:
         """The HAVEs the connection holds, to ride in front of a piece header (one write, one wake-up there)."""
@@ -288,14 +412,22 @@ class Uploader:
             wake_when_writable(self._transport)
             return
         if not body.header:
-            body.header = True
-            header = self._haves() + F.piece_header(body.index, body.length)
+            haves = self._haves()
+            header = haves + F.piece_header(body.index, body.length)
             try:
                 n = sock.send(header, socket.MSG_MORE)
             except (BlockingIOError, InterruptedError):
                 n = 0
             except OSError:
+                body.header = True
                 return  # the connection is going: Twisted sees it
+            if n == 0:
+                # the socket holds enough (UPLOAD_LOWAT): the piece is not begun, a CANCEL may still drop it
+                if haves:
+                    self._transport.write(haves)
+                wake_when_writable(self._transport)
+                return
+            body.header = True
             if n < len(header):
                 self._transport.write(header[n:])
                 wake_when_writable(self._transport)
@@ -306,6 +438,7 @@ class Uploader:
                 n = os.sendfile(out, body.fd, body.offset + body.sent, body.length - body.sent)
             except (BlockingIOError, InterruptedError):
                 wake_when_writable(self._transport)
+                self._read_ahead()  # (a request that came after the body began)
                 return
             except OSError as e:
                 self._fall_back(body, f"sendfile failed: {e}")

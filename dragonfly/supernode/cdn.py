@@ -73,7 +73,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ..core.bitmap import Bitmap
 from ..core.bodywriter import AbortBody, BodyError, ChunkedFileWriter, DiscardBody, ResumePoint, rehash_prefix
-from ..core.files import pread_exact, write_json_atomic
+from ..core.files import pread_exact, warm_pages, write_json_atomic
 from ..core.headers import NOT_TO_ORIGIN
 from ..core.ids import parse_digest
 from ..core.logs import safe_url, task_log
@@ -1334,6 +1334,10 @@ class Cdn:
         task.last_access = self._clock.seconds()
         offset, size = piece_span(index, task.length, task.piece_size)
         return self._pool.run(pread_exact, task.data_path, offset, size)
+
+    def warm(self, fd: int, offset: int, size: int, exact: bool) -> Deferred[int]:
+        """Read C{size} bytes at C{offset} of C{fd} (from L{open_data}) into the page cache, in the pool (L{warm_pages})."""
+        return self._pool.run(warm_pages, fd, offset, size, exact)
 
     def open_data(self, task: CdnTask) -> Deferred[int]:
         """A read-only fd on the task's data file, opened in the pool (for zero-copy uploads)."""

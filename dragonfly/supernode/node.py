@@ -21,6 +21,7 @@ from twisted.application.internet import TimerService
 from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
+from ..core.bodywriter import CDN_DIRECT_WRITES
 from ..core.gc import GcEntry
 from ..core.headers import safe_header_map
 from ..core.ids import BadInput, check_url, parse_digest
@@ -209,6 +210,21 @@ class SeedSide:
         task.last_access = self.clock.seconds()
         offset, size = piece_span(index, task.length, task.piece_size)
         return (self._fd, offset, size)
+
+    def warm_piece(self, index: int) -> Any:
+        """
+        Read a published piece into the page cache in the pool before a block
+        upload sends it (L{dragonfly.protocol.upload}): only when the CDN
+        writes with C{O_DIRECT} (DRAGONFLY_CDN_DIRECT_WRITES=1); its pieces
+        are in the page cache otherwise.  Exactly the piece while the task
+        is fetched (the file's later blocks may not be written yet).
+        """
+        if not CDN_DIRECT_WRITES:
+            return None
+        span = self.piece_file(index)
+        if span is None:
+            return None
+        return self.node.cdn.warm(*span, self.task.status != "success")
 
     def _open(self) -> None:
         if self._opening or self._closed:
