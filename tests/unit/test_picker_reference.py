@@ -8,6 +8,7 @@ same random operations and every answer is compared.
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -45,6 +46,14 @@ def state(p: Any) -> Any:
         {k: (None if p.remote(k) is None else p.remote(k).to_bytes()) for k in keys},
         p.buckets(), p.starving(), [p.wanted(i) for i in range(p.count)], p.seed,
     )
+
+
+def consistent(p: Picker[Any]) -> None:
+    """The fast picker's own caches agree with what they cache."""
+    for i in range(p.count):
+        assert p._in_want[i] == (p._want >> p.prio[i] & 1)
+    for nb in p._nb.values():
+        assert nb.oldest == min(nb.out.values(), default=math.inf)
 
 
 def run(
@@ -161,6 +170,7 @@ def run(
             assert fast.rate(k) == ref.rate(k)
             assert fast.rate(k, now, MB) == ref.rate(k, now, MB)
         assert state(fast) == state(ref)
+        consistent(fast)
 
 
 step = st.tuples(st.integers(0, 10_000), st.integers(0, 100), st.integers(0, 10_000), st.integers(0, 2**20))
