@@ -88,7 +88,6 @@ pending at once; the caller sends them.
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -133,7 +132,7 @@ class _Neighbour(Generic[K]):
 
     __slots__ = (
         "key", "bits", "out", "oldest", "measured", "rate", "sent", "busy", "largest", "last_done", "cap", "speed",
-        "stamp",
+        "stamp", "finish", "place",
     )
 
     def __init__(self, key: K) -> None:
@@ -151,10 +150,13 @@ class _Neighbour(Generic[K]):
         self.largest = 0.0
         #: when its last piece came (-inf: none since it was measured afresh)
         self.last_done = -math.inf
-        #: the rate rules' working values of one fill (C{stamp}): its budget and its speed
+        #: the rate rules' working values of one fill (C{stamp}): its budget and its speed; when it
+        #: would deliver one more piece and its place in the neighbours (the order of L{_RateHeap})
         self.cap = 0
         self.speed = 0.0
         self.stamp = 0
+        self.finish = 0.0
+        self.place = 0
 
     def take(self, index: int) -> bool:
         """C{index} is no longer out to it; False when it was not."""
@@ -172,6 +174,66 @@ class _Neighbour(Generic[K]):
 
 def _speed(nb: _Neighbour[K]) -> float:
     return nb.speed
+
+
+def _before(a: _Neighbour[K], b: _Neighbour[K]) -> bool:
+    return a.finish < b.finish or (a.finish == b.finish and a.place < b.place)
+
+
+class _RateHeap(Generic[K]):
+    """
+    The neighbours by (C{finish}, C{place}): C{heapq}'s algorithm, step for
+    step (the same order of the array, which the rescues read), on the
+    records' own fields instead of a tuple per entry compared as objects.
+    """
+
+    def __init__(self, items: list[_Neighbour[K]]) -> None:
+        self.items = items
+        for i in reversed(range(len(items) // 2)):
+            self._siftup(i)
+
+    def push(self, nb: _Neighbour[K]) -> None:
+        self.items.append(nb)
+        self._siftdown(0, len(self.items) - 1)
+
+    def pop(self) -> _Neighbour[K]:
+        items = self.items
+        last = items.pop()
+        if items:
+            top = items[0]
+            items[0] = last
+            self._siftup(0)
+            return top
+        return last
+
+    def _siftdown(self, start: int, pos: int) -> None:
+        items = self.items
+        new = items[pos]
+        while pos > start:
+            parent_pos = (pos - 1) >> 1
+            parent = items[parent_pos]
+            if _before(new, parent):
+                items[pos] = parent
+                pos = parent_pos
+                continue
+            break
+        items[pos] = new
+
+    def _siftup(self, pos: int) -> None:
+        items = self.items
+        end = len(items)
+        start = pos
+        new = items[pos]
+        child = 2 * pos + 1
+        while child < end:
+            right = child + 1
+            if right < end and not _before(items[child], items[right]):
+                child = right
+            items[pos] = items[child]
+            pos = child
+            child = 2 * pos + 1
+        items[pos] = new
+        self._siftdown(start, pos)
 
 
 def in_flight_limit(
@@ -677,9 +739,8 @@ class Picker(Generic[K]):
         self._fills += 1
         stamp = self._fills
         latency = self.target_latency
-        # (requests out, place, neighbour) of those with a free slot under their budget
-        # (max(per_conn, rate x latency / piece), at most limit)
-        free: list[tuple[int, int, _Neighbour[K]]] = []
+        # those with a free slot under their budget (max(per_conn, rate x latency / piece), at most limit)
+        free: list[_Neighbour[K]] = []
         unknown: list[_Neighbour[K]] = []
         prior = 0.0
         top = limit if limit > per_conn else per_conn
@@ -695,7 +756,8 @@ class Picker(Generic[K]):
                 cap = top if c >= limit else (c if c > per_conn else per_conn)
             if o < cap:
                 nb.cap = cap
-                free.append((o, n, nb))
+                nb.place = n
+                free.append(nb)
             n += 1
             nb.stamp = stamp
             if o:
@@ -725,13 +787,14 @@ class Picker(Generic[K]):
         idle: list[_Neighbour[K]]
         if self._in_flight < limit:
             # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
-            heap = [((o + 1) / nb.speed, n, nb) for o, n, nb in free]
-            heapq.heapify(heap)
+            for nb in free:
+                nb.finish = (len(nb.out) + 1) / nb.speed
+            heap = _RateHeap(free)
             idle = []
             # no endgame this call: a neighbour holding no wanted piece has nothing (choose's answer, cheaper)
             quick = self.missing > self.endgame_pieces
-            while heap and self._in_flight < limit:
-                _, n, nb = heapq.heappop(heap)
+            while heap.items and self._in_flight < limit:
+                nb = heap.pop()
                 if quick and not nb.bits & self._want:  # type: ignore[operator]
                     idle.append(nb)
                     continue
@@ -743,10 +806,11 @@ class Picker(Generic[K]):
                 asked.append((nb.key, index))
                 o = len(nb.out)
                 if o < nb.cap:
-                    heapq.heappush(heap, ((o + 1) / nb.speed, n, nb))
-            idle.extend([e[2] for e in heap])
+                    nb.finish = (o + 1) / nb.speed
+                    heap.push(nb)
+            idle.extend(heap.items)
         else:
-            idle = [e[2] for e in free]
+            idle = free
         # rescues: a neighbour with a slot and nothing new to give takes over a slow one's piece
         if not idle or not self.pending or self._in_flight >= 2 * limit:
             return

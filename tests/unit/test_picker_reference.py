@@ -8,6 +8,7 @@ same random operations and every answer is compared.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from typing import Any
@@ -16,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dragonfly.core.bitmap import Bitmap
-from dragonfly.peer.picker import Picker
+from dragonfly.peer.picker import Picker, _Neighbour, _RateHeap
 
 from .picker_reference import ReferencePicker
 
@@ -201,3 +202,29 @@ def test_many_random_swarms_decide_alike() -> None:
             op = r.choice(OPS + ["fill_rate"] * 8 + ["receive"] * 8 + ["store"] * 6 + ["have"] * 4 + ["time"] * 6)
             steps.append((OPS.index(op), r.randrange(100), r.randrange(10_000), r.randrange(2**20)))
         run(count, seed, steps, r.choice([1.0, 4.0]), True, attach=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    finishes=st.lists(st.sampled_from([0.5, 1.0, 1.0, 2.0, 3.5]), max_size=40),
+    ops=st.lists(st.tuples(st.booleans(), st.sampled_from([0.5, 1.0, 2.0, 3.5])), max_size=60),
+)
+def test_the_rate_heap_keeps_heapqs_order(finishes: list[float], ops: list[tuple[bool, float]]) -> None:
+    """The records' heap pops the same neighbours and leaves its array in the same order as heapq on tuples."""
+    made = [_Neighbour(n) for n in range(len(finishes))]
+    for n, (nb, f) in enumerate(zip(made, finishes, strict=True)):
+        nb.finish, nb.place = f, n
+    tuples = [(nb.finish, nb.place, nb) for nb in made]
+    heapq.heapify(tuples)
+    heap = _RateHeap(list(made))
+    assert heap.items == [e[2] for e in tuples]
+    for push, f in ops:
+        if push or not tuples:
+            nb = _Neighbour(len(made))
+            nb.finish, nb.place = f, len(made)
+            made.append(nb)
+            heapq.heappush(tuples, (nb.finish, nb.place, nb))
+            heap.push(nb)
+        else:
+            assert heap.pop() is heapq.heappop(tuples)[2]
+        assert heap.items == [e[2] for e in tuples]
