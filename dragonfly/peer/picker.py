@@ -132,16 +132,17 @@ class _Neighbour(Generic[K]):
 
     __slots__ = (
         "key", "bits", "out", "oldest", "measured", "rate", "sent", "busy", "largest", "last_done", "cap", "speed",
-        "stamp", "finish", "place",
+        "stamp", "finish", "place", "newest",
     )
 
     def __init__(self, key: K) -> None:
         self.key = key
         #: its bitfield as bits by priority (None until received)
         self.bits: int | None = None
-        #: piece -> time asked, in the order asked; and the earliest of those times (inf: none out)
+        #: piece -> time asked, in the order asked; the earliest and the latest of those times (none out: inf, -inf)
         self.out: dict[int, float] = {}
         self.oldest = math.inf
+        self.newest = -math.inf
         #: a rate is measured: bytes / busy seconds, both decayed per piece, and the largest piece
         self.measured = False
         self.rate = 0.0
@@ -151,7 +152,7 @@ class _Neighbour(Generic[K]):
         #: when its last piece came (-inf: none since it was measured afresh)
         self.last_done = -math.inf
         #: the rate rules' working values of one fill (C{stamp}): its budget and its speed; when it
-        #: would deliver one more piece and its place in the neighbours (the order of L{_RateHeap})
+        #: would deliver one more piece and its place in the neighbours (the order of the rate rules' heap)
         self.cap = 0
         self.speed = 0.0
         self.stamp = 0
@@ -163,12 +164,16 @@ class _Neighbour(Generic[K]):
         asked = self.out.pop(index, None)
         if asked is None:
             return False
-        if asked <= self.oldest:
+        if asked <= self.oldest or asked >= self.newest:
             oldest = math.inf
+            newest = -math.inf
             for t in self.out.values():
                 if t < oldest:
                     oldest = t
+                if t > newest:
+                    newest = t
             self.oldest = oldest
+            self.newest = newest
         return True
 
 
@@ -180,60 +185,60 @@ def _before(a: _Neighbour[K], b: _Neighbour[K]) -> bool:
     return a.finish < b.finish or (a.finish == b.finish and a.place < b.place)
 
 
-class _RateHeap(Generic[K]):
-    """
-    The neighbours by (C{finish}, C{place}): C{heapq}'s algorithm, step for
-    step (the same order of the array, which the rescues read), on the
-    records' own fields instead of a tuple per entry compared as objects.
-    """
+# The neighbours by (C{finish}, C{place}) in a heap: heapq's algorithm, step for
+# step (the same order of the array, which the rescues read), on the records'
+# own fields instead of a tuple per entry compared as objects.
 
-    def __init__(self, items: list[_Neighbour[K]]) -> None:
-        self.items = items
-        for i in reversed(range(len(items) // 2)):
-            self._siftup(i)
 
-    def push(self, nb: _Neighbour[K]) -> None:
-        self.items.append(nb)
-        self._siftdown(0, len(self.items) - 1)
+def _heapify(items: list[_Neighbour[K]]) -> None:
+    i = len(items) // 2 - 1
+    while i >= 0:
+        _siftup(items, i)
+        i -= 1
 
-    def pop(self) -> _Neighbour[K]:
-        items = self.items
-        last = items.pop()
-        if items:
-            top = items[0]
-            items[0] = last
-            self._siftup(0)
-            return top
-        return last
 
-    def _siftdown(self, start: int, pos: int) -> None:
-        items = self.items
-        new = items[pos]
-        while pos > start:
-            parent_pos = (pos - 1) >> 1
-            parent = items[parent_pos]
-            if _before(new, parent):
-                items[pos] = parent
-                pos = parent_pos
-                continue
-            break
-        items[pos] = new
+def _heappush(items: list[_Neighbour[K]], nb: _Neighbour[K]) -> None:
+    items.append(nb)
+    _siftdown(items, 0, len(items) - 1)
 
-    def _siftup(self, pos: int) -> None:
-        items = self.items
-        end = len(items)
-        start = pos
-        new = items[pos]
+
+def _heappop(items: list[_Neighbour[K]]) -> _Neighbour[K]:
+    last = items.pop()
+    if items:
+        top = items[0]
+        items[0] = last
+        _siftup(items, 0)
+        return top
+    return last
+
+
+def _siftdown(items: list[_Neighbour[K]], start: int, pos: int) -> None:
+    new = items[pos]
+    while pos > start:
+        parent_pos = (pos - 1) >> 1
+        parent = items[parent_pos]
+        if _before(new, parent):
+            items[pos] = parent
+            pos = parent_pos
+            continue
+        break
+    items[pos] = new
+
+
+def _siftup(items: list[_Neighbour[K]], pos: int) -> None:
+    end = len(items)
+    start = pos
+    new = items[pos]
+    child = 2 * pos + 1
+    while child < end:
+        right = child + 1
+        if right < end and not _before(items[child], items[right]):
+            child = right
+        items[pos] = items[child]
+        pos = child
         child = 2 * pos + 1
-        while child < end:
-            right = child + 1
-            if right < end and not _before(items[child], items[right]):
-                child = right
-            items[pos] = items[child]
-            pos = child
-            child = 2 * pos + 1
-        items[pos] = new
-        self._siftdown(start, pos)
+    items[pos] = new
+    _siftdown(items, start, pos)
 
 
 def in_flight_limit(
@@ -349,9 +354,10 @@ class Picker(Generic[K]):
 
     def wanted(self, index: int) -> bool:
         """Missing, not asked for, not being checked, and its digest is known."""
+        # (the bitmap last: its test is a Python call, the others a list, a dict and a set)
         return (
-            self._known[index] and index not in self.have_bits and index not in self.pending
-            and index not in self.verifying
+            self._known[index] and index not in self.pending and index not in self.verifying
+            and index not in self.have_bits
         )
 
     @property
@@ -540,6 +546,8 @@ class Picker(Generic[K]):
         out[index] = now
         if now < nb.oldest:
             nb.oldest = now
+        if now > nb.newest:
+            nb.newest = now
         key = nb.key
         if nb is not self._seed_nb:
             self._in_flight += 1
@@ -596,7 +604,7 @@ class Picker(Generic[K]):
         C{index} is to be checked: False when it need not be (held, or being
         checked already: a duplicate from the endgame, or too late).
         """
-        if index in self.have_bits or index in self.verifying or not self._known[index]:
+        if index in self.verifying or not self._known[index] or index in self.have_bits:
             return False
         self.verifying.add(index)
         self._refresh(index)
@@ -789,12 +797,13 @@ class Picker(Generic[K]):
             # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
             for nb in free:
                 nb.finish = (len(nb.out) + 1) / nb.speed
-            heap = _RateHeap(free)
+            heap = free
+            _heapify(heap)
             idle = []
             # no endgame this call: a neighbour holding no wanted piece has nothing (choose's answer, cheaper)
             quick = self.missing > self.endgame_pieces
-            while heap.items and self._in_flight < limit:
-                nb = heap.pop()
+            while heap and self._in_flight < limit:
+                nb = _heappop(heap)
                 if quick and not nb.bits & self._want:  # type: ignore[operator]
                     idle.append(nb)
                     continue
@@ -807,8 +816,8 @@ class Picker(Generic[K]):
                 o = len(nb.out)
                 if o < nb.cap:
                     nb.finish = (o + 1) / nb.speed
-                    heap.push(nb)
-            idle.extend(heap.items)
+                    _heappush(heap, nb)
+            idle.extend(heap)
         else:
             idle = free
         # rescues: a neighbour with a slot and nothing new to give takes over a slow one's piece
@@ -860,10 +869,29 @@ class Picker(Generic[K]):
         more than C{over} seconds from now.  A neighbour's speed is the one of
         the fill C{stamp} when it has one, else its L{rate} (then kept for it).
         """
-        late = []
+        late: list[tuple[float, int, _Neighbour[K]]] = []
         seed = self._seed_nb
-        verifying = self.verifying
         nbs = self._nb
+        # first a bound per neighbour, from the records alone: its whole queue after its latest
+        # request (no piece of it is expected later, the sums below being no larger); most
+        # calls end here, without reading every pending piece's holders
+        for other in nbs.values():
+            out = other.out
+            if not out or other is seed:
+                continue
+            if other.stamp == stamp:
+                r = other.speed
+            else:
+                rate = self._rate_of(other, now, piece_bytes)
+                if rate is None:
+                    continue
+                r = other.speed = rate
+                other.stamp = stamp
+            if r <= 0 or max(other.newest, other.last_done) + len(out) * piece_bytes / r - now > over:
+                break
+        else:
+            return late
+        verifying = self.verifying
         for i, holders in self.pending.items():
             if len(holders) != 1 or i in verifying:
                 continue

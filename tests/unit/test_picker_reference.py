@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dragonfly.core.bitmap import Bitmap
-from dragonfly.peer.picker import Picker, _Neighbour, _RateHeap
+from dragonfly.peer.picker import Picker, _heapify, _heappop, _heappush, _Neighbour
 
 from .picker_reference import ReferencePicker
 
@@ -55,6 +55,7 @@ def consistent(p: Picker[Any]) -> None:
         assert p._in_want[i] == (p._want >> p.prio[i] & 1)
     for nb in p._nb.values():
         assert nb.oldest == min(nb.out.values(), default=math.inf)
+        assert nb.newest == max(nb.out.values(), default=-math.inf)
 
 
 def run(
@@ -216,15 +217,16 @@ def test_the_rate_heap_keeps_heapqs_order(finishes: list[float], ops: list[tuple
         nb.finish, nb.place = f, n
     tuples = [(nb.finish, nb.place, nb) for nb in made]
     heapq.heapify(tuples)
-    heap = _RateHeap(list(made))
-    assert heap.items == [e[2] for e in tuples]
+    heap = list(made)
+    _heapify(heap)
+    assert heap == [e[2] for e in tuples]
     for push, f in ops:
         if push or not tuples:
             nb = _Neighbour(len(made))
             nb.finish, nb.place = f, len(made)
             made.append(nb)
             heapq.heappush(tuples, (nb.finish, nb.place, nb))
-            heap.push(nb)
+            _heappush(heap, nb)
         else:
-            assert heap.pop() is heapq.heappop(tuples)[2]
-        assert heap.items == [e[2] for e in tuples]
+            assert _heappop(heap) is heapq.heappop(tuples)[2]
+        assert heap == [e[2] for e in tuples]
