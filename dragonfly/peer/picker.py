@@ -347,8 +347,8 @@ class Picker(Generic[K]):
         # the wanted pieces (bits by priority), and they by availability
         self._want = 0
         self._levels: list[int] = [0]
-        # per piece, 1 when it is in _want (a byte read where the bit test made a new 512-bit int)
-        self._in_want = bytearray(count)
+        # per piece, whether it is in _want (a list read where the bit test made a new 512-bit int)
+        self._in_want = [False] * count
 
     # -- piece states --------------------------------------------------------------
 
@@ -383,7 +383,7 @@ class Picker(Generic[K]):
             if 0 <= index < count and not known[index]:
                 known[index] = True
                 if self.wanted(index):
-                    in_want[index] = 1
+                    in_want[index] = True
                     bit = 1 << prio[index]
                     want |= bit
                     b = max(0, avail[index])
@@ -556,7 +556,7 @@ class Picker(Generic[K]):
             self.pending[index] = [(key, now)]
             if self._in_want[index]:
                 # no longer wanted (asked for)
-                self._in_want[index] = 0
+                self._in_want[index] = False
                 bit = 1 << self.prio[index]
                 self._want ^= bit
                 self._levels[max(0, self.avail[index])] ^= bit
@@ -1059,7 +1059,7 @@ class Picker(Generic[K]):
         inside = self._in_want[index]
         if self.wanted(index):
             if not inside:
-                self._in_want[index] = 1
+                self._in_want[index] = True
                 bit = 1 << self.prio[index]
                 self._want |= bit
                 b = max(0, self.avail[index])
@@ -1068,7 +1068,7 @@ class Picker(Generic[K]):
                     levels.append(0)
                 levels[b] |= bit
         elif inside:
-            self._in_want[index] = 0
+            self._in_want[index] = False
             bit = 1 << self.prio[index]
             self._want ^= bit
             self._levels[max(0, self.avail[index])] ^= bit

@@ -52,7 +52,7 @@ def state(p: Any) -> Any:
 def consistent(p: Picker[Any]) -> None:
     """The fast picker's own caches agree with what they cache."""
     for i in range(p.count):
-        assert p._in_want[i] == (p._want >> p.prio[i] & 1)
+        assert p._in_want[i] == bool(p._want >> p.prio[i] & 1)
     for nb in p._nb.values():
         assert nb.oldest == min(nb.out.values(), default=math.inf)
         assert nb.newest == max(nb.out.values(), default=-math.inf)
