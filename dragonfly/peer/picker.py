@@ -646,8 +646,10 @@ class Picker(Generic[K]):
         cand = remote & self._want
         if cand:
             # every wanted piece it holds has an availability of 1 or more
-            for level in self._levels[1:]:
-                m = level & cand
+            # (by index: a slice would copy the list and touch every level's int)
+            levels = self._levels
+            for b in range(1, len(levels)):
+                m = levels[b] & cand
                 if m:
                     return self._by_prio[(m & -m).bit_length() - 1]
         return self._endgame(nb.key, remote, now)
