@@ -122,7 +122,7 @@ def _first(entry: tuple[float, int, object]) -> float:
     return entry[0]
 
 
-class _Neighbour(Generic[K]):
+class Neighbour(Generic[K]):
     """
     One neighbour's state in a picker, in one record: what it holds, its
     requests out, its delivery rate.  (Kept apart in several dictionaries
@@ -177,11 +177,11 @@ class _Neighbour(Generic[K]):
         return True
 
 
-def _speed(nb: _Neighbour[K]) -> float:
+def _speed(nb: Neighbour[K]) -> float:
     return nb.speed
 
 
-def _before(a: _Neighbour[K], b: _Neighbour[K]) -> bool:
+def _before(a: Neighbour[K], b: Neighbour[K]) -> bool:
     return a.finish < b.finish or (a.finish == b.finish and a.place < b.place)
 
 
@@ -190,19 +190,19 @@ def _before(a: _Neighbour[K], b: _Neighbour[K]) -> bool:
 # own fields instead of a tuple per entry compared as objects.
 
 
-def _heapify(items: list[_Neighbour[K]]) -> None:
+def _heapify(items: list[Neighbour[K]]) -> None:
     i = len(items) // 2 - 1
     while i >= 0:
         _siftup(items, i)
         i -= 1
 
 
-def _heappush(items: list[_Neighbour[K]], nb: _Neighbour[K]) -> None:
+def _heappush(items: list[Neighbour[K]], nb: Neighbour[K]) -> None:
     items.append(nb)
     _siftdown(items, 0, len(items) - 1)
 
 
-def _heappop(items: list[_Neighbour[K]]) -> _Neighbour[K]:
+def _heappop(items: list[Neighbour[K]]) -> Neighbour[K]:
     last = items.pop()
     if items:
         top = items[0]
@@ -212,7 +212,7 @@ def _heappop(items: list[_Neighbour[K]]) -> _Neighbour[K]:
     return last
 
 
-def _siftdown(items: list[_Neighbour[K]], start: int, pos: int) -> None:
+def _siftdown(items: list[Neighbour[K]], start: int, pos: int) -> None:
     new = items[pos]
     while pos > start:
         parent_pos = (pos - 1) >> 1
@@ -225,7 +225,7 @@ def _siftdown(items: list[_Neighbour[K]], start: int, pos: int) -> None:
     items[pos] = new
 
 
-def _siftup(items: list[_Neighbour[K]], pos: int) -> None:
+def _siftup(items: list[Neighbour[K]], pos: int) -> None:
     end = len(items)
     start = pos
     new = items[pos]
@@ -336,11 +336,11 @@ class Picker(Generic[K]):
         for p, i in enumerate(self._by_prio):
             self.prio[i] = p
         # neighbour -> its record, in the order they attached
-        self._nb: dict[K, _Neighbour[K]] = {}
+        self._nb: dict[K, Neighbour[K]] = {}
         self._seed: K | None = None
-        self._seed_nb: _Neighbour[K] | None = None
+        self._seed_nb: Neighbour[K] | None = None
         # the non-seed neighbours whose bitfield came, in the order they attached (None: to recount)
-        self._ready: list[_Neighbour[K]] | None = None
+        self._ready: list[Neighbour[K]] | None = None
         self._in_flight = 0  # requests out to non-seed neighbours
         # the fills of the rate rules so far (a record's working values are of the fill of its stamp)
         self._fills = 0
@@ -413,7 +413,7 @@ class Picker(Generic[K]):
         """A neighbour attached (before its bitfield)."""
         if key in self._nb:
             return
-        nb = self._nb[key] = _Neighbour(key)
+        nb = self._nb[key] = Neighbour(key)
         self._ready = None
         if seed:
             self._seed = key
@@ -474,8 +474,26 @@ class Picker(Generic[K]):
     def have(self, key: K, index: int) -> None:
         """C{key} announced C{index} (HAVE)."""
         nb = self._nb.get(key)
-        if nb is None:
-            return
+        if nb is not None:
+            self._have(nb, index)
+
+    def record(self, key: K) -> Neighbour[K] | None:
+        """
+        The record of C{key} (None: not attached), for a caller that keeps
+        one per neighbour (L{heard}); it is of no use after L{remove}.
+        """
+        return self._nb.get(key)
+
+    def heard(self, nb: Neighbour[K], index: int, now: float, per_conn: int, limit: int) -> bool:
+        """
+        L{have} and then L{offer} of C{index} from the neighbour of the record
+        C{nb} (L{record}), in one call and without looking the neighbour up:
+        the simulator's HAVE (at thousands of pickers the lookup is a cache miss).
+        """
+        self._have(nb, index)
+        return self._offer(nb, index, now, per_conn, limit)
+
+    def _have(self, nb: Neighbour[K], index: int) -> None:
         remote = nb.bits
         if remote is None:
             return
@@ -539,7 +557,7 @@ class Picker(Generic[K]):
         """Record that C{index} was asked from C{key} (L{fill} does this itself)."""
         self._request(self._nb[key], index, now)
 
-    def _request(self, nb: _Neighbour[K], index: int, now: float) -> None:
+    def _request(self, nb: Neighbour[K], index: int, now: float) -> None:
         out = nb.out
         if index in out:
             return
@@ -633,7 +651,7 @@ class Picker(Generic[K]):
             return None
         return self._choose(nb, now)
 
-    def _choose(self, nb: _Neighbour[K], now: float) -> int | None:
+    def _choose(self, nb: Neighbour[K], now: float) -> int | None:
         remote = nb.bits
         if remote is None:
             return None
@@ -723,7 +741,7 @@ class Picker(Generic[K]):
             return None
         return self._rate_of(nb, now, piece_bytes)
 
-    def _rate_of(self, nb: _Neighbour[K], now: float | None, piece_bytes: int | None) -> float | None:
+    def _rate_of(self, nb: Neighbour[K], now: float | None, piece_bytes: int | None) -> float | None:
         rate = nb.rate if nb.measured else None
         if now is None or not nb.out:
             return rate
@@ -741,7 +759,7 @@ class Picker(Generic[K]):
         return max(per_conn, min(limit, int(rate * self.target_latency / piece_bytes)))
 
     def _fill_by_rate(
-        self, now: float, per_conn: int, limit: int, ready: list[_Neighbour[K]], piece_bytes: int,
+        self, now: float, per_conn: int, limit: int, ready: list[Neighbour[K]], piece_bytes: int,
         asked: list[tuple[K, int]],
     ) -> None:
         # rate(), budget() and the speeds, inline: this runs on every piece and HAVE.  Each
@@ -750,8 +768,8 @@ class Picker(Generic[K]):
         stamp = self._fills
         latency = self.target_latency
         # those with a free slot under their budget (max(per_conn, rate x latency / piece), at most limit)
-        free: list[_Neighbour[K]] = []
-        unknown: list[_Neighbour[K]] = []
+        free: list[Neighbour[K]] = []
+        unknown: list[Neighbour[K]] = []
         prior = 0.0
         top = limit if limit > per_conn else per_conn
         n = 0
@@ -794,7 +812,7 @@ class Picker(Generic[K]):
                 prior = 1.0
             for nb in unknown:
                 nb.speed = prior
-        idle: list[_Neighbour[K]]
+        idle: list[Neighbour[K]]
         if self._in_flight < limit:
             # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
             for nb in free:
@@ -864,14 +882,14 @@ class Picker(Generic[K]):
 
     def _late(
         self, now: float, stamp: int, piece_bytes: int, over: float = -math.inf,
-    ) -> list[tuple[float, int, _Neighbour[K]]]:
+    ) -> list[tuple[float, int, Neighbour[K]]]:
         """
         The pieces out at one non-seed neighbour: (seconds until it is
         expected to finish them, piece, it), latest first; only those expected
         more than C{over} seconds from now.  A neighbour's speed is the one of
         the fill C{stamp} when it has one, else its L{rate} (then kept for it).
         """
-        late: list[tuple[float, int, _Neighbour[K]]] = []
+        late: list[tuple[float, int, Neighbour[K]]] = []
         seed = self._seed_nb
         nbs = self._nb
         # first a bound per neighbour, from the records alone: its whole queue after its latest
@@ -924,7 +942,7 @@ class Picker(Generic[K]):
         late.sort(key=_first, reverse=True)  # (stable, as a sort by -left)
         return late
 
-    def _measure(self, nb: _Neighbour[K], now: float, asked: float, size: int) -> None:
+    def _measure(self, nb: Neighbour[K], now: float, asked: float, size: int) -> None:
         start = max(asked, nb.last_done)
         nb.last_done = now
         busy = now - start
@@ -952,8 +970,11 @@ class Picker(Generic[K]):
         if self._in_flight >= limit:
             return False
         nb = self._nb.get(key)
+        return nb is not None and self._offer(nb, index, now, per_conn, limit)
+
+    def _offer(self, nb: Neighbour[K], index: int, now: float, per_conn: int, limit: int) -> bool:
         if (
-            nb is None or nb is self._seed_nb or len(nb.out) >= per_conn or not self._in_want[index]
+            self._in_flight >= limit or nb is self._seed_nb or len(nb.out) >= per_conn or not self._in_want[index]
             or not self.wanted(index)
         ):
             return False

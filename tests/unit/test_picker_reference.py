@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dragonfly.core.bitmap import Bitmap
-from dragonfly.peer.picker import Picker, _heapify, _heappop, _heappush, _Neighbour
+from dragonfly.peer.picker import Neighbour, Picker, _heapify, _heappop, _heappush
 
 from .picker_reference import ReferencePicker
 
@@ -26,7 +26,7 @@ MB = 1 << 20
 
 OPS = [
     "add", "bitfield", "have", "lost", "remove", "digest", "fill", "fill_rate", "choose", "offer", "receive",
-    "store", "corrupt", "reject", "cancel", "stream", "allow", "time", "unverified",
+    "store", "corrupt", "reject", "cancel", "stream", "allow", "time", "unverified", "heard",
 ]
 
 
@@ -129,6 +129,18 @@ def run(
         elif op == "offer":
             per_conn, limit = 1 + x % 3, 1 + (x >> 2) % 6
             assert fast.offer(key, index, now, per_conn, limit) == ref.offer(key, index, now, per_conn, limit)
+        elif op == "heard":
+            # the HAVE and the offer in one call on the neighbour's record (the simulator's)
+            per_conn, limit = 1 + x % 3, 1 + (x >> 2) % 6
+            record = fast.record(key)
+            if record is None:
+                fast.have(key, index)
+                a = fast.offer(key, index, now, per_conn, limit)
+            else:
+                assert record.key == key
+                a = fast.heard(record, index, now, per_conn, limit)
+            ref.have(key, index)
+            assert a == ref.offer(key, index, now, per_conn, limit)
         elif op in ("receive", "reject", "cancel"):
             out = [(k, i) for k in fast.neighbours() for i in fast.outstanding(k)]
             if out:
@@ -212,7 +224,7 @@ def test_many_random_swarms_decide_alike() -> None:
 )
 def test_the_rate_heap_keeps_heapqs_order(finishes: list[float], ops: list[tuple[bool, float]]) -> None:
     """The records' heap pops the same neighbours and leaves its array in the same order as heapq on tuples."""
-    made = [_Neighbour(n) for n in range(len(finishes))]
+    made = [Neighbour(n) for n in range(len(finishes))]
     for n, (nb, f) in enumerate(zip(made, finishes, strict=True)):
         nb.finish, nb.place = f, n
     tuples = [(nb.finish, nb.place, nb) for nb in made]
@@ -222,7 +234,7 @@ def test_the_rate_heap_keeps_heapqs_order(finishes: list[float], ops: list[tuple
     assert heap == [e[2] for e in tuples]
     for push, f in ops:
         if push or not tuples:
-            nb = _Neighbour(len(made))
+            nb = Neighbour(len(made))
             nb.finish, nb.place = f, len(made)
             made.append(nb)
             heapq.heappush(tuples, (nb.finish, nb.place, nb))
