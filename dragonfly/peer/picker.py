@@ -63,7 +63,10 @@ rarest levels and the lowest set bit of the first that is not empty: the
 rarest wanted piece it holds, ties broken by the random priority (the same
 rule as C{min((avail[i], priority[i]))} over every piece, which the tests
 check against a brute-force picker).  No call scans every piece or keeps a
-per-piece list in random order.
+per-piece list in random order.  All a neighbour's state (its bitfield, its
+requests out, its rate) is one record, L{Neighbour}: a fill reads one object
+per neighbour (the swarm simulator runs thousands of pickers, and each
+object read is likely a cache miss there).
 
 Usage::
 
@@ -80,6 +83,7 @@ Usage::
     p.rejected(key, i)                # REJECT: ask elsewhere
     lost = p.remove(key)              # the neighbour left; its requests are wanted again
     p.offer(key, i, now, per_conn, limit)   # after a HAVE: ask it at once if worth it
+    p.heard(p.record(key), i, now, per_conn, limit)   # have() and offer() on a record kept per neighbour
     p.seed_allowed = {...}; p.stream_from = i; p.starving()
 
 Requests chosen by L{Picker.fill} and L{Picker.offer} are recorded as
