@@ -63,7 +63,10 @@ rarest levels and the lowest set bit of the first that is not empty: the
 rarest wanted piece it holds, ties broken by the random priority (the same
 rule as C{min((avail[i], priority[i]))} over every piece, which the tests
 check against a brute-force picker).  No call scans every piece or keeps a
-per-piece list in random order.
+per-piece list in random order.  All a neighbour's state (its bitfield, its
+requests out, its rate) is one record, L{Neighbour}: a fill reads one object
+per neighbour (the swarm simulator runs thousands of pickers, and each
+object read is likely a cache miss there).
 
 Usage::
 
@@ -80,6 +83,7 @@ Usage::
     p.rejected(key, i)                # REJECT: ask elsewhere
     lost = p.remove(key)              # the neighbour left; its requests are wanted again
     p.offer(key, i, now, per_conn, limit)   # after a HAVE: ask it at once if worth it
+    p.heard(p.record(key), i, now, per_conn, limit)   # have() and offer() on a record kept per neighbour
     p.seed_allowed = {...}; p.stream_from = i; p.starving()
 
 Requests chosen by L{Picker.fill} and L{Picker.offer} are recorded as
@@ -88,7 +92,6 @@ pending at once; the caller sends them.
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -121,6 +124,125 @@ NEIGHBOUR_BYTES = 0
 
 def _first(entry: tuple[float, int, object]) -> float:
     return entry[0]
+
+
+class Neighbour(Generic[K]):
+    """
+    One neighbour's state in a picker, in one record: what it holds, its
+    requests out, its delivery rate.  (Kept apart in several dictionaries
+    keyed by the neighbour, each fill read three or four of them per
+    neighbour; at thousands of simulated pickers every one is a cache miss.)
+    """
+
+    __slots__ = (
+        "key", "bits", "out", "oldest", "measured", "rate", "sent", "busy", "largest", "last_done", "cap", "speed",
+        "stamp", "finish", "place", "newest",
+    )
+
+    def __init__(self, key: K) -> None:
+        self.key = key
+        #: its bitfield as bits by priority (None until received)
+        self.bits: int | None = None
+        #: piece -> time asked, in the order asked; the earliest and the latest of those times (none out: inf, -inf)
+        self.out: dict[int, float] = {}
+        self.oldest = math.inf
+        self.newest = -math.inf
+        #: a rate is measured: bytes / busy seconds, both decayed per piece, and the largest piece
+        self.measured = False
+        self.rate = 0.0
+        self.sent = 0.0
+        self.busy = 0.0
+        self.largest = 0.0
+        #: when its last piece came (-inf: none since it was measured afresh)
+        self.last_done = -math.inf
+        #: the rate rules' working values of one fill (C{stamp}): its budget and its speed; when it
+        #: would deliver one more piece and its place in the neighbours (the order of the rate rules' heap)
+        self.cap = 0
+        self.speed = 0.0
+        self.stamp = 0
+        self.finish = 0.0
+        self.place = 0
+
+    def take(self, index: int) -> bool:
+        """C{index} is no longer out to it; False when it was not."""
+        asked = self.out.pop(index, None)
+        if asked is None:
+            return False
+        if asked <= self.oldest or asked >= self.newest:
+            oldest = math.inf
+            newest = -math.inf
+            for t in self.out.values():
+                if t < oldest:
+                    oldest = t
+                if t > newest:
+                    newest = t
+            self.oldest = oldest
+            self.newest = newest
+        return True
+
+
+def _speed(nb: Neighbour[K]) -> float:
+    return nb.speed
+
+
+def _before(a: Neighbour[K], b: Neighbour[K]) -> bool:
+    return a.finish < b.finish or (a.finish == b.finish and a.place < b.place)
+
+
+# The neighbours by (C{finish}, C{place}) in a heap: heapq's algorithm, step for
+# step (the same order of the array, which the rescues read), on the records'
+# own fields instead of a tuple per entry compared as objects.
+
+
+def _heapify(items: list[Neighbour[K]]) -> None:
+    i = len(items) // 2 - 1
+    while i >= 0:
+        _siftup(items, i)
+        i -= 1
+
+
+def _heappush(items: list[Neighbour[K]], nb: Neighbour[K]) -> None:
+    items.append(nb)
+    _siftdown(items, 0, len(items) - 1)
+
+
+def _heappop(items: list[Neighbour[K]]) -> Neighbour[K]:
+    last = items.pop()
+    if items:
+        top = items[0]
+        items[0] = last
+        _siftup(items, 0)
+        return top
+    return last
+
+
+def _siftdown(items: list[Neighbour[K]], start: int, pos: int) -> None:
+    new = items[pos]
+    while pos > start:
+        parent_pos = (pos - 1) >> 1
+        parent = items[parent_pos]
+        if _before(new, parent):
+            items[pos] = parent
+            pos = parent_pos
+            continue
+        break
+    items[pos] = new
+
+
+def _siftup(items: list[Neighbour[K]], pos: int) -> None:
+    end = len(items)
+    start = pos
+    new = items[pos]
+    child = 2 * pos + 1
+    while child < end:
+        right = child + 1
+        if right < end and not _before(items[child], items[right]):
+            child = right
+        items[pos] = items[child]
+        pos = child
+        child = 2 * pos + 1
+    items[pos] = new
+    _siftdown(items, start, pos)
 
 
 def in_flight_limit(
@@ -217,30 +339,29 @@ class Picker(Generic[K]):
         self.prio = [0] * count
         for p, i in enumerate(self._by_prio):
             self.prio[i] = p
-        # neighbour -> its bitfield as bits by priority (None until received); insertion order
-        self._remote: dict[K, int | None] = {}
-        # neighbour -> {piece: time asked}, in the order asked
-        self._out: dict[K, dict[int, float]] = {}
+        # neighbour -> its record, in the order they attached
+        self._nb: dict[K, Neighbour[K]] = {}
         self._seed: K | None = None
+        self._seed_nb: Neighbour[K] | None = None
         # the non-seed neighbours whose bitfield came, in the order they attached (None: to recount)
-        self._ready: list[K] | None = None
+        self._ready: list[Neighbour[K]] | None = None
         self._in_flight = 0  # requests out to non-seed neighbours
-        # neighbour -> [bytes, busy seconds, largest piece] (decayed), its rate
-        # (bytes / busy seconds), and when its last piece came
-        self._meter: dict[K, list[float]] = {}
-        self._rate: dict[K, float] = {}
-        self._last_done: dict[K, float] = {}
+        # the fills of the rate rules so far (a record's working values are of the fill of its stamp)
+        self._fills = 0
         # the wanted pieces (bits by priority), and they by availability
         self._want = 0
         self._levels: list[int] = [0]
+        # per piece, whether it is in _want (a list read where the bit test made a new 512-bit int)
+        self._in_want = [False] * count
 
     # -- piece states --------------------------------------------------------------
 
     def wanted(self, index: int) -> bool:
         """Missing, not asked for, not being checked, and its digest is known."""
+        # (the bitmap last: its test is a Python call, the others a list, a dict and a set)
         return (
-            self._known[index] and index not in self.have_bits and index not in self.pending
-            and index not in self.verifying
+            self._known[index] and index not in self.pending and index not in self.verifying
+            and index not in self.have_bits
         )
 
     @property
@@ -259,12 +380,14 @@ class Picker(Generic[K]):
         prio = self.prio
         avail = self.avail
         count = self.count
+        in_want = self._in_want
         want = 0
         by_level: dict[int, int] = {}
         for index in indexes:
             if 0 <= index < count and not known[index]:
                 known[index] = True
                 if self.wanted(index):
+                    in_want[index] = True
                     bit = 1 << prio[index]
                     want |= bit
                     b = max(0, avail[index])
@@ -292,24 +415,25 @@ class Picker(Generic[K]):
 
     def add(self, key: K, seed: bool = False) -> None:
         """A neighbour attached (before its bitfield)."""
-        if key in self._remote:
+        if key in self._nb:
             return
-        self._remote[key] = None
-        self._out[key] = {}
+        nb = self._nb[key] = Neighbour(key)
         self._ready = None
         if seed:
             self._seed = key
+            self._seed_nb = nb
 
     @property
     def seed(self) -> K | None:
         return self._seed
 
     def neighbours(self) -> Iterator[K]:
-        return iter(self._remote)
+        return iter(self._nb)
 
     def remote(self, key: K) -> Bitmap | None:
         """A copy of the picker's view of the bitfield of C{key} (None before it came)."""
-        bits = self._remote.get(key)
+        nb = self._nb.get(key)
+        bits = None if nb is None else nb.bits
         if bits is None:
             return None
         out = Bitmap(self.count)
@@ -322,12 +446,14 @@ class Picker(Generic[K]):
 
     def holds(self, key: K, index: int) -> bool:
         """Whether C{key} is believed to hold C{index} (False before its bitfield)."""
-        bits = self._remote.get(key)
+        nb = self._nb.get(key)
+        bits = None if nb is None else nb.bits
         return bits is not None and 0 <= index < self.count and bits >> self.prio[index] & 1 == 1
 
     def outstanding(self, key: K) -> dict[int, float]:
         """The requests out to C{key}: piece -> time asked."""
-        return self._out.get(key, {})
+        nb = self._nb.get(key)
+        return {} if nb is None else nb.out
 
     @property
     def in_flight(self) -> int:
@@ -336,35 +462,58 @@ class Picker(Generic[K]):
 
     def bitfield(self, key: K, bitmap: Bitmap) -> None:
         """The bitfield of C{key} arrived (copied)."""
-        if key not in self._remote or self._remote[key] is not None:
+        nb = self._nb.get(key)
+        if nb is None or nb.bits is not None:
             return
         prio = self.prio
         bits = 0
-        counted = key != self._seed
+        counted = nb is not self._seed_nb
         for i in bitmap:
             bits |= 1 << prio[i]
             if counted:
                 self._bump(i, 1)
-        self._remote[key] = bits
+        nb.bits = bits
         self._ready = None
 
     def have(self, key: K, index: int) -> None:
         """C{key} announced C{index} (HAVE)."""
-        remote = self._remote.get(key)
+        nb = self._nb.get(key)
+        if nb is not None:
+            self._have(nb, index)
+
+    def record(self, key: K) -> Neighbour[K] | None:
+        """
+        The record of C{key} (None: not attached), for a caller that keeps
+        one per neighbour (L{heard}); it is of no use after L{remove}.
+        """
+        return self._nb.get(key)
+
+    def heard(self, nb: Neighbour[K], index: int, now: float, per_conn: int, limit: int) -> bool:
+        """
+        L{have} and then L{offer} of C{index} from the neighbour of the record
+        C{nb} (L{record}), in one call and without looking the neighbour up:
+        the simulator's HAVE (at thousands of pickers the lookup is a cache miss).
+        """
+        self._have(nb, index)
+        return self._offer(nb, index, now, per_conn, limit)
+
+    def _have(self, nb: Neighbour[K], index: int) -> None:
+        remote = nb.bits
         if remote is None:
             return
         if not 0 <= index < self.count:
             raise IndexError(f"piece index {index} is outside 0..{self.count - 1}")
         bit = 1 << self.prio[index]
-        if remote & bit:
-            return
-        self._remote[key] = remote | bit
-        if key != self._seed:
+        bits = remote | bit
+        if bits == remote:
+            return  # held already
+        nb.bits = bits
+        if nb is not self._seed_nb:
             # _bump(index, 1), inline: HAVEs are the most frequent call
             avail = self.avail
             a = avail[index]
             avail[index] = a + 1
-            if self._want & bit:
+            if self._in_want[index]:
                 levels = self._levels
                 levels[a if a > 0 else 0] ^= bit
                 if a + 1 >= len(levels):
@@ -373,27 +522,27 @@ class Picker(Generic[K]):
 
     def lost(self, key: K, index: int) -> None:
         """C{key} does not hold C{index} after all (it rejected it, or sent bad bytes): believe it less."""
-        remote = self._remote.get(key)
-        if remote is None or key == self._seed or not 0 <= index < self.count:
+        nb = self._nb.get(key)
+        if nb is None or nb.bits is None or nb is self._seed_nb or not 0 <= index < self.count:
             return
+        remote = nb.bits
         bit = 1 << self.prio[index]
         if not remote & bit:
             return
-        self._remote[key] = remote ^ bit
+        nb.bits = remote ^ bit
         self._bump(index, -1)
 
     def remove(self, key: K) -> list[int]:
         """C{key} left: forget its bitfield; the pieces that were out to it (no longer pending there)."""
-        if key not in self._remote:
+        nb = self._nb.pop(key, None)
+        if nb is None:
             return []
-        remote = self._remote.pop(key)
+        remote = nb.bits
         self._ready = None
-        out = self._out.pop(key)
-        self._meter.pop(key, None)
-        self._rate.pop(key, None)
-        self._last_done.pop(key, None)
-        if key == self._seed:
+        out = nb.out
+        if nb is self._seed_nb:
             self._seed = None
+            self._seed_nb = None
         else:
             self._in_flight -= len(out)
             by_prio = self._by_prio
@@ -410,18 +559,27 @@ class Picker(Generic[K]):
 
     def request(self, key: K, index: int, now: float) -> None:
         """Record that C{index} was asked from C{key} (L{fill} does this itself)."""
-        out = self._out[key]
+        self._request(self._nb[key], index, now)
+
+    def _request(self, nb: Neighbour[K], index: int, now: float) -> None:
+        out = nb.out
         if index in out:
             return
         out[index] = now
-        if key != self._seed:
+        if now < nb.oldest:
+            nb.oldest = now
+        if now > nb.newest:
+            nb.newest = now
+        key = nb.key
+        if nb is not self._seed_nb:
             self._in_flight += 1
         holders = self.pending.get(index)
         if holders is None:
             self.pending[index] = [(key, now)]
-            bit = 1 << self.prio[index]
-            if self._want & bit:
+            if self._in_want[index]:
                 # no longer wanted (asked for)
+                self._in_want[index] = False
+                bit = 1 << self.prio[index]
                 self._want ^= bit
                 self._levels[max(0, self.avail[index])] ^= bit
         else:
@@ -442,21 +600,23 @@ class Picker(Generic[K]):
         Returns the other neighbours it was asked from, to cancel there.
         With C{now} and C{size} (its bytes) it counts in C{key}'s rate.
         """
-        if now is not None and size is not None:
-            asked = self._out.get(key, {}).get(index)
+        nbs = self._nb
+        nb = nbs.get(key)
+        if now is not None and size is not None and nb is not None:
+            asked = nb.out.get(index)
             if asked is not None:
-                self._measure(key, now, asked, size)
+                self._measure(nb, now, asked, size)
         holders = self.pending.pop(index, [])
         others = []
+        seed = self._seed_nb
         for k, _ in holders:
-            out = self._out.get(k)
-            if out is not None and out.pop(index, None) is not None and k != self._seed:
+            other = nbs.get(k)
+            if other is not None and other.take(index) and other is not seed:
                 self._in_flight -= 1
             if k != key:
                 others.append(k)
         # a piece not pending here (answered after its request was dropped)
-        out = self._out.get(key)
-        if out is not None and out.pop(index, None) is not None and key != self._seed:
+        if nb is not None and nb.take(index) and nb is not seed:
             self._in_flight -= 1
         self._refresh(index)
         return others
@@ -466,7 +626,7 @@ class Picker(Generic[K]):
         C{index} is to be checked: False when it need not be (held, or being
         checked already: a duplicate from the endgame, or too late).
         """
-        if index in self.have_bits or index in self.verifying or not self._known[index]:
+        if index in self.verifying or not self._known[index] or index in self.have_bits:
             return False
         self.verifying.add(index)
         self._refresh(index)
@@ -478,9 +638,11 @@ class Picker(Generic[K]):
         believed to lack it; its rate is forgotten (bad bytes are no speed),
         so it gets no more than C{per_conn} requests until it delivers again.
         """
-        self._meter.pop(key, None)
-        self._rate.pop(key, None)
-        self._last_done.pop(key, None)
+        nb = self._nb.get(key)
+        if nb is not None:
+            nb.measured = False
+            nb.rate = nb.sent = nb.busy = nb.largest = 0.0
+            nb.last_done = -math.inf
         self.unverified(index)
         self.lost(key, index)
 
@@ -488,10 +650,16 @@ class Picker(Generic[K]):
 
     def choose(self, key: K, now: float) -> int | None:
         """The piece to ask from C{key} next, or None (not recorded: see L{request})."""
-        remote = self._remote.get(key)
+        nb = self._nb.get(key)
+        if nb is None:
+            return None
+        return self._choose(nb, now)
+
+    def _choose(self, nb: Neighbour[K], now: float) -> int | None:
+        remote = nb.bits
         if remote is None:
             return None
-        if key == self._seed:
+        if nb is self._seed_nb:
             return self._choose_seed(remote)
         if self.stream_from is not None:
             best = self._in_window(remote, range(self._window_start(), self._window_end()))
@@ -500,11 +668,13 @@ class Picker(Generic[K]):
         cand = remote & self._want
         if cand:
             # every wanted piece it holds has an availability of 1 or more
-            for level in self._levels[1:]:
-                m = level & cand
+            # (by index: a slice would copy the list and touch every level's int)
+            levels = self._levels
+            for b in range(1, len(levels)):
+                m = levels[b] & cand
                 if m:
                     return self._by_prio[(m & -m).bit_length() - 1]
-        return self._endgame(key, remote, now)
+        return self._endgame(nb.key, remote, now)
 
     def fill(
         self, now: float, per_conn: int, limit: int, usable: Callable[[K], bool] | None = None,
@@ -523,43 +693,44 @@ class Picker(Generic[K]):
         """
         asked: list[tuple[K, int]] = []
         seed = self._seed
-        if seed is not None and self._remote.get(seed) is not None and (usable is None or usable(seed)):
-            out = self._out[seed]
+        snb = self._seed_nb
+        if seed is not None and snb is not None and snb.bits is not None and (usable is None or usable(seed)):
+            out = snb.out
             while len(out) < max(per_conn, len(self.seed_allowed)):
-                index = self.choose(seed, now)
+                index = self._choose(snb, now)
                 if index is None:
                     break
-                self.request(seed, index, now)
+                self._request(snb, index, now)
                 asked.append((seed, index))
         if usable is None and piece_bytes is not None and piece_bytes > 0:
             # the rate rules only read the list: the one kept between changes of the neighbours
-            keys = self._ready
-            if keys is None:
-                keys = self._ready = [k for k, r in self._remote.items() if k != seed and r is not None]
-            self._fill_by_rate(now, per_conn, limit, keys, piece_bytes, asked)
+            ready = self._ready
+            if ready is None:
+                ready = self._ready = [nb for nb in self._nb.values() if nb is not snb and nb.bits is not None]
+            self._fill_by_rate(now, per_conn, limit, ready, piece_bytes, asked)
             return asked
-        keys = [
-            k for k, r in self._remote.items()
-            if k != seed and r is not None and (usable is None or usable(k))
+        nbs = [
+            nb for nb in self._nb.values()
+            if nb is not snb and nb.bits is not None and (usable is None or usable(nb.key))
         ]
         if piece_bytes is None or piece_bytes <= 0:
-            self.rng.shuffle(keys)
-            keys = [k for k in keys if len(self._out[k]) < per_conn]
+            self.rng.shuffle(nbs)
+            nbs = [nb for nb in nbs if len(nb.out) < per_conn]
             progress = True
             while progress and self._in_flight < limit:
                 progress = False
                 # one request per neighbour per round spreads the load
-                for k in keys:
-                    if self._in_flight >= limit or len(self._out[k]) >= per_conn:
+                for nb in nbs:
+                    if self._in_flight >= limit or len(nb.out) >= per_conn:
                         continue
-                    index = self.choose(k, now)
+                    index = self._choose(nb, now)
                     if index is None:
                         continue
-                    self.request(k, index, now)
-                    asked.append((k, index))
+                    self._request(nb, index, now)
+                    asked.append((nb.key, index))
                     progress = True
             return asked
-        self._fill_by_rate(now, per_conn, limit, keys, piece_bytes, asked)
+        self._fill_by_rate(now, per_conn, limit, nbs, piece_bytes, asked)
         return asked
 
     def rate(self, key: K, now: float | None = None, piece_bytes: int | None = None) -> float | None:
@@ -569,13 +740,17 @@ class Picker(Generic[K]):
         came for t seconds: at most a piece per t), which also gives a rate
         to a neighbour not measured yet when C{piece_bytes} is known.
         """
-        m = self._meter.get(key)
-        rate = self._rate.get(key)
-        out = self._out.get(key)
-        if now is None or not out:
+        nb = self._nb.get(key)
+        if nb is None:
+            return None
+        return self._rate_of(nb, now, piece_bytes)
+
+    def _rate_of(self, nb: Neighbour[K], now: float | None, piece_bytes: int | None) -> float | None:
+        rate = nb.rate if nb.measured else None
+        if now is None or not nb.out:
             return rate
-        piece = piece_bytes if piece_bytes else (m[2] if m is not None else None)
-        waited = now - max(min(out.values()), self._last_done.get(key, -math.inf))
+        piece = piece_bytes if piece_bytes else (nb.largest if nb.measured else None)
+        waited = now - max(nb.oldest, nb.last_done)
         if piece is None or waited <= 0:
             return rate
         cap = piece / waited
@@ -588,155 +763,177 @@ class Picker(Generic[K]):
         return max(per_conn, min(limit, int(rate * self.target_latency / piece_bytes)))
 
     def _fill_by_rate(
-        self, now: float, per_conn: int, limit: int, keys: list[K], piece_bytes: int, asked: list[tuple[K, int]],
+        self, now: float, per_conn: int, limit: int, ready: list[Neighbour[K]], piece_bytes: int,
+        asked: list[tuple[K, int]],
     ) -> None:
-        # rate(), budget() and the speeds, inline: this runs on every piece and HAVE
-        outs = self._out
-        measured_rates = self._rate
-        last_done = self._last_done
+        # rate(), budget() and the speeds, inline: this runs on every piece and HAVE.  Each
+        # neighbour's budget and speed go on its record (C{cap}, C{speed}), stamped with this fill
+        self._fills += 1
+        stamp = self._fills
         latency = self.target_latency
-        # the budget (max(per_conn, rate x latency / piece), at most limit) of those with a free slot
-        caps: dict[K, int] = {}
-        speed: dict[K, float] = {}
-        unknown: list[K] = []
-        free: list[tuple[int, int, K]] = []
+        # those with a free slot under their budget (max(per_conn, rate x latency / piece), at most limit)
+        free: list[Neighbour[K]] = []
+        unknown: list[Neighbour[K]] = []
         prior = 0.0
         top = limit if limit > per_conn else per_conn
         n = 0
-        for k in keys:
-            out = outs[k]
-            o = len(out)
-            r = measured_rates.get(k)
-            if r is None:
+        for nb in ready:
+            o = len(nb.out)
+            known = nb.measured
+            r = nb.rate
+            if not known:
                 cap = per_conn
             else:
                 c = int(r * latency / piece_bytes)
                 cap = top if c >= limit else (c if c > per_conn else per_conn)
             if o < cap:
-                caps[k] = cap
-                free.append((o, n, k))
+                nb.cap = cap
+                nb.place = n
+                free.append(nb)
             n += 1
+            nb.stamp = stamp
             if o:
-                # no faster than its oldest request out shows (min(out.values()), as a
-                # loop: compiled, the builtin's generic call was a tenth of this function)
-                oldest = math.inf
-                for t in out.values():
-                    if t < oldest:
-                        oldest = t
-                waited = now - max(oldest, last_done.get(k, -math.inf))
+                # no faster than its oldest request out shows
+                waited = now - max(nb.oldest, nb.last_done)
                 if waited > 0:
                     c2 = piece_bytes / waited
-                    if r is None or c2 < r:
+                    if not known or c2 < r:
                         r = c2
-            if r is not None and r > 0:
-                speed[k] = r
+                        known = True
+            if known and r > 0:
+                nb.speed = r
                 if r > prior:
                     prior = r
             else:
-                unknown.append(k)
+                unknown.append(nb)
         if self.max_grow > 1:
             # bandwidth-delay for the whole download: what the neighbours deliver x target latency
-            total = sum(r for k in keys if (r := measured_rates.get(k)) is not None)
+            total = sum(nb.rate for nb in ready if nb.measured)
             limit = max(limit, min(int(self.max_grow * limit), int(total * latency / piece_bytes)))
         # unmeasured neighbours count as the fastest known
         if unknown:
             if prior <= 0:
                 prior = 1.0
-            for k in unknown:
-                speed[k] = prior
+            for nb in unknown:
+                nb.speed = prior
+        idle: list[Neighbour[K]]
         if self._in_flight < limit:
             # earliest finish first: (requests out + 1) x piece / rate (ties: the order they attached)
-            heap = [((o + 1) / speed[k], n, k) for o, n, k in free]
-            heapq.heapify(heap)
-            idle: list[K] = []
+            for nb in free:
+                nb.finish = (len(nb.out) + 1) / nb.speed
+            heap = free
+            _heapify(heap)
+            idle = []
             # no endgame this call: a neighbour holding no wanted piece has nothing (choose's answer, cheaper)
-            remote = self._remote
             quick = self.missing > self.endgame_pieces
             while heap and self._in_flight < limit:
-                _, n, k = heapq.heappop(heap)
-                if quick and not remote[k] & self._want:  # type: ignore[operator]
-                    idle.append(k)
+                nb = _heappop(heap)
+                if quick and not nb.bits & self._want:  # type: ignore[operator]
+                    idle.append(nb)
                     continue
-                index = self.choose(k, now)
+                index = self._choose(nb, now)
                 if index is None:
-                    idle.append(k)
+                    idle.append(nb)
                     continue
-                self.request(k, index, now)
-                asked.append((k, index))
-                if len(outs[k]) < caps[k]:
-                    heapq.heappush(heap, ((len(outs[k]) + 1) / speed[k], n, k))
-            idle.extend([e[2] for e in heap])
+                self._request(nb, index, now)
+                asked.append((nb.key, index))
+                o = len(nb.out)
+                if o < nb.cap:
+                    nb.finish = (o + 1) / nb.speed
+                    _heappush(heap, nb)
+            idle.extend(heap)
         else:
-            idle = [e[2] for e in free]
+            idle = free
         # rescues: a neighbour with a slot and nothing new to give takes over a slow one's piece
         if not idle or not self.pending or self._in_flight >= 2 * limit:
             return
         # only a measured one may rescue, and only a piece later than its threshold
         factor = self.rescue_factor
-        rescuers = [k for k in idle if k in measured_rates]
+        rescuers = [nb for nb in idle if nb.measured]
         if not rescuers:
             return
         # (the same expression as each threshold below: pieces at or under it are never taken)
         lowest = math.inf
-        for k in rescuers:
-            t = factor * (len(outs[k]) + 1) * piece_bytes / speed[k]
+        for nb in rescuers:
+            t = factor * (len(nb.out) + 1) * piece_bytes / nb.speed
             if t < lowest:
                 lowest = t
-        late = self._late(now, speed, piece_bytes, lowest)
+        late = self._late(now, stamp, piece_bytes, lowest)
         if not late:
             return
-        # the fastest first (stable: ties in the order of idle, as a sort of it by speed)
-        rescuers.sort(key=lambda k: -speed[k])
-        remote = self._remote
+        # the fastest first (stable: ties in the order of idle)
+        rescuers.sort(key=_speed, reverse=True)
         prio = self.prio
-        for k in rescuers:
-            bits = remote[k]
+        for nb in rescuers:
+            bits = nb.bits
             if bits is None:
                 continue
-            out = outs[k]
-            while late and self._in_flight < 2 * limit and len(out) < caps[k]:
-                threshold = self.rescue_factor * (len(out) + 1) * piece_bytes / speed[k]
+            out = nb.out
+            while late and self._in_flight < 2 * limit and len(out) < nb.cap:
+                threshold = self.rescue_factor * (len(out) + 1) * piece_bytes / nb.speed
                 pick = None
                 for j, (left, i, other) in enumerate(late):
                     if left <= threshold:
                         break  # latest first: none further on is late enough either
-                    if other != k and bits >> prio[i] & 1:
+                    if other is not nb and bits >> prio[i] & 1:
                         pick = j
                         break
                 if pick is None:
                     break
                 _, i, _ = late.pop(pick)
-                self.request(k, i, now)
-                asked.append((k, i))
+                self._request(nb, i, now)
+                asked.append((nb.key, i))
 
     def _late(
-        self, now: float, speed: dict[K, float], piece_bytes: int, over: float = -math.inf,
-    ) -> list[tuple[float, int, K]]:
+        self, now: float, stamp: int, piece_bytes: int, over: float = -math.inf,
+    ) -> list[tuple[float, int, Neighbour[K]]]:
         """
         The pieces out at one non-seed neighbour: (seconds until it is
         expected to finish them, piece, it), latest first; only those expected
-        more than C{over} seconds from now.
+        more than C{over} seconds from now.  A neighbour's speed is the one of
+        the fill C{stamp} when it has one, else its L{rate} (then kept for it).
         """
-        late = []
-        seed = self._seed
+        late: list[tuple[float, int, Neighbour[K]]] = []
+        seed = self._seed_nb
+        nbs = self._nb
+        # first a bound per neighbour, from the records alone: its whole queue after its latest
+        # request (no piece of it is expected later, the sums below being no larger); most
+        # calls end here, without reading every pending piece's holders
+        for other in nbs.values():
+            out = other.out
+            if not out or other is seed:
+                continue
+            if other.stamp == stamp:
+                r = other.speed
+            else:
+                rate = self._rate_of(other, now, piece_bytes)
+                if rate is None:
+                    continue
+                r = other.speed = rate
+                other.stamp = stamp
+            if r <= 0 or max(other.newest, other.last_done) + len(out) * piece_bytes / r - now > over:
+                break
+        else:
+            return late
         verifying = self.verifying
-        last_done = self._last_done
-        outs = self._out
         for i, holders in self.pending.items():
             if len(holders) != 1 or i in verifying:
                 continue
-            other, asked_at = holders[0]
-            if other == seed:
+            key, asked_at = holders[0]
+            other = nbs[key]
+            if other is seed:
                 continue
-            r = speed.get(other)
-            if r is None:
-                r = self.rate(other, now, piece_bytes)
-                if r is None:
+            if other.stamp == stamp:
+                r = other.speed
+            else:
+                rate = self._rate_of(other, now, piece_bytes)
+                if rate is None:
                     continue
-                speed[other] = r
+                r = other.speed = rate
+                other.stamp = stamp
             # when the other is expected to finish it: its queue up to it, at its rate
-            out = outs[other]
-            start = max(asked_at, last_done.get(other, -math.inf))
+            out = other.out
+            start = max(asked_at, other.last_done)
             if start + len(out) * piece_bytes / r - now <= over:
                 continue  # not even with all its queue ahead of it (the count below is no more)
             ahead = 0
@@ -749,21 +946,23 @@ class Picker(Generic[K]):
         late.sort(key=_first, reverse=True)  # (stable, as a sort by -left)
         return late
 
-    def _measure(self, key: K, now: float, asked: float, size: int) -> None:
-        start = max(asked, self._last_done.get(key, -math.inf))
-        self._last_done[key] = now
+    def _measure(self, nb: Neighbour[K], now: float, asked: float, size: int) -> None:
+        start = max(asked, nb.last_done)
+        nb.last_done = now
         busy = now - start
         if busy <= 0:
             busy = 1e-6
-        m = self._meter.get(key)
-        if m is None:
-            m = self._meter[key] = [float(size), busy, float(size)]
+        if not nb.measured:
+            nb.measured = True
+            nb.sent = float(size)
+            nb.busy = busy
+            nb.largest = float(size)
         else:
             d = self.rate_decay
-            m[0] = m[0] * d + size
-            m[1] = m[1] * d + busy
-            m[2] = max(m[2], float(size))
-        self._rate[key] = m[0] / m[1]
+            nb.sent = nb.sent * d + size
+            nb.busy = nb.busy * d + busy
+            nb.largest = max(nb.largest, float(size))
+        nb.rate = nb.sent / nb.busy
 
     def offer(self, key: K, index: int, now: float, per_conn: int, limit: int) -> bool:
         """
@@ -772,20 +971,26 @@ class Picker(Generic[K]):
         change, and a piece just announced is among the rarest anyway).
         Recorded as pending when True.
         """
-        if self._in_flight >= limit or key == self._seed:
+        if self._in_flight >= limit:
             return False
-        out = self._out.get(key)
-        if out is None or len(out) >= per_conn or not self._want >> self.prio[index] & 1 or not self.wanted(index):
+        nb = self._nb.get(key)
+        return nb is not None and self._offer(nb, index, now, per_conn, limit)
+
+    def _offer(self, nb: Neighbour[K], index: int, now: float, per_conn: int, limit: int) -> bool:
+        if (
+            self._in_flight >= limit or nb is self._seed_nb or len(nb.out) >= per_conn or not self._in_want[index]
+            or not self.wanted(index)
+        ):
             return False
-        self.request(key, index, now)
+        self._request(nb, index, now)
         return True
 
     def starving(self) -> bool:
         """Nothing to fetch from any neighbour but the seed."""
         if self.have_bits.complete:
             return False
-        seed = self._seed
-        if self._in_flight and any(self._out[k] for k, r in self._remote.items() if k != seed and r is not None):
+        seed = self._seed_nb
+        if self._in_flight and any(nb.out for nb in self._nb.values() if nb is not seed and nb.bits is not None):
             return False
         # every wanted piece a non-seed neighbour holds has an availability of 1 or more
         return not self._want & ~self._levels[0]
@@ -827,9 +1032,9 @@ class Picker(Generic[K]):
         best_key: tuple[bool, int, int] | None = None
         prio = self.prio
         # (the wanted bits first: most of the allowance is usually held or asked for already)
-        want = self._want
+        in_want = self._in_want
         for i in self.seed_allowed:
-            if not 0 <= i < self.count or not remote >> prio[i] & 1 or not want >> prio[i] & 1 or not self.wanted(i):
+            if not 0 <= i < self.count or not in_want[i] or not remote >> prio[i] & 1 or not self.wanted(i):
                 continue
             k = (self._far(i), self.avail[i], prio[i])
             if best_key is None or k < best_key:
@@ -851,8 +1056,8 @@ class Picker(Generic[K]):
         return None
 
     def _drop(self, key: K, index: int) -> None:
-        out = self._out.get(key)
-        if out is not None and out.pop(index, None) is not None and key != self._seed:
+        nb = self._nb.get(key)
+        if nb is not None and nb.take(index) and nb is not self._seed_nb:
             self._in_flight -= 1
         self._unpend(index, key)
 
@@ -868,8 +1073,8 @@ class Picker(Generic[K]):
     def _bump(self, index: int, delta: int) -> None:
         a = self.avail[index]
         self.avail[index] = a + delta
-        bit = 1 << self.prio[index]
-        if self._want & bit:
+        if self._in_want[index]:
+            bit = 1 << self.prio[index]
             levels = self._levels
             levels[max(0, a)] ^= bit
             b = max(0, a + delta)
@@ -878,10 +1083,11 @@ class Picker(Generic[K]):
             levels[b] |= bit
 
     def _refresh(self, index: int) -> None:
-        bit = 1 << self.prio[index]
-        inside = self._want & bit
+        inside = self._in_want[index]
         if self.wanted(index):
             if not inside:
+                self._in_want[index] = True
+                bit = 1 << self.prio[index]
                 self._want |= bit
                 b = max(0, self.avail[index])
                 levels = self._levels
@@ -889,6 +1095,8 @@ class Picker(Generic[K]):
                     levels.append(0)
                 levels[b] |= bit
         elif inside:
+            self._in_want[index] = False
+            bit = 1 << self.prio[index]
             self._want ^= bit
             self._levels[max(0, self.avail[index])] ^= bit
 

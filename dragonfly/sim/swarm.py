@@ -48,7 +48,7 @@ from ..core.bitmap import Bitmap
 from ..core.pieces import TARGET_PIECES, swarm_piece_size
 from ..core.rendezvous import Node, rank
 from ..peer.neighbours import HAVE_DELAY, HaveHold
-from ..peer.picker import NEIGHBOUR_BYTES, Picker, in_flight_limit, neighbour_limit
+from ..peer.picker import NEIGHBOUR_BYTES, Neighbour, Picker, in_flight_limit, neighbour_limit
 from ..peer.syncer import Syncer
 from ..supernode.scheduler import PeerInfo, Scheduler
 from .network import Flow, FluidNetwork, Host
@@ -169,6 +169,9 @@ class SimPeer:
     done_at: float | None = None
     reported: list[int] = field(factory=list)
     neighbours: set[int] = field(factory=set)
+    #: per neighbour, in the order of C{neighbours}: its number, it, its picker, and this
+    #: peer's record in that picker (what the HAVE fan-out reads, without a lookup)
+    links: list[tuple[int, SimPeer, Picker[int], Neighbour[int]]] = field(factory=list)
     connecting: set[int] = field(factory=set)
     # (neighbour key, piece) -> flow or None while the request travels
     requests: dict[tuple[int, int], Flow | None] = field(factory=dict)
@@ -626,8 +629,16 @@ class Simulation:
         a.picker.bitfield(b.index, b.picker.have_bits)
         b.picker.add(a.index)
         b.picker.bitfield(a.index, a.picker.have_bits)
+        for p in (a, b):
+            p.links = [self._link(p, self.peers[n]) for n in p.neighbours]
         self.dirty.add(a.index)
         self.dirty.add(b.index)
+
+    @staticmethod
+    def _link(peer: SimPeer, other: SimPeer) -> tuple[int, SimPeer, Picker[int], Neighbour[int]]:
+        nb = other.picker.record(peer.index)
+        assert nb is not None
+        return other.index, other, other.picker, nb
 
     def _fill(self, peer: SimPeer) -> None:
         if peer.done_at is not None:
@@ -712,23 +723,20 @@ class Simulation:
         the run's most frequent step).  The dfpeer sends no HAVE to a neighbour
         that holds the piece, and a finished one holds all.
         """
-        peers = self.peers
         key = peer.index
         now = self.now
         per_conn = self.c.per_conn
         fill_on_have = self.c.fill_on_have
         sent = 0
-        for n in peer.neighbours:
+        for n, other, picker, nb in peer.links:
             if holders[n]:
                 continue
             sent += 1
-            other = peers[n]
-            picker = other.picker
-            picker.have(key, index)
             if fill_on_have:
+                picker.have(key, index)
                 self.dirty.add(n)
-            elif picker.offer(key, index, now, per_conn, other.limit):
-                # the dfpeer's on_have: only this neighbour's choice can change
+            elif picker.heard(nb, index, now, per_conn, other.limit):
+                # have() and then the dfpeer's on_have: only this neighbour's choice can change (offer())
                 self._ask(other, key, index)
         self.have_frames += sent
         self.haves += sent

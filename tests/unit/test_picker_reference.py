@@ -8,6 +8,8 @@ same random operations and every answer is compared.
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 from typing import Any
 
@@ -15,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dragonfly.core.bitmap import Bitmap
-from dragonfly.peer.picker import Picker
+from dragonfly.peer.picker import Neighbour, Picker, _heapify, _heappop, _heappush
 
 from .picker_reference import ReferencePicker
 
@@ -24,7 +26,7 @@ MB = 1 << 20
 
 OPS = [
     "add", "bitfield", "have", "lost", "remove", "digest", "fill", "fill_rate", "choose", "offer", "receive",
-    "store", "corrupt", "reject", "cancel", "stream", "allow", "time", "unverified",
+    "store", "corrupt", "reject", "cancel", "stream", "allow", "time", "unverified", "heard",
 ]
 
 
@@ -45,6 +47,15 @@ def state(p: Any) -> Any:
         {k: (None if p.remote(k) is None else p.remote(k).to_bytes()) for k in keys},
         p.buckets(), p.starving(), [p.wanted(i) for i in range(p.count)], p.seed,
     )
+
+
+def consistent(p: Picker[Any]) -> None:
+    """The fast picker's own caches agree with what they cache."""
+    for i in range(p.count):
+        assert p._in_want[i] == bool(p._want >> p.prio[i] & 1)
+    for nb in p._nb.values():
+        assert nb.oldest == min(nb.out.values(), default=math.inf)
+        assert nb.newest == max(nb.out.values(), default=-math.inf)
 
 
 def run(
@@ -118,6 +129,18 @@ def run(
         elif op == "offer":
             per_conn, limit = 1 + x % 3, 1 + (x >> 2) % 6
             assert fast.offer(key, index, now, per_conn, limit) == ref.offer(key, index, now, per_conn, limit)
+        elif op == "heard":
+            # the HAVE and the offer in one call on the neighbour's record (the simulator's)
+            per_conn, limit = 1 + x % 3, 1 + (x >> 2) % 6
+            record = fast.record(key)
+            if record is None:
+                fast.have(key, index)
+                a = fast.offer(key, index, now, per_conn, limit)
+            else:
+                assert record.key == key
+                a = fast.heard(record, index, now, per_conn, limit)
+            ref.have(key, index)
+            assert a == ref.offer(key, index, now, per_conn, limit)
         elif op in ("receive", "reject", "cancel"):
             out = [(k, i) for k in fast.neighbours() for i in fast.outstanding(k)]
             if out:
@@ -161,6 +184,7 @@ def run(
             assert fast.rate(k) == ref.rate(k)
             assert fast.rate(k, now, MB) == ref.rate(k, now, MB)
         assert state(fast) == state(ref)
+        consistent(fast)
 
 
 step = st.tuples(st.integers(0, 10_000), st.integers(0, 100), st.integers(0, 10_000), st.integers(0, 2**20))
@@ -191,3 +215,30 @@ def test_many_random_swarms_decide_alike() -> None:
             op = r.choice(OPS + ["fill_rate"] * 8 + ["receive"] * 8 + ["store"] * 6 + ["have"] * 4 + ["time"] * 6)
             steps.append((OPS.index(op), r.randrange(100), r.randrange(10_000), r.randrange(2**20)))
         run(count, seed, steps, r.choice([1.0, 4.0]), True, attach=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    finishes=st.lists(st.sampled_from([0.5, 1.0, 1.0, 2.0, 3.5]), max_size=40),
+    ops=st.lists(st.tuples(st.booleans(), st.sampled_from([0.5, 1.0, 2.0, 3.5])), max_size=60),
+)
+def test_the_rate_heap_keeps_heapqs_order(finishes: list[float], ops: list[tuple[bool, float]]) -> None:
+    """The records' heap pops the same neighbours and leaves its array in the same order as heapq on tuples."""
+    made = [Neighbour(n) for n in range(len(finishes))]
+    for n, (nb, f) in enumerate(zip(made, finishes, strict=True)):
+        nb.finish, nb.place = f, n
+    tuples = [(nb.finish, nb.place, nb) for nb in made]
+    heapq.heapify(tuples)
+    heap = list(made)
+    _heapify(heap)
+    assert heap == [e[2] for e in tuples]
+    for push, f in ops:
+        if push or not tuples:
+            nb = Neighbour(len(made))
+            nb.finish, nb.place = f, len(made)
+            made.append(nb)
+            heapq.heappush(tuples, (nb.finish, nb.place, nb))
+            _heappush(heap, nb)
+        else:
+            assert _heappop(heap) is heapq.heappop(tuples)[2]
+        assert heap == [e[2] for e in tuples]
