@@ -381,24 +381,33 @@ class Picker(Generic[K]):
         avail = self.avail
         count = self.count
         in_want = self._in_want
-        want = 0
-        by_level: dict[int, int] = {}
+        pending, verifying, have = self.pending, self.verifying, self.have_bits
+        # (wanted(), inline: with no piece held yet, as when a download starts, no bitmap call per piece)
+        none_held = len(have) == 0
+        # each level's new bits set in bytes, made ints once (an int per piece grew a 512-bit int each time)
+        nbytes = (count + 7) >> 3
+        by_level: dict[int, bytearray] = {}
         for index in indexes:
             if 0 <= index < count and not known[index]:
                 known[index] = True
-                if self.wanted(index):
+                if index not in pending and index not in verifying and (none_held or index not in have):
                     in_want[index] = True
-                    bit = 1 << prio[index]
-                    want |= bit
+                    p = prio[index]
                     b = max(0, avail[index])
-                    by_level[b] = by_level.get(b, 0) | bit
-        if want:
-            self._want |= want
+                    mask = by_level.get(b)
+                    if mask is None:
+                        mask = by_level[b] = bytearray(nbytes)
+                    mask[p >> 3] |= 1 << (p & 7)
+        if by_level:
             levels = self._levels
-            for b, bits in by_level.items():
+            want = self._want
+            for b, mask in by_level.items():
+                bits = int.from_bytes(mask, "little")
+                want |= bits
                 while len(levels) <= b:
                     levels.append(0)
                 levels[b] |= bits
+            self._want = want
 
     def stored(self, index: int) -> None:
         """C{index} was verified and written."""
