@@ -14,26 +14,24 @@ _DURATION = re.compile(r"(?P<n>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h)?\Z")
 _DURATION_UNITS = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
-def parse_rate(text: str) -> int:
-    """C{N}, C{NK}, C{NM}, C{NG} (bytes per second, powers of 1024) to an int."""
-    m = _RATE.match(str(text).strip())
+def _parse_bytes(text: str, pattern: re.Pattern[str], kind: str, form: str) -> int:
+    m = pattern.match(str(text).strip())
     if m is None:
-        raise BadInput(f"rate {text!r} is not of the form 20M (N, NK, NM or NG bytes/s)")
+        raise BadInput(f"{kind} {text!r} is not of the form {form}")
     value = float(m.group("n")) * _RATE_UNITS[m.group("unit").lower()]
     if not math.isfinite(value):
-        raise BadInput(f"rate {text!r} is too large")
+        raise BadInput(f"{kind} {text!r} is too large")
     return int(value)
+
+
+def parse_rate(text: str) -> int:
+    """C{N}, C{NK}, C{NM}, C{NG} (bytes per second, powers of 1024) to an int."""
+    return _parse_bytes(text, _RATE, "rate", "20M (N, NK, NM or NG bytes/s)")
 
 
 def parse_size(text: str) -> int:
     """C{N}, C{NK}, C{NM}, C{NG} (bytes, powers of 1024) to an int: a buffer's size, say."""
-    m = _SIZE.match(str(text).strip())
-    if m is None:
-        raise BadInput(f"size {text!r} is not of the form 64K (N, NK, NM or NG bytes)")
-    value = float(m.group("n")) * _RATE_UNITS[m.group("unit").lower()]
-    if not math.isfinite(value):
-        raise BadInput(f"size {text!r} is too large")
-    return int(value)
+    return _parse_bytes(text, _SIZE, "size", "64K (N, NK, NM or NG bytes)")
 
 
 def parse_duration(text: str) -> float:
