@@ -893,6 +893,16 @@ class Picker(Generic[K]):
                 self._request(nb, i, now)
                 asked.append((nb.key, i))
 
+    def _speed_for(self, nb: Neighbour[K], now: float, stamp: int, piece_bytes: int) -> float | None:
+        """C{nb}'s speed of the fill C{stamp} when it has one, else its L{rate} (then kept for it)."""
+        if nb.stamp == stamp:
+            return nb.speed
+        rate = self._rate_of(nb, now, piece_bytes)
+        if rate is not None:
+            nb.speed = rate
+            nb.stamp = stamp
+        return rate
+
     def _late(
         self, now: float, stamp: int, piece_bytes: int, over: float = -math.inf,
     ) -> list[tuple[float, int, Neighbour[K]]]:
@@ -912,14 +922,9 @@ class Picker(Generic[K]):
             out = other.out
             if not out or other is seed:
                 continue
-            if other.stamp == stamp:
-                r = other.speed
-            else:
-                rate = self._rate_of(other, now, piece_bytes)
-                if rate is None:
-                    continue
-                r = other.speed = rate
-                other.stamp = stamp
+            r = self._speed_for(other, now, stamp, piece_bytes)
+            if r is None:
+                continue
             if r <= 0 or max(other.newest, other.last_done) + len(out) * piece_bytes / r - now > over:
                 break
         else:
@@ -932,14 +937,9 @@ class Picker(Generic[K]):
             other = nbs[key]
             if other is seed:
                 continue
-            if other.stamp == stamp:
-                r = other.speed
-            else:
-                rate = self._rate_of(other, now, piece_bytes)
-                if rate is None:
-                    continue
-                r = other.speed = rate
-                other.stamp = stamp
+            r = self._speed_for(other, now, stamp, piece_bytes)
+            if r is None:
+                continue
             # when the other is expected to finish it: its queue up to it, at its rate
             out = other.out
             start = max(asked_at, other.last_done)
