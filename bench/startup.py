@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for tree, outs in runs.items():
         print(f"median {tree}: " + ", ".join(
             f"{k} {statistics.median(o[k] for o in outs):.3f}" for k in ("bind", *REQUESTS)
-        ))
+        ) + f"; bind to register {statistics.median(o['register'] - o['bind'] for o in outs):.3f}")
     return 0
 
 
