@@ -10,6 +10,7 @@ answer is held to a SuperNode built alike and served by Klein alone
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -17,16 +18,18 @@ import sys
 import textwrap
 from typing import Any
 
+from treq.testing import StubTreq
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
+from dragonfly.protocol.supernode_api import PeerRegistration
 from dragonfly.supernode.api import SupernodeApi
 from dragonfly.supernode.fastpath import LOAD_STEPS, FastPath, load_in_steps
 
 from .test_supernode_api import BODY, FakeResponse
-from .test_supernode_fastpath import FRAMING, TID, URL, Side, result, sync_path
+from .test_supernode_fastpath import TID, URL, Side, result, sync_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,8 +50,6 @@ class EarlySide(Side):
         self.api = SupernodeApi(self.node, process_metrics=False, timer=lambda: 0.0, **api_kwargs)
         self.root = self.api.resource(early=True)
         assert isinstance(self.root, FastPath)
-        from treq.testing import StubTreq
-
         self.stub = StubTreq(self.root)
 
 
@@ -59,8 +60,6 @@ class EarlyPair:
         self.early = EarlySide(str(tmp_path / "early"), **api_kwargs)
         self.klein = Side(str(tmp_path / "klein"), False, **api_kwargs)
         self.klein.api = SupernodeApi(self.klein.node, process_metrics=False, timer=lambda: 0.0, **api_kwargs)
-        from treq.testing import StubTreq
-
         self.klein.stub = StubTreq(self.klein.api.klein_resource())
 
     def both(self, method: str, path: str, body: Any = None, raw: bytes | None = None, token: str | None = None) -> tuple[int, Any]:
@@ -166,7 +165,7 @@ def test_requests_answered_early_are_counted_once_loaded(tmp_path: Any) -> None:
 
 def test_a_registration_whose_client_goes_away_is_cancelled_and_counted_aborted(tmp_path: Any, monkeypatch: Any) -> None:
     side = EarlySide(str(tmp_path))
-    side.node.register_peer(__import__("dragonfly.protocol.supernode_api", fromlist=["x"]).PeerRegistration("peer-1", "10.0.0.1", 1))
+    side.node.register_peer(PeerRegistration("peer-1", "10.0.0.1", 1))
     waiting: defer.Deferred[Any] = defer.Deferred()
 
     async def slow(*args: Any) -> Any:
@@ -176,7 +175,7 @@ def test_a_registration_whose_client_goes_away_is_cancelled_and_counted_aborted(
     request = Request([b"api", b"v1", b"tasks"])
     request.method = b"POST"
     request.path = b"/api/v1/tasks"
-    request.content = __import__("io").BytesIO(json.dumps({"peerId": "peer-1", "url": URL}).encode())
+    request.content = io.BytesIO(json.dumps({"peerId": "peer-1", "url": URL}).encode())
     request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
     side.root.render(request)
     assert request.written == [] and not request.finished
@@ -197,7 +196,7 @@ def test_a_registration_answers_when_its_handler_is_done(tmp_path: Any, monkeypa
     request = Request([])
     request.method = b"POST"
     request.path = b"/api/v1/tasks"
-    request.content = __import__("io").BytesIO(json.dumps({"peerId": "peer-1", "url": URL}).encode())
+    request.content = io.BytesIO(json.dumps({"peerId": "peer-1", "url": URL}).encode())
     side.root.render(request)
     assert not request.finished
     waiting.errback(RuntimeError("the resolver broke"))
@@ -269,5 +268,3 @@ def test_the_tap_serves_before_importing_klein_prometheus_treq() -> None:
     assert out[1:-1] and set(out[1:-1]) == {"early []"}, out
     assert out[-1] == str(sorted(m for m in HEAVY if m != "treq")), out
 
-
-assert FRAMING  # the same framing rule as the fast path's tests
