@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import define
 from attrs import field as attrs_field
-from klein import Klein
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -25,9 +24,14 @@ from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.server import Site
-from werkzeug.exceptions import HTTPException
 
 from .headers import safe_header_map
+
+if TYPE_CHECKING:
+    from klein import Klein
+
+# Klein and werkzeug are imported by install_error_handlers, not here: a
+# SuperNode serves its first requests without them (dragonfly.supernode.fastpath)
 
 log = Logger()
 
@@ -131,6 +135,7 @@ def _kind_name(kinds: Iterable[type]) -> str:
 
 def install_error_handlers(app: Klein) -> None:
     """Make every error of C{app} (a class attribute: handlers get the instance) a JSON body."""
+    from werkzeug.exceptions import HTTPException
 
     @app.handle_errors(ApiError)
     def api_error(self: Any, request: IRequest, failure: Failure) -> bytes:

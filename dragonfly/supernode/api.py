@@ -14,6 +14,13 @@ L{Refused} into the error envelope (L{Endpoint.run}).  The work is done by
 the facade, L{dragonfly.supernode.node.SuperNode}; the handler serialises
 its result.  The API's root resource is L{dragonfly.supernode.fastpath}'s:
 syncs and heartbeats run their L{Endpoint} there, without Klein.
+
+Importing this module imports neither Klein (with werkzeug) nor
+prometheus_client: the Klein app is built from L{ENDPOINTS} on first use
+(L{klein_app}), and an API's metrics registry when it is first needed
+(L{SupernodeApi.load}), so that a SuperNode started again answers its
+peers' registrations and syncs on the fast path first
+(L{SupernodeApi.resource}C{(early=True)}) and loads the rest after.
 """
 
 from __future__ import annotations
@@ -29,17 +36,14 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 from attrs import frozen
-from klein import Klein
 from twisted.web.iweb import IRequest
 
 from ..core.bodies import Schemas
 from ..core.headers import safe_header_map
 from ..core.httpapi import ApiError, install_error_handlers, json_response, read_json, require_bearer
 from ..core.ids import BadInput, is_peer_id, is_task_id, parse_filter
-from ..core.metrics import HttpMetrics, collector, metrics_route, new_registry
 from ..core.security import OriginPolicy
 from ..protocol.supernode_api import PeerRegistration, SyncReport, TaskRequest
-from . import metrics, oapi
 from .cdn import CdnTask
 from .dashboard import DEFAULT_TASKS, MAX_TASKS, dashboard_view
 from .fastpath import FastPath
@@ -123,8 +127,6 @@ async def _awaiting(result: Awaitable[Any]) -> Any:
         raise _refused(e) from None
 
 
-_app = Klein()
-
 #: who may call a route: anyone, a peer (the cluster token), an admin (the admin token)
 OPEN, PEER, ADMIN = "open", "peer", "admin"
 
@@ -182,15 +184,54 @@ def route(rule: str, method: str, access: str = PEER) -> Callable[[Callable[...,
     schema = _body_schema(rule, method)
 
     def decorate(f: Callable[..., Any]) -> Any:
-        endpoint = ENDPOINTS[f.__name__] = Endpoint(f.__name__, rule, method, access, schema, f)
-
-        @functools.wraps(f)
-        def handler(self: SupernodeApi, request: IRequest, **params: Any) -> Any:
-            return endpoint.run(self, request, params)
-
-        return _app.route(rule, methods=[method])(handler)
+        ENDPOINTS[f.__name__] = Endpoint(f.__name__, rule, method, access, schema, f)
+        return f
 
     return decorate
+
+
+def _klein_handler(endpoint: Endpoint) -> Callable[..., Any]:
+    """The Klein route function of C{endpoint}: it has the handler's name (the metrics' C{handler} label)."""
+
+    @functools.wraps(endpoint.handler)
+    def handler(self: SupernodeApi, request: IRequest, **params: Any) -> Any:
+        return endpoint.run(self, request, params)
+
+    return handler
+
+
+_klein: Any = None
+
+
+def klein_app() -> Any:
+    """
+    The API's Klein app (class-level: its handlers get the L{SupernodeApi}),
+    built on the first call: the error handlers, C{/metrics}, the open API
+    (L{dragonfly.supernode.oapi}) and every L{ENDPOINTS} operation, in
+    that order.
+    """
+    global _klein
+    if _klein is None:
+        from klein import Klein
+
+        from ..core.metrics import metrics_route
+        from . import oapi
+
+        app = Klein()
+        install_error_handlers(app)
+        metrics_route(app, lambda self: self.registry)
+        oapi.mount(app)  # Harbor's preheat: Dragonfly's manager open API (dragonfly/supernode/oapi.py)
+        for endpoint in ENDPOINTS.values():
+            app.route(endpoint.rule, methods=[endpoint.method])(_klein_handler(endpoint))
+        _klein = app
+    return _klein
+
+
+class _KleinApp:
+    """C{SupernodeApi.app}: L{klein_app}, bound to the instance as a Klein class attribute is."""
+
+    def __get__(self, instance: Any, owner: Any) -> Any:
+        return klein_app().__get__(instance, owner)
 
 
 class SupernodeApi:
@@ -201,10 +242,7 @@ class SupernodeApi:
     @param timer: monotonic seconds for request durations (a fake in tests).
     """
 
-    app = _app
-    install_error_handlers(app)
-    metrics_route(app, lambda self: self.registry)
-    oapi.mount(app)  # Harbor's preheat: Dragonfly's manager open API (dragonfly/supernode/oapi.py)
+    app = _KleinApp()
 
     def __init__(
         self,
@@ -228,9 +266,11 @@ class SupernodeApi:
         """
         self.node = node
         self.preheater = preheater
-        self.registry = new_registry(process_metrics)
-        self.http = HttpMetrics(self.registry, "dragonfly_supernode", timer)
-        self.registry.register(collector(lambda: metrics.collect(node)))
+        self.timer = timer
+        self._process_metrics = process_metrics
+        self._metrics: tuple[Any, Any] | None = None  # (registry, HttpMetrics), made by load()
+        #: requests answered before load(): (handler, code, seconds), counted by load()
+        self.early: list[tuple[str, str, float]] = []
         # a few KiB, read once at start-up rather than on the reactor per request
         self._ui = _load_ui()
         self.admin_token = admin_token
@@ -240,11 +280,57 @@ class SupernodeApi:
         #: every sync answer carries its task's JSON: encoded once per change
         self.task_json = TaskJson()
 
-    def resource(self) -> Any:
+    @property
+    def loaded(self) -> bool:
+        """Whether L{load} ran: the metrics registry and the Klein app are in."""
+        return self._metrics is not None
+
+    def load(self) -> None:
         """
-        The API's root resource: syncs and heartbeats answered by the fast
-        path (L{dragonfly.supernode.fastpath}), every other request by Klein.
+        Import and build what only the full API needs (prometheus_client,
+        Klein, werkzeug; the metrics registry, the Klein app's routes), and
+        count the requests answered before it; at once, a second call does
+        nothing.
         """
+        if self._metrics is not None:
+            return
+        from ..core.metrics import HttpMetrics, collector, new_registry
+        from . import metrics
+
+        registry = new_registry(self._process_metrics)
+        http = HttpMetrics(registry, "dragonfly_supernode", self.timer)
+        node = self.node
+        registry.register(collector(lambda: metrics.collect(node)))
+        klein_app()
+        self._metrics = (registry, http)
+        early, self.early = self.early, []
+        for handler, code, seconds in early:
+            http.observe(handler, code, seconds)
+
+    @property
+    def registry(self) -> Any:
+        """The API's metrics registry (C{GET /metrics}), made by L{load}."""
+        self.load()
+        assert self._metrics is not None
+        return self._metrics[0]
+
+    @property
+    def http(self) -> Any:
+        """The API's request metrics (L{dragonfly.core.metrics.HttpMetrics}), made by L{load}."""
+        self.load()
+        assert self._metrics is not None
+        return self._metrics[1]
+
+    def resource(self, early: bool = False) -> Any:
+        """
+        The API's root resource: syncs and heartbeats (and, with C{early},
+        what a restarted SuperNode's peers call first) answered by the fast
+        path (L{dragonfly.supernode.fastpath}), every other request by
+        Klein.  With C{early} nothing is loaded (L{load}) until a request
+        needs it or L{load} is called; else all of it now.
+        """
+        if early:
+            return FastPath(self, None, ENDPOINTS, early=True)
         return FastPath(self, self.klein_resource(), ENDPOINTS)
 
     def klein_resource(self) -> Any:

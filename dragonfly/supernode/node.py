@@ -14,20 +14,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attrs import frozen
-from twisted.application.internet import TimerService
 from twisted.logger import Logger, LogLevel
 
 from ..core.bitmap import Bitmap
 from ..core.bodywriter import CDN_DIRECT_WRITES
+from ..core.distribution import FAST_SECONDS, Distribution
 from ..core.gc import GcEntry
 from ..core.headers import safe_header_map
 from ..core.ids import BadInput, check_url, parse_digest
 from ..core.ids import task_id as make_task_id
 from ..core.logs import safe_url, task_log
-from ..core.metrics import FAST_SECONDS, Distribution
 from ..core.pieces import piece_span
 from ..core.piecetag import Origin, PieceKey, origin_from_json, origin_json
 from ..core.ranges import BadRange, ByteRange, parse_range
@@ -47,6 +46,9 @@ from ..protocol.supernode_api import (
 from .cdn import Cdn, CdnTask
 from .resume import if_range_value
 from .scheduler import SEED_ID, Decision, PeerInfo, Scheduler, UnknownPeer, UnknownTask
+
+if TYPE_CHECKING:
+    from twisted.application.internet import TimerService
 
 log = Logger()
 
@@ -843,6 +845,8 @@ class SuperNode:
 
     def traffic_sampler(self, interval: float = SAMPLE_INTERVAL) -> TimerService:
         """A service that samples the traffic every C{interval} seconds on our clock."""
+        from twisted.application.internet import TimerService  # not on a restart's way (the SuperNode's tap)
+
         service = TimerService(interval, self.sample_traffic)
         service.clock = self.clock
         return service

@@ -34,15 +34,25 @@ if TYPE_CHECKING:
 
     from .node import SuperNode
 
-# The rest (the API, the CDN, the scheduler, treq, klein) is imported in
-# makeService, after both ports are bound (L{bind_early}): a restarted
-# SuperNode's peers connect while it still imports and reloads its cache,
-# and their requests wait in the listen backlog instead of being refused.
+# The rest (the API, the CDN, the scheduler) is imported in makeService,
+# after both ports are bound (L{bind_early}): a restarted SuperNode's peers
+# connect while it still imports and reloads its cache, and their requests
+# wait in the listen backlog instead of being refused.  What they call first
+# (registrations, syncs, heartbeats, /healthz) is answered without Klein
+# (dragonfly/supernode/fastpath.py); Klein, werkzeug and prometheus_client,
+# the GC's and the traffic sampler's timers are imported a moment after the
+# reactor starts (FULL_API_AFTER), and treq and the origin's agent at the
+# first origin fetch.
 
 log = Logger()
 
 #: connections the API takes at once (more are answered 503)
 API_MAX_CONNECTIONS = 4096
+#: seconds from the reactor's start to loading the rest of the API (Klein, the metrics), one module a turn;
+#: a request that needs it sooner loads it at once
+FULL_API_AFTER = 1.0
+#: seconds between the steps of that load
+LOAD_GAP = 0.01
 
 
 def _port(value: str) -> int:
@@ -253,20 +263,16 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     else:
         api_endpoint = bind_early(iface, options["port"], reactor=reactor)
 
-    from twisted.web.client import Agent, HTTPConnectionPool
-
     from ..core.fdlimit import fit_open_files_shared
-    from ..core.gc import DiskGc
     from ..core.httpapi import HttpLimits, guard_site
     from ..core.ratelimit import TokenBucket
     from ..core.security import PolicyEndpointFactory
     from ..core.tapkit import QuietSite
     from ..core.threads import WorkerPool
-    from ..core.tls import https_policy
-    from ..core.webclient import http_client
+    from ..core.webclient import LazyHttpClient
     from .api import SupernodeApi
     from .cdn import Cdn
-    from .gc import SupernodeGc
+    from .fastpath import load_in_steps
     from .node import SuperNode
     from .originsock import origin_reactor
     from .preheat import Preheater
@@ -278,15 +284,23 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     pool = WorkerPool(reactor, size=options["workers"], name="supernode-io")
     pool.setServiceParent(top)
     policy = options["origin-policy"]
-    # every origin connection passes the allow/deny policy, by resolved address
-    agent = Agent.usingEndpointFactory(
-        reactor, PolicyEndpointFactory(
-            origin_reactor(reactor, options["origin-rcvbuf"]), policy, pool,
-            tls_policy=options["https-policy"] or https_policy(None),
-        ),
-        pool=HTTPConnectionPool(reactor),
-    )
-    http = http_client(agent)
+
+    def origin_agent() -> Any:
+        # every origin connection passes the allow/deny policy, by resolved address
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        from ..core.tls import https_policy
+
+        return Agent.usingEndpointFactory(
+            reactor, PolicyEndpointFactory(
+                origin_reactor(reactor, options["origin-rcvbuf"]), policy, pool,
+                tls_policy=options["https-policy"] or https_policy(None),
+            ),
+            pool=HTTPConnectionPool(reactor),
+        )
+
+    # treq and the agent made at the first origin fetch (a restart's resumed one, else a registration's)
+    http = LazyHttpClient(origin_agent)
     scheduler = Scheduler(
         max_parents=options["max-parents"], seed_window=options["seed-window"],
         seed_slots=options["seed-slots"], peer_ttl=options["peer-ttl"],
@@ -312,25 +326,35 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         node, Preheater(node, http, reactor), admin_token=options["admin-token"],
         cluster_token=options["cluster-token"], origin_policy=policy, resolver_pool=pool,
     )
+    root = api.resource(early=True)
     SupernodeService(
         reactor,
         node,
         home,
         block_endpoint,
         api_endpoint,
-        guard_site(QuietSite(api.resource()), HttpLimits(max_connections=fit["API"])),
+        guard_site(QuietSite(root), HttpLimits(max_connections=fit["API"])),
         block_limits=block_limits,
     ).setServiceParent(top)
-    disk = DiskGc(
-        node.cdn.repo, pool, options["gc-disk-high"], options["gc-disk-low"],
-        candidates=node.gc_entries, evict=node.evict, still_evictable=node.evictable, what="the CDN cache",
-    )
-    SupernodeGc(
-        node, reactor, options["gc-interval"], options["task-expire"], disk,
-        peer_interval=min(5.0, options["peer-ttl"] / 4),
-    ).setServiceParent(top)
-    # the dashboard's traffic chart (GET /api/v1/dashboard, /ui)
-    node.traffic_sampler().setServiceParent(top)
+
+    def timers() -> None:
+        # started a moment after the reactor (their imports are not on a restart's way); GC runs at once then
+        from ..core.gc import DiskGc
+        from .gc import SupernodeGc
+
+        disk = DiskGc(
+            node.cdn.repo, pool, options["gc-disk-high"], options["gc-disk-low"],
+            candidates=node.gc_entries, evict=node.evict, still_evictable=node.evictable, what="the CDN cache",
+        )
+        SupernodeGc(
+            node, reactor, options["gc-interval"], options["task-expire"], disk,
+            peer_interval=min(5.0, options["peer-ttl"] / 4),
+        ).setServiceParent(top)
+        # the dashboard's traffic chart (GET /api/v1/dashboard, /ui)
+        node.traffic_sampler().setServiceParent(top)
+        load_in_steps(reactor, root, LOAD_GAP)
+
+    reactor.callWhenRunning(reactor.callLater, FULL_API_AFTER, timers)
     if os.environ.get("DRAGONFLY_MEMTRACE"):
         from ..core import memtrace
 
