@@ -104,10 +104,10 @@ def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 <<
 CDN_SPLIT_HASH = os.environ.get("DRAGONFLY_CDN_SPLIT_HASH", "0") == "1"
 
 #: DRAGONFLY_CDN_DIRECT_WRITES=1 writes the CDN's bodies' whole pages with O_DIRECT (L{AlignedWriter}).
-#: Off by default: on the test VM it makes the SuperNode's own CPU steady (pool system 0.6-0.7 s/GiB where
+#: Off by default: on the test VM it makes the SuperNode's own CPU steady (pool system 0.6-0.8 s/GiB where
 #: the page cache's fresh pages cost it 0.5-9 from run to run), but the first peer's copy out of the seed's
-#: pages read back from the disk cost it 0.7-1.9 s/GiB more, and on a quiet machine the SuperNode and its
-#: first peer together took more CPU and time with it than without (docs/benchmarks.md)
+#: pages read back from the disk then cost it up to 2 s/GiB more, and on a quiet machine the SuperNode and
+#: its first peer together took more CPU and time with it than without (docs/benchmarks.md)
 CDN_DIRECT_WRITES = DIRECT_WRITES and os.environ.get("DRAGONFLY_CDN_DIRECT_WRITES", "0") == "1"
 
 

@@ -228,7 +228,7 @@ class CdnTask:
         a task taken over, whose file is sized with holes).  The kernel's
         readahead stops at a file's end, so reading ahead in such a file
         never caches pages a later C{O_DIRECT} write would have to throw
-        away (L{Cdn.warm}).
+        away (L{Cdn.warm_piece}).
         """
         return not self.adopted and not self.side and self.holes_end == 0
 
