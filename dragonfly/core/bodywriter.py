@@ -8,8 +8,8 @@ at its offset in the worker pool, one after another, the blocks that queue up
 while a pool job runs all in the next one (one hand-off per batch; each
 block still written by itself, see L{_store_blocks}): a SHA-256 per chunk (a
 piece on the SuperNode's CDN, updated as the chunk's blocks arrive) and a
-whole-file SHA-256, in the same pass; through the page cache, or with
-DRAGONFLY_CDN_DIRECT_WRITES=1 the whole pages with O_DIRECT
+whole-file SHA-256, in the same pass; through the page cache, or (C{direct}: the
+CDN's with DRAGONFLY_CDN_DIRECT_WRITES=1) the whole pages with O_DIRECT
 (L{AlignedWriter}).  While too many bytes wait for the pool
 the response is paused, so a fast origin never fills memory.  A body shorter
 or longer than its Content-Length, a lost connection or an origin silent for
@@ -103,9 +103,11 @@ def rehash_prefix(path: str, offset: int, chunk_size: int, read_size: int = 1 <<
 #: neither the CPU nor the time of a fetch in same-run comparisons (docs/benchmarks.md)
 CDN_SPLIT_HASH = os.environ.get("DRAGONFLY_CDN_SPLIT_HASH", "0") == "1"
 
-#: DRAGONFLY_CDN_DIRECT_WRITES=1 writes a body's whole pages with O_DIRECT (L{AlignedWriter}).  Off by
-#: default: in alternated datapath runs it cost the SuperNode as much CPU as the page cache or more, and
-#: its writes wait for the device in the writer's one chain, after the hashing (docs/benchmarks.md)
+#: DRAGONFLY_CDN_DIRECT_WRITES=1 writes the CDN's bodies' whole pages with O_DIRECT (L{AlignedWriter}).
+#: Off by default: on the test VM it makes the SuperNode's own CPU steady (pool system 0.6-0.8 s/GiB where
+#: the page cache's fresh pages cost it 0.5-9 from run to run), but the first peer's copy out of the seed's
+#: pages read back from the disk then cost it up to 2 s/GiB more, and on a quiet machine the SuperNode and
+#: its first peer together took more CPU and time with it than without (docs/benchmarks.md)
 CDN_DIRECT_WRITES = DIRECT_WRITES and os.environ.get("DRAGONFLY_CDN_DIRECT_WRITES", "0") == "1"
 
 
@@ -363,6 +365,8 @@ class ChunkedFileWriter(HeldBody):
         bytes from C{start.offset} on).
     @param whole_hash: False: no whole-file hash (a side fetch of a few
         pieces, whose bytes are not the file's), C{done} fires with "" for it.
+    @param direct: write the whole pages with C{O_DIRECT} (L{AlignedWriter};
+        the CDN's, L{CDN_DIRECT_WRITES}), else through the page cache.
     """
 
     #: pause the body while this many bytes wait for the pool; resume at half
@@ -389,8 +393,10 @@ class ChunkedFileWriter(HeldBody):
         limit: TokenBucket | None = None,
         start: ResumePoint | None = None,
         whole_hash: bool = True,
+        direct: bool = False,
     ) -> None:
         self._pool = pool
+        self._direct = direct
         self._whole = whole_hash
         self._clock = clock
         self._fd = fd
@@ -439,11 +445,10 @@ class ChunkedFileWriter(HeldBody):
         if fd is None:
             self._hold()
 
-    @staticmethod
-    def _aligned(fd: int, chunk_size: int) -> AlignedWriter:
+    def _aligned(self, fd: int, chunk_size: int) -> AlignedWriter:
         # pieces that end off a page boundary would share a page between two
         # pieces, written both ways: the page cache alone then
-        return AlignedWriter(fd, CDN_DIRECT_WRITES and chunk_size % DIRECT_ALIGN == 0)
+        return AlignedWriter(fd, self._direct and chunk_size % DIRECT_ALIGN == 0)
 
     def connectionMade(self) -> None:
         """Arm the idle timer and read the socket in large blocks."""

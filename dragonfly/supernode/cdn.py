@@ -72,7 +72,15 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from ..core.bitmap import Bitmap
-from ..core.bodywriter import AbortBody, BodyError, ChunkedFileWriter, DiscardBody, ResumePoint, rehash_prefix
+from ..core.bodywriter import (
+    CDN_DIRECT_WRITES,
+    AbortBody,
+    BodyError,
+    ChunkedFileWriter,
+    DiscardBody,
+    ResumePoint,
+    rehash_prefix,
+)
 from ..core.files import pread_exact, warm_pages, write_json_atomic
 from ..core.headers import NOT_TO_ORIGIN
 from ..core.ids import parse_digest
@@ -211,6 +219,18 @@ class CdnTask:
     # pieces no peer holds are asked of the origin (L{Cdn.fill})
     adopted: bool = False
 
+
+    @property
+    def in_order(self) -> bool:
+        """
+        Whether the data file holds nothing past the in-order fetch's bytes:
+        its size is where they end (no side fetch planned or under way, not
+        a task taken over, whose file is sized with holes).  The kernel's
+        readahead stops at a file's end, so reading ahead in such a file
+        never caches pages a later C{O_DIRECT} write would have to throw
+        away (L{Cdn.warm_piece}).
+        """
+        return not self.adopted and not self.side and self.holes_end == 0
 
     @property
     def peer_held(self) -> bool:
@@ -792,6 +812,7 @@ class Cdn:
         writer = ChunkedFileWriter(
             self._pool, self._clock, None, task.piece_size, length, self._idle_timeout, stored, counted,
             limit=self._origin_limit, start=start, whole_hash=wants_file_sha256(task.expected_digest),
+            direct=CDN_DIRECT_WRITES,
         )
         task.main_writer = writer
         writer.done.addCallbacks(
@@ -1029,7 +1050,7 @@ class Cdn:
 
         writer = ChunkedFileWriter(
             self._pool, self._clock, None, task.piece_size, stop, self._idle_timeout, stored, counted,
-            limit=self._origin_limit, start=ResumePoint(start), whole_hash=False,
+            limit=self._origin_limit, start=ResumePoint(start), whole_hash=False, direct=CDN_DIRECT_WRITES,
         )
         side.writer = writer
         if task.main_writer is not None:
@@ -1335,9 +1356,25 @@ class Cdn:
         offset, size = piece_span(index, task.length, task.piece_size)
         return self._pool.run(pread_exact, task.data_path, offset, size)
 
-    def warm(self, fd: int, offset: int, size: int, exact: bool) -> Deferred[int]:
-        """Read C{size} bytes at C{offset} of C{fd} (from L{open_data}) into the page cache, in the pool (L{warm_pages})."""
-        return self._pool.run(warm_pages, fd, offset, size, exact)
+    def warm_piece(self, task: CdnTask, fd: int, offset: int, size: int) -> Deferred[int]:
+        """
+        Read a published piece of C{task} (C{fd} from L{open_data}) into the
+        page cache, in the pool, before the seed sends it: with the kernel's
+        readahead (large folios, up to its window past the piece) unless the
+        file may hold unwritten ranges past the piece (L{CdnTask.in_order},
+        asked again in the pool), where exactly the piece is read.
+
+        Why: O_DIRECT writes leave nothing in the page cache.  Read exactly
+        (4 KiB pages) the seed's pieces cost the SuperNode 0.2-0.35 CPU s/GiB
+        more than with readahead, in same-run datapath comparisons
+        (docs/benchmarks.md).
+        """
+
+        def warm() -> int:
+            exact = task.status != "success" and not task.in_order
+            return warm_pages(fd, offset, size, exact)
+
+        return self._pool.run(warm)
 
     def open_data(self, task: CdnTask) -> Deferred[int]:
         """A read-only fd on the task's data file, opened in the pool (for zero-copy uploads)."""

@@ -218,15 +218,15 @@ class SeedSide:
         Read a published piece into the page cache in the pool before a block
         upload sends it (L{dragonfly.protocol.upload}): only when the CDN
         writes with C{O_DIRECT} (DRAGONFLY_CDN_DIRECT_WRITES=1); its pieces
-        are in the page cache otherwise.  Exactly the piece while the task
-        is fetched (the file's later blocks may not be written yet).
+        are in the page cache otherwise.  With readahead, or exactly the piece when the file
+        may hold unwritten ranges past it (L{Cdn.warm_piece}).
         """
         if not CDN_DIRECT_WRITES:
             return None
         span = self.piece_file(index)
         if span is None:
             return None
-        return self.node.cdn.warm(*span, self.task.status != "success")
+        return self.node.cdn.warm_piece(self.task, *span)
 
     def _open(self) -> None:
         if self._opening or self._closed:

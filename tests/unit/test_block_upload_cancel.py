@@ -422,6 +422,7 @@ def test_the_seed_reads_ahead_only_what_o_direct_wrote(env, monkeypatch):
     seed = env.node.seed_side(data["task"]["taskId"])
     seed.attached(Conn())
     assert seed.piece_file(1) is not None
+    monkeypatch.setattr(node_module, "CDN_DIRECT_WRITES", False)
     assert seed.warm_piece(1) is None  # the page cache wrote it: nothing to read
     monkeypatch.setattr(node_module, "CDN_DIRECT_WRITES", True)
     assert result(seed.warm_piece(1)) == SN_PIECE

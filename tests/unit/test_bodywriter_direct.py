@@ -154,20 +154,15 @@ def test_chunked_writer_direct_gives_the_same_file_and_digests(size: int, chunk:
                 assert hashlib.sha256(f.read(end - i * chunk)).hexdigest() == digest
             seen.append((i, digest))
 
-        old = bodywriter.CDN_DIRECT_WRITES
-        bodywriter.CDN_DIRECT_WRITES = True
-        try:
-            writer = ChunkedFileWriter(SyncPool(), Clock(), fd, chunk, size, on_chunk=published, start=point)
-            writer.MIN_BLOCK = 1000  # small blocks: many writes, many partial pages
-            writer.makeConnection(FakeTransport())
-            at = cut
-            for n in feeds:
-                writer.dataReceived(body[at:at + n])
-                at = min(size, at + n)
-            writer.dataReceived(body[at:])
-            writer.connectionLost(Failure(ResponseDone()))
-        finally:
-            bodywriter.CDN_DIRECT_WRITES = old
+        writer = ChunkedFileWriter(SyncPool(), Clock(), fd, chunk, size, on_chunk=published, start=point, direct=True)
+        writer.MIN_BLOCK = 1000  # small blocks: many writes, many partial pages
+        writer.makeConnection(FakeTransport())
+        at = cut
+        for n in feeds:
+            writer.dataReceived(body[at:at + n])
+            at = min(size, at + n)
+        writer.dataReceived(body[at:])
+        writer.connectionLost(Failure(ResponseDone()))
         out: list[Any] = []
         writer.done.addBoth(out.append)
         assert out[0] == (size, hashlib.sha256(body).hexdigest())

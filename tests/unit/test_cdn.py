@@ -796,3 +796,71 @@ def test_a_cut_fetch_rehashes_the_whole_file_only_for_a_sha256_digest(tmp_path: 
     assert task.status == "success", task.error
     assert task.digests == digests(BODY) and open(task.data_path, "rb").read() == BODY
     assert task.sha256 == (hashlib.sha256(BODY).hexdigest() if digest else None)
+
+
+# -- O_DIRECT writes (DRAGONFLY_CDN_DIRECT_WRITES=1) and the seed's reads of what they wrote ----------
+
+
+@pytest.mark.parametrize(("value", "direct"), [(None, False), ("1", True), ("0", False)])
+def test_the_cdn_writes_with_o_direct_only_when_told_to(value: str | None, direct: bool) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DRAGONFLY_CDN_DIRECT_WRITES", "DRAGONFLY_DIRECT_WRITES")}
+    if value is not None:
+        env["DRAGONFLY_CDN_DIRECT_WRITES"] = value
+    out = subprocess.run(
+        [sys.executable, "-c", "from dragonfly.core.bodywriter import CDN_DIRECT_WRITES as d; print(d)"],
+        env=env, capture_output=True, text=True, check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(cdn_module.__file__))),  # this tree's dragonfly
+    )
+    assert out.stdout.strip() == str(direct)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_the_cdn_s_writers_take_the_direct_setting(env: Env, monkeypatch: Any, direct: bool) -> None:
+    made: list[bool] = []
+    real = ChunkedFileWriter.__init__
+
+    def spy(self: Any, *a: Any, **kw: Any) -> None:
+        made.append(kw.get("direct", False))
+        real(self, *a, **kw)
+
+    monkeypatch.setattr(cdn_module, "CDN_DIRECT_WRITES", direct)
+    monkeypatch.setattr(ChunkedFileWriter, "__init__", spy)
+    env.cdn.ensure(TID, URL)
+    env.http.serve(whole())
+    check_complete(env)
+    assert made == [direct]
+
+
+def test_a_task_is_in_order_while_nothing_lies_past_its_in_order_bytes() -> None:
+    task = cdn_module.CdnTask(TID, URL, "x.data", "x.meta", status="running")
+    assert task.in_order
+    task.holes_end = 5 * PIECE  # a side fetch is planned: its pieces may lie past a hole
+    assert not task.in_order
+    task.holes_end = 0
+    task.side.append(object())  # type: ignore[arg-type]
+    assert not task.in_order
+    task.side.clear()
+    task.adopted = True  # taken over: its file is sized, with holes
+    assert not task.in_order
+
+
+def test_the_seed_s_pieces_are_read_ahead_unless_the_file_may_hold_holes(env: Env, monkeypatch: Any) -> None:
+    asked: list[tuple[int, int, int, bool]] = []
+
+    def warm(fd: int, offset: int, size: int, exact: bool = True) -> int:
+        asked.append((fd, offset, size, exact))
+        return size
+
+    monkeypatch.setattr(cdn_module, "warm_pages", warm)
+    task = cdn_module.CdnTask(TID, URL, "x.data", "x.meta", status="running")
+    from .test_supernode_api import result
+
+    assert result(env.cdn.warm_piece(task, 7, PIECE, PIECE)) == PIECE
+    task.holes_end = 6 * PIECE  # past the piece: unwritten ranges, read exactly the piece
+    result(env.cdn.warm_piece(task, 7, PIECE, PIECE))
+    task.status = "success"  # every byte written: readahead again
+    result(env.cdn.warm_piece(task, 7, PIECE, PIECE))
+    assert asked == [(7, PIECE, PIECE, False), (7, PIECE, PIECE, True), (7, PIECE, PIECE, False)]
