@@ -51,6 +51,8 @@ BATCH_FILLS = os.environ.get("DRAGONFLY_BATCH_FILLS", "1") != "0"
 RATE_TIME = max(0.0, float(os.environ.get("DRAGONFLY_RATE_IN_FLIGHT_MS", "50"))) / 1000
 #: the most bytes of pieces L{RATE_TIME} may keep in flight (DRAGONFLY_RATE_IN_FLIGHT_MOST_MIB)
 RATE_MOST_BYTES = int(os.environ.get("DRAGONFLY_RATE_IN_FLIGHT_MOST_MIB", "24")) << 20
+#: and the most pieces it adds to the floor (DRAGONFLY_RATE_IN_FLIGHT_MORE)
+RATE_MORE = int(os.environ.get("DRAGONFLY_RATE_IN_FLIGHT_MORE", "1"))
 
 
 class ArrivalRate:
@@ -155,6 +157,7 @@ class Neighbours:
     #: the measured-rate floor (L{rate_pieces}): what arrives in RATE_TIME seconds, at most RATE_MOST_BYTES
     RATE_TIME = RATE_TIME
     RATE_MOST_BYTES = RATE_MOST_BYTES
+    RATE_MORE = RATE_MORE
     #: a connection with requests out and no bytes for this long is abandoned
     stall_timeout = 5.0
 
@@ -296,10 +299,12 @@ class Neighbours:
         # what arrives in RATE_TIME at the measured rate, when the pieces come that fast
         by_rate = rate_pieces(self.arrivals.rate, size, self.RATE_TIME, self.RATE_MOST_BYTES)
         key = (size, daemon.in_flight_bytes, daemon.per_connection, link_rate, self.MIN_IN_FLIGHT_BYTES, neighbours,
-               self.NEIGHBOUR_BYTES, by_rate)
+               self.NEIGHBOUR_BYTES, by_rate, self.RATE_MORE)
         if key == self._limits_key:
             return self._limits
-        least = max(2, min(self.MIN_IN_FLIGHT, self.MIN_IN_FLIGHT_BYTES // size), by_rate)
+        least = max(2, min(self.MIN_IN_FLIGHT, self.MIN_IN_FLIGHT_BYTES // size))
+        # (one piece more than the floor at most: with 8 MiB pieces a request then waits at the uploader)
+        least = max(least, min(by_rate, least + self.RATE_MORE))
         # a host that knows its downlink (--link-rate) keeps what it carries in LINK_TIME out
         # when that is more: a fixed count caps a fast link at its requests' shares of uplinks
         limit = in_flight_limit(daemon.in_flight_bytes, size, link_rate, self.LINK_TIME, least)

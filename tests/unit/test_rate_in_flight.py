@@ -1,8 +1,9 @@
 """
 A download whose pieces arrive fast keeps more of them in flight
 (L{Neighbours.limits}): at least what arrives in L{RATE_TIME} at the
-measured rate (L{ArrivalRate}), within L{RATE_MOST_BYTES}; a slow one (the
-swarm's 80 Mbit/s hosts, 1 MiB pieces) keeps its floor.
+measured rate (L{ArrivalRate}), within L{RATE_MOST_BYTES}, one piece over
+the floor at most; a slow one (the swarm's 80 Mbit/s hosts, 1 MiB pieces)
+keeps its floor.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def download(piece_size: int, in_flight: int = 6 * MIB) -> tuple[Neighbours, Pic
         piece_arrived=lambda conn, index, data, kind: (arrived.append(index), picker.verify(index)),
     )
     n = Neighbours(task)  # type: ignore[arg-type]
-    n.RATE_TIME, n.RATE_MOST_BYTES = 0.05, 24 * MIB  # the defaults, whatever the environment says
+    n.RATE_TIME, n.RATE_MOST_BYTES, n.RATE_MORE = 0.05, 24 * MIB, 1  # the defaults, whatever the environment says
     return n, picker, clock, arrived
 
 
@@ -107,6 +108,17 @@ def test_a_fast_download_keeps_more_pieces_in_flight() -> None:
     # slower again: back to the floor
     n.arrivals.arrived(1.0, 8 * MIB)
     assert n.limits() == (1, 2)
+
+
+def test_one_piece_more_than_the_floor_at_most() -> None:
+    # 2 MiB pieces at 500 MB/s: 12 arrive in 50 ms (24 MiB), the floor is 4, one more is kept
+    n, picker, clock, _ = download(2 * MIB)
+    assert n.limits() == (1, 4)
+    n.arrivals.arrived(0.0, 2 * MIB)
+    n.arrivals.arrived(0.004, 2 * MIB)
+    assert n.limits() == (1, 5)
+    n.RATE_MORE = 3
+    assert n.limits() == (1, 7)
 
 
 def test_the_swarm_keeps_its_floor() -> None:
