@@ -134,6 +134,10 @@ def test_the_swarm_keeps_its_floor() -> None:
         n.arrivals.arrived(t, MIB)
         t += 0.05
     assert n.limits() == before
+    for _ in range(50):  # or at 1 GB/s: the floor's one more (5) is under --in-flight's 6
+        n.arrivals.arrived(t, MIB)
+        t += 0.001
+    assert n.limits() == before
 
 
 def test_arrivals_raise_the_requests_a_fill_sends() -> None:
