@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "fetch the file from the origin too, after A, for a same-run comparison of the SuperNode")
     p.add_argument("--sn-ab-first", action="store_true", help="with --sn-ab-env: the second SuperNode's fetch goes first")
     p.add_argument("--profile", help="a directory: py-spy (--nonblocking, all threads) of each receiving dfpeer "
-                                     "during its peer -> peer download, and of the SuperNode during its origin -> "
+                                     "during its peer -> peer download and of the uploading dfpeer A meanwhile, and of the SuperNode during its origin -> "
                                      "peer download; their folded top tables")
     p.add_argument("--profile-native", action="store_true",
                    help="with --profile: the SuperNode's profile with C frames (py-spy --native, which stops it per sample)")
@@ -226,6 +226,18 @@ def sweep_workdirs(base: str) -> None:
         if killed:
             say(f"stopped {len(killed)} process(es) a killed run left: {killed}")
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def evict_files(root: str) -> None:
+    """Drop the page-cache pages of every file under C{root} (C{POSIX_FADV_DONTNEED}; written back first)."""
+    for path, _, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(path, name), os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
 
 
 def thread_times(pid: int) -> dict[str, float]:
@@ -586,16 +598,23 @@ class DataPath:
 
             def transfer(name: str) -> tuple[measure.Finished, dict[str, float], float, bool, dict[str, Any]]:
                 os.sync()
+                if name not in ("A", "A2"):
+                    # A's pieces as after its own download (written with O_DIRECT, not in memory), for B
+                    # and C alike: the one that went second found them in the page cache (--ab-env)
+                    evict_files(homes["A"])
                 relays[name].reset()
                 output = os.path.join(out, f"peer{name}.bin")
                 pid = peers[name].pid
                 threads0 = thread_times(pid)
+                uploader = peers["A"].pid if name not in ("A", "A2") else None
+                up0 = thread_times(uploader) if uploader is not None else None
                 supernode = sns.get(name)
                 sn_threads0 = thread_times(supernode.pid) if supernode is not None else None
                 if supernode is not None:
                     spy = self.spy(supernode.pid, f"supernode-{name}", native=self.args.profile_native)
                 else:
                     spy = self.spy(pid, f"peer{name}")
+                up_spy = self.spy(uploader, f"uploader-{name}") if uploader is not None else None
                 profiled = self.args.sn_cprofile and name == "A"
                 if profiled:
                     os.kill(sn.pid, signal.SIGUSR1)
@@ -603,12 +622,16 @@ class DataPath:
                 if profiled:
                     os.kill(sn.pid, signal.SIGUSR2)
                 threads = thread_delta(threads0, thread_times(pid), self.size)
+                up = thread_delta(up0, thread_times(uploader), self.size) if uploader is not None and up0 else None
                 self.unspy(spy)
+                self.unspy(up_spy)
                 ok = fin.ok and os.path.isfile(output) and sha256_file(output) == self.want
                 task = self.peer_task(apis[name])
                 started = self.first_request(relays[name], fin)
                 extra = {"sha256Ok": ok, "firstRequestSeconds": started["any"], "askSeconds": started["ask"],
                          "dfgetCpuSeconds": fin.cpu, "sources": task.get("traffic", {}), "receiverThreads": threads}
+                if up is not None:
+                    extra["uploaderThreads"] = up
                 if supernode is not None and sn_threads0 is not None:
                     extra["supernodeThreads"] = thread_delta(sn_threads0, thread_times(supernode.pid), self.size)
                 if task.get("elapsed"):
@@ -695,7 +718,7 @@ class DataPath:
         self.children.stop([proc])
         from .profile import top
 
-        spies = sorted(glob.glob(os.path.join(self.args.profile, "spy-*.txt")))
+        spies = sorted(p for p in glob.glob(os.path.join(self.args.profile, "spy-*.txt")) if not p.endswith("-top.txt"))
         for path in spies:
             with open(path[:-4] + "-top.txt", "w") as f:
                 f.write(top([path]))
@@ -931,6 +954,15 @@ def markdown(results: dict[str, Any]) -> str:
                 out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
                            f"{th['reactorWakeups']:.0f} wake-ups; other threads (hashing, writing) "
                            f"{th['otherUser']:.2f} + {th['otherSystem']:.2f}")
+        up_threads = [t for t in r["transfers"] if t.get("uploaderThreads")]
+        if up_threads:
+            out += ["", "The uploading dfpeer's (A's) threads during each peer -> peer download, the same way "
+                    "(the other threads: the pool's reads ahead):", ""]
+            for t in up_threads:
+                th = t["uploaderThreads"]
+                out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
+                           f"{th['reactorWakeups']:.0f} wake-ups; other threads {th['otherUser']:.2f} + "
+                           f"{th['otherSystem']:.2f}")
         sn_threads = [t for t in r["transfers"] if t.get("supernodeThreads")]
         if sn_threads:
             out += ["", "The SuperNode's threads during its fetch, the same way (the other threads: the pool, "

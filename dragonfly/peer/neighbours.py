@@ -44,6 +44,64 @@ HAVE_GAPS = float(os.environ.get("DRAGONFLY_HAVE_GAPS", "1.5"))
 #: one picker fill per batch of frames read together, and none for a seed HAVE outside the seed
 #: allowance (L{Neighbours.hold_fills}); DRAGONFLY_BATCH_FILLS=0 fills after every event (A/B rounds)
 BATCH_FILLS = os.environ.get("DRAGONFLY_BATCH_FILLS", "1") != "0"
+#: a download whose pieces arrive fast keeps at least what arrives in this many seconds in flight
+#: (L{ArrivalRate}, L{Neighbours.limits}), up to L{RATE_MOST_BYTES}: with two pieces of 8 MiB and
+#: one request at a time, the uploader idled while each request crossed and its piece was read
+#: (docs/benchmarks.md); DRAGONFLY_RATE_IN_FLIGHT_MS=0: off (A/B rounds)
+RATE_TIME = max(0.0, float(os.environ.get("DRAGONFLY_RATE_IN_FLIGHT_MS", "50"))) / 1000
+#: the most bytes of pieces L{RATE_TIME} may keep in flight (DRAGONFLY_RATE_IN_FLIGHT_MOST_MIB)
+RATE_MOST_BYTES = int(os.environ.get("DRAGONFLY_RATE_IN_FLIGHT_MOST_MIB", "24")) << 20
+#: and the most pieces it adds to the floor (DRAGONFLY_RATE_IN_FLIGHT_MORE)
+RATE_MORE = int(os.environ.get("DRAGONFLY_RATE_IN_FLIGHT_MORE", "1"))
+
+
+class ArrivalRate:
+    """
+    The rate a download's pieces arrive at, in bytes/s: the moving averages
+    (weight L{WEIGHT} per piece) of a piece's bytes and of the time since the
+    piece before it arrived, from whichever neighbour; None before two pieces.
+    A pause (no piece for a while) shows at once as a long gap: the rate
+    falls with it and rises again over a few pieces.
+    """
+
+    WEIGHT = 0.25
+
+    def __init__(self) -> None:
+        self._last: float | None = None
+        self._bytes = 0.0
+        self._gap: float | None = None
+
+    def arrived(self, now: float, nbytes: int) -> None:
+        if self._last is not None:
+            gap = max(0.0, now - self._last)
+            if self._gap is None:
+                self._gap, self._bytes = gap, float(nbytes)
+            else:
+                self._gap += (gap - self._gap) * self.WEIGHT
+                self._bytes += (nbytes - self._bytes) * self.WEIGHT
+        self._last = now
+
+    @property
+    def rate(self) -> float | None:
+        if self._gap is None:
+            return None
+        return self._bytes / self._gap if self._gap > 0 else float("inf")
+
+
+def rate_pieces(rate: float | None, piece_bytes: int, seconds: float, most_bytes: int) -> int:
+    """
+    The pieces a download arriving at C{rate} bytes/s receives in C{seconds},
+    rounded up, and no more than fit in C{most_bytes} (0 when the rate is
+    not known or the rule is off).  80 Mbit/s with 1 MiB pieces in 0.05 s:
+    one piece, under every floor; 700 MB/s with 8 MiB pieces: five, three
+    within 24 MiB.
+    """
+    if rate is None or seconds <= 0 or piece_bytes <= 0 or most_bytes <= 0:
+        return 0
+    most = most_bytes // piece_bytes
+    if rate * seconds >= most * piece_bytes:
+        return most
+    return min(most, -(-int(rate * seconds) // piece_bytes))
 
 
 class HaveHold:
@@ -96,6 +154,10 @@ class Neighbours:
     #: with --link-rate: at least what the downlink carries in this many seconds is in flight
     #: (the simulator's --in-flight-time; 0.05 s closed the 10 Gbit/s tail at 1,000 peers)
     LINK_TIME = 0.05
+    #: the measured-rate floor (L{rate_pieces}): what arrives in RATE_TIME seconds, at most RATE_MOST_BYTES
+    RATE_TIME = RATE_TIME
+    RATE_MOST_BYTES = RATE_MOST_BYTES
+    RATE_MORE = RATE_MORE
     #: a connection with requests out and no bytes for this long is abandoned
     stall_timeout = 5.0
 
@@ -118,6 +180,8 @@ class Neighbours:
         self._bad_from: dict[str, int] = {}
         self._banned: dict[str, float] = {}
         self._hold = HaveHold(self.max_have_delay)
+        #: how fast the pieces arrive (L{limits}: a fast download keeps more in flight)
+        self.arrivals = ArrivalRate()
         self._holding = 0  # L{hold_fills} depth
         self._fill_due = False  # a fill was asked for while held
         self._limits_key: tuple[Any, ...] | None = None  # what L{limits} was worked out from
@@ -232,11 +296,15 @@ class Neighbours:
         # the non-seed neighbours (the seed connection is among the connections when attached)
         neighbours = len(self.conns) - (self.seed_conn is not None)
         # asked on every HAVE: worked out again only when what it depends on changed
+        # what arrives in RATE_TIME at the measured rate, when the pieces come that fast
+        by_rate = rate_pieces(self.arrivals.rate, size, self.RATE_TIME, self.RATE_MOST_BYTES)
         key = (size, daemon.in_flight_bytes, daemon.per_connection, link_rate, self.MIN_IN_FLIGHT_BYTES, neighbours,
-               self.NEIGHBOUR_BYTES)
+               self.NEIGHBOUR_BYTES, by_rate, self.RATE_MORE)
         if key == self._limits_key:
             return self._limits
         least = max(2, min(self.MIN_IN_FLIGHT, self.MIN_IN_FLIGHT_BYTES // size))
+        # (one piece more than the floor at most: with 8 MiB pieces a request then waits at the uploader)
+        least = max(least, min(by_rate, least + self.RATE_MORE))
         # a host that knows its downlink (--link-rate) keeps what it carries in LINK_TIME out
         # when that is more: a fixed count caps a fast link at its requests' shares of uplinks
         limit = in_flight_limit(daemon.in_flight_bytes, size, link_rate, self.LINK_TIME, least)
@@ -422,6 +490,7 @@ class Neighbours:
         if getattr(self.daemon, "trace", False):
             log.info("trace {task} arrived {index} from {remote} at {t:.3f}", task=self.task.task_id[:12], index=index,
                      remote=conn.remote_id, t=self.clock.seconds())
+        self.arrivals.arrived(self.clock.seconds(), len(data))
         if picker is not None:
             for other in picker.received(conn, index, self.clock.seconds(), len(data)):
                 other.cancel(index)
