@@ -312,8 +312,8 @@ class TaskPieces:
         buffer go to the process's page bank once written, from which the
         next part to arrive takes them (or back to the system when the bank
         is full): a piece in flight holds a few MiB whatever its size, and
-        the parts reuse the same pages instead of faulting new ones in.  Answers the C{filled} at which to be called
-        again (L{NO_PART}: never).
+        the parts reuse the same pages instead of faulting new ones in.
+        Answers the C{filled} at which to be called again (L{NO_PART}: never).
         """
         if filled == 0:
             old = self._parts.pop(conn, None)
