@@ -18,9 +18,16 @@ are written by several pool threads at once, as the disk takes them best
 (a task-wide lock wrote a file one piece at a time: pieces of 2 MiB,
 1-5 ms each, then set the pace of a whole download; docs/benchmarks.md).
 
-Once a part is hashed and written, its pages of the piece's buffer go back
-to the system (C{MADV_DONTNEED}); the buffer (L{dragonfly.protocol.receive.aligned})
-asks for huge pages, so the next piece faults them in 2 MiB at a time.
+Once a part is hashed and written, its pages of the piece's buffer are
+moved (C{mremap}, page tables only) into the process's L{PageBank}, a few
+part-sized slots, and the next part to arrive, of this piece or another,
+gets pages moved out of it into its place before its first byte: the parts
+keep reusing the same few MiB of memory without a page fault or a page
+cleared, while a piece in flight still holds only its parts waiting for the
+pool.  When the bank is full the pages go back to the system
+(C{MADV_DONTNEED}), when it is empty a part faults fresh ones in, as
+before the bank (the buffer, L{dragonfly.protocol.receive.aligned}, asks
+for huge pages: a fault per 2 MiB).
 
 A whole piece of a few MiB is hashed and written I{side by side}
 (L{Beside}): one pool thread hashes it while another writes it into its
@@ -34,6 +41,7 @@ The blocking functions run in the worker pool (L{dragonfly.core.store.TaskStore}
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import itertools
 import mmap
@@ -44,8 +52,8 @@ from typing import Any
 from .files import write_piece
 
 __all__ = [
-    "PART", "BESIDE_FROM", "WriteGuard", "Beside", "drop_pages", "write_part", "seal_part", "write_guarded",
-    "hash_beside", "write_beside",
+    "PART", "BESIDE_FROM", "WriteGuard", "Beside", "PageBank", "drop_pages", "give_pages", "take_pages", "drop_bank",
+    "write_part", "seal_part", "write_guarded", "hash_beside", "write_beside",
 ]
 
 #: the parts a large piece is hashed and written in (a huge page)
@@ -111,19 +119,198 @@ def drop_pages(buf: Any, start: int, end: int) -> None:
         pass
 
 
+_MREMAP_MAYMOVE, _MREMAP_FIXED, _MREMAP_DONTUNMAP = 1, 2, 4
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _libc_mremap() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        f = libc.mremap
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+    f.restype = ctypes.c_void_p
+    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    return f
+
+
+_mremap = _libc_mremap()
+
+
+def _address(buf: Any) -> int:
+    """The address of a writable buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _move(src: int, dst: int, size: int) -> bool:
+    """
+    Move the pages of C{[src, src + size)} to C{dst} (page tables only; huge
+    pages whole when both are on a huge page), replacing what was mapped
+    there; C{src} stays mapped, empty (C{MREMAP_DONTUNMAP}).
+    """
+    if _mremap is None:
+        return False
+    flags = _MREMAP_MAYMOVE | _MREMAP_FIXED | _MREMAP_DONTUNMAP
+    return bool(_mremap(src, size, size, flags, dst) == dst)
+
+
+class PageBank:
+    """
+    The pages of up to C{slots} parts (L{PART} bytes each) between two
+    pieces' parts: L{put} moves a written part's pages in, L{get} moves
+    them out under the next part to arrive (module docstring).  Any thread.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._map = mmap.mmap(-1, slots * PART, flags=mmap.MAP_PRIVATE)
+        try:
+            self._map.madvise(mmap.MADV_HUGEPAGE)
+        except (AttributeError, OSError):  # pragma: no cover - no huge pages here
+            pass
+        self._base = _address(self._map)
+        self._full: list[int] = []  # slots holding a part's pages
+        self._empty = list(range(slots - 1, -1, -1))
+        #: parts moved in, moved out, and not moved in (bank full) since start (tests, traces)
+        self.counts = {"put": 0, "got": 0, "full": 0, "empty": 0}
+        self.usable = _mremap is not None and self._base % mmap.PAGESIZE == 0 and self._probe()
+
+    def _probe(self) -> bool:
+        """This kernel moves pages that way (Linux 5.7 and later)."""
+        with self._lock:
+            slot = self._empty[-1] if self._empty else None
+        if slot is None:  # pragma: no cover - a bank of no slot
+            return False
+        addr = self._base + slot * PART
+        return _move(addr, addr + PART, mmap.PAGESIZE) if self.slots > 1 else True
+
+    @property
+    def held(self) -> int:
+        """The parts whose pages the bank holds."""
+        return len(self._full)
+
+    def put(self, addr: int) -> bool:
+        """Move the pages of the part at C{addr} into a slot; False when none is free (nothing moved)."""
+        with self._lock:
+            if not self._empty:
+                self.counts["full"] += 1
+                return False
+            slot = self._empty.pop()
+        ok = _move(addr, self._base + slot * PART, PART)
+        with self._lock:
+            (self._full if ok else self._empty).append(slot)
+            if ok:
+                self.counts["put"] += 1
+        return ok
+
+    def get(self, addr: int) -> bool:
+        """Move a slot's pages under the part at C{addr}; False when the bank holds none (nothing moved)."""
+        with self._lock:
+            if not self._full:
+                self.counts["empty"] += 1
+                return False
+            slot = self._full.pop()
+        ok = _move(self._base + slot * PART, addr, PART)
+        with self._lock:
+            (self._empty if ok else self._full).append(slot)
+            if ok:
+                self.counts["got"] += 1
+        return ok
+
+    def clear(self) -> None:
+        """Give every slot's pages back to the system (no download under way)."""
+        with self._lock:
+            full, self._full = self._full, []
+            for slot in full:
+                try:
+                    self._map.madvise(mmap.MADV_DONTNEED, slot * PART, PART)
+                except (OSError, ValueError):  # pragma: no cover - only a size mistake
+                    pass
+            self._empty.extend(full)
+
+
+#: the parts' pages kept between parts (L{PageBank}): DRAGONFLY_PART_RING=N slots (default 4,
+#: 8 MiB); 0: no bank, each part's pages dropped once written (same-run comparisons)
+RING = max(0, int(os.environ.get("DRAGONFLY_PART_RING", "4")))
+_bank: PageBank | None = None
+
+
+def bank() -> PageBank | None:
+    """The process's L{PageBank}, made when first asked; None when off or not possible here."""
+    global _bank
+    if RING and _bank is None and DROP:
+        try:
+            made = PageBank(RING)
+        except (OSError, ValueError):  # pragma: no cover
+            return None
+        _bank = made if made.usable else None
+        if _bank is None:
+            globals()["RING"] = 0
+    return _bank
+
+
+def drop_bank() -> None:
+    """No download under way: the bank's pages back to the system."""
+    if _bank is not None:
+        _bank.clear()
+
+
+def _part_address(buf: Any, start: int) -> int | None:
+    """The address of C{buf[start:start + PART]} when it can take a part's pages: in an anonymous map, on a huge page."""
+    view = memoryview(buf)
+    base = view.obj
+    if not isinstance(base, mmap.mmap) or view.readonly:
+        return None
+    addr = _address(view)
+    offset = addr - _address(base)
+    if (addr + start) % PART or offset + start + PART > len(base):
+        return None
+    return addr + start
+
+
+def give_pages(buf: Any, start: int, end: int) -> None:
+    """
+    The parts of C{buf[start:end]} (C{start} on a part) are written: their
+    pages into the bank (L{PageBank.put}), or back to the system (L{drop_pages}).
+    """
+    b = bank()
+    if b is None:
+        drop_pages(buf, start, end)
+        return
+    for at in range(start, end, PART):
+        addr = _part_address(buf, at)
+        if addr is None or not b.put(addr):
+            drop_pages(buf, at, min(at + PART, end))
+
+
+def take_pages(buf: Any, start: int) -> bool:
+    """
+    The part C{buf[start:start + PART]} is about to arrive, none of its
+    bytes in yet: pages from the bank under it (L{PageBank.get}), if any.
+    """
+    b = bank()
+    if b is None:
+        return False
+    addr = _part_address(buf, start)
+    return addr is not None and b.get(addr)
+
+
 def write_part(
     path: str, guard: WriteGuard, index: int, token: int, hasher: Any, buf: Any, start: int, end: int, offset: int,
 ) -> None:
     """
     Blocking: C{hasher.update} with C{buf[start:end]}, write it at
-    C{offset + start} of C{path} if the copy may still write, then drop its pages.
+    C{offset + start} of C{path} if the copy may still write, then its
+    pages to the bank or the system (L{give_pages}).
     """
     view = memoryview(buf)[start:end]
     hasher.update(view)
     with guard.lock_for(index):
         if guard.may_write(index, token):
             write_piece(path, view, offset + start)
-    drop_pages(buf, start, end)
+    del view
+    give_pages(buf, start, end)
 
 
 def seal_part(
@@ -147,7 +334,8 @@ def seal_part(
             guard.sealed.add(index)
         return True
     finally:
-        drop_pages(buf, start, len(buf))
+        del view
+        give_pages(buf, start, len(buf))
 
 
 def write_guarded(path: str, guard: WriteGuard, index: int, offset: int, data: Any, digest: bytes) -> bool:

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from ..core.bodywriter import BodyError, ChunkedFileWriter, DiscardBody
 from ..core.gc import GcEntry
 from ..core.ids import task_id as make_task_id
+from ..core.partwrite import drop_bank
 from ..core.periodic import periodic
 from ..core.ratelimit import TokenBucket
 from ..core.service import ListeningService
@@ -401,22 +402,32 @@ class PeerDaemon:
         """
         No download under way: let the free piece buffers go (their pages
         back to the system) instead of keeping them for the next download,
-        so an idle dfpeer's memory is its start-up size whatever it fetched.
+        so an idle dfpeer's memory is its start-up size whatever it fetched;
+        and the pages the parts of large pieces kept (L{dragonfly.core.partwrite.drop_bank}).
         Buffers still out (pieces being written) come back to the new pool.
         """
         old = self.block_factory.pool
         new = self.block_factory.pool = BufferPool(old.keep)
         new.lent, new.lent_peak = old.lent, old.lent_peak
+        drop_bank()
 
     def memory_stats(self) -> dict[str, int]:
-        """The piece buffers, in KiB: lent now, the most lent at once, kept free (L{dragonfly.core.memtrace})."""
+        """
+        The piece buffers, in KiB: lent now, the most lent at once, kept free;
+        the parts and their page bank's counts (L{dragonfly.core.memtrace}).
+        """
         pool = self.block_factory.pool
+        from ..core.partwrite import bank
         from .pieces import PART_COUNTS
 
-        return {
+        out = {
             "lentKiB": pool.lent >> 10, "lentPeakKiB": pool.lent_peak >> 10, "freeKiB": pool.kept() >> 10,
             "partPieces": PART_COUNTS["pieces"], "parts": PART_COUNTS["parts"],
         }
+        b = bank()
+        if b is not None:  # parts given pages from the bank, parts that faulted theirs in, pages dropped when full
+            out.update(bankGot=b.counts["got"], bankEmpty=b.counts["empty"], bankFull=b.counts["full"])
+        return out
 
     def note_activity(self) -> None:
         self.last_activity = self.reactor.seconds()

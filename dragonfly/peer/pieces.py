@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from ..core.bitmap import Bitmap
-from ..core.partwrite import BESIDE_FROM, PART, WriteGuard
+from ..core.partwrite import BESIDE_FROM, PART, WriteGuard, take_pages
 from ..core.pieces import piece_count, piece_span
 from ..core.piecetag import well_formed
 from ..protocol.supernode_api import PieceProof, SyncAnswer
@@ -97,11 +97,11 @@ class TaskPieces:
     STREAM_WINDOW = 4
     STREAM_BYTES = 32 << 20
     #: pieces larger than this are hashed and written in parts while they
-    #: arrive (L{part}); smaller ones are kept whole until verified.  The
-    #: parts' pages are faulted in again for each piece, which cost the
-    #: receiving dfpeer's reactor about 0.6 CPU s/GiB (docs/benchmarks.md):
-    #: worth it where two pieces alone pass the 16 MiB in-flight floor
-    #: (DRAGONFLY_PARTS_ABOVE_MIB)
+    #: arrive (L{part}); smaller ones are kept whole until verified.  Worth
+    #: it where two pieces alone pass the 16 MiB in-flight floor
+    #: (DRAGONFLY_PARTS_ABOVE_MIB); the parts' pages go round the page bank
+    #: (L{dragonfly.core.partwrite.PageBank}) instead of being faulted in
+    #: again for each piece (docs/benchmarks.md)
     PARTS_ABOVE = int(os.environ.get("DRAGONFLY_PARTS_ABOVE_MIB", "8")) << 20
     #: a connection stops reading while this much of its piece arrived and
     #: is not hashed and written yet (the socket buffers the rest)
@@ -309,9 +309,11 @@ class TaskPieces:
         hashed and written L{PART} by L{PART} while the rest arrives, into
         a region of the file that is served only once the whole piece
         matched (L{dragonfly.core.partwrite}), and each part's pages of the
-        buffer go back to the system: a piece in flight holds a few MiB
-        whatever its size.  Answers the C{filled} at which to be called
-        again (L{NO_PART}: never).
+        buffer go to the process's page bank once written, from which the
+        next part to arrive takes them (or back to the system when the bank
+        is full): a piece in flight holds a few MiB whatever its size, and
+        the parts reuse the same pages instead of faulting new ones in.
+        Answers the C{filled} at which to be called again (L{NO_PART}: never).
         """
         if filled == 0:
             old = self._parts.pop(conn, None)
@@ -329,12 +331,16 @@ class TaskPieces:
                 return NO_PART
             self._parts[conn] = _Parts(conn, index, buf, token)
             PART_COUNTS["pieces"] += 1
+            take_pages(buf, 0)
             return PART
         parts = self._parts.get(conn)
         if parts is None or parts.index != index or parts.buf is not buf:
             return NO_PART
         parts.filled = filled
         whole = filled - filled % PART
+        if whole == filled and filled < len(buf):
+            # none of the next part's bytes in yet: the pages of a part written before under it
+            take_pages(buf, filled)
         if whole > parts.queued and not parts.busy:
             self._next_part(parts, whole)
         if filled - parts.written > self.PARTS_AHEAD:

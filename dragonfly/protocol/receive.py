@@ -83,10 +83,10 @@ def aligned(size: int) -> bytearray:
         return cast(bytearray, memoryview(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _POPULATE)))
     # a whole number of huge pages (the kernel then maps it on a huge page
     # boundary), in huge pages where the system allows, and not populated:
-    # a fault per 2 MiB, and a large piece's parts give their pages back as
-    # they are written, the next piece faulting them in again
-    # (dragonfly.core.partwrite): populated, a new buffer would hold the
-    # whole piece at once
+    # a fault per 2 MiB, and a large piece's parts are given the pages of
+    # parts written before them and pass theirs on once written
+    # (dragonfly.core.partwrite.PageBank): populated, a new buffer would hold
+    # the whole piece at once
     m = mmap.mmap(-1, -(-size // HUGE_PAGE) * HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     try:
         m.madvise(mmap.MADV_HUGEPAGE)
