@@ -912,6 +912,19 @@ def _fmt(value: Any, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
+def _thread_lines(transfers: list[dict[str, Any]], key: str, intro: str, other: str) -> list[str]:
+    """The markdown lines of one process's thread clocks (C{key}) over the transfers that have them."""
+    rows = [t for t in transfers if t.get(key)]
+    if not rows:
+        return []
+    out = ["", intro, ""]
+    for t in rows:
+        th = t[key]
+        out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
+                   f"{th['reactorWakeups']:.0f} wake-ups; {other} {th['otherUser']:.2f} + {th['otherSystem']:.2f}")
+    return out
+
+
 def markdown(results: dict[str, Any]) -> str:
     """All runs of OUT/datapath.json as markdown tables."""
     out = ["<!-- written by python -m bench.datapath; raw data in datapath.json -->", "# Data-path benchmark", ""]
@@ -945,32 +958,18 @@ def markdown(results: dict[str, Any]) -> str:
                 seed = t.get("supernodeSeedBytes")
                 out.append(f"- {t['label']}: " + ", ".join(f"{k} {v / MIB:.1f}" for k, v in sorted(s.items()))
                            + (f"; the SuperNode's seed sent {seed / MIB:.1f}" if seed is not None else ""))
-        threads = [t for t in r["transfers"] if t.get("receiverThreads")]
-        if threads:
-            out += ["", "The receiving dfpeer's threads, CPU s/GiB (user + system) and the reactor thread's "
-                    "voluntary context switches (its sleeps, so its wake-ups):", ""]
-            for t in threads:
-                th = t["receiverThreads"]
-                out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
-                           f"{th['reactorWakeups']:.0f} wake-ups; other threads (hashing, writing) "
-                           f"{th['otherUser']:.2f} + {th['otherSystem']:.2f}")
-        up_threads = [t for t in r["transfers"] if t.get("uploaderThreads")]
-        if up_threads:
-            out += ["", "The uploading dfpeer's (A's) threads during each peer -> peer download, the same way "
-                    "(the other threads: the pool's reads ahead):", ""]
-            for t in up_threads:
-                th = t["uploaderThreads"]
-                out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
-                           f"{th['reactorWakeups']:.0f} wake-ups; other threads {th['otherUser']:.2f} + "
-                           f"{th['otherSystem']:.2f}")
-        sn_threads = [t for t in r["transfers"] if t.get("supernodeThreads")]
-        if sn_threads:
-            out += ["", "The SuperNode's threads during its fetch, the same way (the other threads: the pool, "
-                    "hashing and writing; threads gone by the end are not counted):", ""]
-            for t in sn_threads:
-                th = t["supernodeThreads"]
-                out.append(f"- {t['label']}: reactor {th['reactorUser']:.2f} + {th['reactorSystem']:.2f}, "
-                           f"{th['reactorWakeups']:.0f} wake-ups; pool {th['otherUser']:.2f} + {th['otherSystem']:.2f}")
+        out += _thread_lines(
+            r["transfers"], "receiverThreads",
+            "The receiving dfpeer's threads, CPU s/GiB (user + system) and the reactor thread's "
+            "voluntary context switches (its sleeps, so its wake-ups):", "other threads (hashing, writing)")
+        out += _thread_lines(
+            r["transfers"], "uploaderThreads",
+            "The uploading dfpeer's (A's) threads during each peer -> peer download, the same way "
+            "(the other threads: the pool's reads ahead):", "other threads")
+        out += _thread_lines(
+            r["transfers"], "supernodeThreads",
+            "The SuperNode's threads during its fetch, the same way (the other threads: the pool, "
+            "hashing and writing; threads gone by the end are not counted):", "pool")
         d = r.get("dfget") or {}
         if d:
             imp = d.get("importtime", {})
