@@ -47,6 +47,7 @@ import itertools
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from .files import write_piece
@@ -192,30 +193,26 @@ class PageBank:
 
     def put(self, addr: int) -> bool:
         """Move the pages of the part at C{addr} into a slot; False when none is free (nothing moved)."""
-        with self._lock:
-            if not self._empty:
-                self.counts["full"] += 1
-                return False
-            slot = self._empty.pop()
-        ok = _move(addr, self._base + slot * PART, PART)
-        with self._lock:
-            (self._full if ok else self._empty).append(slot)
-            if ok:
-                self.counts["put"] += 1
-        return ok
+        return self._move_slot(self._empty, self._full, lambda slot: _move(addr, self._base + slot * PART, PART),
+                               "put", "full")
 
     def get(self, addr: int) -> bool:
         """Move a slot's pages under the part at C{addr}; False when the bank holds none (nothing moved)."""
+        return self._move_slot(self._full, self._empty, lambda slot: _move(self._base + slot * PART, addr, PART),
+                               "got", "empty")
+
+    def _move_slot(self, source: list[int], sink: list[int], move: Callable[[int], bool], done: str, none: str) -> bool:
+        """Take a slot from C{source}, C{move} its pages, and file it in C{sink} (back in C{source} if that failed)."""
         with self._lock:
-            if not self._full:
-                self.counts["empty"] += 1
+            if not source:
+                self.counts[none] += 1
                 return False
-            slot = self._full.pop()
-        ok = _move(self._base + slot * PART, addr, PART)
+            slot = source.pop()
+        ok = move(slot)
         with self._lock:
-            (self._empty if ok else self._full).append(slot)
+            (sink if ok else source).append(slot)
             if ok:
-                self.counts["got"] += 1
+                self.counts[done] += 1
         return ok
 
     def clear(self) -> None:

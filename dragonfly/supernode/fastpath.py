@@ -127,11 +127,10 @@ class FastPath(Resource):
         try:
             body = endpoint.run(api, request, params)
         except ApiError as e:
-            # as install_error_handlers answers it for Klein
-            body = json_response(request, e.body(), e.status)
+            body = _error_body(request, e)
         except Exception as e:
             log.failure("internal error serving {uri}", uri=request.uri)
-            body = json_response(request, {"error": {"code": "INTERNAL", "message": safe_str(e)}}, 500)
+            body = _error_body(request, e)
         if not isinstance(body, bytes):
             return self._later(request, endpoint, body, start)
         _write(request, body)
@@ -164,13 +163,9 @@ class FastPath(Resource):
                 if not failure.check(CancelledError):
                     log.failure("unhandled error serving {uri}", failure, uri=request.uri)
                 return
-            e = failure.value
-            if isinstance(e, ApiError):
-                body = json_response(request, e.body(), e.status)
-            else:
+            if not failure.check(ApiError):
                 log.failure("internal error serving {uri}", failure, uri=request.uri)
-                body = json_response(request, {"error": {"code": "INTERNAL", "message": failure.getErrorMessage()}}, 500)
-            _write(request, body)
+            _write(request, _error_body(request, failure.value))
 
         d.addCallbacks(answered, failed)
         return NOT_DONE_YET
@@ -189,6 +184,13 @@ class FastPath(Resource):
             )
         children[0].inc()
         children[1].observe(seconds)
+
+
+def _error_body(request: Any, e: BaseException) -> bytes:
+    """The answer to a handler's exception, as install_error_handlers gives it for Klein: an API error's own, else a 500."""
+    if isinstance(e, ApiError):
+        return json_response(request, e.body(), e.status)
+    return json_response(request, {"error": {"code": "INTERNAL", "message": safe_str(e)}}, 500)
 
 
 def _write(request: Any, body: bytes) -> None:
