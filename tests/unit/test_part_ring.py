@@ -21,7 +21,7 @@ from dragonfly.core.partwrite import PART, PageBank, give_pages, take_pages
 from dragonfly.peer.pieces import NO_PART, TaskPieces
 from dragonfly.protocol.receive import aligned
 
-from .test_piece_parts import DIGESTS, PIECE, PIECES, Conn, arrive, make
+from .test_piece_parts import DIGESTS, PIECE, PIECES, Conn, arrive, fill_until_held, make
 
 pytestmark = pytest.mark.skipif(not PageBank(2).usable, reason="no mremap(MREMAP_DONTUNMAP) here")
 
@@ -145,13 +145,7 @@ def test_the_reads_are_held_and_the_pages_bounded_while_parts_wait(tmp_path: Any
     store.hold = True
     conn = Conn()
     buf = aligned(PIECE)
-    mark = pieces.part(conn, 0, buf, 0)
-    filled = 0
-    while not conn.held:
-        assert filled < PIECE - PART, "never held"
-        filled = mark
-        buf[:filled] = PIECES[0][:filled]
-        mark = pieces.part(conn, 0, buf, filled)
+    filled = fill_until_held(pieces, conn, buf)
     assert filled <= TaskPieces.PARTS_AHEAD + PART
     store.flush()  # the parts written: their pages into the bank, reading again
     assert not conn.held and bank.held == filled // PART

@@ -121,6 +121,18 @@ def arrive(pieces: TaskPieces, conn: Any, index: int, body: bytes, step: int = 1
     return buf
 
 
+def fill_until_held(pieces: TaskPieces, conn: Conn, buf: Any) -> int:
+    """Piece 0's bytes into C{buf} as far as each part mark asks, until the connection's reads are held; the bytes in."""
+    mark = pieces.part(conn, 0, buf, 0)
+    filled = 0
+    while not conn.held:
+        assert filled < PIECE - PART, "never held"
+        filled = mark
+        buf[:filled] = PIECES[0][:filled]
+        mark = pieces.part(conn, 0, buf, filled)
+    return filled
+
+
 def test_a_large_piece_is_hashed_and_written_in_parts(tmp_path: Any) -> None:
     pieces, store, task, released = make(tmp_path)
     conn = Conn()
@@ -164,13 +176,7 @@ def test_reads_are_held_while_parts_wait_for_the_disk(tmp_path: Any) -> None:
     store.hold = True
     conn = Conn()
     buf = aligned(PIECE)
-    mark = pieces.part(conn, 0, buf, 0)
-    filled = 0
-    while not conn.held:
-        assert filled < PIECE - PART, "never held"
-        filled = mark
-        buf[:filled] = PIECES[0][:filled]
-        mark = pieces.part(conn, 0, buf, filled)
+    filled = fill_until_held(pieces, conn, buf)
     # held with no more than PARTS_AHEAD (and the part being filled) arrived and not written
     assert filled <= TaskPieces.PARTS_AHEAD + PART
     store.flush()
