@@ -56,8 +56,12 @@ BURST = 4 << 20
 #: most (one L{WARM_STEP} at a time); DRAGONFLY_STREAM_WARM=0: sendfile reads them itself,
 #: in the reactor thread, as before (same-run comparisons)
 WARM = os.environ.get("DRAGONFLY_STREAM_WARM", "1") != "0"
-WARM_AHEAD = 4 * BURST
+WARM_AHEAD = 6 * BURST
 WARM_STEP = BURST
+#: the stream's reads ahead under way at once, at most: one read at a time kept a live stream
+#: 100-150 MiB behind a 256 MiB task at its end (the disk's latency per read, one after another);
+#: DRAGONFLY_STREAM_WARM_READS=1 is that (same-run comparisons, docs/benchmarks.md)
+WARM_READS = max(1, int(os.environ.get("DRAGONFLY_STREAM_WARM_READS", "3")))
 #: DRAGONFLY_STREAM_WARM_EXACT=0: read ahead with the kernel's readahead even near the
 #: frontier (into blocks not written yet; same-run comparisons, docs/benchmarks.md)
 WARM_EXACT = os.environ.get("DRAGONFLY_STREAM_WARM_EXACT", "1") != "0"
@@ -107,7 +111,8 @@ class TaskStream:
         self._warm = warm if WARM else None
         #: the bytes before this offset were read into the page cache (L{_read_ahead}), and a read is under way
         self._warmed = 0
-        self._warming = False
+        #: the reads under way, in the file's order: [end, finished]; the next read starts at the last one's end
+        self._warming: list[list[Any]] = []
         self._warm_starting = False
         #: the reactor thread's time in sendfile (wall and its CPU, seconds), its calls, and
         #: the times the stream waited for the pool's read-ahead
@@ -304,23 +309,28 @@ class TaskStream:
     def _read_ahead(self) -> None:
         """
         Have the pool read the next held bytes after what it read already
-        into the page cache, up to L{WARM_STEP} of them at a time, across
-        pieces (one read under way at most), within L{WARM_AHEAD} of the offset: no further, so a
-        stream its client does not read holds that much at most.
+        into the page cache, up to L{WARM_STEP} of them a read, across
+        pieces (L{WARM_READS} reads under way at most, each starting where
+        the one before ends), within L{WARM_AHEAD} of the offset: no further,
+        so a stream its client does not read holds that much at most.
         """
-        if self._warm is None or self._warming or self._ended:
-            return
+        while self._warm is not None and not self._ended and sum(not e[1] for e in self._warming) < WARM_READS:
+            if not self._read_ahead_once():
+                return
+
+    def _read_ahead_once(self) -> bool:
+        """Start the next read ahead (L{_read_ahead}); False if there is none to start now."""
         t = self.task
-        at = max(self._warmed, self.offset)
+        at = max(self._warming[-1][0] if self._warming else self._warmed, self.offset)
         stop = t.length if self.end is None else min(self.end, t.length)
         if at >= min(stop, self.offset + WARM_AHEAD) or t.have is None or at // t.piece_size not in t.have:
-            return
+            return False
         span = t.piece_file(at // t.piece_size)
         if span is None:
-            return
+            return False
         fd, piece_offset, piece_length = span
         if not piece_offset <= at < piece_offset + piece_length:
-            return
+            return False
         # on through the next pieces held, when they follow in the same file
         limit = min(at + WARM_STEP, stop)
         upto = min(piece_offset + piece_length, limit)
@@ -329,13 +339,16 @@ class TaskStream:
             if more is None or more[0] != fd or more[1] != upto:
                 break
             upto = min(more[1] + more[2], limit)
-        self._warming = True
+        entry: list[Any] = [upto, False]
+        self._warming.append(entry)
         self._warm_starting = True  # (a warm that fires at once does not poke: the caller goes on)
         try:
+            assert self._warm is not None
             d = self._warm(fd, at, upto - at, not self._held_past(upto))
-            d.addCallbacks(self._warm_done, self._warm_failed, callbackArgs=(upto,))
+            d.addCallbacks(self._warm_done, self._warm_failed, callbackArgs=(entry,))
         finally:
             self._warm_starting = False
+        return True
 
     def _held_past(self, at: int) -> bool:
         """The pieces from C{at} on are held as far as the kernel's readahead may go past it (or to the end)."""
@@ -343,15 +356,17 @@ class TaskStream:
         last = min(t.length, at + KERNEL_READAHEAD) - 1
         return not WARM_EXACT or t.state is State.DONE or all(i in t.have for i in range(at // t.piece_size, last // t.piece_size + 1))
 
-    def _warm_done(self, _: int, upto: int) -> None:
-        self._warming = False
-        # (a file shorter than that: the sendfile finds out and falls back)
-        self._warmed = max(self._warmed, upto)
+    def _warm_done(self, _: int, entry: list[Any]) -> None:
+        entry[1] = True
+        # in order: the bytes before the first read still under way are in (a file shorter
+        # than that: the sendfile finds out and falls back)
+        while self._warming and self._warming[0][1]:
+            self._warmed = max(self._warmed, self._warming.pop(0)[0])
         if not self._warm_starting:
             self._poke()
 
     def _warm_failed(self, f: Any) -> None:
-        self._warming = False
+        self._warming = []
         if not self._ended:
             log.info("task {task}: stream reads no more ahead: {why}", task=self.task.task_id, why=f.getErrorMessage())
         self._warm = None  # sendfile reads the bytes itself

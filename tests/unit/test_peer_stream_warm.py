@@ -53,6 +53,7 @@ def path(tmp_path):
 def on(monkeypatch):
     monkeypatch.setattr(stream_module, "WARM", True)
     monkeypatch.setattr(stream_module, "WARM_STEP", PIECE)  # (a read per piece, unless a test says otherwise)
+    monkeypatch.setattr(stream_module, "WARM_READS", 1)  # (one read at a time, unless a test says otherwise)
 
 
 def test_the_stream_sends_only_what_the_pool_has_read(path, on):
@@ -156,6 +157,56 @@ def test_a_range_reads_ahead_from_its_start_to_its_end(path, on):
         host.exchange()
     assert warm.ranges() == [(start, start + PIECE), (start + PIECE, end)]  # (steps of WARM_STEP, across pieces)
     assert host.body() == task.data[start:end] and host.done == [b""]
+    host.close()
+
+
+def test_several_reads_ahead_are_under_way_and_count_in_the_files_order(path, on, monkeypatch):
+    monkeypatch.setattr(stream_module, "WARM_READS", 3)
+    monkeypatch.setattr(stream_module, "WARM_AHEAD", 4 * PIECE)
+    task = Task(path, range(COUNT))
+    warm = HandWarm()
+    host = Host(task, warm=warm)
+    host.exchange()
+    # three reads at once, one after another in the file
+    assert warm.ranges() == [(0, PIECE), (PIECE, 2 * PIECE), (2 * PIECE, 3 * PIECE)]
+    # the second and third end first: nothing is sent before the first has
+    d2, size2 = warm.pending.pop(1)
+    d2.callback(size2)
+    d3, size3 = warm.pending.pop(1)
+    d3.callback(size3)
+    host.exchange()
+    assert host.body() == b"" and host.stream._warmed == 0
+    # and no read starts past WARM_AHEAD of the offset meanwhile
+    assert warm.ranges()[3:] == [(3 * PIECE, 4 * PIECE)] and len(warm.pending) == 2
+    warm.fire()  # the first: all three are in
+    host.exchange()
+    assert host.body() == task.data[:3 * PIECE]
+    while warm.pending:
+        warm.fire()
+        host.exchange()
+    # each byte read ahead once, in order
+    assert warm.ranges() == [(i * PIECE, min((i + 1) * PIECE, len(task.data))) for i in range(COUNT)]
+    task.succeed()
+    host.exchange()
+    assert host.body() == task.data and host.done == [b""]
+    host.close()
+
+
+def test_a_failed_read_among_several_leaves_sendfile_to_read(path, on, monkeypatch):
+    monkeypatch.setattr(stream_module, "WARM_READS", 3)
+    task = Task(path, range(COUNT))
+    warm = HandWarm()
+    host = Host(task, warm=warm)
+    host.exchange()
+    assert len(warm.pending) == 3
+    d, _ = warm.pending.pop(1)
+    d.errback(OSError("no pool"))
+    while warm.pending:  # the others end later: they change nothing
+        warm.fire()
+    task.succeed()
+    host.exchange()
+    assert host.body() == task.data and host.done == [b""]
+    assert host.stream.sent_zero_copy == len(task.data) and len(warm.calls) == 3
     host.close()
 
 
