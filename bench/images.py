@@ -62,7 +62,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from dragonfly.core.units import parse_rate
-from dragonfly.testing.containerd import Containerd, have_containerd, write_hosts_toml
+from dragonfly.testing.containerd import Containerd, have_containerd, run_pulls, write_hosts_toml
 from dragonfly.testing.registry import OCI_MANIFEST, Image, Registry, have_tools, make_image
 from dragonfly.testing.swarm import Swarm, get_json
 
@@ -393,14 +393,7 @@ def pull_all(
         with Profiler(profile, spied, "containerd"):
             each_before = {p: cpu_seconds(p) for pids in kinds.values() for p in pids}
             children = resource.getrusage(resource.RUSAGE_CHILDREN)
-            started = time.monotonic()
-            procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in commands]
-            times = []
-            for p in procs:
-                text, _ = p.communicate(timeout=600)
-                times.append(time.monotonic() - started)
-                if p.returncode != 0:
-                    raise RuntimeError(f"{p.args}: {text.decode(errors='replace')[-1500:]}")
+            times = run_pulls(commands, os.path.join(work, f"pulls-{tag}"))
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             each = {p: cpu_seconds(p) - each_before[p] for p in each_before}
             cpu = {k: sum(each[p] for p in pids) for k, pids in kinds.items()}

@@ -40,6 +40,44 @@ def write_hosts_toml(hosts_dir: str, registry: str, mirror: str, server: str, ca
     return path
 
 
+def run_pulls(commands: list[list[str]], logdir: str, timeout: float = 600.0) -> list[float]:
+    """
+    Run C{commands} (C{ctr image pull}s) at once and return the seconds each
+    took, each measured to its own exit.  Each one's output goes to a file in
+    C{logdir}, not a pipe: C{ctr} redraws its progress table ten times a
+    second (about 12 KiB/s), so a pull of more than a few seconds whose pipe
+    nobody reads fills it (64 KiB) and stops before unpacking until it is
+    read.  Raises C{RuntimeError} with the tail of a failed one's output.
+    """
+    os.makedirs(logdir, exist_ok=True)
+    outs = [os.path.join(logdir, f"pull-{i}.out") for i in range(len(commands))]
+    started = time.monotonic()
+    procs = []
+    for cmd, out in zip(commands, outs, strict=True):
+        with open(out, "wb") as f:
+            procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT))
+    times: list[float | None] = [None] * len(procs)
+    try:
+        while None in times:
+            if time.monotonic() - started > timeout:
+                raise RuntimeError(f"pulls still running after {timeout} s: "
+                                   f"{[p.args for p, t in zip(procs, times, strict=True) if t is None]}")
+            for i, p in enumerate(procs):
+                if times[i] is None and p.poll() is not None:
+                    times[i] = time.monotonic() - started
+            time.sleep(0.01)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for p, out in zip(procs, outs, strict=True):
+        if p.returncode != 0:
+            with open(out, "rb") as f:
+                raise RuntimeError(f"{p.args!r}: exit {p.returncode}: {f.read()[-2000:].decode(errors='replace')}")
+    return [t for t in times if t is not None]
+
+
 @define
 class Containerd:
     root: str

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from dragonfly.testing.containerd import Containerd, have_containerd, write_hosts_toml
+from dragonfly.testing.containerd import Containerd, have_containerd, run_pulls, write_hosts_toml
 from dragonfly.testing.registry import Registry, free_port, have_tools, make_image
 from dragonfly.testing.swarm import Swarm, get_json, wait_for_file
 from dragonfly.testing.tokens import TokenService
@@ -85,13 +85,7 @@ def pull_everywhere(swarm, registry, image, ref, workdir, user=None):
             hosts_dir = os.path.join(workdir, f"hosts{i}")
             write_hosts_toml(hosts_dir, registry.netloc, url, registry.url)
             commands.append(ctr.pull_command(ref, hosts_dir, user))
-        started = time.monotonic()
-        procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in commands]
-        times = []
-        for p in procs:
-            out, _ = p.communicate(timeout=180)
-            times.append(time.monotonic() - started)
-            assert p.returncode == 0, out.decode(errors="replace")[-2000:]
+        times = run_pulls(commands, os.path.join(workdir, "pulls"), timeout=180)
         for _, _, ctr in machines:
             check_pulled(ctr, image)
         blobs = registry.blob_gets()
@@ -427,10 +421,7 @@ def test_one_dfdaemon_mirrors_two_registries_for_default_hosts_toml(tmp_path, im
                 assert os.listdir(hosts_dir) == ["_default"]
                 for ref in (ref_basic, ref_bearer):
                     commands.append(ctr.pull_command(ref, hosts_dir, "alice:s3cret") + ["--plain-http"])
-            procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for c in commands]
-            for p in procs:
-                out, _ = p.communicate(timeout=180)
-                assert p.returncode == 0, out.decode(errors="replace")[-2000:]
+            run_pulls(commands, str(tmp_path / "pulls"), timeout=180)
             for _, _, ctr in machines:
                 for img in (image, other):
                     for digest in img.layers + [img.config_digest]:
