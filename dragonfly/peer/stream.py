@@ -53,7 +53,7 @@ log = Logger()
 #: the most bytes one sendfile turn sends before the reactor runs again
 BURST = 4 << 20
 #: the bytes a stream has read into the page cache in the pool, ahead of its sendfile, at
-#: most (one L{WARM_STEP} at a time); DRAGONFLY_STREAM_WARM=0: sendfile reads them itself,
+#: most (L{WARM_STEP} a read, L{WARM_READS} reads under way); DRAGONFLY_STREAM_WARM=0: sendfile reads them itself,
 #: in the reactor thread, as before (same-run comparisons)
 WARM = os.environ.get("DRAGONFLY_STREAM_WARM", "1") != "0"
 WARM_AHEAD = 6 * BURST
