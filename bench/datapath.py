@@ -840,6 +840,10 @@ class DataPath:
     def run(self) -> dict[str, Any]:
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         load = measure.load_average()
+        # before anything else writes: what new page-cache pages cost this machine now (the
+        # SuperNode's fetch writes through the page cache, and on a VM that gives free pages
+        # back to its host that cost varies tenfold from hour to hour)
+        page_cache = measure.page_cache_write_cost(self.work, size=min(self.size, measure.GIB))
         self.make_file()
         self.start_nginx()
         parts = self.args.part_set
@@ -853,7 +857,8 @@ class DataPath:
             "size": self.size, "label": size_label(self.size), "at": started,
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                         "dragonfly": git_version(), "loadBefore": round(load, 2),
-                        "loadAfter": round(measure.load_average(), 2)},
+                        "loadAfter": round(measure.load_average(), 2),
+                        "pageCacheWriteCpuPerGiB": page_cache, "freePageReporting": measure.free_page_reporting()},
             "workdir": "tmpfs" if self.work.startswith("/dev/shm") else "disk",
             "transfers": self.transfers, "dfget": self.dfget, "skipped": self.skipped,
         }
@@ -925,6 +930,16 @@ def _thread_lines(transfers: list[dict[str, Any]], key: str, intro: str, other: 
     return out
 
 
+def _page_cache_line(machine: dict[str, Any]) -> str:
+    """What writing through the page cache cost when the run began (runs before the probe: nothing)."""
+    costs = machine.get("pageCacheWriteCpuPerGiB")
+    if not costs:
+        return ""
+    reporting = {True: "on", False: "off", None: "no balloon device"}[machine.get("freePageReporting")]
+    return (f" Writing up to 1 GiB through the page cache before the run cost {' then '.join(f'{c:.2f}' for c in costs)}"
+            f" CPU s/GiB (free page reporting to the VM's host: {reporting}).")
+
+
 def markdown(results: dict[str, Any]) -> str:
     """All runs of OUT/datapath.json as markdown tables."""
     out = ["<!-- written by python -m bench.datapath; raw data in datapath.json -->", "# Data-path benchmark", ""]
@@ -935,7 +950,7 @@ def markdown(results: dict[str, Any]) -> str:
         out += [
             f"## {human_size(r['size'])} file (code {m['dragonfly']}, {r['at']})", "",
             f"Loopback, nginx origin, files on {r['workdir']}; {m['cpus']} CPUs, load average "
-            f"{m['loadBefore']} before and {m['loadAfter']} after the run.", "",
+            f"{m['loadBefore']} before and {m['loadAfter']} after the run.{_page_cache_line(m)}", "",
             "| transfer | time (s) | MB/s | in the dfpeer (s) | machine busy | verified |",
             "|---|---|---|---|---|---|",
         ]

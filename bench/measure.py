@@ -150,6 +150,68 @@ def cpu_per_gib(seconds: float, nbytes: int) -> float | None:
     return round(seconds / (nbytes / GIB), 3) if nbytes > 0 else None
 
 
+#: where the VM's memory balloon device says what it offers (virtio feature bits, a string of 0/1)
+BALLOON_FEATURES = "/sys/bus/virtio/drivers/virtio_balloon"
+#: VIRTIO_BALLOON_F_REPORTING: the guest reports free pages to the host, which takes them back
+_F_REPORTING = 5
+
+
+def free_page_reporting(root: str = BALLOON_FEATURES) -> bool | None:
+    """
+    Whether this (virtual) machine gives its free pages back to the host
+    (virtio-balloon free page reporting): then a page freed a little while
+    ago costs the host a fault when it is first touched again, and writing
+    through the page cache or touching new memory costs several times what
+    it costs on pages in use.  None when the machine has no balloon device.
+    """
+    try:
+        devices = [d for d in os.listdir(root) if d.startswith("virtio")]
+    except OSError:
+        return None
+    for device in devices:
+        try:
+            with open(os.path.join(root, device, "features")) as f:
+                bits = f.read().strip()
+        except OSError:
+            continue
+        return feature_bit(bits, _F_REPORTING)
+    return None
+
+
+def feature_bit(bits: str, bit: int) -> bool:
+    """Bit C{bit} of a virtio C{features} string (bit 0 first); False past its end."""
+    if any(c not in "01" for c in bits):
+        raise ValueError(f"not a virtio feature string: {bits[:40]!r}")
+    return bit < len(bits) and bits[bit] == "1"
+
+
+def page_cache_write_cost(directory: str, size: int = 256 << 20, passes: int = 2) -> list[float]:
+    """
+    The kernel's CPU seconds per GiB of writing C{size} bytes through the
+    page cache into a new file in C{directory}, in C{passes} passes, the file
+    removed after each: the first pass shows what pages not touched for a
+    while cost on this machine now, the later ones what reused pages cost.
+    (This machine's I{dear page cache}: docs/benchmarks.md.)
+    """
+    block = b"\x5a" * (1 << 20)
+    costs = []
+    for n in range(passes):
+        path = os.path.join(directory, f".page-cache-probe-{os.getpid()}-{n}")
+        before = time.clock_gettime(time.CLOCK_THREAD_CPUTIME_ID)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                for _ in range(max(1, size >> 20)):
+                    os.write(fd, block)
+            finally:
+                os.close(fd)
+            costs.append(round((time.clock_gettime(time.CLOCK_THREAD_CPUTIME_ID) - before) / (size / GIB), 2))
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    return costs
+
+
 @dataclass
 class Sample:
     """CPU seconds of a set of live processes at one moment."""
