@@ -840,10 +840,6 @@ class DataPath:
     def run(self) -> dict[str, Any]:
         started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
         load = measure.load_average()
-        # before anything else writes: what new page-cache pages cost this machine now (the
-        # SuperNode's fetch writes through the page cache, and on a VM that gives free pages
-        # back to its host that cost varies tenfold from hour to hour)
-        page_cache = measure.page_cache_write_cost(self.work, size=min(self.size, measure.GIB))
         self.make_file()
         self.start_nginx()
         parts = self.args.part_set
@@ -853,6 +849,11 @@ class DataPath:
             self.run_dragonfly()
         if "bittorrent" in parts:
             self.run_bittorrent()
+        # after the transfers (before, its pages, freed, would have been the SuperNode's cheap
+        # ones): what new page-cache pages cost this machine (the SuperNode's fetch writes through
+        # the page cache, and on a VM that gives free pages back to its host that cost varies
+        # tenfold from hour to hour)
+        page_cache = measure.page_cache_write_cost(self.work, size=min(self.size, measure.GIB))
         record = {
             "size": self.size, "label": size_label(self.size), "at": started,
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
@@ -931,12 +932,12 @@ def _thread_lines(transfers: list[dict[str, Any]], key: str, intro: str, other: 
 
 
 def _page_cache_line(machine: dict[str, Any]) -> str:
-    """What writing through the page cache cost when the run began (runs before the probe: nothing)."""
+    """What writing through the page cache cost after the run (runs before the probe: nothing)."""
     costs = machine.get("pageCacheWriteCpuPerGiB")
     if not costs:
         return ""
     reporting = {True: "on", False: "off", None: "no balloon device"}[machine.get("freePageReporting")]
-    return (f" Writing up to 1 GiB through the page cache before the run cost {' then '.join(f'{c:.2f}' for c in costs)}"
+    return (f" Writing up to 1 GiB through the page cache after the run cost {' then '.join(f'{c:.2f}' for c in costs)}"
             f" CPU s/GiB (free page reporting to the VM's host: {reporting}).")
 
 
