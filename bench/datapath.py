@@ -80,6 +80,11 @@ TARGETS = {
 }
 
 
+#: the file's copies written and removed before each transfer (L{DataPath.timed}), at most WARM_MAX bytes
+WARM_COPIES = 2
+WARM_MAX = 8 << 30
+
+
 def say(message: str) -> None:
     print(f"datapath: {message}", file=sys.stderr, flush=True)
 
@@ -112,6 +117,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-save", action="store_true", help="write no results files")
     p.add_argument("--workdir", help="file, homes and downloads (default a new dir in /var/tmp, on disk; removed)")
     p.add_argument("--keep", action="store_true", help="keep the workdir's logs afterwards")
+    p.add_argument("--no-warm-memory", action="store_true",
+                   help="do not write and remove twice the file's size in the workdir before each transfer (on a VM"
+                        " that gives free pages back to its host, the first transfer to need more memory pays for it)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one transfer may take (default 600)")
     p.add_argument("--piece-size", default="auto", help="the SuperNode's --piece-size (default auto)")
     p.add_argument("--supernode-args", default="", help="more options for twistd supernode")
@@ -438,6 +446,8 @@ class DataPath:
         self.transfers: list[dict[str, Any]] = []
         self.skipped: dict[str, str] = {}
         self.dfget: dict[str, Any] = {}
+        #: the CPU s/GiB each transfer's memory warm-up cost (L{timed}), by its tag
+        self.warmed: dict[str, float] = {}
 
     # setting up
 
@@ -513,7 +523,14 @@ class DataPath:
 
     def timed(self, tag: str, argv: list[str], watch: dict[str, list[int]], **kwargs: Any
               ) -> tuple[measure.Finished, dict[str, float], float]:
-        """Run C{argv}; the CPU seconds the C{watch} processes used meanwhile; the machine's busy share."""
+        """
+        Run C{argv}; the CPU seconds the C{watch} processes used meanwhile; the
+        machine's busy share.  First, unless C{--no-warm-memory}, twice the
+        file's size written into the workdir and removed: every transfer
+        starts on memory the machine has just used (L{measure.warm_memory}).
+        """
+        if not self.args.no_warm_memory:
+            self.warmed[tag] = measure.warm_memory(self.work, min(WARM_COPIES * self.size, WARM_MAX))
         before, m0 = Sample.take(watch), measure.cpu_times()
         fin = self.children.run(tag, argv, self.args.timeout, **kwargs)
         used, m1 = before.until(Sample.take(watch)), measure.cpu_times()
@@ -859,7 +876,8 @@ class DataPath:
             "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
                         "dragonfly": git_version(), "loadBefore": round(load, 2),
                         "loadAfter": round(measure.load_average(), 2),
-                        "pageCacheWriteCpuPerGiB": page_cache, "freePageReporting": measure.free_page_reporting()},
+                        "pageCacheWriteCpuPerGiB": page_cache, "freePageReporting": measure.free_page_reporting(),
+                        "memoryWarmCpuPerGiB": self.warmed},
             "workdir": "tmpfs" if self.work.startswith("/dev/shm") else "disk",
             "transfers": self.transfers, "dfget": self.dfget, "skipped": self.skipped,
         }
@@ -932,13 +950,19 @@ def _thread_lines(transfers: list[dict[str, Any]], key: str, intro: str, other: 
 
 
 def _page_cache_line(machine: dict[str, Any]) -> str:
-    """What writing through the page cache cost after the run (runs before the probe: nothing)."""
+    """What writing through the page cache cost before each transfer and after the run (older runs: nothing)."""
+    out = ""
+    warmed = machine.get("memoryWarmCpuPerGiB")
+    if warmed:
+        out += (" Before each transfer twice the file's size was written into the workdir and removed, so that none"
+                " paid for memory the machine had given back (CPU s/GiB: "
+                + ", ".join(f"{tag} {cost:.2f}" for tag, cost in warmed.items()) + ").")
     costs = machine.get("pageCacheWriteCpuPerGiB")
-    if not costs:
-        return ""
-    reporting = {True: "on", False: "off", None: "no balloon device"}[machine.get("freePageReporting")]
-    return (f" Writing up to 1 GiB through the page cache after the run cost {' then '.join(f'{c:.2f}' for c in costs)}"
-            f" CPU s/GiB (free page reporting to the VM's host: {reporting}).")
+    if costs:
+        reporting = {True: "on", False: "off", None: "no balloon device"}[machine.get("freePageReporting")]
+        out += (f" Writing up to 1 GiB through the page cache after the run cost {' then '.join(f'{c:.2f}' for c in costs)}"
+                f" CPU s/GiB (free page reporting to the VM's host: {reporting}).")
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:

@@ -212,6 +212,22 @@ def page_cache_write_cost(directory: str, size: int = 256 << 20, passes: int = 2
     return costs
 
 
+def warm_memory(directory: str, size: int) -> float:
+    """
+    Touch C{size} bytes of memory the machine may have given back to its host,
+    and free them again (a file of that size written through the page cache
+    into C{directory}, then removed): the CPU seconds per GiB that cost.
+
+    Why: on a VM with free page reporting (L{free_page_reporting}), the
+    first process to touch more memory than the machine used a little while
+    before pays the host's faults for it: up to about 5 CPU s/GiB here,
+    charged to the copies of whoever writes first.  A benchmark round that
+    follows another's freed files reuses their pages for 0.4.  So each round
+    of a comparison starts after this, and none pays for the one before.
+    """
+    return page_cache_write_cost(directory, size=size, passes=1)[0]
+
+
 @dataclass
 class Sample:
     """CPU seconds of a set of live processes at one moment."""

@@ -22,6 +22,13 @@ Then one round per system:
     aria2c, opentracker or mktorrent is missing (L{bench.bittorrent});
   - http: C{curl -o} (or C{wget -O}) on every peer, straight from the origin.
 
+Before each round, as many bytes as two copies of the file per peer are
+written into the workdir and removed again (L{measure.warm_memory};
+C{--no-warm-memory}: not): on a VM that gives free pages back to its host,
+the first round to need more memory than the machine used just before pays
+for every page of it, several CPU seconds per GiB, and the rounds after it
+do not.
+
 All downloads of a round are held at a start line (L{bench.gate}) and
 released together; a host's time runs from that common start to the exit of
 its process.  Every output's SHA-256 is checked.  Per round: mean, p50, p90
@@ -70,7 +77,7 @@ from dragonfly.core.units import parse_rate
 from dragonfly.testing.swarm import sha256_file, wait_for_file, write_random_file
 
 from . import bittorrent, netem
-from .measure import GIB, busy_share, cpu_times, process_cpu_seconds
+from .measure import GIB, busy_share, cpu_times, process_cpu_seconds, warm_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -147,6 +154,9 @@ def parse_args(argv: list[str] | None) -> tuple[Scenario, argparse.Namespace]:
     p.add_argument("--out", help="results directory (default docs/bench; with --smoke a new temp dir)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds one round may take (default 900)")
     p.add_argument("--workdir", help="homes, downloads and logs (default a temp dir in /dev/shm, removed)")
+    p.add_argument("--no-warm-memory", action="store_true",
+                   help="do not write and remove 2 copies per peer of the file in the workdir before each round (on a VM"
+                        " that gives free pages back to its host, the first round to need more memory pays for it)")
     p.add_argument("--keep", action="store_true", help="keep the workdir (logs) afterwards")
     p.add_argument("--no-plot", action="store_true", help="do not draw OUT/swarm.png")
     p.add_argument("--profile", metavar="DIR",
@@ -980,6 +990,10 @@ def write_report(out: str, results: dict[str, Any], draw: bool) -> None:
 # -- main ----------------------------------------------------------------------------------
 
 
+#: the file's copies per peer bench.swarm writes and removes before each round (L{warm_memory})
+WARM_COPIES = 2
+
+
 def round_line(r: dict[str, Any]) -> str:
     if not r["seconds"]:
         return f"N={r['n']} {r['system']}: every download failed: {r['failed']}"
@@ -1024,8 +1038,14 @@ def run(scenario: Scenario, args: argparse.Namespace, workdir: str) -> bool:
                           profile_rate=args.profile_rate)
             bed.start_origin()
             for system in systems:
-                say(f"N={n}: {system} round")
+                warm = None
+                if not args.no_warm_memory:
+                    # every round starts on memory the machine has just used (measure.warm_memory):
+                    # its downloads' files, about one copy per peer, and as much again
+                    warm = warm_memory(workdir, WARM_COPIES * n * scenario.file_size)
+                say(f"N={n}: {system} round" + (f" (memory warmed first: {warm:.2f} CPU s/GiB)" if warm is not None else ""))
                 record = rounds[system](bed)
+                record["memoryWarmCpuPerGiB"] = warm
                 results["runs"].setdefault(str(n), {})[system] = record
                 if fails_run(record):
                     passed = False

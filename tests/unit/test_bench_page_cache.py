@@ -55,6 +55,19 @@ def test_the_probe_leaves_nothing_when_writing_fails(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_warming_memory_leaves_nothing_behind(tmp_path):
+    from bench.measure import warm_memory
+
+    assert warm_memory(str(tmp_path), 3 << 20) >= 0
+    assert os.listdir(tmp_path) == []
+
+
+def test_datapath_says_what_the_warm_ups_cost():
+    line = _page_cache_line({"memoryWarmCpuPerGiB": {"curl-devnull": 2.5, "dfgetA": 0.4}})
+    assert "curl-devnull 2.50, dfgetA 0.40" in line
+    assert "after the run" not in line
+
+
 def test_datapath_says_what_the_page_cache_cost():
     line = _page_cache_line({"pageCacheWriteCpuPerGiB": [4.01, 0.31], "freePageReporting": True})
     assert "4.01 then 0.31 CPU s/GiB" in line
