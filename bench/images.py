@@ -66,6 +66,8 @@ from dragonfly.testing.containerd import Containerd, have_containerd, run_pulls,
 from dragonfly.testing.registry import OCI_MANIFEST, Image, Registry, have_tools, make_image
 from dragonfly.testing.swarm import Swarm, get_json
 
+from .measure import warm_memory
+
 MiB = 1 << 20
 
 
@@ -74,12 +76,27 @@ def load() -> str:
         return " ".join(f.read().split()[:3])
 
 
+#: where each timed GET and each round of pulls first warms the machine's memory (L{warm_memory}: the
+#: bytes written and removed; on this VM the first to need more memory than it used just before pays the
+#: host's faults for it); None: not (--no-warm-memory)
+WARM_DIR: str | None = None
+#: the bytes warmed before a timed GET (twice the layer part's 256 MiB blob)
+WARM_GET = 512 * 1024 * 1024
+
+
+def warm_first(nbytes: int) -> None:
+    if WARM_DIR is not None:
+        warm_memory(WARM_DIR, nbytes)
+
+
 def timed_get(url: str, path: str, before: list[str], digest: str, began: list[float] | None = None) -> float:
     """
     Seconds to GET C{path} (after the C{before} requests on the same
     connection), the body hashed as it arrives and checked against C{digest};
-    C{began} gets the wall-clock time the GET was sent.
+    C{began} gets the wall-clock time the GET was sent.  The machine's memory
+    is warmed first (L{warm_first}).
     """
+    warm_first(WARM_GET)
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
     try:
@@ -392,6 +409,8 @@ def pull_all(
                  "supernode": pid_of(swarm, "supernode")} if swarm is not None and profile else {}
         with Profiler(profile, spied, "containerd"):
             each_before = {p: cpu_seconds(p) for pids in kinds.values() for p in pids}
+            # each host's blobs, in containerd's content store and unpacked, and as much again
+            warm_first(4 * hosts * sum(len(image.blob(d)) for d in image.layers))
             children = resource.getrusage(resource.RUSAGE_CHILDREN)
             times = run_pulls(commands, os.path.join(work, f"pulls-{tag}"))
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -560,6 +579,8 @@ def main() -> None:
                     "space-separated (e.g. --dfdaemon-args=--no-splice)")
     ap.add_argument("--trace", action="store_true", help="DRAGONFLY_TRACE=1 for the layer part's daemons, and "
                     "host 2's GET as a timeline (task start, pieces, the in-order stream at the task's end, relay)")
+    ap.add_argument("--no-warm-memory", action="store_true", help="do not write and remove 512 MiB before each timed"
+                    " GET and 4 copies per host of the image before each round of pulls (bench.measure.warm_memory)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", help="a PNG of the results here")
     args = ap.parse_args()
@@ -570,6 +591,8 @@ def main() -> None:
     # a SIGTERM unwinds like Ctrl-C: every daemon, containerd and dir is removed on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = tempfile.mkdtemp(prefix="imagebench-")
+    global WARM_DIR
+    WARM_DIR = None if args.no_warm_memory else work
     registry = Registry(os.path.join(work, "registry"))
     results: dict[str, Any] = {"load_before": load()}
     try:
