@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bench.datapath import _page_cache_line
-from bench.measure import feature_bit, free_page_reporting, page_cache_write_cost
+from bench.measure import feature_bit, free_page_reporting, page_cache_write_cost, warm_memory
 
 
 def balloon(root, features: str | None) -> str:
@@ -56,8 +56,6 @@ def test_the_probe_leaves_nothing_when_writing_fails(tmp_path):
 
 
 def test_warming_memory_leaves_nothing_behind(tmp_path):
-    from bench.measure import warm_memory
-
     assert warm_memory(str(tmp_path), 3 << 20) >= 0
     assert os.listdir(tmp_path) == []
 
